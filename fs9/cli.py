@@ -1,0 +1,140 @@
+"""The `fs9` command: mount (foreground or --background) and umount."""
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import trio
+
+STATE_DEFAULT = os.path.join(os.environ.get("XDG_STATE_HOME", os.path.expanduser("~/.local/state")), "fs9")
+VAULT_DEFAULT = os.path.join(os.environ.get("XDG_DATA_HOME", os.path.expanduser("~/.local/share")), "fs9", "vault")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fs9", description="fs9: an operating system for AI agents, as files")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mount", help="mount fs9 at MOUNTPOINT and serve it")
+    m.add_argument("mountpoint")
+    m.add_argument("--vault", default=VAULT_DEFAULT, help=f"the knowledge vault directory (default {VAULT_DEFAULT})")
+    m.add_argument("--state", default=STATE_DEFAULT, help=f"state directory: the event log (default {STATE_DEFAULT})")
+    m.add_argument("--agents", default="agents", help="agent definitions, one folder per agent (default ./agents)")
+    m.add_argument("--background", action="store_true", help="detach once the mount is ready")
+    m.add_argument("--debug", action="store_true")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    u = sub.add_parser("umount", help="unmount fs9 from MOUNTPOINT")
+    u.add_argument("mountpoint")
+    args = p.parse_args(argv)
+    try:
+        return mount(args) if args.cmd == "mount" else umount(args.mountpoint)
+    except UsageError as e:
+        print(f"fs9: {e}", file=sys.stderr)
+        return 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def mount(args) -> int:
+    mnt = os.path.abspath(args.mountpoint)
+    state, agents, vault = (os.path.abspath(d) for d in (args.state, args.agents, args.vault))
+    for label, d in (("state", state), ("vault", vault), ("agents", agents)):
+        if _inside(mnt, d) or _inside(d, mnt):
+            raise UsageError(f"the mount point {mnt} must not be inside the {label} directory "
+                             f"{d} (nor it inside the mount point): lookups would deadlock")
+    _clear_stale(mnt)
+    if is_mounted(mnt):
+        raise UsageError(f"{mnt} is already mounted (fs9 umount {args.mountpoint})")
+    os.makedirs(mnt, exist_ok=True)
+    os.makedirs(state, exist_ok=True)
+    os.makedirs(vault, exist_ok=True)
+    if args.background:
+        return _background(args, mnt, state)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s fs9[%(process)d] %(levelname)s %(message)s")
+
+    def ready():
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ok\n")
+            os.close(args.ready_fd)
+
+    from .face.mount import serve
+    trio.run(serve, mnt, state, agents, ready)
+    return 0
+
+
+def _background(args, mnt: str, state: str) -> int:
+    """Start a foreground server detached; return once it reports the mount ready."""
+    r, w = os.pipe()
+    argv = [sys.executable, "-m", "fs9", "mount", mnt, "--vault", args.vault, "--state", state,
+            "--agents", args.agents, "--ready-fd", str(w)] + (["--debug"] if args.debug else [])
+    logpath = os.path.join(state, "fs9.log")
+    with open(logpath, "ab") as logf:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                pass_fds=(w,), start_new_session=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        ok = pipe.read(3) == b"ok\n"
+    if not ok:
+        proc.wait()
+        with open(logpath, errors="replace") as f:
+            tail = f.read()[-2000:]
+        raise UsageError(f"the server did not start (exit {proc.returncode}); its log {logpath}:\n{tail}")
+    print(f"fs9 mounted at {mnt} (pid {proc.pid}, log {logpath})")
+    return 0
+
+
+def is_mounted(mnt: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == mnt for line in f)
+
+
+def _clear_stale(mnt: str) -> None:
+    """A server killed with -9 leaves a dead mount (ENOTCONN): detach it."""
+    try:
+        os.stat(mnt)
+    except OSError as e:
+        if e.errno == 107:  # ENOTCONN
+            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+
+
+def server_pid(mnt: str) -> int | None:
+    try:
+        with open(os.path.join(mnt, "ctl")) as f:
+            fields = dict(w.split("=", 1) for w in f.read().split() if "=" in w)
+        return int(fields["pid"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def umount(mountpoint: str) -> int:
+    mnt = os.path.abspath(mountpoint)
+    if not is_mounted(mnt):
+        raise UsageError(f"{mnt} is not mounted")
+    pid = server_pid(mnt)
+    if pid is not None:
+        try:
+            os.kill(pid, 15)
+        except ProcessLookupError:
+            pid = None
+    deadline = time.monotonic() + 15
+    while pid is not None and is_mounted(mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if is_mounted(mnt):  # no server answering: detach whatever is left
+        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+    while pid is not None and time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.05)  # let the server finish writing its log
+    if is_mounted(mnt):
+        raise UsageError(f"could not unmount {mnt}")
+    print(f"fs9 unmounted {mnt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The exec driver: an agent is any executable; one run per task (or per daemon life).
+
+Protocol: `await run(job, task_status=...)` starts the program, reports its pid
+through task_status.started (so a start failure is seen before the caller goes
+on), streams stdout/stderr to job.emit as they arrive, and returns the exit
+status (128+N for death by signal N). Cancelling the call terminates the whole
+process group: SIGTERM, then SIGKILL after a grace period.
+"""
+import errno
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from typing import Callable
+
+import trio
+
+GRACE_S = 2.0  # SIGTERM to SIGKILL
+DRAIN_S = 1.0  # after exit, how long descendants may keep the pipes open
+CHUNK = 65536
+NICE = {"interactive": -5, "normal": 0, "background": 10}
+
+
+@dataclass
+class Job:
+    cmd: list[str]
+    cwd: str
+    env: dict[str, str]
+    stdin: bytes | None  # None: /dev/null (daemons)
+    priority: str
+    emit: Callable[[int, bytes], None]  # (1 stdout | 2 stderr, bytes)
+
+
+def exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
+    try:
+        proc = await trio.lowlevel.open_process(
+            job.cmd, cwd=job.cwd, env=job.env, start_new_session=True,
+            stdin=subprocess.DEVNULL if job.stdin is None else subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:
+        task_status.started(None)
+        job.emit(2, f"fs9: cannot start {job.cmd[0]!r}: {e.strerror}\n".encode())
+        return 127 if e.errno == errno.ENOENT else 126
+    try:
+        os.setpriority(os.PRIO_PROCESS, proc.pid, NICE[job.priority])
+    except OSError:
+        pass  # raising priority needs CAP_SYS_NICE; running at 0 is the fallback
+    task_status.started(proc.pid)
+    try:
+        async with trio.open_nursery() as nursery:
+            if job.stdin is not None:
+                nursery.start_soon(_feed, proc.stdin, job.stdin)
+            drained = [trio.Event(), trio.Event()]
+            nursery.start_soon(_pump, proc.stdout, 1, job.emit, drained[0])
+            nursery.start_soon(_pump, proc.stderr, 2, job.emit, drained[1])
+            status = exit_status(await proc.wait())
+            with trio.move_on_after(DRAIN_S):
+                for event in drained:
+                    await event.wait()
+            nursery.cancel_scope.cancel()
+        return status
+    finally:
+        with trio.CancelScope(shield=True):
+            await _terminate(proc)
+
+
+async def _feed(pipe, data: bytes) -> None:
+    try:
+        if data:
+            await pipe.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the program exited without reading all its input: its choice
+    finally:
+        await pipe.aclose()
+
+
+async def _pump(pipe, fd: int, emit, drained: trio.Event) -> None:
+    try:
+        while chunk := await pipe.receive_some(CHUNK):
+            emit(fd, chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        drained.set()
+
+
+async def _terminate(proc) -> None:
+    """End the program's process group: stragglers die with the task."""
+    def kill_group(sig):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if proc.returncode is None:
+        kill_group(signal.SIGTERM)
+        with trio.move_on_after(GRACE_S):
+            await proc.wait()
+    kill_group(signal.SIGKILL)
+    if proc.returncode is None:
+        await proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            await pipe.aclose()

@@ -1,0 +1,1 @@
+"""The FUSE face: maps the namespace onto kernel objects. Only this layer imports pyfuse3."""

@@ -1,0 +1,253 @@
+"""The few kinds of file the namespace is made of (acme's small set of file kinds).
+
+Dir      a directory whose names come from the tree table
+Ctl      write: commands, applied per write (or, `whole`, the bytes of one open
+         applied at close: `agents/NAME/in`); read: a state line
+Status   text rendered at open: a consistent snapshot per open
+Stream   reads block until data or EOF, like a pipe; per-open cursor
+
+Nodes are made fresh by the tree for each request; a Handle is the per-open
+state (cursor, snapshot, written bytes, the caller's pid captured at open).
+No pyfuse3 here: errors are Fs9Error, the ops layer translates.
+"""
+import errno
+import stat
+
+import trio
+
+from ..errors import Fs9Error
+from ..kernel.log import EventLog
+from ..kernel.stream import Stream
+from ..kernel.task import Task
+
+SLICE_S = 0.2  # a blocked reader checks for a pending signal this often
+MAX_WHOLE = 16 << 20  # bytes one open of a `whole` Ctl may collect
+
+
+class Node:
+    mode = stat.S_IFREG | 0o444
+    stream = False  # opened nonseekable, reads may block
+
+    def size(self) -> int:
+        return 0  # streams: unknown; text files render to tell
+
+    def open(self, writing: bool, pid: int) -> "Handle":
+        if writing and not self.mode & 0o222:
+            raise Fs9Error(errno.EACCES, "file is read-only")
+        return self.handle(pid)
+
+    def handle(self, pid: int) -> "Handle":
+        raise NotImplementedError
+
+
+class Handle:
+    poll_handle = None  # the kernel's latest poll(2) wake-up handle
+    poll_scope: trio.CancelScope | None = None  # its notifier, while one waits
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid  # the opener's thread id: whose signals interrupt a read
+
+    async def read(self, off: int, size: int) -> bytes:
+        raise Fs9Error(errno.EACCES, "file is write-only")
+
+    def write(self, data: bytes) -> int:
+        raise Fs9Error(errno.EACCES, "file is read-only")
+
+    def flush(self) -> None:
+        pass
+
+    def readable(self) -> bool:
+        return True
+
+    async def wait_readable(self) -> None:
+        pass
+
+
+# --- Dir -------------------------------------------------------------------------
+
+class Dir(Node):
+    mode = stat.S_IFDIR | 0o555
+
+    def __init__(self, names) -> None:
+        self.names = names  # () -> list of child names
+
+    def open(self, writing: bool, pid: int) -> Handle:
+        raise Fs9Error(errno.EISDIR, "is a directory")
+
+
+# --- Status ----------------------------------------------------------------------
+
+class Status(Node):
+    def __init__(self, render) -> None:
+        self.render = render  # () -> str | bytes
+
+    def size(self) -> int:
+        return len(_encode(self.render()))
+
+    def handle(self, pid: int) -> Handle:
+        return SnapshotHandle(pid, self.render)
+
+
+class SnapshotHandle(Handle):
+    """Renders once at the first read from offset 0, then serves slices."""
+
+    def __init__(self, pid: int, render) -> None:
+        super().__init__(pid)
+        self.render = render
+        self.text: bytes | None = None
+
+    async def read(self, off: int, size: int) -> bytes:
+        if self.text is None or off == 0:
+            self.text = _encode(self.render())
+        return self.text[off:off + size]
+
+
+# --- Ctl -------------------------------------------------------------------------
+
+class Ctl(Node):
+    def __init__(self, apply, render=None, whole: bool = False) -> None:
+        self.apply = apply  # (bytes) -> None; raises Fs9Error when refused
+        self.render = render  # () -> str, the state line; None: write-only
+        self.whole = whole
+        self.mode = stat.S_IFREG | (0o644 if render else 0o200)
+
+    def size(self) -> int:
+        return len(_encode(self.render())) if self.render else 0
+
+    def handle(self, pid: int) -> Handle:
+        return CtlHandle(pid, self)
+
+
+class CtlHandle(SnapshotHandle):
+    def __init__(self, pid: int, node: Ctl) -> None:
+        super().__init__(pid, node.render)
+        self.node = node
+        self.pending: bytearray | None = None  # `whole`: bytes written since open
+
+    async def read(self, off: int, size: int) -> bytes:
+        if self.node.render is None:
+            return await Handle.read(self, off, size)
+        return await super().read(off, size)
+
+    def write(self, data: bytes) -> int:
+        if not self.node.whole:
+            self.node.apply(data)
+            return len(data)
+        self.pending = self.pending if self.pending is not None else bytearray()
+        if len(self.pending) + len(data) > MAX_WHOLE:
+            raise Fs9Error(errno.EFBIG, f"input over {MAX_WHOLE} bytes")
+        self.pending += data
+        return len(data)
+
+    def flush(self) -> None:
+        """close(2): a `whole` file applies what this open wrote (once per write burst)."""
+        if self.pending is not None:
+            data, self.pending = bytes(self.pending), None
+            self.node.apply(data)
+
+
+# --- Stream ----------------------------------------------------------------------
+
+class StreamNode(Node):
+    stream = True
+
+    def __init__(self, cursor) -> None:
+        self.cursor = cursor  # () -> a new cursor positioned where a new reader starts
+
+    def handle(self, pid: int) -> Handle:
+        return StreamHandle(pid, self.cursor())
+
+
+class StreamHandle(Handle):
+    def __init__(self, pid: int, cursor) -> None:
+        super().__init__(pid)
+        self.cursor = cursor
+
+    def readable(self) -> bool:
+        return self.cursor.readable()
+
+    async def wait_readable(self) -> None:
+        await self.cursor.wait_readable()
+
+    async def read(self, off: int, size: int) -> bytes:
+        """Block until data or EOF; EINTR once the reader has a signal pending.
+
+        pyfuse3 ignores FUSE interrupts, so the wait is sliced and each slice
+        checks the caller, else Ctrl-C and even SIGKILL would wait for data."""
+        while not self.cursor.readable():
+            with trio.move_on_after(SLICE_S):
+                await self.cursor.wait_readable()
+            if not self.cursor.readable() and signal_pending(self.pid):
+                raise Fs9Error(errno.EINTR, "interrupted")
+        return self.cursor.take(size)
+
+
+class TaskCursor:
+    """A task's stdout or stderr from its start; follows the task from the queue on."""
+
+    def __init__(self, kernel, task: Task | None, fd: int, fallback: Stream | None = None):
+        self.kernel, self.task, self.fd = kernel, task, fd
+        self.fallback = fallback or Stream(ended=True)  # no task at all
+        self.pos = 0
+
+    def _stream(self) -> Stream | None:
+        if self.task is None:
+            return self.fallback
+        if self.task.state == "queued":
+            return None
+        return self.kernel.stream(self.task, self.fd)
+
+    def readable(self) -> bool:
+        s = self._stream()
+        return s is not None and s.readable(self.pos)
+
+    async def wait_readable(self) -> None:
+        if self.task is not None and self.task.state == "queued":
+            await self.task.wait_started()
+        s = self._stream()
+        if s is not None:
+            await s.wait_readable(self.pos)
+
+    def take(self, size: int) -> bytes:
+        data = bytes(self._stream().data[self.pos:self.pos + size])
+        self.pos += len(data)
+        return data
+
+
+class EventCursor:
+    """The kernel's events as JSON lines, from the moment of open; never EOF."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self.seq = log.last_seq
+        self.buf = b""
+
+    def readable(self) -> bool:
+        return bool(self.buf) or self.log.last_seq > self.seq
+
+    async def wait_readable(self) -> None:
+        if not self.buf:
+            await self.log.wait_after(self.seq)
+
+    def take(self, size: int) -> bytes:
+        if not self.buf:
+            events = self.log.events_after(self.seq)
+            self.seq = events[-1].seq
+            self.buf = "".join(e.json() + "\n" for e in events).encode()
+        data, self.buf = self.buf[:size], self.buf[size:]
+        return data
+
+
+def _encode(text: str | bytes) -> bytes:
+    return text.encode() if isinstance(text, str) else text
+
+
+def signal_pending(pid: int) -> bool:
+    """True if thread `pid` has an unblocked signal pending (or is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+    except OSError:
+        return True
+    pending = int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)
+    return bool(pending & ~int(fields[b"SigBlk"], 16)) or bool(pending & (1 << 8))  # SIGKILL

@@ -1,0 +1,44 @@
+"""Serve a kernel at a mount point until unmounted, SIGINT or SIGTERM."""
+import logging
+import os
+import signal
+
+import pyfuse3
+import trio
+
+from ..kernel.kernel import Kernel
+from .ops import Operations
+
+log = logging.getLogger("fs9")
+MAX_TASKS = 8192  # each blocked reader holds one pyfuse3 worker task
+
+
+async def serve(mountpoint: str, state_dir: str, agents_dir: str, ready=None) -> None:
+    """Mount, call ready() once requests can be served, serve until told to stop."""
+    kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(kernel.serve)
+        ops = Operations(kernel, nursery)
+        options = set(pyfuse3.default_options) | {"fsname=fs9", "subtype=fs9"}
+        pyfuse3.init(ops, mountpoint, options)
+        kernel.log.append("mount", mountpoint=mountpoint, pid=os.getpid())
+        try:
+            nursery.start_soon(_stop_on_signal, ops, kernel)
+            if ready is not None:
+                ready()
+            log.info("fs9 serving at %s (state %s, agents %s)", mountpoint, state_dir, agents_dir)
+            await pyfuse3.main(max_tasks=MAX_TASKS)
+        finally:
+            pyfuse3.close(unmount=True)
+            kernel.log.append("unmount", mountpoint=mountpoint)
+            nursery.cancel_scope.cancel()
+    kernel.log.close()
+
+
+async def _stop_on_signal(ops: Operations, kernel: Kernel) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            ops.end_reads()
+            pyfuse3.terminate()
+            return

@@ -1,0 +1,282 @@
+"""pyfuse3.Operations for fs9: each handler resolves the node, calls its kind, returns.
+
+Every handler goes through `boundary`: Fs9Error becomes its errno, anything
+else becomes EIO plus a logged traceback, because one exception escaping a
+pyfuse3 handler ends the whole mount.
+"""
+import errno
+import functools
+import logging
+import os
+import select
+import stat
+import time
+import traceback
+
+import pyfuse3
+import trio
+
+from ..errors import Fs9Error
+from .inodes import Inodes
+from .kinds import Dir, Handle, Node
+from .tree import Tree
+
+log = logging.getLogger("fs9.face")
+READONLY_NS = "the namespace is made by the kernel: files come and go through ctl"
+
+
+def boundary(fn):
+    @functools.wraps(fn)
+    async def handler(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Fs9Error as e:
+            raise pyfuse3.FUSEError(e.errno)
+        except Exception:
+            text = traceback.format_exc()
+            log.error("bug in %s: %s", fn.__name__, text)
+            try:
+                self.kernel.log.append("bug", handler=fn.__name__, traceback=text)
+            except Exception:
+                pass
+            raise pyfuse3.FUSEError(errno.EIO)
+    return handler
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, kernel, nursery: trio.Nursery) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.tree = Tree(kernel)
+        self.inodes = Inodes()
+        self.nursery = nursery  # for poll notifiers
+        self.handles: dict[int, Handle] = {}
+        self.reading: set[trio.CancelScope] = set()  # blocked reads, ended at unmount
+        self.closing = False
+        self.dirs: dict[int, list[tuple[str, Node]]] = {}
+        self._next_fh = 1
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.mtime_ns = time.time_ns()
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _node(self, ino: int) -> tuple[tuple[str, ...], Node]:
+        path = self.inodes.path(ino)
+        if path is None:
+            raise Fs9Error(errno.ENOENT, "stale inode")
+        return path, self.tree.resolve(path)
+
+    def _attrs(self, ino: int, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_mode = node.mode
+        a.st_nlink = 2 if isinstance(node, Dir) else 1
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_size = node.size()
+        a.st_blksize = 4096
+        a.st_blocks = 0
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mtime_ns
+        a.attr_timeout = a.entry_timeout = 0  # agents and tasks come and go
+        return a
+
+    def _fh(self) -> int:
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        return fh
+
+    # --- names -----------------------------------------------------------------
+
+    @boundary
+    async def lookup(self, parent_ino, name, ctx=None):
+        ppath = self.inodes.path(parent_ino)
+        if ppath is None:
+            raise Fs9Error(errno.ENOENT, "stale inode")
+        name = os.fsdecode(name)
+        if name in (".", ".."):
+            path = ppath if name == "." else ppath[:-1]
+        else:
+            path = ppath + (name,)
+        node = self.tree.resolve(path)
+        return self._attrs(self.inodes.lookup(path), node)
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            try:
+                self.inodes.forget(ino, n)
+            except Exception:  # forget must never raise
+                log.exception("forget")
+
+    @boundary
+    async def getattr(self, ino, ctx=None):
+        _, node = self._node(ino)
+        return self._attrs(ino, node)
+
+    @boundary
+    async def setattr(self, ino, attr, fields, fh, ctx):
+        _, node = self._node(ino)
+        # `echo x > ctl` truncates first: allow exactly that on writable files.
+        if fields.update_size and node.mode & 0o222 and not isinstance(node, Dir) and (
+                not (fields.update_mode or fields.update_uid or fields.update_gid)):
+            return self._attrs(ino, node)
+        raise Fs9Error(errno.EPERM, READONLY_NS)
+
+    @boundary
+    async def access(self, ino, mode, ctx):
+        _, node = self._node(ino)
+        if mode & os.W_OK and not node.mode & 0o222:
+            return False
+        return True
+
+    @boundary
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+    # --- directories -----------------------------------------------------------
+
+    @boundary
+    async def opendir(self, ino, ctx):
+        path, node = self._node(ino)
+        if not isinstance(node, Dir):
+            raise Fs9Error(errno.ENOTDIR, "not a directory")
+        entries = []  # snapshot at open, so paging is consistent
+        for name in node.names():
+            try:
+                entries.append((name, self.tree.resolve(path + (name,))))
+            except Fs9Error:
+                pass  # went away while listing
+        fh = self._fh()
+        self.dirs[fh] = [(name, child, path + (name,)) for name, child in entries]
+        return fh
+
+    @boundary
+    async def readdir(self, fh, start_id, token):
+        for i, (name, node, path) in enumerate(self.dirs[fh][start_id:], start_id):
+            attrs = self._attrs(self.inodes.number(path), node)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, i + 1):
+                break
+
+    @boundary
+    async def releasedir(self, fh):
+        self.dirs.pop(fh, None)
+
+    # --- files -----------------------------------------------------------------
+
+    @boundary
+    async def open(self, ino, flags, ctx):
+        _, node = self._node(ino)
+        writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        handle = node.open(writing, ctx.pid)
+        fh = self._fh()
+        self.handles[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False,
+                                nonseekable=node.stream)
+
+    @boundary
+    async def read(self, fh, off, size):
+        handle = self._handle(fh)
+        if self.closing:
+            return b""
+        with trio.CancelScope() as scope:
+            self.reading.add(scope)
+            try:
+                return await handle.read(off, size)
+            finally:
+                self.reading.discard(scope)
+        return b""  # cancelled by end_reads: the reader sees EOF
+
+    def end_reads(self) -> None:
+        """Unmounting: every blocked reader gets EOF, so pyfuse3's workers can finish."""
+        self.closing = True
+        for scope in list(self.reading):
+            scope.cancel()
+
+    @boundary
+    async def write(self, fh, off, buf):
+        return self._handle(fh).write(bytes(buf))
+
+    @boundary
+    async def flush(self, fh):
+        self._handle(fh).flush()
+
+    @boundary
+    async def release(self, fh):
+        handle = self.handles.pop(fh, None)
+        if handle is not None and handle.poll_scope is not None:
+            handle.poll_scope.cancel()
+
+    @boundary
+    async def fsync(self, fh, datasync):
+        pass  # every accepted write is already committed to the log
+
+    @boundary
+    async def poll(self, ino, fh, poll_handle, ctx):
+        handle = self._handle(fh)
+        if handle.readable():
+            return select.POLLIN | select.POLLRDNORM | select.POLLOUT | select.POLLWRNORM
+        if poll_handle is not None:
+            handle.poll_handle = poll_handle  # a fresh handle replaces the old one
+            if handle.poll_scope is None:
+                self.nursery.start_soon(self._notify_when_readable, handle)
+        return select.POLLOUT | select.POLLWRNORM
+
+    async def _notify_when_readable(self, handle: Handle) -> None:
+        with trio.CancelScope() as handle.poll_scope:
+            try:
+                await handle.wait_readable()
+                handle.poll_handle.notify()
+            except Exception:
+                log.exception("poll notify")
+        handle.poll_scope = None
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise Fs9Error(errno.EBADF, "bad file handle")
+
+    # --- the namespace is not a disk ---------------------------------------------
+
+    async def _refuse(self, *args):
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    create = mkdir = mknod = symlink = link = _refuse
+
+    @boundary
+    async def unlink(self, parent_ino, name, ctx):
+        await self._refuse_existing(parent_ino, name)
+
+    @boundary
+    async def rmdir(self, parent_ino, name, ctx):
+        await self._refuse_existing(parent_ino, name)
+
+    @boundary
+    async def rename(self, p_old, name_old, p_new, name_new, flags, ctx):
+        await self._refuse_existing(p_old, name_old)
+
+    async def _refuse_existing(self, parent_ino, name):
+        ppath = self.inodes.path(parent_ino)
+        self.tree.resolve((ppath or ()) + (os.fsdecode(name),))  # ENOENT if absent
+        raise Fs9Error(errno.EACCES, READONLY_NS)
+
+    async def readlink(self, ino, ctx):
+        raise pyfuse3.FUSEError(errno.EINVAL)
+
+    async def getxattr(self, ino, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(self, ino, ctx):
+        return []
+
+    async def setxattr(self, ino, name, value, ctx):
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def removexattr(self, ino, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENODATA)

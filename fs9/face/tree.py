@@ -1,0 +1,111 @@
+"""The namespace as one table: path pattern -> the node that serves it (our Dirtab).
+
+To find where any path is served, find its row here. `{agent}` and `{task}`
+are bound to kernel objects while walking; a name that binds to nothing is
+ENOENT. Directories list the rows one level below them.
+"""
+import errno
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import Fs9Error
+from ..kernel import manifest as manifests
+from .kinds import Ctl, Dir, EventCursor, Node, Status, StreamNode, TaskCursor
+
+
+def _task_stream(k, agent, fd):
+    return StreamNode(lambda: TaskCursor(k, agent.shown_task(), fd,
+                                         agent.notes if fd == 2 else None))
+
+
+# pattern -> factory(kernel, **bound objects) -> Node (Dir rows get their names from the tree)
+ROWS: dict[str, Callable[..., Node | None]] = {
+    "": None,
+    "ctl": lambda k: Ctl(lambda d: k.guarded(k.ctl, d), k.state_line),
+    "status": lambda k: Status(k.status),
+    "events": lambda k: StreamNode(lambda: EventCursor(k.log)),
+    "agents": None,
+    "agents/{agent}": None,
+    "agents/{agent}/ctl": lambda k, agent: Ctl(
+        lambda d: k.guarded(agent.ctl, d, agent=agent.name), agent.status_line),
+    "agents/{agent}/in": lambda k, agent: Ctl(
+        lambda d: k.guarded(k.submit, agent, d, agent=agent.name, file="in"), whole=True),
+    "agents/{agent}/out": lambda k, agent: _task_stream(k, agent, 1),
+    "agents/{agent}/err": lambda k, agent: _task_stream(k, agent, 2),
+    "agents/{agent}/status": lambda k, agent: Status(agent.status),
+    "agents/{agent}/manifest": lambda k, agent: Status(lambda: manifests.render(agent.manifest)),
+    "agents/{agent}/tasks": None,
+    "agents/{agent}/tasks/{task}": None,
+    "agents/{agent}/tasks/{task}/input": lambda k, agent, task: Status(lambda: k.task_input(task)),
+    "agents/{agent}/tasks/{task}/out": lambda k, agent, task: StreamNode(
+        lambda: TaskCursor(k, task, 1)),
+    "agents/{agent}/tasks/{task}/err": lambda k, agent, task: StreamNode(
+        lambda: TaskCursor(k, task, 2)),
+    "agents/{agent}/tasks/{task}/status": lambda k, agent, task: Status(task.status),
+}
+
+
+# variable -> (names under the bound parents, bind a name to an object or None)
+VARS = {
+    "agent": (lambda k: sorted(k.agents), lambda k, name: k.agents.get(name)),
+    "task": (lambda k, agent: [str(t.id) for t in agent.tasks],
+             lambda k, name, agent: _task_of(k, agent, name)),
+}
+
+
+def _task_of(k, agent, name: str):
+    task = k.tasks.get(int(name)) if name.isdigit() else None
+    return task if task is not None and task.agent == agent.name else None
+
+
+@dataclass(frozen=True)
+class _Row:
+    parts: tuple[str, ...]
+    factory: Callable[..., Node | None] | None
+
+
+_ROWS = [_Row(tuple(p.split("/")) if p else (), f) for p, f in ROWS.items()]
+
+
+class Tree:
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def resolve(self, path: tuple[str, ...]) -> Node:
+        """The node serving path (a tuple of names), or Fs9Error(ENOENT)."""
+        for row in _ROWS:
+            if len(row.parts) != len(path):
+                continue
+            bound = self._bind(row.parts, path)
+            if bound is None:
+                continue
+            if row.factory is None:
+                return Dir(lambda row=row, bound=bound: self._children(row, bound))
+            return row.factory(self.kernel, **bound)
+        raise Fs9Error(errno.ENOENT, "no such file")
+
+    def _bind(self, parts, path) -> dict | None:
+        bound: dict = {}
+        for pat, name in zip(parts, path):
+            if pat.startswith("{"):
+                var = pat[1:-1]
+                obj = VARS[var][1](self.kernel, name, **bound)
+                if obj is None:
+                    return None
+                bound[var] = obj
+            elif pat != name:
+                return None
+        return bound
+
+    def _children(self, row: _Row, bound: dict) -> list[str]:
+        names = []
+        depth = len(row.parts)
+        for child in _ROWS:
+            if len(child.parts) != depth + 1 or child.parts[:depth] != row.parts:
+                continue
+            last = child.parts[-1]
+            if last.startswith("{"):
+                names.extend(VARS[last[1:-1]][0](self.kernel, **bound))
+            else:
+                names.append(last)
+        return names

@@ -1,0 +1,1 @@
+"""The fs9 kernel: agents, tasks, the event log. trio only; no FUSE imports."""

@@ -1,0 +1,229 @@
+"""An agent: its manifest, its task queue and the loop that runs its work.
+
+State lives in plain fields changed only by Kernel.apply (from logged events);
+the loop here decides what to do next and asks the kernel to record it. The
+runtime-only parts (cancel scope of the current run, pid) are never logged.
+"""
+import collections
+import errno
+import os
+import shutil
+
+import trio
+
+from ..drivers import exec as exec_driver
+from ..errors import Fs9Error
+from . import cmd
+from .stream import Changes, Stream
+from .supervisor import RestartWindow, should_restart
+from .task import Task
+
+CMDS = (
+    cmd.Cmd("run", "run", 1, 1, rest=True, usage="run TEXT"),
+    cmd.Cmd("stop", "stop", usage="stop"),
+    cmd.Cmd("start", "start", usage="start"),
+    cmd.Cmd("restart", "restart", usage="restart"),
+    cmd.Cmd("kill", "kill", usage="kill"),
+    cmd.Cmd("priority", "set_priority", 1, 1,
+            usage="priority interactive|normal|background"),
+)
+
+
+class Agent:
+    def __init__(self, kernel, name: str, manifest: dict, home: str) -> None:
+        self.kernel = kernel
+        self.name = name
+        self.manifest = manifest
+        self.home = home  # working directory of its program
+        self.priority = manifest["priority"]
+        self.stopped = False  # by `stop`, or a daemon that exited for good
+        self.failed = ""  # reason, once the supervisor gave up
+        self.killed = False
+        self.restarts = 0
+        self.tasks: list[Task] = []  # every task, oldest first
+        self.queue: collections.deque[Task] = collections.deque()
+        self.current: Task | None = None
+        self.notes = Stream(ended=True)  # diagnostics when there is no task yet
+        self.changes = Changes()  # anything that may let the loop go on
+        # runtime only
+        self._run_scope: trio.CancelScope | None = None
+        self._cancel_as = ""  # what a cancelled run becomes: "cancelled" | "requeue"
+
+    @property
+    def daemon(self) -> bool:
+        return self.manifest["mode"] == "daemon"
+
+    # --- what the files show -------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.killed:
+            return "killed"
+        if self.failed:
+            return "failed"
+        if self.current is not None:
+            return "running"
+        if self.stopped:
+            return "stopped"
+        if self.kernel.halted:
+            return "halted"
+        return "idle"
+
+    def counts(self) -> collections.Counter:
+        return collections.Counter(t.state for t in self.tasks if not t.daemon)
+
+    def status_line(self) -> str:
+        c = self.counts()
+        pid = self.current.pid if self.current and self.current.pid else "-"
+        return (f"{self.name} {self.state} {pid} {self.restarts} "
+                f"{len(self.queue)} {c['done']} {c['failed']}\n")
+
+    def status(self) -> str:
+        c = self.counts()
+        cur = self.current
+        latest = self.tasks[-1] if self.tasks else None
+        fields = {
+            "name": self.name, "state": self.state, "mode": self.manifest["mode"],
+            "priority": self.priority, "pid": cur.pid if cur and cur.pid else "",
+            "restarts": self.restarts, "task": cur.id if cur else "",
+            "queued": len(self.queue), "done": c["done"], "failed": c["failed"],
+            "cancelled": c["cancelled"], "latest": latest.id if latest else "",
+            "latest_state": latest.state if latest else "",
+            "latest_exit": "" if not latest or latest.exit is None else latest.exit,
+            "reason": self.failed,
+        }
+        return "".join(f"{k}={v}\n" for k, v in fields.items())
+
+    def shown_task(self) -> Task | None:
+        """The task `out`/`err` follow: the running one, else the next queued, else the latest."""
+        return self.current or (self.queue[0] if self.queue else None) or \
+            (self.tasks[-1] if self.tasks else None)
+
+    def diag(self, text: str) -> None:
+        """A line of diagnostics for `err` (refused commands)."""
+        task = self.shown_task()
+        stream = self.kernel.stream(task, 2) if task else self.notes
+        stream.append(f"fs9: {text}\n".encode())
+
+    # --- ctl verbs (checked first, then recorded) ----------------------------
+
+    def ctl(self, data: bytes) -> None:
+        parsed = cmd.parse(CMDS, data)
+        for p in parsed:  # every line is checked before any is applied
+            self.check(p)
+        for p in parsed:
+            getattr(self, p.cmd.method)(*p.args)
+
+    def check(self, p: cmd.Parsed) -> None:
+        if p.cmd.verb == "run" and self.daemon:
+            raise Fs9Error(errno.EINVAL, f"{self.name} is a daemon agent and takes no tasks")
+        if p.cmd.verb == "priority" and p.args[0] not in exec_driver.NICE:
+            raise Fs9Error(errno.EINVAL, f"bad priority {p.args[0]!r}: usage: {p.cmd.usage}")
+
+    def run(self, text: str) -> Task:
+        return self.kernel.submit(self, (text + "\n").encode())
+
+    def stop(self) -> None:
+        self.kernel.record("agent_stop", agent=self.name)
+        self._cancel_run("cancelled")
+
+    def start(self) -> None:
+        self.kernel.record("agent_start", agent=self.name)
+
+    def restart(self) -> None:
+        self.kernel.record("agent_restart", agent=self.name)
+        self._cancel_run("requeue")
+
+    def kill(self) -> None:
+        self.kernel.kill(self.name)
+
+    def set_priority(self, priority: str) -> None:
+        self.kernel.record("priority", agent=self.name, priority=priority)
+
+    def _cancel_run(self, as_: str) -> None:
+        if self._run_scope is not None:
+            self._cancel_as = as_
+            self._run_scope.cancel()
+
+    # --- the loop --------------------------------------------------------------
+
+    def runnable(self) -> bool:
+        return not (self.stopped or self.failed or self.killed or self.kernel.halted)
+
+    async def serve(self) -> None:
+        """Run this agent's work until it is killed (or the kernel shuts down)."""
+        window = RestartWindow(self.manifest["max_restarts"], self.manifest["within_s"])
+        while not self.killed:
+            if not self.runnable() or (not self.daemon and not self.queue):
+                await self.changes.wait_past(self.changes.version)
+                continue
+            if not self.daemon:
+                await self.execute(self.queue[0])
+                continue
+            run = self.kernel.submit(self, None)
+            status = await self.execute(run)
+            if status is None or not self.runnable():
+                continue  # stopped, restarted or halted by a command
+            if not should_restart(self.manifest["restart"], status):
+                self.kernel.record("agent_exit", agent=self.name, exit=status)
+            elif not window.add(trio.current_time()):
+                self.kernel.record(
+                    "agent_failed", agent=self.name, exit=status,
+                    reason=f"exited {status}; more than {window.max_restarts} restarts "
+                           f"within {window.within_s}s: supervisor gave up (escalated)")
+            else:
+                self.kernel.record("agent_restart", agent=self.name, exit=status,
+                                   policy=self.manifest["restart"])
+
+    async def execute(self, task: Task) -> int | None:
+        """Run one task to its end and record how it ended; None if cancelled."""
+        k = self.kernel
+        k.record("task_started", agent=self.name, task=task.id, corr=task.corr,
+                 attempt=task.attempt + 1)
+        job = exec_driver.Job(
+            cmd=self.manifest["cmd"], cwd=self.home, env=self.environ(task),
+            stdin=None if task.daemon else k.task_input(task), priority=self.priority,
+            emit=lambda fd, data: k.emit(task, fd, data))
+        status = None
+        self._cancel_as = ""
+        with trio.CancelScope() as self._run_scope:
+            if self.manifest["timeout_s"] and not task.daemon:
+                self._run_scope.deadline = trio.current_time() + self.manifest["timeout_s"]
+            async with trio.open_nursery() as nursery:
+                async def runner(task_status):
+                    nonlocal status
+                    status = await exec_driver.run(job, task_status=task_status)
+                task.pid = await nursery.start(runner)
+        self._run_scope = None
+        task.pid = None
+        ids = dict(agent=self.name, task=task.id, corr=task.corr)
+        if status is not None:
+            k.record("task_done" if status == 0 else "task_failed", exit=status, **ids)
+        elif self._cancel_as == "requeue":
+            k.record("task_interrupted", reason="restarted by command", **ids)
+            k.record("task_failed" if task.daemon else "task_requeued", **ids)
+        elif self._cancel_as:
+            k.record("task_cancelled", reason=f"agent {self.state}", **ids)
+        else:
+            k.record("task_failed", exit=None,
+                     reason=f"timeout after {self.manifest['timeout_s']}s", **ids)
+        return status
+
+    def environ(self, task: Task) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.manifest["env"])
+        mnt = self.kernel.mount_path
+        env.update(FS9_AGENT=self.name, FS9_TASK=str(task.id), FS9_CORR=task.corr,
+                   FS9_MNT=mnt, FS9_AGENT_DIR=os.path.join(mnt, "agents", self.name) if mnt else "")
+        return env
+
+
+def check_program(name: str, manifest: dict, home: str) -> None:
+    """Refuse a spawn whose program cannot be found or run."""
+    prog = manifest["cmd"][0]
+    path = os.path.join(home, prog) if "/" in prog else shutil.which(
+        prog, path=manifest["env"].get("PATH", os.environ.get("PATH")))
+    if not path or not os.path.isfile(path):
+        raise Fs9Error(errno.ENOENT, f"agent {name}: program {prog!r} not found")
+    if not os.access(path, os.X_OK):
+        raise Fs9Error(errno.EACCES, f"agent {name}: program {prog!r} is not executable")

@@ -1,0 +1,59 @@
+"""Ctl verbs as tables, after lib9p's Cmdtab/lookupcmd.
+
+Each object that takes ctl writes declares a tuple of Cmd; `parse` checks a
+whole write (every line) before anything is applied, so a bad line in the
+middle of a write changes nothing. Errors quote the offending command.
+"""
+import errno
+import shlex
+from dataclasses import dataclass
+
+from ..errors import BAD_NARG, UNKNOWN_VERB, Fs9Error
+
+
+@dataclass(frozen=True)
+class Cmd:
+    verb: str
+    method: str  # name of the method on the target that carries the verb out
+    min_args: int = 0
+    max_args: int | None = 0  # None: unbounded
+    rest: bool = False  # the argument is the rest of the line, verbatim ("run TEXT")
+    usage: str = ""
+
+
+@dataclass(frozen=True)
+class Parsed:
+    cmd: Cmd
+    args: list[str]
+    line: str
+
+
+def parse(table: tuple[Cmd, ...], data: bytes) -> list[Parsed]:
+    """Parse a ctl write into commands, or raise Fs9Error for the first bad line."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise Fs9Error(errno.EINVAL, "ctl write is not UTF-8 text")
+    parsed = [_parse_line(table, line.strip()) for line in text.splitlines()
+              if line.strip() and not line.lstrip().startswith("#")]
+    if not parsed:
+        raise Fs9Error(errno.EINVAL, "empty ctl write")
+    return parsed
+
+
+def _parse_line(table: tuple[Cmd, ...], line: str) -> Parsed:
+    verb, _, rest = line.partition(" ")
+    cmd = next((c for c in table if c.verb == verb), None)
+    if cmd is None:
+        verbs = ", ".join(c.verb for c in table)
+        raise Fs9Error(errno.EINVAL, f"{UNKNOWN_VERB} {line!r} (verbs: {verbs})")
+    if cmd.rest:
+        args = [rest.strip()] if rest.strip() else []
+    else:
+        try:
+            args = shlex.split(rest)
+        except ValueError as e:
+            raise Fs9Error(errno.EINVAL, f"cannot parse {line!r}: {e}")
+    if len(args) < cmd.min_args or (cmd.max_args is not None and len(args) > cmd.max_args):
+        raise Fs9Error(errno.EINVAL, f"{BAD_NARG} {line!r}: usage: {cmd.usage}")
+    return Parsed(cmd, args, line)

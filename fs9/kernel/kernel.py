@@ -1,0 +1,287 @@
+"""The kernel: agents and tasks, rebuilt from and changed only through the event log.
+
+Every change is `record(kind, ...)`: append the event (committed), then `apply`
+it to the in-memory state. Mounting again replays the same events through the
+same `apply`, so the state after a crash is the state that was acknowledged.
+Tasks that were running when the daemon died are marked interrupted, then
+re-queued (restart permanent/transient) or failed (temporary, daemon runs).
+"""
+import errno
+import os
+import re
+import time
+import uuid
+
+import trio
+
+from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
+from . import cmd, manifest as manifests
+from .agent import Agent, check_program
+from .log import Event, EventLog
+from .stream import Stream
+from .task import Task
+
+CMDS = (
+    cmd.Cmd("spawn", "spawn", 1, None, usage="spawn NAME [KEY=VALUE ...]"),
+    cmd.Cmd("kill", "kill", 1, 1, usage="kill NAME"),
+    cmd.Cmd("halt", "halt", usage="halt"),
+    cmd.Cmd("resume", "resume", usage="resume"),
+)
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+MAX_INPUT = 16 << 20  # bytes of one task's input
+
+
+class Kernel:
+    def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "") -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.agents_dir = os.path.abspath(agents_dir)
+        self.mount_path = mount_path
+        self.log = EventLog(self.state_dir)
+        self.agents: dict[str, Agent] = {}
+        self.tasks: dict[int, Task] = {}
+        self.halted = False
+        self.started_ts = time.time()
+        self._nursery: trio.Nursery | None = None
+        self._replaying = False
+
+    # --- lifetime --------------------------------------------------------------
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Replay the log, recover interrupted tasks, run every agent; until cancelled."""
+        self._replaying = True
+        for event in self.log.replay():
+            self.apply(event)
+        self._replaying = False
+        self._recover()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for agent in self.agents.values():
+                nursery.start_soon(agent.serve, name=f"agent {agent.name}")
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _recover(self) -> None:
+        for task in [t for t in self.tasks.values() if t.state == "running"]:
+            ids = dict(agent=task.agent, task=task.id, corr=task.corr)
+            self.record("task_interrupted", reason="fs9 stopped while the task ran", **ids)
+            agent = self.agents.get(task.agent)
+            if task.daemon or agent is None or agent.manifest["restart"] == "temporary":
+                self.record("task_failed", reason="interrupted; not re-queued "
+                            "(restart = temporary, a daemon run, or the agent is gone)", **ids)
+            else:
+                self.record("task_requeued", reason="interrupted; re-queued", **ids)
+
+    # --- recording and applying events -----------------------------------------
+
+    def record(self, kind: str, **fields) -> Event:
+        event = self.log.append(kind, **fields)
+        self.apply(event)
+        return event
+
+    def apply(self, e: Event) -> None:
+        handler = getattr(self, "_on_" + e.kind, None)
+        if handler is not None:
+            handler(e, self.agents.get(e.agent) if e.agent else None,
+                    self.tasks.get(e.task) if e.task else None)
+
+    def _on_spawn(self, e, agent, task):
+        agent = Agent(self, e.agent, e.data["manifest"], e.data["home"])
+        self.agents[agent.name] = agent
+        if self._nursery is not None:
+            self._nursery.start_soon(agent.serve, name=f"agent {agent.name}")
+
+    def _on_kill(self, e, agent, task):
+        agent.killed = True
+        for queued in list(agent.queue):
+            self._end(queued, "cancelled", reason="agent killed")
+        del self.agents[agent.name]
+        agent.changes.bump()
+
+    def _on_halt(self, e, agent, task):
+        self.halted = True
+        self._bump_all()
+
+    def _on_resume(self, e, agent, task):
+        self.halted = False
+        self._bump_all()
+
+    def _on_agent_stop(self, e, agent, task):
+        agent.stopped = True
+
+    def _on_agent_exit(self, e, agent, task):
+        agent.stopped = True
+
+    def _on_agent_start(self, e, agent, task):
+        agent.stopped, agent.failed = False, ""
+        agent.changes.bump()
+
+    def _on_agent_restart(self, e, agent, task):
+        agent.restarts += 1
+
+    def _on_agent_failed(self, e, agent, task):
+        agent.failed = e.data["reason"]
+
+    def _on_priority(self, e, agent, task):
+        agent.priority = e.data["priority"]
+
+    def _on_task_queued(self, e, agent, task):
+        task = Task(e.task, e.agent, e.corr, daemon=e.data.get("daemon", False), queued_ts=e.ts)
+        self.tasks[task.id] = task
+        agent.tasks.append(task)
+        if not task.daemon:
+            agent.queue.append(task)
+            agent.changes.bump()
+
+    def _on_task_started(self, e, agent, task):
+        task.move("running")
+        task.attempt, task.started_ts, task.exit, task.reason = e.data["attempt"], e.ts, None, ""
+        task.out, task.err = (None, None) if self._replaying else (Stream(), Stream())
+        if task in agent.queue:
+            agent.queue.remove(task)
+        agent.current = task
+
+    def _on_task_done(self, e, agent, task):
+        self._end(task, "done", e.data.get("exit"), ts=e.ts)
+
+    def _on_task_failed(self, e, agent, task):
+        self._end(task, "failed", e.data.get("exit"), e.data.get("reason", ""), e.ts)
+
+    def _on_task_cancelled(self, e, agent, task):
+        self._end(task, "cancelled", reason=e.data.get("reason", ""), ts=e.ts)
+
+    def _on_task_interrupted(self, e, agent, task):
+        self._end(task, "interrupted", reason=e.data.get("reason", ""), ts=e.ts)
+
+    def _on_task_requeued(self, e, agent, task):
+        task.move("queued")
+        if agent is not None:
+            agent.queue.appendleft(task)
+            agent.changes.bump()
+
+    def _end(self, task: Task, state: str, exit=None, reason: str = "", ts=None) -> None:
+        task.move(state)
+        task.exit, task.reason, task.ended_ts = exit, reason, ts
+        for stream in (task.out, task.err):
+            if stream is not None:
+                stream.end()
+        agent = self.agents.get(task.agent)
+        if agent is not None:
+            if agent.current is task:
+                agent.current = None
+            if task in agent.queue:
+                agent.queue.remove(task)
+            agent.changes.bump()
+
+    def _bump_all(self) -> None:
+        for agent in self.agents.values():
+            agent.changes.bump()
+
+    # --- root ctl ------------------------------------------------------------------
+
+    def ctl(self, data: bytes) -> None:
+        parsed = cmd.parse(CMDS, data)
+        names = set(self.agents)
+        for p in parsed:  # every line is checked before any is applied
+            if p.cmd.verb == "spawn":
+                self._prepare_spawn(*p.args)
+                if p.args[0] in names:
+                    raise Fs9Error(errno.EEXIST, f"{AGENT_EXISTS}: {p.args[0]}")
+                names.add(p.args[0])
+            elif p.cmd.verb == "kill":
+                if p.args[0] not in names:
+                    raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {p.args[0]}")
+                names.discard(p.args[0])
+        for p in parsed:
+            getattr(self, p.cmd.method)(*p.args)
+
+    def _prepare_spawn(self, name: str, *overrides: str) -> tuple[dict, str]:
+        """Check a spawn fully (name, definition, manifest, program); change nothing."""
+        if not NAME_RE.fullmatch(name):
+            raise Fs9Error(errno.EINVAL, f"bad agent name {name!r}: letters, digits, _ . -")
+        kv = dict(manifests.parse_override(w) for w in overrides)
+        definition = kv.pop("def", None)
+        try:
+            raw, home = manifests.load_definition(self.agents_dir, definition or name)
+            origin = os.path.join(home, "agent.toml")
+        except Fs9Error as e:
+            # No definition: an ad hoc agent whose words say everything (cmd=...).
+            if e.errno != errno.ENOENT or definition or "cmd" not in kv:
+                raise
+            raw, home, origin = {}, os.path.join(self.state_dir, "work", name), f"spawn {name}"
+        manifest = manifests.check({**raw, **kv}, origin)
+        check_program(name, manifest, home)
+        return manifest, home
+
+    def spawn(self, name: str, *overrides: str) -> Agent:
+        manifest, home = self._prepare_spawn(name, *overrides)
+        os.makedirs(home, exist_ok=True)
+        self.record("spawn", agent=name, manifest=manifest, home=home)
+        return self.agents[name]
+
+    def kill(self, name: str) -> None:
+        agent = self.agent(name)
+        self.record("kill", agent=name)
+        agent._cancel_run("cancelled")
+
+    def halt(self) -> None:
+        self.record("halt")
+        for agent in self.agents.values():
+            agent._cancel_run("requeue")
+
+    def resume(self) -> None:
+        self.record("resume")
+
+    # --- services for the face ----------------------------------------------------
+
+    def agent(self, name: str) -> Agent:
+        try:
+            return self.agents[name]
+        except KeyError:
+            raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {name}")
+
+    def guarded(self, fn, *args, agent: str | None = None, file: str = "ctl"):
+        """Run a request; a refusal is logged (and shown in the agent's err) and re-raised."""
+        try:
+            return fn(*args)
+        except Fs9Error as e:
+            self.log.append("refused", agent=agent, file=file,
+                            errno=errno.errorcode.get(e.errno, str(e.errno)), reason=e.text)
+            if agent in self.agents:
+                self.agents[agent].diag(e.text)
+            raise
+
+    def submit(self, agent: Agent, data: bytes | None) -> Task:
+        """Queue a task with input `data` (None: a daemon run). Returns once logged."""
+        if data is not None and len(data) > MAX_INPUT:
+            raise Fs9Error(errno.EFBIG, f"task input over {MAX_INPUT} bytes")
+        if agent.daemon and data is not None:
+            raise Fs9Error(errno.EINVAL, f"{agent.name} is a daemon agent and takes no tasks")
+        tid = self.log.next_seq
+        self.record("task_queued", agent=agent.name, task=tid, corr=uuid.uuid4().hex[:16],
+                    blob=data or b"", daemon=data is None)
+        return self.tasks[tid]
+
+    def task_input(self, task: Task) -> bytes:
+        return self.log.chunks(task.id, 0, 0)
+
+    def stream(self, task: Task, fd: int) -> Stream:
+        """The task's stdout (1) or stderr (2) stream, loaded from the log if need be."""
+        attr = "out" if fd == 1 else "err"
+        if getattr(task, attr) is None:
+            setattr(task, attr, Stream(self.log.chunks(task.id, task.attempt, fd),
+                                       ended=task.state != "running"))
+        return getattr(task, attr)
+
+    def emit(self, task: Task, fd: int, data: bytes) -> None:
+        self.log.add_chunk(task.id, task.attempt, fd, data)
+        self.stream(task, fd).append(data)
+
+    def status(self) -> str:
+        return "".join(a.status_line() for a in sorted(self.agents.values(), key=lambda a: a.name))
+
+    def state_line(self) -> str:
+        states = [t.state for t in self.tasks.values()]
+        return (f"state={'halted' if self.halted else 'running'} pid={os.getpid()} agents={len(self.agents)} "
+                f"queued={states.count('queued')} running={states.count('running')} "
+                f"done={states.count('done')} failed={states.count('failed')} "
+                f"events={self.log.last_seq}\n")

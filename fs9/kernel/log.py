@@ -1,0 +1,142 @@
+"""The append-only event log: SQLite in the state directory, the source of truth.
+
+Every state change of the kernel is an event appended here *before* it is
+applied, so a write to a ctl file returns only once it is logged, and replaying
+the log after a crash rebuilds the same state. Task output (and task input) is
+stored as chunks beside the events, also append-only.
+
+The database runs in WAL mode with synchronous=NORMAL: a commit is a write into
+the WAL, durable against a crash of this process (kill -9), without an fsync per
+event; only a power loss can take the last commits. Commits are a few
+microseconds, cheaper than handing them to a worker thread, so they run inline.
+"""
+import collections
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+from .stream import Changes
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq   INTEGER PRIMARY KEY,
+    ts    REAL NOT NULL,
+    kind  TEXT NOT NULL,
+    agent TEXT,
+    task  INTEGER,
+    corr  TEXT,
+    data  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    task    INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    fd      INTEGER NOT NULL,   -- 0 input, 1 stdout, 2 stderr
+    data    BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_task ON chunks (task, attempt, fd);
+CREATE TRIGGER IF NOT EXISTS events_append_only BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+"""
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    ts: float
+    kind: str
+    agent: str | None = None
+    task: int | None = None
+    corr: str | None = None
+    data: dict = field(default_factory=dict)
+
+    def json(self) -> str:
+        head = {"seq": self.seq, "ts": round(self.ts, 6), "kind": self.kind}
+        for key in ("agent", "task", "corr"):
+            if getattr(self, key) is not None:
+                head[key] = getattr(self, key)
+        return json.dumps({**head, **self.data}, separators=(",", ":"))
+
+
+class EventLog:
+    RECENT = 4096  # events kept in memory for stream readers; older ones come from disk
+
+    def __init__(self, state_dir: str) -> None:
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, "log.sqlite")
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.last_seq = self.db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        self.recent: collections.deque[Event] = collections.deque(maxlen=self.RECENT)
+        self.changes = Changes()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- writing -----------------------------------------------------------
+
+    @property
+    def next_seq(self) -> int:
+        """The number the next event gets (this process is the log's only writer)."""
+        return self.last_seq + 1
+
+    def append(self, kind: str, *, agent: str | None = None, task: int | None = None,
+               corr: str | None = None, blob: bytes | None = None, **data) -> Event:
+        """Append one event and commit it; returns it with its sequence number.
+
+        `blob` (a task's input) is stored as chunk fd 0 of task `task` in the same
+        transaction, so the event never exists without its input.
+        """
+        ts = time.time()
+        seq = self.next_seq
+        row = (seq, ts, kind, agent, task, corr, json.dumps(data, separators=(",", ":")))
+        with self.db:  # one transaction
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT INTO events (seq, ts, kind, agent, task, corr, data)"
+                            " VALUES (?,?,?,?,?,?,?)", row)
+            if blob is not None:
+                self.db.execute("INSERT INTO chunks (task, attempt, fd, data) VALUES (?,0,0,?)",
+                                (task, blob))
+        event = Event(seq, ts, kind, agent, task, corr, data)
+        self.last_seq = event.seq
+        self.recent.append(event)
+        self.changes.bump()
+        return event
+
+    def add_chunk(self, task: int, attempt: int, fd: int, data: bytes) -> None:
+        self.db.execute("INSERT INTO chunks (task, attempt, fd, data) VALUES (?,?,?,?)",
+                        (task, attempt, fd, data))
+
+    # --- reading -----------------------------------------------------------
+
+    def events_after(self, seq: int, limit: int = 1000) -> list[Event]:
+        """Events with sequence numbers above seq, oldest first (at most limit)."""
+        if self.recent and self.recent[0].seq <= seq + 1:
+            return [e for e in self.recent if e.seq > seq][:limit]
+        rows = self.db.execute(
+            "SELECT seq, ts, kind, agent, task, corr, data FROM events"
+            " WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+        return [Event(s, ts, k, a, t, c, json.loads(d)) for s, ts, k, a, t, c, d in rows]
+
+    def replay(self):
+        """Every event from the beginning, oldest first."""
+        seq = 0
+        while batch := self.events_after(seq, 5000):
+            yield from batch
+            seq = batch[-1].seq
+
+    def chunks(self, task: int, attempt: int, fd: int) -> bytes:
+        rows = self.db.execute(
+            "SELECT data FROM chunks WHERE task=? AND attempt=? AND fd=? ORDER BY rowid",
+            (task, attempt, fd))
+        return b"".join(r[0] for r in rows)
+
+    async def wait_after(self, seq: int) -> None:
+        """Block until an event with a sequence number above seq exists."""
+        while self.last_seq <= seq:
+            await self.changes.wait_past(self.changes.version)

@@ -1,0 +1,118 @@
+"""Agent manifests: `agents/NAME/agent.toml`, parsed with tomllib and checked.
+
+A manifest is plain data. `load_definition` reads one from disk, `apply_overrides`
+folds in the KEY=VALUE words of `spawn NAME KEY=VALUE...`, and `check` turns
+anything malformed into Fs9Error(EINVAL) naming the file and the field.
+"""
+import errno
+import os
+import shlex
+import tomllib
+from typing import Any
+
+from ..errors import Fs9Error
+
+DRIVERS = ("exec",)
+MODES = ("task", "daemon")
+RESTARTS = ("permanent", "transient", "temporary")
+PRIORITIES = ("interactive", "normal", "background")
+CLASSIFICATIONS = ("public", "internal", "confidential")
+
+DEFAULTS: dict[str, Any] = {
+    "driver": "exec",
+    "mode": "task",
+    "restart": "transient",
+    "max_restarts": 3,
+    "within_s": 60,
+    "priority": "normal",
+    "timeout_s": 0,  # 0: no limit
+    "env": {},
+}
+
+# Keys later layers read (views, bus, registry); accepted and kept as data now.
+FUTURE_KEYS = ("provides", "accepts", "clearance", "pledge", "unveil", "description",
+               "subscribe", "instructions", "model")
+KNOWN_KEYS = tuple(DEFAULTS) + ("cmd",) + FUTURE_KEYS
+
+
+def load_definition(agents_dir: str, name: str) -> tuple[dict, str]:
+    """Read agents_dir/NAME/agent.toml; return (raw manifest, its directory)."""
+    folder = os.path.join(agents_dir, name)
+    path = os.path.join(folder, "agent.toml")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise Fs9Error(errno.ENOENT, f"no agent definition {name!r} (looked for {path})")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise Fs9Error(errno.EINVAL, f"malformed manifest {path}: {e}")
+    except OSError as e:
+        raise Fs9Error(e.errno or errno.EIO, f"cannot read {path}: {e.strerror}")
+    return raw, folder
+
+
+def parse_override(word: str) -> tuple[str, Any]:
+    """`KEY=VALUE` -> (key, value); VALUE is read as a TOML value when it is one."""
+    key, sep, value = word.partition("=")
+    if not sep or not key:
+        raise Fs9Error(errno.EINVAL, f"expected KEY=VALUE, got {word!r}")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
+
+
+def check(raw: dict, origin: str) -> dict:
+    """Return the effective manifest (defaults filled in) or raise Fs9Error(EINVAL)."""
+    def bad(text: str) -> Fs9Error:
+        return Fs9Error(errno.EINVAL, f"malformed manifest {origin}: {text}")
+
+    unknown = sorted(set(raw) - set(KNOWN_KEYS))
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(KNOWN_KEYS)})")
+    m = {**DEFAULTS, **raw}
+    for key, allowed in (("driver", DRIVERS), ("mode", MODES), ("restart", RESTARTS),
+                         ("priority", PRIORITIES)):
+        if m[key] not in allowed:
+            raise bad(f"{key} = {m[key]!r}; expected one of {', '.join(allowed)}")
+    if "clearance" in m and m["clearance"] not in CLASSIFICATIONS:
+        raise bad(f"clearance = {m['clearance']!r}; expected one of {', '.join(CLASSIFICATIONS)}")
+    cmd = m.get("cmd")
+    if isinstance(cmd, str):
+        try:
+            cmd = shlex.split(cmd)
+        except ValueError as e:
+            raise bad(f"cmd: {e}")
+    if not cmd or not isinstance(cmd, list) or not all(isinstance(w, str) for w in cmd):
+        raise bad("cmd must be a non-empty list of strings (or one shell-quoted string)")
+    m["cmd"] = cmd
+    for key in ("max_restarts", "within_s", "timeout_s"):
+        if not isinstance(m[key], (int, float)) or isinstance(m[key], bool) or m[key] < 0:
+            raise bad(f"{key} must be a number >= 0, got {m[key]!r}")
+    if not isinstance(m["env"], dict) or not all(isinstance(v, str) for v in m["env"].values()):
+        raise bad("env must be a table of strings")
+    return m
+
+
+def render(manifest: dict) -> str:
+    """The effective manifest as TOML-like text (the `manifest` file)."""
+    lines = []
+    tables = {k: v for k, v in manifest.items() if isinstance(v, dict)}
+    for key, value in manifest.items():
+        if key not in tables:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, table in tables.items():
+        lines.append(f"\n[{key}]")
+        lines.extend(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{s}"'

@@ -1,0 +1,53 @@
+"""Byte streams that behave like pipes: append, end, and readers that wait.
+
+A Stream holds everything written to it (readers start at 0, like a task's
+`out` read from its start); `wait_readable(pos)` blocks until there are bytes
+past pos or the stream has ended. Wake-ups use a fresh trio.Event per change
+(Events cannot be cleared), never a sleep loop.
+"""
+import trio
+
+
+class Changes:
+    """A version counter that tasks can wait on."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._event = trio.Event()
+
+    def bump(self) -> None:
+        self.version += 1
+        event, self._event = self._event, trio.Event()
+        event.set()
+
+    async def wait_past(self, version: int) -> None:
+        """Block until the version differs from `version`."""
+        while self.version == version:
+            await self._event.wait()
+
+
+class Stream:
+    """An append-only byte stream with an end."""
+
+    def __init__(self, data: bytes = b"", ended: bool = False) -> None:
+        self.data = bytearray(data)
+        self.ended = ended
+        self.changes = Changes()
+
+    def append(self, chunk: bytes) -> None:
+        if chunk:
+            self.data += chunk
+            self.changes.bump()
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.changes.bump()
+
+    def readable(self, pos: int) -> bool:
+        """True when a read at pos would not block (data, or EOF)."""
+        return pos < len(self.data) or self.ended
+
+    async def wait_readable(self, pos: int) -> None:
+        while not self.readable(pos):
+            await self.changes.wait_past(self.changes.version)

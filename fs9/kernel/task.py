@@ -1,0 +1,63 @@
+"""Tasks and their lifecycle (a transition table, checked on every change).
+
+queued -> running -> done | failed | cancelled
+running -> interrupted (the daemon died under it) -> queued | failed
+queued -> cancelled (its agent was killed)
+"""
+from dataclasses import dataclass, field
+
+from .stream import Changes, Stream
+
+TRANSITIONS = {
+    "queued": {"running", "cancelled"},
+    "running": {"done", "failed", "cancelled", "interrupted"},
+    "interrupted": {"queued", "failed"},
+    "done": set(), "failed": set(), "cancelled": set(),
+}
+FINAL = frozenset({"done", "failed", "cancelled"})
+
+
+class BadTransition(Exception):
+    """Our bug: a change the lifecycle table forbids."""
+
+
+@dataclass
+class Task:
+    id: int
+    agent: str
+    corr: str
+    state: str = "queued"
+    attempt: int = 0  # bumped on every start; output chunks are per attempt
+    exit: int | None = None
+    reason: str = ""
+    pid: int | None = None
+    daemon: bool = False  # a run of a daemon agent rather than a queued task
+    queued_ts: float = 0.0
+    started_ts: float | None = None
+    ended_ts: float | None = None
+    # in-memory streams of the current attempt; None until loaded or started
+    out: Stream | None = None
+    err: Stream | None = None
+    changes: Changes = field(default_factory=Changes)  # state changes, for waiters
+
+    def move(self, state: str) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise BadTransition(f"task {self.id}: {self.state} -> {state}")
+        self.state = state
+        self.changes.bump()
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL
+
+    async def wait_started(self) -> None:
+        """Block until the task has left the queue (started or ended)."""
+        while self.state == "queued":
+            await self.changes.wait_past(self.changes.version)
+
+    def status(self) -> str:
+        fields = {"id": self.id, "agent": self.agent, "state": self.state,
+                  "corr": self.corr, "attempt": self.attempt,
+                  "exit": "" if self.exit is None else self.exit,
+                  "pid": self.pid or "", "reason": self.reason}
+        return "".join(f"{k}={v}\n" for k, v in fields.items())
