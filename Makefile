@@ -1,0 +1,45 @@
+# fs9: `make run` mounts it, `make test` tests it. Both set everything up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MNT    := mountpoints/fs9
+STATE  := .state
+VAULT  := examples/vault
+EXAMPLE_AGENTS := echo upper counter ticker
+
+.PHONY: run stop test bench deps clean
+
+$(BIN)/fs9: pyproject.toml
+	@./scripts/system-deps.sh --test
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+deps: $(BIN)/fs9
+
+run: deps
+	@$(BIN)/fs9 mount $(MNT) --agents agents --vault $(VAULT) --state $(STATE) --background
+	@for a in $(EXAMPLE_AGENTS); do \
+	    [ -e $(MNT)/agents/$$a ] || echo "spawn $$a" > $(MNT)/ctl; done
+	@echo
+	@echo "fs9 is mounted at $(MNT). Try:"
+	@echo "  cd $(MNT)"
+	@echo "  cat status                              # one line per agent"
+	@echo "  echo 'run hello fs9' > agents/upper/ctl  # give an agent work"
+	@echo "  cat agents/upper/out                    # its output"
+	@echo "  echo 5 > agents/counter/in; cat agents/counter/out   # streams as it counts"
+	@echo "  tail -n +1 -f events                    # the kernel's event stream (Ctrl-C ends)"
+	@echo "Stop it with: make stop   (or: $(BIN)/fs9 umount $(MNT))"
+
+stop:
+	@$(BIN)/fs9 umount $(MNT)
+
+test: deps
+	$(BIN)/python -m pytest -q
+
+bench: deps
+	$(BIN)/python bench/foundation.py
+
+clean:
+	rm -rf $(VENV) $(STATE)

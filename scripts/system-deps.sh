@@ -1,0 +1,20 @@
+#!/bin/sh
+# Install the system packages fs9 needs, when absent: through apt as root,
+# otherwise name them and stop. stress-ng is only for the test suite.
+set -e
+need=""
+command -v fusermount3 >/dev/null 2>&1 || need="$need fuse3"
+pkg-config --exists fuse3 2>/dev/null || need="$need libfuse3-dev"
+command -v pkg-config >/dev/null 2>&1 || need="$need pkg-config"
+[ "$1" = "--test" ] && { command -v stress-ng >/dev/null 2>&1 || need="$need stress-ng"; }
+python3 -c 'import ensurepip, venv' 2>/dev/null || need="$need python3-venv"
+[ -z "$need" ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "fs9: installing system packages:$need"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+else
+    echo "fs9: missing system packages:$need" >&2
+    echo "fs9: install them first, e.g.: sudo apt-get install$need" >&2
+    exit 1
+fi
