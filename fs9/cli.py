@@ -113,6 +113,15 @@ def server_pid(mnt: str) -> int | None:
         return None
 
 
+def _running(pid: int) -> bool:
+    """True while pid exists and is not a zombie waiting for its reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def umount(mountpoint: str) -> int:
     mnt = os.path.abspath(mountpoint)
     if not is_mounted(mnt):
@@ -125,11 +134,11 @@ def umount(mountpoint: str) -> int:
             pid = None
     deadline = time.monotonic() + 15
     while pid is not None and is_mounted(mnt) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     if is_mounted(mnt):  # no server answering: detach whatever is left
         subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
-    while pid is not None and time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
-        time.sleep(0.05)  # let the server finish writing its log
+    while pid is not None and time.monotonic() < deadline and _running(pid):
+        time.sleep(0.02)  # let the server finish writing its log
     if is_mounted(mnt):
         raise UsageError(f"could not unmount {mnt}")
     print(f"fs9 unmounted {mnt}")

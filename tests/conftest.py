@@ -82,6 +82,15 @@ class Mount:
                 break
             time.sleep(0.02)
 
+    def bugs(self) -> list[str]:
+        """Tracebacks the face logged (kind "bug"): each one is a defect of ours."""
+        import sqlite3
+        db = sqlite3.connect(f"file:{self.state / 'log.sqlite'}?mode=ro", uri=True)
+        try:
+            return [row[0] for row in db.execute("SELECT data FROM events WHERE kind='bug'")]
+        finally:
+            db.close()
+
     def alive(self) -> bool:
         return bool(self.pid) and os.path.exists(f"/proc/{self.pid}") and mounted(self.path)
 
@@ -151,7 +160,9 @@ class Events:
         raise AssertionError(f"no {kind} event; saw {[e['kind'] for e in seen]}")
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 @pytest.fixture
@@ -165,6 +176,8 @@ def mount(tmp_path):
         yield m
     finally:
         m.umount()
+    bugs = m.bugs()
+    assert not bugs, "a handler hit an unexpected exception:\n" + "\n".join(bugs)
 
 
 @pytest.fixture

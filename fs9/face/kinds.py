@@ -16,12 +16,12 @@ import stat
 import trio
 
 from ..errors import Fs9Error
+from ..kernel.kernel import MAX_INPUT
 from ..kernel.log import EventLog
 from ..kernel.stream import Stream
 from ..kernel.task import Task
 
 SLICE_S = 0.2  # a blocked reader checks for a pending signal this often
-MAX_WHOLE = 16 << 20  # bytes one open of a `whole` Ctl may collect
 
 
 class Node:
@@ -105,10 +105,11 @@ class SnapshotHandle(Handle):
 # --- Ctl -------------------------------------------------------------------------
 
 class Ctl(Node):
-    def __init__(self, apply, render=None, whole: bool = False) -> None:
+    def __init__(self, apply, render=None, whole: bool = False, refused=None) -> None:
         self.apply = apply  # (bytes) -> None; raises Fs9Error when refused
         self.render = render  # () -> str, the state line; None: write-only
         self.whole = whole
+        self.refused = refused  # (Fs9Error) -> None: reports a refusal made here
         self.mode = stat.S_IFREG | (0o644 if render else 0o200)
 
     def size(self) -> int:
@@ -123,6 +124,7 @@ class CtlHandle(SnapshotHandle):
         super().__init__(pid, node.render)
         self.node = node
         self.pending: bytearray | None = None  # `whole`: bytes written since open
+        self.refused: Fs9Error | None = None  # `whole`: this open's input was refused
 
     async def read(self, off: int, size: int) -> bytes:
         if self.node.render is None:
@@ -133,14 +135,22 @@ class CtlHandle(SnapshotHandle):
         if not self.node.whole:
             self.node.apply(data)
             return len(data)
+        if self.refused is not None:
+            raise self.refused
         self.pending = self.pending if self.pending is not None else bytearray()
-        if len(self.pending) + len(data) > MAX_WHOLE:
-            raise Fs9Error(errno.EFBIG, f"input over {MAX_WHOLE} bytes")
+        if len(self.pending) + len(data) > MAX_INPUT:
+            # the whole input is refused: close(2) fails too and nothing is queued
+            self.pending = None
+            self.refused = Fs9Error(errno.EFBIG, f"task input over {MAX_INPUT} bytes")
+            self.node.refused(self.refused)
+            raise self.refused
         self.pending += data
         return len(data)
 
     def flush(self) -> None:
         """close(2): a `whole` file applies what this open wrote (once per write burst)."""
+        if self.refused is not None:
+            raise self.refused
         if self.pending is not None:
             data, self.pending = bytes(self.pending), None
             self.node.apply(data)

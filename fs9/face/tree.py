@@ -29,7 +29,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/ctl": lambda k, agent: Ctl(
         lambda d: k.guarded(agent.ctl, d, agent=agent.name), agent.status_line),
     "agents/{agent}/in": lambda k, agent: Ctl(
-        lambda d: k.guarded(k.submit, agent, d, agent=agent.name, file="in"), whole=True),
+        lambda d: k.guarded(k.submit, agent, d, agent=agent.name, file="in"), whole=True,
+        refused=lambda e: k.refused(e, agent=agent.name, file="in")),
     "agents/{agent}/out": lambda k, agent: _task_stream(k, agent, 1),
     "agents/{agent}/err": lambda k, agent: _task_stream(k, agent, 2),
     "agents/{agent}/status": lambda k, agent: Status(agent.status),

@@ -46,8 +46,12 @@ class Agent:
         self.notes = Stream(ended=True)  # diagnostics when there is no task yet
         self.changes = Changes()  # anything that may let the loop go on
         # runtime only
+        self.window = self.new_window()  # daemon restarts, for the supervisor's intensity
         self._run_scope: trio.CancelScope | None = None
         self._cancel_as = ""  # what a cancelled run becomes: "cancelled" | "requeue"
+
+    def new_window(self) -> RestartWindow:
+        return RestartWindow(self.manifest["max_restarts"], self.manifest["within_s"])
 
     @property
     def daemon(self) -> bool:
@@ -152,7 +156,6 @@ class Agent:
 
     async def serve(self) -> None:
         """Run this agent's work until it is killed (or the kernel shuts down)."""
-        window = RestartWindow(self.manifest["max_restarts"], self.manifest["within_s"])
         while not self.killed:
             if not self.runnable() or (not self.daemon and not self.queue):
                 await self.changes.wait_past(self.changes.version)
@@ -166,11 +169,11 @@ class Agent:
                 continue  # stopped, restarted or halted by a command
             if not should_restart(self.manifest["restart"], status):
                 self.kernel.record("agent_exit", agent=self.name, exit=status)
-            elif not window.add(trio.current_time()):
+            elif not self.window.add(trio.current_time()):
                 self.kernel.record(
                     "agent_failed", agent=self.name, exit=status,
-                    reason=f"exited {status}; more than {window.max_restarts} restarts "
-                           f"within {window.within_s}s: supervisor gave up (escalated)")
+                    reason=f"exited {status}; more than {self.window.max_restarts} restarts "
+                           f"within {self.window.within_s}s: supervisor gave up (escalated)")
             else:
                 self.kernel.record("agent_restart", agent=self.name, exit=status,
                                    policy=self.manifest["restart"])

@@ -113,6 +113,7 @@ class Kernel:
 
     def _on_agent_start(self, e, agent, task):
         agent.stopped, agent.failed = False, ""
+        agent.window = agent.new_window()  # a start by hand gives the supervisor a clean slate
         agent.changes.bump()
 
     def _on_agent_restart(self, e, agent, task):
@@ -244,11 +245,15 @@ class Kernel:
         try:
             return fn(*args)
         except Fs9Error as e:
-            self.log.append("refused", agent=agent, file=file,
-                            errno=errno.errorcode.get(e.errno, str(e.errno)), reason=e.text)
-            if agent in self.agents:
-                self.agents[agent].diag(e.text)
+            self.refused(e, agent=agent, file=file)
             raise
+
+    def refused(self, e: Fs9Error, *, agent: str | None = None, file: str = "ctl") -> None:
+        """Say why a request was refused: an event, and a line in the agent's err."""
+        self.log.append("refused", agent=agent, file=file,
+                        errno=errno.errorcode.get(e.errno, str(e.errno)), reason=e.text)
+        if agent in self.agents:
+            self.agents[agent].diag(e.text)
 
     def submit(self, agent: Agent, data: bytes | None) -> Task:
         """Queue a task with input `data` (None: a daemon run). Returns once logged."""

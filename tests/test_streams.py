@@ -1,0 +1,80 @@
+"""Streams behave like pipes: blocking, never holding up others, freed by signals, pollable."""
+import os
+import select
+import signal
+import subprocess
+import time
+
+
+def long_task(mount) -> None:
+    mount.define("slow", 'cmd = ["sh", "-c", "read x; echo started; sleep 60"]\n')
+    mount.sh("echo 'spawn slow' > ctl && echo 'run x' > agents/slow/ctl", check=True)
+
+
+def test_hundreds_of_blocked_readers_do_not_hold_up_other_requests(mount):
+    long_task(mount)
+    readers = [subprocess.Popen(["cat", mount.path / ("events" if i % 2 else "agents/slow/out")],
+                                stdout=subprocess.DEVNULL) for i in range(300)]
+    try:
+        time.sleep(1.0)  # let every reader block in read()
+        assert all(p.poll() is None for p in readers)
+        for _ in range(3):
+            start = time.monotonic()
+            r = mount.sh("ls agents/slow && stat status >/dev/null && cat status", check=True)
+            assert time.monotonic() - start < 1.0, "ls/stat/cat held up by blocked readers"
+        assert "slow running" in r.stdout
+        mount.sh("echo 'spawn echo' > ctl && echo 'run still works' > agents/echo/ctl", check=True)
+        assert mount.read("agents/echo/out") == "still works\n"
+    finally:
+        for p in readers:
+            p.kill()
+        start = time.monotonic()
+        for p in readers:
+            p.wait(timeout=10)
+        assert time.monotonic() - start < 5, "SIGKILLed readers were not freed promptly"
+
+
+def test_timeout_ctrl_c_and_sigkill_free_a_blocked_reader(mount):
+    long_task(mount)
+    start = time.monotonic()
+    r = mount.sh("timeout 0.5 cat agents/slow/out")
+    assert r.returncode == 124 and r.stdout == "started\n"
+    assert time.monotonic() - start < 2.0
+    for sig in (signal.SIGINT, signal.SIGKILL, signal.SIGTERM):
+        p = subprocess.Popen(["cat", mount.path / "events"], stdout=subprocess.DEVNULL)
+        time.sleep(0.3)
+        sent = time.monotonic()
+        p.send_signal(sig)
+        p.wait(timeout=5)
+        assert time.monotonic() - sent < 1.0, f"reader ignored signal {sig!r}"
+        assert p.returncode == -sig
+    assert mount.alive()
+
+
+def test_select_poll_and_epoll_on_a_stream(mount):
+    mount.sh("echo 'spawn echo' > ctl", check=True)
+    fd = os.open(mount.path / "events", os.O_RDONLY)
+    try:
+        assert select.select([fd], [], [], 0.3)[0] == []  # nothing yet: not readable
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        assert poller.poll(200) == []
+        ep = select.epoll()
+        ep.register(fd, select.EPOLLIN)
+        assert ep.poll(0.2) == []
+        start = time.monotonic()
+        subprocess.Popen(["sh", "-c", f"sleep 0.3; echo 'run hi' > {mount.path}/agents/echo/ctl"])
+        assert ep.poll(5) == [(fd, select.EPOLLIN)]  # woken by the event, not by a timeout
+        assert 0.2 < time.monotonic() - start < 3
+        assert select.select([fd], [], [], 0)[0] == [fd]
+        assert poller.poll(0) == [(fd, select.POLLIN)]
+        assert b'"kind":"task_queued"' in os.read(fd, 65536)
+        ep.close()
+    finally:
+        os.close(fd)
+
+
+def test_cat_out_of_an_idle_agent_ends_at_once(mount):
+    mount.sh("echo 'spawn echo' > ctl", check=True)
+    r = mount.sh("timeout 2 cat agents/echo/out agents/echo/err")
+    assert r.returncode == 0 and r.stdout == ""

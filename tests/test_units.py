@@ -1,0 +1,89 @@
+"""Kernel logic without FUSE: parsers, manifests, supervisor, lifecycle, replay."""
+import errno
+
+import pytest
+import trio
+
+from fs9.errors import Fs9Error
+from fs9.kernel import cmd, manifest
+from fs9.kernel.agent import CMDS as AGENT_CMDS
+from fs9.kernel.kernel import Kernel
+from fs9.kernel.supervisor import RestartWindow, should_restart
+from fs9.kernel.task import BadTransition, Task
+
+
+def test_parse_table_checks_every_line_and_quotes_the_bad_one():
+    parsed = cmd.parse(AGENT_CMDS, b"run hello   world\npriority background\n")
+    assert [(p.cmd.verb, p.args) for p in parsed] == [
+        ("run", ["hello   world"]), ("priority", ["background"])]
+    with pytest.raises(Fs9Error) as e:
+        cmd.parse(AGENT_CMDS, b"stop\nfrobnicate now\n")
+    assert e.value.errno == errno.EINVAL and "'frobnicate now'" in e.value.text
+    for bad in (b"priority", b"stop now", b"run", b"", b"\xff\xfe"):
+        with pytest.raises(Fs9Error) as e:
+            cmd.parse(AGENT_CMDS, bad)
+        assert e.value.errno == errno.EINVAL
+
+
+def test_manifest_check_fills_defaults_and_names_the_bad_field():
+    m = manifest.check({"cmd": "python3 main.py --x 'a b'"}, "t")
+    assert m["cmd"] == ["python3", "main.py", "--x", "a b"]
+    assert m["restart"] == "transient" and m["mode"] == "task"
+    for raw, word in (({"cmd": []}, "cmd"), ({"cmd": ["x"], "restart": "sometimes"}, "restart"),
+                      ({"cmd": ["x"], "cdm": 1}, "unknown key"),
+                      ({"cmd": ["x"], "max_restarts": -1}, "max_restarts")):
+        with pytest.raises(Fs9Error) as e:
+            manifest.check(raw, "agents/x/agent.toml")
+        assert e.value.errno == errno.EINVAL and word in e.value.text
+    assert manifest.parse_override("max_restarts=5") == ("max_restarts", 5)
+    assert manifest.parse_override("cmd=cat -n") == ("cmd", "cat -n")
+    assert manifest.parse_override('cmd=["tr", "a", "b"]') == ("cmd", ["tr", "a", "b"])
+
+
+def test_supervisor_policies_and_intensity():
+    assert should_restart("permanent", 0) and should_restart("permanent", 1)
+    assert not should_restart("transient", 0) and should_restart("transient", 3)
+    assert not should_restart("temporary", 1)
+    w = RestartWindow(max_restarts=2, within_s=10)
+    assert w.add(0) and w.add(1) and not w.add(2)  # a third restart within 10 s: give up
+    w = RestartWindow(max_restarts=2, within_s=10)
+    assert w.add(0) and w.add(1) and w.add(11) and w.add(12)  # old ones left the window
+
+
+def test_task_lifecycle_table():
+    t = Task(1, "a", "c")
+    t.move("running")
+    t.move("interrupted")
+    t.move("queued")
+    t.move("running")
+    t.move("done")
+    with pytest.raises(BadTransition):
+        t.move("running")
+
+
+async def test_kernel_runs_a_task_and_replays_it(tmp_path):
+    state, agents = tmp_path / "state", tmp_path / "agents"
+    agents.mkdir()
+    k = Kernel(str(state), str(agents))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(k.serve)
+        k.ctl(b"spawn up cmd='tr a-z A-Z'")
+        task = k.agents["up"].run("hello")
+        with trio.fail_after(10):
+            while not task.final:
+                await task.changes.wait_past(task.changes.version)
+        assert task.state == "done" and bytes(k.stream(task, 1).data) == b"HELLO\n"
+        nursery.cancel_scope.cancel()
+    k.log.close()
+    # a fresh kernel on the same log has the same agent and the same finished output
+    k2 = Kernel(str(state), str(agents))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(k2.serve)
+        t2 = k2.tasks[task.id]
+        assert t2.state == "done" and bytes(k2.stream(t2, 1).data) == b"HELLO\n"
+        assert k2.task_input(t2) == b"hello\n"
+        with pytest.raises(Fs9Error) as e:
+            k2.ctl(b"spawn up cmd=cat")
+        assert e.value.errno == errno.EEXIST
+        nursery.cancel_scope.cancel()
+    k2.log.close()
