@@ -40,5 +40,9 @@ async def _stop_on_signal(ops: Operations, kernel: Kernel) -> None:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
             ops.end_reads()
+            with trio.move_on_after(2):  # let the ended reads send their EOF replies
+                while ops.reading:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.01)
             pyfuse3.terminate()
             return
