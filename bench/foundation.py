@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/foundation.py        (or: make bench)
     .venv/bin/python bench/foundation.py --quick   (smoke run, rough figures)
+    .venv/bin/python bench/foundation.py --strict  (exit 1 when a target is missed)
 
 Mounts fs9 for real (`python -m fs9 mount ... --background`) in a temporary
 directory, and a bare pyfuse3 server (bench/bare_pyfuse3.py) on a second mount
@@ -45,8 +46,8 @@ RESULTS = HERE / "results" / "foundation.json"
 
 WRITE_S = 2.0  # one write-loop run
 WRITE_REPEATS = 5
-WAKE_ROUNDS, WAKE_PER_ROUND = 5, 80  # samples per kind = rounds * per round
-TRIP_ROUNDS, TRIP_PER_ROUND = 5, 40
+WAKE_ROUNDS, WAKE_PER_ROUND = 5, 150  # samples per kind = rounds * per round
+TRIP_ROUNDS, TRIP_PER_ROUND = 5, 80
 SETTLE_S = 0.002  # reader announced itself: let its read() reach the server and block
 WATCHDOG_S = 90  # no single figure may take longer than this
 
@@ -289,8 +290,8 @@ def figure_wake(fs: Fs9Mount, bare: BareMount, tmp: Path) -> dict:
 
     ctl_fd = os.open(fs.path / "agents" / "wk" / "ctl", os.O_WRONLY)
     sink_fd = os.open(bare.path / "sink", os.O_WRONLY)
-    # open both fifo ends without deadlock: the reader opens O_RDWR-free read end
-    # non-blocking, then the writer's end; then reads are made blocking again.
+    # open(2) of one fifo end blocks until the other is opened: open the read end
+    # non-blocking first, then the write end, then make reads block again.
     fifo_rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     fifo_wfd = os.open(fifo, os.O_WRONLY)
     os.set_blocking(fifo_rfd, True)
@@ -326,7 +327,7 @@ def figure_trip(fs: Fs9Mount) -> dict:
     try:
         for _ in range(5):  # warm up
             fs9_round_trip(ctl_fd, out), direct_round_trip()
-        for i in range(TRIP_ROUNDS):
+        for _ in range(TRIP_ROUNDS):
             for _ in range(TRIP_PER_ROUND):
                 fs9_ms.append(fs9_round_trip(ctl_fd, out))
             for _ in range(TRIP_PER_ROUND):
@@ -412,8 +413,10 @@ def main() -> int:
         signal.alarm(0)
     finally:
         signal.alarm(0)
-        bare.umount()
-        fs.umount()
+        try:
+            bare.umount()
+        finally:
+            fs.umount()
         left = [str(p) for p in (fs.path, bare.path) if mounted(p)]
         if not left:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -438,7 +441,9 @@ def main() -> int:
     }
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {RESULTS.relative_to(REPO)}")
-    return 0 if all(r["pass"] is not False for r in rows) else 1
+    if "--strict" in sys.argv[1:] and any(r["pass"] is False for r in rows):
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

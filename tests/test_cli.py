@@ -70,3 +70,16 @@ def test_make_run_and_make_stop(tmp_path):
     finally:
         r = subprocess.run(make + ["stop"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and not mounted(mnt)
+
+
+def test_the_readme_walkthrough_runs(mount):
+    mount.sh("echo 'spawn upper' > ctl && echo 'spawn counter' > ctl", check=True)
+    r = subprocess.run(["sh", str(REPO / "examples/walkthrough.sh"), str(mount.path)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["counter idle - 0 0 0 0", "upper idle - 0 0 0 0"]
+    assert lines[2:6] == ["HELLO FS9", "1", "2", "3"]
+    assert lines[-2:] == ["refused, and the reason is in err:",
+                          "fs9: unknown control message 'frobnicate' "
+                          "(verbs: run, stop, start, restart, kill, priority)"]

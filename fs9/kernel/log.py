@@ -11,6 +11,7 @@ event; only a power loss can take the last commits. Commits are a few
 microseconds, cheaper than handing them to a worker thread, so they run inline.
 """
 import collections
+import itertools
 import json
 import os
 import sqlite3
@@ -117,7 +118,8 @@ class EventLog:
     def events_after(self, seq: int, limit: int = 1000) -> list[Event]:
         """Events with sequence numbers above seq, oldest first (at most limit)."""
         if self.recent and self.recent[0].seq <= seq + 1:
-            return [e for e in self.recent if e.seq > seq][:limit]
+            start = seq + 1 - self.recent[0].seq  # `recent` holds consecutive numbers
+            return list(itertools.islice(self.recent, start, start + limit))
         rows = self.db.execute(
             "SELECT seq, ts, kind, agent, task, corr, data FROM events"
             " WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))

@@ -1,0 +1,13 @@
+#!/bin/sh
+# The README's 60-second walkthrough, runnable: sh examples/walkthrough.sh MOUNTPOINT
+# (make run mounts fs9 at mountpoints/fs9 and spawns the example agents first).
+set -e
+cd "${1:-mountpoints/fs9}"
+cat status                                    # one line per agent: name state pid restarts queued done failed
+echo 'run hello fs9' > agents/upper/ctl       # give an agent work...
+cat agents/upper/out                          # ...and read its result: HELLO FS9
+echo 3 > agents/counter/in                    # a whole file written to `in` is one task
+cat agents/counter/out                        # prints 1 2 3 as they come, ends when the task ends
+ls agents/counter/tasks                       # every task keeps its input, out, err and status
+echo 'frobnicate' > agents/upper/ctl || echo "refused, and the reason is in err:"
+tail -n 1 agents/upper/err
