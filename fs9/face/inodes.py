@@ -20,6 +20,9 @@ class Inodes:
     def path(self, ino: int) -> tuple[str, ...] | None:
         return self._path.get(ino)
 
+    def known(self, path: tuple[str, ...]) -> int | None:
+        return self._ino.get(path)
+
     def number(self, path: tuple[str, ...]) -> int:
         """The inode of path, allocated if new (without counting a lookup)."""
         ino = self._ino.get(path)

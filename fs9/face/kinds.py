@@ -192,36 +192,76 @@ class StreamHandle(Handle):
         return self.cursor.take(size)
 
 
-class TaskCursor:
-    """A task's stdout or stderr from its start; follows the task from the queue on."""
+class StreamCursor:
+    """A reader's position in a Stream; EOF once the stream has ended and all is read."""
 
-    def __init__(self, kernel, task: Task | None, fd: int, fallback: Stream | None = None):
-        self.kernel, self.task, self.fd = kernel, task, fd
-        self.fallback = fallback or Stream(ended=True)  # no task at all
+    def __init__(self, stream: Stream | None = None) -> None:
+        self.stream = stream
         self.pos = 0
 
     def _stream(self) -> Stream | None:
-        if self.task is None:
-            return self.fallback
-        if self.task.state == "queued":
-            return None
-        return self.kernel.stream(self.task, self.fd)
+        return self.stream
 
     def readable(self) -> bool:
         s = self._stream()
         return s is not None and s.readable(self.pos)
 
-    async def wait_readable(self) -> None:
-        if self.task is not None and self.task.state == "queued":
-            await self.task.wait_started()
+    def at_end(self) -> bool:
         s = self._stream()
-        if s is not None:
-            await s.wait_readable(self.pos)
+        return s is not None and s.ended and self.pos >= len(s.data)
+
+    async def wait_readable(self) -> None:
+        await self._stream().wait_readable(self.pos)
 
     def take(self, size: int) -> bytes:
         data = bytes(self._stream().data[self.pos:self.pos + size])
         self.pos += len(data)
         return data
+
+
+class TaskCursor(StreamCursor):
+    """A task's stdout or stderr from its start; waits while the task is queued."""
+
+    def __init__(self, kernel, task: Task | None, fd: int) -> None:
+        super().__init__(Stream(ended=True) if task is None else None)
+        self.kernel, self.task, self.fd = kernel, task, fd
+
+    def _stream(self) -> Stream | None:
+        if self.task is None:
+            return self.stream
+        if self.task.state == "queued":
+            return None
+        return self.kernel.stream(self.task, self.fd)
+
+    async def wait_readable(self) -> None:
+        if self.task is not None and self.task.state == "queued":
+            await self.task.wait_started()
+        if self._stream() is not None:
+            await super().wait_readable()
+
+
+class Chain:
+    """Cursors read one after the other (an agent's `err`: the task's stderr, then notes)."""
+
+    def __init__(self, *cursors) -> None:
+        self.cursors = list(cursors)
+
+    def _head(self):
+        while len(self.cursors) > 1 and self.cursors[0].at_end():
+            self.cursors.pop(0)
+        return self.cursors[0]
+
+    def readable(self) -> bool:
+        return self._head().readable()
+
+    def at_end(self) -> bool:
+        return self._head().at_end()
+
+    async def wait_readable(self) -> None:
+        await self._head().wait_readable()
+
+    def take(self, size: int) -> bytes:
+        return self._head().take(size)
 
 
 class EventCursor:

@@ -18,10 +18,11 @@ import trio
 
 from ..errors import Fs9Error
 from .inodes import Inodes
-from .kinds import Dir, Handle, Node
+from .kinds import Dir, Handle, Node, Status
 from .tree import Tree
 
 log = logging.getLogger("fs9.face")
+CACHE_S = 1.0
 READONLY_NS = "the namespace is made by the kernel: files come and go through ctl"
 
 
@@ -57,6 +58,7 @@ class Operations(pyfuse3.Operations):
         self.inodes = Inodes()
         self.nursery = nursery  # for poll notifiers
         self.handles: dict[int, Handle] = {}
+        self._seen_kills = len(kernel.killed)
         self.reading: set[trio.CancelScope] = set()  # blocked reads, ended at unmount
         self.closing = False
         self.dirs: dict[int, list[tuple[str, Node]]] = {}
@@ -82,7 +84,11 @@ class Operations(pyfuse3.Operations):
         a.st_blksize = 4096
         a.st_blocks = 0
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mtime_ns
-        a.attr_timeout = a.entry_timeout = 0  # agents and tasks come and go
+        # The kernel may cache names and attributes for a second (a write would
+        # otherwise cost a getattr each); status text changes size, so it is not
+        # cached, and a killed agent's names are invalidated (see write).
+        a.entry_timeout = CACHE_S
+        a.attr_timeout = 0 if isinstance(node, Status) else CACHE_S
         return a
 
     def _fh(self) -> int:
@@ -200,7 +206,27 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def write(self, fh, off, buf):
-        return self._handle(fh).write(bytes(buf))
+        n = self._handle(fh).write(bytes(buf))
+        await self._invalidate_killed()
+        return n
+
+    async def _invalidate_killed(self) -> None:
+        """Drop the kernel's cached names of agents killed since we last looked.
+
+        Done before the killing write returns, so `echo 'kill x' > ctl; ls agents/x`
+        fails at once. Synchronous invalidation must not run on the trio thread
+        (the kernel may wait on a request we serve), hence the worker thread."""
+        kills = self.kernel.killed
+        while self._seen_kills < len(kills):
+            name = kills[self._seen_kills]
+            self._seen_kills += 1
+            parent = self.inodes.known(("agents",))
+            if parent is not None and self.inodes.known(("agents", name)) is not None:
+                try:
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent,
+                                                  os.fsencode(name))
+                except OSError:
+                    pass  # the kernel had already dropped it
 
     @boundary
     async def flush(self, fh):

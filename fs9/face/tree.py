@@ -10,12 +10,19 @@ from typing import Callable
 
 from ..errors import Fs9Error
 from ..kernel import manifest as manifests
-from .kinds import Ctl, Dir, EventCursor, Node, Status, StreamNode, TaskCursor
+from ..kernel.stream import Stream
+from .kinds import (Chain, Ctl, Dir, EventCursor, Node, Status, StreamCursor, StreamNode,
+                    TaskCursor)
 
 
-def _task_stream(k, agent, fd):
-    return StreamNode(lambda: TaskCursor(k, agent.shown_task(), fd,
-                                         agent.notes if fd == 2 else None))
+def _agent_out(k, agent):
+    return StreamNode(lambda: TaskCursor(k, agent.shown_task(), 1))
+
+
+def _agent_err(k, agent):
+    """The shown task's stderr, then the agent's notes on refused commands."""
+    return StreamNode(lambda: Chain(TaskCursor(k, agent.shown_task(), 2),
+                                    StreamCursor(Stream(bytes(agent.notes), ended=True))))
 
 
 # pattern -> factory(kernel, **bound objects) -> Node (Dir rows get their names from the tree)
@@ -31,8 +38,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/in": lambda k, agent: Ctl(
         lambda d: k.guarded(k.submit, agent, d, agent=agent.name, file="in"), whole=True,
         refused=lambda e: k.refused(e, agent=agent.name, file="in")),
-    "agents/{agent}/out": lambda k, agent: _task_stream(k, agent, 1),
-    "agents/{agent}/err": lambda k, agent: _task_stream(k, agent, 2),
+    "agents/{agent}/out": _agent_out,
+    "agents/{agent}/err": _agent_err,
     "agents/{agent}/status": lambda k, agent: Status(agent.status),
     "agents/{agent}/manifest": lambda k, agent: Status(lambda: manifests.render(agent.manifest)),
     "agents/{agent}/tasks": None,
@@ -55,7 +62,7 @@ VARS = {
 
 
 def _task_of(k, agent, name: str):
-    task = k.tasks.get(int(name)) if name.isdigit() else None
+    task = k.tasks.get(int(name)) if name.isascii() and name.isdigit() else None
     return task if task is not None and task.agent == agent.name else None
 
 

@@ -12,9 +12,9 @@ import shutil
 import trio
 
 from ..drivers import exec as exec_driver
-from ..errors import Fs9Error
+from ..errors import NO_AGENT, Fs9Error
 from . import cmd
-from .stream import Changes, Stream
+from .stream import Changes
 from .supervisor import RestartWindow, should_restart
 from .task import Task
 
@@ -41,12 +41,14 @@ class Agent:
         self.killed = False
         self.restarts = 0
         self.tasks: list[Task] = []  # every task, oldest first
+        self.tally: collections.Counter = collections.Counter()  # its tasks by state
         self.queue: collections.deque[Task] = collections.deque()
         self.current: Task | None = None
-        self.notes = Stream(ended=True)  # diagnostics when there is no task yet
+        self.notes = bytearray()  # refused commands, shown after the task's stderr in `err`
         self.changes = Changes()  # anything that may let the loop go on
         # runtime only
         self.window = self.new_window()  # daemon restarts, for the supervisor's intensity
+        self.base_env = {**os.environ, **manifest["env"]}
         self._run_scope: trio.CancelScope | None = None
         self._cancel_as = ""  # what a cancelled run becomes: "cancelled" | "requeue"
 
@@ -73,17 +75,14 @@ class Agent:
             return "halted"
         return "idle"
 
-    def counts(self) -> collections.Counter:
-        return collections.Counter(t.state for t in self.tasks if not t.daemon)
-
     def status_line(self) -> str:
-        c = self.counts()
+        c = self.tally
         pid = self.current.pid if self.current and self.current.pid else "-"
         return (f"{self.name} {self.state} {pid} {self.restarts} "
                 f"{len(self.queue)} {c['done']} {c['failed']}\n")
 
     def status(self) -> str:
-        c = self.counts()
+        c = self.tally
         cur = self.current
         latest = self.tasks[-1] if self.tasks else None
         fields = {
@@ -103,22 +102,28 @@ class Agent:
         return self.current or (self.queue[0] if self.queue else None) or \
             (self.tasks[-1] if self.tasks else None)
 
+    NOTES_MAX = 64 << 10
+
     def diag(self, text: str) -> None:
-        """A line of diagnostics for `err` (refused commands)."""
-        task = self.shown_task()
-        stream = self.kernel.stream(task, 2) if task else self.notes
-        stream.append(f"fs9: {text}\n".encode())
+        """A line of diagnostics for `err` (refused commands); the oldest go first."""
+        self.notes += f"fs9: {text}\n".encode()
+        if len(self.notes) > self.NOTES_MAX:
+            del self.notes[:self.notes.index(b"\n", len(self.notes) - self.NOTES_MAX) + 1]
 
     # --- ctl verbs (checked first, then recorded) ----------------------------
 
     def ctl(self, data: bytes) -> None:
         parsed = cmd.parse(CMDS, data)
         for p in parsed:  # every line is checked before any is applied
-            self.check(p)
+            self.check(p, last=p is parsed[-1])
         for p in parsed:
             getattr(self, p.cmd.method)(*p.args)
 
-    def check(self, p: cmd.Parsed) -> None:
+    def check(self, p: cmd.Parsed, last: bool) -> None:
+        if self.killed:  # a file opened before the kill
+            raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {self.name} (killed)")
+        if p.cmd.verb == "kill" and not last:
+            raise Fs9Error(errno.EINVAL, f"nothing may follow kill in one write: {p.line!r}")
         if p.cmd.verb == "run" and self.daemon:
             raise Fs9Error(errno.EINVAL, f"{self.name} is a daemon agent and takes no tasks")
         if p.cmd.verb == "priority" and p.args[0] not in exec_driver.NICE:
@@ -213,8 +218,7 @@ class Agent:
         return status
 
     def environ(self, task: Task) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(self.manifest["env"])
+        env = dict(self.base_env)
         mnt = self.kernel.mount_path
         env.update(FS9_AGENT=self.name, FS9_TASK=str(task.id), FS9_CORR=task.corr,
                    FS9_MNT=mnt, FS9_AGENT_DIR=os.path.join(mnt, "agents", self.name) if mnt else "")

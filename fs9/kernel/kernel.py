@@ -6,11 +6,11 @@ same `apply`, so the state after a crash is the state that was acknowledged.
 Tasks that were running when the daemon died are marked interrupted, then
 re-queued (restart permanent/transient) or failed (temporary, daemon runs).
 """
+import collections
 import errno
+import logging
 import os
 import re
-import time
-import uuid
 
 import trio
 
@@ -29,6 +29,9 @@ CMDS = (
 )
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 MAX_INPUT = 16 << 20  # bytes of one task's input
+NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart",
+               "agent_failed", "priority", "task_queued"}
+log = logging.getLogger("fs9.kernel")
 
 
 class Kernel:
@@ -39,8 +42,9 @@ class Kernel:
         self.log = EventLog(self.state_dir)
         self.agents: dict[str, Agent] = {}
         self.tasks: dict[int, Task] = {}
+        self.tally: collections.Counter = collections.Counter()  # tasks by state
         self.halted = False
-        self.started_ts = time.time()
+        self.killed: list[str] = []  # names of agents killed while mounted, in order
         self._nursery: trio.Nursery | None = None
         self._replaying = False
 
@@ -57,6 +61,7 @@ class Kernel:
             self._nursery = nursery
             for agent in self.agents.values():
                 nursery.start_soon(agent.serve, name=f"agent {agent.name}")
+            nursery.start_soon(self.log.keep_checkpointed)
             task_status.started()
             await trio.sleep_forever()
 
@@ -80,9 +85,16 @@ class Kernel:
 
     def apply(self, e: Event) -> None:
         handler = getattr(self, "_on_" + e.kind, None)
-        if handler is not None:
-            handler(e, self.agents.get(e.agent) if e.agent else None,
-                    self.tasks.get(e.task) if e.task else None)
+        if handler is None:
+            return
+        agent = self.agents.get(e.agent) if e.agent else None
+        task = self.tasks.get(e.task) if e.task else None
+        if (agent is None and e.kind in NEEDS_AGENT) or (
+                task is None and e.kind.startswith("task_") and e.kind != "task_queued"):
+            # Only a defect could log this; replay must still bring the rest back.
+            log.error("event %d (%s) names an unknown agent or task; ignored", e.seq, e.kind)
+            return
+        handler(e, agent, task)
 
     def _on_spawn(self, e, agent, task):
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"])
@@ -96,6 +108,8 @@ class Kernel:
             self._end(queued, "cancelled", reason="agent killed")
         del self.agents[agent.name]
         agent.changes.bump()
+        if not self._replaying:
+            self.killed.append(agent.name)
 
     def _on_halt(self, e, agent, task):
         self.halted = True
@@ -126,20 +140,24 @@ class Kernel:
         agent.priority = e.data["priority"]
 
     def _on_task_queued(self, e, agent, task):
-        task = Task(e.task, e.agent, e.corr, daemon=e.data.get("daemon", False), queued_ts=e.ts)
+        daemon = e.data.get("daemon", False)
+        task = Task(e.task, e.agent, e.corr, daemon=daemon, queued_ts=e.ts,
+                    tallies=(self.tally,) if daemon else (self.tally, agent.tally))
         self.tasks[task.id] = task
         agent.tasks.append(task)
-        if not task.daemon:
+        if not daemon:
             agent.queue.append(task)
-            agent.changes.bump()
+            if agent.runnable():
+                agent.changes.bump()
 
     def _on_task_started(self, e, agent, task):
         task.move("running")
         task.attempt, task.started_ts, task.exit, task.reason = e.data["attempt"], e.ts, None, ""
         task.out, task.err = (None, None) if self._replaying else (Stream(), Stream())
-        if task in agent.queue:
-            agent.queue.remove(task)
-        agent.current = task
+        if agent is not None:
+            if task in agent.queue:
+                agent.queue.remove(task)
+            agent.current = task
 
     def _on_task_done(self, e, agent, task):
         self._end(task, "done", e.data.get("exit"), ts=e.ts)
@@ -201,6 +219,9 @@ class Kernel:
             raise Fs9Error(errno.EINVAL, f"bad agent name {name!r}: letters, digits, _ . -")
         kv = dict(manifests.parse_override(w) for w in overrides)
         definition = kv.pop("def", None)
+        if definition is not None and not (isinstance(definition, str)
+                                           and NAME_RE.fullmatch(definition)):
+            raise Fs9Error(errno.EINVAL, f"bad definition name def={definition!r}")
         try:
             raw, home = manifests.load_definition(self.agents_dir, definition or name)
             origin = os.path.join(home, "agent.toml")
@@ -259,15 +280,17 @@ class Kernel:
         """Queue a task with input `data` (None: a daemon run). Returns once logged."""
         if data is not None and len(data) > MAX_INPUT:
             raise Fs9Error(errno.EFBIG, f"task input over {MAX_INPUT} bytes")
+        if agent.killed:  # `in` opened before the kill
+            raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {agent.name} (killed)")
         if agent.daemon and data is not None:
             raise Fs9Error(errno.EINVAL, f"{agent.name} is a daemon agent and takes no tasks")
         tid = self.log.next_seq
-        self.record("task_queued", agent=agent.name, task=tid, corr=uuid.uuid4().hex[:16],
+        self.record("task_queued", agent=agent.name, task=tid, corr=os.urandom(8).hex(),
                     blob=data or b"", daemon=data is None)
         return self.tasks[tid]
 
     def task_input(self, task: Task) -> bytes:
-        return self.log.chunks(task.id, 0, 0)
+        return self.log.blob(task.id)  # a task's id is the seq of its task_queued event
 
     def stream(self, task: Task, fd: int) -> Stream:
         """The task's stdout (1) or stderr (2) stream, loaded from the log if need be."""
@@ -285,8 +308,7 @@ class Kernel:
         return "".join(a.status_line() for a in sorted(self.agents.values(), key=lambda a: a.name))
 
     def state_line(self) -> str:
-        states = [t.state for t in self.tasks.values()]
-        return (f"state={'halted' if self.halted else 'running'} pid={os.getpid()} agents={len(self.agents)} "
-                f"queued={states.count('queued')} running={states.count('running')} "
-                f"done={states.count('done')} failed={states.count('failed')} "
-                f"events={self.log.last_seq}\n")
+        t = self.tally
+        return (f"state={'halted' if self.halted else 'running'} pid={os.getpid()} "
+                f"agents={len(self.agents)} queued={t['queued']} running={t['running']} "
+                f"done={t['done']} failed={t['failed']} events={self.log.last_seq}\n")

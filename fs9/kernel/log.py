@@ -2,8 +2,9 @@
 
 Every state change of the kernel is an event appended here *before* it is
 applied, so a write to a ctl file returns only once it is logged, and replaying
-the log after a crash rebuilds the same state. Task output (and task input) is
-stored as chunks beside the events, also append-only.
+the log after a crash rebuilds the same state. A task's input rides in its
+`task_queued` event (column `blob`); its output is stored as chunks beside the
+events, also append-only.
 
 The database runs in WAL mode with synchronous=NORMAL: a commit is a write into
 the WAL, durable against a crash of this process (kill -9), without an fsync per
@@ -18,6 +19,8 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
+import trio
+
 from .stream import Changes
 
 SCHEMA = """
@@ -28,12 +31,13 @@ CREATE TABLE IF NOT EXISTS events (
     agent TEXT,
     task  INTEGER,
     corr  TEXT,
-    data  TEXT NOT NULL
+    data  TEXT NOT NULL,
+    blob  BLOB              -- a task's input, on its task_queued event
 );
 CREATE TABLE IF NOT EXISTS chunks (
     task    INTEGER NOT NULL,
     attempt INTEGER NOT NULL,
-    fd      INTEGER NOT NULL,   -- 0 input, 1 stdout, 2 stderr
+    fd      INTEGER NOT NULL,   -- 1 stdout, 2 stderr
     data    BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunks_by_task ON chunks (task, attempt, fd);
@@ -42,6 +46,9 @@ CREATE TRIGGER IF NOT EXISTS events_append_only BEFORE UPDATE ON events
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
     BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 """
+
+
+_json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: dumps() builds one a call
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class Event:
         for key in ("agent", "task", "corr"):
             if getattr(self, key) is not None:
                 head[key] = getattr(self, key)
-        return json.dumps({**head, **self.data}, separators=(",", ":"))
+        return _json({**head, **self.data})
 
 
 class EventLog:
@@ -71,6 +78,7 @@ class EventLog:
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
         self.db.executescript(SCHEMA)
         self.last_seq = self.db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
         self.recent: collections.deque[Event] = collections.deque(maxlen=self.RECENT)
@@ -90,19 +98,15 @@ class EventLog:
                corr: str | None = None, blob: bytes | None = None, **data) -> Event:
         """Append one event and commit it; returns it with its sequence number.
 
-        `blob` (a task's input) is stored as chunk fd 0 of task `task` in the same
-        transaction, so the event never exists without its input.
+        `blob` (a task's input) is stored in the same row, so the event never
+        exists without its input.
         """
         ts = time.time()
         seq = self.next_seq
-        row = (seq, ts, kind, agent, task, corr, json.dumps(data, separators=(",", ":")))
-        with self.db:  # one transaction
-            self.db.execute("BEGIN")
-            self.db.execute("INSERT INTO events (seq, ts, kind, agent, task, corr, data)"
-                            " VALUES (?,?,?,?,?,?,?)", row)
-            if blob is not None:
-                self.db.execute("INSERT INTO chunks (task, attempt, fd, data) VALUES (?,0,0,?)",
-                                (task, blob))
+        self.db.execute(
+            "INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (seq, ts, kind, agent, task, corr, _json(data), blob))
         event = Event(seq, ts, kind, agent, task, corr, data)
         self.last_seq = event.seq
         self.recent.append(event)
@@ -132,11 +136,32 @@ class EventLog:
             yield from batch
             seq = batch[-1].seq
 
+    def blob(self, seq: int) -> bytes:
+        row = self.db.execute("SELECT blob FROM events WHERE seq=?", (seq,)).fetchone()
+        return (row and row[0]) or b""
+
     def chunks(self, task: int, attempt: int, fd: int) -> bytes:
         rows = self.db.execute(
             "SELECT data FROM chunks WHERE task=? AND attempt=? AND fd=? ORDER BY rowid",
             (task, attempt, fd))
         return b"".join(r[0] for r in rows)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database. Blocking: call from a worker thread."""
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
+
+    async def keep_checkpointed(self, every_s: float = 2.0) -> None:
+        """Checkpoint now and then, off the trio thread, while events arrive."""
+        done = self.last_seq
+        while True:
+            await trio.sleep(every_s)
+            if self.last_seq != done:
+                done = self.last_seq
+                await trio.to_thread.run_sync(self.checkpoint)
 
     async def wait_after(self, seq: int) -> None:
         """Block until an event with a sequence number above seq exists."""

@@ -5,6 +5,7 @@ folds in the KEY=VALUE words of `spawn NAME KEY=VALUE...`, and `check` turns
 anything malformed into Fs9Error(EINVAL) naming the file and the field.
 """
 import errno
+import math
 import os
 import shlex
 import tomllib
@@ -58,7 +59,7 @@ def parse_override(word: str) -> tuple[str, Any]:
         raise Fs9Error(errno.EINVAL, f"expected KEY=VALUE, got {word!r}")
     try:
         return key, tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return key, value
 
 
@@ -70,6 +71,10 @@ def check(raw: dict, origin: str) -> dict:
     unknown = sorted(set(raw) - set(KNOWN_KEYS))
     if unknown:
         raise bad(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(KNOWN_KEYS)})")
+    for key, value in raw.items():
+        problem = _not_plain(value)
+        if problem:
+            raise bad(f"{key}: {problem}")
     m = {**DEFAULTS, **raw}
     for key, allowed in (("driver", DRIVERS), ("mode", MODES), ("restart", RESTARTS),
                          ("priority", PRIORITIES)):
@@ -91,7 +96,28 @@ def check(raw: dict, origin: str) -> dict:
             raise bad(f"{key} must be a number >= 0, got {m[key]!r}")
     if not isinstance(m["env"], dict) or not all(isinstance(v, str) for v in m["env"].values()):
         raise bad("env must be a table of strings")
+    if any(not k or "=" in k for k in m["env"]):
+        raise bad("env names must be non-empty and contain no '='")
     return m
+
+
+def _not_plain(value: Any, depth: int = 0) -> str:
+    """Why value cannot live in a manifest (it must round-trip through the JSON log
+    and the exec(2) call), or "" if it can."""
+    if depth > 16:
+        return "nested too deeply"
+    if isinstance(value, str):
+        return "contains a NUL byte" if "\0" in value else ""
+    if isinstance(value, bool) or isinstance(value, int):
+        return ""
+    if isinstance(value, float):
+        return "" if math.isfinite(value) else f"{value} is not a finite number"
+    if isinstance(value, list):
+        return next((p for v in value if (p := _not_plain(v, depth + 1))), "")
+    if isinstance(value, dict):
+        return next((p for k, v in value.items()
+                     if (p := _not_plain(k, depth + 1) or _not_plain(v, depth + 1))), "")
+    return f"{type(value).__name__} values are not allowed (strings, numbers, arrays, tables)"
 
 
 def render(manifest: dict) -> str:

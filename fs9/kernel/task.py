@@ -39,10 +39,18 @@ class Task:
     out: Stream | None = None
     err: Stream | None = None
     changes: Changes = field(default_factory=Changes)  # state changes, for waiters
+    tallies: tuple = ()  # Counters of tasks by state (agent's, kernel's), kept current here
+
+    def __post_init__(self) -> None:
+        for tally in self.tallies:
+            tally[self.state] += 1
 
     def move(self, state: str) -> None:
         if state not in TRANSITIONS[self.state]:
             raise BadTransition(f"task {self.id}: {self.state} -> {state}")
+        for tally in self.tallies:
+            tally[self.state] -= 1
+            tally[state] += 1
         self.state = state
         self.changes.bump()
 
