@@ -5,6 +5,10 @@ through task_status.started (so a start failure is seen before the caller goes
 on), streams stdout/stderr to job.emit as they arrive, and returns the exit
 status (128+N for death by signal N). Cancelling the call terminates the whole
 process group: SIGTERM, then SIGKILL after a grace period.
+
+The program is started inline on the trio thread: with vfork, Popen takes about
+0.1 ms, while trio's open_process hands it to a worker thread and costs four
+times that. Exit is awaited on a pidfd, output on non-blocking pipes.
 """
 import errno
 import os
@@ -36,15 +40,27 @@ def exit_status(returncode: int) -> int:
 
 
 async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
+    in_r, in_w = os.pipe() if job.stdin is not None else (subprocess.DEVNULL, None)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
     try:
-        proc = await trio.lowlevel.open_process(
-            job.cmd, cwd=job.cwd, env=job.env, start_new_session=True,
-            stdin=subprocess.DEVNULL if job.stdin is None else subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(job.cmd, cwd=job.cwd, env=job.env, start_new_session=True,
+                                stdin=in_r, stdout=out_w, stderr=err_w)
     except OSError as e:
+        for fd in (in_w, out_r, err_r):
+            if fd is not None:
+                os.close(fd)
         task_status.started(None)
         job.emit(2, f"fs9: cannot start {job.cmd[0]!r}: {e.strerror}\n".encode())
         return 127 if e.errno == errno.ENOENT else 126
+    finally:
+        for fd in (in_r, out_w, err_w):  # the child's ends
+            if fd != subprocess.DEVNULL:
+                os.close(fd)
+    # from here each parent end is owned by its FdStream, which closes it
+    stdin = trio.lowlevel.FdStream(in_w) if in_w is not None else None
+    stdout, stderr = trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r)
+    pidfd = os.pidfd_open(proc.pid)
     try:
         os.setpriority(os.PRIO_PROCESS, proc.pid, NICE[job.priority])
     except OSError:
@@ -52,12 +68,13 @@ async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
     task_status.started(proc.pid)
     try:
         async with trio.open_nursery() as nursery:
-            if job.stdin is not None:
-                nursery.start_soon(_feed, proc.stdin, job.stdin)
+            if stdin is not None:
+                nursery.start_soon(_feed, stdin, job.stdin)
             drained = [trio.Event(), trio.Event()]
-            nursery.start_soon(_pump, proc.stdout, 1, job.emit, drained[0])
-            nursery.start_soon(_pump, proc.stderr, 2, job.emit, drained[1])
-            status = exit_status(await proc.wait())
+            nursery.start_soon(_pump, stdout, 1, job.emit, drained[0])
+            nursery.start_soon(_pump, stderr, 2, job.emit, drained[1])
+            await trio.lowlevel.wait_readable(pidfd)
+            status = exit_status(proc.wait())
             with trio.move_on_after(DRAIN_S):
                 for event in drained:
                     await event.wait()
@@ -65,10 +82,13 @@ async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
         return status
     finally:
         with trio.CancelScope(shield=True):
-            await _terminate(proc)
+            await _terminate(proc, pidfd)
+            for stream in (stdin, stdout, stderr):
+                if stream is not None:
+                    await stream.aclose()
 
 
-async def _feed(pipe, data: bytes) -> None:
+async def _feed(pipe: trio.lowlevel.FdStream, data: bytes) -> None:
     try:
         if data:
             await pipe.send_all(data)
@@ -78,7 +98,7 @@ async def _feed(pipe, data: bytes) -> None:
         await pipe.aclose()
 
 
-async def _pump(pipe, fd: int, emit, drained: trio.Event) -> None:
+async def _pump(pipe: trio.lowlevel.FdStream, fd: int, emit, drained: trio.Event) -> None:
     try:
         while chunk := await pipe.receive_some(CHUNK):
             emit(fd, chunk)
@@ -88,20 +108,20 @@ async def _pump(pipe, fd: int, emit, drained: trio.Event) -> None:
         drained.set()
 
 
-async def _terminate(proc) -> None:
+async def _terminate(proc: subprocess.Popen, pidfd: int) -> None:
     """End the program's process group: stragglers die with the task."""
     def kill_group(sig):
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-    if proc.returncode is None:
+    if proc.poll() is None:
         kill_group(signal.SIGTERM)
         with trio.move_on_after(GRACE_S):
-            await proc.wait()
+            await trio.lowlevel.wait_readable(pidfd)
     kill_group(signal.SIGKILL)
-    if proc.returncode is None:
-        await proc.wait()
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        if pipe is not None:
-            await pipe.aclose()
+    if proc.poll() is None:
+        await trio.lowlevel.wait_readable(pidfd)
+        proc.wait()
+    trio.lowlevel.notify_closing(pidfd)
+    os.close(pidfd)
