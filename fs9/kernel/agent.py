@@ -47,6 +47,7 @@ class Agent:
         self.notes = bytearray()  # refused commands, shown after the task's stderr in `err`
         self.changes = Changes()  # anything that may let the loop go on
         # runtime only
+        self.serving = False  # its loop runs (Kernel._serve_agent)
         self.window = self.new_window()  # daemon restarts, for the supervisor's intensity
         self.base_env = {**os.environ, **manifest["env"]}
         self._run_scope: trio.CancelScope | None = None

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import re
+import traceback
 
 import trio
 
@@ -60,10 +61,24 @@ class Kernel:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for agent in self.agents.values():
-                nursery.start_soon(agent.serve, name=f"agent {agent.name}")
+                nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _serve_agent(self, agent: Agent) -> None:
+        """Run one agent's loop; a defect in it fails that agent, not the whole kernel."""
+        agent.serving = True
+        try:
+            await agent.serve()
+        except Exception:
+            agent.serving = False
+            text = traceback.format_exc()
+            log.error("bug in agent %s: %s", agent.name, text)
+            self.log.append("bug", agent=agent.name, traceback=text)
+            if self.agents.get(agent.name) is agent:
+                self.record("agent_failed", agent=agent.name,
+                            reason="internal error (see the bug event); start retries")
 
     def _recover(self) -> None:
         for task in [t for t in self.tasks.values() if t.state == "running"]:
@@ -100,7 +115,7 @@ class Kernel:
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"])
         self.agents[agent.name] = agent
         if self._nursery is not None:
-            self._nursery.start_soon(agent.serve, name=f"agent {agent.name}")
+            self._nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
 
     def _on_kill(self, e, agent, task):
         agent.killed = True
@@ -129,6 +144,8 @@ class Kernel:
         agent.stopped, agent.failed = False, ""
         agent.window = agent.new_window()  # a start by hand gives the supervisor a clean slate
         agent.changes.bump()
+        if not agent.serving and self._nursery is not None:  # its loop died of a defect
+            self._nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
 
     def _on_agent_restart(self, e, agent, task):
         agent.restarts += 1
