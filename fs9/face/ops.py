@@ -102,6 +102,8 @@ class Operations(pyfuse3.Operations):
         ppath = self.inodes.path(parent_ino)
         if ppath is None:
             raise Fs9Error(errno.ENOENT, "stale inode")
+        if len(name) > 255:
+            raise Fs9Error(errno.ENAMETOOLONG, "file name too long")
         name = os.fsdecode(name)
         if name in (".", ".."):
             path = ppath if name == "." else ppath[:-1]

@@ -63,6 +63,8 @@ VARS = {
 
 def _task_of(k, agent, name: str):
     task = k.tasks.get(int(name)) if name.isascii() and name.isdigit() else None
+    if task is not None and name != str(task.id):
+        return None  # one name per task: 0005 is not 5
     return task if task is not None and task.agent == agent.name else None
 
 

@@ -94,6 +94,8 @@ def check(raw: dict, origin: str) -> dict:
     for key in ("max_restarts", "within_s", "timeout_s"):
         if not isinstance(m[key], (int, float)) or isinstance(m[key], bool) or m[key] < 0:
             raise bad(f"{key} must be a number >= 0, got {m[key]!r}")
+    if m["within_s"] == 0:  # a zero window would count no restarts: no limit at all
+        raise bad("within_s must be > 0")
     if not isinstance(m["env"], dict) or not all(isinstance(v, str) for v in m["env"].values()):
         raise bad("env must be a table of strings")
     if any(not k or "=" in k for k in m["env"]):
