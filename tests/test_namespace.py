@@ -4,12 +4,12 @@ import os
 
 
 def test_root_and_agent_layout(mount):
-    assert sorted(os.listdir(mount.path)) == ["agents", "ctl", "events", "status"]
+    assert sorted(os.listdir(mount.path)) == ["agents", "ctl", "events", "log", "status"]
     assert os.listdir(mount.path / "agents") == []
     mount.sh("echo 'spawn echo' > ctl", check=True)
     assert os.listdir(mount.path / "agents") == ["echo"]
     assert sorted(os.listdir(mount.path / "agents/echo")) == [
-        "ctl", "err", "in", "manifest", "out", "status", "tasks"]
+        "ctl", "err", "in", "mail", "manifest", "out", "status", "tasks"]
     line = mount.read("ctl")
     assert line.startswith("state=running ") and "agents=1" in line
     assert mount.read("status") == "echo idle - 0 0 0 0\n"

@@ -68,8 +68,11 @@ class Handle:
 class Dir(Node):
     mode = stat.S_IFDIR | 0o555
 
-    def __init__(self, names) -> None:
-        self.names = names  # () -> list of child names
+    def __init__(self, names=None, create=None) -> None:
+        self.names = names  # () -> list of child names (the tree fills it in)
+        self.create = create  # (bytes) -> None: a new file here is applied at close
+        if create is not None:
+            self.mode = stat.S_IFDIR | 0o755
 
     def open(self, writing: bool, pid: int) -> Handle:
         raise Fs9Error(errno.EISDIR, "is a directory")
@@ -78,8 +81,9 @@ class Dir(Node):
 # --- Status ----------------------------------------------------------------------
 
 class Status(Node):
-    def __init__(self, render) -> None:
+    def __init__(self, render, remove=None) -> None:
         self.render = render  # () -> str | bytes
+        self.remove = remove  # () -> None: what `rm` means here (None: refused)
 
     def size(self) -> int:
         return len(_encode(self.render()))
@@ -262,6 +266,52 @@ class Chain:
 
     def take(self, size: int) -> bytes:
         return self._head().take(size)
+
+
+class NextCursor(StreamCursor):
+    """`mail/next`: waits for a pending message, then reads the head of the queue."""
+
+    def __init__(self, kernel, agent) -> None:
+        super().__init__(None)
+        self.kernel, self.agent = kernel, agent
+
+    def readable(self) -> bool:
+        return self.stream is not None or bool(self.agent.mailbox.order)
+
+    def at_end(self) -> bool:
+        return self.stream is not None and super().at_end()
+
+    async def wait_readable(self) -> None:
+        await self.agent.mailbox.wait_pending()
+
+    def take(self, size: int) -> bytes:
+        if self.stream is None:
+            msg = self.agent.mailbox.head()
+            self.stream = Stream(msg.render(), ended=True)
+            self.kernel.post.delivered(self.agent, msg)
+        return super().take(size)
+
+
+class AuditCursor:
+    """The whole log as JSON lines, from the first event to the last one at open."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log, self.seq, self.end = log, 0, log.last_seq
+        self.buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    async def wait_readable(self) -> None:
+        pass
+
+    def take(self, size: int) -> bytes:
+        if not self.buf and self.seq < self.end:
+            events = [e for e in self.log.events_after(self.seq, 1000) if e.seq <= self.end]
+            self.seq = events[-1].seq if events else self.end
+            self.buf = "".join(e.json() + "\n" for e in events).encode()
+        data, self.buf = self.buf[:size], self.buf[size:]
+        return data
 
 
 class EventCursor:

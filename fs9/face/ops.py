@@ -18,7 +18,7 @@ import trio
 
 from ..errors import Fs9Error
 from .inodes import Inodes
-from .kinds import Dir, Handle, Node, Status
+from .kinds import Ctl, Dir, Handle, Node, Status
 from .tree import Tree
 
 log = logging.getLogger("fs9.face")
@@ -275,11 +275,30 @@ class Operations(pyfuse3.Operations):
     async def _refuse(self, *args):
         raise pyfuse3.FUSEError(errno.EACCES)
 
-    create = mkdir = mknod = symlink = link = _refuse
+    mkdir = mknod = symlink = link = _refuse
+
+    @boundary
+    async def create(self, parent_ino, name, mode, flags, ctx):
+        """A new name in a directory that takes files (mail/): one message, sent at close."""
+        ppath, parent = self._node(parent_ino)
+        if not isinstance(parent, Dir) or parent.create is None:
+            raise Fs9Error(errno.EACCES, READONLY_NS)
+        if len(name) > 255:
+            raise Fs9Error(errno.ENAMETOOLONG, "file name too long")
+        path = ppath + (os.fsdecode(name),)
+        node = Ctl(parent.create, whole=True)
+        fh = self._fh()
+        self.handles[fh] = node.open(True, ctx.pid)
+        return (pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False),
+                self._attrs(self.inodes.lookup(path), node))
 
     @boundary
     async def unlink(self, parent_ino, name, ctx):
-        await self._refuse_existing(parent_ino, name)
+        ppath = self.inodes.path(parent_ino)
+        node = self.tree.resolve((ppath or ()) + (os.fsdecode(name),))  # ENOENT if absent
+        if getattr(node, "remove", None) is None:
+            raise Fs9Error(errno.EACCES, READONLY_NS)
+        node.remove()
 
     @boundary
     async def rmdir(self, parent_ino, name, ctx):

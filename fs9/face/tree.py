@@ -11,8 +11,8 @@ from typing import Callable
 from ..errors import Fs9Error
 from ..kernel import manifest as manifests
 from ..kernel.stream import Stream
-from .kinds import (Chain, Ctl, Dir, EventCursor, Node, Status, StreamCursor, StreamNode,
-                    TaskCursor)
+from .kinds import (AuditCursor, Chain, Ctl, Dir, EventCursor, NextCursor, Node, Status,
+                    StreamCursor, StreamNode, TaskCursor)
 
 
 def _agent_out(k, agent):
@@ -50,7 +50,27 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/tasks/{task}/err": lambda k, agent, task: StreamNode(
         lambda: TaskCursor(k, task, 2)),
     "agents/{agent}/tasks/{task}/status": lambda k, agent, task: Status(task.status),
+    "agents/{agent}/mail": lambda k, agent: Dir(create=_sender(k, agent)),
+    "agents/{agent}/mail/new": lambda k, agent: Ctl(
+        _sender(k, agent), whole=True,
+        refused=lambda e: k.refused(e, agent=agent.name, file="mail/new")),
+    "agents/{agent}/mail/next": lambda k, agent: StreamNode(lambda: NextCursor(k, agent)),
+    "agents/{agent}/mail/dead": None,
+    "agents/{agent}/mail/dead/{dead}": lambda k, agent, dead: Status(dead.render),
+    "agents/{agent}/mail/{msg}": lambda k, agent, msg: Status(
+        msg.render, remove=lambda: k.guarded(k.post.ack, agent, msg.name, agent=agent.name,
+                                             file="mail")),
+    "log": None,
+    "log/audit": lambda k: StreamNode(lambda: AuditCursor(k.log)),
+    "log/trace": None,
+    "log/trace/{corr}": lambda k, corr: Status(
+        lambda: "".join(e.json() + "\n" for e in k.log.trace(corr))),
 }
+
+
+def _sender(k, agent):
+    """Sends one message to agent, as the operator (views will stamp agents)."""
+    return lambda data: k.guarded(k.post.send, agent, data, agent=agent.name, file="mail/new")
 
 
 # variable -> (names under the bound parents, bind a name to an object or None)
@@ -58,6 +78,12 @@ VARS = {
     "agent": (lambda k: sorted(k.agents), lambda k, name: k.agents.get(name)),
     "task": (lambda k, agent: [str(t.id) for t in agent.tasks],
              lambda k, name, agent: _task_of(k, agent, name)),
+    "msg": (lambda k, agent: list(agent.mailbox.order),
+            lambda k, name, agent: agent.mailbox.pending.get(name)),
+    "dead": (lambda k, agent: sorted(agent.mailbox.dead),
+             lambda k, name, agent: agent.mailbox.dead.get(name)),
+    "corr": (lambda k: k.log.correlations(),
+             lambda k, name: name if k.log.has_corr(name) else None),
 }
 
 
@@ -89,9 +115,10 @@ class Tree:
             bound = self._bind(row.parts, path)
             if bound is None:
                 continue
-            if row.factory is None:
-                return Dir(lambda row=row, bound=bound: self._children(row, bound))
-            return row.factory(self.kernel, **bound)
+            node = Dir() if row.factory is None else row.factory(self.kernel, **bound)
+            if isinstance(node, Dir):
+                node.names = lambda row=row, bound=bound: self._children(row, bound)
+            return node
         raise Fs9Error(errno.ENOENT, "no such file")
 
     def _bind(self, parts, path) -> dict | None:

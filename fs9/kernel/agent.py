@@ -14,6 +14,7 @@ import trio
 from ..drivers import exec as exec_driver
 from ..errors import NO_AGENT, Fs9Error
 from . import cmd
+from .mailbox import Mailbox
 from .stream import Changes
 from .supervisor import RestartWindow, should_restart
 from .task import Task
@@ -44,6 +45,7 @@ class Agent:
         self.tally: collections.Counter = collections.Counter()  # its tasks by state
         self.queue: collections.deque[Task] = collections.deque()
         self.current: Task | None = None
+        self.mailbox = Mailbox()
         self.notes = bytearray()  # refused commands, shown after the task's stderr in `err`
         self.changes = Changes()  # anything that may let the loop go on
         # runtime only

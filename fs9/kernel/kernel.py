@@ -19,6 +19,7 @@ from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd, manifest as manifests
 from .agent import Agent, check_program
 from .log import Event, EventLog
+from .post import PostOffice
 from .stream import Stream
 from .task import Task
 
@@ -31,7 +32,8 @@ CMDS = (
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 MAX_INPUT = 16 << 20  # bytes of one task's input
 NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart",
-               "agent_failed", "priority", "task_queued"}
+               "agent_failed", "priority", "task_queued", "mail_sent", "mail_acked",
+               "mail_expired"}
 log = logging.getLogger("fs9.kernel")
 
 
@@ -45,6 +47,7 @@ class Kernel:
         self.tasks: dict[int, Task] = {}
         self.tally: collections.Counter = collections.Counter()  # tasks by state
         self.halted = False
+        self.post = PostOffice(self)
         self.killed: list[str] = []  # names of agents killed while mounted, in order
         self._nursery: trio.Nursery | None = None
         self._replaying = False
@@ -63,6 +66,7 @@ class Kernel:
             for agent in self.agents.values():
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
+            nursery.start_soon(self.post.keep_deadlines)
             task_status.started()
             await trio.sleep_forever()
 
@@ -110,6 +114,16 @@ class Kernel:
             log.error("event %d (%s) names an unknown agent or task; ignored", e.seq, e.kind)
             return
         handler(e, agent, task)
+
+    # mail: the post office applies its own events
+    def _on_mail_sent(self, e, agent, task):
+        self.post.on_mail_sent(e, agent)
+
+    def _on_mail_acked(self, e, agent, task):
+        self.post.on_mail_acked(e, agent)
+
+    def _on_mail_expired(self, e, agent, task):
+        self.post.on_mail_expired(e, agent)
 
     def _on_spawn(self, e, agent, task):
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"])

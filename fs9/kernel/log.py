@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     data    BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunks_by_task ON chunks (task, attempt, fd);
+CREATE INDEX IF NOT EXISTS events_by_corr ON events (corr) WHERE corr IS NOT NULL;
 CREATE TRIGGER IF NOT EXISTS events_append_only BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
@@ -135,6 +136,22 @@ class EventLog:
         while batch := self.events_after(seq, 5000):
             yield from batch
             seq = batch[-1].seq
+
+    def trace(self, corr: str) -> list[Event]:
+        """Every event carrying correlation id `corr`, in order."""
+        rows = self.db.execute("SELECT seq, ts, kind, agent, task, corr, data FROM events"
+                               " WHERE corr = ? ORDER BY seq", (corr,))
+        return [Event(s, ts, k, a, t, c, json.loads(d)) for s, ts, k, a, t, c, d in rows]
+
+    def has_corr(self, corr: str) -> bool:
+        return self.db.execute("SELECT 1 FROM events WHERE corr = ? LIMIT 1",
+                               (corr,)).fetchone() is not None
+
+    def correlations(self, limit: int = 1000) -> list[str]:
+        """The most recent correlation ids, newest first."""
+        rows = self.db.execute("SELECT corr FROM events WHERE corr IS NOT NULL"
+                               " GROUP BY corr ORDER BY max(seq) DESC LIMIT ?", (limit,))
+        return [r[0] for r in rows]
 
     def blob(self, seq: int) -> bytes:
         row = self.db.execute("SELECT blob FROM events WHERE seq=?", (seq,)).fetchone()

@@ -1,0 +1,134 @@
+"""Messages: a header block, a blank line, the body. Parsed and rendered here, no I/O.
+
+Header keys follow the federation message format. The kernel stamps `id`,
+`from` and `date`; a sender that sets them is refused (EPERM), so `from`
+cannot be forged. Extension keys start with `x-` and travel untouched.
+"""
+import errno
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from ..errors import Fs9Error
+
+MAX_MESSAGE = 1 << 20  # bytes, headers and body
+PRIORITIES = ("critical", "high", "normal", "low")  # delivery order
+CLASSIFICATIONS = ("public", "internal", "confidential")  # ascending
+STAMPED = ("id", "from", "date")  # set by the kernel only
+SETTABLE = ("to", "type", "priority", "classification", "correlation-id", "reply-to",
+            "deadline", "idempotency-key")
+ORDER = ("id", "from", "to", "date", "type", "priority", "classification", "correlation-id",
+         "reply-to", "deadline", "idempotency-key")
+TOKEN = re.compile(r"[A-Za-z0-9_.:@/+-]{1,200}")
+
+
+@dataclass
+class Message:
+    to: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)  # every header, stamped ones too
+    seq: int = 0  # the log sequence number of its send: arrival order
+
+    @property
+    def id(self) -> str:
+        return self.headers["id"]
+
+    @property
+    def priority(self) -> str:
+        return self.headers["priority"]
+
+    @property
+    def name(self) -> str:
+        """Its file name in mail/: sorts by priority, then arrival."""
+        return f"{PRIORITIES.index(self.priority)}-{self.priority}-{self.seq:010d}"
+
+    @property
+    def deadline(self) -> float | None:
+        value = self.headers.get("deadline")
+        return parse_time(value) if value else None
+
+    def render(self) -> bytes:
+        keys = [k for k in ORDER if k in self.headers] + sorted(
+            k for k in self.headers if k not in ORDER)
+        head = "".join(f"{k}: {self.headers[k]}\n" for k in keys)
+        return head.encode() + b"\n" + self.body
+
+
+def parse(data: bytes, *, to: str, sender: str, now: float | None = None) -> Message:
+    """Check a message written by `sender` for `to`; raise Fs9Error naming what is wrong.
+
+    Header lines are `key: value`; a blank line ends them. A message with no
+    header block at all (its first line is not a header) is all body."""
+    if len(data) > MAX_MESSAGE:
+        raise Fs9Error(errno.EFBIG, f"message over {MAX_MESSAGE} bytes")
+    headers: dict[str, str] = {}
+    head, sep, body = data.partition(b"\n\n")
+    if not sep or not re.match(rb"[A-Za-z][A-Za-z0-9-]*:", head):
+        head, body = b"", data  # no header block
+    try:
+        lines = head.decode().splitlines()
+    except UnicodeDecodeError:
+        raise Fs9Error(errno.EINVAL, "message headers are not UTF-8")
+    for n, line in enumerate(lines, 1):
+        key, colon, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if not colon or not key:
+            raise Fs9Error(errno.EINVAL, f"malformed header line {n}: {line!r} (want key: value)")
+        if key in STAMPED:
+            raise Fs9Error(errno.EPERM, f"header {key!r} is stamped by the kernel, not the sender")
+        if key not in SETTABLE and not key.startswith("x-"):
+            raise Fs9Error(errno.EINVAL, f"unknown header {key!r} (known: {', '.join(SETTABLE)})")
+        if key in headers:
+            raise Fs9Error(errno.EINVAL, f"header {key!r} given twice")
+        if "\0" in value or (key in SETTABLE and not TOKEN.fullmatch(value)):
+            raise Fs9Error(errno.EINVAL, f"bad value for {key}: {value!r}")
+        headers[key] = value
+    if headers.setdefault("to", to) != to:
+        raise Fs9Error(errno.EINVAL, f"to: {headers['to']} does not match this mailbox ({to})")
+    headers.setdefault("type", "event")
+    if headers.setdefault("priority", "normal") not in PRIORITIES:
+        raise Fs9Error(errno.EINVAL, f"bad priority {headers['priority']!r}: "
+                                     f"one of {', '.join(PRIORITIES)}")
+    if headers.setdefault("classification", "internal") not in CLASSIFICATIONS:
+        raise Fs9Error(errno.EINVAL, f"bad classification {headers['classification']!r}: "
+                                     f"one of {', '.join(CLASSIFICATIONS)}")
+    now = time.time() if now is None else now
+    if "deadline" in headers:
+        deadline = parse_time(headers["deadline"], now)
+        if deadline is None:
+            raise Fs9Error(errno.EINVAL, f"bad deadline {headers['deadline']!r}: an ISO 8601 "
+                                         "time or +SECONDS")
+        headers["deadline"] = format_time(deadline)
+    headers["from"] = sender
+    headers["date"] = format_time(now)
+    return Message(to=to, body=body, headers=headers)
+
+
+def parse_time(value: str, now: float | None = None) -> float | None:
+    """`+SECONDS` (from now) or an ISO 8601 time (UTC unless it says) as epoch seconds."""
+    try:
+        if value.startswith("+"):
+            return (time.time() if now is None else now) + float(value[1:])
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return when.timestamp()
+    except (ValueError, OverflowError):
+        return None
+
+
+def format_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def clearance_allows(clearance: str, classification: str) -> bool:
+    return CLASSIFICATIONS.index(classification) <= CLASSIFICATIONS.index(clearance)
+
+
+def load(data: bytes, seq: int) -> Message:
+    """A message as the kernel stored it (already checked and stamped)."""
+    head, _, body = data.partition(b"\n\n")
+    headers = dict(line.split(": ", 1) for line in head.decode().splitlines())
+    return Message(to=headers["to"], body=body, headers=headers, seq=seq)

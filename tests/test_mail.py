@@ -1,0 +1,139 @@
+"""Mailboxes through files: send by writing, read with cat, acknowledge with rm; durable."""
+import errno
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+
+def send(mount, agent: str, text: str, name: str = "new") -> None:
+    mount.write(f"agents/{agent}/mail/{name}", text)
+
+
+def pending(mount, agent: str) -> list[str]:
+    return [n for n in os.listdir(mount.path / f"agents/{agent}/mail")
+            if n not in ("new", "next", "dead")]
+
+
+def headers(text: str) -> dict[str, str]:
+    head = text.split("\n\n", 1)[0]
+    return dict(line.split(": ", 1) for line in head.splitlines())
+
+
+def test_send_list_read_and_acknowledge_with_shell_tools(mount):
+    mount.sh("echo 'spawn echo' > ctl", check=True)
+    r = mount.sh("printf 'type: work_request\\npriority: low\\n\\nlow one\\n' > agents/echo/mail/new"
+                 " && printf 'priority: critical\\n\\nurgent\\n' > agents/echo/mail/any-name"
+                 " && echo 'plain body' > agents/echo/mail/new && ls agents/echo/mail", check=True)
+    names = r.stdout.split()
+    assert names[:3] == sorted(names[:3]) and names[3:] == ["dead", "new", "next"]
+    assert [n.split("-")[1] for n in names[:3]] == ["critical", "normal", "low"]
+    first = mount.read(f"agents/echo/mail/{names[0]}")
+    h = headers(first)
+    assert first.endswith("\n\nurgent\n") and h["from"] == "operator" and h["to"] == "echo"
+    assert h["priority"] == "critical" and len(h["id"]) == 16 and h["correlation-id"] == h["id"]
+    assert mount.read("agents/echo/mail/next") == first  # next: the head of the queue
+    mount.sh(f"rm agents/echo/mail/{names[0]}", check=True)
+    assert pending(mount, "echo") == names[1:3]
+    assert headers(mount.read("agents/echo/mail/next"))["type"] == "event"
+
+
+def test_next_blocks_until_a_message_arrives(mount):
+    mount.sh("echo 'spawn echo' > ctl", check=True)
+    with subprocess.Popen(["cat", mount.path / "agents/echo/mail/next"],
+                          stdout=subprocess.PIPE, text=True) as reader:
+        time.sleep(0.5)
+        assert reader.poll() is None  # still waiting
+        send(mount, "echo", "hello\n")
+        out, _ = reader.communicate(timeout=5)
+    assert out.endswith("\n\nhello\n")
+    r = mount.sh("timeout 0.3 cat agents/echo/mail/next")  # unacknowledged: delivered again
+    assert r.stdout == out
+
+
+@pytest.mark.parametrize("text, code, reason", [
+    ("from: mallory\n\nx", errno.EPERM, "header 'from' is stamped by the kernel"),
+    ("id: 1\n\nx", errno.EPERM, "header 'id' is stamped by the kernel"),
+    ("colour: red\n\nx", errno.EINVAL, "unknown header 'colour'"),
+    ("priority: urgent\n\nx", errno.EINVAL, "bad priority 'urgent'"),
+    ("to: someone-else\n\nx", errno.EINVAL, "does not match this mailbox"),
+    ("deadline: tomorrow\n\nx", errno.EINVAL, "bad deadline"),
+    ("classification: confidential\n\nx", errno.EACCES, "echo is cleared for internal"),
+    ("x" * ((1 << 20) + 1), errno.EFBIG, "message over 1048576 bytes"),
+])
+def test_bad_messages_are_refused_with_a_reason_and_harm_nothing(mount, text, code, reason):
+    mount.sh("echo 'spawn echo' > ctl", check=True)
+    send(mount, "echo", "keep me\n")
+    kept = pending(mount, "echo")
+    with pytest.raises(OSError) as e:
+        send(mount, "echo", text)
+    assert e.value.errno == code
+    assert reason in mount.read("agents/echo/err")
+    assert pending(mount, "echo") == kept
+    assert mount.read(f"agents/echo/mail/{kept[0]}").endswith("\n\nkeep me\n")
+
+
+def test_unknown_recipient_is_enoent(mount):
+    with pytest.raises(FileNotFoundError):
+        send(mount, "nobody", "x")
+
+
+def test_clearance_from_the_manifest_admits_confidential_mail(mount):
+    mount.sh("echo 'spawn vault-keeper def=echo clearance=confidential' > ctl", check=True)
+    send(mount, "vault-keeper", "classification: confidential\n\nsecret\n")
+    assert len(pending(mount, "vault-keeper")) == 1
+
+
+def test_idempotency_key_stores_a_message_once(mount):
+    mount.sh("echo 'spawn echo' > ctl", check=True)
+    for _ in range(3):
+        send(mount, "echo", "idempotency-key: order-42\n\npay once\n")
+    send(mount, "echo", "idempotency-key: order-43\n\npay again\n")
+    assert len(pending(mount, "echo")) == 2
+
+
+def test_deadline_moves_a_message_to_dead_letters_with_an_event(mount, events):
+    mount.sh("echo 'spawn echo' > ctl", check=True)
+    send(mount, "echo", "deadline: +0.3\n\ntoo late\n")
+    send(mount, "echo", "deadline: +600\n\nin time\n")
+    seen = events.wait_kind("mail_expired")
+    expired = next(e for e in seen if e["kind"] == "mail_expired")
+    dead = os.listdir(mount.path / "agents/echo/mail/dead")
+    assert dead == [expired["name"]]
+    assert mount.read(f"agents/echo/mail/dead/{dead[0]}").endswith("\n\ntoo late\n")
+    (left,) = pending(mount, "echo")
+    assert mount.read(f"agents/echo/mail/{left}").endswith("\n\nin time\n")
+
+
+def test_audit_and_trace_follow_a_message(mount):
+    mount.sh("echo 'spawn echo' > ctl", check=True)
+    send(mount, "echo", "correlation-id: job-7\n\nwork\n")
+    mount.read("agents/echo/mail/next")
+    (name,) = pending(mount, "echo")
+    os.unlink(mount.path / f"agents/echo/mail/{name}")
+    trace = [json.loads(line) for line in mount.read("log/trace/job-7").splitlines()]
+    assert [e["kind"] for e in trace] == ["mail_sent", "mail_delivered", "mail_acked"]
+    assert "job-7" in os.listdir(mount.path / "log/trace")
+    audit = [json.loads(line) for line in mount.read("log/audit").splitlines()]
+    assert audit[0]["seq"] == 1 and [e["seq"] for e in audit] == list(range(1, len(audit) + 1))
+    assert {"mount", "spawn", "mail_sent", "mail_acked"} <= {e["kind"] for e in audit}
+    with pytest.raises(FileNotFoundError):
+        mount.read("log/trace/no-such-work")
+
+
+def test_kill_9_keeps_every_acknowledged_send_exactly_once(mount):
+    mount.sh("echo 'spawn echo' > ctl", check=True)
+    fd_count = 300
+    for i in range(fd_count):
+        send(mount, "echo", f"n{i}\n")
+    names = pending(mount, "echo")
+    for name in names[:100]:  # acknowledge the first hundred
+        os.unlink(mount.path / f"agents/echo/mail/{name}")
+    mount.kill9()
+    mount.mount()
+    left = pending(mount, "echo")
+    assert left == names[100:]  # acknowledged ones gone, the rest delivered again
+    bodies = [mount.read(f"agents/echo/mail/{n}").split("\n\n", 1)[1] for n in left]
+    assert bodies == [f"n{i}\n" for i in range(100, fd_count)]
