@@ -46,6 +46,16 @@ def boundary(fn):
     return handler
 
 
+def _name(raw: bytes) -> str:
+    """A name from the kernel; every name in the namespace is UTF-8 of at most 255 bytes."""
+    if len(raw) > 255:
+        raise Fs9Error(errno.ENAMETOOLONG, "file name too long")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise Fs9Error(errno.ENOENT, "no such file (names here are UTF-8)")
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -102,9 +112,7 @@ class Operations(pyfuse3.Operations):
         ppath = self.inodes.path(parent_ino)
         if ppath is None:
             raise Fs9Error(errno.ENOENT, "stale inode")
-        if len(name) > 255:
-            raise Fs9Error(errno.ENAMETOOLONG, "file name too long")
-        name = os.fsdecode(name)
+        name = _name(name)
         if name in (".", ".."):
             path = ppath if name == "." else ppath[:-1]
         else:
@@ -283,9 +291,7 @@ class Operations(pyfuse3.Operations):
         ppath, parent = self._node(parent_ino)
         if not isinstance(parent, Dir) or parent.create is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
-        if len(name) > 255:
-            raise Fs9Error(errno.ENAMETOOLONG, "file name too long")
-        path = ppath + (os.fsdecode(name),)
+        path = ppath + (_name(name),)
         node = Ctl(parent.create, whole=True)
         fh = self._fh()
         self.handles[fh] = node.open(True, ctx.pid)
@@ -295,7 +301,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def unlink(self, parent_ino, name, ctx):
         ppath = self.inodes.path(parent_ino)
-        node = self.tree.resolve((ppath or ()) + (os.fsdecode(name),))  # ENOENT if absent
+        node = self.tree.resolve((ppath or ()) + (_name(name),))  # ENOENT if absent
         if getattr(node, "remove", None) is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
         node.remove()
@@ -310,7 +316,7 @@ class Operations(pyfuse3.Operations):
 
     async def _refuse_existing(self, parent_ino, name):
         ppath = self.inodes.path(parent_ino)
-        self.tree.resolve((ppath or ()) + (os.fsdecode(name),))  # ENOENT if absent
+        self.tree.resolve((ppath or ()) + (_name(name),))  # ENOENT if absent
         raise Fs9Error(errno.EACCES, READONLY_NS)
 
     async def readlink(self, ino, ctx):
