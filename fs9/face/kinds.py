@@ -70,7 +70,7 @@ class Dir(Node):
 
     def __init__(self, names=None, create=None) -> None:
         self.names = names  # () -> list of child names (the tree fills it in)
-        self.create = create  # (bytes) -> None: a new file here is applied at close
+        self.create = create  # (name) -> Node: what a new name here opens as
         if create is not None:
             self.mode = stat.S_IFDIR | 0o755
 
@@ -165,17 +165,27 @@ class CtlHandle(SnapshotHandle):
 class StreamNode(Node):
     stream = True
 
-    def __init__(self, cursor) -> None:
+    def __init__(self, cursor, publish=None) -> None:
         self.cursor = cursor  # () -> a new cursor positioned where a new reader starts
+        self.publish = publish  # (bytes) -> None: one write, one event (topics)
+        if publish is not None:
+            self.mode = stat.S_IFREG | 0o644
 
     def handle(self, pid: int) -> Handle:
-        return StreamHandle(pid, self.cursor())
+        return StreamHandle(pid, self.cursor(), self.publish)
 
 
 class StreamHandle(Handle):
-    def __init__(self, pid: int, cursor) -> None:
+    def __init__(self, pid: int, cursor, publish=None) -> None:
         super().__init__(pid)
         self.cursor = cursor
+        self.publish = publish
+
+    def write(self, data: bytes) -> int:
+        if self.publish is None:
+            return super().write(data)
+        self.publish(data)
+        return len(data)
 
     def readable(self) -> bool:
         return self.cursor.readable()
@@ -290,6 +300,29 @@ class NextCursor(StreamCursor):
             self.stream = Stream(msg.render(), ended=True)
             self.kernel.post.delivered(self.agent, msg)
         return super().take(size)
+
+
+class TopicCursor:
+    """A subscription: every event published after the open, in order; never EOF."""
+
+    def __init__(self, topic) -> None:
+        self.topic, self.seen, self.buf = topic, topic.count, b""
+
+    def readable(self) -> bool:
+        return bool(self.buf) or self.topic.count > self.seen
+
+    async def wait_readable(self) -> None:
+        while not self.readable():
+            await self.topic.changes.wait_past(self.topic.changes.version)
+
+    def take(self, size: int) -> bytes:
+        if not self.buf:
+            dropped, events = self.topic.since(self.seen)
+            self.seen = self.topic.count
+            note = f"fs9: overflow: {dropped} events dropped\n".encode() if dropped else b""
+            self.buf = note + b"".join(events)
+        data, self.buf = self.buf[:size], self.buf[size:]
+        return data
 
 
 class AuditCursor:

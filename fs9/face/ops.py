@@ -18,7 +18,7 @@ import trio
 
 from ..errors import Fs9Error
 from .inodes import Inodes
-from .kinds import Ctl, Dir, Handle, Node, Status
+from .kinds import Dir, Handle, Node, Status
 from .tree import Tree
 
 log = logging.getLogger("fs9.face")
@@ -135,9 +135,10 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def setattr(self, ino, attr, fields, fh, ctx):
         _, node = self._node(ino)
-        # `echo x > ctl` truncates first: allow exactly that on writable files.
-        if fields.update_size and node.mode & 0o222 and not isinstance(node, Dir) and (
-                not (fields.update_mode or fields.update_uid or fields.update_gid)):
+        # `echo x > ctl` truncates first and `touch topics/x` sets times: accept (and
+        # ignore) exactly those on writable files; modes and owners are the kernel's.
+        if node.mode & 0o222 and not isinstance(node, Dir) and not (
+                fields.update_mode or fields.update_uid or fields.update_gid):
             return self._attrs(ino, node)
         raise Fs9Error(errno.EPERM, READONLY_NS)
 
@@ -287,12 +288,13 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def create(self, parent_ino, name, mode, flags, ctx):
-        """A new name in a directory that takes files (mail/): one message, sent at close."""
+        """A new name in a directory that takes files: mail/ (one message, sent at
+        close), topics/ (a new topic; each write publishes)."""
         ppath, parent = self._node(parent_ino)
         if not isinstance(parent, Dir) or parent.create is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
         path = ppath + (_name(name),)
-        node = Ctl(parent.create, whole=True)
+        node = parent.create(path[-1])
         fh = self._fh()
         self.handles[fh] = node.open(True, ctx.pid)
         return (pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False),

@@ -12,7 +12,7 @@ from ..errors import Fs9Error
 from ..kernel import manifest as manifests
 from ..kernel.stream import Stream
 from .kinds import (AuditCursor, Chain, Ctl, Dir, EventCursor, NextCursor, Node, Status,
-                    StreamCursor, StreamNode, TaskCursor)
+                    StreamCursor, StreamNode, TaskCursor, TopicCursor)
 
 
 def _agent_out(k, agent):
@@ -23,6 +23,20 @@ def _agent_err(k, agent):
     """The shown task's stderr, then the agent's notes on refused commands."""
     return StreamNode(lambda: Chain(TaskCursor(k, agent.shown_task(), 2),
                                     StreamCursor(Stream(bytes(agent.notes), ended=True))))
+
+
+def _mail_new(k, agent):
+    """Everything written between open and close is one message to agent, from the
+    operator (views will stamp agents)."""
+    return Ctl(lambda data: k.guarded(k.post.send, agent, data, agent=agent.name,
+                                      file="mail/new"),
+               whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="mail/new"))
+
+
+def _topic(k, topic):
+    return StreamNode(lambda: TopicCursor(topic),
+                      publish=lambda data: k.guarded(k.publish, topic, data,
+                                                     file=f"topics/{topic.name}"))
 
 
 # pattern -> factory(kernel, **bound objects) -> Node (Dir rows get their names from the tree)
@@ -50,27 +64,22 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/tasks/{task}/err": lambda k, agent, task: StreamNode(
         lambda: TaskCursor(k, task, 2)),
     "agents/{agent}/tasks/{task}/status": lambda k, agent, task: Status(task.status),
-    "agents/{agent}/mail": lambda k, agent: Dir(create=_sender(k, agent)),
-    "agents/{agent}/mail/new": lambda k, agent: Ctl(
-        _sender(k, agent), whole=True,
-        refused=lambda e: k.refused(e, agent=agent.name, file="mail/new")),
+    "agents/{agent}/mail": lambda k, agent: Dir(create=lambda name: _mail_new(k, agent)),
+    "agents/{agent}/mail/new": _mail_new,
     "agents/{agent}/mail/next": lambda k, agent: StreamNode(lambda: NextCursor(k, agent)),
     "agents/{agent}/mail/dead": None,
     "agents/{agent}/mail/dead/{dead}": lambda k, agent, dead: Status(dead.render),
     "agents/{agent}/mail/{msg}": lambda k, agent, msg: Status(
         msg.render, remove=lambda: k.guarded(k.post.ack, agent, msg.name, agent=agent.name,
                                              file="mail")),
+    "topics": lambda k: Dir(create=lambda name: _topic(k, k.guarded(k.create_topic, name))),
+    "topics/{topic}": _topic,
     "log": None,
     "log/audit": lambda k: StreamNode(lambda: AuditCursor(k.log)),
     "log/trace": None,
     "log/trace/{corr}": lambda k, corr: Status(
         lambda: "".join(e.json() + "\n" for e in k.log.trace(corr))),
 }
-
-
-def _sender(k, agent):
-    """Sends one message to agent, as the operator (views will stamp agents)."""
-    return lambda data: k.guarded(k.post.send, agent, data, agent=agent.name, file="mail/new")
 
 
 # variable -> (names under the bound parents, bind a name to an object or None)
@@ -82,6 +91,7 @@ VARS = {
             lambda k, name, agent: agent.mailbox.pending.get(name)),
     "dead": (lambda k, agent: sorted(agent.mailbox.dead),
              lambda k, name, agent: agent.mailbox.dead.get(name)),
+    "topic": (lambda k: sorted(k.topics), lambda k, name: k.topics.get(name)),
     "corr": (lambda k: k.log.correlations(),
              lambda k, name: name if k.log.has_corr(name) else None),
 }

@@ -22,6 +22,7 @@ from .log import Event, EventLog
 from .post import PostOffice
 from .stream import Stream
 from .task import Task
+from .topic import MAX_EVENT, Topic
 
 CMDS = (
     cmd.Cmd("spawn", "spawn", 1, None, usage="spawn NAME [KEY=VALUE ...]"),
@@ -48,6 +49,7 @@ class Kernel:
         self.tally: collections.Counter = collections.Counter()  # tasks by state
         self.halted = False
         self.post = PostOffice(self)
+        self.topics: dict[str, Topic] = {}
         self.killed: list[str] = []  # names of agents killed while mounted, in order
         self._nursery: trio.Nursery | None = None
         self._replaying = False
@@ -124,6 +126,34 @@ class Kernel:
 
     def _on_mail_expired(self, e, agent, task):
         self.post.on_mail_expired(e, agent)
+
+    def _on_topic_created(self, e, agent, task):
+        self.topics.setdefault(e.data["topic"], Topic(e.data["topic"]))
+
+    def _on_published(self, e, agent, task):
+        self.topics[e.data["topic"]].publish(self.log.blob(e.seq))
+
+    # --- topics ---------------------------------------------------------------------
+
+    def create_topic(self, name: str) -> Topic:
+        """The topic NAME, created (and logged) if new."""
+        if not NAME_RE.fullmatch(name):
+            raise Fs9Error(errno.EINVAL, f"bad topic name {name!r}: letters, digits, _ . -")
+        if name not in self.topics:
+            self.record("topic_created", topic=name)
+        return self.topics[name]
+
+    def publish(self, topic: Topic, data: bytes, sender: str = "operator") -> None:
+        """One event to every subscriber; durable subscribers (manifest `subscribe`)
+        get it as mail, so they do not miss what is published while they are down."""
+        if len(data) > MAX_EVENT:
+            raise Fs9Error(errno.EFBIG, f"event over {MAX_EVENT} bytes")
+        if not data.endswith(b"\n"):
+            data += b"\n"  # events are lines to their readers
+        self.record("published", topic=topic.name, sender=sender, blob=data)
+        for agent in list(self.agents.values()):
+            if topic.name in agent.manifest.get("subscribe", ()):
+                self.post.deliver_event(agent, topic.name, data, sender)
 
     def _on_spawn(self, e, agent, task):
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"])

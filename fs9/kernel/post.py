@@ -53,6 +53,16 @@ class PostOffice:
                            classification=level)
         return agent.mailbox.by_id(msg.id)
 
+    def deliver_event(self, agent, topic: str, data: bytes, sender: str) -> None:
+        """A topic event, as mail to a durable subscriber."""
+        msg = Message(to=agent.name, body=data, headers={
+            "id": os.urandom(8).hex(), "from": sender, "to": agent.name,
+            "date": message.format_time(time.time()), "type": "event", "priority": "normal",
+            "classification": "internal", "x-topic": topic})
+        msg.headers["correlation-id"] = msg.id
+        self.kernel.record("mail_sent", agent=agent.name, corr=msg.id, blob=msg.render(),
+                           id=msg.id, sender=sender, type="event", topic=topic)
+
     def ack(self, agent, name: str) -> None:
         msg = agent.mailbox.pending.get(name)
         if msg is None:
