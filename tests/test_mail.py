@@ -24,7 +24,7 @@ def headers(text: str) -> dict[str, str]:
 
 def test_send_list_read_and_acknowledge_with_shell_tools(mount):
     mount.sh("echo 'spawn echo' > ctl", check=True)
-    r = mount.sh("printf 'type: work_request\\npriority: low\\n\\nlow one\\n' > agents/echo/mail/new"
+    r = mount.sh("printf 'type: notice\\npriority: low\\n\\nlow one\\n' > agents/echo/mail/new"
                  " && printf 'priority: critical\\n\\nurgent\\n' > agents/echo/mail/any-name"
                  " && echo 'plain body' > agents/echo/mail/new && ls agents/echo/mail", check=True)
     names = r.stdout.split()
@@ -137,3 +137,50 @@ def test_kill_9_keeps_every_acknowledged_send_exactly_once(mount):
     assert left == names[100:]  # acknowledged ones gone, the rest delivered again
     bodies = [mount.read(f"agents/echo/mail/{n}").split("\n\n", 1)[1] for n in left]
     assert bodies == [f"n{i}\n" for i in range(100, fd_count)]
+
+
+def test_a_work_request_becomes_a_task_and_its_result_comes_back_as_mail(mount):
+    mount.define("asker", 'cmd = ["sh", "ask.sh"]\n', {"ask.sh": (
+        'printf "type: work_request\\ncorrelation-id: $FS9_CORR\\n\\nplease shout\\n" '
+        '> "$FS9_OUTBOX/upper"\necho asked\n')})
+    mount.sh("echo 'spawn upper' > ctl && echo 'spawn asker' > ctl", check=True)
+    mount.sh("echo 'run go' > agents/asker/ctl && cat agents/asker/out", check=True)
+    result = mount.wait_for(lambda: [n for n in os.listdir(mount.path / "agents/asker/mail")
+                                     if n not in ("new", "next", "dead")], what="result mail")
+    text = mount.read(f"agents/asker/mail/{result[0]}")
+    h = headers(text)
+    assert h["type"] == "result" and h["from"] == "upper" and h["x-status"] == "done"
+    assert text.endswith("\n\nPLEASE SHOUT\n")
+    (task,) = os.listdir(mount.path / "agents/upper/tasks")
+    assert "reply_to=asker" in mount.read(f"agents/upper/tasks/{task}/status")
+    assert pending(mount, "upper") == []  # the request became the task
+    kinds = [(e["kind"], e.get("agent")) for e in
+             map(json.loads, mount.read(f"log/trace/{h['correlation-id']}").splitlines())]
+    assert kinds[0] == ("task_queued", "asker")  # asker's own task started the work
+    assert ("mail_sent", "upper") in kinds and ("task_done", "upper") in kinds
+    assert kinds[-1] == ("mail_sent", "asker")
+
+
+def test_progress_reports_reach_the_requester_as_status_updates(mount):
+    mount.define("slowpoke", 'cmd = ["sh", "work.sh"]\n', {"work.sh": (
+        'cat >/dev/null\necho "half way" > "$FS9_PROGRESS"\necho done\n')})
+    mount.define("asker", 'cmd = ["sh", "ask.sh"]\n', {"ask.sh": (
+        'printf "type: work_request\\n\\nx\\n" > "$FS9_OUTBOX/slowpoke"\n')})
+    mount.sh("echo 'spawn slowpoke' > ctl && echo 'spawn asker' > ctl"
+             " && echo 'run go' > agents/asker/ctl", check=True)
+    mail = mount.wait_for(lambda: len(pending(mount, "asker")) == 2 and pending(mount, "asker"),
+                          what="status update and result")
+    texts = [mount.read(f"agents/asker/mail/{n}") for n in mail]
+    types = sorted(headers(t)["type"] for t in texts)
+    assert types == ["result", "status_update"]
+    update = next(t for t in texts if "type: status_update" in t)
+    assert update.endswith("\n\nhalf way\n") and headers(update)["from"] == "slowpoke"
+
+
+def test_outbox_to_an_unknown_agent_is_enoent(mount):
+    mount.sh("echo 'spawn echo' > ctl", check=True)
+    with pytest.raises(FileNotFoundError):
+        mount.write("agents/echo/outbox/nobody", "hi")
+    mount.write("agents/echo/outbox/echo", "note to self\n")
+    (name,) = pending(mount, "echo")
+    assert headers(mount.read(f"agents/echo/mail/{name}"))["from"] == "echo"

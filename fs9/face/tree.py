@@ -33,6 +33,15 @@ def _mail_new(k, agent):
                whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="mail/new"))
 
 
+def _outbox(k, agent, to: str):
+    """outbox/TO: one message from agent to TO, sent at close. The path is the
+    capability: until views, anyone on the mount holds it."""
+    recipient = k.guarded(k.agent, to, agent=agent.name, file="outbox")
+    return Ctl(lambda data: k.guarded(k.post.send, recipient, data, agent.name,
+                                      agent=agent.name, file="outbox"),
+               whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="outbox"))
+
+
 def _topic(k, topic):
     return StreamNode(lambda: TopicCursor(topic),
                       publish=lambda data: k.guarded(k.publish, topic, data,
@@ -66,6 +75,10 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/tasks/{task}/status": lambda k, agent, task: Status(task.status),
     "agents/{agent}/mail": lambda k, agent: Dir(create=lambda name: _mail_new(k, agent)),
     "agents/{agent}/mail/new": _mail_new,
+    "agents/{agent}/outbox": lambda k, agent: Dir(create=lambda name: _outbox(k, agent, name)),
+    "agents/{agent}/tasks/{task}/progress": lambda k, agent, task: Ctl(
+        lambda data: k.guarded(k.post.progress, agent, task, data, agent=agent.name,
+                               file="progress")),
     "agents/{agent}/mail/next": lambda k, agent: StreamNode(lambda: NextCursor(k, agent)),
     "agents/{agent}/mail/dead": None,
     "agents/{agent}/mail/dead/{dead}": lambda k, agent, dead: Status(dead.render),

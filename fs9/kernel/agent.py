@@ -210,6 +210,8 @@ class Agent:
         ids = dict(agent=self.name, task=task.id, corr=task.corr)
         if status is not None:
             k.record("task_done" if status == 0 else "task_failed", exit=status, **ids)
+            if task.reply_to:
+                k.post.send_result(self, task)
         elif self._cancel_as == "requeue":
             k.record("task_interrupted", reason="restarted by command", **ids)
             k.record("task_failed" if task.daemon else "task_requeued", **ids)
@@ -223,8 +225,11 @@ class Agent:
     def environ(self, task: Task) -> dict[str, str]:
         env = dict(self.base_env)
         mnt = self.kernel.mount_path
+        home = os.path.join(mnt, "agents", self.name) if mnt else ""
         env.update(FS9_AGENT=self.name, FS9_TASK=str(task.id), FS9_CORR=task.corr,
-                   FS9_MNT=mnt, FS9_AGENT_DIR=os.path.join(mnt, "agents", self.name) if mnt else "")
+                   FS9_MNT=mnt, FS9_AGENT_DIR=home, FS9_REQUESTER=task.reply_to,
+                   FS9_OUTBOX=home and os.path.join(home, "outbox"),
+                   FS9_PROGRESS=home and os.path.join(home, "tasks", str(task.id), "progress"))
         return env
 
 

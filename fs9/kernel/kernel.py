@@ -203,6 +203,7 @@ class Kernel:
     def _on_task_queued(self, e, agent, task):
         daemon = e.data.get("daemon", False)
         task = Task(e.task, e.agent, e.corr, daemon=daemon, queued_ts=e.ts,
+                    reply_to=e.data.get("reply_to", ""), request=e.data.get("request", ""),
                     tallies=(self.tally,) if daemon else (self.tally, agent.tally))
         self.tasks[task.id] = task
         agent.tasks.append(task)
@@ -337,8 +338,11 @@ class Kernel:
         if agent in self.agents:
             self.agents[agent].diag(e.text)
 
-    def submit(self, agent: Agent, data: bytes | None) -> Task:
-        """Queue a task with input `data` (None: a daemon run). Returns once logged."""
+    def submit(self, agent: Agent, data: bytes | None, *, corr: str | None = None,
+               reply_to: str = "", request: str = "") -> Task:
+        """Queue a task with input `data` (None: a daemon run). Returns once logged.
+        A task made from a work_request carries its correlation id, the requester to
+        send the result to (reply_to) and the request's message id."""
         if data is not None and len(data) > MAX_INPUT:
             raise Fs9Error(errno.EFBIG, f"task input over {MAX_INPUT} bytes")
         if agent.killed:  # `in` opened before the kill
@@ -346,8 +350,9 @@ class Kernel:
         if agent.daemon and data is not None:
             raise Fs9Error(errno.EINVAL, f"{agent.name} is a daemon agent and takes no tasks")
         tid = self.log.next_seq
-        self.record("task_queued", agent=agent.name, task=tid, corr=os.urandom(8).hex(),
-                    blob=data or b"", daemon=data is None)
+        extra = dict(reply_to=reply_to, request=request) if reply_to else {}
+        self.record("task_queued", agent=agent.name, task=tid, corr=corr or os.urandom(8).hex(),
+                    blob=data or b"", daemon=data is None, **extra)
         return self.tasks[tid]
 
     def task_input(self, task: Task) -> bytes:

@@ -51,17 +51,53 @@ class PostOffice:
         self.kernel.record("mail_sent", agent=agent.name, corr=corr, blob=msg.render(),
                            id=msg.id, sender=sender, type=h["type"], priority=h["priority"],
                            classification=level)
-        return agent.mailbox.by_id(msg.id)
+        stored = agent.mailbox.by_id(msg.id)
+        if h["type"] == "work_request" and not agent.daemon:
+            # request/response: the request becomes a task; its result comes back as mail
+            self.kernel.submit(agent, msg.body, corr=corr, request=msg.id,
+                               reply_to=h.get("reply-to", sender))
+            self.ack(agent, stored.name)
+        return stored
+
+    def compose(self, to: str, sender: str, body: bytes, **headers: str) -> Message:
+        """A message made by the kernel on an agent's behalf (results, progress, events)."""
+        msg = Message(to=to, body=body, headers={
+            "id": os.urandom(8).hex(), "from": sender, "to": to,
+            "date": message.format_time(time.time()), "priority": "normal",
+            "classification": "internal", **headers})
+        msg.headers.setdefault("correlation-id", msg.id)
+        return msg
+
+    def deliver(self, msg: Message) -> None:
+        self.kernel.record("mail_sent", agent=msg.to, corr=msg.headers["correlation-id"],
+                           blob=msg.render(), id=msg.id, sender=msg.headers["from"],
+                           type=msg.headers["type"])
+
+    def send_result(self, agent, task) -> None:
+        """The `result` of a task made from a work_request, to its requester's mailbox."""
+        requester = self.kernel.agents.get(task.reply_to)
+        if requester is None:
+            return  # the operator (no mailbox) or an agent since killed: the task keeps it
+        out = bytes(self.kernel.stream(task, 1).data)
+        self.deliver(self.compose(requester.name, agent.name, out, type="result",
+                               **{"correlation-id": task.corr, "x-task": str(task.id),
+                                  "x-status": task.state, "x-exit": str(task.exit)}))
+
+    def progress(self, agent, task, data: bytes) -> None:
+        """A progress report from a running task: an event, and a status_update message
+        to its requester when there is one."""
+        text = data.decode(errors="replace").strip()[:4096]
+        self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
+                               corr=task.corr, text=text)
+        requester = self.kernel.agents.get(task.reply_to)
+        if requester is not None:
+            self.deliver(self.compose(requester.name, agent.name, (text + "\n").encode(),
+                                   type="status_update", **{"correlation-id": task.corr,
+                                                            "x-task": str(task.id)}))
 
     def deliver_event(self, agent, topic: str, data: bytes, sender: str) -> None:
         """A topic event, as mail to a durable subscriber."""
-        msg = Message(to=agent.name, body=data, headers={
-            "id": os.urandom(8).hex(), "from": sender, "to": agent.name,
-            "date": message.format_time(time.time()), "type": "event", "priority": "normal",
-            "classification": "internal", "x-topic": topic})
-        msg.headers["correlation-id"] = msg.id
-        self.kernel.record("mail_sent", agent=agent.name, corr=msg.id, blob=msg.render(),
-                           id=msg.id, sender=sender, type="event", topic=topic)
+        self.deliver(self.compose(agent.name, sender, data, type="event", **{"x-topic": topic}))
 
     def ack(self, agent, name: str) -> None:
         msg = agent.mailbox.pending.get(name)

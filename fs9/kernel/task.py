@@ -32,6 +32,8 @@ class Task:
     reason: str = ""
     pid: int | None = None
     daemon: bool = False  # a run of a daemon agent rather than a queued task
+    reply_to: str = ""  # made from a work_request: who gets the result message
+    request: str = ""  # that request's message id
     queued_ts: float = 0.0
     started_ts: float | None = None
     ended_ts: float | None = None
@@ -67,5 +69,5 @@ class Task:
         fields = {"id": self.id, "agent": self.agent, "state": self.state,
                   "corr": self.corr, "attempt": self.attempt,
                   "exit": "" if self.exit is None else self.exit,
-                  "pid": self.pid or "", "reason": self.reason}
+                  "pid": self.pid or "", "reason": self.reason, "reply_to": self.reply_to}
         return "".join(f"{k}={v}\n" for k, v in fields.items())
