@@ -38,8 +38,8 @@ from contextlib import contextmanager
 
 import pytest
 
-WRITABLE = ("/ctl", "/in", "/mail/new")  # besides the root ctl and topics/*
-WRITE_ONLY = ("/in", "/mail/new")
+WRITABLE = ("/ctl", "/in", "/mail/new", "/progress")  # besides the root ctl and topics/*
+WRITE_ONLY = ("/in", "/mail/new", "/progress")
 
 from conftest import Mount, fuse_unavailable
 from fs9.kernel import manifest as manifests
@@ -554,7 +554,8 @@ class Fuzzer:
         existing = self.attempt(f"listdir {rel!r}", os.listdir, p, expect={N}) or []
         existing.sort()
         self.attempt(f"mkdir {rel!r}", os.mkdir, new, expect={N, A}, ok=False)
-        takes_files = rel.endswith("/mail") or rel == "topics"  # a new name: a message, a topic
+        # a new name here is a message (mail/, outbox/ to a real agent) or a topic
+        takes_files = rel.endswith("/mail") or rel == "topics"
         fd = self.attempt(f"create {rel!r}", os.open, new + "-c", os.O_WRONLY | os.O_CREAT,
                           0o644, expect={N, A}, ok=takes_files)
         if fd is not None:

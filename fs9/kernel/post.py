@@ -86,6 +86,8 @@ class PostOffice:
     def progress(self, agent, task, data: bytes) -> None:
         """A progress report from a running task: an event, and a status_update message
         to its requester when there is one."""
+        if task.state != "running":
+            raise Fs9Error(errno.EINVAL, f"task {task.id} is {task.state}, not running")
         text = data.decode(errors="replace").strip()[:4096]
         self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
                                corr=task.corr, text=text)
