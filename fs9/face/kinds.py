@@ -81,14 +81,17 @@ class Dir(Node):
 # --- Status ----------------------------------------------------------------------
 
 class Status(Node):
-    def __init__(self, render, remove=None) -> None:
+    def __init__(self, render, remove=None, opened=None) -> None:
         self.render = render  # () -> str | bytes
         self.remove = remove  # () -> None: what `rm` means here (None: refused)
+        self.opened = opened  # () -> None: called at each open (a delivery, for mail)
 
     def size(self) -> int:
         return len(_encode(self.render()))
 
     def handle(self, pid: int) -> Handle:
+        if self.opened is not None:
+            self.opened()
         return SnapshotHandle(pid, self.render)
 
 

@@ -83,8 +83,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/mail/dead": None,
     "agents/{agent}/mail/dead/{dead}": lambda k, agent, dead: Status(dead.render),
     "agents/{agent}/mail/{msg}": lambda k, agent, msg: Status(
-        msg.render, remove=lambda: k.guarded(k.post.ack, agent, msg.name, agent=agent.name,
-                                             file="mail")),
+        msg.render, opened=lambda: k.post.delivered(agent, msg),
+        remove=lambda: k.guarded(k.post.ack, agent, msg.name, agent=agent.name, file="mail")),
     "topics": lambda k: Dir(create=lambda name: _topic(k, k.guarded(k.create_topic, name))),
     "topics/{topic}": _topic,
     "log": None,
