@@ -301,7 +301,7 @@ class NextCursor(StreamCursor):
         if self.stream is None:
             msg = self.agent.mailbox.head()
             self.stream = Stream(msg.render(), ended=True)
-            self.kernel.post.delivered(self.agent, msg)
+            self.kernel.bus.delivered(self.agent, msg)
         return super().take(size)
 
 

@@ -28,7 +28,7 @@ def _agent_err(k, agent):
 def _mail_new(k, agent):
     """Everything written between open and close is one message to agent, from the
     operator (views will stamp agents)."""
-    return Ctl(lambda data: k.guarded(k.post.send, agent, data, agent=agent.name,
+    return Ctl(lambda data: k.guarded(k.bus.send, agent, data, agent=agent.name,
                                       file="mail/new"),
                whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="mail/new"))
 
@@ -37,14 +37,14 @@ def _outbox(k, agent, to: str):
     """outbox/TO: one message from agent to TO, sent at close. The path is the
     capability: until views, anyone on the mount holds it."""
     recipient = k.guarded(k.agent, to, agent=agent.name, file="outbox")
-    return Ctl(lambda data: k.guarded(k.post.send, recipient, data, agent.name,
+    return Ctl(lambda data: k.guarded(k.bus.send, recipient, data, agent.name,
                                       agent=agent.name, file="outbox"),
                whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="outbox"))
 
 
 def _topic(k, topic):
     return StreamNode(lambda: TopicCursor(topic),
-                      publish=lambda data: k.guarded(k.publish, topic, data,
+                      publish=lambda data: k.guarded(k.bus.publish, topic, data,
                                                      file=f"topics/{topic.name}"))
 
 
@@ -77,15 +77,15 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/mail/new": _mail_new,
     "agents/{agent}/outbox": lambda k, agent: Dir(create=lambda name: _outbox(k, agent, name)),
     "agents/{agent}/tasks/{task}/progress": lambda k, agent, task: Ctl(
-        lambda data: k.guarded(k.post.progress, agent, task, data, agent=agent.name,
+        lambda data: k.guarded(k.bus.progress, agent, task, data, agent=agent.name,
                                file="progress")),
     "agents/{agent}/mail/next": lambda k, agent: StreamNode(lambda: NextCursor(k, agent)),
     "agents/{agent}/mail/dead": None,
     "agents/{agent}/mail/dead/{dead}": lambda k, agent, dead: Status(dead.render),
     "agents/{agent}/mail/{msg}": lambda k, agent, msg: Status(
-        msg.render, opened=lambda: k.post.delivered(agent, msg),
-        remove=lambda: k.guarded(k.post.ack, agent, msg.name, agent=agent.name, file="mail")),
-    "topics": lambda k: Dir(create=lambda name: _topic(k, k.guarded(k.create_topic, name))),
+        msg.render, opened=lambda: k.bus.delivered(agent, msg),
+        remove=lambda: k.guarded(k.bus.ack, agent, msg.name, agent=agent.name, file="mail")),
+    "topics": lambda k: Dir(create=lambda name: _topic(k, k.guarded(k.bus.create_topic, name))),
     "topics/{topic}": _topic,
     "log": None,
     "log/audit": lambda k: StreamNode(lambda: AuditCursor(k.log)),
@@ -104,7 +104,7 @@ VARS = {
             lambda k, name, agent: agent.mailbox.pending.get(name)),
     "dead": (lambda k, agent: sorted(agent.mailbox.dead),
              lambda k, name, agent: agent.mailbox.dead.get(name)),
-    "topic": (lambda k: sorted(k.topics), lambda k, name: k.topics.get(name)),
+    "topic": (lambda k: sorted(k.bus.topics), lambda k, name: k.bus.topics.get(name)),
     "corr": (lambda k: k.log.correlations(),
              lambda k, name: name if k.log.has_corr(name) else None),
 }

@@ -211,7 +211,7 @@ class Agent:
         if status is not None:
             k.record("task_done" if status == 0 else "task_failed", exit=status, **ids)
             if task.reply_to:
-                k.post.send_result(self, task)
+                k.bus.send_result(self, task)
         elif self._cancel_as == "requeue":
             k.record("task_interrupted", reason="restarted by command", **ids)
             k.record("task_failed" if task.daemon else "task_requeued", **ids)

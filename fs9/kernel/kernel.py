@@ -10,19 +10,18 @@ import collections
 import errno
 import logging
 import os
-import re
 import traceback
 
 import trio
 
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd, manifest as manifests
+from .manifest import NAME_RE
 from .agent import Agent, check_program
 from .log import Event, EventLog
-from .post import PostOffice
+from .bus import Bus
 from .stream import Stream
 from .task import Task
-from .topic import MAX_EVENT, Topic
 
 CMDS = (
     cmd.Cmd("spawn", "spawn", 1, None, usage="spawn NAME [KEY=VALUE ...]"),
@@ -30,7 +29,6 @@ CMDS = (
     cmd.Cmd("halt", "halt", usage="halt"),
     cmd.Cmd("resume", "resume", usage="resume"),
 )
-NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 MAX_INPUT = 16 << 20  # bytes of one task's input
 NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart",
                "agent_failed", "priority", "task_queued", "mail_sent", "mail_acked",
@@ -48,8 +46,7 @@ class Kernel:
         self.tasks: dict[int, Task] = {}
         self.tally: collections.Counter = collections.Counter()  # tasks by state
         self.halted = False
-        self.post = PostOffice(self)
-        self.topics: dict[str, Topic] = {}
+        self.bus = Bus(self)
         self.killed: list[str] = []  # names of agents killed while mounted, in order
         self._nursery: trio.Nursery | None = None
         self._replaying = False
@@ -68,7 +65,7 @@ class Kernel:
             for agent in self.agents.values():
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
-            nursery.start_soon(self.post.keep_deadlines)
+            nursery.start_soon(self.bus.keep_deadlines)
             task_status.started()
             await trio.sleep_forever()
 
@@ -105,7 +102,7 @@ class Kernel:
         return event
 
     def apply(self, e: Event) -> None:
-        handler = getattr(self, "_on_" + e.kind, None)
+        handler = getattr(self, "_on_" + e.kind, None) or getattr(self.bus, "on_" + e.kind, None)
         if handler is None:
             return
         agent = self.agents.get(e.agent) if e.agent else None
@@ -117,43 +114,7 @@ class Kernel:
             return
         handler(e, agent, task)
 
-    # mail: the post office applies its own events
-    def _on_mail_sent(self, e, agent, task):
-        self.post.on_mail_sent(e, agent)
-
-    def _on_mail_acked(self, e, agent, task):
-        self.post.on_mail_acked(e, agent)
-
-    def _on_mail_expired(self, e, agent, task):
-        self.post.on_mail_expired(e, agent)
-
-    def _on_topic_created(self, e, agent, task):
-        self.topics.setdefault(e.data["topic"], Topic(e.data["topic"]))
-
-    def _on_published(self, e, agent, task):
-        self.topics[e.data["topic"]].publish(self.log.blob(e.seq))
-
-    # --- topics ---------------------------------------------------------------------
-
-    def create_topic(self, name: str) -> Topic:
-        """The topic NAME, created (and logged) if new."""
-        if not NAME_RE.fullmatch(name):
-            raise Fs9Error(errno.EINVAL, f"bad topic name {name!r}: letters, digits, _ . -")
-        if name not in self.topics:
-            self.record("topic_created", topic=name)
-        return self.topics[name]
-
-    def publish(self, topic: Topic, data: bytes, sender: str = "operator") -> None:
-        """One event to every subscriber; durable subscribers (manifest `subscribe`)
-        get it as mail, so they do not miss what is published while they are down."""
-        if len(data) > MAX_EVENT:
-            raise Fs9Error(errno.EFBIG, f"event over {MAX_EVENT} bytes")
-        if not data.endswith(b"\n"):
-            data += b"\n"  # events are lines to their readers
-        self.record("published", topic=topic.name, sender=sender, blob=data)
-        for agent in list(self.agents.values()):
-            if topic.name in agent.manifest.get("subscribe", ()):
-                self.post.deliver_event(agent, topic.name, data, sender)
+    # the bus applies its own events (mail_*, topic_created, published)
 
     def _on_spawn(self, e, agent, task):
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"])

@@ -7,12 +7,14 @@ anything malformed into Fs9Error(EINVAL) naming the file and the field.
 import errno
 import math
 import os
+import re
 import shlex
 import tomllib
 from typing import Any
 
 from ..errors import Fs9Error
 
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # agents, definitions, topics
 DRIVERS = ("exec",)
 MODES = ("task", "daemon")
 RESTARTS = ("permanent", "transient", "temporary")

@@ -1,10 +1,18 @@
-"""The post office: mail between agents and the operator, kept in the event log.
+"""The bus: mail between agents and the operator, and topics. Embedded backend.
 
-This is the embedded backend of the bus: a send is a `mail_sent` event (the
-message in its blob), an acknowledgement `mail_acked`, an expiry `mail_expired`
-(the message moves to the mailbox's dead letters). Mailbox state is rebuilt by
-replaying those events like all kernel state. Reads are logged as
-`mail_delivered`; delivery is at-least-once because only `rm` removes a message.
+The narrow interface the rest of fs9 uses (the FUSE face, agents, the kernel):
+  send(agent, data, sender) / ack(agent, name) / delivered(agent, msg)
+  send_result(agent, task) / progress(agent, task, data)
+  create_topic(name) / publish(topic, data, sender)
+and, to wait and read, each agent's Mailbox and each Topic (`topics`). A backend
+for agents on several machines (NATS JetStream) implements the same calls.
+
+This embedded backend keeps everything in the kernel's event log: a send is a
+`mail_sent` event (the message in its blob), an acknowledgement `mail_acked`, an
+expiry `mail_expired` (the message moves to the mailbox's dead letters), a
+publish `published`. State is rebuilt by replaying those events like all kernel
+state. Reads are logged as `mail_delivered`; delivery is at-least-once because
+only `rm` removes a message.
 """
 import errno
 import heapq
@@ -16,13 +24,16 @@ import trio
 
 from ..errors import Fs9Error
 from . import message
+from .manifest import NAME_RE
 from .message import Message
 from .stream import Changes
+from .topic import MAX_EVENT, Topic
 
 
-class PostOffice:
+class Bus:
     def __init__(self, kernel) -> None:
         self.kernel = kernel
+        self.topics: dict[str, Topic] = {}
         self.sent_keys: dict[tuple[str, str], str] = {}  # (from, idempotency-key) -> id
         self.deadlines: list[tuple[float, str, str]] = []  # heap of (deadline, agent, name)
         self.changes = Changes()  # a new deadline
@@ -128,9 +139,31 @@ class PostOffice:
             with trio.move_on_after(wait):
                 await self.changes.wait_past(self.changes.version)
 
+    # --- topics -----------------------------------------------------------------
+
+    def create_topic(self, name: str) -> Topic:
+        """The topic NAME, created (and logged) if new."""
+        if not NAME_RE.fullmatch(name):
+            raise Fs9Error(errno.EINVAL, f"bad topic name {name!r}: letters, digits, _ . -")
+        if name not in self.topics:
+            self.kernel.record("topic_created", topic=name)
+        return self.topics[name]
+
+    def publish(self, topic: Topic, data: bytes, sender: str = "operator") -> None:
+        """One event to every subscriber; durable subscribers (manifest `subscribe`)
+        get it as mail, so they do not miss what is published while they are down."""
+        if len(data) > MAX_EVENT:
+            raise Fs9Error(errno.EFBIG, f"event over {MAX_EVENT} bytes")
+        if not data.endswith(b"\n"):
+            data += b"\n"  # events are lines to their readers
+        self.kernel.record("published", topic=topic.name, sender=sender, blob=data)
+        for agent in list(self.kernel.agents.values()):
+            if topic.name in agent.manifest.get("subscribe", ()):
+                self.deliver_event(agent, topic.name, data, sender)
+
     # --- applying events (called by Kernel.apply) ---------------------------------
 
-    def on_mail_sent(self, e, agent) -> None:
+    def on_mail_sent(self, e, agent, task) -> None:
         msg = message.load(self.kernel.log.blob(e.seq), e.seq)
         agent.mailbox.put(msg)
         key = msg.headers.get("idempotency-key")
@@ -140,10 +173,16 @@ class PostOffice:
             heapq.heappush(self.deadlines, (msg.deadline, agent.name, msg.name))
             self.changes.bump()
 
-    def on_mail_acked(self, e, agent) -> None:
+    def on_mail_acked(self, e, agent, task) -> None:
         agent.mailbox.take(e.data["name"])
 
-    def on_mail_expired(self, e, agent) -> None:
+    def on_mail_expired(self, e, agent, task) -> None:
         msg = agent.mailbox.take(e.data["name"])
         if msg is not None:
             agent.mailbox.dead[msg.name] = msg
+
+    def on_topic_created(self, e, agent, task):
+        self.topics.setdefault(e.data["topic"], Topic(e.data["topic"]))
+
+    def on_published(self, e, agent, task):
+        self.topics[e.data["topic"]].publish(self.kernel.log.blob(e.seq))
