@@ -243,3 +243,19 @@ def test_kill_9_in_the_middle_of_a_stream_of_sends(mount):
     assert not set(acked) & set(bodies)  # acknowledged: gone for good
     missing = {f"n{i}" for i in sent} - acked - set(bodies) - in_doubt
     assert not missing, f"acknowledged sends lost: {sorted(missing)[:5]}"
+
+
+def test_two_agents_exchange_mail_under_load(mount):
+    # ping sends N requests to pong; pong's results come back to ping's mailbox
+    n = 60
+    mount.define("ping", 'cmd = ["sh", "ping.sh"]\n', {"ping.sh": (
+        f'i=0; while [ $i -lt {n} ]; do\n'
+        '  printf "type: work_request\\nidempotency-key: ping-%s\\n\\n%s\\n" $i $i '
+        '> "$FS9_OUTBOX/pong"; i=$((i+1))\ndone\n')})
+    mount.sh("echo 'spawn ping' > ctl && echo 'spawn pong def=upper' > ctl"
+             " && echo 'run go' > agents/ping/ctl", check=True)
+    mount.wait_for(lambda: len(pending(mount, "ping")) == n, timeout=60, what="all results")
+    bodies = sorted(int(mount.read(f"agents/ping/mail/{m}").split("\n\n", 1)[1])
+                    for m in pending(mount, "ping"))
+    assert bodies == list(range(n))
+    assert mount.status("pong")["done"] == str(n)

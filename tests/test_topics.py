@@ -69,3 +69,26 @@ def test_durable_subscription_gets_events_as_mail_even_across_a_crash(mount):
     assert [b.split("\n\n", 1)[1] for b in bodies] == ["bug 1\n", "bug 2\n"]
     assert all("x-topic: bugs\n" in b and "type: event\n" in b for b in bodies)
     assert mount.sh("cat log/audit | grep -c '\"kind\":\"published\"'").stdout.strip() == "2"
+
+
+def test_subscribers_join_and_leave_while_a_publisher_runs(mount):
+    mount.sh("touch topics/busy", check=True)
+    publisher = subprocess.Popen(
+        ["sh", "-c", "i=0; while [ $i -lt 400 ]; do echo \"e $i\" > topics/busy; i=$((i+1)); done"],
+        cwd=mount.path)
+    joined = []
+    for _ in range(6):  # join, read a little, leave; repeatedly, while events flow
+        p = subscribe(mount, "busy")
+        time.sleep(0.1)
+        joined.append(p)
+        if len(joined) > 2:
+            joined.pop(0).kill()
+    assert publisher.wait(timeout=60) == 0
+    time.sleep(0.3)
+    for p in joined:
+        p.kill()
+        lines = p.stdout.read().decode().splitlines()
+        p.wait()
+        numbers = [int(line.split()[1]) for line in lines]
+        assert numbers == list(range(numbers[0], 400)) if numbers else True  # gap-free to the end
+    assert mount.alive() and not mount.bugs()

@@ -72,6 +72,8 @@ class Operations(pyfuse3.Operations):
         self.reading: set[trio.CancelScope] = set()  # blocked reads, ended at unmount
         self.closing = False
         self.dirs: dict[int, list[tuple[str, Node]]] = {}
+        self.transient: dict[tuple[str, ...], Node] = {}  # created files, while open
+        self.transient_fh: dict[int, tuple[str, ...]] = {}
         self._next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mtime_ns = time.time_ns()
@@ -82,7 +84,11 @@ class Operations(pyfuse3.Operations):
         path = self.inodes.path(ino)
         if path is None:
             raise Fs9Error(errno.ENOENT, "stale inode")
-        return path, self.tree.resolve(path)
+        return path, self._resolve(path)
+
+    def _resolve(self, path: tuple[str, ...]) -> Node:
+        node = self.transient.get(path)
+        return node if node is not None else self.tree.resolve(path)
 
     def _attrs(self, ino: int, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -117,7 +123,7 @@ class Operations(pyfuse3.Operations):
             path = ppath if name == "." else ppath[:-1]
         else:
             path = ppath + (name,)
-        node = self.tree.resolve(path)
+        node = self._resolve(path)
         return self._attrs(self.inodes.lookup(path), node)
 
     async def forget(self, inode_list):
@@ -245,6 +251,9 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def release(self, fh):
+        path = self.transient_fh.pop(fh, None)
+        if path is not None and path not in self.transient_fh.values():
+            self.transient.pop(path, None)
         handle = self.handles.pop(fh, None)
         if handle is not None and handle.poll_scope is not None:
             handle.poll_scope.cancel()
@@ -297,8 +306,14 @@ class Operations(pyfuse3.Operations):
         node = parent.create(path[-1])
         fh = self._fh()
         self.handles[fh] = node.open(True, ctx.pid)
-        return (pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False),
-                self._attrs(self.inodes.lookup(path), node))
+        attrs = self._attrs(self.inodes.lookup(path), node)
+        if not node.stream:
+            # A message file exists only while it is open (it is sent at close): serve
+            # its name from `transient` until then, and let the kernel cache nothing.
+            self.transient[path] = node
+            self.transient_fh[fh] = path
+            attrs.entry_timeout = attrs.attr_timeout = 0
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), attrs
 
     @boundary
     async def unlink(self, parent_ino, name, ctx):
