@@ -185,4 +185,5 @@ class Bus:
         self.topics.setdefault(e.data["topic"], Topic(e.data["topic"]))
 
     def on_published(self, e, agent, task):
-        self.topics[e.data["topic"]].publish(self.kernel.log.blob(e.seq))
+        name = e.data["topic"]
+        self.topics.setdefault(name, Topic(name)).publish(self.kernel.log.blob(e.seq))
