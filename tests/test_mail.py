@@ -52,6 +52,8 @@ def test_next_blocks_until_a_message_arrives(mount):
     assert out.endswith("\n\nhello\n")
     r = mount.sh("timeout 0.3 cat agents/echo/mail/next")  # unacknowledged: delivered again
     assert r.stdout == out
+    mount.sh(f"rm agents/echo/mail/{headers(out)['id']}", check=True)  # rm by id works too
+    assert pending(mount, "echo") == []
 
 
 @pytest.mark.parametrize("text, code, reason", [

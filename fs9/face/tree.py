@@ -101,7 +101,7 @@ VARS = {
     "task": (lambda k, agent: [str(t.id) for t in agent.tasks],
              lambda k, name, agent: _task_of(k, agent, name)),
     "msg": (lambda k, agent: list(agent.mailbox.order),
-            lambda k, name, agent: agent.mailbox.pending.get(name)),
+            lambda k, name, agent: agent.mailbox.get(name)),
     "dead": (lambda k, agent: sorted(agent.mailbox.dead),
              lambda k, name, agent: agent.mailbox.dead.get(name)),
     "topic": (lambda k: sorted(k.bus.topics), lambda k, name: k.bus.topics.get(name)),

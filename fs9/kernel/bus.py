@@ -62,7 +62,7 @@ class Bus:
         self.kernel.record("mail_sent", agent=agent.name, corr=corr, blob=msg.render(),
                            id=msg.id, sender=sender, type=h["type"], priority=h["priority"],
                            classification=level)
-        stored = agent.mailbox.by_id(msg.id)
+        stored = agent.mailbox.get(msg.id)
         if h["type"] == "work_request" and not agent.daemon:
             # request/response: the request becomes a task; its result comes back as mail
             self.kernel.submit(agent, msg.body, corr=corr, request=msg.id,
@@ -113,11 +113,11 @@ class Bus:
         self.deliver(self.compose(agent.name, sender, data, type="event", **{"x-topic": topic}))
 
     def ack(self, agent, name: str) -> None:
-        msg = agent.mailbox.pending.get(name)
+        msg = agent.mailbox.get(name)
         if msg is None:
             raise Fs9Error(errno.ENOENT, f"no such message: {name}")
         self.kernel.record("mail_acked", agent=agent.name, corr=msg.headers["correlation-id"],
-                           id=msg.id, name=name)
+                           id=msg.id, name=msg.name)
 
     def delivered(self, agent, msg: Message) -> None:
         self.kernel.log.append("mail_delivered", agent=agent.name,

@@ -8,6 +8,7 @@ re-queued (restart permanent/transient) or failed (temporary, daemon runs).
 """
 import collections
 import errno
+import gc
 import logging
 import os
 import traceback
@@ -60,6 +61,10 @@ class Kernel:
             self.apply(event)
         self._replaying = False
         self._recover()
+        # The replayed state lives as long as the mount: keep the cyclic collector from
+        # walking it again and again (a million tasks cost seconds-long pauses).
+        gc.collect()
+        gc.freeze()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for agent in self.agents.values():
