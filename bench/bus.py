@@ -1,0 +1,984 @@
+"""fs9 bus benchmark: mail and topics, each figure beside a baseline measured in the same run.
+
+    .venv/bin/python bench/bus.py           (about 5 minutes)
+    .venv/bin/python bench/bus.py --quick   (under a minute: one repeat, 100,000-event logs)
+    .venv/bin/python bench/bus.py --strict  (exit 1 when a target is missed)
+
+Mounts fs9 for real (bench/foundation.py's Fs9Mount: a temporary directory, the
+mount point beside the state directory, never inside it) and measures:
+
+1. mail, one sender, one receiver, durable. The sender is this process; each
+   message is an open/write/close of agents/box/mail/new, and close returns once
+   the message is committed to the event log. The receiver is a child process
+   looping: read mail/next to EOF, list mail/ for the head's name (a message does
+   not carry its file name), rm it.
+   - throughput: N messages sent back to back while the receiver runs; messages/s
+     from the first send until the receiver has acknowledged the last. Median of
+     repeats, each interleaved with the baselines.
+   - delivery latency: one message at a time to a receiver blocked in read() on
+     mail/next, from just before the sender's open until that read() returns
+     (CLOCK_MONOTONIC in both processes, nothing subtracted).
+   Baselines, same sender/receiver shape: a named pipe (one writer, one reader);
+   a Maildir on tmpfs (/dev/shm: write into tmp/, rename into new/; the reader,
+   woken by inotify, reads the file and unlinks it); autogen-core's
+   SingleThreadedAgentRuntime (one agent awaiting send_message to another, in
+   one process, nothing durable), skipped with a note when autogen-core is not
+   installed (.venv/bin/pip install autogen-core). fs9 messages carry a 128-byte
+   body (mail/next returns it with about 200 bytes of headers); the baselines
+   carry 320-byte messages.
+2. topic fan-out: one publisher writes events (one write, one event) to
+   topics/fan for a few seconds, with 1, 10 and 100 subscriber processes each
+   reading topics/fan and counting lines; events/s delivered, summed over the
+   subscribers and per subscriber (median of repeats). A subscriber more than
+   fs9's ring behind is told how many it missed; those are counted as dropped,
+   not delivered. Baseline: the publisher writes each event into one pipe per
+   subscriber (which never drops: a full pipe blocks the publisher).
+3. log scale: figure 1's mail throughput with about 1,000 and about 1,000,000
+   events already in the log. Two big logs, each on its own mount: one filled
+   by writing `run x` lines (many per write) to a stopped agent's ctl, so the
+   kernel also holds a million queued tasks in memory; one filled by publishing
+   to a topic nobody reads, so it holds next to nothing. Each small log is a
+   fresh mount filled with 1,000 `run x`. Runs interleaved; msg/s is messages
+   over time summed across the runs, since a big server pauses now and then;
+   during each run a probe process reads the root ctl every 10 ms and the
+   longest wait is shown. The fill pauses every FILL_BURST events so that the
+   server's checkpointer catches up and the WAL restarts (under a steady stream
+   of writes it never does and grows by ~9 KB an event). Also the time to mount
+   each log again (replay).
+
+Prints a table and writes bench/results/bus.json. Every mount is unmounted at
+the end (fusermount3 -u -z as a fallback) and every child process is killed.
+"""
+import collections
+import ctypes
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from foundation import (REPO, SETTLE_S, BlockedReader, Fs9Mount, mounted, pct,  # noqa: E402
+                        row, table)
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "bus.json"
+
+MAIL_N, MAIL_REPEATS = 1000, 5  # messages in one throughput run; runs per kind
+LAT_ROUNDS, LAT_PER_ROUND, LAT_WARM = 5, 100, 10
+FAN_SUBS, FAN_S, FAN_REPEATS = (1, 10, 100), 2.0, 3
+LOG_SMALL, LOG_BIG, LOG_REPEATS = 1_000, 1_000_000, 4
+LOG_FILLS = ("tasks", "events")  # what fills a big log (see fill())
+PROBE_S = 0.01  # figure 3: a ctl read this often during each run, to see the server stall
+FILL_BUDGET_S = 150  # each big log gets what fits in this; the output says so if short
+FILL_LINES = 4000  # `run x` lines in one write
+FILL_BURST, FILL_PAUSE_S = 200_000, 2.5  # pause between bursts: the checkpointer catches up
+WATCHDOG_S = 150  # no single figure may take longer (figure 3: plus the fill budget)
+MAIL_TIMEOUT_S = 120  # one throughput run
+
+BODY_BYTES, MSG_BYTES = 128, 320
+RUN = b"run x\n"
+OVERFLOW = re.compile(rb"fs9: overflow: (\d+) events dropped\n")
+
+
+def body(i: int) -> bytes:
+    """fs9 message i: a 128-byte body ending in its number."""
+    return b"m" * (BODY_BYTES - 10) + b" %08d\n" % i
+
+
+def message(i: int) -> bytes:
+    """Baseline message i: 320 bytes, about what mail/next returns for body(i)."""
+    return b"m" * (MSG_BYTES - 10) + b" %08d\n" % i
+
+
+def ends(data: bytes, i: int) -> bool:
+    return data.endswith(b" %08d\n" % i)
+
+
+# --- child processes --------------------------------------------------------------
+
+class Child(BlockedReader):
+    """A forked process running loop(ready_w, result_w), with BlockedReader's protocol:
+    a byte on `ready` before each wait, packed results on `result`; `close` kills it."""
+
+    live: set = set()
+
+    def __init__(self, loop) -> None:  # not BlockedReader's: that forks its own read loop
+        ready_r, ready_w = os.pipe()
+        result_r, result_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(ready_r)
+                os.close(result_r)
+                loop(ready_w, result_w)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        self.pid = pid
+        os.close(ready_w)
+        os.close(result_w)
+        self.ready, self.result = ready_r, result_r
+        Child.live.add(self)
+
+    def announced(self, timeout: float = 30) -> None:
+        self._take(self.ready, 1, timeout)
+
+    def report(self, fmt: str, timeout: float = MAIL_TIMEOUT_S) -> tuple:
+        return struct.unpack(fmt, self._take(self.result, struct.calcsize(fmt), timeout))
+
+    def close(self, wake=None) -> None:
+        if self in Child.live:
+            Child.live.discard(self)
+            super().close(wake)
+
+
+# --- mail: fs9 and the baselines ----------------------------------------------------
+# Each kind has send(i) and receiver(n, each) -> Child. The receiver takes n
+# messages, numbered 0..n-1, checks their order, and reports (end time, sum of
+# backlogs seen, messages out of order) when done. each=True: it announces itself
+# before every blocking wait and reports the time every wait returned (latency);
+# each=False: it announces itself once (throughput).
+
+class Fs9Mail:
+    name = "fs9"
+
+    def __init__(self, fs: Fs9Mount, agent: str = "box") -> None:
+        fs.ctl("ctl", f"spawn {agent} cmd=cat\n")
+        self.dir = fs.path / "agents" / agent / "mail"
+        self.new = self.dir / "new"
+
+    def send(self, i: int) -> None:
+        fd = os.open(self.new, os.O_WRONLY)
+        try:
+            os.write(fd, body(i))
+        finally:
+            os.close(fd)  # the message is sent (and committed) at close
+
+    def receiver(self, n: int, each: bool) -> Child:
+        mail, nxt = self.dir, self.dir / "next"
+
+        def loop(ready_w, result_w):
+            backlog = bad = 0
+            if not each:
+                os.write(ready_w, b"r")
+            for i in range(n):
+                if each:
+                    os.write(ready_w, b"r")
+                fd = os.open(nxt, os.O_RDONLY)
+                try:
+                    data = os.read(fd, 65536)  # blocks until a message is pending
+                    t1 = time.perf_counter_ns()
+                    while chunk := os.read(fd, 65536):
+                        data += chunk
+                finally:
+                    os.close(fd)
+                if each:
+                    os.write(result_w, struct.pack("q", t1))
+                head = data.split(b"\n\n", 1)[0].decode()
+                msg_id = next(ln[4:] for ln in head.splitlines() if ln.startswith("id: "))
+                os.unlink(mail / msg_id)  # rm mail/ID: acknowledged without listing
+                backlog += 0  # (no listing any more: the backlog is not observed)
+                bad += not ends(data, i)
+            os.write(result_w, struct.pack("qqq", time.perf_counter_ns(), backlog, bad))
+        return Child(loop)
+
+
+class Fifo:
+    name = "fifo"
+
+    def __init__(self, tmp: Path) -> None:
+        path = tmp / "fifo"
+        os.mkfifo(path)
+        # open(2) of one end blocks until the other is opened: read end non-blocking first
+        self.rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self.wfd = os.open(path, os.O_WRONLY)
+        os.set_blocking(self.rfd, True)
+
+    def send(self, i: int) -> None:
+        os.write(self.wfd, message(i))
+
+    def receiver(self, n: int, each: bool) -> Child:
+        rfd = self.rfd
+
+        def loop(ready_w, result_w):
+            want, got, buf, bad = n * MSG_BYTES, 0, b"", 0
+            if not each:
+                os.write(ready_w, b"r")
+            while got < want:
+                if each:
+                    os.write(ready_w, b"r")
+                data = os.read(rfd, 65536)
+                t1 = time.perf_counter_ns()
+                if each:
+                    os.write(result_w, struct.pack("q", t1))
+                buf += data
+                while len(buf) >= MSG_BYTES:
+                    bad += not ends(buf[:MSG_BYTES], got // MSG_BYTES)
+                    buf, got = buf[MSG_BYTES:], got + MSG_BYTES
+            os.write(result_w, struct.pack("qqq", time.perf_counter_ns(), 0, bad))
+        return Child(loop)
+
+    def close(self) -> None:
+        os.close(self.rfd)
+        os.close(self.wfd)
+
+
+class Inotify:
+    """IN_MOVED_TO events of one directory: inotify_simple if installed, else ctypes."""
+    IN_MOVED_TO, IN_Q_OVERFLOW = 0x80, 0x4000
+
+    def __init__(self, path: str) -> None:
+        try:
+            import inotify_simple
+            self.lib = inotify_simple.INotify()
+            self.lib.add_watch(path, inotify_simple.flags.MOVED_TO)
+        except ImportError:
+            self.lib = None
+            libc = ctypes.CDLL(None, use_errno=True)
+            self.fd = libc.inotify_init1(0)
+            if self.fd < 0 or libc.inotify_add_watch(self.fd, os.fsencode(path),
+                                                     self.IN_MOVED_TO) < 0:
+                raise OSError(ctypes.get_errno(), "inotify")
+
+    def read(self) -> tuple[list[str], bool]:
+        """Block for events: (names moved in, whether the queue overflowed)."""
+        if self.lib is not None:
+            events = self.lib.read()
+            return ([e.name for e in events if e.name],
+                    any(e.mask & self.IN_Q_OVERFLOW for e in events))
+        data, off, names, overflow = os.read(self.fd, 65536), 0, [], False
+        while off < len(data):
+            _, mask, _, n = struct.unpack_from("iIII", data, off)
+            name = data[off + 16:off + 16 + n].rstrip(b"\0")
+            off += 16 + n
+            overflow |= bool(mask & self.IN_Q_OVERFLOW)
+            if name:
+                names.append(os.fsdecode(name))
+        return names, overflow
+
+
+class Maildir:
+    name = "Maildir+inotify"
+
+    def __init__(self) -> None:
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.root = tempfile.mkdtemp(prefix="fs9-bench-maildir-", dir=shm)
+        self.tmp, self.new = (os.path.join(self.root, d) for d in ("tmp", "new"))
+        for d in ("tmp", "new", "cur"):
+            os.mkdir(os.path.join(self.root, d))
+        self.tag = f"{os.getpid()}.bench"
+
+    def send(self, i: int) -> None:
+        name = f"{i:08d}.{self.tag}"
+        tmp = os.path.join(self.tmp, name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, message(i))
+        finally:
+            os.close(fd)
+        os.rename(tmp, os.path.join(self.new, name))
+
+    def receiver(self, n: int, each: bool) -> Child:
+        new = self.new
+
+        def loop(ready_w, result_w):
+            ino = Inotify(new)
+            queue = collections.deque(sorted(os.listdir(new)))
+            got = bad = 0
+            if not each:
+                os.write(ready_w, b"r")
+            while got < n:
+                if not queue:
+                    if each:
+                        os.write(ready_w, b"r")
+                    names, overflow = ino.read()  # blocks until a rename into new/
+                    queue = collections.deque(sorted(os.listdir(new)) if overflow else names)
+                    continue
+                path = os.path.join(new, queue.popleft())
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    data = os.read(fd, 65536)
+                finally:
+                    os.close(fd)
+                t1 = time.perf_counter_ns()
+                os.unlink(path)
+                if each:
+                    os.write(result_w, struct.pack("q", t1))
+                bad += not ends(data, got)
+                got += 1
+            os.write(result_w, struct.pack("qqq", time.perf_counter_ns(), 0, bad))
+        return Child(loop)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def autogen_missing() -> str | None:
+    """Why autogen-core cannot be used (None: it can)."""
+    try:
+        import autogen_core  # noqa: F401
+        return None
+    except Exception as e:  # not installed, or broken
+        return f"{type(e).__name__}: {e}"
+
+
+_AUTOGEN = None
+
+
+def _autogen_classes():
+    global _AUTOGEN
+    if _AUTOGEN is None:
+        from autogen_core import (AgentId, MessageContext, RoutedAgent,
+                                  SingleThreadedAgentRuntime, message_handler)
+
+        @dataclass
+        class Msg:
+            i: int
+            body: str
+            t0: int
+
+        @dataclass
+        class Go:
+            n: int
+
+        class Receiver(RoutedAgent):
+            def __init__(self, delivered: list) -> None:
+                super().__init__("receives the messages")
+                self.delivered = delivered
+
+            @message_handler
+            async def on_msg(self, message: Msg, ctx: MessageContext) -> None:
+                self.delivered.append((message.i, time.perf_counter_ns() - message.t0))
+
+        class Sender(RoutedAgent):
+            def __init__(self, sent: list) -> None:
+                super().__init__("sends the messages")
+                self.sent = sent
+
+            @message_handler
+            async def on_go(self, message: Go, ctx: MessageContext) -> None:
+                to = AgentId("receiver", "default")
+                text = "m" * (MSG_BYTES - 10)
+                for i in range(message.n):
+                    t0 = time.perf_counter_ns()
+                    await self.send_message(Msg(i, text, t0), to)
+                    self.sent.append(time.perf_counter_ns() - t0)
+
+        _AUTOGEN = (SingleThreadedAgentRuntime, AgentId, Receiver, Sender, Go)
+    return _AUTOGEN
+
+
+def autogen_run(n: int) -> dict:
+    """One agent awaits send_message of n messages to another, in a fresh runtime:
+    elapsed seconds, delivery ms (until the receiver's handler runs), send ms."""
+    import asyncio
+    Runtime, AgentId, Receiver, Sender, Go = _autogen_classes()
+
+    async def session():
+        delivered, sent = [], []
+        rt = Runtime()
+        await Receiver.register(rt, "receiver", lambda: Receiver(delivered))
+        await Sender.register(rt, "sender", lambda: Sender(sent))
+        rt.start()
+        try:
+            t0 = time.perf_counter_ns()
+            await rt.send_message(Go(n), AgentId("sender", "default"))
+            t1 = time.perf_counter_ns()
+        finally:
+            await rt.stop()
+        if [i for i, _ in delivered] != list(range(n)):
+            raise RuntimeError("autogen-core: messages lost or out of order")
+        return {"elapsed_s": (t1 - t0) / 1e9, "lat_ms": [d / 1e6 for _, d in delivered],
+                "send_ms": [s / 1e6 for s in sent]}
+    return asyncio.run(session())
+
+
+# --- figure 1: mail -----------------------------------------------------------------
+
+def mail_rate(box, n: int) -> dict:
+    """Messages/s of n sends to box while its receiver takes and acknowledges them."""
+    child = box.receiver(n, each=False)
+    try:
+        child.announced()
+        time.sleep(SETTLE_S)
+        t0 = time.perf_counter_ns()
+        for i in range(n):
+            box.send(i)
+        ts = time.perf_counter_ns()
+        t_end, backlog, bad = child.report("qqq")
+    finally:
+        child.close()
+    if bad:
+        raise RuntimeError(f"{box.name}: {bad} of {n} messages out of order")
+    return {"per_s": n / ((t_end - t0) / 1e9), "send_per_s": n / ((ts - t0) / 1e9),
+            "mean_backlog": backlog / n}
+
+
+def figure_mail_rate(boxes: list, autogen: bool) -> dict:
+    runs = {b.name: [] for b in boxes}
+    if autogen:
+        runs["autogen-core"] = []
+    for box in boxes:  # warm up
+        mail_rate(box, 50)
+    if autogen:
+        autogen_run(50)
+    for r in range(MAIL_REPEATS):
+        order = boxes[r % len(boxes):] + boxes[:r % len(boxes)]
+        for box in order:
+            runs[box.name].append(mail_rate(box, MAIL_N))
+        if autogen:
+            runs["autogen-core"].append({"per_s": MAIL_N / autogen_run(MAIL_N)["elapsed_s"]})
+    return {name: {"per_s": statistics.median(x["per_s"] for x in rs), "runs": rs}
+            for name, rs in runs.items()}
+
+
+def figure_mail_latency(boxes: list, autogen: bool) -> dict:
+    total = LAT_WARM + LAT_ROUNDS * LAT_PER_ROUND
+    kinds = {b.name: ([], []) for b in boxes}  # (delivery ms, send ms)
+    if autogen:
+        kinds["autogen-core"] = ([], [])
+    readers = {}
+    try:
+        for box in boxes:
+            readers[box.name] = box.receiver(total, each=True)
+        sent = dict.fromkeys(readers, 0)
+
+        def samples(box, k, lat, slat):
+            reader = readers[box.name]
+            for _ in range(k):
+                reader.wait_blocked()
+                t0 = time.perf_counter_ns()
+                box.send(sent[box.name])
+                ts = time.perf_counter_ns()
+                t1 = reader.woke_at()
+                sent[box.name] += 1
+                lat.append((t1 - t0) / 1e6)
+                slat.append((ts - t0) / 1e6)
+
+        for box in boxes:
+            samples(box, LAT_WARM, [], [])
+        if autogen:
+            autogen_run(LAT_WARM)
+        for _ in range(LAT_ROUNDS):
+            for box in boxes:
+                samples(box, LAT_PER_ROUND, *kinds[box.name])
+            if autogen:
+                a = autogen_run(LAT_PER_ROUND)
+                kinds["autogen-core"][0].extend(a["lat_ms"])
+                kinds["autogen-core"][1].extend(a["send_ms"])
+        for name, reader in readers.items():
+            _, _, bad = reader.report("qqq", timeout=10)
+            if bad:
+                raise RuntimeError(f"{name}: {bad} messages out of order")
+    finally:
+        for reader in readers.values():
+            reader.close()
+    return {name: {"n": len(lat), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+                   "send_p50_ms": pct(slat, 50), "send_p99_ms": pct(slat, 99)}
+            for name, (lat, slat) in kinds.items()}
+
+
+# --- figure 2: topic fan-out ----------------------------------------------------------
+
+def subscriber(opener):
+    """Count event lines until the `end` event; report (time, events, notes, dropped)."""
+    def loop(ready_w, result_w):
+        fd = opener()
+        os.write(ready_w, b"r")
+        lines = notes = dropped = 0
+        tail = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError("EOF on a subscription")
+            lines += chunk.count(b"\n")
+            if b"fs9: overflow" in chunk:  # a note starts a read: never split
+                for m in OVERFLOW.finditer(chunk):
+                    notes += 1
+                    dropped += int(m.group(1))
+            tail = (tail + chunk)[-4:]
+            if tail == b"end\n":
+                break
+        os.write(result_w, struct.pack("qqqq", time.perf_counter_ns(), lines - notes - 1,
+                                       notes, dropped))
+    return loop
+
+
+def fanout_run(k: int, topic: Path | None, seconds: float) -> dict:
+    """One publisher, k subscribers for `seconds`: to fs9's topic, or (topic None)
+    through one pipe per subscriber."""
+    children, pipes = [], []
+    try:
+        if topic is None:
+            pipes = [os.pipe() for _ in range(k)]
+
+            def opener(j):
+                def open_mine():
+                    for n, (r, w) in enumerate(pipes):
+                        os.close(w)
+                        if n != j:
+                            os.close(r)
+                    return pipes[j][0]
+                return open_mine
+            for j in range(k):
+                children.append(Child(subscriber(opener(j))))
+            for r, _ in pipes:
+                os.close(r)
+            fds = [w for _, w in pipes]
+        else:
+            for _ in range(k):
+                children.append(Child(subscriber(lambda: os.open(topic, os.O_RDONLY))))
+        for c in children:
+            c.announced()  # subscribed: a subscription starts at open
+        if topic is not None:
+            fds = [os.open(topic, os.O_WRONLY)]
+        try:
+            i = 0
+            t0 = time.perf_counter_ns()
+            end = t0 + int(seconds * 1e9)
+            while True:
+                ev = b"ev %010d\n" % i
+                for fd in fds:
+                    os.write(fd, ev)
+                i += 1
+                if i % 16 == 0 and time.perf_counter_ns() >= end:
+                    break
+            tp = time.perf_counter_ns()
+            for fd in fds:
+                os.write(fd, b"end\n")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        reports = [c.report("qqqq") for c in children]
+    finally:
+        for c in children:
+            c.close()
+    delivered = sum(r[1] for r in reports)
+    dropped = sum(r[3] for r in reports)
+    t_last = max(r[0] for r in reports)
+    lost = k * i - delivered - dropped
+    if lost:
+        raise RuntimeError(f"fan-out to {k}: {lost} events neither delivered nor reported dropped")
+    per_s = delivered / ((t_last - t0) / 1e9)
+    return {"published": i, "publish_per_s": i / ((tp - t0) / 1e9), "delivered": delivered,
+            "dropped": dropped, "notes": sum(r[2] for r in reports), "per_s": per_s,
+            "per_sub_per_s": per_s / k, "drain_s": (t_last - tp) / 1e9}
+
+
+def figure_fanout(fs: Fs9Mount) -> dict:
+    topic = fs.path / "topics" / "fan"
+    topic.touch()
+    fanout_run(1, topic, 0.2), fanout_run(1, None, 0.2)  # warm up
+    out = {}
+    for k in FAN_SUBS:
+        runs = {"fs9": [], "pipes": []}
+        for r in range(FAN_REPEATS):
+            pair = [("fs9", topic), ("pipes", None)]
+            for name, t in (pair if r % 2 == 0 else pair[::-1]):
+                runs[name].append(fanout_run(k, t, FAN_S))
+        out[k] = {name: {"per_s": statistics.median(x["per_s"] for x in rs),
+                         "per_sub_per_s": statistics.median(x["per_sub_per_s"] for x in rs),
+                         "dropped_frac": sum(x["dropped"] for x in rs) /
+                         max(1, sum(x["published"] * k for x in rs)),
+                         "runs": rs}
+                  for name, rs in runs.items()}
+    return out
+
+
+# --- figure 3: log scale -------------------------------------------------------------
+
+def log_events(fs: Fs9Mount) -> int:
+    with open(fs.path / "ctl") as f:
+        return int(dict(w.split("=", 1) for w in f.read().split() if "=" in w)["events"])
+
+
+def wal_bytes(fs: Fs9Mount) -> int:
+    try:
+        return (fs.state / "log.sqlite-wal").stat().st_size
+    except OSError:
+        return 0
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def fill(fs: Fs9Mount, target: int, budget_s: float, how: str = "tasks") -> dict:
+    """Grow the log to ~target events. tasks: `run x` lines (many per write) to a
+    stopped agent, so each is a queued task the kernel keeps in memory; events:
+    one write per event to a topic nobody reads (the kernel keeps the last 1024)."""
+    if how == "tasks":
+        fs.ctl("ctl", "spawn filler cmd=cat\n")
+        fs.ctl("agents/filler/ctl", "stop\n")  # queued tasks start nothing
+        fd = os.open(fs.path / "agents" / "filler" / "ctl", os.O_WRONLY)
+
+        def write(k):
+            os.write(fd, RUN * k)  # one task_queued event per line
+    else:
+        topic = fs.path / "topics" / "filler"
+        topic.touch()
+        fd = os.open(topic, os.O_WRONLY)
+
+        def write(k):
+            for _ in range(k):
+                os.write(fd, b"x\n")  # one published event per write
+    have = start_events = log_events(fs)
+    start = time.monotonic()
+    paused = 0.0
+    since_pause = 0
+    try:
+        while have < target and time.monotonic() - start < budget_s:
+            k = min(FILL_LINES, target - have)
+            write(k)
+            have += k
+            since_pause += k
+            if since_pause >= FILL_BURST and have < target:
+                time.sleep(FILL_PAUSE_S)  # the checkpointer catches up; the WAL restarts
+                paused += FILL_PAUSE_S
+                since_pause = 0
+    finally:
+        os.close(fd)
+    elapsed = time.monotonic() - start
+    events = log_events(fs)
+    return {"how": how, "events": events, "target": target, "seconds": elapsed,
+            "paused_s": paused, "per_s": (events - start_events) / max(1e-9, elapsed - paused),
+            "short": events < target * 0.99, "rss_bytes": rss_bytes(fs.pid),
+            "wal_bytes": wal_bytes(fs)}
+
+
+def wait_exit(pid: int | None, timeout: float) -> float:
+    """Seconds until pid has exited (or timeout)."""
+    t0 = time.monotonic()
+    while pid and time.monotonic() - t0 < timeout:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except OSError:
+            break
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+class Prober:
+    """A child reading the root ctl every PROBE_S while a run goes on: how long the
+    server stopped answering (a ctl read normally takes a fraction of a ms)."""
+
+    def __init__(self, fs: Fs9Mount) -> None:
+        self.stop_r, self.stop_w = os.pipe()
+        ctl, stop_r = fs.path / "ctl", self.stop_r
+
+        def loop(ready_w, result_w):
+            worst, slow, times = 0, 0, []
+            os.write(ready_w, b"r")
+            while not select.select([stop_r], [], [], PROBE_S)[0]:
+                t0 = time.perf_counter_ns()
+                with open(ctl, "rb") as f:
+                    f.read()
+                dt = time.perf_counter_ns() - t0
+                worst = max(worst, dt)
+                slow += dt > 100_000_000
+                times.append(dt)
+            os.write(result_w, struct.pack("qqq", worst, slow, len(times)))
+        self.child = Child(loop)
+        self.child.announced()
+
+    def stop(self) -> dict:
+        try:
+            os.write(self.stop_w, b"s")
+            worst, slow, n = self.child.report("qqq", timeout=30)
+        finally:
+            self.child.close()
+            os.close(self.stop_r)
+            os.close(self.stop_w)
+        return {"worst_ms": worst / 1e6, "over_100ms": slow, "probes": n}
+
+
+def probed_rate(fs: Fs9Mount, box: Fs9Mail, n: int) -> dict:
+    before = log_events(fs)
+    probe = Prober(fs)
+    try:
+        r = mail_rate(box, n)
+    finally:
+        p = probe.stop()
+    return {**r, **p, "events_before": before}
+
+
+def total_rate(runs: list[dict]) -> float:
+    """Messages over time summed across runs (the harmonic mean of equal-sized runs):
+    a server that pauses now and then is charged its pauses, whichever run they hit."""
+    return len(runs) / sum(1 / x["per_s"] for x in runs)
+
+
+def replay_time(fs: Fs9Mount) -> dict:
+    """Unmount, wait for the server to exit, mount again: seconds for each."""
+    pid = fs.pid
+    t0 = time.monotonic()
+    fs.umount()
+    umount_s = time.monotonic() - t0
+    exit_s = umount_s + wait_exit(pid, 120)
+    t0 = time.monotonic()
+    fs.mount(timeout=300)
+    return {"umount_s": umount_s, "exit_s": exit_s, "mount_s": time.monotonic() - t0}
+
+
+def figure_log_scale(new_mount, budget_s: float) -> dict:
+    big = {}
+    for how in LOG_FILLS:
+        fs = new_mount(f"big-{how}")
+        fs.mount()
+        print(f"    filling a log with {LOG_BIG:,} events ({how}) ...", file=sys.stderr,
+              flush=True)
+        big[how] = {"fs": fs, "fill": fill(fs, LOG_BIG, budget_s, how), "runs": []}
+        big[how]["box"] = Fs9Mail(fs)
+    time.sleep(FILL_PAUSE_S)  # let the checkpointers catch up, as between bursts
+    for b in big.values():
+        mail_rate(b["box"], 50)  # warm up
+    small_runs, small_fills, small_replays = [], [], []
+    kinds = ["small", *LOG_FILLS]
+    for r in range(LOG_REPEATS):
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            if kind != "small":
+                b = big[kind]
+                b["runs"].append(probed_rate(b["fs"], b["box"], MAIL_N))
+                continue
+            small = new_mount(f"small{r}")
+            small.mount()
+            try:
+                small_fills.append(fill(small, LOG_SMALL, 30))
+                box = Fs9Mail(small)
+                mail_rate(box, 50)  # warm up, as on the big logs
+                small_runs.append(probed_rate(small, box, MAIL_N))
+                small_replays.append(replay_time(small))
+            finally:
+                small.umount()
+    out = {"small": {"per_s": total_rate(small_runs),
+                     "median_per_s": statistics.median(x["per_s"] for x in small_runs),
+                     "runs": small_runs, "fills": small_fills, "replays": small_replays,
+                     "mount_s": statistics.median(x["mount_s"] for x in small_replays)}}
+    for how, b in big.items():
+        b["events"] = log_events(b["fs"])
+        b["replay"] = replay_time(b["fs"])
+        b["fs"].umount()
+        out[how] = {"per_s": total_rate(b["runs"]),
+                    "median_per_s": statistics.median(x["per_s"] for x in b["runs"]),
+                    "runs": b["runs"], "fill": b["fill"], "events": b["events"],
+                    "replay": b["replay"], "mount_s": b["replay"]["mount_s"]}
+    return out
+
+
+# --- report ---------------------------------------------------------------------------
+
+def rows_of(rate: dict, lat: dict, fan: dict, log: dict) -> list[dict]:
+    f, fr = lat["fs9"], rate["fs9"]["per_s"]
+    rows = []
+    first = True
+    for name in ("fifo", "Maildir+inotify", "autogen-core"):
+        if name not in rate:
+            continue
+        label = "1. mail msg/s, send->next->rm" if first else "   mail msg/s, send->next->rm"
+        rows.append(row(f"{label} (vs {name})", fr, rate[name]["per_s"], "/s",
+                        ">= 3000/s" if first else "info", (fr >= 3000) if first else None,
+                        fmt="{:.0f}"))
+        first = False
+    first = True
+    for name in ("fifo", "Maildir+inotify", "autogen-core"):
+        if name not in lat:
+            continue
+        b = lat[name]
+        rows.append(row(f"   delivery p50 (vs {name})", f["p50_ms"], b["p50_ms"], "ms",
+                        "<= 2 ms" if first else "info", (f["p50_ms"] <= 2) if first else None))
+        rows.append(row(f"   delivery p99 (vs {name})", f["p99_ms"], b["p99_ms"], "ms"))
+        first = False
+    md = lat["Maildir+inotify"]
+    rows.append(row("   send p50 (vs Maildir write+rename)", f["send_p50_ms"], md["send_p50_ms"], "ms"))
+    rows.append(row("   send p99 (vs Maildir write+rename)", f["send_p99_ms"], md["send_p99_ms"], "ms"))
+    for n, k in enumerate(FAN_SUBS):
+        a, b = fan[k]["fs9"], fan[k]["pipes"]
+        label = "2. topic" if n == 0 else "   topic"
+        rows.append(row(f"{label} events/s delivered, {k} subs (vs pipes)", a["per_s"], b["per_s"],
+                        "/s", fmt="{:.0f}"))
+        rows.append(row(f"   per subscriber, {k} subs (vs pipes)", a["per_sub_per_s"],
+                        b["per_sub_per_s"], "/s", fmt="{:.0f}"))
+    s = log["small"]
+    s_ev = s["runs"][0]["events_before"]
+    what = {"tasks": "queued tasks", "events": "topic events"}
+    for n, how in enumerate(LOG_FILLS):
+        g = log[how]
+        g_ev = g["runs"][0]["events_before"]
+        label = "3. mail" if n == 0 else "   mail"
+        rows.append(row(f"{label} msg/s, log of {g_ev:,} ({what[how]}) (vs {s_ev:,})",
+                        g["per_s"], s["per_s"], "/s", ">= 0.8x", g["per_s"] >= 0.8 * s["per_s"],
+                        fmt="{:.0f}"))
+    for how in LOG_FILLS:
+        rows.append(row(f"   longest server stall, {what[how]} log (vs small)",
+                        max(x["worst_ms"] for x in log[how]["runs"]),
+                        max(x["worst_ms"] for x in s["runs"]), "ms", fmt="{:.0f}"))
+    for how in LOG_FILLS:
+        rows.append(row(f"   mount (log replay), {what[how]} log (vs small)",
+                        log[how]["mount_s"], s["mount_s"], "s", fmt="{:.2f}"))
+    return rows
+
+
+def notes_of(rate: dict, fan: dict, log: dict, autogen_why: str | None) -> list[str]:
+    notes = []
+    if autogen_why:
+        notes.append(f"autogen-core baseline skipped ({autogen_why}); "
+                     ".venv/bin/pip install autogen-core to include it")
+    runs = rate["fs9"]["runs"]
+    notes.append(
+        "fs9 mail: the sender got its messages out at {:.0f} msg/s (median) while the receiver "
+        "ran; the receiver acknowledges each message with rm mail/ID after reading next".format(
+            statistics.median(x["send_per_s"] for x in runs)))
+    drops = ", ".join(f"{k} subs {100 * fan[k]['fs9']['dropped_frac']:.1f}%" for k in FAN_SUBS)
+    notes.append(f"topic events dropped by fs9 (subscribers over the ring behind): {drops}; "
+                 "the pipes drop none (a full pipe blocks the publisher)")
+    pub = ", ".join(f"{k} subs {statistics.median(x['publish_per_s'] for x in fan[k]['fs9']['runs']):.0f}"
+                    f" vs {statistics.median(x['publish_per_s'] for x in fan[k]['pipes']['runs']):.0f}"
+                    for k in FAN_SUBS)
+    notes.append(f"topic events/s published (fs9 vs pipes): {pub}")
+    notes.append("log scale: msg/s are total messages over total time of the runs (the big "
+                 "logs' servers pause now and then); medians: " + ", ".join(
+                     f"{k} {log[k]['median_per_s']:.0f}" for k in ("small", *LOG_FILLS)))
+    for how in LOG_FILLS:
+        g = log[how]
+        fl, rp = g["fill"], g["replay"]
+        short = (f"; SHORT of {fl['target']:,}: the fill stopped at its {FILL_BUDGET_S} s budget"
+                 if fl["short"] else "")
+        notes.append(
+            f"{how} log: filled to {fl['events']:,} events at {fl['per_s']:.0f}/s ({fl['seconds']:.0f} s, "
+            f"{fl['paused_s']:.0f} s of it paused){short}; server RSS then "
+            f"{fl['rss_bytes'] / 2**20:.0f} MiB, WAL file {fl['wal_bytes'] / 2**20:.0f} MiB; "
+            f"probe reads over 100 ms during its runs: {sum(x['over_100ms'] for x in g['runs'])}; "
+            f"umount took {rp['umount_s']:.1f} s, the server exited after {rp['exit_s']:.1f} s")
+    return notes
+
+
+def main() -> int:
+    if not shutil.which("fusermount3"):
+        print("bus: fusermount3 missing; cannot mount", file=sys.stderr)
+        return 2
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)  # run the finally blocks: kill children, unmount
+
+    def on_alarm(signum, frame):
+        raise TimeoutError("a figure took too long (watchdog)")
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGALRM, on_alarm)
+
+    global MAIL_N, MAIL_REPEATS, LAT_ROUNDS, FAN_S, FAN_REPEATS, LOG_BIG, LOG_REPEATS
+    global FILL_BUDGET_S
+    quick = "--quick" in sys.argv[1:]
+    if quick:  # a smoke run; figures are rough
+        MAIL_N, MAIL_REPEATS, LAT_ROUNDS, FAN_S, FAN_REPEATS = 500, 1, 1, 0.5, 1
+        LOG_BIG, LOG_REPEATS, FILL_BUDGET_S = 100_000, 1, 15
+    autogen_why = autogen_missing()
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="fs9-bus-"))
+    mounts: list[Fs9Mount] = []
+
+    def new_mount(name: str) -> Fs9Mount:
+        (tmp / name).mkdir()
+        fs = Fs9Mount(tmp / name)  # mount point tmp/NAME/mnt beside tmp/NAME/state
+        mounts.append(fs)
+        return fs
+
+    fifo = maildir = None
+    try:
+        fs = new_mount("main")
+        fs.mount()
+        fifo, maildir = Fifo(tmp), Maildir()
+        boxes = [Fs9Mail(fs), fifo, maildir]
+        ag = autogen_why is None
+        signal.alarm(WATCHDOG_S)
+        print("1/3 mail latency ...", file=sys.stderr, flush=True)
+        lat = figure_mail_latency(boxes, ag)
+        signal.alarm(WATCHDOG_S)
+        print(f"1/3 mail throughput ... ({time.monotonic() - started:.0f} s)", file=sys.stderr,
+              flush=True)
+        rate = figure_mail_rate(boxes, ag)
+        signal.alarm(WATCHDOG_S)
+        print(f"2/3 topic fan-out ... ({time.monotonic() - started:.0f} s)", file=sys.stderr,
+              flush=True)
+        fan = figure_fanout(fs)
+        fs.umount()
+        signal.alarm(WATCHDOG_S + len(LOG_FILLS) * FILL_BUDGET_S + 300)
+        print(f"3/3 log scale ... ({time.monotonic() - started:.0f} s)", file=sys.stderr,
+              flush=True)
+        log = figure_log_scale(new_mount, FILL_BUDGET_S)
+        signal.alarm(0)
+    finally:
+        signal.alarm(0)
+        for child in list(Child.live):
+            try:
+                child.close()
+            except Exception as e:
+                print(f"bus: child {child.pid}: {e}", file=sys.stderr)
+        if fifo is not None:
+            fifo.close()
+        if maildir is not None:
+            maildir.close()
+        for m in mounts:
+            try:
+                m.umount()
+            except Exception as e:
+                print(f"bus: umount {m.path}: {e}", file=sys.stderr)
+        left = [str(m.path) for m in mounts if mounted(m.path)]
+        if not left:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"bus: still mounted: {left}", file=sys.stderr)
+
+    rows = rows_of(rate, lat, fan, log)
+    print(table(rows))
+    elapsed = time.monotonic() - started
+    print(f"(ran {elapsed:.0f} s on {os.cpu_count()} cpus{', --quick' if quick else ''}; "
+          f"throughput: median of {MAIL_REPEATS} x {MAIL_N} messages; latency: percentiles of "
+          f"{lat['fs9']['n']} messages each; fan-out: median of {FAN_REPEATS} x {FAN_S:g} s; "
+          f"log scale: {LOG_REPEATS} runs each; all interleaved with their baselines)")
+    for note in notes_of(rate, fan, log, autogen_why):
+        print(f"- {note}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(elapsed, 1),
+        "quick": quick,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "kernel": platform.release()},
+        "git": git("rev-parse", "--short", "HEAD").strip(),
+        "git_dirty": bool(git("status", "--porcelain", "--", "fs9").strip()),
+        "autogen_core": autogen_why or "used",
+        "rows": [{k_: v for k_, v in r.items() if not k_.endswith("_text")} for r in rows],
+        "notes": notes_of(rate, fan, log, autogen_why),
+        "raw": {"mail_rate": rate, "mail_latency": lat,
+                "fanout": {str(k): v for k, v in fan.items()}, "log_scale": log},
+    }
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results: {RESULTS.relative_to(REPO)}")
+    if "--strict" in sys.argv[1:] and any(r["pass"] is False for r in rows):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
