@@ -39,7 +39,9 @@ test: deps
 	$(BIN)/python -m pytest -q
 
 bench: deps
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/foundation.py
+	$(BIN)/python bench/bus.py
 
 clean:
 	rm -rf $(VENV) $(STATE)
