@@ -124,6 +124,9 @@ class _Row:
 
 
 _ROWS = [_Row(tuple(p.split("/")) if p else (), f) for p, f in ROWS.items()]
+_BY_DEPTH: dict[int, list[_Row]] = {}  # rows by path length: a walk tries only these
+for _row in _ROWS:
+    _BY_DEPTH.setdefault(len(_row.parts), []).append(_row)
 
 
 class Tree:
@@ -132,9 +135,7 @@ class Tree:
 
     def resolve(self, path: tuple[str, ...]) -> Node:
         """The node serving path (a tuple of names), or Fs9Error(ENOENT)."""
-        for row in _ROWS:
-            if len(row.parts) != len(path):
-                continue
+        for row in _BY_DEPTH.get(len(path), ()):
             bound = self._bind(row.parts, path)
             if bound is None:
                 continue
@@ -160,8 +161,8 @@ class Tree:
     def _children(self, row: _Row, bound: dict) -> list[str]:
         names = []
         depth = len(row.parts)
-        for child in _ROWS:
-            if len(child.parts) != depth + 1 or child.parts[:depth] != row.parts:
+        for child in _BY_DEPTH.get(depth + 1, ()):
+            if child.parts[:depth] != row.parts:
                 continue
             last = child.parts[-1]
             if last.startswith("{"):
