@@ -51,7 +51,6 @@ the end (fusermount3 -u -z as a fallback) and every child process is killed.
 """
 import collections
 import ctypes
-import json
 import os
 import platform
 import re
@@ -69,7 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import (REPO, SETTLE_S, BlockedReader, Fs9Mount, mounted, pct,  # noqa: E402
+from foundation import (REPO, SETTLE_S, BlockedReader, Fs9Mount, finish, mounted, pct,  # noqa: E402
                         row, table)
 
 HERE = Path(__file__).resolve().parent
@@ -973,11 +972,7 @@ def main() -> int:
         "raw": {"mail_rate": rate, "mail_latency": lat,
                 "fanout": {str(k): v for k, v in fan.items()}, "log_scale": log},
     }
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results: {RESULTS.relative_to(REPO)}")
-    if "--strict" in sys.argv[1:] and any(r["pass"] is False for r in rows):
-        return 1
-    return 0
+    return finish(RESULTS, report, rows)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import functools
 import logging
 import os
 import select
-import stat
 import time
 import traceback
 
