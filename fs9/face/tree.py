@@ -1,8 +1,10 @@
 """The namespace as one table: path pattern -> the node that serves it (our Dirtab).
 
-To find where any path is served, find its row here. `{agent}` and `{task}`
-are bound to kernel objects while walking; a name that binds to nothing is
-ENOENT. Directories list the rows one level below them.
+To find where any path is served, find its row here. `{agent}`, `{task}`,
+`{msg}`, `{dead}`, `{topic}` and `{corr}` are bound to kernel objects while
+walking (VARS below); a name that binds to nothing is ENOENT. Directories list
+the rows one level below them; a Dir with `create` takes new names (mail/,
+outbox/, topics/).
 """
 import errno
 from dataclasses import dataclass
@@ -73,12 +75,12 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/tasks/{task}/err": lambda k, agent, task: StreamNode(
         lambda: TaskCursor(k, task, 2)),
     "agents/{agent}/tasks/{task}/status": lambda k, agent, task: Status(task.status),
-    "agents/{agent}/mail": lambda k, agent: Dir(create=lambda name: _mail_new(k, agent)),
-    "agents/{agent}/mail/new": _mail_new,
-    "agents/{agent}/outbox": lambda k, agent: Dir(create=lambda name: _outbox(k, agent, name)),
     "agents/{agent}/tasks/{task}/progress": lambda k, agent, task: Ctl(
         lambda data: k.guarded(k.bus.progress, agent, task, data, agent=agent.name,
                                file="progress")),
+    "agents/{agent}/mail": lambda k, agent: Dir(create=lambda name: _mail_new(k, agent)),
+    "agents/{agent}/mail/new": _mail_new,
+    "agents/{agent}/outbox": lambda k, agent: Dir(create=lambda name: _outbox(k, agent, name)),
     "agents/{agent}/mail/next": lambda k, agent: StreamNode(lambda: NextCursor(k, agent)),
     "agents/{agent}/mail/dead": None,
     "agents/{agent}/mail/dead/{dead}": lambda k, agent, dead: Status(dead.render),
