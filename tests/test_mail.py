@@ -261,3 +261,20 @@ def test_two_agents_exchange_mail_under_load(mount):
                     for m in pending(mount, "ping"))
     assert bodies == list(range(n))
     assert mount.status("pong")["done"] == str(n)
+
+
+def test_the_operators_requests_get_their_results_in_the_root_mailbox(mount):
+    mount.sh("echo 'spawn upper' > ctl", check=True)
+    r = mount.sh("printf 'type: work_request\\n\\nhello operator\\n' > agents/upper/mail/new"
+                 " && timeout 10 cat mail/next", check=True)
+    h = headers(r.stdout)
+    assert h["type"] == "result" and h["to"] == "operator" and h["from"] == "upper"
+    assert r.stdout.endswith("\n\nHELLO OPERATOR\n")
+    (name,) = [n for n in os.listdir(mount.path / "mail") if n not in ("next", "dead")]
+    mount.kill9()
+    mount.mount()  # durable like any mailbox
+    assert mount.read(f"mail/{name}") == r.stdout
+    mount.sh(f"rm mail/{h['id']}", check=True)
+    assert sorted(os.listdir(mount.path / "mail")) == ["dead", "next"]
+    r = mount.sh("echo 'spawn operator cmd=cat' > ctl")
+    assert r.returncode != 0  # the name is taken

@@ -1,7 +1,7 @@
 """The namespace as one table: path pattern -> the node that serves it (our Dirtab).
 
 To find where any path is served, find its row here. `{agent}`, `{task}`,
-`{msg}`, `{dead}`, `{topic}` and `{corr}` are bound to kernel objects while
+`{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}` and `{corr}` are bound to kernel objects while
 walking (VARS below); a name that binds to nothing is ENOENT. Directories list
 the rows one level below them; a Dir with `create` takes new names (mail/,
 outbox/, topics/).
@@ -89,6 +89,13 @@ ROWS: dict[str, Callable[..., Node | None]] = {
         remove=lambda: k.guarded(k.bus.ack, agent, msg.name, agent=agent.name, file="mail")),
     "topics": lambda k: Dir(create=lambda name: _topic(k, k.guarded(k.bus.create_topic, name))),
     "topics/{topic}": _topic,
+    "mail": None,  # the operator's mailbox: results of the requests it sent
+    "mail/next": lambda k: StreamNode(lambda: NextCursor(k, k.bus.operator)),
+    "mail/dead": None,
+    "mail/dead/{odead}": lambda k, odead: Status(odead.render),
+    "mail/{omsg}": lambda k, omsg: Status(
+        omsg.render, opened=lambda: k.bus.delivered(k.bus.operator, omsg),
+        remove=lambda: k.guarded(k.bus.ack, k.bus.operator, omsg.name, file="mail")),
     "log": None,
     "log/audit": lambda k: StreamNode(lambda: AuditCursor(k.log)),
     "log/trace": None,
@@ -106,6 +113,10 @@ VARS = {
             lambda k, name, agent: agent.mailbox.get(name)),
     "dead": (lambda k, agent: sorted(agent.mailbox.dead),
              lambda k, name, agent: agent.mailbox.dead.get(name)),
+    "omsg": (lambda k: list(k.bus.operator.mailbox.order),
+             lambda k, name: k.bus.operator.mailbox.get(name)),
+    "odead": (lambda k: sorted(k.bus.operator.mailbox.dead),
+              lambda k, name: k.bus.operator.mailbox.dead.get(name)),
     "topic": (lambda k: sorted(k.bus.topics), lambda k, name: k.bus.topics.get(name)),
     "corr": (lambda k: k.log.correlations(),
              lambda k, name: name if k.log.has_corr(name) else None),

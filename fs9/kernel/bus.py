@@ -25,18 +25,40 @@ import trio
 from ..errors import Fs9Error
 from . import message
 from .manifest import NAME_RE
+from .mailbox import Mailbox
 from .message import Message
 from .stream import Changes
 from .topic import MAX_EVENT, Topic
 
 
+OPERATOR = "operator"
+
+
+class Operator:
+    """The person at the mount: has a mailbox (root `mail/`) for the results of the
+    requests it sends, but runs nothing."""
+    name = OPERATOR
+    killed = daemon = False
+
+    def __init__(self) -> None:
+        self.mailbox = Mailbox()
+        self.manifest = {"clearance": "confidential"}
+
+
 class Bus:
     def __init__(self, kernel) -> None:
         self.kernel = kernel
+        self.operator = Operator()
         self.topics: dict[str, Topic] = {}
         self.sent_keys: dict[tuple[str, str], str] = {}  # (from, idempotency-key) -> id
         self.deadlines: list[tuple[float, str, str]] = []  # heap of (deadline, agent, name)
         self.changes = Changes()  # a new deadline
+
+    def owner(self, name: str | None):
+        """Whose mailbox `name` is: an agent, the operator, or None."""
+        if name == OPERATOR:
+            return self.operator
+        return self.kernel.agents.get(name) if name else None
 
     # --- requests ----------------------------------------------------------------
 
@@ -86,9 +108,9 @@ class Bus:
 
     def send_result(self, agent, task) -> None:
         """The `result` of a task made from a work_request, to its requester's mailbox."""
-        requester = self.kernel.agents.get(task.reply_to)
+        requester = self.owner(task.reply_to)
         if requester is None:
-            return  # the operator (no mailbox) or an agent since killed: the task keeps it
+            return  # an agent since killed: the task's files keep the output
         out = bytes(self.kernel.stream(task, 1).data)
         self.deliver(self.compose(requester.name, agent.name, out, type="result",
                                **{"correlation-id": task.corr, "x-task": str(task.id),
@@ -102,7 +124,7 @@ class Bus:
         text = data.decode(errors="replace").strip()[:4096]
         self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
                                corr=task.corr, text=text)
-        requester = self.kernel.agents.get(task.reply_to)
+        requester = self.owner(task.reply_to)
         if requester is not None:
             self.deliver(self.compose(requester.name, agent.name, (text + "\n").encode(),
                                    type="status_update", **{"correlation-id": task.corr,
@@ -129,7 +151,7 @@ class Bus:
             now = time.time()
             while self.deadlines and self.deadlines[0][0] <= now:
                 deadline, agent_name, name = heapq.heappop(self.deadlines)
-                agent = self.kernel.agents.get(agent_name)
+                agent = self.owner(agent_name)
                 msg = agent.mailbox.pending.get(name) if agent else None
                 if msg is not None:
                     self.kernel.record("mail_expired", agent=agent_name, id=msg.id, name=name,
@@ -164,6 +186,9 @@ class Bus:
     # --- applying events (called by Kernel.apply) ---------------------------------
 
     def on_mail_sent(self, e, agent, task) -> None:
+        agent = self.owner(e.agent)
+        if agent is None:
+            return  # mail for an agent killed since: gone with it
         msg = message.load(self.kernel.log.blob(e.seq), e.seq)
         agent.mailbox.put(msg)
         key = msg.headers.get("idempotency-key")
@@ -174,9 +199,12 @@ class Bus:
             self.changes.bump()
 
     def on_mail_acked(self, e, agent, task) -> None:
-        agent.mailbox.take(e.data["name"])
+        if (agent := self.owner(e.agent)) is not None:
+            agent.mailbox.take(e.data["name"])
 
     def on_mail_expired(self, e, agent, task) -> None:
+        if (agent := self.owner(e.agent)) is None:
+            return
         msg = agent.mailbox.take(e.data["name"])
         if msg is not None:
             agent.mailbox.dead[msg.name] = msg

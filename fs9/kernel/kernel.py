@@ -20,7 +20,7 @@ from . import cmd, manifest as manifests
 from .manifest import NAME_RE
 from .agent import Agent, check_program
 from .log import Event, EventLog
-from .bus import Bus
+from .bus import OPERATOR, Bus
 from .stream import Stream
 from .task import Task
 
@@ -32,8 +32,7 @@ CMDS = (
 )
 MAX_INPUT = 16 << 20  # bytes of one task's input
 NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart",
-               "agent_failed", "priority", "task_queued", "mail_sent", "mail_acked",
-               "mail_expired"}
+               "agent_failed", "priority", "task_queued"}  # (mail may be the operator's)
 log = logging.getLogger("fs9.kernel")
 
 
@@ -243,8 +242,9 @@ class Kernel:
 
     def _prepare_spawn(self, name: str, *overrides: str) -> tuple[dict, str]:
         """Check a spawn fully (name, definition, manifest, program); change nothing."""
-        if not NAME_RE.fullmatch(name):
-            raise Fs9Error(errno.EINVAL, f"bad agent name {name!r}: letters, digits, _ . -")
+        if not NAME_RE.fullmatch(name) or name == OPERATOR:
+            raise Fs9Error(errno.EINVAL, f"bad agent name {name!r}: letters, digits, _ . -"
+                                         f" (and not {OPERATOR!r})")
         kv = dict(manifests.parse_override(w) for w in overrides)
         definition = kv.pop("def", None)
         if definition is not None and not (isinstance(definition, str)
