@@ -11,3 +11,5 @@ cat agents/counter/out                        # prints 1 2 3 as they come, ends 
 ls agents/counter/tasks                       # every task keeps its input, out, err and status
 echo 'frobnicate' > agents/upper/ctl || echo "refused, and the reason is in err:"
 tail -n 1 agents/upper/err
+printf 'type: work_request\n\nshout this\n' > agents/upper/mail/new   # a request by mail...
+cat mail/next                                 # ...its result comes back to your mailbox

@@ -80,6 +80,8 @@ def test_the_readme_walkthrough_runs(mount):
     lines = r.stdout.splitlines()
     assert lines[:2] == ["counter idle - 0 0 0 0", "upper idle - 0 0 0 0"]
     assert lines[2:6] == ["HELLO FS9", "1", "2", "3"]
-    assert lines[-2:] == ["refused, and the reason is in err:",
-                          "fs9: unknown control message 'frobnicate' "
-                          "(verbs: run, stop, start, restart, kill, priority)"]
+    i = lines.index("refused, and the reason is in err:")
+    assert lines[i + 1] == ("fs9: unknown control message 'frobnicate' "
+                            "(verbs: run, stop, start, restart, kill, priority)")
+    mail = lines[i + 2:]  # the result of the request sent by mail, in the operator's mailbox
+    assert "type: result" in mail and "from: upper" in mail and mail[-1] == "SHOUT THIS"
