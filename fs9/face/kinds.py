@@ -271,9 +271,6 @@ class Chain:
     def readable(self) -> bool:
         return self._head().readable()
 
-    def at_end(self) -> bool:
-        return self._head().at_end()
-
     async def wait_readable(self) -> None:
         await self._head().wait_readable()
 

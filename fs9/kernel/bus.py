@@ -189,7 +189,7 @@ class Bus:
         agent = self.owner(e.agent)
         if agent is None:
             return  # mail for an agent killed since: gone with it
-        msg = message.load(self.kernel.log.blob(e.seq), e.seq)
+        msg = message.load(self.kernel.blob(e), e.seq)
         agent.mailbox.put(msg)
         key = msg.headers.get("idempotency-key")
         if key:
@@ -214,4 +214,4 @@ class Bus:
 
     def on_published(self, e, agent, task):
         name = e.data["topic"]
-        self.topics.setdefault(name, Topic(name)).publish(self.kernel.log.blob(e.seq))
+        self.topics.setdefault(name, Topic(name)).publish(self.kernel.blob(e))

@@ -50,6 +50,7 @@ class Kernel:
         self.killed: list[str] = []  # names of agents killed while mounted, in order
         self._nursery: trio.Nursery | None = None
         self._replaying = False
+        self._fresh_blob: tuple[int, bytes | None] = (0, None)
 
     # --- lifetime --------------------------------------------------------------
 
@@ -102,8 +103,14 @@ class Kernel:
 
     def record(self, kind: str, **fields) -> Event:
         event = self.log.append(kind, **fields)
+        self._fresh_blob = (event.seq, fields.get("blob"))  # so apply need not read it back
         self.apply(event)
         return event
+
+    def blob(self, e: Event) -> bytes:
+        """The blob of event e: the one just recorded, else from the log (replay)."""
+        seq, blob = self._fresh_blob
+        return blob if seq == e.seq and blob is not None else self.log.blob(e.seq)
 
     def apply(self, e: Event) -> None:
         handler = getattr(self, "_on_" + e.kind, None) or getattr(self.bus, "on_" + e.kind, None)
