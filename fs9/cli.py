@@ -65,7 +65,7 @@ def mount(args) -> int:
             os.close(args.ready_fd)
 
     from .face.mount import serve
-    trio.run(serve, mnt, state, agents, ready)
+    trio.run(serve, mnt, state, agents, vault, ready)
     return 0
 
 

@@ -8,6 +8,7 @@ import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,16 @@ class Events:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+@pytest.fixture(autouse=True)
+def traversable_tmp(tmp_path):
+    """Confined agents run as their own uids: they must be able to walk to the mount
+    point and their program folders (pytest makes its temp dirs 0700)."""
+    for p in [tmp_path, *tmp_path.parents]:
+        if str(p) in ("/", tempfile.gettempdir()):
+            break
+        p.chmod(p.stat().st_mode | 0o011)
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ async def test_kernel_runs_a_task_and_replays_it(tmp_path):
     k = Kernel(str(state), str(agents))
     async with trio.open_nursery() as nursery:
         await nursery.start(k.serve)
-        k.ctl(b"spawn up cmd='tr a-z A-Z'")
+        k.ctl(b"spawn up cmd='tr a-z A-Z' unconfined=true")
         task = k.agents["up"].run("hello")
         with trio.fail_after(10):
             while not task.final:
@@ -83,7 +83,7 @@ async def test_kernel_runs_a_task_and_replays_it(tmp_path):
         assert t2.state == "done" and bytes(k2.stream(t2, 1).data) == b"HELLO\n"
         assert k2.task_input(t2) == b"hello\n"
         with pytest.raises(Fs9Error) as e:
-            k2.ctl(b"spawn up cmd=cat")
+            k2.ctl(b"spawn up cmd=cat unconfined=true")
         assert e.value.errno == errno.EEXIST
         nursery.cancel_scope.cancel()
     k2.log.close()

@@ -6,13 +6,16 @@ on), streams stdout/stderr to job.emit as they arrive, and returns the exit
 status (128+N for death by signal N). Cancelling the call terminates the whole
 process group: SIGTERM, then SIGKILL after a grace period.
 
-The program is started inline on the trio thread: with vfork, Popen takes about
-0.1 ms, while trio's open_process hands it to a worker thread and costs four
-times that. Exit is awaited on a pidfd, output on non-blocking pipes.
+An unconfined program is started inline on the trio thread: with vfork, Popen
+takes about 0.1 ms, while trio's open_process hands it to a worker thread and
+costs four times that. A confined one is started by the agent's sandbox
+(drivers/confine.py), which owns it and reports its exit status. Exit is seen on
+a pidfd either way, output on non-blocking pipes.
 """
 import errno
 import os
 import signal
+import select
 import subprocess
 from dataclasses import dataclass
 from typing import Callable
@@ -33,38 +36,68 @@ class Job:
     stdin: bytes | None  # None: /dev/null (daemons)
     priority: str
     emit: Callable[[int, bytes], None]  # (1 stdout | 2 stderr, bytes)
+    sandbox: object = None  # a confine.Sandbox: start the program confined in it
+
+
+class _Program:
+    """A started program: its pid (= process group), a pidfd, and how to get its status."""
+
+    def __init__(self, pid: int, popen: subprocess.Popen | None, sandbox) -> None:
+        self.pid, self.popen, self.sandbox = pid, popen, sandbox
+        self.pidfd = os.pidfd_open(pid)
+        self.status: int | None = None
+
+    async def wait(self) -> int:
+        if self.status is None:
+            await trio.lowlevel.wait_readable(self.pidfd)
+            if self.popen is not None:
+                self.status = exit_status(self.popen.wait())
+            else:
+                self.status = await self.sandbox.wait(self.pid)
+        return self.status
+
+    def exited(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is not None
+        return bool(select.select([self.pidfd], [], [], 0)[0])
 
 
 def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+async def _start(job: Job, fds: tuple[int, int, int]) -> _Program:
+    if job.sandbox is not None:
+        pid = await job.sandbox.spawn(job.cmd, job.env, job.cwd, NICE[job.priority], fds)
+        return _Program(pid, None, job.sandbox)
+    popen = subprocess.Popen(job.cmd, cwd=job.cwd, env=job.env, start_new_session=True,
+                             stdin=fds[0], stdout=fds[1], stderr=fds[2])
+    try:
+        os.setpriority(os.PRIO_PROCESS, popen.pid, NICE[job.priority])
+    except OSError:
+        pass  # raising priority needs CAP_SYS_NICE; running at 0 is the fallback
+    return _Program(popen.pid, popen, None)
+
+
 async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
-    in_r, in_w = os.pipe() if job.stdin is not None else (subprocess.DEVNULL, None)
+    in_r, in_w = os.pipe() if job.stdin is not None else (os.open(os.devnull, os.O_RDONLY), None)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        proc = subprocess.Popen(job.cmd, cwd=job.cwd, env=job.env, start_new_session=True,
-                                stdin=in_r, stdout=out_w, stderr=err_w)
+        proc = await _start(job, (in_r, out_w, err_w))
     except OSError as e:
         for fd in (in_w, out_r, err_r):
             if fd is not None:
                 os.close(fd)
         task_status.started(None)
-        job.emit(2, f"fs9: cannot start {job.cmd[0]!r}: {e.strerror}\n".encode())
+        job.emit(2, f"fs9: cannot start {job.cmd[0]!r}: {e.strerror or e}\n".encode())
         return 127 if e.errno == errno.ENOENT else 126
     finally:
         for fd in (in_r, out_w, err_w):  # the child's ends
-            if fd != subprocess.DEVNULL:
-                os.close(fd)
+            os.close(fd)
     # from here each parent end is owned by its FdStream, which closes it
     stdin = trio.lowlevel.FdStream(in_w) if in_w is not None else None
     stdout, stderr = trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r)
-    pidfd = os.pidfd_open(proc.pid)
-    try:
-        os.setpriority(os.PRIO_PROCESS, proc.pid, NICE[job.priority])
-    except OSError:
-        pass  # raising priority needs CAP_SYS_NICE; running at 0 is the fallback
     task_status.started(proc.pid)
     try:
         async with trio.open_nursery() as nursery:
@@ -73,8 +106,7 @@ async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
             drained = [trio.Event(), trio.Event()]
             nursery.start_soon(_pump, stdout, 1, job.emit, drained[0])
             nursery.start_soon(_pump, stderr, 2, job.emit, drained[1])
-            await trio.lowlevel.wait_readable(pidfd)
-            status = exit_status(proc.wait())
+            status = await proc.wait()
             with trio.move_on_after(DRAIN_S):
                 for event in drained:
                     await event.wait()
@@ -82,7 +114,7 @@ async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
         return status
     finally:
         with trio.CancelScope(shield=True):
-            await _terminate(proc, pidfd)
+            await _terminate(proc)
             for stream in (stdin, stdout, stderr):
                 if stream is not None:
                     await stream.aclose()
@@ -108,20 +140,19 @@ async def _pump(pipe: trio.lowlevel.FdStream, fd: int, emit, drained: trio.Event
         drained.set()
 
 
-async def _terminate(proc: subprocess.Popen, pidfd: int) -> None:
+async def _terminate(proc: _Program) -> None:
     """End the program's process group: stragglers die with the task."""
     def kill_group(sig):
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-    if proc.poll() is None:
+    if not proc.exited():
         kill_group(signal.SIGTERM)
         with trio.move_on_after(GRACE_S):
-            await trio.lowlevel.wait_readable(pidfd)
+            await trio.lowlevel.wait_readable(proc.pidfd)
     kill_group(signal.SIGKILL)
-    if proc.poll() is None:
-        await trio.lowlevel.wait_readable(pidfd)
-        proc.wait()
-    trio.lowlevel.notify_closing(pidfd)
-    os.close(pidfd)
+    with trio.move_on_after(GRACE_S):
+        await proc.wait()  # the sandbox's report, or reaping our child
+    trio.lowlevel.notify_closing(proc.pidfd)
+    os.close(proc.pidfd)

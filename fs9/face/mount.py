@@ -13,15 +13,23 @@ log = logging.getLogger("fs9")
 MAX_TASKS = 8192  # each blocked reader holds one pyfuse3 worker task
 
 
-async def serve(mountpoint: str, state_dir: str, agents_dir: str, ready=None) -> None:
+async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
+                ready=None) -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
-    kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint)
+    kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir)
     async with trio.open_nursery() as nursery:
         await nursery.start(kernel.serve)
         ops = Operations(kernel, nursery)
         # noatime: a read need not be followed by a getattr to refresh atime
-        options = set(pyfuse3.default_options) | {"fsname=fs9", "subtype=fs9", "noatime"}
+        # No default_permissions: access is decided (and refusals logged) by ops.py and the
+        # views, not by mode bits the kernel checks before we ever hear of a request.
+        options = set(pyfuse3.default_options) - {"default_permissions"}
+        options |= {"fsname=fs9", "subtype=fs9", "noatime"}
+        if os.geteuid() == 0:
+            # Confined agents run as their own uids; ops.py admits each only to its view.
+            options.add("allow_other")
         pyfuse3.init(ops, mountpoint, options)
+        kernel.mounted.set()
         kernel.log.append("mount", mountpoint=mountpoint, pid=os.getpid())
         try:
             nursery.start_soon(_stop_on_signal, ops, kernel)

@@ -18,7 +18,7 @@ import trio
 from ..errors import Fs9Error
 from .inodes import Inodes
 from .kinds import Dir, Handle, Node, Status
-from .tree import Tree
+from .tree import Tree, split_view
 
 log = logging.getLogger("fs9.face")
 CACHE_S = 1.0
@@ -33,6 +33,7 @@ def boundary(fn):
         except pyfuse3.FUSEError:
             raise
         except Fs9Error as e:
+            log.debug("%s%r: %s", fn.__name__, args[:2], e)
             raise pyfuse3.FUSEError(e.errno)
         except Exception:
             text = traceback.format_exc()
@@ -89,6 +90,29 @@ class Operations(pyfuse3.Operations):
         node = self.transient.get(path)
         return node if node is not None else self.tree.resolve(path)
 
+    def _admit(self, path: tuple[str, ...], ctx) -> None:
+        """Only the operator (the mounting user, or root) uses the whole tree; an agent's
+        uid only its own view. Defence in depth: a confined agent's mount namespace
+        shows it nothing else anyway."""
+        if ctx.uid in (0, self.uid):
+            return
+        viewer, _ = split_view(path)
+        agent = self.kernel.agents.get(viewer) if viewer else None
+        if agent is None or agent.uid != ctx.uid:
+            raise Fs9Error(errno.EACCES, "not yours")
+
+    def _check(self, path: tuple[str, ...], writing: bool) -> None:
+        """A view's refusal of a write (unveil mode, pledge) or read: EACCES, logged."""
+        viewer, inner = split_view(path)
+        if viewer is None:
+            return
+        try:
+            view = self.tree.view(viewer)
+            view.check_write(inner) if writing else view.check_read(inner)
+        except Fs9Error as e:
+            self.kernel.refused(e, agent=viewer, file="/".join(inner))
+            raise
+
     def _attrs(self, ino: int, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
@@ -122,7 +146,15 @@ class Operations(pyfuse3.Operations):
             path = ppath if name == "." else ppath[:-1]
         else:
             path = ppath + (name,)
-        node = self._resolve(path)
+        self._admit(path, ctx)
+        try:
+            node = self._resolve(path)
+        except Fs9Error:
+            if self.tree.hidden(path):  # an agent reaching for what its view hides
+                viewer, inner = split_view(path)
+                self.kernel.log.append("unveil_denied", agent=viewer, path="/".join(inner),
+                                       reason="hidden by the agent's view: ENOENT")
+            raise
         return self._attrs(self.inodes.lookup(path), node)
 
     async def forget(self, inode_list):
@@ -134,12 +166,15 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def getattr(self, ino, ctx=None):
-        _, node = self._node(ino)
+        path, node = self._node(ino)
+        if ctx is not None:
+            self._admit(path, ctx)
         return self._attrs(ino, node)
 
     @boundary
     async def setattr(self, ino, attr, fields, fh, ctx):
-        _, node = self._node(ino)
+        path, node = self._node(ino)
+        self._admit(path, ctx)
         # `echo x > ctl` truncates first and `touch topics/x` sets times: accept (and
         # ignore) exactly those on writable files; modes and owners are the kernel's.
         if node.mode & 0o222 and not isinstance(node, Dir) and not (
@@ -166,12 +201,13 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def opendir(self, ino, ctx):
         path, node = self._node(ino)
+        self._admit(path, ctx)
         if not isinstance(node, Dir):
             raise Fs9Error(errno.ENOTDIR, "not a directory")
         entries = []  # snapshot at open, so paging is consistent
         for name in node.names():
             try:
-                entries.append((name, self.tree.resolve(path + (name,))))
+                entries.append((name, self._resolve(path + (name,))))
             except Fs9Error:
                 pass  # went away while listing
         fh = self._fh()
@@ -193,8 +229,13 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def open(self, ino, flags, ctx):
-        _, node = self._node(ino)
+        path, node = self._node(ino)
+        self._admit(path, ctx)
         writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        if flags & os.O_ACCMODE != os.O_WRONLY:
+            self._check(path, writing=False)
+        if writing:
+            self._check(path, writing=True)
         handle = node.open(writing, ctx.pid)
         fh = self._fh()
         self.handles[fh] = handle
@@ -299,9 +340,11 @@ class Operations(pyfuse3.Operations):
         """A new name in a directory that takes files: mail/ (one message, sent at
         close), topics/ (a new topic; each write publishes)."""
         ppath, parent = self._node(parent_ino)
+        self._admit(ppath, ctx)
         if not isinstance(parent, Dir) or parent.create is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
         path = ppath + (_name(name),)
+        self._check(path, writing=True)
         node = parent.create(path[-1])
         fh = self._fh()
         self.handles[fh] = node.open(True, ctx.pid)
@@ -316,8 +359,10 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def unlink(self, parent_ino, name, ctx):
-        ppath = self.inodes.path(parent_ino)
-        node = self.tree.resolve((ppath or ()) + (_name(name),))  # ENOENT if absent
+        path = (self.inodes.path(parent_ino) or ()) + (_name(name),)
+        self._admit(path, ctx)
+        node = self.tree.resolve(path)  # ENOENT if absent
+        self._check(path, writing=True)
         if getattr(node, "remove", None) is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
         node.remove()

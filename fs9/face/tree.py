@@ -1,17 +1,25 @@
 """The namespace as one table: path pattern -> the node that serves it (our Dirtab).
 
 To find where any path is served, find its row here. `{agent}`, `{task}`,
-`{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}` and `{corr}` are bound to kernel objects while
-walking (VARS below); a name that binds to nothing is ENOENT. Directories list
-the rows one level below them; a Dir with `create` takes new names (mail/,
-outbox/, topics/).
+`{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}` and `{cap}`
+are bound to kernel objects while walking (VARS below); a name that binds to
+nothing is ENOENT. Directories list the rows one level below them; a Dir with
+`create` takes new names (mail/, outbox/, topics/).
+
+Views: `agents/NAME/view/P` is path P as agent NAME sees it (kernel/view.py):
+the same rows, filtered by its unveil and pledge, with NAME as the one asking
+(`me`: a factory that takes `me` learns who asks; None is the operator). A
+confined agent's sandbox binds that directory over the mount point, so the view
+a request arrives through is its identity.
 """
 import errno
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import Fs9Error
 from ..kernel import manifest as manifests
+from ..kernel.bus import OPERATOR
 from ..kernel.stream import Stream
 from .kinds import (AuditCursor, Chain, Ctl, Dir, EventCursor, NextCursor, Node, Status,
                     StreamCursor, StreamNode, TaskCursor, TopicCursor)
@@ -27,27 +35,51 @@ def _agent_err(k, agent):
                                     StreamCursor(Stream(bytes(agent.notes), ended=True))))
 
 
-def _mail_new(k, agent):
-    """Everything written between open and close is one message to agent, from the
-    operator (views will stamp agents)."""
-    return Ctl(lambda data: k.guarded(k.bus.send, agent, data, agent=agent.name,
-                                      file="mail/new"),
+def _mail_new(k, agent, me=None):
+    """Everything written between open and close is one message to agent, from
+    whoever asks (the operator, or the agent whose view this is)."""
+    return Ctl(lambda data: k.guarded(k.bus.send, agent, data, me or OPERATOR,
+                                      agent=agent.name, file="mail/new"),
                whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="mail/new"))
 
 
-def _outbox(k, agent, to: str):
-    """outbox/TO: one message from agent to TO, sent at close. The path is the
-    capability: until views, anyone on the mount holds it."""
+def _outbox(k, agent, to: str, me=None):
+    """outbox/TO: one message from agent to TO, sent at close. Only the agent itself
+    (or the operator acting for it) may send from its outbox."""
+    if me is not None and me != agent.name:
+        raise Fs9Error(errno.EACCES, f"{me} may not send as {agent.name}")
     recipient = k.guarded(k.agent, to, agent=agent.name, file="outbox")
     return Ctl(lambda data: k.guarded(k.bus.send, recipient, data, agent.name,
                                       agent=agent.name, file="outbox"),
                whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="outbox"))
 
 
-def _topic(k, topic):
+def _topic(k, topic, me=None):
     return StreamNode(lambda: TopicCursor(topic),
-                      publish=lambda data: k.guarded(k.bus.publish, topic, data,
-                                                     file=f"topics/{topic.name}"))
+                      publish=lambda data: k.guarded(k.bus.publish, topic, data, me or OPERATOR,
+                                                     agent=me, file=f"topics/{topic.name}"))
+
+
+def _registry_entry(agent) -> str:
+    """What an agent offers, as KEY=VALUE lines (a key repeats for each item)."""
+    m = agent.manifest
+    lines = [f"name={agent.name}", f"state={agent.state}", f"mode={m['mode']}",
+             f"clearance={m.get('clearance', 'internal')}"]
+    lines += [f"provides={cap}" for cap in m.get("provides", [])]
+    lines += [f"accepts={kind}" for kind in m.get("accepts", ["work_request"])]
+    if "sla" in m:
+        lines += [f"sla={m['sla']}"]
+    if "description" in m:
+        lines += [f"description={m['description']}"]
+    return "\n".join(lines) + "\n"
+
+
+def _providers(k) -> dict[str, list[str]]:
+    caps: dict[str, list[str]] = {}
+    for name in sorted(k.agents):
+        for cap in k.agents[name].manifest.get("provides", []):
+            caps.setdefault(cap, []).append(name)
+    return caps
 
 
 # pattern -> factory(kernel, **bound objects) -> Node (Dir rows get their names from the tree)
@@ -60,9 +92,11 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}": None,
     "agents/{agent}/ctl": lambda k, agent: Ctl(
         lambda d: k.guarded(agent.ctl, d, agent=agent.name), agent.status_line),
-    "agents/{agent}/in": lambda k, agent: Ctl(
-        lambda d: k.guarded(k.submit, agent, d, agent=agent.name, file="in"), whole=True,
+    "agents/{agent}/in": lambda k, agent, me=None: Ctl(
+        lambda d: k.guarded(lambda: k.submit(agent, d, reply_to=me if me != agent.name else ""),
+                            agent=agent.name, file="in"), whole=True,
         refused=lambda e: k.refused(e, agent=agent.name, file="in")),
+    "agents/{agent}/view": None,  # the namespace as agent sees it (operator only)
     "agents/{agent}/out": _agent_out,
     "agents/{agent}/err": _agent_err,
     "agents/{agent}/status": lambda k, agent: Status(agent.status),
@@ -101,6 +135,11 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "log/trace": None,
     "log/trace/{corr}": lambda k, corr: Status(
         lambda: "".join(e.json() + "\n" for e in k.log.trace(corr))),
+    "registry": None,
+    "registry/{provider}": lambda k, provider: Status(lambda: _registry_entry(provider)),
+    "registry/by-capability": None,
+    "registry/by-capability/{cap}": lambda k, cap: Status(
+        lambda: "".join(f"{name}\n" for name in _providers(k).get(cap, []))),
 }
 
 
@@ -120,6 +159,8 @@ VARS = {
     "topic": (lambda k: sorted(k.bus.topics), lambda k, name: k.bus.topics.get(name)),
     "corr": (lambda k: k.log.correlations(),
              lambda k, name: name if k.log.has_corr(name) else None),
+    "provider": (lambda k: sorted(k.agents), lambda k, name: k.agents.get(name)),
+    "cap": (lambda k: sorted(_providers(k)), lambda k, name: name if name in _providers(k) else None),
 }
 
 
@@ -134,12 +175,22 @@ def _task_of(k, agent, name: str):
 class _Row:
     parts: tuple[str, ...]
     factory: Callable[..., Node | None] | None
+    asks: bool  # the factory takes `me`: what it serves depends on who asks
 
 
-_ROWS = [_Row(tuple(p.split("/")) if p else (), f) for p, f in ROWS.items()]
+_ROWS = [_Row(tuple(p.split("/")) if p else (), f,
+              f is not None and "me" in inspect.signature(f).parameters)
+         for p, f in ROWS.items()]
 _BY_DEPTH: dict[int, list[_Row]] = {}  # rows by path length: a walk tries only these
 for _row in _ROWS:
     _BY_DEPTH.setdefault(len(_row.parts), []).append(_row)
+
+
+def split_view(path: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    """(the agent whose view path is in, the path inside it); (None, path): the operator's."""
+    if len(path) >= 3 and path[0] == "agents" and path[2] == "view":
+        return path[1], path[3:]
+    return None, path
 
 
 class Tree:
@@ -148,13 +199,52 @@ class Tree:
 
     def resolve(self, path: tuple[str, ...]) -> Node:
         """The node serving path (a tuple of names), or Fs9Error(ENOENT)."""
+        viewer, inner = split_view(path)
+        if viewer is None:
+            return self._resolve(path, None)
+        view = self.view(viewer)
+        mode = view.access(inner)
+        if mode is None:
+            raise Fs9Error(errno.ENOENT, "no such file")
+        node = self._resolve(inner, view)
+        if "w" not in mode:
+            node.mode &= ~0o222  # what it may not change is shown read-only
+        if "r" not in mode:
+            node.mode &= ~0o444
+        return node
+
+    def view(self, name: str):
+        agent = self.kernel.agents.get(name)
+        if agent is None:
+            raise Fs9Error(errno.ENOENT, "no such file")
+        return agent.view
+
+    def hidden(self, path: tuple[str, ...]) -> bool:
+        """path is in a view, exists, and that view hides it (worth an audit event)."""
+        viewer, inner = split_view(path)
+        if viewer is None or viewer not in self.kernel.agents:
+            return False
+        if self.view(viewer).access(inner) is not None:
+            return False
+        try:
+            self._resolve(inner, None)
+            return True
+        except Fs9Error:
+            return False
+
+    def _resolve(self, path: tuple[str, ...], view) -> Node:
         for row in _BY_DEPTH.get(len(path), ()):
             bound = self._bind(row.parts, path)
             if bound is None:
                 continue
+            if row.asks:
+                bound["me"] = view and view.agent
             node = Dir() if row.factory is None else row.factory(self.kernel, **bound)
             if isinstance(node, Dir):
-                node.names = lambda row=row, bound=bound: self._children(row, bound)
+                bound.pop("me", None)
+                node.names = lambda row=row, bound=bound: [
+                    n for n in self._children(row, bound)
+                    if view is None or view.access(path + (n,)) is not None]
             return node
         raise Fs9Error(errno.ENOENT, "no such file")
 

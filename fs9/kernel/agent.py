@@ -5,19 +5,23 @@ the loop here decides what to do next and asks the kernel to record it. The
 runtime-only parts (cancel scope of the current run, pid) are never logged.
 """
 import collections
+import contextlib
 import errno
 import os
 import shutil
+import tempfile
 
 import trio
 
+from ..drivers import confine
 from ..drivers import exec as exec_driver
 from ..errors import NO_AGENT, Fs9Error
-from . import cmd
+from . import cmd, escapes
 from .mailbox import Mailbox
 from .stream import Changes
 from .supervisor import RestartWindow, should_restart
 from .task import Task
+from . import view as views
 
 CMDS = (
     cmd.Cmd("run", "run", 1, 1, rest=True, usage="run TEXT"),
@@ -31,11 +35,14 @@ CMDS = (
 
 
 class Agent:
-    def __init__(self, kernel, name: str, manifest: dict, home: str) -> None:
+    def __init__(self, kernel, name: str, manifest: dict, home: str, uid: int) -> None:
         self.kernel = kernel
         self.name = name
         self.manifest = manifest
         self.home = home  # working directory of its program
+        self.uid = uid  # its programs' uid, when confined
+        self.view = views.parse(name, manifest)
+        self.confined = not manifest.get("unconfined", False)
         self.priority = manifest["priority"]
         self.stopped = False  # by `stop`, or a daemon that exited for good
         self.failed = ""  # reason, once the supervisor gave up
@@ -52,6 +59,8 @@ class Agent:
         self.serving = False  # its loop runs (Kernel._serve_agent)
         self.window = self.new_window()  # daemon restarts, for the supervisor's intensity
         self.base_env = {**os.environ, **manifest["env"]}
+        self._sandbox: confine.Sandbox | None = None
+        self._resources: contextlib.AsyncExitStack | None = None  # the sandbox's lifetime
         self._run_scope: trio.CancelScope | None = None
         self._cancel_as = ""  # what a cancelled run becomes: "cancelled" | "requeue"
 
@@ -164,6 +173,40 @@ class Agent:
 
     async def serve(self) -> None:
         """Run this agent's work until it is killed (or the kernel shuts down)."""
+        if not self.confined:
+            self.kernel.log.append("agent_unconfined", agent=self.name,
+                                   reason="unconfined = true in its manifest")
+        async with contextlib.AsyncExitStack() as self._resources:
+            try:
+                await self._loop()
+            finally:
+                self._sandbox = None
+                if self.killed:
+                    shutil.rmtree(self.scratch, ignore_errors=True)
+
+    @property
+    def scratch(self) -> str:
+        """The confined agent's only writable folder on disk (HOME, TMPDIR)."""
+        return os.path.join(tempfile.gettempdir(), f"fs9-scratch-{self.uid}")
+
+    async def sandbox(self) -> "confine.Sandbox | None":
+        """The agent's sandbox, started on first use; None when it runs unconfined."""
+        if not self.confined:
+            return None
+        if self._sandbox is None or self._sandbox.closed:
+            why = confine.unavailable()
+            if why:
+                raise confine.SandboxError(f"{why}; set unconfined = true in the manifest "
+                                           "to run it without confinement")
+            await self.kernel.mounted.wait()
+            os.makedirs(self.scratch, mode=0o700, exist_ok=True)
+            os.chown(self.scratch, self.uid, self.uid)
+            self._sandbox = await self._resources.enter_async_context(
+                confine.Sandbox.open(self.kernel.sandbox_spec(self),
+                                     lambda report: escapes.attempt(self.kernel, self, report)))
+        return self._sandbox
+
+    async def _loop(self) -> None:
         while not self.killed:
             if not self.runnable() or (not self.daemon and not self.queue):
                 await self.changes.wait_past(self.changes.version)
@@ -191,11 +234,19 @@ class Agent:
         k = self.kernel
         k.record("task_started", agent=self.name, task=task.id, corr=task.corr,
                  attempt=task.attempt + 1)
-        job = exec_driver.Job(
-            cmd=self.manifest["cmd"], cwd=self.home, env=self.environ(task),
-            stdin=None if task.daemon else k.task_input(task), priority=self.priority,
-            emit=lambda fd, data: k.emit(task, fd, data))
         status = None
+        try:
+            sandbox = await self.sandbox()
+        except OSError as e:
+            k.emit(task, 2, f"fs9: cannot confine agent {self.name}: {e}\n".encode())
+            k.record("task_failed", agent=self.name, task=task.id, corr=task.corr, exit=None,
+                     reason=f"cannot confine: {e}")
+            return 126
+        job = exec_driver.Job(
+            cmd=self.manifest["cmd"], cwd=self.workdir() if sandbox else self.home,
+            env=self.environ(task), stdin=None if task.daemon else k.task_input(task),
+            priority=self.priority, emit=lambda fd, data: k.emit(task, fd, data),
+            sandbox=sandbox)
         self._cancel_as = ""
         with trio.CancelScope() as self._run_scope:
             if self.manifest["timeout_s"] and not task.daemon:
@@ -222,8 +273,20 @@ class Agent:
                      reason=f"timeout after {self.manifest['timeout_s']}s", **ids)
         return status
 
+    def workdir(self) -> str:
+        """A confined program starts in its folder, or (ad hoc agents, whose folder is
+        in the hidden state directory) in its scratch folder."""
+        inside_state = os.path.commonpath([self.home, self.kernel.state_dir]) == \
+            self.kernel.state_dir
+        return self.scratch if inside_state else self.home
+
     def environ(self, task: Task) -> dict[str, str]:
-        env = dict(self.base_env)
+        if self.confined:  # not the daemon's environment: it may hold credentials
+            env = {"PATH": confine.SAFE_PATH, "HOME": self.scratch, "TMPDIR": self.scratch,
+                   "LANG": os.environ.get("LANG", "C.UTF-8"), "USER": self.name,
+                   **self.manifest["env"]}
+        else:
+            env = dict(self.base_env)
         mnt = self.kernel.mount_path
         home = os.path.join(mnt, "agents", self.name) if mnt else ""
         env.update(FS9_AGENT=self.name, FS9_TASK=str(task.id), FS9_CORR=task.corr,

@@ -15,8 +15,9 @@ import traceback
 
 import trio
 
+from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
-from . import cmd, manifest as manifests
+from . import cmd, escapes, manifest as manifests
 from .manifest import NAME_RE
 from .agent import Agent, check_program
 from .log import Event, EventLog
@@ -37,10 +38,14 @@ log = logging.getLogger("fs9.kernel")
 
 
 class Kernel:
-    def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "") -> None:
+    def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "",
+                 vault_dir: str = "") -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.agents_dir = os.path.abspath(agents_dir)
+        self.vault_dir = vault_dir and os.path.abspath(vault_dir)
         self.mount_path = mount_path
+        self.mounted = trio.Event()  # the face serves mount_path: sandboxes can bind views
+        self.spawns = 0  # spawn events so far: an agent's serial, hence its uid
         self.log = EventLog(self.state_dir)
         self.agents: dict[str, Agent] = {}
         self.tasks: dict[int, Task] = {}
@@ -67,6 +72,8 @@ class Kernel:
         gc.freeze()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.mount_path and confine.unavailable() is None and escapes.start_audit(self):
+                nursery.start_soon(escapes.watch_denials, self)
             for agent in self.agents.values():
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
@@ -128,7 +135,9 @@ class Kernel:
     # the bus applies its own events (mail_*, topic_created, published)
 
     def _on_spawn(self, e, agent, task):
-        agent = Agent(self, e.agent, e.data["manifest"], e.data["home"])
+        self.spawns += 1
+        agent = Agent(self, e.agent, e.data["manifest"], e.data["home"],
+                      confine.uid_of(self.state_dir, self.spawns))
         self.agents[agent.name] = agent
         if self._nursery is not None:
             self._nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
@@ -267,6 +276,11 @@ class Kernel:
             raw, home, origin = {}, os.path.join(self.state_dir, "work", name), f"spawn {name}"
         manifest = manifests.check({**raw, **kv}, origin)
         check_program(name, manifest, home)
+        why = not manifest["unconfined"] and (
+            confine.unavailable() or (not self.mount_path and "no mount to show a view in"))
+        if why:
+            raise Fs9Error(errno.EPERM, f"agent {name} cannot be confined here: {why}; "
+                                        "set unconfined = true to run it without confinement")
         return manifest, home
 
     def spawn(self, name: str, *overrides: str) -> Agent:
@@ -295,6 +309,17 @@ class Kernel:
             return self.agents[name]
         except KeyError:
             raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {name}")
+
+    def sandbox_spec(self, agent: Agent) -> dict:
+        """What agent's sandbox is made of (drivers/zygote.py)."""
+        mnt = self.mount_path
+        read = list(confine.SYSTEM_READ)
+        if agent.workdir() == agent.home:
+            read.append(agent.home)
+        return dict(agent=agent.name, uid=agent.uid, mnt=mnt,
+                    view=os.path.join(mnt, "agents", agent.name, "view"),
+                    hide=[p for p in (self.state_dir, self.vault_dir) if p],
+                    read=read, write=[mnt, agent.scratch], devices=list(confine.DEVICES))
 
     def guarded(self, fn, *args, agent: str | None = None, file: str = "ctl"):
         """Run a request; a refusal is logged (and shown in the agent's err) and re-raised."""
@@ -351,3 +376,4 @@ class Kernel:
         return (f"state={'halted' if self.halted else 'running'} pid={os.getpid()} "
                 f"agents={len(self.agents)} queued={t['queued']} running={t['running']} "
                 f"done={t['done']} failed={t['failed']} events={self.log.last_seq}\n")
+

@@ -13,6 +13,7 @@ import tomllib
 from typing import Any
 
 from ..errors import Fs9Error
+from . import view as views
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # agents, definitions, topics
 DRIVERS = ("exec",)
@@ -30,12 +31,13 @@ DEFAULTS: dict[str, Any] = {
     "priority": "normal",
     "timeout_s": 0,  # 0: no limit
     "env": {},
+    "unconfined": False,  # true: run without a private namespace (an explicit, logged choice)
 }
 
 # Keys later layers read (views, bus, registry); accepted and kept as data now.
-FUTURE_KEYS = ("provides", "accepts", "clearance", "pledge", "unveil", "description",
+FUTURE_KEYS = ("provides", "accepts", "clearance", "description", "sla",
                "subscribe", "instructions", "model")
-KNOWN_KEYS = tuple(DEFAULTS) + ("cmd",) + FUTURE_KEYS
+KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil") + FUTURE_KEYS
 
 
 def load_definition(agents_dir: str, name: str) -> tuple[dict, str]:
@@ -102,6 +104,21 @@ def check(raw: dict, origin: str) -> dict:
         raise bad("env must be a table of strings")
     if any(not k or "=" in k for k in m["env"]):
         raise bad("env names must be non-empty and contain no '='")
+    if not isinstance(m["unconfined"], bool):
+        raise bad(f"unconfined must be true or false, got {m['unconfined']!r}")
+    for key in ("provides", "accepts"):
+        if key in m and not (isinstance(m[key], list) and all(isinstance(v, str) for v in m[key])):
+            raise bad(f"{key} must be a list of strings")
+        bad_names = [v for v in m.get(key, []) if not v or "/" in v or v in (".", "..")
+                     or len(v.encode()) > 255]
+        if bad_names:
+            raise bad(f"{key}: {bad_names[0]!r} cannot be a file name (registry/by-capability)")
+    try:
+        views.parse("", m)
+    except Fs9Error as e:
+        raise bad(e.text)
+    m.setdefault("pledge", list(views.DEFAULT_PLEDGE))  # shown in full in `manifest`
+    m.setdefault("unveil", {})
     return m
 
 

@@ -1,0 +1,156 @@
+"""Confinement of exec agents, fs9's side: start an agent's sandbox (fs9/drivers/zygote.py),
+ask it to start programs, hear how they end and what they tried.
+
+`unavailable()` says why this machine cannot confine (never run unconfined
+silently: the kernel refuses such an agent). `Sandbox` is one agent's zygote;
+it lives in the agent's nursery and is closed with it.
+"""
+import array
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import zlib
+from contextlib import asynccontextmanager
+from typing import Callable
+
+import trio
+
+UID_BASE = 10_000_000  # agents' uids: UID_BASE + 10,000 * (hash of the state dir) + serial
+SYSTEM_READ = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+START_S = 10.0
+
+
+def unavailable() -> str | None:
+    """Why exec agents cannot be confined here, or None."""
+    if os.geteuid() != 0:
+        return "confinement needs root (a private mount namespace and a uid per agent)"
+    try:
+        import landlock
+        if landlock.landlock_abi_version() < 1:
+            return "Landlock is not enabled in this kernel"
+    except Exception as e:
+        return f"Landlock is not available: {e}"
+    if not os.path.exists("/proc/self/ns/mnt"):
+        return "mount namespaces are not available"
+    return None
+
+
+def uid_of(state_dir: str, serial: int) -> int:
+    """The uid an agent's programs run as: one per agent (serial: its spawn number),
+    distinct between fs9 instances with different state directories."""
+    return UID_BASE + 10_000 * (zlib.crc32(state_dir.encode()) % 10_000) + serial % 10_000
+
+
+class SandboxError(OSError):
+    pass
+
+
+class Sandbox:
+    def __init__(self, sock: trio.socket.SocketType, proc: subprocess.Popen,
+                 on_attempt: Callable[[dict], None]) -> None:
+        self._sock = sock
+        self._proc = proc
+        self._on_attempt = on_attempt
+        self._ids = itertools.count(1)
+        self._replies: dict[int, dict] = {}
+        self._exits: dict[int, int] = {}
+        self._changed = trio.Event()
+        self.closed = ""  # why the sandbox ended, once it did
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, spec: dict, on_attempt: Callable[[dict], None]):
+        """Start the agent's zygote and wait until its namespace is set up."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spec = {**spec, "parent": os.getpid(), "sock": theirs.fileno()}
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fs9.drivers.zygote", json.dumps(spec)],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
+                env={"PATH": SAFE_PATH, "PYTHONPATH": _package_root()})
+        finally:
+            theirs.close()
+        sandbox = cls(trio.socket.from_stdlib_socket(ours), proc, on_attempt)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sandbox._listen)
+                with trio.move_on_after(START_S):
+                    while "ready" not in sandbox._replies and not sandbox.closed:
+                        await sandbox._wait_change()
+                if "ready" not in sandbox._replies:
+                    raise SandboxError(sandbox.closed or "the sandbox did not start in time")
+                yield sandbox
+                nursery.cancel_scope.cancel()
+        finally:
+            sandbox._sock.close()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_reap, proc)
+
+    async def _wait_change(self) -> None:
+        await self._changed.wait()
+
+    def _bump(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _listen(self) -> None:
+        try:
+            while data := await self._sock.recv(1 << 16):
+                msg = json.loads(data)
+                op = msg["op"]
+                if op == "exit":
+                    self._exits[msg["pid"]] = msg["status"]
+                elif op == "attempt":
+                    self._on_attempt(msg)
+                elif op == "failed":
+                    self.closed = f"cannot set up the sandbox: {msg['text']}"
+                else:
+                    self._replies["ready" if op == "ready" else msg["id"]] = msg
+                self._bump()
+        except OSError as e:
+            self.closed = f"sandbox connection lost: {e}"
+        self.closed = self.closed or "the sandbox exited"
+        self._bump()
+
+    async def spawn(self, argv: list[str], env: dict, cwd: str, nice: int,
+                    fds: tuple[int, int, int]) -> int:
+        """Start a program in the sandbox; its pid (a session leader), or SandboxError."""
+        if self.closed:
+            raise SandboxError(self.closed)
+        rid = next(self._ids)
+        msg = json.dumps(dict(op="spawn", id=rid, argv=argv, env=env, cwd=cwd, nice=nice))
+        await self._sock.sendmsg([msg.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", fds))])
+        while rid not in self._replies:
+            if self.closed:
+                raise SandboxError(self.closed)
+            await self._wait_change()
+        reply = self._replies.pop(rid)
+        if reply["op"] == "error":
+            raise SandboxError(reply["text"])
+        return reply["pid"]
+
+    async def wait(self, pid: int) -> int:
+        """Block until the program pid ends; its exit status (128+N: signal N)."""
+        while pid not in self._exits:
+            if self.closed:
+                return 128 + 9
+            await self._wait_change()
+        return self._exits.pop(pid)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _package_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

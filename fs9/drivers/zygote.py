@@ -1,0 +1,250 @@
+"""The sandbox of one confined agent: a small root process that lives in the agent's
+private namespace and starts the agent's programs there (`python -m fs9.drivers.zygote SPEC`).
+
+Set up once, used by every task (Plan 9: the namespace belongs to the process
+group, not to one program; Android's zygote: pay the setup once):
+
+  - a private mount namespace in which the agent's view (MNT/agents/NAME/view,
+    served by fs9) is bind-mounted over MNT, so the canonical paths show the view
+    and nothing else; the state directory and the vault's backing directory are
+    covered by empty read-only tmpfs;
+  - a seccomp filter that hands every namespace, mount, ptrace and file-handle
+    syscall to this process, which refuses it (EPERM) and reports it to fs9 as
+    an escape attempt (the kernel records the audit event);
+  - each program then runs as the agent's own uid, with no capabilities,
+    no_new_privs, and Landlock (Linux's unveil) allowing only the system's
+    read-only directories, the view, the program's folder and a scratch folder.
+
+Everything inherits: children, double-forks, setsid, exec'd shells.
+This process is a child subreaper, so escaped descendants stay ours; when fs9
+closes the socket or dies (PDEATHSIG), every process of the agent's uid is killed.
+
+Protocol on the socket spec["sock"] (SOCK_SEQPACKET, one JSON object per packet):
+  fs9 -> {"op": "spawn", "id", "argv", "env", "cwd", "nice"} + fds stdin, stdout, stderr
+  <- {"op": "ready"} | {"op": "started", "id", "pid"} | {"op": "error", "id", "text"}
+  <- {"op": "exit", "pid", "status"} | {"op": "attempt", "pid", "syscall", "comm"}
+"""
+import array
+import ctypes
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import sys
+
+import landlock
+import pyseccomp
+from landlock.plumbing import get_restrict_self
+
+CLONE_NEWNS = 0x00020000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
+# Landlock logs denials after exec only when asked (ABI 7); older kernels refuse the flag.
+LOG_NEW_EXEC_ON = 2
+
+# Syscalls a confined program has no business making: each is refused and reported.
+ESCAPES = ("mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "ptrace",
+           "process_vm_readv", "process_vm_writev", "open_by_handle_at",
+           "name_to_handle_at", "move_mount", "open_tree", "fsopen", "fsmount", "fspick",
+           "mount_setattr", "bpf", "init_module", "finit_module", "delete_module",
+           "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff", "acct",
+           "settimeofday", "clock_settime", "adjtimex", "quotactl", "perf_event_open",
+           "userfaultfd", "keyctl", "add_key", "request_key", "iopl", "ioperm")
+NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
+                   0x20000000, 0x40000000, 0x00000080)  # NS, CGROUP, UTS, IPC, USER, PID, NET, TIME
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _mount(source, target, fstype, flags, data=None) -> None:
+    _check(libc.mount(source and source.encode(), target.encode(),
+                      fstype and fstype.encode(), ctypes.c_ulong(flags),
+                      data and data.encode()), f"mount {target}")
+
+
+def enter_namespace(spec: dict) -> None:
+    """The agent's private mount namespace: its view over MNT, secrets covered."""
+    _check(libc.unshare(CLONE_NEWNS), "unshare")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do leaks back out
+    _mount(spec["view"], spec["mnt"], None, MS_BIND)
+    _mount(None, spec["mnt"], None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV)
+    for secret in spec["hide"]:
+        if os.path.isdir(secret):
+            _mount("fs9-hidden", secret, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   "size=4k,mode=000")
+
+
+def landlock_ruleset(spec: dict) -> landlock.Ruleset:
+    access = landlock.FSAccess
+    ruleset = landlock.Ruleset()
+    read = access.READ_FILE | access.READ_DIR | access.EXECUTE
+    for path in spec["read"]:
+        if os.path.isdir(path):
+            ruleset.allow(path, rules=read)
+    for path in spec["devices"]:
+        if os.path.exists(path):
+            ruleset.allow(path, rules=access.READ_FILE | access.WRITE_FILE)
+    for path in spec["write"]:
+        ruleset.allow(path, rules=access.all())
+    return ruleset
+
+
+def seccomp_filter() -> pyseccomp.SyscallFilter:
+    flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    for name in ESCAPES:
+        try:
+            flt.add_rule(pyseccomp.NOTIFY, name)
+        except OSError:
+            pass  # not a syscall on this architecture
+    for flag in NAMESPACE_FLAGS:  # clone() that would make a namespace
+        flt.add_rule(pyseccomp.NOTIFY, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
+    # clone3 passes its flags in memory, out of the filter's reach: make libc fall back to clone
+    flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    return flt
+
+
+def start_program(msg: dict, fds: list[int], spec: dict, ruleset) -> int:
+    """Fork, drop to the agent's uid under Landlock, exec; the pid, or OSError."""
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target, inheritable=True)
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, msg["nice"])
+            except OSError:
+                pass
+            uid = spec["uid"]
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: Landlock's precondition
+            try:
+                get_restrict_self()(ruleset._fd, LOG_NEW_EXEC_ON)
+            except OSError:
+                get_restrict_self()(ruleset._fd, 0)
+            os.closerange(3, report_w)
+            os.closerange(report_w + 1, 65536)
+            os.chdir(msg["cwd"])
+            os.execvpe(msg["argv"][0], msg["argv"], msg["env"])
+        except OSError as e:
+            os.write(report_w, f"{msg['argv'][0]}: {e.strerror or e}".encode())
+        except BaseException as e:
+            os.write(report_w, f"{msg['argv'][0]}: {e!r}".encode())
+        os._exit(127)
+    os.close(report_w)
+    with os.fdopen(report_r, "rb") as report:
+        failure = report.read()  # EOF at exec: started
+    if failure:
+        os.waitpid(pid, 0)
+        raise OSError(errno.EACCES, failure.decode(errors="replace"))
+    return pid
+
+
+def kill_all(uid: int) -> None:
+    """Every process running as the agent's uid belongs to the agent: end them all."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def serve(sock: socket.socket, spec: dict) -> None:
+    ruleset = landlock_ruleset(spec)
+    flt = seccomp_filter()
+    flt.load()
+    # pyseccomp has no public accessor for the listener fd; select needs it
+    notify_fd = pyseccomp._libseccomp.seccomp_notify_fd(flt._filter)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda *_: None)  # PDEATHSIG: fs9 is gone
+    started: set[int] = set()
+    send = lambda **m: sock.send(json.dumps(m).encode())  # noqa: E731
+    send(op="ready")
+    while True:
+        ready, _, _ = select.select([sock, notify_fd, wake_r], [], [])
+        if wake_r in ready:
+            signals = os.read(wake_r, 512)
+            if signal.SIGTERM in signals:
+                return
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                if pid in started:  # orphans that came to us are reaped silently
+                    started.discard(pid)
+                    code = os.waitstatus_to_exitcode(status)
+                    send(op="exit", pid=pid, status=128 - code if code < 0 else code)
+        if notify_fd in ready:
+            try:
+                note = flt.receive_notify()
+            except OSError:
+                continue  # the caller died while we looked
+            flt.respond_notify(pyseccomp.NotificationResponse(-errno.EPERM, 0, note.id, 0))
+            name = pyseccomp.resolve_syscall(note.syscall_arch, note.syscall).decode()
+            try:
+                with open(f"/proc/{note.pid}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            send(op="attempt", pid=note.pid, syscall=name, comm=comm)
+        if sock in ready:
+            fds = array.array("i")
+            data, ancdata, _, _ = sock.recvmsg(1 << 20, socket.CMSG_LEN(16 * fds.itemsize))
+            if not data:
+                return  # fs9 closed the sandbox
+            for level, kind, raw in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+            msg = json.loads(data)
+            try:
+                pid = start_program(msg, list(fds), spec, ruleset)
+                started.add(pid)
+                send(op="started", id=msg["id"], pid=pid)
+            except OSError as e:
+                send(op="error", id=msg["id"], text=e.strerror or str(e))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    sock = socket.socket(fileno=spec["sock"])
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no one may read our memory through /proc
+    try:
+        if os.getppid() != spec["parent"]:
+            return  # fs9 died before PDEATHSIG was armed
+        enter_namespace(spec)
+        serve(sock, spec)
+    except OSError as e:
+        try:
+            sock.send(json.dumps({"op": "failed", "text": str(e)}).encode())
+        except OSError:
+            pass
+    finally:
+        kill_all(spec["uid"])
+
+
+if __name__ == "__main__":
+    main()

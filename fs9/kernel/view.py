@@ -1,0 +1,145 @@
+"""An agent's view of the namespace: what its manifest unveils, what it pledged.
+
+OpenBSD's unveil(2), applied to the namespace: a path outside the view does not
+exist for the agent; a path it sees but may not change is read-only. pledge(2)'s
+promises name the kinds of operation it may do at all. Pure data and functions
+(sans-I/O): the face asks `access(path)` and `pledge_for(path)`; the kernel
+checks manifests with `parse`.
+
+Rules, in order:
+  - `agents/*/view` never exists inside a view (a view is not a way into another);
+  - the agent's own `agents/NAME/` is always visible, read-write;
+  - `registry/` is visible read-only to agents that pledge `discover`;
+  - an unveiled path and everything under it has the unveiled mode (the longest
+    unveiled prefix wins); its ancestors are visible as directories that list
+    only what leads into the view;
+  - everything else is hidden.
+"""
+import errno
+from dataclasses import dataclass
+
+from ..errors import Fs9Error
+
+PLEDGES = {
+    "read": "read files outside the agent's own directory",
+    "write": "change vault files",
+    "send": "send mail (outbox, mail/new, tasks/ID/progress, another agent's in)",
+    "publish": "publish on topics",
+    "spawn": "write the kernel's ctl and other agents' ctl",
+    "discover": "see the capability registry",
+}
+DEFAULT_PLEDGE = ("read", "write", "send")
+MODES = ("r", "w", "rw")
+
+# Write-like operations and the promise each needs: (pattern, pledge). "*" matches
+# one name; a pattern also covers everything below it. The first match wins.
+WRITE_PLEDGES = (
+    (("ctl",), "spawn"),
+    (("agents", "*", "ctl"), "spawn"),
+    (("agents", "*", "in"), "send"),
+    (("agents", "*", "mail"), "send"),
+    (("agents", "*", "outbox"), "send"),
+    (("agents", "*", "tasks", "*", "progress"), "send"),
+    (("topics",), "publish"),
+    (("vault",), "write"),
+)
+
+
+def _matches(pattern: tuple[str, ...], path: tuple[str, ...]) -> bool:
+    return len(path) >= len(pattern) and all(p in ("*", n) for p, n in zip(pattern, path))
+
+
+@dataclass(frozen=True)
+class View:
+    agent: str
+    pledges: frozenset[str]
+    unveiled: tuple[tuple[tuple[str, ...], str], ...]  # (path, mode), longest first
+
+    def own(self, path: tuple[str, ...]) -> bool:
+        return path[:2] == ("agents", self.agent)
+
+    def access(self, path: tuple[str, ...]) -> str | None:
+        """The mode ("r", "w", "rw") path has in this view, or None: hidden."""
+        if len(path) >= 3 and path[0] == "agents" and path[2] == "view":
+            return None
+        if self.own(path):
+            return "rw"
+        if path[:1] == ("registry",) and "discover" in self.pledges:
+            return "r"
+        for prefix, mode in self.unveiled:
+            if path[:len(prefix)] == prefix:
+                return mode
+        if path in ((), ("agents",)) or any(
+                prefix[:len(path)] == path for prefix, _ in self.unveiled):
+            return "r"  # a directory on the way to something visible
+        return None
+
+    def pledge_for(self, path: tuple[str, ...]) -> str | None:
+        """The promise a write-like operation on path needs (None: no promise needed)."""
+        for pattern, promise in WRITE_PLEDGES:
+            if _matches(pattern, path):
+                if promise == "spawn" and self.own(path):
+                    return None  # an agent may always stop or restart itself
+                return promise
+        return None if self.own(path) else "write"
+
+    def check_write(self, path: tuple[str, ...]) -> None:
+        """Raise Fs9Error unless this view may change path: ENOENT where the path is
+        outside the view (creating a name there too), EACCES where it is read-only."""
+        mode = self.access(path)
+        if mode is None:
+            raise Fs9Error(errno.ENOENT, f"{'/'.join(path)} is outside the view of {self.agent}")
+        if "w" not in mode:
+            raise Fs9Error(errno.EACCES, f"{'/'.join(path)} is read-only in the view of "
+                                         f"{self.agent} (unveil it with mode w or rw)")
+        promise = self.pledge_for(path)
+        if promise and promise not in self.pledges:
+            raise Fs9Error(errno.EACCES, f"agent {self.agent} did not pledge {promise!r} "
+                                         f"({PLEDGES[promise]})")
+
+    def check_read(self, path: tuple[str, ...]) -> None:
+        """Raise Fs9Error(EACCES) unless this view may read path (which it sees)."""
+        if "r" not in (self.access(path) or ""):
+            raise Fs9Error(errno.EACCES, f"{'/'.join(path)} is write-only in the view of "
+                                         f"{self.agent}")
+        if not self.own(path) and path and "read" not in self.pledges and not (
+                path[0] == "registry" and "discover" in self.pledges):
+            raise Fs9Error(errno.EACCES, f"agent {self.agent} did not pledge 'read' "
+                                         f"({PLEDGES['read']})")
+
+    def render(self) -> str:
+        """The effective view as text: one `MODE PATH` line per visible root."""
+        lines = [f"pledge {' '.join(sorted(self.pledges))}",
+                 f"rw agents/{self.agent}"]
+        if "discover" in self.pledges:
+            lines.append("r registry")
+        lines += [f"{mode} {'/'.join(path)}" for path, mode in sorted(self.unveiled)]
+        return "\n".join(lines) + "\n"
+
+
+def parse(agent: str, manifest: dict) -> View:
+    """The view a manifest declares; Fs9Error(EINVAL) naming the bad entry."""
+    pledge = manifest.get("pledge", list(DEFAULT_PLEDGE))
+    if not isinstance(pledge, list) or not all(isinstance(p, str) for p in pledge):
+        raise Fs9Error(errno.EINVAL, "pledge must be a list of strings")
+    unknown = sorted(set(pledge) - set(PLEDGES))
+    if unknown:
+        raise Fs9Error(errno.EINVAL, f"pledge: unknown promise(s) {', '.join(unknown)} "
+                                     f"(known: {', '.join(PLEDGES)})")
+    unveil = manifest.get("unveil", {})
+    if not isinstance(unveil, dict):
+        raise Fs9Error(errno.EINVAL, 'unveil must be a table of "PATH" = "r" | "w" | "rw"')
+    entries = []
+    for raw, mode in unveil.items():
+        parts = tuple(raw.strip("/").split("/")) if raw.strip("/") else ()
+        if not parts or any(p in ("", ".", "..") for p in parts):
+            raise Fs9Error(errno.EINVAL, f"unveil: {raw!r} is not a path of the namespace "
+                                         "(relative, like vault/docs, no . or ..)")
+        if mode not in MODES:
+            raise Fs9Error(errno.EINVAL, f"unveil: {raw!r} = {mode!r}; expected r, w or rw")
+        if len(parts) >= 3 and parts[0] == "agents" and parts[2] == "view":
+            raise Fs9Error(errno.EINVAL, f"unveil: {raw!r}: another agent's view cannot "
+                                         "be unveiled")
+        entries.append((parts, mode))
+    entries.sort(key=lambda e: -len(e[0]))
+    return View(agent, frozenset(pledge), tuple(entries))

@@ -1,0 +1,164 @@
+"""Views: what an agent's manifest unveils and pledges, seen through the operator's
+`agents/NAME/view/` and from inside a real confined agent; the registry."""
+import errno
+import json
+import os
+
+import pytest
+
+from fs9.drivers import confine
+
+needs_confinement = pytest.mark.skipif(
+    confine.unavailable() is not None, reason=f"cannot confine here: {confine.unavailable()}")
+
+SCOUT = """
+cmd = ["sh", "probe.sh"]
+provides = ["scouting", "maps"]
+accepts = ["work_request"]
+clearance = "internal"
+sla = "answers within 5 s"
+pledge = ["read", "send", "publish"]
+[unveil]
+"topics/news" = "rw"
+"topics/feed" = "r"
+"agents/echo/mail" = "rw"
+"""
+
+
+def errno_of(fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
+    return 0
+
+
+def spawn(mount, line: str) -> None:
+    mount.sh(f"echo {line!r} > ctl", check=True)
+
+
+@pytest.fixture
+def scout(mount):
+    mount.define("scout", SCOUT, {"probe.sh": "cat\n"})
+    mount.write("topics/news", "first\n")
+    mount.write("topics/feed", "one\n")
+    mount.write("topics/secret", "hidden\n")
+    spawn(mount, "spawn echo")
+    spawn(mount, "spawn scout")
+    return mount
+
+
+def test_view_tree_shows_only_what_is_unveiled(scout):
+    v = scout.path / "agents/scout/view"
+    assert sorted(os.listdir(v)) == ["agents", "topics"]
+    assert sorted(os.listdir(v / "agents")) == ["echo", "scout"]
+    assert os.listdir(v / "agents/echo") == ["mail"]
+    assert sorted(os.listdir(v / "topics")) == ["feed", "news"]
+    assert "view" not in os.listdir(v / "agents/scout")  # no view inside a view
+    for hidden in ("ctl", "status", "events", "log", "log/audit", "topics/secret", "mail",
+                   "agents/echo/ctl", "agents/echo/in", "agents/scout/view",
+                   "agents/echo/view", "registry"):
+        for op in (os.stat, os.listdir, lambda p: open(p).close(), os.unlink):
+            assert errno_of(op, v / hidden) == errno.ENOENT, (hidden, op)
+    assert errno_of(os.rename, v / "topics/secret", v / "topics/x") == errno.ENOENT
+    assert errno_of(os.link, v / "topics/secret", v / "agents/scout/x") == errno.ENOENT
+    audit = scout.read("log/audit")
+    assert '"kind":"unveil_denied","agent":"scout","path":"topics/secret"' in audit
+
+
+def test_read_only_unveil_and_pledges_refuse_writes_with_reasons(scout):
+    v = scout.path / "agents/scout/view"
+    assert errno_of(scout.write, "agents/scout/view/topics/feed", "x\n") == errno.EACCES
+    assert not os.stat(v / "topics/feed").st_mode & 0o222  # shown read-only
+    scout.write("agents/scout/view/topics/news", "from scout\n")  # rw + publish pledge
+    assert errno_of(scout.write, "agents/scout/view/topics/brandnew", "x\n") == errno.ENOENT
+    # mail: rw unveil and the send pledge; the message is from scout, not the operator
+    scout.write("agents/scout/view/agents/echo/mail/new", "hello from scout\n")
+    msgs = [n for n in os.listdir(scout.path / "agents/echo/mail") if n[0].isdigit()]
+    assert "from: scout" in scout.read(f"agents/echo/mail/{msgs[0]}")
+    refused = [json.loads(line) for line in scout.read("log/audit").splitlines()
+               if '"refused"' in line]
+    assert any(e["agent"] == "scout" and "read-only in the view" in e["reason"] for e in refused)
+    assert "read-only in the view of scout" in scout.read("agents/scout/err")
+
+
+def test_missing_pledge_is_eacces_with_the_promise_named(mount):
+    mount.define("mute", 'cmd = ["cat"]\npledge = ["read"]\n[unveil]\n"topics/t" = "rw"\n')
+    mount.write("topics/t", "x\n")
+    spawn(mount, "spawn mute")
+    assert errno_of(mount.write, "agents/mute/view/topics/t", "y\n") == errno.EACCES
+    assert errno_of(mount.write, "agents/mute/view/agents/mute/outbox/mute", "y\n") == errno.EACCES
+    assert "did not pledge 'publish'" in mount.read("agents/mute/err")
+    assert "did not pledge 'send'" in mount.read("agents/mute/err")
+    assert 'pledge = ["read"]' in mount.read("agents/mute/manifest")
+
+
+@pytest.mark.parametrize("bad, words", [
+    ('pledge = ["fly"]', "unknown promise"),
+    ('[unveil]\n"../etc" = "r"', "not a path of the namespace"),
+    ('[unveil]\n"topics/x" = "rwx"', "expected r, w or rw"),
+    ('[unveil]\n"agents/echo/view" = "r"', "view cannot be unveiled"),
+    ('provides = ["a/b"]', "cannot be a file name"),
+    ('unconfined = "yes"', "true or false"),
+])
+def test_bad_views_in_manifests_are_refused(mount, bad, words):
+    mount.define("bad", f'cmd = ["cat"]\n{bad}\n')
+    r = mount.sh("echo 'spawn bad' > ctl")
+    assert r.returncode != 0 and "agents/bad" not in os.listdir(mount.path / "agents")
+    assert words in mount.read("log/audit").splitlines()[-1]
+
+
+def test_registry_lists_providers_and_capabilities(scout):
+    entry = scout.read("registry/scout")
+    assert "provides=scouting\nprovides=maps\n" in entry
+    assert "accepts=work_request" in entry and "clearance=internal" in entry
+    assert "sla=answers within 5 s" in entry
+    assert sorted(os.listdir(scout.path / "registry/by-capability")) == ["echo", "maps", "scouting"]
+    assert scout.read("registry/by-capability/maps") == "scout\n"
+    assert errno_of(os.stat, scout.path / "registry/by-capability/flying") == errno.ENOENT
+    # discovery from inside a view needs the pledge
+    scout.define("finder", 'cmd = ["cat"]\npledge = ["read", "discover"]\n')
+    spawn(scout, "spawn finder")
+    assert scout.read("agents/finder/view/registry/by-capability/scouting") == "scout\n"
+    assert errno_of(os.stat, scout.path / "agents/scout/view/registry") == errno.ENOENT
+
+
+@needs_confinement
+def test_a_confined_agent_sees_its_view_at_the_real_mount_path(scout):
+    probe = r"""
+set +e
+echo "uid=$(id -u)"
+echo "root: $(ls $FS9_MNT | tr '\n' ' ')"
+echo "topics: $(ls $FS9_MNT/topics | tr '\n' ' ')"
+cat $FS9_MNT/ctl 2>/dev/null || echo "ctl: absent"
+cat $FS9_MNT/topics/secret 2>/dev/null || echo "secret: absent"
+echo published > $FS9_MNT/topics/news && echo "news: ok"
+echo nope > $FS9_MNT/topics/feed 2>/dev/null || echo "feed: refused"
+ls "$STATE" 2>/dev/null || echo "state: unreachable"
+echo hi > "$FS9_MNT/agents/echo/mail/new" && echo "mail: sent"
+"""
+    scout.define("scout", SCOUT.replace('cmd = ["sh", "probe.sh"]',
+                                        f'cmd = ["sh", "probe.sh"]\nenv = {{ STATE = "{scout.state}" }}'),
+                 {"probe.sh": probe})
+    scout.sh("echo 'kill scout' > ctl; echo 'spawn scout' > ctl", check=True)
+    scout.write("agents/scout/in", "go\n")
+    scout.wait_for(lambda: scout.status("scout")["done"] == "1", what="the probe")
+    out = dict(line.split(": ", 1) if ": " in line else line.split("=", 1)
+               for line in scout.read("agents/scout/out").splitlines())
+    assert int(out["uid"]) >= confine.UID_BASE
+    assert out["root"].split() == ["agents", "topics"]
+    assert out["topics"].split() == ["feed", "news"]
+    assert out["ctl"] == "absent" and out["secret"] == "absent"
+    assert out["news"] == "ok" and out["feed"] == "refused" and out["mail"] == "sent"
+    assert out["state"] == "unreachable"
+    msgs = [n for n in os.listdir(scout.path / "agents/echo/mail") if n[0].isdigit()]
+    assert any("from: scout" in scout.read(f"agents/echo/mail/{m}") for m in msgs)
+
+
+def test_unconfined_is_an_explicit_logged_choice(mount):
+    mount.define("free", 'cmd = ["sh", "-c", "id -u"]\nunconfined = true\n')
+    spawn(mount, "spawn free")
+    mount.write("agents/free/in", "x")
+    mount.wait_for(lambda: mount.status("free")["done"] == "1", what="the task")
+    assert mount.read("agents/free/out") == f"{os.getuid()}\n"
+    assert '"kind":"agent_unconfined","agent":"free"' in mount.read("log/audit")
