@@ -22,7 +22,9 @@ def test_out_streams_while_the_task_runs(mount):
 
 
 def test_tasks_queue_in_order_and_agents_run_concurrently(mount):
-    sleeper = f'cmd = ["sh", "-c", "read x; sleep 1; echo $x; echo $x >> {mount.root}/order-$FS9_AGENT"]\n'
+    # unconfined: it keeps its own record on disk, outside any view
+    sleeper = (f'cmd = ["sh", "-c", "read x; sleep 1; echo $x; echo $x >> {mount.root}/order-$FS9_AGENT"]\n'
+               'unconfined = true\n')
     mount.define("slow", sleeper)
     spawn(mount, "spawn a def=slow")
     spawn(mount, "spawn b def=slow")

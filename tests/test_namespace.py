@@ -4,12 +4,12 @@ import os
 
 
 def test_root_and_agent_layout(mount):
-    assert sorted(os.listdir(mount.path)) == ["agents", "ctl", "events", "log", "mail", "status", "topics"]
+    assert sorted(os.listdir(mount.path)) == ["agents", "ctl", "events", "log", "mail", "registry", "status", "topics"]
     assert os.listdir(mount.path / "agents") == []
     mount.sh("echo 'spawn echo' > ctl", check=True)
     assert os.listdir(mount.path / "agents") == ["echo"]
     assert sorted(os.listdir(mount.path / "agents/echo")) == [
-        "ctl", "err", "in", "mail", "manifest", "out", "outbox", "status", "tasks"]
+        "ctl", "err", "in", "mail", "manifest", "out", "outbox", "status", "tasks", "view"]
     line = mount.read("ctl")
     assert line.startswith("state=running ") and "agents=1" in line
     assert mount.read("status") == "echo idle - 0 0 0 0\n"
@@ -66,6 +66,7 @@ def test_manifest_shows_the_effective_manifest_with_overrides(mount):
 
 def test_events_are_json_lines_from_the_moment_of_open(mount, events):
     mount.sh("echo 'spawn echo' > ctl && echo 'run hi' > agents/echo/ctl", check=True)
+    mount.wait_for(lambda: mount.status("echo")["done"] == "1", what="the first task")
     seen = events.wait_kind("task_done")
     kinds = [e["kind"] for e in seen]
     assert kinds[:4] == ["spawn", "task_queued", "task_started", "task_done"]
@@ -89,6 +90,7 @@ def test_kill_removes_the_agent_and_spawn_again_starts_fresh(mount):
 
 def test_ls_and_stat_work_with_standard_tools(mount):
     mount.sh("echo 'spawn echo' > ctl && echo 'run hi' > agents/echo/ctl", check=True)
+    mount.wait_for(lambda: mount.status("echo")["done"] == "1", what="the first task")
     r = mount.sh("ls -la agents/echo && stat -c '%n %a' agents/echo/in agents/echo/status "
                  "agents/echo && find . -maxdepth 4 | sort | head -50", check=True)
     assert "agents/echo/in 200\n" in r.stdout and "agents/echo/status 444\n" in r.stdout

@@ -8,6 +8,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 fs9=${FS9:-$here/../../.venv/bin/fs9}
 text=${1:-the quick brown fox jumps over the lazy dog}
 tmp=$(mktemp -d)
+chmod 711 "$tmp"                            # confined agents (their own uids) walk to the mount
 mnt=$tmp/mnt
 "$fs9" mount "$mnt" --agents "$here/agents" --state "$tmp/state" --vault "$tmp/vault" --background >/dev/null
 trap '"$fs9" umount "$mnt" >/dev/null; rm -rf "$tmp"' EXIT

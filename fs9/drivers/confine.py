@@ -135,6 +135,9 @@ class Sandbox:
             raise SandboxError(reply["text"])
         return reply["pid"]
 
+    def exited(self, pid: int) -> bool:
+        return pid in self._exits
+
     async def wait(self, pid: int) -> int:
         """Block until the program pid ends; its exit status (128+N: signal N)."""
         while pid not in self._exits:

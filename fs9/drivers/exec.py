@@ -9,13 +9,12 @@ process group: SIGTERM, then SIGKILL after a grace period.
 An unconfined program is started inline on the trio thread: with vfork, Popen
 takes about 0.1 ms, while trio's open_process hands it to a worker thread and
 costs four times that. A confined one is started by the agent's sandbox
-(drivers/confine.py), which owns it and reports its exit status. Exit is seen on
-a pidfd either way, output on non-blocking pipes.
+(drivers/confine.py), which owns it and reports its exit status. Output is read
+from non-blocking pipes either way.
 """
 import errno
 import os
 import signal
-import select
 import subprocess
 from dataclasses import dataclass
 from typing import Callable
@@ -40,17 +39,19 @@ class Job:
 
 
 class _Program:
-    """A started program: its pid (= process group), a pidfd, and how to get its status."""
+    """A started program: its pid (= process group) and how to learn that it ended.
+    Ours (Popen): a pidfd and waitpid. A sandbox's: the sandbox reaps it and reports
+    its status (it may be gone before we could even open a pidfd)."""
 
     def __init__(self, pid: int, popen: subprocess.Popen | None, sandbox) -> None:
         self.pid, self.popen, self.sandbox = pid, popen, sandbox
-        self.pidfd = os.pidfd_open(pid)
+        self.pidfd = os.pidfd_open(pid) if popen is not None else None
         self.status: int | None = None
 
     async def wait(self) -> int:
         if self.status is None:
-            await trio.lowlevel.wait_readable(self.pidfd)
             if self.popen is not None:
+                await trio.lowlevel.wait_readable(self.pidfd)
                 self.status = exit_status(self.popen.wait())
             else:
                 self.status = await self.sandbox.wait(self.pid)
@@ -59,7 +60,12 @@ class _Program:
     def exited(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is not None
-        return bool(select.select([self.pidfd], [], [], 0)[0])
+        return self.status is not None or self.sandbox.exited(self.pid)
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            trio.lowlevel.notify_closing(self.pidfd)
+            os.close(self.pidfd)
 
 
 def exit_status(returncode: int) -> int:
@@ -150,9 +156,8 @@ async def _terminate(proc: _Program) -> None:
     if not proc.exited():
         kill_group(signal.SIGTERM)
         with trio.move_on_after(GRACE_S):
-            await trio.lowlevel.wait_readable(proc.pidfd)
+            await proc.wait()
     kill_group(signal.SIGKILL)
     with trio.move_on_after(GRACE_S):
-        await proc.wait()  # the sandbox's report, or reaping our child
-    trio.lowlevel.notify_closing(proc.pidfd)
-    os.close(proc.pidfd)
+        await proc.wait()  # reaped by us, or reported by the sandbox
+    proc.close()

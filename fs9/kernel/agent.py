@@ -60,6 +60,7 @@ class Agent:
         self.window = self.new_window()  # daemon restarts, for the supervisor's intensity
         self.base_env = {**os.environ, **manifest["env"]}
         self._sandbox: confine.Sandbox | None = None
+        self._daemon_run: Task | None = None  # a daemon's latest run
         self._resources: contextlib.AsyncExitStack | None = None  # the sandbox's lifetime
         self._run_scope: trio.CancelScope | None = None
         self._cancel_as = ""  # what a cancelled run becomes: "cancelled" | "requeue"
@@ -212,10 +213,20 @@ class Agent:
                 await self.changes.wait_past(self.changes.version)
                 continue
             if not self.daemon:
-                await self.execute(self.queue[0])
+                task = self.queue[0]
+            elif self._daemon_run is not None and self._daemon_run.state == "queued":
+                task = self._daemon_run  # submitted before its sandbox was ready
+            else:
+                task = self._daemon_run = self.kernel.submit(self, None)
+            if self.confined and (self._sandbox is None or self._sandbox.closed):
+                try:  # before the task starts, so a running task always has a pid
+                    await self.sandbox()
+                    continue  # look again: much may have happened meanwhile
+                except OSError:
+                    pass  # execute fails the task with the reason
+            status = await self.execute(task)
+            if not self.daemon:
                 continue
-            run = self.kernel.submit(self, None)
-            status = await self.execute(run)
             if status is None or not self.runnable():
                 continue  # stopped, restarted or halted by a command
             if not should_restart(self.manifest["restart"], status):
