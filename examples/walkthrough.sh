@@ -13,3 +13,5 @@ echo 'frobnicate' > agents/upper/ctl || echo "refused, and the reason is in err:
 tail -n 1 agents/upper/err
 printf 'type: work_request\n\nshout this\n' > agents/upper/mail/new   # a request by mail...
 cat mail/next                                 # ...its result comes back to your mailbox
+ls agents/upper/view/agents                   # upper's view: of agents/ it sees only itself
+cat registry/by-capability/upper-casing       # who provides a capability: upper

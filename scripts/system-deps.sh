@@ -6,7 +6,10 @@ need=""
 command -v fusermount3 >/dev/null 2>&1 || need="$need fuse3"
 pkg-config --exists fuse3 2>/dev/null || need="$need libfuse3-dev"
 command -v pkg-config >/dev/null 2>&1 || need="$need pkg-config"
+ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need="$need libseccomp2"
 [ "$1" = "--test" ] && { command -v stress-ng >/dev/null 2>&1 || need="$need stress-ng"; }
+# the escape suite compiles a C program that makes raw syscalls
+[ "$1" = "--test" ] && { command -v gcc >/dev/null 2>&1 || need="$need gcc libc6-dev"; }
 python3 -c 'import ensurepip, venv' 2>/dev/null || need="$need python3-venv"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

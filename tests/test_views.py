@@ -162,3 +162,68 @@ def test_unconfined_is_an_explicit_logged_choice(mount):
     mount.wait_for(lambda: mount.status("free")["done"] == "1", what="the task")
     assert mount.read("agents/free/out") == f"{os.getuid()}\n"
     assert '"kind":"agent_unconfined","agent":"free"' in mount.read("log/audit")
+
+
+CODER = """
+cmd = ["sh", "work.sh"]
+owns = ["vault/code"]
+pledge = ["read", "write"]
+[unveil]
+"vault/docs" = "r"
+"""
+HELPER = """
+cmd = ["cat"]
+pledge = ["read", "write"]
+[unveil]
+"vault/code" = "rw"
+"""
+
+
+@pytest.fixture
+def vault(mount):
+    (mount.vault / "code").mkdir()
+    (mount.vault / "docs").mkdir()
+    (mount.vault / "private").mkdir()
+    (mount.vault / "docs/guide.md").write_text("the guide\n")
+    (mount.vault / "private/plans.md").write_text("secret plans\n")
+    return mount
+
+
+def test_the_operator_uses_the_vault_like_a_directory(vault):
+    r = vault.sh("cat vault/docs/guide.md && echo new > vault/notes.md && mkdir vault/tmp && "
+                 "mv vault/notes.md vault/tmp/ && ln -s ../docs/guide.md vault/tmp/link && "
+                 "cat vault/tmp/link && ls vault/tmp && rm vault/tmp/notes.md vault/tmp/link && "
+                 "rmdir vault/tmp && ls vault", check=True)
+    assert r.stdout == "the guide\nthe guide\nlink\nnotes.md\ncode\ndocs\nprivate\n"
+    assert sorted(os.listdir(vault.vault)) == ["code", "docs", "private"]
+
+
+def test_each_vault_subtree_has_one_owner_and_others_ask_by_mail(vault):
+    vault.define("coder", CODER, {"work.sh": "cat > $FS9_MNT/vault/code/fix.py\n"})
+    vault.define("helper", HELPER)
+    spawn(vault, "spawn coder")
+    spawn(vault, "spawn helper")
+    # the owner writes its subtree (here from inside its sandbox when confinement is here)
+    vault.write("agents/coder/in", "print('fixed')\n")
+    vault.wait_for(lambda: vault.status("coder")["done"] == "1", what="the owner's task")
+    assert (vault.vault / "code/fix.py").read_text() == "print('fixed')\n"
+    # others may read what they unveil, but their writes are refused and logged
+    helper = vault.path / "agents/helper/view/vault"
+    assert (helper / "code/fix.py").read_text() == "print('fixed')\n"
+    for op in (lambda: (helper / "code/fix.py").write_text("x"),
+               lambda: (helper / "code/new.py").write_text("x"),
+               lambda: os.unlink(helper / "code/fix.py"),
+               lambda: os.mkdir(helper / "code/sub")):
+        assert errno_of(op) == errno.EACCES
+    assert "owned by agent coder: ask it by mail" in vault.read("agents/helper/err")
+    # what nobody owns only the operator changes; what is not unveiled does not exist
+    coder = vault.path / "agents/coder/view/vault"
+    assert sorted(os.listdir(coder)) == ["code", "docs"]
+    assert errno_of(os.stat, coder / "private/plans.md") == errno.ENOENT
+    assert errno_of(lambda: (coder / "docs/guide.md").write_text("x")) == errno.EACCES
+    # exactly one owner: a second claim on the same subtree is refused
+    vault.define("rival", 'cmd = ["cat"]\nowns = ["vault/code"]\n')
+    r = vault.sh("echo 'spawn rival' > ctl")
+    assert r.returncode != 0
+    assert "already owned by agent coder" in vault.read("log/audit").splitlines()[-1]
+    assert "owns=vault/code" in vault.read("registry/coder")

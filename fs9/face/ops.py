@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import select
+import stat
 import time
 import traceback
 
@@ -18,6 +19,7 @@ import trio
 from ..errors import Fs9Error
 from .inodes import Inodes
 from .kinds import Dir, Handle, Node, Status
+from .passthrough import PassHandle, PassNode, disk, in_thread, open_file
 from .tree import Tree, split_view
 
 log = logging.getLogger("fs9.face")
@@ -109,6 +111,12 @@ class Operations(pyfuse3.Operations):
         try:
             view = self.tree.view(viewer)
             view.check_write(inner) if writing else view.check_read(inner)
+            if writing and inner[:1] == ("vault",) and len(inner) > 1:
+                owner = self.kernel.owner_of(inner)
+                if owner != viewer:
+                    raise Fs9Error(errno.EACCES, f"{'/'.join(inner)} is owned by "
+                                   + (f"agent {owner}: ask it by mail" if owner else
+                                      "no agent: only the operator changes it"))
         except Fs9Error as e:
             self.kernel.refused(e, agent=viewer, file="/".join(inner))
             raise
@@ -116,6 +124,14 @@ class Operations(pyfuse3.Operations):
     def _attrs(self, ino: int, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
+        if isinstance(node, PassNode):  # the file's own attributes, our inode number
+            st = node.st
+            a.st_mode, a.st_nlink, a.st_uid, a.st_gid = st.st_mode, st.st_nlink, st.st_uid, st.st_gid
+            a.st_size, a.st_blksize, a.st_blocks, a.st_rdev = (
+                st.st_size, st.st_blksize, st.st_blocks, st.st_rdev)
+            a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+            a.entry_timeout = a.attr_timeout = CACHE_S
+            return a
         a.st_mode = node.mode
         a.st_nlink = 2 if isinstance(node, Dir) else 1
         a.st_uid, a.st_gid = self.uid, self.gid
@@ -175,6 +191,10 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, ino, attr, fields, fh, ctx):
         path, node = self._node(ino)
         self._admit(path, ctx)
+        if isinstance(node, PassNode):
+            self._check(path, writing=True)
+            await in_thread(_set_attributes, node.real, attr, fields)
+            return self._attrs(ino, PassNode.at(node.real))
         # `echo x > ctl` truncates first and `touch topics/x` sets times: accept (and
         # ignore) exactly those on writable files; modes and owners are the kernel's.
         if node.mode & 0o222 and not isinstance(node, Dir) and not (
@@ -202,7 +222,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, ino, ctx):
         path, node = self._node(ino)
         self._admit(path, ctx)
-        if not isinstance(node, Dir):
+        if not isinstance(node, Dir) and not (isinstance(node, PassNode) and node.is_dir):
             raise Fs9Error(errno.ENOTDIR, "not a directory")
         entries = []  # snapshot at open, so paging is consistent
         for name in node.names():
@@ -234,8 +254,12 @@ class Operations(pyfuse3.Operations):
         writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
         if flags & os.O_ACCMODE != os.O_WRONLY:
             self._check(path, writing=False)
-        if writing:
+        if writing or flags & os.O_TRUNC:
             self._check(path, writing=True)
+        if isinstance(node, PassNode):
+            fh = self._fh()
+            self.handles[fh] = await open_file(node.real, flags)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         handle = node.open(writing, ctx.pid)
         fh = self._fh()
         self.handles[fh] = handle
@@ -263,7 +287,10 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def write(self, fh, off, buf):
-        n = self._handle(fh).write(bytes(buf))
+        handle = self._handle(fh)
+        if isinstance(handle, PassHandle):
+            return await handle.pwrite(off, bytes(buf))
+        n = handle.write(bytes(buf))
         await self._invalidate_killed()
         return n
 
@@ -295,12 +322,17 @@ class Operations(pyfuse3.Operations):
         if path is not None and path not in self.transient_fh.values():
             self.transient.pop(path, None)
         handle = self.handles.pop(fh, None)
-        if handle is not None and handle.poll_scope is not None:
+        if isinstance(handle, PassHandle):
+            handle.close()
+        elif handle is not None and handle.poll_scope is not None:
             handle.poll_scope.cancel()
 
     @boundary
     async def fsync(self, fh, datasync):
-        pass  # every accepted write is already committed to the log
+        handle = self._handle(fh)
+        if isinstance(handle, PassHandle):
+            await in_thread(os.fdatasync if datasync else os.fsync, handle.fd)
+        # synthetic files: every accepted write is already committed to the log
 
     @boundary
     async def poll(self, ino, fh, poll_handle, ctx):
@@ -333,7 +365,54 @@ class Operations(pyfuse3.Operations):
     async def _refuse(self, *args):
         raise pyfuse3.FUSEError(errno.EACCES)
 
-    mkdir = mknod = symlink = link = _refuse
+    mknod = _refuse
+
+    async def _vault_target(self, parent_ino, name, ctx) -> tuple[tuple[str, ...], str]:
+        """A new name in a vault directory that this caller may change: (path, real)."""
+        ppath, parent = self._node(parent_ino)
+        self._admit(ppath, ctx)
+        if not isinstance(parent, PassNode):
+            raise Fs9Error(errno.EACCES, READONLY_NS)
+        path = ppath + (_name(name),)
+        self._check(path, writing=True)
+        return path, os.path.join(parent.real, path[-1])
+
+    def _entry(self, path, real, ctx=None) -> pyfuse3.EntryAttributes:
+        if ctx is not None:  # what a person makes through the mount is theirs
+            disk(os.lchown, real, ctx.uid, ctx.gid)
+        return self._attrs(self.inodes.lookup(path), PassNode.at(real))
+
+    @boundary
+    async def mkdir(self, parent_ino, name, mode, ctx):
+        path, real = await self._vault_target(parent_ino, name, ctx)
+        await in_thread(os.mkdir, real, mode & ~ctx.umask)
+        return self._entry(path, real, ctx)
+
+    @boundary
+    async def symlink(self, parent_ino, name, target, ctx):
+        path, real = await self._vault_target(parent_ino, name, ctx)
+        await in_thread(os.symlink, os.fsdecode(target), real)
+        return self._entry(path, real, ctx)
+
+    @boundary
+    async def link(self, ino, new_parent_ino, new_name, ctx):
+        src_path, src = self._node(ino)
+        self._admit(src_path, ctx)
+        if not isinstance(src, PassNode):
+            raise Fs9Error(errno.EACCES, READONLY_NS)
+        self._check(src_path, writing=False)
+        path, real = await self._vault_target(new_parent_ino, new_name, ctx)
+        if split_view(src_path)[0] != split_view(path)[0]:
+            raise Fs9Error(errno.EXDEV, "link across views")
+        await in_thread(os.link, src.real, real)
+        return self._entry(path, real)
+
+    @boundary
+    async def readlink(self, ino, ctx):
+        _, node = self._node(ino)
+        if not isinstance(node, PassNode):
+            raise Fs9Error(errno.EINVAL, "not a symbolic link")
+        return os.fsencode(await in_thread(os.readlink, node.real))
 
     @boundary
     async def create(self, parent_ino, name, mode, flags, ctx):
@@ -341,6 +420,13 @@ class Operations(pyfuse3.Operations):
         close), topics/ (a new topic; each write publishes)."""
         ppath, parent = self._node(parent_ino)
         self._admit(ppath, ctx)
+        if isinstance(parent, PassNode):
+            path, real = await self._vault_target(parent_ino, name, ctx)
+            handle = await open_file(real, flags | os.O_CREAT, mode & ~ctx.umask)
+            fh = self._fh()
+            self.handles[fh] = handle
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), \
+                self._entry(path, real, ctx)
         if not isinstance(parent, Dir) or parent.create is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
         path = ppath + (_name(name),)
@@ -363,25 +449,37 @@ class Operations(pyfuse3.Operations):
         self._admit(path, ctx)
         node = self.tree.resolve(path)  # ENOENT if absent
         self._check(path, writing=True)
+        if isinstance(node, PassNode):
+            return await in_thread(os.unlink, node.real)
         if getattr(node, "remove", None) is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
         node.remove()
 
     @boundary
     async def rmdir(self, parent_ino, name, ctx):
-        await self._refuse_existing(parent_ino, name)
+        path = (self.inodes.path(parent_ino) or ()) + (_name(name),)
+        self._admit(path, ctx)
+        node = self.tree.resolve(path)
+        if not isinstance(node, PassNode):
+            raise Fs9Error(errno.EACCES, READONLY_NS)
+        self._check(path, writing=True)
+        await in_thread(os.rmdir, node.real)
 
     @boundary
     async def rename(self, p_old, name_old, p_new, name_new, flags, ctx):
-        await self._refuse_existing(p_old, name_old)
+        old_path = (self.inodes.path(p_old) or ()) + (_name(name_old),)
+        self._admit(old_path, ctx)
+        node = self.tree.resolve(old_path)  # ENOENT if absent (or hidden)
+        if not isinstance(node, PassNode):
+            raise Fs9Error(errno.EACCES, READONLY_NS)
+        self._check(old_path, writing=True)
+        new_path, real = await self._vault_target(p_new, name_new, ctx)
+        if split_view(old_path)[0] != split_view(new_path)[0]:
+            raise Fs9Error(errno.EXDEV, "rename across views")
+        if flags:  # RENAME_NOREPLACE / RENAME_EXCHANGE
+            raise Fs9Error(errno.EINVAL, "rename flags are not supported yet")
+        await in_thread(os.rename, node.real, real)
 
-    async def _refuse_existing(self, parent_ino, name):
-        ppath = self.inodes.path(parent_ino)
-        self.tree.resolve((ppath or ()) + (_name(name),))  # ENOENT if absent
-        raise Fs9Error(errno.EACCES, READONLY_NS)
-
-    async def readlink(self, ino, ctx):
-        raise pyfuse3.FUSEError(errno.EINVAL)
 
     async def getxattr(self, ino, name, ctx):
         raise pyfuse3.FUSEError(errno.ENODATA)
@@ -394,3 +492,19 @@ class Operations(pyfuse3.Operations):
 
     async def removexattr(self, ino, name, ctx):
         raise pyfuse3.FUSEError(errno.ENODATA)
+
+
+def _set_attributes(real: str, attr, fields) -> None:
+    """setattr on a vault file: size, mode, owner, times (passthroughfs.py's order)."""
+    if fields.update_size:
+        os.truncate(real, attr.st_size)
+    if fields.update_mode:
+        os.chmod(real, stat.S_IMODE(attr.st_mode))
+    if fields.update_uid or fields.update_gid:
+        os.chown(real, attr.st_uid if fields.update_uid else -1,
+                 attr.st_gid if fields.update_gid else -1, follow_symlinks=False)
+    if fields.update_atime or fields.update_mtime:
+        st = os.lstat(real)
+        atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+        mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+        os.utime(real, ns=(atime, mtime), follow_symlinks=False)

@@ -4,7 +4,8 @@ To find where any path is served, find its row here. `{agent}`, `{task}`,
 `{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}` and `{cap}`
 are bound to kernel objects while walking (VARS below); a name that binds to
 nothing is ENOENT. Directories list the rows one level below them; a Dir with
-`create` takes new names (mail/, outbox/, topics/).
+`create` takes new names (mail/, outbox/, topics/). `vault/` is a real
+directory on disk (face/passthrough.py).
 
 Views: `agents/NAME/view/P` is path P as agent NAME sees it (kernel/view.py):
 the same rows, filtered by its unveil and pledge, with NAME as the one asking
@@ -14,6 +15,7 @@ a request arrives through is its identity.
 """
 import errno
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +23,7 @@ from ..errors import Fs9Error
 from ..kernel import manifest as manifests
 from ..kernel.bus import OPERATOR
 from ..kernel.stream import Stream
+from .passthrough import PassNode
 from .kinds import (AuditCursor, Chain, Ctl, Dir, EventCursor, NextCursor, Node, Status,
                     StreamCursor, StreamNode, TaskCursor, TopicCursor)
 
@@ -69,6 +72,7 @@ def _registry_entry(agent) -> str:
     lines += [f"accepts={kind}" for kind in m.get("accepts", ["work_request"])]
     if "sla" in m:
         lines += [f"sla={m['sla']}"]
+    lines += [f"owns={subtree}" for subtree in m.get("owns", [])]
     if "description" in m:
         lines += [f"description={m['description']}"]
     return "\n".join(lines) + "\n"
@@ -135,6 +139,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "log/trace": None,
     "log/trace/{corr}": lambda k, corr: Status(
         lambda: "".join(e.json() + "\n" for e in k.log.trace(corr))),
+    "vault": None,  # passthrough to the vault directory (see Tree._resolve)
     "registry": None,
     "registry/{provider}": lambda k, provider: Status(lambda: _registry_entry(provider)),
     "registry/by-capability": None,
@@ -233,6 +238,10 @@ class Tree:
             return False
 
     def _resolve(self, path: tuple[str, ...], view) -> Node:
+        if path[:1] == ("vault",):  # a real directory: its files are not in the table
+            if not self.kernel.vault_dir:
+                raise Fs9Error(errno.ENOENT, "no vault (fs9 mount --vault DIR)")
+            return PassNode.at(os.path.join(self.kernel.vault_dir, *path[1:]))
         for row in _BY_DEPTH.get(len(path), ()):
             bound = self._bind(row.parts, path)
             if bound is None:

@@ -73,7 +73,7 @@ class Kernel:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.mount_path and confine.unavailable() is None and escapes.start_audit(self):
-                nursery.start_soon(escapes.watch_denials, self)
+                nursery.start_soon(self._witness_denials)
             for agent in self.agents.values():
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
@@ -94,6 +94,17 @@ class Kernel:
             if self.agents.get(agent.name) is agent:
                 self.record("agent_failed", agent=agent.name,
                             reason="internal error (see the bug event); start retries")
+
+    async def _witness_denials(self) -> None:
+        """Log what the kernel's audit says confined agents were denied; a defect here
+        costs the witness, never the mount."""
+        try:
+            await escapes.watch_denials(self)
+        except Exception:
+            text = traceback.format_exc()
+            log.error("bug in the audit witness: %s", text)
+            self.log.append("bug", handler="watch_denials", traceback=text)
+            self.log.append("audit_unavailable", reason="the audit witness failed (see bug)")
 
     def _recover(self) -> None:
         for task in [t for t in self.tasks.values() if t.state == "running"]:
@@ -276,6 +287,11 @@ class Kernel:
             raw, home, origin = {}, os.path.join(self.state_dir, "work", name), f"spawn {name}"
         manifest = manifests.check({**raw, **kv}, origin)
         check_program(name, manifest, home)
+        for subtree in manifest["owns"]:
+            owner = self.owner_of(tuple(subtree.strip("/").split("/")), exact=True)
+            if owner and owner != name:
+                raise Fs9Error(errno.EBUSY, f"{subtree} is already owned by agent {owner}: "
+                                            "a vault subtree has exactly one owner")
         why = not manifest["unconfined"] and (
             confine.unavailable() or (not self.mount_path and "no mount to show a view in"))
         if why:
@@ -309,6 +325,17 @@ class Kernel:
             return self.agents[name]
         except KeyError:
             raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {name}")
+
+    def owner_of(self, path: tuple[str, ...], exact: bool = False) -> str | None:
+        """The agent owning vault path (the longest owned prefix wins); None: only the
+        operator may change it. exact: only an owner of exactly that subtree."""
+        best, owner = -1, None
+        for agent in self.agents.values():
+            for prefix in agent.view.owns:
+                hit = prefix == path if exact else path[:len(prefix)] == prefix
+                if hit and len(prefix) > best:
+                    best, owner = len(prefix), agent.name
+        return owner
 
     def sandbox_spec(self, agent: Agent) -> dict:
         """What agent's sandbox is made of (drivers/zygote.py)."""

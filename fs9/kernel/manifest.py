@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
 # Keys later layers read (views, bus, registry); accepted and kept as data now.
 FUTURE_KEYS = ("provides", "accepts", "clearance", "description", "sla",
                "subscribe", "instructions", "model")
-KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil") + FUTURE_KEYS
+KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil", "owns") + FUTURE_KEYS
 
 
 def load_definition(agents_dir: str, name: str) -> tuple[dict, str]:
@@ -119,6 +119,7 @@ def check(raw: dict, origin: str) -> dict:
         raise bad(e.text)
     m.setdefault("pledge", list(views.DEFAULT_PLEDGE))  # shown in full in `manifest`
     m.setdefault("unveil", {})
+    m.setdefault("owns", [])
     return m
 
 

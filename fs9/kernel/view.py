@@ -10,6 +10,7 @@ Rules, in order:
   - `agents/*/view` never exists inside a view (a view is not a way into another);
   - the agent's own `agents/NAME/` is always visible, read-write;
   - `registry/` is visible read-only to agents that pledge `discover`;
+  - the vault subtrees it owns (manifest `owns`) are visible read-write;
   - an unveiled path and everything under it has the unveiled mode (the longest
     unveiled prefix wins); its ancestors are visible as directories that list
     only what leads into the view;
@@ -54,6 +55,7 @@ class View:
     agent: str
     pledges: frozenset[str]
     unveiled: tuple[tuple[tuple[str, ...], str], ...]  # (path, mode), longest first
+    owns: tuple[tuple[str, ...], ...] = ()  # vault subtrees this agent alone may change
 
     def own(self, path: tuple[str, ...]) -> bool:
         return path[:2] == ("agents", self.agent)
@@ -69,10 +71,16 @@ class View:
         for prefix, mode in self.unveiled:
             if path[:len(prefix)] == prefix:
                 return mode
+        if any(path[:len(prefix)] == prefix for prefix in self.owns):
+            return "rw"
         if path in ((), ("agents",)) or any(
-                prefix[:len(path)] == path for prefix, _ in self.unveiled):
+                prefix[:len(path)] == path for prefix in self._roots()):
             return "r"  # a directory on the way to something visible
         return None
+
+    def _roots(self):
+        yield from (prefix for prefix, _ in self.unveiled)
+        yield from self.owns
 
     def pledge_for(self, path: tuple[str, ...]) -> str | None:
         """The promise a write-like operation on path needs (None: no promise needed)."""
@@ -114,6 +122,7 @@ class View:
         if "discover" in self.pledges:
             lines.append("r registry")
         lines += [f"{mode} {'/'.join(path)}" for path, mode in sorted(self.unveiled)]
+        lines += [f"owns {'/'.join(path)}" for path in self.owns]
         return "\n".join(lines) + "\n"
 
 
@@ -142,4 +151,14 @@ def parse(agent: str, manifest: dict) -> View:
                                          "be unveiled")
         entries.append((parts, mode))
     entries.sort(key=lambda e: -len(e[0]))
-    return View(agent, frozenset(pledge), tuple(entries))
+    owns = manifest.get("owns", [])
+    if not isinstance(owns, list) or not all(isinstance(p, str) for p in owns):
+        raise Fs9Error(errno.EINVAL, "owns must be a list of vault paths")
+    owned = []
+    for raw in owns:
+        parts = tuple(raw.strip("/").split("/"))
+        if len(parts) < 2 or parts[0] != "vault" or any(p in ("", ".", "..") for p in parts):
+            raise Fs9Error(errno.EINVAL, f"owns: {raw!r} is not a vault subtree "
+                                         "(like vault/docs)")
+        owned.append(parts)
+    return View(agent, frozenset(pledge), tuple(entries), tuple(owned))

@@ -1,0 +1,88 @@
+"""Passthrough: the file kind of `vault/`, a real directory on disk.
+
+A PassNode is a path under the vault's backing directory, looked up afresh per
+request (like the synthetic nodes: the disk is the truth, also when an editor
+changes it behind our back). Blocking disk I/O runs in worker threads; OSError
+becomes Fs9Error with the same errno, as pyfuse3's passthroughfs.py does.
+"""
+import errno
+import os
+import stat
+
+import trio
+
+from ..errors import Fs9Error
+
+
+def disk(fn, *args):
+    """Call an os function; OSError becomes Fs9Error with its errno."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise Fs9Error(e.errno or errno.EIO, e.strerror or str(e))
+
+
+async def in_thread(fn, *args):
+    return await trio.to_thread.run_sync(disk, fn, *args)
+
+
+class PassNode:
+    """A file, directory or symlink of the vault (real: its path on disk)."""
+    stream = False
+    create = None  # ops.py creates files here itself (it needs the flags and the caller)
+
+    def __init__(self, real: str, st: os.stat_result) -> None:
+        self.real = real
+        self.st = st
+        self.mode = st.st_mode
+
+    @classmethod
+    def at(cls, real: str) -> "PassNode":
+        return cls(real, disk(os.lstat, real))
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+    def size(self) -> int:
+        return self.st.st_size
+
+    def names(self) -> list[str]:
+        if not self.is_dir:
+            raise Fs9Error(errno.ENOTDIR, "not a directory")
+        return sorted(disk(os.listdir, self.real))
+
+    def open(self, writing: bool, pid: int):
+        raise Fs9Error(errno.EIO, "vault files open through ops.open")  # never called
+
+
+class PassHandle:
+    """An open vault file: a real fd; reads and writes at offsets, in threads."""
+    poll_handle = None
+    poll_scope = None
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    async def read(self, off: int, size: int) -> bytes:
+        return await in_thread(os.pread, self.fd, size, off)
+
+    async def pwrite(self, off: int, data: bytes) -> int:
+        return await in_thread(os.pwrite, self.fd, data, off)
+
+    def flush(self) -> None:
+        pass
+
+    def readable(self) -> bool:
+        return True
+
+    async def wait_readable(self) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def open_file(real: str, flags: int, mode: int = 0o644) -> PassHandle:
+    flags &= ~os.O_NOFOLLOW  # the kernel resolved symlinks through us already
+    return PassHandle(await in_thread(os.open, real, flags | os.O_CLOEXEC, mode))
