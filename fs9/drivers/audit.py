@@ -1,43 +1,56 @@
-"""Landlock denials, read live from the kernel audit log.
+"""Refused syscalls of confined agents, read live from the kernel audit log.
 
-Landlock (ABI >= 7) reports denials through audit. A root daemon reads them by
-joining the NETLINK_AUDIT multicast group AUDIT_NLGRP_READLOG (CAP_AUDIT_READ)
-without registering as the audit daemon: a registered auditd that falls behind
-makes audited syscalls block (backlog_wait_time); a multicast reader never does.
+A root daemon reads audit records by joining the NETLINK_AUDIT multicast group
+AUDIT_NLGRP_READLOG (CAP_AUDIT_READ), not registering as the audit daemon: an
+auditd that falls behind makes audited syscalls block; a multicast reader never.
 
-Nothing is logged unless audit is enabled (`enable()`) and the sandboxed task
-called landlock_restrict_self() with LANDLOCK_RESTRICT_SELF_LOG_NEW_EXEC_ON
-(by default denials are only logged until the next execve).
+Audit must be on (`enable()`) before the audited task is forked. Two sources:
+Landlock (ABI >= 7) logs its denials (LANDLOCK_ACCESS) when the task asked for
+it (LANDLOCK_RESTRICT_SELF_LOG_NEW_EXEC_ON); `add_rules(lo, hi)` makes the kernel
+log every syscall of uids lo..hi failing with EACCES or EPERM, which catches the
+plain permission and capability checks Landlock never sees (kill(1), a 0700 dir).
 
-One denial is one audit event: records sharing `audit(time:serial)`, ended by
-AUDIT_EOE. LANDLOCK_ACCESS says what was denied, SYSCALL says who (pid, uid,
-comm), and LANDLOCK_DOMAIN status=allocated (with a domain's first denial)
-names the task that created the domain. With no auditd registered the kernel
-also printk()s each record into dmesg, rate limited by kernel.printk_ratelimit*.
+One event is the records sharing `audit(time:serial)`, ended by AUDIT_EOE:
+SYSCALL (who, what), CWD and PATH (the names looked up), LANDLOCK_ACCESS (merged
+in), and LANDLOCK_DOMAIN status=allocated, with a domain's first denial, naming
+the task that created the domain. With no auditd registered the kernel also
+printk()s each record into dmesg, rate limited by kernel.printk_ratelimit*.
 """
 
 import errno
+import platform
 import re
 import socket
 import struct
 
 import trio
 
+try:
+    import pyseccomp
+except ImportError:
+    pyseccomp = None
+
 NETLINK_AUDIT = 9
 AUDIT_NLGRP_READLOG = 1
-AUDIT_GET, AUDIT_SET = 1000, 1001
-AUDIT_SYSCALL, AUDIT_EOE = 1300, 1320
+AUDIT_GET, AUDIT_SET, AUDIT_ADD_RULE, AUDIT_DEL_RULE = 1000, 1001, 1011, 1012
+AUDIT_SYSCALL, AUDIT_PATH, AUDIT_CWD, AUDIT_EOE = 1300, 1302, 1307, 1320
 AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN = 1423, 1424
+# struct audit_rule_data, from linux/audit.h
+AUDIT_FILTER_EXIT, AUDIT_ALWAYS = 0x04, 2
+AUDIT_UID, AUDIT_ARCH, AUDIT_EXIT = 1, 11, 103
+AUDIT_EQUAL, AUDIT_LESS_THAN_OR_EQUAL, AUDIT_GREATER_THAN_OR_EQUAL = 0x40000000, 0x50000000, 0x60000000
+AUDIT_ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # EM_* | 64BIT | LE
 NLMSG_ERROR = 2
 SO_RCVBUFFORCE = 33  # not exported by the socket module
 _NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, portid
 _STATUS = struct.Struct("=11I")  # struct audit_status (mask, enabled, ...)
+_RULE = struct.Struct("=3I64I64I64I64II")  # flags action count mask fields values fieldflags buflen
 
 _HEADER = re.compile(r"audit\((\d+\.\d+):(\d+)\):\s*")
 _FIELD = re.compile(r'([\w-]+)=("[^"]*"|\S+)')
 # Fields the kernel logs with audit_log_untrustedstring(): quoted when plain,
 # bare hex when they contain spaces, quotes or control characters.
-_UNTRUSTED = {"path", "comm", "exe", "name", "ocomm", "proctitle"}
+_UNTRUSTED = {"path", "comm", "exe", "name", "cwd", "ocomm", "proctitle"}
 
 
 def _fields(text: str) -> dict:
@@ -65,7 +78,7 @@ def _request(kind: int, payload: bytes = b"") -> bytes:
             if typ == NLMSG_ERROR:
                 (err,) = struct.unpack_from("=i", data, _NLMSG.size)
                 if err:
-                    raise OSError(-err, f"audit netlink request {kind}")
+                    raise OSError(-err, f"audit netlink request {kind}: {errno.errorcode.get(-err)}")
                 if kind != AUDIT_GET:
                     return b""
             elif typ == kind:
@@ -85,12 +98,52 @@ def enable() -> bool:
     return False
 
 
-class LandlockDenials:
-    """Async iterator of denials as dicts: the LANDLOCK_ACCESS fields (domain,
-    blockers e.g. "fs.read_file" or "fs.write_file,fs.truncate", path, dev,
-    ino; net/scope denials have daddr, dport, opid...) plus time, serial, the
-    denied task's pid, ppid, uid, comm, exe, syscall, and domain_pid,
-    domain_uid, domain_exe: the task that called landlock_restrict_self()."""
+def _rules(lo: int, hi: int):
+    """One exit rule per errno: uid in lo..hi and exit == -errno (a rule ANDs its fields)."""
+    arch = AUDIT_ARCHES.get(platform.machine())
+    for err in (errno.EACCES, errno.EPERM):
+        fields = [(AUDIT_ARCH, AUDIT_EQUAL, arch)] if arch else []
+        fields += [(AUDIT_UID, AUDIT_GREATER_THAN_OR_EQUAL, lo),
+                   (AUDIT_UID, AUDIT_LESS_THAN_OR_EQUAL, hi),
+                   (AUDIT_EXIT, AUDIT_EQUAL, -err & 0xFFFFFFFF)]  # compared as u32
+        pad = [0] * (64 - len(fields))
+        yield _RULE.pack(AUDIT_FILTER_EXIT, AUDIT_ALWAYS, len(fields), *[0xFFFFFFFF] * 64,
+                         *[f for f, _, _ in fields], *pad, *[v for _, _, v in fields], *pad,
+                         *[op for _, op, _ in fields], *pad, 0)
+
+
+def add_rules(lo: int, hi: int) -> None:
+    """Log every syscall of uids lo..hi failing with EACCES or EPERM. Idempotent
+    (a duplicate rule is EEXIST). Rules outlive us: remove them with del_rules."""
+    _send_rules(AUDIT_ADD_RULE, lo, hi, FileExistsError)
+
+
+def del_rules(lo: int, hi: int) -> None:
+    _send_rules(AUDIT_DEL_RULE, lo, hi, FileNotFoundError)  # ENOENT: not there (any more)
+
+
+def _send_rules(kind: int, lo: int, hi: int, fine: type) -> None:
+    for rule in _rules(lo, hi):
+        try:
+            _request(kind, rule)
+        except fine:
+            pass
+
+
+def _syscall_name(arch: str, number: str) -> str:
+    try:  # libseccomp knows every architecture's numbers; its arch tokens are AUDIT_ARCH_*
+        return pyseccomp.resolve_syscall(int(arch, 16), int(number)).decode()
+    except Exception:  # pyseccomp missing, unknown number
+        return number
+
+
+class Refusals:
+    """Async iterator of failed syscalls and Landlock denials, as dicts: time,
+    serial, pid, ppid, uid, comm, exe, syscall (name), errno ("EACCES"), args
+    (a0..a3), cwd, names (PATH names as given), path (Landlock's, else the first
+    name made absolute); for Landlock also blockers ("fs.read_file"), domain,
+    dev, ino (net: daddr, dport...) and domain_pid, domain_uid, domain_exe: the
+    task that called landlock_restrict_self(). Callers filter by uid."""
 
     def __init__(self, rcvbuf: int = 4 << 20):
         self.sock = trio.socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_AUDIT)
@@ -98,7 +151,7 @@ class LandlockDenials:
         # out bursts; overflow shows up as ENOBUFS and is counted in `lost`.
         self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         self.lost = 0
-        self._pending = {}  # serial -> denial being assembled until AUDIT_EOE
+        self._pending = {}  # serial -> event being assembled until AUDIT_EOE
         self._domains = {}  # domain id -> fields of its status=allocated record
 
     async def __aenter__(self):
@@ -122,9 +175,9 @@ class LandlockDenials:
                 continue
             # kauditd multicasts every record as its own datagram.
             _, typ, _, _, _ = _NLMSG.unpack_from(data)
-            denial = self._feed(typ, data[_NLMSG.size:].decode(errors="replace"))
-            if denial:
-                return denial
+            event = self._feed(typ, data[_NLMSG.size:].decode(errors="replace"))
+            if event:
+                return event
 
     def _feed(self, typ: int, text: str):
         head = _HEADER.match(text)
@@ -136,15 +189,38 @@ class LandlockDenials:
                 self._domains.pop(fields.get("domain"), None)
             else:  # status=allocated: rides along with the domain's first denial
                 self._domains[fields.get("domain")] = fields
-        elif typ == AUDIT_LANDLOCK_ACCESS:
-            if len(self._pending) >= 1024:  # an EOE never came: drop the oldest
-                self._pending.pop(next(iter(self._pending)))
-            self._pending[serial] = {"time": float(head[1]), "serial": serial, **fields}
-        elif typ == AUDIT_SYSCALL and serial in self._pending:
-            self._pending[serial].update(_pick(fields, "pid ppid uid comm exe syscall"))
-        elif typ == AUDIT_EOE and serial in self._pending:
-            denial = self._pending.pop(serial)
-            domain = _pick(self._domains.get(denial.get("domain"), {}), "pid uid exe")
-            denial.update({"domain_" + key: value for key, value in domain.items()})
-            return denial
+            return None
+        if typ == AUDIT_EOE:
+            return self._finish(self._pending.pop(serial, None))
+        if typ not in (AUDIT_SYSCALL, AUDIT_PATH, AUDIT_CWD, AUDIT_LANDLOCK_ACCESS):
+            return None  # PROCTITLE, CONFIG_CHANGE, other daemons' records...
+        if serial not in self._pending and len(self._pending) >= 1024:
+            self._pending.pop(next(iter(self._pending)))  # an EOE never came
+        event = self._pending.setdefault(serial, {"time": float(head[1]), "serial": serial,
+                                                  "names": []})
+        if typ == AUDIT_SYSCALL:
+            event.update(_pick(fields, "pid ppid uid comm exe success"))
+            event["syscall"] = _syscall_name(fields.get("arch", "0"), fields.get("syscall", "-1"))
+            code = -int(fields.get("exit", "0"))
+            event["errno"] = errno.errorcode.get(code, str(code)) if code > 0 else None
+            event["args"] = [int(fields.get(f"a{i}", "0"), 16) for i in range(4)]
+        elif typ == AUDIT_CWD:
+            event["cwd"] = fields.get("cwd")
+        elif typ == AUDIT_PATH:
+            if fields.get("name") not in (None, "(null)"):
+                event["names"].append(fields["name"])
+        else:  # LANDLOCK_ACCESS: several (one per domain layer) merge
+            event.update({k: v for k, v in fields.items() if k not in event or k == "path"})
         return None
+
+    def _finish(self, event):
+        if not event or (event.get("success") != "no" and "blockers" not in event):
+            return None
+        event.pop("success", None)
+        if "path" not in event and event["names"]:
+            name = event["names"][0]
+            cwd = event.get("cwd") or ""
+            event["path"] = name if name.startswith("/") or not cwd else f"{cwd.rstrip('/')}/{name}"
+        domain = _pick(self._domains.get(event.get("domain"), {}), "pid uid exe")
+        event.update({"domain_" + key: value for key, value in domain.items()})
+        return event

@@ -1,21 +1,37 @@
 """What confined agents tried and were refused, as audit events.
 
 Two witnesses: the agent's sandbox reports each forbidden syscall it refused
-(`escape_attempt`: mount, unshare, ptrace, open_by_handle_at, ...), and the
-kernel's audit log reports each Landlock denial (`escape_denied`: a file outside
-the view). The second needs kernel audit switched on: fs9 turns it on at start
-when it can (root), and says so in the log; where it cannot, the denials still
-happen, they are just not witnessed, and the log says that too.
+(`escape_attempt`: mount, unshare, ptrace, open_by_handle_at, ...; the seccomp
+filter refuses those before the kernel audits them, so they come once), and the
+kernel's audit log reports every other syscall of an agent's uid that failed
+with EACCES or EPERM (`escape_denied`): a Landlock denial (a file outside the
+view) or a plain permission or capability check (a root-owned 0700 directory,
+/proc/1/cwd, kill(1)). The second needs kernel audit switched on and fs9's audit
+rules installed: fs9 does both at start when it can (root), says so in the log,
+and removes its rules at stop; where it cannot, the refusals still happen, they
+are just not witnessed, and the log says that too.
+
+Noise: access()/faccessat() failures are dropped (they only ask whether something
+is allowed; whatever the program then tries is audited itself), and a scan of
+/proc/<pid>/... (`ps`, `top` read every process's environ) is logged once per
+second and syscall, not once per process. Refusals by fs9's own file system
+(a path under the mount, e.g. writing a read-only file of the view) are left to
+fs9, which logs them itself (`refused`); Landlock denials are always logged.
 """
 import collections
+import errno
 import logging
+import os
+import re
 
 import trio
 
-from ..drivers import audit
+from ..drivers import audit, confine
 
 log = logging.getLogger("fs9.escapes")
 BURST = 50  # denial events per agent per second; beyond, they are counted, not logged
+QUERIES = {"access", "faccessat", "faccessat2"}
+_PROC_PID = re.compile(r"^/proc/\d+/")
 
 
 def attempt(kernel, agent, report: dict) -> None:
@@ -25,40 +41,94 @@ def attempt(kernel, agent, report: dict) -> None:
                       reason=f"{report['syscall']}() refused (EPERM) by the sandbox")
 
 
+def uid_range(kernel) -> tuple[int, int]:
+    """The uids this fs9's agents' programs may run as."""
+    lo = confine.uid_of(kernel.state_dir, 0)
+    return lo, lo + 9_999
+
+
 def start_audit(kernel) -> bool:
-    """Turn on kernel audit, before any agent program is forked (a process forked
-    earlier is never audited). Whether denials can be witnessed."""
+    """Turn on kernel audit and install the rules reporting our agents' refused
+    syscalls, before any agent program is forked (a process forked while audit
+    was off is never audited). Whether refusals can be witnessed. Undo: stop_audit."""
     try:
         was_on = audit.enable()
+        audit.add_rules(*uid_range(kernel))
     except OSError as e:
-        kernel.log.append("audit_unavailable", reason=f"kernel audit: {e}; Landlock denials "
-                                                      "are enforced but not logged")
+        kernel.log.append("audit_unavailable", reason=f"kernel audit: {e}; refused syscalls "
+                                                      "of confined agents are not logged")
         return False
     if not was_on:
         kernel.log.append("audit_enabled", reason="kernel audit switched on to witness "
-                                                  "Landlock denials of confined agents")
+                                                  "refused syscalls of confined agents")
     return True
 
 
-async def watch_denials(kernel) -> None:
-    """Log each Landlock denial of one of our agents' programs (by uid); until cancelled."""
-    window = collections.Counter()  # (agent, second) -> denials seen
+def stop_audit(kernel) -> None:
+    """Remove our audit rules (they outlive fs9 otherwise); audit itself stays on."""
     try:
-        async with audit.LandlockDenials() as denials:
-            async for d in denials:
+        audit.del_rules(*uid_range(kernel))
+    except OSError as e:
+        log.warning("removing audit rules: %s", e)
+
+
+def _under(path: str, top: str) -> bool:
+    # normpath: "MNT/../root" is not fs9's (a symlink under MNT is taken as fs9's)
+    top = os.path.abspath(top) if top else ""
+    return bool(top) and path.startswith("/") and \
+        os.path.commonpath([os.path.normpath(path), top]) == top
+
+
+def _reason(d: dict) -> str:
+    if d.get("blockers"):
+        return f"{d['blockers']} of {d.get('path')} outside the view denied by Landlock"
+    code = getattr(errno, d.get("errno") or "", 0)
+    why = f"({d.get('errno')}: {os.strerror(code).lower()})" if code else "(failed)"
+    call = d.get("syscall")
+    # registers as logged: an int argument (a pid) is its low 32 bits, signed
+    args = [(a & 0xFFFFFFFF) - ((a & 0x80000000) << 1) for a in d.get("args") or [0, 0]]
+    if d.get("path"):
+        return f"{call}({d['path']}) refused {why}"
+    if call in ("kill", "tkill"):
+        return f"{call}(pid {args[0]}, signal {args[1]}) refused {why}"
+    if call == "tgkill":
+        return f"tgkill(pid {args[0]}, tid {args[1]}) refused {why}"
+    if call == "ptrace":
+        return f"ptrace(request {args[0]}, pid {args[1]}) refused {why}"
+    return f"{call}() refused {why}"
+
+
+async def watch_denials(kernel) -> None:
+    """Log each refused syscall of one of our agents' programs (by uid); until
+    cancelled, then remove our audit rules."""
+    window = collections.Counter()  # (agent, second) -> events seen; (agent, second, shape) too
+    try:
+        async with audit.Refusals() as refusals:
+            async for d in refusals:
+                if d.get("syscall") in QUERIES:
+                    continue
                 agent = next((a for a in kernel.agents.values() if a.uid == d.get("uid")), None)
                 if agent is None:
-                    continue  # not ours (another fs9, another sandbox)
-                key = (agent.name, int(trio.current_time()))
-                window[key] += 1
-                if len(window) > 1024:
+                    continue  # not ours (another fs9, another sandbox, a stopped agent)
+                path = d.get("path")
+                if path and not d.get("blockers") and _under(path, kernel.mount_path):
+                    continue  # fs9 refused it, and logged it already
+                second = int(trio.current_time())
+                if len(window) > 4096:
                     window.clear()
-                if window[key] > BURST:
+                if path and _PROC_PID.match(path):
+                    shape = (agent.name, second, d.get("syscall"), _PROC_PID.sub("/proc/*/", path))
+                    window[shape] += 1
+                    if window[shape] > 1:
+                        continue
+                window[agent.name, second] += 1
+                if window[agent.name, second] > BURST:
                     continue
                 kernel.log.append("escape_denied", agent=agent.name, pid=d.get("pid"),
-                                  comm=d.get("comm"), path=d.get("path"),
-                                  blockers=d.get("blockers"),
-                                  reason=f"{d.get('blockers')} of {d.get('path')} "
-                                         "outside the view denied by Landlock")
+                                  comm=d.get("comm"), syscall=d.get("syscall"),
+                                  errno=d.get("errno"), path=path,
+                                  blockers=d.get("blockers"), reason=_reason(d))
     except OSError as e:
         kernel.log.append("audit_unavailable", reason=f"reading kernel audit: {e}")
+    finally:
+        stop_audit(kernel)  # synchronous: runs even when cancelled
