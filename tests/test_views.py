@@ -71,6 +71,7 @@ def test_read_only_unveil_and_pledges_refuse_writes_with_reasons(scout):
     assert errno_of(scout.write, "agents/scout/view/topics/feed", "x\n") == errno.EACCES
     assert not os.stat(v / "topics/feed").st_mode & 0o222  # shown read-only
     scout.write("agents/scout/view/topics/news", "from scout\n")  # rw + publish pledge
+    assert '"kind":"published","topic":"news","sender":"scout"' in scout.read("log/audit")
     assert errno_of(scout.write, "agents/scout/view/topics/brandnew", "x\n") == errno.ENOENT
     # mail: rw unveil and the send pledge; the message is from scout, not the operator
     scout.write("agents/scout/view/agents/echo/mail/new", "hello from scout\n")
@@ -227,3 +228,33 @@ def test_each_vault_subtree_has_one_owner_and_others_ask_by_mail(vault):
     assert r.returncode != 0
     assert "already owned by agent coder" in vault.read("log/audit").splitlines()[-1]
     assert "owns=vault/code" in vault.read("registry/coder")
+
+
+def test_an_agent_cannot_widen_its_powers_or_act_for_another(mount):
+    mount.define("boss", 'cmd = ["cat"]\npledge = ["read", "spawn", "send"]\n'
+                 '[unveil]\n"ctl" = "w"\n"agents/echo" = "rw"\n')
+    mount.define("free", 'cmd = ["cat"]\nunconfined = true\n')
+    spawn(mount, "spawn echo")
+    spawn(mount, "spawn boss")
+    ctl = "agents/boss/view/ctl"
+    mount.write(ctl, "spawn e2 def=echo priority=background")  # a defined agent: fine
+    assert "e2" in os.listdir(mount.path / "agents")
+    for line in ("spawn e3 def=echo unconfined=true", "spawn e4 cmd=sh",
+                 "spawn e5 def=echo pledge=['spawn']", "spawn free"):
+        assert errno_of(mount.write, ctl, line) == errno.EPERM, line
+    assert "may not start the unconfined agent free" in mount.read("agents/boss/err")
+    # another agent's mail: boss may send to echo, not acknowledge echo's messages
+    mount.write("agents/echo/mail/new", "for echo\n")
+    (msg,) = [n for n in os.listdir(mount.path / "agents/echo/mail") if n[0].isdigit()]
+    assert errno_of(os.unlink, mount.path / f"agents/boss/view/agents/echo/mail/{msg}") == errno.EACCES
+    assert errno_of(mount.write, "agents/boss/view/agents/echo/outbox/boss", "x") == errno.EACCES
+    mount.write("agents/echo/in", "x\n")
+    mount.wait_for(lambda: mount.status("echo")["done"] == "1", what="echo's task")
+    (tid,) = os.listdir(mount.path / "agents/echo/tasks")
+    assert errno_of(mount.write, f"agents/boss/view/agents/echo/tasks/{tid}/progress",
+                    "50%") == errno.EACCES
+    assert "only agent echo acknowledges its mail" in mount.read("agents/boss/err")
+    # any new name in mail/ is a message from whoever writes it, never from the operator
+    mount.write("agents/boss/view/agents/echo/mail/hello", "hi\n")
+    assert any("from: boss" in mount.read(f"agents/echo/mail/{n}")
+               for n in os.listdir(mount.path / "agents/echo/mail") if n[0].isdigit())

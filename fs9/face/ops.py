@@ -103,14 +103,17 @@ class Operations(pyfuse3.Operations):
         if agent is None or agent.uid != ctx.uid:
             raise Fs9Error(errno.EACCES, "not yours")
 
-    def _check(self, path: tuple[str, ...], writing: bool) -> None:
-        """A view's refusal of a write (unveil mode, pledge) or read: EACCES, logged."""
+    def _check(self, path: tuple[str, ...], writing: bool, removing: bool = False) -> None:
+        """A view's refusal of a write (unveil mode, pledge, ownership) or read: logged."""
         viewer, inner = split_view(path)
         if viewer is None:
             return
         try:
             view = self.tree.view(viewer)
-            view.check_write(inner) if writing else view.check_read(inner)
+            if removing:
+                view.check_remove(inner)
+            else:
+                view.check_write(inner) if writing else view.check_read(inner)
             if writing and inner[:1] == ("vault",) and len(inner) > 1:
                 owner = self.kernel.owner_of(inner)
                 if owner != viewer:
@@ -448,7 +451,7 @@ class Operations(pyfuse3.Operations):
         path = (self.inodes.path(parent_ino) or ()) + (_name(name),)
         self._admit(path, ctx)
         node = self.tree.resolve(path)  # ENOENT if absent
-        self._check(path, writing=True)
+        self._check(path, writing=True, removing=True)
         if isinstance(node, PassNode):
             return await in_thread(os.unlink, node.real)
         if getattr(node, "remove", None) is None:

@@ -89,7 +89,7 @@ def _providers(k) -> dict[str, list[str]]:
 # pattern -> factory(kernel, **bound objects) -> Node (Dir rows get their names from the tree)
 ROWS: dict[str, Callable[..., Node | None]] = {
     "": None,
-    "ctl": lambda k: Ctl(lambda d: k.guarded(k.ctl, d), k.state_line),
+    "ctl": lambda k, me=None: Ctl(lambda d: k.guarded(k.ctl, d, me, agent=me), k.state_line),
     "status": lambda k: Status(k.status),
     "events": lambda k: StreamNode(lambda: EventCursor(k.log)),
     "agents": None,
@@ -116,16 +116,19 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/tasks/{task}/progress": lambda k, agent, task: Ctl(
         lambda data: k.guarded(k.bus.progress, agent, task, data, agent=agent.name,
                                file="progress")),
-    "agents/{agent}/mail": lambda k, agent: Dir(create=lambda name: _mail_new(k, agent)),
+    "agents/{agent}/mail": lambda k, agent, me=None: Dir(
+        create=lambda name: _mail_new(k, agent, me)),
     "agents/{agent}/mail/new": _mail_new,
-    "agents/{agent}/outbox": lambda k, agent: Dir(create=lambda name: _outbox(k, agent, name)),
+    "agents/{agent}/outbox": lambda k, agent, me=None: Dir(
+        create=lambda name: _outbox(k, agent, name, me)),
     "agents/{agent}/mail/next": lambda k, agent: StreamNode(lambda: NextCursor(k, agent)),
     "agents/{agent}/mail/dead": None,
     "agents/{agent}/mail/dead/{dead}": lambda k, agent, dead: Status(dead.render),
     "agents/{agent}/mail/{msg}": lambda k, agent, msg: Status(
         msg.render, opened=lambda: k.bus.delivered(agent, msg),
         remove=lambda: k.guarded(k.bus.ack, agent, msg.name, agent=agent.name, file="mail")),
-    "topics": lambda k: Dir(create=lambda name: _topic(k, k.guarded(k.bus.create_topic, name))),
+    "topics": lambda k, me=None: Dir(
+        create=lambda name: _topic(k, k.guarded(k.bus.create_topic, name), me)),
     "topics/{topic}": _topic,
     "mail": None,  # the operator's mailbox: results of the requests it sent
     "mail/next": lambda k: StreamNode(lambda: NextCursor(k, k.bus.operator)),

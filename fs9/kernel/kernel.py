@@ -251,12 +251,18 @@ class Kernel:
 
     # --- root ctl ------------------------------------------------------------------
 
-    def ctl(self, data: bytes) -> None:
+    def ctl(self, data: bytes, by: str | None = None) -> None:
+        """The root ctl; `by`: the agent writing it through its view (None: the operator)."""
         parsed = cmd.parse(CMDS, data)
         names = set(self.agents)
         for p in parsed:  # every line is checked before any is applied
             if p.cmd.verb == "spawn":
-                self._prepare_spawn(*p.args)
+                if by is not None:
+                    _check_spawn_words(by, p.args)
+                manifest, _ = self._prepare_spawn(*p.args)
+                if by is not None and manifest["unconfined"]:
+                    raise Fs9Error(errno.EPERM, f"agent {by} may not start the unconfined "
+                                                f"agent {p.args[0]}")
                 if p.args[0] in names:
                     raise Fs9Error(errno.EEXIST, f"{AGENT_EXISTS}: {p.args[0]}")
                 names.add(p.args[0])
@@ -404,3 +410,16 @@ class Kernel:
                 f"agents={len(self.agents)} queued={t['queued']} running={t['running']} "
                 f"done={t['done']} failed={t['failed']} events={self.log.last_seq}\n")
 
+
+
+AGENT_SPAWN_KEYS = {"def", "priority", "timeout_s", "max_restarts", "within_s", "restart"}
+
+
+def _check_spawn_words(by: str, args: tuple[str, ...]) -> None:
+    """An agent (pledge spawn) starts agents the operator defined, never wider ones: it
+    may not set what decides access (nor, checked after, start an unconfined one)."""
+    keys = {word.partition("=")[0] for word in args[1:]} - AGENT_SPAWN_KEYS
+    if keys:
+        raise Fs9Error(errno.EPERM, f"agent {by} may not set {', '.join(sorted(keys))} in a "
+                                    f"spawn (only {', '.join(sorted(AGENT_SPAWN_KEYS))}): "
+                                    "definitions decide what an agent may do")

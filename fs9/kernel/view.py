@@ -100,10 +100,18 @@ class View:
         if "w" not in mode:
             raise Fs9Error(errno.EACCES, f"{'/'.join(path)} is read-only in the view of "
                                          f"{self.agent} (unveil it with mode w or rw)")
+        if path[:1] == ("agents",) and len(path) > 2 and path[2] == "tasks" and not self.own(path):
+            raise Fs9Error(errno.EACCES, f"only agent {path[1]} reports on its tasks")
         promise = self.pledge_for(path)
         if promise and promise not in self.pledges:
             raise Fs9Error(errno.EACCES, f"agent {self.agent} did not pledge {promise!r} "
                                          f"({PLEDGES[promise]})")
+
+    def check_remove(self, path: tuple[str, ...]) -> None:
+        """As check_write; and a message is acknowledged (rm) only by its recipient."""
+        self.check_write(path)
+        if path[:1] == ("agents",) and path[2:3] == ("mail",) and not self.own(path):
+            raise Fs9Error(errno.EACCES, f"only agent {path[1]} acknowledges its mail")
 
     def check_read(self, path: tuple[str, ...]) -> None:
         """Raise Fs9Error(EACCES) unless this view may read path (which it sees)."""
