@@ -42,6 +42,7 @@ bench: deps
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/foundation.py
 	$(BIN)/python bench/bus.py
+	$(BIN)/python bench/views.py
 
 clean:
 	rm -rf $(VENV) $(STATE)

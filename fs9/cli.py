@@ -52,7 +52,7 @@ def mount(args) -> int:
     if is_mounted(mnt):
         raise UsageError(f"{mnt} is already mounted (fs9 umount {args.mountpoint})")
     os.makedirs(mnt, exist_ok=True)
-    os.makedirs(state, exist_ok=True)
+    os.makedirs(state, mode=0o700, exist_ok=True)  # the log holds everything: not for others
     os.makedirs(vault, exist_ok=True)
     if args.background:
         return _background(args, mnt, state)
