@@ -122,7 +122,12 @@ ATTEMPTS = [
 
 # Attempts refused without a witness so far: (runner, name) -> why no event comes.
 # They must still fail; the event check xfails for them until it holds.
-NOT_YET_AUDITED: dict[tuple[str, str], str] = {}
+NOT_YET_AUDITED: dict[tuple[str, str], str] = {
+    ("py", "vault_rename_stale"):
+        "nothing to witness: the held directory moved with its parent, so opening "
+        "`secret` through it is an ordinary lookup of a missing name in the agent's own "
+        "folder (ENOENT); the symlink it made is its own file",
+}
 
 DISPATCH = """\
 read runner name
@@ -274,7 +279,7 @@ elif name == "rewrite_program":
     attempt("append_dispatch", write, "dispatch.sh", "echo owned\n", "a")
     attempt("create_beside", write, "evil.sh", "echo owned\n")
 elif name == "vault_chown_setuid":
-    f = f"{MNT}/vault/x-{os.getpid()}"
+    f = f"{MNT}/vault/work/x-{os.getpid()}"
     with open(f, "wb") as out:  # a file of its own in the vault: allowed
         out.write(open("/bin/true", "rb").read())
     attempt("chown_root", os.chown, f, 0, 0)
@@ -283,16 +288,17 @@ elif name == "vault_chown_setuid":
     leak_if("setuid_root_file", st.st_uid == 0 and st.st_mode & stat.S_ISUID,
             f"{f} is setuid root on disk: mode {oct(st.st_mode)}")
 elif name == "vault_link_symlink":
-    s, h = f"{MNT}/vault/s-{os.getpid()}", f"{MNT}/vault/h-{os.getpid()}"
+    s, h = f"{MNT}/vault/work/s-{os.getpid()}", f"{MNT}/vault/work/h-{os.getpid()}"
     os.symlink(f"{ROOT}/canary/secret", s)  # a symlink of its own: allowed
     try:
         os.link(s, h, follow_symlinks=False)  # a hard link of the symlink itself: allowed
+        print(f"STEP {name} link -> ok, a symlink: {stat.S_ISLNK(os.lstat(h).st_mode)}")
     except OSError as e:
         print(f"STEP {name} link -> {errno.errorcode.get(e.errno)}")
     attempt("read_through_link", read, h)
     attempt("read_through_symlink", read, s)
 elif name == "vault_rename_stale":
-    v = f"{MNT}/vault"
+    v = f"{MNT}/vault/work"
     os.makedirs(f"{v}/d/canary")
     held = os.open(f"{v}/d/canary", os.O_RDONLY | os.O_DIRECTORY)
     os.rename(f"{v}/d", f"{v}/e")
@@ -301,7 +307,8 @@ elif name == "vault_rename_stale":
     except OSError as e:
         print(f"STEP {name} symlink -> {errno.errorcode.get(e.errno)}")
     attempt("open_through_held_fd", lambda: os.read(os.open("secret", os.O_RDONLY, dir_fd=held), 200))
-    attempt("list_held_fd", os.listdir, held)
+    listing = os.listdir(held)  # the held dir moved with its parent: it is e/canary now
+    leak_if("list_held_fd", "secret" in listing or "canary" in listing, repr(listing))
 else:
     print(f"ERROR {name}: unknown attempt")
     sys.exit(2)
@@ -323,6 +330,7 @@ VAULTER = """\
 cmd = ["sh", "dispatch.sh"]
 pledge = ["read", "write"]
 env = {{ STATE = "{state}", VAULT = "{vault}", AGENTS = "{agents}", FS9_ROOT = "{root}", DAEMON = "{daemon}", VICTIM = "{victim}" }}
+owns = ["vault/work"]
 [unveil]
 "vault" = "rw"
 """
@@ -362,6 +370,7 @@ class Arena:
         mount.write("topics/pub", "public\n")
         mount.write("topics/secret", "hidden\n")
         mount.write("vault/secret.txt", "vault secret\n")
+        (mount.path / "vault/work").mkdir()  # owned by the vaulter (one at a time)
         canary = self.root / "canary"
         canary.mkdir(mode=0o700)
         (canary / "secret").write_bytes(CANARY)
@@ -392,8 +401,10 @@ class Arena:
         self.attackers.add(agent)
         mark = len(self.audit())  # the audit length before the attempt
         m.write(f"agents/{agent}/in", f"{runner} {name}\n")
-        status = m.wait_for(lambda: (s := m.status(agent))["done"] != "0" or s["failed"] != "0"
-                            and s, timeout=30, what=f"attempt {runner} {name}")
+        def ended_status():
+            s = m.status(agent)
+            return s if s["done"] != "0" or s["failed"] != "0" else None
+        status = m.wait_for(ended_status, timeout=30, what=f"attempt {runner} {name}")
         task = status["latest"]
         out = m.read(f"agents/{agent}/tasks/{task}/out")
         err = m.read(f"agents/{agent}/tasks/{task}/err")
@@ -403,7 +414,9 @@ class Arena:
             return [e for e in self.audit()[mark:]
                     if e["kind"] in ESCAPE_KINDS and e.get("agent") == agent]
         expected = (runner, name) not in NOT_YET_AUDITED
-        deadline = time.monotonic() + (5.0 if expected else 1.0)
+        # an escape fails the test anyway: no need to wait for its witness
+        wait = 0.0 if "ESCAPED" in out else 5.0 if expected else 1.0
+        deadline = time.monotonic() + wait
         while not mine() and time.monotonic() < deadline:
             time.sleep(0.05)
         events = mine()
@@ -422,12 +435,14 @@ def arena(tmp_path_factory, escape_binary):
     try:
         yield Arena(m, escape_binary)
     finally:
+        try:
+            m.write("ctl", "kill victim\n")  # its scratch folder goes with it
+        except OSError:
+            pass
         m.umount()
-        for p in root.rglob("*"):  # the vault attempts leave files owned by agents' uids
-            if p.is_symlink():
-                continue
+        bugs = m.bugs()
         shutil.rmtree(root, ignore_errors=True)
-    assert not m.bugs(), "a handler hit an unexpected exception:\n" + "\n".join(m.bugs())
+    assert not bugs, "a handler hit an unexpected exception:\n" + "\n".join(bugs)
 
 
 def test_the_targets_exist_for_the_operator(arena):
@@ -468,7 +483,6 @@ def test_escape_attempt_fails_and_is_audited(arena, runner, name, definition):
     assert "evil" not in os.listdir(m.path / "agents")
     assert canary.read_bytes() == CANARY and stat.S_IMODE(canary.stat().st_mode) == 0o600 \
         and canary.stat().st_uid == 0, "the canary outside the view changed"
-    assert m.read("topics/ro") == "" or True  # (a subscription: nothing to compare)
     # (b) it was witnessed, in the name of the agent that tried
     strangers = [e for e in r["window"] if e.get("agent") not in arena.attackers]
     assert not strangers, f"events of this attempt name another agent: {strangers}"

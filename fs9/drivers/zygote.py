@@ -226,6 +226,23 @@ def serve(sock: socket.socket, spec: dict) -> None:
                     os.close(fd)
 
 
+def set_loginuid(spec: dict) -> None:
+    """Make the agent's uid our login uid (auid), before we fork any program: every
+    program inherits it, through setuid and exec, and cannot change it (no
+    CAP_AUDIT_CONTROL). fs9's audit task rules give an audit context, hence
+    audit, only to tasks forked with an agent's auid (fs9.kernel.escapes). We,
+    forked by fs9 without one, keep none (the rules are checked at fork): our own
+    syscalls cost nothing extra, and only the programs we fork from now on are audited."""
+    try:
+        with open("/proc/thread-self/loginuid", "w") as f:
+            f.write(str(spec["uid"]))
+    except FileNotFoundError:
+        pass  # a kernel without syscall audit: nothing to key on
+    except OSError as e:  # immutable loginuids (auditctl --loginuid-immutable), no capability
+        print(f"fs9 sandbox of {spec.get('agent')}: cannot set the login uid ({e}): "
+              "its programs' refused syscalls are not audited", file=sys.stderr)
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     sock = socket.socket(fileno=spec["sock"])
@@ -235,6 +252,7 @@ def main() -> None:
     try:
         if os.getppid() != spec["parent"]:
             return  # fs9 died before PDEATHSIG was armed
+        set_loginuid(spec)
         enter_namespace(spec)
         serve(sock, spec)
     except OSError as e:

@@ -37,6 +37,19 @@ class Inodes:
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
         return ino
 
+    def move(self, rename) -> None:
+        """A rename: every known path p becomes rename(p) (None: unchanged). An inode
+        whose path is taken by another is dropped (it was replaced): stale from now on."""
+        moves = [(p, ino, new) for p, ino in self._ino.items()
+                 if (new := rename(p)) is not None]
+        for p, ino, _ in moves:
+            del self._ino[p]
+        for _, ino, new in moves:
+            replaced = self._ino.pop(new, None)
+            if replaced is not None:
+                self._path.pop(replaced, None)
+            self._ino[new], self._path[ino] = ino, new
+
     def forget(self, ino: int, n: int) -> None:
         left = self._lookups.get(ino, 0) - n
         if left > 0:

@@ -196,6 +196,12 @@ class Operations(pyfuse3.Operations):
         self._admit(path, ctx)
         if isinstance(node, PassNode):
             self._check(path, writing=True)
+            try:
+                _may_set_attributes(path, node, attr, fields, ctx)
+            except Fs9Error as e:
+                viewer, inner = split_view(path)
+                self.kernel.refused(e, agent=viewer, file="/".join(inner))
+                raise
             await in_thread(_set_attributes, node.real, attr, fields)
             return self._attrs(ino, PassNode.at(node.real))
         # `echo x > ctl` truncates first and `touch topics/x` sets times: accept (and
@@ -482,6 +488,20 @@ class Operations(pyfuse3.Operations):
         if flags:  # RENAME_NOREPLACE / RENAME_EXCHANGE
             raise Fs9Error(errno.EINVAL, "rename flags are not supported yet")
         await in_thread(os.rename, node.real, real)
+        self._renamed(split_view(old_path)[1], split_view(new_path)[1])
+
+    def _renamed(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+        """Keep every inode naming the moved file (in the operator's tree and in every
+        view) on its new path, so a held inode never resolves to what replaced it."""
+        n = len(old)
+
+        def rename(path):
+            viewer, inner = split_view(path)
+            if inner[:n] != old:
+                return None
+            prefix = path[:len(path) - len(inner)]
+            return prefix + new + inner[n:]
+        self.inodes.move(rename)
 
 
     async def getxattr(self, ino, name, ctx):
@@ -497,10 +517,32 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENODATA)
 
 
+def _may_set_attributes(path, node: PassNode, attr, fields, ctx) -> None:
+    """What the kernel's own rules would allow (fs9 acts as root for everyone): only
+    root gives files away; only the owner (or root) changes modes; and no agent
+    makes a setuid or setgid file, nor gives a file away at all."""
+    agent = split_view(path)[0]
+    if fields.update_uid or fields.update_gid:
+        if agent is not None or ctx.uid != 0:
+            raise Fs9Error(errno.EPERM, "only root changes a file's owner")
+    if fields.update_mode:
+        if ctx.uid not in (0, node.st.st_uid):
+            raise Fs9Error(errno.EPERM, "only the owner changes a file's mode")
+        if agent is not None and attr.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            raise Fs9Error(errno.EPERM, "agents make no setuid or setgid files")
+        if stat.S_ISLNK(node.st.st_mode):
+            raise Fs9Error(errno.EOPNOTSUPP, "a symbolic link has no mode of its own")
+
+
 def _set_attributes(real: str, attr, fields) -> None:
-    """setattr on a vault file: size, mode, owner, times (passthroughfs.py's order)."""
+    """setattr on a vault file: size, mode, owner, times (passthroughfs.py's order);
+    never through a symlink (see PassNode.at)."""
     if fields.update_size:
-        os.truncate(real, attr.st_size)
+        fd = os.open(real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, attr.st_size)
+        finally:
+            os.close(fd)
     if fields.update_mode:
         os.chmod(real, stat.S_IMODE(attr.st_mode))
     if fields.update_uid or fields.update_gid:

@@ -38,6 +38,12 @@ class PassNode:
 
     @classmethod
     def at(cls, real: str) -> "PassNode":
+        """The file at real. fs9 runs as root and the kernel resolves symlinks for the
+        caller, so fs9 itself never follows one: a directory on the way that became a
+        symlink behind our back (rename a folder, put a link in its place) is refused."""
+        parent = os.path.dirname(real)
+        if os.path.realpath(parent) != parent:
+            raise Fs9Error(errno.ENOENT, "the vault changed on disk under this name")
         return cls(real, disk(os.lstat, real))
 
     @property
@@ -84,5 +90,5 @@ class PassHandle:
 
 
 async def open_file(real: str, flags: int, mode: int = 0o644) -> PassHandle:
-    flags &= ~os.O_NOFOLLOW  # the kernel resolved symlinks through us already
-    return PassHandle(await in_thread(os.open, real, flags | os.O_CLOEXEC, mode))
+    # O_NOFOLLOW: the kernel resolved symlinks for the caller already; one here is a race
+    return PassHandle(await in_thread(os.open, real, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode))

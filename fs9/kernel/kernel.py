@@ -42,7 +42,7 @@ class Kernel:
                  vault_dir: str = "") -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.agents_dir = os.path.abspath(agents_dir)
-        self.vault_dir = vault_dir and os.path.abspath(vault_dir)
+        self.vault_dir = vault_dir and os.path.realpath(vault_dir)
         self.mount_path = mount_path
         self.mounted = trio.Event()  # the face serves mount_path: sandboxes can bind views
         self.spawns = 0  # spawn events so far: an agent's serial, hence its uid

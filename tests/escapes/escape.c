@@ -507,6 +507,25 @@ static void proc_self_root_state(void)
     try_open("open_proc_self_root_state_db", AT_FDCWD, join(p, "/log.sqlite"), O_RDONLY);
 }
 
+/* chmod and chown of a vault symlink itself (AT_SYMLINK_NOFOLLOW): the server must
+ * not apply them to the symlink's target (the canary, root's, outside the vault) */
+static void vault_chmod_symlink(void)
+{
+    char *link;
+    if (asprintf(&link, "%s/vault/work/cs-%d", env("FS9_MNT"), getpid()) < 0)
+        exit(3);
+    char *target = join(env("FS9_ROOT"), "/canary/secret");
+    if (syscall(SYS_symlinkat, target, AT_FDCWD, link) < 0) /* its own symlink: allowed */
+        printf("STEP %s symlink -> %s\n", attempt, ename(errno));
+#ifndef SYS_fchmodat2
+#define SYS_fchmodat2 452
+#endif
+    step("fchmodat2_nofollow_0666", syscall(SYS_fchmodat2, AT_FDCWD, link, 0666, AT_SYMLINK_NOFOLLOW));
+    step("fchownat_nofollow_root", syscall(SYS_fchownat, AT_FDCWD, link, 0, 0, AT_SYMLINK_NOFOLLOW));
+    step("chmod_through_symlink", syscall(SYS_fchmodat, AT_FDCWD, link, 0666));
+    try_open("open_through_symlink", AT_FDCWD, link, O_RDONLY);
+}
+
 static const struct {
     const char *name;
     void (*fn)(void);
@@ -534,6 +553,7 @@ static const struct {
     {"bpf", do_bpf},
     {"io_uring", do_io_uring},
     {"proc_self_root_state", proc_self_root_state},
+    {"vault_chmod_symlink", vault_chmod_symlink},
 };
 
 int main(int argc, char **argv)
