@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     u = sub.add_parser("umount", help="unmount fs9 from MOUNTPOINT")
     u.add_argument("mountpoint")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return mount(args) if args.cmd == "mount" else umount(args.mountpoint)
     except UsageError as e:
@@ -56,6 +57,8 @@ def mount(args) -> int:
     os.makedirs(vault, exist_ok=True)
     if args.background:
         return _background(args, mnt, state)
+    if not os.environ.get(EXEMPT_ENV) and _exempt_from_audit():
+        return _serve_exempt(args)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s fs9[%(process)d] %(levelname)s %(message)s")
 
@@ -69,15 +72,43 @@ def mount(args) -> int:
     return 0
 
 
+EXEMPT_ENV = "FS9_AUDIT_EXEMPT"  # this server was forked after the audit exemption
+
+
+def _exempt_from_audit() -> bool:
+    """Ask the kernel's audit to give no audit context to the processes forked from now
+    on, but agents' programs (fs9/kernel/escapes.py): so the server, forked after this,
+    does not pay for the audit rules on every syscall. Whether it is in place."""
+    from .drivers import confine
+    if confine.unavailable() is not None:
+        return False
+    from .kernel import escapes
+    return escapes.exempt_others()
+
+
+def _serve_exempt(args) -> int:
+    """Serve from a child forked after the exemption, in its own process group; pass
+    on SIGINT and SIGTERM (once each), wait for it, exit as it did."""
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "fs9"] + args.argv,
+                            env={**os.environ, EXEMPT_ENV: "1"}, process_group=0,
+                            pass_fds=() if args.ready_fd is None else (args.ready_fd,))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _: proc.send_signal(signum))
+    return proc.wait()
+
+
 def _background(args, mnt: str, state: str) -> int:
     """Start a foreground server detached; return once it reports the mount ready."""
+    exempt = _exempt_from_audit()
     r, w = os.pipe()
     argv = [sys.executable, "-m", "fs9", "mount", mnt, "--vault", args.vault, "--state", state,
             "--agents", args.agents, "--ready-fd", str(w)] + (["--debug"] if args.debug else [])
     logpath = os.path.join(state, "fs9.log")
     with open(logpath, "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                pass_fds=(w,), start_new_session=True)
+                                pass_fds=(w,), start_new_session=True,
+                                env={**os.environ, **({EXEMPT_ENV: "1"} if exempt else {})})
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
         ok = pipe.read(3) == b"ok\n"
