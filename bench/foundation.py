@@ -80,10 +80,12 @@ class Fs9Mount:
         return subprocess.run([PY, "-m", "fs9", *args], cwd=REPO, capture_output=True,
                               text=True, timeout=timeout)
 
+    mount_args: list[str] = []  # more `fs9 mount` options
+
     def mount(self, timeout: float = 30) -> None:
         r = self.fs9("mount", str(self.path), "--state", str(self.state), "--agents",
                      str(self.agents), "--vault", str(self.vault), "--background",
-                     timeout=timeout)
+                     *self.mount_args, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(f"fs9 mount failed: {r.stderr.strip()}")
         with open(self.path / "ctl") as f:

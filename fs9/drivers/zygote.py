@@ -252,7 +252,8 @@ def main() -> None:
     try:
         if os.getppid() != spec["parent"]:
             return  # fs9 died before PDEATHSIG was armed
-        set_loginuid(spec)
+        if spec.get("audit", True):
+            set_loginuid(spec)
         enter_namespace(spec)
         serve(sock, spec)
     except OSError as e:

@@ -14,9 +14,10 @@ MAX_TASKS = 8192  # each blocked reader holds one pyfuse3 worker task
 
 
 async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
-                ready=None) -> None:
+                ready=None, audit: bool = True) -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
-    kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir)
+    kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
+                    audit=audit)
     async with trio.open_nursery() as nursery:
         await nursery.start(kernel.serve)
         ops = Operations(kernel, nursery)

@@ -39,11 +39,12 @@ log = logging.getLogger("fs9.kernel")
 
 class Kernel:
     def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "",
-                 vault_dir: str = "") -> None:
+                 vault_dir: str = "", audit: bool = True) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.agents_dir = os.path.abspath(agents_dir)
         self.vault_dir = vault_dir and os.path.realpath(vault_dir)
         self.mount_path = mount_path
+        self.audit = audit  # witness agents' refused syscalls through kernel audit
         self.mounted = trio.Event()  # the face serves mount_path: sandboxes can bind views
         self.spawns = 0  # spawn events so far: an agent's serial, hence its uid
         self.log = EventLog(self.state_dir)
@@ -72,7 +73,10 @@ class Kernel:
         gc.freeze()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if self.mount_path and confine.unavailable() is None and escapes.start_audit(self):
+            if not self.audit:
+                self.log.append("audit_unavailable", reason="fs9 mount --no-kernel-audit: "
+                                "refused syscalls of confined agents are enforced, not logged")
+            elif self.mount_path and confine.unavailable() is None and escapes.start_audit(self):
                 nursery.start_soon(self._witness_denials)
             for agent in self.agents.values():
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
@@ -349,7 +353,7 @@ class Kernel:
         read = list(confine.SYSTEM_READ)
         if agent.workdir() == agent.home:
             read.append(agent.home)
-        return dict(agent=agent.name, uid=agent.uid, mnt=mnt,
+        return dict(agent=agent.name, uid=agent.uid, mnt=mnt, audit=self.audit,
                     view=os.path.join(mnt, "agents", agent.name, "view"),
                     hide=[p for p in (self.state_dir, self.vault_dir) if p],
                     read=read, write=[mnt, agent.scratch], devices=list(confine.DEVICES))
