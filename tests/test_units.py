@@ -87,3 +87,60 @@ async def test_kernel_runs_a_task_and_replays_it(tmp_path):
         assert e.value.errno == errno.EEXIST
         nursery.cancel_scope.cancel()
     k2.log.close()
+
+
+# --- views (kernel/view.py): pure functions over a manifest ---------------------------
+
+def test_view_access_follows_unveil_ownership_and_pledges():
+    from fs9.kernel import view
+    v = view.parse("scout", {"pledge": ["read", "publish", "discover"],
+                             "unveil": {"topics/news": "rw", "vault/docs": "r",
+                                        "vault/docs/drafts": "w"},
+                             "owns": ["vault/code"]})
+    assert v.access(()) == v.access(("agents",)) == "r"  # the way in
+    assert v.access(("agents", "scout", "out")) == "rw"  # its own folder
+    assert v.access(("agents", "scout", "view")) is None  # never a view in a view
+    assert v.access(("agents", "other")) is None and v.access(("ctl",)) is None
+    assert v.access(("topics",)) == "r" and v.access(("topics", "news")) == "rw"
+    assert v.access(("topics", "secret")) is None
+    assert v.access(("vault", "docs", "a.md")) == "r"
+    assert v.access(("vault", "docs", "drafts", "b.md")) == "w"  # the longest prefix wins
+    assert v.access(("vault", "code", "x.py")) == "rw" and v.access(("registry",)) == "r"
+    assert v.pledge_for(("topics", "news")) == "publish"
+    assert v.pledge_for(("agents", "scout", "ctl")) is None  # it may stop itself
+    assert v.pledge_for(("ctl",)) == v.pledge_for(("agents", "x", "ctl")) == "spawn"
+    with pytest.raises(Fs9Error) as e:
+        v.check_write(("vault", "code", "x.py"))  # owned, but "write" was not pledged
+    assert e.value.errno == errno.EACCES and "did not pledge 'write'" in e.value.text
+    with pytest.raises(Fs9Error) as e:
+        v.check_write(("topics", "new"))  # creating outside the view: absent
+    assert e.value.errno == errno.ENOENT
+    v.check_write(("topics", "news"))
+
+
+@pytest.mark.parametrize("manifest, words", [
+    ({"pledge": ["fly"]}, "unknown promise"),
+    ({"pledge": "read"}, "list of strings"),
+    ({"unveil": {"/etc": "r"}}, None),  # a leading / is stripped: the namespace's etc
+    ({"unveil": {"a/../b": "r"}}, "not a path of the namespace"),
+    ({"unveil": {"topics/x": "x"}}, "expected r, w or rw"),
+    ({"owns": ["topics/x"]}, "not a vault subtree"),
+])
+def test_view_parse_refuses_what_it_cannot_mean(manifest, words):
+    from fs9.kernel import view
+    if words is None:
+        assert view.parse("a", manifest).access(("etc",)) == "r"
+        return
+    with pytest.raises(Fs9Error) as e:
+        view.parse("a", manifest)
+    assert e.value.errno == errno.EINVAL and words in e.value.text
+
+
+def test_a_kernel_without_a_mount_refuses_confined_agents_with_the_reason(tmp_path):
+    k = Kernel(str(tmp_path / "state"), str(tmp_path / "agents"))
+    with pytest.raises(Fs9Error) as e:
+        k.ctl(b"spawn up cmd=cat")
+    assert e.value.errno == errno.EPERM
+    assert "cannot be confined here" in e.value.text and "unconfined = true" in e.value.text
+    k.ctl(b"spawn up cmd=cat unconfined=true")  # the explicit choice
+    assert "up" in k.agents
