@@ -258,3 +258,15 @@ def test_an_agent_cannot_widen_its_powers_or_act_for_another(mount):
     mount.write("agents/boss/view/agents/echo/mail/hello", "hi\n")
     assert any("from: boss" in mount.read(f"agents/echo/mail/{n}")
                for n in os.listdir(mount.path / "agents/echo/mail") if n[0].isdigit())
+
+
+@needs_confinement
+def test_a_mount_point_closed_to_other_users_is_a_clear_error(mount):
+    spawn(mount, "spawn echo")
+    mount.root.chmod(0o700)  # the agent's uid can no longer walk to the mount point
+    try:
+        mount.write("agents/echo/in", "x\n")
+        mount.wait_for(lambda: mount.status("echo")["failed"] == "1", what="the refusal")
+    finally:
+        mount.root.chmod(0o711)
+    assert f"{mount.root} is closed to other users (chmod o+x" in mount.read("agents/echo/err")

@@ -40,6 +40,20 @@ def unavailable() -> str | None:
     return None
 
 
+def unreachable(path: str) -> str | None:
+    """The first directory on the way to path that other users cannot pass (an agent's
+    uid is another user), or None."""
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        d = os.sep.join(parts[:i]) or os.sep
+        try:
+            if not os.stat(d).st_mode & 0o001:
+                return d
+        except OSError:
+            return d
+    return None
+
+
 def uid_of(state_dir: str, serial: int) -> int:
     """The uid an agent's programs run as: one per agent (serial: its spawn number),
     distinct between fs9 instances with different state directories."""

@@ -12,6 +12,7 @@ import stat
 import trio
 
 from ..errors import Fs9Error
+from .kinds import Handle
 
 
 def disk(fn, *args):
@@ -62,12 +63,11 @@ class PassNode:
         raise Fs9Error(errno.EIO, "vault files open through ops.open")  # never called
 
 
-class PassHandle:
+class PassHandle(Handle):
     """An open vault file: a real fd; reads and writes at offsets, in threads."""
-    poll_handle = None
-    poll_scope = None
 
     def __init__(self, fd: int) -> None:
+        super().__init__(pid=0)  # a file's reads never block: no reader to interrupt
         self.fd = fd
 
     async def read(self, off: int, size: int) -> bytes:
@@ -75,15 +75,6 @@ class PassHandle:
 
     async def pwrite(self, off: int, data: bytes) -> int:
         return await in_thread(os.pwrite, self.fd, data, off)
-
-    def flush(self) -> None:
-        pass
-
-    def readable(self) -> bool:
-        return True
-
-    async def wait_readable(self) -> None:
-        pass
 
     def close(self) -> None:
         os.close(self.fd)

@@ -199,6 +199,12 @@ class Agent:
             if why:
                 raise confine.SandboxError(f"{why}; set unconfined = true in the manifest "
                                            "to run it without confinement")
+            for path in (self.kernel.mount_path, self.workdir()):
+                blocked = confine.unreachable(path)
+                if blocked:
+                    raise confine.SandboxError(
+                        f"its uid cannot reach {path}: {blocked} is closed to other users "
+                        f"(chmod o+x {blocked}, or mount and keep agents elsewhere)")
             await self.kernel.mounted.wait()
             os.makedirs(self.scratch, mode=0o700, exist_ok=True)
             os.chown(self.scratch, self.uid, self.uid)
