@@ -270,3 +270,11 @@ def test_a_mount_point_closed_to_other_users_is_a_clear_error(mount):
     finally:
         mount.root.chmod(0o711)
     assert f"{mount.root} is closed to other users (chmod o+x" in mount.read("agents/echo/err")
+
+
+@needs_confinement
+def test_an_ad_hoc_confined_agent_works_in_its_scratch_folder(mount):
+    mount.write("ctl", "spawn rev cmd=rev")
+    mount.write("agents/rev/in", "olleh\n")
+    mount.wait_for(lambda: mount.status("rev")["done"] == "1", what="the task")
+    assert mount.read("agents/rev/out") == "hello\n"

@@ -41,10 +41,10 @@ def unavailable() -> str | None:
 
 
 def unreachable(path: str) -> str | None:
-    """The first directory on the way to path that other users cannot pass (an agent's
-    uid is another user), or None."""
+    """The first directory on the way to path (path itself excluded) that other users
+    cannot pass (an agent's uid is another user), or None."""
     parts = os.path.abspath(path).split(os.sep)
-    for i in range(2, len(parts) + 1):
+    for i in range(2, len(parts)):
         d = os.sep.join(parts[:i]) or os.sep
         try:
             if not os.stat(d).st_mode & 0o001:
