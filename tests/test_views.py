@@ -70,6 +70,8 @@ def test_read_only_unveil_and_pledges_refuse_writes_with_reasons(scout):
     v = scout.path / "agents/scout/view"
     assert errno_of(scout.write, "agents/scout/view/topics/feed", "x\n") == errno.EACCES
     assert not os.stat(v / "topics/feed").st_mode & 0o222  # shown read-only
+    for op in (lambda p: os.truncate(p, 0), lambda p: os.utime(p), lambda p: os.chmod(p, 0o666)):
+        assert errno_of(op, v / "topics/feed") == errno.EACCES
     scout.write("agents/scout/view/topics/news", "from scout\n")  # rw + publish pledge
     assert '"kind":"published","topic":"news","sender":"scout"' in scout.read("log/audit")
     assert errno_of(scout.write, "agents/scout/view/topics/brandnew", "x\n") == errno.ENOENT

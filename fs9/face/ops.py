@@ -204,6 +204,7 @@ class Operations(pyfuse3.Operations):
                 raise
             await in_thread(_set_attributes, node.real, attr, fields)
             return self._attrs(ino, PassNode.at(node.real))
+        self._check(path, writing=True)  # in a view: EACCES where it may not write
         # `echo x > ctl` truncates first and `touch topics/x` sets times: accept (and
         # ignore) exactly those on writable files; modes and owners are the kernel's.
         if node.mode & 0o222 and not isinstance(node, Dir) and not (
