@@ -280,3 +280,22 @@ def test_an_ad_hoc_confined_agent_works_in_its_scratch_folder(mount):
     mount.write("agents/rev/in", "olleh\n")
     mount.wait_for(lambda: mount.status("rev")["done"] == "1", what="the task")
     assert mount.read("agents/rev/out") == "hello\n"
+
+
+@needs_confinement
+def test_read_only_vault_subtrees_are_bound_from_disk_in_the_sandbox(vault):
+    probe = ("stat -f -c %T $FS9_MNT/vault/docs; stat -f -c %T $FS9_MNT/vault/code; "
+             "cat $FS9_MNT/vault/docs/guide.md; "
+             "echo x > $FS9_MNT/vault/docs/new.md 2>/dev/null || echo refused; "
+             "echo y > $FS9_MNT/vault/code/mine.py && echo written\n")
+    vault.define("reader", 'cmd = ["sh", "probe.sh"]\nowns = ["vault/code"]\n'
+                 '[unveil]\n"vault/docs" = "r"\n', {"probe.sh": probe})
+    spawn(vault, "spawn reader")
+    vault.write("agents/reader/in", "go\n")
+    vault.wait_for(lambda: vault.status("reader")["done"] == "1", what="the probe")
+    docs_fs, code_fs, *rest = vault.read("agents/reader/out").splitlines()
+    assert docs_fs == os.popen(f"stat -f -c %T {vault.vault}").read().strip() != "fuseblk"
+    assert code_fs == "fuseblk"  # what it owns stays with fs9 (ownership, events)
+    assert rest == ["the guide", "refused", "written"]
+    assert (vault.vault / "code/mine.py").read_text() == "y\n"
+    assert not (vault.vault / "docs/new.md").exists()

@@ -6,8 +6,9 @@ group, not to one program; Android's zygote: pay the setup once):
 
   - a private mount namespace in which the agent's view (MNT/agents/NAME/view,
     served by fs9) is bind-mounted over MNT, so the canonical paths show the view
-    and nothing else; the state directory and the vault's backing directory are
-    covered by empty read-only tmpfs;
+    and nothing else; the vault subtrees it may only read are bound read-only from
+    disk where the view shows them (native speed); the state directory and the
+    vault's backing directory are covered by empty read-only tmpfs;
   - a seccomp filter that hands every namespace, mount, ptrace and file-handle
     syscall to this process, which refuses it (EPERM) and reports it to fs9 as
     an escape attempt (the kernel records the audit event);
@@ -77,6 +78,12 @@ def enter_namespace(spec: dict) -> None:
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do leaks back out
     _mount(spec["view"], spec["mnt"], None, MS_BIND)
     _mount(None, spec["mnt"], None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV)
+    for source, target in spec.get("binds", ()):
+        # the vault subtrees it may only read, at native speed: the real directory,
+        # read-only, where the view shows it (before the vault's own folder is covered)
+        if os.path.isdir(source) and os.path.isdir(target):
+            _mount(source, target, None, MS_BIND)
+            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     for secret in spec["hide"]:
         if os.path.isdir(secret):
             _mount("fs9-hidden", secret, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,

@@ -356,6 +356,8 @@ class Kernel:
         return dict(agent=agent.name, uid=agent.uid, mnt=mnt, audit=self.audit,
                     view=os.path.join(mnt, "agents", agent.name, "view"),
                     hide=[p for p in (self.state_dir, self.vault_dir) if p],
+                    binds=[(os.path.join(self.vault_dir, *sub[1:]), os.path.join(mnt, *sub))
+                           for sub in agent.view.read_only_vault()] if self.vault_dir else [],
                     read=read, write=[mnt, agent.scratch], devices=list(confine.DEVICES))
 
     def guarded(self, fn, *args, agent: str | None = None, file: str = "ctl"):

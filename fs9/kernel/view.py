@@ -123,6 +123,20 @@ class View:
             raise Fs9Error(errno.EACCES, f"agent {self.agent} did not pledge 'read' "
                                          f"({PLEDGES['read']})")
 
+    def read_only_vault(self) -> list[tuple[str, ...]]:
+        """The vault subtrees unveiled read-only, with nothing else unveiled or owned
+        inside or around them: its sandbox binds them read-only from disk (reads at
+        native speed; a write is EROFS). What it may write, or must be refused with a
+        reason (someone else's subtree unveiled rw), stays with fs9."""
+        if "read" not in self.pledges:
+            return []
+        roots = list(self._roots())
+        return [prefix for prefix, mode in self.unveiled
+                if prefix[:1] == ("vault",) and mode == "r"
+                and not any(other != prefix and (other[:len(prefix)] == prefix
+                                                 or prefix[:len(other)] == other)
+                            for other in roots)]
+
     def render(self) -> str:
         """The effective view as text: one `MODE PATH` line per visible root."""
         lines = [f"pledge {' '.join(sorted(self.pledges))}",
