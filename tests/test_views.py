@@ -230,6 +230,8 @@ def test_each_vault_subtree_has_one_owner_and_others_ask_by_mail(vault):
     assert r.returncode != 0
     assert "already owned by agent coder" in vault.read("log/audit").splitlines()[-1]
     assert "owns=vault/code" in vault.read("registry/coder")
+    assert vault.read("registry/owners") == "vault/code coder internal\n"
+    assert vault.sh("echo 'spawn owners cmd=cat' > ctl").returncode != 0  # a reserved name
 
 
 def test_an_agent_cannot_widen_its_powers_or_act_for_another(mount):

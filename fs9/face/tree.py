@@ -78,6 +78,13 @@ def _registry_entry(agent) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _owners(k) -> str:
+    """Who owns which vault subtree: `SUBTREE OWNER CLASSIFICATION` lines, sorted."""
+    rows = sorted((subtree, name, a.manifest.get("clearance", "internal"))
+                  for name, a in k.agents.items() for subtree in a.manifest.get("owns", []))
+    return "".join(f"{sub} {name} {cls}\n" for sub, name, cls in rows)
+
+
 def _providers(k) -> dict[str, list[str]]:
     caps: dict[str, list[str]] = {}
     for name in sorted(k.agents):
@@ -144,8 +151,9 @@ ROWS: dict[str, Callable[..., Node | None]] = {
         lambda: "".join(e.json() + "\n" for e in k.log.trace(corr))),
     "vault": None,  # passthrough to the vault directory (see Tree._resolve)
     "registry": None,
+    "registry/by-capability": None,  # (before {provider}: these names are reserved)
+    "registry/owners": lambda k: Status(lambda: _owners(k)),
     "registry/{provider}": lambda k, provider: Status(lambda: _registry_entry(provider)),
-    "registry/by-capability": None,
     "registry/by-capability/{cap}": lambda k, cap: Status(
         lambda: "".join(f"{name}\n" for name in _providers(k).get(cap, []))),
 }

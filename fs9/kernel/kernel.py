@@ -32,6 +32,7 @@ CMDS = (
     cmd.Cmd("resume", "resume", usage="resume"),
 )
 MAX_INPUT = 16 << 20  # bytes of one task's input
+RESERVED_NAMES = (OPERATOR, "by-capability", "owners")  # registry/ has files of these names
 NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart",
                "agent_failed", "priority", "task_queued"}  # (mail may be the operator's)
 log = logging.getLogger("fs9.kernel")
@@ -279,9 +280,9 @@ class Kernel:
 
     def _prepare_spawn(self, name: str, *overrides: str) -> tuple[dict, str]:
         """Check a spawn fully (name, definition, manifest, program); change nothing."""
-        if not NAME_RE.fullmatch(name) or name == OPERATOR:
+        if not NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
             raise Fs9Error(errno.EINVAL, f"bad agent name {name!r}: letters, digits, _ . -"
-                                         f" (and not {OPERATOR!r})")
+                                         f" (and not {', '.join(RESERVED_NAMES)})")
         kv = dict(manifests.parse_override(w) for w in overrides)
         definition = kv.pop("def", None)
         if definition is not None and not (isinstance(definition, str)
