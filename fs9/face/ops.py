@@ -19,12 +19,16 @@ import trio
 from ..errors import Fs9Error
 from .inodes import Inodes
 from .kinds import Dir, Handle, Node, Status
-from .passthrough import PassHandle, PassNode, disk, in_thread, open_file
+from . import passthrough
+from .passthrough import (RENAME_EXCHANGE, PassHandle, PassNode, create_file, in_thread,
+                          open_file, settle)
 from .tree import Tree, split_view
 
 log = logging.getLogger("fs9.face")
 CACHE_S = 1.0
 READONLY_NS = "the namespace is made by the kernel: files come and go through ctl"
+NO_XATTRS = "only vault files have extended attributes"
+OWNER_XATTR, CLASS_XATTR = "user.fs9.owner", "user.fs9.classification"
 
 
 def boundary(fn):
@@ -77,6 +81,7 @@ class Operations(pyfuse3.Operations):
         self.transient: dict[tuple[str, ...], Node] = {}  # created files, while open
         self.transient_fh: dict[int, tuple[str, ...]] = {}
         self._next_fh = 1
+        self._graves = 0  # removed vault names (see _gone)
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mtime_ns = time.time_ns()
 
@@ -128,12 +133,16 @@ class Operations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         if isinstance(node, PassNode):  # the file's own attributes, our inode number
-            st = node.st
-            a.st_mode, a.st_nlink, a.st_uid, a.st_gid = st.st_mode, st.st_nlink, st.st_uid, st.st_gid
+            st = node.st  # (node.mode: a view shows what it may not change read-only)
+            a.st_mode, a.st_nlink, a.st_uid, a.st_gid = node.mode, st.st_nlink, st.st_uid, st.st_gid
             a.st_size, a.st_blksize, a.st_blocks, a.st_rdev = (
                 st.st_size, st.st_blksize, st.st_blocks, st.st_rdev)
             a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
             a.entry_timeout = a.attr_timeout = CACHE_S
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                # each name is an inode of ours: the kernel may not keep one name's
+                # attributes while the file changes through another
+                a.attr_timeout = 0
             return a
         a.st_mode = node.mode
         a.st_nlink = 2 if isinstance(node, Dir) else 1
@@ -185,14 +194,40 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def getattr(self, ino, ctx=None):
-        path, node = self._node(ino)
+        try:
+            path, node = self._node(ino)
+        except Fs9Error as e:
+            handle = self._open_vault_file(ino, e)  # unlinked or replaced, still open
+            return self._attrs(ino, PassNode("", await in_thread(os.fstat, handle.fd)))
         if ctx is not None:
             self._admit(path, ctx)
         return self._attrs(ino, node)
 
+    def _open_vault_file(self, ino, e: Fs9Error) -> PassHandle:
+        """A vault file's inode whose name is gone (unlinked, renamed over) but which is
+        still open: its handle (the kernel then asks by inode, fstat(2) and friends).
+        None: re-raise e."""
+        if e.errno == errno.ENOENT:
+            for handle in self.handles.values():
+                if isinstance(handle, PassHandle) and handle.ino == ino:
+                    return handle
+        raise e
+
     @boundary
     async def setattr(self, ino, attr, fields, fh, ctx):
-        path, node = self._node(ino)
+        try:
+            path, node = self._node(ino)
+        except Fs9Error as e:  # a file whose name is gone: ftruncate, fchmod, ...
+            handle = self._handle(fh) if fh is not None else self._open_vault_file(ino, e)
+            if not isinstance(handle, PassHandle) or handle.ino != ino:
+                raise
+            if handle.agent and not handle.writing:
+                raise Fs9Error(errno.EACCES, "an agent changes a file it opened to write")
+            st = await in_thread(os.fstat, handle.fd)
+            seen_as = ("agents", handle.agent, "view") if handle.agent else ()
+            _may_set_attributes(seen_as, PassNode("", st), attr, fields, ctx)
+            await in_thread(_set_attributes, handle.fd, attr, fields)
+            return self._attrs(ino, PassNode("", await in_thread(os.fstat, handle.fd)))
         self._admit(path, ctx)
         if isinstance(node, PassNode):
             self._check(path, writing=True)
@@ -215,6 +250,8 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def access(self, ino, mode, ctx):
         _, node = self._node(ino)
+        if isinstance(node, PassNode):
+            return _may_access(node, mode, ctx)
         if mode & os.W_OK and not node.mode & 0o222:
             return False
         return True
@@ -268,7 +305,8 @@ class Operations(pyfuse3.Operations):
             self._check(path, writing=True)
         if isinstance(node, PassNode):
             fh = self._fh()
-            self.handles[fh] = await open_file(node.real, flags)
+            handle = self.handles[fh] = await open_file(node.real, flags)
+            handle.ino, handle.agent, handle.writing = ino, split_view(path)[0], writing
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         handle = node.open(writing, ctx.pid)
         fh = self._fh()
@@ -370,12 +408,7 @@ class Operations(pyfuse3.Operations):
         except KeyError:
             raise Fs9Error(errno.EBADF, "bad file handle")
 
-    # --- the namespace is not a disk ---------------------------------------------
-
-    async def _refuse(self, *args):
-        raise pyfuse3.FUSEError(errno.EACCES)
-
-    mknod = _refuse
+    # --- names that change: the vault's (the rest of the namespace is not a disk) ----
 
     async def _vault_target(self, parent_ino, name, ctx) -> tuple[tuple[str, ...], str]:
         """A new name in a vault directory that this caller may change: (path, real)."""
@@ -387,22 +420,50 @@ class Operations(pyfuse3.Operations):
         self._check(path, writing=True)
         return path, os.path.join(parent.real, path[-1])
 
-    def _entry(self, path, real, ctx=None) -> pyfuse3.EntryAttributes:
-        if ctx is not None:  # what a person makes through the mount is theirs
-            disk(os.lchown, real, ctx.uid, ctx.gid)
+    async def _made(self, path, real, ctx, mode: int | None = None) -> pyfuse3.EntryAttributes:
+        """What a person makes through the mount is theirs (fs9 made it as root)."""
+        await in_thread(settle, real, mode, ctx.uid, ctx.gid)
+        return self._entry(path, real)
+
+    def _entry(self, path, real) -> pyfuse3.EntryAttributes:
         return self._attrs(self.inodes.lookup(path), PassNode.at(real))
+
+    @staticmethod
+    def _new_mode(path, mode: int, ctx) -> int:
+        """The permission bits of a new file: the caller's umask applied (fs9's own must
+        not be); no agent makes a setuid or setgid file."""
+        mode &= 0o7777 & ~ctx.umask
+        if split_view(path)[0] is not None:
+            mode &= ~(stat.S_ISUID | stat.S_ISGID)
+        return mode
 
     @boundary
     async def mkdir(self, parent_ino, name, mode, ctx):
         path, real = await self._vault_target(parent_ino, name, ctx)
-        await in_thread(os.mkdir, real, mode & ~ctx.umask)
-        return self._entry(path, real, ctx)
+        mode = self._new_mode(path, mode, ctx) & 0o1777  # as mkdir(2): no setuid/setgid
+        await in_thread(os.mkdir, real, mode)
+        return await self._made(path, real, ctx, mode)
+
+    @boundary
+    async def mknod(self, parent_ino, name, mode, rdev, ctx):
+        """Regular files, fifos and sockets; device nodes only for the root operator
+        (the backing directory is a real one, where a device node works)."""
+        path, real = await self._vault_target(parent_ino, name, ctx)
+        kind = stat.S_IFMT(mode)
+        if kind in (stat.S_IFCHR, stat.S_IFBLK):
+            if ctx.uid != 0 or split_view(path)[0] is not None:
+                raise Fs9Error(errno.EPERM, "only the root operator makes device nodes")
+        elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, 0):
+            raise Fs9Error(errno.EINVAL, "no such file type")
+        perm = self._new_mode(path, mode, ctx)
+        await in_thread(os.mknod, real, (kind or stat.S_IFREG) | perm, rdev)
+        return await self._made(path, real, ctx, perm)
 
     @boundary
     async def symlink(self, parent_ino, name, target, ctx):
         path, real = await self._vault_target(parent_ino, name, ctx)
         await in_thread(os.symlink, os.fsdecode(target), real)
-        return self._entry(path, real, ctx)
+        return await self._made(path, real, ctx)
 
     @boundary
     async def link(self, ino, new_parent_ino, new_name, ctx):
@@ -415,6 +476,8 @@ class Operations(pyfuse3.Operations):
         if split_view(src_path)[0] != split_view(path)[0]:
             raise Fs9Error(errno.EXDEV, "link across views")
         await in_thread(os.link, src.real, real)
+        # the other name is another inode of ours: the kernel must forget its link count
+        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
         return self._entry(path, real)
 
     @boundary
@@ -432,11 +495,17 @@ class Operations(pyfuse3.Operations):
         self._admit(ppath, ctx)
         if isinstance(parent, PassNode):
             path, real = await self._vault_target(parent_ino, name, ctx)
-            handle = await open_file(real, flags | os.O_CREAT, mode & ~ctx.umask)
+            fd, created = await in_thread(create_file, real, flags,
+                                          self._new_mode(path, mode, ctx))
+            try:
+                entry = await self._made(path, real, ctx) if created else self._entry(path, real)
+            except BaseException:
+                os.close(fd)
+                raise
             fh = self._fh()
-            self.handles[fh] = handle
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), \
-                self._entry(path, real, ctx)
+            handle = self.handles[fh] = PassHandle(fd, entry.st_ino)
+            handle.agent, handle.writing = split_view(path)[0], True
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), entry
         if not isinstance(parent, Dir) or parent.create is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
         path = ppath + (_name(name),)
@@ -460,7 +529,8 @@ class Operations(pyfuse3.Operations):
         node = self.tree.resolve(path)  # ENOENT if absent
         self._check(path, writing=True, removing=True)
         if isinstance(node, PassNode):
-            return await in_thread(os.unlink, node.real)
+            await in_thread(os.unlink, node.real)
+            return self._gone(path)
         if getattr(node, "remove", None) is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
         node.remove()
@@ -474,6 +544,14 @@ class Operations(pyfuse3.Operations):
             raise Fs9Error(errno.EACCES, READONLY_NS)
         self._check(path, writing=True)
         await in_thread(os.rmdir, node.real)
+        self._gone(path)
+
+    def _gone(self, path) -> None:
+        """A vault name was removed: its inode (which the kernel may still hold, an open
+        file) moves aside, so a new file of that name gets an inode of its own."""
+        self._graves += 1
+        grave = ("\0gone", str(self._graves))
+        self.inodes.move(lambda p: grave + p[len(path):] if p[:len(path)] == path else None)
 
     @boundary
     async def rename(self, p_old, name_old, p_new, name_new, flags, ctx):
@@ -486,33 +564,108 @@ class Operations(pyfuse3.Operations):
         new_path, real = await self._vault_target(p_new, name_new, ctx)
         if split_view(old_path)[0] != split_view(new_path)[0]:
             raise Fs9Error(errno.EXDEV, "rename across views")
-        if flags:  # RENAME_NOREPLACE / RENAME_EXCHANGE
-            raise Fs9Error(errno.EINVAL, "rename flags are not supported yet")
-        await in_thread(os.rename, node.real, real)
-        self._renamed(split_view(old_path)[1], split_view(new_path)[1])
+        # flags: RENAME_NOREPLACE, RENAME_EXCHANGE (renameat2 answers what it lacks)
+        await in_thread(passthrough.rename, node.real, real, flags)
+        self._renamed(split_view(old_path)[1], split_view(new_path)[1],
+                      exchange=bool(flags & RENAME_EXCHANGE))
 
-    def _renamed(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+    def _renamed(self, old: tuple[str, ...], new: tuple[str, ...], exchange=False) -> None:
         """Keep every inode naming the moved file (in the operator's tree and in every
-        view) on its new path, so a held inode never resolves to what replaced it."""
-        n = len(old)
+        view) on its new path, so a held inode never resolves to what replaced it.
+        exchange: the two swapped places (RENAME_EXCHANGE)."""
+        swaps = [(old, new), (new, old)] if exchange else [(old, new)]
 
         def rename(path):
             viewer, inner = split_view(path)
-            if inner[:n] != old:
-                return None
             prefix = path[:len(path) - len(inner)]
-            return prefix + new + inner[n:]
+            for src, dst in swaps:
+                if inner[:len(src)] == src:
+                    return prefix + dst + inner[len(src):]
+            return None
         self.inodes.move(rename)
 
+    # --- extended attributes: the vault's own, plus fs9's virtual ones ----------------
+    #
+    # The rest of the namespace has none, and says so at once: the kernel's audit asks
+    # for security.capability of every file an audited (agent) process touches, a
+    # round trip each, so that answer must cost nothing (see _no_xattr).
 
-    # No extended attributes yet. ENOSYS (not ENODATA) tells the kernel once and for
-    # all: it stops asking, and callers get EOPNOTSUPP. That matters: the kernel's audit
-    # looks up security.capability of every file an audited (agent) process touches,
-    # which otherwise costs a round trip here per syscall (+17 us a stat).
-    async def _no_xattrs(self, *args):
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+    def _vault_xattrs(self, ino) -> tuple[tuple[str, ...], PassNode] | None:
+        """(path, node) of a vault inode; None: a namespace file (no attributes)."""
+        path = self.inodes.path(ino)
+        if path is None:
+            raise Fs9Error(errno.ENOENT, "stale inode")
+        if split_view(path)[1][:1] != ("vault",):
+            return None
+        node = self._resolve(path)
+        return path, node
 
-    getxattr = listxattr = setxattr = removexattr = _no_xattrs
+    def _virtual(self, path) -> dict[str, bytes]:
+        """user.fs9.owner (the owning agent, empty: the operator's) and
+        user.fs9.classification (the owner's clearance), computed, read-only."""
+        inner = split_view(path)[1]
+        owner = self.kernel.owner_of(inner)
+        agent = self.kernel.agents.get(owner) if owner else None
+        clearance = agent.manifest.get("clearance", "internal") if agent else "internal"
+        return {OWNER_XATTR: (owner or "").encode(), CLASS_XATTR: clearance.encode()}
+
+    def _may_set_xattr(self, path, name: str, ctx) -> None:
+        try:
+            self._check(path, writing=True)
+            if name in (OWNER_XATTR, CLASS_XATTR):
+                raise Fs9Error(errno.EPERM, f"{name} is computed by fs9 (the owner's manifest)")
+            if not name.startswith("user.") and (ctx.uid != 0 or split_view(path)[0]):
+                # trusted.*, security.* (file capabilities), system.* (ACLs): root's
+                raise Fs9Error(errno.EPERM, "only root sets attributes outside user.*")
+        except Fs9Error as e:
+            viewer, inner = split_view(path)
+            self.kernel.refused(e, agent=viewer, file="/".join(inner))
+            raise
+
+    @boundary
+    async def getxattr(self, ino, name, ctx):
+        found = self._vault_xattrs(ino)
+        if found is None:
+            raise Fs9Error(errno.ENODATA, NO_XATTRS)
+        path, node = found
+        self._admit(path, ctx)
+        name = os.fsdecode(name)
+        virtual = self._virtual(path)
+        if name in virtual:
+            return virtual[name]
+        return await in_thread(passthrough.getxattr, node.real, name)
+
+    @boundary
+    async def listxattr(self, ino, ctx):
+        found = self._vault_xattrs(ino)
+        if found is None:
+            return []
+        path, node = found
+        self._admit(path, ctx)
+        names = await in_thread(passthrough.listxattr, node.real)
+        return [os.fsencode(n) for n in names] + [os.fsencode(n) for n in self._virtual(path)]
+
+    @boundary
+    async def setxattr(self, ino, name, value, ctx):
+        found = self._vault_xattrs(ino)
+        if found is None:
+            raise Fs9Error(errno.ENOTSUP, NO_XATTRS)
+        path, node = found
+        self._admit(path, ctx)
+        name = os.fsdecode(name)
+        self._may_set_xattr(path, name, ctx)
+        await in_thread(passthrough.setxattr, node.real, name, bytes(value))
+
+    @boundary
+    async def removexattr(self, ino, name, ctx):
+        found = self._vault_xattrs(ino)
+        if found is None:
+            raise Fs9Error(errno.ENODATA, NO_XATTRS)
+        path, node = found
+        self._admit(path, ctx)
+        name = os.fsdecode(name)
+        self._may_set_xattr(path, name, ctx)
+        await in_thread(passthrough.removexattr, node.real, name)
 
 
 def _may_set_attributes(path, node: PassNode, attr, fields, ctx) -> None:
@@ -532,22 +685,40 @@ def _may_set_attributes(path, node: PassNode, attr, fields, ctx) -> None:
             raise Fs9Error(errno.EOPNOTSUPP, "a symbolic link has no mode of its own")
 
 
-def _set_attributes(real: str, attr, fields) -> None:
-    """setattr on a vault file: size, mode, owner, times (passthroughfs.py's order);
-    never through a symlink (see PassNode.at)."""
+def _may_access(node: PassNode, mode: int, ctx) -> bool:
+    """access(2) on a vault file: its mode bits (as a view shows them) for the caller's
+    uid and primary gid; root passes all but X_OK on a file nobody may execute."""
+    bits = node.mode
+    if ctx.uid == 0:
+        return not mode & os.X_OK or stat.S_ISDIR(bits) or bool(bits & 0o111)
+    if ctx.uid == node.st.st_uid:
+        have = bits >> 6
+    elif ctx.gid == node.st.st_gid:
+        have = bits >> 3
+    else:
+        have = bits
+    return mode & 7 & ~have == 0
+
+
+def _set_attributes(file: str | int, attr, fields) -> None:
+    """setattr on a vault file, by path or open fd: size, mode, owner, times
+    (passthroughfs.py's order); never through a symlink (see PassNode.at)."""
+    by_fd = isinstance(file, int)
     if fields.update_size:
-        fd = os.open(real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = file if by_fd else os.open(file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, attr.st_size)
         finally:
-            os.close(fd)
+            if not by_fd:
+                os.close(fd)
     if fields.update_mode:
-        os.chmod(real, stat.S_IMODE(attr.st_mode))
+        os.chmod(file, stat.S_IMODE(attr.st_mode))
+    follow = {} if by_fd else {"follow_symlinks": False}
     if fields.update_uid or fields.update_gid:
-        os.chown(real, attr.st_uid if fields.update_uid else -1,
-                 attr.st_gid if fields.update_gid else -1, follow_symlinks=False)
+        os.chown(file, attr.st_uid if fields.update_uid else -1,
+                 attr.st_gid if fields.update_gid else -1, **follow)
     if fields.update_atime or fields.update_mtime:
-        st = os.lstat(real)
+        st = os.stat(file) if by_fd else os.lstat(file)
         atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
         mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-        os.utime(real, ns=(atime, mtime), follow_symlinks=False)
+        os.utime(file, ns=(atime, mtime), **follow)

@@ -5,6 +5,7 @@ request (like the synthetic nodes: the disk is the truth, also when an editor
 changes it behind our back). Blocking disk I/O runs in worker threads; OSError
 becomes Fs9Error with the same errno, as pyfuse3's passthroughfs.py does.
 """
+import ctypes
 import errno
 import os
 import stat
@@ -66,9 +67,12 @@ class PassNode:
 class PassHandle(Handle):
     """An open vault file: a real fd; reads and writes at offsets, in threads."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, ino: int = 0) -> None:
         super().__init__(pid=0)  # a file's reads never block: no reader to interrupt
         self.fd = fd
+        self.ino = ino  # ours: fstat(2) on it asks by inode, also once the name is gone
+        self.agent: str | None = None  # whose view opened it (None: the operator)
+        self.writing = False
 
     async def read(self, off: int, size: int) -> bytes:
         return await in_thread(os.pread, self.fd, size, off)
@@ -80,6 +84,80 @@ class PassHandle(Handle):
         os.close(self.fd)
 
 
-async def open_file(real: str, flags: int, mode: int = 0o644) -> PassHandle:
+async def open_file(real: str, flags: int) -> PassHandle:
     # O_NOFOLLOW: the kernel resolved symlinks for the caller already; one here is a race
-    return PassHandle(await in_thread(os.open, real, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode))
+    return PassHandle(await in_thread(os.open, real, flags | os.O_CLOEXEC | os.O_NOFOLLOW))
+
+
+def create_file(real: str, flags: int, mode: int) -> tuple[int, bool]:
+    """Open real, creating it with exactly mode (not fs9's own umask): (fd, created).
+    Blocks (run it in a thread)."""
+    flags |= os.O_CLOEXEC | os.O_NOFOLLOW | os.O_CREAT
+    try:
+        fd = os.open(real, flags | os.O_EXCL, mode)
+    except FileExistsError:
+        if flags & os.O_EXCL:
+            raise
+        return os.open(real, flags & ~os.O_CREAT), False  # made by another meanwhile
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+            os.fchmod(fd, mode)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, True
+
+
+def settle(real: str, mode: int | None, uid: int, gid: int) -> None:
+    """A name fs9 (root) just made for a caller: give it to uid:gid, as the kernel would
+    have (a setgid directory's group is inherited), with mode exactly (None: as made,
+    a symlink or a file create_file already set). Blocks."""
+    parent = os.lstat(os.path.dirname(real))
+    if parent.st_mode & stat.S_ISGID:
+        gid = parent.st_gid
+    st = os.lstat(real)
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.lchown(real, uid, gid)  # (this clears setuid bits: put them back below)
+        if mode is None and not stat.S_ISLNK(st.st_mode):
+            mode = stat.S_IMODE(st.st_mode)
+    if mode is not None:
+        if stat.S_ISDIR(st.st_mode) and parent.st_mode & stat.S_ISGID:
+            mode |= stat.S_ISGID  # inherited, as mkdir(2) does
+        if stat.S_IMODE(os.lstat(real).st_mode) != mode:
+            os.chmod(real, mode, follow_symlinks=False)
+
+
+# --- rename(2) flags: renameat2 through libc -------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def rename(old: str, new: str, flags: int) -> None:
+    """rename(2) with renameat2's flags (the kernel's own EINVAL for ones it lacks).
+    Blocks."""
+    if not flags:
+        return os.rename(old, new)
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new),
+                       ctypes.c_uint(flags)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+# --- extended attributes ---------------------------------------------------------------
+
+def getxattr(real: str, name: str) -> bytes:
+    return os.getxattr(real, name, follow_symlinks=False)
+
+
+def setxattr(real: str, name: str, value: bytes) -> None:
+    os.setxattr(real, name, value, follow_symlinks=False)
+
+
+def listxattr(real: str) -> list[str]:
+    return os.listxattr(real, follow_symlinks=False)
+
+
+def removexattr(real: str, name: str) -> None:
+    os.removexattr(real, name, follow_symlinks=False)
