@@ -252,9 +252,9 @@ class Operations(pyfuse3.Operations):
         _, node = self._node(ino)
         if isinstance(node, PassNode):
             return _may_access(node, mode, ctx)
-        if mode & os.W_OK and not node.mode & 0o222:
-            return False
-        return True
+        # the namespace's own files: what their mode shows (nothing is executable)
+        return not any(mode & want and not node.mode & bits for want, bits in
+                       ((os.R_OK, 0o444), (os.W_OK, 0o222), (os.X_OK, 0o111)))
 
     @boundary
     async def statfs(self, ctx):
