@@ -80,6 +80,7 @@ class Operations(pyfuse3.Operations):
         self.dirs: dict[int, list[tuple[str, Node]]] = {}
         self.transient: dict[tuple[str, ...], Node] = {}  # created files, while open
         self.transient_fh: dict[int, tuple[str, ...]] = {}
+        self.cache_keys: dict[int, tuple[int, int]] = {}  # vault inode -> (mtime, size) at open
         self._next_fh = 1
         self._graves = 0  # removed vault names (see _gone)
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -162,6 +163,16 @@ class Operations(pyfuse3.Operations):
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         return fh
 
+    def _unchanged(self, ino: int, node: PassNode) -> bool:
+        """Vault files use the page cache (reads at memory speed, readahead). Close to
+        open consistency, as NFS: what the kernel cached is kept at open only if the
+        file's mtime and size are those it had at its previous open; otherwise (an
+        editor changed it behind our back) the cache is dropped."""
+        seen = (node.st.st_mtime_ns, node.st.st_size)
+        same = self.cache_keys.get(ino) == seen
+        self.cache_keys[ino] = seen
+        return same
+
     # --- names -----------------------------------------------------------------
 
     @boundary
@@ -238,6 +249,7 @@ class Operations(pyfuse3.Operations):
                 self.kernel.refused(e, agent=viewer, file="/".join(inner))
                 raise
             await in_thread(_set_attributes, node.real, attr, fields)
+            self.kernel.vault_changed(path, "modified", ctx.uid)
             return self._attrs(ino, PassNode.at(node.real))
         self._check(path, writing=True)  # in a view: EACCES where it may not write
         # `echo x > ctl` truncates first and `touch topics/x` sets times: accept (and
@@ -272,7 +284,15 @@ class Operations(pyfuse3.Operations):
         if not isinstance(node, Dir) and not (isinstance(node, PassNode) and node.is_dir):
             raise Fs9Error(errno.ENOTDIR, "not a directory")
         entries = []  # snapshot at open, so paging is consistent
-        for name in node.names():
+        if isinstance(node, PassNode):  # one scandir, not a lookup per name
+            for name, st in await in_thread(_scan, node.real):
+                child = self.tree.adopt(path + (name,), PassNode(os.path.join(node.real, name), st))
+                if child is not None:
+                    entries.append((name, child))
+            names = ()
+        else:
+            names = node.names()
+        for name in names:
             try:
                 entries.append((name, self._resolve(path + (name,))))
             except Fs9Error:
@@ -307,7 +327,8 @@ class Operations(pyfuse3.Operations):
             fh = self._fh()
             handle = self.handles[fh] = await open_file(node.real, flags)
             handle.ino, handle.agent, handle.writing = ino, split_view(path)[0], writing
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+            handle.uid, handle.wrote = ctx.uid, bool(flags & os.O_TRUNC)
+            return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=self._unchanged(ino, node))
         handle = node.open(writing, ctx.pid)
         fh = self._fh()
         self.handles[fh] = handle
@@ -337,6 +358,7 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         handle = self._handle(fh)
         if isinstance(handle, PassHandle):
+            handle.wrote = True  # a vault_changed event at release
             return await handle.pwrite(off, bytes(buf))
         n = handle.write(bytes(buf))
         await self._invalidate_killed()
@@ -372,6 +394,9 @@ class Operations(pyfuse3.Operations):
         handle = self.handles.pop(fh, None)
         if isinstance(handle, PassHandle):
             handle.close()
+            if handle.wrote:
+                self.kernel.vault_changed(self.inodes.path(handle.ino) or (), "modified",
+                                          handle.uid)
         elif handle is not None and handle.poll_scope is not None:
             handle.poll_scope.cancel()
 
@@ -442,6 +467,7 @@ class Operations(pyfuse3.Operations):
         path, real = await self._vault_target(parent_ino, name, ctx)
         mode = self._new_mode(path, mode, ctx) & 0o1777  # as mkdir(2): no setuid/setgid
         await in_thread(os.mkdir, real, mode)
+        self.kernel.vault_changed(path, "created", ctx.uid)
         return await self._made(path, real, ctx, mode)
 
     @boundary
@@ -457,12 +483,14 @@ class Operations(pyfuse3.Operations):
             raise Fs9Error(errno.EINVAL, "no such file type")
         perm = self._new_mode(path, mode, ctx)
         await in_thread(os.mknod, real, (kind or stat.S_IFREG) | perm, rdev)
+        self.kernel.vault_changed(path, "created", ctx.uid)
         return await self._made(path, real, ctx, perm)
 
     @boundary
     async def symlink(self, parent_ino, name, target, ctx):
         path, real = await self._vault_target(parent_ino, name, ctx)
         await in_thread(os.symlink, os.fsdecode(target), real)
+        self.kernel.vault_changed(path, "created", ctx.uid)
         return await self._made(path, real, ctx)
 
     @boundary
@@ -476,6 +504,7 @@ class Operations(pyfuse3.Operations):
         if split_view(src_path)[0] != split_view(path)[0]:
             raise Fs9Error(errno.EXDEV, "link across views")
         await in_thread(os.link, src.real, real)
+        self.kernel.vault_changed(path, "created", ctx.uid)
         # the other name is another inode of ours: the kernel must forget its link count
         await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
         return self._entry(path, real)
@@ -497,6 +526,7 @@ class Operations(pyfuse3.Operations):
             path, real = await self._vault_target(parent_ino, name, ctx)
             fd, created = await in_thread(create_file, real, flags,
                                           self._new_mode(path, mode, ctx))
+            self.kernel.vault_changed(path, "created" if created else "modified", ctx.uid)
             try:
                 entry = await self._made(path, real, ctx) if created else self._entry(path, real)
             except BaseException:
@@ -505,7 +535,8 @@ class Operations(pyfuse3.Operations):
             fh = self._fh()
             handle = self.handles[fh] = PassHandle(fd, entry.st_ino)
             handle.agent, handle.writing = split_view(path)[0], True
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), entry
+            handle.uid, handle.wrote = ctx.uid, False
+            return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False), entry
         if not isinstance(parent, Dir) or parent.create is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
         path = ppath + (_name(name),)
@@ -530,6 +561,7 @@ class Operations(pyfuse3.Operations):
         self._check(path, writing=True, removing=True)
         if isinstance(node, PassNode):
             await in_thread(os.unlink, node.real)
+            self.kernel.vault_changed(path, "deleted", ctx.uid)
             return self._gone(path)
         if getattr(node, "remove", None) is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
@@ -544,6 +576,7 @@ class Operations(pyfuse3.Operations):
             raise Fs9Error(errno.EACCES, READONLY_NS)
         self._check(path, writing=True)
         await in_thread(os.rmdir, node.real)
+        self.kernel.vault_changed(path, "deleted", ctx.uid)
         self._gone(path)
 
     def _gone(self, path) -> None:
@@ -566,6 +599,7 @@ class Operations(pyfuse3.Operations):
             raise Fs9Error(errno.EXDEV, "rename across views")
         # flags: RENAME_NOREPLACE, RENAME_EXCHANGE (renameat2 answers what it lacks)
         await in_thread(passthrough.rename, node.real, real, flags)
+        self.kernel.vault_changed(old_path, "moved", ctx.uid, dest=new_path)
         self._renamed(split_view(old_path)[1], split_view(new_path)[1],
                       exchange=bool(flags & RENAME_EXCHANGE))
 
@@ -722,3 +756,9 @@ def _set_attributes(file: str | int, attr, fields) -> None:
         atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
         mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
         os.utime(file, ns=(atime, mtime), **follow)
+
+
+def _scan(real: str) -> list[tuple[str, os.stat_result]]:
+    """A vault directory's entries with their lstat, sorted by name."""
+    with os.scandir(real) as it:
+        return sorted((e.name, e.stat(follow_symlinks=False)) for e in it)

@@ -73,6 +73,8 @@ class PassHandle(Handle):
         self.ino = ino  # ours: fstat(2) on it asks by inode, also once the name is gone
         self.agent: str | None = None  # whose view opened it (None: the operator)
         self.writing = False
+        self.uid: int | None = None  # who opened it: the actor of its changes
+        self.wrote = False  # changed through this open: a vault_changed event at release
 
     async def read(self, off: int, size: int) -> bytes:
         return await in_thread(os.pread, self.fd, size, off)

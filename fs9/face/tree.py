@@ -1,9 +1,9 @@
 """The namespace as one table: path pattern -> the node that serves it (our Dirtab).
 
 To find where any path is served, find its row here. `{agent}`, `{task}`,
-`{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}` and `{cap}`
-are bound to kernel objects while walking (VARS below); a name that binds to
-nothing is ENOENT. Directories list the rows one level below them; a Dir with
+`{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}`, `{cap}`
+and `{query}` are bound to kernel objects while walking (VARS below); a name that
+binds to nothing is ENOENT. Directories list the rows one level below them; a Dir with
 `create` takes new names (mail/, outbox/, topics/). `vault/` is a real
 directory on disk (face/passthrough.py).
 
@@ -85,6 +85,17 @@ def _owners(k) -> str:
     return "".join(f"{sub} {name} {cls}\n" for sub, name, cls in rows)
 
 
+def _search(k, query: str | None, me=None):
+    """search/QUERY: the ranked hits, as the one asking sees the vault (kernel/search.py);
+    query None: search/status, the index's state as the one asking sees it."""
+    if k.search is None:
+        raise Fs9Error(errno.ENOENT, "no vault (fs9 mount --vault DIR)")
+    view = None if me is None else k.agent(me).view
+    if query is None:
+        return Status(lambda: k.search.status(view))
+    return Status(lambda: k.search.query(query, view))
+
+
 def _providers(k) -> dict[str, list[str]]:
     caps: dict[str, list[str]] = {}
     for name in sorted(k.agents):
@@ -156,6 +167,9 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "registry/{provider}": lambda k, provider: Status(lambda: _registry_entry(provider)),
     "registry/by-capability/{cap}": lambda k, cap: Status(
         lambda: "".join(f"{name}\n" for name in _providers(k).get(cap, []))),
+    "search": None,  # ranked vault search; `ls` shows only status (queries are private)
+    "search/status": lambda k, me=None: _search(k, None, me),
+    "search/{query}": _search,
 }
 
 
@@ -177,7 +191,10 @@ VARS = {
              lambda k, name: name if k.log.has_corr(name) else None),
     "provider": (lambda k: sorted(k.agents), lambda k, name: k.agents.get(name)),
     "cap": (lambda k: sorted(_providers(k)), lambda k, name: name if name in _providers(k) else None),
+    "query": (lambda k: [], lambda k, name: name if k.search is not None and name.strip()
+              else None),
 }
+
 
 
 def _task_of(k, agent, name: str):
@@ -219,12 +236,21 @@ class Tree:
         if viewer is None:
             return self._resolve(path, None)
         view = self.view(viewer)
-        mode = view.access(inner)
-        if mode is None:
+        if view.access(inner) is None:
             raise Fs9Error(errno.ENOENT, "no such file")
-        node = self._resolve(inner, view)
+        return self.adopt(path, self._resolve(inner, view))
+
+    def adopt(self, path: tuple[str, ...], node: Node) -> Node | None:
+        """node as served at path: in a view, None if hidden, else shown read-only
+        where it may not change it (write-only where it may not read it)."""
+        viewer, inner = split_view(path)
+        if viewer is None:
+            return node
+        mode = self.view(viewer).access(inner)
+        if mode is None:
+            return None
         if "w" not in mode:
-            node.mode &= ~0o222  # what it may not change is shown read-only
+            node.mode &= ~0o222
         if "r" not in mode:
             node.mode &= ~0o444
         return node

@@ -17,7 +17,7 @@ import trio
 
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
-from . import cmd, escapes, manifest as manifests
+from . import cmd, escapes, manifest as manifests, search, vaultwatch
 from .manifest import NAME_RE
 from .agent import Agent, check_program
 from .log import Event, EventLog
@@ -58,6 +58,9 @@ class Kernel:
         self._nursery: trio.Nursery | None = None
         self._replaying = False
         self._fresh_blob: tuple[int, bytes | None] = (0, None)
+        self.search = search.Search(self.vault_dir, self.state_dir, self.log) \
+            if self.vault_dir else None
+        self._own_changes: dict[str, float] = {}  # vault-relative path -> when fs9 changed it
 
     # --- lifetime --------------------------------------------------------------
 
@@ -83,6 +86,9 @@ class Kernel:
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
             nursery.start_soon(self.bus.keep_deadlines)
+            if self.search is not None:
+                await nursery.start(self.search.serve)
+                await nursery.start(vaultwatch.watch, self)
             task_status.started()
             await trio.sleep_forever()
 
@@ -408,6 +414,36 @@ class Kernel:
         self.log.add_chunk(task.id, task.attempt, fd, data)
         self.stream(task, fd).append(data)
 
+    def vault_changed(self, path: tuple[str, ...], op: str, uid: int | None = None,
+                      dest: tuple[str, ...] | None = None) -> None:
+        """The face changed the vault (op: created | modified | deleted | moved, to
+        dest): a `vault_changed` event naming the actor (the agent whose view path is
+        in, else `uid UID`), and the search index told. The watcher will see the same
+        change on disk and, by fs9_changed, not log it again."""
+        agent, inner = _split_view(path)
+        if inner[:1] != ("vault",) or len(inner) < 2:
+            return
+        fields = dict(path="/".join(inner), op=op, actor=agent or f"uid {uid}")
+        rels = ["/".join(inner[1:])]
+        if dest is not None:
+            dest_inner = _split_view(dest)[1]
+            fields["dest"] = "/".join(dest_inner)
+            rels.append("/".join(dest_inner[1:]))
+        now = trio.current_time()
+        for rel in rels:
+            self._own_changes[rel] = now
+            if self.search is not None:
+                self.search.touch(rel)
+        if len(self._own_changes) > 4096:  # forget what is too old to matter
+            self._own_changes = {p: t for p, t in self._own_changes.items()
+                                 if now - t < vaultwatch.OWN_S}
+        self.log.append("vault_changed", agent=agent, **fields)
+
+    def fs9_changed(self, rel: str) -> bool:
+        """fs9 itself changed vault path rel (relative) within the last OWN_S."""
+        when = self._own_changes.get(rel)
+        return when is not None and trio.current_time() - when < vaultwatch.OWN_S
+
     def status(self) -> str:
         return "".join(a.status_line() for a in sorted(self.agents.values(), key=lambda a: a.name))
 
@@ -417,6 +453,13 @@ class Kernel:
                 f"agents={len(self.agents)} queued={t['queued']} running={t['running']} "
                 f"done={t['done']} failed={t['failed']} events={self.log.last_seq}\n")
 
+
+
+def _split_view(path: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    """(the agent whose view path is in, the path inside it), as face/tree.split_view."""
+    if len(path) >= 3 and path[0] == "agents" and path[2] == "view":
+        return path[1], path[3:]
+    return None, path
 
 
 AGENT_SPAWN_KEYS = {"def", "priority", "timeout_s", "max_restarts", "within_s", "restart"}

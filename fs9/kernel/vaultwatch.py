@@ -1,0 +1,142 @@
+"""Watching the vault's backing directory for changes made behind fs9's back.
+
+An editor, git or any other program may change the vault directory directly. The
+watcher (watchdog: inotify, in watchdog's own threads) hands each change to trio
+with `TrioToken.run_sync_soon`, never blocking watchdog's thread on ours:
+  - at once, the search index is told (kernel.search.touch);
+  - after SETTLE_S, the changes of the batch are coalesced (a created file's
+    modifications are its creation) and each is a `vault_changed` event, unless
+    fs9 made that change itself within OWN_S (the face reports its own changes,
+    with their actor, through Kernel.vault_changed: they are logged once).
+Names starting with "." and everything under them (.git, editors' swap files) are
+neither logged nor indexed. Directory "modified" events (a name came or went in
+it) say nothing the file's own event does not.
+"""
+import logging
+import math
+import os
+import time
+import traceback
+
+import trio
+
+SETTLE_S = 0.25  # a change waits this long: fs9's own report of it arrives first
+OWN_S = 2.0  # a change fs9 made to a path within this long is not logged again
+OPS = {"created": "created", "modified": "modified", "deleted": "deleted", "moved": "moved",
+       "closed": "", "attrib": ""}  # watchdog's kind -> our op ("": index only)
+log = logging.getLogger("fs9.vaultwatch")
+
+
+def rel_path(vault: str, path: str) -> str | None:
+    """path (absolute, under vault) relative to it; None: outside or hidden (dot)."""
+    rel = os.path.relpath(path, vault)
+    if rel == "." or rel.startswith("../") or rel == ".." or any(
+            part.startswith(".") for part in rel.split("/")):
+        return None
+    return rel
+
+
+def coalesce(batch: list[tuple[str, str, str | None, bool]]) -> list[tuple[str, str, str | None]]:
+    """(op, rel, dest, is_dir) changes in order -> the (op, rel, dest) worth logging:
+    each once, a created file's modifications dropped, directories' modifications
+    dropped."""
+    created = {rel for op, rel, _, _ in batch if op == "created"}
+    out: list[tuple[str, str, str | None]] = []
+    for op, rel, dest, is_dir in batch:
+        if not op or (op == "modified" and (is_dir or rel in created)):
+            continue
+        if (op, rel, dest) not in out:
+            out.append((op, rel, dest))
+    return out
+
+
+async def watch(kernel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Watch kernel.vault_dir until cancelled. Ready once the watch is in place; a
+    watch that cannot start (inotify limits, no watchdog) is a `watch_unavailable`
+    event, and the mount goes on without it."""
+    vault = kernel.vault_dir
+    token = trio.lowlevel.current_trio_token()
+    send, receive = trio.open_memory_channel(math.inf)
+    try:
+        from watchdog import events
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):  # watchdog's thread
+                op = OPS.get(event.event_type)
+                if op is None:
+                    return
+                item = (op, os.fsdecode(event.src_path),
+                        os.fsdecode(event.dest_path) if event.dest_path else None,
+                        event.is_directory, time.monotonic())
+                try:
+                    token.run_sync_soon(_arrived, kernel, send, item)
+                except trio.RunFinishedError:
+                    pass  # the mount is going away
+
+        observer = Observer()
+        # Only changes: by default inotify also reports every open and every close of a
+        # file read, which costs fs9 CPU for each read of the vault, and a `grep -r`
+        # alone can overflow the kernel's event queue and lose real changes.
+        changes = [events.FileCreatedEvent, events.DirCreatedEvent, events.FileModifiedEvent,
+                   events.FileDeletedEvent, events.DirDeletedEvent, events.FileMovedEvent,
+                   events.DirMovedEvent, events.FileClosedEvent]
+        observer.schedule(Handler(), vault, recursive=True, event_filter=changes)
+        await trio.to_thread.run_sync(observer.start)  # sets up the watches: walks the tree
+    except Exception as e:
+        kernel.log.append("watch_unavailable", reason=f"cannot watch {vault}: {e}")
+        task_status.started()
+        return
+    task_status.started()
+    try:
+        await _log_changes(kernel, receive)
+    except Exception:
+        text = traceback.format_exc()
+        log.error("bug in the vault watcher: %s", text)
+        kernel.log.append("bug", handler="vaultwatch", traceback=text)
+        kernel.log.append("watch_unavailable", reason="the vault watcher failed (see bug)")
+    finally:
+        observer.stop()  # its threads end on their own; joining could stall the unmount
+
+
+def _arrived(kernel, send, item) -> None:
+    """Trio thread: index now, log after SETTLE_S."""
+    op, src, dest, is_dir, _ = item
+    if is_dir and op in ("modified", ""):  # a name came or went: its own event says which
+        return
+    for path in (src, dest):
+        rel = path and rel_path(kernel.vault_dir, path)
+        if rel and kernel.search is not None:
+            kernel.search.touch(rel)
+    send.send_nowait(item)
+
+
+async def _log_changes(kernel, receive) -> None:
+    vault = kernel.vault_dir
+    while True:
+        first = await receive.receive()
+        await trio.sleep(max(0.0, first[4] + SETTLE_S - time.monotonic()))
+        items = [first]
+        while True:
+            try:
+                items.append(receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+        batch = []
+        for op, src, dest, is_dir, _ in items:
+            rel = rel_path(vault, src)
+            rel_dest = dest and rel_path(vault, dest)
+            if op == "moved" and rel is None and rel_dest:  # from a hidden name: appears
+                op, rel, rel_dest = "created", rel_dest, None
+            elif op == "moved" and rel and not rel_dest:  # to a hidden name: goes away
+                op, rel_dest = "deleted", None
+            if rel is not None:
+                batch.append((op, rel, rel_dest, is_dir))
+        for op, rel, dest in coalesce(batch):
+            if kernel.fs9_changed(rel) or (dest and kernel.fs9_changed(dest)):
+                continue
+            fields = dict(path=f"vault/{rel}", op=op)
+            if dest:
+                fields["dest"] = f"vault/{dest}"
+            kernel.log.append("vault_changed", **fields)
