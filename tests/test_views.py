@@ -228,7 +228,9 @@ def test_each_vault_subtree_has_one_owner_and_others_ask_by_mail(vault):
     vault.define("rival", 'cmd = ["cat"]\nowns = ["vault/code"]\n')
     r = vault.sh("echo 'spawn rival' > ctl")
     assert r.returncode != 0
-    assert "already owned by agent coder" in vault.read("log/audit").splitlines()[-1]
+    assert "overlaps vault/code, owned by agent coder" in vault.read("log/audit").splitlines()[-1]
+    vault.define("nested", 'cmd = ["cat"]\nowns = ["vault/code/lib"]\n')
+    assert vault.sh("echo 'spawn nested' > ctl").returncode != 0  # nor inside it
     assert "owns=vault/code" in vault.read("registry/coder")
     assert vault.read("registry/owners") == "vault/code coder internal\n"
     assert vault.sh("echo 'spawn owners cmd=cat' > ctl").returncode != 0  # a reserved name
@@ -296,8 +298,26 @@ def test_read_only_vault_subtrees_are_bound_from_disk_in_the_sandbox(vault):
     vault.write("agents/reader/in", "go\n")
     vault.wait_for(lambda: vault.status("reader")["done"] == "1", what="the probe")
     docs_fs, code_fs, *rest = vault.read("agents/reader/out").splitlines()
-    assert docs_fs == os.popen(f"stat -f -c %T {vault.vault}").read().strip() != "fuseblk"
-    assert code_fs == "fuseblk"  # what it owns stays with fs9 (ownership, events)
+    native = os.popen(f"stat -f -c %T {vault.vault}").read().strip()
+    assert docs_fs == code_fs == native != "fuseblk"  # both from disk: docs ro, code rw
     assert rest == ["the guide", "refused", "written"]
+    mine = vault.vault / "code/mine.py"  # written through an idmapped mount: the subtree
+    assert (mine.stat().st_uid, mine.stat().st_gid) == (  # owner's file on disk
+        (vault.vault / "code").stat().st_uid, (vault.vault / "code").stat().st_gid)
     assert (vault.vault / "code/mine.py").read_text() == "y\n"
     assert not (vault.vault / "docs/new.md").exists()
+
+
+@needs_confinement
+def test_an_owned_subtree_bound_from_disk_takes_no_setuid_file(vault):
+    probe = ("f=$FS9_MNT/vault/code/tool; echo '#!/bin/sh' > $f; "
+             "chmod 4755 $f 2>/dev/null || echo chmod-refused; "
+             "/usr/bin/python3 -c \"import os; os.open('$FS9_MNT/vault/code/t2', os.O_CREAT|os.O_WRONLY, 0o4755)\" "
+             "2>/dev/null || echo create-refused; chmod 755 $f && echo plain-ok\n")
+    vault.define("maker", 'cmd = ["sh", "probe.sh"]\nowns = ["vault/code"]\n', {"probe.sh": probe})
+    spawn(vault, "spawn maker")
+    vault.write("agents/maker/in", "go\n")
+    vault.wait_for(lambda: vault.status("maker")["done"] == "1", what="the probe")
+    assert vault.read("agents/maker/out").split() == ["chmod-refused", "create-refused", "plain-ok"]
+    assert not (vault.vault / "code/tool").stat().st_mode & 0o6000
+    assert '"kind":"escape_attempt","agent":"maker"' in vault.read("log/audit")

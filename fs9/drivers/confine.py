@@ -90,16 +90,23 @@ class Sandbox:
         finally:
             theirs.close()
         sandbox = cls(trio.socket.from_stdlib_socket(ours), proc, on_attempt)
+        failed = ""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sandbox._listen)
                 with trio.move_on_after(START_S):
                     while "ready" not in sandbox._replies and not sandbox.closed:
                         await sandbox._wait_change()
-                if "ready" not in sandbox._replies:
-                    raise SandboxError(sandbox.closed or "the sandbox did not start in time")
-                yield sandbox
-                nursery.cancel_scope.cancel()
+                if "ready" in sandbox._replies:
+                    try:
+                        yield sandbox
+                    finally:
+                        nursery.cancel_scope.cancel()
+                else:
+                    failed = sandbox.closed or "the sandbox did not start in time"
+                    nursery.cancel_scope.cancel()
+            if failed:  # raised out here, not from the nursery: one plain error
+                raise SandboxError(failed)
         finally:
             sandbox._sock.close()
             with trio.CancelScope(shield=True):

@@ -7,8 +7,10 @@ group, not to one program; Android's zygote: pay the setup once):
   - a private mount namespace in which the agent's view (MNT/agents/NAME/view,
     served by fs9) is bind-mounted over MNT, so the canonical paths show the view
     and nothing else; the vault subtrees it may only read are bound read-only from
-    disk where the view shows them (native speed); the state directory and the
-    vault's backing directory are covered by empty read-only tmpfs;
+    disk where the view shows them (native speed), and the subtrees it owns are bound
+    read-write, idmapped so that their owner's files on disk are the agent's; the
+    state directory and the vault's backing directory are covered by empty
+    read-only tmpfs;
   - a seccomp filter that hands every namespace, mount, ptrace and file-handle
     syscall to this process, which refuses it (EPERM) and reports it to fs9 as
     an escape attempt (the kernel records the audit event);
@@ -33,13 +35,19 @@ import os
 import select
 import signal
 import socket
+import stat
+import struct
 import sys
 
 import landlock
 import pyseccomp
 from landlock.plumbing import get_restrict_self
 
-CLONE_NEWNS = 0x00020000
+CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
+# the new mount API (same numbers on x86_64 and aarch64), for idmapped binds
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
+AT_FDCWD, AT_EMPTY_PATH, OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH = -100, 0x1000, 1, 4
+MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_IDMAP = 0x2, 0x4, 0x100000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
@@ -54,10 +62,13 @@ ESCAPES = ("mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "ptra
            "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff", "acct",
            "settimeofday", "clock_settime", "adjtimex", "quotactl", "perf_event_open",
            "userfaultfd", "keyctl", "add_key", "request_key", "iopl", "ioperm")
+SETS_MODE = (("chmod", 1), ("fchmod", 1), ("fchmodat", 2), ("fchmodat2", 2), ("open", 2),
+             ("openat", 3), ("creat", 1), ("mknod", 1), ("mknodat", 2))  # (syscall, mode arg)
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
                    0x20000000, 0x40000000, 0x00000080)  # NS, CGROUP, UTS, IPC, USER, PID, NET, TIME
 
 libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
 
 
 def _check(result: int, what: str) -> None:
@@ -84,10 +95,72 @@ def enter_namespace(spec: dict) -> None:
         if os.path.isdir(source) and os.path.isdir(target):
             _mount(source, target, None, MS_BIND)
             _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for source, target in spec.get("owned_binds", ()):
+        # the vault subtrees it owns, writable at native speed: the real directory, idmapped
+        # so that the subtree owner's files on disk are the agent's own (and what the agent
+        # makes is stored as that owner's)
+        if os.path.isdir(source) and os.path.isdir(target):
+            try:
+                idmapped_bind(source, target, spec["uid"])
+            except OSError as e:
+                print(f"fs9 sandbox: {target} stays with fs9: {e}", file=sys.stderr)
     for secret in spec["hide"]:
         if os.path.isdir(secret):
             _mount("fs9-hidden", secret, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                    "size=4k,mode=000")
+
+
+def idmapped_bind(source: str, target: str, uid: int) -> None:
+    """Bind source over target, read-write, nosuid, nodev, with source's owner (uid and
+    group) on disk shown as uid inside (Linux's idmapped mounts)."""
+    st = os.stat(source)
+    userns = _userns(f"{st.st_uid} {uid} 1", f"{st.st_gid} {uid} 1")
+    try:
+        tree = _syscall(SYS_OPEN_TREE, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | os.O_CLOEXEC)
+        try:
+            attr = ctypes.create_string_buffer(struct.pack(
+                "QQQQ", MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, userns))
+            _syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, attr, 32)
+            _syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH)
+        finally:
+            os.close(tree)
+    finally:
+        os.close(userns)
+
+
+def _userns(uid_map: str, gid_map: str) -> int:
+    """An fd of a new user namespace with these maps (a child makes it, then exits)."""
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(done_w)  # so that our read below ends when the parent closes its end
+        ok = libc.unshare(CLONE_NEWUSER) == 0
+        os.write(ready_w, b"1" if ok else b"0")
+        os.read(done_r, 1)
+        os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise OSError(errno.EPERM, "cannot make a user namespace for an idmapped mount")
+        for name, text in (("uid_map", uid_map), ("setgroups", "deny"), ("gid_map", gid_map)):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(text)
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(done_w)
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+
+
+def _syscall(number: int, *args) -> int:
+    result = libc.syscall(number, *args)
+    if result < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return result
 
 
 def landlock_ruleset(spec: dict) -> landlock.Ruleset:
@@ -116,6 +189,15 @@ def seccomp_filter() -> pyseccomp.SyscallFilter:
         flt.add_rule(pyseccomp.NOTIFY, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
     # clone3 passes its flags in memory, out of the filter's reach: make libc fall back to clone
     flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    # No setuid or setgid files: in a vault subtree bound idmapped, the agent's files are
+    # its subtree owner's on disk (root's, say), and a setuid one would outlive the sandbox.
+    for name, arg in SETS_MODE:
+        for bit in (stat.S_ISUID, stat.S_ISGID):
+            try:
+                flt.add_rule(pyseccomp.NOTIFY, name, pyseccomp.Arg(arg, pyseccomp.MASKED_EQ, bit, bit))
+            except OSError:
+                pass
+    flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "openat2")  # its mode is in memory too
     return flt
 
 

@@ -305,10 +305,13 @@ class Kernel:
         manifest = manifests.check({**raw, **kv}, origin)
         check_program(name, manifest, home)
         for subtree in manifest["owns"]:
-            owner = self.owner_of(tuple(subtree.strip("/").split("/")), exact=True)
-            if owner and owner != name:
-                raise Fs9Error(errno.EBUSY, f"{subtree} is already owned by agent {owner}: "
-                                            "a vault subtree has exactly one owner")
+            claim = tuple(subtree.strip("/").split("/"))
+            for other in self.agents.values():
+                for owned in other.view.owns if other.name != name else ():
+                    if claim[:len(owned)] == owned or owned[:len(claim)] == claim:
+                        raise Fs9Error(errno.EBUSY, f"{subtree} overlaps {'/'.join(owned)}, "
+                                       f"owned by agent {other.name}: a vault subtree has "
+                                       "exactly one owner")
         why = not manifest["unconfined"] and (
             confine.unavailable() or (not self.mount_path and "no mount to show a view in"))
         if why:
@@ -343,16 +346,19 @@ class Kernel:
         except KeyError:
             raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {name}")
 
-    def owner_of(self, path: tuple[str, ...], exact: bool = False) -> str | None:
-        """The agent owning vault path (the longest owned prefix wins); None: only the
-        operator may change it. exact: only an owner of exactly that subtree."""
-        best, owner = -1, None
+    def owner_of(self, path: tuple[str, ...]) -> str | None:
+        """The agent owning vault path (claims never overlap); None: only the operator
+        may change it."""
         for agent in self.agents.values():
-            for prefix in agent.view.owns:
-                hit = prefix == path if exact else path[:len(prefix)] == prefix
-                if hit and len(prefix) > best:
-                    best, owner = len(prefix), agent.name
-        return owner
+            if any(path[:len(prefix)] == prefix for prefix in agent.view.owns):
+                return agent.name
+        return None
+
+    def _vault_binds(self, subtrees) -> list[tuple[str, str]]:
+        """(the folder on disk, where the agent's view shows it) for vault subtrees."""
+        mnt = self.mount_path
+        return [(os.path.join(self.vault_dir, *sub[1:]), os.path.join(mnt, *sub))
+                for sub in subtrees] if self.vault_dir else []
 
     def sandbox_spec(self, agent: Agent) -> dict:
         """What agent's sandbox is made of (drivers/zygote.py)."""
@@ -363,8 +369,8 @@ class Kernel:
         return dict(agent=agent.name, uid=agent.uid, mnt=mnt, audit=self.audit,
                     view=os.path.join(mnt, "agents", agent.name, "view"),
                     hide=[p for p in (self.state_dir, self.vault_dir) if p],
-                    binds=[(os.path.join(self.vault_dir, *sub[1:]), os.path.join(mnt, *sub))
-                           for sub in agent.view.read_only_vault()] if self.vault_dir else [],
+                    binds=self._vault_binds(agent.view.read_only_vault()),
+                    owned_binds=self._vault_binds(agent.view.owned_vault()),
                     read=read, write=[mnt, agent.scratch], devices=list(confine.DEVICES))
 
     def guarded(self, fn, *args, agent: str | None = None, file: str = "ctl"):

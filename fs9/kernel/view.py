@@ -137,6 +137,16 @@ class View:
                                                  or prefix[:len(other)] == other)
                             for other in roots)]
 
+    def owned_vault(self) -> list[tuple[str, ...]]:
+        """The vault subtrees it owns and may write, with nothing unveiled inside or
+        around them: its sandbox binds them read-write from disk (what it owns is all
+        its own: no other owner inside, see Kernel.check_claims)."""
+        if "write" not in self.pledges or "read" not in self.pledges:
+            return []
+        return [prefix for prefix in self.owns
+                if not any(other[:len(prefix)] == prefix or prefix[:len(other)] == other
+                           for other, _ in self.unveiled)]
+
     def render(self) -> str:
         """The effective view as text: one `MODE PATH` line per visible root."""
         lines = [f"pledge {' '.join(sorted(self.pledges))}",
