@@ -13,11 +13,23 @@ Contract:
   - an agent searches only what its view sees: its hits come from an index built
     over the files its view shows, so no hidden file shapes a snippet, a count or
     even a score (BM25's document frequencies are those of the visible files).
+  - STATE/search.toml may switch on semantic ranking with an embedding model served
+    by any OpenAI-compatible /v1/embeddings endpoint (llama-index's
+    OpenAILikeEmbedding): each file's first EMBED_CHUNKS chunks are embedded in
+    worker threads, in batches, only for files whose mtime or size changed, and kept
+    in STATE/search/vectors.pickle; a query then merges BM25's best files with the
+    nearest ones by cosine similarity (relative-score fusion). A model that cannot be
+    used, or an endpoint that stops answering, is said in each result's first line,
+    one `search_fallback` event per failure and search/status; results are BM25's
+    until the endpoint answers again (probed in the background), then `search_semantic`.
 Queries run on the trio thread (a Status renders synchronously); builds, loads and
-saves run in worker threads and touch only the store, never a published Snapshot.
+saves run in worker threads and touch only the store, never a published Snapshot. The
+only blocking call a query makes is its embedding (one HTTP request, QUERY_TIMEOUT_S at
+most, cached per query text, never made while the endpoint is known to be down).
 """
 import array
 import collections
+import math
 import os
 import pickle
 import re
@@ -35,6 +47,17 @@ VERSION = 1  # of the persisted index
 TOKEN = re.compile(r"(?u)\b\w\w+\b")  # bm25s's default token pattern
 NOT_READY = "fs9: the search index is being built; try again in a moment\n"
 NO_EMBED = "fs9: embedding model {model} is not available ({reason}); ranked by BM25\n"
+# semantic ranking (STATE/search.toml: embed = "openai:MODEL", api_base, api_key_env)
+EMBED_CHUNK = 1000  # characters of a chunk embedded (whole lines; ~250 tokens)
+EMBED_CHUNKS = 32  # chunks embedded per file: its first ~32 KB
+EMBED_BATCH = 32  # chunks per embedding request
+EMBED_PUBLISH_S = 2.0  # a long (first) embedding publishes what it has this often
+EMBED_VERSION = 1  # of the persisted vectors
+RETRY_S = 2.0  # an endpoint that failed is probed again after this, doubling up to RETRY_MAX_S
+RETRY_MAX_S = 30.0
+QUERY_TIMEOUT_S = 2.0  # a query's embedding request (it blocks the trio thread)
+DOC_TIMEOUT_S = 60.0  # a batch of chunks' embedding request (a worker thread)
+QUERY_CACHE = 256  # query texts whose vectors are kept
 
 
 class Terms:
@@ -53,11 +76,14 @@ class Terms:
 class Snapshot:
     """An immutable index as queries see it (swapped whole, never changed)."""
 
-    def __init__(self, gen: int, paths: list[str], ids: list, vocab: dict[str, int]) -> None:
+    def __init__(self, gen: int, paths: list[str], ids: list, vocab: dict[str, int],
+                 meta: list | None = None) -> None:
         self.gen = gen
         self.paths = paths  # vault-relative, like docs/a.md; position = document number
         self.ids = ids  # each document's term ids (to build views' indexes from)
         self.vocab = vocab  # term -> id (a copy: the store's grows)
+        self.meta = meta  # each document's (mtime_ns, size) as indexed (whole vault's only)
+        self._pathset: frozenset | None = None
         self.retriever = None
         if paths:
             import bm25s
@@ -66,6 +92,12 @@ class Snapshot:
             bm25.index((list(ids), vocab), show_progress=False)
             self.retriever = BM25Retriever(existing_bm25=bm25,
                                            similarity_top_k=min(MAX_HITS, len(paths)))
+
+    @property
+    def pathset(self) -> frozenset:
+        if self._pathset is None:
+            self._pathset = frozenset(self.paths)
+        return self._pathset
 
     def df(self, term: str) -> int:
         """How many documents hold term (bm25s keeps its scores term by term)."""
@@ -107,8 +139,13 @@ class Search:
         self.log = log  # the kernel's EventLog
         self.snapshot: Snapshot | None = None  # None until the first build
         self.views: dict = {}  # View -> its Snapshot (rebuilt after each build)
-        self.embed_error = ""  # a configured embedding model that cannot be used
-        self.embed_model = ""
+        self.embed_error = ""  # a configured embedding model that cannot be used: why
+        self.embed_model = ""  # as configured, like openai:nomic-embed-text
+        self.embedder: Embedder | None = None  # set once its client is ready
+        self.vectors: Vectors | None = None  # the published vectors (swapped whole)
+        self.embed_ms = 0.0  # the last query embedding's request
+        self._embed_wake = trio.Event()  # a new snapshot to embed, or a failure seen
+        self._rescan = False  # the watcher lost events: compare the whole vault
         self.stats = collections.Counter()  # read unchanged removed builds (since start)
         self.build_ms = 0.0
         self.error = ""  # search is out of order: why
@@ -137,7 +174,13 @@ class Search:
             self.log.append("bug", handler="search", traceback=text)
 
     async def _serve(self) -> None:
-        self._check_embedding()
+        config = self._embedding_config()
+        async with trio.open_nursery() as nursery:
+            if config is not None:
+                nursery.start_soon(self._embed_loop, config)
+            await self._index_loop()
+
+    async def _index_loop(self) -> None:
         t0 = time.monotonic()
         snap = await trio.to_thread.run_sync(self._startup)
         self.build_ms = (time.monotonic() - t0) * 1000  # no event: search/status tells
@@ -147,9 +190,10 @@ class Search:
             await trio.sleep(DEBOUNCE_S)
             self._wake = trio.Event()
             dirty, self._dirty = self._dirty, set()
+            full, self._rescan = self._rescan, False
             views = list(self.views)
             t0 = time.monotonic()
-            snap, built = await trio.to_thread.run_sync(self._update, dirty, views)
+            snap, built = await trio.to_thread.run_sync(self._update, dirty, views, full)
             self.build_ms = (time.monotonic() - t0) * 1000
             self._publish(snap, built)
             if not self._wake.is_set():  # the next build saves otherwise
@@ -161,15 +205,28 @@ class Search:
             self._dirty.add(rel)
             self._wake.set()
 
+    def rescan(self) -> None:
+        """Changes may have been missed (the watcher's queue overflowed): compare the
+        whole vault with the index (mtime and size: only changed files are read)."""
+        self._rescan = True
+        self._wake.set()
+
     def _publish(self, snap: Snapshot, views: dict | None = None) -> None:
         self.snapshot = snap
         self.views = views or {}  # a view first seen during the build: rebuilt at its query
         self.stats["builds"] += 1
+        self._embed_wake.set()
 
     def _startup(self) -> Snapshot:
         """Worker thread: the persisted index, plus what changed in the vault since."""
         self._terms, self._query_terms = Terms(), Terms()
         self._load()
+        self._scan_all()
+        self._save()
+        return self._snapshot()
+
+    def _scan_all(self) -> None:
+        """Worker thread: every vault file compared with the index, gone ones dropped."""
         seen = set()
         for root, dirs, files in os.walk(self.vault):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -181,11 +238,15 @@ class Search:
         for rel in set(self._docs) - seen:
             del self._docs[rel]
             self.stats["removed"] += 1
-        self._save()
-        return self._snapshot()
 
-    def _update(self, dirty: set[str], views: list) -> tuple[Snapshot, dict]:
-        """Worker thread: re-read the dirty paths, rebuild (the caller saves)."""
+    def _update(self, dirty: set[str], views: list, full: bool = False
+                ) -> tuple[Snapshot, dict]:
+        """Worker thread: re-read the dirty paths (full: the whole vault's changed
+        files), rebuild (the caller saves)."""
+        if full:
+            self.stats["rescans"] += 1
+            self._scan_all()
+            dirty = set()
         for rel in dirty:
             full = os.path.join(self.vault, rel)
             if os.path.isdir(full) and not os.path.islink(full):  # made or moved here
@@ -236,7 +297,8 @@ class Search:
     def _snapshot(self) -> Snapshot:
         paths = sorted(self._docs)
         return Snapshot(self.stats["builds"] + 1, paths,
-                        [self._docs[p][2] for p in paths], dict(self._vocab))
+                        [self._docs[p][2] for p in paths], dict(self._vocab),
+                        [self._docs[p][:2] for p in paths])
 
     @staticmethod
     def _view_snapshot(snap: Snapshot, view) -> Snapshot:
@@ -269,22 +331,96 @@ class Search:
 
     # --- optional embedding model -----------------------------------------------
 
-    def _check_embedding(self) -> None:
-        """STATE/search.toml may name an embedding model (`embed = "huggingface:NAME"`
-        or `"openai:NAME"`). Semantic ranking is not wired yet: a configured model is
-        checked, and whatever is wrong with it is said in every result and an event."""
+    def _embedding_config(self) -> dict | None:
+        """STATE/search.toml's embedding model, if one is configured and usable here;
+        whatever makes it unusable is said (embed_error, a `search_fallback` event)."""
         try:
             with open(self.config, "rb") as f:
-                model = tomllib.load(f).get("embed", "")
+                config = tomllib.load(f)
         except FileNotFoundError:
-            return
+            return None
         except (OSError, tomllib.TOMLDecodeError) as e:
-            model, reason = "(search.toml)", f"unreadable: {e}"
-        else:
-            reason = _embedding_problem(model)
-        self.embed_model, self.embed_error = model, reason
+            self._embed_failed("(search.toml)", f"unreadable: {e}")
+            return None
+        model = config.get("embed", "")
+        if not model:
+            return None
+        self.embed_model = str(model)
+        reason = _embedding_problem(model) or _config_problem(config)
         if reason:
-            self.log.append("search_fallback", model=model, reason=reason)
+            self._embed_failed(self.embed_model, reason)
+            return None
+        env = config.get("api_key_env")
+        config["api_key"] = os.environ.get(env, "") if env else "fake"
+        if env and not config["api_key"]:
+            self._embed_failed(self.embed_model, f"environment variable {env} is not set")
+            return None
+        return config
+
+    def _embed_failed(self, model: str, reason: str) -> None:
+        """Trio thread: semantic ranking is off (logged once per failure)."""
+        self.embed_model = self.embed_model or model
+        if not self.embed_error:
+            self.log.append("search_fallback", model=self.embed_model, reason=reason)
+        self.embed_error = reason
+        self._embed_wake.set()
+
+    async def _embed_loop(self, config: dict) -> None:
+        """Keep the vectors up to date with the published snapshots; while the
+        endpoint fails, probe it (RETRY_S, doubling) and resume when it answers."""
+        embedder = Embedder(config, self.dir, self.vault)
+        while self.snapshot is None:  # after the first build: llama-index is imported
+            await self._embed_wake.wait()  # (importing it from two threads at once fails)
+            self._embed_wake = trio.Event()
+        self._embed_wake.set()
+        await trio.to_thread.run_sync(embedder.open)
+        self.embedder = embedder
+        if embedder.loaded:
+            self.vectors = embedder.publish()
+        retry = float(config.get("retry_s", RETRY_S))
+        while True:
+            if self.embed_error:
+                await trio.sleep(retry)
+                retry = min(retry * 2, max(RETRY_MAX_S, float(config.get("retry_s", 0))))
+            else:
+                await self._embed_wake.wait()
+            self._embed_wake = trio.Event()
+            snap = self.snapshot
+            if snap is None or snap.meta is None:
+                continue
+            vectors, error, more = await trio.to_thread.run_sync(
+                embedder.sync, snap, bool(self.embed_error) or not embedder.announced)
+            if vectors is not None:
+                self.vectors = vectors
+            if error:
+                self._embed_failed(embedder.model, error)
+                continue
+            retry = float(config.get("retry_s", RETRY_S))
+            if self.embed_error or not embedder.announced:
+                self.embed_error = ""
+                embedder.announced = True
+                self.log.append("search_semantic", model=embedder.model)
+            if more:
+                self._embed_wake.set()
+
+    def _semantic(self, snap: Snapshot, text: str, bm25: list) -> list | None:
+        """Trio thread: BM25's hits merged with the nearest files by embedding,
+        [(score, path, line hint)], best first; None: BM25's alone (no vectors, or the
+        endpoint failed: said)."""
+        embedder, vectors = self.embedder, self.vectors
+        if embedder is None or vectors is None or self.embed_error or not vectors.paths:
+            return None
+        t0 = time.monotonic()
+        try:
+            q = embedder.query_vector(text)
+        except Exception as e:
+            self._embed_failed(embedder.model, _reason(e, embedder))
+            return None
+        self.embed_ms = (time.monotonic() - t0) * 1000
+        if q.shape[0] != vectors.dim:  # the model changed: the vectors follow soon
+            return None
+        near = vectors.top(q, snap.pathset, MAX_HITS * 2)
+        return _fuse(bm25, near)
 
     # --- queries ------------------------------------------------------------------
 
@@ -296,24 +432,28 @@ class Search:
         if snap is None:
             return NOT_READY
         snap = self._for(snap, view)
-        key = (view, snap.gen, text)
-        if self._cache[0] == key:  # stat then read: one query
+        key = (view, snap.gen, self.vectors, self.embed_error, text)
+        if self._cache[0] == key:  # stat then read: one query (and one embedding)
             return self._cache[1]
-        head = NO_EMBED.format(model=self.embed_model, reason=self.embed_error) \
-            if self.embed_error else ""
         terms = self._query_terms(text)
         weight = {t: 1.0 / max(1, snap.df(t)) for t in set(terms)}
+        bm25 = snap.top(terms)
+        ranked = self._semantic(snap, text, bm25) if self.embedder is not None else None
+        if ranked is None:
+            ranked = [(score, rel, None) for score, rel in bm25]
+        head = NO_EMBED.format(model=self.embed_model, reason=self.embed_error) \
+            if self.embed_error else ""
         lines = []
-        for score, rel in snap.top(terms):
+        for score, rel, hint in ranked:
             if view is not None and view.access(("vault", *rel.split("/"))) is None:
                 continue
-            hit = self._best_line(rel, weight)
+            hit = self._best_line(rel, weight, hint)
             if hit is not None:
                 lines.append(f"{score:.3f} vault/{rel}:{hit[0]} {hit[1]}\n")
             if len(lines) == MAX_HITS:
                 break
         out = head + "".join(lines)
-        self._cache = (key, out)
+        self._cache = ((view, snap.gen, self.vectors, self.embed_error, text), out)
         return out
 
     def _for(self, snap: Snapshot, view) -> Snapshot:
@@ -325,8 +465,10 @@ class Search:
             vsnap = self.views[view] = self._view_snapshot(snap, view)
         return vsnap
 
-    def _best_line(self, rel: str, weight: dict[str, float]) -> tuple[int, str] | None:
-        """(line number, trimmed line) where the query's rarest terms meet; None: the
+    def _best_line(self, rel: str, weight: dict[str, float], hint: int | None = None
+                   ) -> tuple[int, str] | None:
+        """(line number, trimmed line) where the query's rarest terms meet (none: hint,
+        the first line of the file's nearest chunk, else its first line); None: the
         file is gone (deleted since the build)."""
         try:
             fd = os.open(os.path.join(self.vault, rel), os.O_RDONLY | os.O_NOFOLLOW)
@@ -348,21 +490,31 @@ class Search:
             score = sum(weight[t] for t in found)
             if score > best:
                 best, best_no = score, no
-        if best == 0.0 and first is not None:
-            best_no = first
         lines = text.splitlines() or [""]
+        if best == 0.0 and hint is not None and hint <= len(lines):
+            best_no = hint
+        elif best == 0.0 and first is not None:
+            best_no = first
         return best_no, lines[best_no - 1].strip()[:SNIPPET]
 
     def status(self, view=None) -> str:
         """KEY=VALUE lines; as view sees it (its documents only, no vault-wide counts)."""
         snap = self.snapshot and self._for(self.snapshot, view)
+        semantic = self.embedder is not None and self.vectors is not None \
+            and not self.embed_error
         lines = [f"ready={'yes' if snap and not self.error else 'no'}",
-                 f"docs={len(snap.paths) if snap else 0}", "ranking=bm25"]
+                 f"docs={len(snap.paths) if snap else 0}",
+                 f"ranking={'hybrid' if semantic else 'bm25'}"]
         if view is None:
             s = self.stats
             lines += [f"read={s['read']}", f"unchanged={s['unchanged']}",
                       f"removed={s['removed']}", f"builds={s['builds']}",
-                      f"build_ms={self.build_ms:.0f}", f"pending={len(self._dirty)}"]
+                      f"build_ms={self.build_ms:.0f}", f"pending={len(self._dirty)}",
+                      f"rescans={s['rescans']}"]
+            if self.embedder is not None:
+                e = self.embedder
+                lines += [f"embedded={e.files}", f"embed_pending={e.pending}",
+                          f"embed_requests={e.requests}", f"query_embed_ms={self.embed_ms:.1f}"]
         if self.embed_model:
             lines.append(f"embed={self.embed_model}")
             lines.append(f"embed_error={self.embed_error}")
@@ -380,18 +532,281 @@ def _regular(mode: int) -> bool:
 
 def _embedding_problem(model) -> str:
     """Why the configured embedding model cannot be used here ("" if it could)."""
+    import importlib.util
     if not isinstance(model, str) or ":" not in model:
         return 'embed must be "huggingface:MODEL" or "openai:MODEL"'
     provider, _, name = model.partition(":")
-    package = {"huggingface": "llama-index-embeddings-huggingface",
-               "openai": "llama-index-embeddings-openai"}.get(provider)
+    module, package = {
+        "huggingface": ("llama_index.embeddings.huggingface",
+                        "llama-index-embeddings-huggingface"),
+        "openai": ("llama_index.embeddings.openai_like",
+                   "llama-index-embeddings-openai-like")}.get(provider, (None, None))
     if package is None:
         return f"unknown provider {provider!r} (huggingface or openai)"
+    if not name:
+        return f'no model name: embed = "{provider}:NAME"'
     try:
-        if provider == "huggingface":
-            from llama_index.embeddings.huggingface import HuggingFaceEmbedding  # noqa: F401
-        else:
-            from llama_index.embeddings.openai import OpenAIEmbedding  # noqa: F401
+        found = importlib.util.find_spec(module) is not None
     except ImportError:
+        found = False
+    if not found:
         return f"{package} is not installed"
-    return "semantic ranking is not wired into fs9 yet"
+    if provider == "huggingface":
+        return ("local models are not wired into fs9: serve it from an OpenAI-compatible "
+                'endpoint (embed = "openai:NAME", api_base = "http://HOST:PORT/v1")')
+    return ""
+
+
+def _config_problem(config: dict) -> str:
+    """What is wrong with search.toml's endpoint settings ("" if nothing)."""
+    for key in ("api_base", "api_key_env"):
+        if key in config and not (isinstance(config[key], str) and config[key]):
+            return f"{key} must be a non-empty string"
+    for key in ("retry_s", "query_timeout_s"):
+        value = config.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            return f"{key} must be a positive number of seconds"
+    return ""
+
+
+def _reason(e: BaseException, embedder: "Embedder") -> str:
+    """A failed embedding request, in a few words (never the key)."""
+    import openai
+    if isinstance(e, openai.APITimeoutError):
+        return f"{embedder.api_base} did not answer in time"
+    if isinstance(e, openai.APIConnectionError):
+        cause = e.__cause__ or e
+        return f"cannot reach {embedder.api_base}: {cause}"[:300]
+    if isinstance(e, openai.APIStatusError):
+        return f"{embedder.api_base} answered HTTP {e.status_code}: {e.message}"[:300]
+    return f"{type(e).__name__}: {e}"[:300]
+
+
+def _fuse(bm25: list, near: list) -> list:
+    """Relative-score fusion: each list's scores scaled to 0..1 (min-max), then
+    averaged; [(score, path, line hint)], best first, zero scores dropped."""
+    def scaled(pairs):
+        if not pairs:
+            return {}
+        lo, hi = min(p[0] for p in pairs), max(p[0] for p in pairs)
+        return {p[1]: (p[0] - lo) / (hi - lo) if hi > lo else 1.0 for p in pairs}
+    b = scaled(bm25)
+    n = scaled([(sim, rel) for sim, rel, _ in near if sim > 0])
+    hints = {rel: line for _, rel, line in near}
+    fused = [(0.5 * b.get(rel, 0.0) + 0.5 * n.get(rel, 0.0), rel) for rel in b.keys() | n.keys()]
+    fused.sort(key=lambda x: (-x[0], x[1]))
+    return [(score, rel, hints.get(rel)) for score, rel in fused if score > 0]
+
+
+class Vectors:
+    """The embedded chunks as queries see them (immutable, swapped whole): one
+    unit-length row per chunk, the chunks of a file contiguous."""
+
+    def __init__(self, docs: dict) -> None:
+        import numpy as np
+        self.paths = [rel for rel in sorted(docs) if docs[rel][3] is not None]
+        mats = [docs[rel][3] for rel in self.paths]
+        self.dim = mats[0].shape[1] if mats else 0
+        self.matrix = np.concatenate(mats) if mats else np.zeros((0, 0), np.float32)
+        counts = np.array([m.shape[0] for m in mats], dtype=np.int64)
+        self.ends = np.cumsum(counts)
+        self.starts = self.ends - counts
+        self.lines = np.concatenate([docs[rel][2] for rel in self.paths]) if mats \
+            else np.zeros(0, np.int32)
+
+    def top(self, q, allowed: frozenset, k: int) -> list[tuple[float, str, int]]:
+        """(cosine similarity, path, first line of its nearest chunk) of the k files
+        nearest to unit vector q among allowed, nearest first."""
+        import numpy as np
+        if not self.paths:
+            return []
+        sims = self.matrix @ q
+        per_file = np.maximum.reduceat(sims, self.starts)
+        out = []
+        for j in np.argsort(-per_file, kind="stable"):
+            rel = self.paths[j]
+            if rel in allowed:
+                s, e = self.starts[j], self.ends[j]
+                best = s + int(np.argmax(sims[s:e]))
+                out.append((float(per_file[j]), rel, int(self.lines[best])))
+                if len(out) == k:
+                    break
+        return out
+
+
+class Embedder:
+    """The configured embedding model (llama-index's OpenAILikeEmbedding: any model
+    name, any OpenAI-compatible /v1/embeddings) and the vault's chunk vectors.
+    open/sync/publish run in worker threads (one at a time); query_vector on the trio
+    thread, with its own client."""
+
+    def __init__(self, config: dict, state: str, vault: str) -> None:
+        self.model = config["embed"]  # openai:NAME
+        self.name = self.model.partition(":")[2]
+        self.api_base = config.get("api_base") or os.environ.get(
+            "OPENAI_API_BASE", "https://api.openai.com/v1")
+        self._key = config["api_key"]  # from the daemon's environment; never logged
+        self.query_timeout = float(config.get("query_timeout_s", QUERY_TIMEOUT_S))
+        self.file = os.path.join(state, "vectors.pickle")
+        self.vault = vault
+        self.announced = False  # search_semantic logged once it first worked
+        self.loaded = False
+        self.files = 0  # files with vectors
+        self.pending = 0  # files waiting for theirs
+        self.requests = 0  # embedding requests made (documents and queries)
+        # rel -> (mtime_ns, size, first line of each chunk, unit rows or None: no text)
+        self._docs: dict = {}
+        self._queries: collections.OrderedDict = collections.OrderedDict()
+        self._doc_model = self._query_model = None
+        self._redo = False  # the vectors were dropped during a sync: all are embedded again
+
+    def _client(self, timeout: float):
+        from llama_index.embeddings.openai_like import OpenAILikeEmbedding
+        # max_retries=0: one attempt; fs9 retries itself, in the background
+        return OpenAILikeEmbedding(model_name=self.name, api_base=self.api_base,
+                                   api_key=self._key, timeout=timeout, max_retries=0,
+                                   embed_batch_size=EMBED_BATCH)
+
+    def open(self) -> None:
+        """Worker thread: the clients (importing openai takes a second) and the saved
+        vectors of this model."""
+        self._doc_model = self._client(DOC_TIMEOUT_S)
+        self._query_model = self._client(self.query_timeout)
+        try:
+            with open(self.file, "rb") as f:
+                saved = pickle.load(f)
+        except Exception:  # none yet, or damaged: embedded again
+            return
+        if saved.get("version") == EMBED_VERSION and saved.get("vault") == self.vault and \
+                saved.get("model") == (self.model, self.api_base):
+            self._docs = saved["docs"]
+            self.loaded = True
+
+    def query_vector(self, text: str):
+        """Trio thread: text's unit vector (one request, cached). Raises if it fails."""
+        import numpy as np
+        q = self._queries.get(text)
+        if q is None:
+            self.requests += 1
+            q = _unit(np.asarray([self._query_model.get_query_embedding(text)], np.float32))[0]
+            self._queries[text] = q
+            if len(self._queries) > QUERY_CACHE:
+                self._queries.popitem(last=False)
+        else:
+            self._queries.move_to_end(text)
+        return q
+
+    def sync(self, snap: Snapshot, probe: bool) -> tuple["Vectors | None", str, bool]:
+        """Worker thread: embed the files of snap whose mtime or size changed, drop
+        gone ones; for EMBED_PUBLISH_S at most. (new Vectors or None: unchanged,
+        error or "", more to do). probe: ask the endpoint even if nothing changed."""
+        meta = dict(zip(snap.paths, snap.meta))
+        changed = False
+        for rel in [r for r in self._docs if r not in meta]:
+            del self._docs[rel]
+            changed = True
+        todo = [rel for rel in snap.paths
+                if rel not in self._docs or self._docs[rel][:2] != tuple(meta[rel])]
+        error, done, t0 = "", 0, time.monotonic()
+        try:
+            if probe and not todo:
+                self.requests += 1
+                self._doc_model.get_text_embedding_batch(["fs9"])
+            while done < len(todo) and time.monotonic() - t0 < EMBED_PUBLISH_S:
+                batch, texts = [], []
+                while done < len(todo) and len(texts) < EMBED_BATCH:
+                    rel = todo[done]
+                    done += 1
+                    read = self._chunks(rel)
+                    if read is None:
+                        changed |= self._docs.pop(rel, None) is not None
+                        continue
+                    batch.append((rel, *read))
+                    texts += read[3]
+                vecs = self._embed(texts)
+                at = 0
+                for rel, mtime, size, lines, chunks in batch:
+                    rows = vecs[at:at + len(chunks)] if chunks else None
+                    at += len(chunks)
+                    self._docs[rel] = (mtime, size, lines, rows)
+                changed = True
+        except Exception as e:
+            error = _reason(e, self)
+        redo, self._redo = self._redo, False
+        self.pending = sum(1 for rel in todo if rel not in self._docs
+                           or self._docs[rel][:2] != tuple(meta[rel]))
+        self.files = sum(1 for d in self._docs.values() if d[3] is not None)
+        if not changed:
+            return None, error, False
+        self._save()
+        return self.publish(), error, not error and (redo or done < len(todo))
+
+    def _embed(self, texts: list[str]):
+        import numpy as np
+        if not texts:
+            return np.zeros((0, 0), np.float32)
+        self.requests += math.ceil(len(texts) / EMBED_BATCH)
+        vecs = self._doc_model.get_text_embedding_batch(texts)
+        if len(vecs) != len(texts):
+            raise ValueError(f"bad answer: {len(vecs)} vectors for {len(texts)} texts")
+        vecs = _unit(np.asarray(vecs, np.float32))
+        dims = {d[3].shape[1] for d in self._docs.values() if d[3] is not None}
+        if dims and dims != {vecs.shape[1]}:  # the model changed behind its name
+            self._docs.clear()
+            self._redo = True
+        return vecs
+
+    def _chunks(self, rel: str):
+        """(mtime_ns, size, first line of each chunk, chunk texts) of a text file's
+        first EMBED_CHUNKS chunks of about EMBED_CHUNK characters (whole lines);
+        None: gone or not text."""
+        try:
+            fd = os.open(os.path.join(self.vault, rel), os.O_RDONLY | os.O_NOFOLLOW)
+            with open(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read(EMBED_CHUNK * EMBED_CHUNKS * 2)
+        except OSError:
+            return None
+        if b"\0" in data[:8192]:
+            return None
+        starts, texts, cur, first, size = array.array("i"), [], [], 0, 0
+        for no, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            if not cur and not line.strip():
+                continue
+            if not cur:
+                first = no
+            cur.append(line.strip())
+            size += len(line) + 1
+            if size >= EMBED_CHUNK:
+                starts.append(first)
+                texts.append(" ".join(cur)[:EMBED_CHUNK * 2])
+                cur, size = [], 0
+                if len(texts) == EMBED_CHUNKS:
+                    break
+        if cur and len(texts) < EMBED_CHUNKS:
+            starts.append(first)
+            texts.append(" ".join(cur)[:EMBED_CHUNK * 2])
+        return st.st_mtime_ns, st.st_size, starts, texts
+
+    def publish(self) -> Vectors:
+        import numpy as np
+        docs = {rel: (m, s, np.frombuffer(lines, np.int32) if len(lines) else
+                      np.zeros(0, np.int32), rows)
+                for rel, (m, s, lines, rows) in self._docs.items()}
+        return Vectors(docs)
+
+    def _save(self) -> None:
+        os.makedirs(os.path.dirname(self.file), exist_ok=True)
+        tmp = self.file + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(dict(version=EMBED_VERSION, vault=self.vault,
+                             model=(self.model, self.api_base), docs=self._docs),
+                        f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, self.file)
+
+
+def _unit(m):
+    """Rows scaled to length 1 (zero rows stay zero)."""
+    import numpy as np
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    return m / np.where(norms > 0, norms, 1.0)

@@ -8,6 +8,11 @@ with `TrioToken.run_sync_soon`, never blocking watchdog's thread on ours:
     modifications are its creation) and each is a `vault_changed` event, unless
     fs9 made that change itself within OWN_S (the face reports its own changes,
     with their actor, through Kernel.vault_changed: they are logged once).
+When the kernel's inotify queue overflows (a big checkout, max_queued_events:
+16,384 by default), its events are lost: watchdog re-adds its watches and says so
+only in its log, so fs9 hooks its overflow callback (after watchdog's own), logs a
+`watch_overflow` event and has the search index compare the whole vault with what it
+holds (mtime and size: only changed files are read).
 Names starting with "." and everything under them (.git, editors' swap files) are
 neither logged nor indexed. Directory "modified" events (a name came or went in
 it) say nothing the file's own event does not.
@@ -84,6 +89,9 @@ async def watch(kernel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                    events.DirMovedEvent, events.FileClosedEvent]
         observer.schedule(Handler(), vault, recursive=True, event_filter=changes)
         await trio.to_thread.run_sync(observer.start)  # sets up the watches: walks the tree
+        if not _hook_overflow(observer, lambda: _run_soon(token, _overflowed, kernel)):
+            log.warning("watchdog %s: inotify queue overflows cannot be seen; changes "
+                        "made during one may be missed", _watchdog_version())
     except Exception as e:
         kernel.log.append("watch_unavailable", reason=f"cannot watch {vault}: {e}")
         task_status.started()
@@ -98,6 +106,50 @@ async def watch(kernel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         kernel.log.append("watch_unavailable", reason="the vault watcher failed (see bug)")
     finally:
         observer.stop()  # its threads end on their own; joining could stall the unmount
+
+
+def _hook_overflow(observer, callback) -> bool:
+    """Have callback called (in watchdog's thread) after watchdog handled an inotify
+    queue overflow (IN_Q_OVERFLOW: it rebuilds its watches, then the callback runs, so
+    a rescan started by it misses nothing). False: this watchdog has no such hook."""
+    hooked = False
+    for emitter in observer.emitters:
+        group = getattr(emitter, "_inotify", None)  # watchdog 7: an InotifyWatchGroup
+        original = getattr(group, "on_queue_overflow", None)
+        if original is None:
+            continue
+
+        def on_queue_overflow(original=original) -> None:
+            try:
+                original()
+            finally:
+                callback()
+        group.on_queue_overflow = on_queue_overflow  # InotifyFD calls it on the instance
+        hooked = True
+    return hooked
+
+
+def _run_soon(token, fn, *args) -> None:
+    try:
+        token.run_sync_soon(fn, *args)
+    except trio.RunFinishedError:
+        pass  # the mount is going away
+
+
+def _overflowed(kernel) -> None:
+    """Trio thread: the watcher lost events."""
+    kernel.log.append("watch_overflow", reason="the kernel's inotify queue overflowed: "
+                      "changes were not reported one by one; the search index rescans the vault")
+    if kernel.search is not None:
+        kernel.search.rescan()
+
+
+def _watchdog_version() -> str:
+    try:
+        from watchdog.version import VERSION_STRING
+        return VERSION_STRING
+    except ImportError:
+        return "?"
 
 
 def _arrived(kernel, send, item) -> None:
