@@ -304,6 +304,14 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def readdir(self, fh, start_id, token):
         for i, (name, node, path) in enumerate(self.dirs[fh][start_id:], start_id):
+            if isinstance(node, PassNode):
+                # Attributes as of now, not of opendir: the kernel takes these over what
+                # it knows unless a change came after this READDIR was sent (a size from
+                # the snapshot would undo a write made in between)
+                try:
+                    node.refresh()
+                except Fs9Error:
+                    continue  # gone meanwhile
             attrs = self._attrs(self.inodes.number(path), node)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, i + 1):
                 break

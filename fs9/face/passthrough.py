@@ -48,6 +48,12 @@ class PassNode:
             raise Fs9Error(errno.ENOENT, "the vault changed on disk under this name")
         return cls(real, disk(os.lstat, real))
 
+    def refresh(self) -> None:
+        """lstat again, keeping the bits a view took away from its mode."""
+        taken = self.st.st_mode & ~self.mode
+        self.st = disk(os.lstat, self.real)
+        self.mode = self.st.st_mode & ~taken
+
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.st.st_mode)
