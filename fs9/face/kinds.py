@@ -81,30 +81,36 @@ class Dir(Node):
 # --- Status ----------------------------------------------------------------------
 
 class Status(Node):
-    def __init__(self, render, remove=None, opened=None) -> None:
+    def __init__(self, render, remove=None, opened=None, prepare=None) -> None:
         self.render = render  # () -> str | bytes
         self.remove = remove  # () -> None: what `rm` means here (None: refused)
         self.opened = opened  # () -> None: called at each open (a delivery, for mail)
+        # async () -> None: slow work (a request to a model) done in a worker before
+        # render; such a file reports size 0, so a stat never waits for it
+        self.prepare = prepare
 
     def size(self) -> int:
-        return len(_encode(self.render()))
+        return 0 if self.prepare is not None else len(_encode(self.render()))
 
     def handle(self, pid: int) -> Handle:
         if self.opened is not None:
             self.opened()
-        return SnapshotHandle(pid, self.render)
+        return SnapshotHandle(pid, self.render, self.prepare)
 
 
 class SnapshotHandle(Handle):
     """Renders once at the first read from offset 0, then serves slices."""
 
-    def __init__(self, pid: int, render) -> None:
+    def __init__(self, pid: int, render, prepare=None) -> None:
         super().__init__(pid)
         self.render = render
+        self.prepare = prepare
         self.text: bytes | None = None
 
     async def read(self, off: int, size: int) -> bytes:
         if self.text is None or off == 0:
+            if self.prepare is not None:
+                await self.prepare()
             self.text = _encode(self.render())
         return self.text[off:off + size]
 

@@ -93,7 +93,8 @@ def _search(k, query: str | None, me=None):
     view = None if me is None else k.agent(me).view
     if query is None:
         return Status(lambda: k.search.status(view))
-    return Status(lambda: k.search.query(query, view))
+    return Status(lambda: k.search.query(query, view),
+                  prepare=lambda: k.search.prepare(query))
 
 
 def _providers(k) -> dict[str, list[str]]:

@@ -424,6 +424,18 @@ class Search:
 
     # --- queries ------------------------------------------------------------------
 
+    async def prepare(self, text: str) -> None:
+        """Make text's embedding in a worker thread (cached), so that `query` never
+        waits for the model on the thread serving the file system."""
+        embedder = self.embedder
+        if embedder is None or self.vectors is None or self.embed_error \
+                or text in embedder._queries:
+            return
+        try:
+            await trio.to_thread.run_sync(embedder.query_vector, text)
+        except Exception as e:
+            self._embed_failed(embedder.model, _reason(e, embedder))
+
     def query(self, text: str, view=None) -> str:
         """Render QUERY's hits as seen by view (None: the operator). Does not block."""
         snap = self.snapshot
@@ -683,7 +695,7 @@ class Embedder:
             self.loaded = True
 
     def query_vector(self, text: str):
-        """Trio thread: text's unit vector (one request, cached). Raises if it fails."""
+        """A worker thread (Search.prepare), or cached: text's unit vector. Raises if it fails."""
         import numpy as np
         q = self._queries.get(text)
         if q is None:
