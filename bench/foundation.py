@@ -383,19 +383,41 @@ def rows_of(w: dict, k: dict, t: dict) -> list[dict]:
     ]
 
 
+def guard_signals(watchdog_s: float) -> None:
+    """SIGTERM runs the finally blocks (unmount); SIGALRM (signal.alarm) stops a figure
+    that takes over watchdog_s."""
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"a figure took over {watchdog_s} s")
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGALRM, on_alarm)
+
+
+def unmount_all(tmp: Path, mounts: list, label: str) -> None:
+    """Unmount each (even if one fails), then remove tmp unless something stays mounted."""
+    try:
+        for m in mounts:
+            try:
+                m.umount()
+            except Exception as e:
+                print(f"{label}: unmounting {m.path}: {e}", file=sys.stderr)
+    finally:
+        left = [str(m.path) for m in mounts if mounted(m.path)]
+        if not left:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"{label}: still mounted: {left}", file=sys.stderr)
+
+
 def main() -> int:
     for tool in ("fusermount3",):
         if not shutil.which(tool):
             print(f"foundation: {tool} missing; cannot mount", file=sys.stderr)
             return 2
 
-    def on_term(signum, frame):
-        raise SystemExit(128 + signum)  # run the finally blocks: unmount
-
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"a figure took over {WATCHDOG_S} s")
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGALRM, on_alarm)
+    guard_signals(WATCHDOG_S)
 
     global WRITE_S, WRITE_REPEATS, WAKE_ROUNDS, TRIP_ROUNDS
     if "--quick" in sys.argv[1:]:  # a smoke run of a few seconds; figures are rough
@@ -418,15 +440,7 @@ def main() -> int:
         signal.alarm(0)
     finally:
         signal.alarm(0)
-        try:
-            bare.umount()
-        finally:
-            fs.umount()
-        left = [str(p) for p in (fs.path, bare.path) if mounted(p)]
-        if not left:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"foundation: still mounted: {left}", file=sys.stderr)
+        unmount_all(tmp, [bare, fs], "foundation")
 
     rows = rows_of(w, k, t)
     print(table(rows))

@@ -60,7 +60,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import PY, REPO, Fs9Mount, detach, finish, mounted, pct  # noqa: E402
+from foundation import (PY, REPO, Fs9Mount, detach, finish, guard_signals, mounted,  # noqa: E402
+                        pct, unmount_all)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "vault.json"
@@ -692,13 +693,7 @@ def main() -> int:
         print(f"vault: {SYS_PY} missing (the timing program needs it)", file=sys.stderr)
         return 2
 
-    def on_term(signum, frame):
-        raise SystemExit(128 + signum)  # run the finally blocks: unmount
-
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"a figure took over {WATCHDOG_S} s")
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGALRM, on_alarm)
+    guard_signals(WATCHDOG_S)
 
     global ROUNDS, COLD_ROUNDS, READ_PASSES, LISTINGS, SEARCH_REPEATS, FRESH_N
     if "--quick" in sys.argv[1:]:
@@ -752,15 +747,7 @@ def main() -> int:
         fs.ctl("ctl", f"kill {AGENT}\n")
     finally:
         signal.alarm(0)
-        try:
-            pt.umount()
-        finally:
-            fs.umount()
-        left = [str(p) for p in (fs.path, pt.path) if mounted(p)]
-        if not left:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"vault: still mounted: {left}", file=sys.stderr)
+        unmount_all(tmp, [pt, fs], "vault")
 
     rows = rows_of(f, s, pt_reason)
     print(table(rows))

@@ -46,8 +46,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import (REPO, Fs9Mount, finish, fs9_round_trip, mounted, pct,  # noqa: E402
-                        row, table)
+from foundation import (REPO, Fs9Mount, finish, fs9_round_trip, guard_signals, pct,  # noqa: E402
+                        row, table, unmount_all)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "views.json"
@@ -294,13 +294,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
 
-    def on_term(signum, frame):
-        raise SystemExit(128 + signum)  # run the finally blocks: unmount
-
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"a figure took over {WATCHDOG_S} s")
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGALRM, on_alarm)
+    guard_signals(WATCHDOG_S)
 
     global TRIP_ROUNDS, TRIP_PER_ROUND, STARTS, OPS_ROUNDS, OPS_N
     if "--quick" in sys.argv[1:]:
@@ -335,11 +329,7 @@ def main() -> int:
         signal.alarm(0)
     finally:
         signal.alarm(0)
-        fs.umount()
-        if not mounted(fs.path):
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"views: still mounted: {fs.path}", file=sys.stderr)
+        unmount_all(tmp, [fs], "views")
 
     rows = rows_of(t, s, o)
     print(table(rows))

@@ -4,6 +4,7 @@ Every handler goes through `boundary`: Fs9Error becomes its errno, anything
 else becomes EIO plus a logged traceback, because one exception escaping a
 pyfuse3 handler ends the whole mount.
 """
+import contextlib
 import errno
 import functools
 import logging
@@ -109,12 +110,23 @@ class Operations(pyfuse3.Operations):
         if agent is None or agent.uid != ctx.uid:
             raise Fs9Error(errno.EACCES, "not yours")
 
+    @contextlib.contextmanager
+    def _refusals_logged(self, path: tuple[str, ...]):
+        """A refusal (Fs9Error) made in the block is an event and a line in the err of
+        the agent whose view path is in, then goes on to the caller."""
+        try:
+            yield
+        except Fs9Error as e:
+            viewer, inner = split_view(path)
+            self.kernel.refused(e, agent=viewer, file="/".join(inner))
+            raise
+
     def _check(self, path: tuple[str, ...], writing: bool, removing: bool = False) -> None:
         """A view's refusal of a write (unveil mode, pledge, ownership) or read: logged."""
         viewer, inner = split_view(path)
         if viewer is None:
             return
-        try:
+        with self._refusals_logged(path):
             view = self.tree.view(viewer)
             if removing:
                 view.check_remove(inner)
@@ -126,9 +138,6 @@ class Operations(pyfuse3.Operations):
                     raise Fs9Error(errno.EACCES, f"{'/'.join(inner)} is owned by "
                                    + (f"agent {owner}: ask it by mail" if owner else
                                       "no agent: only the operator changes it"))
-        except Fs9Error as e:
-            self.kernel.refused(e, agent=viewer, file="/".join(inner))
-            raise
 
     def _attrs(self, ino: int, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -242,12 +251,8 @@ class Operations(pyfuse3.Operations):
         self._admit(path, ctx)
         if isinstance(node, PassNode):
             self._check(path, writing=True)
-            try:
+            with self._refusals_logged(path):
                 _may_set_attributes(path, node, attr, fields, ctx)
-            except Fs9Error as e:
-                viewer, inner = split_view(path)
-                self.kernel.refused(e, agent=viewer, file="/".join(inner))
-                raise
             await in_thread(_set_attributes, node.real, attr, fields)
             self.kernel.vault_changed(path, "modified", ctx.uid)
             return self._attrs(ino, PassNode.at(node.real))
@@ -651,18 +656,23 @@ class Operations(pyfuse3.Operations):
         clearance = agent.manifest.get("clearance", "internal") if agent else "internal"
         return {OWNER_XATTR: (owner or "").encode(), CLASS_XATTR: clearance.encode()}
 
-    def _may_set_xattr(self, path, name: str, ctx) -> None:
-        try:
-            self._check(path, writing=True)
+    def _xattr_to_change(self, ino, raw_name: bytes, ctx, missing: int):
+        """(the real file, the name) of an extended attribute this caller may set or
+        remove; Fs9Error(missing) outside the vault."""
+        found = self._vault_xattrs(ino)
+        if found is None:
+            raise Fs9Error(missing, NO_XATTRS)
+        path, node = found
+        self._admit(path, ctx)
+        name = os.fsdecode(raw_name)
+        self._check(path, writing=True)
+        with self._refusals_logged(path):
             if name in (OWNER_XATTR, CLASS_XATTR):
                 raise Fs9Error(errno.EPERM, f"{name} is computed by fs9 (the owner's manifest)")
             if not name.startswith("user.") and (ctx.uid != 0 or split_view(path)[0]):
                 # trusted.*, security.* (file capabilities), system.* (ACLs): root's
                 raise Fs9Error(errno.EPERM, "only root sets attributes outside user.*")
-        except Fs9Error as e:
-            viewer, inner = split_view(path)
-            self.kernel.refused(e, agent=viewer, file="/".join(inner))
-            raise
+        return node.real, name
 
     @boundary
     async def getxattr(self, ino, name, ctx):
@@ -689,25 +699,13 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def setxattr(self, ino, name, value, ctx):
-        found = self._vault_xattrs(ino)
-        if found is None:
-            raise Fs9Error(errno.ENOTSUP, NO_XATTRS)
-        path, node = found
-        self._admit(path, ctx)
-        name = os.fsdecode(name)
-        self._may_set_xattr(path, name, ctx)
-        await in_thread(passthrough.setxattr, node.real, name, bytes(value))
+        real, name = self._xattr_to_change(ino, name, ctx, errno.ENOTSUP)
+        await in_thread(passthrough.setxattr, real, name, bytes(value))
 
     @boundary
     async def removexattr(self, ino, name, ctx):
-        found = self._vault_xattrs(ino)
-        if found is None:
-            raise Fs9Error(errno.ENODATA, NO_XATTRS)
-        path, node = found
-        self._admit(path, ctx)
-        name = os.fsdecode(name)
-        self._may_set_xattr(path, name, ctx)
-        await in_thread(passthrough.removexattr, node.real, name)
+        real, name = self._xattr_to_change(ino, name, ctx, errno.ENODATA)
+        await in_thread(passthrough.removexattr, real, name)
 
 
 def _may_set_attributes(path, node: PassNode, attr, fields, ctx) -> None:

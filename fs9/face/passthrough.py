@@ -61,14 +61,6 @@ class PassNode:
     def size(self) -> int:
         return self.st.st_size
 
-    def names(self) -> list[str]:
-        if not self.is_dir:
-            raise Fs9Error(errno.ENOTDIR, "not a directory")
-        return sorted(disk(os.listdir, self.real))
-
-    def open(self, writing: bool, pid: int):
-        raise Fs9Error(errno.EIO, "vault files open through ops.open")  # never called
-
 
 class PassHandle(Handle):
     """An open vault file: a real fd; reads and writes at offsets, in threads."""

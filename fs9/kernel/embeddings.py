@@ -8,6 +8,10 @@ import math
 import os
 import pickle
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .search import Snapshot
 
 EMBED_CHUNK = 1000  # characters of a chunk embedded (whole lines; ~250 tokens)
 EMBED_CHUNKS = 32  # chunks embedded per file: its first ~32 KB
@@ -185,7 +189,7 @@ class Embedder:
             self._queries.move_to_end(text)
         return q
 
-    def sync(self, snap: "search.Snapshot", probe: bool) -> tuple["Vectors | None", str, bool]:
+    def sync(self, snap: "Snapshot", probe: bool) -> tuple["Vectors | None", str, bool]:
         """Worker thread: embed the files of snap whose mtime or size changed, drop
         gone ones; for EMBED_PUBLISH_S at most. (new Vectors or None: unchanged,
         error or "", more to do). probe: ask the endpoint even if nothing changed."""

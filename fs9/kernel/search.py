@@ -29,7 +29,6 @@ the store, never a published Snapshot. The embedding side is kernel/embeddings.p
 """
 import array
 import collections
-import math
 import os
 import pickle
 import re
