@@ -43,6 +43,7 @@ bench: deps
 	$(BIN)/python bench/foundation.py
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/views.py
+	$(BIN)/python bench/vault.py
 
 clean:
 	rm -rf $(VENV) $(STATE)

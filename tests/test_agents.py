@@ -53,7 +53,8 @@ def test_stop_start_restart_and_priority(mount):
     mount.define("slow", 'cmd = ["sh", "-c", "read x; sleep 30; echo $x"]\n')
     spawn(mount, "spawn s def=slow")
     mount.sh("echo 'run one' > agents/s/ctl; echo 'run two' > agents/s/ctl", check=True)
-    mount.wait_for(lambda: mount.status("s")["state"] == "running", what="running")
+    # "running" comes a moment before its program's pid
+    mount.wait_for(lambda: mount.status("s")["pid"].isdigit(), what="running")
     pid = int(mount.status("s")["pid"])
     mount.sh("echo 'priority background' > agents/s/ctl", check=True)
     assert mount.status("s")["priority"] == "background"

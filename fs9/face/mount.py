@@ -11,6 +11,10 @@ from .ops import Operations
 
 log = logging.getLogger("fs9")
 MAX_TASKS = 8192  # each blocked reader holds one pyfuse3 worker task
+# FUSE reads ahead 128 KiB by default, so a cold sequential read is served in 128 KiB
+# requests, each a trip through Python and a worker thread; 1 MiB (the most one FUSE
+# request carries) reads a vault file cold at ~0.8x native instead of ~0.3x.
+READ_AHEAD_KB = 1024
 
 
 async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
@@ -30,6 +34,7 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
             # Confined agents run as their own uids; ops.py admits each only to its view.
             options.add("allow_other")
         pyfuse3.init(ops, mountpoint, options)
+        nursery.start_soon(read_ahead, mountpoint, READ_AHEAD_KB)
         kernel.mounted.set()
         kernel.log.append("mount", mountpoint=mountpoint, pid=os.getpid())
         try:
@@ -43,6 +48,26 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
             kernel.log.append("unmount", mountpoint=mountpoint)
             nursery.cancel_scope.cancel()
     kernel.log.close()
+
+
+async def read_ahead(mountpoint: str, kb: int) -> None:
+    """Set our mount's read-ahead (root only; its bdi is gone with the mount). The kernel
+    lowers it to what FUSE's INIT reply says, so this waits for a first request (served
+    only after INIT) and then finds the mount's device in mountinfo."""
+    if os.geteuid() != 0:
+        return
+    path = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(mountpoint))),
+                        os.path.basename(os.path.abspath(mountpoint)))  # no lstat of it
+    for c in "\\ \t\n":  # mountinfo escapes these as octal
+        path = path.replace(c, f"\\{ord(c):03o}")
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+        with open("/proc/self/mountinfo") as f:
+            devs = [line.split()[2] for line in f if line.split()[4] == path]
+        with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except (OSError, IndexError) as e:
+        log.info("read-ahead of %s stays at the default: %s", mountpoint, e)
 
 
 async def _stop_on_signal(ops: Operations, kernel: Kernel) -> None:

@@ -68,7 +68,8 @@ def _fs9s(rule) -> bool:
     """Whether an audit rule is one an fs9 installs (its exit rules, the exemption)."""
     listnr, action, fields = rule
     if listnr == audit.AUDIT_FILTER_FS:
-        return fields == [(audit.AUDIT_FSTYPE, audit.AUDIT_EQUAL, audit.FUSE_SUPER_MAGIC)]
+        return len(fields) == 1 and fields[0][:2] == (audit.AUDIT_FSTYPE, audit.AUDIT_EQUAL) \
+            and fields[0][2] in audit.UNRECORDED_FS
     if listnr == audit.AUDIT_FILTER_TASK:
         return action == audit.AUDIT_NEVER and fields in (
             [(audit.AUDIT_LOGINUID, audit.AUDIT_LESS_THAN, AGENT_UIDS[0])],
