@@ -31,7 +31,7 @@ async def in_thread(fn, *args):
 class PassNode:
     """A file, directory or symlink of the vault (real: its path on disk)."""
     stream = False
-    create = None  # ops.py creates files here itself (it needs the flags and the caller)
+    create = None  # vaultops.py creates files here itself (it needs the flags and the caller)
 
     def __init__(self, real: str, st: os.stat_result) -> None:
         self.real = real
@@ -78,6 +78,7 @@ class PassHandle(Handle):
         return await in_thread(os.pread, self.fd, size, off)
 
     async def pwrite(self, off: int, data: bytes) -> int:
+        self.wrote = True
         return await in_thread(os.pwrite, self.fd, data, off)
 
     def close(self) -> None:
@@ -128,6 +129,36 @@ def settle(real: str, mode: int | None, uid: int, gid: int) -> None:
             mode |= stat.S_ISGID  # inherited, as mkdir(2) does
         if stat.S_IMODE(os.lstat(real).st_mode) != mode:
             os.chmod(real, mode, follow_symlinks=False)
+
+
+def scan(real: str) -> list[tuple[str, os.stat_result]]:
+    """A vault directory's entries with their lstat, sorted by name. Blocks."""
+    with os.scandir(real) as it:
+        return sorted((e.name, e.stat(follow_symlinks=False)) for e in it)
+
+
+def set_attributes(file: str | int, attr, fields) -> None:
+    """setattr on a vault file, by path or open fd: size, mode, owner, times
+    (passthroughfs.py's order); never through a symlink (see PassNode.at). Blocks."""
+    by_fd = isinstance(file, int)
+    if fields.update_size:
+        fd = file if by_fd else os.open(file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, attr.st_size)
+        finally:
+            if not by_fd:
+                os.close(fd)
+    if fields.update_mode:
+        os.chmod(file, stat.S_IMODE(attr.st_mode))
+    follow = {} if by_fd else {"follow_symlinks": False}
+    if fields.update_uid or fields.update_gid:
+        os.chown(file, attr.st_uid if fields.update_uid else -1,
+                 attr.st_gid if fields.update_gid else -1, **follow)
+    if fields.update_atime or fields.update_mtime:
+        st = os.stat(file) if by_fd else os.lstat(file)
+        atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+        mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+        os.utime(file, ns=(atime, mtime), **follow)
 
 
 # --- rename(2) flags: renameat2 through libc -------------------------------------------

@@ -1,0 +1,111 @@
+"""Who may do what through the mount.
+
+fs9 serves every request as root and the mount has no default_permissions, so the
+kernel decides nothing: fs9 does. `Gate` admits the operator to the whole tree and an
+agent's uid only to its view, applies the view's unveil, pledge and ownership rules,
+and logs each refusal. For vault files it also applies the kernel's own rules for
+access(2), modes, owners and new files (`may_access`, `may_set_attributes`,
+`new_mode`). Pure checks: nothing here blocks.
+"""
+import contextlib
+import errno
+import os
+import stat
+
+from ..errors import Fs9Error
+from .passthrough import PassNode
+from .tree import split_view
+
+READONLY_NS = "the namespace is made by the kernel: files come and go through ctl"
+
+
+class Gate:
+    """The access checks of one mount (uid: the operator's, the one who mounted it)."""
+
+    def __init__(self, kernel, tree, uid: int) -> None:
+        self.kernel = kernel
+        self.tree = tree
+        self.uid = uid
+
+    def admit(self, path: tuple[str, ...], ctx) -> None:
+        """Only the operator (the mounting user, or root) uses the whole tree; an agent's
+        uid only its own view. Defence in depth: a confined agent's mount namespace
+        shows it nothing else anyway."""
+        if ctx.uid in (0, self.uid):
+            return
+        viewer, _ = split_view(path)
+        agent = self.kernel.agents.get(viewer) if viewer else None
+        if agent is None or agent.uid != ctx.uid:
+            raise Fs9Error(errno.EACCES, "not yours")
+
+    @contextlib.contextmanager
+    def refusals_logged(self, path: tuple[str, ...]):
+        """A refusal (Fs9Error) made in the block is an event and a line in the err of
+        the agent whose view path is in, then goes on to the caller."""
+        try:
+            yield
+        except Fs9Error as e:
+            viewer, inner = split_view(path)
+            self.kernel.refused(e, agent=viewer, file="/".join(inner))
+            raise
+
+    def check(self, path: tuple[str, ...], writing: bool, removing: bool = False) -> None:
+        """A view's refusal of a write (unveil mode, pledge, ownership) or read: logged."""
+        viewer, inner = split_view(path)
+        if viewer is None:
+            return
+        with self.refusals_logged(path):
+            view = self.tree.view(viewer)
+            if removing:
+                view.check_remove(inner)
+            else:
+                view.check_write(inner) if writing else view.check_read(inner)
+            if writing and inner[:1] == ("vault",) and len(inner) > 1:
+                owner = self.kernel.owner_of(inner)
+                if owner != viewer:
+                    raise Fs9Error(errno.EACCES, f"{'/'.join(inner)} is owned by "
+                                   + (f"agent {owner}: ask it by mail" if owner else
+                                      "no agent: only the operator changes it"))
+
+
+# --- the kernel's own rules, which fs9 (root) applies for the caller ----------------
+
+def new_mode(path, mode: int, ctx) -> int:
+    """The permission bits of a new file: the caller's umask applied (fs9's own must
+    not be); no agent makes a setuid or setgid file."""
+    mode &= 0o7777 & ~ctx.umask
+    if split_view(path)[0] is not None:
+        mode &= ~(stat.S_ISUID | stat.S_ISGID)
+    return mode
+
+
+def may_set_attributes(path, node: PassNode, attr, fields, ctx) -> None:
+    """What the kernel's own rules would allow (fs9 acts as root for everyone): only
+    root gives files away; only the owner (or root) changes modes; and no agent
+    makes a setuid or setgid file, nor gives a file away at all."""
+    agent = split_view(path)[0]
+    if fields.update_uid or fields.update_gid:
+        if agent is not None or ctx.uid != 0:
+            raise Fs9Error(errno.EPERM, "only root changes a file's owner")
+    if fields.update_mode:
+        if ctx.uid not in (0, node.st.st_uid):
+            raise Fs9Error(errno.EPERM, "only the owner changes a file's mode")
+        if agent is not None and attr.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            raise Fs9Error(errno.EPERM, "agents make no setuid or setgid files")
+        if stat.S_ISLNK(node.st.st_mode):
+            raise Fs9Error(errno.EOPNOTSUPP, "a symbolic link has no mode of its own")
+
+
+def may_access(node: PassNode, mode: int, ctx) -> bool:
+    """access(2) on a vault file: its mode bits (as a view shows them) for the caller's
+    uid and primary gid; root passes all but X_OK on a file nobody may execute."""
+    bits = node.mode
+    if ctx.uid == 0:
+        return not mode & os.X_OK or stat.S_ISDIR(bits) or bool(bits & 0o111)
+    if ctx.uid == node.st.st_uid:
+        have = bits >> 6
+    elif ctx.gid == node.st.st_gid:
+        have = bits >> 3
+    else:
+        have = bits
+    return mode & 7 & ~have == 0

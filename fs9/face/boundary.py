@@ -1,0 +1,47 @@
+"""The edge of every pyfuse3 handler: errors go out as errnos, names come in as text.
+
+Every handler goes through `boundary`: Fs9Error becomes its errno, anything
+else becomes EIO plus a logged traceback, because one exception escaping a
+pyfuse3 handler ends the whole mount.
+"""
+import errno
+import functools
+import logging
+import traceback
+
+import pyfuse3
+
+from ..errors import Fs9Error
+
+log = logging.getLogger("fs9.face")
+
+
+def boundary(fn):
+    @functools.wraps(fn)
+    async def handler(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Fs9Error as e:
+            log.debug("%s%r: %s", fn.__name__, args[:2], e)
+            raise pyfuse3.FUSEError(e.errno)
+        except Exception:
+            text = traceback.format_exc()
+            log.error("bug in %s: %s", fn.__name__, text)
+            try:
+                self.kernel.log.append("bug", handler=fn.__name__, traceback=text)
+            except Exception:
+                pass
+            raise pyfuse3.FUSEError(errno.EIO)
+    return handler
+
+
+def file_name(raw: bytes) -> str:
+    """A name from the kernel; every name in the namespace is UTF-8 of at most 255 bytes."""
+    if len(raw) > 255:
+        raise Fs9Error(errno.ENAMETOOLONG, "file name too long")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise Fs9Error(errno.ENOENT, "no such file (names here are UTF-8)")
