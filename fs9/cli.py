@@ -64,6 +64,7 @@ def mount(args) -> int:
         return _serve_exempt(args)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s fs9[%(process)d] %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per model call
 
     def ready():
         if args.ready_fd is not None:

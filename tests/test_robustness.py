@@ -38,8 +38,8 @@ from contextlib import contextmanager
 
 import pytest
 
-WRITABLE = ("/ctl", "/in", "/mail/new", "/progress")  # besides the root ctl and topics/*
-WRITE_ONLY = ("/in", "/mail/new", "/progress")
+WRITABLE = ("/ctl", "/in", "/mail/new", "/progress", "/request")  # besides the root ctl, topics/*
+WRITE_ONLY = ("/in", "/mail/new", "/progress", "/request")
 
 from conftest import Mount, fuse_unavailable
 from fs9.kernel import manifest as manifests
@@ -92,7 +92,7 @@ def run_reference_task(mount) -> tuple[str, dict[str, bytes]]:
 def assert_healthy(mount, tid: str, files: dict[str, bytes], note: str = "") -> None:
     """Up, mounted, ls and cat work, the earlier task is intact, no bug was logged."""
     assert mount.alive(), f"the fs9 server died or was unmounted {note}"
-    assert sorted(os.listdir(mount.path)) == ["agents", "ctl", "events", "log", "mail", "registry", "search", "status", "topics", "vault"], note
+    assert sorted(os.listdir(mount.path)) == ["agents", "ctl", "events", "log", "mail", "models", "registry", "search", "status", "topics", "vault"], note
     r = mount.sh(f"ls agents && ls agents/{KEEP}/tasks && cat status ctl "
                  f"agents/{KEEP}/status agents/{KEEP}/tasks/{tid}/status", timeout=20)
     assert r.returncode == 0, f"ls/cat failed {note}: {r.stderr}"

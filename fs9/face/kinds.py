@@ -115,14 +115,34 @@ class SnapshotHandle(Handle):
         return self.text[off:off + size]
 
 
+class Clone(Node):
+    """Plan 9's clone file: each open makes a new object (a conversation) and reads
+    its name. A stat makes nothing (size 0)."""
+
+    def __init__(self, make) -> None:
+        self.make = make  # () -> str: make one, return its name
+
+    def size(self) -> int:
+        return 0
+
+    def handle(self, pid: int) -> Handle:
+        name = self.make() + "\n"
+        return SnapshotHandle(pid, lambda: name)
+
+
 # --- Ctl -------------------------------------------------------------------------
 
 class Ctl(Node):
-    def __init__(self, apply, render=None, whole: bool = False, refused=None) -> None:
+    def __init__(self, apply, render=None, whole: bool = False, refused=None,
+                 early=None) -> None:
         self.apply = apply  # (bytes) -> None; raises Fs9Error when refused
         self.render = render  # () -> str, the state line; None: write-only
         self.whole = whole
         self.refused = refused  # (Fs9Error) -> None: reports a refusal made here
+        # `whole`: (bytes so far) -> None, raising Fs9Error to refuse the input at a
+        # write(2) already: shells ignore what close(2) says, so what can be known
+        # early (a budget exceeded, fs9 halted) is said where `echo` reports it
+        self.early = early
         self.mode = stat.S_IFREG | (0o644 if render else 0o200)
 
     def size(self) -> int:
@@ -158,6 +178,12 @@ class CtlHandle(SnapshotHandle):
             self.node.refused(self.refused)
             raise self.refused
         self.pending += data
+        if self.node.early is not None:
+            try:
+                self.node.early(len(self.pending))
+            except Fs9Error as e:
+                self.pending, self.refused = None, e
+                raise
         return len(data)
 
     def flush(self) -> None:
@@ -239,6 +265,22 @@ class StreamCursor:
     def take(self, size: int) -> bytes:
         data = bytes(self._stream().data[self.pos:self.pos + size])
         self.pos += len(data)
+        return data
+
+
+class ReplyCursor(StreamCursor):
+    """A model's reply as it streams; a failed call ends it with its errno, once."""
+
+    def __init__(self, turn) -> None:
+        super().__init__(turn.text)
+        self.turn = turn
+        self.told = False  # this reader got the error: EOF from now on
+
+    def take(self, size: int) -> bytes:
+        data = super().take(size)
+        if not data and self.turn.error is not None and not self.told:
+            self.told = True
+            raise self.turn.error
         return data
 
 

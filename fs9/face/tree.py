@@ -24,8 +24,8 @@ from ..kernel import manifest as manifests
 from ..kernel.bus import OPERATOR
 from ..kernel.stream import Stream
 from .passthrough import PassNode
-from .kinds import (AuditCursor, Chain, Ctl, Dir, EventCursor, NextCursor, Node, Status,
-                    StreamCursor, StreamNode, TaskCursor, TopicCursor)
+from .kinds import (AuditCursor, Chain, Clone, Ctl, Dir, EventCursor, NextCursor, Node,
+                    ReplyCursor, Status, StreamCursor, StreamNode, TaskCursor, TopicCursor)
 
 
 def _agent_out(k, agent):
@@ -95,6 +95,16 @@ def _search(k, query: str | None, me=None):
         return Status(lambda: k.search.status(view))
     return Status(lambda: k.search.query(query, view),
                   prepare=lambda: k.search.prepare(query))
+
+
+def _conv_request(k, conv):
+    """request: everything written between open and close is one turn of the
+    conversation (plain text: a user message; JSON: messages, tools...)."""
+    who = conv.owner
+    return Ctl(lambda d: k.guarded(k.models.request, conv, d, agent=who, file="models"),
+               whole=True, refused=lambda e: k.refused(e, agent=who, file="models"),
+               early=lambda size: k.guarded(k.models.precheck, conv, size, agent=who,
+                                            file="models"))
 
 
 def _providers(k) -> dict[str, list[str]]:
@@ -171,6 +181,22 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "search": None,  # ranked vault search; `ls` shows only status (queries are private)
     "search/status": lambda k, me=None: _search(k, None, me),
     "search/{query}": _search,
+    "models": None,  # the configured models (kernel/models.py)
+    "models/usage": lambda k: Status(k.models.usage_text),
+    "models/{model}": None,
+    "models/{model}/info": lambda k, model: Status(model.info),
+    "models/{model}/clone": lambda k, model, me=None: Clone(
+        lambda: k.models.clone(model, me).id),
+    "models/{model}/{conv}": None,
+    "models/{model}/{conv}/request": lambda k, model, conv: _conv_request(k, conv),
+    "models/{model}/{conv}/reply": lambda k, model, conv: StreamNode(
+        lambda: ReplyCursor(conv.turn)),
+    "models/{model}/{conv}/last": lambda k, model, conv: Status(conv.last),
+    "models/{model}/{conv}/status": lambda k, model, conv: Status(conv.status),
+    "models/{model}/{conv}/history": lambda k, model, conv: Status(conv.history),
+    "models/{model}/{conv}/ctl": lambda k, model, conv: Ctl(
+        lambda d: k.guarded(k.models.ctl, conv, d, agent=conv.owner, file="models"),
+        conv.status),
 }
 
 
@@ -194,7 +220,13 @@ VARS = {
     "cap": (lambda k: sorted(_providers(k)), lambda k, name: name if name in _providers(k) else None),
     "query": (lambda k: [], lambda k, name: name if k.search is not None and name.strip()
               else None),
+    "model": (lambda k: sorted(k.models.models), lambda k, name: k.models.model(name)),
+    # a conversation is its opener's: others (but the operator) do not see it
+    "conv": (lambda k, model, me=None: k.models.visible(model, me),
+             lambda k, name, model, me=None: k.models.conversation(model, name, me)),
 }
+_ASKS = {var for var, fns in VARS.items()
+         if any("me" in inspect.signature(f).parameters for f in fns)}
 
 
 
@@ -280,27 +312,29 @@ class Tree:
             if not self.kernel.vault_dir:
                 raise Fs9Error(errno.ENOENT, "no vault (fs9 mount --vault DIR)")
             return PassNode.at(os.path.join(self.kernel.vault_dir, *path[1:]))
+        me = view and view.agent
         for row in _BY_DEPTH.get(len(path), ()):
-            bound = self._bind(row.parts, path)
+            bound = self._bind(row.parts, path, me)
             if bound is None:
                 continue
             if row.asks:
-                bound["me"] = view and view.agent
+                bound["me"] = me
             node = Dir() if row.factory is None else row.factory(self.kernel, **bound)
             if isinstance(node, Dir):
                 bound.pop("me", None)
                 node.names = lambda row=row, bound=bound: [
-                    n for n in self._children(row, bound)
+                    n for n in self._children(row, bound, me)
                     if view is None or view.access(path + (n,)) is not None]
             return node
         raise Fs9Error(errno.ENOENT, "no such file")
 
-    def _bind(self, parts, path) -> dict | None:
+    def _bind(self, parts, path, me) -> dict | None:
         bound: dict = {}
         for pat, name in zip(parts, path):
             if pat.startswith("{"):
                 var = pat[1:-1]
-                obj = VARS[var][1](self.kernel, name, **bound)
+                asks = {"me": me} if var in _ASKS else {}
+                obj = VARS[var][1](self.kernel, name, **bound, **asks)
                 if obj is None:
                     return None
                 bound[var] = obj
@@ -308,7 +342,7 @@ class Tree:
                 return None
         return bound
 
-    def _children(self, row: _Row, bound: dict) -> list[str]:
+    def _children(self, row: _Row, bound: dict, me) -> list[str]:
         names = []
         depth = len(row.parts)
         for child in _BY_DEPTH.get(depth + 1, ()):
@@ -316,7 +350,8 @@ class Tree:
                 continue
             last = child.parts[-1]
             if last.startswith("{"):
-                names.extend(VARS[last[1:-1]][0](self.kernel, **bound))
+                asks = {"me": me} if last[1:-1] in _ASKS else {}
+                names.extend(VARS[last[1:-1]][0](self.kernel, **bound, **asks))
             else:
                 names.append(last)
         return names

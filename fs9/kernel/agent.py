@@ -17,6 +17,7 @@ from ..drivers import confine
 from ..drivers import exec as exec_driver
 from ..errors import NO_AGENT, Fs9Error
 from . import cmd, escapes
+from .budget import Limits
 from .mailbox import Mailbox
 from .stream import Changes
 from .supervisor import RestartWindow, should_restart
@@ -42,6 +43,7 @@ class Agent:
         self.home = home  # working directory of its program
         self.uid = uid  # its programs' uid, when confined
         self.view = views.parse(name, manifest)
+        self.budget = Limits.of(manifest.get("budget", {}), "budget")  # model use (kernel/budget.py)
         self.confined = not manifest.get("unconfined", False)
         self.priority = manifest["priority"]
         self.stopped = False  # by `stop`, or a daemon that exited for good
@@ -106,7 +108,9 @@ class Agent:
             "cancelled": c["cancelled"], "latest": latest.id if latest else "",
             "latest_state": latest.state if latest else "",
             "latest_exit": "" if not latest or latest.exit is None else latest.exit,
-            "reason": self.failed,
+            **self.kernel.models.agent_usage(self.name),
+            **{f"budget_{k}": v for k, v in vars(self.budget).items() if v},
+            "reason": self.failed,  # last: it is free text
         }
         return "".join(f"{k}={v}\n" for k, v in fields.items())
 

@@ -18,6 +18,7 @@ import trio
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd, escapes, manifest as manifests, search, vaultwatch
+from .models import Models
 from .manifest import NAME_RE
 from .agent import Agent, check_program
 from .log import Event, EventLog
@@ -61,6 +62,7 @@ class Kernel:
         self.search = search.Search(self.vault_dir, self.state_dir, self.log) \
             if self.vault_dir else None
         self._own_changes: dict[str, float] = {}  # vault-relative path -> when fs9 changed it
+        self.models = Models(self)
 
     # --- lifetime --------------------------------------------------------------
 
@@ -86,6 +88,7 @@ class Kernel:
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
             nursery.start_soon(self.bus.keep_deadlines)
+            await nursery.start(self.models.serve)
             if self.search is not None:
                 await nursery.start(self.search.serve)
                 await nursery.start(vaultwatch.watch, self)
@@ -142,7 +145,8 @@ class Kernel:
         return blob if seq == e.seq and blob is not None else self.log.blob(e.seq)
 
     def apply(self, e: Event) -> None:
-        handler = getattr(self, "_on_" + e.kind, None) or getattr(self.bus, "on_" + e.kind, None)
+        handler = getattr(self, "_on_" + e.kind, None) or getattr(self.bus, "on_" + e.kind, None) \
+            or getattr(self.models, "on_" + e.kind, None)
         if handler is None:
             return
         agent = self.agents.get(e.agent) if e.agent else None
@@ -334,6 +338,7 @@ class Kernel:
         self.record("halt")
         for agent in self.agents.values():
             agent._cancel_run("requeue")
+        self.models.halt()
 
     def resume(self) -> None:
         self.record("resume")

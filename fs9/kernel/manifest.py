@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import Fs9Error
 from . import view as views
+from .budget import Limits
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # agents, definitions, topics
 DRIVERS = ("exec",)
@@ -37,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
 # Keys later layers read (views, bus, registry); accepted and kept as data now.
 FUTURE_KEYS = ("provides", "accepts", "clearance", "description", "sla",
                "subscribe", "instructions", "model")
-KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil", "owns") + FUTURE_KEYS
+KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil", "owns", "budget") + FUTURE_KEYS
 
 
 def load_definition(agents_dir: str, name: str) -> tuple[dict, str]:
@@ -115,6 +116,9 @@ def check(raw: dict, origin: str) -> dict:
             raise bad(f"{key}: {bad_names[0]!r} cannot be a file name (registry/by-capability)")
     try:
         views.parse("", m)
+        if not isinstance(m.get("budget", {}), dict):
+            raise Fs9Error(errno.EINVAL, "budget must be a table")
+        Limits.of(m.get("budget", {}), "budget")
     except Fs9Error as e:
         raise bad(e.text)
     m.setdefault("pledge", list(views.DEFAULT_PLEDGE))  # shown in full in `manifest`

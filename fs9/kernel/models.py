@@ -1,0 +1,485 @@
+"""Models as devices: configured models, conversations with them, and who used what.
+
+The kernel holds the models' configuration (credentials included: nothing of it is
+ever served but names and labels), schedules the calls (kernel/scheduler.py),
+enforces budgets and rates before a call is sent (kernel/budget.py), logs every
+call (`model_call`, with its tokens: replay rebuilds the usage) and cancels calls
+in flight at `halt`.
+
+Configuration: STATE/models.toml, or the file named by $FS9_MODELS:
+
+    [limits]                      # fs9 as a whole (kernel/budget.py)
+    tokens_per_day = 1000000
+    requests_per_minute = 600
+    [models.local]
+    provider = "openai"           # any OpenAI-compatible server (vLLM, llama.cpp, LM Studio,
+    api_base = "http://127.0.0.1:8000/v1"   # Ollama's /v1); "ollama": Ollama's own API
+    model = "qwen2.5-7b-instruct" # the server's name for it (default: the section's name)
+    api_key_env = "LOCAL_KEY"     # or api_key = "..."; never shown in the namespace
+    context_window = 8192
+    max_tokens = 1024             # a call's default reply limit
+    max_concurrent = 2            # calls in flight at once; more wait in the scheduler
+    requests_per_minute = 60
+    timeout_s = 60
+
+A model `scripted` (drivers/scripted.py: deterministic, not a language model) is
+always there unless the file defines that name.
+
+A conversation (models/NAME/clone) belongs to whoever opened it: an agent (through
+its view) or the operator. It lives while fs9 runs (`close` in its ctl ends it;
+unused for IDLE_S it ends by itself).
+"""
+import errno
+import json
+import os
+import time
+import tomllib
+import traceback
+
+import trio
+
+from ..drivers import providers, scripted
+from ..errors import Fs9Error
+from . import budget, cmd
+from .budget import Limits, Scope, Usage
+from .manifest import NAME_RE
+from .scheduler import Scheduler
+from .stream import Stream
+
+OPERATOR = "operator"
+IDLE_S = 3600.0
+KEEP_MESSAGES = 6  # compaction keeps the newest messages as they are
+MAX_REQUEST = 4 << 20
+MODEL_KEYS = {"provider", "model", "api_base", "api_key", "api_key_env", "context_window",
+              "max_tokens", "max_concurrent", "requests_per_minute", "timeout_s", "script",
+              "token_delay_s", "label"}
+CONV_CMDS = (cmd.Cmd("close", "close", usage="close"), cmd.Cmd("reset", "reset", usage="reset"))
+SUMMARIZE = ("SUMMARIZE the conversation below in a few sentences. Keep facts, names, "
+             "numbers, decisions and open questions.")
+
+
+class Model:
+    """One configured model: its settings, its scheduler, its usage."""
+
+    def __init__(self, name: str, conf: dict, origin: str, usage_of) -> None:
+        self.name = name
+        self.conf = conf
+        self.provider = providers.make(name, conf, origin)
+        self.context_window = int(conf.get("context_window", 8192))
+        self.max_tokens = int(conf.get("max_tokens", 1024))
+        self.limits = Limits(requests_per_minute=int(conf.get("requests_per_minute", 0)))
+        self.usage = Usage()
+        self.scheduler = Scheduler(int(conf.get("max_concurrent", 4)),
+                                   lambda who: usage_of(who, self.name))
+        self.state, self.reason = "unknown", ""
+        self.conversations: dict[str, "Conversation"] = {}
+
+    def info(self) -> str:
+        s = self.scheduler.statistics()
+        lines = [f"name={self.name}", f"provider={self.conf.get('provider', 'scripted')}",
+                 f"model={self.provider.model}", f"label={self.provider.label}",
+                 f"state={self.state}"] + ([f"reason={self.reason}"] if self.reason else []) + [
+                 f"context_window={self.context_window}", f"max_tokens={self.max_tokens}",
+                 f"max_concurrent={s['slots']}", f"in_flight={s['busy']}",
+                 f"waiting={s['waiting']}",
+                 f"requests_per_minute={self.limits.requests_per_minute}",
+                 f"calls={self.usage.calls}", f"tokens_in={self.usage.tokens_in}",
+                 f"tokens_out={self.usage.tokens_out}", f"conversations={len(self.conversations)}"]
+        return "\n".join(lines) + "\n"
+
+
+class Turn:
+    """One request and its reply: the reply streams into `text`; `error` if it failed."""
+
+    def __init__(self) -> None:
+        self.text = Stream()
+        self.error: Fs9Error | None = None
+        self.result: dict = {}
+        self.scope: trio.CancelScope | None = None
+
+
+class Conversation:
+    def __init__(self, cid: str, model: Model, owner: str | None) -> None:
+        self.id, self.model, self.owner = cid, model, owner
+        self.corr = os.urandom(8).hex()
+        self.messages: list[dict] = []
+        self.tools: list[dict] = []
+        self.turn = Turn()
+        self.turn.text.end()
+        self.turns = 0
+        self.state = "idle"  # idle | queued | running | done | failed
+        self.tokens_in = self.tokens_out = 0
+        self.compactions = 0
+        self.used = time.monotonic()
+
+    @property
+    def who(self) -> str:
+        return self.owner or OPERATOR
+
+    def status(self) -> str:
+        lines = [f"id={self.id}", f"model={self.model.name}", f"owner={self.who}",
+                 f"state={self.state}", f"turns={self.turns}", f"messages={len(self.messages)}",
+                 f"tokens_in={self.tokens_in}", f"tokens_out={self.tokens_out}",
+                 f"compactions={self.compactions}", f"corr={self.corr}"]
+        if self.turn.error is not None:
+            lines.append(f"error={self.turn.error.text}")
+        return "\n".join(lines) + "\n"
+
+    def last(self) -> str:
+        return json.dumps(self.turn.result) + "\n" if self.turn.result else ""
+
+    def history(self) -> str:
+        return "".join(json.dumps(m) + "\n" for m in self.messages)
+
+
+def parse_request(data: bytes) -> dict:
+    """A request file's bytes: plain text (one user message) or a JSON object with
+    `messages` (and optional `tools`, `max_tokens`, `temperature`). EINVAL if malformed."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise Fs9Error(errno.EINVAL, "a request is UTF-8 text or JSON")
+    if not text.lstrip().startswith("{"):
+        if not text.strip():
+            raise Fs9Error(errno.EINVAL, "empty request")
+        return {"messages": [{"role": "user", "content": text}]}
+    try:
+        req = json.loads(text)
+    except ValueError as e:
+        raise Fs9Error(errno.EINVAL, f"malformed JSON request: {e}")
+    if not isinstance(req, dict) or set(req) - {"messages", "tools", "max_tokens", "temperature"}:
+        raise Fs9Error(errno.EINVAL, "a JSON request has messages and optionally tools, "
+                                     "max_tokens, temperature")
+    messages = req.get("messages", [])
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool")
+            for m in messages):
+        raise Fs9Error(errno.EINVAL, "messages: a list of {role: system|user|assistant|tool, "
+                                     "content: TEXT}")
+    if not isinstance(req.get("tools", []), list):
+        raise Fs9Error(errno.EINVAL, "tools: a list of tool schemas")
+    mt = req.get("max_tokens")
+    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
+        raise Fs9Error(errno.EINVAL, "max_tokens: a whole number >= 1")
+    return req
+
+
+def tokens_of(messages: list[dict]) -> int:
+    return sum(budget.estimate_tokens(json.dumps(m)) for m in messages)
+
+
+class Models:
+    """The configured models and everything model use the kernel keeps."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.usage: dict[tuple, Usage] = {}  # ("agent", who) / ("task", id) / ("model", m, who)
+        self.total = Usage()
+        self.models: dict[str, Model] = {}
+        self.limits = Limits()
+        self.problem = ""  # what is wrong with the configuration, shown in models/usage
+        self._next_id = 1
+        self._nursery: trio.Nursery | None = None
+        self.config_path = os.environ.get("FS9_MODELS") or \
+            os.path.join(kernel.state_dir, "models.toml")
+        self.load()
+
+    def load(self) -> None:
+        conf: dict = {}
+        try:
+            with open(self.config_path, "rb") as f:
+                conf = tomllib.load(f)
+        except FileNotFoundError:
+            pass
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            self.problem = f"{self.config_path}: {e}; only the scripted model is served"
+        tables = conf.get("models", {}) if isinstance(conf.get("models", {}), dict) else {}
+        tables.setdefault("scripted", {"provider": "scripted"})
+        try:
+            self.limits = Limits.of(conf.get("limits", {}), f"{self.config_path} [limits]")
+        except Fs9Error as e:
+            self.problem = e.text
+        for name, table in tables.items():
+            origin = f"{self.config_path} [models.{name}]"
+            try:
+                if not NAME_RE.fullmatch(name) or name == "usage":
+                    raise Fs9Error(errno.EINVAL, f"{origin}: a model's name is letters, digits, "
+                                                 "_ . - (and not usage)")
+                if not isinstance(table, dict) or set(table) - MODEL_KEYS:
+                    raise Fs9Error(errno.EINVAL, f"{origin}: unknown key(s) "
+                                   f"{', '.join(sorted(set(table) - MODEL_KEYS))}")
+                self.models[name] = Model(name, table, origin, self.recent)
+            except Fs9Error as e:
+                self.problem = (self.problem + "; " if self.problem else "") + e.text
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Probe the models (info says reachable or why not); end idle conversations."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.problem:
+                self.kernel.log.append("model_config_error", reason=self.problem)
+            for model in self.models.values():
+                nursery.start_soon(self._probe, model)
+            task_status.started()
+            while True:
+                await trio.sleep(60)
+                now = time.monotonic()
+                for model in self.models.values():
+                    for conv in list(model.conversations.values()):
+                        if conv.state not in ("queued", "running") and now - conv.used > IDLE_S:
+                            self.close(conv, "idle")
+
+    async def _probe(self, model: Model) -> None:
+        why = await model.provider.probe()
+        model.state, model.reason = ("reachable", "") if why is None else ("unreachable", why)
+        if why is not None:
+            self.kernel.log.append("model_unreachable", model=model.name, reason=why)
+
+    # --- usage ---------------------------------------------------------------------
+
+    def _usage(self, *key) -> Usage:
+        u = self.usage.get(key)
+        if u is None:
+            u = self.usage[key] = Usage()
+        return u
+
+    def recent(self, who: str, model: str) -> int:
+        """Tokens of model used by who in the last minute (the scheduler's fairness)."""
+        u = self.usage.get(("model", model, who))
+        return 0 if u is None else u.tokens_within(time.time(), budget.MINUTE_S)
+
+    def on_model_call(self, e, agent, task) -> None:
+        d = e.data
+        who = e.agent or OPERATOR
+        keys = [("agent", who), ("model", d["model"], who)] + ([("task", e.task)] if e.task else [])
+        for u in [self._usage(*k) for k in keys] + [self.total]:
+            u.add(e.ts, d["tokens_in"], d["tokens_out"])
+        model = self.models.get(d["model"])
+        if model is not None:
+            model.usage.add(e.ts, d["tokens_in"], d["tokens_out"])
+
+    def on_model_refused(self, e, agent, task) -> None:
+        self._usage("agent", e.agent or OPERATOR).refused += 1
+        self.total.refused += 1
+
+    def scopes(self, who: str, task, model: Model) -> list[Scope]:
+        """What a call by who (during task) counts against."""
+        agent = self.kernel.agents.get(who)
+        limits = agent.budget if agent is not None else Limits()
+        scopes = [Scope("fs9 (models.toml [limits])", self.limits, self.total),
+                  Scope(f"model {model.name}", model.limits, model.usage),
+                  Scope(f"agent {who}", limits, self._usage("agent", who))]
+        if task is not None:
+            scopes.append(Scope(f"task {task.id} of agent {who}", limits,
+                                self._usage("task", task.id), per_task=True))
+        return scopes
+
+    def agent_usage(self, who: str) -> dict:
+        u = self.usage.get(("agent", who)) or Usage()
+        return {"model_calls": u.calls, "tokens_in": u.tokens_in, "tokens_out": u.tokens_out,
+                "tokens_today": u.tokens_today(time.time()), "model_refused": u.refused}
+
+    def usage_text(self) -> str:
+        """models/usage: one line per (who, model), then the totals and limits."""
+        lines = []
+        for key, u in sorted(self.usage.items(), key=lambda kv: str(kv[0])):
+            if key[0] == "model":
+                lines.append(f"{key[2]} {key[1]} calls={u.calls} tokens_in={u.tokens_in} "
+                             f"tokens_out={u.tokens_out} tokens_today={u.tokens_today(time.time())}\n")
+        t, lim = self.total, self.limits
+        lines.append(f"total calls={t.calls} tokens_in={t.tokens_in} tokens_out={t.tokens_out} "
+                     f"tokens_today={t.tokens_today(time.time())} refused={t.refused} "
+                     f"limit_tokens_per_day={lim.tokens_per_day} "
+                     f"limit_requests_per_minute={lim.requests_per_minute}\n")
+        if self.problem:
+            lines.append(f"config_error {self.problem}\n")
+        return "".join(lines)
+
+    # --- conversations -------------------------------------------------------------
+
+    def model(self, name: str) -> Model | None:
+        return self.models.get(name)
+
+    def clone(self, model: Model, owner: str | None) -> Conversation:
+        conv = Conversation(str(self._next_id), model, owner)
+        self._next_id += 1
+        model.conversations[conv.id] = conv
+        self.kernel.log.append("conversation_opened", agent=owner, model=model.name,
+                               conv=conv.id, corr=conv.corr)
+        return conv
+
+    def visible(self, model: Model, who: str | None) -> list[str]:
+        return [c.id for c in model.conversations.values() if who is None or c.owner == who]
+
+    def conversation(self, model: Model, cid: str, who: str | None) -> Conversation | None:
+        conv = model.conversations.get(cid)
+        return conv if conv is not None and (who is None or conv.owner == who) else None
+
+    def ctl(self, conv: Conversation, data: bytes) -> None:
+        for p in cmd.parse(CONV_CMDS, data):
+            if p.cmd.verb == "close":
+                self.close(conv, "closed")
+            else:
+                if conv.state in ("queued", "running"):
+                    raise Fs9Error(errno.EBUSY, "a call is in flight: reset after it ends")
+                conv.messages.clear()
+
+    def close(self, conv: Conversation, why: str) -> None:
+        if conv.turn.scope is not None:
+            conv.turn.scope.cancel()
+        conv.model.conversations.pop(conv.id, None)
+        self.kernel.log.append("conversation_closed", agent=conv.owner, model=conv.model.name,
+                               conv=conv.id, corr=conv.corr, reason=why)
+
+    def halt(self) -> None:
+        """The kill switch: every call in flight or waiting is cancelled."""
+        for model in self.models.values():
+            for conv in model.conversations.values():
+                if conv.turn.scope is not None:
+                    conv.turn.scope.cancel()
+
+    def precheck(self, conv: Conversation, size: int) -> None:
+        """What can be refused while a request is still being written (size bytes so
+        far): fs9 halted, a call in flight, a budget the prompt alone exceeds."""
+        if size > MAX_REQUEST:
+            raise Fs9Error(errno.EFBIG, f"a request is at most {MAX_REQUEST} bytes")
+        if self.kernel.halted:
+            raise Fs9Error(errno.EBUSY, "fs9 is halted: no model calls until `resume`")
+        if conv.state in ("queued", "running"):
+            raise Fs9Error(errno.EBUSY, "a call is in flight in this conversation: read its "
+                                        "reply first")
+        task = self._task_of(conv.owner)
+        self._admit(conv, task, tokens_of(conv.messages) + size // 4 + 1, 1)
+
+    def _admit(self, conv: Conversation, task, prompt: int, want: int) -> int:
+        """budget.admit for a call of conv; a refusal is a `model_refused` event."""
+        try:
+            return budget.admit(self.scopes(conv.who, task, conv.model), prompt, want,
+                                time.time())
+        except Fs9Error as e:
+            self.kernel.record("model_refused", agent=conv.owner, model=conv.model.name,
+                               conv=conv.id, corr=task.corr if task else conv.corr,
+                               task=task.id if task else None, reason=e.text)
+            raise
+
+    def request(self, conv: Conversation, data: bytes) -> None:
+        """One turn: check it, admit it against the budgets, start the call. Returns
+        once the call is queued; its reply streams into conv.turn."""
+        self.precheck(conv, len(data))
+        req = parse_request(data)
+        if self._nursery is None:
+            raise Fs9Error(errno.EAGAIN, "models are not served yet")
+        who, task = conv.who, self._task_of(conv.owner)
+        messages = conv.messages + req.get("messages", [])
+        tools = req["tools"] if "tools" in req else conv.tools
+        want = min(req.get("max_tokens") or conv.model.max_tokens, conv.model.max_tokens)
+        scopes = self.scopes(who, task, conv.model)
+        max_tokens = self._admit(conv, task, tokens_of(messages), want)
+        conv.messages, conv.tools = messages, tools
+        conv.turn, conv.state, conv.used = Turn(), "queued", time.monotonic()
+        conv.turns += 1
+        self._nursery.start_soon(self._call, conv, conv.turn, task, scopes, max_tokens,
+                                 req.get("temperature"))
+
+    def _task_of(self, owner: str | None):
+        agent = self.kernel.agents.get(owner) if owner else None
+        return agent.current if agent is not None else None
+
+    async def _call(self, conv, turn, task, scopes, max_tokens, temperature) -> None:
+        model, who = conv.model, conv.who
+        corr = task.corr if task is not None else conv.corr
+        ids = dict(agent=conv.owner, model=model.name, conv=conv.id, corr=corr,
+                   task=task.id if task is not None else None)
+        agent = self.kernel.agents.get(who)
+        priority = agent.priority if agent is not None else "interactive"
+        t0 = time.monotonic()
+        with trio.CancelScope() as turn.scope:
+            try:
+                while (wait := budget.wait_s(scopes, time.time())) > 0:
+                    self.kernel.log.append("model_throttled", wait_s=round(wait, 3), **ids)
+                    await trio.sleep(wait)
+                async with model.scheduler.slot(who, priority):
+                    conv.state = "running"
+                    for s in scopes:
+                        s.usage.started(time.time())
+                    await self._compact(conv, ids, max_tokens)
+                    result = await model.provider.chat(
+                        conv.messages, conv.tools, max_tokens, temperature,
+                        lambda text: turn.text.append(text.encode()))
+                conv.messages.append(_assistant(result))
+                for call in result["tool_calls"]:
+                    turn.text.append(f"\ntool_call {call['id']} {call['name']} "
+                                     f"{json.dumps(call['arguments'])}".encode())
+                turn.result = result
+                conv.tokens_in += result["tokens_in"]
+                conv.tokens_out += result["tokens_out"]
+                conv.state = "done"
+                self.kernel.record("model_call", tokens_in=result["tokens_in"],
+                                   tokens_out=result["tokens_out"],
+                                   ms=round((time.monotonic() - t0) * 1000, 1),
+                                   finish=result["finish_reason"], **ids)
+            except Fs9Error as e:
+                self._failed(conv, turn, e, ids)
+            except Exception as e:  # a provider's defect: this call fails, fs9 goes on
+                self.kernel.log.append("bug", handler="model call", traceback=traceback.format_exc())
+                self._failed(conv, turn, Fs9Error(errno.EIO, f"model call failed: {e!r}"), ids)
+        if turn.scope.cancelled_caught:
+            self._failed(conv, turn, Fs9Error(errno.ECANCELED, "the call was cancelled "
+                                              "(halt, or the conversation closed)"), ids)
+        turn.scope = None
+        turn.text.end()
+        conv.used = time.monotonic()
+
+    def _failed(self, conv, turn, e: Fs9Error, ids: dict) -> None:
+        turn.error, conv.state = e, "failed"
+        turn.result = {"error": e.text, "errno": errno.errorcode.get(e.errno, str(e.errno))}
+        self.kernel.log.append("model_error", reason=e.text, **ids)
+        if conv.messages and conv.messages[-1].get("role") != "assistant":
+            pass  # the request's messages stay: a retry sends them again
+
+    async def _compact(self, conv: Conversation, ids: dict, max_tokens: int) -> None:
+        """L1 memory: before the conversation overflows the context window, the older
+        messages become the model's summary of them (the newest KEEP_MESSAGES stay);
+        a message too long on its own is cut in the middle. Never fails for length."""
+        window = conv.model.context_window
+        before = tokens_of(conv.messages)
+        if before + max_tokens <= window:
+            return
+        head = [m for m in conv.messages[:1] if m.get("role") == "system"]
+        body = conv.messages[len(head):]
+        keep = body[-KEEP_MESSAGES:]
+        while keep and keep[0].get("role") == "tool":  # a tool result needs its call
+            keep = keep[1:]
+        old = body[:len(body) - len(keep)]
+        if old:
+            text = "\n".join(f"{m.get('role')}: {m.get('content') or ''}" for m in old)
+            room = max(window // 2, 1) * 4
+            result = await conv.model.provider.chat(
+                [{"role": "system", "content": SUMMARIZE},
+                 {"role": "user", "content": text[-room:]}], [], max(64, window // 8), 0,
+                lambda _: None)
+            self.kernel.record("model_call", tokens_in=result["tokens_in"],
+                               tokens_out=result["tokens_out"], ms=0, finish="compaction", **ids)
+            head = head + [{"role": "system", "content": "Summary of the earlier conversation: "
+                            + result["content"]}]
+        conv.messages = head + keep
+        limit = max(256, (window - max_tokens) * 4 // max(len(conv.messages), 1))
+        for m in conv.messages:  # still too long: cut the longest in the middle
+            content = m.get("content")
+            if isinstance(content, str) and len(content) > limit and \
+                    tokens_of(conv.messages) + max_tokens > window:
+                m["content"] = content[:limit // 2] + "\n[... cut to fit the context window ...]\n" \
+                    + content[-limit // 2:]
+        conv.compactions += 1
+        self.kernel.log.append("conversation_compacted", before_tokens=before,
+                               after_tokens=tokens_of(conv.messages), dropped=len(old), **ids)
+
+
+def _assistant(result: dict) -> dict:
+    msg = {"role": "assistant", "content": result["content"]}
+    if result["tool_calls"]:
+        msg["tool_calls"] = [{"id": c["id"], "type": "function",
+                              "function": {"name": c["name"],
+                                           "arguments": json.dumps(c["arguments"])}}
+                             for c in result["tool_calls"]]
+    return msg

@@ -1,0 +1,121 @@
+"""Model use, without FUSE: budgets (kernel/budget.py), the call scheduler
+(kernel/scheduler.py) and the scripted model (drivers/scripted.py)."""
+import errno
+
+import pytest
+import trio
+import trio.testing
+
+from fs9.drivers import scripted
+from fs9.errors import Fs9Error
+from fs9.kernel import budget
+from fs9.kernel.budget import Limits, Scope, Usage
+from fs9.kernel.scheduler import Scheduler
+
+
+def test_limits_are_checked():
+    assert Limits.of({"tokens_per_day": 5}, "x").tokens_per_day == 5
+    for bad in ({"tokens": 5}, {"tokens_per_day": -1}, {"tokens_per_day": "5"},
+                {"requests_per_minute": True}):
+        with pytest.raises(Fs9Error) as e:
+            Limits.of(bad, "agent.toml budget")
+        assert e.value.errno == errno.EINVAL and "agent.toml budget" in e.value.text
+
+
+def test_admit_clamps_then_refuses_naming_the_scope():
+    u = Usage()
+    agent = Scope("agent a", Limits(tokens_per_day=1000), u)
+    assert budget.admit([agent], 100, 500, now=0) == 500
+    u.add(0, 300, 500)  # 800 used
+    assert budget.admit([agent], 100, 500, now=1) == 100  # 200 left: 100 prompt, 100 reply
+    with pytest.raises(Fs9Error) as e:
+        budget.admit([agent], 250, 500, now=2)
+    assert e.value.errno == errno.EDQUOT and "agent a has 200 of its 1000 tokens_per_day" \
+        in e.value.text
+    assert budget.admit([agent], 250, 500, now=budget.DAY_S + 1) == 500  # a day later
+
+
+def test_task_budget_counts_the_task_total():
+    u = Usage()
+    task = Scope("task 7", Limits(tokens_per_task=100), u, per_task=True)
+    u.add(0, 40, 40)
+    with pytest.raises(Fs9Error, match="tokens_per_task"):
+        budget.admit([task], 30, 10, now=budget.DAY_S * 3)  # never forgiven by time
+
+
+def test_rate_wait():
+    u = Usage()
+    s = Scope("model m", Limits(requests_per_minute=2), u)
+    assert budget.wait_s([s], 0) == 0
+    u.started(0)
+    u.started(10)
+    assert budget.wait_s([s], 20) == pytest.approx(40)
+    assert budget.wait_s([s], 61) == 0
+
+
+async def test_scheduler_priority_then_fairness_then_arrival():
+    recent = {"busy": 1000, "quiet": 0, "boss": 0}
+    sched = Scheduler(1, lambda who: recent[who])
+    order = []
+
+    async def call(who, priority, hold=0.0):
+        async with sched.slot(who, priority):
+            order.append(who)
+            await trio.sleep(hold)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(call, "first", "background", 1.0)  # takes the one slot
+        await trio.testing.wait_all_tasks_blocked()
+        recent["first"] = 0
+        for who, prio in (("busy", "normal"), ("quiet", "normal"), ("bg", "background"),
+                          ("boss", "interactive")):
+            recent.setdefault(who, 0)
+            n.start_soon(call, who, prio)
+            await trio.testing.wait_all_tasks_blocked()
+    assert order == ["first", "boss", "quiet", "busy", "bg"]
+    assert sched.busy == 0
+
+
+async def test_a_cancelled_waiter_gives_its_slot_away():
+    sched = Scheduler(1, lambda who: 0)
+    got = []
+
+    async def call(who):
+        async with sched.slot(who, "normal"):
+            got.append(who)
+            await trio.sleep(0.5)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(call, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as scope:
+            n.start_soon(call, "c")
+            scope.cancel()
+        async with trio.open_nursery() as inner:
+            inner.start_soon(call, "b")
+            await trio.testing.wait_all_tasks_blocked()
+            inner.cancel_scope.cancel()  # b leaves the queue
+    async with sched.slot("d", "normal"):
+        pass
+    assert "b" not in got and sched.busy == 0 and not sched.waiting
+
+
+def test_scripted_rules(tmp_path):
+    script = tmp_path / "s.toml"
+    script.write_text('[[rule]]\nmatch = "bug report: (.*)"\nreply = "triaged {1}"\n'
+                      '[[rule]]\nmatch = "look at (\\\\S+)"\ncall = "read"\n'
+                      'args = { path = "vault/{1}" }\n')
+    rules = scripted.load_script(str(script))
+    user = lambda t: [{"role": "user", "content": t}]  # noqa: E731
+    assert scripted.answer(rules, user("bug report: it crashes"), []) == ("triaged it crashes", [])
+    tools = [{"type": "function", "function": {"name": "read"}}]
+    assert scripted.answer(rules, user("look at a.md"), tools) == \
+        ("", [{"name": "read", "arguments": {"path": "vault/a.md"}}])
+    # a call the request does not offer is not made
+    assert scripted.answer(rules, user("look at a.md"), [])[0].startswith("(scripted model)")
+    summary, _ = scripted.answer(rules, [{"role": "system", "content": "SUMMARIZE it"}]
+                                 + user("one two three"), [])
+    assert summary == "summary: one two three"
+    script.write_text('[[rule]]\nreply = "x"\ncall = "y"\n')
+    with pytest.raises(Fs9Error, match="exactly one of reply, call"):
+        scripted.load_script(str(script))
