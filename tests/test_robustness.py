@@ -38,8 +38,8 @@ from contextlib import contextmanager
 
 import pytest
 
-WRITABLE = ("/ctl", "/in", "/mail/new", "/progress", "/request")  # besides the root ctl, topics/*
-WRITE_ONLY = ("/in", "/mail/new", "/progress", "/request")
+WRITABLE = ("/ctl", "/in", "/mail/new", "/progress", "/request", "/steps")  # besides the root ctl, topics/*
+WRITE_ONLY = ("/in", "/mail/new", "/progress", "/request", "/steps")
 
 from conftest import Mount, fuse_unavailable
 from fs9.kernel import manifest as manifests

@@ -1,8 +1,8 @@
 """The namespace as one table: path pattern -> the node that serves it (our Dirtab).
 
 To find where any path is served, find its row here. `{agent}`, `{task}`,
-`{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}`, `{cap}`
-and `{query}` are bound to kernel objects while walking (VARS below); a name that
+`{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}`, `{cap}`,
+`{query}`, `{model}` and `{conv}` are bound to kernel objects while walking (VARS below); a name that
 binds to nothing is ENOENT. Directories list the rows one level below them; a Dir with
 `create` takes new names (mail/, outbox/, topics/). `vault/` is a real
 directory on disk (face/passthrough.py).
@@ -130,6 +130,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
                             agent=agent.name, file="in"), whole=True,
         refused=lambda e: k.refused(e, agent=agent.name, file="in")),
     "agents/{agent}/view": None,  # the namespace as agent sees it (operator only)
+    "agents/{agent}/steps": lambda k, agent: Ctl(  # each line: one agent_step event
+        lambda d: k.guarded(k.agent_step, agent, d, agent=agent.name, file="steps")),
     "agents/{agent}/out": _agent_out,
     "agents/{agent}/err": _agent_err,
     "agents/{agent}/status": lambda k, agent: Status(agent.status),

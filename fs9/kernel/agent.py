@@ -7,6 +7,7 @@ runtime-only parts (cancel scope of the current run, pid) are never logged.
 import collections
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ import trio
 from ..drivers import confine
 from ..drivers import exec as exec_driver
 from ..errors import NO_AGENT, Fs9Error
-from . import cmd, escapes
+from . import cmd, escapes, manifest as manifests
 from .budget import Limits
 from .mailbox import Mailbox
 from .stream import Changes
@@ -282,7 +283,7 @@ class Agent:
         ids = dict(agent=self.name, task=task.id, corr=task.corr)
         if status is not None:
             k.record("task_done" if status == 0 else "task_failed", exit=status, **ids)
-            if task.reply_to:
+            if task.reply_to and not task.handed_off:
                 k.bus.send_result(self, task)
         elif self._cancel_as == "requeue":
             k.record("task_interrupted", reason="restarted by command", **ids)
@@ -310,6 +311,13 @@ class Agent:
             env = dict(self.base_env)
         mnt = self.kernel.mount_path
         home = os.path.join(mnt, "agents", self.name) if mnt else ""
+        if self.manifest["driver"] == "llm":
+            m = self.manifest
+            env.update(FS9_MODEL=m["model"], FS9_INSTRUCTIONS=m.get("instructions", ""),
+                       FS9_MAX_STEPS=str(m.get("max_steps", 20)),
+                       FS9_TOOLS=json.dumps(m.get("tools")),
+                       FS9_INJECTION_PATTERNS=json.dumps(
+                           m.get("injection_patterns", manifests.INJECTION_PATTERNS)))
         env.update(FS9_AGENT=self.name, FS9_TASK=str(task.id), FS9_CORR=task.corr,
                    FS9_MNT=mnt, FS9_AGENT_DIR=home, FS9_REQUESTER=task.reply_to,
                    FS9_OUTBOX=home and os.path.join(home, "outbox"),

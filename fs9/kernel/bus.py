@@ -85,8 +85,12 @@ class Bus:
                            id=msg.id, sender=sender, type=h["type"], priority=h["priority"],
                            classification=level)
         stored = agent.mailbox.get(msg.id)
-        if h["type"] == "work_request" and not agent.daemon:
+        handing = self.kernel.agents.get(sender)
+        if h["type"] == "handoff" and handing is not None and handing.current is not None:
+            handing.current.handed_off = True  # the receiver answers the requester
+        if h["type"] in ("work_request", "handoff") and not agent.daemon:
             # request/response: the request becomes a task; its result comes back as mail
+            # (a handoff is work with a conversation to continue: its body)
             self.kernel.submit(agent, msg.body, corr=corr, request=msg.id,
                                reply_to=h.get("reply-to", sender))
             self.ack(agent, stored.name)

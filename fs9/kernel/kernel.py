@@ -9,6 +9,7 @@ re-queued (restart permanent/transient) or failed (temporary, daemon runs).
 import collections
 import errno
 import gc
+import json
 import logging
 import os
 import traceback
@@ -308,6 +309,11 @@ class Kernel:
             raw, home, origin = {}, os.path.join(self.state_dir, "work", name), f"spawn {name}"
         manifest = manifests.check({**raw, **kv}, origin)
         check_program(name, manifest, home)
+        if manifest["driver"] == "llm" and self.models.model(manifest["model"]) is None:
+            raise Fs9Error(errno.ENOENT, f"agent {name}: no model {manifest['model']!r} "
+                                         f"(models/; configured in {self.models.config_path}"
+                                         + (f": {self.models.problem}" if self.models.problem
+                                            else "") + ")")
         for subtree in manifest["owns"]:
             claim = tuple(subtree.strip("/").split("/"))
             for other in self.agents.values():
@@ -369,6 +375,8 @@ class Kernel:
         """What agent's sandbox is made of (drivers/zygote.py)."""
         mnt = self.mount_path
         read = list(confine.SYSTEM_READ)
+        if agent.manifest["driver"] == "llm":  # fs9's own agent program
+            read.append(os.path.dirname(manifests.LLM_PROGRAM))
         if agent.workdir() == agent.home:
             read.append(agent.home)
         return dict(agent=agent.name, uid=agent.uid, mnt=mnt, audit=self.audit,
@@ -424,6 +432,30 @@ class Kernel:
     def emit(self, task: Task, fd: int, data: bytes) -> None:
         self.log.add_chunk(task.id, task.attempt, fd, data)
         self.stream(task, fd).append(data)
+
+    def agent_step(self, agent: Agent, data: bytes) -> None:
+        """agents/NAME/steps: each line (JSON) an `agent_step` event of its current task.
+        A step `injection_suspected` stops the agent if its manifest says so."""
+        task = agent.current
+        ids = dict(agent=agent.name, task=task.id if task else None,
+                   corr=task.corr if task else None)
+        for line in data.decode(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line)
+            except ValueError:
+                step = {"kind": "note", "text": line[:4096]}
+            if not isinstance(step, dict):
+                step = {"kind": "note", "text": line[:4096]}
+            self.log.append("agent_step", step=step, **ids)
+            if step.get("kind") == "injection_suspected":
+                self.log.append("injection_suspected", source=step.get("source"),
+                                patterns=step.get("patterns"), **ids)
+                if agent.manifest.get("on_injection") == "stop" and not agent.stopped:
+                    self.record("agent_stop", agent=agent.name,
+                                reason="on_injection = stop: a suspected prompt injection")
+                    agent._cancel_run("cancelled")
 
     def vault_changed(self, path: tuple[str, ...], op: str, uid: int | None = None,
                       dest: tuple[str, ...] | None = None) -> None:

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shlex
+import sys
 import tomllib
 from typing import Any
 
@@ -17,7 +18,7 @@ from . import view as views
 from .budget import Limits
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # agents, definitions, topics
-DRIVERS = ("exec",)
+DRIVERS = ("exec", "llm")
 MODES = ("task", "daemon")
 RESTARTS = ("permanent", "transient", "temporary")
 PRIORITIES = ("interactive", "normal", "background")
@@ -36,9 +37,22 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Keys later layers read (views, bus, registry); accepted and kept as data now.
-FUTURE_KEYS = ("provides", "accepts", "clearance", "description", "sla",
-               "subscribe", "instructions", "model")
-KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil", "owns", "budget") + FUTURE_KEYS
+FUTURE_KEYS = ("provides", "accepts", "clearance", "description", "sla", "subscribe")
+# driver = "llm": the built-in agent program (drivers/llm_agent.py) and its settings
+LLM_KEYS = ("model", "instructions", "tools", "max_steps", "on_injection",
+            "injection_patterns")
+LLM_PROGRAM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "drivers", "llm_agent.py")
+# agents' programs cannot reach fs9's own interpreter (a venv, maybe under /root)
+LLM_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                   if os.access(p, os.X_OK)), sys.executable)
+INJECTION_PATTERNS = [  # likely attempts to turn data into instructions
+    r"ignore (all |any )?(the )?(previous|prior|above|earlier) (instructions|prompts?)",
+    r"disregard (your|the) (instructions|rules|system prompt)",
+    r"you are now\b", r"new instructions:", r"system prompt", r"</?(system|assistant)>",
+    r"do not tell (the )?(user|operator)"]
+KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil", "owns", "budget") + FUTURE_KEYS \
+    + LLM_KEYS
 
 
 def load_definition(agents_dir: str, name: str) -> tuple[dict, str]:
@@ -87,6 +101,8 @@ def check(raw: dict, origin: str) -> dict:
             raise bad(f"{key} = {m[key]!r}; expected one of {', '.join(allowed)}")
     if "clearance" in m and m["clearance"] not in CLASSIFICATIONS:
         raise bad(f"clearance = {m['clearance']!r}; expected one of {', '.join(CLASSIFICATIONS)}")
+    if m["driver"] == "llm":
+        _check_llm(m, bad)
     cmd = m.get("cmd")
     if isinstance(cmd, str):
         try:
@@ -125,6 +141,29 @@ def check(raw: dict, origin: str) -> dict:
     m.setdefault("unveil", {})
     m.setdefault("owns", [])
     return m
+
+
+def _check_llm(m: dict, bad) -> None:
+    """driver = "llm": its program is fs9's; check the settings it reads."""
+    if "cmd" in m:
+        raise bad("driver = \"llm\" runs fs9's own agent program: no cmd")
+    m["cmd"] = [LLM_PYTHON, LLM_PROGRAM]
+    m.setdefault("model", "scripted")
+    for key in ("model", "instructions"):
+        if not isinstance(m.get(key, ""), str):
+            raise bad(f"{key} must be a string")
+    for key in ("tools", "injection_patterns"):
+        if key in m and not (isinstance(m[key], list) and all(isinstance(v, str) for v in m[key])):
+            raise bad(f"{key} must be a list of strings")
+    if not isinstance(m.get("max_steps", 20), int) or m.get("max_steps", 20) < 1:
+        raise bad("max_steps must be a whole number >= 1")
+    if m.get("on_injection", "flag") not in ("flag", "stop"):
+        raise bad("on_injection must be flag or stop")
+    for p in m.get("injection_patterns", []):
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise bad(f"injection_patterns: {p!r}: {e}")
 
 
 def _not_plain(value: Any, depth: int = 0) -> str:

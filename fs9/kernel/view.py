@@ -170,6 +170,9 @@ def parse(agent: str, manifest: dict) -> View:
     unveil = manifest.get("unveil", {})
     if not isinstance(unveil, dict):
         raise Fs9Error(errno.EINVAL, 'unveil must be a table of "PATH" = "r" | "w" | "rw"')
+    if manifest.get("driver") == "llm" and isinstance(manifest.get("model", "scripted"), str):
+        # the llm driver talks to its model: that much is unveiled for it
+        unveil = {f"models/{manifest.get('model', 'scripted')}": "rw", **unveil}
     entries = []
     for raw, mode in unveil.items():
         parts = tuple(raw.strip("/").split("/")) if raw.strip("/") else ()
