@@ -295,6 +295,12 @@ class Background:
         with self.lock:
             return sum(1 for t in self.ended if t0 <= t < t1) / (t1 - t0)
 
+    def longest_gap_ms(self, t0: float, t1: float) -> float:
+        """The longest time between two background calls' ends within [t0, t1)."""
+        with self.lock:
+            ends = [t0] + sorted(t for t in self.ended if t0 <= t < t1) + [t1]
+        return max(b - a for a, b in zip(ends, ends[1:])) * 1000
+
 
 def chat_phase(chat: Conversation, pauses: list[float] | None) -> tuple[list[float], float, float]:
     """SCHED_K chat calls; returns their ms and the phase's start and end (perf_counter)."""
@@ -318,6 +324,7 @@ def figure_sched(fs: Fs9Mount) -> dict:
         chat.call()
     lat = {k: [] for k in ("quiet", "loaded", "no_pauses", "no_priority")}
     bg_rate = {k: [] for k in ("loaded", "no_pauses", "no_priority", "alone")}
+    bg_gap = {k: [] for k in bg_rate}
     for _ in range(SCHED_ROUNDS):
         ms, _, _ = chat_phase(chat, pauses)
         lat["quiet"] += ms
@@ -331,10 +338,13 @@ def figure_sched(fs: Fs9Mount) -> dict:
                 ms, t0, t1 = chat_phase(chat, p)
                 lat[phase] += ms
                 bg_rate[phase].append(bg.rate(t0, t1))
+                bg_gap[phase].append(bg.longest_gap_ms(t0, t1))
             fs.ctl("agents/chat/ctl", "priority interactive\n")
             t0 = time.perf_counter()
             time.sleep(BG_ALONE_S)
-            bg_rate["alone"].append(bg.rate(t0, time.perf_counter()))
+            t1 = time.perf_counter()
+            bg_rate["alone"].append(bg.rate(t0, t1))
+            bg_gap["alone"].append(bg.longest_gap_ms(t0, t1))
         finally:
             bg.stop()
     usage = (fs.path / "models" / "usage").read_text()
@@ -347,6 +357,7 @@ def figure_sched(fs: Fs9Mount) -> dict:
     for k, v in bg_rate.items():
         out[f"bg_{k}_per_s"] = statistics.median(v)
         out[f"bg_{k}_rounds_per_s"] = v
+        out[f"bg_{k}_longest_gap_ms"] = bg_gap[k]
     return out
 
 

@@ -496,9 +496,10 @@ class Fuzzer:
         """Every odd operation on one file, with the errno each must give."""
         p, rng = self.p(rel), self.rng
         A, P, N = errno.EACCES, errno.EPERM, errno.ENOENT
-        writable = rel == "ctl" or rel.endswith(WRITABLE) or rel.startswith("topics/")
+        note = "/memory/" in rel  # an agent's note: written whole, rm deletes it
+        writable = rel == "ctl" or rel.endswith(WRITABLE) or rel.startswith("topics/") or note
         message = ("/mail/" in "/" + rel and not rel.endswith(("/new", "/next"))
-                   and "/dead/" not in "/" + rel)
+                   and "/dead/" not in "/" + rel) or note
         self.attempt(f"chmod {rel!r}", os.chmod, p, 0o777, expect={P, N}, ok=False)
         self.attempt(f"chown {rel!r}", os.chown, p, os.getuid(), os.getgid(), expect={P, N},
                      ok=False)
@@ -560,7 +561,7 @@ class Fuzzer:
         existing.sort()
         self.attempt(f"mkdir {rel!r}", os.mkdir, new, expect={N, A}, ok=False)
         # a new name here is a message (mail/, outbox/ to a real agent) or a topic
-        takes_files = rel.endswith("/mail") or rel == "topics"
+        takes_files = rel.endswith(("/mail", "/memory")) or rel == "topics"  # (and notes)
         fd = self.attempt(f"create {rel!r}", os.open, new + "-c", os.O_WRONLY | os.O_CREAT,
                           0o644, expect={N, A}, ok=takes_files)
         if fd is not None:

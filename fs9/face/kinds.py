@@ -134,8 +134,9 @@ class Clone(Node):
 
 class Ctl(Node):
     def __init__(self, apply, render=None, whole: bool = False, refused=None,
-                 early=None) -> None:
+                 early=None, remove=None) -> None:
         self.apply = apply  # (bytes) -> None; raises Fs9Error when refused
+        self.remove = remove  # () -> None: what `rm` means here (None: refused)
         self.render = render  # () -> str, the state line; None: write-only
         self.whole = whole
         self.refused = refused  # (Fs9Error) -> None: reports a refusal made here

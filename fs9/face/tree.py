@@ -2,7 +2,7 @@
 
 To find where any path is served, find its row here. `{agent}`, `{task}`,
 `{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}`, `{cap}`,
-`{query}`, `{model}` and `{conv}` are bound to kernel objects while walking (VARS below); a name that
+`{query}`, `{note}`, `{model}` and `{conv}` are bound to kernel objects while walking (VARS below); a name that
 binds to nothing is ENOENT. Directories list the rows one level below them; a Dir with
 `create` takes new names (mail/, outbox/, topics/). `vault/` is a real
 directory on disk (face/passthrough.py).
@@ -107,6 +107,15 @@ def _conv_request(k, conv):
                                             file="models"))
 
 
+def _note(k, agent, key: str):
+    """memory/KEY: an agent's note (kernel/memory.py), written whole, kept across restarts."""
+    said = dict(agent=agent.name, file="memory")
+    return Ctl(lambda d: k.guarded(k.memory.set, agent, key, d, **said),
+               lambda: k.memory.get(agent.name, key) or b"", whole=True,
+               refused=lambda e: k.refused(e, **said),
+               remove=lambda: k.guarded(k.memory.delete, agent, key, **said))
+
+
 def _providers(k) -> dict[str, list[str]]:
     caps: dict[str, list[str]] = {}
     for name in sorted(k.agents):
@@ -130,6 +139,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
                             agent=agent.name, file="in"), whole=True,
         refused=lambda e: k.refused(e, agent=agent.name, file="in")),
     "agents/{agent}/view": None,  # the namespace as agent sees it (operator only)
+    "agents/{agent}/memory": lambda k, agent: Dir(create=lambda name: _note(k, agent, name)),
+    "agents/{agent}/memory/{note}": lambda k, agent, note: _note(k, agent, note),
     "agents/{agent}/steps": lambda k, agent: Ctl(  # each line: one agent_step event
         lambda d: k.guarded(k.agent_step, agent, d, agent=agent.name, file="steps")),
     "agents/{agent}/out": _agent_out,
@@ -222,6 +233,8 @@ VARS = {
     "cap": (lambda k: sorted(_providers(k)), lambda k, name: name if name in _providers(k) else None),
     "query": (lambda k: [], lambda k, name: name if k.search is not None and name.strip()
               else None),
+    "note": (lambda k, agent: k.memory.keys(agent.name),
+             lambda k, name, agent: name if k.memory.get(agent.name, name) is not None else None),
     "model": (lambda k: sorted(k.models.models), lambda k, name: k.models.model(name)),
     # a conversation is its opener's: others (but the operator) do not see it
     "conv": (lambda k, model, me=None: k.models.visible(model, me),

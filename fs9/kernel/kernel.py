@@ -19,6 +19,7 @@ import trio
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd, escapes, manifest as manifests, search, vaultwatch
+from .memory import Memory
 from .models import Models
 from .manifest import NAME_RE
 from .agent import Agent, check_program
@@ -64,6 +65,7 @@ class Kernel:
             if self.vault_dir else None
         self._own_changes: dict[str, float] = {}  # vault-relative path -> when fs9 changed it
         self.models = Models(self)
+        self.memory = Memory(self)
 
     # --- lifetime --------------------------------------------------------------
 
@@ -90,6 +92,7 @@ class Kernel:
             nursery.start_soon(self.log.keep_checkpointed)
             nursery.start_soon(self.bus.keep_deadlines)
             await nursery.start(self.models.serve)
+            nursery.start_soon(self._prune_memory)
             if self.search is not None:
                 await nursery.start(self.search.serve)
                 await nursery.start(vaultwatch.watch, self)
@@ -109,6 +112,13 @@ class Kernel:
             if self.agents.get(agent.name) is agent:
                 self.record("agent_failed", agent=agent.name,
                             reason="internal error (see the bug event); start retries")
+
+    async def _prune_memory(self) -> None:
+        """Agents' notes past their max_age_days go (memory.py), checked hourly."""
+        while True:
+            for agent in list(self.agents.values()):
+                self.memory.prune(agent)
+            await trio.sleep(3600)
 
     async def _witness_denials(self) -> None:
         """Log what the kernel's audit says confined agents were denied; a defect here
@@ -147,7 +157,8 @@ class Kernel:
 
     def apply(self, e: Event) -> None:
         handler = getattr(self, "_on_" + e.kind, None) or getattr(self.bus, "on_" + e.kind, None) \
-            or getattr(self.models, "on_" + e.kind, None)
+            or getattr(self.models, "on_" + e.kind, None) \
+            or getattr(self.memory, "on_" + e.kind, None)
         if handler is None:
             return
         agent = self.agents.get(e.agent) if e.agent else None

@@ -51,7 +51,8 @@ INJECTION_PATTERNS = [  # likely attempts to turn data into instructions
     r"disregard (your|the) (instructions|rules|system prompt)",
     r"you are now\b", r"new instructions:", r"system prompt", r"</?(system|assistant)>",
     r"do not tell (the )?(user|operator)"]
-KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil", "owns", "budget") + FUTURE_KEYS \
+KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil", "owns", "budget", "memory") \
+    + FUTURE_KEYS \
     + LLM_KEYS
 
 
@@ -135,6 +136,8 @@ def check(raw: dict, origin: str) -> dict:
         if not isinstance(m.get("budget", {}), dict):
             raise Fs9Error(errno.EINVAL, "budget must be a table")
         Limits.of(m.get("budget", {}), "budget")
+        from .memory import policy  # (memory.py needs NAME_RE from here)
+        policy(m)
     except Fs9Error as e:
         raise bad(e.text)
     m.setdefault("pledge", list(views.DEFAULT_PLEDGE))  # shown in full in `manifest`

@@ -1,0 +1,88 @@
+"""L2 memory: an agent's own notes under agents/NAME/memory/, kept across restarts.
+
+A note is a small file the agent (or the operator) writes whole; it is stored in
+the event log (`memory_set` with the bytes, `memory_deleted`), so it survives
+restarts and crashes like everything acknowledged, and belongs to the agent's
+name (a respawned agent of that name finds its notes). The manifest's `[memory]`
+states the pruning policy; the oldest notes go first, each with a
+`memory_pruned` event:
+
+    [memory]
+    max_bytes = 1048576   # all notes together (default 1 MiB)
+    max_notes = 256       # (default 256)
+    max_age_days = 0      # notes not rewritten for this long go (0: never)
+"""
+import errno
+import time
+
+from ..errors import Fs9Error
+from .manifest import NAME_RE
+
+DEFAULTS = {"max_bytes": 1 << 20, "max_notes": 256, "max_age_days": 0}
+MAX_NOTE = 1 << 20
+
+
+def policy(manifest: dict) -> dict:
+    """The manifest's [memory] table with defaults; EINVAL if malformed."""
+    table = manifest.get("memory", {})
+    if not isinstance(table, dict) or set(table) - set(DEFAULTS):
+        raise Fs9Error(errno.EINVAL, f"memory: a table of {', '.join(DEFAULTS)}")
+    for key, value in table.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise Fs9Error(errno.EINVAL, f"memory: {key} must be a number >= 0")
+    return {**DEFAULTS, **table}
+
+
+class Memory:
+    """Every agent's notes: name -> {key: (bytes, when set)}."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.notes: dict[str, dict[str, tuple[bytes, float]]] = {}
+
+    def keys(self, agent: str) -> list[str]:
+        return sorted(self.notes.get(agent, {}))
+
+    def get(self, agent: str, key: str) -> bytes | None:
+        note = self.notes.get(agent, {}).get(key)
+        return None if note is None else note[0]
+
+    def set(self, agent, key: str, data: bytes) -> None:
+        if not NAME_RE.fullmatch(key):
+            raise Fs9Error(errno.EINVAL, f"bad note name {key!r}: letters, digits, _ . -")
+        if len(data) > MAX_NOTE:
+            raise Fs9Error(errno.EFBIG, f"a note is at most {MAX_NOTE} bytes")
+        self.kernel.record("memory_set", agent=agent.name, key=key, blob=data, size=len(data))
+        self.prune(agent)
+
+    def delete(self, agent, key: str, reason: str = "") -> None:
+        if self.get(agent.name, key) is None:
+            raise Fs9Error(errno.ENOENT, f"no note {key}")
+        kind = "memory_pruned" if reason else "memory_deleted"
+        self.kernel.record(kind, agent=agent.name, key=key, **({"reason": reason} if reason else {}))
+
+    def prune(self, agent, now: float | None = None) -> None:
+        """Apply agent's policy: too old, then the oldest until within size and count."""
+        rules = policy(agent.manifest)
+        now = time.time() if now is None else now
+        notes = self.notes.get(agent.name, {})
+        by_age = sorted(notes, key=lambda k: notes[k][1])
+        if rules["max_age_days"]:
+            for key in [k for k in by_age if now - notes[k][1] > rules["max_age_days"] * 86400]:
+                self.delete(agent, key, f"older than max_age_days = {rules['max_age_days']}")
+        by_age = sorted(notes, key=lambda k: notes[k][1])
+        while by_age and (len(notes) > rules["max_notes"] or
+                          sum(len(d) for d, _ in notes.values()) > rules["max_bytes"]):
+            key = by_age.pop(0)
+            self.delete(agent, key, f"over max_notes = {rules['max_notes']} or max_bytes = "
+                                    f"{rules['max_bytes']}: the oldest note goes")
+
+    # --- applying events (replay too) ---------------------------------------------
+
+    def on_memory_set(self, e, agent, task) -> None:
+        self.notes.setdefault(e.agent, {})[e.data["key"]] = (self.kernel.blob(e), e.ts)
+
+    def on_memory_deleted(self, e, agent, task) -> None:
+        self.notes.get(e.agent, {}).pop(e.data["key"], None)
+
+    on_memory_pruned = on_memory_deleted
