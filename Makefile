@@ -7,7 +7,7 @@ STATE  := .state
 VAULT  := examples/vault
 EXAMPLE_AGENTS := echo upper counter ticker
 
-.PHONY: run stop test bench deps clean
+.PHONY: run stop test bench example deps clean
 
 $(BIN)/fs9: pyproject.toml
 	@./scripts/system-deps.sh --test
@@ -44,6 +44,9 @@ bench: deps
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/views.py
 	$(BIN)/python bench/vault.py
+
+example: deps  # the customer-support scenario, offline (scripted model); see examples/support
+	@./examples/support/run.sh
 
 clean:
 	rm -rf $(VENV) $(STATE)

@@ -264,8 +264,11 @@ class Agent:
             k.record("task_failed", agent=self.name, task=task.id, corr=task.corr, exit=None,
                      reason=f"cannot confine: {e}")
             return 126
+        cmd = self.manifest["cmd"]
+        if self.manifest["driver"] == "llm":
+            cmd = [cmd[0], k.llm_program()]
         job = exec_driver.Job(
-            cmd=self.manifest["cmd"], cwd=self.workdir() if sandbox else self.home,
+            cmd=cmd, cwd=self.workdir() if sandbox else self.home,
             env=self.environ(task), stdin=None if task.daemon else k.task_input(task),
             priority=self.priority, emit=lambda fd, data: k.emit(task, fd, data),
             sandbox=sandbox)

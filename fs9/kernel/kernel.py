@@ -12,6 +12,8 @@ import gc
 import json
 import logging
 import os
+import shutil
+import tempfile
 import traceback
 
 import trio
@@ -66,6 +68,7 @@ class Kernel:
         self._own_changes: dict[str, float] = {}  # vault-relative path -> when fs9 changed it
         self.models = Models(self)
         self.memory = Memory(self)
+        self._llm_program: str | None = None  # see llm_program
 
     # --- lifetime --------------------------------------------------------------
 
@@ -387,7 +390,7 @@ class Kernel:
         mnt = self.mount_path
         read = list(confine.SYSTEM_READ)
         if agent.manifest["driver"] == "llm":  # fs9's own agent program
-            read.append(os.path.dirname(manifests.LLM_PROGRAM))
+            read.append(os.path.dirname(self.llm_program()))
         if agent.workdir() == agent.home:
             read.append(agent.home)
         return dict(agent=agent.name, uid=agent.uid, mnt=mnt, audit=self.audit,
@@ -443,6 +446,18 @@ class Kernel:
     def emit(self, task: Task, fd: int, data: bytes) -> None:
         self.log.add_chunk(task.id, task.attempt, fd, data)
         self.stream(task, fd).append(data)
+
+    def llm_program(self) -> str:
+        """drivers/llm_agent.py where agents' uids can read it: in place, or (fs9 kept
+        under a closed directory such as /root) a root-owned copy in a fresh temp dir."""
+        if self._llm_program is None:
+            self._llm_program = manifests.LLM_PROGRAM
+            if confine.unreachable(self._llm_program):
+                folder = tempfile.mkdtemp(prefix="fs9-programs-")
+                os.chmod(folder, 0o755)
+                self._llm_program = shutil.copy(manifests.LLM_PROGRAM, folder)
+                os.chmod(self._llm_program, 0o644)
+        return self._llm_program
 
     def agent_step(self, agent: Agent, data: bytes) -> None:
         """agents/NAME/steps: each line (JSON) an `agent_step` event of its current task.

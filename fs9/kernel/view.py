@@ -43,6 +43,7 @@ WRITE_PLEDGES = (
     (("agents", "*", "tasks", "*", "progress"), "send"),
     (("topics",), "publish"),
     (("vault",), "write"),
+    (("models",), None),  # a request to a model changes nothing: unveiling it is enough
 )
 
 

@@ -1,0 +1,47 @@
+#!/bin/sh
+# The customer-support scenario, end to end: support triages a bug report and hands it to
+# the coder, who fixes vault/code/search.py and asks the knowledge agent to update
+# vault/docs; the coder hands the case back and support closes it. Offline with the
+# scripted model; `./run.sh MODELS.TOML` uses a real model named `support` from that file
+# (docs/namespace.md, "Models"). Everything happens in a fresh temp dir; nothing is kept.
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+FS9=${FS9:-$HERE/../../.venv/bin/fs9}
+WORK=$(mktemp -d /tmp/fs9-support.XXXXXX)
+chmod 755 "$WORK"  # agents' uids walk through it
+cp -r "$HERE/vault" "$HERE/agents" "$WORK/"
+chmod -R a+rX "$WORK/vault" "$WORK/agents"
+mkdir -p "$WORK/state"
+if [ $# -gt 0 ]; then
+    cp "$1" "$WORK/state/models.toml"
+else
+    printf '[models.support]\nprovider = "scripted"\nscript = "%s"\n' "$HERE/script.toml" \
+        > "$WORK/state/models.toml"
+fi
+MNT=$WORK/mnt
+"$FS9" mount "$MNT" --agents "$WORK/agents" --vault "$WORK/vault" --state "$WORK/state" \
+    --background >/dev/null
+trap '"$FS9" umount "$MNT" >/dev/null 2>&1; rm -rf "$WORK"' EXIT
+cd "$MNT"
+grep '^label=' models/support/info
+for a in support coder knowledge; do echo "spawn $a" > ctl; done
+
+echo "--- the operator sends a bug report to support"
+printf 'type: work_request\n\nCustomer report: search crashes when the query is empty.\n' \
+    > agents/support/mail/new
+i=0
+until ls mail | grep -q '^[0-9]'; do  # the result comes back to the operator's mailbox
+    i=$((i + 1)); [ $i -lt 600 ] || { echo "no result after 60 s"; exit 1; }; sleep 0.1
+done
+result=$(ls mail | grep '^[0-9]' | head -1)
+corr=$(sed -n 's/^correlation-id: //p' "mail/$result")
+echo "--- the answer support sent back (mail/$result):"
+sed '1,/^$/d' "mail/$result"
+echo "--- the chain, from log/trace/$corr:"
+sed -n 's/.*"kind":"\(mail_sent\|task_done\|model_call\)","agent":"\([^"]*\)".*"type":"\([a-z_]*\)".*/\1 \2 \3/p; s/.*"kind":"\(task_done\|model_call\)","agent":"\([^"]*\)".*/\1 \2/p' "log/trace/$corr" | uniq -c
+echo "--- vault/code/search.py, as the coder left it:"
+cat vault/code/search.py
+echo "--- vault/docs/search.md, as the knowledge agent left it:"
+cat vault/docs/search.md
+echo "--- model use:"
+cat models/usage
