@@ -15,3 +15,6 @@ printf 'type: work_request\n\nshout this\n' > agents/upper/mail/new   # a reques
 cat mail/next                                 # ...its result comes back to your mailbox
 ls agents/upper/view/agents                   # upper's view: of agents/ it sees only itself
 cat registry/by-capability/upper-casing       # who provides a capability: upper
+id=$(cat models/scripted/clone)               # open a conversation with a model (offline:
+echo 'hello model' > models/scripted/$id/request   # the scripted one, labelled as such)
+cat models/scripted/$id/reply                 # its reply streams; tokens in models/usage

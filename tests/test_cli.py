@@ -83,6 +83,7 @@ def test_the_readme_walkthrough_runs(mount):
     i = lines.index("refused, and the reason is in err:")
     assert lines[i + 1] == ("fs9: unknown control message 'frobnicate' "
                             "(verbs: run, stop, start, restart, kill, priority)")
-    mail = lines[i + 2:-2]  # the result of the request sent by mail, in the operator's mailbox
+    mail = lines[i + 2:-3]  # the result of the request sent by mail, in the operator's mailbox
     assert "type: result" in mail and "from: upper" in mail and mail[-1] == "SHOUT THIS"
-    assert lines[-2:] == ["upper", "upper"]  # its view of agents/; the registry
+    assert lines[-3:-1] == ["upper", "upper"]  # its view of agents/; the registry
+    assert lines[-1] == "(scripted model) you said: hello model"

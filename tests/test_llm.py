@@ -145,3 +145,28 @@ def test_handoffs_carry_the_conversation_and_the_trace_shows_the_chain(llm_mount
     # the coder continued support's conversation: it was in its first request
     first = [e for e in trace if e["kind"] == "model_call" and e["agent"] == "coder"][0]
     assert first["tokens_in"] > 20
+
+
+def test_an_llm_agent_on_a_real_http_model(tmp_path):
+    """The same program against an OpenAI-compatible server, through llama-index."""
+    from modelserver import ModelServer
+    server = ModelServer(api_key="k-1")
+    m = Mount(tmp_path)
+    m.state.mkdir(parents=True)
+    (m.state / "models.toml").write_text(
+        f'[models.real]\nprovider = "openai"\napi_base = "{server.url}/v1"\napi_key = "k-1"\n')
+    (m.vault / "docs").mkdir(parents=True)
+    (m.vault / "docs/a.md").write_text("apples are red\n")
+    m.mount()
+    try:
+        m.define("reader", 'driver = "llm"\nmodel = "real"\n[unveil]\n"vault/docs" = "r"\n')
+        m.write("ctl", "spawn reader\n")
+        out = run(m, "reader", 'CALL read {"path": "vault/docs/a.md"}\n')
+        assert "tool said: <<<DATA from read vault/docs/a.md>>>" in out and "apples are red" in out
+        assert m.status("reader")["model_calls"] == "2"
+        sent = [body for path, body, _ in server.requests if path == "/v1/chat/completions"]
+        assert sent[-1]["messages"][-1]["role"] == "tool" and sent[0]["tools"]
+    finally:
+        m.umount()
+        server.stop()
+    assert not m.bugs(), m.bugs()
