@@ -44,6 +44,7 @@ bench: deps
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/views.py
 	$(BIN)/python bench/vault.py
+	$(BIN)/python bench/models.py
 
 example: deps  # the customer-support scenario, offline (scripted model); see examples/support
 	@./examples/support/run.sh

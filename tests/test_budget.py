@@ -64,7 +64,7 @@ async def test_scheduler_priority_then_fairness_then_arrival():
             await trio.sleep(hold)
 
     async with trio.open_nursery() as n:
-        n.start_soon(call, "first", "background", 1.0)  # takes the one slot
+        n.start_soon(call, "first", "background", 0.2)  # takes the one slot
         await trio.testing.wait_all_tasks_blocked()
         recent["first"] = 0
         for who, prio in (("busy", "normal"), ("quiet", "normal"), ("bg", "background"),
@@ -119,3 +119,31 @@ def test_scripted_rules(tmp_path):
     script.write_text('[[rule]]\nreply = "x"\ncall = "y"\n')
     with pytest.raises(Fs9Error, match="exactly one of reply, call"):
         scripted.load_script(str(script))
+
+
+async def test_a_long_wait_beats_fairness(autojump_clock):
+    """Fairness alone could hold a heavy user back for the whole minute; not past AGED_S."""
+    recent = {"heavy": 10_000}
+    sched = Scheduler(1, lambda who: recent.get(who, 0))
+    order = []
+
+    async def call(who, hold):
+        async with sched.slot(who, "normal"):
+            order.append(who)
+            await trio.sleep(hold)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(call, "first", 2.0)
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(call, "heavy", 0.5)  # waits 2 s: aged when the slot frees
+        await trio.sleep(1.5)
+        n.start_soon(call, "light", 0.5)  # waits 0.5 s: fairness would pick it
+    assert order == ["first", "heavy", "light"]
+
+
+def test_usage_sums_stay_right_as_days_pass():
+    u = Usage()
+    for t in range(10):
+        u.add(t * 10_000.0, 5, 5)
+    assert u.tokens_today(90_000.0) == 10 * 9  # the call at t=0 is over a day old
+    assert u.tokens_within(90_000.0, 60) == 10

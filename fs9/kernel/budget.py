@@ -47,6 +47,7 @@ class Usage:
     def __init__(self) -> None:
         self.calls = self.tokens_in = self.tokens_out = self.refused = 0
         self._tokens: collections.deque = collections.deque()  # (ts, tokens), last day
+        self._day = 0  # the sum of _tokens: a check costs O(1), not O(calls of the day)
         self._starts: collections.deque = collections.deque()  # ts of calls, last minute
 
     def started(self, now: float) -> None:
@@ -57,6 +58,7 @@ class Usage:
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
         self._tokens.append((now, tokens_in + tokens_out))
+        self._day += tokens_in + tokens_out
 
     @property
     def tokens(self) -> int:
@@ -68,7 +70,9 @@ class Usage:
     def tokens_within(self, now: float, seconds: float) -> int:
         """Tokens used in the last `seconds` (at most a day)."""
         while self._tokens and self._tokens[0][0] <= now - DAY_S:
-            self._tokens.popleft()
+            self._day -= self._tokens.popleft()[1]
+        if seconds >= DAY_S:
+            return self._day
         since = now - seconds
         return sum(t for _, t in itertools.takewhile(lambda e: e[0] > since,
                                                       reversed(self._tokens)))

@@ -7,8 +7,10 @@ here. A freed slot goes to the waiting call with the lowest key:
      (tokens in the last minute, `recent(who)`), so one busy agent cannot starve
      the others of its class;
   3. arrival order.
-The key is computed when a slot frees, not when the call arrives, so usage that
-changed while a call waited counts. A cancelled waiter leaves the queue; a slot
+A call that has waited AGED_S goes before fairness applies (arrival order within
+its class): fairness alone could hold a caller back for the whole minute its past
+use counts. The key is computed when a slot frees, not when the call arrives, so
+usage that changed while a call waited counts. A cancelled waiter leaves the queue; a slot
 handed to a caller that was cancelled at that moment goes to the next one.
 """
 import itertools
@@ -18,11 +20,13 @@ from typing import Callable
 import trio
 
 RANKS = {"interactive": 0, "normal": 1, "background": 2}
+AGED_S = 1.0
 
 
 class _Waiter:
     def __init__(self, who: str, rank: int, seq: int) -> None:
         self.who, self.rank, self.seq = who, rank, seq
+        self.since = trio.current_time()
         self.granted = trio.Event()
 
 
@@ -59,7 +63,10 @@ class Scheduler:
         if not self.waiting:
             self.busy -= 1
             return
-        best = min(self.waiting, key=lambda w: (w.rank, self.recent(w.who), w.seq))
+        now = trio.current_time()
+        best = min(self.waiting, key=lambda w: (
+            w.rank, now - w.since < AGED_S, 0 if now - w.since >= AGED_S else self.recent(w.who),
+            w.seq))
         self.waiting.remove(best)
         best.granted.set()  # the slot passes on: busy stays the same
 
