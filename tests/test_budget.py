@@ -10,7 +10,7 @@ from fs9.drivers import scripted
 from fs9.errors import Fs9Error
 from fs9.kernel import budget
 from fs9.kernel.budget import Limits, Scope, Usage
-from fs9.kernel.scheduler import Scheduler
+from fs9.kernel.scheduler import AGED_S, Scheduler
 
 
 def test_limits_are_checked():
@@ -133,10 +133,10 @@ async def test_a_long_wait_beats_fairness(autojump_clock):
             await trio.sleep(hold)
 
     async with trio.open_nursery() as n:
-        n.start_soon(call, "first", 2.0)
+        n.start_soon(call, "first", AGED_S + 1)
         await trio.testing.wait_all_tasks_blocked()
-        n.start_soon(call, "heavy", 0.5)  # waits 2 s: aged when the slot frees
-        await trio.sleep(1.5)
+        n.start_soon(call, "heavy", 0.5)  # waits over AGED_S: aged when the slot frees
+        await trio.sleep(AGED_S + 0.5)
         n.start_soon(call, "light", 0.5)  # waits 0.5 s: fairness would pick it
     assert order == ["first", "heavy", "light"]
 

@@ -7,7 +7,7 @@ here. A freed slot goes to the waiting call with the lowest key:
      (tokens in the last minute, `recent(who)`), so one busy agent cannot starve
      the others of its class;
   3. arrival order.
-A call that has waited AGED_S goes before fairness applies (arrival order within
+A call that has waited AGED_S (3 s) goes before fairness applies (arrival order within
 its class): fairness alone could hold a caller back for the whole minute its past
 use counts. The key is computed when a slot frees, not when the call arrives, so
 usage that changed while a call waited counts. A cancelled waiter leaves the queue; a slot
@@ -20,7 +20,7 @@ from typing import Callable
 import trio
 
 RANKS = {"interactive": 0, "normal": 1, "background": 2}
-AGED_S = 1.0
+AGED_S = 3.0
 
 
 class _Waiter:
