@@ -37,6 +37,11 @@ reply = "{1} says: {2}"
 match = 'read (\S+)'
 call = "read"
 args = { path = "{1}" }
+# a handoff to a lower-cleared agent
+[[rule]]
+match = 'classified report'
+call = "handoff"
+args = { to = "intern", note = "take this" }
 # support -> coder -> support
 [[rule]]
 match = 'bug report'
@@ -186,3 +191,16 @@ def test_an_llm_agent_on_a_real_http_model(tmp_path):
         m.umount()
         server.stop()
     assert not m.bugs(), m.bugs()
+
+
+def test_a_handoff_carries_the_senders_clearance(llm_mount):
+    m = llm_mount
+    m.define("cleared", 'driver = "llm"\nclearance = "confidential"\n')
+    m.define("intern", 'driver = "llm"\nclearance = "public"\n')
+    for name in ("cleared", "intern"):
+        m.write("ctl", f"spawn {name}\n")
+    out = run(m, "cleared", "classified report: the merger")
+    assert "the tool failed: Permission denied (EACCES)" in out, out
+    assert not m.status("intern")["latest"]  # no task reached it
+    assert any(e["kind"] == "refused" and "cleared for public" in e["reason"]
+               for e in audit(m))

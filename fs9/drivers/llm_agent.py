@@ -121,6 +121,8 @@ def run_tool(name: str, args: dict, conversation: list) -> str:
 
 def send(to: str, body: str, kind: str) -> str:
     headers = f"type: {kind}\ncorrelation-id: {os.environ.get('FS9_CORR', '')}\n"
+    if kind == "handoff":  # the conversation may hold anything up to our clearance
+        headers += f"classification: {os.environ.get('FS9_CLEARANCE', 'internal')}\n"
     requester = os.environ.get("FS9_REQUESTER")
     if kind == "handoff" and requester:
         headers += f"reply-to: {requester}\n"  # the result goes to who asked first

@@ -317,6 +317,7 @@ class Agent:
         if self.manifest["driver"] == "llm":
             m = self.manifest
             env.update(FS9_MODEL=m["model"], FS9_INSTRUCTIONS=m.get("instructions", ""),
+                       FS9_CLEARANCE=m.get("clearance", "internal"),
                        FS9_MAX_STEPS=str(m.get("max_steps", 20)),
                        FS9_TOOLS=json.dumps(m.get("tools")),
                        FS9_INJECTION_PATTERNS=json.dumps(
