@@ -52,7 +52,6 @@ the end (fusermount3 -u -z as a fallback) and every child process is killed.
 import collections
 import ctypes
 import os
-import platform
 import re
 import select
 import shutil
@@ -68,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import (REPO, SETTLE_S, BlockedReader, Fs9Mount, finish, mounted, pct,  # noqa: E402
+from foundation import (REPO, SETTLE_S, BlockedReader, Fs9Mount, cannot_run, finish, mounted, pct,  # noqa: E402
                         row, table)
 
 HERE = Path(__file__).resolve().parent
@@ -873,8 +872,9 @@ def notes_of(rate: dict, fan: dict, log: dict, autogen_why: str | None) -> list[
 
 
 def main() -> int:
-    if not shutil.which("fusermount3"):
-        print("bus: fusermount3 missing; cannot mount", file=sys.stderr)
+    why = cannot_run("bus")
+    if why:
+        print(why, file=sys.stderr)
         return 2
 
     def on_term(signum, frame):
@@ -957,22 +957,12 @@ def main() -> int:
           f"log scale: {LOG_REPEATS} runs each; all interleaved with their baselines)")
     for note in notes_of(rate, fan, log, autogen_why):
         print(f"- {note}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
-    report = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(elapsed, 1),
-        "quick": quick,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "kernel": platform.release()},
-        "git": git("rev-parse", "--short", "HEAD").strip(),
-        "git_dirty": bool(git("status", "--porcelain", "--", "fs9").strip()),
-        "autogen_core": autogen_why or "used",
-        "rows": [{k_: v for k_, v in r.items() if not k_.endswith("_text")} for r in rows],
-        "notes": notes_of(rate, fan, log, autogen_why),
-        "raw": {"mail_rate": rate, "mail_latency": lat,
-                "fanout": {str(k): v for k, v in fan.items()}, "log_scale": log},
-    }
-    return finish(RESULTS, report, rows)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "fs9"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return finish(RESULTS, rows, {"mail_rate": rate, "mail_latency": lat,
+                                  "fanout": {str(k): v for k, v in fan.items()}, "log_scale": log},
+                  elapsed, quick=quick, git_dirty=bool(dirty), autogen_core=autogen_why or "used",
+                  notes=notes_of(rate, fan, log, autogen_why))
 
 
 if __name__ == "__main__":

@@ -246,13 +246,7 @@ def wake_samples(reader: BlockedReader, trigger_fd: int, trigger: bytes, n: int,
 def fs9_round_trip(ctl_fd: int, out: Path) -> float:
     t0 = time.perf_counter_ns()
     os.write(ctl_fd, RUN)
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        data = b""
-        while chunk := os.read(fd, 65536):
-            data += chunk
-    finally:
-        os.close(fd)
+    data = read_to_eof(out)
     t1 = time.perf_counter_ns()
     if data != b"x\n":
         raise RuntimeError(f"agent out gave {data!r}, expected b'x\\n'")
@@ -412,10 +406,10 @@ def unmount_all(tmp: Path, mounts: list, label: str) -> None:
 
 
 def main() -> int:
-    for tool in ("fusermount3",):
-        if not shutil.which(tool):
-            print(f"foundation: {tool} missing; cannot mount", file=sys.stderr)
-            return 2
+    why = cannot_run("foundation")
+    if why:
+        print(why, file=sys.stderr)
+        return 2
 
     guard_signals(WATCHDOG_S)
 
@@ -448,21 +442,46 @@ def main() -> int:
     print(f"(ran {elapsed:.0f} s on {os.cpu_count()} cpus; writes: median of {WRITE_REPEATS} x "
           f"{WRITE_S:g} s; latencies: percentiles of {k['fs9']['n']} wake-ups and "
           f"{t['n']} round trips, interleaved with their baselines)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    return finish(RESULTS, rows, {"writes": w, "wake": k, "round_trip": t}, elapsed)
+
+
+def cannot_run(name: str, root: str = "", program: str = "") -> str | None:
+    """Why benchmark `name` cannot run here (fusermount3 missing; not root when it says
+    why it needs root; a program it needs missing), or None."""
+    if not shutil.which("fusermount3"):
+        return f"{name}: fusermount3 missing; cannot mount"
+    if root and os.geteuid() != 0:
+        return f"{name}: needs root ({root})"
+    if program and not os.access(program, os.X_OK):
+        return f"{name}: {program} missing"
+    return None
+
+
+def read_to_eof(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        return data
+    finally:
+        os.close(fd)
+
+
+def finish(path: Path, rows: list[dict], raw: dict, elapsed: float, **extra) -> int:
+    """Write the JSON report (when, the machine, the commit, `extra`, the rows, the raw
+    figures); the exit status: 1 under --strict when a target is missed."""
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(elapsed, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "kernel": platform.release()},
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                               capture_output=True, text=True).stdout.strip(),
-        "rows": [{k_: v for k_, v in r.items() if not k_.endswith("_text")} for r in rows],
-        "raw": {"writes": w, "wake": k, "round_trip": t},
+        **extra,
+        "rows": [{k: v for k, v in r.items() if not k.endswith("_text")} for r in rows],
+        "raw": raw,
     }
-    return finish(RESULTS, report, rows)
-
-
-def finish(path: Path, report: dict, rows: list[dict]) -> int:
-    """Write the JSON report; the exit status: 1 under --strict when a target is missed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {path.relative_to(REPO)}")
     return 1 if "--strict" in sys.argv[1:] and any(r["pass"] is False for r in rows) else 0

@@ -53,9 +53,7 @@ the model server stopped at the end.
 """
 import json
 import os
-import platform
 import random
-import shutil
 import signal
 import statistics
 import subprocess
@@ -66,8 +64,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import (PY, REPO, Fs9Mount, finish, guard_signals, pct, row,  # noqa: E402
-                        table, unmount_all)
+from foundation import (PY, REPO, Fs9Mount, cannot_run, finish, guard_signals, pct, row,  # noqa: E402
+                        read_to_eof, table, unmount_all)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "models.json"
@@ -115,17 +113,6 @@ class Server:
 
 
 # --- file helpers ------------------------------------------------------------------
-
-def read_all(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = b""
-        while chunk := os.read(fd, 65536):
-            data += chunk
-        return data
-    finally:
-        os.close(fd)
-
 
 def write(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY)
@@ -186,21 +173,21 @@ def fs9_client(fs: Fs9Mount, model: str, fresh: bool):
     else write `reset` to the one conversation's ctl, then request and reply.
     Then `last` is read, timed apart (the last step)."""
     base = fs.path / "models" / model
-    conv = None if fresh else base / read_all(base / "clone").strip().decode()
+    conv = None if fresh else base / read_to_eof(base / "clone").strip().decode()
 
     def call() -> tuple[str, list[float]]:
         nonlocal conv
         t0 = time.perf_counter_ns()
         if fresh:
-            conv = base / read_all(base / "clone").strip().decode()
+            conv = base / read_to_eof(base / "clone").strip().decode()
         else:
             write(conv / "ctl", b"reset\n")
         t1 = time.perf_counter_ns()
         write(conv / "request", TEXT.encode())
         t2 = time.perf_counter_ns()
-        text = read_all(conv / "reply").decode()
+        text = read_to_eof(conv / "reply").decode()
         t3 = time.perf_counter_ns()
-        last = json.loads(read_all(conv / "last"))
+        last = json.loads(read_to_eof(conv / "last"))
         t4 = time.perf_counter_ns()
         if last.get("content") != text or not last.get("tokens_in"):
             raise RuntimeError(f"last {last!r} does not match the reply {text!r}")
@@ -265,13 +252,13 @@ class Conversation:
 
     def __init__(self, fs: Fs9Mount, agent: str) -> None:
         base = fs.path / "agents" / agent / "view" / "models" / "slow"
-        self.conv = base / read_all(base / "clone").strip().decode()
+        self.conv = base / read_to_eof(base / "clone").strip().decode()
 
     def call(self) -> float:
         write(self.conv / "ctl", b"reset\n")
         t0 = time.perf_counter_ns()
         write(self.conv / "request", SLOW_TEXT.encode())
-        text = read_all(self.conv / "reply").decode()
+        text = read_to_eof(self.conv / "reply").decode()
         t1 = time.perf_counter_ns()
         if text != "echo: " + SLOW_TEXT:
             raise RuntimeError(f"the slow model answered {text!r}")
@@ -427,8 +414,9 @@ def rows_of(c: dict, s: dict) -> list[dict]:
 
 
 def main() -> int:
-    if not shutil.which("fusermount3"):
-        print("models: fusermount3 missing; cannot mount", file=sys.stderr)
+    why = cannot_run("models")
+    if why:
+        print(why, file=sys.stderr)
         return 2
     guard_signals(WATCHDOG_S)
     global CALL_ROUNDS, SCHED_ROUNDS, BG_ALONE_S
@@ -475,17 +463,7 @@ def main() -> int:
           f"(fresh): " + ", ".join(f"{k} {v:.2f}" for k, v in c["fresh"]["steps_p50_ms"].items())
           + f" ms; part 2: {s['n']} interactive calls a phase over {SCHED_ROUNDS} rounds, "
           f"{BG_AGENTS}x{BG_THREADS} background loops, slow model max_concurrent = 1)")
-    report = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(elapsed, 1),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "kernel": platform.release()},
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True).stdout.strip(),
-        "rows": [{k_: v for k_, v in r.items() if not k_.endswith("_text")} for r in rows],
-        "raw": {"calls": c, "scheduler": s},
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    return finish(RESULTS, report, rows)
+    return finish(RESULTS, rows, {"calls": c, "scheduler": s}, elapsed)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ Both mounts are always unmounted at the end (fusermount3 -u -z as a fallback).
 """
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -60,8 +59,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import (PY, REPO, Fs9Mount, detach, finish, guard_signals, mounted,  # noqa: E402
-                        pct, unmount_all)
+from foundation import (PY, Fs9Mount, cannot_run, detach, finish, guard_signals, mounted,  # noqa: E402
+                        pct, read_to_eof, unmount_all)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "vault.json"
@@ -281,17 +280,6 @@ class PassthroughMount:
 
 
 # --- running the timing program ----------------------------------------------------------
-
-def read_to_eof(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = b""
-        while chunk := os.read(fd, 65536):
-            data += chunk
-        return data
-    finally:
-        os.close(fd)
-
 
 def run_as_root(script: Path, base: Path, cfg: dict) -> dict:
     r = subprocess.run([SYS_PY, str(script)], input=json.dumps({**cfg, "base": str(base)}).encode(),
@@ -683,14 +671,9 @@ def rows_of(f: dict, s: dict, pt_reason: str | None) -> list[dict]:
 
 
 def main() -> int:
-    if not shutil.which("fusermount3"):
-        print("vault: fusermount3 missing; cannot mount", file=sys.stderr)
-        return 2
-    if os.geteuid() != 0:
-        print("vault: needs root (drop_caches, a confined agent)", file=sys.stderr)
-        return 2
-    if not os.access(SYS_PY, os.X_OK):
-        print(f"vault: {SYS_PY} missing (the timing program needs it)", file=sys.stderr)
+    why = cannot_run("vault", root="drop_caches, a confined agent", program=SYS_PY)
+    if why:
+        print(why, file=sys.stderr)
         return 2
 
     guard_signals(WATCHDOG_S)
@@ -762,18 +745,8 @@ def main() -> int:
           + ", ".join(f"{k} {f[k]['fstype']} uid {f[k]['uid']}" for k in f if "fstype" in f[k]) + ")")
     if not s.get("available"):
         print(f"(search: not available yet: {s.get('reason')})")
-    report = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(elapsed, 1),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "kernel": platform.release()},
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True).stdout.strip(),
-        "vault_made_s": made["made_s"], "passthroughfs": pt_reason or "measured",
-        "rows": [{k_: v for k_, v in r.items() if not k_.endswith("_text")} for r in rows],
-        "raw": {"files": f, "search": s},
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    return finish(RESULTS, report, rows)
+    return finish(RESULTS, rows, {"files": f, "search": s}, elapsed,
+                  vault_made_s=made["made_s"], passthroughfs=pt_reason or "measured")
 
 
 if __name__ == "__main__":

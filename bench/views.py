@@ -35,8 +35,6 @@ unmounted at the end (fusermount3 -u -z as a fallback).
 """
 import json
 import os
-import platform
-import shutil
 import signal
 import statistics
 import subprocess
@@ -46,8 +44,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import (REPO, Fs9Mount, finish, fs9_round_trip, guard_signals, pct,  # noqa: E402
-                        row, table, unmount_all)
+from foundation import (Fs9Mount, cannot_run, finish, fs9_round_trip, guard_signals, pct,  # noqa: E402
+                        read_to_eof, row, table, unmount_all)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "views.json"
@@ -111,17 +109,6 @@ OP_TEXT = {"stat": "stat agents/N/manifest", "read": "open+read+close agents/N/m
 
 
 # --- part 1: round trips and sandbox start ---------------------------------------------
-
-def read_to_eof(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = b""
-        while chunk := os.read(fd, 65536):
-            data += chunk
-        return data
-    finally:
-        os.close(fd)
-
 
 def text(fs: Fs9Mount, rel: str) -> str:
     return (fs.path / rel).read_text()
@@ -283,15 +270,9 @@ def rows_of(t: dict, s: dict, o: dict) -> list[dict]:
 
 
 def main() -> int:
-    if not shutil.which("fusermount3"):
-        print("views: fusermount3 missing; cannot mount", file=sys.stderr)
-        return 2
-    if os.geteuid() != 0:
-        print("views: confinement needs root", file=sys.stderr)
-        return 2
-    if not os.access(SYS_PY, os.X_OK):
-        print(f"views: {SYS_PY} missing (the timing program inside a view needs it)",
-              file=sys.stderr)
+    why = cannot_run("views", root="confinement", program=SYS_PY)
+    if why:
+        print(why, file=sys.stderr)
         return 2
 
     guard_signals(WATCHDOG_S)
@@ -340,17 +321,8 @@ def main() -> int:
           f"sandbox start: median of {STARTS} fresh agents each; file ops: percentiles of "
           f"{o['n_per_op']} samples an op, {OPS_ROUNDS} runs interleaved; in-view run as uid "
           f"{o['who']['view']['uid']})")
-    report = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(elapsed, 1),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "kernel": platform.release()},
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True).stdout.strip(),
-        "rows": [{k_: v for k_, v in r.items() if not k_.endswith("_text")} for r in rows],
-        "raw": {"round_trip": t, "sandbox_start": s, "file_ops": o},
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    return finish(RESULTS, report, rows)
+    return finish(RESULTS, rows, {"round_trip": t, "sandbox_start": s, "file_ops": o},
+                  elapsed)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,15 @@ def fs9(*args, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=kw.pop("timeout", 60), **kw)
 
 
+def errno_of(fn, *args) -> int | None:
+    """The errno fn(*args) fails with; None if it succeeds."""
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
+    return None
+
+
 def mounted(path: Path) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == str(path) for line in f)

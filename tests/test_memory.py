@@ -6,13 +6,7 @@ import os
 
 import pytest
 
-
-def errno_of(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return None
+from conftest import errno_of
 
 
 def test_notes_survive_a_remount_and_are_pruned_by_policy(mount):

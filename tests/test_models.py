@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import Events, Mount, fuse_unavailable
+from conftest import Events, Mount, errno_of, fuse_unavailable
 from modelserver import ModelServer
 
 pytestmark = pytest.mark.skipif(bool(fuse_unavailable()),
@@ -57,13 +57,6 @@ def converse(m: Mount, model: str, request: str, base: str = "") -> tuple[str, s
 def info(m: Mount, model: str) -> dict:
     return dict(line.split("=", 1) for line in m.read(f"models/{model}/info").splitlines())
 
-
-def errno_of(fn, *args) -> int | None:
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return None
 
 
 def test_the_scripted_model_through_files(mount):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from conftest import errno_of
 from fs9.drivers import confine
 
 needs_confinement = pytest.mark.skipif(
@@ -23,14 +24,6 @@ pledge = ["read", "send", "publish"]
 "topics/feed" = "r"
 "agents/echo/mail" = "rw"
 """
-
-
-def errno_of(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return 0
 
 
 def spawn(mount, line: str) -> None:

@@ -142,7 +142,7 @@ class Conversation:
         with open(f"{self.dir}/request", "w") as f:
             f.write(json.dumps({"messages": messages, "tools": tools}))
         with open(f"{self.dir}/reply", "rb") as f:  # stream it to our out as it comes
-            while chunk := f.read1(4096) if hasattr(f, "read1") else f.read(4096):
+            while chunk := f.read1(4096):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
         with open(f"{self.dir}/last") as f:

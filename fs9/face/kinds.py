@@ -140,9 +140,10 @@ class Ctl(Node):
         self.render = render  # () -> str, the state line; None: write-only
         self.whole = whole
         self.refused = refused  # (Fs9Error) -> None: reports a refusal made here
-        # `whole`: (bytes so far) -> None, raising Fs9Error to refuse the input at a
-        # write(2) already: shells ignore what close(2) says, so what can be known
-        # early (a budget exceeded, fs9 halted) is said where `echo` reports it
+        # `whole`: (bytes of the first write) -> None, raising Fs9Error to refuse the
+        # input at write(2) already: shells ignore what close(2) says, so what can be
+        # known early (a budget exceeded, fs9 halted) is said where `echo` reports it.
+        # Only the first write: a check may cost more than appending a chunk.
         self.early = early
         self.mode = stat.S_IFREG | (0o644 if render else 0o200)
 
@@ -178,8 +179,9 @@ class CtlHandle(SnapshotHandle):
             self.refused = Fs9Error(errno.EFBIG, f"task input over {MAX_INPUT} bytes")
             self.node.refused(self.refused)
             raise self.refused
+        first = not self.pending
         self.pending += data
-        if self.node.early is not None:
+        if first and self.node.early is not None:
             try:
                 self.node.early(len(self.pending))
             except Fs9Error as e:

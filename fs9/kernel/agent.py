@@ -150,8 +150,8 @@ class Agent:
     def run(self, text: str) -> Task:
         return self.kernel.submit(self, (text + "\n").encode())
 
-    def stop(self) -> None:
-        self.kernel.record("agent_stop", agent=self.name)
+    def stop(self, reason: str = "") -> None:
+        self.kernel.record("agent_stop", agent=self.name, **({"reason": reason} if reason else {}))
         self._cancel_run("cancelled")
 
     def start(self) -> None:

@@ -479,9 +479,7 @@ class Kernel:
                 self.log.append("injection_suspected", source=step.get("source"),
                                 patterns=step.get("patterns"), **ids)
                 if agent.manifest.get("on_injection") == "stop" and not agent.stopped:
-                    self.record("agent_stop", agent=agent.name,
-                                reason="on_injection = stop: a suspected prompt injection")
-                    agent._cancel_run("cancelled")
+                    agent.stop("on_injection = stop: a suspected prompt injection")
 
     def vault_changed(self, path: tuple[str, ...], op: str, uid: int | None = None,
                       dest: tuple[str, ...] | None = None) -> None:

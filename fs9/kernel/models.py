@@ -38,7 +38,7 @@ import traceback
 
 import trio
 
-from ..drivers import providers, scripted
+from ..drivers import providers
 from ..errors import Fs9Error
 from . import budget, cmd
 from .budget import Limits, Scope, Usage
@@ -338,9 +338,8 @@ class Models:
                 if conv.turn.scope is not None:
                     conv.turn.scope.cancel()
 
-    def precheck(self, conv: Conversation, size: int) -> None:
-        """What can be refused while a request is still being written (size bytes so
-        far): fs9 halted, a call in flight, a budget the prompt alone exceeds."""
+    def _ready(self, conv: Conversation, size: int) -> None:
+        """Refuse a request of size bytes that cannot be taken now, whatever it says."""
         if size > MAX_REQUEST:
             raise Fs9Error(errno.EFBIG, f"a request is at most {MAX_REQUEST} bytes")
         if self.kernel.halted:
@@ -348,14 +347,19 @@ class Models:
         if conv.state in ("queued", "running"):
             raise Fs9Error(errno.EBUSY, "a call is in flight in this conversation: read its "
                                         "reply first")
-        task = self._task_of(conv.owner)
-        self._admit(conv, task, tokens_of(conv.messages) + size // 4 + 1, 1)
 
-    def _admit(self, conv: Conversation, task, prompt: int, want: int) -> int:
-        """budget.admit for a call of conv; a refusal is a `model_refused` event."""
+    def precheck(self, conv: Conversation, size: int) -> None:
+        """What can be refused while a request is still being written (size bytes so
+        far): fs9 halted, a call in flight, a budget the prompt alone exceeds."""
+        self._ready(conv, size)
+        self._admit(conv, self._task_of(conv.owner), tokens_of(conv.messages) + size // 4 + 1, 1)
+
+    def _admit(self, conv: Conversation, task, prompt: int, want: int) -> tuple[list, int]:
+        """budget.admit for a call of conv: (its scopes, its max_tokens); a refusal is a
+        `model_refused` event."""
+        scopes = self.scopes(conv.who, task, conv.model)
         try:
-            return budget.admit(self.scopes(conv.who, task, conv.model), prompt, want,
-                                time.time())
+            return scopes, budget.admit(scopes, prompt, want, time.time())
         except Fs9Error as e:
             self.kernel.record("model_refused", agent=conv.owner, model=conv.model.name,
                                conv=conv.id, corr=task.corr if task else conv.corr,
@@ -365,16 +369,15 @@ class Models:
     def request(self, conv: Conversation, data: bytes) -> None:
         """One turn: check it, admit it against the budgets, start the call. Returns
         once the call is queued; its reply streams into conv.turn."""
-        self.precheck(conv, len(data))
+        self._ready(conv, len(data))
         req = parse_request(data)
         if self._nursery is None:
             raise Fs9Error(errno.EAGAIN, "models are not served yet")
-        who, task = conv.who, self._task_of(conv.owner)
+        task = self._task_of(conv.owner)
         messages = conv.messages + req.get("messages", [])
         tools = req["tools"] if "tools" in req else conv.tools
         want = min(req.get("max_tokens") or conv.model.max_tokens, conv.model.max_tokens)
-        scopes = self.scopes(who, task, conv.model)
-        max_tokens = self._admit(conv, task, tokens_of(messages), want)
+        scopes, max_tokens = self._admit(conv, task, tokens_of(messages), want)
         conv.messages, conv.tools = messages, tools
         conv.turn, conv.state, conv.used = Turn(), "queued", time.monotonic()
         conv.turns += 1
@@ -433,9 +436,8 @@ class Models:
     def _failed(self, conv, turn, e: Fs9Error, ids: dict) -> None:
         turn.error, conv.state = e, "failed"
         turn.result = {"error": e.text, "errno": errno.errorcode.get(e.errno, str(e.errno))}
-        self.kernel.log.append("model_error", reason=e.text, **ids)
-        if conv.messages and conv.messages[-1].get("role") != "assistant":
-            pass  # the request's messages stay: a retry sends them again
+        self.kernel.log.append("model_error", reason=e.text, **ids)  # (the request's
+        # messages stay in the conversation: the next request sends them again)
 
     async def _compact(self, conv: Conversation, ids: dict, max_tokens: int) -> None:
         """L1 memory: before the conversation overflows the context window, the older
