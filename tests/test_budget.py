@@ -1,5 +1,5 @@
-"""Model use, without FUSE: budgets (kernel/budget.py), the call scheduler
-(kernel/scheduler.py) and the scripted model (drivers/scripted.py)."""
+"""Model use, without FUSE: budgets (kernel/models/budget.py), the call scheduler
+(kernel/models/scheduler.py) and the scripted model (drivers/scripted.py)."""
 import errno
 
 import pytest
@@ -8,9 +8,9 @@ import trio.testing
 
 from fs9.drivers import scripted
 from fs9.errors import Fs9Error
-from fs9.kernel import budget
-from fs9.kernel.budget import Limits, Scope, Usage
-from fs9.kernel.scheduler import AGED_S, Scheduler
+from fs9.kernel.models import budget
+from fs9.kernel.models.budget import Limits, Scope, Usage
+from fs9.kernel.models.scheduler import AGED_S, Scheduler
 
 
 def test_limits_are_checked():

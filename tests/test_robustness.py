@@ -42,7 +42,7 @@ WRITABLE = ("/ctl", "/in", "/mail/new", "/progress", "/request", "/steps")  # be
 WRITE_ONLY = ("/in", "/mail/new", "/progress", "/request", "/steps")
 
 from conftest import Mount, fuse_unavailable
-from fs9.kernel import manifest as manifests
+from fs9.kernel.agents import manifest as manifests
 
 SEED = int(os.environ.get("FS9_FUZZ_SEED", "9"))
 FUZZ_S = float(os.environ.get("FS9_FUZZ_SECONDS", "10"))

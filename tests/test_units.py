@@ -5,8 +5,9 @@ import pytest
 import trio
 
 from fs9.errors import Fs9Error
-from fs9.kernel import cmd, manifest
-from fs9.kernel.agent import CMDS as AGENT_CMDS
+from fs9.kernel import cmd
+from fs9.kernel.agents import manifest
+from fs9.kernel.agents.agent import CMDS as AGENT_CMDS
 from fs9.kernel.kernel import Kernel
 from fs9.kernel.supervisor import RestartWindow, should_restart
 from fs9.kernel.task import BadTransition, Task
@@ -89,10 +90,10 @@ async def test_kernel_runs_a_task_and_replays_it(tmp_path):
     k2.log.close()
 
 
-# --- views (kernel/view.py): pure functions over a manifest ---------------------------
+# --- views (kernel/agents/view.py): pure functions over a manifest ---------------------------
 
 def test_view_access_follows_unveil_ownership_and_pledges():
-    from fs9.kernel import view
+    from fs9.kernel.agents import view
     v = view.parse("scout", {"pledge": ["read", "publish", "discover"],
                              "unveil": {"topics/news": "rw", "vault/docs": "r",
                                         "vault/docs/drafts": "w"},
@@ -127,7 +128,7 @@ def test_view_access_follows_unveil_ownership_and_pledges():
     ({"owns": ["topics/x"]}, "not a vault subtree"),
 ])
 def test_view_parse_refuses_what_it_cannot_mean(manifest, words):
-    from fs9.kernel import view
+    from fs9.kernel.agents import view
     if words is None:
         assert view.parse("a", manifest).access(("etc",)) == "r"
         return

@@ -14,7 +14,7 @@ import stat
 
 from ..errors import Fs9Error
 from .passthrough import PassNode
-from .tree import split_view
+from ..kernel.names import split_view
 
 READONLY_NS = "the namespace is made by the kernel: files come and go through ctl"
 

@@ -7,7 +7,6 @@ pyfuse3 handler ends the whole mount.
 import errno
 import functools
 import logging
-import traceback
 
 import pyfuse3
 
@@ -27,12 +26,7 @@ def boundary(fn):
             log.debug("%s%r: %s", fn.__name__, args[:2], e)
             raise pyfuse3.FUSEError(e.errno)
         except Exception:
-            text = traceback.format_exc()
-            log.error("bug in %s: %s", fn.__name__, text)
-            try:
-                self.kernel.log.append("bug", handler=fn.__name__, traceback=text)
-            except Exception:
-                pass
+            self.kernel.log.bug(fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO)
     return handler
 

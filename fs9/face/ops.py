@@ -22,7 +22,8 @@ from .boundary import boundary, file_name
 from .inodes import Inodes
 from .kinds import Dir, Handle, Node, Status
 from .passthrough import PassHandle, PassNode, in_thread
-from .tree import Tree, split_view
+from ..kernel.names import split_view
+from .tree import Tree
 from .vaultops import VaultOps
 
 log = logging.getLogger("fs9.face")
@@ -292,7 +293,7 @@ class Operations(VaultOps, pyfuse3.Operations):
         if isinstance(handle, PassHandle):
             handle.close()
             if handle.wrote:
-                self.kernel.vault_changed(self.inodes.path(handle.ino) or (), "modified",
+                self.kernel.vault_changes.report(self.inodes.path(handle.ino) or (), "modified",
                                           handle.uid)
         elif handle is not None and handle.poll_scope is not None:
             handle.poll_scope.cancel()

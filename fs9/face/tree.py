@@ -7,7 +7,7 @@ binds to nothing is ENOENT. Directories list the rows one level below them; a Di
 `create` takes new names (mail/, outbox/, topics/). `vault/` is a real
 directory on disk (face/passthrough.py).
 
-Views: `agents/NAME/view/P` is path P as agent NAME sees it (kernel/view.py):
+Views: `agents/NAME/view/P` is path P as agent NAME sees it (kernel/agents/view.py):
 the same rows, filtered by its unveil and pledge, with NAME as the one asking
 (`me`: a factory that takes `me` learns who asks; None is the operator). A
 confined agent's sandbox binds that directory over the mount point, so the view
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import Fs9Error
-from ..kernel import manifest as manifests
-from ..kernel.bus import OPERATOR
+from ..kernel.agents import manifest as manifests, registry
+from ..kernel.names import OPERATOR, split_view
 from ..kernel.stream import Stream
 from .passthrough import PassNode
 from .kinds import (AuditCursor, Chain, Clone, Ctl, Dir, EventCursor, NextCursor, Node,
@@ -63,30 +63,8 @@ def _topic(k, topic, me=None):
                                                      agent=me, file=f"topics/{topic.name}"))
 
 
-def _registry_entry(agent) -> str:
-    """What an agent offers, as KEY=VALUE lines (a key repeats for each item)."""
-    m = agent.manifest
-    lines = [f"name={agent.name}", f"state={agent.state}", f"mode={m['mode']}",
-             f"clearance={m.get('clearance', 'internal')}"]
-    lines += [f"provides={cap}" for cap in m.get("provides", [])]
-    lines += [f"accepts={kind}" for kind in m.get("accepts", ["work_request"])]
-    if "sla" in m:
-        lines += [f"sla={m['sla']}"]
-    lines += [f"owns={subtree}" for subtree in m.get("owns", [])]
-    if "description" in m:
-        lines += [f"description={m['description']}"]
-    return "\n".join(lines) + "\n"
-
-
-def _owners(k) -> str:
-    """Who owns which vault subtree: `SUBTREE OWNER CLASSIFICATION` lines, sorted."""
-    rows = sorted((subtree, name, a.manifest.get("clearance", "internal"))
-                  for name, a in k.agents.items() for subtree in a.manifest.get("owns", []))
-    return "".join(f"{sub} {name} {cls}\n" for sub, name, cls in rows)
-
-
 def _search(k, query: str | None, me=None):
-    """search/QUERY: the ranked hits, as the one asking sees the vault (kernel/search.py);
+    """search/QUERY: the ranked hits, as the one asking sees the vault (kernel/vault/search.py);
     query None: search/status, the index's state as the one asking sees it."""
     if k.search is None:
         raise Fs9Error(errno.ENOENT, "no vault (fs9 mount --vault DIR)")
@@ -108,20 +86,12 @@ def _conv_request(k, conv):
 
 
 def _note(k, agent, key: str):
-    """memory/KEY: an agent's note (kernel/memory.py), written whole, kept across restarts."""
+    """memory/KEY: an agent's note (kernel/agents/memory.py), written whole, kept across restarts."""
     said = dict(agent=agent.name, file="memory")
     return Ctl(lambda d: k.guarded(k.memory.set, agent, key, d, **said),
                lambda: k.memory.get(agent.name, key) or b"", whole=True,
                refused=lambda e: k.refused(e, **said),
                remove=lambda: k.guarded(k.memory.delete, agent, key, **said))
-
-
-def _providers(k) -> dict[str, list[str]]:
-    caps: dict[str, list[str]] = {}
-    for name in sorted(k.agents):
-        for cap in k.agents[name].manifest.get("provides", []):
-            caps.setdefault(cap, []).append(name)
-    return caps
 
 
 # pattern -> factory(kernel, **bound objects) -> Node (Dir rows get their names from the tree)
@@ -142,7 +112,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/memory": lambda k, agent: Dir(create=lambda name: _note(k, agent, name)),
     "agents/{agent}/memory/{note}": lambda k, agent, note: _note(k, agent, note),
     "agents/{agent}/steps": lambda k, agent: Ctl(  # each line: one agent_step event
-        lambda d: k.guarded(k.agent_step, agent, d, agent=agent.name, file="steps")),
+        lambda d: k.guarded(agent.steps, d, agent=agent.name, file="steps")),
     "agents/{agent}/out": _agent_out,
     "agents/{agent}/err": _agent_err,
     "agents/{agent}/status": lambda k, agent: Status(agent.status),
@@ -187,14 +157,14 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "vault": None,  # passthrough to the vault directory (see Tree._resolve)
     "registry": None,
     "registry/by-capability": None,  # (before {provider}: these names are reserved)
-    "registry/owners": lambda k: Status(lambda: _owners(k)),
-    "registry/{provider}": lambda k, provider: Status(lambda: _registry_entry(provider)),
+    "registry/owners": lambda k: Status(lambda: registry.owners(k.agents)),
+    "registry/{provider}": lambda k, provider: Status(lambda: registry.entry(provider)),
     "registry/by-capability/{cap}": lambda k, cap: Status(
-        lambda: "".join(f"{name}\n" for name in _providers(k).get(cap, []))),
+        lambda: registry.providers_text(k.agents, cap)),
     "search": None,  # ranked vault search; `ls` shows only status (queries are private)
     "search/status": lambda k, me=None: _search(k, None, me),
     "search/{query}": _search,
-    "models": None,  # the configured models (kernel/models.py)
+    "models": None,  # the configured models (kernel/models/models.py)
     "models/usage": lambda k: Status(k.models.usage_text),
     "models/{model}": None,
     "models/{model}/info": lambda k, model: Status(model.info),
@@ -230,7 +200,8 @@ VARS = {
     "corr": (lambda k: k.log.correlations(),
              lambda k, name: name if k.log.has_corr(name) else None),
     "provider": (lambda k: sorted(k.agents), lambda k, name: k.agents.get(name)),
-    "cap": (lambda k: sorted(_providers(k)), lambda k, name: name if name in _providers(k) else None),
+    "cap": (lambda k: sorted(registry.providers(k.agents)),
+            lambda k, name: name if name in registry.providers(k.agents) else None),
     "query": (lambda k: [], lambda k, name: name if k.search is not None and name.strip()
               else None),
     "note": (lambda k, agent: k.memory.keys(agent.name),
@@ -265,13 +236,6 @@ _ROWS = [_Row(tuple(p.split("/")) if p else (), f,
 _BY_DEPTH: dict[int, list[_Row]] = {}  # rows by path length: a walk tries only these
 for _row in _ROWS:
     _BY_DEPTH.setdefault(len(_row.parts), []).append(_row)
-
-
-def split_view(path: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
-    """(the agent whose view path is in, the path inside it); (None, path): the operator's."""
-    if len(path) >= 3 and path[0] == "agents" and path[2] == "view":
-        return path[1], path[3:]
-    return None, path
 
 
 class Tree:

@@ -15,12 +15,13 @@ import pyfuse3
 import trio
 
 from ..errors import Fs9Error
+from ..kernel.agents import manifest as manifests
 from . import passthrough
 from .access import READONLY_NS, may_set_attributes, new_mode
 from .boundary import boundary, file_name
 from .passthrough import (RENAME_EXCHANGE, PassHandle, PassNode, create_file, in_thread,
                           open_file, scan, set_attributes, settle)
-from .tree import split_view
+from ..kernel.names import split_view
 
 NO_XATTRS = "only vault files have extended attributes"
 OWNER_XATTR, CLASS_XATTR = "user.fs9.owner", "user.fs9.classification"
@@ -50,7 +51,7 @@ class VaultOps:
     async def _create_vault(self, parent_ino, name, mode, flags, ctx):
         path, real = await self._vault_target(parent_ino, name, ctx)
         fd, created = await in_thread(create_file, real, flags, new_mode(path, mode, ctx))
-        self.kernel.vault_changed(path, "created" if created else "modified", ctx.uid)
+        self.kernel.vault_changes.report(path, "created" if created else "modified", ctx.uid)
         try:
             entry = await self._made(path, real, ctx) if created else self._entry(path, real)
         except BaseException:
@@ -86,7 +87,7 @@ class VaultOps:
         with self.gate.refusals_logged(path):
             may_set_attributes(path, node, attr, fields, ctx)
         await in_thread(set_attributes, node.real, attr, fields)
-        self.kernel.vault_changed(path, "modified", ctx.uid)
+        self.kernel.vault_changes.report(path, "modified", ctx.uid)
         return self._attrs(ino, PassNode.at(node.real))
 
     async def _set_open_file_attributes(self, ino, attr, fields, fh, ctx, e: Fs9Error):
@@ -139,7 +140,7 @@ class VaultOps:
         path, real = await self._vault_target(parent_ino, name, ctx)
         mode = new_mode(path, mode, ctx) & 0o1777  # as mkdir(2): no setuid/setgid
         await in_thread(os.mkdir, real, mode)
-        self.kernel.vault_changed(path, "created", ctx.uid)
+        self.kernel.vault_changes.report(path, "created", ctx.uid)
         return await self._made(path, real, ctx, mode)
 
     @boundary
@@ -155,14 +156,14 @@ class VaultOps:
             raise Fs9Error(errno.EINVAL, "no such file type")
         perm = new_mode(path, mode, ctx)
         await in_thread(os.mknod, real, (kind or stat.S_IFREG) | perm, rdev)
-        self.kernel.vault_changed(path, "created", ctx.uid)
+        self.kernel.vault_changes.report(path, "created", ctx.uid)
         return await self._made(path, real, ctx, perm)
 
     @boundary
     async def symlink(self, parent_ino, name, target, ctx):
         path, real = await self._vault_target(parent_ino, name, ctx)
         await in_thread(os.symlink, os.fsdecode(target), real)
-        self.kernel.vault_changed(path, "created", ctx.uid)
+        self.kernel.vault_changes.report(path, "created", ctx.uid)
         return await self._made(path, real, ctx)
 
     @boundary
@@ -176,7 +177,7 @@ class VaultOps:
         if split_view(src_path)[0] != split_view(path)[0]:
             raise Fs9Error(errno.EXDEV, "link across views")
         await in_thread(os.link, src.real, real)
-        self.kernel.vault_changed(path, "created", ctx.uid)
+        self.kernel.vault_changes.report(path, "created", ctx.uid)
         # the other name is another inode of ours: the kernel must forget its link count
         await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
         return self._entry(path, real)
@@ -190,14 +191,14 @@ class VaultOps:
 
     async def _unlink_vault(self, path, node: PassNode, ctx) -> None:
         await in_thread(os.unlink, node.real)
-        self.kernel.vault_changed(path, "deleted", ctx.uid)
+        self.kernel.vault_changes.report(path, "deleted", ctx.uid)
         self._gone(path)
 
     @boundary
     async def rmdir(self, parent_ino, name, ctx):
         path, node = self._existing_vault_name(parent_ino, name, ctx)
         await in_thread(os.rmdir, node.real)
-        self.kernel.vault_changed(path, "deleted", ctx.uid)
+        self.kernel.vault_changes.report(path, "deleted", ctx.uid)
         self._gone(path)
 
     def _gone(self, path) -> None:
@@ -215,7 +216,7 @@ class VaultOps:
             raise Fs9Error(errno.EXDEV, "rename across views")
         # flags: RENAME_NOREPLACE, RENAME_EXCHANGE (renameat2 answers what it lacks)
         await in_thread(passthrough.rename, node.real, real, flags)
-        self.kernel.vault_changed(old_path, "moved", ctx.uid, dest=new_path)
+        self.kernel.vault_changes.report(old_path, "moved", ctx.uid, dest=new_path)
         self._renamed(split_view(old_path)[1], split_view(new_path)[1],
                       exchange=bool(flags & RENAME_EXCHANGE))
 
@@ -255,7 +256,7 @@ class VaultOps:
         inner = split_view(path)[1]
         owner = self.kernel.owner_of(inner)
         agent = self.kernel.agents.get(owner) if owner else None
-        clearance = agent.manifest.get("clearance", "internal") if agent else "internal"
+        clearance = (agent.manifest if agent else manifests.DEFAULTS)["clearance"]
         return {OWNER_XATTR: (owner or "").encode(), CLASS_XATTR: clearance.encode()}
 
     def _xattr_to_change(self, ino, raw_name: bytes, ctx, missing: int):

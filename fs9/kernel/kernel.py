@@ -9,26 +9,26 @@ re-queued (restart permanent/transient) or failed (temporary, daemon runs).
 import collections
 import errno
 import gc
-import json
 import logging
 import os
 import shutil
 import tempfile
-import traceback
+from typing import Callable
 
 import trio
 
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
-from . import cmd, escapes, manifest as manifests, search, vaultwatch
-from .memory import Memory
-from .models import Models
-from .manifest import NAME_RE
-from .agent import Agent, check_program
+from . import cmd
+from .agents import escapes, manifest as manifests, spawn
+from .agents.agent import Agent
+from .agents.memory import Memory
+from .bus.bus import Bus
 from .log import Event, EventLog
-from .bus import OPERATOR, Bus
+from .models.models import Models
 from .stream import Stream
 from .task import Task
+from .vault import search, watch
 
 CMDS = (
     cmd.Cmd("spawn", "spawn", 1, None, usage="spawn NAME [KEY=VALUE ...]"),
@@ -37,10 +37,32 @@ CMDS = (
     cmd.Cmd("resume", "resume", usage="resume"),
 )
 MAX_INPUT = 16 << 20  # bytes of one task's input
-RESERVED_NAMES = (OPERATOR, "by-capability", "owners")  # registry/ has files of these names
 NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart",
                "agent_failed", "priority", "task_queued"}  # (mail may be the operator's)
+# Events logged for the record only: no state is rebuilt from them (the rest each have
+# exactly one handler in a state holder's `appliers`; tests/test_units.py checks both).
+AUDIT_ONLY = frozenset({
+    "agent_step", "agent_unconfined", "audit_enabled", "audit_unavailable", "bug",
+    "conversation_closed", "conversation_compacted", "conversation_opened",
+    "escape_attempt", "escape_denied", "injection_suspected", "mail_delivered",
+    "mail_duplicate", "model_config_error", "model_error", "model_throttled",
+    "model_unreachable", "refused", "search_fallback", "search_index_damaged",
+    "search_semantic", "task_progress", "unveil_denied", "vault_changed",
+    "watch_overflow", "watch_unavailable"})
+Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
+
+
+def event_table(*holders) -> dict[str, Applier]:
+    """One table from event kind to the handler that applies it, merged from each
+    state holder's `appliers()`; a kind claimed twice is a defect."""
+    table: dict[str, Applier] = {}
+    for holder in holders:
+        for kind, handler in holder.appliers().items():
+            if kind in table or kind in AUDIT_ONLY:
+                raise AssertionError(f"event {kind} has two handlers")
+            table[kind] = handler
+    return table
 
 
 class Kernel:
@@ -65,10 +87,11 @@ class Kernel:
         self._fresh_blob: tuple[int, bytes | None] = (0, None)
         self.search = search.Search(self.vault_dir, self.state_dir, self.log) \
             if self.vault_dir else None
-        self._own_changes: dict[str, float] = {}  # vault-relative path -> when fs9 changed it
+        self.vault_changes = watch.OwnChanges(self.log, self.search)
         self.models = Models(self)
         self.memory = Memory(self)
         self._llm_program: str | None = None  # see llm_program
+        self.appliers = event_table(self, self.bus, self.models, self.memory)
 
     # --- lifetime --------------------------------------------------------------
 
@@ -98,7 +121,7 @@ class Kernel:
             nursery.start_soon(self._prune_memory)
             if self.search is not None:
                 await nursery.start(self.search.serve)
-                await nursery.start(vaultwatch.watch, self)
+                await nursery.start(watch.watch, self)
             task_status.started()
             await trio.sleep_forever()
 
@@ -109,9 +132,7 @@ class Kernel:
             await agent.serve()
         except Exception:
             agent.serving = False
-            text = traceback.format_exc()
-            log.error("bug in agent %s: %s", agent.name, text)
-            self.log.append("bug", agent=agent.name, traceback=text)
+            self.log.bug(f"agent {agent.name}", agent=agent.name)
             if self.agents.get(agent.name) is agent:
                 self.record("agent_failed", agent=agent.name,
                             reason="internal error (see the bug event); start retries")
@@ -129,9 +150,7 @@ class Kernel:
         try:
             await escapes.watch_denials(self)
         except Exception:
-            text = traceback.format_exc()
-            log.error("bug in the audit witness: %s", text)
-            self.log.append("bug", handler="watch_denials", traceback=text)
+            self.log.bug("watch_denials")
             self.log.append("audit_unavailable", reason="the audit witness failed (see bug)")
 
     def _recover(self) -> None:
@@ -159,11 +178,9 @@ class Kernel:
         return blob if seq == e.seq and blob is not None else self.log.blob(e.seq)
 
     def apply(self, e: Event) -> None:
-        handler = getattr(self, "_on_" + e.kind, None) or getattr(self.bus, "on_" + e.kind, None) \
-            or getattr(self.models, "on_" + e.kind, None) \
-            or getattr(self.memory, "on_" + e.kind, None)
+        handler = self.appliers.get(e.kind)
         if handler is None:
-            return
+            return  # AUDIT_ONLY: for the record
         agent = self.agents.get(e.agent) if e.agent else None
         task = self.tasks.get(e.task) if e.task else None
         if (agent is None and e.kind in NEEDS_AGENT) or (
@@ -173,7 +190,20 @@ class Kernel:
             return
         handler(e, agent, task)
 
-    # the bus applies its own events (mail_*, topic_created, published)
+    def appliers(self) -> dict[str, Applier]:
+        """The events that change agents and tasks (the bus, models and memory declare
+        their own)."""
+        return {
+            "spawn": self._on_spawn, "kill": self._on_kill, "halt": self._on_halt,
+            "resume": self._on_resume, "agent_stop": self._on_agent_stop,
+            "agent_exit": self._on_agent_exit, "agent_start": self._on_agent_start,
+            "agent_restart": self._on_agent_restart, "agent_failed": self._on_agent_failed,
+            "priority": self._on_priority, "task_queued": self._on_task_queued,
+            "task_started": self._on_task_started, "task_done": self._on_task_done,
+            "task_failed": self._on_task_failed, "task_cancelled": self._on_task_cancelled,
+            "task_interrupted": self._on_task_interrupted,
+            "task_requeued": self._on_task_requeued,
+        }
 
     def _on_spawn(self, e, agent, task):
         self.spawns += 1
@@ -288,8 +318,8 @@ class Kernel:
         for p in parsed:  # every line is checked before any is applied
             if p.cmd.verb == "spawn":
                 if by is not None:
-                    _check_spawn_words(by, p.args)
-                manifest, _ = self._prepare_spawn(*p.args)
+                    spawn.check_words_of_agent(by, p.args)
+                manifest, _ = spawn.prepare(self, *p.args)
                 if by is not None and manifest["unconfined"]:
                     raise Fs9Error(errno.EPERM, f"agent {by} may not start the unconfined "
                                                 f"agent {p.args[0]}")
@@ -303,48 +333,8 @@ class Kernel:
         for p in parsed:
             getattr(self, p.cmd.method)(*p.args)
 
-    def _prepare_spawn(self, name: str, *overrides: str) -> tuple[dict, str]:
-        """Check a spawn fully (name, definition, manifest, program); change nothing."""
-        if not NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
-            raise Fs9Error(errno.EINVAL, f"bad agent name {name!r}: letters, digits, _ . -"
-                                         f" (and not {', '.join(RESERVED_NAMES)})")
-        kv = dict(manifests.parse_override(w) for w in overrides)
-        definition = kv.pop("def", None)
-        if definition is not None and not (isinstance(definition, str)
-                                           and NAME_RE.fullmatch(definition)):
-            raise Fs9Error(errno.EINVAL, f"bad definition name def={definition!r}")
-        try:
-            raw, home = manifests.load_definition(self.agents_dir, definition or name)
-            origin = os.path.join(home, "agent.toml")
-        except Fs9Error as e:
-            # No definition: an ad hoc agent whose words say everything (cmd=...).
-            if e.errno != errno.ENOENT or definition or "cmd" not in kv:
-                raise
-            raw, home, origin = {}, os.path.join(self.state_dir, "work", name), f"spawn {name}"
-        manifest = manifests.check({**raw, **kv}, origin)
-        check_program(name, manifest, home)
-        if manifest["driver"] == "llm" and self.models.model(manifest["model"]) is None:
-            raise Fs9Error(errno.ENOENT, f"agent {name}: no model {manifest['model']!r} "
-                                         f"(models/; configured in {self.models.config_path}"
-                                         + (f": {self.models.problem}" if self.models.problem
-                                            else "") + ")")
-        for subtree in manifest["owns"]:
-            claim = tuple(subtree.strip("/").split("/"))
-            for other in self.agents.values():
-                for owned in other.view.owns if other.name != name else ():
-                    if claim[:len(owned)] == owned or owned[:len(claim)] == claim:
-                        raise Fs9Error(errno.EBUSY, f"{subtree} overlaps {'/'.join(owned)}, "
-                                       f"owned by agent {other.name}: a vault subtree has "
-                                       "exactly one owner")
-        why = not manifest["unconfined"] and (
-            confine.unavailable() or (not self.mount_path and "no mount to show a view in"))
-        if why:
-            raise Fs9Error(errno.EPERM, f"agent {name} cannot be confined here: {why}; "
-                                        "set unconfined = true to run it without confinement")
-        return manifest, home
-
     def spawn(self, name: str, *overrides: str) -> Agent:
-        manifest, home = self._prepare_spawn(name, *overrides)
+        manifest, home = spawn.prepare(self, name, *overrides)
         os.makedirs(home, exist_ok=True)
         self.record("spawn", agent=name, manifest=manifest, home=home)
         return self.agents[name]
@@ -459,58 +449,6 @@ class Kernel:
                 os.chmod(self._llm_program, 0o644)
         return self._llm_program
 
-    def agent_step(self, agent: Agent, data: bytes) -> None:
-        """agents/NAME/steps: each line (JSON) an `agent_step` event of its current task.
-        A step `injection_suspected` stops the agent if its manifest says so."""
-        task = agent.current
-        ids = dict(agent=agent.name, task=task.id if task else None,
-                   corr=task.corr if task else None)
-        for line in data.decode(errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                step = json.loads(line)
-            except ValueError:
-                step = {"kind": "note", "text": line[:4096]}
-            if not isinstance(step, dict):
-                step = {"kind": "note", "text": line[:4096]}
-            self.log.append("agent_step", step=step, **ids)
-            if step.get("kind") == "injection_suspected":
-                self.log.append("injection_suspected", source=step.get("source"),
-                                patterns=step.get("patterns"), **ids)
-                if agent.manifest.get("on_injection") == "stop" and not agent.stopped:
-                    agent.stop("on_injection = stop: a suspected prompt injection")
-
-    def vault_changed(self, path: tuple[str, ...], op: str, uid: int | None = None,
-                      dest: tuple[str, ...] | None = None) -> None:
-        """The face changed the vault (op: created | modified | deleted | moved, to
-        dest): a `vault_changed` event naming the actor (the agent whose view path is
-        in, else `uid UID`), and the search index told. The watcher will see the same
-        change on disk and, by fs9_changed, not log it again."""
-        agent, inner = _split_view(path)
-        if inner[:1] != ("vault",) or len(inner) < 2:
-            return
-        fields = dict(path="/".join(inner), op=op, actor=agent or f"uid {uid}")
-        rels = ["/".join(inner[1:])]
-        if dest is not None:
-            dest_inner = _split_view(dest)[1]
-            fields["dest"] = "/".join(dest_inner)
-            rels.append("/".join(dest_inner[1:]))
-        now = trio.current_time()
-        for rel in rels:
-            self._own_changes[rel] = now
-            if self.search is not None:
-                self.search.touch(rel)
-        if len(self._own_changes) > 4096:  # forget what is too old to matter
-            self._own_changes = {p: t for p, t in self._own_changes.items()
-                                 if now - t < vaultwatch.OWN_S}
-        self.log.append("vault_changed", agent=agent, **fields)
-
-    def fs9_changed(self, rel: str) -> bool:
-        """fs9 itself changed vault path rel (relative) within the last OWN_S."""
-        when = self._own_changes.get(rel)
-        return when is not None and trio.current_time() - when < vaultwatch.OWN_S
-
     def status(self) -> str:
         return "".join(a.status_line() for a in sorted(self.agents.values(), key=lambda a: a.name))
 
@@ -520,23 +458,3 @@ class Kernel:
                 f"agents={len(self.agents)} queued={t['queued']} running={t['running']} "
                 f"done={t['done']} failed={t['failed']} events={self.log.last_seq}\n")
 
-
-
-def _split_view(path: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
-    """(the agent whose view path is in, the path inside it), as face/tree.split_view."""
-    if len(path) >= 3 and path[0] == "agents" and path[2] == "view":
-        return path[1], path[3:]
-    return None, path
-
-
-AGENT_SPAWN_KEYS = {"def", "priority", "timeout_s", "max_restarts", "within_s", "restart"}
-
-
-def _check_spawn_words(by: str, args: tuple[str, ...]) -> None:
-    """An agent (pledge spawn) starts agents the operator defined, never wider ones: it
-    may not set what decides access (nor, checked after, start an unconfined one)."""
-    keys = {word.partition("=")[0] for word in args[1:]} - AGENT_SPAWN_KEYS
-    if keys:
-        raise Fs9Error(errno.EPERM, f"agent {by} may not set {', '.join(sorted(keys))} in a "
-                                    f"spawn (only {', '.join(sorted(AGENT_SPAWN_KEYS))}): "
-                                    "definitions decide what an agent may do")

@@ -16,12 +16,16 @@ import itertools
 import json
 import os
 import sqlite3
+import logging
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import trio
 
 from .stream import Changes
+
+log = logging.getLogger("fs9")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -116,6 +120,17 @@ class EventLog:
         self.recent.append(event)
         self.changes.bump()
         return event
+
+    def bug(self, where: str, **fields) -> None:
+        """The exception being handled is fs9's own defect: a `bug` event with its
+        traceback (and the server's log). Call it from an `except` block; it never
+        raises, so a defect in a handler stays in that handler."""
+        text = traceback.format_exc()
+        log.error("bug in %s: %s", where, text)
+        try:
+            self.append("bug", handler=where, traceback=text, **fields)
+        except Exception:
+            log.exception("logging a bug")
 
     def add_chunk(self, task: int, attempt: int, fd: int, data: bytes) -> None:
         self.db.execute("INSERT INTO chunks (task, attempt, fd, data) VALUES (?,?,?,?)",

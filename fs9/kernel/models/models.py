@@ -1,14 +1,14 @@
 """Models as devices: configured models, conversations with them, and who used what.
 
 The kernel holds the models' configuration (credentials included: nothing of it is
-ever served but names and labels), schedules the calls (kernel/scheduler.py),
-enforces budgets and rates before a call is sent (kernel/budget.py), logs every
+ever served but names and labels), schedules the calls (kernel/models/scheduler.py),
+enforces budgets and rates before a call is sent (kernel/models/budget.py), logs every
 call (`model_call`, with its tokens: replay rebuilds the usage) and cancels calls
 in flight at `halt`.
 
 Configuration: STATE/models.toml, or the file named by $FS9_MODELS:
 
-    [limits]                      # fs9 as a whole (kernel/budget.py)
+    [limits]                      # fs9 as a whole (kernel/models/budget.py)
     tokens_per_day = 1000000
     requests_per_minute = 600
     [models.local]
@@ -34,19 +34,18 @@ import json
 import os
 import time
 import tomllib
-import traceback
 
 import trio
 
-from ..drivers import providers
-from ..errors import Fs9Error
-from . import budget, cmd
+from ...drivers import providers
+from ...errors import Fs9Error
+from .. import cmd
+from . import budget
 from .budget import Limits, Scope, Usage
-from .manifest import NAME_RE
+from ..names import NAME_RE, OPERATOR
 from .scheduler import Scheduler
-from .stream import Stream
+from ..stream import Stream
 
-OPERATOR = "operator"
 IDLE_S = 3600.0
 KEEP_MESSAGES = 6  # compaction keeps the newest messages as they are
 MAX_REQUEST = 4 << 20
@@ -248,6 +247,10 @@ class Models:
         u = self.usage.get(("model", model, who))
         return 0 if u is None else u.tokens_within(time.time(), budget.MINUTE_S)
 
+    def appliers(self) -> dict:
+        """The events model usage is rebuilt from (Kernel.apply)."""
+        return {"model_call": self.on_model_call, "model_refused": self.on_model_refused}
+
     def on_model_call(self, e, agent, task) -> None:
         d = e.data
         who = e.agent or OPERATOR
@@ -424,7 +427,7 @@ class Models:
             except Fs9Error as e:
                 self._failed(conv, turn, e, ids)
             except Exception as e:  # a provider's defect: this call fails, fs9 goes on
-                self.kernel.log.append("bug", handler="model call", traceback=traceback.format_exc())
+                self.kernel.log.bug("model call")
                 self._failed(conv, turn, Fs9Error(errno.EIO, f"model call failed: {e!r}"), ids)
         if turn.scope.cancelled_caught:
             self._failed(conv, turn, Fs9Error(errno.ECANCELED, "the call was cancelled "

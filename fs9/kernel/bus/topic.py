@@ -8,7 +8,7 @@ Every event is also in the log (`published`), so nothing is lost for audit.
 """
 import collections
 
-from .stream import Changes
+from ..stream import Changes
 
 RING = 1024  # events kept per topic: a subscriber's bounded backlog
 MAX_EVENT = 64 << 10  # bytes in one event

@@ -16,7 +16,7 @@ import itertools
 import errno
 from dataclasses import dataclass
 
-from ..errors import Fs9Error
+from ...errors import Fs9Error
 
 DAY_S, MINUTE_S = 86_400.0, 60.0
 KEYS = ("tokens_per_task", "tokens_per_day", "requests_per_minute")

@@ -15,8 +15,8 @@ states the pruning policy; the oldest notes go first, each with a
 import errno
 import time
 
-from ..errors import Fs9Error
-from .manifest import NAME_RE
+from ...errors import Fs9Error
+from ..names import NAME_RE
 
 DEFAULTS = {"max_bytes": 1 << 20, "max_notes": 256, "max_age_days": 0}
 MAX_NOTE = 1 << 20
@@ -79,10 +79,12 @@ class Memory:
 
     # --- applying events (replay too) ---------------------------------------------
 
+    def appliers(self) -> dict:
+        return {"memory_set": self.on_memory_set, "memory_deleted": self.on_memory_deleted,
+                "memory_pruned": self.on_memory_deleted}
+
     def on_memory_set(self, e, agent, task) -> None:
         self.notes.setdefault(e.agent, {})[e.data["key"]] = (self.kernel.blob(e), e.ts)
 
     def on_memory_deleted(self, e, agent, task) -> None:
         self.notes.get(e.agent, {}).pop(e.data["key"], None)
-
-    on_memory_pruned = on_memory_deleted

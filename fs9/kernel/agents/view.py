@@ -19,7 +19,7 @@ Rules, in order:
 import errno
 from dataclasses import dataclass
 
-from ..errors import Fs9Error
+from ...errors import Fs9Error
 
 PLEDGES = {
     "read": "read files outside the agent's own directory",

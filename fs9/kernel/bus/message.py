@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from ..errors import Fs9Error
+from ...errors import Fs9Error
 
 MAX_MESSAGE = 1 << 20  # bytes, headers and body
 PRIORITIES = ("critical", "high", "normal", "low")  # delivery order

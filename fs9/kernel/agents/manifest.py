@@ -1,8 +1,9 @@
 """Agent manifests: `agents/NAME/agent.toml`, parsed with tomllib and checked.
 
-A manifest is plain data. `load_definition` reads one from disk, `apply_overrides`
-folds in the KEY=VALUE words of `spawn NAME KEY=VALUE...`, and `check` turns
-anything malformed into Fs9Error(EINVAL) naming the file and the field.
+A manifest is plain data. `load_definition` reads one from disk, `parse_override`
+reads one KEY=VALUE word of `spawn NAME KEY=VALUE...` (agents/spawn.py folds them
+in), and `check` turns anything malformed into Fs9Error(EINVAL) naming the file and
+the field; `render` shows the effective manifest (the `manifest` file).
 """
 import errno
 import math
@@ -13,11 +14,11 @@ import sys
 import tomllib
 from typing import Any
 
-from ..errors import Fs9Error
+from ...errors import Fs9Error
 from . import view as views
-from .budget import Limits
+from ..models.budget import Limits
+from .memory import policy as memory_policy
 
-NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # agents, definitions, topics
 DRIVERS = ("exec", "llm")
 MODES = ("task", "daemon")
 RESTARTS = ("permanent", "transient", "temporary")
@@ -34,15 +35,16 @@ DEFAULTS: dict[str, Any] = {
     "timeout_s": 0,  # 0: no limit
     "env": {},
     "unconfined": False,  # true: run without a private namespace (an explicit, logged choice)
+    "clearance": "internal",  # the highest classification it may receive (bus/message.py)
 }
 
 # Keys later layers read (views, bus, registry); accepted and kept as data now.
-FUTURE_KEYS = ("provides", "accepts", "clearance", "description", "sla", "subscribe")
+FUTURE_KEYS = ("provides", "accepts", "description", "sla", "subscribe")
 # driver = "llm": the built-in agent program (drivers/llm_agent.py) and its settings
 LLM_KEYS = ("model", "instructions", "tools", "max_steps", "on_injection",
             "injection_patterns")
-LLM_PROGRAM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "drivers", "llm_agent.py")
+LLM_PROGRAM = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "drivers", "llm_agent.py")
 # agents' programs cannot reach fs9's own interpreter (a venv, maybe under /root)
 LLM_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
                    if os.access(p, os.X_OK)), sys.executable)
@@ -100,7 +102,7 @@ def check(raw: dict, origin: str) -> dict:
                          ("priority", PRIORITIES)):
         if m[key] not in allowed:
             raise bad(f"{key} = {m[key]!r}; expected one of {', '.join(allowed)}")
-    if "clearance" in m and m["clearance"] not in CLASSIFICATIONS:
+    if m["clearance"] not in CLASSIFICATIONS:
         raise bad(f"clearance = {m['clearance']!r}; expected one of {', '.join(CLASSIFICATIONS)}")
     if m["driver"] == "llm":
         _check_llm(m, bad)
@@ -136,8 +138,7 @@ def check(raw: dict, origin: str) -> dict:
         if not isinstance(m.get("budget", {}), dict):
             raise Fs9Error(errno.EINVAL, "budget must be a table")
         Limits.of(m.get("budget", {}), "budget")
-        from .memory import policy  # (memory.py needs NAME_RE from here)
-        policy(m)
+        memory_policy(m)
     except Fs9Error as e:
         raise bad(e.text)
     m.setdefault("pledge", list(views.DEFAULT_PLEDGE))  # shown in full in `manifest`

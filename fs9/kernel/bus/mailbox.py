@@ -7,7 +7,7 @@ acknowledged (`rm`) or expires, never when it is read.
 import bisect
 
 from .message import Message
-from .stream import Changes
+from ..stream import Changes
 
 
 class Mailbox:

@@ -7,7 +7,7 @@ with `TrioToken.run_sync_soon`, never blocking watchdog's thread on ours:
   - after SETTLE_S, the changes of the batch are coalesced (a created file's
     modifications are its creation) and each is a `vault_changed` event, unless
     fs9 made that change itself within OWN_S (the face reports its own changes,
-    with their actor, through Kernel.vault_changed: they are logged once).
+    with their actor, through OwnChanges.report: they are logged once).
 When the kernel's inotify queue overflows (a big checkout, max_queued_events:
 16,384 by default), its events are lost: watchdog re-adds its watches and says so
 only in its log, so fs9 hooks its overflow callback (after watchdog's own), logs a
@@ -21,15 +21,54 @@ import logging
 import math
 import os
 import time
-import traceback
 
 import trio
+
+from ..names import split_view
 
 SETTLE_S = 0.25  # a change waits this long: fs9's own report of it arrives first
 OWN_S = 2.0  # a change fs9 made to a path within this long is not logged again
 OPS = {"created": "created", "modified": "modified", "deleted": "deleted", "moved": "moved",
        "closed": "", "attrib": ""}  # watchdog's kind -> our op ("": index only)
 log = logging.getLogger("fs9.vaultwatch")
+
+
+class OwnChanges:
+    """The vault changes fs9 made itself, for whoever asked through the mount: each is a
+    `vault_changed` event naming its actor, and the watcher, seeing the same change on
+    disk a moment later, does not log it again (`ours`)."""
+
+    def __init__(self, log, search) -> None:
+        self.log = log
+        self.search = search  # told at once, or None (no vault)
+        self._when: dict[str, float] = {}  # vault-relative path -> when fs9 changed it
+
+    def report(self, path: tuple[str, ...], op: str, uid: int | None = None,
+               dest: tuple[str, ...] | None = None) -> None:
+        """The face changed the vault at path (op: created | modified | deleted | moved,
+        to dest): the actor is the agent whose view path is in, else `uid UID`."""
+        agent, inner = split_view(path)
+        if inner[:1] != ("vault",) or len(inner) < 2:
+            return
+        fields = dict(path="/".join(inner), op=op, actor=agent or f"uid {uid}")
+        rels = ["/".join(inner[1:])]
+        if dest is not None:
+            dest_inner = split_view(dest)[1]
+            fields["dest"] = "/".join(dest_inner)
+            rels.append("/".join(dest_inner[1:]))
+        now = trio.current_time()
+        for rel in rels:
+            self._when[rel] = now
+            if self.search is not None:
+                self.search.touch(rel)
+        if len(self._when) > 4096:  # forget what is too old to matter
+            self._when = {p: t for p, t in self._when.items() if now - t < OWN_S}
+        self.log.append("vault_changed", agent=agent, **fields)
+
+    def ours(self, rel: str) -> bool:
+        """fs9 itself changed vault path rel (relative) within the last OWN_S."""
+        when = self._when.get(rel)
+        return when is not None and trio.current_time() - when < OWN_S
 
 
 def rel_path(vault: str, path: str) -> str | None:
@@ -100,9 +139,7 @@ async def watch(kernel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     try:
         await _log_changes(kernel, receive)
     except Exception:
-        text = traceback.format_exc()
-        log.error("bug in the vault watcher: %s", text)
-        kernel.log.append("bug", handler="vaultwatch", traceback=text)
+        kernel.log.bug("vaultwatch")
         kernel.log.append("watch_unavailable", reason="the vault watcher failed (see bug)")
     finally:
         observer.stop()  # its threads end on their own; joining could stall the unmount
@@ -186,7 +223,8 @@ async def _log_changes(kernel, receive) -> None:
             if rel is not None:
                 batch.append((op, rel, rel_dest, is_dir))
         for op, rel, dest in coalesce(batch):
-            if kernel.fs9_changed(rel) or (dest and kernel.fs9_changed(dest)):
+            ours = kernel.vault_changes.ours
+            if ours(rel) or (dest and ours(dest)):
                 continue
             fields = dict(path=f"vault/{rel}", op=op)
             if dest:

@@ -25,7 +25,7 @@ Contract:
 Queries run on the trio thread (a Status renders synchronously) and never block: a
 query's embedding (one HTTP request) is made before, in a worker thread (`prepare`),
 and cached per query text; builds, loads and saves run in worker threads and touch only
-the store, never a published Snapshot. The embedding side is kernel/embeddings.py.
+the store, never a published Snapshot. The embedding side is kernel/vault/embeddings.py.
 """
 import array
 import collections
@@ -34,7 +34,6 @@ import pickle
 import re
 import time
 import tomllib
-import traceback
 
 import trio
 
@@ -162,9 +161,8 @@ class Search:
         try:
             await self._serve()
         except Exception:
-            text = traceback.format_exc()
             self.error = "internal error (see the bug event)"
-            self.log.append("bug", handler="search", traceback=text)
+            self.log.bug("search")
 
     async def _serve(self) -> None:
         config = self._embedding_config()

@@ -39,7 +39,7 @@ import re
 
 import trio
 
-from ..drivers import audit, confine
+from ...drivers import audit, confine
 
 log = logging.getLogger("fs9.escapes")
 BURST = 50  # denial events per agent per second; beyond, they are counted, not logged

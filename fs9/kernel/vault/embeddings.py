@@ -1,5 +1,5 @@
 """Semantic ranking for vault search: an embedding model served by any OpenAI-compatible
-/v1/embeddings endpoint, through llama-index's OpenAILikeEmbedding (kernel/search.py
+/v1/embeddings endpoint, through llama-index's OpenAILikeEmbedding (kernel/vault/search.py
 decides when; here: the model's configuration, the client, the stored vectors and how
 their ranking merges with BM25's)."""
 import array

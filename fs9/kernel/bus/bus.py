@@ -22,16 +22,14 @@ import time
 
 import trio
 
-from ..errors import Fs9Error
+from ...errors import Fs9Error
 from . import message
-from .manifest import NAME_RE
+from ..names import NAME_RE, OPERATOR
 from .mailbox import Mailbox
 from .message import Message
-from .stream import Changes
+from ..stream import Changes
 from .topic import MAX_EVENT, Topic
 
-
-OPERATOR = "operator"
 
 
 class Operator:
@@ -68,7 +66,7 @@ class Bus:
         if agent.killed:
             raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
         msg = message.parse(data, to=agent.name, sender=sender)
-        clearance = agent.manifest.get("clearance", "internal")
+        clearance = agent.manifest["clearance"]
         level = msg.headers["classification"]
         if not message.clearance_allows(clearance, level):
             raise Fs9Error(errno.EACCES, f"{agent.name} is cleared for {clearance}, "
@@ -188,6 +186,11 @@ class Bus:
                 self.deliver_event(agent, topic.name, data, sender)
 
     # --- applying events (called by Kernel.apply) ---------------------------------
+
+    def appliers(self) -> dict:
+        return {"mail_sent": self.on_mail_sent, "mail_acked": self.on_mail_acked,
+                "mail_expired": self.on_mail_expired, "topic_created": self.on_topic_created,
+                "published": self.on_published}
 
     def on_mail_sent(self, e, agent, task) -> None:
         agent = self.owner(e.agent)

@@ -14,15 +14,16 @@ import tempfile
 
 import trio
 
-from ..drivers import confine
-from ..drivers import exec as exec_driver
-from ..errors import NO_AGENT, Fs9Error
-from . import cmd, escapes, manifest as manifests
-from .budget import Limits
-from .mailbox import Mailbox
-from .stream import Changes
-from .supervisor import RestartWindow, should_restart
-from .task import Task
+from ...drivers import confine
+from ...drivers import exec as exec_driver
+from ...errors import NO_AGENT, Fs9Error
+from .. import cmd
+from . import escapes, manifest as manifests
+from ..models.budget import Limits
+from ..bus.mailbox import Mailbox
+from ..stream import Changes
+from ..supervisor import RestartWindow, should_restart
+from ..task import Task
 from . import view as views
 
 CMDS = (
@@ -40,11 +41,12 @@ class Agent:
     def __init__(self, kernel, name: str, manifest: dict, home: str, uid: int) -> None:
         self.kernel = kernel
         self.name = name
-        self.manifest = manifest
+        # (a manifest logged by an older fs9 may lack keys added to the defaults since)
+        self.manifest = {**manifests.DEFAULTS, **manifest}
         self.home = home  # working directory of its program
         self.uid = uid  # its programs' uid, when confined
         self.view = views.parse(name, manifest)
-        self.budget = Limits.of(manifest.get("budget", {}), "budget")  # model use (kernel/budget.py)
+        self.budget = Limits.of(manifest.get("budget", {}), "budget")  # model use (kernel/models/budget.py)
         self.confined = not manifest.get("unconfined", False)
         self.priority = manifest["priority"]
         self.stopped = False  # by `stop`, or a daemon that exited for good
@@ -166,6 +168,29 @@ class Agent:
 
     def set_priority(self, priority: str) -> None:
         self.kernel.record("priority", agent=self.name, priority=priority)
+
+    def steps(self, data: bytes) -> None:
+        """agents/NAME/steps: each line (JSON) an `agent_step` event of its current task.
+        A step `injection_suspected` stops the agent if its manifest says so."""
+        task = self.current
+        ids = dict(agent=self.name, task=task.id if task else None,
+                   corr=task.corr if task else None)
+        log = self.kernel.log
+        for line in data.decode(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line)
+            except ValueError:
+                step = {"kind": "note", "text": line[:4096]}
+            if not isinstance(step, dict):
+                step = {"kind": "note", "text": line[:4096]}
+            log.append("agent_step", step=step, **ids)
+            if step.get("kind") == "injection_suspected":
+                log.append("injection_suspected", source=step.get("source"),
+                           patterns=step.get("patterns"), **ids)
+                if self.manifest.get("on_injection") == "stop" and not self.stopped:
+                    self.stop("on_injection = stop: a suspected prompt injection")
 
     def _cancel_run(self, as_: str) -> None:
         if self._run_scope is not None:
@@ -317,7 +342,7 @@ class Agent:
         if self.manifest["driver"] == "llm":
             m = self.manifest
             env.update(FS9_MODEL=m["model"], FS9_INSTRUCTIONS=m.get("instructions", ""),
-                       FS9_CLEARANCE=m.get("clearance", "internal"),
+                       FS9_CLEARANCE=m["clearance"],
                        FS9_MAX_STEPS=str(m.get("max_steps", 20)),
                        FS9_TOOLS=json.dumps(m.get("tools")),
                        FS9_INJECTION_PATTERNS=json.dumps(
@@ -328,13 +353,3 @@ class Agent:
                    FS9_PROGRESS=home and os.path.join(home, "tasks", str(task.id), "progress"))
         return env
 
-
-def check_program(name: str, manifest: dict, home: str) -> None:
-    """Refuse a spawn whose program cannot be found or run."""
-    prog = manifest["cmd"][0]
-    path = os.path.join(home, prog) if "/" in prog else shutil.which(
-        prog, path=manifest["env"].get("PATH", os.environ.get("PATH")))
-    if not path or not os.path.isfile(path):
-        raise Fs9Error(errno.ENOENT, f"agent {name}: program {prog!r} not found")
-    if not os.access(path, os.X_OK):
-        raise Fs9Error(errno.EACCES, f"agent {name}: program {prog!r} is not executable")

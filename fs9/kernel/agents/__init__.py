@@ -1,0 +1,1 @@
+"""Agents: the manifest, the view it unveils, the agent loop, its memory, its refusals."""

@@ -1,0 +1,37 @@
+"""What the registry shows (`registry/`): what each agent offers, who provides a
+capability, who owns which vault subtree. Rendered from the manifests, as text."""
+
+
+def entry(agent) -> str:
+    """What an agent offers, as KEY=VALUE lines (a key repeats for each item)."""
+    m = agent.manifest
+    lines = [f"name={agent.name}", f"state={agent.state}", f"mode={m['mode']}",
+             f"clearance={m['clearance']}"]
+    lines += [f"provides={cap}" for cap in m.get("provides", [])]
+    lines += [f"accepts={kind}" for kind in m.get("accepts", ["work_request"])]
+    if "sla" in m:
+        lines += [f"sla={m['sla']}"]
+    lines += [f"owns={subtree}" for subtree in m.get("owns", [])]
+    if "description" in m:
+        lines += [f"description={m['description']}"]
+    return "\n".join(lines) + "\n"
+
+
+def owners(agents: dict) -> str:
+    """Who owns which vault subtree: `SUBTREE OWNER CLASSIFICATION` lines, sorted."""
+    rows = sorted((subtree, name, a.manifest["clearance"])
+                  for name, a in agents.items() for subtree in a.manifest.get("owns", []))
+    return "".join(f"{sub} {name} {cls}\n" for sub, name, cls in rows)
+
+
+def providers(agents: dict) -> dict[str, list[str]]:
+    """capability -> the agents providing it, by name."""
+    caps: dict[str, list[str]] = {}
+    for name in sorted(agents):
+        for cap in agents[name].manifest.get("provides", []):
+            caps.setdefault(cap, []).append(name)
+    return caps
+
+
+def providers_text(agents: dict, cap: str) -> str:
+    return "".join(f"{name}\n" for name in providers(agents).get(cap, []))

@@ -1,0 +1,1 @@
+"""The bus: mail between agents and the operator, and topics (the embedded backend)."""

@@ -1,0 +1,1 @@
+"""Models as devices: configuration, conversations, budgets and the call scheduler."""
