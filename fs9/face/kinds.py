@@ -4,7 +4,7 @@ Dir      a directory whose names come from the tree table
 Ctl      write: commands, applied per write (or, `whole`, the bytes of one open
          applied at close: `agents/NAME/in`); read: a state line
 Status   text rendered at open: a consistent snapshot per open
-Stream   reads block until data or EOF, like a pipe; per-open cursor
+Stream   reads block until data or EOF, like a pipe; per-open cursor (cursors.py)
 
 Nodes are made fresh by the tree for each request; a Handle is the per-open
 state (cursor, snapshot, written bytes, the caller's pid captured at open).
@@ -17,9 +17,6 @@ import trio
 
 from ..errors import Fs9Error
 from ..kernel.kernel import MAX_INPUT
-from ..kernel.log import EventLog
-from ..kernel.stream import Stream
-from ..kernel.task import Task
 
 SLICE_S = 0.2  # a blocked reader checks for a pending signal this often
 
@@ -242,184 +239,6 @@ class StreamHandle(Handle):
             if not self.cursor.readable() and signal_pending(self.pid):
                 raise Fs9Error(errno.EINTR, "interrupted")
         return self.cursor.take(size)
-
-
-class StreamCursor:
-    """A reader's position in a Stream; EOF once the stream has ended and all is read."""
-
-    def __init__(self, stream: Stream | None = None) -> None:
-        self.stream = stream
-        self.pos = 0
-
-    def _stream(self) -> Stream | None:
-        return self.stream
-
-    def readable(self) -> bool:
-        s = self._stream()
-        return s is not None and s.readable(self.pos)
-
-    def at_end(self) -> bool:
-        s = self._stream()
-        return s is not None and s.ended and self.pos >= len(s.data)
-
-    async def wait_readable(self) -> None:
-        await self._stream().wait_readable(self.pos)
-
-    def take(self, size: int) -> bytes:
-        data = bytes(self._stream().data[self.pos:self.pos + size])
-        self.pos += len(data)
-        return data
-
-
-class ReplyCursor(StreamCursor):
-    """A model's reply as it streams; a failed call ends it with its errno, once."""
-
-    def __init__(self, turn) -> None:
-        super().__init__(turn.text)
-        self.turn = turn
-        self.told = False  # this reader got the error: EOF from now on
-
-    def take(self, size: int) -> bytes:
-        data = super().take(size)
-        if not data and self.turn.error is not None and not self.told:
-            self.told = True
-            raise self.turn.error
-        return data
-
-
-class TaskCursor(StreamCursor):
-    """A task's stdout or stderr from its start; waits while the task is queued."""
-
-    def __init__(self, kernel, task: Task | None, fd: int) -> None:
-        super().__init__(Stream(ended=True) if task is None else None)
-        self.kernel, self.task, self.fd = kernel, task, fd
-
-    def _stream(self) -> Stream | None:
-        if self.task is None:
-            return self.stream
-        if self.task.state == "queued":
-            return None
-        return self.kernel.stream(self.task, self.fd)
-
-    async def wait_readable(self) -> None:
-        if self.task is not None and self.task.state == "queued":
-            await self.task.wait_started()
-        if self._stream() is not None:
-            await super().wait_readable()
-
-
-class Chain:
-    """Cursors read one after the other (an agent's `err`: the task's stderr, then notes)."""
-
-    def __init__(self, *cursors) -> None:
-        self.cursors = list(cursors)
-
-    def _head(self):
-        while len(self.cursors) > 1 and self.cursors[0].at_end():
-            self.cursors.pop(0)
-        return self.cursors[0]
-
-    def readable(self) -> bool:
-        return self._head().readable()
-
-    async def wait_readable(self) -> None:
-        await self._head().wait_readable()
-
-    def take(self, size: int) -> bytes:
-        return self._head().take(size)
-
-
-class NextCursor(StreamCursor):
-    """`mail/next`: waits for a pending message, then reads the head of the queue."""
-
-    def __init__(self, kernel, agent) -> None:
-        super().__init__(None)
-        self.kernel, self.agent = kernel, agent
-
-    def readable(self) -> bool:
-        return self.stream is not None or bool(self.agent.mailbox.order)
-
-    def at_end(self) -> bool:
-        return self.stream is not None and super().at_end()
-
-    async def wait_readable(self) -> None:
-        await self.agent.mailbox.wait_pending()
-
-    def take(self, size: int) -> bytes:
-        if self.stream is None:
-            msg = self.agent.mailbox.head()
-            self.stream = Stream(msg.render(), ended=True)
-            self.kernel.bus.delivered(self.agent, msg)
-        return super().take(size)
-
-
-class TopicCursor:
-    """A subscription: every event published after the open, in order; never EOF."""
-
-    def __init__(self, topic) -> None:
-        self.topic, self.seen, self.buf = topic, topic.count, b""
-
-    def readable(self) -> bool:
-        return bool(self.buf) or self.topic.count > self.seen
-
-    async def wait_readable(self) -> None:
-        while not self.readable():
-            await self.topic.changes.wait_past(self.topic.changes.version)
-
-    def take(self, size: int) -> bytes:
-        if not self.buf:
-            dropped, events = self.topic.since(self.seen)
-            self.seen = self.topic.count
-            note = f"fs9: overflow: {dropped} events dropped\n".encode() if dropped else b""
-            self.buf = note + b"".join(events)
-        data, self.buf = self.buf[:size], self.buf[size:]
-        return data
-
-
-class AuditCursor:
-    """The whole log as JSON lines, from the first event to the last one at open."""
-
-    def __init__(self, log: EventLog) -> None:
-        self.log, self.seq, self.end = log, 0, log.last_seq
-        self.buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    async def wait_readable(self) -> None:
-        pass
-
-    def take(self, size: int) -> bytes:
-        if not self.buf and self.seq < self.end:
-            events = [e for e in self.log.events_after(self.seq, 1000) if e.seq <= self.end]
-            self.seq = events[-1].seq if events else self.end
-            self.buf = "".join(e.json() + "\n" for e in events).encode()
-        data, self.buf = self.buf[:size], self.buf[size:]
-        return data
-
-
-class EventCursor:
-    """The kernel's events as JSON lines, from the moment of open; never EOF."""
-
-    def __init__(self, log: EventLog) -> None:
-        self.log = log
-        self.seq = log.last_seq
-        self.buf = b""
-
-    def readable(self) -> bool:
-        return bool(self.buf) or self.log.last_seq > self.seq
-
-    async def wait_readable(self) -> None:
-        if not self.buf:
-            await self.log.wait_after(self.seq)
-
-    def take(self, size: int) -> bytes:
-        if not self.buf:
-            events = self.log.events_after(self.seq)
-            self.seq = events[-1].seq
-            self.buf = "".join(e.json() + "\n" for e in events).encode()
-        data, self.buf = self.buf[:size], self.buf[size:]
-        return data
 
 
 def _encode(text: str | bytes) -> bytes:

@@ -24,8 +24,9 @@ from ..kernel.agents import manifest as manifests, registry
 from ..kernel.names import OPERATOR, split_view
 from ..kernel.stream import Stream
 from .passthrough import PassNode
-from .kinds import (AuditCursor, Chain, Clone, Ctl, Dir, EventCursor, NextCursor, Node,
-                    ReplyCursor, Status, StreamCursor, StreamNode, TaskCursor, TopicCursor)
+from .cursors import (AuditCursor, Chain, EventCursor, NextCursor, ReplyCursor, StreamCursor,
+                      TaskCursor, TopicCursor)
+from .kinds import Clone, Ctl, Dir, Node, Status, StreamNode
 
 
 def _agent_out(k, agent):
