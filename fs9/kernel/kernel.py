@@ -28,7 +28,7 @@ from .log import Event, EventLog
 from .models.models import Models
 from .stream import Stream
 from .task import Task
-from .vault import search, watch
+from .vault import beneath, search, watch
 
 CMDS = (
     cmd.Cmd("spawn", "spawn", 1, None, usage="spawn NAME [KEY=VALUE ...]"),
@@ -85,6 +85,8 @@ class Kernel:
         self._nursery: trio.Nursery | None = None
         self._replaying = False
         self._fresh_blob: tuple[int, bytes | None] = (0, None)
+        # every vault file fs9 touches, for anyone, is reached beneath this fd (beneath.py)
+        self.vault_root = beneath.VaultRoot(self.vault_dir) if self.vault_dir else None
         self.search = search.Search(self.vault_dir, self.state_dir, self.log) \
             if self.vault_dir else None
         self.vault_changes = watch.OwnChanges(self.log, self.search)
