@@ -43,18 +43,16 @@ from .. import cmd
 from . import budget
 from .budget import Limits, Scope, Usage
 from ..names import NAME_RE, OPERATOR
+from .conversation import (Conversation, Turn, assistant_message, compact, parse_request,
+                           tokens_of)
 from .scheduler import Scheduler
-from ..stream import Stream
 
 IDLE_S = 3600.0
-KEEP_MESSAGES = 6  # compaction keeps the newest messages as they are
 MAX_REQUEST = 4 << 20
 MODEL_KEYS = {"provider", "model", "api_base", "api_key", "api_key_env", "context_window",
               "max_tokens", "max_concurrent", "requests_per_minute", "timeout_s", "script",
               "token_delay_s", "label"}
 CONV_CMDS = (cmd.Cmd("close", "close", usage="close"), cmd.Cmd("reset", "reset", usage="reset"))
-SUMMARIZE = ("SUMMARIZE the conversation below in a few sentences. Keep facts, names, "
-             "numbers, decisions and open questions.")
 
 
 class Model:
@@ -85,86 +83,6 @@ class Model:
                  f"calls={self.usage.calls}", f"tokens_in={self.usage.tokens_in}",
                  f"tokens_out={self.usage.tokens_out}", f"conversations={len(self.conversations)}"]
         return "\n".join(lines) + "\n"
-
-
-class Turn:
-    """One request and its reply: the reply streams into `text`; `error` if it failed."""
-
-    def __init__(self) -> None:
-        self.text = Stream()
-        self.error: Fs9Error | None = None
-        self.result: dict = {}
-        self.scope: trio.CancelScope | None = None
-
-
-class Conversation:
-    def __init__(self, cid: str, model: Model, owner: str | None) -> None:
-        self.id, self.model, self.owner = cid, model, owner
-        self.corr = os.urandom(8).hex()
-        self.messages: list[dict] = []
-        self.tools: list[dict] = []
-        self.turn = Turn()
-        self.turn.text.end()
-        self.turns = 0
-        self.state = "idle"  # idle | queued | running | done | failed
-        self.tokens_in = self.tokens_out = 0
-        self.compactions = 0
-        self.used = time.monotonic()
-
-    @property
-    def who(self) -> str:
-        return self.owner or OPERATOR
-
-    def status(self) -> str:
-        lines = [f"id={self.id}", f"model={self.model.name}", f"owner={self.who}",
-                 f"state={self.state}", f"turns={self.turns}", f"messages={len(self.messages)}",
-                 f"tokens_in={self.tokens_in}", f"tokens_out={self.tokens_out}",
-                 f"compactions={self.compactions}", f"corr={self.corr}"]
-        if self.turn.error is not None:
-            lines.append(f"error={self.turn.error.text}")
-        return "\n".join(lines) + "\n"
-
-    def last(self) -> str:
-        return json.dumps(self.turn.result) + "\n" if self.turn.result else ""
-
-    def history(self) -> str:
-        return "".join(json.dumps(m) + "\n" for m in self.messages)
-
-
-def parse_request(data: bytes) -> dict:
-    """A request file's bytes: plain text (one user message) or a JSON object with
-    `messages` (and optional `tools`, `max_tokens`, `temperature`). EINVAL if malformed."""
-    try:
-        text = data.decode()
-    except UnicodeDecodeError:
-        raise Fs9Error(errno.EINVAL, "a request is UTF-8 text or JSON")
-    if not text.lstrip().startswith("{"):
-        if not text.strip():
-            raise Fs9Error(errno.EINVAL, "empty request")
-        return {"messages": [{"role": "user", "content": text}]}
-    try:
-        req = json.loads(text)
-    except ValueError as e:
-        raise Fs9Error(errno.EINVAL, f"malformed JSON request: {e}")
-    if not isinstance(req, dict) or set(req) - {"messages", "tools", "max_tokens", "temperature"}:
-        raise Fs9Error(errno.EINVAL, "a JSON request has messages and optionally tools, "
-                                     "max_tokens, temperature")
-    messages = req.get("messages", [])
-    if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool")
-            for m in messages):
-        raise Fs9Error(errno.EINVAL, "messages: a list of {role: system|user|assistant|tool, "
-                                     "content: TEXT}")
-    if not isinstance(req.get("tools", []), list):
-        raise Fs9Error(errno.EINVAL, "tools: a list of tool schemas")
-    mt = req.get("max_tokens")
-    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
-        raise Fs9Error(errno.EINVAL, "max_tokens: a whole number >= 1")
-    return req
-
-
-def tokens_of(messages: list[dict]) -> int:
-    return sum(budget.estimate_tokens(json.dumps(m)) for m in messages)
 
 
 class Models:
@@ -408,11 +326,11 @@ class Models:
                     conv.state = "running"
                     for s in scopes:
                         s.usage.started(time.time())
-                    await self._compact(conv, ids, max_tokens)
+                    await compact(conv, ids, max_tokens, self.kernel)
                     result = await model.provider.chat(
                         conv.messages, conv.tools, max_tokens, temperature,
                         lambda text: turn.text.append(text.encode()))
-                conv.messages.append(_assistant(result))
+                conv.messages.append(assistant_message(result))
                 for call in result["tool_calls"]:
                     turn.text.append(f"\ntool_call {call['id']} {call['name']} "
                                      f"{json.dumps(call['arguments'])}".encode())
@@ -441,50 +359,3 @@ class Models:
         turn.result = {"error": e.text, "errno": errno.errorcode.get(e.errno, str(e.errno))}
         self.kernel.log.append("model_error", reason=e.text, **ids)  # (the request's
         # messages stay in the conversation: the next request sends them again)
-
-    async def _compact(self, conv: Conversation, ids: dict, max_tokens: int) -> None:
-        """L1 memory: before the conversation overflows the context window, the older
-        messages become the model's summary of them (the newest KEEP_MESSAGES stay);
-        a message too long on its own is cut in the middle. Never fails for length."""
-        window = conv.model.context_window
-        before = tokens_of(conv.messages)
-        if before + max_tokens <= window:
-            return
-        head = [m for m in conv.messages[:1] if m.get("role") == "system"]
-        body = conv.messages[len(head):]
-        keep = body[-KEEP_MESSAGES:]
-        while keep and keep[0].get("role") == "tool":  # a tool result needs its call
-            keep = keep[1:]
-        old = body[:len(body) - len(keep)]
-        if old:
-            text = "\n".join(f"{m.get('role')}: {m.get('content') or ''}" for m in old)
-            room = max(window // 2, 1) * 4
-            result = await conv.model.provider.chat(
-                [{"role": "system", "content": SUMMARIZE},
-                 {"role": "user", "content": text[-room:]}], [], max(64, window // 8), 0,
-                lambda _: None)
-            self.kernel.record("model_call", tokens_in=result["tokens_in"],
-                               tokens_out=result["tokens_out"], ms=0, finish="compaction", **ids)
-            head = head + [{"role": "system", "content": "Summary of the earlier conversation: "
-                            + result["content"]}]
-        conv.messages = head + keep
-        limit = max(256, (window - max_tokens) * 4 // max(len(conv.messages), 1))
-        for m in conv.messages:  # still too long: cut the longest in the middle
-            content = m.get("content")
-            if isinstance(content, str) and len(content) > limit and \
-                    tokens_of(conv.messages) + max_tokens > window:
-                m["content"] = content[:limit // 2] + "\n[... cut to fit the context window ...]\n" \
-                    + content[-limit // 2:]
-        conv.compactions += 1
-        self.kernel.log.append("conversation_compacted", before_tokens=before,
-                               after_tokens=tokens_of(conv.messages), dropped=len(old), **ids)
-
-
-def _assistant(result: dict) -> dict:
-    msg = {"role": "assistant", "content": result["content"]}
-    if result["tool_calls"]:
-        msg["tool_calls"] = [{"id": c["id"], "type": "function",
-                              "function": {"name": c["name"],
-                                           "arguments": json.dumps(c["arguments"])}}
-                             for c in result["tool_calls"]]
-    return msg
