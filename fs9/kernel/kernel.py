@@ -44,10 +44,10 @@ NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart
 AUDIT_ONLY = frozenset({
     "agent_step", "agent_unconfined", "audit_enabled", "audit_unavailable", "bug",
     "conversation_closed", "conversation_compacted", "conversation_opened",
-    "escape_attempt", "escape_denied", "injection_suspected", "mail_delivered",
+    "escape_attempt", "escape_denied", "injection_suspected", "mail_delivered", "mount",
     "mail_duplicate", "model_config_error", "model_error", "model_throttled",
     "model_unreachable", "refused", "search_fallback", "search_index_damaged",
-    "search_semantic", "task_progress", "unveil_denied", "vault_changed",
+    "search_semantic", "task_progress", "unmount", "unveil_denied", "vault_changed",
     "watch_overflow", "watch_unavailable"})
 Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
@@ -93,7 +93,7 @@ class Kernel:
         self.models = Models(self)
         self.memory = Memory(self)
         self._llm_program: str | None = None  # see llm_program
-        self.appliers = event_table(self, self.bus, self.models, self.memory)
+        self.handlers = event_table(self, self.bus, self.models, self.memory)
 
     # --- lifetime --------------------------------------------------------------
 
@@ -180,7 +180,7 @@ class Kernel:
         return blob if seq == e.seq and blob is not None else self.log.blob(e.seq)
 
     def apply(self, e: Event) -> None:
-        handler = self.appliers.get(e.kind)
+        handler = self.handlers.get(e.kind)
         if handler is None:
             return  # AUDIT_ONLY: for the record
         agent = self.agents.get(e.agent) if e.agent else None

@@ -58,8 +58,8 @@ class Memory:
     def delete(self, agent, key: str, reason: str = "") -> None:
         if self.get(agent.name, key) is None:
             raise Fs9Error(errno.ENOENT, f"no note {key}")
-        kind = "memory_pruned" if reason else "memory_deleted"
-        self.kernel.record(kind, agent=agent.name, key=key, **({"reason": reason} if reason else {}))
+        self.kernel.record("memory_pruned" if reason else "memory_deleted", agent=agent.name,
+                           key=key, **({"reason": reason} if reason else {}))
 
     def prune(self, agent, now: float | None = None) -> None:
         """Apply agent's policy: too old, then the oldest until within size and count."""

@@ -1,0 +1,73 @@
+"""The event table (kernel.py `appliers`): every event kind fs9 ever records has exactly
+one handler, or is declared audit-only; found by reading fs9's own source, so a new
+kind without a handler (or a handler nobody records) fails here, not in a replay."""
+import ast
+import pathlib
+
+from fs9.kernel.kernel import AUDIT_ONLY, Kernel
+
+FS9 = pathlib.Path(__file__).resolve().parent.parent / "fs9"
+
+
+def kinds_written() -> dict[str, set[str]]:
+    """{"record": kinds passed to Kernel.record, "append": kinds appended to the log
+    directly (EventLog.append, and "bug" from EventLog.bug)}, from fs9's source."""
+    found = {"record": set(), "append": set()}
+    for path in FS9.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            name, args = node.func.attr, node.args
+            if name == "bug" and _ends_in_log(node.func.value):
+                found["append"].add("bug")
+            elif name in ("record", "append") and args and (
+                    name == "record" or _ends_in_log(node.func.value)):
+                found[name] |= _constants(args[0])
+    return found
+
+
+def _constants(kind: ast.expr) -> set[str]:
+    """The kinds a call's first argument can be: "x", or "x" if ... else "y"."""
+    if isinstance(kind, ast.Constant) and isinstance(kind.value, str):
+        return {kind.value}
+    if isinstance(kind, ast.IfExp):
+        return _constants(kind.body) | _constants(kind.orelse)
+    return set()
+
+
+def _ends_in_log(value: ast.expr) -> bool:
+    """`log.append(...)`, `self.log.append(...)`, `kernel.log.append(...)`."""
+    return (isinstance(value, ast.Name) and value.id == "log") or \
+        (isinstance(value, ast.Attribute) and value.attr == "log")
+
+
+def test_every_event_kind_has_one_handler_or_is_audit_only(tmp_path):
+    kernel = Kernel(str(tmp_path / "state"), str(tmp_path / "agents"))
+    table = kernel.handlers
+    written = kinds_written()
+    assert written["record"] and written["append"]  # the scan found the calls
+    assert not set(table) & AUDIT_ONLY
+    every = written["record"] | written["append"]
+    assert every - set(table) - AUDIT_ONLY == set(), "kinds with no handler"
+    # a handler nobody records is dead code (or a kind renamed on one side only)
+    assert set(table) - written["record"] == set(), "handlers for kinds never recorded"
+    # an event that changes state goes through record (append, then apply): appended
+    # directly, it would change the state at replay but not while running
+    assert written["append"] & set(table) == set(), "state events appended, not recorded"
+    # record() of an audit-only kind applies nothing: it should be a plain append
+    assert written["record"] & AUDIT_ONLY == set(), "audit-only kinds recorded"
+
+
+def test_a_kind_claimed_twice_is_refused(tmp_path):
+    from fs9.kernel.kernel import event_table
+
+    class Twice:
+        def appliers(self):
+            return {"spawn": lambda e, agent, task: None}
+    kernel = Kernel(str(tmp_path / "state"), str(tmp_path / "agents"))
+    try:
+        event_table(kernel, Twice())
+    except AssertionError as e:
+        assert "spawn" in str(e)
+    else:
+        raise AssertionError("a second handler for spawn was accepted")
