@@ -141,11 +141,12 @@ class BufferedCursor:
 
 
 class TopicCursor(BufferedCursor):
-    """A subscription: every event published after the open, in order; never EOF."""
+    """A subscription: every event published after the open that the reader is cleared
+    for, in order; never EOF."""
 
-    def __init__(self, topic) -> None:
+    def __init__(self, topic, clearance: str) -> None:
         super().__init__()
-        self.topic, self.seen = topic, topic.count
+        self.topic, self.seen, self.clearance = topic, topic.count, clearance
 
     def readable(self) -> bool:
         return bool(self.buf) or self.topic.count > self.seen
@@ -155,9 +156,11 @@ class TopicCursor(BufferedCursor):
             await self.topic.changes.wait_past(self.topic.changes.version)
 
     def fill(self) -> bytes:
-        dropped, events = self.topic.since(self.seen)
+        dropped, withheld, events = self.topic.since(self.seen, self.clearance)
         self.seen = self.topic.count
         note = f"fs9: overflow: {dropped} events dropped\n".encode() if dropped else b""
+        if withheld:
+            note += f"fs9: {withheld} events above your clearance withheld\n".encode()
         return note + b"".join(events)
 
 

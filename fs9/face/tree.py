@@ -21,12 +21,17 @@ from typing import Callable
 
 from ..errors import Fs9Error
 from ..kernel.agents import manifest as manifests, registry
+from ..kernel.bus.message import CLASSIFICATIONS, clearance_allows
 from ..kernel.names import OPERATOR, split_view
 from ..kernel.stream import Stream
 from .passthrough import PassNode
 from .cursors import (AuditCursor, Chain, EventCursor, NextCursor, ReplyCursor, StreamCursor,
                       TaskCursor, TopicCursor)
 from .kinds import Clone, Ctl, Dir, Node, Status, StreamNode
+
+
+def _refuse(code: int, text: str):
+    raise Fs9Error(code, text)
 
 
 def _agent_out(k, agent):
@@ -59,7 +64,16 @@ def _outbox(k, agent, to: str, me=None):
 
 
 def _topic(k, topic, me=None):
-    return StreamNode(lambda: TopicCursor(topic),
+    """topics/NAME: each write publishes one event; each open subscribes, if the one
+    asking is cleared for the topic's label (the operator always is)."""
+    def subscribe():
+        clearance = k.agent(me).manifest["clearance"] if me else CLASSIFICATIONS[-1]
+        if not clearance_allows(clearance, topic.label):
+            k.guarded(_refuse, errno.EACCES, f"topic {topic.name} is {topic.label}; "
+                            f"{me} is cleared for {clearance}", agent=me,
+                            file=f"topics/{topic.name}")
+        return TopicCursor(topic, clearance)
+    return StreamNode(subscribe,
                       publish=lambda data: k.guarded(k.bus.publish, topic, data, me or OPERATOR,
                                                      agent=me, file=f"topics/{topic.name}"))
 

@@ -43,7 +43,8 @@ NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart
 # exactly one handler in a state holder's `appliers`; tests/test_units.py checks both).
 AUDIT_ONLY = frozenset({
     "agent_step", "agent_unconfined", "audit_enabled", "audit_unavailable", "bug",
-    "conversation_closed", "conversation_compacted", "conversation_opened",
+    "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
+    "delivery_refused",
     "escape_attempt", "escape_denied", "injection_suspected", "mail_delivered", "mount",
     "mail_duplicate", "model_config_error", "model_error", "model_throttled",
     "model_unreachable", "refused", "search_fallback", "search_index_damaged",
@@ -261,6 +262,7 @@ class Kernel:
                     tallies=(self.tally,) if daemon else (self.tally, agent.tally))
         self.tasks[task.id] = task
         agent.tasks.append(task)
+        agent.corrs.add(task.corr)
         if not daemon:
             agent.queue.append(task)
             if agent.runnable():

@@ -58,6 +58,7 @@ class Agent:
         self.queue: collections.deque[Task] = collections.deque()
         self.current: Task | None = None
         self.mailbox = Mailbox()
+        self.corrs: set[str] = set()  # correlation ids it may carry on: its tasks', its mail's
         self.notes = bytearray()  # refused commands, shown after the task's stderr in `err`
         self.changes = Changes()  # anything that may let the loop go on
         # runtime only

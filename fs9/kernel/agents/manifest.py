@@ -23,7 +23,7 @@ DRIVERS = ("exec", "llm")
 MODES = ("task", "daemon")
 RESTARTS = ("permanent", "transient", "temporary")
 PRIORITIES = ("interactive", "normal", "background")
-CLASSIFICATIONS = ("public", "internal", "confidential")
+from ..bus.message import CLASSIFICATIONS  # noqa: E402 (one list, the bus's)
 
 DEFAULTS: dict[str, Any] = {
     "driver": "exec",

@@ -28,6 +28,7 @@ PLEDGES = {
     "publish": "publish on topics",
     "spawn": "write the kernel's ctl and other agents' ctl",
     "discover": "see the capability registry",
+    "declassify": "label its mail below its clearance (each time logged: `declassified`)",
 }
 DEFAULT_PLEDGE = ("read", "write", "send")
 MODES = ("r", "w", "rw")

@@ -7,6 +7,19 @@ The narrow interface the rest of fs9 uses (the FUSE face, agents, the kernel):
 and, to wait and read, each agent's Mailbox and each Topic (`topics`). A backend
 for agents on several machines (NATS JetStream) implements the same calls.
 
+Classification is information flow, checked at every delivery: a message is
+labelled at least its sender's clearance (lower only with the `declassify` pledge,
+logged as `declassified`); what the kernel composes (results, status updates,
+subscription events) carries its author's clearance; every delivery, the kernel's
+included, reaches only a mailbox cleared for its label (else `delivery_refused`).
+A topic's label is the highest clearance that published on it; an agent cleared
+lower cannot open it, and an event above a reader's clearance is withheld.
+
+An agent's correlation ids and reply-to are bounded by what it holds: it carries on
+a correlation id of its own tasks or of mail it received, never another's; it asks
+for replies to itself, to the requester of its current task, or to a mailbox its
+view may write.
+
 This embedded backend keeps everything in the kernel's event log: a send is a
 `mail_sent` event (the message in its blob), an acknowledgement `mail_acked`, an
 expiry `mail_expired` (the message moves to the mailbox's dead letters), a
@@ -65,9 +78,13 @@ class Bus:
         None if it repeats an idempotency key (it is stored once)."""
         if agent.killed:
             raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
-        msg = message.parse(data, to=agent.name, sender=sender)
+        author = self.owner(sender)
+        floor = author.manifest["clearance"] if sender != OPERATOR and author else "internal"
+        msg = message.parse(data, to=agent.name, sender=sender, label=floor)
         clearance = agent.manifest["clearance"]
         level = msg.headers["classification"]
+        if sender != OPERATOR and author is not None:
+            self._check_author(author, msg, floor)
         if not message.clearance_allows(clearance, level):
             raise Fs9Error(errno.EACCES, f"{agent.name} is cleared for {clearance}, "
                                          f"the message is {level}")
@@ -78,6 +95,9 @@ class Bus:
             return None
         msg.headers["id"] = os.urandom(8).hex()
         corr = msg.headers.setdefault("correlation-id", msg.id)
+        if level != floor and not message.clearance_allows(level, floor):
+            self.kernel.log.append("declassified", agent=sender, corr=corr, id=msg.id,
+                                   to=agent.name, **{"from": floor, "to_label": level})
         h = msg.headers
         self.kernel.record("mail_sent", agent=agent.name, corr=corr, blob=msg.render(),
                            id=msg.id, sender=sender, type=h["type"], priority=h["priority"],
@@ -94,16 +114,55 @@ class Bus:
             self.ack(agent, stored.name)
         return stored
 
+    def _check_author(self, author, msg: Message, floor: str) -> None:
+        """What an agent may say in a message (see the module doc): EPERM if not."""
+        h, name = msg.headers, author.name
+        if not message.clearance_allows(h["classification"], floor) and \
+                "declassify" not in author.view.pledges:
+            raise Fs9Error(errno.EPERM, f"a message from {name} is at least {floor} (its "
+                                        "clearance); lowering it needs the declassify pledge")
+        corr = h.get("correlation-id")
+        if corr is not None and corr not in author.corrs:
+            raise Fs9Error(errno.EPERM, f"correlation-id {corr}: not one of {name}'s tasks "
+                                        "or of mail it received")
+        reply_to = h.get("reply-to")
+        current = author.current
+        if reply_to is not None and reply_to != name and not (
+                current is not None and reply_to == current.reply_to):
+            try:
+                author.view.check_write(("agents", reply_to, "mail", "new"))
+            except Fs9Error:
+                raise Fs9Error(errno.EPERM, f"reply-to {reply_to}: {name} may ask for replies "
+                                            "to itself, the requester of its task, or a "
+                                            "mailbox it may write")
+            if self.owner(reply_to) is None:
+                raise Fs9Error(errno.ENOENT, f"reply-to {reply_to}: no such agent")
+
     def compose(self, to: str, sender: str, body: bytes, **headers: str) -> Message:
-        """A message made by the kernel on an agent's behalf (results, progress, events)."""
+        """A message made by the kernel on an agent's behalf (results, progress, events),
+        labelled with its author's clearance (the operator's: internal, as its mail)."""
+        author = self.kernel.agents.get(sender)
+        label = author.manifest["clearance"] if author is not None else "internal"
         msg = Message(to=to, body=body, headers={
             "id": os.urandom(8).hex(), "from": sender, "to": to,
             "date": message.format_time(time.time()), "priority": "normal",
-            "classification": "internal", **headers})
+            "classification": label, **headers})
         msg.headers.setdefault("correlation-id", msg.id)
         return msg
 
     def deliver(self, msg: Message) -> None:
+        """Deliver what the kernel composed, if the recipient is cleared for its label;
+        otherwise it is withheld (a `delivery_refused` event), never delivered lower."""
+        recipient = self.owner(msg.to)
+        label = msg.headers["classification"]
+        if recipient is not None and not message.clearance_allows(
+                recipient.manifest["clearance"], label):
+            self.kernel.log.append("delivery_refused", agent=msg.to, sender=msg.headers["from"],
+                                   corr=msg.headers["correlation-id"], type=msg.headers["type"],
+                                   reason=f"{msg.to} is cleared for "
+                                          f"{recipient.manifest['clearance']}, the message "
+                                          f"is {label}")
+            return
         self.kernel.record("mail_sent", agent=msg.to, corr=msg.headers["correlation-id"],
                            blob=msg.render(), id=msg.id, sender=msg.headers["from"],
                            type=msg.headers["type"])
@@ -175,12 +234,15 @@ class Bus:
 
     def publish(self, topic: Topic, data: bytes, sender: str = "operator") -> None:
         """One event to every subscriber; durable subscribers (manifest `subscribe`)
-        get it as mail, so they do not miss what is published while they are down."""
+        get it as mail, so they do not miss what is published while they are down. The
+        event is labelled with the publisher's clearance (the operator's: internal)."""
         if len(data) > MAX_EVENT:
             raise Fs9Error(errno.EFBIG, f"event over {MAX_EVENT} bytes")
         if not data.endswith(b"\n"):
             data += b"\n"  # events are lines to their readers
-        self.kernel.record("published", topic=topic.name, sender=sender, blob=data)
+        author = self.kernel.agents.get(sender)
+        label = author.manifest["clearance"] if author is not None else "internal"
+        self.kernel.record("published", topic=topic.name, sender=sender, blob=data, label=label)
         for agent in list(self.kernel.agents.values()):
             if topic.name in agent.manifest.get("subscribe", ()):
                 self.deliver_event(agent, topic.name, data, sender)
@@ -198,6 +260,8 @@ class Bus:
             return  # mail for an agent killed since: gone with it
         msg = message.load(self.kernel.blob(e), e.seq)
         agent.mailbox.put(msg)
+        if agent is not self.operator:
+            agent.corrs.add(msg.headers["correlation-id"])  # it may carry this one on
         key = msg.headers.get("idempotency-key")
         if key:
             self.sent_keys[(msg.headers["from"], key)] = msg.id
@@ -221,4 +285,5 @@ class Bus:
 
     def on_published(self, e, agent, task):
         name = e.data["topic"]
-        self.topics.setdefault(name, Topic(name)).publish(self.kernel.blob(e))
+        self.topics.setdefault(name, Topic(name)).publish(self.kernel.blob(e),
+                                                          e.data.get("label", "internal"))

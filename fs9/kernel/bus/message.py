@@ -1,10 +1,14 @@
 """Messages: a header block, a blank line, the body. Parsed and rendered here, no I/O.
 
 Header keys follow the federation message format. The kernel stamps `id`,
-`from` and `date`; a sender that sets them is refused (EPERM), so `from`
-cannot be forged. Extension keys start with `x-` and travel untouched.
+`from` and `date`, and the extension keys of what it composes itself (`x-task`,
+`x-status`, `x-exit` on results, `x-topic` on subscription events); a sender that
+sets them is refused (EPERM), so neither `from` nor a result can be forged. Other
+extension keys start with `x-` and travel untouched. A deadline is a finite time
+at most MAX_DEADLINE_S ahead.
 """
 import errno
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -15,7 +19,8 @@ from ...errors import Fs9Error
 MAX_MESSAGE = 1 << 20  # bytes, headers and body
 PRIORITIES = ("critical", "high", "normal", "low")  # delivery order
 CLASSIFICATIONS = ("public", "internal", "confidential")  # ascending
-STAMPED = ("id", "from", "date")  # set by the kernel only
+STAMPED = ("id", "from", "date", "x-task", "x-status", "x-exit", "x-topic")  # kernel's only
+MAX_DEADLINE_S = 366 * 86400  # a deadline further ahead is a mistake (or an attack)
 SETTABLE = ("to", "type", "priority", "classification", "correlation-id", "reply-to",
             "deadline", "idempotency-key")
 ORDER = ("id", "from", "to", "date", "type", "priority", "classification", "correlation-id",
@@ -55,11 +60,13 @@ class Message:
         return head.encode() + b"\n" + self.body
 
 
-def parse(data: bytes, *, to: str, sender: str, now: float | None = None) -> Message:
+def parse(data: bytes, *, to: str, sender: str, now: float | None = None,
+          label: str = "internal") -> Message:
     """Check a message written by `sender` for `to`; raise Fs9Error naming what is wrong.
 
     Header lines are `key: value`; a blank line ends them. A message with no
-    header block at all (its first line is not a header) is all body."""
+    header block at all (its first line is not a header) is all body. `label`: the
+    classification of a message that states none."""
     if len(data) > MAX_MESSAGE:
         raise Fs9Error(errno.EFBIG, f"message over {MAX_MESSAGE} bytes")
     headers: dict[str, str] = {}
@@ -90,15 +97,15 @@ def parse(data: bytes, *, to: str, sender: str, now: float | None = None) -> Mes
     if headers.setdefault("priority", "normal") not in PRIORITIES:
         raise Fs9Error(errno.EINVAL, f"bad priority {headers['priority']!r}: "
                                      f"one of {', '.join(PRIORITIES)}")
-    if headers.setdefault("classification", "internal") not in CLASSIFICATIONS:
+    if headers.setdefault("classification", label) not in CLASSIFICATIONS:
         raise Fs9Error(errno.EINVAL, f"bad classification {headers['classification']!r}: "
                                      f"one of {', '.join(CLASSIFICATIONS)}")
     now = time.time() if now is None else now
     if "deadline" in headers:
         deadline = parse_time(headers["deadline"], now)
-        if deadline is None:
+        if deadline is None or not now - MAX_DEADLINE_S <= deadline <= now + MAX_DEADLINE_S:
             raise Fs9Error(errno.EINVAL, f"bad deadline {headers['deadline']!r}: an ISO 8601 "
-                                         "time or +SECONDS")
+                                         "time or +SECONDS, within a year of now")
         headers["deadline"] = format_time(deadline)
     headers["from"] = sender
     headers["date"] = format_time(now)
@@ -106,10 +113,14 @@ def parse(data: bytes, *, to: str, sender: str, now: float | None = None) -> Mes
 
 
 def parse_time(value: str, now: float | None = None) -> float | None:
-    """`+SECONDS` (from now) or an ISO 8601 time (UTC unless it says) as epoch seconds."""
+    """`+SECONDS` (from now) or an ISO 8601 time (UTC unless it says) as epoch seconds;
+    None if it is neither, or not a finite number (+inf, +nan)."""
     try:
         if value.startswith("+"):
-            return (time.time() if now is None else now) + float(value[1:])
+            seconds = float(value[1:])
+            if not math.isfinite(seconds):
+                return None
+            return (time.time() if now is None else now) + seconds
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)

@@ -5,10 +5,15 @@ holds only its position, so a slow one never stalls the publisher or the other
 subscribers; one that falls more than RING events behind is told how many it
 missed (an `fs9: overflow` line) and goes on from the oldest event still kept.
 Every event is also in the log (`published`), so nothing is lost for audit.
+
+Each event keeps its label (the publisher's clearance); the topic's label is the
+highest so far: a reader cleared lower may not open it, and a reader that opened it
+before it rose is not shown the events above its clearance (bus.py).
 """
 import collections
 
 from ..stream import Changes
+from .message import CLASSIFICATIONS, clearance_allows
 
 RING = 1024  # events kept per topic: a subscriber's bounded backlog
 MAX_EVENT = 64 << 10  # bytes in one event
@@ -18,18 +23,24 @@ class Topic:
     def __init__(self, name: str) -> None:
         self.name = name
         self.count = 0  # events published so far; the number of the newest
-        self.events: collections.deque[bytes] = collections.deque(maxlen=RING)
+        self.events: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=RING)
+        self.label = CLASSIFICATIONS[0]  # the highest clearance that published here
         self.changes = Changes()
 
-    def publish(self, data: bytes) -> int:
+    def publish(self, data: bytes, label: str = "internal") -> int:
         self.count += 1
-        self.events.append(data)
+        self.events.append((label, data))
+        if not clearance_allows(self.label, label):
+            self.label = label
         self.changes.bump()
         return self.count
 
-    def since(self, n: int) -> tuple[int, list[bytes]]:
-        """(how many events after n were dropped, the kept events after n)."""
+    def since(self, n: int, clearance: str) -> tuple[int, int, list[bytes]]:
+        """(how many events after n were dropped, how many were withheld as above
+        clearance, the kept events after n a reader of that clearance may see)."""
         oldest = self.count - len(self.events) + 1
         dropped = max(0, oldest - (n + 1))
         start = max(n + 1, oldest) - oldest
-        return dropped, list(self.events)[start:]
+        kept = list(self.events)[start:]
+        shown = [data for label, data in kept if clearance_allows(clearance, label)]
+        return dropped, len(kept) - len(shown), shown
