@@ -8,7 +8,10 @@ Three scopes hold limits: a task (`tokens_per_task`), an agent (its manifest's
 A call is checked before it is sent (`admit`): its prompt's estimated tokens must
 fit in what every scope has left, else it is refused (EDQUOT) naming the scope;
 its `max_tokens` is clamped to the least that is left, so a reply cannot overrun a
-budget by more than the estimate's error. Rates do not refuse: `wait_s` says how
+budget by more than the estimate's error. What is left counts the calls still in
+flight: an admitted call reserves its prompt plus its max_tokens in every scope
+(`reserve`) until it ends (`release`) and its real usage is added, so concurrent
+calls cannot all be admitted against the same room. Rates do not refuse: `wait_s` says how
 long a call must wait in the scheduler for its turn.
 """
 import collections
@@ -49,6 +52,7 @@ class Usage:
         self._tokens: collections.deque = collections.deque()  # (ts, tokens), last day
         self._day = 0  # the sum of _tokens: a check costs O(1), not O(calls of the day)
         self._starts: collections.deque = collections.deque()  # ts of calls, last minute
+        self.reserved = 0  # tokens admitted calls in flight may still use (see reserve)
 
     def started(self, now: float) -> None:
         self._starts.append(now)
@@ -100,12 +104,13 @@ class Scope:
 
 def left(scope: Scope, now: float) -> int | None:
     """Tokens scope has left (None: unlimited)."""
-    lim = scope.limits
+    lim, usage = scope.limits, scope.usage
     if scope.per_task:
-        return None if not lim.tokens_per_task else lim.tokens_per_task - scope.usage.tokens
+        return None if not lim.tokens_per_task else \
+            lim.tokens_per_task - usage.tokens - usage.reserved
     if not lim.tokens_per_day:
         return None
-    return lim.tokens_per_day - scope.usage.tokens_today(now)
+    return lim.tokens_per_day - usage.tokens_today(now) - usage.reserved
 
 
 def admit(scopes: list[Scope], prompt_tokens: int, max_tokens: int, now: float) -> int:
@@ -122,6 +127,18 @@ def admit(scopes: list[Scope], prompt_tokens: int, max_tokens: int, now: float) 
                                          f"{prompt_tokens} for its prompt alone")
         max_tokens = min(max_tokens, room - prompt_tokens)
     return max_tokens
+
+
+def reserve(scopes: list[Scope], tokens: int) -> None:
+    """An admitted call may use up to `tokens` (prompt + max_tokens) in every scope."""
+    for scope in scopes:
+        scope.usage.reserved += tokens
+
+
+def release(scopes: list[Scope], tokens: int) -> None:
+    """The call that reserved `tokens` ended (its real usage is added by then)."""
+    for scope in scopes:
+        scope.usage.reserved -= tokens
 
 
 def wait_s(scopes: list[Scope], now: float) -> float:

@@ -173,6 +173,8 @@ class Models:
         d = e.data
         who = e.agent or OPERATOR
         keys = [("agent", who), ("model", d["model"], who)] + ([("task", e.task)] if e.task else [])
+        if d.get("for"):  # an agent working for another: the requester pays too
+            keys.append(("agent", d["for"]))
         for u in [self._usage(*k) for k in keys] + [self.total]:
             u.add(e.ts, d["tokens_in"], d["tokens_out"])
         model = self.models.get(d["model"])
@@ -193,7 +195,17 @@ class Models:
         if task is not None:
             scopes.append(Scope(f"task {task.id} of agent {who}", limits,
                                 self._usage("task", task.id), per_task=True))
+        requester = self._requester(who, task)
+        if requester is not None:  # mailing work to an agent spends the sender's budget too
+            scopes.append(Scope(f"agent {requester.name} (who asked {who} for this work)",
+                                requester.budget, self._usage("agent", requester.name)))
         return scopes
+
+    def _requester(self, who: str, task):
+        """The agent who asked for the work task does for who (None: itself, the
+        operator, or no task)."""
+        name = task.reply_to if task is not None else ""
+        return self.kernel.agents.get(name) if name and name != who else None
 
     def agent_usage(self, who: str) -> dict:
         u = self.usage.get(("agent", who)) or Usage()
@@ -299,21 +311,32 @@ class Models:
         tools = req["tools"] if "tools" in req else conv.tools
         want = min(req.get("max_tokens") or conv.model.max_tokens, conv.model.max_tokens)
         scopes, max_tokens = self._admit(conv, task, tokens_of(messages), want)
+        held = tokens_of(messages) + max_tokens
+        budget.reserve(scopes, held)  # released when the call ends, however it ends
         conv.messages, conv.tools = messages, tools
         conv.turn, conv.state, conv.used = Turn(), "queued", time.monotonic()
         conv.turns += 1
         self._nursery.start_soon(self._call, conv, conv.turn, task, scopes, max_tokens,
-                                 req.get("temperature"))
+                                 req.get("temperature"), held)
 
     def _task_of(self, owner: str | None):
         agent = self.kernel.agents.get(owner) if owner else None
         return agent.current if agent is not None else None
 
-    async def _call(self, conv, turn, task, scopes, max_tokens, temperature) -> None:
+    async def _call(self, conv, turn, task, scopes, max_tokens, temperature, held) -> None:
+        try:
+            await self._converse(conv, turn, task, scopes, max_tokens, temperature)
+        finally:
+            budget.release(scopes, held)
+
+    async def _converse(self, conv, turn, task, scopes, max_tokens, temperature) -> None:
         model, who = conv.model, conv.who
         corr = task.corr if task is not None else conv.corr
         ids = dict(agent=conv.owner, model=model.name, conv=conv.id, corr=corr,
                    task=task.id if task is not None else None)
+        requester = self._requester(who, task)
+        if requester is not None:
+            ids["for"] = requester.name
         agent = self.kernel.agents.get(who)
         priority = agent.priority if agent is not None else "interactive"
         t0 = time.monotonic()
