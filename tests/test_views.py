@@ -231,7 +231,7 @@ def test_each_vault_subtree_has_one_owner_and_others_ask_by_mail(vault):
 
 def test_an_agent_cannot_widen_its_powers_or_act_for_another(mount):
     mount.define("boss", 'cmd = ["cat"]\npledge = ["read", "spawn", "send"]\n'
-                 '[unveil]\n"ctl" = "w"\n"agents/echo" = "rw"\n')
+                 'spawns = ["echo", "free"]\n[unveil]\n"ctl" = "w"\n"agents/echo" = "rw"\n')
     mount.define("free", 'cmd = ["cat"]\nunconfined = true\n')
     spawn(mount, "spawn echo")
     spawn(mount, "spawn boss")

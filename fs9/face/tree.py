@@ -117,8 +117,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "events": lambda k: StreamNode(lambda: EventCursor(k.log)),
     "agents": None,
     "agents/{agent}": None,
-    "agents/{agent}/ctl": lambda k, agent: Ctl(
-        lambda d: k.guarded(agent.ctl, d, agent=agent.name), agent.status_line),
+    "agents/{agent}/ctl": lambda k, agent, me=None: Ctl(
+        lambda d: k.guarded(agent.ctl, d, me, agent=agent.name), agent.status_line),
     "agents/{agent}/in": lambda k, agent, me=None: Ctl(
         lambda d: k.guarded(lambda: k.submit(agent, d, reply_to=me if me != agent.name else ""),
                             agent=agent.name, file="in"), whole=True,

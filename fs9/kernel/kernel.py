@@ -212,6 +212,7 @@ class Kernel:
         self.spawns += 1
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"],
                       confine.uid_of(self.state_dir, self.spawns))
+        agent.spawned_by = e.data.get("by")
         self.agents[agent.name] = agent
         if self._nursery is not None:
             self._nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
@@ -322,7 +323,7 @@ class Kernel:
         for p in parsed:  # every line is checked before any is applied
             if p.cmd.verb == "spawn":
                 if by is not None:
-                    spawn.check_words_of_agent(by, p.args)
+                    spawn.check_words_of_agent(self.agent(by), p.args)
                 manifest, _ = spawn.prepare(self, *p.args)
                 if by is not None and manifest["unconfined"]:
                     raise Fs9Error(errno.EPERM, f"agent {by} may not start the unconfined "
@@ -331,16 +332,27 @@ class Kernel:
                     raise Fs9Error(errno.EEXIST, f"{AGENT_EXISTS}: {p.args[0]}")
                 names.add(p.args[0])
             elif p.cmd.verb == "kill":
-                if p.args[0] not in names:
+                if p.args[0] not in names or (by is not None and not self._reaches(by, p.args[0])):
                     raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {p.args[0]}")
                 names.discard(p.args[0])
         for p in parsed:
-            getattr(self, p.cmd.method)(*p.args)
+            if p.cmd.verb == "spawn":
+                self.spawn(*p.args, by=by)
+            else:
+                getattr(self, p.cmd.method)(*p.args)
 
-    def spawn(self, name: str, *overrides: str) -> Agent:
+    def _reaches(self, by: str, name: str) -> bool:
+        """Agent `by` may end agent `name`: it is in by's view, or by spawned it. (Else
+        `name` does not exist for it: the same ENOENT as a name nobody has.)"""
+        target, asker = self.agents.get(name), self.agents.get(by)
+        return target is not None and asker is not None and (
+            target.spawned_by == by or asker.view.access(("agents", name)) is not None)
+
+    def spawn(self, name: str, *overrides: str, by: str | None = None) -> Agent:
         manifest, home = spawn.prepare(self, name, *overrides)
         os.makedirs(home, exist_ok=True)
-        self.record("spawn", agent=name, manifest=manifest, home=home)
+        self.record("spawn", agent=name, manifest=manifest, home=home,
+                    **({"by": by} if by else {}))
         return self.agents[name]
 
     def kill(self, name: str) -> None:

@@ -37,6 +37,9 @@ CMDS = (
 )
 
 
+RANKS = ("background", "normal", "interactive")  # priorities, lowest first
+
+
 class Agent:
     def __init__(self, kernel, name: str, manifest: dict, home: str, uid: int) -> None:
         self.kernel = kernel
@@ -59,6 +62,7 @@ class Agent:
         self.current: Task | None = None
         self.mailbox = Mailbox()
         self.corrs: set[str] = set()  # correlation ids it may carry on: its tasks', its mail's
+        self.spawned_by: str | None = None  # the agent that started it (None: the operator)
         self.notes = bytearray()  # refused commands, shown after the task's stderr in `err`
         self.changes = Changes()  # anything that may let the loop go on
         # runtime only
@@ -133,10 +137,15 @@ class Agent:
 
     # --- ctl verbs (checked first, then recorded) ----------------------------
 
-    def ctl(self, data: bytes) -> None:
+    def ctl(self, data: bytes, by: str | None = None) -> None:
+        """Its ctl file; `by`: the agent writing it through its view (None: the operator)."""
         parsed = cmd.parse(CMDS, data)
         for p in parsed:  # every line is checked before any is applied
             self.check(p, last=p is parsed[-1])
+            if by is not None and p.cmd.verb == "priority" and \
+                    RANKS.index(p.args[0]) > RANKS.index(self.priority):
+                raise Fs9Error(errno.EPERM, f"agent {by} may lower {self.name}'s priority, "
+                                            f"not raise it ({self.priority} -> {p.args[0]})")
         for p in parsed:
             getattr(self, p.cmd.method)(*p.args)
 

@@ -40,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
 
 # Keys later layers read (views, bus, registry); accepted and kept as data now.
 FUTURE_KEYS = ("provides", "accepts", "description", "sla", "subscribe")
+# the definitions an agent with the spawn pledge may start (none unless listed)
+SPAWN_KEYS = ("spawns",)
 # driver = "llm": the built-in agent program (drivers/llm_agent.py) and its settings
 LLM_KEYS = ("model", "instructions", "tools", "max_steps", "on_injection",
             "injection_patterns")
@@ -54,7 +56,7 @@ INJECTION_PATTERNS = [  # likely attempts to turn data into instructions
     r"you are now\b", r"new instructions:", r"system prompt", r"</?(system|assistant)>",
     r"do not tell (the )?(user|operator)"]
 KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil", "owns", "budget", "memory") \
-    + FUTURE_KEYS \
+    + FUTURE_KEYS + SPAWN_KEYS \
     + LLM_KEYS
 
 
@@ -126,7 +128,7 @@ def check(raw: dict, origin: str) -> dict:
         raise bad("env names must be non-empty and contain no '='")
     if not isinstance(m["unconfined"], bool):
         raise bad(f"unconfined must be true or false, got {m['unconfined']!r}")
-    for key in ("provides", "accepts"):
+    for key in ("provides", "accepts", "spawns"):
         if key in m and not (isinstance(m[key], list) and all(isinstance(v, str) for v in m[key])):
             raise bad(f"{key} must be a list of strings")
         bad_names = [v for v in m.get(key, []) if not v or "/" in v or v in (".", "..")

@@ -60,14 +60,20 @@ def prepare(kernel, name: str, *overrides: str) -> tuple[dict, str]:
     return manifest, home
 
 
-def check_words_of_agent(by: str, args: tuple[str, ...]) -> None:
-    """An agent (pledge spawn) starts agents the operator defined, never wider ones: it
-    may not set what decides access (nor, checked after, start an unconfined one)."""
+def check_words_of_agent(by, args: tuple[str, ...]) -> None:
+    """An agent (pledge spawn) starts agents the operator defined, and only the
+    definitions its manifest lists (`spawns`), never wider ones: it may not set what
+    decides access (nor, checked after, start an unconfined one)."""
     keys = {word.partition("=")[0] for word in args[1:]} - AGENT_SPAWN_KEYS
     if keys:
-        raise Fs9Error(errno.EPERM, f"agent {by} may not set {', '.join(sorted(keys))} in a "
-                                    f"spawn (only {', '.join(sorted(AGENT_SPAWN_KEYS))}): "
+        raise Fs9Error(errno.EPERM, f"agent {by.name} may not set {', '.join(sorted(keys))} "
+                                    f"in a spawn (only {', '.join(sorted(AGENT_SPAWN_KEYS))}): "
                                     "definitions decide what an agent may do")
+    definition = dict(manifests.parse_override(w) for w in args[1:]).get("def", args[0])
+    if definition not in by.manifest.get("spawns", []):
+        raise Fs9Error(errno.EPERM, f"agent {by.name} may not start definition "
+                                    f"{definition!r}: its manifest's spawns lists "
+                                    f"{by.manifest.get('spawns', [])}")
 
 
 def check_program(name: str, manifest: dict, home: str) -> None:

@@ -1,0 +1,52 @@
+"""Authority that cannot be borrowed (issue 20, item 5): an agent lowers its priority,
+never raises it; it ends only agents it sees or started; it starts only the
+definitions its manifest lists. Requests come through the agent's view, the very
+directory its sandbox binds over the mount; each test checks what happened to the
+other agents, not only the errno."""
+import errno
+import os
+
+from conftest import errno_of
+
+BOSS = ('cmd = ["cat"]\nunconfined = true\npledge = ["read", "spawn", "send"]\n'
+        'spawns = ["echo"]\n[unveil]\n"ctl" = "w"\n')
+
+
+def test_an_agent_may_lower_its_priority_never_raise_it(mount):
+    mount.define("a", 'cmd = ["cat"]\nunconfined = true\n')
+    mount.sh("echo 'spawn a' > ctl", check=True)
+    ctl = "agents/a/view/agents/a/ctl"
+    assert errno_of(mount.write, ctl, "priority interactive\n") == errno.EPERM
+    assert mount.status("a")["priority"] == "normal"
+    mount.write(ctl, "priority background\n")
+    assert mount.status("a")["priority"] == "background"
+    assert errno_of(mount.write, ctl, "priority normal\n") == errno.EPERM
+    mount.write("agents/a/ctl", "priority interactive\n")  # the operator may
+    assert mount.status("a")["priority"] == "interactive"
+
+
+def test_kill_reaches_only_agents_in_view_or_spawned(mount):
+    mount.define("boss", BOSS)
+    mount.sh("echo 'spawn boss' > ctl; echo 'spawn victim cmd=cat' > ctl", check=True)
+    ctl = "agents/boss/view/ctl"
+    # the victim is hidden from boss: the same answer as a name nobody has
+    assert errno_of(mount.write, ctl, "kill victim\n") == errno.ENOENT
+    assert errno_of(mount.write, ctl, "kill nobody\n") == errno.ENOENT
+    assert "victim" in os.listdir(mount.path / "agents")
+    mount.write(ctl, "spawn mine def=echo\n")  # one it starts, it may end
+    mount.write(ctl, "kill mine\n")
+    assert "mine" not in os.listdir(mount.path / "agents")
+
+
+def test_an_agent_starts_only_the_definitions_it_lists(mount):
+    mount.define("boss", BOSS)
+    mount.define("wide", 'cmd = ["cat"]\npledge = ["read", "write", "send", "spawn"]\n'
+                         '[unveil]\n"vault" = "rw"\n"ctl" = "w"\n')
+    mount.sh("echo 'spawn boss' > ctl", check=True)
+    ctl = "agents/boss/view/ctl"
+    for line in ("spawn w1 def=wide", "spawn wide", "spawn e1 def=upper"):
+        assert errno_of(mount.write, ctl, line + "\n") == errno.EPERM, line
+    assert not {"w1", "wide", "e1"} & set(os.listdir(mount.path / "agents"))
+    assert "spawns lists" in mount.read("agents/boss/err")
+    mount.write(ctl, "spawn e2 def=echo\n")
+    assert "e2" in os.listdir(mount.path / "agents")
