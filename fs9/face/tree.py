@@ -46,10 +46,11 @@ def _agent_err(k, agent):
 
 def _mail_new(k, agent, me=None):
     """Everything written between open and close is one message to agent, from
-    whoever asks (the operator, or the agent whose view this is)."""
-    return Ctl(lambda data: k.guarded(k.bus.send, agent, data, me or OPERATOR,
-                                      agent=agent.name, file="mail/new"),
-               whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="mail/new"))
+    whoever asks (the operator, or the agent whose view this is). A refusal is said
+    to the sender (in its err), or, the operator's, in the recipient's."""
+    said = dict(agent=me or agent.name, file=f"agents/{agent.name}/mail/new")
+    return Ctl(lambda data: k.guarded(k.bus.send, agent, data, me or OPERATOR, **said),
+               whole=True, refused=lambda e: k.refused(e, **said))
 
 
 def _outbox(k, agent, to: str, me=None):

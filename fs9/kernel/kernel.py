@@ -25,6 +25,7 @@ from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
 from .log import Event, EventLog
+from .rate import Rates
 from .models.models import Models
 from .stream import Stream
 from .task import Task
@@ -37,6 +38,7 @@ CMDS = (
     cmd.Cmd("resume", "resume", usage="resume"),
 )
 MAX_INPUT = 16 << 20  # bytes of one task's input
+REFUSALS_PER_S = 50  # an agent's refusals logged one by one per second (then counted)
 NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart",
                "agent_failed", "priority", "task_queued"}  # (mail may be the operator's)
 # Events logged for the record only: no state is rebuilt from them (the rest each have
@@ -82,6 +84,8 @@ class Kernel:
         self.tally: collections.Counter = collections.Counter()  # tasks by state
         self.halted = False
         self.bus = Bus(self)
+        self.rates = Rates()  # per-agent rate limits (rate.py)
+        self._refusals: dict[str | None, list[int]] = {}  # agent -> [second, refusals in it]
         self.killed: list[str] = []  # names of agents killed while mounted, in order
         self._nursery: trio.Nursery | None = None
         self._replaying = False
@@ -222,6 +226,7 @@ class Kernel:
         for queued in list(agent.queue):
             self._end(queued, "cancelled", reason="agent killed")
         del self.agents[agent.name]
+        self.rates.drop(agent.name)
         agent.changes.bump()
         if not self._replaying:
             self.killed.append(agent.name)
@@ -415,9 +420,25 @@ class Kernel:
             raise
 
     def refused(self, e: Fs9Error, *, agent: str | None = None, file: str = "ctl") -> None:
-        """Say why a request was refused: an event, and a line in the agent's err."""
+        """Say why a request was refused: an event, and a line in the agent's err. An
+        agent's refusals past REFUSALS_PER_S in one second are counted, not logged one by
+        one: the next one logged says how many (`coalesced`), so a loop of refused calls
+        cannot flood the log."""
+        second = int(trio.current_time()) if self._nursery is not None else 0
+        seen = self._refusals.get(agent)
+        if seen is None or seen[0] != second:
+            coalesced = max(0, seen[1] - REFUSALS_PER_S) if seen else 0
+            seen = self._refusals[agent] = [second, 0]
+        else:
+            coalesced = 0
+        seen[1] += 1
+        if seen[1] > REFUSALS_PER_S and agent is not None:
+            return
+        if len(self._refusals) > 4096:
+            self._refusals.clear()
         self.log.append("refused", agent=agent, file=file,
-                        errno=errno.errorcode.get(e.errno, str(e.errno)), reason=e.text)
+                        errno=errno.errorcode.get(e.errno, str(e.errno)), reason=e.text,
+                        **({"coalesced": coalesced} if coalesced else {}))
         if agent in self.agents:
             self.agents[agent].diag(e.text)
 

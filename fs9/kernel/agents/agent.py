@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import trio
 
@@ -186,6 +187,7 @@ class Agent:
         ids = dict(agent=self.name, task=task.id if task else None,
                    corr=task.corr if task else None)
         log = self.kernel.log
+        self.kernel.rates.take(self.name, "steps", len(data), time.monotonic())
         for line in data.decode(errors="replace").splitlines():
             if not line.strip():
                 continue

@@ -79,6 +79,8 @@ class Bus:
         if agent.killed:
             raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
         author = self.owner(sender)
+        if sender != OPERATOR and author is not None:
+            self.kernel.rates.take(sender, "mail", len(data), time.monotonic())
         floor = author.manifest["clearance"] if sender != OPERATOR and author else "internal"
         msg = message.parse(data, to=agent.name, sender=sender, label=floor)
         clearance = agent.manifest["clearance"]
@@ -241,6 +243,8 @@ class Bus:
         if not data.endswith(b"\n"):
             data += b"\n"  # events are lines to their readers
         author = self.kernel.agents.get(sender)
+        if author is not None:
+            self.kernel.rates.take(sender, "publish", len(data), time.monotonic())
         label = author.manifest["clearance"] if author is not None else "internal"
         self.kernel.record("published", topic=topic.name, sender=sender, blob=data, label=label)
         for agent in list(self.kernel.agents.values()):

@@ -1,8 +1,9 @@
 """Topics: publish/subscribe. One write is one event; each reader subscribes at open.
 
-A topic keeps its last RING events in memory, numbered from 1. A subscriber
+A topic keeps its last RING events, at most RING_BYTES of them, in memory, numbered
+from 1. A subscriber
 holds only its position, so a slow one never stalls the publisher or the other
-subscribers; one that falls more than RING events behind is told how many it
+subscribers; one that falls behind what is kept is told how many it
 missed (an `fs9: overflow` line) and goes on from the oldest event still kept.
 Every event is also in the log (`published`), so nothing is lost for audit.
 
@@ -15,7 +16,8 @@ import collections
 from ..stream import Changes
 from .message import CLASSIFICATIONS, clearance_allows
 
-RING = 1024  # events kept per topic: a subscriber's bounded backlog
+RING = 1024  # events kept per topic: a subscriber's bounded backlog...
+RING_BYTES = 4 << 20  # ...and its bytes: 1,024 events of 64 KiB would be 64 MiB a topic
 MAX_EVENT = 64 << 10  # bytes in one event
 
 
@@ -25,11 +27,17 @@ class Topic:
         self.count = 0  # events published so far; the number of the newest
         self.events: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=RING)
         self.label = CLASSIFICATIONS[0]  # the highest clearance that published here
+        self.bytes = 0  # of the events kept
         self.changes = Changes()
 
     def publish(self, data: bytes, label: str = "internal") -> int:
         self.count += 1
+        if len(self.events) == RING:
+            self.bytes -= len(self.events[0][1])  # the deque drops it on append
         self.events.append((label, data))
+        self.bytes += len(data)
+        while self.bytes > RING_BYTES and len(self.events) > 1:
+            self.bytes -= len(self.events.popleft()[1])
         if not clearance_allows(self.label, label):
             self.label = label
         self.changes.bump()

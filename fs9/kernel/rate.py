@@ -1,0 +1,55 @@
+"""Per-agent rate limits: how fast one agent may add to what fs9 keeps (mail, topic
+events, steps), so that no agent can bloat the log or the memory for everyone.
+
+A token bucket per (agent, kind): RATES[kind] = (per second, burst). Counted in
+events and, separately, in bytes. Beyond it a request is refused with EAGAIN (try
+again later: the shells' and libc's word for it) and the reason; the operator is
+never limited. Pure bookkeeping, the clock passed in.
+"""
+import errno
+
+from ..errors import Fs9Error
+
+# kind -> (events per second, burst of events, bytes per second, burst of bytes)
+RATES = {
+    "mail": (500.0, 2000, 4 << 20, 16 << 20),
+    "publish": (500.0, 2000, 4 << 20, 16 << 20),
+    "steps": (200.0, 1000, 1 << 20, 4 << 20),
+}
+
+
+class Bucket:
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.level, self.when = rate, burst, float(burst), now
+
+    def take(self, amount: float, now: float) -> bool:
+        self.level = min(self.burst, self.level + (now - self.when) * self.rate)
+        self.when = now
+        if amount > self.level:
+            return False
+        self.level -= amount
+        return True
+
+
+class Rates:
+    """Every agent's buckets (forgotten with the agent: `drop`)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[tuple[str, str], tuple[Bucket, Bucket]] = {}
+
+    def take(self, agent: str, kind: str, size: int, now: float) -> None:
+        """Count one `kind` of `size` bytes by agent; Fs9Error(EAGAIN) past its rate."""
+        pair = self._buckets.get((agent, kind))
+        if pair is None:
+            per_s, burst, bytes_s, bytes_burst = RATES[kind]
+            pair = self._buckets[agent, kind] = (Bucket(per_s, burst, now),
+                                                 Bucket(bytes_s, bytes_burst, now))
+        events, volume = pair
+        if not events.take(1, now) or not volume.take(min(size, volume.burst), now):
+            per_s, _, bytes_s, _ = RATES[kind]
+            raise Fs9Error(errno.EAGAIN, f"agent {agent} is over its rate for {kind} "
+                                         f"({per_s:.0f}/s, {bytes_s >> 20} MiB/s): try later")
+
+    def drop(self, agent: str) -> None:
+        for key in [k for k in self._buckets if k[0] == agent]:
+            del self._buckets[key]

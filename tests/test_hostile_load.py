@@ -1,0 +1,93 @@
+"""One agent cannot bloat fs9 (issue 20, item 2, the bus's part): mail, topic events and
+steps have per-agent rates (EAGAIN past them), a topic keeps a bounded number of bytes,
+and a flood of refused requests is counted, not logged one by one. The operator is
+never limited, and keeps answering."""
+import errno
+import json
+import os
+import threading
+import time
+
+from conftest import errno_of
+
+
+def audit(mount) -> list[dict]:
+    return [json.loads(line) for line in mount.read("log/audit").splitlines()]
+
+
+def test_an_agents_mail_has_a_rate_the_operators_has_not(mount):
+    mount.define("chatty", 'cmd = ["cat"]\nunconfined = true\n[unveil]\n"agents" = "rw"\n')
+    mount.sh("echo 'spawn chatty' > ctl; echo 'spawn echo' > ctl", check=True)
+    body = "x" * ((1 << 20) - 4096) + "\n"  # about 1 MiB: the bytes' rate is 4 MiB/s
+    results: list[int | None] = []
+    t0 = time.monotonic()
+
+    def sender():
+        for _ in range(15):
+            results.append(errno_of(mount.write, "agents/chatty/view/agents/echo/mail/new",
+                                    body))
+    threads = [threading.Thread(target=sender) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    seconds = time.monotonic() - t0
+    sent = results.count(None)
+    assert set(results) <= {None, errno.EAGAIN}
+    assert sent < 60 and sent <= 16 + 4 * seconds + 1  # its burst, then its rate
+    assert "over its rate for mail" in mount.read("agents/chatty/err")
+    for i in range(50):  # the operator is not limited
+        mount.write("agents/echo/mail/new", f"op{i}\n")
+
+
+def test_rates_refill_at_their_rate():
+    from fs9.errors import Fs9Error
+    from fs9.kernel.rate import RATES, Rates
+    per_s, burst, _, _ = RATES["publish"]
+    rates, now, taken = Rates(), 100.0, 0
+    try:
+        while True:
+            rates.take("a", "publish", 10, now)
+            taken += 1
+    except Fs9Error as e:
+        assert e.errno == errno.EAGAIN
+    assert taken == burst
+    rates.take("b", "publish", 10, now)  # another agent has its own bucket
+    rates.take("a", "publish", 10, now + 2 / per_s)  # refilled at its rate
+
+
+def test_a_topic_keeps_a_bounded_number_of_bytes(mount):
+    big = "x" * (64 << 10 - 1) + "\n"
+    fd = os.open(mount.path / "topics/flood", os.O_CREAT | os.O_RDWR)
+    try:
+        for _ in range(200):  # 12.8 MiB published
+            os.write(fd, big.encode())
+    finally:
+        os.close(fd)
+    slow = os.open(mount.path / "topics/flood", os.O_RDONLY)
+    try:
+        os.write(os.open(mount.path / "topics/flood", os.O_WRONLY), b"last\n")
+        data = b""
+        deadline = time.monotonic() + 20
+        while not data.endswith(b"last\n") and time.monotonic() < deadline:
+            data += os.read(slow, 1 << 20)
+    finally:
+        os.close(slow)
+    assert data.endswith(b"last\n")
+
+
+def test_a_flood_of_refusals_is_counted_not_logged_one_by_one(mount):
+    mount.define("noisy", 'cmd = ["cat"]\nunconfined = true\npledge = ["read"]\n'
+                          '[unveil]\n"agents" = "rw"\n')
+    mount.sh("echo 'spawn noisy' > ctl; echo 'spawn echo' > ctl", check=True)
+    before = len(audit(mount))
+    t0 = time.monotonic()
+    for _ in range(2000):  # no send pledge: each is refused (EACCES)
+        assert errno_of(mount.write, "agents/noisy/view/agents/echo/in", "x\n") == errno.EACCES
+    seconds = time.monotonic() - t0 + 2
+    events = [e for e in audit(mount)[before:] if e["kind"] == "refused"
+              and e.get("agent") == "noisy"]
+    assert len(events) <= 50 * seconds, len(events)
+    t1 = time.monotonic()
+    mount.read("status")  # the operator's answers come at once
+    assert time.monotonic() - t1 < 1.0
