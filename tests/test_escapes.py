@@ -122,6 +122,11 @@ ATTEMPTS = [
 
 # Attempts refused without a witness so far: (runner, name) -> why no event comes.
 # They must still fail; the event check xfails for them until it holds.
+# Attempts on another process's /proc entries: a sandbox's /proc is mounted with
+# hidepid=invisible, so the target does not exist for the agent (ENOENT), and there
+# is no refusal to witness; hiding is the stronger outcome.
+INVISIBLE = {"proc_daemon_root", "proc_daemon_cwd", "proc_daemon_secrets", "proc_victim",
+             "proc_mem_daemon", "proc_cwd_daemon", "zygote_fds"}
 NOT_YET_AUDITED: dict[tuple[str, str], str] = {
     ("py", "vault_rename_stale"):
         "nothing to witness: the held directory moved with its parent, so opening "
@@ -486,6 +491,11 @@ def test_escape_attempt_fails_and_is_audited(arena, runner, name, definition):
     # (b) it was witnessed, in the name of the agent that tried
     strangers = [e for e in r["window"] if e.get("agent") not in arena.attackers]
     assert not strangers, f"events of this attempt name another agent: {strangers}"
+    verdict = [line.split()[2:] for line in r["out"].splitlines()
+               if line.split()[:2] == ["DENIED", name]][0]
+    if not r["events"] and name in INVISIBLE and verdict and \
+            all(step.endswith(":ENOENT") for step in verdict):
+        return  # its sandbox's /proc (hidepid=invisible) does not show the target at all
     if not r["events"]:
         why = NOT_YET_AUDITED.get((runner, name))
         if why:

@@ -129,9 +129,11 @@ def _rule(listnr: int, action: int, fields: list) -> bytes:
 
 
 def _rules(lo: int, hi: int):
-    """One exit rule per errno: uid in lo..hi and exit == -errno."""
+    """One exit rule per errno: uid in lo..hi and exit == -errno. ENETUNREACH: what a
+    sandbox without the inet pledge answers a datagram sent anywhere (its network
+    namespace has no interface up)."""
     arch = AUDIT_ARCHES.get(platform.machine())
-    for err in (errno.EACCES, errno.EPERM):
+    for err in (errno.EACCES, errno.EPERM, errno.ENETUNREACH):
         fields = [(AUDIT_ARCH, AUDIT_EQUAL, arch)] if arch else []
         fields += [(AUDIT_UID, AUDIT_GREATER_THAN_OR_EQUAL, lo),
                    (AUDIT_UID, AUDIT_LESS_THAN_OR_EQUAL, hi),

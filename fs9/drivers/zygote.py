@@ -4,6 +4,11 @@ private namespace and starts the agent's programs there (`python -m fs9.drivers.
 Set up once, used by every task (Plan 9: the namespace belongs to the process
 group, not to one program; Android's zygote: pay the setup once):
 
+  - its own IPC namespace (no SysV queue or semaphore shared with anyone), and,
+    unless it pledged `inet`, its own network namespace with nothing in it (not even
+    a loopback that is up): no TCP, UDP or abstract unix socket of the host reaches
+    it or is reached; /proc is a fresh instance with hidepid=invisible, so its
+    programs see only their own processes;
   - a private mount namespace in which the agent's view (MNT/agents/NAME/view,
     served by fs9) is bind-mounted over MNT, so the canonical paths show the view
     and nothing else; the vault subtrees it may only read are bound read-only from
@@ -16,7 +21,10 @@ group, not to one program; Android's zygote: pay the setup once):
     an escape attempt (the kernel records the audit event);
   - each program then runs as the agent's own uid, with no capabilities,
     no_new_privs, and Landlock (Linux's unveil) allowing only the system's
-    read-only directories, the view, the program's folder and a scratch folder.
+    read-only directories, the view, the program's folder and a scratch folder; a
+    second Landlock layer (netrules.py) refuses TCP connect and bind but to the ports
+    its manifest allows (none without `inet`) and scopes abstract unix sockets and
+    signals to the agent's own programs.
 
 Everything inherits: children, double-forks, setsid, exec'd shells.
 This process is a child subreaper, so escaped descendants stay ours; when fs9
@@ -43,7 +51,10 @@ import landlock
 import pyseccomp
 from landlock.plumbing import get_restrict_self
 
-CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
+from fs9.drivers import netrules
+
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x10000000, 0x08000000, \
+    0x40000000
 # the new mount API (same numbers on x86_64 and aarch64), for idmapped binds
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
 AT_FDCWD, AT_EMPTY_PATH, OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH = -100, 0x1000, 1, 4
@@ -84,9 +95,12 @@ def _mount(source, target, fstype, flags, data=None) -> None:
 
 
 def enter_namespace(spec: dict) -> None:
-    """The agent's private mount namespace: its view over MNT, secrets covered."""
-    _check(libc.unshare(CLONE_NEWNS), "unshare")
+    """The agent's private namespaces: its view over MNT, secrets covered, its own IPC,
+    its own (empty) network unless it pledged inet, and a /proc showing only its own."""
+    flags = CLONE_NEWNS | CLONE_NEWIPC | (0 if spec.get("net", {}).get("inet") else CLONE_NEWNET)
+    _check(libc.unshare(flags), "unshare")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do leaks back out
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
     _mount(spec["view"], spec["mnt"], None, MS_BIND)
     _mount(None, spec["mnt"], None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV)
     for source, target in spec.get("binds", ()):
@@ -201,7 +215,18 @@ def seccomp_filter() -> pyseccomp.SyscallFilter:
     return flt
 
 
-def start_program(msg: dict, fds: list[int], spec: dict, ruleset) -> int:
+def net_ruleset(spec: dict) -> int | None:
+    """The network-and-scopes Landlock layer (netrules.py) for this agent, or None."""
+    net = spec.get("net", {})
+    if net.get("inet"):
+        return netrules.ruleset(net.get("connect"), net.get("bind"))
+    # no inet: its network namespace is empty anyway; Landlock also refuses TCP, so the
+    # attempt is audited (EACCES), where the kernel has network rules
+    none = [] if netrules.abi() >= 4 else None
+    return netrules.ruleset(none, none)
+
+
+def start_program(msg: dict, fds: list[int], spec: dict, ruleset, net_fd=None) -> int:
     """Fork, drop to the agent's uid under Landlock, exec; the pid, or OSError."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -219,10 +244,13 @@ def start_program(msg: dict, fds: list[int], spec: dict, ruleset) -> int:
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
             libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: Landlock's precondition
-            try:
-                get_restrict_self()(ruleset._fd, LOG_NEW_EXEC_ON)
-            except OSError:
-                get_restrict_self()(ruleset._fd, 0)
+            for layer in (ruleset._fd, net_fd):
+                if layer is None:
+                    continue
+                try:
+                    get_restrict_self()(layer, LOG_NEW_EXEC_ON)
+                except OSError:
+                    get_restrict_self()(layer, 0)
             os.closerange(3, report_w)
             os.closerange(report_w + 1, 65536)
             os.chdir(msg["cwd"])
@@ -254,6 +282,7 @@ def kill_all(uid: int) -> None:
 
 def serve(sock: socket.socket, spec: dict) -> None:
     ruleset = landlock_ruleset(spec)
+    net_fd = net_ruleset(spec)
     flt = seccomp_filter()
     flt.load()
     # pyseccomp has no public accessor for the listener fd; select needs it
@@ -305,7 +334,7 @@ def serve(sock: socket.socket, spec: dict) -> None:
                     fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
             msg = json.loads(data)
             try:
-                pid = start_program(msg, list(fds), spec, ruleset)
+                pid = start_program(msg, list(fds), spec, ruleset, net_fd)
                 started.add(pid)
                 send(op="started", id=msg["id"], pid=pid)
             except OSError as e:

@@ -132,7 +132,9 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/out": _agent_out,
     "agents/{agent}/err": _agent_err,
     "agents/{agent}/status": lambda k, agent: Status(agent.status),
-    "agents/{agent}/manifest": lambda k, agent: Status(lambda: manifests.render(agent.manifest)),
+    "agents/{agent}/manifest": lambda k, agent: Status(
+        lambda: manifests.render(agent.manifest)
+        + f"# network reach: {manifests.reach(agent.manifest)}\n"),
     "agents/{agent}/tasks": None,
     "agents/{agent}/tasks/{task}": None,
     "agents/{agent}/tasks/{task}/input": lambda k, agent, task: Status(lambda: k.task_input(task)),

@@ -404,7 +404,8 @@ class Kernel:
             read.append(os.path.dirname(self.llm_program()))
         if agent.workdir() == agent.home:
             read.append(agent.home)
-        return dict(agent=agent.name, uid=agent.uid, mnt=mnt, audit=self.audit,
+        net = dict(inet="inet" in agent.view.pledges, **agent.manifest.get("net", {}))
+        return dict(agent=agent.name, uid=agent.uid, mnt=mnt, audit=self.audit, net=net,
                     view=os.path.join(mnt, "agents", agent.name, "view"),
                     hide=[p for p in (self.state_dir, self.vault_dir) if p],
                     binds=self._vault_binds(agent.view.read_only_vault()),

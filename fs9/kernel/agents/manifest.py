@@ -55,7 +55,7 @@ INJECTION_PATTERNS = [  # likely attempts to turn data into instructions
     r"disregard (your|the) (instructions|rules|system prompt)",
     r"you are now\b", r"new instructions:", r"system prompt", r"</?(system|assistant)>",
     r"do not tell (the )?(user|operator)"]
-KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil", "owns", "budget", "memory") \
+KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil", "owns", "budget", "memory", "net") \
     + FUTURE_KEYS + SPAWN_KEYS \
     + LLM_KEYS
 
@@ -135,6 +135,9 @@ def check(raw: dict, origin: str) -> dict:
                      or len(v.encode()) > 255]
         if bad_names:
             raise bad(f"{key}: {bad_names[0]!r} cannot be a file name (registry/by-capability)")
+    problem = _net_problem(m)
+    if problem:
+        raise bad(problem)
     try:
         views.parse("", m)
         if not isinstance(m.get("budget", {}), dict):
@@ -170,6 +173,31 @@ def _check_llm(m: dict, bad) -> None:
             re.compile(p)
         except re.error as e:
             raise bad(f"injection_patterns: {p!r}: {e}")
+
+
+def _net_problem(m: dict) -> str:
+    """What is wrong with [net] (connect, bind: lists of TCP ports), "" if nothing."""
+    net = m.get("net", {})
+    if not isinstance(net, dict) or set(net) - {"connect", "bind"}:
+        return "[net] is a table of connect and bind (lists of TCP ports)"
+    for key, ports in net.items():
+        if not isinstance(ports, list) or not all(
+                isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports):
+            return f"[net] {key} must be a list of TCP ports (1-65535)"
+    if net and "inet" not in m.get("pledge", []):
+        return "[net] narrows the inet pledge: pledge inet too"
+    return ""
+
+
+def reach(m: dict) -> str:
+    """An agent's network reach in words: none | any | tcp connect P,Q ..."""
+    if m.get("unconfined"):
+        return "unconfined"
+    if "inet" not in m.get("pledge", []):
+        return "none"
+    net = m.get("net", {})
+    parts = [f"tcp {key} {','.join(map(str, ports)) or 'none'}" for key, ports in net.items()]
+    return "; ".join(parts) or "any"
 
 
 def _not_plain(value: Any, depth: int = 0) -> str:

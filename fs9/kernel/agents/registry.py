@@ -1,12 +1,13 @@
 """What the registry shows (`registry/`): what each agent offers, who provides a
 capability, who owns which vault subtree. Rendered from the manifests, as text."""
+from . import manifest as manifests
 
 
 def entry(agent) -> str:
     """What an agent offers, as KEY=VALUE lines (a key repeats for each item)."""
     m = agent.manifest
     lines = [f"name={agent.name}", f"state={agent.state}", f"mode={m['mode']}",
-             f"clearance={m['clearance']}"]
+             f"clearance={m['clearance']}", f"net={manifests.reach(m)}"]
     lines += [f"provides={cap}" for cap in m.get("provides", [])]
     lines += [f"accepts={kind}" for kind in m.get("accepts", ["work_request"])]
     if "sla" in m:

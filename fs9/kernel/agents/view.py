@@ -29,6 +29,7 @@ PLEDGES = {
     "spawn": "write the kernel's ctl and other agents' ctl",
     "discover": "see the capability registry",
     "declassify": "label its mail below its clearance (each time logged: `declassified`)",
+    "inet": "reach the network (else its sandbox has none); [net] narrows it to TCP ports",
 }
 DEFAULT_PLEDGE = ("read", "write", "send")
 MODES = ("r", "w", "rw")
