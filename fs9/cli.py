@@ -81,13 +81,13 @@ EXEMPT_ENV = "FS9_AUDIT_EXEMPT"  # this server was forked after the audit exempt
 
 def _exempt_from_audit() -> bool:
     """Ask the kernel's audit to give no audit context to the processes forked from now
-    on, but agents' programs (fs9/kernel/agents/escapes.py): so the server, forked after this,
+    on, but agents' programs (fs9/drivers/auditrules.py): so the server, forked after this,
     does not pay for the audit rules on every syscall. Whether it is in place."""
     from .drivers import confine
     if confine.unavailable() is not None:
         return False
-    from .kernel.agents import escapes
-    return escapes.exempt_others()
+    from .drivers import auditrules
+    return auditrules.exempt_others()
 
 
 def _serve_exempt(args) -> int:

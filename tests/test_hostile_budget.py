@@ -52,7 +52,7 @@ def test_eight_concurrent_requests_stay_within_the_daily_budget(slow_model):
     assert len(admitted) < 8  # the room was reserved by the first ones
     for cid in admitted:
         m.read(f"models/slow/{cid}/reply")  # to its end
-    m.wait_for(lambda: all(f"state=done" in m.read(f"models/slow/{c}/status")
+    m.wait_for(lambda: all("state=done" in m.read(f"models/slow/{c}/status")
                            or "state=failed" in m.read(f"models/slow/{c}/status")
                            for c in admitted), 30, "the calls to end")
     # the estimate (4 characters a token) may differ from the model's count a little;

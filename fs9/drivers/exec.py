@@ -1,4 +1,6 @@
 """The exec driver: an agent is any executable; one run per task (or per daemon life).
+Its manifest names the program (`cmd`); DRIVER is its entry in drivers.DRIVERS, and
+its `run` also runs the llm driver's program.
 
 Protocol: `await run(job, task_status=...)` starts the program, reports its pid
 through task_status.started (so a start failure is seen before the caller goes
@@ -14,28 +16,18 @@ from non-blocking pipes either way.
 """
 import errno
 import os
+import shlex
 import signal
 import subprocess
-from dataclasses import dataclass
-from typing import Callable
 
 import trio
+
+from . import BadManifest, Driver, Job
 
 GRACE_S = 2.0  # SIGTERM to SIGKILL
 DRAIN_S = 1.0  # after exit, how long descendants may keep the pipes open
 CHUNK = 65536
 NICE = {"interactive": -5, "normal": 0, "background": 10}
-
-
-@dataclass
-class Job:
-    cmd: list[str]
-    cwd: str
-    env: dict[str, str]
-    stdin: bytes | None  # None: /dev/null (daemons)
-    priority: str
-    emit: Callable[[int, bytes], None]  # (1 stdout | 2 stderr, bytes)
-    sandbox: object = None  # a confine.Sandbox: start the program confined in it
 
 
 class _Program:
@@ -161,3 +153,22 @@ async def _terminate(proc: _Program) -> None:
     with trio.move_on_after(GRACE_S):
         await proc.wait()  # reaped by us, or reported by the sandbox
     proc.close()
+
+
+def check(manifest: dict) -> dict:
+    """The program and its arguments (`cmd`): a list of strings, or one shell-quoted
+    string, split here. BadManifest(text)."""
+    cmd = manifest.get("cmd")
+    if isinstance(cmd, str):
+        try:
+            cmd = shlex.split(cmd)
+        except ValueError as e:
+            raise BadManifest(f"cmd: {e}")
+    if not cmd or not isinstance(cmd, list) or not all(isinstance(w, str) for w in cmd):
+        raise BadManifest("cmd must be a non-empty list of strings (or one shell-quoted string)")
+    return {"cmd": cmd}
+
+
+# the program as the manifest names it; nothing added to its environment or sandbox
+DRIVER = Driver(keys=("cmd",), check=check, argv=lambda m: list(m["cmd"]),
+                environ=lambda m: {}, reads=lambda m: [], model=lambda m: None, run=run)

@@ -348,7 +348,7 @@ def set_loginuid(spec: dict) -> None:
     """Make the agent's uid our login uid (auid), before we fork any program: every
     program inherits it, through setuid and exec, and cannot change it (no
     CAP_AUDIT_CONTROL). fs9's audit task rules give an audit context, hence
-    audit, only to tasks forked with an agent's auid (fs9.kernel.escapes). We,
+    audit, only to tasks forked with an agent's auid (drivers/auditrules.py). We,
     forked by fs9 without one, keep none (the rules are checked at fork): our own
     syscalls cost nothing extra, and only the programs we fork from now on are audited."""
     try:

@@ -11,8 +11,6 @@ import errno
 import gc
 import logging
 import os
-import shutil
-import tempfile
 from typing import Callable
 
 import trio
@@ -20,7 +18,7 @@ import trio
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd
-from .agents import escapes, manifest as manifests, spawn
+from .agents import escapes, spawn
 from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
@@ -97,7 +95,6 @@ class Kernel:
         self.vault_changes = watch.OwnChanges(self.log, self.search)
         self.models = Models(self)
         self.memory = Memory(self)
-        self._llm_program: str | None = None  # see llm_program
         self.handlers = event_table(self, self.bus, self.models, self.memory)
 
     # --- lifetime --------------------------------------------------------------
@@ -399,9 +396,7 @@ class Kernel:
     def sandbox_spec(self, agent: Agent) -> dict:
         """What agent's sandbox is made of (drivers/zygote.py)."""
         mnt = self.mount_path
-        read = list(confine.SYSTEM_READ)
-        if agent.manifest["driver"] == "llm":  # fs9's own agent program
-            read.append(os.path.dirname(self.llm_program()))
+        read = list(confine.SYSTEM_READ) + agent.driver.reads(agent.manifest)
         if agent.workdir() == agent.home:
             read.append(agent.home)
         net = dict(inet="inet" in agent.view.pledges, **agent.manifest.get("net", {}))
@@ -474,18 +469,6 @@ class Kernel:
     def emit(self, task: Task, fd: int, data: bytes) -> None:
         self.log.add_chunk(task.id, task.attempt, fd, data)
         self.stream(task, fd).append(data)
-
-    def llm_program(self) -> str:
-        """drivers/llm_agent.py where agents' uids can read it: in place, or (fs9 kept
-        under a closed directory such as /root) a root-owned copy in a fresh temp dir."""
-        if self._llm_program is None:
-            self._llm_program = manifests.LLM_PROGRAM
-            if confine.unreachable(self._llm_program):
-                folder = tempfile.mkdtemp(prefix="fs9-programs-")
-                os.chmod(folder, 0o755)
-                self._llm_program = shutil.copy(manifests.LLM_PROGRAM, folder)
-                os.chmod(self._llm_program, 0o644)
-        return self._llm_program
 
     def status(self) -> str:
         return "".join(a.status_line() for a in sorted(self.agents.values(), key=lambda a: a.name))

@@ -15,8 +15,8 @@ import time
 
 import trio
 
+from ... import drivers
 from ...drivers import confine
-from ...drivers import exec as exec_driver
 from ...errors import NO_AGENT, Fs9Error
 from .. import cmd
 from . import escapes, manifest as manifests
@@ -47,6 +47,7 @@ class Agent:
         self.name = name
         # (a manifest logged by an older fs9 may lack keys added to the defaults since)
         self.manifest = {**manifests.DEFAULTS, **manifest}
+        self.driver = drivers.of(self.manifest)  # how its programs run
         self.home = home  # working directory of its program
         self.uid = uid  # its programs' uid, when confined
         self.view = views.parse(name, manifest)
@@ -157,7 +158,7 @@ class Agent:
             raise Fs9Error(errno.EINVAL, f"nothing may follow kill in one write: {p.line!r}")
         if p.cmd.verb == "run" and self.daemon:
             raise Fs9Error(errno.EINVAL, f"{self.name} is a daemon agent and takes no tasks")
-        if p.cmd.verb == "priority" and p.args[0] not in exec_driver.NICE:
+        if p.cmd.verb == "priority" and p.args[0] not in manifests.PRIORITIES:
             raise Fs9Error(errno.EINVAL, f"bad priority {p.args[0]!r}: usage: {p.cmd.usage}")
 
     def run(self, text: str) -> Task:
@@ -301,11 +302,8 @@ class Agent:
             k.record("task_failed", agent=self.name, task=task.id, corr=task.corr, exit=None,
                      reason=f"cannot confine: {e}")
             return 126
-        cmd = self.manifest["cmd"]
-        if self.manifest["driver"] == "llm":
-            cmd = [cmd[0], k.llm_program()]
-        job = exec_driver.Job(
-            cmd=cmd, cwd=self.workdir() if sandbox else self.home,
+        job = drivers.Job(
+            cmd=self.driver.argv(self.manifest), cwd=self.workdir() if sandbox else self.home,
             env=self.environ(task), stdin=None if task.daemon else k.task_input(task),
             priority=self.priority, emit=lambda fd, data: k.emit(task, fd, data),
             sandbox=sandbox)
@@ -316,7 +314,7 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 async def runner(task_status):
                     nonlocal status
-                    status = await exec_driver.run(job, task_status=task_status)
+                    status = await self.driver.run(job, task_status=task_status)
                 task.pid = await nursery.start(runner)
         self._run_scope = None
         task.pid = None
@@ -351,14 +349,7 @@ class Agent:
             env = dict(self.base_env)
         mnt = self.kernel.mount_path
         home = os.path.join(mnt, "agents", self.name) if mnt else ""
-        if self.manifest["driver"] == "llm":
-            m = self.manifest
-            env.update(FS9_MODEL=m["model"], FS9_INSTRUCTIONS=m.get("instructions", ""),
-                       FS9_CLEARANCE=m["clearance"],
-                       FS9_MAX_STEPS=str(m.get("max_steps", 20)),
-                       FS9_TOOLS=json.dumps(m.get("tools")),
-                       FS9_INJECTION_PATTERNS=json.dumps(
-                           m.get("injection_patterns", manifests.INJECTION_PATTERNS)))
+        env.update(self.driver.environ(self.manifest))
         env.update(FS9_AGENT=self.name, FS9_TASK=str(task.id), FS9_CORR=task.corr,
                    FS9_MNT=mnt, FS9_AGENT_DIR=home, FS9_REQUESTER=task.reply_to,
                    FS9_OUTBOX=home and os.path.join(home, "outbox"),

@@ -3,30 +3,28 @@
 A manifest is plain data. `load_definition` reads one from disk, `parse_override`
 reads one KEY=VALUE word of `spawn NAME KEY=VALUE...` (agents/spawn.py folds them
 in), and `check` turns anything malformed into Fs9Error(EINVAL) naming the file and
-the field; `render` shows the effective manifest (the `manifest` file).
+the field (a driver's own keys: its entry in drivers.DRIVERS checks them); `render`
+shows the effective manifest (the `manifest` file).
 """
 import errno
 import math
 import os
-import re
-import shlex
-import sys
 import tomllib
 from typing import Any
 
+from ... import drivers
 from ...errors import Fs9Error
 from . import view as views
 from ..models.budget import Limits
 from .memory import policy as memory_policy
 
-DRIVERS = ("exec", "llm")
 MODES = ("task", "daemon")
 RESTARTS = ("permanent", "transient", "temporary")
 PRIORITIES = ("interactive", "normal", "background")
 from ..bus.message import CLASSIFICATIONS  # noqa: E402 (one list, the bus's)
 
 DEFAULTS: dict[str, Any] = {
-    "driver": "exec",
+    "driver": drivers.DEFAULT,
     "mode": "task",
     "restart": "transient",
     "max_restarts": 3,
@@ -42,22 +40,9 @@ DEFAULTS: dict[str, Any] = {
 FUTURE_KEYS = ("provides", "accepts", "description", "sla", "subscribe")
 # the definitions an agent with the spawn pledge may start (none unless listed)
 SPAWN_KEYS = ("spawns",)
-# driver = "llm": the built-in agent program (drivers/llm_agent.py) and its settings
-LLM_KEYS = ("model", "instructions", "tools", "max_steps", "on_injection",
-            "injection_patterns")
-LLM_PROGRAM = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "drivers", "llm_agent.py")
-# agents' programs cannot reach fs9's own interpreter (a venv, maybe under /root)
-LLM_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
-                   if os.access(p, os.X_OK)), sys.executable)
-INJECTION_PATTERNS = [  # likely attempts to turn data into instructions
-    r"ignore (all |any )?(the )?(previous|prior|above|earlier) (instructions|prompts?)",
-    r"disregard (your|the) (instructions|rules|system prompt)",
-    r"you are now\b", r"new instructions:", r"system prompt", r"</?(system|assistant)>",
-    r"do not tell (the )?(user|operator)"]
-KNOWN_KEYS = tuple(DEFAULTS) + ("cmd", "pledge", "unveil", "owns", "budget", "memory", "net") \
-    + FUTURE_KEYS + SPAWN_KEYS \
-    + LLM_KEYS
+# each driver's own keys (the exec driver's cmd, the llm driver's model...) come last
+KNOWN_KEYS = tuple(DEFAULTS) + ("pledge", "unveil", "owns", "budget", "memory", "net") \
+    + FUTURE_KEYS + SPAWN_KEYS + tuple(k for d in drivers.DRIVERS.values() for k in d.keys)
 
 
 def load_definition(agents_dir: str, name: str) -> tuple[dict, str]:
@@ -100,23 +85,16 @@ def check(raw: dict, origin: str) -> dict:
         if problem:
             raise bad(f"{key}: {problem}")
     m = {**DEFAULTS, **raw}
-    for key, allowed in (("driver", DRIVERS), ("mode", MODES), ("restart", RESTARTS),
-                         ("priority", PRIORITIES)):
+    for key, allowed in (("driver", tuple(drivers.DRIVERS)), ("mode", MODES),
+                         ("restart", RESTARTS), ("priority", PRIORITIES)):
         if m[key] not in allowed:
             raise bad(f"{key} = {m[key]!r}; expected one of {', '.join(allowed)}")
     if m["clearance"] not in CLASSIFICATIONS:
         raise bad(f"clearance = {m['clearance']!r}; expected one of {', '.join(CLASSIFICATIONS)}")
-    if m["driver"] == "llm":
-        _check_llm(m, bad)
-    cmd = m.get("cmd")
-    if isinstance(cmd, str):
-        try:
-            cmd = shlex.split(cmd)
-        except ValueError as e:
-            raise bad(f"cmd: {e}")
-    if not cmd or not isinstance(cmd, list) or not all(isinstance(w, str) for w in cmd):
-        raise bad("cmd must be a non-empty list of strings (or one shell-quoted string)")
-    m["cmd"] = cmd
+    try:  # the driver's own keys; it completes cmd (a list of strings from here on)
+        m.update(drivers.of(m).check(m))
+    except drivers.BadManifest as e:
+        raise bad(str(e))
     for key in ("max_restarts", "within_s", "timeout_s"):
         if not isinstance(m[key], (int, float)) or isinstance(m[key], bool) or m[key] < 0:
             raise bad(f"{key} must be a number >= 0, got {m[key]!r}")
@@ -150,29 +128,6 @@ def check(raw: dict, origin: str) -> dict:
     m.setdefault("unveil", {})
     m.setdefault("owns", [])
     return m
-
-
-def _check_llm(m: dict, bad) -> None:
-    """driver = "llm": its program is fs9's; check the settings it reads."""
-    if "cmd" in m:
-        raise bad("driver = \"llm\" runs fs9's own agent program: no cmd")
-    m["cmd"] = [LLM_PYTHON, LLM_PROGRAM]
-    m.setdefault("model", "scripted")
-    for key in ("model", "instructions"):
-        if not isinstance(m.get(key, ""), str):
-            raise bad(f"{key} must be a string")
-    for key in ("tools", "injection_patterns"):
-        if key in m and not (isinstance(m[key], list) and all(isinstance(v, str) for v in m[key])):
-            raise bad(f"{key} must be a list of strings")
-    if not isinstance(m.get("max_steps", 20), int) or m.get("max_steps", 20) < 1:
-        raise bad("max_steps must be a whole number >= 1")
-    if m.get("on_injection", "flag") not in ("flag", "stop"):
-        raise bad("on_injection must be flag or stop")
-    for p in m.get("injection_patterns", []):
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise bad(f"injection_patterns: {p!r}: {e}")
 
 
 def _net_problem(m: dict) -> str:

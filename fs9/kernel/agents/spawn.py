@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 
+from ... import drivers
 from ...drivers import confine
 from ...errors import Fs9Error
 from ..names import NAME_RE, OPERATOR
@@ -39,9 +40,9 @@ def prepare(kernel, name: str, *overrides: str) -> tuple[dict, str]:
         raw, home, origin = {}, os.path.join(kernel.state_dir, "work", name), f"spawn {name}"
     manifest = manifests.check({**raw, **kv}, origin)
     check_program(name, manifest, home)
-    models = kernel.models
-    if manifest["driver"] == "llm" and models.model(manifest["model"]) is None:
-        raise Fs9Error(errno.ENOENT, f"agent {name}: no model {manifest['model']!r} "
+    models, model = kernel.models, drivers.of(manifest).model(manifest)
+    if model is not None and models.model(model) is None:
+        raise Fs9Error(errno.ENOENT, f"agent {name}: no model {model!r} "
                                      f"(models/; configured in {models.config_path}"
                                      + (f": {models.problem}" if models.problem else "") + ")")
     for subtree in manifest["owns"]:

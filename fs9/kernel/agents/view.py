@@ -19,6 +19,7 @@ Rules, in order:
 import errno
 from dataclasses import dataclass
 
+from ... import drivers
 from ...errors import Fs9Error
 
 PLEDGES = {
@@ -173,9 +174,9 @@ def parse(agent: str, manifest: dict) -> View:
     unveil = manifest.get("unveil", {})
     if not isinstance(unveil, dict):
         raise Fs9Error(errno.EINVAL, 'unveil must be a table of "PATH" = "r" | "w" | "rw"')
-    if manifest.get("driver") == "llm" and isinstance(manifest.get("model", "scripted"), str):
-        # the llm driver talks to its model: that much is unveiled for it
-        unveil = {f"models/{manifest.get('model', 'scripted')}": "rw", **unveil}
+    model = drivers.of(manifest).model(manifest)
+    if model is not None:  # a driver's program talks to its model: that much is unveiled
+        unveil = {f"models/{model}": "rw", **unveil}
     entries = []
     for raw, mode in unveil.items():
         parts = tuple(raw.strip("/").split("/")) if raw.strip("/") else ()
