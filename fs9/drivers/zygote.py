@@ -118,6 +118,10 @@ def enter_namespace(spec: dict) -> None:
                 idmapped_bind(source, target, spec["uid"])
             except OSError as e:
                 print(f"fs9 sandbox: {target} stays with fs9: {e}", file=sys.stderr)
+    if spec.get("scratch"):  # its scratch folder: a tmpfs of its own, bounded in size
+        _mount("fs9-scratch", spec["scratch"], "tmpfs", MS_NOSUID | MS_NODEV,
+               f"size={spec.get('scratch_mb', 256)}m,mode=0700,uid={spec['uid']},"
+               f"gid={spec['uid']}")
     for secret in spec["hide"]:
         if os.path.isdir(secret):
             _mount("fs9-hidden", secret, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
@@ -239,6 +243,9 @@ def start_program(msg: dict, fds: list[int], spec: dict, ruleset, net_fd=None) -
                 os.setpriority(os.PRIO_PROCESS, 0, msg["nice"])
             except OSError:
                 pass
+            for procs in spec.get("cgroups", ()):  # its control groups: limits, and an end
+                with open(procs, "w") as f:
+                    f.write("0")
             uid = spec["uid"]
             os.setgroups([])
             os.setresgid(uid, uid, uid)

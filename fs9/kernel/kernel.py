@@ -11,6 +11,9 @@ import errno
 import gc
 import logging
 import os
+import shutil
+import tempfile
+import zlib
 from typing import Callable
 
 import trio
@@ -18,7 +21,7 @@ import trio
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd
-from .agents import escapes, spawn
+from .agents import escapes, limits, spawn
 from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
@@ -48,7 +51,7 @@ AUDIT_ONLY = frozenset({
     "escape_attempt", "escape_denied", "injection_suspected", "mail_delivered", "mount",
     "mail_duplicate", "model_config_error", "model_error", "model_throttled",
     "model_unreachable", "refused", "search_fallback", "search_index_damaged",
-    "search_semantic", "task_progress", "unmount", "unveil_denied", "vault_changed",
+    "search_semantic", "task_progress", "limit_exceeded", "limits_unavailable", "unmount", "unveil_denied", "vault_changed",
     "watch_overflow", "watch_unavailable"})
 Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
@@ -76,6 +79,8 @@ class Kernel:
         self.audit = audit  # witness agents' refused syscalls through kernel audit
         self.mounted = trio.Event()  # the face serves mount_path: sandboxes can bind views
         self.spawns = 0  # spawn events so far: an agent's serial, hence its uid
+        self.instance = f"{zlib.crc32(self.state_dir.encode()):08x}"  # names its cgroups
+        self._scratch_root = ""  # see scratch_root
         self.log = EventLog(self.state_dir)
         self.agents: dict[str, Agent] = {}
         self.tasks: dict[int, Task] = {}
@@ -110,6 +115,13 @@ class Kernel:
         # walking it again and again (a million tasks cost seconds-long pauses).
         gc.collect()
         gc.freeze()
+        try:
+            await self._serve(task_status)
+        finally:  # the agents' loops have ended (their groups with them): their folders go
+            if self._scratch_root:
+                shutil.rmtree(self._scratch_root, ignore_errors=True)
+
+    async def _serve(self, task_status) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if not self.audit:
@@ -257,6 +269,8 @@ class Kernel:
 
     def _on_priority(self, e, agent, task):
         agent.priority = e.data["priority"]
+        if agent.group is not None:  # its CPU share follows (agents/limits.py)
+            agent.group.set_cpu_weight(limits.CPU_WEIGHT[agent.priority])
 
     def _on_task_queued(self, e, agent, task):
         daemon = e.data.get("daemon", False)
@@ -401,11 +415,22 @@ class Kernel:
             read.append(agent.home)
         net = dict(inet="inet" in agent.view.pledges, **agent.manifest.get("net", {}))
         return dict(agent=agent.name, uid=agent.uid, mnt=mnt, audit=self.audit, net=net,
+                    cgroups=agent.group.join_files() if agent.group is not None else [],
+                    scratch=agent.scratch, scratch_mb=agent.limits["scratch_mb"],
                     view=os.path.join(mnt, "agents", agent.name, "view"),
                     hide=[p for p in (self.state_dir, self.vault_dir) if p],
                     binds=self._vault_binds(agent.view.read_only_vault()),
                     owned_binds=self._vault_binds(agent.view.owned_vault()),
                     read=read, write=[mnt, agent.scratch], devices=list(confine.DEVICES))
+
+    @property
+    def scratch_root(self) -> str:
+        """Where agents' scratch folders are: a folder of fs9's own (root's, 0711) made
+        afresh in /tmp on first use, so no other user can plant a name in it."""
+        if not self._scratch_root:
+            self._scratch_root = tempfile.mkdtemp(prefix="fs9-scratch-")
+            os.chmod(self._scratch_root, 0o711)
+        return self._scratch_root
 
     def guarded(self, fn, *args, agent: str | None = None, file: str = "ctl"):
         """Run a request; a refusal is logged (and shown in the agent's err) and re-raised."""

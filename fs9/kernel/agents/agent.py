@@ -10,16 +10,15 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import trio
 
 from ... import drivers
-from ...drivers import confine
+from ...drivers import cgroups, confine
 from ...errors import NO_AGENT, Fs9Error
 from .. import cmd
-from . import escapes, manifest as manifests
+from . import escapes, limits, manifest as manifests
 from ..models.budget import Limits
 from ..bus.mailbox import Mailbox
 from ..stream import Changes
@@ -74,6 +73,10 @@ class Agent:
         self._sandbox: confine.Sandbox | None = None
         self._daemon_run: Task | None = None  # a daemon's latest run
         self._resources: contextlib.AsyncExitStack | None = None  # the sandbox's lifetime
+        self.group: cgroups.Group | None = None  # its programs' control group, while confined
+        self.limits = limits.of(self.manifest)
+        self._exceeded = ""  # the limit that ended the current run (limits.reason)
+        self._baseline: dict[str, int] = {}  # the group's counters when the run started
         self._run_scope: trio.CancelScope | None = None
         self._cancel_as = ""  # what a cancelled run becomes: "cancelled" | "requeue"
 
@@ -118,6 +121,7 @@ class Agent:
             "cancelled": c["cancelled"], "latest": latest.id if latest else "",
             "latest_state": latest.state if latest else "",
             "latest_exit": "" if not latest or latest.exit is None else latest.exit,
+            "latest_reason": latest.reason if latest else "",
             **self.kernel.models.agent_usage(self.name),
             **{f"budget_{k}": v for k, v in vars(self.budget).items() if v},
             "reason": self.failed,  # last: it is free text
@@ -225,13 +229,42 @@ class Agent:
                 await self._loop()
             finally:
                 self._sandbox = None
+                if self.group is not None:  # every process of the agent ends with it
+                    self.group.remove()
+                    self.group = None
                 if self.killed:
                     shutil.rmtree(self.scratch, ignore_errors=True)
 
     @property
     def scratch(self) -> str:
-        """The confined agent's only writable folder on disk (HOME, TMPDIR)."""
-        return os.path.join(tempfile.gettempdir(), f"fs9-scratch-{self.uid}")
+        """The confined agent's only writable folder on disk (HOME, TMPDIR): in fs9's own
+        root-owned folder (kernel.scratch_root), where no other user can plant a link."""
+        return os.path.join(self.kernel.scratch_root, str(self.uid))
+
+    def _make_scratch(self) -> None:
+        """The scratch folder, made afresh and given to the agent's uid without following
+        anything (its parent is root's, 0711: nobody else can make names in it)."""
+        try:
+            os.mkdir(self.scratch, 0o700)
+        except FileExistsError:
+            pass
+        fd = os.open(self.scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchown(fd, self.uid, self.uid)
+        finally:
+            os.close(fd)
+
+    def _make_group(self) -> cgroups.Group:
+        """Its control group, with its limits (drivers/cgroups.py). A controller the
+        host lacks is said once, in an event."""
+        group = cgroups.Group(self.kernel.instance, str(self.uid))
+        group.create(self.limits["memory_mb"] << 20, self.limits["processes"],
+                     limits.CPU_WEIGHT[self.priority])
+        if group.missing:
+            self.kernel.log.append("limits_unavailable", agent=self.name,
+                                   reason=f"this host has no cgroup {', '.join(group.missing)} "
+                                          "controller: those limits are not enforced")
+        return group
 
     async def sandbox(self) -> "confine.Sandbox | None":
         """The agent's sandbox, started on first use; None when it runs unconfined."""
@@ -249,8 +282,9 @@ class Agent:
                         f"its uid cannot reach {path}: {blocked} is closed to other users "
                         f"(chmod o+x {blocked}, or mount and keep agents elsewhere)")
             await self.kernel.mounted.wait()
-            os.makedirs(self.scratch, mode=0o700, exist_ok=True)
-            os.chown(self.scratch, self.uid, self.uid)
+            self._make_scratch()
+            if self.group is None:
+                self.group = self._make_group()
             self._sandbox = await self._resources.enter_async_context(
                 confine.Sandbox.open(self.kernel.sandbox_spec(self),
                                      lambda report: escapes.attempt(self.kernel, self, report)))
@@ -302,12 +336,19 @@ class Agent:
             k.record("task_failed", agent=self.name, task=task.id, corr=task.corr, exit=None,
                      reason=f"cannot confine: {e}")
             return 126
+        output = [0, self.limits["output_mb"] << 20]  # bytes so far, the most a task may write
+
+        def emit(fd: int, data: bytes) -> None:
+            if output[0] >= output[1]:
+                return  # over the limit: the watcher ends the task
+            output[0] += len(data)
+            k.emit(task, fd, data[:max(0, output[1] - output[0] + len(data))])
         job = drivers.Job(
             cmd=self.driver.argv(self.manifest), cwd=self.workdir() if sandbox else self.home,
             env=self.environ(task), stdin=None if task.daemon else k.task_input(task),
-            priority=self.priority, emit=lambda fd, data: k.emit(task, fd, data),
-            sandbox=sandbox)
-        self._cancel_as = ""
+            priority=self.priority, emit=emit, sandbox=sandbox)
+        self._cancel_as, self._exceeded = "", ""
+        self._baseline = self.group.counters() if self.group is not None else {}
         with trio.CancelScope() as self._run_scope:
             if self.manifest["timeout_s"] and not task.daemon:
                 self._run_scope.deadline = trio.current_time() + self.manifest["timeout_s"]
@@ -315,10 +356,22 @@ class Agent:
                 async def runner(task_status):
                     nonlocal status
                     status = await self.driver.run(job, task_status=task_status)
+                    nursery.cancel_scope.cancel()  # the watcher's job is done
                 task.pid = await nursery.start(runner)
+                nursery.start_soon(self._watch_limits, task, output)
         self._run_scope = None
         task.pid = None
+        if self.group is not None:
+            # nothing of a run outlives it (a double fork, setsid): the group ends it all;
+            # and a limit that bit at the very end still names the reason
+            await trio.to_thread.run_sync(self.group.kill)
+            self._check_limits(task, output)
         ids = dict(agent=self.name, task=task.id, corr=task.corr)
+        if self._exceeded:
+            k.record("task_failed", exit=status, reason=self._exceeded, **ids)
+            if task.reply_to and not task.handed_off:
+                k.bus.send_result(self, task)
+            return status if status else 137
         if status is not None:
             k.record("task_done" if status == 0 else "task_failed", exit=status, **ids)
             if task.reply_to and not task.handed_off:
@@ -331,7 +384,33 @@ class Agent:
         else:
             k.record("task_failed", exit=None,
                      reason=f"timeout after {self.manifest['timeout_s']}s", **ids)
+            k.log.append("limit_exceeded", limit="timeout_s", value=self.manifest["timeout_s"],
+                         reason=limits.reason("timeout_s", self.manifest["timeout_s"]), **ids)
         return status
+
+    async def _watch_limits(self, task: Task, output: list[int]) -> None:
+        """While a run lasts: a limit that bit (memory, processes, output) ends it."""
+        while True:
+            await trio.sleep(0.2)
+            if self._check_limits(task, output):
+                self._cancel_run("limit")
+                return
+
+    def _check_limits(self, task: Task, output: list[int]) -> bool:
+        """Whether a limit bit during this run (then logged once, and the reason kept)."""
+        if self._exceeded:
+            return True
+        now = self.group.counters() if self.group is not None else {}
+        base = self._baseline
+        which = "output_mb" if output[0] >= output[1] else \
+            "memory_mb" if now.get("oom_kill", 0) > base.get("oom_kill", 0) else \
+            "processes" if now.get("pids_max", 0) > base.get("pids_max", 0) else ""
+        if not which:
+            return False
+        self._exceeded = limits.reason(which, self.limits[which])
+        self.kernel.log.append("limit_exceeded", agent=self.name, task=task.id, corr=task.corr,
+                               limit=which, value=self.limits[which], reason=self._exceeded)
+        return True
 
     def workdir(self) -> str:
         """A confined program starts in its folder, or (ad hoc agents, whose folder is

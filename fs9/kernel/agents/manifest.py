@@ -16,6 +16,7 @@ from ... import drivers
 from ...errors import Fs9Error
 from . import view as views
 from ..models.budget import Limits
+from . import limits
 from .memory import policy as memory_policy
 
 MODES = ("task", "daemon")
@@ -30,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "max_restarts": 3,
     "within_s": 60,
     "priority": "normal",
-    "timeout_s": 0,  # 0: no limit
+    "timeout_s": 3600,  # a task's run time (0: no limit); agents/limits.py has the rest
     "env": {},
     "unconfined": False,  # true: run without a private namespace (an explicit, logged choice)
     "clearance": "internal",  # the highest classification it may receive (bus/message.py)
@@ -41,7 +42,8 @@ FUTURE_KEYS = ("provides", "accepts", "description", "sla", "subscribe")
 # the definitions an agent with the spawn pledge may start (none unless listed)
 SPAWN_KEYS = ("spawns",)
 # each driver's own keys (the exec driver's cmd, the llm driver's model...) come last
-KNOWN_KEYS = tuple(DEFAULTS) + ("pledge", "unveil", "owns", "budget", "memory", "net") \
+KNOWN_KEYS = tuple(DEFAULTS) + ("pledge", "unveil", "owns", "budget", "memory", "net",
+                                 "limits") \
     + FUTURE_KEYS + SPAWN_KEYS + tuple(k for d in drivers.DRIVERS.values() for k in d.keys)
 
 
@@ -122,6 +124,7 @@ def check(raw: dict, origin: str) -> dict:
             raise Fs9Error(errno.EINVAL, "budget must be a table")
         Limits.of(m.get("budget", {}), "budget")
         memory_policy(m)
+        limits.of(m)
     except Fs9Error as e:
         raise bad(e.text)
     m.setdefault("pledge", list(views.DEFAULT_PLEDGE))  # shown in full in `manifest`
