@@ -6,6 +6,8 @@ other agents, not only the errno."""
 import errno
 import os
 
+import pytest
+
 from conftest import errno_of
 
 BOSS = ('cmd = ["cat"]\nunconfined = true\npledge = ["read", "spawn", "send"]\n'
@@ -50,3 +52,29 @@ def test_an_agent_starts_only_the_definitions_it_lists(mount):
     assert "spawns lists" in mount.read("agents/boss/err")
     mount.write(ctl, "spawn e2 def=echo\n")
     assert "e2" in os.listdir(mount.path / "agents")
+
+
+def test_uids_never_repeat_while_a_holder_may_live(tmp_path):
+    """A uid whose previous holder's program still runs is skipped; two fs9 instances
+    that would pick the same uid range never share it."""
+    import subprocess
+    from fs9.drivers import confine
+    from fs9.kernel.kernel import Kernel
+    (tmp_path / "agents").mkdir()
+    a = Kernel(str(tmp_path / "a"), str(tmp_path / "agents"))
+    a.spawn("first", "cmd=cat", "unconfined=true")
+    held = a.agents["first"].uid + 1  # the uid the next spawn would get
+    squatter = subprocess.Popen(["sleep", "60"], user=held, group=held)
+    try:
+        a.spawn("second", "cmd=cat", "unconfined=true")
+        assert a.agents["second"].uid not in (held, a.agents["first"].uid)
+    finally:
+        squatter.kill()
+        squatter.wait()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "uid-slot").write_text(str(a.uid_slot))  # asks for a's range
+    b = Kernel(str(tmp_path / "b"), str(tmp_path / "agents"))
+    if a._uid_claim is None:
+        pytest.skip(f"uid ranges cannot be claimed here ({confine.CLAIMS})")
+    assert b.uid_slot != a.uid_slot
+    assert (tmp_path / "b" / "uid-slot").read_text() == str(b.uid_slot)  # remembered

@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 from . import audit, confine
 
-# Every uid confine.uid_of can give, whatever the state directory: the auids audited.
-AGENT_UIDS = (confine.UID_BASE, confine.UID_BASE + 10_000 * 10_000 - 1)
+# Every uid an agent of any fs9 instance can have (confine.uid_base): the auids audited.
+AGENT_UIDS = (confine.UID_BASE, confine.UID_BASE + confine.SLOTS * confine.SLOT_SIZE - 1)
 
 
 class Installed(NamedTuple):
@@ -31,10 +31,10 @@ class Installed(NamedTuple):
     foreign: bool
 
 
-def uid_range(state_dir: str) -> tuple[int, int]:
-    """The uids the agents' programs of the fs9 keeping state_dir may run as."""
-    lo = confine.uid_of(state_dir, 0)
-    return lo, lo + 9_999
+def uid_range(slot: int) -> tuple[int, int]:
+    """The uids the agents' programs of the fs9 owning uid slot may run as."""
+    lo = confine.uid_base(slot)
+    return lo, lo + confine.SLOT_SIZE - 1
 
 
 def _fs9s(rule) -> bool:

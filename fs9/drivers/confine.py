@@ -6,6 +6,7 @@ silently: the kernel refuses such an agent). `Sandbox` is one agent's zygote;
 it lives in the agent's nursery and is closed with it.
 """
 import array
+import fcntl
 import itertools
 import json
 import os
@@ -18,7 +19,7 @@ from typing import Callable
 
 import trio
 
-UID_BASE = 10_000_000  # agents' uids: UID_BASE + 10,000 * (hash of the state dir) + serial
+UID_BASE = 10_000_000  # agents' uids: UID_BASE + SLOT_SIZE * (the instance's slot) + offset
 SYSTEM_READ = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc")
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
@@ -54,10 +55,81 @@ def unreachable(path: str) -> str | None:
     return None
 
 
-def uid_of(state_dir: str, serial: int) -> int:
-    """The uid an agent's programs run as: one per agent (serial: its spawn number),
-    distinct between fs9 instances with different state directories."""
-    return UID_BASE + 10_000 * (zlib.crc32(state_dir.encode()) % 10_000) + serial % 10_000
+SLOTS = 10_000  # uid ranges of SLOT_SIZE uids: one per fs9 instance on a host
+SLOT_SIZE = 10_000
+CLAIMS = "/run/fs9/uid-slots"  # host-wide: which state directory holds which range
+
+
+def claim_uid_slot(state_dir: str) -> tuple[int, int | None]:
+    """The uid range (slot) this fs9 instance owns on this host, and the fd of its claim
+    (flocked for the life of the process; None if claims cannot be made here). It asks
+    for the slot it had (STATE/uid-slot), else one derived from the state directory's
+    name; a slot another state directory claimed since boot is not taken while that
+    directory exists or a process runs in its range: the next free one is, and
+    remembered. So two fs9 instances never share a uid."""
+    remembered = os.path.join(state_dir, "uid-slot")
+    try:
+        with open(remembered) as f:
+            first = int(f.read()) % SLOTS
+    except (OSError, ValueError):
+        first = zlib.crc32(state_dir.encode()) % SLOTS
+    try:
+        os.makedirs(CLAIMS, mode=0o700, exist_ok=True)
+    except OSError:
+        return first, None
+    me = state_dir.encode()
+    for i in range(SLOTS):
+        slot = (first + i) % SLOTS
+        try:
+            fd = os.open(os.path.join(CLAIMS, str(slot)),
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a running fs9
+            os.close(fd)
+            continue
+        holder = os.pread(fd, 4096, 0)
+        if holder not in (b"", me) and (os.path.isdir(holder) or _range_in_use(slot)):
+            os.close(fd)  # another instance's since boot: its agents may come back, or live
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
+        if slot != first or not os.path.exists(remembered):
+            with open(remembered, "w") as f:
+                f.write(str(slot))
+        return slot, fd
+    return first, None
+
+
+def _range_in_use(slot: int) -> bool:
+    lo = uid_base(slot)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if lo <= os.stat(f"/proc/{entry}").st_uid < lo + SLOT_SIZE:
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def uid_base(slot: int) -> int:
+    """The first uid of a slot's range."""
+    return UID_BASE + SLOT_SIZE * slot
+
+
+def uid_in_use(uid: int) -> bool:
+    """Whether any process on this host runs as uid (a previous holder's may)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    return True
+            except OSError:
+                pass
+    return False
 
 
 class SandboxError(OSError):

@@ -78,10 +78,13 @@ class Kernel:
         self.mount_path = mount_path
         self.audit = audit  # witness agents' refused syscalls through kernel audit
         self.mounted = trio.Event()  # the face serves mount_path: sandboxes can bind views
-        self.spawns = 0  # spawn events so far: an agent's serial, hence its uid
+        self.spawns = 0  # spawn events so far
         self.instance = f"{zlib.crc32(self.state_dir.encode()):08x}"  # names its cgroups
         self._scratch_root = ""  # see scratch_root
         self.log = EventLog(self.state_dir)
+        # this instance's uid range on the host, claimed for the life of the process
+        self.uid_slot, self._uid_claim = confine.claim_uid_slot(self.state_dir)
+        self._uid_offset = -1  # of the latest spawn's uid in the range
         self.agents: dict[str, Agent] = {}
         self.tasks: dict[int, Task] = {}
         self.tally: collections.Counter = collections.Counter()  # tasks by state
@@ -223,8 +226,10 @@ class Kernel:
 
     def _on_spawn(self, e, agent, task):
         self.spawns += 1
+        # (an older log has no uid_offset: the spawn count gave it)
+        self._uid_offset = e.data.get("uid_offset", self.spawns % confine.SLOT_SIZE)
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"],
-                      confine.uid_of(self.state_dir, self.spawns))
+                      confine.uid_base(self.uid_slot) + self._uid_offset)
         agent.spawned_by = e.data.get("by")
         self.agents[agent.name] = agent
         if self._nursery is not None:
@@ -368,8 +373,20 @@ class Kernel:
         manifest, home = spawn.prepare(self, name, *overrides)
         os.makedirs(home, exist_ok=True)
         self.record("spawn", agent=name, manifest=manifest, home=home,
-                    **({"by": by} if by else {}))
+                    uid_offset=self._free_uid_offset(), **({"by": by} if by else {}))
         return self.agents[name]
+
+    def _free_uid_offset(self) -> int:
+        """The next uid of this instance's range that nothing holds: no agent of ours,
+        and no process on the host (a previous holder's program may outlive it)."""
+        taken = {a.uid for a in self.agents.values()}
+        base = confine.uid_base(self.uid_slot)
+        for i in range(1, confine.SLOT_SIZE + 1):
+            offset = (self._uid_offset + i) % confine.SLOT_SIZE
+            if base + offset not in taken and not confine.uid_in_use(base + offset):
+                return offset
+        raise Fs9Error(errno.EAGAIN, f"all {confine.SLOT_SIZE} agent uids of this fs9 are "
+                                     "in use")
 
     def kill(self, name: str) -> None:
         agent = self.agent(name)

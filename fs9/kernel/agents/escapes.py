@@ -47,7 +47,7 @@ def start_audit(kernel) -> bool:
     before any agent program is forked, and log how it went. Whether refusals can be
     witnessed; watch_denials removes the rules when it ends."""
     try:
-        installed = auditrules.install(*auditrules.uid_range(kernel.state_dir))
+        installed = auditrules.install(*auditrules.uid_range(kernel.uid_slot))
     except OSError as e:
         kernel.log.append("audit_unavailable", reason=f"kernel audit: {e}; refused syscalls "
                                                       "of confined agents are not logged")
@@ -113,6 +113,6 @@ async def watch_denials(kernel) -> None:
         kernel.log.append("audit_unavailable", reason=f"reading kernel audit: {e}")
     finally:
         try:  # synchronous: runs even when cancelled
-            auditrules.remove(*auditrules.uid_range(kernel.state_dir))
+            auditrules.remove(*auditrules.uid_range(kernel.uid_slot))
         except OSError as e:
             log.warning("removing audit rules: %s", e)
