@@ -45,6 +45,7 @@ bench: deps
 	$(BIN)/python bench/views.py
 	$(BIN)/python bench/vault.py
 	$(BIN)/python bench/models.py
+	$(BIN)/python bench/qos.py
 
 example: deps  # the customer-support scenario, offline (scripted model); see examples/support
 	@./examples/support/run.sh
