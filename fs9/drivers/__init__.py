@@ -52,7 +52,8 @@ class Driver:
 
 
 def of(manifest: dict) -> Driver:
-    """The driver a manifest names (it names a known one once checked)."""
+    """The driver a manifest names: a known one once the manifest is checked; the
+    default when it names none."""
     return _table()[manifest.get("driver", DEFAULT)]
 
 
