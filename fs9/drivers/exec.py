@@ -109,6 +109,10 @@ async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
                 for event in drained:
                     await event.wait()
             nursery.cancel_scope.cancel()
+        # What the program wrote before it exited is in the pipes even if the pumps did
+        # not get to it in time (a starved loop): take it now, without waiting.
+        for fd, stream in ((1, stdout), (2, stderr)):
+            _take_buffered(stream.fileno(), fd, job.emit)
         return status
     finally:
         with trio.CancelScope(shield=True):
@@ -116,6 +120,19 @@ async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
             for stream in (stdin, stdout, stderr):
                 if stream is not None:
                     await stream.aclose()
+
+
+def _take_buffered(pipe: int, fd: int, emit, chunks: int = 1024) -> None:
+    """Emit what a non-blocking pipe holds now (at most `chunks` reads: a descendant
+    may keep writing)."""
+    for _ in range(chunks):
+        try:
+            chunk = os.read(pipe, CHUNK)
+        except (BlockingIOError, OSError):
+            return
+        if not chunk:
+            return
+        emit(fd, chunk)
 
 
 async def _feed(pipe: trio.lowlevel.FdStream, data: bytes) -> None:
