@@ -78,3 +78,17 @@ def test_uids_never_repeat_while_a_holder_may_live(tmp_path):
         pytest.skip(f"uid ranges cannot be claimed here ({confine.CLAIMS})")
     assert b.uid_slot != a.uid_slot
     assert (tmp_path / "b" / "uid-slot").read_text() == str(b.uid_slot)  # remembered
+
+
+def test_memory_belongs_to_the_definition_and_clearance_not_the_name(mount):
+    mount.define("keeper", 'cmd = ["cat"]\nunconfined = true\nclearance = "confidential"\n')
+    mount.sh("echo 'spawn keeper' > ctl", check=True)
+    mount.write("agents/keeper/memory/plan", "the confidential plan\n")
+    mount.sh("echo 'kill keeper' > ctl", check=True)
+    # another agent given the name sees no notes
+    mount.sh("echo 'spawn keeper cmd=cat unconfined=true clearance=\"public\"' > ctl",
+             check=True)
+    assert os.listdir(mount.path / "agents/keeper/memory") == []
+    assert errno_of(open, mount.path / "agents/keeper/memory/plan") == errno.ENOENT
+    mount.sh("echo 'kill keeper' > ctl; echo 'spawn keeper' > ctl", check=True)
+    assert mount.read("agents/keeper/memory/plan") == "the confidential plan\n"

@@ -105,7 +105,7 @@ def _note(k, agent, key: str):
     """memory/KEY: an agent's note (kernel/agents/memory.py), written whole, kept across restarts."""
     said = dict(agent=agent.name, file="memory")
     return Ctl(lambda d: k.guarded(k.memory.set, agent, key, d, **said),
-               lambda: k.memory.get(agent.name, key) or b"", whole=True,
+               lambda: k.memory.get(agent, key) or b"", whole=True,
                refused=lambda e: k.refused(e, **said),
                remove=lambda: k.guarded(k.memory.delete, agent, key, **said))
 
@@ -222,8 +222,8 @@ VARS = {
             lambda k, name: name if name in registry.providers(k.agents) else None),
     "query": (lambda k: [], lambda k, name: name if k.search is not None and name.strip()
               else None),
-    "note": (lambda k, agent: k.memory.keys(agent.name),
-             lambda k, name, agent: name if k.memory.get(agent.name, name) is not None else None),
+    "note": (lambda k, agent: k.memory.keys(agent),
+             lambda k, name, agent: name if k.memory.get(agent, name) is not None else None),
     "model": (lambda k: sorted(k.models.models), lambda k, name: k.models.model(name)),
     # a conversation is its opener's: others (but the operator) do not see it
     "conv": (lambda k, model, me=None: k.models.visible(model, me),

@@ -80,6 +80,12 @@ class Agent:
         self._run_scope: trio.CancelScope | None = None
         self._cancel_as = ""  # what a cancelled run becomes: "cancelled" | "requeue"
 
+    @property
+    def holder(self) -> str:
+        """Who owns what it keeps (its memory): its name, definition and clearance,
+        never a name alone that anyone with the spawn pledge could take again."""
+        return f"{self.name}|{self.home}|{self.manifest['clearance']}"
+
     def new_window(self) -> RestartWindow:
         return RestartWindow(self.manifest["max_restarts"], self.manifest["within_s"])
 

@@ -2,8 +2,10 @@
 
 A note is a small file the agent (or the operator) writes whole; it is stored in
 the event log (`memory_set` with the bytes, `memory_deleted`), so it survives
-restarts and crashes like everything acknowledged, and belongs to the agent's
-name (a respawned agent of that name finds its notes). The manifest's `[memory]`
+restarts and crashes like everything acknowledged, and belongs to the agent's name,
+definition and clearance together (`Agent.holder`): a respawned agent of that name
+and definition finds its notes; another agent given the name (another definition, a
+lower clearance) does not. The manifest's `[memory]`
 states the pruning policy; the oldest notes go first, each with a
 `memory_pruned` event:
 
@@ -34,17 +36,17 @@ def policy(manifest: dict) -> dict:
 
 
 class Memory:
-    """Every agent's notes: name -> {key: (bytes, when set)}."""
+    """Every agent's notes: holder -> {key: (bytes, when set)}."""
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self.notes: dict[str, dict[str, tuple[bytes, float]]] = {}
 
-    def keys(self, agent: str) -> list[str]:
-        return sorted(self.notes.get(agent, {}))
+    def keys(self, agent) -> list[str]:
+        return sorted(self.notes.get(agent.holder, {}))
 
-    def get(self, agent: str, key: str) -> bytes | None:
-        note = self.notes.get(agent, {}).get(key)
+    def get(self, agent, key: str) -> bytes | None:
+        note = self.notes.get(agent.holder, {}).get(key)
         return None if note is None else note[0]
 
     def set(self, agent, key: str, data: bytes) -> None:
@@ -52,20 +54,21 @@ class Memory:
             raise Fs9Error(errno.EINVAL, f"bad note name {key!r}: letters, digits, _ . -")
         if len(data) > MAX_NOTE:
             raise Fs9Error(errno.EFBIG, f"a note is at most {MAX_NOTE} bytes")
-        self.kernel.record("memory_set", agent=agent.name, key=key, blob=data, size=len(data))
+        self.kernel.record("memory_set", agent=agent.name, key=key, blob=data, size=len(data),
+                           holder=agent.holder)
         self.prune(agent)
 
     def delete(self, agent, key: str, reason: str = "") -> None:
-        if self.get(agent.name, key) is None:
+        if self.get(agent, key) is None:
             raise Fs9Error(errno.ENOENT, f"no note {key}")
         self.kernel.record("memory_pruned" if reason else "memory_deleted", agent=agent.name,
-                           key=key, **({"reason": reason} if reason else {}))
+                           key=key, holder=agent.holder, **({"reason": reason} if reason else {}))
 
     def prune(self, agent, now: float | None = None) -> None:
         """Apply agent's policy: too old, then the oldest until within size and count."""
         rules = policy(agent.manifest)
         now = time.time() if now is None else now
-        notes = self.notes.get(agent.name, {})
+        notes = self.notes.get(agent.holder, {})
         by_age = sorted(notes, key=lambda k: notes[k][1])
         if rules["max_age_days"]:
             for key in [k for k in by_age if now - notes[k][1] > rules["max_age_days"] * 86400]:
@@ -84,7 +87,12 @@ class Memory:
                 "memory_pruned": self.on_memory_deleted}
 
     def on_memory_set(self, e, agent, task) -> None:
-        self.notes.setdefault(e.agent, {})[e.data["key"]] = (self.kernel.blob(e), e.ts)
+        self.notes.setdefault(_holder(e, agent), {})[e.data["key"]] = (self.kernel.blob(e), e.ts)
 
     def on_memory_deleted(self, e, agent, task) -> None:
-        self.notes.get(e.agent, {}).pop(e.data["key"], None)
+        self.notes.get(_holder(e, agent), {}).pop(e.data["key"], None)
+
+
+def _holder(e, agent) -> str:
+    """Whose notes an event names (a log written before holders: the agent's now)."""
+    return e.data.get("holder") or (agent.holder if agent is not None else e.agent)
