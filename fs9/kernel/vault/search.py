@@ -5,6 +5,9 @@ Contract (the index itself, how and when it is built: index.py):
   - an agent searches only what its view sees: its hits come from an index built
     over the files its view shows, so no hidden file shapes a snippet, a count or
     even a score (BM25's document frequencies are those of the visible files).
+  - a hit's file is read for its snippet beneath the vault root's fd (kernel.vault_root,
+    beneath.py), never through a symlink: a hit whose file cannot be read so (gone
+    since the build, or a folder on its path swapped for a symlink) is left out.
   - STATE/search.toml may switch on semantic ranking with an embedding model served
     by any OpenAI-compatible /v1/embeddings endpoint (llama-index's
     OpenAILikeEmbedding): each file's first EMBED_CHUNKS chunks are embedded in
@@ -27,7 +30,8 @@ import trio
 
 from .embeddings import (Embedder, Vectors, config_problem, failure_reason, fuse_rankings,
                          model_problem)
-from .index import MAX_FILE, MAX_HITS, Index, Snapshot
+from .beneath import VaultRoot
+from .index import MAX_FILE, MAX_HITS, Index, Snapshot, Terms
 
 SNIPPET = 160  # characters of a hit's line
 NOT_READY = "fs9: the search index is being built; try again in a moment\n"
@@ -40,12 +44,13 @@ class Search:
     """Queries over the vault's index (index.py), ranked by BM25 or, with an embedding
     model, hybrid (run `serve` in a nursery: the indexer and the embedder)."""
 
-    def __init__(self, vault_dir: str, state_dir: str, log) -> None:
-        self.vault = vault_dir
+    def __init__(self, root: VaultRoot, state_dir: str, log) -> None:
+        self.root = root  # the vault, reached beneath its fd only (kernel.vault_root)
         self.dir = os.path.join(state_dir, "search")
         self.config = os.path.join(state_dir, "search.toml")
         self.log = log  # the kernel's EventLog
-        self.index = Index(vault_dir, self.dir, log, published=lambda: self._embed_wake.set())
+        self.index = Index(root, self.dir, log, published=lambda: self._embed_wake.set())
+        self.query_terms: Terms | None = None  # the trio thread's (made at its first query)
         self.embed_error = ""  # a configured embedding model that cannot be used: why
         self.embed_model = ""  # as configured, like openai:nomic-embed-text
         self.embedder: Embedder | None = None  # set once its client is ready
@@ -80,8 +85,9 @@ class Search:
     def snapshot(self) -> Snapshot | None:
         return self.index.snapshot
 
-    def touch(self, rel: str) -> None:
-        """A vault path (relative, like docs/a.md) changed, appeared or went away."""
+    def touch(self, rel: tuple[str, ...]) -> None:
+        """A vault path (a tuple of names, like ("docs", "a.md")) changed, appeared or
+        went away."""
         self.index.touch(rel)
 
     def rescan(self) -> None:
@@ -127,7 +133,7 @@ class Search:
     async def _embed_loop(self, config: dict) -> None:
         """Keep the vectors up to date with the published snapshots; while the
         endpoint fails, probe it (RETRY_S, doubling) and resume when it answers."""
-        embedder = Embedder(config, self.dir, self.vault)
+        embedder = Embedder(config, self.dir, self.root)
         while self.snapshot is None:  # after the first build: llama-index is imported
             await self._embed_wake.wait()  # (importing it from two threads at once fails)
             self._embed_wake = trio.Event()
@@ -206,7 +212,9 @@ class Search:
         key = (view, snap.gen, self.vectors, self.embed_error, text)
         if self._cache[0] == key:  # stat then read: one query (and one embedding)
             return self._cache[1]
-        terms = self.index.query_terms(text)
+        if self.query_terms is None:
+            self.query_terms = Terms()
+        terms = self.query_terms(text)
         weight = {t: 1.0 / max(1, snap.df(t)) for t in set(terms)}
         bm25 = snap.top(terms)
         ranked = self._semantic(snap, text, bm25) if self.embedder is not None else None
@@ -216,28 +224,27 @@ class Search:
             if self.embed_error else ""
         lines = []
         for score, rel, hint in ranked:
-            if view is not None and view.access(("vault", *rel.split("/"))) is None:
+            if view is not None and view.access(("vault", *rel)) is None:
                 continue
             hit = self._best_line(rel, weight, hint)
             if hit is not None:
-                lines.append(f"{score:.3f} vault/{rel}:{hit[0]} {hit[1]}\n")
+                lines.append(f"{score:.3f} vault/{'/'.join(rel)}:{hit[0]} {hit[1]}\n")
             if len(lines) == MAX_HITS:
                 break
         out = head + "".join(lines)
         self._cache = ((view, snap.gen, self.vectors, self.embed_error, text), out)
         return out
 
-    def _best_line(self, rel: str, weight: dict[str, float], hint: int | None = None
-                   ) -> tuple[int, str] | None:
+    def _best_line(self, rel: tuple[str, ...], weight: dict[str, float],
+                   hint: int | None = None) -> tuple[int, str] | None:
         """(line number, trimmed line) where the query's rarest terms meet (none: hint,
         the first line of the file's nearest chunk, else its first line); None: the
-        file is gone (deleted since the build)."""
-        try:
-            fd = os.open(os.path.join(self.vault, rel), os.O_RDONLY | os.O_NOFOLLOW)
-            with open(fd, "rb") as f:
-                text = f.read(MAX_FILE).decode("utf-8", "replace")
-        except OSError:
+        file cannot be read beneath the vault root (deleted since the build, or a
+        symlink on its path)."""
+        data = self.root.read(rel, MAX_FILE)
+        if data is None:
             return None
+        text = data.decode("utf-8", "replace")
         best, best_no, first = 0.0, 1, None
         # Snowball changes only a word's end: a line without a stem's start holds no
         # term of it, and is not worth tokenizing (a big file has many such lines).
@@ -248,7 +255,7 @@ class Search:
             low = line.lower()
             if not any(start in low for start in starts):
                 continue
-            found = set(self.index.query_terms(line)) & weight.keys()
+            found = set(self.query_terms(line)) & weight.keys()
             score = sum(weight[t] for t in found)
             if score > best:
                 best, best_no = score, no

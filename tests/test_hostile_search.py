@@ -1,0 +1,110 @@
+"""Search against hostile agents and hostile vaults (issue 20): real mounts, real
+confined agents.
+
+  - an agent owning vault/x swaps a folder the index knows for a symlink to the state
+    directory (the models' API key) or to a root-only directory of the host: no search
+    answer shows a line of either, and the folder's documents leave the index.
+"""
+import pytest
+
+from conftest import Mount, fuse_unavailable
+from fs9.drivers import confine
+
+SECRET_KEY = "sk-fs9-WOMBATKEY-4242"  # STATE/models.toml: the model's API key
+ROOT_ONLY = "NARWHALROOT-7777"  # a root 0600 file in a root 0700 directory of the host
+
+ATTACK = r"""
+cd "$FS9_MNT/vault/x" || exit 2
+mkdir d d2
+printf 'api_key = "decoy"\nwombatkey narwhalroot\n' > d/models.toml
+printf 'zebracorn decoy\n' > d2/models.toml
+i=0
+until grep -q 'vault/x/d/models.toml' "$FS9_MNT/search/api_key" &&
+      grep -q 'vault/x/d2/models.toml' "$FS9_MNT/search/zebracorn"; do
+  i=$((i + 1))
+  if [ $i -gt 300 ]; then echo "NEVER INDEXED"; cat "$FS9_MNT/search/status"; exit 3; fi
+  sleep 0.1
+done
+echo INDEXED
+rm -r d d2
+ln -s "$STATE" d
+ln -s "$HOSTDIR" d2
+sleep 1
+for q in api_key zebracorn wombatkey narwhalroot 'api_key zebracorn'; do
+  echo "=== $q"
+  cat "$FS9_MNT/search/$q"
+done
+echo DONE
+"""
+
+
+@pytest.fixture
+def keyed_mount(tmp_path):
+    """A mount whose state directory holds a models.toml with an API key in it."""
+    reason = fuse_unavailable() or confine.unavailable()
+    if reason:
+        pytest.skip(f"needs FUSE and confinement: {reason}")
+    m = Mount(tmp_path)
+    m.state.mkdir(parents=True)
+    (m.state / "models.toml").write_text(
+        f'[models.remote]\nprovider = "openai"\napi_base = "http://127.0.0.1:9/v1"\n'
+        f'api_key = "{SECRET_KEY}"\n')
+    m.vault.mkdir()
+    (m.vault / "x").mkdir()
+    m.mount()
+    yield m
+    m.umount()
+    assert not m.bugs(), m.bugs()
+
+
+def search(mount, query: str, root: str = "") -> str:
+    return mount.read(f"{root}search/{query}")
+
+
+def status(mount, root: str = "") -> dict[str, str]:
+    return dict(line.split("=", 1) for line in search(mount, "status", root).splitlines())
+
+
+def run_task(mount, agent: str, data: str, timeout: float = 60) -> str:
+    """Queue data as agent's task, wait for it to end, return its stdout (+ stderr)."""
+    mount.write(f"agents/{agent}/in", data)
+    mount.wait_for(lambda: (s := mount.status(agent))["done"] != "0" or s["failed"] != "0",
+                   timeout=timeout, what=f"{agent}'s task")
+    st = mount.status(agent)
+    task = st["latest"]
+    return (mount.read(f"agents/{agent}/tasks/{task}/out") +
+            mount.read(f"agents/{agent}/tasks/{task}/err"))
+
+
+def test_a_symlink_swapped_in_shows_nothing_outside_the_vault(keyed_mount, tmp_path):
+    m = keyed_mount
+    host = tmp_path / "hostroot"  # root 0700, its file root 0600
+    host.mkdir(mode=0o700)
+    (host / "models.toml").write_text(f"zebracorn {ROOT_ONLY}\napi_key {ROOT_ONLY}\n")
+    (host / "models.toml").chmod(0o600)
+    m.define("squatter", f'cmd = ["sh", "attack.sh"]\npledge = ["read", "write"]\n'
+                         f'owns = ["vault/x"]\n'
+                         f'env = {{ STATE = "{m.state}", HOSTDIR = "{host}" }}\n'
+                         f'[unveil]\n"search" = "r"\n', {"attack.sh": ATTACK})
+    m.write("ctl", "spawn squatter\n")
+    out = run_task(m, "squatter", "go\n")
+    assert "INDEXED" in out and "DONE" in out, out
+    leaked = [line for line in out.splitlines() if SECRET_KEY in line or ROOT_ONLY in line]
+    assert not leaked, f"the agent's searches showed files outside the vault: {leaked}"
+    # the operator, and the agent's view read by the operator, see nothing of them either
+    for root in ("", "agents/squatter/view/"):
+        for query in ("api_key", "zebracorn", "wombatkey", "narwhalroot", "sk fs9 4242"):
+            answer = search(m, query, root)
+            assert SECRET_KEY not in answer and ROOT_ONLY not in answer, (root, query, answer)
+            assert "vault/x/d" not in answer, (root, query, answer)
+    # ... and the swapped folders' documents left the index
+    m.wait_for(lambda: status(m)["docs"] == "0" and status(m)["pending"] == "0", timeout=5,
+               what=f"the index to drop vault/x/d*: {status(m)}")
+    assert status(m, "agents/squatter/view/")["docs"] == "0"
+    # a restart (a full scan of the vault) does not bring them back
+    m.umount()
+    m.mount()
+    m.wait_for(lambda: status(m)["ready"] == "yes", timeout=20, what="the index")
+    assert status(m)["docs"] == "0"
+    answer = search(m, "api_key zebracorn wombatkey narwhalroot")
+    assert SECRET_KEY not in answer and ROOT_ONLY not in answer and answer == "", answer
