@@ -3,8 +3,13 @@ confined agents.
 
   - an agent owning vault/x swaps a folder the index knows for a symlink to the state
     directory (the models' API key) or to a root-only directory of the host: no search
-    answer shows a line of either, and the folder's documents leave the index.
+    answer shows a line of either, and the folder's documents leave the index;
+  - names Linux allows but text does not (not UTF-8, a newline, a tab, a backslash) are
+    indexed and answered, escaped (`\\xHH`, `\\n`, `\\t`, `\\\\`), never a forged line.
 """
+import os
+import re
+
 import pytest
 
 from conftest import Mount, fuse_unavailable
@@ -12,6 +17,7 @@ from fs9.drivers import confine
 
 SECRET_KEY = "sk-fs9-WOMBATKEY-4242"  # STATE/models.toml: the model's API key
 ROOT_ONLY = "NARWHALROOT-7777"  # a root 0600 file in a root 0700 directory of the host
+HIT = re.compile(r"\d+\.\d{3} vault/\S")  # every line of an answer but fs9's notes
 
 ATTACK = r"""
 cd "$FS9_MNT/vault/x" || exit 2
@@ -108,3 +114,47 @@ def test_a_symlink_swapped_in_shows_nothing_outside_the_vault(keyed_mount, tmp_p
     assert status(m)["docs"] == "0"
     answer = search(m, "api_key zebracorn wombatkey narwhalroot")
     assert SECRET_KEY not in answer and ROOT_ONLY not in answer and answer == "", answer
+
+
+NAMES = {  # name on disk -> as search prints it (after vault/)
+    b"caf\xe9 ocelot.md": r"caf\xe9 ocelot.md",  # Latin-1: not UTF-8
+    b"a\n9.999 forged.md:1 pwned.md": r"a\n9.999 forged.md:1 pwned.md",  # a forged line
+    b"tab\there\\x.md": r"tab\there\\x.md",
+    "d\u00e9j\u00e0 vu.md".encode(): "d\u00e9j\u00e0 vu.md",  # UTF-8: as it is
+    b"bell\x07\xe2\x80\xa8.md": r"bell\x07\u2028.md",  # a control, a line separator
+}
+
+
+def test_any_name_is_answered_escaped(mount):
+    vault = os.fsencode(mount.vault)
+    sub = vault + b"/n\xff"  # a folder whose name is not UTF-8 either
+    os.mkdir(sub)
+    for name in NAMES:
+        with open(vault + b"/" + name, "wb") as f:
+            f.write(b"first line\nan ocelot \x1b[2Jhides here\tyes\n")
+    with open(sub + b"/deep.md", "wb") as f:
+        f.write(b"ocelot deep\n")
+    expected = {r"vault/n\xff/deep.md:1"} | {f"vault/{shown}:2" for shown in NAMES.values()}
+
+    def answer():
+        with open(mount.path / "search" / "ocelot", "rb") as f:
+            return f.read()
+    mount.wait_for(lambda: answer().count(b"\n") == len(expected), timeout=20,
+                   what="every name indexed")
+    raw = answer()
+    text = raw.decode("utf-8")  # valid UTF-8, no EIO
+    lines = text.splitlines()
+    assert len(lines) == len(expected) and all(HIT.match(line) for line in lines), lines
+    for where in expected:  # each once, right after its score
+        found = [line.split(" ", 1)[1] for line in lines
+                 if line.split(" ", 1)[1].startswith(where + " ")]
+        assert len(found) == 1, (where, lines)
+        if where.endswith(":2"):  # the snippet's control character escaped, its tab kept
+            assert found[0] == f"{where} an ocelot \\x1b[2Jhides here\tyes", found
+    assert not any(line.startswith("9.999") for line in lines)
+    # an agent's view searches them too
+    mount.define("reader", 'cmd = ["cat"]\nunconfined = true\npledge = ["read"]\n'
+                           '[unveil]\n"vault" = "r"\n"search" = "r"\n')
+    mount.write("ctl", "spawn reader\n")
+    assert mount.read("agents/reader/view/search/ocelot") == text
+    assert status(mount)["docs"] == str(len(expected))

@@ -1,4 +1,4 @@
-"""Ranked search over the vault: BM25, offline, no model (llama-index's BM25Retriever
+r"""Ranked search over the vault: BM25, offline, no model (llama-index's BM25Retriever
 over bm25s). `search/QUERY` renders `SCORE PATH:LINE snippet` lines, best first.
 
 Contract (the index itself, how and when it is built: index.py):
@@ -8,6 +8,14 @@ Contract (the index itself, how and when it is built: index.py):
   - a hit's file is read for its snippet beneath the vault root's fd (kernel.vault_root,
     beneath.py), never through a symlink: a hit whose file cannot be read so (gone
     since the build, or a folder on its path swapped for a symlink) is left out.
+  - PATH is `vault/` and the file's names joined by `/`, each name escaped
+    (`shown_path`): a backslash is written `\\`, a newline `\n`, a tab `\t`, a carriage
+    return `\r`, any other ASCII control character and any byte that is not UTF-8
+    `\xHH`, a C1 control and U+2028/U+2029 `\uHHHH`; all else as it is (spaces, `:`).
+    A snippet is one line of the file (no line break of any kind), stripped, trimmed to
+    SNIPPET characters, its control characters but tab written `\xHH` (backslashes as
+    they are). So each line of an answer is one hit, whatever the names, and an
+    answer is always UTF-8.
   - STATE/search.toml may switch on semantic ranking with an embedding model served
     by any OpenAI-compatible /v1/embeddings endpoint (llama-index's
     OpenAILikeEmbedding): each file's first EMBED_CHUNKS chunks are embedded in
@@ -23,14 +31,15 @@ and cached per query text; builds, loads and saves run in worker threads and tou
 the store, never a published Snapshot. The embedding side is kernel/vault/embeddings.py.
 """
 import os
+import re
 import time
 import tomllib
 
 import trio
 
+from .beneath import VaultRoot
 from .embeddings import (Embedder, Vectors, config_problem, failure_reason, fuse_rankings,
                          model_problem)
-from .beneath import VaultRoot
 from .index import MAX_FILE, MAX_HITS, Index, Snapshot, Terms
 
 SNIPPET = 160  # characters of a hit's line
@@ -38,6 +47,25 @@ NOT_READY = "fs9: the search index is being built; try again in a moment\n"
 NO_EMBED = "fs9: embedding model {model} is not available ({reason}); ranked by BM25\n"
 RETRY_S = 2.0  # an endpoint that failed is probed again after this, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 30.0
+# What shown_path and a snippet escape (a surrogate escape is a byte that is not UTF-8)
+_PATH_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
+_TEXT_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(m: re.Match) -> str:
+    c = m.group()
+    o = ord(c)
+    if c in _NAMED:
+        return _NAMED[c]
+    if o >= 0xdc80:  # surrogateescape's stand-in for byte o - 0xdc00
+        return f"\\x{o - 0xdc00:02x}"
+    return f"\\x{o:02x}" if o < 0x80 else f"\\u{o:04x}"
+
+
+def shown_path(rel: tuple[str, ...]) -> str:
+    """How an answer prints vault path rel (a tuple of names): one line, UTF-8."""
+    return "vault/" + "/".join(_PATH_UNSAFE.sub(_escape, name) for name in rel)
 
 
 class Search:
@@ -228,7 +256,7 @@ class Search:
                 continue
             hit = self._best_line(rel, weight, hint)
             if hit is not None:
-                lines.append(f"{score:.3f} vault/{'/'.join(rel)}:{hit[0]} {hit[1]}\n")
+                lines.append(f"{score:.3f} {shown_path(rel)}:{hit[0]} {hit[1]}\n")
             if len(lines) == MAX_HITS:
                 break
         out = head + "".join(lines)
@@ -264,7 +292,7 @@ class Search:
             best_no = hint
         elif best == 0.0 and first is not None:
             best_no = first
-        return best_no, lines[best_no - 1].strip()[:SNIPPET]
+        return best_no, _TEXT_UNSAFE.sub(_escape, lines[best_no - 1].strip()[:SNIPPET])
 
     def status(self, view=None) -> str:
         """KEY=VALUE lines; as view sees it (its documents only, no vault-wide counts)."""
