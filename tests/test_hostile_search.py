@@ -5,10 +5,16 @@ confined agents.
     directory (the models' API key) or to a root-only directory of the host: no search
     answer shows a line of either, and the folder's documents leave the index;
   - names Linux allows but text does not (not UTF-8, a newline, a tab, a backslash) are
-    indexed and answered, escaped (`\\xHH`, `\\n`, `\\t`, `\\\\`), never a forged line.
+    indexed and answered, escaped (`\\xHH`, `\\n`, `\\t`, `\\\\`), never a forged line;
+  - a search over a dozen 4 MiB files does not hold the event loop (`cat status` answers
+    meanwhile), stays within its budget and says so; an agent's concurrent searches are
+    capped (EAGAIN), the operator's are not.
 """
+import errno
 import os
 import re
+import threading
+import time
 
 import pytest
 
@@ -158,3 +164,75 @@ def test_any_name_is_answered_escaped(mount):
     mount.write("ctl", "spawn reader\n")
     assert mount.read("agents/reader/view/search/ocelot") == text
     assert status(mount)["docs"] == str(len(expected))
+
+
+BIG = 12  # files
+LINE = b"walrus " + b"-" * 56 + b"\n"  # 64 bytes, one term: cheap to index, not to snippet
+
+
+def test_a_heavy_search_does_not_hold_the_event_loop(mount):
+    (mount.vault / "big").mkdir()
+    body = LINE * ((4 << 20) // len(LINE))
+    for i in range(BIG):
+        (mount.vault / "big" / f"b{i:02d}.md").write_bytes(body)
+    mount.wait_for(lambda: status(mount).get("docs") == str(BIG) and
+                   status(mount)["pending"] == "0", timeout=120, what="the big files indexed")
+    mount.define("reader", 'cmd = ["cat"]\nunconfined = true\npledge = ["read"]\n'
+                           '[unveil]\n"vault" = "r"\n"search" = "r"\n')
+    mount.write("ctl", "spawn reader\n")
+
+    answers, errors = {}, {}
+
+    def query(key, path):
+        """Read to EOF with read(2) itself (Python's buffered files take EAGAIN for
+        "no data yet" and return None)."""
+        try:
+            fd = os.open(mount.path / path, os.O_RDONLY)
+            try:
+                data = b""
+                while chunk := os.read(fd, 1 << 16):
+                    data += chunk
+            finally:
+                os.close(fd)
+            answers[key] = data.decode()
+        except OSError as e:
+            errors[key] = e.errno
+
+    # the operator's cat status meanwhile: answered at once, again and again
+    done, waits = threading.Event(), []
+
+    def cat_status():
+        while not done.is_set():
+            t0 = time.monotonic()
+            mount.read("status")
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.05)
+    t0 = time.monotonic()
+    searches = [threading.Thread(target=query, args=(f"op{i}", f"search/walrus {i}"))
+                for i in range(2)]
+    searches += [threading.Thread(target=query, args=(f"ag{i}",
+                                                      f"agents/reader/view/search/walrus {i}"))
+                 for i in range(6)]
+    watcher = threading.Thread(target=cat_status)
+    watcher.start()
+    for t in searches:
+        t.start()
+    for t in searches:
+        t.join(timeout=120)
+    took = time.monotonic() - t0
+    done.set()
+    watcher.join()
+    assert len(waits) >= 3 and max(waits) < 1.0, \
+        f"cat status waited {max(waits):.2f} s while searches ran ({took:.1f} s)"
+    # the operator is never capped; an agent runs at most 4 searches at once
+    assert "op0" in answers and "op1" in answers, errors
+    assert set(errors.values()) <= {errno.EAGAIN} and 1 <= len(errors) <= 2, errors
+    for key, text in answers.items():
+        note, *hits = text.splitlines()
+        assert note.startswith("fs9: ") and "budget" in note, text
+        assert len(hits) == BIG and all(HIT.match(h) for h in hits), text
+        assert any(h.split(" ", 2)[1].endswith(":1") and h.endswith("walrus " + "-" * 56)
+                   for h in hits), text  # some got a snippet
+        assert any(len(h.split(" ")) == 2 for h in hits), text  # and some did not
+    print(f"searches: {took:.1f} s for {len(searches)}; cat status: max "
+          f"{max(waits) * 1000:.0f} ms over {len(waits)}")

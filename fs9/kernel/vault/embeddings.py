@@ -23,7 +23,7 @@ EMBED_CHUNKS = 32  # chunks embedded per file: its first ~32 KB
 EMBED_BATCH = 32  # chunks per embedding request
 EMBED_PUBLISH_S = 2.0  # a long (first) embedding publishes what it has this often
 EMBED_VERSION = 2  # of the persisted vectors (2: paths are tuples of names)
-QUERY_TIMEOUT_S = 2.0  # a query's embedding request (it blocks the trio thread)
+QUERY_TIMEOUT_S = 2.0  # a query's embedding request (the reader of search/QUERY waits)
 DOC_TIMEOUT_S = 60.0  # a batch of chunks' embedding request (a worker thread)
 QUERY_CACHE = 256  # query texts whose vectors are kept
 
@@ -180,6 +180,16 @@ class Embedder:
                 saved.get("model") == (self.model, self.api_base):
             self._docs = saved["docs"]
             self.loaded = True
+
+    def cached_vector(self, text: str):
+        """text's unit vector if query_vector made it lately, else None. Does not block."""
+        q = self._queries.get(text)
+        if q is not None:
+            try:
+                self._queries.move_to_end(text)
+            except KeyError:  # dropped meanwhile by a worker's query_vector
+                pass
+        return q
 
     def query_vector(self, text: str):
         """A worker thread (Search.prepare), or cached: text's unit vector. Raises if it fails."""
