@@ -139,8 +139,9 @@ class Index:
         return len(self._dirty)
 
     def view_snapshot(self, view) -> "Snapshot":
-        """The index view searches (None: the whole vault's); a view's first search
-        builds it here, later builds keep it up to date."""
+        """The index view searches (None: the whole vault's), built here if no search
+        made it yet (a search makes it in its worker thread: keep_view); later builds
+        keep it up to date."""
         snap = self.snapshot
         if view is None:
             return snap
