@@ -88,7 +88,7 @@ def _search(k, query: str | None, me=None):
     if query is None:
         return Status(lambda: k.search.status(view))
     return Status(lambda: k.search.query(query, view),
-                  prepare=lambda: k.search.prepare(query))
+                  prepare=lambda: k.search.prepare(query, view))
 
 
 def _conv_request(k, conv):

@@ -98,7 +98,7 @@ class Kernel:
         self._fresh_blob: tuple[int, bytes | None] = (0, None)
         # every vault file fs9 touches, for anyone, is reached beneath this fd (beneath.py)
         self.vault_root = beneath.VaultRoot(self.vault_dir) if self.vault_dir else None
-        self.search = search.Search(self.vault_dir, self.state_dir, self.log) \
+        self.search = search.Search(self.vault_root, self.state_dir, self.log) \
             if self.vault_dir else None
         self.vault_changes = watch.OwnChanges(self.log, self.search)
         self.models = Models(self)

@@ -1,24 +1,29 @@
 """Semantic ranking for vault search: an embedding model served by any OpenAI-compatible
 /v1/embeddings endpoint, through llama-index's OpenAILikeEmbedding (kernel/vault/search.py
 decides when; here: the model's configuration, the client, the stored vectors and how
-their ranking merges with BM25's)."""
+their ranking merges with BM25's). A file's chunks are read beneath the vault root's fd
+(kernel.vault_root, beneath.py), never through a symlink: a file that cannot be read
+so has no vectors. Paths are tuples of names, as in index.py."""
 import array
 import collections
 import math
 import os
 import pickle
+import stat
 import time
 from typing import TYPE_CHECKING
 
+from .beneath import VaultRoot
+
 if TYPE_CHECKING:
-    from .search import Snapshot
+    from .index import Snapshot
 
 EMBED_CHUNK = 1000  # characters of a chunk embedded (whole lines; ~250 tokens)
 EMBED_CHUNKS = 32  # chunks embedded per file: its first ~32 KB
 EMBED_BATCH = 32  # chunks per embedding request
 EMBED_PUBLISH_S = 2.0  # a long (first) embedding publishes what it has this often
-EMBED_VERSION = 1  # of the persisted vectors
-QUERY_TIMEOUT_S = 2.0  # a query's embedding request (it blocks the trio thread)
+EMBED_VERSION = 2  # of the persisted vectors (2: paths are tuples of names)
+QUERY_TIMEOUT_S = 2.0  # a query's embedding request (the reader of search/QUERY waits)
 DOC_TIMEOUT_S = 60.0  # a batch of chunks' embedding request (a worker thread)
 QUERY_CACHE = 256  # query texts whose vectors are kept
 
@@ -133,7 +138,7 @@ class Embedder:
     open/sync/publish run in worker threads (one at a time); query_vector on the trio
     thread, with its own client."""
 
-    def __init__(self, config: dict, state: str, vault: str) -> None:
+    def __init__(self, config: dict, state: str, root: VaultRoot) -> None:
         self.model = config["embed"]  # openai:NAME
         self.name = self.model.partition(":")[2]
         self.api_base = config.get("api_base") or os.environ.get(
@@ -141,7 +146,8 @@ class Embedder:
         self._key = config["api_key"]  # from the daemon's environment; never logged
         self.query_timeout = float(config.get("query_timeout_s", QUERY_TIMEOUT_S))
         self.file = os.path.join(state, "vectors.pickle")
-        self.vault = vault
+        self.root = root  # the vault, reached beneath its fd only
+        self.vault = root.path  # which vault the saved vectors are of
         self.announced = False  # search_semantic logged once it first worked
         self.loaded = False
         self.files = 0  # files with vectors
@@ -174,6 +180,16 @@ class Embedder:
                 saved.get("model") == (self.model, self.api_base):
             self._docs = saved["docs"]
             self.loaded = True
+
+    def cached_vector(self, text: str):
+        """text's unit vector if query_vector made it lately, else None. Does not block."""
+        q = self._queries.get(text)
+        if q is not None:
+            try:
+                self._queries.move_to_end(text)
+            except KeyError:  # dropped meanwhile by a worker's query_vector
+                pass
+        return q
 
     def query_vector(self, text: str):
         """A worker thread (Search.prepare), or cached: text's unit vector. Raises if it fails."""
@@ -249,18 +265,17 @@ class Embedder:
             self._redo = True
         return vecs
 
-    def _chunks(self, rel: str):
+    def _chunks(self, rel: tuple[str, ...]):
         """(mtime_ns, size, first line of each chunk, chunk texts) of a text file's
         first EMBED_CHUNKS chunks of about EMBED_CHUNK characters (whole lines);
-        None: gone or not text."""
+        None: gone, not text or not reachable beneath the vault root."""
         try:
-            fd = os.open(os.path.join(self.vault, rel), os.O_RDONLY | os.O_NOFOLLOW)
-            with open(fd, "rb") as f:
-                st = os.fstat(f.fileno())
-                data = f.read(EMBED_CHUNK * EMBED_CHUNKS * 2)
+            st = self.root.lstat(rel)
         except OSError:
             return None
-        if b"\0" in data[:8192]:
+        data = self.root.read(rel, EMBED_CHUNK * EMBED_CHUNKS * 2) \
+            if stat.S_ISREG(st.st_mode) else None
+        if data is None or b"\0" in data[:8192]:
             return None
         starts, texts, cur, first, size = array.array("i"), [], [], 0, 0
         for no, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):

@@ -2,9 +2,17 @@
 
 Contract:
   - one document per vault file (text files up to MAX_FILE bytes; names starting
-    with "." and everything under them, like .git, are not indexed);
+    with "." and everything under them, like .git, are not indexed). A path is a tuple
+    of names (str, undecodable bytes as surrogate escapes): any name Linux allows;
+  - every disk access (the scan, each file's lstat and read, "is it still there") is
+    made beneath the vault root's fd (kernel.vault_root, beneath.py): a symlink
+    anywhere on a path is never followed, so a folder swapped for a symlink (to the
+    state directory, to a root-only directory of the host) shows nothing beyond it,
+    and its documents leave the index at the next update of that path or the next
+    scan. Walks are iterative and bounded (MAX_ENTRIES); a path that cannot be read
+    is left out of the index, never fails a build;
   - the index lives in STATE/search/index.pickle: each file's mtime, size and terms.
-    A restart stats the vault and re-reads only files whose mtime or size changed;
+    A restart scans the vault and re-reads only files whose mtime or size changed;
   - a change (the watcher, or fs9's own vault operations) marks a path dirty (`touch`);
     the indexer re-reads the dirty paths and rebuilds the BM25 index in a worker thread
     (DEBOUNCE_S after the first change of a burst), then swaps the new Snapshot in:
@@ -19,20 +27,25 @@ import collections
 import os
 import pickle
 import re
+import stat
 import time
 from typing import Callable
 
 import trio
 
+from .beneath import VaultRoot
+
 MAX_HITS = 20  # lines a query renders
 MAX_FILE = 4 << 20  # bytes: bigger files are not indexed
+MAX_ENTRIES = 1_000_000  # directory entries one walk lists (a bigger vault: indexed in part)
 DEBOUNCE_S = 0.05  # a burst of changes costs one build
-VERSION = 1  # of the persisted index
+VERSION = 2  # of the persisted index (2: paths are tuples of names)
 TOKEN = re.compile(r"(?u)\b\w\w+\b")  # bm25s's default token pattern
 
 
 class Terms:
-    """Text -> index terms: lower case, English stop words out, Snowball-stemmed."""
+    """Text -> index terms: lower case, English stop words out, Snowball-stemmed. Not
+    thread-safe (the Stemmer): one per thread."""
 
     def __init__(self) -> None:
         import Stemmer
@@ -47,10 +60,10 @@ class Terms:
 class Snapshot:
     """An immutable index as queries see it (swapped whole, never changed)."""
 
-    def __init__(self, gen: int, paths: list[str], ids: list, vocab: dict[str, int],
-                 meta: list | None = None) -> None:
+    def __init__(self, gen: int, paths: list[tuple[str, ...]], ids: list,
+                 vocab: dict[str, int], meta: list | None = None) -> None:
         self.gen = gen
-        self.paths = paths  # vault-relative, like docs/a.md; position = document number
+        self.paths = paths  # vault-relative, like ("docs", "a.md"); position = document number
         self.ids = ids  # each document's term ids (to build views' indexes from)
         self.vocab = vocab  # term -> id (a copy: the store's grows)
         self.meta = meta  # each document's (mtime_ns, size) as indexed (whole vault's only)
@@ -85,7 +98,7 @@ class Snapshot:
         return Snapshot(self.gen, [self.paths[i] for i in keep],
                         [self.ids[i] for i in keep], self.vocab)
 
-    def top(self, query: list[str]) -> list[tuple[float, str]]:
+    def top(self, query: list[str]) -> list[tuple[float, tuple[str, ...]]]:
         """(score, path) of the best documents for query terms, best first."""
         if self.retriever is None:
             return []
@@ -104,9 +117,9 @@ class Index:
     """The store (written only by the worker thread of the current job), the indexer
     loop (`run`) and the published Snapshot with its views' subsets."""
 
-    def __init__(self, vault_dir: str, state_dir: str, log,
+    def __init__(self, root: VaultRoot, state_dir: str, log,
                  published: Callable[[], None]) -> None:
-        self.vault = vault_dir
+        self.root = root  # the vault, reached beneath its fd only
         self.dir = state_dir  # STATE/search
         self.log = log  # the kernel's EventLog
         self._published = published  # called on the trio thread after each swap
@@ -116,10 +129,9 @@ class Index:
         self.build_ms = 0.0
         self._rescan = False  # the watcher lost events: compare the whole vault
         self._terms: Terms | None = None  # the worker's (a Stemmer is not thread-safe)
-        self.query_terms: Terms | None = None  # the trio thread's
-        self._dirty: set[str] = set()  # vault-relative paths changed since the last build
+        self._dirty: set[tuple[str, ...]] = set()  # paths changed since the last build
         self._wake = trio.Event()
-        self._docs: dict[str, tuple[int, int, array.array]] = {}
+        self._docs: dict[tuple[str, ...], tuple[int, int, array.array]] = {}
         self._vocab: dict[str, int] = {"": 0}  # "": bm25s's empty token, so it adds none
 
     @property
@@ -127,15 +139,22 @@ class Index:
         return len(self._dirty)
 
     def view_snapshot(self, view) -> "Snapshot":
-        """The index view searches (None: the whole vault's); a view's first search
-        builds it here, later builds keep it up to date."""
+        """The index view searches (None: the whole vault's), built here if no search
+        made it yet (a search makes it in its worker thread: keep_view); later builds
+        keep it up to date."""
         snap = self.snapshot
         if view is None:
             return snap
         vsnap = self.views.get(view)
         if vsnap is None:
-            vsnap = self.views[view] = self._view_snapshot(snap, view)
+            vsnap = self.views[view] = self.view_subset(snap, view)
         return vsnap
+
+    def keep_view(self, snap: Snapshot, view, vsnap: Snapshot) -> None:
+        """Trio thread: vsnap, view's subset of snap made elsewhere (a worker thread),
+        kept for the next queries unless a newer snapshot came meanwhile."""
+        if view is not None and self.snapshot is snap and view not in self.views:
+            self.views[view] = vsnap
 
     async def run(self) -> None:
         """Load, bring up to date, then rebuild after each burst of changes; until
@@ -158,9 +177,10 @@ class Index:
             if not self._wake.is_set():  # the next build saves otherwise
                 await trio.to_thread.run_sync(self._save)
 
-    def touch(self, rel: str) -> None:
-        """A vault path (relative, like docs/a.md) changed, appeared or went away."""
-        if not _skipped(rel):
+    def touch(self, rel: tuple[str, ...]) -> None:
+        """A vault path (a tuple of names, like ("docs", "a.md")) changed, appeared or
+        went away."""
+        if rel and not _skipped(rel):
             self._dirty.add(rel)
             self._wake.set()
 
@@ -178,7 +198,7 @@ class Index:
 
     def _startup(self) -> Snapshot:
         """Worker thread: the persisted index, plus what changed in the vault since."""
-        self._terms, self.query_terms = Terms(), Terms()
+        self._terms = Terms()
         self._load()
         self._scan_all()
         self._save()
@@ -186,19 +206,20 @@ class Index:
 
     def _scan_all(self) -> None:
         """Worker thread: every vault file compared with the index, gone ones dropped."""
-        seen = set()
-        for root, dirs, files in os.walk(self.vault):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for name in files:
-                rel = os.path.relpath(os.path.join(root, name), self.vault)
-                if not _skipped(rel):
-                    seen.add(rel)
-                    self._index_file(rel)
+        seen = self._walk(())
         for rel in set(self._docs) - seen:
             del self._docs[rel]
             self.stats["removed"] += 1
 
-    def _update(self, dirty: set[str], views: list, full: bool = False
+    def _walk(self, top: tuple[str, ...]) -> set:
+        """Worker thread: (re-)index every file beneath folder top; the paths seen."""
+        seen = set()
+        for rel, st in self.root.walk(top, skip=_hidden, max_entries=MAX_ENTRIES):
+            seen.add(rel)
+            self._index_file(rel, st)
+        return seen
+
+    def _update(self, dirty: set, views: list, full: bool = False
                 ) -> tuple[Snapshot, dict]:
         """Worker thread: re-read the dirty paths (full: the whole vault's changed
         files), rebuild (the caller saves)."""
@@ -207,29 +228,37 @@ class Index:
             self._scan_all()
             dirty = set()
         for rel in dirty:
-            full = os.path.join(self.vault, rel)
-            if os.path.isdir(full) and not os.path.islink(full):  # made or moved here
-                for root, dirs, files in os.walk(full):
-                    dirs[:] = [d for d in dirs if not d.startswith(".")]
-                    for name in files:
-                        self._index_file(os.path.relpath(os.path.join(root, name), self.vault))
-            else:
-                self._index_file(rel)
-            prefix = rel + "/"  # a directory that went away takes its files along
-            for gone in [p for p in self._docs if p.startswith(prefix)]:
-                if not os.path.lexists(os.path.join(self.vault, gone)):
-                    del self._docs[gone]
-                    self.stats["removed"] += 1
+            try:
+                self._update_path(rel)
+            except OSError:  # a name Linux refuses: nothing there to index
+                pass
         snap = self._snapshot()
-        return snap, {view: self._view_snapshot(snap, view) for view in views}
+        return snap, {view: self.view_subset(snap, view) for view in views}
 
-    def _index_file(self, rel: str) -> None:
-        """(Re-)index one file if its mtime or size changed; drop it if it is gone."""
+    def _update_path(self, rel: tuple[str, ...]) -> None:
+        """Worker thread: rel changed. A folder (made or moved here) is walked; the
+        documents beneath rel that are not there any more (a folder removed, or
+        swapped for a file or a symlink) leave the index."""
         try:
-            st = os.lstat(os.path.join(self.vault, rel))
-        except OSError:
+            st = self.root.lstat(rel)
+        except OSError:  # gone, a symlink on the way, a name Linux refuses
             st = None
-        if st is None or not _regular(st.st_mode) or st.st_size > MAX_FILE:
+        seen = self._walk(rel) if st is not None and stat.S_ISDIR(st.st_mode) else set()
+        self._index_file(rel, st)  # a file, or nothing: a folder is no document
+        n = len(rel)
+        for gone in [p for p in self._docs if len(p) > n and p[:n] == rel and p not in seen]:
+            del self._docs[gone]
+            self.stats["removed"] += 1
+
+    def _index_file(self, rel: tuple[str, ...], st: os.stat_result | None = None) -> None:
+        """(Re-)index one file (st: its lstat, if known) if its mtime or size changed;
+        drop it if it is gone, not a regular file or not reachable beneath the root."""
+        if st is None:
+            try:
+                st = self.root.lstat(rel)
+            except OSError:
+                st = None
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE:
             if self._docs.pop(rel, None) is not None:
                 self.stats["removed"] += 1
             return
@@ -237,17 +266,12 @@ class Index:
         if old is not None and old[:2] == (st.st_mtime_ns, st.st_size):
             self.stats["unchanged"] += 1
             return
-        try:
-            fd = os.open(os.path.join(self.vault, rel), os.O_RDONLY | os.O_NOFOLLOW)
-            with open(fd, "rb") as f:
-                data = f.read(MAX_FILE)
-        except OSError:
-            self._docs.pop(rel, None)
+        data = self.root.read(rel, MAX_FILE)  # None: gone, or a symlink on the way
+        if data is None or b"\0" in data[:8192]:  # not text
+            if self._docs.pop(rel, None) is not None:
+                self.stats["removed"] += 1
             return
         self.stats["read"] += 1
-        if b"\0" in data[:8192]:  # not text
-            self._docs.pop(rel, None)
-            return
         vocab = self._vocab
         ids = array.array("i", (vocab.setdefault(t, len(vocab))
                                 for t in self._terms(data.decode("utf-8", "replace"))))
@@ -260,9 +284,10 @@ class Index:
                         [self._docs[p][:2] for p in paths])
 
     @staticmethod
-    def _view_snapshot(snap: Snapshot, view) -> Snapshot:
-        return snap.subset([view.access(("vault", *p.split("/"))) is not None
-                            for p in snap.paths])
+    def view_subset(snap: Snapshot, view) -> Snapshot:
+        """The documents of snap that view shows, as an index of their own (pure: any
+        thread)."""
+        return snap.subset([view.access(("vault", *p)) is not None for p in snap.paths])
 
     def _load(self) -> None:
         try:
@@ -273,7 +298,7 @@ class Index:
         except Exception as e:  # a damaged index is rebuilt, and said so
             self.log_from_thread("search_index_damaged", reason=str(e))
             return
-        if saved.get("version") == VERSION and saved.get("vault") == self.vault:
+        if saved.get("version") == VERSION and saved.get("vault") == self.root.path:
             self._vocab = {t: i for i, t in enumerate(saved["vocab"])}
             self._docs = saved["docs"]
 
@@ -281,7 +306,7 @@ class Index:
         os.makedirs(self.dir, exist_ok=True)
         tmp = os.path.join(self.dir, "index.pickle.tmp")
         with open(tmp, "wb") as f:
-            pickle.dump(dict(version=VERSION, vault=self.vault, vocab=list(self._vocab),
+            pickle.dump(dict(version=VERSION, vault=self.root.path, vocab=list(self._vocab),
                              docs=self._docs), f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, os.path.join(self.dir, "index.pickle"))
 
@@ -289,10 +314,9 @@ class Index:
         trio.from_thread.run_sync(lambda: self.log.append(kind, **fields))
 
 
-def _skipped(rel: str) -> bool:
-    return any(part.startswith(".") for part in rel.split("/"))
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
 
 
-def _regular(mode: int) -> bool:
-    import stat
-    return stat.S_ISREG(mode)
+def _skipped(rel: tuple[str, ...]) -> bool:
+    return any(map(_hidden, rel))

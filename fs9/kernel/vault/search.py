@@ -1,10 +1,28 @@
-"""Ranked search over the vault: BM25, offline, no model (llama-index's BM25Retriever
+r"""Ranked search over the vault: BM25, offline, no model (llama-index's BM25Retriever
 over bm25s). `search/QUERY` renders `SCORE PATH:LINE snippet` lines, best first.
 
 Contract (the index itself, how and when it is built: index.py):
   - an agent searches only what its view sees: its hits come from an index built
     over the files its view shows, so no hidden file shapes a snippet, a count or
     even a score (BM25's document frequencies are those of the visible files).
+  - a hit's file is read for its snippet beneath the vault root's fd (kernel.vault_root,
+    beneath.py), never through a symlink: a hit whose file cannot be read so (gone
+    since the build, or a folder on its path swapped for a symlink) is left out.
+  - PATH is `vault/` and the file's names joined by `/`, each name escaped
+    (`shown_path`): a backslash is written `\\`, a newline `\n`, a tab `\t`, a carriage
+    return `\r`, any other ASCII control character and any byte that is not UTF-8
+    `\xHH`, a C1 control and U+2028/U+2029 `\uHHHH`; all else as it is (spaces, `:`).
+    A snippet is one line of the file (no line break of any kind), stripped, trimmed to
+    SNIPPET characters, its control characters but tab written `\xHH` (backslashes as
+    they are). So each line of an answer is one hit, whatever the names, and an
+    answer is always UTF-8.
+  - an answer is made when search/QUERY is read, in a worker thread (`prepare`, then
+    `query` returns it): ranking, reading the hits' files and scoring their lines never
+    hold the trio thread. One answer reads at most QUERY_BYTES of files and spends at
+    most QUERY_S on snippets; the hits past that budget are listed as `SCORE PATH`
+    (no line, no snippet) under a first line saying so. SEARCH_THREADS answers are
+    made at once (others wait their turn); an agent has at most PER_AGENT searches
+    under way, one more is EAGAIN; the operator's are not capped.
   - STATE/search.toml may switch on semantic ranking with an embedding model served
     by any OpenAI-compatible /v1/embeddings endpoint (llama-index's
     OpenAILikeEmbedding): each file's first EMBED_CHUNKS chunks are embedded in
@@ -14,38 +32,101 @@ Contract (the index itself, how and when it is built: index.py):
     used, or an endpoint that stops answering, is said in each result's first line,
     one `search_fallback` event per failure and search/status; results are BM25's
     until the endpoint answers again (probed in the background), then `search_semantic`.
-Queries run on the trio thread (a Status renders synchronously) and never block: a
-query's embedding (one HTTP request) is made before, in a worker thread (`prepare`),
-and cached per query text; builds, loads and saves run in worker threads and touch only
-the store, never a published Snapshot. The embedding side is kernel/vault/embeddings.py.
+A query's embedding (one HTTP request) is made in a worker thread too, and cached per
+query text; builds, loads and saves run in worker threads and touch only the store,
+never a published Snapshot. The embedding side is kernel/vault/embeddings.py.
 """
+import collections
+import errno
 import os
+import re
+import stat
+import threading
 import time
 import tomllib
 
 import trio
 
+from ...errors import Fs9Error
+from .beneath import VaultRoot
 from .embeddings import (Embedder, Vectors, config_problem, failure_reason, fuse_rankings,
                          model_problem)
-from .index import MAX_FILE, MAX_HITS, Index, Snapshot
+from .index import MAX_FILE, MAX_HITS, Index, Snapshot, Terms
 
 SNIPPET = 160  # characters of a hit's line
+# A dozen 4 MiB files took one answer 6 s of snippets: past these, hits come bare.
+QUERY_BYTES = 16 << 20  # bytes of files one answer reads for its snippets
+QUERY_S = 2.0  # seconds one answer spends on its snippets
+SEARCH_THREADS = 2  # answers made at once, everyone's together (worker threads)
+PER_AGENT = 4  # searches one agent has under way at once; one more: EAGAIN
 NOT_READY = "fs9: the search index is being built; try again in a moment\n"
 NO_EMBED = "fs9: embedding model {model} is not available ({reason}); ranked by BM25\n"
+OVER_BUDGET = ("fs9: this query's budget ({mib} MiB read, {s:g} s) ran out: {n} hits "
+               "listed without a snippet\n")
+NOT_PREPARED = "fs9: no answer was made for this read; read search/QUERY again\n"
+BUSY = "{agent} has {n} searches under way (at most {n} at once)"
 RETRY_S = 2.0  # an endpoint that failed is probed again after this, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 30.0
+# What shown_path and a snippet escape (a surrogate escape is a byte that is not UTF-8)
+_PATH_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
+_TEXT_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(m: re.Match) -> str:
+    c = m.group()
+    o = ord(c)
+    if c in _NAMED:
+        return _NAMED[c]
+    if o >= 0xdc80:  # surrogateescape's stand-in for byte o - 0xdc00
+        return f"\\x{o - 0xdc00:02x}"
+    return f"\\x{o:02x}" if o < 0x80 else f"\\u{o:04x}"
+
+
+def shown_path(rel: tuple[str, ...]) -> str:
+    """How an answer prints vault path rel (a tuple of names): one line, UTF-8."""
+    return "vault/" + "/".join(_PATH_UNSAFE.sub(_escape, name) for name in rel)
+
+
+def best_line(text: str, weight: dict[str, float], hint: int | None, terms: Terms,
+              deadline: float) -> tuple[int, str]:
+    """(line number, snippet) of text where the query's rarest terms meet (none: hint,
+    the first line of the file's nearest chunk, else its first line that is not blank);
+    past deadline (time.monotonic), the best line found so far."""
+    lines = text.splitlines() or [""]
+    best, best_no, first = 0.0, 1, None
+    # Snowball changes only a word's end: a line without a stem's start holds no
+    # term of it, and is not worth tokenizing (a big file has many such lines).
+    starts = [t[:max(1, min(4, len(t) - 1))] for t in weight]
+    for no, line in enumerate(lines, 1):
+        if not no % 1024 and time.monotonic() > deadline:
+            break
+        if first is None and line.strip():
+            first = no
+        low = line.lower()
+        if not any(start in low for start in starts):
+            continue
+        found = set(terms(line)) & weight.keys()
+        score = sum(weight[t] for t in found)
+        if score > best:
+            best, best_no = score, no
+    if best == 0.0 and hint is not None and hint <= len(lines):
+        best_no = hint
+    elif best == 0.0 and first is not None:
+        best_no = first
+    return best_no, _TEXT_UNSAFE.sub(_escape, lines[best_no - 1].strip()[:SNIPPET])
 
 
 class Search:
     """Queries over the vault's index (index.py), ranked by BM25 or, with an embedding
     model, hybrid (run `serve` in a nursery: the indexer and the embedder)."""
 
-    def __init__(self, vault_dir: str, state_dir: str, log) -> None:
-        self.vault = vault_dir
+    def __init__(self, root: VaultRoot, state_dir: str, log) -> None:
+        self.root = root  # the vault, reached beneath its fd only (kernel.vault_root)
         self.dir = os.path.join(state_dir, "search")
         self.config = os.path.join(state_dir, "search.toml")
         self.log = log  # the kernel's EventLog
-        self.index = Index(vault_dir, self.dir, log, published=lambda: self._embed_wake.set())
+        self.index = Index(root, self.dir, log, published=lambda: self._embed_wake.set())
         self.embed_error = ""  # a configured embedding model that cannot be used: why
         self.embed_model = ""  # as configured, like openai:nomic-embed-text
         self.embedder: Embedder | None = None  # set once its client is ready
@@ -53,7 +134,12 @@ class Search:
         self.embed_ms = 0.0  # the last query embedding's request
         self._embed_wake = trio.Event()  # a new snapshot to embed, or a failure seen
         self.error = ""  # search is out of order: why
-        self._cache: tuple = (None, "")  # ((view, gen, query), rendered)
+        # the answer prepared last: ((view, query, gen, vectors, embed_error), text)
+        self._cache: tuple = (None, "")
+        self._under_way: collections.Counter = collections.Counter()  # agent -> searches
+        self._slots = trio.Semaphore(SEARCH_THREADS)  # held while an answer is made
+        self._threads = trio.CapacityLimiter(SEARCH_THREADS)  # not the default limiter's
+        self._local = threading.local()  # each search thread's Terms
 
     # --- the indexer and the embedder ------------------------------------------
 
@@ -80,8 +166,9 @@ class Search:
     def snapshot(self) -> Snapshot | None:
         return self.index.snapshot
 
-    def touch(self, rel: str) -> None:
-        """A vault path (relative, like docs/a.md) changed, appeared or went away."""
+    def touch(self, rel: tuple[str, ...]) -> None:
+        """A vault path (a tuple of names, like ("docs", "a.md")) changed, appeared or
+        went away."""
         self.index.touch(rel)
 
     def rescan(self) -> None:
@@ -127,7 +214,7 @@ class Search:
     async def _embed_loop(self, config: dict) -> None:
         """Keep the vectors up to date with the published snapshots; while the
         endpoint fails, probe it (RETRY_S, doubling) and resume when it answers."""
-        embedder = Embedder(config, self.dir, self.vault)
+        embedder = Embedder(config, self.dir, self.root)
         while self.snapshot is None:  # after the first build: llama-index is imported
             await self._embed_wake.wait()  # (importing it from two threads at once fails)
             self._embed_wake = trio.Event()
@@ -162,102 +249,117 @@ class Search:
             if more:
                 self._embed_wake.set()
 
-    def _semantic(self, snap: Snapshot, text: str, bm25: list) -> list | None:
-        """Trio thread: BM25's hits merged with the nearest files by embedding,
-        [(score, path, line hint)], best first; None: BM25's alone (no vectors, or the
-        endpoint failed: said)."""
-        embedder, vectors = self.embedder, self.vectors
-        if embedder is None or vectors is None or self.embed_error or not vectors.paths:
-            return None
-        t0 = time.monotonic()
-        try:
-            q = embedder.query_vector(text)
-        except Exception as e:
-            self._embed_failed(embedder.model, failure_reason(e, embedder))
-            return None
-        self.embed_ms = (time.monotonic() - t0) * 1000
-        if q.shape[0] != vectors.dim:  # the model changed: the vectors follow soon
-            return None
-        near = vectors.top(q, snap.pathset, MAX_HITS * 2)
-        return fuse_rankings(bm25, near)
-
     # --- queries ------------------------------------------------------------------
 
-    async def prepare(self, text: str) -> None:
-        """Make text's embedding in a worker thread (cached), so that `query` never
-        waits for the model on the thread serving the file system."""
+    async def prepare(self, text: str, view=None) -> None:
+        """Make the answer to text as view sees it (None: the operator), for `query` to
+        return: in worker threads, its embedding (cached) and then the answer itself,
+        within its budget (QUERY_BYTES, QUERY_S). Blocks until made (and, when
+        SEARCH_THREADS answers are being made, until a turn comes). Fs9Error EAGAIN:
+        the agent already has PER_AGENT searches under way."""
+        who = None if view is None else view.agent
+        if who is not None and self._under_way[who] >= PER_AGENT:
+            raise Fs9Error(errno.EAGAIN, BUSY.format(agent=who, n=PER_AGENT))
+        self._under_way[who] += 1
+        try:
+            if not self.error and self.snapshot is not None:
+                await self._embed_query(text)
+                await self._answer(text, view)
+        finally:
+            self._under_way[who] -= 1
+            if not self._under_way[who]:
+                del self._under_way[who]
+
+    def query(self, text: str, view=None) -> str:
+        """The answer prepare made for text as view sees it. Does not block. (The face
+        reads search/QUERY with prepare then query, back to back: no other task runs
+        in between.)"""
+        if self.error:
+            return f"fs9: search is unavailable: {self.error}\n"
+        if self.snapshot is None:
+            return NOT_READY
+        key, out = self._cache
+        return out if key is not None and key[:2] == (view, text) else NOT_PREPARED
+
+    async def _embed_query(self, text: str) -> None:
+        """text's embedding, made in a worker thread unless cached (and unless the
+        model cannot be used: then said)."""
         embedder = self.embedder
         if embedder is None or self.vectors is None or self.embed_error \
-                or text in embedder._queries:
+                or embedder.cached_vector(text) is not None:
             return
+        t0 = time.monotonic()
         try:
             await trio.to_thread.run_sync(embedder.query_vector, text)
         except Exception as e:
             self._embed_failed(embedder.model, failure_reason(e, embedder))
+            return
+        self.embed_ms = (time.monotonic() - t0) * 1000
 
-    def query(self, text: str, view=None) -> str:
-        """Render QUERY's hits as seen by view (None: the operator). Does not block."""
-        snap = self.snapshot
-        if self.error:
-            return f"fs9: search is unavailable: {self.error}\n"
-        if snap is None:
-            return NOT_READY
-        snap = self.index.view_snapshot(view)
-        key = (view, snap.gen, self.vectors, self.embed_error, text)
-        if self._cache[0] == key:  # stat then read: one query (and one embedding)
-            return self._cache[1]
-        terms = self.index.query_terms(text)
-        weight = {t: 1.0 / max(1, snap.df(t)) for t in set(terms)}
-        bm25 = snap.top(terms)
-        ranked = self._semantic(snap, text, bm25) if self.embedder is not None else None
-        if ranked is None:
+    async def _answer(self, text: str, view) -> None:
+        """Make the answer in a worker thread, unless the one made last is still it."""
+        async with self._slots:
+            snap, vectors, error = self.index.snapshot, self.vectors, self.embed_error
+            key = (view, text, snap.gen, vectors, error)
+            if self._cache[0] == key:  # read again (stat then read; a second cat)
+                return
+            q = None
+            if self.embedder is not None and vectors is not None and not error \
+                    and vectors.paths:
+                q = self.embedder.cached_vector(text)
+                if q is not None and q.shape[0] != vectors.dim:
+                    q = None  # the model changed: the vectors follow soon
+            head = NO_EMBED.format(model=self.embed_model, reason=error) if error else ""
+            vsnap = snap if view is None else self.index.views.get(view)
+            out, vsnap = await trio.to_thread.run_sync(
+                self._render, snap, vsnap, view, text, q, vectors, head,
+                limiter=self._threads)
+            self.index.keep_view(snap, view, vsnap)
+            self._cache = (key, out)
+
+    def _render(self, snap: Snapshot, vsnap: Snapshot | None, view, text: str, q,
+                vectors: Vectors | None, head: str) -> tuple[str, Snapshot]:
+        """Worker thread: the answer (and view's index, made here if vsnap is None).
+        Reads only immutable things (snapshots, vectors, the view) and the vault,
+        beneath its root."""
+        terms = getattr(self._local, "terms", None)
+        if terms is None:
+            terms = self._local.terms = Terms()
+        if vsnap is None:
+            vsnap = Index.view_subset(snap, view)
+        words = terms(text)
+        weight = {t: 1.0 / max(1, vsnap.df(t)) for t in set(words)}
+        bm25 = vsnap.top(words)
+        if q is not None:
+            ranked = fuse_rankings(bm25, vectors.top(q, vsnap.pathset, MAX_HITS * 2))
+        else:
             ranked = [(score, rel, None) for score, rel in bm25]
-        head = NO_EMBED.format(model=self.embed_model, reason=self.embed_error) \
-            if self.embed_error else ""
-        lines = []
+        left, deadline = QUERY_BYTES, time.monotonic() + QUERY_S
+        lines, bare = [], 0
         for score, rel, hint in ranked:
-            if view is not None and view.access(("vault", *rel.split("/"))) is None:
+            if view is not None and view.access(("vault", *rel)) is None:
                 continue
-            hit = self._best_line(rel, weight, hint)
-            if hit is not None:
-                lines.append(f"{score:.3f} vault/{rel}:{hit[0]} {hit[1]}\n")
+            if left > 0 and time.monotonic() < deadline:
+                data = self.root.read(rel, min(MAX_FILE, left))
+                if data is None:  # gone since the build, or a symlink on the way
+                    continue
+                left -= len(data)
+                no, snippet = best_line(data.decode("utf-8", "replace"), weight, hint,
+                                        terms, deadline)
+                lines.append(f"{score:.3f} {shown_path(rel)}:{no} {snippet}\n")
+            else:  # over budget: listed if it is still a file there, without a snippet
+                try:
+                    if not stat.S_ISREG(self.root.lstat(rel).st_mode):
+                        continue
+                except OSError:
+                    continue
+                lines.append(f"{score:.3f} {shown_path(rel)}\n")
+                bare += 1
             if len(lines) == MAX_HITS:
                 break
-        out = head + "".join(lines)
-        self._cache = ((view, snap.gen, self.vectors, self.embed_error, text), out)
-        return out
-
-    def _best_line(self, rel: str, weight: dict[str, float], hint: int | None = None
-                   ) -> tuple[int, str] | None:
-        """(line number, trimmed line) where the query's rarest terms meet (none: hint,
-        the first line of the file's nearest chunk, else its first line); None: the
-        file is gone (deleted since the build)."""
-        try:
-            fd = os.open(os.path.join(self.vault, rel), os.O_RDONLY | os.O_NOFOLLOW)
-            with open(fd, "rb") as f:
-                text = f.read(MAX_FILE).decode("utf-8", "replace")
-        except OSError:
-            return None
-        best, best_no, first = 0.0, 1, None
-        # Snowball changes only a word's end: a line without a stem's start holds no
-        # term of it, and is not worth tokenizing (a big file has many such lines).
-        starts = [t[:max(1, min(4, len(t) - 1))] for t in weight]
-        for no, line in enumerate(text.splitlines(), 1):
-            if first is None and line.strip():
-                first = no
-            low = line.lower()
-            if not any(start in low for start in starts):
-                continue
-            found = set(self.index.query_terms(line)) & weight.keys()
-            score = sum(weight[t] for t in found)
-            if score > best:
-                best, best_no = score, no
-        lines = text.splitlines() or [""]
-        if best == 0.0 and hint is not None and hint <= len(lines):
-            best_no = hint
-        elif best == 0.0 and first is not None:
-            best_no = first
-        return best_no, lines[best_no - 1].strip()[:SNIPPET]
+        if bare:
+            head += OVER_BUDGET.format(mib=QUERY_BYTES >> 20, s=QUERY_S, n=bare)
+        return head + "".join(lines), vsnap
 
     def status(self, view=None) -> str:
         """KEY=VALUE lines; as view sees it (its documents only, no vault-wide counts)."""

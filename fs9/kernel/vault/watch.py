@@ -15,7 +15,9 @@ only in its log, so fs9 hooks its overflow callback (after watchdog's own), logs
 holds (mtime and size: only changed files are read).
 Names starting with "." and everything under them (.git, editors' swap files) are
 neither logged nor indexed. Directory "modified" events (a name came or went in
-it) say nothing the file's own event does not.
+it) say nothing the file's own event does not. A vault path is a tuple of names (as
+the index keeps it; a name that is not UTF-8 holds surrogate escapes); the watcher
+only names what changed: the index reaches it beneath the vault root (index.py).
 """
 import logging
 import math
@@ -41,7 +43,7 @@ class OwnChanges:
     def __init__(self, log, search) -> None:
         self.log = log
         self.search = search  # told at once, or None (no vault)
-        self._when: dict[str, float] = {}  # vault-relative path -> when fs9 changed it
+        self._when: dict[tuple[str, ...], float] = {}  # vault path -> when fs9 changed it
 
     def report(self, path: tuple[str, ...], op: str, uid: int | None = None,
                dest: tuple[str, ...] | None = None) -> None:
@@ -51,11 +53,11 @@ class OwnChanges:
         if inner[:1] != ("vault",) or len(inner) < 2:
             return
         fields = dict(path="/".join(inner), op=op, actor=agent or f"uid {uid}")
-        rels = ["/".join(inner[1:])]
+        rels = [tuple(inner[1:])]
         if dest is not None:
             dest_inner = split_view(dest)[1]
             fields["dest"] = "/".join(dest_inner)
-            rels.append("/".join(dest_inner[1:]))
+            rels.append(tuple(dest_inner[1:]))
         now = trio.current_time()
         for rel in rels:
             self._when[rel] = now
@@ -65,22 +67,23 @@ class OwnChanges:
             self._when = {p: t for p, t in self._when.items() if now - t < OWN_S}
         self.log.append("vault_changed", agent=agent, **fields)
 
-    def ours(self, rel: str) -> bool:
-        """fs9 itself changed vault path rel (relative) within the last OWN_S."""
+    def ours(self, rel: tuple[str, ...]) -> bool:
+        """fs9 itself changed vault path rel (a tuple of names) within the last OWN_S."""
         when = self._when.get(rel)
         return when is not None and trio.current_time() - when < OWN_S
 
 
-def rel_path(vault: str, path: str) -> str | None:
-    """path (absolute, under vault) relative to it; None: outside or hidden (dot)."""
+def rel_path(vault: str, path: str) -> tuple[str, ...] | None:
+    """path (absolute, under vault) as the names beneath it; None: outside or hidden
+    (dot)."""
     rel = os.path.relpath(path, vault)
     if rel == "." or rel.startswith("../") or rel == ".." or any(
             part.startswith(".") for part in rel.split("/")):
         return None
-    return rel
+    return tuple(rel.split("/"))
 
 
-def coalesce(batch: list[tuple[str, str, str | None, bool]]) -> list[tuple[str, str, str | None]]:
+def coalesce(batch: list[tuple]) -> list[tuple]:
     """(op, rel, dest, is_dir) changes in order -> the (op, rel, dest) worth logging:
     each once, a created file's modifications dropped, directories' modifications
     dropped."""
@@ -226,7 +229,7 @@ async def _log_changes(kernel, receive) -> None:
             ours = kernel.vault_changes.ours
             if ours(rel) or (dest and ours(dest)):
                 continue
-            fields = dict(path=f"vault/{rel}", op=op)
+            fields = dict(path="/".join(("vault", *rel)), op=op)
             if dest:
-                fields["dest"] = f"vault/{dest}"
+                fields["dest"] = "/".join(("vault", *dest))
             kernel.log.append("vault_changed", **fields)
