@@ -11,6 +11,9 @@ def spawn(mount, line: str) -> None:
 def test_out_streams_while_the_task_runs(mount):
     spawn(mount, "spawn counter")
     mount.sh("echo 3 > agents/counter/in", check=True)
+    # timed from the program's start (it prints 1 at once, then a line a second), not from
+    # the submission: starting the agent's sandbox is not what this measures
+    mount.wait_for(lambda: mount.status("counter")["pid"].isdigit(), what="the task to start")
     start = time.monotonic()
     with subprocess.Popen(["cat", mount.path / "agents/counter/out"], stdout=subprocess.PIPE) as p:
         first = p.stdout.readline()
