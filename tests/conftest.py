@@ -16,6 +16,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# This checkout's temp dirs live apart from other pytest sessions on the machine: at its
+# end a session deletes old numbered dirs under its root, and one it cannot delete
+# (another suite's very deep tree makes shutil.rmtree raise RecursionError) fails it.
+if "PYTEST_DEBUG_TEMPROOT" not in os.environ:
+    _root = Path(tempfile.gettempdir()) / ("fs9-tests" + str(REPO).replace("/", "-"))
+    _root.mkdir(mode=0o711, exist_ok=True)
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = str(_root)
+# How long a test waits for something that should happen: generous, since the suite must
+# pass on a loaded machine (tests wait on a condition, never on a guess of how long it takes)
+WAIT_S = 30.0
+# read(2)'s syscall number, to tell from /proc/PID/syscall that a process is blocked in it
+READ_SYSCALL = {"x86_64": 0, "aarch64": 63, "riscv64": 63, "i686": 3, "armv7l": 3}.get(
+    os.uname().machine)
 
 
 def fuse_unavailable() -> str | None:
@@ -42,6 +55,63 @@ def errno_of(fn, *args) -> int | None:
     except OSError as e:
         return e.errno
     return None
+
+
+def wait_for(predicate, timeout: float = WAIT_S, what: str = "condition"):
+    """predicate()'s first true value, polled until timeout (then AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def blocked_reading(pid: int, path) -> bool:
+    """Process pid is asleep in read(2) on the file path (its /proc/PID/syscall names
+    read and a descriptor open on path): e.g. a subscriber that opened a topic and waits."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+        if READ_SYSCALL is None:  # an unknown architecture: asleep with path open will do
+            with open(f"/proc/{pid}/stat") as f:
+                asleep = f.read().rsplit(")", 1)[1].split()[0] == "S"
+            return asleep and any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path)
+                                  for fd in os.listdir(f"/proc/{pid}/fd"))
+        if fields[0] != str(READ_SYSCALL):
+            return False
+        return os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}") == str(path)
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def pending_bytes(pipe) -> int:
+    """How many bytes wait unread in a pipe (FIONREAD): what a child wrote to it so far."""
+    import fcntl
+    import termios
+    buf = bytearray(4)
+    fcntl.ioctl(pipe.fileno(), termios.FIONREAD, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def read_until(pipe, predicate, timeout: float = WAIT_S, what: str = "output") -> bytes:
+    """Read a child's pipe (raw, with os.read) until predicate(everything read) holds.
+    Nothing is left in the file object's buffer, so its read() goes on from there."""
+    fd, got = pipe.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while not predicate(got):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; "
+                                 f"read {got[-300:]!r}")
+        if select.select([fd], [], [], min(left, 0.5))[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"EOF while waiting for {what}; read {got[-300:]!r}")
+            got += chunk
+    return got
 
 
 def mounted(path: Path) -> bool:
@@ -105,7 +175,7 @@ class Mount:
         return bool(self.pid) and os.path.exists(f"/proc/{self.pid}") and mounted(self.path)
 
     # --- driving it --------------------------------------------------------
-    def sh(self, cmd: str, timeout: float = 20, check: bool = False) -> subprocess.CompletedProcess:
+    def sh(self, cmd: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
         r = subprocess.run(["sh", "-c", cmd], cwd=self.path, capture_output=True,
                            text=True, timeout=timeout)
         if check:
@@ -123,14 +193,15 @@ class Mount:
     def status(self, agent: str) -> dict[str, str]:
         return dict(line.split("=", 1) for line in self.read(f"agents/{agent}/status").splitlines())
 
-    def wait_for(self, predicate, timeout: float = 10, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}")
+    def wait_for(self, predicate, timeout: float = WAIT_S, what: str = "condition"):
+        return wait_for(predicate, timeout, what)
+
+    def wait_reading(self, procs, rel: str, what: str = "") -> None:
+        """Wait until every process of procs (Popen) is blocked in read(2) on rel: it has
+        opened the file (a stream or topic subscribes at open) and waits for data."""
+        path = self.path / rel
+        self.wait_for(lambda: all(blocked_reading(p.pid, path) for p in procs),
+                      what=what or f"{len(procs)} reader(s) blocked reading {rel}")
 
     def define(self, name: str, toml: str, files: dict[str, str] | None = None) -> None:
         """Write an agent definition (agent.toml and its program files)."""
@@ -159,15 +230,23 @@ class Events:
         *done, self.buf = self.buf.split(b"\n")
         return [line.decode() for line in done]
 
-    def wait_kind(self, kind: str, timeout: float = 10) -> list[dict]:
+    def until(self, predicate, timeout: float = WAIT_S, what: str = "events") -> list[dict]:
+        """The events read until predicate(all of them so far) holds (bounded by timeout)."""
         import json
-        seen = []
+        seen: list[dict] = []
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             seen += [json.loads(line) for line in self.lines(0.2)]
-            if any(e["kind"] == kind for e in seen):
+            if predicate(seen):
                 return seen
-        raise AssertionError(f"no {kind} event; saw {[e['kind'] for e in seen]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; "
+                                     f"saw {[e['kind'] for e in seen]}")
+
+    def wait_kind(self, kind: str, timeout: float = WAIT_S, count: int = 1) -> list[dict]:
+        """The events read until `count` events of `kind` came."""
+        return self.until(lambda seen: sum(e["kind"] == kind for e in seen) >= count,
+                          timeout, f"{count} {kind} event(s)")
 
     def close(self) -> None:
         if self.fd is not None:

@@ -25,7 +25,8 @@ for tool calls.
 every request; `.in_flight` / `.max_in_flight` count chat and embedding requests
 being answered. `stop()` closes every open connection (keep-alive ones and
 streams mid-flight, sleeping requests are dropped unanswered); `start()` serves
-the same port again.
+the same port again. `release()` ends the SLEEPs under way: those requests are
+answered at once (so a test can hold requests in flight as long as it needs).
 """
 from __future__ import annotations
 
@@ -174,6 +175,7 @@ class ModelServer:
         self._lock = threading.Lock()
         self._life = threading.Lock()
         self._ids = 0
+        self._wakeup = threading.Event()  # set: the pauses under way end (stop, release)
         self.http: _HTTP | None = None
         self.start()
 
@@ -197,6 +199,7 @@ class ModelServer:
                     time.sleep(0.05)
             http.stopping = threading.Event()
             http.connections = set()
+            self._wakeup = threading.Event()
             self.port = http.server_address[1]
             self.http = http
             threading.Thread(target=http.serve_forever, kwargs={"poll_interval": 0.05},
@@ -209,6 +212,7 @@ class ModelServer:
             if http is None:
                 return
             http.stopping.set()
+            self._wakeup.set()
             http.shutdown()
             http.server_close()
             for conn in list(http.connections):
@@ -216,6 +220,11 @@ class ModelServer:
                     conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def release(self) -> None:
+        """End every SLEEP (and delay) under way now: those requests are answered."""
+        wakeup, self._wakeup = self._wakeup, threading.Event()
+        wakeup.set()
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -292,9 +301,11 @@ class ModelServer:
 
             def pause(self, seconds: float) -> bool:
                 """Wait; False when the server stopped meanwhile (drop the request)."""
-                if seconds > 0 and self.server.stopping.wait(seconds):
-                    self.close_connection = True
-                    return False
+                if seconds > 0:
+                    server._wakeup.wait(seconds)  # ended early by stop() or release()
+                    if self.server.stopping.is_set():
+                        self.close_connection = True
+                        return False
                 return not self.server.stopping.is_set()
 
             # --- requests

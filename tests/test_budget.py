@@ -53,7 +53,9 @@ def test_rate_wait():
     assert budget.wait_s([s], 61) == 0
 
 
-async def test_scheduler_priority_then_fairness_then_arrival():
+async def test_scheduler_priority_then_fairness_then_arrival(autojump_clock):
+    # (the clock is trio's mock one: `first` holds the slot until every caller has queued,
+    # however slowly the machine runs them)
     recent = {"busy": 1000, "quiet": 0, "boss": 0}
     sched = Scheduler(1, lambda who: recent[who])
     order = []
@@ -76,7 +78,8 @@ async def test_scheduler_priority_then_fairness_then_arrival():
     assert sched.busy == 0
 
 
-async def test_a_cancelled_waiter_gives_its_slot_away():
+async def test_a_cancelled_waiter_gives_its_slot_away(autojump_clock):
+    # (mock clock: `a` holds the slot until b has queued and left, however slow the machine)
     sched = Scheduler(1, lambda who: 0)
     got = []
 

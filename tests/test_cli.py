@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REPO, fs9, fuse_unavailable, mounted
+from conftest import REPO, blocked_reading, fs9, fuse_unavailable, mounted, wait_for
 
 pytestmark = pytest.mark.skipif(bool(fuse_unavailable()), reason=f"cannot mount FUSE: {fuse_unavailable()}")
 
@@ -23,16 +23,16 @@ def test_foreground_mount_unmounts_cleanly_on_ctrl_c(tmp_path, sig):
     p = subprocess.Popen([sys.executable, "-m", "fs9", "mount", str(mnt), *args(tmp_path)],
                          stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while not (mounted(mnt) and os.path.exists(mnt / "ctl")):
             assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
             time.sleep(0.05)
         (mnt / "ctl").write_text("spawn echo")
         reader = subprocess.Popen(["cat", mnt / "events"], stdout=subprocess.DEVNULL)
-        time.sleep(0.2)
+        wait_for(lambda: blocked_reading(reader.pid, mnt / "events"), what="cat to block")
         p.send_signal(sig)
-        assert p.wait(timeout=10) == 0
-        assert reader.wait(timeout=5) == 0  # a blocked reader got EOF, not a hang
+        assert p.wait(timeout=30) == 0
+        assert reader.wait(timeout=30) == 0  # a blocked reader got EOF, not a hang
         assert not mounted(mnt)
     finally:
         if p.poll() is None:

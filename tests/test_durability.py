@@ -13,7 +13,7 @@ def test_kill_9_then_remount_brings_everything_back(mount, events):
              "echo 'run three' > agents/slow/ctl; echo 'run t' > agents/tmp/ctl", check=True)
     mount.wait_for(lambda: mount.status("slow")["state"] == "running"
                    and mount.status("tmp")["state"] == "running", what="both running")
-    r = mount.sh("timeout 5 head -n 1 agents/tmp/out", check=True)  # `out` blocks while it runs
+    r = mount.sh("timeout 30 head -n 1 agents/tmp/out", check=True)  # `out` blocks while it runs
     assert r.stdout == "begin t\n"
     slow_ids = sorted(os.listdir(mount.path / "agents/slow/tasks"), key=int)
     tmp_id = os.listdir(mount.path / "agents/tmp/tasks")[0]
@@ -28,7 +28,7 @@ def test_kill_9_then_remount_brings_everything_back(mount, events):
     assert mount.read(f"agents/echo/tasks/{echo_task}/out") == "finished\n"
     assert "state=done" in mount.read(f"agents/echo/tasks/{echo_task}/status")
     # the interrupted task of a transient agent runs again, then the queued ones, in order
-    mount.wait_for(lambda: mount.status("slow")["done"] == "3", timeout=20, what="slow tasks")
+    mount.wait_for(lambda: mount.status("slow")["done"] == "3", what="slow tasks")
     outs = [mount.read(f"agents/slow/tasks/{i}/out") for i in slow_ids]
     assert outs == ["begin one\nend one\n", "begin two\nend two\n", "begin three\nend three\n"]
     assert "attempt=2" in mount.read(f"agents/slow/tasks/{slow_ids[0]}/status")

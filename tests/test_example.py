@@ -18,7 +18,7 @@ pytestmark = [
 def test_the_pipeline_example_runs_with_one_command():
     fs9 = os.path.join(os.path.dirname(sys.executable), "fs9")
     r = subprocess.run(["sh", str(REPO / "examples/pipeline/run.sh"), "a rather small example"],
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "FS9": fs9})
+                       capture_output=True, text=True, timeout=240, env={**os.environ, "FS9": fs9})
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[:3] == ["intake: received 22 bytes", "tally: 4 words",
@@ -38,7 +38,7 @@ def test_the_support_scenario_runs_offline_with_one_command():
     """examples/support: support -> coder -> knowledge, support closes the case."""
     fs9 = os.path.join(os.path.dirname(sys.executable), "fs9")
     r = subprocess.run(["sh", str(REPO / "examples/support/run.sh")], capture_output=True,
-                       text=True, timeout=90, env={**os.environ, "FS9": fs9})
+                       text=True, timeout=240, env={**os.environ, "FS9": fs9})
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "not a language model" in out.splitlines()[0]  # the scripted model says what it is

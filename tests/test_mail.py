@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 
@@ -45,12 +45,12 @@ def test_next_blocks_until_a_message_arrives(mount):
     mount.sh("echo 'spawn echo' > ctl", check=True)
     with subprocess.Popen(["cat", mount.path / "agents/echo/mail/next"],
                           stdout=subprocess.PIPE, text=True) as reader:
-        time.sleep(0.5)
+        mount.wait_reading([reader], "agents/echo/mail/next")
         assert reader.poll() is None  # still waiting
         send(mount, "echo", "hello\n")
-        out, _ = reader.communicate(timeout=5)
+        out, _ = reader.communicate(timeout=30)
     assert out.endswith("\n\nhello\n")
-    r = mount.sh("timeout 0.3 cat agents/echo/mail/next")  # unacknowledged: delivered again
+    r = mount.sh("timeout 30 cat agents/echo/mail/next")  # unacknowledged: delivered again
     assert r.stdout == out
     mount.sh(f"rm agents/echo/mail/{headers(out)['id']}", check=True)  # rm by id works too
     assert pending(mount, "echo") == []
@@ -231,10 +231,25 @@ def test_kill_9_in_the_middle_of_a_stream_of_sends(mount):
                               stderr=subprocess.DEVNULL, text=True)
     receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, box], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
-    time.sleep(1.5)
+    said = {sender: [], receiver: []}  # their lines as they come
+
+    def collect(p):
+        for line in p.stdout:
+            said[p].append(line)
+    readers = [threading.Thread(target=collect, args=(p,), daemon=True) for p in said]
+    for t in readers:
+        t.start()
+    # kill -9 once the stream is well under way: over 50 sends and 10 receipts acknowledged
+    mount.wait_for(lambda: len(said[sender]) > 50 and
+                   sum(line.startswith("A ") for line in said[receiver]) > 10,
+                   what="50 sends and 10 acknowledged receipts")
     mount.kill9()
-    sent = [int(line) for line in sender.communicate(timeout=10)[0].split()]
-    log = [line.split() for line in receiver.communicate(timeout=10)[0].splitlines()]
+    sender.wait(timeout=30)  # each stops at its first error (the server is gone)
+    receiver.wait(timeout=30)
+    for t in readers:
+        t.join(timeout=30)
+    sent = [int(line) for line in "".join(said[sender]).split()]
+    log = [line.split() for line in "".join(said[receiver]).splitlines()]
     acked = {body for mark, body in log if mark == "A"}
     in_doubt = {body for mark, body in log if mark == "R"} - acked
     assert len(sent) > 50 and len(acked) > 10
@@ -266,7 +281,7 @@ def test_two_agents_exchange_mail_under_load(mount):
 def test_the_operators_requests_get_their_results_in_the_root_mailbox(mount):
     mount.sh("echo 'spawn upper' > ctl", check=True)
     r = mount.sh("printf 'type: work_request\\n\\nhello operator\\n' > agents/upper/mail/new"
-                 " && timeout 10 cat mail/next", check=True)
+                 " && timeout 30 cat mail/next", check=True)
     h = headers(r.stdout)
     assert h["type"] == "result" and h["to"] == "operator" and h["from"] == "upper"
     assert r.stdout.endswith("\n\nHELLO OPERATOR\n")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import Events, Mount, errno_of, fuse_unavailable
+from conftest import Events, Mount, errno_of, fuse_unavailable, read_until
 from modelserver import ModelServer
 
 pytestmark = pytest.mark.skipif(bool(fuse_unavailable()),
@@ -77,7 +77,8 @@ def test_the_scripted_model_through_files(mount):
     # bad requests fail the write, say why, and change nothing
     ev = Events(mount)  # (refused at close(2): a shell would not say so; a program does)
     assert errno_of(mount.write, f"models/scripted/{cid}/request", "{not json") == errno.EINVAL
-    assert "malformed JSON request" in "".join(ev.lines(0.5))
+    refused = ev.wait_kind("refused")
+    assert "malformed JSON request" in json.dumps(refused)
     ev.close()
     assert len(mount.read(f"models/scripted/{cid}/history").splitlines()) == 4
     assert errno_of(mount.write, f"models/scripted/{cid}/request",
@@ -146,7 +147,7 @@ def test_an_unreachable_model_says_so_and_recovers(mounted_with, server):
     assert r.returncode == 1 and "Connection refused" in r.stderr
     status = m.read(f"models/local/{cid}/status")
     assert "state=failed" in status and "is unreachable" in status
-    assert any('"kind":"model_error"' in line for line in ev.lines(1))
+    assert any(e["kind"] == "model_error" for e in ev.wait_kind("model_error"))
     ev.close()
     server.start()
     m.write(f"models/local/{cid}/request", "now?")  # the same conversation goes on
@@ -176,7 +177,7 @@ def test_budgets_refuse_calls_before_they_are_sent(mount):
     mount.write("agents/asker/in", "go\n")
     out = mount.read("agents/asker/out")  # blocks until the task ends
     assert "refused at" in out and "you said: question 1" in out, out
-    events = [json.loads(line) for line in ev.lines(1)]
+    events = ev.wait_kind("model_refused")
     ev.close()
     refused = [e for e in events if e["kind"] == "model_refused"]
     assert refused and refused[0]["agent"] == "asker" and "tokens_per_task" in refused[0]["reason"]
@@ -210,10 +211,12 @@ def test_halt_cancels_calls_in_flight(mounted_with):
     reader = subprocess.Popen(["cat", str(m.path / f"models/slow/{cid}/reply")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     m.wait_for(lambda: "state=running" in m.read(f"models/slow/{cid}/status"), what="running")
-    time.sleep(0.5)  # a few words streamed
+    head = read_until(reader.stdout, lambda out: out.count(b"word") >= 2,
+                      what="a few words streamed").decode()
     t0 = time.monotonic()
     m.write("ctl", "halt\n")
-    out, err = reader.communicate(timeout=5)
+    out, err = reader.communicate(timeout=30)
+    out = head + out
     assert time.monotonic() - t0 < 2 and reader.returncode == 1
     assert "Operation canceled" in err and out.startswith("(scripted model)")
     assert errno_of(m.write, f"models/slow/{cid}/request", "more") == errno.EBUSY
@@ -228,7 +231,7 @@ def test_rate_limits_make_calls_wait(mounted_with):
     ev = Events(m)
     cid = m.read("models/rated/clone").strip()
     m.write(f"models/rated/{cid}/request", "second")  # accepted: it waits its turn
-    throttled = [json.loads(x) for x in ev.lines(1) if '"model_throttled"' in x]
+    throttled = [e for e in ev.wait_kind("model_throttled") if e["kind"] == "model_throttled"]
     ev.close()
     assert throttled and 55 < throttled[0]["wait_s"] <= 60
     assert "state=queued" in m.read(f"models/rated/{cid}/status")
@@ -252,7 +255,7 @@ def test_interactive_calls_go_first_when_the_model_is_busy(mounted_with):
     m.read(f"agents/chat/view/models/one/{cid}/reply")
     for c in convs:
         m.read(f"agents/batch/view/models/one/{c}/reply")
-    calls = [json.loads(x) for x in ev.lines(1) if '"model_call"' in x]
+    calls = [e for e in ev.wait_kind("model_call", count=5) if e["kind"] == "model_call"]
     ev.close()
     order = [c["agent"] for c in calls]
     assert order[:2] == ["batch", "chat"], order  # chat overtook the three waiting
@@ -266,7 +269,8 @@ def test_a_long_conversation_is_compacted_not_failed(mounted_with):
     for i in range(12):
         m.write(f"models/small/{cid}/request", f"turn {i}: " + "lorem ipsum dolor " * 8)
         assert f"turn {i}:" in m.read(f"models/small/{cid}/reply")
-    compacted = [json.loads(x) for x in ev.lines(1) if '"conversation_compacted"' in x]
+    compacted = [e for e in ev.wait_kind("conversation_compacted")
+                 if e["kind"] == "conversation_compacted"]
     ev.close()
     assert compacted and compacted[0]["after_tokens"] < compacted[0]["before_tokens"]
     history = [json.loads(x) for x in m.read(f"models/small/{cid}/history").splitlines()]

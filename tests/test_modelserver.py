@@ -18,6 +18,7 @@ from llama_index.core.base.llms.types import ToolCallBlock
 from llama_index.llms.ollama import Ollama
 from llama_index.llms.openai_like import OpenAILike
 
+from conftest import wait_for
 from modelserver import ModelServer, reply_for
 
 TOOLS = [{"type": "function", "function": {
@@ -321,32 +322,37 @@ def test_stop_mid_stream_and_mid_sleep(server):
     server.token_delay_s = 0.02
     long = " ".join(["w"] * 200)
     for llm in (openai_llm(server), ollama_llm(server, context_window=100)):
-        threading.Timer(0.2, server.stop).start()
-        got = []
+        got, stopper = [], threading.Thread(target=server.stop)
         with pytest.raises(httpx.RemoteProtocolError):  # raw httpx, not wrapped
             for r in llm.stream_chat(user(long)):
                 got.append(r.delta)
+                if "".join(got).split() and stopper.ident is None:
+                    stopper.start()  # mid-stream: once the first word came
+        stopper.join()
         assert 0 < len("".join(got).split()) < 100
         server.start()
-    threading.Timer(0.2, server.stop).start()
+    # mid-sleep: once the request is in flight (it sleeps 10 s)
+    stopper = threading.Thread(target=lambda: wait_for(lambda: server.in_flight) and server.stop())
+    stopper.start()
     t = time.monotonic()
     with pytest.raises(openai.APIConnectionError):
         openai_llm(server).chat(user("SLEEP 10"))
     assert time.monotonic() - t < 2
+    stopper.join()
 
 
 # --- load
 
 
 def test_in_flight_counts_concurrent_answers(server):
-    llm = openai_llm(server)
-    threads = [threading.Thread(target=llm.chat, args=(user("SLEEP 0.5"),)) for _ in range(5)]
+    llm = openai_llm(server, timeout=120)
+    # each sleeps until released: all five are in flight together however slow the machine
+    threads = [threading.Thread(target=llm.chat, args=(user("SLEEP 60"),)) for _ in range(5)]
     for th in threads:
         th.start()
-    deadline = time.monotonic() + 0.45
-    while server.in_flight < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: server.in_flight == 5, what="five requests in flight")
     assert server.in_flight == 5
+    server.release()
     for th in threads:
         th.join()
     assert (server.in_flight, server.max_in_flight) == (0, 5)

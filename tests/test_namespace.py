@@ -1,6 +1,7 @@
 """The tree and its files, driven with sh, echo, cat and ls on a real mount."""
 import json
 import os
+import subprocess
 
 
 def test_root_and_agent_layout(mount):
@@ -74,7 +75,8 @@ def test_events_are_json_lines_from_the_moment_of_open(mount, events):
     assert seen[1]["task"] == seen[3]["task"] and seen[1]["corr"] == seen[3]["corr"]
     assert [e["seq"] for e in seen] == sorted(e["seq"] for e in seen)
     # a second reader opened now does not see the past
-    r = mount.sh("timeout 0.5 cat events")
+    # (a check that nothing comes: the past would be served at once; 2 s is ample)
+    r = mount.sh("timeout 2 cat events")
     assert r.returncode == 124 and r.stdout == ""
 
 
@@ -97,6 +99,8 @@ def test_ls_and_stat_work_with_standard_tools(mount):
     assert "agents/echo 555\n" in r.stdout and "./agents/echo/tasks/" in r.stdout
     # status files report their real size, so tail and wc work
     assert mount.sh("tail -n 1 agents/echo/status", check=True).stdout.startswith("reason=")
-    ev = json.loads(mount.sh("timeout 2 sh -c 'head -n 1 events' & sleep 0.3; "
-                             "echo 'run again' > agents/echo/ctl; wait").stdout)
+    head = subprocess.Popen(["head", "-n", "1", mount.path / "events"], stdout=subprocess.PIPE)
+    mount.wait_reading([head], "events")  # it has opened events (and waits)
+    mount.sh("echo 'run again' > agents/echo/ctl", check=True)
+    ev = json.loads(head.communicate(timeout=30)[0])
     assert ev["kind"] == "task_queued"

@@ -107,7 +107,7 @@ def assert_still_runs_tasks(mount) -> None:
     mount.write("ctl", "resume\n")
     mount.write("ctl", "spawn After.ref def=echo\n")
     mount.write("agents/After.ref/in", b"still working\n")
-    mount.wait_for(lambda: mount.status("After.ref")["done"] == "1", timeout=15,
+    mount.wait_for(lambda: mount.status("After.ref")["done"] == "1",
                    what="a new task to run after the abuse")
     assert mount.read("agents/After.ref/out") == "still working\n"
 
@@ -797,7 +797,7 @@ def test_stress_ng_filesystem_stressors_leave_the_daemon_up(mount):
                 p.wait()
     print(f"{pings} pings during the stress, slowest {slowest:.2f}s")
     assert_healthy(mount, tid, files, "after stress-ng")
-    mount.wait_for(lambda: mount.status("Work.ref")["done"] == str(pings), timeout=20,
+    mount.wait_for(lambda: mount.status("Work.ref")["done"] == str(pings), timeout=60,
                    what=f"all {pings} tasks queued during the stress to finish")
     assert_replays(mount, tid, files)
 
@@ -827,8 +827,21 @@ def refusal(mount, rel: str, data: bytes) -> int | None:
     return None
 
 
+def settled(mount, condition) -> bool:
+    """condition() holds, or the server died (which the caller then reports)."""
+    try:
+        return not mount.alive() or condition()
+    except OSError:
+        return not mount.alive()
+
+
 def assert_no_bug_and_alive(mount) -> None:
-    time.sleep(0.5)  # a crash in an agent's loop comes just after the write returned
+    # a crash in an agent's loop comes just after the write returned: first the work it
+    # made ends (nothing queued or running), then 2 s more in which nothing may go wrong
+    # (a check that something does NOT happen: ample for a crash, which comes at once)
+    mount.wait_for(lambda: settled(mount, lambda: " queued=0 running=0 " in mount.read("ctl")),
+                   what="the work to end")
+    time.sleep(2.0)
     bugs = bug_events(mount)
     assert not bugs, describe_bugs(bugs)
     assert mount.alive(), "the fs9 server died"
@@ -866,7 +879,9 @@ def test_spawn_values_exec_cannot_take_do_not_kill_the_daemon(bare_mount, case):
     refused = refusal(bare_mount, "ctl", (BAD_EXEC[case] + "\n").encode())
     if refused is None:  # accepted: then its task must fail cleanly instead
         bare_mount.write("agents/a/ctl", "run x\n")
-        time.sleep(0.5)
+        bare_mount.wait_for(lambda: settled(bare_mount, lambda: bare_mount.status("a")[
+                                "latest_state"] in ("done", "failed")),
+                            what="the task to end (or the server to die)")
         assert bare_mount.alive(), "the fs9 server died running the task"
         bare_mount.wait_for(lambda: bare_mount.status("a")["latest_state"] in ("done", "failed"))
     else:
@@ -925,7 +940,7 @@ def test_a_restart_window_of_zero_cannot_turn_off_the_supervisor(bare_mount):
     refused = refusal(bare_mount, "ctl", b"spawn d 'cmd=[\"false\"]' mode=daemon "
                                          b"restart=permanent within_s=0\n")
     if refused is None:  # accepted: the supervisor must still give up after max_restarts
-        bare_mount.wait_for(lambda: bare_mount.status("d")["state"] == "failed", timeout=3,
+        bare_mount.wait_for(lambda: bare_mount.status("d")["state"] == "failed",
                             what="the supervisor to give up on a daemon that always fails")
     else:
         assert refused == errno.EINVAL

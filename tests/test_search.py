@@ -5,6 +5,8 @@ import time
 
 import pytest
 
+from conftest import WAIT_S
+
 A = "# Orchards\n\nNotes on trees.\nThe orchard grows red apples in autumn.\nPears too.\n"
 B = "Bananas are yellow.\nApples appear once here.\n"
 
@@ -15,12 +17,13 @@ def hits(mount, query: str, root: str = "") -> list[str]:
 
 def ready(mount) -> dict[str, str]:
     status = mount.wait_for(lambda: "ready=yes" in (s := mount.read("search/status")) and s,
-                            timeout=20, what="the search index")
+                            timeout=60, what="the search index")
     return dict(line.split("=", 1) for line in status.splitlines())
 
 
-def poll(mount, query: str, predicate, timeout: float = 1.0) -> float:
-    """Seconds until predicate(hits) holds (at most timeout, else the assertion)."""
+def poll(mount, query: str, predicate, timeout: float = WAIT_S) -> float:
+    """Seconds until predicate(hits) holds (at most timeout, else the assertion). A change
+    is searchable within a second on a quiet machine; the bound is generous for a loaded one."""
     t0 = time.monotonic()
     mount.wait_for(lambda: predicate(hits(mount, query)), timeout=timeout,
                    what=f"search/{query} to change")
@@ -34,7 +37,7 @@ def test_ranked_hits_lines_snippets_edits_and_deletes(mount):
     (mount.vault / ".git").mkdir()
     (mount.vault / ".git" / "x").write_text("red apples orchard\n")  # never indexed
     ready(mount)
-    poll(mount, "red apples", lambda h: len(h) == 2, timeout=3)
+    poll(mount, "red apples", lambda h: len(h) == 2)
     first, second = hits(mount, "red apples")
     score, where, snippet = first.split(" ", 2)
     assert where == "vault/docs/a.md:4" and snippet == "The orchard grows red apples in autumn."
@@ -59,7 +62,7 @@ def test_restart_reads_only_changed_files(mount):
     for i in range(5):
         (mount.vault / f"n{i}.md").write_text(f"note {i} about gardens\n")
     ready(mount)
-    poll(mount, "gardens", lambda h: len(h) == 5, timeout=3)
+    poll(mount, "gardens", lambda h: len(h) == 5)
     mount.umount()
     (mount.vault / "n0.md").write_text("note 0 about meadows now\n")
     (mount.vault / "n1.md").unlink()
@@ -81,7 +84,7 @@ def test_an_agent_finds_only_what_its_view_shows(mount):
                           '[unveil]\n"vault/docs" = "r"\n"search" = "r"\n')
     mount.sh("echo 'spawn reader' > ctl && echo 'spawn blind' > ctl", check=True)
     ready(mount)
-    poll(mount, "zanzibar xylograph", lambda h: len(h) == 2, timeout=3)
+    poll(mount, "zanzibar xylograph", lambda h: len(h) == 2)
     assert hits(mount, "zanzibar xylograph")[0].split()[1] == "vault/secret/s.md:2"
     view = "agents/reader/view/"
     assert [h.split()[1] for h in hits(mount, "zanzibar xylograph", view)] == \

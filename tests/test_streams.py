@@ -16,7 +16,8 @@ def test_hundreds_of_blocked_readers_do_not_hold_up_other_requests(mount):
     readers = [subprocess.Popen(["cat", mount.path / ("events" if i % 2 else "agents/slow/out")],
                                 stdout=subprocess.DEVNULL) for i in range(300)]
     try:
-        time.sleep(1.0)  # let every reader block in read()
+        mount.wait_reading(readers[1::2], "events")  # every reader blocks in read()
+        mount.wait_reading(readers[0::2], "agents/slow/out")  # ("started", then it waits)
         assert all(p.poll() is None for p in readers)
         for _ in range(3):
             start = time.monotonic()
@@ -36,16 +37,18 @@ def test_hundreds_of_blocked_readers_do_not_hold_up_other_requests(mount):
 
 def test_timeout_ctrl_c_and_sigkill_free_a_blocked_reader(mount):
     long_task(mount)
+    # the task has started and said so: from here on `cat out` prints that, then blocks
+    assert mount.sh("head -n 1 agents/slow/out", check=True).stdout == "started\n"
     start = time.monotonic()
     r = mount.sh("timeout 0.5 cat agents/slow/out")
     assert r.returncode == 124 and r.stdout == "started\n"
     assert time.monotonic() - start < 2.0
     for sig in (signal.SIGINT, signal.SIGKILL, signal.SIGTERM):
         p = subprocess.Popen(["cat", mount.path / "events"], stdout=subprocess.DEVNULL)
-        time.sleep(0.3)
+        mount.wait_reading([p], "events")
         sent = time.monotonic()
         p.send_signal(sig)
-        p.wait(timeout=5)
+        p.wait(timeout=30)
         assert time.monotonic() - sent < 1.0, f"reader ignored signal {sig!r}"
         assert p.returncode == -sig
     assert mount.alive()
@@ -76,5 +79,5 @@ def test_select_poll_and_epoll_on_a_stream(mount):
 
 def test_cat_out_of_an_idle_agent_ends_at_once(mount):
     mount.sh("echo 'spawn echo' > ctl", check=True)
-    r = mount.sh("timeout 2 cat agents/echo/out agents/echo/err")
+    r = mount.sh("timeout 30 cat agents/echo/out agents/echo/err")  # (a hang: 30 s, fails)
     assert r.returncode == 0 and r.stdout == ""

@@ -17,14 +17,23 @@ for a in intake tally report; do echo "spawn $a" > ctl; done
 touch topics/pipeline
 cat topics/pipeline > "$tmp/topic" &
 reader=$!
-sleep 0.2                                   # the subscription starts at open
+i=0                                         # the subscription starts at open: wait for it
+until ls -l /proc/$reader/fd 2>/dev/null | grep -q ' -> .*/topics/pipeline$'; do
+    i=$((i + 1)); [ $i -lt 600 ] || { echo "the topic was not opened after 60 s" >&2; exit 1; }
+    sleep 0.1
+done
 echo "run $text" > agents/intake/ctl
 i=0
 until grep -q '^report:' "$tmp/topic" 2>/dev/null; do
-    i=$((i + 1)); [ $i -lt 100 ] || { echo "no report after 10 s" >&2; exit 1; }
+    i=$((i + 1)); [ $i -lt 600 ] || { echo "no report after 60 s" >&2; exit 1; }
     sleep 0.1
 done
 kill $reader
+i=0                                         # report publishes before its task ends
+until grep -q ' queued=0 running=0 ' ctl; do
+    i=$((i + 1)); [ $i -lt 600 ] || { echo "tasks still running after 60 s" >&2; exit 1; }
+    sleep 0.1
+done
 cat "$tmp/topic"
 corr=$(grep '^corr=' agents/intake/tasks/*/status | cut -d= -f2)
 echo "trace: $(cut -d, -f3,4 "log/trace/$corr" | sed 's/"kind"://; s/"agent"://; s/"//g' | tr '\n' ' ')"

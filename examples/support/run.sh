@@ -33,6 +33,12 @@ i=0
 until ls mail | grep -q '^[0-9]'; do  # the result comes back to the operator's mailbox
     i=$((i + 1)); [ $i -lt 600 ] || { echo "no result after 60 s"; exit 1; }; sleep 0.1
 done
+# Support closes the case while the knowledge agent may still be writing the docs the coder
+# asked for: show the case finished, every task of it ended (nothing queued or running).
+i=0
+until grep -q ' queued=0 running=0 ' ctl; do
+    i=$((i + 1)); [ $i -lt 600 ] || { echo "tasks still running after 60 s"; exit 1; }; sleep 0.1
+done
 result=$(ls mail | grep '^[0-9]' | head -1)
 corr=$(sed -n 's/^correlation-id: //p' "mail/$result")
 echo "--- the answer support sent back (mail/$result):"
