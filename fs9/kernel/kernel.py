@@ -12,7 +12,6 @@ import gc
 import logging
 import os
 import shutil
-import tempfile
 import zlib
 from typing import Callable
 
@@ -21,7 +20,7 @@ import trio
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd
-from .agents import escapes, limits, spawn
+from .agents import escapes, limits, sandbox as sandboxes, spawn
 from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
@@ -80,11 +79,11 @@ class Kernel:
         self.mounted = trio.Event()  # the face serves mount_path: sandboxes can bind views
         self.spawns = 0  # spawn events so far
         self.instance = f"{zlib.crc32(self.state_dir.encode()):08x}"  # names its cgroups
-        self._scratch_root = ""  # see scratch_root
+        self.scratch_dir = ""  # agents' scratch folders (agents/sandbox.py), once made
         self.log = EventLog(self.state_dir)
         # this instance's uid range on the host, claimed for the life of the process
         self.uid_slot, self._uid_claim = confine.claim_uid_slot(self.state_dir)
-        self._uid_offset = -1  # of the latest spawn's uid in the range
+        self.uid_offset = -1  # of the latest spawn's uid in the range
         self.agents: dict[str, Agent] = {}
         self.tasks: dict[int, Task] = {}
         self.tally: collections.Counter = collections.Counter()  # tasks by state
@@ -121,8 +120,8 @@ class Kernel:
         try:
             await self._serve(task_status)
         finally:  # the agents' loops have ended (their groups with them): their folders go
-            if self._scratch_root:
-                shutil.rmtree(self._scratch_root, ignore_errors=True)
+            if self.scratch_dir:
+                shutil.rmtree(self.scratch_dir, ignore_errors=True)
 
     async def _serve(self, task_status) -> None:
         async with trio.open_nursery() as nursery:
@@ -227,9 +226,9 @@ class Kernel:
     def _on_spawn(self, e, agent, task):
         self.spawns += 1
         # (an older log has no uid_offset: the spawn count gave it)
-        self._uid_offset = e.data.get("uid_offset", self.spawns % confine.SLOT_SIZE)
+        self.uid_offset = e.data.get("uid_offset", self.spawns % confine.SLOT_SIZE)
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"],
-                      confine.uid_base(self.uid_slot) + self._uid_offset)
+                      confine.uid_base(self.uid_slot) + self.uid_offset)
         agent.spawned_by = e.data.get("by")
         self.agents[agent.name] = agent
         if self._nursery is not None:
@@ -373,20 +372,8 @@ class Kernel:
         manifest, home = spawn.prepare(self, name, *overrides)
         os.makedirs(home, exist_ok=True)
         self.record("spawn", agent=name, manifest=manifest, home=home,
-                    uid_offset=self._free_uid_offset(), **({"by": by} if by else {}))
+                    uid_offset=sandboxes.free_uid_offset(self), **({"by": by} if by else {}))
         return self.agents[name]
-
-    def _free_uid_offset(self) -> int:
-        """The next uid of this instance's range that nothing holds: no agent of ours,
-        and no process on the host (a previous holder's program may outlive it)."""
-        taken = {a.uid for a in self.agents.values()}
-        base = confine.uid_base(self.uid_slot)
-        for i in range(1, confine.SLOT_SIZE + 1):
-            offset = (self._uid_offset + i) % confine.SLOT_SIZE
-            if base + offset not in taken and not confine.uid_in_use(base + offset):
-                return offset
-        raise Fs9Error(errno.EAGAIN, f"all {confine.SLOT_SIZE} agent uids of this fs9 are "
-                                     "in use")
 
     def kill(self, name: str) -> None:
         agent = self.agent(name)
@@ -417,37 +404,6 @@ class Kernel:
             if any(path[:len(prefix)] == prefix for prefix in agent.view.owns):
                 return agent.name
         return None
-
-    def _vault_binds(self, subtrees) -> list[tuple[str, str]]:
-        """(the folder on disk, where the agent's view shows it) for vault subtrees."""
-        mnt = self.mount_path
-        return [(os.path.join(self.vault_dir, *sub[1:]), os.path.join(mnt, *sub))
-                for sub in subtrees] if self.vault_dir else []
-
-    def sandbox_spec(self, agent: Agent) -> dict:
-        """What agent's sandbox is made of (drivers/zygote.py)."""
-        mnt = self.mount_path
-        read = list(confine.SYSTEM_READ) + agent.driver.reads(agent.manifest)
-        if agent.workdir() == agent.home:
-            read.append(agent.home)
-        net = dict(inet="inet" in agent.view.pledges, **agent.manifest.get("net", {}))
-        return dict(agent=agent.name, uid=agent.uid, mnt=mnt, audit=self.audit, net=net,
-                    cgroups=agent.group.join_files() if agent.group is not None else [],
-                    scratch=agent.scratch, scratch_mb=agent.limits["scratch_mb"],
-                    view=os.path.join(mnt, "agents", agent.name, "view"),
-                    hide=[p for p in (self.state_dir, self.vault_dir) if p],
-                    binds=self._vault_binds(agent.view.read_only_vault()),
-                    owned_binds=self._vault_binds(agent.view.owned_vault()),
-                    read=read, write=[mnt, agent.scratch], devices=list(confine.DEVICES))
-
-    @property
-    def scratch_root(self) -> str:
-        """Where agents' scratch folders are: a folder of fs9's own (root's, 0711) made
-        afresh in /tmp on first use, so no other user can plant a name in it."""
-        if not self._scratch_root:
-            self._scratch_root = tempfile.mkdtemp(prefix="fs9-scratch-")
-            os.chmod(self._scratch_root, 0o711)
-        return self._scratch_root
 
     def guarded(self, fn, *args, agent: str | None = None, file: str = "ctl"):
         """Run a request; a refusal is logged (and shown in the agent's err) and re-raised."""

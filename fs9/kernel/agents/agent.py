@@ -18,7 +18,7 @@ from ... import drivers
 from ...drivers import cgroups, confine
 from ...errors import NO_AGENT, Fs9Error
 from .. import cmd
-from . import escapes, limits, manifest as manifests
+from . import escapes, limits, manifest as manifests, sandbox as sandboxes
 from ..models.budget import Limits
 from ..bus.mailbox import Mailbox
 from ..stream import Changes
@@ -244,33 +244,8 @@ class Agent:
     @property
     def scratch(self) -> str:
         """The confined agent's only writable folder on disk (HOME, TMPDIR): in fs9's own
-        root-owned folder (kernel.scratch_root), where no other user can plant a link."""
-        return os.path.join(self.kernel.scratch_root, str(self.uid))
-
-    def _make_scratch(self) -> None:
-        """The scratch folder, made afresh and given to the agent's uid without following
-        anything (its parent is root's, 0711: nobody else can make names in it)."""
-        try:
-            os.mkdir(self.scratch, 0o700)
-        except FileExistsError:
-            pass
-        fd = os.open(self.scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            os.fchown(fd, self.uid, self.uid)
-        finally:
-            os.close(fd)
-
-    def _make_group(self) -> cgroups.Group:
-        """Its control group, with its limits (drivers/cgroups.py). A controller the
-        host lacks is said once, in an event."""
-        group = cgroups.Group(self.kernel.instance, str(self.uid))
-        group.create(self.limits["memory_mb"] << 20, self.limits["processes"],
-                     limits.CPU_WEIGHT[self.priority])
-        if group.missing:
-            self.kernel.log.append("limits_unavailable", agent=self.name,
-                                   reason=f"this host has no cgroup {', '.join(group.missing)} "
-                                          "controller: those limits are not enforced")
-        return group
+        root-owned folder (agents/sandbox.py), where no other user can plant a link."""
+        return os.path.join(sandboxes.scratch_root(self.kernel), str(self.uid))
 
     async def sandbox(self) -> "confine.Sandbox | None":
         """The agent's sandbox, started on first use; None when it runs unconfined."""
@@ -288,11 +263,11 @@ class Agent:
                         f"its uid cannot reach {path}: {blocked} is closed to other users "
                         f"(chmod o+x {blocked}, or mount and keep agents elsewhere)")
             await self.kernel.mounted.wait()
-            self._make_scratch()
+            sandboxes.make_scratch(self)
             if self.group is None:
-                self.group = self._make_group()
+                self.group = sandboxes.make_group(self)
             self._sandbox = await self._resources.enter_async_context(
-                confine.Sandbox.open(self.kernel.sandbox_spec(self),
+                confine.Sandbox.open(sandboxes.spec(self.kernel, self),
                                      lambda report: escapes.attempt(self.kernel, self, report)))
         return self._sandbox
 

@@ -1,0 +1,85 @@
+"""What a confined agent's sandbox is made of, and what it needs before it starts:
+its uid (never one a previous holder may still use), its scratch folder (in a folder
+of fs9's own, where no other user can plant a name), its control group (its limits),
+and the spec handed to drivers/zygote.py. Plain functions over the kernel's and the
+agent's data; the sandbox itself is drivers/confine.py's.
+"""
+import errno
+import os
+import tempfile
+
+from ...drivers import cgroups, confine
+from ...errors import Fs9Error
+from . import limits
+
+
+def free_uid_offset(kernel) -> int:
+    """The next uid of this instance's range that nothing holds: no agent of ours, and
+    no process on the host (a previous holder's program may outlive it)."""
+    taken = {a.uid for a in kernel.agents.values()}
+    base = confine.uid_base(kernel.uid_slot)
+    for i in range(1, confine.SLOT_SIZE + 1):
+        offset = (kernel.uid_offset + i) % confine.SLOT_SIZE
+        if base + offset not in taken and not confine.uid_in_use(base + offset):
+            return offset
+    raise Fs9Error(errno.EAGAIN, f"all {confine.SLOT_SIZE} agent uids of this fs9 are in use")
+
+
+def scratch_root(kernel) -> str:
+    """Where agents' scratch folders are: a folder of fs9's own (root's, 0711) made
+    afresh in /tmp on first use, so no other user can plant a name in it."""
+    if not kernel.scratch_dir:
+        kernel.scratch_dir = tempfile.mkdtemp(prefix="fs9-scratch-")
+        os.chmod(kernel.scratch_dir, 0o711)
+    return kernel.scratch_dir
+
+
+def make_scratch(agent) -> None:
+    """The agent's scratch folder, made and given to its uid without following anything
+    (its parent is root's, 0711: nobody else can make names in it)."""
+    try:
+        os.mkdir(agent.scratch, 0o700)
+    except FileExistsError:
+        pass
+    fd = os.open(agent.scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchown(fd, agent.uid, agent.uid)
+    finally:
+        os.close(fd)
+
+
+def make_group(agent) -> cgroups.Group:
+    """Its control group, with its limits (drivers/cgroups.py). A controller the host
+    lacks is said once, in an event."""
+    group = cgroups.Group(agent.kernel.instance, str(agent.uid))
+    group.create(agent.limits["memory_mb"] << 20, agent.limits["processes"],
+                 limits.CPU_WEIGHT[agent.priority])
+    if group.missing:
+        agent.kernel.log.append("limits_unavailable", agent=agent.name,
+                                reason=f"this host has no cgroup {', '.join(group.missing)} "
+                                       "controller: those limits are not enforced")
+    return group
+
+
+def _vault_binds(kernel, subtrees) -> list[tuple[str, str]]:
+    """(the folder on disk, where the agent's view shows it) for vault subtrees."""
+    mnt = kernel.mount_path
+    return [(os.path.join(kernel.vault_dir, *sub[1:]), os.path.join(mnt, *sub))
+            for sub in subtrees] if kernel.vault_dir else []
+
+
+def spec(kernel, agent) -> dict:
+    """What agent's sandbox is made of (drivers/zygote.py reads it)."""
+    mnt = kernel.mount_path
+    read = list(confine.SYSTEM_READ) + agent.driver.reads(agent.manifest)
+    if agent.workdir() == agent.home:
+        read.append(agent.home)
+    net = dict(inet="inet" in agent.view.pledges, **agent.manifest.get("net", {}))
+    return dict(agent=agent.name, uid=agent.uid, mnt=mnt, audit=kernel.audit, net=net,
+                cgroups=agent.group.join_files() if agent.group is not None else [],
+                scratch=agent.scratch, scratch_mb=agent.limits["scratch_mb"],
+                view=os.path.join(mnt, "agents", agent.name, "view"),
+                hide=[p for p in (kernel.state_dir, kernel.vault_dir) if p],
+                binds=_vault_binds(kernel, agent.view.read_only_vault()),
+                owned_binds=_vault_binds(kernel, agent.view.owned_vault()),
+                read=read, write=[mnt, agent.scratch], devices=list(confine.DEVICES))
