@@ -101,6 +101,9 @@ class Node:
         as the face serves it (raises Fs9Error if gone)."""
         raise Fs9Error(errno.ENOTDIR, "not a directory")
 
+    def closedir(self) -> None:
+        """The listing is released (what listing() holds open may close)."""
+
     async def setattr(self, attr, fields, ctx) -> "Node":
         """Change what pyfuse3's fields say; the node as it is now. `echo x > ctl`
         truncates first and `touch topics/x` sets times: accepted (and ignored) exactly

@@ -47,7 +47,8 @@ class Operations(pyfuse3.Operations):
         self._seen_kills = len(kernel.killed)
         self.reading: set[trio.CancelScope] = set()  # blocked reads, ended at unmount
         self.closing = False
-        self.dirs: dict[int, list[tuple[str, Node, tuple[str, ...]]]] = {}  # listings by fh
+        # listings by fh: (the directory's node, its (name, node, path) entries)
+        self.dirs: dict[int, tuple[Node, list[tuple[str, Node, tuple[str, ...]]]]] = {}
         self.transient: dict[tuple[str, ...], Node] = {}  # created files, while open
         self.transient_fh: dict[int, tuple[str, ...]] = {}
         self.cache_keys: dict[int, tuple[int, int]] = {}  # inode -> Handle.cache_key at open
@@ -193,12 +194,12 @@ class Operations(pyfuse3.Operations):
         # a snapshot at open, so paging is consistent
         entries = await node.listing(lambda name: self._resolve(path + (name,)))
         fh = self._fh()
-        self.dirs[fh] = [(name, child, path + (name,)) for name, child in entries]
+        self.dirs[fh] = node, [(name, child, path + (name,)) for name, child in entries]
         return fh
 
     @boundary
     async def readdir(self, fh, start_id, token):
-        for i, (name, node, path) in enumerate(self.dirs[fh][start_id:], start_id):
+        for i, (name, node, path) in enumerate(self.dirs[fh][1][start_id:], start_id):
             # Attributes as of now, not of opendir: the kernel takes these over what it
             # knows unless a change came after this READDIR was sent (a size from the
             # snapshot would undo a write made in between)
@@ -212,7 +213,9 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def releasedir(self, fh):
-        self.dirs.pop(fh, None)
+        listed = self.dirs.pop(fh, None)
+        if listed is not None:
+            listed[0].closedir()
 
     # --- files -----------------------------------------------------------------
 

@@ -37,7 +37,7 @@ class VaultNode(Node):
     own_inode = True
 
     def __init__(self, kernel, path: tuple[str, ...], rel: tuple[str, ...], view,
-                 st: os.stat_result) -> None:
+                 st: os.stat_result, listed_in: "_Listed | None" = None) -> None:
         self.kernel = kernel
         self.root = kernel.vault_root
         self.path = path
@@ -45,6 +45,8 @@ class VaultNode(Node):
         self.view = view  # the asking agent's View, None: the operator
         self.st = st
         self.mode = st.st_mode  # (a view shows what it may not change read-only)
+        self.listed_in = listed_in  # an entry of a listing: the directory it holds open
+        self.listed: _Listed | None = None  # a directory being listed (listing, closedir)
 
     @classmethod
     def at(cls, kernel, path, rel, view) -> "VaultNode":
@@ -61,9 +63,14 @@ class VaultNode(Node):
         return disk_attrs(self.mode, self.st)
 
     def refresh(self) -> None:
-        """lstat again, keeping the bits a view took away from its mode."""
+        """lstat again, keeping the bits a view took away from its mode. An entry of a
+        listing: fstatat in the directory the listing holds open (a name, no symlink
+        followed), not a walk from the root per entry (a 1,000-entry listing)."""
         taken = self.st.st_mode & ~self.mode
-        self.st = disk(self.root.lstat, self.rel)
+        if self.listed_in is not None:
+            self.st = disk(self.listed_in.lstat, self.rel[-1])
+        else:
+            self.st = disk(self.root.lstat, self.rel)
         self.mode = self.st.st_mode & ~taken
 
     def access(self, mode: int, ctx) -> bool:
@@ -100,15 +107,21 @@ class VaultNode(Node):
 
     async def listing(self, child) -> list[tuple[str, Node]]:
         """One scandir (each entry's lstat with it), not a lookup per name; what the
-        asking view hides is left out."""
+        asking view hides is left out. The directory stays open until closedir."""
+        listed, found = await in_thread(_Listed.scan, self.root, self.rel)
         entries = []
-        for name, st in await in_thread(self.root.scandir, self.rel):
+        for name, st in found:
             node = VaultNode(self.kernel, self.path + (name,), self.rel + (name,),
-                             self.view, st)
+                             self.view, st, listed)
             if self.view is None or shown(node, self.view.access(
                     split_view(node.path)[1])) is not None:
                 entries.append((name, node))
+        self.listed = listed
         return entries
+
+    def closedir(self) -> None:
+        if self.listed is not None:
+            self.listed.close()
 
     async def setattr(self, attr, fields, ctx) -> "VaultNode":
         """Size, mode, owner, times (passthroughfs.py's order), as the kernel's rules
@@ -211,6 +224,44 @@ class VaultNode(Node):
 
 
 # --- blocking helpers (worker threads) ---------------------------------------------------
+
+_LIST = os.O_RDONLY | os.O_DIRECTORY  # (the root adds O_NOFOLLOW: a symlink is ENOTDIR)
+
+
+class _Listed:
+    """A vault directory held open while a listing of it is read (opendir..releasedir):
+    its entries are lstat'ed by name relative to it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def scan(cls, root, rel) -> tuple["_Listed", list[tuple[str, os.stat_result]]]:
+        """The directory rel held open, and its entries with their lstat, sorted by
+        name (a name gone meanwhile is left out). Blocks."""
+        listed = cls(root.open(rel, _LIST))
+        try:
+            out = []
+            with os.scandir(listed.fd) as it:  # (on a dup of the fd)
+                for e in it:
+                    try:
+                        out.append((e.name, e.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        pass
+        except BaseException:
+            listed.close()
+            raise
+        return listed, sorted(out, key=lambda entry: entry[0])
+
+    def lstat(self, name: str) -> os.stat_result:
+        if self.fd < 0:
+            raise OSError(errno.EBADF, "listing released")
+        return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 def _settle(root, rel, mode: int | None, uid: int, gid: int) -> os.stat_result:
     """A name fs9 just made, given to the caller (beneath.py's settle); its lstat."""
