@@ -23,7 +23,7 @@ from ..kernel.vault.beneath import RENAME_EXCHANGE
 from .access import Gate
 from .boundary import boundary, file_name
 from .inodes import Inodes
-from .kinds import Handle, Node
+from .node import Handle, Node
 from .tree import Tree
 
 log = logging.getLogger("fs9.face")
@@ -305,6 +305,8 @@ class Operations(pyfuse3.Operations):
         if handle is not None:
             if handle.poll_scope is not None:
                 handle.poll_scope.cancel()
+            # where the file is now: a vault file changed through this open is one
+            # vault_changed event there, naming its actor (VaultHandle.close)
             handle.close(self.inodes.path(handle.ino) or ())
 
     @boundary

@@ -25,7 +25,8 @@ from ..kernel.names import OPERATOR, split_view
 from ..kernel.stream import Stream
 from .cursors import (AuditCursor, Chain, EventCursor, NextCursor, ReplyCursor, StreamCursor,
                       TaskCursor, TopicCursor)
-from .kinds import Clone, Ctl, Dir, Node, Status, StreamNode, shown
+from .kinds import Clone, Ctl, Dir, Status, StreamNode
+from .node import Node, shown
 from .vault import VaultNode
 
 

@@ -24,7 +24,7 @@ from ..errors import Fs9Error
 from ..kernel.agents import manifest as manifests
 from ..kernel.names import split_view
 from .access import may_access, may_set_attributes, new_mode, refusals_logged
-from .kinds import REFUSALS, Attrs, Node, shown
+from .node import REFUSALS, Attrs, Node, shown
 from .vaultfile import VaultHandle, disk, disk_attrs, in_thread
 
 OWNER_XATTR, CLASS_XATTR = "user.fs9.owner", "user.fs9.classification"

@@ -15,7 +15,7 @@ import trio
 
 from ..errors import Fs9Error
 from .access import may_set_attributes
-from .kinds import Attrs, Handle, Node
+from .node import Attrs, Handle, Node
 
 
 def disk(fn, *args):
