@@ -13,6 +13,8 @@ come through fs9, which serves them as root.
            behind fs9's back; every request under it (stat, open, create, mkdir, unlink,
            rename, setxattr) is refused (ELOOP, or ENOENT), as the operator and as an
            agent.
+  fifo     a FIFO swapped in under a name the client knows as a regular file: fs9
+           refuses the open rather than block in it as root (which hung the mount).
 
 The tests judge what the other side got, never the attacker's exit status: the canary's
 secret appears nowhere the agent can read it back (its out and err, the vault), the
@@ -398,3 +400,37 @@ def test_a_parent_swapped_for_a_symlink_is_refused_to_an_agent(mount):
     print(results)
     refused_everywhere(results, canary, before, mount.vault)
     assert CANARY.strip().decode() not in out + err
+
+
+def test_a_fifo_swapped_in_under_a_file_hangs_nothing(mount):
+    """A FIFO renamed over a file the client knows as a regular one (an agent can, in
+    its own subtree): the client's open reaches fs9, which must not open a FIFO as root
+    (the open would block, and with it every request of the mount). Refused at once."""
+    f = mount.path / "vault/x"
+    f.write_text("a file\n")
+    os.stat(f)  # the kernel knows x as a regular file for a second
+    os.mkfifo(mount.vault / "fifo")
+    os.rename(mount.vault / "fifo", mount.vault / "x")
+    # (a process waiting for fs9's answer cannot be killed: run them beside the test)
+    reader = subprocess.Popen(["cat", str(f)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    status = None
+    try:
+        try:
+            reader.wait(5)
+            status = subprocess.Popen(["cat", str(mount.path / "status")],
+                                      stdout=subprocess.DEVNULL)
+            status.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+    finally:  # a reader fs9 may have left blocked in the FIFO: let it go
+        try:
+            os.close(os.open(mount.vault / "x", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        for p in (reader, status):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+    assert status is not None and status.returncode == 0, "the mount hung"
+    err = reader.stderr.read()
+    assert reader.returncode == 1 and b"No such file" in err, (reader.returncode, err)

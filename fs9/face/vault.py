@@ -84,7 +84,7 @@ class VaultNode(Node):
     async def open(self, flags: int, ctx) -> VaultHandle:
         """The file itself (a symlink: ELOOP, the kernel resolved it for the caller)."""
         writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
-        handle = VaultHandle(disk(self.root.open, self.rel, flags), self.kernel.vault_changes,
+        handle = VaultHandle(disk(_open, self.root, self.rel, flags), self.kernel.vault_changes,
                              split_view(self.path)[0], ctx.uid, writing,
                              wrote=bool(flags & os.O_TRUNC))
         handle.cache_key = (self.st.st_mtime_ns, self.st.st_size)
@@ -94,7 +94,7 @@ class VaultNode(Node):
         """Open name here, creating it with the caller's mode (its umask applied) and
         owner; an existing file (made meanwhile) is opened unless O_EXCL."""
         path = self.path + (name,)
-        fd, created = await in_thread(self.root.create, self.rel + (name,), flags,
+        fd, created = await in_thread(_create, self.root, self.rel + (name,), flags,
                                       new_mode(path, mode, ctx))
         self._report(path, "created" if created else "modified", ctx)
         try:
@@ -226,6 +226,32 @@ class VaultNode(Node):
 # --- blocking helpers (worker threads) ---------------------------------------------------
 
 _LIST = os.O_RDONLY | os.O_DIRECTORY  # (the root adds O_NOFOLLOW: a symlink is ENOTDIR)
+
+
+def _open(root, rel, flags: int) -> int:
+    """An existing regular file, opened. FUSE opens only what the kernel knows as one,
+    but the name may hold a FIFO or a device by now (swapped in): opening that as root
+    would block (the whole mount, on the trio thread) or reach a device. So O_NONBLOCK
+    until it is known to be a regular file."""
+    return _regular(root.open(rel, flags | os.O_NONBLOCK), flags)
+
+
+def _create(root, rel, flags: int, mode: int) -> tuple[int, bool]:
+    """beneath.py's create, with _open's care for what was made meanwhile."""
+    fd, created = root.create(rel, flags | os.O_NONBLOCK, mode)
+    return _regular(fd, flags), created
+
+
+def _regular(fd: int, flags: int) -> int:
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOENT, "the vault changed on disk under this name")
+        if not flags & os.O_NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class _Listed:
