@@ -13,10 +13,7 @@ import os
 import stat
 
 from ..errors import Fs9Error
-from .passthrough import PassNode
 from ..kernel.names import split_view
-
-READONLY_NS = "the namespace is made by the kernel: files come and go through ctl"
 
 
 class Gate:
@@ -38,16 +35,8 @@ class Gate:
         if agent is None or agent.uid != ctx.uid:
             raise Fs9Error(errno.EACCES, "not yours")
 
-    @contextlib.contextmanager
     def refusals_logged(self, path: tuple[str, ...]):
-        """A refusal (Fs9Error) made in the block is an event and a line in the err of
-        the agent whose view path is in, then goes on to the caller."""
-        try:
-            yield
-        except Fs9Error as e:
-            viewer, inner = split_view(path)
-            self.kernel.refused(e, agent=viewer, file="/".join(inner))
-            raise
+        return refusals_logged(self.kernel, path)
 
     def check(self, path: tuple[str, ...], writing: bool, removing: bool = False) -> None:
         """A view's refusal of a write (unveil mode, pledge, ownership) or read: logged."""
@@ -68,7 +57,20 @@ class Gate:
                                       "no agent: only the operator changes it"))
 
 
+@contextlib.contextmanager
+def refusals_logged(kernel, path: tuple[str, ...]):
+    """A refusal (Fs9Error) made in the block is an event and a line in the err of the
+    agent whose view path is in, then goes on to the caller."""
+    try:
+        yield
+    except Fs9Error as e:
+        viewer, inner = split_view(path)
+        kernel.refused(e, agent=viewer, file="/".join(inner))
+        raise
+
+
 # --- the kernel's own rules, which fs9 (root) applies for the caller ----------------
+# (node: a vault file, with .st its lstat and .mode that as a view shows it)
 
 def new_mode(path, mode: int, ctx) -> int:
     """The permission bits of a new file: the caller's umask applied (fs9's own must
@@ -79,7 +81,7 @@ def new_mode(path, mode: int, ctx) -> int:
     return mode
 
 
-def may_set_attributes(path, node: PassNode, attr, fields, ctx) -> None:
+def may_set_attributes(path, node, attr, fields, ctx) -> None:
     """What the kernel's own rules would allow (fs9 acts as root for everyone): only
     root gives files away; only the owner (or root) changes modes; and no agent
     makes a setuid or setgid file, nor gives a file away at all."""
@@ -96,7 +98,7 @@ def may_set_attributes(path, node: PassNode, attr, fields, ctx) -> None:
             raise Fs9Error(errno.EOPNOTSUPP, "a symbolic link has no mode of its own")
 
 
-def may_access(node: PassNode, mode: int, ctx) -> bool:
+def may_access(node, mode: int, ctx) -> bool:
     """access(2) on a vault file: its mode bits (as a view shows them) for the caller's
     uid and primary gid; root passes all but X_OK on a file nobody may execute."""
     bits = node.mode

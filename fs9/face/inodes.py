@@ -3,9 +3,13 @@
 Synthetic files are identified by path: an inode stays valid while the kernel
 remembers it (lookup count > 0); what it serves is resolved afresh from the
 tree on every request, so a path whose object went away answers ENOENT.
-Only `forget` drops an inode, as pyfuse3's tmpfs example does.
+Only `forget` drops an inode, as pyfuse3's tmpfs example does. A file with an
+inode of its own (the vault's) takes its inode along when renamed (`renamed`) and
+away when removed (`gone`).
 """
 import pyfuse3
+
+from ..kernel.names import split_view
 
 ROOT = pyfuse3.ROOT_INODE
 
@@ -16,6 +20,7 @@ class Inodes:
         self._path: dict[int, tuple[str, ...]] = {ROOT: ()}
         self._lookups: dict[int, int] = {}
         self._next = ROOT + 1
+        self._graves = 0  # removed names (see gone)
 
     def path(self, ino: int) -> tuple[str, ...] | None:
         return self._path.get(ino)
@@ -49,6 +54,30 @@ class Inodes:
             if replaced is not None:
                 self._path.pop(replaced, None)
             self._ino[new], self._path[ino] = ino, new
+
+    def gone(self, path: tuple[str, ...]) -> None:
+        """A file with an inode of its own was removed: its inode (which the kernel may
+        still hold, an open file) moves aside, so a new file of that name gets an inode
+        of its own."""
+        self._graves += 1
+        grave = ("\0gone", str(self._graves))
+        self.move(lambda p: grave + p[len(path):] if p[:len(path)] == path else None)
+
+    def renamed(self, old: tuple[str, ...], new: tuple[str, ...], exchange=False) -> None:
+        """Keep every inode naming the moved file (in the operator's tree and in every
+        view) on its new path, so a held inode never resolves to what replaced it.
+        old, new: paths outside any view; exchange: the two swapped places
+        (RENAME_EXCHANGE)."""
+        swaps = [(old, new), (new, old)] if exchange else [(old, new)]
+
+        def rename(path):
+            viewer, inner = split_view(path)
+            prefix = path[:len(path) - len(inner)]
+            for src, dst in swaps:
+                if inner[:len(src)] == src:
+                    return prefix + dst + inner[len(src):]
+            return None
+        self.move(rename)
 
     def forget(self, ino: int, n: int) -> None:
         left = self._lookups.get(ino, 0) - n

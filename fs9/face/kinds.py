@@ -5,61 +5,24 @@ Ctl      write: commands, applied per write (or, `whole`, the bytes of one open
          applied at close: `agents/NAME/in`); read: a state line
 Status   text rendered at open: a consistent snapshot per open
 Stream   reads block until data or EOF, like a pipe; per-open cursor (cursors.py)
+Vault    a file, directory or symlink of the vault on disk (vault.py, vaultfile.py)
 
-Nodes are made fresh by the tree for each request; a Handle is the per-open
-state (cursor, snapshot, written bytes, the caller's pid captured at open).
-No pyfuse3 here: errors are Fs9Error, the ops layer translates.
+Every kind answers the same protocol (node.py). Nodes are made fresh by the tree for
+each request; a Handle is the per-open state (cursor, snapshot, written bytes, the
+caller's pid captured at open). No pyfuse3 here: errors are Fs9Error, the ops layer
+translates.
 """
 import errno
+import os
 import stat
 
 import trio
 
 from ..errors import Fs9Error
 from ..kernel.kernel import MAX_INPUT
+from .node import READONLY_NS, Attrs, Handle, Node
 
 SLICE_S = 0.2  # a blocked reader checks for a pending signal this often
-
-
-class Node:
-    mode = stat.S_IFREG | 0o444
-    stream = False  # opened nonseekable, reads may block
-
-    def size(self) -> int:
-        return 0  # streams: unknown; text files render to tell
-
-    def open(self, writing: bool, pid: int) -> "Handle":
-        if writing and not self.mode & 0o222:
-            raise Fs9Error(errno.EACCES, "file is read-only")
-        return self.handle(pid)
-
-    def handle(self, pid: int) -> "Handle":
-        raise NotImplementedError
-
-
-class Handle:
-    poll_handle = None  # the kernel's latest poll(2) wake-up handle
-    poll_scope: trio.CancelScope | None = None  # its notifier, while one waits
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid  # the opener's thread id: whose signals interrupt a read
-
-    async def read(self, off: int, size: int) -> bytes:
-        raise Fs9Error(errno.EACCES, "file is write-only")
-
-    def write(self, data: bytes) -> int:
-        raise Fs9Error(errno.EACCES, "file is read-only")
-
-    def flush(self) -> None:
-        pass
-
-    def readable(self) -> bool:
-        return True
-
-    async def wait_readable(self) -> None:
-        pass
-
-
 # --- Dir -------------------------------------------------------------------------
 
 class Dir(Node):
@@ -67,12 +30,35 @@ class Dir(Node):
 
     def __init__(self, names=None, create=None) -> None:
         self.names = names  # () -> list of child names (the tree fills it in)
-        self.create = create  # (name) -> Node: what a new name here opens as
+        self.new_file = create  # (name) -> Node: what a new name here opens as
         if create is not None:
             self.mode = stat.S_IFDIR | 0o755
+            self.does = frozenset({"create"})
 
-    def open(self, writing: bool, pid: int) -> Handle:
+    def attrs(self) -> Attrs:
+        return Attrs(self.mode, self.size(), nlink=2)
+
+    async def open(self, flags: int, ctx) -> Handle:
         raise Fs9Error(errno.EISDIR, "is a directory")
+
+    async def listing(self, child) -> list[tuple[str, Node]]:
+        entries = []
+        for name in self.names():
+            try:
+                entries.append((name, child(name)))
+            except Fs9Error:
+                pass  # went away while listing
+        return entries
+
+    async def setattr(self, attr, fields, ctx) -> Node:
+        raise Fs9Error(errno.EPERM, READONLY_NS)
+
+    async def create(self, name: str, mode: int, flags: int, ctx) -> tuple[Handle, Node]:
+        """mail/ (one message, sent at close), outbox/, memory/ (written whole: the new
+        name exists while open), topics/ (a new topic; each write publishes)."""
+        node = self.new_file(name)
+        node.transient = not node.stream
+        return await node.open(os.O_WRONLY, ctx), node
 
 
 # --- Status ----------------------------------------------------------------------
@@ -88,6 +74,9 @@ class Status(Node):
 
     def size(self) -> int:
         return 0 if self.prepare is not None else len(_encode(self.render()))
+
+    def attrs(self) -> Attrs:
+        return Attrs(self.mode, self.size(), cacheable=False)  # its text changes size
 
     def handle(self, pid: int) -> Handle:
         if self.opened is not None:
@@ -163,7 +152,7 @@ class CtlHandle(SnapshotHandle):
             return await Handle.read(self, off, size)
         return await super().read(off, size)
 
-    def write(self, data: bytes) -> int:
+    async def write(self, off: int, data: bytes) -> int:
         if not self.node.whole:
             self.node.apply(data)
             return len(data)
@@ -216,9 +205,9 @@ class StreamHandle(Handle):
         self.cursor = cursor
         self.publish = publish
 
-    def write(self, data: bytes) -> int:
+    async def write(self, off: int, data: bytes) -> int:
         if self.publish is None:
-            return super().write(data)
+            return await super().write(off, data)
         self.publish(data)
         return len(data)
 

@@ -4,8 +4,9 @@ To find where any path is served, find its row here. `{agent}`, `{task}`,
 `{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}`, `{cap}`,
 `{query}`, `{note}`, `{model}` and `{conv}` are bound to kernel objects while walking (VARS below); a name that
 binds to nothing is ENOENT. Directories list the rows one level below them; a Dir with
-`create` takes new names (mail/, outbox/, topics/). `vault/` is a real
-directory on disk (face/passthrough.py).
+`create` takes new names (mail/, outbox/, topics/). A row ending in `/...` serves a
+subtree: the vault, a real directory on disk whose every file is a vault node
+(face/vault.py), reached beneath the vault's directory fd.
 
 Views: `agents/NAME/view/P` is path P as agent NAME sees it (kernel/agents/view.py):
 the same rows, filtered by its unveil and pledge, with NAME as the one asking
@@ -15,7 +16,6 @@ a request arrives through is its identity.
 """
 import errno
 import inspect
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,10 +24,11 @@ from ..kernel.agents import manifest as manifests, registry
 from ..kernel.bus.message import CLASSIFICATIONS, clearance_allows
 from ..kernel.names import OPERATOR, split_view
 from ..kernel.stream import Stream
-from .passthrough import PassNode
 from .cursors import (AuditCursor, Chain, EventCursor, NextCursor, ReplyCursor, StreamCursor,
                       TaskCursor, TopicCursor)
-from .kinds import Clone, Ctl, Dir, Node, Status, StreamNode
+from .kinds import Clone, Ctl, Dir, Status, StreamNode
+from .node import Node, shown
+from .vault import VaultNode
 
 
 def _refuse(code: int, text: str):
@@ -110,7 +111,15 @@ def _note(k, agent, key: str):
                remove=lambda: k.guarded(k.memory.delete, agent, key, **said))
 
 
-# pattern -> factory(kernel, **bound objects) -> Node (Dir rows get their names from the tree)
+def _vault(k, at: tuple[str, ...], rel: tuple[str, ...], view):
+    """vault/REL (asked as `at`, in `view` or None): the file on disk, or ENOENT."""
+    if k.vault_root is None:
+        raise Fs9Error(errno.ENOENT, "no vault (fs9 mount --vault DIR)")
+    return VaultNode.at(k, at, rel, view)
+
+
+# pattern -> factory(kernel, **bound objects) -> Node (Dir rows get their names from the
+# tree); PREFIX/...: factory(kernel, the path as asked, the names below PREFIX, the view)
 ROWS: dict[str, Callable[..., Node | None]] = {
     "": None,
     "ctl": lambda k, me=None: Ctl(lambda d: k.guarded(k.ctl, d, me, agent=me), k.state_line),
@@ -172,7 +181,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "log/trace": None,
     "log/trace/{corr}": lambda k, corr: Status(
         lambda: "".join(e.json() + "\n" for e in k.log.trace(corr))),
-    "vault": None,  # passthrough to the vault directory (see Tree._resolve)
+    "vault/...": _vault,  # the vault directory on disk, served as it is
     "registry": None,
     "registry/by-capability": None,  # (before {provider}: these names are reserved)
     "registry/owners": lambda k: Status(lambda: registry.owners(k.agents)),
@@ -246,14 +255,22 @@ class _Row:
     parts: tuple[str, ...]
     factory: Callable[..., Node | None] | None
     asks: bool  # the factory takes `me`: what it serves depends on who asks
+    subtree: bool = False  # PREFIX/...: the row serves PREFIX and every path below it
 
 
-_ROWS = [_Row(tuple(p.split("/")) if p else (), f,
-              f is not None and "me" in inspect.signature(f).parameters)
-         for p, f in ROWS.items()]
+def _row(pattern: str, factory) -> _Row:
+    subtree = pattern.endswith("/...")
+    pattern = pattern[:-4] if subtree else pattern
+    return _Row(tuple(pattern.split("/")) if pattern else (), factory,
+                not subtree and factory is not None
+                and "me" in inspect.signature(factory).parameters, subtree)
+
+
+_ROWS = [_row(p, f) for p, f in ROWS.items()]
+_SUBTREES = [row for row in _ROWS if row.subtree]
 _BY_DEPTH: dict[int, list[_Row]] = {}  # rows by path length: a walk tries only these
-for _row in _ROWS:
-    _BY_DEPTH.setdefault(len(_row.parts), []).append(_row)
+for _r in _ROWS:
+    _BY_DEPTH.setdefault(len(_r.parts), []).append(_r)
 
 
 class Tree:
@@ -264,11 +281,11 @@ class Tree:
         """The node serving path (a tuple of names), or Fs9Error(ENOENT)."""
         viewer, inner = split_view(path)
         if viewer is None:
-            return self._resolve(path, None)
+            return self._resolve(path, None, path)
         view = self.view(viewer)
         if view.access(inner) is None:
             raise Fs9Error(errno.ENOENT, "no such file")
-        return self.adopt(path, self._resolve(inner, view))
+        return self.adopt(path, self._resolve(inner, view, path))
 
     def adopt(self, path: tuple[str, ...], node: Node) -> Node | None:
         """node as served at path: in a view, None if hidden, else shown read-only
@@ -276,14 +293,7 @@ class Tree:
         viewer, inner = split_view(path)
         if viewer is None:
             return node
-        mode = self.view(viewer).access(inner)
-        if mode is None:
-            return None
-        if "w" not in mode:
-            node.mode &= ~0o222
-        if "r" not in mode:
-            node.mode &= ~0o444
-        return node
+        return shown(node, self.view(viewer).access(inner))
 
     def view(self, name: str):
         agent = self.kernel.agents.get(name)
@@ -299,16 +309,16 @@ class Tree:
         if self.view(viewer).access(inner) is not None:
             return False
         try:
-            self._resolve(inner, None)
+            self._resolve(inner, None, inner)
             return True
         except Fs9Error:
             return False
 
-    def _resolve(self, path: tuple[str, ...], view) -> Node:
-        if path[:1] == ("vault",):  # a real directory: its files are not in the table
-            if not self.kernel.vault_dir:
-                raise Fs9Error(errno.ENOENT, "no vault (fs9 mount --vault DIR)")
-            return PassNode.at(os.path.join(self.kernel.vault_dir, *path[1:]))
+    def _resolve(self, path: tuple[str, ...], view, at: tuple[str, ...]) -> Node:
+        """path (in view, or None: the operator's) as asked at `at`."""
+        for row in _SUBTREES:
+            if path[:len(row.parts)] == row.parts:
+                return row.factory(self.kernel, at, path[len(row.parts):], view)
         me = view and view.agent
         for row in _BY_DEPTH.get(len(path), ()):
             bound = self._bind(row.parts, path, me)

@@ -1,0 +1,310 @@
+"""The vault as a file kind: `vault/` served as the directory on disk it is.
+
+A VaultNode is one name under the vault root, looked up afresh per request, like the
+synthetic nodes (the disk is the truth, also when an editor changes it behind our back).
+fs9 serves it as root to callers that may be hostile, so it never hands a path string
+to a syscall: every operation goes through kernel.vault_root (kernel/vault/beneath.py),
+which opens the parent beneath the vault's directory fd with no symlink followed on the
+way (a directory swapped for a symlink, even mid-request: ELOOP) and acts on the last
+name with an *at call that does not follow it either (a symlink there is the file
+itself: lstat shows it, readlink reads it; the client's kernel resolves it). So the
+parent is a directory fs9 holds open at the moment of the operation, never a name looked
+up a moment before. Open files keep their fd (vaultfile.py).
+
+Blocking disk work runs in worker threads, but for lstat and open: they cost the local
+disk's metadata only, and a thread hop would double the cost of a stat or of opening a
+small file. Who may do what is the gate's (access.py), asked by ops.py before any of
+this; the kernel's own rules for modes, owners and new files are applied here.
+"""
+import errno
+import os
+import stat
+
+from ..errors import Fs9Error
+from ..kernel.agents import manifest as manifests
+from ..kernel.names import split_view
+from .access import may_access, may_set_attributes, new_mode, refusals_logged
+from .node import REFUSALS, Attrs, Node, shown
+from .vaultfile import VaultHandle, disk, disk_attrs, in_thread
+
+OWNER_XATTR, CLASS_XATTR = "user.fs9.owner", "user.fs9.classification"
+
+
+class VaultNode(Node):
+    """A file, directory or symlink of the vault: rel, its names under the vault root;
+    path, the path it was asked as (in a view: agents/NAME/view/vault/...)."""
+    does = frozenset(REFUSALS)  # names made, moved, linked, removed; extended attributes
+    own_inode = True
+
+    def __init__(self, kernel, path: tuple[str, ...], rel: tuple[str, ...], view,
+                 st: os.stat_result, listed_in: "_Listed | None" = None) -> None:
+        self.kernel = kernel
+        self.root = kernel.vault_root
+        self.path = path
+        self.rel = rel
+        self.view = view  # the asking agent's View, None: the operator
+        self.st = st
+        self.mode = st.st_mode  # (a view shows what it may not change read-only)
+        self.listed_in = listed_in  # an entry of a listing: the directory it holds open
+        self.listed: _Listed | None = None  # a directory being listed (listing, closedir)
+
+    @classmethod
+    def at(cls, kernel, path, rel, view) -> "VaultNode":
+        return cls(kernel, path, rel, view, disk(kernel.vault_root.lstat, rel))
+
+    def _child(self, name: str) -> "VaultNode":
+        """name in this directory, as it is on disk now (not as a view shows it)."""
+        return VaultNode.at(self.kernel, self.path + (name,), self.rel + (name,), self.view)
+
+    def size(self) -> int:
+        return self.st.st_size
+
+    def attrs(self) -> Attrs:
+        return disk_attrs(self.mode, self.st)
+
+    def refresh(self) -> None:
+        """lstat again, keeping the bits a view took away from its mode. An entry of a
+        listing: fstatat in the directory the listing holds open (a name, no symlink
+        followed), not a walk from the root per entry (a 1,000-entry listing)."""
+        taken = self.st.st_mode & ~self.mode
+        if self.listed_in is not None:
+            self.st = disk(self.listed_in.lstat, self.rel[-1])
+        else:
+            self.st = disk(self.root.lstat, self.rel)
+        self.mode = self.st.st_mode & ~taken
+
+    def access(self, mode: int, ctx) -> bool:
+        return may_access(self, mode, ctx)
+
+    def _report(self, path, op: str, ctx, dest=None) -> None:
+        self.kernel.vault_changes.report(path, op, ctx.uid, dest=dest)
+
+    # --- files and listings ----------------------------------------------------------
+
+    async def open(self, flags: int, ctx) -> VaultHandle:
+        """The file itself (a symlink: ELOOP, the kernel resolved it for the caller)."""
+        writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        handle = VaultHandle(disk(_open, self.root, self.rel, flags), self.kernel.vault_changes,
+                             split_view(self.path)[0], ctx.uid, writing,
+                             wrote=bool(flags & os.O_TRUNC))
+        handle.cache_key = (self.st.st_mtime_ns, self.st.st_size)
+        return handle
+
+    async def create(self, name: str, mode: int, flags: int, ctx) -> tuple[VaultHandle, Node]:
+        """Open name here, creating it with the caller's mode (its umask applied) and
+        owner; an existing file (made meanwhile) is opened unless O_EXCL."""
+        path = self.path + (name,)
+        fd, created = await in_thread(_create, self.root, self.rel + (name,), flags,
+                                      new_mode(path, mode, ctx))
+        self._report(path, "created" if created else "modified", ctx)
+        try:
+            node = await self._made(name, ctx) if created else self._child(name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return VaultHandle(fd, self.kernel.vault_changes, split_view(path)[0], ctx.uid,
+                           writing=True), node
+
+    async def listing(self, child) -> list[tuple[str, Node]]:
+        """One scandir (each entry's lstat with it), not a lookup per name; what the
+        asking view hides is left out. The directory stays open until closedir."""
+        listed, found = await in_thread(_Listed.scan, self.root, self.rel)
+        entries = []
+        for name, st in found:
+            node = VaultNode(self.kernel, self.path + (name,), self.rel + (name,),
+                             self.view, st, listed)
+            if self.view is None or shown(node, self.view.access(
+                    split_view(node.path)[1])) is not None:
+                entries.append((name, node))
+        self.listed = listed
+        return entries
+
+    def closedir(self) -> None:
+        if self.listed is not None:
+            self.listed.close()
+
+    async def setattr(self, attr, fields, ctx) -> "VaultNode":
+        """Size, mode, owner, times (passthroughfs.py's order), as the kernel's rules
+        allow the caller; the file as it is now (its own mode, not a view's)."""
+        with refusals_logged(self.kernel, self.path):
+            may_set_attributes(self.path, self, attr, fields, ctx)
+        await in_thread(_set_attributes, self.root, self.rel, attr, fields)
+        self._report(self.path, "modified", ctx)
+        return VaultNode.at(self.kernel, self.path, self.rel, self.view)
+
+    # --- names made, moved and removed -----------------------------------------------
+
+    async def _made(self, name: str, ctx, mode: int | None = None) -> "VaultNode":
+        """What a person makes through the mount is theirs (fs9 made it as root)."""
+        rel = self.rel + (name,)
+        st = await in_thread(_settle, self.root, rel, mode, ctx.uid, ctx.gid)
+        return VaultNode(self.kernel, self.path + (name,), rel, self.view, st)
+
+    async def mkdir(self, name: str, mode: int, ctx) -> "VaultNode":
+        mode = new_mode(self.path + (name,), mode, ctx) & 0o1777  # as mkdir(2): no setuid/gid
+        await in_thread(self.root.mkdir, self.rel + (name,), mode)
+        self._report(self.path + (name,), "created", ctx)
+        return await self._made(name, ctx, mode)
+
+    async def mknod(self, name: str, mode: int, rdev: int, ctx) -> "VaultNode":
+        """Regular files, fifos and sockets; device nodes only for the root operator
+        (the backing directory is a real one, where a device node works)."""
+        path = self.path + (name,)
+        kind = stat.S_IFMT(mode)
+        if kind in (stat.S_IFCHR, stat.S_IFBLK):
+            if ctx.uid != 0 or split_view(path)[0] is not None:
+                raise Fs9Error(errno.EPERM, "only the root operator makes device nodes")
+        elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, 0):
+            raise Fs9Error(errno.EINVAL, "no such file type")
+        perm = new_mode(path, mode, ctx)
+        await in_thread(self.root.mknod, self.rel + (name,), (kind or stat.S_IFREG) | perm, rdev)
+        self._report(path, "created", ctx)
+        return await self._made(name, ctx, perm)
+
+    async def symlink(self, name: str, target: bytes, ctx) -> "VaultNode":
+        await in_thread(self.root.symlink, os.fsdecode(target), self.rel + (name,))
+        self._report(self.path + (name,), "created", ctx)
+        return await self._made(name, ctx)
+
+    async def link(self, src: "VaultNode", name: str, ctx) -> "VaultNode":
+        await in_thread(self.root.link, src.rel, self.rel + (name,))
+        self._report(self.path + (name,), "created", ctx)
+        return self._child(name)
+
+    async def rename(self, parent: "VaultNode", name: str, flags: int, ctx) -> None:
+        """flags: RENAME_NOREPLACE, RENAME_EXCHANGE (renameat2 answers what it lacks)."""
+        await in_thread(self.root.rename, self.rel, parent.rel + (name,), flags)
+        self._report(self.path, "moved", ctx, dest=parent.path + (name,))
+
+    async def unlink(self, ctx) -> None:
+        await in_thread(self.root.unlink, self.rel)
+        self._report(self.path, "deleted", ctx)
+
+    async def rmdir(self, ctx) -> None:
+        await in_thread(self.root.rmdir, self.rel)
+        self._report(self.path, "deleted", ctx)
+
+    async def readlink(self) -> bytes:
+        return os.fsencode(await in_thread(self.root.readlink, self.rel))
+
+    # --- extended attributes: the file's own, plus fs9's virtual ones ------------------
+
+    def _virtual(self) -> dict[str, bytes]:
+        """user.fs9.owner (the owning agent, empty: the operator's) and
+        user.fs9.classification (the owner's clearance), computed, read-only."""
+        owner = self.kernel.owner_of(split_view(self.path)[1])
+        agent = self.kernel.agents.get(owner) if owner else None
+        clearance = (agent.manifest if agent else manifests.DEFAULTS)["clearance"]
+        return {OWNER_XATTR: (owner or "").encode(), CLASS_XATTR: clearance.encode()}
+
+    async def getxattr(self, name: str) -> bytes:
+        virtual = self._virtual()
+        if name in virtual:
+            return virtual[name]
+        return await in_thread(self.root.getxattr, self.rel, name)
+
+    async def listxattr(self) -> list[str]:
+        return await in_thread(self.root.listxattr, self.rel) + list(self._virtual())
+
+    def _may_change_xattr(self, name: str, ctx) -> None:
+        with refusals_logged(self.kernel, self.path):
+            if name in (OWNER_XATTR, CLASS_XATTR):
+                raise Fs9Error(errno.EPERM, f"{name} is computed by fs9 (the owner's manifest)")
+            if not name.startswith("user.") and (ctx.uid != 0 or split_view(self.path)[0]):
+                # trusted.*, security.* (file capabilities), system.* (ACLs): root's
+                raise Fs9Error(errno.EPERM, "only root sets attributes outside user.*")
+
+    async def setxattr(self, name: str, value: bytes, ctx) -> None:
+        self._may_change_xattr(name, ctx)
+        await in_thread(self.root.setxattr, self.rel, name, value)
+
+    async def removexattr(self, name: str, ctx) -> None:
+        self._may_change_xattr(name, ctx)
+        await in_thread(self.root.removexattr, self.rel, name)
+
+
+# --- blocking helpers (worker threads) ---------------------------------------------------
+
+_LIST = os.O_RDONLY | os.O_DIRECTORY  # (the root adds O_NOFOLLOW: a symlink is ENOTDIR)
+
+
+def _open(root, rel, flags: int) -> int:
+    """An existing regular file, opened. FUSE opens only what the kernel knows as one,
+    but the name may hold a FIFO or a device by now (swapped in): opening that as root
+    would block (the whole mount, on the trio thread) or reach a device. So O_NONBLOCK
+    until it is known to be a regular file."""
+    return _regular(root.open(rel, flags | os.O_NONBLOCK), flags)
+
+
+def _create(root, rel, flags: int, mode: int) -> tuple[int, bool]:
+    """beneath.py's create, with _open's care for what was made meanwhile."""
+    fd, created = root.create(rel, flags | os.O_NONBLOCK, mode)
+    return _regular(fd, flags), created
+
+
+def _regular(fd: int, flags: int) -> int:
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOENT, "the vault changed on disk under this name")
+        if not flags & os.O_NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Listed:
+    """A vault directory held open while a listing of it is read (opendir..releasedir):
+    its entries are lstat'ed by name relative to it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def scan(cls, root, rel) -> tuple["_Listed", list[tuple[str, os.stat_result]]]:
+        """The directory rel held open, and its entries with their lstat, sorted by
+        name (a name gone meanwhile is left out). Blocks."""
+        listed = cls(root.open(rel, _LIST))
+        try:
+            out = []
+            with os.scandir(listed.fd) as it:  # (on a dup of the fd)
+                for e in it:
+                    try:
+                        out.append((e.name, e.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        pass
+        except BaseException:
+            listed.close()
+            raise
+        return listed, sorted(out, key=lambda entry: entry[0])
+
+    def lstat(self, name: str) -> os.stat_result:
+        if self.fd < 0:
+            raise OSError(errno.EBADF, "listing released")
+        return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+def _settle(root, rel, mode: int | None, uid: int, gid: int) -> os.stat_result:
+    """A name fs9 just made, given to the caller (beneath.py's settle); its lstat."""
+    root.settle(rel, mode, uid, gid)
+    return root.lstat(rel)
+
+
+def _set_attributes(root, rel, attr, fields) -> None:
+    """setattr by name beneath the root: size, mode, owner, times; never through a
+    symlink (a symlink's own owner and times)."""
+    if fields.update_size:
+        root.truncate(rel, attr.st_size)
+    if fields.update_mode:
+        root.chmod(rel, stat.S_IMODE(attr.st_mode))
+    if fields.update_uid or fields.update_gid:
+        root.chown(rel, attr.st_uid if fields.update_uid else -1,
+                   attr.st_gid if fields.update_gid else -1)
+    if fields.update_atime or fields.update_mtime:
+        root.utimens(rel, attr.st_atime_ns if fields.update_atime else None,
+                     attr.st_mtime_ns if fields.update_mtime else None)
