@@ -91,3 +91,40 @@ def test_a_flood_of_refusals_is_counted_not_logged_one_by_one(mount):
     t1 = time.monotonic()
     mount.read("status")  # the operator's answers come at once
     assert time.monotonic() - t1 < 1.0
+
+
+def test_an_agent_cannot_hold_every_reader_slot(mount):
+    """Each blocked read holds one of fs9's request workers: one agent may hold 256;
+    past that its reads that would wait are EAGAIN, and the operator still answers."""
+    from fs9.face.ops import BLOCKED_PER_AGENT
+    mount.define("waiter", 'cmd = ["cat"]\nunconfined = true\n')
+    mount.sh("echo 'spawn waiter' > ctl", check=True)
+    path = mount.path / "agents/waiter/view/agents/waiter/mail/next"
+    results: list = []
+
+    def reader():  # os.read: Python's file objects turn EAGAIN into None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            results.append(os.read(fd, 65536))
+        except OSError as e:
+            results.append(e.errno)
+        finally:
+            os.close(fd)
+    threads = [threading.Thread(target=reader, daemon=True)
+               for _ in range(BLOCKED_PER_AGENT + 20)]
+    for t in threads:
+        t.start()
+    mount.wait_for(lambda: results.count(errno.EAGAIN) >= 20, 60, "the readers past the cap")
+    assert responsive(mount) < 1.0
+    mount.write("agents/waiter/mail/new", "wake up\n")  # every waiting reader gets it
+    for t in threads:
+        t.join(60)
+    assert results.count(errno.EAGAIN) == 20
+    assert sum(1 for r in results if isinstance(r, bytes) and r.endswith(b"wake up\n")) == \
+        BLOCKED_PER_AGENT
+
+
+def responsive(mount) -> float:
+    t = time.monotonic()
+    mount.read("status")
+    return time.monotonic() - t

@@ -7,10 +7,9 @@ import pyfuse3
 import trio
 
 from ..kernel.kernel import Kernel
-from .ops import Operations
+from .ops import MAX_TASKS, Operations
 
 log = logging.getLogger("fs9")
-MAX_TASKS = 8192  # each blocked reader holds one pyfuse3 worker task
 # FUSE reads ahead 128 KiB by default, so a cold sequential read is served in 128 KiB
 # requests, each a trip through Python and a worker thread; 1 MiB (the most one FUSE
 # request carries) reads a vault file cold at ~0.8x native instead of ~0.3x.

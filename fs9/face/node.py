@@ -166,6 +166,7 @@ class Handle:
     poll_handle = None  # the kernel's latest poll(2) wake-up handle
     poll_scope: trio.CancelScope | None = None  # its notifier, while one waits
     ino = 0  # our inode of the opened file (set by ops.py): fstat(2) asks by inode
+    opener: str | None = None  # the agent whose view opened it (None: the operator)
     direct_io = True  # False: the kernel's page cache holds the file's data (the vault's)
     # (mtime, size) at open of a file the page cache may keep across opens (ops.py)
     cache_key: tuple[int, int] | None = None

@@ -28,6 +28,9 @@ from .tree import Tree
 
 log = logging.getLogger("fs9.face")
 CACHE_S = 1.0
+MAX_TASKS = 8192  # pyfuse3's workers (mount.py): each blocked reader holds one
+BLOCKED_PER_AGENT = 256  # reads one agent may have waiting at once
+OPERATOR_RESERVE = 1024  # workers agents' blocked reads never take
 
 
 class Operations(pyfuse3.Operations):
@@ -46,6 +49,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._seen_kills = len(kernel.killed)
         self.reading: set[trio.CancelScope] = set()  # blocked reads, ended at unmount
+        self.blocked: dict[str, int] = {}  # agent -> its reads waiting now (see read)
         self.closing = False
         # listings by fh: (the directory's node, its (name, node, path) entries)
         self.dirs: dict[int, tuple[Node, list[tuple[str, Node, tuple[str, ...]]]]] = {}
@@ -229,6 +233,7 @@ class Operations(pyfuse3.Operations):
         if writing or flags & os.O_TRUNC:
             self.gate.check(path, writing=True)
         handle = await node.open(flags, ctx)
+        handle.opener = split_view(path)[0]  # whose blocked reads it counts (None: operator)
         return pyfuse3.FileInfo(fh=self._opened(ino, handle), direct_io=handle.direct_io,
                                 keep_cache=self._unchanged(ino, handle), nonseekable=node.stream)
 
@@ -254,12 +259,27 @@ class Operations(pyfuse3.Operations):
         handle = self._handle(fh)
         if self.closing:
             return b""
+        # A read that will wait holds one of pyfuse3's MAX_TASKS workers: an agent may
+        # hold at most BLOCKED_PER_AGENT of them, and all agents together leave
+        # OPERATOR_RESERVE for the operator (else EAGAIN: try again, as a pipe would).
+        waiter = handle.opener if handle.opener is not None and not handle.readable() \
+            else None
+        if waiter is not None:
+            if self.blocked.get(waiter, 0) >= BLOCKED_PER_AGENT or \
+                    sum(self.blocked.values()) >= MAX_TASKS - OPERATOR_RESERVE:
+                raise Fs9Error(errno.EAGAIN, f"agent {waiter} has {BLOCKED_PER_AGENT} reads "
+                                             "waiting already")
+            self.blocked[waiter] = self.blocked.get(waiter, 0) + 1
         with trio.CancelScope() as scope:
             self.reading.add(scope)
             try:
                 return await handle.read(off, size)
             finally:
                 self.reading.discard(scope)
+                if waiter is not None:
+                    self.blocked[waiter] -= 1
+                    if not self.blocked[waiter]:
+                        del self.blocked[waiter]
         return b""  # cancelled by end_reads: the reader sees EOF
 
     def end_reads(self) -> None:
