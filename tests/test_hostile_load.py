@@ -128,3 +128,38 @@ def responsive(mount) -> float:
     t = time.monotonic()
     mount.read("status")
     return time.monotonic() - t
+
+
+def test_an_agents_open_files_hold_a_bounded_number_of_bytes(mount):
+    """Bytes written to `whole` files and not yet closed (memory notes, mail, `in`) are
+    held in fs9's memory: one agent's open files together hold at most 64 MiB."""
+    from fs9.face.kinds import PENDING_PER_AGENT
+    mount.define("hoarder", 'cmd = ["cat"]\nunconfined = true\n')
+    mount.sh("echo 'spawn hoarder' > ctl", check=True)
+    chunk = b"x" * (1 << 20)
+    fds, refused = [], None
+    try:
+        for i in range(10):  # 10 notes of up to 15 MiB, never closed
+            fd = os.open(mount.path / f"agents/hoarder/view/agents/hoarder/memory/n{i}",
+                         os.O_WRONLY | os.O_CREAT)
+            fds.append(fd)
+            for _ in range(15):
+                try:
+                    os.write(fd, chunk)
+                except OSError as e:
+                    refused = e.errno
+                    break
+            if refused:
+                break
+        assert refused == errno.EDQUOT
+        assert len(fds) * 15 << 20 > PENDING_PER_AGENT  # refused near the cap, not before
+        assert responsive(mount) < 1.0
+    finally:
+        for fd in fds:
+            try:
+                os.close(fd)  # each is a note too big (EFBIG at close): nothing kept
+            except OSError:
+                pass
+    # what the closed files held is released: the agent may write again
+    mount.write("agents/hoarder/view/agents/hoarder/memory/small", "ok\n")
+    assert mount.read("agents/hoarder/memory/small") == "ok\n"

@@ -140,6 +140,13 @@ class Ctl(Node):
         return CtlHandle(pid, self)
 
 
+# Bytes written to `whole` files (a message, a task's input, a note, a model request)
+# and not yet applied, by the agent that opened them: what one agent's open files may
+# hold in fs9's memory together (EDQUOT past it). The operator is not counted.
+PENDING_PER_AGENT = 64 << 20
+pending_by_agent: dict[str, int] = {}
+
+
 class CtlHandle(SnapshotHandle):
     def __init__(self, pid: int, node: Ctl) -> None:
         super().__init__(pid, node.render)
@@ -161,16 +168,24 @@ class CtlHandle(SnapshotHandle):
         self.pending = self.pending if self.pending is not None else bytearray()
         if len(self.pending) + len(data) > MAX_INPUT:
             # the whole input is refused: close(2) fails too and nothing is queued
+            self._unheld(len(self.pending))
             self.pending = None
             self.refused = Fs9Error(errno.EFBIG, f"task input over {MAX_INPUT} bytes")
             self.node.refused(self.refused)
             raise self.refused
+        if self.opener is not None:
+            held = pending_by_agent.get(self.opener, 0)
+            if held + len(data) > PENDING_PER_AGENT:
+                raise Fs9Error(errno.EDQUOT, f"agent {self.opener} has {held} bytes written "
+                                             "and not yet closed in its open files; close some")
+            pending_by_agent[self.opener] = held + len(data)
         first = not self.pending
         self.pending += data
         if first and self.node.early is not None:
             try:
                 self.node.early(len(self.pending))
             except Fs9Error as e:
+                self._unheld(len(self.pending))
                 self.pending, self.refused = None, e
                 raise
         return len(data)
@@ -181,7 +196,20 @@ class CtlHandle(SnapshotHandle):
             raise self.refused
         if self.pending is not None:
             data, self.pending = bytes(self.pending), None
+            self._unheld(len(data))
             self.node.apply(data)
+
+    def close(self, path) -> None:
+        if self.pending:  # never flushed (its process died): it holds nothing any more
+            self._unheld(len(self.pending))
+            self.pending = None
+        super().close(path)
+
+    def _unheld(self, size: int) -> None:
+        if self.opener is not None and self.opener in pending_by_agent:
+            pending_by_agent[self.opener] -= size
+            if pending_by_agent[self.opener] <= 0:
+                del pending_by_agent[self.opener]
 
 
 # --- Stream ----------------------------------------------------------------------

@@ -367,6 +367,7 @@ class Operations(pyfuse3.Operations):
         close), topics/ (a new topic; each write publishes), or the vault."""
         path, parent = self._new_name(parent_ino, name, ctx, "create")
         handle, node = await parent.create(path[-1], mode, flags, ctx)
+        handle.opener = split_view(path)[0]
         ino = self.inodes.lookup(path)
         fh = self._opened(ino, handle)
         attrs = self._attrs(ino, node)
