@@ -14,12 +14,16 @@ import stat
 
 from ..errors import Fs9Error
 from ..kernel.names import split_view
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel.kernel import Kernel
 
 
 class Gate:
     """The access checks of one mount (uid: the operator's, the one who mounted it)."""
 
-    def __init__(self, kernel, tree, uid: int) -> None:
+    def __init__(self, kernel: "Kernel", tree, uid: int) -> None:
         self.kernel = kernel
         self.tree = tree
         self.uid = uid
@@ -58,7 +62,7 @@ class Gate:
 
 
 @contextlib.contextmanager
-def refusals_logged(kernel, path: tuple[str, ...]):
+def refusals_logged(kernel: "Kernel", path: tuple[str, ...]):
     """A refusal (Fs9Error) made in the block is an event and a line in the err of the
     agent whose view path is in, then goes on to the caller."""
     try:

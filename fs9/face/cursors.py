@@ -8,6 +8,10 @@ kernel object's change counter, never a sleep loop.
 from ..kernel.log import EventLog
 from ..kernel.stream import Stream
 from ..kernel.task import Task
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel.kernel import Kernel
 
 
 class StreamCursor:
@@ -56,7 +60,7 @@ class ReplyCursor(StreamCursor):
 class TaskCursor(StreamCursor):
     """A task's stdout or stderr from its start; waits while the task is queued."""
 
-    def __init__(self, kernel, task: Task | None, fd: int) -> None:
+    def __init__(self, kernel: "Kernel", task: Task | None, fd: int) -> None:
         super().__init__(Stream(ended=True) if task is None else None)
         self.kernel, self.task, self.fd = kernel, task, fd
 
@@ -98,7 +102,7 @@ class Chain:
 class NextCursor(StreamCursor):
     """`mail/next`: waits for a pending message, then reads the head of the queue."""
 
-    def __init__(self, kernel, agent) -> None:
+    def __init__(self, kernel: "Kernel", agent) -> None:
         super().__init__(None)
         self.kernel, self.agent = kernel, agent
 

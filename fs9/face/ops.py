@@ -25,6 +25,10 @@ from .boundary import boundary, file_name
 from .inodes import Inodes
 from .node import Handle, Node
 from .tree import Tree
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel.kernel import Kernel
 
 log = logging.getLogger("fs9.face")
 CACHE_S = 1.0
@@ -38,7 +42,7 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, kernel, nursery: trio.Nursery) -> None:
+    def __init__(self, kernel: "Kernel", nursery: trio.Nursery) -> None:
         super().__init__()
         self.kernel = kernel
         self.tree = Tree(kernel)

@@ -29,6 +29,10 @@ from .cursors import (AuditCursor, Chain, EventCursor, NextCursor, ReplyCursor, 
 from .kinds import Clone, Ctl, Dir, Status, StreamNode
 from .node import Node, shown
 from .vault import VaultNode
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel.kernel import Kernel
 
 
 def _refuse(code: int, text: str):
@@ -274,7 +278,7 @@ for _r in _ROWS:
 
 
 class Tree:
-    def __init__(self, kernel) -> None:
+    def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel
 
     def resolve(self, path: tuple[str, ...]) -> Node:

@@ -26,6 +26,10 @@ from ..kernel.names import split_view
 from .access import may_access, may_set_attributes, new_mode, refusals_logged
 from .node import REFUSALS, Attrs, Node, shown
 from .vaultfile import VaultHandle, disk, disk_attrs, in_thread
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel.kernel import Kernel
 
 OWNER_XATTR, CLASS_XATTR = "user.fs9.owner", "user.fs9.classification"
 
@@ -36,7 +40,7 @@ class VaultNode(Node):
     does = frozenset(REFUSALS)  # names made, moved, linked, removed; extended attributes
     own_inode = True
 
-    def __init__(self, kernel, path: tuple[str, ...], rel: tuple[str, ...], view,
+    def __init__(self, kernel: "Kernel", path: tuple[str, ...], rel: tuple[str, ...], view,
                  st: os.stat_result, listed_in: "_Listed | None" = None) -> None:
         self.kernel = kernel
         self.root = kernel.vault_root
@@ -49,7 +53,7 @@ class VaultNode(Node):
         self.listed: _Listed | None = None  # a directory being listed (listing, closedir)
 
     @classmethod
-    def at(cls, kernel, path, rel, view) -> "VaultNode":
+    def at(cls, kernel: "Kernel", path, rel, view) -> "VaultNode":
         return cls(kernel, path, rel, view, disk(kernel.vault_root.lstat, rel))
 
     def _child(self, name: str) -> "VaultNode":

@@ -25,6 +25,10 @@ from ..stream import Changes
 from ..supervisor import RestartWindow, should_restart
 from ..task import Task
 from . import view as views
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
 
 CMDS = (
     cmd.Cmd("run", "run", 1, 1, rest=True, usage="run TEXT"),
@@ -41,7 +45,7 @@ RANKS = ("background", "normal", "interactive")  # priorities, lowest first
 
 
 class Agent:
-    def __init__(self, kernel, name: str, manifest: dict, home: str, uid: int) -> None:
+    def __init__(self, kernel: "Kernel", name: str, manifest: dict, home: str, uid: int) -> None:
         self.kernel = kernel
         self.name = name
         # (a manifest logged by an older fs9 may lack keys added to the defaults since)

@@ -28,6 +28,10 @@ import re
 import trio
 
 from ...drivers import audit, auditrules
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
 
 log = logging.getLogger("fs9.escapes")
 BURST = 50  # denial events per agent per second; beyond, they are counted, not logged
@@ -35,14 +39,14 @@ QUERIES = {"access", "faccessat", "faccessat2"}
 _PROC_PID = re.compile(r"^/proc/\d+/")
 
 
-def attempt(kernel, agent, report: dict) -> None:
+def attempt(kernel: "Kernel", agent, report: dict) -> None:
     """A program in agent's sandbox made a syscall the sandbox refuses."""
     kernel.log.append("escape_attempt", agent=agent.name, pid=report["pid"],
                       syscall=report["syscall"], comm=report["comm"],
                       reason=f"{report['syscall']}() refused (EPERM) by the sandbox")
 
 
-def start_audit(kernel) -> bool:
+def start_audit(kernel: "Kernel") -> bool:
     """Install fs9's audit rules for this kernel's agents (drivers/auditrules.py),
     before any agent program is forked, and log how it went. Whether refusals can be
     witnessed; watch_denials removes the rules when it ends."""
@@ -80,7 +84,7 @@ def _reason(d: dict) -> str:
     return f"{call}() refused {why}"
 
 
-async def watch_denials(kernel) -> None:
+async def watch_denials(kernel: "Kernel") -> None:
     """Log each refused syscall of one of our agents' programs (by uid); until
     cancelled, then remove our audit rules."""
     window = collections.Counter()  # (agent, second) -> events seen; (agent, second, shape) too

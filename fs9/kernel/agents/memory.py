@@ -19,6 +19,10 @@ import time
 
 from ...errors import Fs9Error
 from ..names import NAME_RE
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
 
 DEFAULTS = {"max_bytes": 1 << 20, "max_notes": 256, "max_age_days": 0}
 MAX_NOTE = 1 << 20
@@ -38,7 +42,7 @@ def policy(manifest: dict) -> dict:
 class Memory:
     """Every agent's notes: holder -> {key: (bytes, when set)}."""
 
-    def __init__(self, kernel) -> None:
+    def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel
         self.notes: dict[str, dict[str, tuple[bytes, float]]] = {}
 

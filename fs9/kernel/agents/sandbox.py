@@ -11,9 +11,13 @@ import tempfile
 from ...drivers import cgroups, confine
 from ...errors import Fs9Error
 from . import limits
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
 
 
-def free_uid_offset(kernel) -> int:
+def free_uid_offset(kernel: "Kernel") -> int:
     """The next uid of this instance's range that nothing holds: no agent of ours, and
     no process on the host (a previous holder's program may outlive it)."""
     taken = {a.uid for a in kernel.agents.values()}
@@ -25,7 +29,7 @@ def free_uid_offset(kernel) -> int:
     raise Fs9Error(errno.EAGAIN, f"all {confine.SLOT_SIZE} agent uids of this fs9 are in use")
 
 
-def scratch_root(kernel) -> str:
+def scratch_root(kernel: "Kernel") -> str:
     """Where agents' scratch folders are: a folder of fs9's own (root's, 0711) made
     afresh in /tmp on first use, so no other user can plant a name in it."""
     if not kernel.scratch_dir:
@@ -61,14 +65,14 @@ def make_group(agent) -> cgroups.Group:
     return group
 
 
-def _vault_binds(kernel, subtrees) -> list[tuple[str, str]]:
+def _vault_binds(kernel: "Kernel", subtrees) -> list[tuple[str, str]]:
     """(the folder on disk, where the agent's view shows it) for vault subtrees."""
     mnt = kernel.mount_path
     return [(os.path.join(kernel.vault_dir, *sub[1:]), os.path.join(mnt, *sub))
             for sub in subtrees] if kernel.vault_dir else []
 
 
-def spec(kernel, agent) -> dict:
+def spec(kernel: "Kernel", agent) -> dict:
     """What agent's sandbox is made of (drivers/zygote.py reads it)."""
     mnt = kernel.mount_path
     read = list(confine.SYSTEM_READ) + agent.driver.reads(agent.manifest)

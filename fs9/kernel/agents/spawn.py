@@ -13,13 +13,17 @@ from ...drivers import confine
 from ...errors import Fs9Error
 from ..names import NAME_RE, OPERATOR
 from . import manifest as manifests
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
 
 RESERVED_NAMES = (OPERATOR, "by-capability", "owners")  # registry/ has files of these names
 # what an agent with the spawn pledge may set: never what decides access
 AGENT_SPAWN_KEYS = {"def", "priority", "timeout_s", "max_restarts", "within_s", "restart"}
 
 
-def prepare(kernel, name: str, *overrides: str) -> tuple[dict, str]:
+def prepare(kernel: "Kernel", name: str, *overrides: str) -> tuple[dict, str]:
     """Check a spawn fully: (its effective manifest, its home folder); Fs9Error if it
     cannot start. Changes nothing."""
     if not NAME_RE.fullmatch(name) or name in RESERVED_NAMES:

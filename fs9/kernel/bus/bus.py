@@ -42,6 +42,10 @@ from .mailbox import Mailbox
 from .message import Message
 from ..stream import Changes
 from .topic import MAX_EVENT, Topic
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
 
 
 
@@ -57,7 +61,7 @@ class Operator:
 
 
 class Bus:
-    def __init__(self, kernel) -> None:
+    def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel
         self.operator = Operator()
         self.topics: dict[str, Topic] = {}

@@ -17,6 +17,7 @@ from ..stream import Stream
 from . import budget
 
 if TYPE_CHECKING:
+    from ..kernel import Kernel
     from .models import Model
 
 KEEP_MESSAGES = 6  # compaction keeps the newest messages as they are
@@ -104,7 +105,7 @@ def tokens_of(messages: list[dict]) -> int:
     return sum(budget.estimate_tokens(json.dumps(m)) for m in messages)
 
 
-async def compact(conv: Conversation, ids: dict, max_tokens: int, kernel) -> None:
+async def compact(conv: Conversation, ids: dict, max_tokens: int, kernel: "Kernel") -> None:
     """L1 memory: before the conversation overflows the context window, the older
     messages become the model's summary of them (the newest KEEP_MESSAGES stay);
     a message too long on its own is cut in the middle. Never fails for length."""

@@ -46,6 +46,10 @@ from ..names import NAME_RE, OPERATOR
 from .conversation import (Conversation, Turn, assistant_message, compact, parse_request,
                            tokens_of)
 from .scheduler import Scheduler
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
 
 IDLE_S = 3600.0
 MAX_REQUEST = 4 << 20
@@ -88,7 +92,7 @@ class Model:
 class Models:
     """The configured models and everything model use the kernel keeps."""
 
-    def __init__(self, kernel) -> None:
+    def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel
         self.usage: dict[tuple, Usage] = {}  # ("agent", who) / ("task", id) / ("model", m, who)
         self.total = Usage()

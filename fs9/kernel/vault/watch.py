@@ -27,6 +27,10 @@ import time
 import trio
 
 from ..names import split_view
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
 
 SETTLE_S = 0.25  # a change waits this long: fs9's own report of it arrives first
 OWN_S = 2.0  # a change fs9 made to a path within this long is not logged again
@@ -97,7 +101,7 @@ def coalesce(batch: list[tuple]) -> list[tuple]:
     return out
 
 
-async def watch(kernel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def watch(kernel: "Kernel", *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Watch kernel.vault_dir until cancelled. Ready once the watch is in place; a
     watch that cannot start (inotify limits, no watchdog) is a `watch_unavailable`
     event, and the mount goes on without it."""
@@ -176,7 +180,7 @@ def _run_soon(token, fn, *args) -> None:
         pass  # the mount is going away
 
 
-def _overflowed(kernel) -> None:
+def _overflowed(kernel: "Kernel") -> None:
     """Trio thread: the watcher lost events."""
     kernel.log.append("watch_overflow", reason="the kernel's inotify queue overflowed: "
                       "changes were not reported one by one; the search index rescans the vault")
@@ -192,7 +196,7 @@ def _watchdog_version() -> str:
         return "?"
 
 
-def _arrived(kernel, send, item) -> None:
+def _arrived(kernel: "Kernel", send, item) -> None:
     """Trio thread: index now, log after SETTLE_S."""
     op, src, dest, is_dir, _ = item
     if is_dir and op in ("modified", ""):  # a name came or went: its own event says which
@@ -204,7 +208,7 @@ def _arrived(kernel, send, item) -> None:
     send.send_nowait(item)
 
 
-async def _log_changes(kernel, receive) -> None:
+async def _log_changes(kernel: "Kernel", receive) -> None:
     vault = kernel.vault_dir
     while True:
         first = await receive.receive()
