@@ -349,7 +349,8 @@ class Agent:
         if self.group is not None:
             # nothing of a run outlives it (a double fork, setsid): the group ends it all;
             # and a limit that bit at the very end still names the reason
-            await trio.to_thread.run_sync(self.group.kill)
+            if self.group.pids():  # (reading the groups costs microseconds: inline)
+                await trio.to_thread.run_sync(self.group.kill)
             self._check_limits(task, output)
         ids = dict(agent=self.name, task=task.id, corr=task.corr)
         if self._exceeded:
