@@ -38,6 +38,8 @@ from fs9.drivers import confine
 
 RACE_S = 8  # seconds of racing (the base commit leaked within about a second)
 CANARY = b"CANARY-SECRET-5f3e9a\n"
+MARK = "CANARY"  # any part of the secret that reaches the agent: the kernel may cut a
+# read short at the size it knows of the file fs9 opened in its place
 CANARY_LOG = b"canary log: nobody appends here\n"
 
 
@@ -79,13 +81,13 @@ def canary_state(canary: Path) -> dict:
 
 
 def leaked_into(folder: Path) -> list[str]:
-    """Files under folder (on disk) holding the canary's secret."""
+    """Files under folder (on disk) holding (a part of) the canary's secret."""
     found = []
     for dirpath, _, files in os.walk(folder):
         for name in files:
             p = os.path.join(dirpath, name)
             try:
-                if not os.path.islink(p) and CANARY.strip() in Path(p).read_bytes():
+                if not os.path.islink(p) and MARK.encode() in Path(p).read_bytes():
                     found.append(p)
             except OSError:
                 pass
@@ -275,14 +277,15 @@ def test_swapping_a_directory_for_a_symlink_reaches_nothing_outside(mount, racer
     mount.write("agents/racer/in", "go\n")
     out, err = wait_task(mount, "racer", timeout=RACE_S + 90)
     got = counts(out)
-    print(f"racer: {got}; LEAK lines: {out.count('LEAK')}; canary now: "
+    leaks = [line for line in out.splitlines() if line.startswith("LEAK")]
+    print(f"racer: {got}; LEAK lines: {len(leaks)} {leaks[:3]}; canary now: "
           f"{sorted(os.listdir(canary))}")
     # the attack ran: the swaps went through, and so did many requests under vault/c/d
     assert "DONE" in out, out + err
     assert got.get("swap", (0, 0))[0] > 100, got
     assert got.get("read", (0, 0))[0] + got.get("create", (0, 0))[0] > 100, got
-    # what the other side received: nothing of the canary, anywhere
-    assert CANARY.strip().decode() not in out + err, out[:3000]
+    # what the other side received: only its own file's bytes, nothing of the canary
+    assert not leaks and MARK not in out + err, out[:3000]
     assert not leaked_into(mount.vault)
     assert canary_state(canary) == before, "the canary folder changed"
     assert mount.alive()
@@ -399,7 +402,7 @@ def test_a_parent_swapped_for_a_symlink_is_refused_to_an_agent(mount):
     results = json.loads(out.strip().splitlines()[-1])
     print(results)
     refused_everywhere(results, canary, before, mount.vault)
-    assert CANARY.strip().decode() not in out + err
+    assert MARK not in out + err
 
 
 def test_a_fifo_swapped_in_under_a_file_hangs_nothing(mount):

@@ -98,14 +98,10 @@ class VaultNode(Node):
         """Open name here, creating it with the caller's mode (its umask applied) and
         owner; an existing file (made meanwhile) is opened unless O_EXCL."""
         path = self.path + (name,)
-        fd, created = await in_thread(_create, self.root, self.rel + (name,), flags,
-                                      new_mode(path, mode, ctx))
+        fd, created, st = await in_thread(_create, self.root, self.rel + (name,), flags,
+                                          new_mode(path, mode, ctx), ctx.uid, ctx.gid)
         self._report(path, "created" if created else "modified", ctx)
-        try:
-            node = await self._made(name, ctx) if created else self._child(name)
-        except BaseException:
-            os.close(fd)
-            raise
+        node = self._made(name, st)
         return VaultHandle(fd, self.kernel.vault_changes, split_view(path)[0], ctx.uid,
                            writing=True), node
 
@@ -138,17 +134,23 @@ class VaultNode(Node):
 
     # --- names made, moved and removed -----------------------------------------------
 
-    async def _made(self, name: str, ctx, mode: int | None = None) -> "VaultNode":
-        """What a person makes through the mount is theirs (fs9 made it as root)."""
-        rel = self.rel + (name,)
-        st = await in_thread(_settle, self.root, rel, mode, ctx.uid, ctx.gid)
-        return VaultNode(self.kernel, self.path + (name,), rel, self.view, st)
+    def _made(self, name: str, st: os.stat_result | OSError) -> "VaultNode":
+        """The node of a name just made (_make), or the error settling it raised (the
+        name was made all the same: a change reported before this raises)."""
+        if isinstance(st, OSError):
+            raise Fs9Error(st.errno or errno.EIO, st.strerror or str(st))
+        return VaultNode(self.kernel, self.path + (name,), self.rel + (name,), self.view, st)
+
+    async def _make(self, name: str, make, ctx, mode: int | None = None) -> "VaultNode":
+        """make(root, rel) a new name here, given to the caller (one worker thread)."""
+        st = await in_thread(_make, make, self.root, self.rel + (name,), mode, ctx.uid,
+                             ctx.gid)
+        self._report(self.path + (name,), "created", ctx)
+        return self._made(name, st)
 
     async def mkdir(self, name: str, mode: int, ctx) -> "VaultNode":
         mode = new_mode(self.path + (name,), mode, ctx) & 0o1777  # as mkdir(2): no setuid/gid
-        await in_thread(self.root.mkdir, self.rel + (name,), mode)
-        self._report(self.path + (name,), "created", ctx)
-        return await self._made(name, ctx, mode)
+        return await self._make(name, lambda root, rel: root.mkdir(rel, mode), ctx, mode)
 
     async def mknod(self, name: str, mode: int, rdev: int, ctx) -> "VaultNode":
         """Regular files, fifos and sockets; device nodes only for the root operator
@@ -161,14 +163,12 @@ class VaultNode(Node):
         elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, 0):
             raise Fs9Error(errno.EINVAL, "no such file type")
         perm = new_mode(path, mode, ctx)
-        await in_thread(self.root.mknod, self.rel + (name,), (kind or stat.S_IFREG) | perm, rdev)
-        self._report(path, "created", ctx)
-        return await self._made(name, ctx, perm)
+        return await self._make(name, lambda root, rel: root.mknod(
+            rel, (kind or stat.S_IFREG) | perm, rdev), ctx, perm)
 
     async def symlink(self, name: str, target: bytes, ctx) -> "VaultNode":
-        await in_thread(self.root.symlink, os.fsdecode(target), self.rel + (name,))
-        self._report(self.path + (name,), "created", ctx)
-        return await self._made(name, ctx)
+        return await self._make(name, lambda root, rel: root.symlink(os.fsdecode(target), rel),
+                                ctx)
 
     async def link(self, src: "VaultNode", name: str, ctx) -> "VaultNode":
         await in_thread(self.root.link, src.rel, self.rel + (name,))
@@ -240,10 +240,33 @@ def _open(root, rel, flags: int) -> int:
     return _regular(root.open(rel, flags | os.O_NONBLOCK), flags)
 
 
-def _create(root, rel, flags: int, mode: int) -> tuple[int, bool]:
-    """beneath.py's create, with _open's care for what was made meanwhile."""
+def _create(root, rel, flags: int, mode: int, uid: int, gid: int):
+    """beneath.py's create, with _open's care for what was made meanwhile; a file made
+    is given to uid:gid (_make): (fd, made, its lstat or the error settling it)."""
     fd, created = root.create(rel, flags | os.O_NONBLOCK, mode)
-    return _regular(fd, flags), created
+    fd = _regular(fd, flags)
+    st = _settled(root, rel, None, uid, gid) if created else _settled(root, rel)
+    if isinstance(st, OSError):
+        os.close(fd)
+    return fd, created, st
+
+
+def _make(make, root, rel, mode: int | None, uid: int, gid: int):
+    """make(root, rel), then what a person makes through the mount is theirs (fs9 made
+    it as root): owner uid:gid, mode exactly (None: as made). Its lstat, or the OSError
+    settling it raised (it was made: a change all the same)."""
+    make(root, rel)
+    return _settled(root, rel, mode, uid, gid)
+
+
+def _settled(root, rel, mode=None, uid=None, gid=None) -> os.stat_result | OSError:
+    """beneath.py's settle (uid None: none), then the lstat; or the OSError raised."""
+    try:
+        if uid is not None:
+            root.settle(rel, mode, uid, gid)
+        return root.lstat(rel)
+    except OSError as e:
+        return e
 
 
 def _regular(fd: int, flags: int) -> int:
@@ -292,12 +315,6 @@ class _Listed:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
-
-def _settle(root, rel, mode: int | None, uid: int, gid: int) -> os.stat_result:
-    """A name fs9 just made, given to the caller (beneath.py's settle); its lstat."""
-    root.settle(rel, mode, uid, gid)
-    return root.lstat(rel)
-
 
 def _set_attributes(root, rel, attr, fields) -> None:
     """setattr by name beneath the root: size, mode, owner, times; never through a
