@@ -5,6 +5,8 @@ import signal
 import subprocess
 import time
 
+from conftest import proc_report
+
 
 def long_task(mount) -> None:
     mount.define("slow", 'cmd = ["sh", "-c", "read x; echo started; sleep 60"]\n')
@@ -48,7 +50,11 @@ def test_timeout_ctrl_c_and_sigkill_free_a_blocked_reader(mount):
         mount.wait_reading([p], "events")
         sent = time.monotonic()
         p.send_signal(sig)
-        p.wait(timeout=30)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # say where the reader and the server wait
+            raise AssertionError(f"reader ignored signal {sig!r} for 30 s:\n"
+                                 f"{proc_report(p.pid)}\nfs9:\n{proc_report(mount.pid)}")
         assert time.monotonic() - sent < 1.0, f"reader ignored signal {sig!r}"
         assert p.returncode == -sig
     assert mount.alive()
