@@ -46,7 +46,10 @@ def test_timeout_ctrl_c_and_sigkill_free_a_blocked_reader(mount):
     assert r.returncode == 124 and r.stdout == "started\n"
     assert time.monotonic() - start < 2.0
     for sig in (signal.SIGINT, signal.SIGKILL, signal.SIGTERM):
-        p = subprocess.Popen(["cat", mount.path / "events"], stdout=subprocess.DEVNULL)
+        # (with the signals' default actions: a suite started with `nohup ... &` ignores
+        # SIGINT, and its children would inherit that)
+        p = subprocess.Popen(["env", "--default-signal=INT,TERM", "cat", mount.path / "events"],
+                             stdout=subprocess.DEVNULL)
         mount.wait_reading([p], "events")
         sent = time.monotonic()
         p.send_signal(sig)
