@@ -87,6 +87,32 @@ def blocked_reading(pid: int, path) -> bool:
         return False
 
 
+def proc_report(pid: int) -> str:
+    """What /proc says about a process and its threads (state, pending and blocked signals,
+    the syscall and kernel stack it waits in): for a failure's message."""
+    out = []
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError as e:
+        return f"pid {pid}: {e.strerror}"
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
+        fields = {}
+        for name in ("status", "wchan", "syscall", "stack"):
+            try:
+                with open(f"{base}/{name}") as f:
+                    fields[name] = f.read().strip()
+            except OSError as e:
+                fields[name] = e.strerror
+        status = {k: v.strip() for k, _, v in (line.partition(":") for line in
+                                               fields.pop("status").splitlines())}
+        keep = " ".join(f"{k}={status.get(k)}" for k in ("Name", "State", "SigPnd", "ShdPnd",
+                                                         "SigBlk", "SigIgn", "SigCgt"))
+        out.append(f"{pid}/{tid}: {keep} wchan={fields['wchan']} syscall={fields['syscall']}"
+                   f"\n  " + fields["stack"].replace("\n", "\n  "))
+    return "\n".join(out)
+
+
 def pending_bytes(pipe) -> int:
     """How many bytes wait unread in a pipe (FIONREAD): what a child wrote to it so far."""
     import fcntl

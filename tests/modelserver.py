@@ -22,10 +22,11 @@ completion = words of the content, or of json.dumps([{"name", "arguments"}, ...]
 for tool calls.
 
 `.requests` holds (path, JSON body or None, headers with lower-cased names) for
-every request; `.in_flight` / `.max_in_flight` count chat and embedding requests
-being answered. `stop()` closes every open connection (keep-alive ones and
-streams mid-flight, sleeping requests are dropped unanswered); `start()` serves
-the same port again. `release()` ends the SLEEPs under way: those requests are
+every request, `.streamed_at` the time (monotonic) each streamed content piece was
+sent; `.in_flight` / `.max_in_flight` count chat and embedding requests being
+answered. `stop()` closes every open connection (keep-alive ones and streams
+mid-flight, sleeping requests are dropped unanswered); `start()` serves the same
+port again. `release()` ends the SLEEPs under way: those requests are
 answered at once (so a test can hold requests in flight as long as it needs).
 """
 from __future__ import annotations
@@ -170,6 +171,7 @@ class ModelServer:
         self.delay_s = delay_s
         self.context_length = context_length
         self.requests: list[tuple[str, Any, dict[str, str]]] = []
+        self.streamed_at: list[float] = []  # when each streamed content piece was sent
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -430,6 +432,7 @@ class ModelServer:
                         return
                     first = False
                     event({"content": part})
+                    server.streamed_at.append(time.monotonic())
                 for i, c in enumerate(r.tool_calls):
                     if not self.pause(server.token_delay_s):
                         return
@@ -512,6 +515,7 @@ class ModelServer:
                         return
                     first = False
                     self.chunk(json.dumps(line(part, False)) + "\n")
+                    server.streamed_at.append(time.monotonic())
                 if calls:
                     if not first and not self.pause(server.token_delay_s):
                         return

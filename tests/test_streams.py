@@ -5,6 +5,8 @@ import signal
 import subprocess
 import time
 
+from conftest import proc_report
+
 
 def long_task(mount) -> None:
     mount.define("slow", 'cmd = ["sh", "-c", "read x; echo started; sleep 60"]\n')
@@ -44,11 +46,18 @@ def test_timeout_ctrl_c_and_sigkill_free_a_blocked_reader(mount):
     assert r.returncode == 124 and r.stdout == "started\n"
     assert time.monotonic() - start < 2.0
     for sig in (signal.SIGINT, signal.SIGKILL, signal.SIGTERM):
-        p = subprocess.Popen(["cat", mount.path / "events"], stdout=subprocess.DEVNULL)
+        # (with the signals' default actions: a suite started with `nohup ... &` ignores
+        # SIGINT, and its children would inherit that)
+        p = subprocess.Popen(["env", "--default-signal=INT,TERM", "cat", mount.path / "events"],
+                             stdout=subprocess.DEVNULL)
         mount.wait_reading([p], "events")
         sent = time.monotonic()
         p.send_signal(sig)
-        p.wait(timeout=30)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # say where the reader and the server wait
+            raise AssertionError(f"reader ignored signal {sig!r} for 30 s:\n"
+                                 f"{proc_report(p.pid)}\nfs9:\n{proc_report(mount.pid)}")
         assert time.monotonic() - sent < 1.0, f"reader ignored signal {sig!r}"
         assert p.returncode == -sig
     assert mount.alive()
