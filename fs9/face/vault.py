@@ -25,7 +25,7 @@ from ..kernel.agents import manifest as manifests
 from ..kernel.names import split_view
 from .access import may_access, may_set_attributes, new_mode, refusals_logged
 from .node import REFUSALS, Attrs, Node, shown
-from .vaultfile import VaultHandle, disk, disk_attrs, in_thread
+from .vaultfile import ByName, VaultHandle, disk, disk_attrs, in_thread, set_attributes
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ class VaultNode(Node):
         allow the caller; the file as it is now (its own mode, not a view's)."""
         with refusals_logged(self.kernel, self.path):
             may_set_attributes(self.path, self, attr, fields, ctx)
-        await in_thread(_set_attributes, self.root, self.rel, attr, fields)
+        await in_thread(set_attributes, ByName(self.root, self.rel), attr, fields)
         self._report(self.path, "modified", ctx)
         return VaultNode.at(self.kernel, self.path, self.rel, self.view)
 
@@ -315,17 +315,3 @@ class _Listed:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
-
-def _set_attributes(root, rel, attr, fields) -> None:
-    """setattr by name beneath the root: size, mode, owner, times; never through a
-    symlink (a symlink's own owner and times)."""
-    if fields.update_size:
-        root.truncate(rel, attr.st_size)
-    if fields.update_mode:
-        root.chmod(rel, stat.S_IMODE(attr.st_mode))
-    if fields.update_uid or fields.update_gid:
-        root.chown(rel, attr.st_uid if fields.update_uid else -1,
-                   attr.st_gid if fields.update_gid else -1)
-    if fields.update_atime or fields.update_mtime:
-        root.utimens(rel, attr.st_atime_ns if fields.update_atime else None,
-                     attr.st_mtime_ns if fields.update_mtime else None)

@@ -91,21 +91,61 @@ class OpenFile(Node):
             raise Fs9Error(errno.EACCES, "an agent changes a file it opened to write")
         seen_as = ("agents", h.agent, "view") if h.agent else ()
         may_set_attributes(seen_as, self, attr, fields, ctx)
-        await in_thread(_set_attributes, h.fd, attr, fields)
+        await in_thread(set_attributes, ByFd(h.fd), attr, fields)
         return OpenFile(h, await in_thread(os.fstat, h.fd))
 
 
-def _set_attributes(fd: int, attr, fields) -> None:
-    """setattr through an open fd: size, mode, owner, times (passthroughfs.py's order).
-    Blocks."""
+def set_attributes(target, attr, fields) -> None:
+    """setattr: size, mode, owner, times (passthroughfs.py's order), on target, a file
+    by its name beneath the root (ByName) or by its open fd (ByFd). Blocks."""
     if fields.update_size:
-        os.ftruncate(fd, attr.st_size)
+        target.truncate(attr.st_size)
     if fields.update_mode:
-        os.chmod(fd, stat.S_IMODE(attr.st_mode))
+        target.chmod(stat.S_IMODE(attr.st_mode))
     if fields.update_uid or fields.update_gid:
-        os.chown(fd, attr.st_uid if fields.update_uid else -1,
-                 attr.st_gid if fields.update_gid else -1)
+        target.chown(attr.st_uid if fields.update_uid else -1,
+                     attr.st_gid if fields.update_gid else -1)
     if fields.update_atime or fields.update_mtime:
-        st = os.fstat(fd)
-        os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                         attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+        target.utimens(attr.st_atime_ns if fields.update_atime else None,
+                       attr.st_mtime_ns if fields.update_mtime else None)
+
+
+class ByName:
+    """A vault file by its name beneath the root: never through a symlink (a symlink's
+    own owner and times)."""
+
+    def __init__(self, root, rel: tuple[str, ...]) -> None:
+        self.root, self.rel = root, rel
+
+    def truncate(self, size: int) -> None:
+        self.root.truncate(self.rel, size)
+
+    def chmod(self, mode: int) -> None:
+        self.root.chmod(self.rel, mode)
+
+    def chown(self, uid: int, gid: int) -> None:
+        self.root.chown(self.rel, uid, gid)
+
+    def utimens(self, atime_ns, mtime_ns) -> None:
+        self.root.utimens(self.rel, atime_ns, mtime_ns)
+
+
+class ByFd:
+    """An open vault file by its fd (its name may be gone)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def chmod(self, mode: int) -> None:
+        os.chmod(self.fd, mode)
+
+    def chown(self, uid: int, gid: int) -> None:
+        os.chown(self.fd, uid, gid)
+
+    def utimens(self, atime_ns, mtime_ns) -> None:
+        st = os.fstat(self.fd)
+        os.utime(self.fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                              st.st_mtime_ns if mtime_ns is None else mtime_ns))
