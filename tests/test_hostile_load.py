@@ -8,6 +8,8 @@ import os
 import threading
 import time
 
+import pytest
+
 from conftest import errno_of
 
 
@@ -163,3 +165,23 @@ def test_an_agents_open_files_hold_a_bounded_number_of_bytes(mount):
     # what the closed files held is released: the agent may write again
     mount.write("agents/hoarder/view/agents/hoarder/memory/small", "ok\n")
     assert mount.read("agents/hoarder/memory/small") == "ok\n"
+
+
+def test_a_flood_of_escape_attempts_is_counted_not_logged_one_by_one(mount):
+    from fs9.drivers import confine
+    if confine.unavailable():
+        pytest.skip(f"cannot confine here: {confine.unavailable()}")
+    mount.define("prober", 'cmd = ["python3", "-c", "import ctypes, time\\n'
+                 'libc = ctypes.CDLL(None)\\nt = time.monotonic()\\n'
+                 'for i in range(3000):\\n    libc.unshare(0x20000)\\n'
+                 'print(round(time.monotonic() - t, 1), flush=True)\\ntime.sleep(1.5)\\n'
+                 'libc.unshare(0x20000)"]\npledge = ["read"]\n')
+    mount.sh("echo 'spawn prober' > ctl; echo go > agents/prober/in", check=True)
+    status = mount.wait_for(lambda: (s := mount.status("prober"))["latest_state"] in
+                            ("done", "failed") and s, 120, "the prober")
+    seconds = float(mount.read(f"agents/prober/tasks/{status['latest']}/out").split()[0]) + 2
+    attempts = [e for e in audit(mount) if e["kind"] == "escape_attempt"
+                and e.get("agent") == "prober"]
+    assert len(attempts) <= 50 * (seconds + 1), (len(attempts), seconds)
+    # the one after the pause says how many were not logged one by one
+    assert sum(e.get("coalesced", 0) for e in attempts) + len(attempts) == 3001

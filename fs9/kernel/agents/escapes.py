@@ -39,9 +39,40 @@ QUERIES = {"access", "faccessat", "faccessat2"}
 _PROC_PID = re.compile(r"^/proc/\d+/")
 
 
+class Burst:
+    """At most BURST events per agent and second; the rest are counted, and the next
+    event logged for that agent says how many were not (`coalesced`)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[int]] = {}  # agent -> [second, events in it, not logged]
+
+    def admit(self, agent: str, second: int) -> dict | None:
+        """The fields to add to this event ({} or {"coalesced": N}); None: not logged."""
+        seen = self.seen.get(agent)
+        if seen is None or seen[0] != second:
+            if len(self.seen) > 4096:
+                self.seen.clear()
+            held = seen[2] if seen else 0
+            seen = self.seen[agent] = [second, 0, held]
+        seen[1] += 1
+        if seen[1] > BURST:
+            seen[2] += 1
+            return None
+        fields = {"coalesced": seen[2]} if seen[2] else {}
+        seen[2] = 0
+        return fields
+
+
+_attempts = Burst()
+
+
 def attempt(kernel: "Kernel", agent, report: dict) -> None:
-    """A program in agent's sandbox made a syscall the sandbox refuses."""
-    kernel.log.append("escape_attempt", agent=agent.name, pid=report["pid"],
+    """A program in agent's sandbox made a syscall the sandbox refuses (a flood of them
+    is counted, not logged one by one: Burst)."""
+    extra = _attempts.admit(agent.name, int(trio.current_time()))
+    if extra is None:
+        return
+    kernel.log.append("escape_attempt", agent=agent.name, pid=report["pid"], **extra,
                       syscall=report["syscall"], comm=report["comm"],
                       reason=f"{report['syscall']}() refused (EPERM) by the sandbox")
 
@@ -87,7 +118,8 @@ def _reason(d: dict) -> str:
 async def watch_denials(kernel: "Kernel") -> None:
     """Log each refused syscall of one of our agents' programs (by uid); until
     cancelled, then remove our audit rules."""
-    window = collections.Counter()  # (agent, second) -> events seen; (agent, second, shape) too
+    window = collections.Counter()  # (agent, second, shape) -> /proc scans seen
+    denials = Burst()
     try:
         async with audit.Refusals() as refusals:
             async for d in refusals:
@@ -106,10 +138,10 @@ async def watch_denials(kernel: "Kernel") -> None:
                     window[shape] += 1
                     if window[shape] > 1:
                         continue
-                window[agent.name, second] += 1
-                if window[agent.name, second] > BURST:
+                extra = denials.admit(agent.name, second)
+                if extra is None:
                     continue
-                kernel.log.append("escape_denied", agent=agent.name, pid=d.get("pid"),
+                kernel.log.append("escape_denied", agent=agent.name, pid=d.get("pid"), **extra,
                                   comm=d.get("comm"), syscall=d.get("syscall"),
                                   errno=d.get("errno"), path=path,
                                   blockers=d.get("blockers"), reason=_reason(d))
