@@ -468,17 +468,17 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def setxattr(self, ino, name, value, ctx):
-        path, node = await self._xattr_to_change(ino, ctx, "setxattr")
+        node = await self._xattr_to_change(ino, ctx, "setxattr")
         await node.setxattr(os.fsdecode(name), bytes(value), ctx)
 
     @boundary
     async def removexattr(self, ino, name, ctx):
-        path, node = await self._xattr_to_change(ino, ctx, "removexattr")
+        node = await self._xattr_to_change(ino, ctx, "removexattr")
         await node.removexattr(os.fsdecode(name), ctx)
 
-    async def _xattr_to_change(self, ino, ctx, op: str) -> tuple[tuple[str, ...], Node]:
+    async def _xattr_to_change(self, ino, ctx, op: str) -> Node:
         path, node = await self._node_or_file(ino)
         node.can(op)
         self.gate.admit(path, ctx)
         self.gate.check(path, writing=True)
-        return path, node
+        return node
