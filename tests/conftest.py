@@ -43,6 +43,20 @@ def fuse_unavailable() -> str | None:
     return None
 
 
+def cannot_confine_c(gcc_for: str) -> str | None:
+    """Why tests of confined agents running a C program cannot run here, or None."""
+    from fs9.drivers import confine
+    why = fuse_unavailable()
+    if why:
+        return f"cannot mount FUSE here: {why}"
+    why = confine.unavailable()
+    if why:
+        return f"cannot confine here: {why}"
+    if not shutil.which("gcc"):
+        return f"gcc missing: {gcc_for}"
+    return None
+
+
 def fs9(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fs9", *args], capture_output=True,
                           text=True, timeout=kw.pop("timeout", 60), **kw)

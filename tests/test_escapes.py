@@ -92,8 +92,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WAIT_S, Mount, fuse_unavailable
-from fs9.drivers import confine
+from conftest import WAIT_S, Mount, cannot_confine_c
 
 HERE = Path(__file__).resolve().parent
 ESCAPE_KINDS = {"unveil_denied", "refused", "escape_attempt", "escape_denied"}
@@ -341,19 +340,8 @@ owns = ["vault/work"]
 """
 
 
-def _skip_reason() -> str | None:
-    why = fuse_unavailable()
-    if why:
-        return f"cannot mount FUSE here: {why}"
-    why = confine.unavailable()
-    if why:
-        return f"cannot confine here: {why}"
-    if not shutil.which("gcc"):
-        return "gcc missing: the raw-syscall attempts (tests/escapes/escape.c) need it"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+_SKIP = cannot_confine_c("the raw-syscall attempts (tests/escapes/escape.c) need it")
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fuse_unavailable
-from fs9.drivers import confine
+from conftest import cannot_confine_c
 
 RACE_S = 8  # seconds of racing (the base commit leaked within about a second)
 CANARY = b"CANARY-SECRET-5f3e9a\n"
@@ -43,19 +42,8 @@ MARK = "CANARY"  # any part of the secret that reaches the agent: the kernel may
 CANARY_LOG = b"canary log: nobody appends here\n"
 
 
-def _skip_reason() -> str | None:
-    why = fuse_unavailable()
-    if why:
-        return f"cannot mount FUSE here: {why}"
-    why = confine.unavailable()
-    if why:
-        return f"cannot confine here: {why}"
-    if not shutil.which("gcc"):
-        return "gcc missing: the racing program is C"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+_SKIP = cannot_confine_c("the racing program is C")
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
 
 def make_canary(root: Path) -> Path:
