@@ -25,7 +25,7 @@ from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
 from .log import Event, EventLog
-from .rate import Rates
+from .rate import Burst, Rates
 from .models.models import Models
 from .stream import Stream
 from .task import Task
@@ -90,7 +90,7 @@ class Kernel:
         self.halted = False
         self.bus = Bus(self)
         self.rates = Rates()  # per-agent rate limits (rate.py)
-        self._refusals: dict[str | None, list[int]] = {}  # agent -> [second, refusals in it]
+        self._refusals = Burst(REFUSALS_PER_S)  # an agent's refusals, counted per second
         self.killed: list[str] = []  # names of agents killed while mounted, in order
         self._nursery: trio.Nursery | None = None
         self._replaying = False
@@ -418,21 +418,12 @@ class Kernel:
         agent's refusals past REFUSALS_PER_S in one second are counted, not logged one by
         one: the next one logged says how many (`coalesced`), so a loop of refused calls
         cannot flood the log."""
-        second = int(trio.current_time()) if self._nursery is not None else 0
-        seen = self._refusals.get(agent)
-        if seen is None or seen[0] != second:
-            coalesced = max(0, seen[1] - REFUSALS_PER_S) if seen else 0
-            seen = self._refusals[agent] = [second, 0]
-        else:
-            coalesced = 0
-        seen[1] += 1
-        if seen[1] > REFUSALS_PER_S and agent is not None:
+        extra = {} if agent is None else self._refusals.admit(
+            agent, int(trio.current_time()) if self._nursery is not None else 0)
+        if extra is None:
             return
-        if len(self._refusals) > 4096:
-            self._refusals.clear()
         self.log.append("refused", agent=agent, file=file,
-                        errno=errno.errorcode.get(e.errno, str(e.errno)), reason=e.text,
-                        **({"coalesced": coalesced} if coalesced else {}))
+                        errno=errno.errorcode.get(e.errno, str(e.errno)), reason=e.text, **extra)
         if agent in self.agents:
             self.agents[agent].diag(e.text)
 

@@ -53,3 +53,28 @@ class Rates:
     def drop(self, agent: str) -> None:
         for key in [k for k in self._buckets if k[0] == agent]:
             del self._buckets[key]
+
+
+class Burst:
+    """At most `per_s` events per agent and second; the rest are counted, and the next
+    event logged for that agent says how many were not (`coalesced`)."""
+
+    def __init__(self, per_s: int) -> None:
+        self.per_s = per_s
+        self.seen: dict[str, list[int]] = {}  # agent -> [second, events in it, not logged]
+
+    def admit(self, agent: str, second: int) -> dict | None:
+        """The fields to add to this event ({} or {"coalesced": N}); None: not logged."""
+        seen = self.seen.get(agent)
+        if seen is None or seen[0] != second:
+            if len(self.seen) > 4096:
+                self.seen.clear()
+            held = seen[2] if seen else 0
+            seen = self.seen[agent] = [second, 0, held]
+        seen[1] += 1
+        if seen[1] > self.per_s:
+            seen[2] += 1
+            return None
+        fields = {"coalesced": seen[2]} if seen[2] else {}
+        seen[2] = 0
+        return fields

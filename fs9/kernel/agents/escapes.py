@@ -28,6 +28,7 @@ import re
 import trio
 
 from ...drivers import audit, auditrules
+from ..rate import Burst
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,31 +40,7 @@ QUERIES = {"access", "faccessat", "faccessat2"}
 _PROC_PID = re.compile(r"^/proc/\d+/")
 
 
-class Burst:
-    """At most BURST events per agent and second; the rest are counted, and the next
-    event logged for that agent says how many were not (`coalesced`)."""
-
-    def __init__(self) -> None:
-        self.seen: dict[str, list[int]] = {}  # agent -> [second, events in it, not logged]
-
-    def admit(self, agent: str, second: int) -> dict | None:
-        """The fields to add to this event ({} or {"coalesced": N}); None: not logged."""
-        seen = self.seen.get(agent)
-        if seen is None or seen[0] != second:
-            if len(self.seen) > 4096:
-                self.seen.clear()
-            held = seen[2] if seen else 0
-            seen = self.seen[agent] = [second, 0, held]
-        seen[1] += 1
-        if seen[1] > BURST:
-            seen[2] += 1
-            return None
-        fields = {"coalesced": seen[2]} if seen[2] else {}
-        seen[2] = 0
-        return fields
-
-
-_attempts = Burst()
+_attempts = Burst(BURST)
 
 
 def attempt(kernel: "Kernel", agent, report: dict) -> None:
@@ -119,7 +96,7 @@ async def watch_denials(kernel: "Kernel") -> None:
     """Log each refused syscall of one of our agents' programs (by uid); until
     cancelled, then remove our audit rules."""
     window = collections.Counter()  # (agent, second, shape) -> /proc scans seen
-    denials = Burst()
+    denials = Burst(BURST)
     try:
         async with audit.Refusals() as refusals:
             async for d in refusals:
