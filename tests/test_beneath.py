@@ -25,6 +25,7 @@ import time
 import pytest
 
 from conftest import errno_of
+from fs9 import resolve
 from fs9.kernel.vault import beneath
 from fs9.kernel.vault.beneath import RENAME_EXCHANGE, RENAME_NOREPLACE, VaultRoot
 
@@ -434,7 +435,7 @@ def test_no_path_based_syscall(tree, tmp_path, openat2):
 
 # --- resolution: openat2, the fallback, long paths --------------------------------------
 
-@pytest.mark.parametrize("resolve", [beneath.openat2_beneath, beneath.walk_beneath])
+@pytest.mark.parametrize("resolve", [resolve.openat2_beneath, resolve.walk_beneath])
 def test_resolvers(tree, resolve):
     root, canary = tree
     rfd = os.open(root, os.O_PATH | os.O_DIRECTORY)
@@ -464,7 +465,7 @@ def test_longer_than_path_max(vr, tree):
     os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=d))
     os.symlink("/", "ln", dir_fd=d)
     os.close(d)
-    assert errno_of(beneath.openat2_beneath, vr.fd, [os.fsencode(n) for n in deep]) == \
+    assert errno_of(resolve.openat2_beneath, vr.fd, [os.fsencode(n) for n in deep]) == \
         errno.ENAMETOOLONG
     fd, _ = vr.create(tuple(deep) + ("g",), os.O_WRONLY, 0o600)
     os.close(fd)
@@ -477,11 +478,11 @@ def test_enosys_falls_back(tree, monkeypatch):
     def no_openat2(*args):
         ctypes.set_errno(errno.ENOSYS)
         return -1
-    monkeypatch.setattr(beneath, "_sys_openat2", no_openat2)
-    monkeypatch.setattr(beneath, "_have_openat2", True)
+    monkeypatch.setattr(resolve, "_sys_openat2", no_openat2)
+    monkeypatch.setattr(resolve, "_have_openat2", True)
     with VaultRoot(tree[0]) as v:
         assert v.read(("a", "b", "f"), 10) == b"hello"
-        assert beneath._have_openat2 is False
+        assert resolve._have_openat2 is False
         assert errno_of(v.lstat, ("ln", "secret")) == errno.ELOOP
 
 

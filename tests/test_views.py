@@ -304,6 +304,42 @@ def test_read_only_vault_subtrees_are_bound_from_disk_in_the_sandbox(vault):
 
 
 @needs_confinement
+def test_a_folder_swapped_for_a_symlink_is_never_bound(vault, tmp_path):
+    """The sandbox binds vault folders from fds resolved with no symlink followed (on
+    disk, and in the view where they are bound): a folder that is a symlink binds
+    nothing. It stays with fs9, which shows the link and follows nothing. A relative
+    link is the sharp case: by path, `../agents/swapper` resolves beside the vault's
+    folder on disk (the agent's definition folder, say) and to the agent's own folder
+    in the view, so the one was bound over the other, inside what Landlock allows."""
+    host = tmp_path / "host"
+    (host / "code").mkdir(parents=True)
+    (host / "canary").write_text("HOST-CANARY\n")
+    for p in (host, host / "code"):
+        p.chmod(0o777)
+    (host / "canary").chmod(0o666)
+    (vault.vault / "pub").symlink_to(host)
+    (vault.vault / "proj").symlink_to(host)
+    (vault.vault / "rel").symlink_to("../agents/swapper")
+    probe = ("cat $FS9_MNT/vault/pub/canary $FS9_MNT/agents/swapper/canary; "
+             "ls $FS9_MNT/vault/proj/code; "
+             "echo planted > $FS9_MNT/vault/proj/code/planted; "
+             "echo planted >> $FS9_MNT/vault/pub/canary; echo probed\n")
+    vault.define("swapper", 'cmd = ["sh", "probe.sh"]\nowns = ["vault/proj/code"]\n'
+                 '[unveil]\n"vault/pub" = "r"\n"vault/rel" = "r"\n',
+                 {"probe.sh": probe, "canary": "DEFINITION-CANARY\n"})
+    (vault.agents / "swapper/canary").chmod(0o644)
+    spawn(vault, "spawn swapper")
+    vault.write("agents/swapper/in", "go\n")
+    vault.wait_for(lambda: vault.status("swapper")["done"] == "1"
+                   or vault.status("swapper")["failed"] == "1", what="the probe")
+    out = vault.read("agents/swapper/out")
+    assert "probed" in out, vault.read("agents/swapper/err")
+    assert "HOST-CANARY" not in out and "DEFINITION-CANARY" not in out
+    assert (host / "canary").read_text() == "HOST-CANARY\n"
+    assert not (host / "code/planted").exists()
+
+
+@needs_confinement
 def test_an_owned_subtree_bound_from_disk_takes_no_setuid_file(vault):
     probe = ("f=$FS9_MNT/vault/code/tool; echo '#!/bin/sh' > $f; "
              "chmod 4755 $f 2>/dev/null || echo chmod-refused; "

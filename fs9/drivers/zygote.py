@@ -51,14 +51,16 @@ import landlock
 import pyseccomp
 from landlock.plumbing import get_restrict_self
 
+from fs9 import resolve
 from fs9.drivers import netrules
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x10000000, 0x08000000, \
     0x40000000
-# the new mount API (same numbers on x86_64 and aarch64), for idmapped binds
+# the new mount API (same numbers on x86_64 and aarch64), for binds made from fds
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
-AT_FDCWD, AT_EMPTY_PATH, OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH = -100, 0x1000, 1, 4
-MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_IDMAP = 0x2, 0x4, 0x100000
+AT_EMPTY_PATH, OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_T_EMPTY_PATH = \
+    0x1000, 1, 0x04, 0x40
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_IDMAP = 0x1, 0x2, 0x4, 0x100000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
@@ -105,21 +107,7 @@ def enter_namespace(spec: dict) -> None:
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
     _mount(spec["view"], spec["mnt"], None, MS_BIND)
     _mount(None, spec["mnt"], None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV)
-    for source, target in spec.get("binds", ()):
-        # the vault subtrees it may only read, at native speed: the real directory,
-        # read-only, where the view shows it (before the vault's own folder is covered)
-        if os.path.isdir(source) and os.path.isdir(target):
-            _mount(source, target, None, MS_BIND)
-            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    for source, target in spec.get("owned_binds", ()):
-        # the vault subtrees it owns, writable at native speed: the real directory, idmapped
-        # so that the subtree owner's files on disk are the agent's own (and what the agent
-        # makes is stored as that owner's)
-        if os.path.isdir(source) and os.path.isdir(target):
-            try:
-                idmapped_bind(source, target, spec["uid"])
-            except OSError as e:
-                print(f"fs9 sandbox: {target} stays with fs9: {e}", file=sys.stderr)
+    _bind_vault(spec)
     if spec.get("scratch"):  # its scratch folder: a tmpfs of its own, bounded in size
         _mount("fs9-scratch", spec["scratch"], "tmpfs", MS_NOSUID | MS_NODEV,
                f"size={spec.get('scratch_mb', 256)}m,mode=0700,uid={spec['uid']},"
@@ -130,22 +118,54 @@ def enter_namespace(spec: dict) -> None:
                    "size=4k,mode=000")
 
 
-def idmapped_bind(source: str, target: str, uid: int) -> None:
-    """Bind source over target, read-write, nosuid, nodev, with source's owner (uid and
-    group) on disk shown as uid inside (Linux's idmapped mounts)."""
-    st = os.stat(source)
-    userns = _userns(f"{st.st_uid} {uid} 1", f"{st.st_gid} {uid} 1")
+def _bind_vault(spec: dict) -> None:
+    """The vault subtrees it may only read, bound read-only from disk where its view
+    shows them (reads at native speed; a write is EROFS), and those it owns, bound
+    read-write and idmapped so that the subtree owner's files on disk are the agent's
+    own (and what it makes is stored as that owner's). Before the vault's own folder
+    is covered. A subtree that cannot be bound stays with fs9 (served by the mount)."""
+    binds = [(rel, target, MOUNT_ATTR_RDONLY) for rel, target in spec.get("binds", ())]
+    binds += [(rel, target, MOUNT_ATTR_IDMAP) for rel, target in spec.get("owned_binds", ())]
+    if not binds:
+        return
+    vault = os.open(spec["vault"], resolve.DIR)  # the operator's choice: resolved normally
+    mnt = os.open(spec["mnt"], resolve.DIR)  # now showing the view
     try:
-        tree = _syscall(SYS_OPEN_TREE, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | os.O_CLOEXEC)
-        try:
-            attr = ctypes.create_string_buffer(struct.pack(
-                "QQQQ", MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, userns))
-            _syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, attr, 32)
-            _syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH)
-        finally:
-            os.close(tree)
+        for rel, target, attrs in binds:
+            try:
+                bind_beneath(vault, rel, mnt, target, attrs, spec["uid"])
+            except OSError as e:
+                print(f"fs9 sandbox: {'/'.join(target)} stays with fs9: {e}", file=sys.stderr)
     finally:
-        os.close(userns)
+        os.close(vault)
+        os.close(mnt)
+
+
+def bind_beneath(vault: int, rel, mnt: int, target, attrs: int, uid: int) -> None:
+    """Bind the directory vault/rel over mnt/target (names), nosuid and nodev, plus
+    attrs (MOUNT_ATTR_RDONLY, or MOUNT_ATTR_IDMAP: the source's owner on disk shown as
+    uid inside, Linux's idmapped mounts). Both ends are resolved beneath their fd with
+    no symlink followed (fs9/resolve.py) and the mount API takes the fds, so a name an
+    agent swapped for a symlink (in the vault, or in the view) never binds or covers
+    anything else: ELOOP, and the subtree stays with fs9. open_tree must clone a mount
+    of this namespace: the fds are opened after unshare."""
+    src = resolve.directory_beneath(vault, "/".join(rel).encode()) if rel else os.dup(vault)
+    userns = tgt = tree = -1
+    try:
+        tgt = resolve.directory_beneath(mnt, "/".join(target).encode())
+        if attrs & MOUNT_ATTR_IDMAP:
+            st = os.fstat(src)
+            userns = _userns(f"{st.st_uid} {uid} 1", f"{st.st_gid} {uid} 1")
+        tree = _syscall(SYS_OPEN_TREE, src, b"", OPEN_TREE_CLONE | AT_EMPTY_PATH | os.O_CLOEXEC)
+        attr = ctypes.create_string_buffer(struct.pack(
+            "QQQQ", attrs | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, max(userns, 0)))
+        _syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, attr, 32)
+        _syscall(SYS_MOVE_MOUNT, tree, b"", tgt, b"",
+                 MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)
+    finally:
+        for fd in (src, tgt, userns, tree):
+            if fd >= 0:
+                os.close(fd)
 
 
 def _userns(uid_map: str, gid_map: str) -> int:

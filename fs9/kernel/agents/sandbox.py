@@ -65,11 +65,10 @@ def make_group(agent) -> cgroups.Group:
     return group
 
 
-def _vault_binds(kernel: "Kernel", subtrees) -> list[tuple[str, str]]:
-    """(the folder on disk, where the agent's view shows it) for vault subtrees."""
-    mnt = kernel.mount_path
-    return [(os.path.join(kernel.vault_dir, *sub[1:]), os.path.join(mnt, *sub))
-            for sub in subtrees] if kernel.vault_dir else []
+def _vault_binds(kernel: "Kernel", subtrees) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(its names under the vault's folder, its names under the mount) for vault
+    subtrees: the zygote resolves both beneath fds, never a path string."""
+    return [(sub[1:], sub) for sub in subtrees] if kernel.vault_dir else []
 
 
 def spec(kernel: "Kernel", agent) -> dict:
@@ -84,6 +83,6 @@ def spec(kernel: "Kernel", agent) -> dict:
                 scratch=agent.scratch, scratch_mb=agent.limits["scratch_mb"],
                 view=os.path.join(mnt, "agents", agent.name, "view"),
                 hide=[p for p in (kernel.state_dir, kernel.vault_dir) if p],
-                binds=_vault_binds(kernel, agent.view.read_only_vault()),
+                vault=kernel.vault_dir, binds=_vault_binds(kernel, agent.view.read_only_vault()),
                 owned_binds=_vault_binds(kernel, agent.view.owned_vault()),
                 read=read, write=[mnt, agent.scratch], devices=list(confine.DEVICES))

@@ -1,12 +1,11 @@
 """Vault files reached beneath one directory fd: no path-based syscall as root on the vault.
 
 A path is a tuple of names under the vault root. Every operation resolves the parent of
-the last name to an O_PATH fd with openat2(root fd, "a/b", RESOLVE_BENEATH|
-RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS): a symlink anywhere on the way (one an agent
-swapped in meanwhile, even by renameat2 RENAME_EXCHANGE) is refused in the same lookup
-(ELOOP; EXDEV if the walk left the root). Without openat2 (ENOSYS) it walks name by name
-with openat(O_PATH|O_NOFOLLOW|O_DIRECTORY), as QEMU 9p's relative_openat_nofollow does
-(CVE-2016-9602). Then it acts on the last name with an *at call that does not follow it:
+the last name to an O_PATH fd beneath the root's fd (fs9/resolve.py: openat2 with
+RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS, or a name-by-name O_NOFOLLOW walk): a symlink
+anywhere on the way (one an agent swapped in meanwhile, even by renameat2
+RENAME_EXCHANGE) is refused in the same lookup (ELOOP; EXDEV if the walk left the root).
+Then it acts on the last name with an *at call that does not follow it:
 a symlink there is the file itself (lstat shows it, readlink reads it, open: ELOOP).
 Where Linux has no such call (chmod, truncate, xattrs, reading regular files only) the
 file is pinned by an O_PATH|O_NOFOLLOW fd and reached through /proc/self/fd/N, as
@@ -24,20 +23,14 @@ import os
 import stat
 import sys
 
-RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x02, 0x04, 0x08
+from ... import resolve
+
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-_SYS_OPENAT2 = 437  # the unified syscall table: x86_64, aarch64, riscv64, ...
 _AT_SYMLINK_NOFOLLOW, _UTIME_OMIT = 0x100, (1 << 30) - 2
-_PATH_MAX = 4000  # a longer parent path is walked name by name (PATH_MAX is 4096)
-_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC  # a directory on the way, pinned
 _PIN = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC  # the last name itself, pinned
 _LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FSENC, _BAD_NAMES = sys.getfilesystemencoding(), frozenset((b"", b".", b".."))
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
+_oserror = resolve.oserror
 
 
 class _Timespec(ctypes.Structure):
@@ -45,17 +38,6 @@ class _Timespec(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-# syscall(SYS_openat2, dirfd, path, &how, sizeof how), typed (half the cost of untyped)
-_sys_openat2 = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_char_p,
-                                ctypes.c_void_p, ctypes.c_size_t, use_errno=True)(
-    ("syscall", _libc))
-_HOW = _OpenHow(_DIR, 0, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
-_HOW_P, _HOW_SIZE = ctypes.addressof(_HOW), ctypes.sizeof(_HOW)
-_have_openat2 = True  # until the kernel says ENOSYS
-
-
-def _oserror(err: int, what=None) -> OSError:
-    return OSError(err, os.strerror(err), what)
 
 
 def _proc(fd: int) -> str:
@@ -78,42 +60,6 @@ def path_of(rel) -> bytes:
     if len(names) != len(rel) or not _BAD_NAMES.isdisjoint(names) or b"\0" in path:
         raise _oserror(errno.EINVAL, repr(rel))
     return path
-
-
-def openat2_beneath(dirfd: int, names) -> int:
-    """A new O_PATH fd of the directory dirfd/names (bytes): openat2 refuses a symlink on
-    the way (ELOOP) and anything outside dirfd (EXDEV)."""
-    path = b"/".join(names)
-    for _ in range(3):  # EAGAIN: a rename meanwhile, the kernel asks for a retry
-        fd = _sys_openat2(_SYS_OPENAT2, dirfd, path, _HOW_P, _HOW_SIZE)
-        if fd >= 0 or ctypes.get_errno() != errno.EAGAIN:
-            break
-    if fd < 0:
-        raise _oserror(ctypes.get_errno(), os.fsdecode(path))
-    return fd
-
-
-def walk_beneath(dirfd: int, names) -> int:
-    """As openat2_beneath, name by name with openat(O_PATH|O_NOFOLLOW|O_DIRECTORY)."""
-    if not names:
-        raise _oserror(errno.ENOENT)  # as openat2 of ""
-    fd = dirfd
-    try:
-        for name in names:
-            try:
-                nfd = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=fd)
-            except NotADirectoryError:  # a symlink? say so, as openat2 does
-                if stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
-                    raise _oserror(errno.ELOOP, os.fsdecode(name)) from None
-                raise
-            if fd != dirfd:
-                os.close(fd)
-            fd = nfd
-    except BaseException:
-        if fd != dirfd:
-            os.close(fd)
-        raise
-    return fd
 
 
 def _vault_errors(fn):
@@ -140,7 +86,7 @@ class VaultRoot:
 
     def __init__(self, path: str, openat2: bool = True) -> None:
         self.path, self.openat2 = path, openat2
-        self.fd = os.open(path, _DIR)  # the operator's choice: resolved normally
+        self.fd = os.open(path, resolve.DIR)  # the operator's choice: resolved normally
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -155,22 +101,12 @@ class VaultRoot:
 
     def _at(self, rel, fn):
         """fn(O_PATH fd of the parent, last name) for rel."""
-        global _have_openat2
         parent, _, name = path_of(rel).rpartition(b"/")
         if self.fd < 0:
             raise _oserror(errno.EBADF)
         if not parent:  # the root is the parent
             return fn(self.fd, name or b".")
-        pfd = None
-        if self.openat2 and _have_openat2 and len(parent) <= _PATH_MAX:
-            try:
-                pfd = openat2_beneath(self.fd, (parent,))
-            except OSError as e:
-                if e.errno != errno.ENOSYS:
-                    raise
-                _have_openat2 = False
-        if pfd is None:
-            pfd = walk_beneath(self.fd, parent.split(b"/"))
+        pfd = resolve.directory_beneath(self.fd, parent, self.openat2)
         try:
             return fn(pfd, name)
         finally:
