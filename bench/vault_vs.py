@@ -1,0 +1,177 @@
+"""fs9's vault against another checkout's, side by side in one run (issue 20: vault I/O
+resolved beneath a directory fd against the path-based I/O before it).
+
+    .venv/bin/python bench/vault_vs.py --base DIR [--rounds 9] [--strict]
+
+DIR is a checkout of the commit to compare with, e.g.
+`git worktree add /tmp/fs9-base 885ac1e` (the commit before fd-relative vault I/O), with
+a venv of its own that imports fs9 from DIR (DIR/.venv; `make deps` there makes one). This
+checkout's fs9 and DIR's each mount a copy of the same vault: 1,000 files of 4 KiB and a 64 MiB file. Round by round, in an
+alternating order, one timing program (run by /usr/bin/python3, as root) measures on
+each mount:
+
+    stat/s     lstat of the 1,000 files, over 1.1 s after the last touch (the kernel's
+               1 s entry cache has expired: each stat is a LOOKUP to fs9)
+    create/s   open(O_CREAT|O_EXCL)+close of 200 new files (removed after the round)
+    read/s     open + read to EOF + close of the 1,000 files
+    seq MiB/s  the 64 MiB file in 1 MiB reads, warm
+
+and the fs9 server's CPU per operation (/proc/PID/stat). Medians over the rounds; the
+ratio is this checkout over the base (>= 0.9x: within 10%). Writes
+bench/results/vault_vs.json.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from foundation import REPO, Fs9Mount, cannot_run, finish, row, table, unmount_all  # noqa: E402
+from vault import cpu_s, settle  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "vault_vs.json"
+N_FILES, FILE_BYTES, BIG_MIB, N_CREATE = 1000, 4096, 64, 200
+
+TIMEOPS = r'''
+import json, os, sys, time
+base, op, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+clock = time.perf_counter_ns
+files = [os.path.join(base, "files", "f%04d" % i) for i in range(n)]
+t0 = clock()
+if op == "stat":
+    for p in files:
+        os.lstat(p)
+elif op == "read":
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        while os.read(fd, 65536):
+            pass
+        os.close(fd)
+elif op == "create":
+    for i in range(n):
+        os.close(os.open(os.path.join(base, "new", "n%04d" % i),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+elif op == "seq":
+    buf, total = bytearray(1 << 20), 0
+    fd = os.open(os.path.join(base, "big.bin"), os.O_RDONLY)
+    t0 = clock()
+    while k := os.readv(fd, [buf]):
+        total += k
+    os.close(fd)
+    n = total / 2**20
+print(json.dumps(n / ((clock() - t0) / 1e9)))
+'''
+
+
+class Mount(Fs9Mount):
+    """An fs9 mount served by checkout `code`, run by its own venv's python."""
+
+    def __init__(self, root: Path, code: Path) -> None:
+        super().__init__(root)
+        self.code = code
+
+    def fs9(self, *args, timeout=30) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.code / ".venv/bin/python"), "-m", "fs9", *args],
+                              cwd=self.code, capture_output=True, text=True, timeout=timeout)
+
+
+def make_vault(vault: Path) -> None:
+    (vault / "files").mkdir(parents=True)
+    (vault / "new").mkdir()
+    block = os.urandom(FILE_BYTES)
+    for i in range(N_FILES):
+        (vault / "files" / f"f{i:04d}").write_bytes(block)
+    with open(vault / "big.bin", "wb") as f:
+        for _ in range(BIG_MIB):
+            f.write(os.urandom(1 << 20))
+        os.fsync(f.fileno())
+
+
+def timed(mount: Mount, op: str, n: int) -> tuple[float, float]:
+    """(operations or MiB per second, the server's CPU microseconds per operation)."""
+    base = str(mount.path / "vault")
+    c0 = cpu_s(mount.pid)
+    r = subprocess.run(["/usr/bin/python3", "-c", TIMEOPS, base, op, str(n)],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"{op} on {base}: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout), (cpu_s(mount.pid) - c0) * 1e6 / n
+
+
+def one_round(mount: Mount) -> dict:
+    settle(mount.pid)
+    time.sleep(1.1)  # the kernel's entry cache (1 s) expires: each stat is a LOOKUP
+    out = {}
+    out["stat"], out["stat_cpu_us"] = timed(mount, "stat", N_FILES)
+    out["read"], out["read_cpu_us"] = timed(mount, "read", N_FILES)
+    out["create"], out["create_cpu_us"] = timed(mount, "create", N_CREATE)
+    out["seq"], _ = timed(mount, "seq", 1)
+    for name in os.listdir(mount.vault / "new"):  # on disk: the next round starts empty
+        os.unlink(mount.vault / "new" / name)
+    return out
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    if "--base" not in args:
+        print(__doc__)
+        return 2
+    base = Path(args[args.index("--base") + 1]).resolve()
+    rounds = int(args[args.index("--rounds") + 1]) if "--rounds" in args else 9
+    why = cannot_run("vault_vs", root="drop_caches, mounts") or (
+        None if (base / ".venv/bin/python").exists() else f"{base} has no .venv")
+    if why:
+        print(f"SKIP: {why}")
+        return 0
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="fs9-vault-vs-"))
+    os.chmod(tmp, 0o711)
+    for name in ("this", "base"):
+        (tmp / name).mkdir()
+    mounts = {"this": Mount(tmp / "this", REPO), "base": Mount(tmp / "base", base)}
+    try:
+        for m in mounts.values():
+            make_vault(m.vault)
+            m.mount(timeout=120)
+            m.served_by = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=m.code,
+                                         capture_output=True, text=True).stdout.strip()
+        runs = {name: [] for name in mounts}
+        for i in range(rounds):
+            order = list(mounts) if i % 2 == 0 else list(reversed(mounts))
+            for name in order:
+                runs[name].append(one_round(mounts[name]))
+    finally:
+        unmount_all(tmp, list(mounts.values()), "vault_vs")
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+           for name, rs in runs.items()}
+    this, was = med["this"], med["base"]
+    for name, m in mounts.items():
+        print(f"{name}: {m.code} at {m.served_by}")
+    rows = [
+        row("stat/s, each a LOOKUP", this["stat"], was["stat"], "/s", ">= 0.9x",
+            this["stat"] >= 0.9 * was["stat"], fmt="{:.0f}"),
+        row("   server CPU per stat", this["stat_cpu_us"], was["stat_cpu_us"], "us", fmt="{:.1f}"),
+        row("create/s", this["create"], was["create"], "/s", ">= 0.9x",
+            this["create"] >= 0.9 * was["create"], fmt="{:.0f}"),
+        row("   server CPU per create", this["create_cpu_us"], was["create_cpu_us"], "us",
+            fmt="{:.1f}"),
+        row("open+read+close 4 KiB/s", this["read"], was["read"], "/s", ">= 0.9x",
+            this["read"] >= 0.9 * was["read"], fmt="{:.0f}"),
+        row("   server CPU per open+read+close", this["read_cpu_us"], was["read_cpu_us"], "us",
+            fmt="{:.1f}"),
+        row("sequential read, warm", this["seq"], was["seq"], "MiB/s", ">= 0.9x",
+            this["seq"] >= 0.9 * was["seq"], fmt="{:.0f}"),
+    ]
+    print(f"this checkout ({REPO}) against {base}: 'fs9' is this, 'baseline' the base")
+    print(table(rows))
+    elapsed = time.monotonic() - started
+    print(f"(ran {elapsed:.0f} s on {os.cpu_count()} cpus; medians of {rounds} alternating rounds)")
+    return finish(RESULTS, rows, runs, elapsed, base=str(base))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
