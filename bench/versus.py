@@ -1,7 +1,8 @@
-"""fs9's vault against another checkout's, side by side in one run (issue 20: vault I/O
-resolved beneath a directory fd against the path-based I/O before it).
+"""This checkout's fs9 against another's, side by side in one run (issue 20: vault I/O
+resolved beneath a directory fd, and mail with a clearance check at every delivery,
+against the code before them).
 
-    .venv/bin/python bench/vault_vs.py --base DIR [--rounds 9] [--strict]
+    .venv/bin/python bench/versus.py --base DIR [--rounds 9] [--strict]
 
 DIR is a checkout of the commit to compare with, e.g.
 `git worktree add /tmp/fs9-base 885ac1e` (the commit before fd-relative vault I/O), with
@@ -15,10 +16,13 @@ each mount:
     create/s   open(O_CREAT|O_EXCL)+close of 200 new files (removed after the round)
     read/s     open + read to EOF + close of the 1,000 files
     seq MiB/s  the 64 MiB file in 1 MiB reads, warm
+    mail/s     500 messages to an agent `box` (cmd=cat), each: open, write, close
+               agents/box/mail/new (sent and committed at close), read mail/next to EOF,
+               rm mail/ID; one process, one message in flight
 
 and the fs9 server's CPU per operation (/proc/PID/stat). Medians over the rounds; the
 ratio is this checkout over the base (>= 0.9x: within 10%). Writes
-bench/results/vault_vs.json.
+bench/results/versus.json.
 """
 import json
 import os
@@ -33,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from foundation import REPO, Fs9Mount, cannot_run, finish, row, table, unmount_all  # noqa: E402
 from vault import cpu_s, settle  # noqa: E402
 
-RESULTS = REPO / "bench" / "results" / "vault_vs.json"
-N_FILES, FILE_BYTES, BIG_MIB, N_CREATE = 1000, 4096, 64, 200
+RESULTS = REPO / "bench" / "results" / "versus.json"
+N_FILES, FILE_BYTES, BIG_MIB, N_CREATE, N_MAIL = 1000, 4096, 64, 200, 500
 
 TIMEOPS = r'''
 import json, os, sys, time
@@ -63,6 +67,19 @@ elif op == "seq":
         total += k
     os.close(fd)
     n = total / 2**20
+elif op == "mail":
+    mail = os.path.join(os.path.dirname(base), "agents", "box", "mail")
+    for i in range(n):
+        fd = os.open(os.path.join(mail, "new"), os.O_WRONLY)
+        os.write(fd, b"message %d\n" % i)
+        os.close(fd)
+        fd = os.open(os.path.join(mail, "next"), os.O_RDONLY)
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        os.close(fd)
+        head = data.split(b"\n\n", 1)[0].decode()
+        os.unlink(os.path.join(mail, next(l[4:] for l in head.splitlines() if l.startswith("id: "))))
 print(json.dumps(n / ((clock() - t0) / 1e9)))
 '''
 
@@ -110,6 +127,7 @@ def one_round(mount: Mount) -> dict:
     out["read"], out["read_cpu_us"] = timed(mount, "read", N_FILES)
     out["create"], out["create_cpu_us"] = timed(mount, "create", N_CREATE)
     out["seq"], _ = timed(mount, "seq", 1)
+    out["mail"], out["mail_cpu_us"] = timed(mount, "mail", N_MAIL)
     for name in os.listdir(mount.vault / "new"):  # on disk: the next round starts empty
         os.unlink(mount.vault / "new" / name)
     return out
@@ -122,13 +140,13 @@ def main() -> int:
         return 2
     base = Path(args[args.index("--base") + 1]).resolve()
     rounds = int(args[args.index("--rounds") + 1]) if "--rounds" in args else 9
-    why = cannot_run("vault_vs", root="drop_caches, mounts") or (
+    why = cannot_run("versus", root="drop_caches, mounts") or (
         None if (base / ".venv/bin/python").exists() else f"{base} has no .venv")
     if why:
         print(f"SKIP: {why}")
         return 0
     started = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="fs9-vault-vs-"))
+    tmp = Path(tempfile.mkdtemp(prefix="fs9-versus-"))
     os.chmod(tmp, 0o711)
     for name in ("this", "base"):
         (tmp / name).mkdir()
@@ -137,6 +155,7 @@ def main() -> int:
         for m in mounts.values():
             make_vault(m.vault)
             m.mount(timeout=120)
+            m.ctl("ctl", "spawn box cmd=cat\n")
             m.served_by = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=m.code,
                                          capture_output=True, text=True).stdout.strip()
         runs = {name: [] for name in mounts}
@@ -145,7 +164,7 @@ def main() -> int:
             for name in order:
                 runs[name].append(one_round(mounts[name]))
     finally:
-        unmount_all(tmp, list(mounts.values()), "vault_vs")
+        unmount_all(tmp, list(mounts.values()), "versus")
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
            for name, rs in runs.items()}
     this, was = med["this"], med["base"]
@@ -165,6 +184,10 @@ def main() -> int:
             fmt="{:.1f}"),
         row("sequential read, warm", this["seq"], was["seq"], "MiB/s", ">= 0.9x",
             this["seq"] >= 0.9 * was["seq"], fmt="{:.0f}"),
+        row("mail/s, send + next + rm", this["mail"], was["mail"], "/s", ">= 0.95x",
+            this["mail"] >= 0.95 * was["mail"], fmt="{:.0f}"),
+        row("   server CPU per message", this["mail_cpu_us"], was["mail_cpu_us"], "us",
+            fmt="{:.1f}"),
     ]
     print(f"this checkout ({REPO}) against {base}: 'fs9' is this, 'baseline' the base")
     print(table(rows))
