@@ -9,6 +9,8 @@ command -v pkg-config >/dev/null 2>&1 || need="$need pkg-config"
 ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need="$need libseccomp2"
 [ "$1" = "--test" ] && { command -v stress-ng >/dev/null 2>&1 || need="$need stress-ng"; }
 [ "$1" = "--test" ] && { command -v gio >/dev/null 2>&1 || need="$need libglib2.0-bin"; [ -e /usr/share/mime/mime.cache ] || need="$need shared-mime-info"; }  # tests/test_gio.py
+# tests/test_nonblock.py: a Node.js program reads a stream in its event loop
+[ "$1" = "--test" ] && { command -v node >/dev/null 2>&1 || need="$need nodejs"; }
 # the escape suite compiles a C program that makes raw syscalls
 [ "$1" = "--test" ] && { command -v gcc >/dev/null 2>&1 || need="$need gcc libc6-dev"; }
 python3 -c 'import ensurepip, venv' 2>/dev/null || need="$need python3-venv"

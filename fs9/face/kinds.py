@@ -4,7 +4,8 @@ Dir      a directory whose names come from the tree table
 Ctl      write: commands, applied per write (or, `whole`, the bytes of one open
          applied at close: `agents/NAME/in`); read: a state line
 Status   text rendered at open: a consistent snapshot per open
-Stream   reads block until data or EOF, like a pipe; per-open cursor (cursors.py)
+Stream   reads block until data or EOF, like a pipe (opened O_NONBLOCK: EAGAIN, ops.read);
+         per-open cursor (cursors.py)
 Vault    a file, directory or symlink of the vault on disk (vault.py, vaultfile.py)
 
 Every kind answers the same protocol (node.py). Nodes are made fresh by the tree for

@@ -167,6 +167,9 @@ class Handle:
     poll_scope: trio.CancelScope | None = None  # its notifier, while one waits
     ino = 0  # our inode of the opened file (set by ops.py): fstat(2) asks by inode
     opener: str | None = None  # the agent whose view opened it (None: the operator)
+    # opened O_NONBLOCK: a read that would wait is EAGAIN. As at open only: the kernel
+    # sends a later fcntl(F_SETFL) with each read, but pyfuse3's read() does not pass it on
+    nonblocking = False
     direct_io = True  # False: the kernel's page cache holds the file's data (the vault's)
     # (mtime, size) at open of a file the page cache may keep across opens (ops.py)
     cache_key: tuple[int, int] | None = None

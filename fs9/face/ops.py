@@ -238,6 +238,7 @@ class Operations(pyfuse3.Operations):
             self.gate.check(path, writing=True)
         handle = await node.open(flags, ctx)
         handle.opener = split_view(path)[0]  # whose blocked reads it counts (None: operator)
+        handle.nonblocking = bool(flags & os.O_NONBLOCK)
         return pyfuse3.FileInfo(fh=self._opened(ino, handle), direct_io=handle.direct_io,
                                 keep_cache=self._unchanged(ino, handle), nonseekable=node.stream)
 
@@ -263,6 +264,11 @@ class Operations(pyfuse3.Operations):
         handle = self._handle(fh)
         if self.closing:
             return b""
+        if handle.nonblocking and not handle.readable():
+            # a pipe's answer to a non-blocking reader; one that polls with edge-triggered
+            # epoll (Go's poller) is woken only by a notification after this EAGAIN
+            self._notify_when_readable(handle)
+            raise Fs9Error(errno.EAGAIN, "nothing to read yet (opened O_NONBLOCK)")
         # A read that will wait holds one of pyfuse3's MAX_TASKS workers: an agent may
         # hold at most BLOCKED_PER_AGENT of them, and all agents together leave
         # OPERATOR_RESERVE for the operator (else EAGAIN: try again, as a pipe would).
@@ -340,22 +346,30 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def poll(self, ino, fh, poll_handle, ctx):
         handle = self._handle(fh)
-        if handle.readable():
-            return select.POLLIN | select.POLLRDNORM | select.POLLOUT | select.POLLWRNORM
         if poll_handle is not None:
             handle.poll_handle = poll_handle  # a fresh handle replaces the old one
-            if handle.poll_scope is None:
-                self.nursery.start_soon(self._notify_when_readable, handle)
+        if handle.readable():
+            return select.POLLIN | select.POLLRDNORM | select.POLLOUT | select.POLLWRNORM
+        self._notify_when_readable(handle)
         return select.POLLOUT | select.POLLWRNORM
 
-    async def _notify_when_readable(self, handle: Handle) -> None:
-        with trio.CancelScope() as handle.poll_scope:
+    def _notify_when_readable(self, handle: Handle) -> None:
+        """Wake the kernel's pollers of handle (through its latest poll handle) once it is
+        readable; one notifier per handle at a time."""
+        if handle.poll_handle is None or handle.poll_scope is not None:
+            return
+        handle.poll_scope = trio.CancelScope()  # release cancels it, even before it starts
+        self.nursery.start_soon(self._notifier, handle, handle.poll_scope)
+
+    async def _notifier(self, handle: Handle, scope: trio.CancelScope) -> None:
+        with scope:
             try:
                 await handle.wait_readable()
                 handle.poll_handle.notify()
             except Exception:
                 log.exception("poll notify")
-        handle.poll_scope = None
+        if handle.poll_scope is scope:
+            handle.poll_scope = None
 
     def _handle(self, fh: int) -> Handle:
         try:
@@ -372,6 +386,7 @@ class Operations(pyfuse3.Operations):
         path, parent = self._new_name(parent_ino, name, ctx, "create")
         handle, node = await parent.create(path[-1], mode, flags, ctx)
         handle.opener = split_view(path)[0]
+        handle.nonblocking = bool(flags & os.O_NONBLOCK)
         ino = self.inodes.lookup(path)
         fh = self._opened(ino, handle)
         attrs = self._attrs(ino, node)
