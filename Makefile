@@ -7,7 +7,7 @@ STATE  := .state
 VAULT  := examples/vault
 EXAMPLE_AGENTS := echo upper counter ticker
 
-.PHONY: run stop test bench example deps clean
+.PHONY: run stop test bench fuzz example deps clean
 
 $(BIN)/fs9: pyproject.toml
 	@./scripts/system-deps.sh --test
@@ -37,6 +37,16 @@ stop:
 
 test: deps
 	$(BIN)/python -m pytest -q
+
+# A long run of the namespace fuzzer (tests/test_fuzz.py) with a fresh seed, printed so
+# that a failure replays: FS9_FUZZ_SEED=N make fuzz. FS9_FUZZ_EXAMPLES runs of
+# FS9_FUZZ_STEPS steps.
+fuzz: deps
+	@seed=$${FS9_FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "fuzz seed $$seed (replay: FS9_FUZZ_SEED=$$seed make fuzz)"; \
+	FS9_FUZZ_SEED=$$seed FS9_FUZZ_EXAMPLES=$${FS9_FUZZ_EXAMPLES:-200} \
+	    $(BIN)/python -m pytest -q -s tests/test_fuzz.py -p no:cacheprovider \
+	    --hypothesis-seed=$$seed
 
 bench: deps
 	$(BIN)/pip install -q -e '.[test,bench]'
