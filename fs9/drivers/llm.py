@@ -40,7 +40,8 @@ def check(m: dict) -> dict:
     for key in ("tools", "injection_patterns"):
         if key in m and not (isinstance(m[key], list) and all(isinstance(v, str) for v in m[key])):
             raise BadManifest(f"{key} must be a list of strings")
-    if not isinstance(m.get("max_steps", MAX_STEPS), int) or m.get("max_steps", MAX_STEPS) < 1:
+    steps = m.get("max_steps", MAX_STEPS)  # (true is an int to Python, not to the program)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise BadManifest("max_steps must be a whole number >= 1")
     if m.get("on_injection", "flag") not in ("flag", "stop"):
         raise BadManifest("on_injection must be flag or stop")

@@ -129,7 +129,8 @@ class Ctl(Node):
         self.refused = refused  # (Fs9Error) -> None: reports a refusal made here
         # `whole`: (bytes of the first write) -> None, raising Fs9Error to refuse the
         # input at write(2) already: shells ignore what close(2) says, so what can be
-        # known early (a budget exceeded, fs9 halted) is said where `echo` reports it.
+        # known early (a budget exceeded, fs9 halted, a malformed item in a request or
+        # a header already whole) is said where `echo` reports it.
         # Only the first write: a check may cost more than appending a chunk.
         self.early = early
         self.mode = stat.S_IFREG | (0o644 if render else 0o200)
@@ -184,7 +185,7 @@ class CtlHandle(SnapshotHandle):
         self.pending += data
         if first and self.node.early is not None:
             try:
-                self.node.early(len(self.pending))
+                self.node.early(bytes(self.pending))
             except Fs9Error as e:
                 self._unheld(len(self.pending))
                 self.pending, self.refused = None, e

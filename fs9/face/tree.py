@@ -55,7 +55,9 @@ def _mail_new(k, agent, me=None):
     to the sender (in its err), or, the operator's, in the recipient's."""
     said = dict(agent=me or agent.name, file=f"agents/{agent.name}/mail/new")
     return Ctl(lambda data: k.guarded(k.bus.send, agent, data, me or OPERATOR, **said),
-               whole=True, refused=lambda e: k.refused(e, **said))
+               whole=True, refused=lambda e: k.refused(e, **said),
+               early=lambda data: k.guarded(k.bus.precheck, agent, data, me or OPERATOR,
+                                            **said))
 
 
 def _outbox(k, agent, to: str, me=None):
@@ -66,7 +68,9 @@ def _outbox(k, agent, to: str, me=None):
     recipient = k.guarded(k.agent, to, agent=agent.name, file="outbox")
     return Ctl(lambda data: k.guarded(k.bus.send, recipient, data, agent.name,
                                       agent=agent.name, file="outbox"),
-               whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="outbox"))
+               whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="outbox"),
+               early=lambda data: k.guarded(k.bus.precheck, recipient, data, agent.name,
+                                            agent=agent.name, file="outbox"))
 
 
 def _topic(k, topic, me=None):
@@ -102,7 +106,7 @@ def _conv_request(k, conv):
     who = conv.owner
     return Ctl(lambda d: k.guarded(k.models.request, conv, d, agent=who, file="models"),
                whole=True, refused=lambda e: k.refused(e, agent=who, file="models"),
-               early=lambda size: k.guarded(k.models.precheck, conv, size, agent=who,
+               early=lambda data: k.guarded(k.models.precheck, conv, data, agent=who,
                                             file="models"))
 
 

@@ -3,12 +3,20 @@
 Each object that takes ctl writes declares a tuple of Cmd; `parse` checks a
 whole write (every line) before anything is applied, so a bad line in the
 middle of a write changes nothing. Errors quote the offending command.
+
+A ctl write is text: lines end at "\n" (a "\r" before it is dropped), and a line
+holds no other control character (tabs aside): Python's str.splitlines would end
+lines at \x1c, \x85 or U+2028 too, so `stop\x1cstart` would be two commands.
+What each argument means is checked by its verb before any line applies.
 """
 import errno
+import re
 import shlex
 from dataclasses import dataclass
 
 from ..errors import BAD_NARG, UNKNOWN_VERB, Fs9Error
+
+CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")  # (tab is text)
 
 
 @dataclass(frozen=True)
@@ -34,14 +42,18 @@ def parse(table: tuple[Cmd, ...], data: bytes) -> list[Parsed]:
         text = data.decode()
     except UnicodeDecodeError:
         raise Fs9Error(errno.EINVAL, "ctl write is not UTF-8 text")
-    parsed = [_parse_line(table, line.strip()) for line in text.splitlines()
-              if line.strip() and not line.lstrip().startswith("#")]
+    lines = (line.strip(" \t\r") for line in text.split("\n"))
+    parsed = [_parse_line(table, line) for line in lines if line and not line.startswith("#")]
     if not parsed:
         raise Fs9Error(errno.EINVAL, "empty ctl write")
     return parsed
 
 
 def _parse_line(table: tuple[Cmd, ...], line: str) -> Parsed:
+    bad = CONTROL.search(line)
+    if bad:
+        raise Fs9Error(errno.EINVAL, f"control character U+{ord(bad.group()):04X} in "
+                                     f"{line[:200]!r}")
     verb, _, rest = line.partition(" ")
     cmd = next((c for c in table if c.verb == verb), None)
     if cmd is None:

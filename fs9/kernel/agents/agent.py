@@ -44,6 +44,10 @@ CMDS = (
 RANKS = ("background", "normal", "interactive")  # priorities, lowest first
 
 
+def _not_json(word: str):
+    raise ValueError(f"{word} is not JSON")
+
+
 class Agent:
     def __init__(self, kernel: "Kernel", name: str, manifest: dict, home: str, uid: int) -> None:
         self.kernel = kernel
@@ -203,13 +207,13 @@ class Agent:
                    corr=task.corr if task else None)
         log = self.kernel.log
         self.kernel.rates.take(self.name, "steps", len(data), time.monotonic())
-        for line in data.decode(errors="replace").splitlines():
+        for line in data.decode(errors="replace").split("\n"):
             if not line.strip():
                 continue
-            try:
-                step = json.loads(line)
-            except ValueError:
-                step = {"kind": "note", "text": line[:4096]}
+            try:  # (NaN and Infinity are not JSON to the log's readers: a note)
+                step = json.loads(line, parse_constant=_not_json)
+            except (ValueError, RecursionError):  # (too deeply nested: RecursionError)
+                step = None
             if not isinstance(step, dict):
                 step = {"kind": "note", "text": line[:4096]}
             log.append("agent_step", step=step, **ids)

@@ -19,6 +19,10 @@ from ...errors import Fs9Error
 
 DEFAULTS = {"memory_mb": 1024, "processes": 256, "output_mb": 64, "scratch_mb": 256}
 MINIMUM = {"memory_mb": 16, "processes": 8, "output_mb": 1, "scratch_mb": 1}
+# what the kernel's controls take (a larger value fails every start with ERANGE):
+# memory.max and a tmpfs size in bytes, pids.max up to PID_MAX_LIMIT (4 Mi)
+MAXIMUM = {"memory_mb": 1 << 40, "processes": 1 << 22, "output_mb": 1 << 40,
+           "scratch_mb": 1 << 40}
 CPU_WEIGHT = {"interactive": 800, "normal": 100, "background": 10}
 
 
@@ -28,9 +32,10 @@ def of(manifest: dict) -> dict:
     if not isinstance(table, dict) or set(table) - set(DEFAULTS):
         raise Fs9Error(errno.EINVAL, f"limits: a table of {', '.join(DEFAULTS)}")
     for key, value in table.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < MINIMUM[key]:
-            raise Fs9Error(errno.EINVAL, f"limits: {key} must be a whole number >= "
-                                         f"{MINIMUM[key]}")
+        if not isinstance(value, int) or isinstance(value, bool) or \
+                not MINIMUM[key] <= value <= MAXIMUM[key]:
+            raise Fs9Error(errno.EINVAL, f"limits: {key} must be a whole number from "
+                                         f"{MINIMUM[key]} to {MAXIMUM[key]}")
     return {**DEFAULTS, **table}
 
 

@@ -18,6 +18,7 @@ from . import view as views
 from ..models.budget import Limits
 from . import limits
 from .memory import policy as memory_policy
+from ..names import NAME_RE
 
 MODES = ("task", "daemon")
 RESTARTS = ("permanent", "transient", "temporary")
@@ -39,6 +40,14 @@ DEFAULTS: dict[str, Any] = {
 
 # Keys later layers read (views, bus, registry); accepted and kept as data now.
 FUTURE_KEYS = ("provides", "accepts", "description", "sla", "subscribe")
+# Bounds every value keeps, whoever reads it: a manifest goes into the JSON log and
+# into exec(2), which takes 128 KiB per string and about 2 MiB of arguments and
+# environment together (E2BIG: every task would fail).
+MAX_TEXT = 64 << 10  # bytes of one string
+MAX_ITEMS = 1024  # entries of one array or table
+MAX_EXEC = 1 << 20  # bytes of cmd and env together
+INT64 = 1 << 63  # TOML's integers (tomllib reads longer ones; JSON readers may not)
+LINES = ("description", "sla")  # shown as KEY=VALUE lines in registry/: one line each
 # the definitions an agent with the spawn pledge may start (none unless listed)
 SPAWN_KEYS = ("spawns",)
 # each driver's own keys (the exec driver's cmd, the llm driver's model...) come last
@@ -56,7 +65,8 @@ def load_definition(agents_dir: str, name: str) -> tuple[dict, str]:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise Fs9Error(errno.ENOENT, f"no agent definition {name!r} (looked for {path})")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # (TOMLDecodeError and UnicodeDecodeError
+        # are ValueErrors; so is an integer of more than 4300 digits)
         raise Fs9Error(errno.EINVAL, f"malformed manifest {path}: {e}")
     except OSError as e:
         raise Fs9Error(e.errno or errno.EIO, f"cannot read {path}: {e.strerror}")
@@ -70,8 +80,10 @@ def parse_override(word: str) -> tuple[str, Any]:
         raise Fs9Error(errno.EINVAL, f"expected KEY=VALUE, got {word!r}")
     try:
         return key, tomllib.loads(f"v = {value}")["v"]
-    except (tomllib.TOMLDecodeError, RecursionError):
+    except tomllib.TOMLDecodeError:
         return key, value
+    except (ValueError, RecursionError) as e:  # TOML, but beyond what Python reads back
+        raise Fs9Error(errno.EINVAL, f"{key}: {e}")
 
 
 def check(raw: dict, origin: str) -> dict:
@@ -108,13 +120,23 @@ def check(raw: dict, origin: str) -> dict:
         raise bad("env names must be non-empty and contain no '='")
     if not isinstance(m["unconfined"], bool):
         raise bad(f"unconfined must be true or false, got {m['unconfined']!r}")
-    for key in ("provides", "accepts", "spawns"):
+    for key in ("provides", "accepts", "spawns", "subscribe"):
         if key in m and not (isinstance(m[key], list) and all(isinstance(v, str) for v in m[key])):
             raise bad(f"{key} must be a list of strings")
-        bad_names = [v for v in m.get(key, []) if not v or "/" in v or v in (".", "..")
-                     or len(v.encode()) > 255]
+        bad_names = [v for v in m.get(key, []) if key != "subscribe" and (
+            not v or "/" in v or v in (".", "..") or len(v.encode()) > 255
+            or not v.isprintable())]
         if bad_names:
             raise bad(f"{key}: {bad_names[0]!r} cannot be a file name (registry/by-capability)")
+    topics = [t for t in m.get("subscribe", []) if not NAME_RE.fullmatch(t)]
+    if topics:
+        raise bad(f"subscribe: {topics[0]!r} is not a topic name (letters, digits, _ . -)")
+    for key in LINES:
+        if key in m and not (isinstance(m[key], str) and m[key].isprintable()):
+            raise bad(f"{key} must be one line of text")
+    if sum(len(w.encode()) + 1 for w in m["cmd"]) + sum(
+            len(k.encode()) + len(v.encode()) + 2 for k, v in m["env"].items()) > MAX_EXEC:
+        raise bad(f"cmd and env together are over {MAX_EXEC} bytes (exec(2) would refuse them)")
     problem = _net_problem(m)
     if problem:
         raise bad(problem)
@@ -164,11 +186,17 @@ def _not_plain(value: Any, depth: int = 0) -> str:
     if depth > 16:
         return "nested too deeply"
     if isinstance(value, str):
-        return "contains a NUL byte" if "\0" in value else ""
-    if isinstance(value, bool) or isinstance(value, int):
+        if "\0" in value:
+            return "contains a NUL byte"
+        return f"a string over {MAX_TEXT} bytes" if len(value.encode()) > MAX_TEXT else ""
+    if isinstance(value, bool):
         return ""
+    if isinstance(value, int):
+        return "" if -INT64 <= value < INT64 else f"{value} does not fit in 64 bits"
     if isinstance(value, float):
         return "" if math.isfinite(value) else f"{value} is not a finite number"
+    if isinstance(value, (list, dict)) and len(value) > MAX_ITEMS:
+        return f"over {MAX_ITEMS} entries"
     if isinstance(value, list):
         return next((p for v in value if (p := _not_plain(v, depth + 1))), "")
     if isinstance(value, dict):

@@ -82,18 +82,10 @@ class Bus:
         None if it repeats an idempotency key (it is stored once)."""
         if agent.killed:
             raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
-        author = self.owner(sender)
-        if sender != OPERATOR and author is not None:
+        if sender != OPERATOR and self.owner(sender) is not None:
             self.kernel.rates.take(sender, "mail", len(data), time.monotonic())
-        floor = author.manifest["clearance"] if sender != OPERATOR and author else "internal"
-        msg = message.parse(data, to=agent.name, sender=sender, label=floor)
-        clearance = agent.manifest["clearance"]
+        msg, floor = self.check(agent, data, sender)
         level = msg.headers["classification"]
-        if sender != OPERATOR and author is not None:
-            self._check_author(author, msg, floor)
-        if not message.clearance_allows(clearance, level):
-            raise Fs9Error(errno.EACCES, f"{agent.name} is cleared for {clearance}, "
-                                         f"the message is {level}")
         key = msg.headers.get("idempotency-key")
         if key and (sender, key) in self.sent_keys:
             self.kernel.log.append("mail_duplicate", agent=agent.name, sender=sender,
@@ -119,6 +111,30 @@ class Bus:
                                reply_to=h.get("reply-to", sender))
             self.ack(agent, stored.name)
         return stored
+
+    def check(self, agent, data: bytes, sender: str) -> tuple[Message, str]:
+        """What `send` checks that changes nothing: the message itself (message.parse),
+        what its author may say, the recipient's clearance. (The message, its author's
+        floor); Fs9Error naming the first problem."""
+        author = self.owner(sender)
+        floor = author.manifest["clearance"] if sender != OPERATOR and author else "internal"
+        msg = message.parse(data, to=agent.name, sender=sender, label=floor)
+        clearance = agent.manifest["clearance"]
+        level = msg.headers["classification"]
+        if sender != OPERATOR and author is not None:
+            self._check_author(author, msg, floor)
+        if not message.clearance_allows(clearance, level):
+            raise Fs9Error(errno.EACCES, f"{agent.name} is cleared for {clearance}, "
+                                         f"the message is {level}")
+        return msg, floor
+
+    def precheck(self, agent, data: bytes, sender: str) -> None:
+        """At a message's first write: its headers are checked once they are whole (a
+        blank line ended them), so a bad one fails write(2), where a shell says so."""
+        if agent.killed:
+            raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
+        if b"\n\n" in data:
+            self.check(agent, data, sender)
 
     def _check_author(self, author, msg: Message, floor: str) -> None:
         """What an agent may say in a message (see the module doc): EPERM if not."""

@@ -6,6 +6,12 @@ Header keys follow the federation message format. The kernel stamps `id`,
 sets them is refused (EPERM), so neither `from` nor a result can be forged. Other
 extension keys start with `x-` and travel untouched. A deadline is a finite time
 at most MAX_DEADLINE_S ahead.
+
+The header block is the schema of a message, checked line by line: lines end at
+"\n" only; a key is ASCII letters, digits and `-`; a value is one printable line
+(no control character, no Unicode line break) and a whole line is at most
+MAX_LINE characters (RFC 5322's limit); the known keys' values are tokens. The
+body is bytes, as the sender wrote them (at most MAX_MESSAGE with the headers).
 """
 import errno
 import math
@@ -26,6 +32,8 @@ SETTABLE = ("to", "type", "priority", "classification", "correlation-id", "reply
 ORDER = ("id", "from", "to", "date", "type", "priority", "classification", "correlation-id",
          "reply-to", "deadline", "idempotency-key")
 TOKEN = re.compile(r"[A-Za-z0-9_.:@/+-]{1,200}")
+KEY = re.compile(r"[a-z][a-z0-9-]{0,63}")
+MAX_LINE = 998  # characters of one header line, key and value (RFC 5322)
 
 
 @dataclass
@@ -74,7 +82,7 @@ def parse(data: bytes, *, to: str, sender: str, now: float | None = None,
     if not sep or not re.match(rb"[A-Za-z][A-Za-z0-9-]*:", head):
         head, body = b"", data  # no header block
     try:
-        lines = head.decode().splitlines()
+        lines = head.decode().split("\n") if head else []
     except UnicodeDecodeError:
         raise Fs9Error(errno.EINVAL, "message headers are not UTF-8")
     for n, line in enumerate(lines, 1):
@@ -82,13 +90,22 @@ def parse(data: bytes, *, to: str, sender: str, now: float | None = None,
         key, value = key.strip().lower(), value.strip()
         if not colon or not key:
             raise Fs9Error(errno.EINVAL, f"malformed header line {n}: {line!r} (want key: value)")
+        if not KEY.fullmatch(key):
+            raise Fs9Error(errno.EINVAL, f"bad header name {key[:80]!r} in line {n}: ASCII "
+                                         "letters, digits and -, at most 64")
+        if len(line) > MAX_LINE:
+            raise Fs9Error(errno.EINVAL, f"header line {n} ({key}) is over {MAX_LINE} "
+                                         "characters")
+        if not value.isprintable():
+            raise Fs9Error(errno.EINVAL, f"bad value for {key}: {value[:80]!r} (one line of "
+                                         "printable text: no control characters)")
         if key in STAMPED:
             raise Fs9Error(errno.EPERM, f"header {key!r} is stamped by the kernel, not the sender")
         if key not in SETTABLE and not key.startswith("x-"):
             raise Fs9Error(errno.EINVAL, f"unknown header {key!r} (known: {', '.join(SETTABLE)})")
         if key in headers:
             raise Fs9Error(errno.EINVAL, f"header {key!r} given twice")
-        if "\0" in value or (key in SETTABLE and not TOKEN.fullmatch(value)):
+        if key in SETTABLE and not TOKEN.fullmatch(value):
             raise Fs9Error(errno.EINVAL, f"bad value for {key}: {value!r}")
         headers[key] = value
     if headers.setdefault("to", to) != to:
@@ -141,5 +158,5 @@ def clearance_allows(clearance: str, classification: str) -> bool:
 def load(data: bytes, seq: int) -> Message:
     """A message as the kernel stored it (already checked and stamped)."""
     head, _, body = data.partition(b"\n\n")
-    headers = dict(line.split(": ", 1) for line in head.decode().splitlines())
+    headers = dict(line.split(": ", 1) for line in head.decode().split("\n"))
     return Message(to=headers["to"], body=body, headers=headers, seq=seq)

@@ -1,9 +1,8 @@
 """Conversations with a model (models/NAME/N/): the messages, the turn in flight and its
 streaming reply, and L1 memory (`compact`: older messages summarized by the model
-before the context window overflows). Request parsing is here too: what a write to
-`request` may say.
+before the context window overflows). What a write to `request` may say is
+request.py.
 """
-import errno
 import json
 import os
 import time
@@ -53,9 +52,19 @@ class Conversation:
     def who(self) -> str:
         return self.owner or OPERATOR
 
+    def reset(self) -> None:
+        """`reset`: forget everything a turn would send again (messages, tools) and the
+        last turn (its reply, result, error): the conversation is as new. Its counters
+        (turns, tokens) stay: they are what it has cost."""
+        self.messages, self.tools = [], []
+        self.turn = Turn()
+        self.turn.text.end()
+        self.state = "idle"
+
     def status(self) -> str:
         lines = [f"id={self.id}", f"model={self.model.name}", f"owner={self.who}",
                  f"state={self.state}", f"turns={self.turns}", f"messages={len(self.messages)}",
+                 f"tools={len(self.tools)}",
                  f"tokens_in={self.tokens_in}", f"tokens_out={self.tokens_out}",
                  f"compactions={self.compactions}", f"corr={self.corr}"]
         if self.turn.error is not None:
@@ -67,38 +76,6 @@ class Conversation:
 
     def history(self) -> str:
         return "".join(json.dumps(m) + "\n" for m in self.messages)
-
-
-def parse_request(data: bytes) -> dict:
-    """A request file's bytes: plain text (one user message) or a JSON object with
-    `messages` (and optional `tools`, `max_tokens`, `temperature`). EINVAL if malformed."""
-    try:
-        text = data.decode()
-    except UnicodeDecodeError:
-        raise Fs9Error(errno.EINVAL, "a request is UTF-8 text or JSON")
-    if not text.lstrip().startswith("{"):
-        if not text.strip():
-            raise Fs9Error(errno.EINVAL, "empty request")
-        return {"messages": [{"role": "user", "content": text}]}
-    try:
-        req = json.loads(text)
-    except ValueError as e:
-        raise Fs9Error(errno.EINVAL, f"malformed JSON request: {e}")
-    if not isinstance(req, dict) or set(req) - {"messages", "tools", "max_tokens", "temperature"}:
-        raise Fs9Error(errno.EINVAL, "a JSON request has messages and optionally tools, "
-                                     "max_tokens, temperature")
-    messages = req.get("messages", [])
-    if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool")
-            for m in messages):
-        raise Fs9Error(errno.EINVAL, "messages: a list of {role: system|user|assistant|tool, "
-                                     "content: TEXT}")
-    if not isinstance(req.get("tools", []), list):
-        raise Fs9Error(errno.EINVAL, "tools: a list of tool schemas")
-    mt = req.get("max_tokens")
-    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
-        raise Fs9Error(errno.EINVAL, "max_tokens: a whole number >= 1")
-    return req
 
 
 def tokens_of(messages: list[dict]) -> int:

@@ -43,8 +43,8 @@ from .. import cmd
 from . import budget
 from .budget import Limits, Scope, Usage
 from ..names import NAME_RE, OPERATOR
-from .conversation import (Conversation, Turn, assistant_message, compact, parse_request,
-                           tokens_of)
+from . import request as requests
+from .conversation import Conversation, Turn, assistant_message, compact, tokens_of
 from .scheduler import Scheduler
 from typing import TYPE_CHECKING
 
@@ -259,7 +259,7 @@ class Models:
             else:
                 if conv.state in ("queued", "running"):
                     raise Fs9Error(errno.EBUSY, "a call is in flight: reset after it ends")
-                conv.messages.clear()
+                conv.reset()
 
     def close(self, conv: Conversation, why: str) -> None:
         if conv.turn.scope is not None:
@@ -285,11 +285,16 @@ class Models:
             raise Fs9Error(errno.EBUSY, "a call is in flight in this conversation: read its "
                                         "reply first")
 
-    def precheck(self, conv: Conversation, size: int) -> None:
-        """What can be refused while a request is still being written (size bytes so
-        far): fs9 halted, a call in flight, a budget the prompt alone exceeds."""
-        self._ready(conv, size)
-        self._admit(conv, self._task_of(conv.owner), tokens_of(conv.messages) + size // 4 + 1, 1)
+    def precheck(self, conv: Conversation, data: bytes) -> None:
+        """What can be refused while a request is still being written (data: its first
+        write): fs9 halted, a call in flight, a budget the prompt alone exceeds, and
+        every item of it once it is a whole JSON object (request.py)."""
+        self._ready(conv, len(data))
+        req = requests.complete(data)
+        if req is not None:
+            requests.check_turn(conv.messages, req["messages"])
+        self._admit(conv, self._task_of(conv.owner),
+                    tokens_of(conv.messages) + len(data) // 4 + 1, 1)
 
     def _admit(self, conv: Conversation, task, prompt: int, want: int) -> tuple[list, int]:
         """budget.admit for a call of conv: (its scopes, its max_tokens); a refusal is a
@@ -307,11 +312,12 @@ class Models:
         """One turn: check it, admit it against the budgets, start the call. Returns
         once the call is queued; its reply streams into conv.turn."""
         self._ready(conv, len(data))
-        req = parse_request(data)
+        req = requests.parse(data)
+        requests.check_turn(conv.messages, req["messages"])
         if self._nursery is None:
             raise Fs9Error(errno.EAGAIN, "models are not served yet")
         task = self._task_of(conv.owner)
-        messages = conv.messages + req.get("messages", [])
+        messages = conv.messages + req["messages"]
         tools = req["tools"] if "tools" in req else conv.tools
         want = min(req.get("max_tokens") or conv.model.max_tokens, conv.model.max_tokens)
         scopes, max_tokens = self._admit(conv, task, tokens_of(messages), want)
