@@ -105,6 +105,11 @@ async def test_replay_sets_aside_what_it_cannot_apply_and_brings_back_the_rest(t
     reported = [e for e in k2.log.events_after(bad[-1]) if e.kind == "replay_set_aside"]
     assert [e.data["event"] for e in reported] == bad
     assert all(f"event {seq} " in k2.err() for seq in bad)
+    with pytest.raises(Fs9Error) as e:  # an agent with the spawn pledge writes the root ctl
+        k2.ctl(b"dismiss all", by="keep")
+    assert e.value.errno == errno.EPERM and len(k2.log.set_aside()) == 4
+    k2.ctl(f"dismiss {bad[2]}".encode())
+    assert [r.seq for r in k2.log.set_aside()] == bad[:2] + bad[3:]
     k2.log.close()
 
 
