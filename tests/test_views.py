@@ -48,7 +48,7 @@ def test_view_tree_shows_only_what_is_unveiled(scout):
     assert os.listdir(v / "agents/echo") == ["mail"]
     assert sorted(os.listdir(v / "topics")) == ["feed", "news"]
     assert "view" not in os.listdir(v / "agents/scout")  # no view inside a view
-    for hidden in ("ctl", "status", "events", "log", "log/audit", "topics/secret", "mail",
+    for hidden in ("ctl", "err", "status", "events", "log", "log/audit", "topics/secret", "mail",
                    "agents/echo/ctl", "agents/echo/in", "agents/scout/view",
                    "agents/echo/view", "registry"):
         for op in (os.stat, os.listdir, lambda p: open(p).close(), os.unlink):

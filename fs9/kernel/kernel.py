@@ -1,8 +1,11 @@
 """The kernel: agents and tasks, rebuilt from and changed only through the event log.
 
-Every change is `record(kind, ...)`: append the event (committed), then `apply`
-it to the in-memory state. Mounting again replays the same events through the
-same `apply`, so the state after a crash is the state that was acknowledged.
+Every change is `record(kind, ...)`: check that the state can take it (`refusal`:
+the lifecycles of agents and tasks), append the event (committed), then `apply` it
+to the in-memory state. Mounting again replays the same events through the same
+`apply`, so the state after a crash is the state that was acknowledged. An event
+replay cannot apply (logged by a past defect, or damaged) is set aside and reported
+(log.py's set-aside store, `replay_set_aside` events, the root `err`), never fatal.
 Tasks that were running when the daemon died are marked interrupted, then
 re-queued (restart permanent/transient) or failed (temporary, daemon runs).
 """
@@ -28,7 +31,7 @@ from .log import Event, EventLog
 from .rate import Burst, Rates
 from .models.models import Models
 from .stream import Stream
-from .task import Task
+from .task import MOVES, Task
 from .vault import beneath, search, watch
 
 CMDS = (
@@ -36,9 +39,11 @@ CMDS = (
     cmd.Cmd("kill", "kill", 1, 1, usage="kill NAME"),
     cmd.Cmd("halt", "halt", usage="halt"),
     cmd.Cmd("resume", "resume", usage="resume"),
+    cmd.Cmd("dismiss", "dismiss", 1, 1, usage="dismiss SEQ|all"),
 )
 MAX_INPUT = 16 << 20  # bytes of one task's input
 REFUSALS_PER_S = 50  # an agent's refusals logged one by one per second (then counted)
+SET_ASIDE_REPORTED = 100  # set-aside events reported one by one at mount (the rest counted)
 NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart",
                "agent_failed", "priority", "task_queued"}  # (mail may be the operator's)
 # Events logged for the record only: no state is rebuilt from them (the rest each have
@@ -49,11 +54,16 @@ AUDIT_ONLY = frozenset({
     "delivery_refused",
     "escape_attempt", "escape_denied", "injection_suspected", "mail_delivered", "mount",
     "mail_duplicate", "model_config_error", "model_error", "model_throttled",
-    "model_unreachable", "refused", "search_fallback", "search_index_damaged",
-    "search_semantic", "task_progress", "limit_exceeded", "limits_unavailable", "unmount", "unveil_denied", "vault_changed",
+    "model_unreachable", "refused", "replay_set_aside", "search_fallback",
+    "search_index_damaged", "search_semantic", "set_aside_dismissed", "task_progress",
+    "limit_exceeded", "limits_unavailable", "unmount", "unveil_denied", "vault_changed",
     "watch_overflow", "watch_unavailable"})
 Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
+
+
+class Unappliable(Exception):
+    """An event the state cannot take (Kernel.refusal says why): at replay, set aside."""
 
 
 def event_table(*holders) -> dict[str, Applier]:
@@ -108,10 +118,7 @@ class Kernel:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Replay the log, recover interrupted tasks, run every agent; until cancelled."""
-        self._replaying = True
-        for event in self.log.replay():
-            self.apply(event)
-        self._replaying = False
+        self._replay()
         self._recover()
         # The replayed state lives as long as the mount: keep the cyclic collector from
         # walking it again and again (a million tasks cost seconds-long pauses).
@@ -171,6 +178,32 @@ class Kernel:
             self.log.bug("watch_denials")
             self.log.append("audit_unavailable", reason="the audit witness failed (see bug)")
 
+    def _replay(self) -> None:
+        """Rebuild the state from the log. An event it cannot take is set aside (kept in
+        the log, listed in its set-aside store, said in the server's log and, until the
+        operator dismisses it, in a `replay_set_aside` event at every mount and the root
+        `err`): everything else comes back."""
+        aside: dict[int, tuple[str, str]] = {}
+        self._replaying = True
+        for event in self.log.replay(aside):
+            try:
+                self.apply(event)
+            except Exception as e:  # a defect's event (Unappliable) or a damaged one
+                reason = str(e) if isinstance(e, Unappliable) else f"{type(e).__name__}: {e}"
+                aside[event.seq] = (event.kind, reason)
+                log.warning("replay set aside event %d (%s): %s", event.seq, event.kind,
+                            reason, exc_info=not isinstance(e, Unappliable))
+        self._replaying = False
+        self.log.keep_aside(aside)
+        pending = self.log.set_aside()
+        for r in pending[:SET_ASIDE_REPORTED]:
+            self.log.append("replay_set_aside", agent=r.agent, task=r.task, event=r.seq,
+                            event_kind=r.kind, reason=r.reason, found=r.found)
+        if len(pending) > SET_ASIDE_REPORTED:
+            self.log.append("replay_set_aside", not_shown=len(pending) - SET_ASIDE_REPORTED,
+                            reason="more events set aside than reported one by one "
+                                   "(the root err lists them all)")
+
     def _recover(self) -> None:
         for task in [t for t in self.tasks.values() if t.state == "running"]:
             ids = dict(agent=task.agent, task=task.id, corr=task.corr)
@@ -185,6 +218,13 @@ class Kernel:
     # --- recording and applying events -----------------------------------------
 
     def record(self, kind: str, **fields) -> Event:
+        """Log one state change, then apply it. Refused (the Fs9Error `refusal` gives;
+        nothing logged) when the state cannot take it now, so the log never holds an event
+        its replay would refuse: whatever a race between commands and an agent's loop
+        asks for is either a legal change or a refused one."""
+        refused = self.refusal(kind, fields.get("agent"), fields.get("task"))
+        if refused is not None:
+            raise refused
         event = self.log.append(kind, **fields)
         self._fresh_blob = (event.seq, fields.get("blob"))  # so apply need not read it back
         self.apply(event)
@@ -196,17 +236,36 @@ class Kernel:
         return blob if seq == e.seq and blob is not None else self.log.blob(e.seq)
 
     def apply(self, e: Event) -> None:
+        """Apply a logged event to the state; Unappliable when the state cannot take it
+        (never an event record() let through: only a damaged or a defect's, at replay)."""
         handler = self.handlers.get(e.kind)
         if handler is None:
             return  # AUDIT_ONLY: for the record
-        agent = self.agents.get(e.agent) if e.agent else None
-        task = self.tasks.get(e.task) if e.task else None
-        if (agent is None and e.kind in NEEDS_AGENT) or (
-                task is None and e.kind.startswith("task_") and e.kind != "task_queued"):
-            # Only a defect could log this; replay must still bring the rest back.
-            log.error("event %d (%s) names an unknown agent or task; ignored", e.seq, e.kind)
-            return
-        handler(e, agent, task)
+        refused = self.refusal(e.kind, e.agent, e.task)
+        if refused is not None:
+            raise Unappliable(refused.text)
+        handler(e, self.agents.get(e.agent) if e.agent else None,
+                self.tasks.get(e.task) if e.task else None)
+
+    def refusal(self, kind: str, agent: str | None, task: int | None) -> Fs9Error | None:
+        """Why the state cannot take an event `kind` naming agent and task now (None: it
+        can). The lifecycles it checks: an agent is spawned once and then exists until
+        killed; a task is queued once, then moves as task.py's table allows. (The bus's,
+        models' and memory's appliers take any event: nothing to check.)"""
+        if kind == "spawn" and (agent is None or agent in self.agents):
+            return Fs9Error(errno.EEXIST, f"{kind} refused: {AGENT_EXISTS}: {agent}")
+        if kind in NEEDS_AGENT and agent not in self.agents:
+            return Fs9Error(errno.ENOENT, f"{kind} refused: {NO_AGENT}: {agent}")
+        if kind == "task_queued" and (task is None or task in self.tasks):
+            return Fs9Error(errno.EEXIST, f"{kind} refused: task {task} exists")
+        if kind in MOVES:
+            known = self.tasks.get(task)
+            if known is None:
+                return Fs9Error(errno.ENOENT, f"{kind} refused: no task {task}")
+            why = known.refusal(MOVES[kind])
+            if why:
+                return Fs9Error(errno.EINVAL, f"{kind} refused: {why}")
+        return None
 
     def appliers(self) -> dict[str, Applier]:
         """The events that change agents and tasks (the bus, models and memory declare
@@ -355,6 +414,11 @@ class Kernel:
                 if p.args[0] not in names or (by is not None and not self._reaches(by, p.args[0])):
                     raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {p.args[0]}")
                 names.discard(p.args[0])
+            elif p.cmd.verb == "dismiss":
+                if by is not None:
+                    raise Fs9Error(errno.EPERM, f"only the operator dismisses set-aside "
+                                                f"events, not agent {by}")
+                self._set_aside(p.args[0])
         for p in parsed:
             if p.cmd.verb == "spawn":
                 self.spawn(*p.args, by=by)
@@ -388,6 +452,29 @@ class Kernel:
 
     def resume(self) -> None:
         self.record("resume")
+
+    def dismiss(self, which: str) -> None:
+        """The operator has seen set-aside event SEQ (or all of them): stop reporting it.
+        It stays in the log, set aside at every replay."""
+        seqs = self._set_aside(which)
+        self.log.append("set_aside_dismissed", events=seqs)
+        self.log.dismiss(seqs)
+
+    def _set_aside(self, which: str) -> list[int]:
+        """The set-aside events `which` (SEQ or all) names, not dismissed yet; else ENOENT."""
+        pending = [r.seq for r in self.log.set_aside()]
+        if which == "all" and pending:
+            return pending
+        if which.isascii() and which.isdigit() and int(which) in pending:
+            return [int(which)]
+        raise Fs9Error(errno.ENOENT, f"no set-aside event {which!r} to dismiss "
+                                     f"(the root err lists them)")
+
+    def err(self) -> str:
+        """The root `err`: the events replay set aside and the operator has not dismissed,
+        one line each."""
+        return "".join(f"fs9: {r.describe()}; dismiss with: echo 'dismiss {r.seq}' > ctl\n"
+                       for r in self.log.set_aside())
 
     # --- services for the face ----------------------------------------------------
 

@@ -6,6 +6,10 @@ the log after a crash rebuilds the same state. A task's input rides in its
 `task_queued` event (column `blob`); its output is stored as chunks beside the
 events, also append-only.
 
+Replay yields what it can read; an event the kernel cannot apply (logged by a past
+defect, or damaged) is set aside, not applied: the `set_aside` table says which, why
+and whether the operator dismissed it (`set_aside()` lists them, offline too).
+
 The database runs in WAL mode with synchronous=NORMAL: a commit is a write into
 the WAL, durable against a crash of this process (kill -9), without an fsync per
 event; only a power loss can take the last commits. Commits are a few
@@ -46,6 +50,13 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_task ON chunks (task, attempt, fd);
 CREATE INDEX IF NOT EXISTS events_by_corr ON events (corr) WHERE corr IS NOT NULL;
+CREATE TABLE IF NOT EXISTS set_aside (  -- events the latest replay could not apply
+    seq       INTEGER PRIMARY KEY,      -- the event's, in `events` (which keeps it)
+    kind      TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    found     REAL NOT NULL,            -- when a replay first set it aside
+    dismissed REAL                      -- when the operator dismissed it (root ctl)
+);
 CREATE TRIGGER IF NOT EXISTS events_append_only BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
@@ -72,6 +83,37 @@ class Event:
             if getattr(self, key) is not None:
                 head[key] = getattr(self, key)
         return _json({**head, **self.data})
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """An event replay set aside: what (seq, kind, agent, task), why, since when."""
+    seq: int
+    kind: str
+    agent: str | None
+    task: int | None
+    reason: str
+    found: float
+    dismissed: float | None
+
+    def describe(self) -> str:
+        where = "".join(f" {k}={v}" for k, v in (("agent", self.agent), ("task", self.task))
+                        if v is not None)
+        return f"replay set aside event {self.seq} ({self.kind}{where}): {self.reason}"
+
+
+def set_aside(db: sqlite3.Connection, dismissed: bool = False) -> list[SetAside]:
+    """The events replay set aside in the log open as db, oldest first: those the operator
+    has not dismissed (with dismissed=True, all). A log no fs9 with this table has
+    replayed has none listed."""
+    try:
+        rows = db.execute(
+            "SELECT s.seq, s.kind, e.agent, e.task, s.reason, s.found, s.dismissed"
+            " FROM set_aside s LEFT JOIN events e ON e.seq = s.seq"
+            + ("" if dismissed else " WHERE s.dismissed IS NULL") + " ORDER BY s.seq")
+    except sqlite3.OperationalError:  # no such table: written by an older fs9
+        return []
+    return [SetAside(*row) for row in rows]
 
 
 class EventLog:
@@ -148,12 +190,47 @@ class EventLog:
             " WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
         return [Event(s, ts, k, a, t, c, json.loads(d)) for s, ts, k, a, t, c, d in rows]
 
-    def replay(self):
-        """Every event from the beginning, oldest first."""
+    def replay(self, aside: dict[int, tuple[str, str]]):
+        """Every event from the beginning, oldest first; a row that does not read as an
+        event (its data is not a JSON object) goes into `aside` (seq -> (kind, reason))
+        instead, for keep_aside()."""
         seq = 0
-        while batch := self.events_after(seq, 5000):
-            yield from batch
-            seq = batch[-1].seq
+        while rows := self.db.execute(
+                "SELECT seq, ts, kind, agent, task, corr, data FROM events"
+                " WHERE seq > ? ORDER BY seq LIMIT 5000", (seq,)).fetchall():
+            for s, ts, k, a, t, c, d in rows:
+                try:
+                    data = json.loads(d)
+                except (TypeError, ValueError):
+                    data = None
+                if isinstance(data, dict):
+                    yield Event(s, ts, k, a, t, c, data)
+                else:
+                    aside[s] = (k, f"its data is not a JSON object: {str(d)[:80]!r}")
+            seq = rows[-1][0]
+
+    def keep_aside(self, aside: dict[int, tuple[str, str]]) -> None:
+        """Store what a whole replay set aside (seq -> (kind, reason)). The set-aside
+        store follows the latest replay: an event it applied is no longer listed, and
+        one listed before keeps when it was found and whether it was dismissed."""
+        stale = [(seq,) for (seq,) in self.db.execute("SELECT seq FROM set_aside")
+                 if seq not in aside]
+        now = time.time()
+        with self.db:  # one transaction: the store is never half updated
+            self.db.execute("BEGIN")
+            self.db.executemany("DELETE FROM set_aside WHERE seq = ?", stale)
+            self.db.executemany(
+                "INSERT INTO set_aside (seq, kind, reason, found) VALUES (?,?,?,?)"
+                " ON CONFLICT (seq) DO UPDATE SET kind = excluded.kind, reason = excluded.reason",
+                [(seq, kind, reason, now) for seq, (kind, reason) in aside.items()])
+
+    def set_aside(self, dismissed: bool = False) -> list[SetAside]:
+        return set_aside(self.db, dismissed)
+
+    def dismiss(self, seqs: list[int]) -> None:
+        """The operator has seen these set-aside events: no longer reported."""
+        self.db.executemany("UPDATE set_aside SET dismissed = ? WHERE seq = ?",
+                            [(time.time(), seq) for seq in seqs])
 
     def trace(self, corr: str) -> list[Event]:
         """Every event carrying correlation id `corr`, in order."""

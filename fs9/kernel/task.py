@@ -3,6 +3,10 @@
 queued -> running -> done | failed | cancelled
 running -> interrupted (the daemon died under it) -> queued | failed
 queued -> cancelled (its agent was killed)
+
+Each event that moves a task names its new state in MOVES; Kernel.refusal checks the
+move against TRANSITIONS before the event is logged (and again at replay), so the log
+never holds a move this table forbids.
 """
 from dataclasses import dataclass, field
 
@@ -15,6 +19,11 @@ TRANSITIONS = {
     "done": set(), "failed": set(), "cancelled": set(),
 }
 FINAL = frozenset({"done", "failed", "cancelled"})
+MOVES = {  # event kind -> the state it moves its task to
+    "task_started": "running", "task_done": "done", "task_failed": "failed",
+    "task_cancelled": "cancelled", "task_interrupted": "interrupted",
+    "task_requeued": "queued",
+}
 
 
 class BadTransition(Exception):
@@ -48,9 +57,15 @@ class Task:
         for tally in self.tallies:
             tally[self.state] += 1
 
-    def move(self, state: str) -> None:
+    def refusal(self, state: str) -> str | None:
+        """Why this task cannot move to state now (None: it can)."""
         if state not in TRANSITIONS[self.state]:
-            raise BadTransition(f"task {self.id}: {self.state} -> {state}")
+            return f"task {self.id}: {self.state} -> {state}"
+        return None
+
+    def move(self, state: str) -> None:
+        if why := self.refusal(state):
+            raise BadTransition(why)
         for tally in self.tallies:
             tally[self.state] -= 1
             tally[state] += 1

@@ -295,7 +295,10 @@ class Agent:
                     await self.sandbox()
                     continue  # look again: much may have happened meanwhile
                 except OSError:
-                    pass  # execute fails the task with the reason
+                    # execute fails the task with the reason, if it is still to run: a
+                    # kill, stop or halt while the sandbox was starting may have ended it
+                    if task.state != "queued" or not self.runnable():
+                        continue
             status = await self.execute(task)
             if not self.daemon:
                 continue
@@ -317,14 +320,7 @@ class Agent:
         k = self.kernel
         k.record("task_started", agent=self.name, task=task.id, corr=task.corr,
                  attempt=task.attempt + 1)
-        status = None
-        try:
-            sandbox = await self.sandbox()
-        except OSError as e:
-            k.emit(task, 2, f"fs9: cannot confine agent {self.name}: {e}\n".encode())
-            k.record("task_failed", agent=self.name, task=task.id, corr=task.corr, exit=None,
-                     reason=f"cannot confine: {e}")
-            return 126
+        status, no_sandbox = None, ""
         output = [0, self.limits["output_mb"] << 20]  # bytes so far, the most a task may write
 
         def emit(fd: int, data: bytes) -> None:
@@ -332,31 +328,43 @@ class Agent:
                 return  # over the limit: the watcher ends the task
             output[0] += len(data)
             k.emit(task, fd, data[:max(0, output[1] - output[0] + len(data))])
-        job = drivers.Job(
-            cmd=self.driver.argv(self.manifest), cwd=self.workdir() if sandbox else self.home,
-            env=self.environ(task), stdin=None if task.daemon else k.task_input(task),
-            priority=self.priority, emit=emit, sandbox=sandbox)
-        self._cancel_as, self._exceeded = "", ""
-        self._baseline = self.group.counters() if self.group is not None else {}
+        self._cancel_as, self._exceeded, self._baseline = "", "", {}
+        # The run's scope opens before its sandbox may start again: a kill, stop, halt or
+        # restart while it starts ends this run as one that came while it ran.
         with trio.CancelScope() as self._run_scope:
             if self.manifest["timeout_s"] and not task.daemon:
                 self._run_scope.deadline = trio.current_time() + self.manifest["timeout_s"]
-            async with trio.open_nursery() as nursery:
-                async def runner(task_status):
-                    nonlocal status
-                    status = await self.driver.run(job, task_status=task_status)
-                    nursery.cancel_scope.cancel()  # the watcher's job is done
-                task.pid = await nursery.start(runner)
-                nursery.start_soon(self._watch_limits, task, output)
+            try:
+                sandbox = await self.sandbox()
+            except OSError as e:
+                no_sandbox = str(e)
+            else:
+                job = drivers.Job(
+                    cmd=self.driver.argv(self.manifest),
+                    cwd=self.workdir() if sandbox else self.home, env=self.environ(task),
+                    stdin=None if task.daemon else k.task_input(task),
+                    priority=self.priority, emit=emit, sandbox=sandbox)
+                self._baseline = self.group.counters() if self.group is not None else {}
+                async with trio.open_nursery() as nursery:
+                    async def runner(task_status):
+                        nonlocal status
+                        status = await self.driver.run(job, task_status=task_status)
+                        nursery.cancel_scope.cancel()  # the watcher's job is done
+                    task.pid = await nursery.start(runner)
+                    nursery.start_soon(self._watch_limits, task, output)
         self._run_scope = None
         task.pid = None
+        ids = dict(agent=self.name, task=task.id, corr=task.corr)
+        if no_sandbox:
+            k.emit(task, 2, f"fs9: cannot confine agent {self.name}: {no_sandbox}\n".encode())
+            k.record("task_failed", exit=None, reason=f"cannot confine: {no_sandbox}", **ids)
+            return 126
         if self.group is not None:
             # nothing of a run outlives it (a double fork, setsid): the group ends it all;
             # and a limit that bit at the very end still names the reason
             if self.group.pids():  # (reading the groups costs microseconds: inline)
                 await trio.to_thread.run_sync(self.group.kill)
             self._check_limits(task, output)
-        ids = dict(agent=self.name, task=task.id, corr=task.corr)
         if self._exceeded:
             k.record("task_failed", exit=status, reason=self._exceeded, **ids)
             if task.reply_to and not task.handed_off:
