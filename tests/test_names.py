@@ -336,7 +336,7 @@ def test_search_and_events_print_every_name_escaped_and_a_remount_keeps_them(mou
     assert any(line.split(" ", 1)[1].startswith(r'vault/w\n{"seq":1,"kind":"bug"}\xff:1 ')
                for line in lines), lines
     assert not any(line.startswith("9.999") for line in lines)
-    # in the log: each change once, the path escaped; no forged line, no bug
+    # in the log: the paths escaped; no forged line (events_of), no bug
     paths = {path for _, path, _ in changed(mount)}
     assert want <= paths, paths
     assert not [e for e in events_of(mount) if e["kind"] == "bug"]
