@@ -13,7 +13,7 @@ import os
 import stat
 
 from ..errors import Fs9Error
-from ..kernel.names import split_view
+from ..kernel.names import shown_path, split_view
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class Gate:
             if writing and inner[:1] == ("vault",) and len(inner) > 1:
                 owner = self.kernel.owner_of(inner)
                 if owner != viewer:
-                    raise Fs9Error(errno.EACCES, f"{'/'.join(inner)} is owned by "
+                    raise Fs9Error(errno.EACCES, f"{shown_path(inner)} is owned by "
                                    + (f"agent {owner}: ask it by mail" if owner else
                                       "no agent: only the operator changes it"))
 
@@ -69,7 +69,7 @@ def refusals_logged(kernel: "Kernel", path: tuple[str, ...]):
         yield
     except Fs9Error as e:
         viewer, inner = split_view(path)
-        kernel.refused(e, agent=viewer, file="/".join(inner))
+        kernel.refused(e, agent=viewer, file=shown_path(inner))
         raise
 
 

@@ -1,4 +1,4 @@
-"""The edge of every pyfuse3 handler: errors go out as errnos, names come in as text.
+"""The edge of every pyfuse3 handler: errors go out as errnos, names come in as str.
 
 Every handler goes through `boundary`: Fs9Error becomes its errno, anything
 else becomes EIO plus a logged traceback, because one exception escaping a
@@ -7,6 +7,7 @@ pyfuse3 handler ends the whole mount.
 import errno
 import functools
 import logging
+import os
 
 import pyfuse3
 
@@ -32,10 +33,9 @@ def boundary(fn):
 
 
 def file_name(raw: bytes) -> str:
-    """A name from the kernel; every name in the namespace is UTF-8 of at most 255 bytes."""
+    """A name from the kernel as fs9 holds names (kernel/names.py): any bytes Linux
+    allows, a byte that is not UTF-8 as a surrogate escape, so os.fsencode (and every
+    call beneath the vault root) gives the same bytes back; at most 255 bytes."""
     if len(raw) > 255:
         raise Fs9Error(errno.ENAMETOOLONG, "file name too long")
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        raise Fs9Error(errno.ENOENT, "no such file (names here are UTF-8)")
+    return os.fsdecode(raw)

@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from ..errors import Fs9Error
-from ..kernel.names import split_view
+from ..kernel.names import shown_path, split_view
 from ..kernel.vault.beneath import RENAME_EXCHANGE
 from .access import Gate
 from .boundary import boundary, file_name
@@ -154,7 +154,7 @@ class Operations(pyfuse3.Operations):
         except Fs9Error:
             if self.tree.hidden(path):  # an agent reaching for what its view hides
                 viewer, inner = split_view(path)
-                self.kernel.log.append("unveil_denied", agent=viewer, path="/".join(inner),
+                self.kernel.log.append("unveil_denied", agent=viewer, path=shown_path(inner),
                                        reason="hidden by the agent's view: ENOENT")
             raise
         return self._entry(path, node)

@@ -3,7 +3,8 @@
 To find where any path is served, find its row here. `{agent}`, `{task}`,
 `{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}`, `{cap}`,
 `{query}`, `{note}`, `{model}` and `{conv}` are bound to kernel objects while walking (VARS below); a name that
-binds to nothing is ENOENT. Directories list the rows one level below them; a Dir with
+binds to nothing is ENOENT, and so is any name that is not UTF-8 but a query (kernel
+objects have text names). Directories list the rows one level below them; a Dir with
 `create` takes new names (mail/, outbox/, topics/). A row ending in `/...` serves a
 subtree: the vault, a real directory on disk whose every file is a vault node
 (face/vault.py), reached beneath the vault's directory fd.
@@ -16,6 +17,7 @@ a request arrives through is its identity.
 """
 import errno
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,6 +98,9 @@ def _search(k, query: str | None, me=None):
     view = None if me is None else k.agent(me).view
     if query is None:
         return Status(lambda: k.search.status(view))
+    # the query is text: a byte of the name that is not UTF-8 is U+FFFD (a surrogate
+    # escape would reach an embedding endpoint as JSON it may refuse)
+    query = os.fsencode(query).decode("utf-8", "replace")
     return Status(lambda: k.search.query(query, view),
                   prepare=lambda: k.search.prepare(query, view))
 
@@ -251,6 +256,15 @@ _ASKS = {var for var, fns in VARS.items()
          if any("me" in inspect.signature(f).parameters for f in fns)}
 
 
+def _text(name: str) -> bool:
+    """name is UTF-8 text: no byte of it that is not UTF-8 (a surrogate escape,
+    kernel/names.py), so it may name a kernel object."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 def _task_of(k, agent, name: str):
     task = k.tasks.get(int(name)) if name.isascii() and name.isdigit() else None
@@ -349,6 +363,8 @@ class Tree:
         for pat, name in zip(parts, path):
             if pat.startswith("{"):
                 var = pat[1:-1]
+                if var != "query" and not _text(name):
+                    return None  # a kernel object's name is text (kept in SQLite, in JSON)
                 asks = {"me": me} if var in _ASKS else {}
                 obj = VARS[var][1](self.kernel, name, **bound, **asks)
                 if obj is None:

@@ -28,6 +28,7 @@ from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
 from .log import Event, EventLog
+from .names import one_line
 from .rate import Burst, Rates
 from .models.models import Models
 from .stream import Stream
@@ -504,15 +505,16 @@ class Kernel:
         """Say why a request was refused: an event, and a line in the agent's err. An
         agent's refusals past REFUSALS_PER_S in one second are counted, not logged one by
         one: the next one logged says how many (`coalesced`), so a loop of refused calls
-        cannot flood the log."""
+        cannot flood the log. The reason is one line (a name in it may hold anything)."""
         extra = {} if agent is None else self._refusals.admit(
             agent, int(trio.current_time()) if self._nursery is not None else 0)
         if extra is None:
             return
+        reason = one_line(e.text)
         self.log.append("refused", agent=agent, file=file,
-                        errno=errno.errorcode.get(e.errno, str(e.errno)), reason=e.text, **extra)
+                        errno=errno.errorcode.get(e.errno, str(e.errno)), reason=reason, **extra)
         if agent in self.agents:
-            self.agents[agent].diag(e.text)
+            self.agents[agent].diag(reason)
 
     def submit(self, agent: Agent, data: bytes | None, *, corr: str | None = None,
                reply_to: str = "", request: str = "") -> Task:

@@ -18,6 +18,7 @@ from ... import drivers
 from ...drivers import cgroups, confine
 from ...errors import NO_AGENT, Fs9Error
 from .. import cmd
+from ..names import one_line
 from . import escapes, limits, manifest as manifests, sandbox as sandboxes
 from ..models.budget import Limits
 from ..bus.mailbox import Mailbox
@@ -150,8 +151,9 @@ class Agent:
     NOTES_MAX = 64 << 10
 
     def diag(self, text: str) -> None:
-        """A line of diagnostics for `err` (refused commands); the oldest go first."""
-        self.notes += f"fs9: {text}\n".encode()
+        """A line of diagnostics for `err` (refused commands); the oldest go first. One
+        line whatever the text holds (a name with a newline adds no line of its own)."""
+        self.notes += f"fs9: {one_line(text)}\n".encode()
         if len(self.notes) > self.NOTES_MAX:
             del self.notes[:self.notes.index(b"\n", len(self.notes) - self.NOTES_MAX) + 1]
 

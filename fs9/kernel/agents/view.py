@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ... import drivers
 from ...errors import Fs9Error
+from ..names import shown_path
 
 PLEDGES = {
     "read": "read files outside the agent's own directory",
@@ -100,9 +101,9 @@ class View:
         outside the view (creating a name there too), EACCES where it is read-only."""
         mode = self.access(path)
         if mode is None:
-            raise Fs9Error(errno.ENOENT, f"{'/'.join(path)} is outside the view of {self.agent}")
+            raise Fs9Error(errno.ENOENT, f"{shown_path(path)} is outside the view of {self.agent}")
         if "w" not in mode:
-            raise Fs9Error(errno.EACCES, f"{'/'.join(path)} is read-only in the view of "
+            raise Fs9Error(errno.EACCES, f"{shown_path(path)} is read-only in the view of "
                                          f"{self.agent} (unveil it with mode w or rw)")
         if path[:1] == ("agents",) and len(path) > 2 and path[2] == "tasks" and not self.own(path):
             raise Fs9Error(errno.EACCES, f"only agent {path[1]} reports on its tasks")
@@ -120,7 +121,7 @@ class View:
     def check_read(self, path: tuple[str, ...]) -> None:
         """Raise Fs9Error(EACCES) unless this view may read path (which it sees)."""
         if "r" not in (self.access(path) or ""):
-            raise Fs9Error(errno.EACCES, f"{'/'.join(path)} is write-only in the view of "
+            raise Fs9Error(errno.EACCES, f"{shown_path(path)} is write-only in the view of "
                                          f"{self.agent}")
         if not self.own(path) and path and "read" not in self.pledges and not (
                 path[0] == "registry" and "discover" in self.pledges):

@@ -8,13 +8,13 @@ Contract (the index itself, how and when it is built: index.py):
   - a hit's file is read for its snippet beneath the vault root's fd (kernel.vault_root,
     beneath.py), never through a symlink: a hit whose file cannot be read so (gone
     since the build, or a folder on its path swapped for a symlink) is left out.
-  - PATH is `vault/` and the file's names joined by `/`, each name escaped
-    (`shown_path`): a backslash is written `\\`, a newline `\n`, a tab `\t`, a carriage
-    return `\r`, any other ASCII control character and any byte that is not UTF-8
-    `\xHH`, a C1 control and U+2028/U+2029 `\uHHHH`; all else as it is (spaces, `:`).
-    A snippet is one line of the file (no line break of any kind), stripped, trimmed to
-    SNIPPET characters, its control characters but tab written `\xHH` (backslashes as
-    they are). So each line of an answer is one hit, whatever the names, and an
+  - PATH is `vault/` and the file's names joined by `/`, escaped as fs9 prints every
+    path (kernel/names.py `shown_path`): a backslash is written `\\`, a newline `\n`, a
+    tab `\t`, a carriage return `\r`, any other ASCII control character and any byte
+    that is not UTF-8 `\xHH`, a C1 control and U+2028/U+2029 `\uHHHH`; all else as it
+    is (spaces, `:`). A snippet is one line of the file (no line break of any kind),
+    stripped, trimmed to SNIPPET characters, its control characters but tab escaped
+    (`one_line`: `\xHH`; backslashes as they are). So each line of an answer is one hit, whatever the names, and an
     answer is always UTF-8.
   - an answer is made when search/QUERY is read, in a worker thread (`prepare`, then
     `query` returns it): ranking, reading the hits' files and scoring their lines never
@@ -39,7 +39,6 @@ never a published Snapshot. The embedding side is kernel/vault/embeddings.py.
 import collections
 import errno
 import os
-import re
 import stat
 import threading
 import time
@@ -48,6 +47,7 @@ import tomllib
 import trio
 
 from ...errors import Fs9Error
+from ..names import one_line, shown_path
 from .beneath import VaultRoot
 from .embeddings import (Embedder, Vectors, config_problem, failure_reason, fuse_rankings,
                          model_problem)
@@ -67,27 +67,6 @@ NOT_PREPARED = "fs9: no answer was made for this read; read search/QUERY again\n
 BUSY = "{agent} has {n} searches under way (at most {n} at once)"
 RETRY_S = 2.0  # an endpoint that failed is probed again after this, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 30.0
-# What shown_path and a snippet escape (a surrogate escape is a byte that is not UTF-8)
-_PATH_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
-_TEXT_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
-_NAMED = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
-
-
-def _escape(m: re.Match) -> str:
-    c = m.group()
-    o = ord(c)
-    if c in _NAMED:
-        return _NAMED[c]
-    if o >= 0xdc80:  # surrogateescape's stand-in for byte o - 0xdc00
-        return f"\\x{o - 0xdc00:02x}"
-    return f"\\x{o:02x}" if o < 0x80 else f"\\u{o:04x}"
-
-
-def shown_path(rel: tuple[str, ...]) -> str:
-    """How an answer prints vault path rel (a tuple of names): one line, UTF-8."""
-    return "vault/" + "/".join(_PATH_UNSAFE.sub(_escape, name) for name in rel)
-
-
 def best_line(text: str, weight: dict[str, float], hint: int | None, terms: Terms,
               deadline: float) -> tuple[int, str]:
     """(line number, snippet) of text where the query's rarest terms meet (none: hint,
@@ -114,7 +93,7 @@ def best_line(text: str, weight: dict[str, float], hint: int | None, terms: Term
         best_no = hint
     elif best == 0.0 and first is not None:
         best_no = first
-    return best_no, _TEXT_UNSAFE.sub(_escape, lines[best_no - 1].strip()[:SNIPPET])
+    return best_no, one_line(lines[best_no - 1].strip()[:SNIPPET])
 
 
 class Search:
@@ -346,14 +325,14 @@ class Search:
                 left -= len(data)
                 no, snippet = best_line(data.decode("utf-8", "replace"), weight, hint,
                                         terms, deadline)
-                lines.append(f"{score:.3f} {shown_path(rel)}:{no} {snippet}\n")
+                lines.append(f"{score:.3f} {shown_path(('vault', *rel))}:{no} {snippet}\n")
             else:  # over budget: listed if it is still a file there, without a snippet
                 try:
                     if not stat.S_ISREG(self.root.lstat(rel).st_mode):
                         continue
                 except OSError:
                     continue
-                lines.append(f"{score:.3f} {shown_path(rel)}\n")
+                lines.append(f"{score:.3f} {shown_path(('vault', *rel))}\n")
                 bare += 1
             if len(lines) == MAX_HITS:
                 break

@@ -26,7 +26,7 @@ import time
 
 import trio
 
-from ..names import split_view
+from ..names import shown_path, split_view
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -56,11 +56,11 @@ class OwnChanges:
         agent, inner = split_view(path)
         if inner[:1] != ("vault",) or len(inner) < 2:
             return
-        fields = dict(path="/".join(inner), op=op, actor=agent or f"uid {uid}")
+        fields = dict(path=shown_path(inner), op=op, actor=agent or f"uid {uid}")
         rels = [tuple(inner[1:])]
         if dest is not None:
             dest_inner = split_view(dest)[1]
-            fields["dest"] = "/".join(dest_inner)
+            fields["dest"] = shown_path(dest_inner)
             rels.append(tuple(dest_inner[1:]))
         now = trio.current_time()
         for rel in rels:
@@ -233,7 +233,7 @@ async def _log_changes(kernel: "Kernel", receive) -> None:
             ours = kernel.vault_changes.ours
             if ours(rel) or (dest and ours(dest)):
                 continue
-            fields = dict(path="/".join(("vault", *rel)), op=op)
+            fields = dict(path=shown_path(("vault", *rel)), op=op)
             if dest:
-                fields["dest"] = "/".join(("vault", *dest))
+                fields["dest"] = shown_path(("vault", *dest))
             kernel.log.append("vault_changed", **fields)
