@@ -340,6 +340,23 @@ def test_a_folder_swapped_for_a_symlink_is_never_bound(vault, tmp_path):
 
 
 @needs_confinement
+def test_an_agent_moves_and_links_files_between_its_own_folders(vault):
+    """Landlock's network-and-scopes layer grants the one filesystem right every layer
+    must grant (moving or linking a file to another folder), so the agent's own subtree,
+    bound from disk and through fs9, works as a folder does."""
+    probe = ("cd $FS9_MNT/vault/code && mkdir -p a b && echo x > a/f && mv a/f b/f && "
+             "ln b/f a/g && echo moved; cat b/f a/g\n")
+    vault.define("mover", 'cmd = ["sh", "probe.sh"]\nowns = ["vault/code"]\n', {"probe.sh": probe})
+    spawn(vault, "spawn mover")
+    vault.write("agents/mover/in", "go\n")
+    vault.wait_for(lambda: vault.status("mover")["done"] == "1"
+                   or vault.status("mover")["failed"] == "1", what="the probe")
+    assert vault.read("agents/mover/out").split() == ["moved", "x", "x"], \
+        vault.read("agents/mover/err")
+    assert (vault.vault / "code/b/f").read_text() == "x\n"
+
+
+@needs_confinement
 def test_an_owned_subtree_bound_from_disk_takes_no_setuid_file(vault):
     probe = ("f=$FS9_MNT/vault/code/tool; echo '#!/bin/sh' > $f; "
              "chmod 4755 $f 2>/dev/null || echo chmod-refused; "

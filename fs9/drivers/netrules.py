@@ -5,7 +5,12 @@ filesystem ruleset by the sandbox before it execs an agent's program.
   - network (ABI >= 4): TCP connect and bind are refused (EACCES, and a Landlock
     audit record) except to the ports allowed;
   - scopes (ABI >= 6): abstract unix sockets and signals reach only processes of the
-    same Landlock domain (the agent's own programs).
+    same Landlock domain (the agent's own programs);
+  - and, so that this layer takes nothing of the filesystem layer's: moving or linking
+    a file to another folder (LANDLOCK_ACCESS_FS_REFER, ABI >= 2) is allowed everywhere.
+    Landlock denies that one right in every layer that does not grant it, even a layer
+    that handles no filesystem access: without this rule, `mv a/f b/` in the agent's
+    own subtree is EXDEV.
 
 Everything here is plain data in, a ruleset fd out; callers restrict themselves with
 landlock_restrict_self (zygote.py), after no_new_privs.
@@ -17,9 +22,10 @@ import struct
 
 SYS_CREATE_RULESET, SYS_ADD_RULE = 444, 445
 CREATE_RULESET_VERSION = 1
+ACCESS_FS_REFER = 1 << 13
 ACCESS_NET_BIND_TCP, ACCESS_NET_CONNECT_TCP = 1, 2
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2
-RULE_NET_PORT = 2
+RULE_PATH_BENEATH, RULE_NET_PORT = 1, 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -46,13 +52,16 @@ def ruleset(connect: list[int] | None, bind: list[int] | None) -> int | None:
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if version >= 6 else 0
     if not net and not scoped:
         return None
-    attr = ctypes.create_string_buffer(struct.pack("QQQ", 0, net, scoped))
+    refer = ACCESS_FS_REFER if version >= 2 else 0
+    attr = ctypes.create_string_buffer(struct.pack("QQQ", refer, net, scoped))
     size = 24 if version >= 6 else 16
     fd = _libc.syscall(SYS_CREATE_RULESET, attr, ctypes.c_size_t(size), ctypes.c_uint32(0))
     if fd < 0:
         e = ctypes.get_errno()
         raise OSError(e, f"landlock_create_ruleset (network): {os.strerror(e)}")
     try:
+        if refer:
+            _allow_refer_everywhere(fd)
         for access, ports in ((ACCESS_NET_CONNECT_TCP, connect), (ACCESS_NET_BIND_TCP, bind)):
             for port in ports or ():
                 rule = ctypes.create_string_buffer(struct.pack("QQ", access, port))
@@ -63,3 +72,14 @@ def ruleset(connect: list[int] | None, bind: list[int] | None) -> int | None:
         os.close(fd)
         raise
     return fd
+
+
+def _allow_refer_everywhere(fd: int) -> None:
+    root = os.open("/", os.O_PATH | os.O_CLOEXEC)
+    try:  # struct landlock_path_beneath_attr: u64 allowed_access, s32 parent_fd (packed)
+        rule = ctypes.create_string_buffer(struct.pack("=Qi", ACCESS_FS_REFER, root))
+        if _libc.syscall(SYS_ADD_RULE, fd, RULE_PATH_BENEATH, rule, ctypes.c_uint32(0)) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"landlock_add_rule (refer): {os.strerror(e)}")
+    finally:
+        os.close(root)
