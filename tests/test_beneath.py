@@ -180,17 +180,88 @@ def test_root_only(vr, tree):
     os.chown(f"{root}/a", 0, 777)
     fd, _ = vr.create(("a", "s"), os.O_WRONLY, 0o4755)
     os.close(fd)
-    vr.settle(("a", "s"), None, 1000, 1000)
+    vr.settle(("a", "s"), stat.S_IFREG, None, 1000, 1000)
     st = os.lstat(f"{root}/a/s")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 777, 0o4755)
     vr.mkdir(("a", "sd"), 0o700)
-    vr.settle(("a", "sd"), 0o750, 1000, 1000)
+    vr.settle(("a", "sd"), stat.S_IFDIR, 0o750, 1000, 1000)
     st = os.lstat(f"{root}/a/sd")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 777, 0o2750)
     vr.symlink("nowhere", ("a", "sl"))
-    vr.settle(("a", "sl"), None, 1000, 1000)
+    vr.settle(("a", "sl"), stat.S_IFLNK, None, 1000, 1000)
     assert os.lstat(f"{root}/a/sl").st_uid == 1000
-    assert errno_of(vr.settle, (), 0o755, 0, 0) == errno.EINVAL
+    assert errno_of(vr.settle, (), stat.S_IFDIR, 0o755, 0, 0) == errno.EINVAL
+
+
+@needs_root
+def test_settle_gives_away_only_what_fs9_just_made(vr, tree):
+    """settle acts by name: the name must still hold what fs9 made there (its kind, fs9's
+    own, one name), else someone swapped another file in meanwhile; it is left alone."""
+    root, canary = tree
+    secret = os.path.join(canary, "secret")
+    os.link(secret, f"{root}/a/second")  # a second name of a file nobody may have
+    vr.mkdir(("a", "d"))
+    os.mknod(f"{root}/a/fifo", stat.S_IFIFO | 0o600)
+    os.chown(f"{root}/a/fifo", 55, 55)  # someone else's by now
+    for rel, kind in ((("a", "second"), stat.S_IFREG),  # two names
+                      (("a", "d"), stat.S_IFREG),  # not the kind made
+                      (("a", "second"), stat.S_IFIFO),
+                      (("a", "fifo"), stat.S_IFIFO)):  # not fs9's own
+        e = pytest.raises(OSError, vr.settle, rel, kind, 0o666, 1234, 1234).value
+        assert e.errno == errno.ENOENT and "changed on disk" in e.strerror, (rel, e)
+    assert (os.lstat(f"{root}/a/fifo").st_uid, os.lstat(f"{root}/a/d").st_uid) == (55, 0)
+    vr.settle(("a", "d"), stat.S_IFDIR, 0o750, 1234, 1234)  # what it made: given away
+    assert os.lstat(f"{root}/a/d").st_uid == 1234
+    os.unlink(f"{root}/a/second")  # (the canary's nlink, as it was)
+
+
+@needs_root
+def test_create_settled_gives_away_the_file_it_made(vr, tree):
+    root, _ = tree
+    os.chmod(f"{root}/a", 0o2775)
+    os.chown(f"{root}/a", 0, 777)
+    fd, created, unsettled = vr.create_settled(("a", "n"), os.O_WRONLY, 0o4750, 1000, 1001)
+    st = os.fstat(fd)
+    os.close(fd)
+    assert created and unsettled is None
+    # its owner, the setgid directory's group, its mode (setuid kept across the chown)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 777, 0o4750)
+    os.chown(f"{root}/a/n", 55, 55)
+    fd, created, unsettled = vr.create_settled(("a", "n"), os.O_WRONLY, 0o600, 1000, 1000)
+    os.close(fd)
+    assert not created and unsettled is None  # opened: an existing file is nobody's gift
+    assert os.lstat(f"{root}/a/n").st_uid == 55
+
+
+def test_pinned_changes_the_file_pinned(vr, tree):
+    """VaultRoot.pinned: fstat and every change reach the file that was pinned, though
+    its name holds another file by then."""
+    root, _ = tree
+    f = ("a", "b", "f")
+
+    def swap_then_change(file):
+        os.rename(f"{root}/a/b/f", f"{root}/a/b/was-f")
+        with open(f"{root}/a/b/f", "wb") as new:
+            new.write(b"another file")
+        assert file.stat().st_size == 5
+        file.truncate(2)
+        file.chmod(0o640)
+        file.utimens(None, 7 * 10**17)
+        file.setxattr("user.p", b"1")
+        file.removexattr("user.p")
+        file.setxattr("user.q", b"2")
+        if ROOT:
+            file.chown(1234, 1234)
+    vr.pinned(f, swap_then_change)
+    st = os.lstat(f"{root}/a/b/was-f")
+    assert (st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (2, 0o640, 7 * 10**17)
+    assert os.getxattr(f"{root}/a/b/was-f", "user.q") == b"2"
+    assert not ROOT or st.st_uid == 1234
+    assert open(f"{root}/a/b/f", "rb").read() == b"another file"
+    os.symlink("nowhere", f"{root}/a/sl")
+    vr.pinned(("a", "sl"), lambda file: file.utimens(5 * 10**17, 5 * 10**17))
+    assert os.lstat(f"{root}/a/sl").st_mtime_ns == 5 * 10**17  # the link's own times
+    assert errno_of(vr.pinned, ("a", "sl"), lambda file: file.chmod(0o600)) == errno.EOPNOTSUPP
 
 
 # --- a symlink as the last name is the file itself --------------------------------------
@@ -219,7 +290,9 @@ def test_symlink_last_name(vr, tree):
         assert vr.getxattr(ln, "trusted.on-link") == b"1"
         assert "trusted.on-link" in os.listxattr(f"{root}/ln", follow_symlinks=False)
         vr.removexattr(ln, "trusted.on-link")
-        vr.settle(ln, None, 99, 99)
+        # settle gives away only what fs9 just made: not a link someone else owns by now
+        assert errno_of(vr.settle, ln, stat.S_IFLNK, None, 99, 99) == errno.ENOENT
+        assert os.lstat(f"{root}/ln").st_uid == 4321
     fl = ("a", "fl")  # a symlink to a regular file outside: never its target either
     os.symlink(os.path.join(canary, "secret"), f"{root}/a/fl")
     assert vr.read(fl, 100) is None
@@ -233,7 +306,7 @@ def test_symlink_last_name(vr, tree):
     assert "user.keep" not in vr.listxattr(fl)
     assert errno_of(vr.create, fl, os.O_WRONLY | os.O_TRUNC, 0o666) == errno.ELOOP
     if ROOT:
-        vr.settle(fl, None, 4321, 4321)  # the link's owner; the secret's stays
+        vr.settle(fl, stat.S_IFLNK, None, 4321, 4321)  # the link's owner; the secret's stays
         assert os.lstat(f"{root}/a/fl").st_uid == 4321
     vr.unlink(fl)
     vr.link(ln, ("ln2",))  # the symlink itself, not its target
@@ -275,7 +348,7 @@ def _ops(b):
         ("setxattr", lambda v: v.setxattr(b + ("secret",), "user.evil", b"1")),
         ("listxattr", lambda v: v.listxattr(b + ("secret",))),
         ("removexattr", lambda v: v.removexattr(b + ("secret",), "user.keep")),
-        ("settle", lambda v: v.settle(b + ("secret",), 0o666, 1234, 1234)),
+        ("settle", lambda v: v.settle(b + ("secret",), stat.S_IFREG, 0o666, 1234, 1234)),
         ("read", lambda v: v.read(b + ("secret",), 100)),
         ("read-deeper", lambda v: v.read(b + ("sub", "inner"), 100)),
         ("walk", lambda v: list(v.walk(b + ("sub",)))),
@@ -402,7 +475,7 @@ v.lstat(r); os.close(v.open(r, os.O_RDONLY)); v.read(r, 10); v.chmod(r, 0o644)
 v.chown(r, os.getuid(), -1); v.utimens(r, None, 0); v.truncate(r, 1)
 v.setxattr(r, "user.a", b"1"); v.getxattr(r, "user.a"); v.listxattr(r)
 v.removexattr(r, "user.a"); os.close(v.create(g, os.O_WRONLY, 0o600)[0])
-v.settle(g, 0o640, os.getuid(), os.getgid()); v.mkdir(("a", "b", "d"))
+v.settle(g, 0o100000, 0o640, os.getuid(), os.getgid()); v.mkdir(("a", "b", "d"))
 v.mknod(("a", "b", "p"), 0o10600); v.symlink("x", ("a", "b", "s"))
 v.readlink(("a", "b", "s")); v.link(r, ("a", "h")); v.rename(("a", "h"), ("a", "b", "h2"), 1)
 v.rename(("a", "b", "h2"), g, 2); v.scandir(("a", "b")); list(v.walk())
@@ -707,7 +780,7 @@ def test_race_exchange(tmp_path):
         ("rename", lambda v, b: v.rename((b, "secret"), (b, "moved"))),
         ("rename-back", lambda v, b: v.rename((b, "moved"), (b, "secret"))),
         ("exchange", lambda v, b: v.rename((b, "victim"), (b, "secret"), RENAME_EXCHANGE)),
-        ("settle", lambda v, b: v.settle((b, "secret"), 0o640, 1234, 1234)),
+        ("settle", lambda v, b: v.settle((b, "secret"), stat.S_IFREG, 0o640, 1234, 1234)),
         ("scandir", scanned),
     ]
 

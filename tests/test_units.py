@@ -119,6 +119,26 @@ def test_view_access_follows_unveil_ownership_and_pledges():
     v.check_write(("topics", "news"))
 
 
+def test_view_the_longest_prefix_of_unveils_and_owned_subtrees_wins():
+    """An owned subtree is read-write even under a read-only unveil of an ancestor; an
+    unveil inside it (or of it) narrows it."""
+    from fs9.kernel.agents import view
+    v = view.parse("owner", {"unveil": {"vault": "r", "vault/c/docs": "r", "vault/c/drop": "w"},
+                             "owns": ["vault/c"]})
+    assert v.access(("vault",)) == v.access(("vault", "other")) == "r"
+    assert v.access(("vault", "c")) == v.access(("vault", "c", "sub", "f")) == "rw"
+    assert v.access(("vault", "c", "docs", "a")) == "r"
+    assert v.access(("vault", "c", "drop", "a")) == "w"
+    v.check_write(("vault", "c", "f"))
+    for path in (("vault", "other"), ("vault", "c", "docs", "a")):
+        with pytest.raises(Fs9Error) as e:
+            v.check_write(path)
+        assert e.value.errno == errno.EACCES and "read-only in the view" in e.value.text
+    same = view.parse("owner", {"unveil": {"vault/c": "r"}, "owns": ["vault/c"]})
+    assert same.access(("vault", "c", "f")) == "r"  # the subtree itself unveiled: narrowed
+    assert view.parse("owner", {"owns": ["vault/c"]}).access(("vault", "c", "f")) == "rw"
+
+
 @pytest.mark.parametrize("manifest, words", [
     ({"pledge": ["fly"]}, "unknown promise"),
     ({"pledge": "read"}, "list of strings"),

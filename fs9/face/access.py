@@ -2,10 +2,11 @@
 
 fs9 serves every request as root and the mount has no default_permissions, so the
 kernel decides nothing: fs9 does. `Gate` admits the operator to the whole tree and an
-agent's uid only to its view, applies the view's unveil, pledge and ownership rules,
-and logs each refusal. For vault files it also applies the kernel's own rules for
-access(2), modes, owners and new files (`may_access`, `may_set_attributes`,
-`new_mode`). Pure checks: nothing here blocks.
+agent's uid only to its view, applies the view's unveil, pledge and ownership rules
+(and to a link, `check_link`: a second name grants nothing), and logs each refusal.
+For vault files it also applies the kernel's own rules for access(2), modes, owners
+and new files (`may_access`, `may_set_attributes`, `new_mode`), and fs9's for files
+with several names (`may_write_file`). Pure checks: nothing here blocks.
 """
 import contextlib
 import errno
@@ -59,6 +60,28 @@ class Gate:
                     raise Fs9Error(errno.EACCES, f"{shown_path(inner)} is owned by "
                                    + (f"agent {owner}: ask it by mail" if owner else
                                       "no agent: only the operator changes it"))
+
+
+    def check_link(self, src: tuple[str, ...], dst: tuple[str, ...]) -> None:
+        """A new name dst for the file at src (link(2); dst already checked as a name
+        to make): the operator makes any; an agent only for a file it may write under
+        src (unveil, pledge, ownership) and owned by the same agent at dst. So no link
+        gives a file rights, an owner or a label its first name did not: EPERM, as
+        Linux's protected_hardlinks answers a link to a file the caller may not write."""
+        viewer, inner = split_view(src)
+        if viewer is None:
+            return
+        with self.refusals_logged(src):
+            name = "/".join(inner)
+            try:
+                self.tree.view(viewer).check_write(inner)
+            except Fs9Error as e:
+                raise Fs9Error(errno.EPERM, f"no second name for {name}, which agent "
+                                            f"{viewer} may not write: {e.text}") from None
+            owner = self.kernel.owner_of(inner)
+            if owner != viewer or self.kernel.owner_of(split_view(dst)[1]) != owner:
+                raise Fs9Error(errno.EPERM, f"no second name for {name} under another "
+                                            "owner: a link would change its owner and label")
 
 
 @contextlib.contextmanager
@@ -115,3 +138,16 @@ def may_access(node, mode: int, ctx) -> bool:
     else:
         have = bits
     return mode & 7 & ~have == 0
+
+
+def may_write_file(path, st: os.stat_result, uid: int) -> None:
+    """An agent (uid) writes a file with more than one name (hard links: opens it to
+    write, truncates it, changes its mode, times or attributes) only if the file is its
+    own on disk, as fs9 made it for it. Its other names may be anywhere: outside the
+    agent's subtree, under another owner's label (the operator may plant them); finding
+    them needs a walk of the vault, so the rule asks the inode alone (st, from an fd
+    on the very file changed). EACCES."""
+    if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and st.st_uid != uid:
+        raise Fs9Error(errno.EACCES, f"{'/'.join(split_view(path)[1])} has "
+                                     f"{st.st_nlink} names and is not this agent's own: "
+                                     "only the operator changes it")

@@ -422,6 +422,7 @@ class Operations(pyfuse3.Operations):
         path, parent = self._new_name(new_parent_ino, new_name, ctx, "link")
         if split_view(src_path)[0] != split_view(path)[0]:
             raise Fs9Error(errno.EXDEV, "link across views")
+        self.gate.check_link(src_path, path)  # a second name grants nothing new
         node = await parent.link(src, path[-1], ctx)
         # the other name is another inode of ours: the kernel must forget its link count
         await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)

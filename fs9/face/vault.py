@@ -14,7 +14,9 @@ up a moment before. Open files keep their fd (vaultfile.py).
 Blocking disk work runs in worker threads, but for lstat and open: they cost the local
 disk's metadata only, and a thread hop would double the cost of a stat or of opening a
 small file. Who may do what is the gate's (access.py), asked by ops.py before any of
-this; the kernel's own rules for modes, owners and new files are applied here.
+this; the kernel's own rules for modes, owners and new files are applied here, and, for
+an agent, the rule for a file with several names (access.may_write_file), asked of the
+file itself (an fd on it), not of its name.
 """
 import errno
 import os
@@ -23,9 +25,10 @@ import stat
 from ..errors import Fs9Error
 from ..kernel.agents import manifest as manifests
 from ..kernel.names import split_view
-from .access import may_access, may_set_attributes, new_mode, refusals_logged
+from ..kernel.vault.beneath import CHANGED
+from .access import may_access, may_set_attributes, may_write_file, new_mode, refusals_logged
 from .node import REFUSALS, Attrs, Node, shown
-from .vaultfile import ByName, VaultHandle, disk, disk_attrs, in_thread, set_attributes
+from .vaultfile import VaultHandle, disk, disk_attrs, in_thread, set_attributes
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -83,12 +86,46 @@ class VaultNode(Node):
     def _report(self, path, op: str, ctx, dest=None) -> None:
         self.kernel.vault_changes.report(path, op, ctx.uid, dest=dest)
 
+    def _guard(self, path=None):
+        """The rule for a file with several names (may_write_file) for the agent whose
+        view this is, as st -> None or Fs9Error; None: the operator's, who may all."""
+        if self.view is None:
+            return None
+        agent = self.kernel.agents.get(self.view.agent)
+        uid = agent.uid if agent is not None else -1
+        return lambda st: may_write_file(path or self.path, st, uid)
+
+    def _may_write(self, path, fd: int, st: os.stat_result, truncate: bool) -> None:
+        """An agent's open to write of the file fd at path (its fstat st): the guard,
+        logged if it refuses (fd closed), then the O_TRUNC held back until now."""
+        try:
+            with refusals_logged(self.kernel, path):
+                self._guard(path)(st)
+            if truncate:
+                disk(os.ftruncate, fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def _change(self, change) -> None:
+        """change(the file pinned: beneath.Pinned) in a worker thread, if the guard
+        allows it on that very file (not on whatever its name held a moment ago)."""
+        refusal = await in_thread(_changed, self.root, self.rel, self._guard(), change)
+        if refusal is not None:
+            with refusals_logged(self.kernel, self.path):
+                raise refusal
+
     # --- files and listings ----------------------------------------------------------
 
     async def open(self, flags: int, ctx) -> VaultHandle:
-        """The file itself (a symlink: ELOOP, the kernel resolved it for the caller)."""
+        """The file itself (a symlink: ELOOP, the kernel resolved it for the caller). An
+        agent opening to write: the guard, asked of the file opened (O_TRUNC after it)."""
         writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
-        handle = VaultHandle(disk(_open, self.root, self.rel, flags), self.kernel.vault_changes,
+        guarded = self.view is not None and (writing or flags & os.O_TRUNC)
+        fd, st = disk(_open, self.root, self.rel, flags & ~os.O_TRUNC if guarded else flags)
+        if guarded:
+            self._may_write(self.path, fd, st, bool(flags & os.O_TRUNC))
+        handle = VaultHandle(fd, self.kernel.vault_changes,
                              split_view(self.path)[0], ctx.uid, writing,
                              wrote=bool(flags & os.O_TRUNC))
         handle.cache_key = (self.st.st_mtime_ns, self.st.st_size)
@@ -96,10 +133,15 @@ class VaultNode(Node):
 
     async def create(self, name: str, mode: int, flags: int, ctx) -> tuple[VaultHandle, Node]:
         """Open name here, creating it with the caller's mode (its umask applied) and
-        owner; an existing file (made meanwhile) is opened unless O_EXCL."""
+        owner; an existing file (made meanwhile) is opened unless O_EXCL (for an agent:
+        as open, with the guard)."""
         path = self.path + (name,)
-        fd, created, st = await in_thread(_create, self.root, self.rel + (name,), flags,
+        guarded = self.view is not None
+        fd, created, st = await in_thread(_create, self.root, self.rel + (name,),
+                                          flags & ~os.O_TRUNC if guarded else flags,
                                           new_mode(path, mode, ctx), ctx.uid, ctx.gid)
+        if guarded and not created:
+            self._may_write(path, fd, st, bool(flags & os.O_TRUNC))
         self._report(path, "created" if created else "modified", ctx)
         node = self._made(name, st)
         return VaultHandle(fd, self.kernel.vault_changes, split_view(path)[0], ctx.uid,
@@ -128,7 +170,7 @@ class VaultNode(Node):
         allow the caller; the file as it is now (its own mode, not a view's)."""
         with refusals_logged(self.kernel, self.path):
             may_set_attributes(self.path, self, attr, fields, ctx)
-        await in_thread(set_attributes, ByName(self.root, self.rel), attr, fields)
+        await self._change(lambda file: set_attributes(file, attr, fields))
         self._report(self.path, "modified", ctx)
         return VaultNode.at(self.kernel, self.path, self.rel, self.view)
 
@@ -136,21 +178,26 @@ class VaultNode(Node):
 
     def _made(self, name: str, st: os.stat_result | OSError) -> "VaultNode":
         """The node of a name just made (_make), or the error settling it raised (the
-        name was made all the same: a change reported before this raises)."""
+        name was made all the same: a change reported before this raises; logged, as
+        the name may have been swapped for something else meanwhile: beneath.settle)."""
         if isinstance(st, OSError):
-            raise Fs9Error(st.errno or errno.EIO, st.strerror or str(st))
+            with refusals_logged(self.kernel, self.path + (name,)):
+                raise Fs9Error(st.errno or errno.EIO, st.strerror or str(st))
         return VaultNode(self.kernel, self.path + (name,), self.rel + (name,), self.view, st)
 
-    async def _make(self, name: str, make, ctx, mode: int | None = None) -> "VaultNode":
-        """make(root, rel) a new name here, given to the caller (one worker thread)."""
-        st = await in_thread(_make, make, self.root, self.rel + (name,), mode, ctx.uid,
+    async def _make(self, name: str, make, kind: int, ctx,
+                    mode: int | None = None) -> "VaultNode":
+        """make(root, rel) a new name of kind here, given to the caller (one worker
+        thread)."""
+        st = await in_thread(_make, make, kind, self.root, self.rel + (name,), mode, ctx.uid,
                              ctx.gid)
         self._report(self.path + (name,), "created", ctx)
         return self._made(name, st)
 
     async def mkdir(self, name: str, mode: int, ctx) -> "VaultNode":
         mode = new_mode(self.path + (name,), mode, ctx) & 0o1777  # as mkdir(2): no setuid/gid
-        return await self._make(name, lambda root, rel: root.mkdir(rel, mode), ctx, mode)
+        return await self._make(name, lambda root, rel: root.mkdir(rel, mode), stat.S_IFDIR,
+                                ctx, mode)
 
     async def mknod(self, name: str, mode: int, rdev: int, ctx) -> "VaultNode":
         """Regular files, fifos and sockets; device nodes only for the root operator
@@ -163,12 +210,19 @@ class VaultNode(Node):
         elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, 0):
             raise Fs9Error(errno.EINVAL, "no such file type")
         perm = new_mode(path, mode, ctx)
-        return await self._make(name, lambda root, rel: root.mknod(
-            rel, (kind or stat.S_IFREG) | perm, rdev), ctx, perm)
+        if kind in (stat.S_IFREG, 0):  # made and given away through one fd, as create
+            fd, _, st = await in_thread(_create, self.root, self.rel + (name,),
+                                        os.O_RDONLY | os.O_EXCL, perm, ctx.uid, ctx.gid)
+            if not isinstance(st, OSError):
+                os.close(fd)
+            self._report(path, "created", ctx)
+            return self._made(name, st)
+        return await self._make(name, lambda root, rel: root.mknod(rel, kind | perm, rdev),
+                                kind, ctx, perm)
 
     async def symlink(self, name: str, target: bytes, ctx) -> "VaultNode":
         return await self._make(name, lambda root, rel: root.symlink(os.fsdecode(target), rel),
-                                ctx)
+                                stat.S_IFLNK, ctx)
 
     async def link(self, src: "VaultNode", name: str, ctx) -> "VaultNode":
         await in_thread(self.root.link, src.rel, self.rel + (name,))
@@ -220,11 +274,11 @@ class VaultNode(Node):
 
     async def setxattr(self, name: str, value: bytes, ctx) -> None:
         self._may_change_xattr(name, ctx)
-        await in_thread(self.root.setxattr, self.rel, name, value)
+        await self._change(lambda file: file.setxattr(name, value))
 
     async def removexattr(self, name: str, ctx) -> None:
         self._may_change_xattr(name, ctx)
-        await in_thread(self.root.removexattr, self.rel, name)
+        await self._change(lambda file: file.removexattr(name))
 
 
 # --- blocking helpers (worker threads) ---------------------------------------------------
@@ -232,53 +286,62 @@ class VaultNode(Node):
 _LIST = os.O_RDONLY | os.O_DIRECTORY  # (the root adds O_NOFOLLOW: a symlink is ENOTDIR)
 
 
-def _open(root, rel, flags: int) -> int:
-    """An existing regular file, opened. FUSE opens only what the kernel knows as one,
-    but the name may hold a FIFO or a device by now (swapped in): opening that as root
-    would block (the whole mount, on the trio thread) or reach a device. So O_NONBLOCK
-    until it is known to be a regular file."""
+def _open(root, rel, flags: int) -> tuple[int, os.stat_result]:
+    """An existing regular file, opened: (fd, its fstat). FUSE opens only what the
+    kernel knows as one, but the name may hold a FIFO or a device by now (swapped in):
+    opening that as root would block (the whole mount, on the trio thread) or reach a
+    device. So O_NONBLOCK until it is known to be a regular file."""
     return _regular(root.open(rel, flags | os.O_NONBLOCK), flags)
 
 
 def _create(root, rel, flags: int, mode: int, uid: int, gid: int):
-    """beneath.py's create, with _open's care for what was made meanwhile; a file made
-    is given to uid:gid (_make): (fd, made, its lstat or the error settling it)."""
-    fd, created = root.create(rel, flags | os.O_NONBLOCK, mode)
-    fd = _regular(fd, flags)
-    st = _settled(root, rel, None, uid, gid) if created else _settled(root, rel)
-    if isinstance(st, OSError):
+    """beneath.py's create_settled, with _open's care for what was made meanwhile: a
+    file made is given to uid:gid through its fd. (fd, made, its fstat or the error
+    settling it: then fd is closed)."""
+    fd, created, unsettled = root.create_settled(rel, flags | os.O_NONBLOCK, mode, uid, gid)
+    fd, st = _regular(fd, flags)
+    if unsettled is not None:
         os.close(fd)
+        return fd, created, unsettled
     return fd, created, st
 
 
-def _make(make, root, rel, mode: int | None, uid: int, gid: int):
+def _make(make, kind: int, root, rel, mode: int | None, uid: int, gid: int):
     """make(root, rel), then what a person makes through the mount is theirs (fs9 made
-    it as root): owner uid:gid, mode exactly (None: as made). Its lstat, or the OSError
-    settling it raised (it was made: a change all the same)."""
+    it as root): owner uid:gid, mode exactly (None: as made), if the name still holds
+    what was made (beneath.settle). Its lstat, or the OSError settling it raised (it was
+    made: a change all the same)."""
     make(root, rel)
-    return _settled(root, rel, mode, uid, gid)
-
-
-def _settled(root, rel, mode=None, uid=None, gid=None) -> os.stat_result | OSError:
-    """beneath.py's settle (uid None: none), then the lstat; or the OSError raised."""
     try:
-        if uid is not None:
-            root.settle(rel, mode, uid, gid)
+        root.settle(rel, kind, mode, uid, gid)
         return root.lstat(rel)
     except OSError as e:
         return e
 
 
-def _regular(fd: int, flags: int) -> int:
+def _changed(root, rel, guard, change):
+    """change(rel pinned), unless guard (None: none) refuses its fstat: the refusal."""
+    def pinned(file):
+        if guard is not None:
+            try:
+                guard(file.stat())
+            except Fs9Error as e:
+                return e
+        change(file)
+    return root.pinned(rel, pinned)
+
+
+def _regular(fd: int, flags: int) -> tuple[int, os.stat_result]:
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.ENOENT, "the vault changed on disk under this name")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.ENOENT, CHANGED)
         if not flags & os.O_NONBLOCK:
             os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st
 
 
 class _Listed:

@@ -97,7 +97,8 @@ class OpenFile(Node):
 
 def set_attributes(target, attr, fields) -> None:
     """setattr: size, mode, owner, times (passthroughfs.py's order), on target, a file
-    by its name beneath the root (ByName) or by its open fd (ByFd). Blocks."""
+    pinned beneath the root (kernel/vault/beneath.py's Pinned) or by its open fd (ByFd).
+    Blocks."""
     if fields.update_size:
         target.truncate(attr.st_size)
     if fields.update_mode:
@@ -108,26 +109,6 @@ def set_attributes(target, attr, fields) -> None:
     if fields.update_atime or fields.update_mtime:
         target.utimens(attr.st_atime_ns if fields.update_atime else None,
                        attr.st_mtime_ns if fields.update_mtime else None)
-
-
-class ByName:
-    """A vault file by its name beneath the root: never through a symlink (a symlink's
-    own owner and times)."""
-
-    def __init__(self, root, rel: tuple[str, ...]) -> None:
-        self.root, self.rel = root, rel
-
-    def truncate(self, size: int) -> None:
-        self.root.truncate(self.rel, size)
-
-    def chmod(self, mode: int) -> None:
-        self.root.chmod(self.rel, mode)
-
-    def chown(self, uid: int, gid: int) -> None:
-        self.root.chown(self.rel, uid, gid)
-
-    def utimens(self, atime_ns, mtime_ns) -> None:
-        self.root.utimens(self.rel, atime_ns, mtime_ns)
 
 
 class ByFd:

@@ -10,10 +10,11 @@ Rules, in order:
   - `agents/*/view` never exists inside a view (a view is not a way into another);
   - the agent's own `agents/NAME/` is always visible, read-write;
   - `registry/` is visible read-only to agents that pledge `discover`;
-  - the vault subtrees it owns (manifest `owns`) are visible read-write;
-  - an unveiled path and everything under it has the unveiled mode (the longest
-    unveiled prefix wins); its ancestors are visible as directories that list
-    only what leads into the view;
+  - an unveiled path and everything under it has the unveiled mode, and a vault
+    subtree it owns (manifest `owns`) is read-write: the longest prefix of these
+    wins (an owned subtree inside a read-only unveil is writable; an unveil inside
+    an owned subtree, or of the subtree itself, narrows it); the ancestors of all of
+    them are visible as directories that list only what leads into the view;
   - everything else is hidden.
 """
 import errno
@@ -73,11 +74,13 @@ class View:
             return "rw"
         if path[:1] == ("registry",) and "discover" in self.pledges:
             return "r"
-        for prefix, mode in self.unveiled:
-            if path[:len(prefix)] == prefix:
-                return mode
-        if any(path[:len(prefix)] == prefix for prefix in self.owns):
+        unveiled = next(((len(prefix), mode) for prefix, mode in self.unveiled
+                         if path[:len(prefix)] == prefix), None)  # (longest first)
+        if any(path[:len(prefix)] == prefix and (unveiled is None or len(prefix) > unveiled[0])
+               for prefix in self.owns):
             return "rw"
+        if unveiled is not None:
+            return unveiled[1]
         if path in ((), ("agents",)) or any(
                 prefix[:len(path)] == path for prefix in self._roots()):
             return "r"  # a directory on the way to something visible

@@ -9,7 +9,11 @@ Then it acts on the last name with an *at call that does not follow it:
 a symlink there is the file itself (lstat shows it, readlink reads it, open: ELOOP).
 Where Linux has no such call (chmod, truncate, xattrs, reading regular files only) the
 file is pinned by an O_PATH|O_NOFOLLOW fd and reached through /proc/self/fd/N, as
-virtiofsd does: that magic link is the pinned inode itself (a symlink stays a symlink).
+virtiofsd does: that magic link is the pinned inode itself (a symlink stays a symlink);
+`pinned` hands out that fd for a check and changes that must concern one file. What fs9
+makes for a caller is given to them by the file made, never by a name they may swap
+meanwhile: a create through its fd (create_settled), the rest only while the name still
+holds what was made (settle).
 
 Nothing is cached across calls: a call costs an openat2 and a close more than a path-
 based one. A per-directory O_PATH fd cache (virtiofsd keeps an fd per inode) would save
@@ -26,7 +30,7 @@ import sys
 from ... import resolve
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-_AT_SYMLINK_NOFOLLOW, _UTIME_OMIT = 0x100, (1 << 30) - 2
+_AT_FDCWD, _AT_SYMLINK_NOFOLLOW, _UTIME_OMIT = -100, 0x100, (1 << 30) - 2
 _PIN = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC  # the last name itself, pinned
 _LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FSENC, _BAD_NAMES = sys.getfilesystemencoding(), frozenset((b"", b".", b".."))
@@ -128,22 +132,25 @@ class VaultRoot:
 
     def create(self, rel, flags: int, mode: int) -> tuple[int, bool]:
         """Open rel, creating it with exactly mode (not fs9's umask): (fd, created)."""
-        flags |= os.O_CLOEXEC | os.O_NOFOLLOW | os.O_CREAT
+        return self._at(rel, lambda d, n: _create(d, n, flags, mode))
 
+    def create_settled(self, rel, flags: int, mode: int, uid: int,
+                       gid: int) -> tuple[int, bool, OSError | None]:
+        """create, and a file made is given to uid:gid as settle does, through the fd it
+        was made with: never by its name, which may hold another file by then (swapped
+        in by whoever may rename there). (fd, created, the OSError settling raised: the
+        file was made all the same, still fs9's; else None)."""
         def create(d, n):
+            fd, created = _create(d, n, flags, mode)
             try:
-                fd = os.open(n, flags | os.O_EXCL, mode, dir_fd=d)
-            except FileExistsError:
-                if flags & os.O_EXCL:
-                    raise
-                return os.open(n, flags & ~os.O_CREAT, dir_fd=d), False  # made meanwhile
-            try:
-                if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
-                    os.fchmod(fd, mode)
+                if created:
+                    _settle(fd, os.fstat(d), None, uid, gid)
+            except OSError as e:
+                return fd, created, e
             except BaseException:
                 os.close(fd)
                 raise
-            return fd, True
+            return fd, created, None
         return self._at(rel, create)
 
     def scandir(self, rel) -> list[tuple[str, os.stat_result]]:
@@ -194,8 +201,7 @@ class VaultRoot:
 
     def utimens(self, rel, atime_ns: int | None, mtime_ns: int | None) -> None:
         """Times in ns since the epoch (None: keep); a symlink's own times."""
-        ts = (_Timespec * 2)(*(_Timespec(0, _UTIME_OMIT) if t is None
-                               else _Timespec(*divmod(t, 10**9)) for t in (atime_ns, mtime_ns)))
+        ts = _times(atime_ns, mtime_ns)
 
         def utimens(d, n):
             if _libc.utimensat(ctypes.c_int(d), ctypes.c_char_p(n), ts,
@@ -219,14 +225,23 @@ class VaultRoot:
     def removexattr(self, rel, name: str) -> None:
         self._pinned(rel, lambda fd: os.removexattr(_proc(fd), name))
 
-    def settle(self, rel, mode: int | None, uid: int, gid: int) -> None:
-        """A name fs9 (root) just made for a caller: give it to uid:gid as the kernel would
-        have (a setgid directory's group is inherited), with mode exactly (None: as made,
-        a symlink or a file create already set). The root: EINVAL."""
+    def settle(self, rel, kind: int, mode: int | None, uid: int, gid: int) -> None:
+        """A name fs9 (root) just made for a caller, of kind (stat.S_IFDIR, S_IFIFO...):
+        give it to uid:gid as the kernel would have (a setgid directory's group is
+        inherited), with mode exactly (None: as made, a symlink). Only if the name still
+        holds what fs9 made: that kind, fs9's own (its uid, the group it was made with)
+        and, but for a directory, one name. Else whoever may rename there swapped
+        something else in meanwhile (a second name of a file it may not change), and it
+        is left alone: ENOENT. The root: EINVAL."""
         if not rel:
             raise _oserror(errno.EINVAL)
         self._at(rel, lambda d, n: _pin(d, n, lambda fd: _settle(
-            fd, os.fstat(d), mode, uid, gid)))
+            fd, os.fstat(d), mode, uid, gid, kind)))
+
+    def pinned(self, rel, fn):
+        """fn(Pinned(rel itself)): its fstat and changes through one O_PATH fd, so all
+        concern the file that was there when it was pinned."""
+        return self._pinned(rel, lambda fd: fn(Pinned(fd)))
 
     def read(self, rel, limit: int) -> bytes | None:
         """A regular file's first limit bytes; None if not a regular file or not
@@ -321,16 +336,50 @@ def _read(fd: int, limit: int) -> bytes | None:
         os.close(rfd)
 
 
+def _times(atime_ns: int | None, mtime_ns: int | None):
+    """utimensat's two timespecs (None: UTIME_OMIT, keep)."""
+    return (_Timespec * 2)(*(_Timespec(0, _UTIME_OMIT) if t is None
+                             else _Timespec(*divmod(t, 10**9)) for t in (atime_ns, mtime_ns)))
+
+
 def _chmod(fd: int, mode: int) -> None:
     if stat.S_ISLNK(os.fstat(fd).st_mode):
         raise _oserror(errno.EOPNOTSUPP)
     os.chmod(_proc(fd), mode)  # the pinned inode, whatever its name has become
 
 
-def _settle(fd: int, parent: os.stat_result, mode, uid: int, gid: int) -> None:
-    if parent.st_mode & stat.S_ISGID:
-        gid = parent.st_gid
+def _create(d: int, n: bytes, flags: int, mode: int) -> tuple[int, bool]:
+    flags |= os.O_CLOEXEC | os.O_NOFOLLOW | os.O_CREAT
+    try:
+        fd = os.open(n, flags | os.O_EXCL, mode, dir_fd=d)
+    except FileExistsError:
+        if flags & os.O_EXCL:
+            raise
+        return os.open(n, flags & ~os.O_CREAT, dir_fd=d), False  # made meanwhile
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+            os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, True
+
+
+CHANGED = "the vault changed on disk under this name"
+
+
+def _settle(fd: int, parent: os.stat_result, mode, uid: int, gid: int,
+            kind: int | None = None) -> None:
+    """fd: the file fs9 made (create), or what its name holds now (kind given: it must
+    still be what fs9 made, see settle)."""
+    made_gid = os.getegid()
+    if parent.st_mode & stat.S_ISGID:  # the kernel gave it the directory's group
+        gid = made_gid = parent.st_gid
     st = os.fstat(fd)
+    if kind is not None and (stat.S_IFMT(st.st_mode) != kind
+                             or (st.st_uid, st.st_gid) != (os.geteuid(), made_gid)
+                             or (kind != stat.S_IFDIR and st.st_nlink != 1)):
+        raise OSError(errno.ENOENT, f"{CHANGED}: not given away")
     if (st.st_uid, st.st_gid) != (uid, gid):
         os.chown(_proc(fd), uid, gid)  # the pinned inode itself (a symlink: its own)
         if mode is None and not stat.S_ISLNK(st.st_mode):
@@ -340,3 +389,35 @@ def _settle(fd: int, parent: os.stat_result, mode, uid: int, gid: int) -> None:
             mode |= stat.S_ISGID  # inherited, as mkdir(2) does
         if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
             _chmod(fd, mode)
+
+
+class Pinned:
+    """One vault file pinned by an O_PATH|O_NOFOLLOW fd (VaultRoot.pinned): its lstat,
+    and changes to that inode whatever its name holds meanwhile (a symlink: its own)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fd)
+
+    def truncate(self, size: int) -> None:
+        os.truncate(_proc(self.fd), size)
+
+    def chmod(self, mode: int) -> None:
+        _chmod(self.fd, mode)
+
+    def chown(self, uid: int, gid: int) -> None:
+        os.chown(_proc(self.fd), uid, gid)
+
+    def utimens(self, atime_ns: int | None, mtime_ns: int | None) -> None:
+        """Times in ns since the epoch (None: keep)."""
+        if _libc.utimensat(ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(os.fsencode(
+                _proc(self.fd))), _times(atime_ns, mtime_ns), ctypes.c_int(0)) != 0:
+            raise _oserror(ctypes.get_errno())
+
+    def setxattr(self, name: str, value: bytes, flags: int = 0) -> None:
+        os.setxattr(_proc(self.fd), name, value, flags)
+
+    def removexattr(self, name: str) -> None:
+        os.removexattr(_proc(self.fd), name)
