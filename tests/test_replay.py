@@ -255,6 +255,9 @@ def test_a_planted_bad_event_is_set_aside_reported_and_the_rest_comes_back(mount
                                                                       (bad[1], False)]
     finally:
         db.close()
+    # the damaged row reads as one, in the log as in a trace: no EIO, no bug
+    audit = [json.loads(line) for line in mount.read("log/audit").splitlines()]
+    assert [e.get("damaged") for e in audit if e["seq"] == bad[1]] == ["[1, 2"], audit[-5:]
     mount.write("ctl", "dismiss all\n")
     assert mount.read("err") == ""
     assert errno_of(mount.write, "ctl", "dismiss all\n") == errno.ENOENT

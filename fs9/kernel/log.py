@@ -188,7 +188,7 @@ class EventLog:
         rows = self.db.execute(
             "SELECT seq, ts, kind, agent, task, corr, data FROM events"
             " WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
-        return [Event(s, ts, k, a, t, c, json.loads(d)) for s, ts, k, a, t, c, d in rows]
+        return [_readable(*row) for row in rows]
 
     def replay(self, aside: dict[int, tuple[str, str]]):
         """Every event from the beginning, oldest first; a row that does not read as an
@@ -236,7 +236,7 @@ class EventLog:
         """Every event carrying correlation id `corr`, in order."""
         rows = self.db.execute("SELECT seq, ts, kind, agent, task, corr, data FROM events"
                                " WHERE corr = ? ORDER BY seq", (corr,))
-        return [Event(s, ts, k, a, t, c, json.loads(d)) for s, ts, k, a, t, c, d in rows]
+        return [_readable(*row) for row in rows]
 
     def has_corr(self, corr: str) -> bool:
         return self.db.execute("SELECT 1 FROM events WHERE corr = ? LIMIT 1",
@@ -288,3 +288,15 @@ class EventLog:
         """Block until an event with a sequence number above seq exists."""
         while self.last_seq <= seq:
             await self.changes.wait_past(self.changes.version)
+
+
+def _readable(seq, ts, kind, agent, task, corr, data) -> Event:
+    """A row as an Event to show (log/audit, traces): a row whose data is damaged (not a
+    JSON object; replay sets it aside) shows as {"damaged": its first bytes}, not EIO."""
+    try:
+        value = json.loads(data)
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        value = {"damaged": str(data)[:200]}
+    return Event(seq, ts, kind, agent, task, corr, value)
