@@ -79,7 +79,8 @@ class Node:
                        ((os.R_OK, 0o444), (os.W_OK, 0o222), (os.X_OK, 0o111)))
 
     async def open(self, flags: int, ctx) -> "Handle":
-        writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        # O_TRUNC writes, even with O_RDONLY (Linux asks for write permission too)
+        writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR) or flags & os.O_TRUNC
         if writing and not self.mode & 0o222:
             raise Fs9Error(errno.EACCES, "file is read-only")
         return self.handle(ctx.pid)
@@ -99,10 +100,13 @@ class Node:
         """Change what pyfuse3's fields say; the node as it is now. `echo x > ctl`
         truncates first and `touch topics/x` sets times: accepted (and ignored) exactly
         those on writable files; modes and owners are the kernel's."""
-        if self.mode & 0o222 and not (fields.update_mode or fields.update_uid
-                                      or fields.update_gid):
-            return self
-        raise Fs9Error(errno.EPERM, READONLY_NS)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise Fs9Error(errno.EPERM, READONLY_NS)
+        if not self.mode & 0o222:
+            if fields.update_size:  # truncate(2) writes: refused as open(O_WRONLY) is
+                raise Fs9Error(errno.EACCES, "file is read-only")
+            raise Fs9Error(errno.EPERM, READONLY_NS)
+        return self
 
     # names made, linked, moved and removed: only kinds that `does` them get here
     async def create(self, name: str, mode: int, flags: int, ctx) -> tuple["Handle", "Node"]:
