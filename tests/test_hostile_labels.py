@@ -66,10 +66,10 @@ def test_spawn_refuses_unveiling_what_is_labelled_above_the_agent(vault):
     vault.write("ctl", "spawn confpub\n")
     vault.write("agents/confpub/view/topics/plans", "the plan\n")  # the topic: confidential
     refused = {
-        "vault/c": "vault/c: it is confidential (vault/c is owned by agent conf)",
-        "vault/c/inner": "vault/c/inner: it is confidential",
-        "agents/conf/memory": "agents/conf/memory: it is confidential (agent conf's)",
-        "agents/conf": "agents/conf: it is confidential",
+        "vault/c": "vault/c is confidential (vault/c is owned by agent conf)",
+        "vault/c/inner": "vault/c/inner is confidential",
+        "agents/conf/memory": "agents/conf/memory is confidential (agent conf's)",
+        "agents/conf": "agents/conf is confidential",
         "topics/plans": "topic plans is confidential",
     }
     for i, (path, reason) in enumerate(refused.items()):
@@ -111,7 +111,7 @@ def test_reads_through_the_mount_are_filtered_by_label(vault):
                lambda: os.getxattr(v / "c/secret.md", "user.fs9.owner")):
         assert errno_of(op) == errno.EACCES
     reasons = [e["reason"] for e in refusals(vault) if e["agent"] == "pub"]
-    assert any("vault/c: it is confidential (vault/c is owned by agent conf); pub is cleared "
+    assert any("vault/c is confidential (vault/c is owned by agent conf); pub is cleared "
                "for public" in r for r in reasons), reasons
     assert "pub is cleared for public" in vault.read("agents/pub/err")
     # the labels as extended attributes: the subtree is conf's, the rest nobody's
@@ -170,7 +170,7 @@ def test_a_confined_public_reader_gets_nothing_of_a_confidential_subtree(vault):
     out = probe(vault, "pub")
     assert SECRET not in out and "open to all" in out
     assert "listing: c docs" in out
-    assert "vault/c: it is confidential" in vault.read("agents/pub/err")
+    assert "vault/c is confidential" in vault.read("agents/pub/err")
 
 
 @needs_confinement

@@ -58,17 +58,16 @@ def refusal(kernel: "Kernel", label: Label, path: Path, reader: str, clearance: 
             by: str | None = None) -> Fs9Error:
     """EACCES for reader (cleared `clearance`) and path labelled above it, in words
     that name only agents the one told (`by`, None: the operator) knows of."""
-    where = "/".join(path)
     if path[:1] == ("topics",):
         what = f"topic {path[1]} is {label.level}"
     elif path[:1] == ("agents",) and by is not None and not kernel.knows(by, label.agent):
-        where, what = "another agent's directory", f"it is {label.level}"
+        what = f"another agent's directory is {label.level}"
     elif path[:1] == ("agents",):
-        what = f"it is {label.level} (agent {label.agent}'s)"
+        what = f"{'/'.join(path)} is {label.level} (agent {label.agent}'s)"
     else:
-        what = f"it is {label.level} ({'/'.join(label.holder)} is owned by " \
-               f"{named(kernel, by, label.agent)})"
-    return Fs9Error(errno.EACCES, f"{where}: {what}; {reader} is cleared for {clearance}")
+        what = f"{'/'.join(path)} is {label.level} ({'/'.join(label.holder)} is owned " \
+               f"by {named(kernel, by, label.agent)})"
+    return Fs9Error(errno.EACCES, f"{what}; {reader} is cleared for {clearance}")
 
 
 def named(kernel: "Kernel", by: str | None, agent: str) -> str:
@@ -109,8 +108,8 @@ def check_unveils(kernel: "Kernel", name: str, view, clearance: str,
         label = label_of(kernel, prefix)
         if label is not None and not clearance_allows(clearance, label.level):
             e = refusal(kernel, label, prefix, name, clearance, by)
-            raise Fs9Error(errno.EACCES, f"agent {name} may not unveil {e.text} (unveil "
-                                         "for reading only what its clearance allows)")
+            raise Fs9Error(errno.EACCES, f"agent {name} may not unveil for reading what "
+                                         f"its clearance does not allow: {e.text}")
 
 
 def check_claim(kernel: "Kernel", name: str, owns, clearance: str,
