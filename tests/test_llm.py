@@ -145,8 +145,10 @@ def test_a_malicious_document_cannot_widen_the_view(llm_mount):
 
 def test_handoffs_carry_the_conversation_and_the_trace_shows_the_chain(llm_mount):
     m = llm_mount
-    m.define("support", 'driver = "llm"\n')
-    m.define("coder", 'driver = "llm"\nowns = ["vault/code"]\n')
+    # each mails the other: its view shows the other's mailbox (docs/security.md)
+    m.define("support", 'driver = "llm"\n[unveil]\n"agents/coder/mail" = "w"\n')
+    m.define("coder", 'driver = "llm"\nowns = ["vault/code"]\n'
+                      '[unveil]\n"agents/support/mail" = "w"\n')
     for name in ("support", "coder"):
         m.write("ctl", f"spawn {name}\n")
     m.write("agents/support/mail/new", "type: work_request\n\nbug report: it crashes\n")
@@ -195,7 +197,8 @@ def test_an_llm_agent_on_a_real_http_model(tmp_path):
 
 def test_a_handoff_carries_the_senders_clearance(llm_mount):
     m = llm_mount
-    m.define("cleared", 'driver = "llm"\nclearance = "confidential"\n')
+    m.define("cleared", 'driver = "llm"\nclearance = "confidential"\n'
+                        '[unveil]\n"agents/intern/mail" = "w"\n')
     m.define("intern", 'driver = "llm"\nclearance = "public"\n')
     for name in ("cleared", "intern"):
         m.write("ctl", f"spawn {name}\n")

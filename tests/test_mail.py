@@ -147,7 +147,9 @@ def test_kill_9_keeps_every_acknowledged_send_exactly_once(mount):
 
 
 def test_a_work_request_becomes_a_task_and_its_result_comes_back_as_mail(mount):
-    mount.define("asker", 'cmd = ["sh", "ask.sh"]\n', {"ask.sh": (
+    # (an agent mails the agents its view shows: here upper's mailbox)
+    mount.define("asker", 'cmd = ["sh", "ask.sh"]\n[unveil]\n"agents/upper/mail" = "w"\n',
+                 {"ask.sh": (
         'printf "type: work_request\\ncorrelation-id: $FS9_CORR\\n\\nplease shout\\n" '
         '> "$FS9_OUTBOX/upper"\necho asked\n')})
     mount.sh("echo 'spawn upper' > ctl && echo 'spawn asker' > ctl", check=True)
@@ -171,8 +173,8 @@ def test_a_work_request_becomes_a_task_and_its_result_comes_back_as_mail(mount):
 def test_progress_reports_reach_the_requester_as_status_updates(mount):
     mount.define("slowpoke", 'cmd = ["sh", "work.sh"]\n', {"work.sh": (
         'cat >/dev/null\necho "half way" > "$FS9_PROGRESS"\necho done\n')})
-    mount.define("asker", 'cmd = ["sh", "ask.sh"]\n', {"ask.sh": (
-        'printf "type: work_request\\n\\nx\\n" > "$FS9_OUTBOX/slowpoke"\n')})
+    mount.define("asker", 'cmd = ["sh", "ask.sh"]\n[unveil]\n"agents/slowpoke/mail" = "w"\n',
+                 {"ask.sh": 'printf "type: work_request\\n\\nx\\n" > "$FS9_OUTBOX/slowpoke"\n'})
     mount.sh("echo 'spawn slowpoke' > ctl && echo 'spawn asker' > ctl"
              " && echo 'run go' > agents/asker/ctl", check=True)
     mail = mount.wait_for(lambda: len(pending(mount, "asker")) == 2 and pending(mount, "asker"),
@@ -265,7 +267,8 @@ def test_kill_9_in_the_middle_of_a_stream_of_sends(mount):
 def test_two_agents_exchange_mail_under_load(mount):
     # ping sends N requests to pong; pong's results come back to ping's mailbox
     n = 60
-    mount.define("ping", 'cmd = ["sh", "ping.sh"]\n', {"ping.sh": (
+    mount.define("ping", 'cmd = ["sh", "ping.sh"]\n[unveil]\n"agents/pong/mail" = "w"\n',
+                 {"ping.sh": (
         f'i=0; while [ $i -lt {n} ]; do\n'
         '  printf "type: work_request\\nidempotency-key: ping-%s\\n\\n%s\\n" $i $i '
         '> "$FS9_OUTBOX/pong"; i=$((i+1))\ndone\n')})

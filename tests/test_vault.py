@@ -230,7 +230,7 @@ def test_ownership_shows_as_extended_attributes(mount):
         assert os.getxattr(v / rel, "user.fs9.classification") == b"confidential"
         assert {"user.fs9.owner", "user.fs9.classification"} <= set(os.listxattr(v / rel))
     assert os.getxattr(v / "docs", "user.fs9.owner") == b""
-    assert os.getxattr(v / "docs", "user.fs9.classification") == b"internal"
+    assert os.getxattr(v / "docs", "user.fs9.classification") == b""  # no label: the operator's
     # an agent's view shows the same; nobody sets them
     assert os.getxattr(mount.path / "agents/coder/view/vault/code/x.py", "user.fs9.owner") == b"coder"
     for target in (v / "code/x.py", mount.path / "agents/coder/view/vault/code/x.py"):

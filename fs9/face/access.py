@@ -14,6 +14,7 @@ import os
 import stat
 
 from ..errors import Fs9Error
+from ..kernel import labels
 from ..kernel.names import shown_path, split_view
 from typing import TYPE_CHECKING
 
@@ -44,7 +45,8 @@ class Gate:
         return refusals_logged(self.kernel, path)
 
     def check(self, path: tuple[str, ...], writing: bool, removing: bool = False) -> None:
-        """A view's refusal of a write (unveil mode, pledge, ownership) or read: logged."""
+        """A view's refusal of a write (unveil mode, pledge, ownership) or read (unveil
+        mode, pledge, label): logged."""
         viewer, inner = split_view(path)
         if viewer is None:
             return
@@ -54,12 +56,36 @@ class Gate:
                 view.check_remove(inner)
             else:
                 view.check_write(inner) if writing else view.check_read(inner)
+            if not writing:
+                labels.check_read(self.kernel, self.kernel.agents[viewer], inner)
             if writing and inner[:1] == ("vault",) and len(inner) > 1:
                 owner = self.kernel.owner_of(inner)
                 if owner != viewer:
                     raise Fs9Error(errno.EACCES, f"{shown_path(inner)} is owned by "
                                    + (f"agent {owner}: ask it by mail" if owner else
                                       "no agent: only the operator changes it"))
+
+    def check_listing(self, path: tuple[str, ...]) -> None:
+        """A view's refusal to list a directory labelled above its clearance (names are
+        contents too): logged."""
+        viewer, inner = split_view(path)
+        if viewer is None:
+            return
+        with self.refusals_logged(path):
+            self.tree.view(viewer)  # (ENOENT: no such agent)
+            labels.check_read(self.kernel, self.kernel.agents[viewer], inner)
+
+    def check_walk(self, path: tuple[str, ...]) -> None:
+        """A view's refusal to look up a name inside a vault subtree labelled above its
+        clearance, as a directory it may not search (EACCES whether the name exists or
+        not; the subtree itself may be stat'ed): logged. Names hidden by the view stay
+        ENOENT (the walk finds them absent); elsewhere a name is looked up to write to
+        it too (mail or work sent up to a higher clearance), so only reads check."""
+        viewer, inner = split_view(path)
+        if viewer is None or inner[:1] != ("vault",) or len(inner) < 3:
+            return
+        if self.tree.view(viewer).access(inner) is not None:
+            self.check_listing(path[:-1])
 
 
     def check_link(self, src: tuple[str, ...], dst: tuple[str, ...]) -> None:

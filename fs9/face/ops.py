@@ -149,6 +149,7 @@ class Operations(pyfuse3.Operations):
         else:
             path = ppath + (name,)
         self.gate.admit(path, ctx)
+        self.gate.check_walk(path)
         try:
             node = self._resolve(path)
         except Fs9Error:
@@ -199,6 +200,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, ino, ctx):
         path, node = self._node(ino)
         self.gate.admit(path, ctx)
+        self.gate.check_listing(path)
         # a snapshot at open, so paging is consistent
         entries = await node.listing(lambda name: self._resolve(path + (name,)))
         fh = self._fh()

@@ -23,7 +23,8 @@ from typing import Callable
 
 from ..errors import Fs9Error
 from ..kernel.agents import manifest as manifests, registry
-from ..kernel.bus.message import CLASSIFICATIONS, clearance_allows
+from ..kernel import labels
+from ..kernel.bus.message import CLASSIFICATIONS
 from ..kernel.names import OPERATOR, split_view
 from ..kernel.stream import Stream
 from .cursors import (AuditCursor, Chain, EventCursor, NextCursor, ReplyCursor, StreamCursor,
@@ -35,10 +36,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
-
-
-def _refuse(code: int, text: str):
-    raise Fs9Error(code, text)
 
 
 def _agent_out(k, agent):
@@ -64,10 +61,11 @@ def _mail_new(k, agent, me=None):
 
 def _outbox(k, agent, to: str, me=None):
     """outbox/TO: one message from agent to TO, sent at close. Only the agent itself
-    (or the operator acting for it) may send from its outbox."""
+    (or the operator acting for it) may send from its outbox, and the agent only to an
+    agent it knows of (Kernel.knows): any other answers as a name nobody has."""
     if me is not None and me != agent.name:
         raise Fs9Error(errno.EACCES, f"{me} may not send as {agent.name}")
-    recipient = k.guarded(k.agent, to, agent=agent.name, file="outbox")
+    recipient = k.guarded(k.agent, to, me, agent=agent.name, file="outbox")
     return Ctl(lambda data: k.guarded(k.bus.send, recipient, data, agent.name,
                                       agent=agent.name, file="outbox"),
                whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="outbox"),
@@ -76,26 +74,24 @@ def _outbox(k, agent, to: str, me=None):
 
 
 def _topic(k, topic, me=None):
-    """topics/NAME: each write publishes one event; each open subscribes, if the one
-    asking is cleared for the topic's label (the operator always is)."""
+    """topics/NAME: each write publishes one event; each open subscribes (the gate
+    admitted a reader cleared for the topic's label: kernel/labels.py), and the events
+    above the reader's clearance are withheld (the operator is cleared for all)."""
     def subscribe():
-        clearance = k.agent(me).manifest["clearance"] if me else CLASSIFICATIONS[-1]
-        if not clearance_allows(clearance, topic.label):
-            k.guarded(_refuse, errno.EACCES, f"topic {topic.name} is {topic.label}; "
-                            f"{me} is cleared for {clearance}", agent=me,
-                            file=f"topics/{topic.name}")
-        return TopicCursor(topic, clearance)
+        return TopicCursor(topic, k.agent(me).manifest["clearance"] if me
+                           else CLASSIFICATIONS[-1])
     return StreamNode(subscribe,
                       publish=lambda data: k.guarded(k.bus.publish, topic, data, me or OPERATOR,
                                                      agent=me, file=f"topics/{topic.name}"))
 
 
 def _search(k, query: str | None, me=None):
-    """search/QUERY: the ranked hits, as the one asking sees the vault (kernel/vault/search.py);
+    """search/QUERY: the ranked hits, as the one asking may read the vault (its view, less
+    what is labelled above its clearance: kernel/labels.py; kernel/vault/search.py);
     query None: search/status, the index's state as the one asking sees it."""
     if k.search is None:
         raise Fs9Error(errno.ENOENT, "no vault (fs9 mount --vault DIR)")
-    view = None if me is None else k.agent(me).view
+    view = None if me is None else labels.cleared_view(k, k.agent(me))
     if query is None:
         return Status(lambda: k.search.status(view))
     # the query is text: a byte of the name that is not UTF-8 is U+FFFD (a surrogate

@@ -23,7 +23,7 @@ import os
 import stat
 
 from ..errors import Fs9Error
-from ..kernel.agents import manifest as manifests
+from ..kernel import labels
 from ..kernel.names import split_view
 from ..kernel.vault.beneath import CHANGED
 from .access import may_access, may_set_attributes, may_write_file, new_mode, refusals_logged
@@ -249,11 +249,13 @@ class VaultNode(Node):
 
     def _virtual(self) -> dict[str, bytes]:
         """user.fs9.owner (the owning agent, empty: the operator's) and
-        user.fs9.classification (the owner's clearance), computed, read-only."""
-        owner = self.kernel.owner_of(split_view(self.path)[1])
-        agent = self.kernel.agents.get(owner) if owner else None
-        clearance = (agent.manifest if agent else manifests.DEFAULTS)["clearance"]
-        return {OWNER_XATTR: (owner or "").encode(), CLASS_XATTR: clearance.encode()}
+        user.fs9.classification (its label: the owner's clearance; empty where nobody
+        owns it, the operator's, who decides who reads it: kernel/labels.py), computed,
+        read-only. (A view reaches a path here only if it overlaps the owner's subtree,
+        so the owner is one it knows of: Kernel.knows.)"""
+        label = labels.label_of(self.kernel, split_view(self.path)[1])
+        return {OWNER_XATTR: (label.agent if label else "").encode(),
+                CLASS_XATTR: (label.level if label else "").encode()}
 
     async def getxattr(self, name: str) -> bytes:
         virtual = self._virtual()

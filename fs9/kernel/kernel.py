@@ -103,6 +103,10 @@ class Kernel:
         self.rates = Rates()  # per-agent rate limits (rate.py)
         self._refusals = Burst(REFUSALS_PER_S)  # an agent's refusals, counted per second
         self.killed: list[str] = []  # names of agents killed while mounted, in order
+        # agent -> the vault subtrees its sandbox binds read-only from disk, where fs9
+        # cannot filter reads by label (labels.check_claim); kept until every process of
+        # that sandbox has ended (Agent.serve), a killed agent's too
+        self.native_reads: dict[Agent, tuple[tuple[str, ...], ...]] = {}
         self._nursery: trio.Nursery | None = None
         self._replaying = False
         self._fresh_blob: tuple[int, bytes | None] = (0, None)
@@ -404,7 +408,7 @@ class Kernel:
             if p.cmd.verb == "spawn":
                 if by is not None:
                     spawn.check_words_of_agent(self.agent(by), p.args)
-                manifest, _ = spawn.prepare(self, *p.args)
+                manifest, _ = spawn.prepare(self, *p.args, by=by)
                 if by is not None and manifest["unconfined"]:
                     raise Fs9Error(errno.EPERM, f"agent {by} may not start the unconfined "
                                                 f"agent {p.args[0]}")
@@ -433,8 +437,23 @@ class Kernel:
         return target is not None and asker is not None and (
             target.spawned_by == by or asker.view.access(("agents", name)) is not None)
 
+    def knows(self, by: str, name: str) -> bool:
+        """Agent `by` may know that agent `name` exists: it is itself; by's view shows
+        something of agents/NAME or of a vault subtree NAME owns; by pledges discover
+        (the registry lists every agent); by started it; or it asked by for by's
+        current task. To by, any other agent answers everywhere as a name nobody has
+        (docs/security.md)."""
+        asker, target = self.agents.get(by), self.agents.get(name)
+        if asker is None or target is None:
+            return False
+        view = asker.view
+        return (name == by or "discover" in view.pledges or target.spawned_by == by
+                or view.access(("agents", name)) is not None
+                or any(view.access(owned) is not None for owned in target.view.owns)
+                or (asker.current is not None and asker.current.reply_to == name))
+
     def spawn(self, name: str, *overrides: str, by: str | None = None) -> Agent:
-        manifest, home = spawn.prepare(self, name, *overrides)
+        manifest, home = spawn.prepare(self, name, *overrides, by=by)
         os.makedirs(home, exist_ok=True)
         self.record("spawn", agent=name, manifest=manifest, home=home,
                     uid_offset=sandboxes.free_uid_offset(self), **({"by": by} if by else {}))
@@ -479,11 +498,13 @@ class Kernel:
 
     # --- services for the face ----------------------------------------------------
 
-    def agent(self, name: str) -> Agent:
-        try:
-            return self.agents[name]
-        except KeyError:
+    def agent(self, name: str, by: str | None = None) -> Agent:
+        """Agent NAME, as `by` (an agent; None: the operator) may name it: ENOENT if
+        there is none, and the very same answer where by may not know of it."""
+        agent = self.agents.get(name)
+        if agent is None or (by is not None and not self.knows(by, name)):
             raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {name}")
+        return agent
 
     def owner_of(self, path: tuple[str, ...]) -> str | None:
         """The agent owning vault path (claims never overlap); None: only the operator

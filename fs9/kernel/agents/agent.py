@@ -240,16 +240,19 @@ class Agent:
         if not self.confined:
             self.kernel.log.append("agent_unconfined", agent=self.name,
                                    reason="unconfined = true in its manifest")
-        async with contextlib.AsyncExitStack() as self._resources:
-            try:
-                await self._loop()
-            finally:
-                self._sandbox = None
-                if self.group is not None:  # every process of the agent ends with it
-                    self.group.remove()
-                    self.group = None
-                if self.killed:
-                    shutil.rmtree(self.scratch, ignore_errors=True)
+        try:
+            async with contextlib.AsyncExitStack() as self._resources:
+                try:
+                    await self._loop()
+                finally:
+                    self._sandbox = None
+                    if self.group is not None:  # every process of the agent ends with it
+                        self.group.remove()
+                        self.group = None
+                    if self.killed:
+                        shutil.rmtree(self.scratch, ignore_errors=True)
+        finally:  # its sandbox is gone: nothing reads the vault from disk for it now
+            self.kernel.native_reads.pop(self, None)
 
     @property
     def scratch(self) -> str:

@@ -10,6 +10,7 @@ import tempfile
 
 from ...drivers import cgroups, confine
 from ...errors import Fs9Error
+from .. import labels
 from . import limits
 from typing import TYPE_CHECKING
 
@@ -72,17 +73,22 @@ def _vault_binds(kernel: "Kernel", subtrees) -> list[tuple[tuple[str, ...], tupl
 
 
 def spec(kernel: "Kernel", agent) -> dict:
-    """What agent's sandbox is made of (drivers/zygote.py reads it)."""
+    """What agent's sandbox is made of (drivers/zygote.py reads it). The vault subtrees
+    it binds from disk are noted in kernel.native_reads."""
     mnt = kernel.mount_path
     read = list(confine.SYSTEM_READ) + agent.driver.reads(agent.manifest)
     if agent.workdir() == agent.home:
         read.append(agent.home)
     net = dict(inet="inet" in agent.view.pledges, **agent.manifest.get("net", {}))
+    # read natively, past fs9's label checks: only what holds nothing labelled above it,
+    # remembered so that no owner cleared above it claims a subtree in there later
+    native = agent.view.read_only_vault(labels.above(kernel, agent.manifest["clearance"]))
+    kernel.native_reads[agent] = tuple(native) if kernel.vault_dir else ()
     return dict(agent=agent.name, uid=agent.uid, mnt=mnt, audit=kernel.audit, net=net,
                 cgroups=agent.group.join_files() if agent.group is not None else [],
                 scratch=agent.scratch, scratch_mb=agent.limits["scratch_mb"],
                 view=os.path.join(mnt, "agents", agent.name, "view"),
                 hide=[p for p in (kernel.state_dir, kernel.vault_dir) if p],
-                vault=kernel.vault_dir, binds=_vault_binds(kernel, agent.view.read_only_vault()),
+                vault=kernel.vault_dir, binds=_vault_binds(kernel, native),
                 owned_binds=_vault_binds(kernel, agent.view.owned_vault()),
                 read=read, write=[mnt, agent.scratch], devices=list(confine.DEVICES))

@@ -12,7 +12,8 @@ from ... import drivers
 from ...drivers import confine
 from ...errors import Fs9Error
 from ..names import NAME_RE, OPERATOR
-from . import manifest as manifests
+from .. import labels
+from . import manifest as manifests, view as views
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,9 +24,11 @@ RESERVED_NAMES = (OPERATOR, "by-capability", "owners")  # registry/ has files of
 AGENT_SPAWN_KEYS = {"def", "priority", "timeout_s", "max_restarts", "within_s", "restart"}
 
 
-def prepare(kernel: "Kernel", name: str, *overrides: str) -> tuple[dict, str]:
+def prepare(kernel: "Kernel", name: str, *overrides: str,
+            by: str | None = None) -> tuple[dict, str]:
     """Check a spawn fully: (its effective manifest, its home folder); Fs9Error if it
-    cannot start. Changes nothing."""
+    cannot start. Changes nothing. `by`: the agent asking (None: the operator); the
+    reasons name only agents it knows of."""
     if not NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
         raise Fs9Error(errno.EINVAL, f"bad agent name {name!r}: letters, digits, _ . -"
                                      f" (and not {', '.join(RESERVED_NAMES)})")
@@ -49,14 +52,17 @@ def prepare(kernel: "Kernel", name: str, *overrides: str) -> tuple[dict, str]:
         raise Fs9Error(errno.ENOENT, f"agent {name}: no model {model!r} "
                                      f"(models/; configured in {models.config_path}"
                                      + (f": {models.problem}" if models.problem else "") + ")")
-    for subtree in manifest["owns"]:
-        claim = tuple(subtree.strip("/").split("/"))
+    view = views.parse(name, manifest)
+    for claim in view.owns:
         for other in kernel.agents.values():
             for owned in other.view.owns if other.name != name else ():
                 if claim[:len(owned)] == owned or owned[:len(claim)] == claim:
-                    raise Fs9Error(errno.EBUSY, f"{subtree} overlaps {'/'.join(owned)}, "
-                                   f"owned by agent {other.name}: a vault subtree has "
-                                   "exactly one owner")
+                    raise Fs9Error(errno.EBUSY, f"{'/'.join(claim)} overlaps "
+                                   f"{'/'.join(owned)}, owned by "
+                                   f"{labels.named(kernel, by, other.name)}: a vault "
+                                   "subtree has exactly one owner")
+    labels.check_claim(kernel, name, view.owns, manifest["clearance"], by)
+    labels.check_unveils(kernel, name, view, manifest["clearance"], by)
     why = not manifest["unconfined"] and (
         confine.unavailable() or (not kernel.mount_path and "no mount to show a view in"))
     if why:

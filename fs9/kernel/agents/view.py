@@ -131,11 +131,13 @@ class View:
             raise Fs9Error(errno.EACCES, f"agent {self.agent} did not pledge 'read' "
                                          f"({PLEDGES['read']})")
 
-    def read_only_vault(self) -> list[tuple[str, ...]]:
+    def read_only_vault(self, above=()) -> list[tuple[str, ...]]:
         """The vault subtrees unveiled read-only, with nothing else unveiled or owned
         inside or around them: its sandbox binds them read-only from disk (reads at
         native speed; a write is EROFS). What it may write, or must be refused with a
-        reason (someone else's subtree unveiled rw), stays with fs9."""
+        reason (someone else's subtree unveiled rw), stays with fs9; so does a subtree
+        that holds or lies in one of `above` (the subtrees labelled above its clearance,
+        from the kernel: kernel/labels.py), since only fs9 filters reads by label."""
         if "read" not in self.pledges:
             return []
         roots = list(self._roots())
@@ -143,7 +145,9 @@ class View:
                 if prefix[:1] == ("vault",) and mode == "r"
                 and not any(other != prefix and (other[:len(prefix)] == prefix
                                                  or prefix[:len(other)] == other)
-                            for other in roots)]
+                            for other in roots)
+                and not any(sub[:len(prefix)] == prefix or prefix[:len(sub)] == sub
+                            for sub in above)]
 
     def owned_vault(self) -> list[tuple[str, ...]]:
         """The vault subtrees it owns and may write, with nothing unveiled inside or
