@@ -51,7 +51,7 @@ AUDIT_ONLY = frozenset({
     "mail_duplicate", "model_config_error", "model_error", "model_throttled",
     "model_unreachable", "refused", "search_fallback", "search_index_damaged",
     "search_semantic", "task_progress", "limit_exceeded", "limits_unavailable", "unmount", "unveil_denied", "vault_changed",
-    "watch_overflow", "watch_unavailable"})
+    "watch_restored", "watch_unavailable"})
 Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
 
