@@ -50,7 +50,7 @@ AUDIT_ONLY = frozenset({
     "escape_attempt", "escape_denied", "injection_suspected", "mail_delivered", "mount",
     "mail_duplicate", "model_config_error", "model_error", "model_throttled",
     "model_unreachable", "refused", "search_fallback", "search_index_damaged",
-    "search_semantic", "task_progress", "limit_exceeded", "limits_unavailable", "unmount", "unveil_denied", "vault_changed",
+    "search_semantic", "task_progress", "topics_config_error", "limit_exceeded", "limits_unavailable", "unmount", "unveil_denied", "vault_changed",
     "watch_restored", "watch_unavailable"})
 Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
