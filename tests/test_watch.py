@@ -208,3 +208,55 @@ def test_a_folder_swapped_for_a_symlink_is_never_watched(mount, events, tmp_path
     reported = [e for e in audit(mount) if e["kind"] == "vault_changed"]
     assert any(e["path"].startswith("vault/r/l") for e in reported)  # the race was watched
     assert not [e for e in reported if "secret" in e["path"] + e.get("dest", "")]
+
+
+class Watching:
+    """kernel/vault/watches.py over a plain directory (no mount): its changes, as lists."""
+
+    def __init__(self, root) -> None:
+        import threading
+        from fs9.kernel.vault.beneath import VaultRoot
+        from fs9.kernel.vault.watches import Watches
+        self.root = VaultRoot(str(root))
+        self.got: list = []
+        self.watches = Watches(self.root, self.got.extend)
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self.watches.run, args=(ready.set,), daemon=True)
+        self.thread.start()
+        assert ready.wait(WAIT_S)
+
+    def wait(self, change) -> None:
+        from conftest import wait_for
+        wait_for(lambda: change in self.got, what=f"{change} among {self.got}")
+
+    def close(self) -> None:
+        self.watches.stop()
+        self.thread.join(WAIT_S)
+        self.root.close()
+
+
+def test_watches_follow_exchanges_and_drop_what_leaves_the_vault(tmp_path):
+    import ctypes
+    vault, outside = tmp_path / "vault", tmp_path / "outside"
+    (vault / "a" / "sub").mkdir(parents=True)
+    (vault / "b").mkdir()
+    outside.mkdir()
+    w = Watching(vault)
+    try:
+        assert w.watches.watched == 4
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.renameat2(-100, bytes(vault / "a"), -100, bytes(vault / "b"), 2) == 0
+        (vault / "b" / "sub" / "f").write_text("x")  # sub moved with its folder
+        w.wait(("created", ("b", "sub", "f"), None, False))
+        assert ("moved", ("a",), ("b",), True) in w.got
+        os.rename(vault / "a", outside / "x")  # out of the vault: its watch goes
+        w.wait(("deleted", ("a",), None, True))
+        (outside / "x" / "g").write_text("x")
+        (vault / ".git" / "objects").mkdir(parents=True)  # hidden: never watched
+        (vault / ".git" / "objects" / "o").write_text("x")
+        (vault / "b" / "late").write_text("x")
+        w.wait(("created", ("b", "late"), None, False))
+        assert not [c for c in w.got if "g" in c[1] or ".git" in c[1]]
+        assert w.watches.watched == 3  # the root, b, b/sub
+    finally:
+        w.close()

@@ -101,7 +101,6 @@ class Supervisor:
         self.first = trio.Event()  # the first start is over (up or down)
         self.down = ""  # why the watcher is not watching ("": it is, or never started)
         self.down_since = 0.0
-        self.watched = 0  # folders watched by the running watcher
         self._came_up = False  # the current attempt's watches were in place
         self._thread = trio.CapacityLimiter(1)  # not the default limiter's
 
@@ -138,7 +137,6 @@ class Supervisor:
             self.kernel.log.bug("vaultwatch")
             return "the vault watcher failed (see the bug event)"
         finally:
-            self.watched = 0
             if watches is not None:
                 watches.stop()  # an abandoned thread (unmount) ends by itself
 
@@ -153,9 +151,9 @@ class Supervisor:
 
     def _up(self, watches: Watches) -> None:
         """Trio thread: the watches are in place."""
-        self.watched, self._came_up = watches.watched, True
+        self._came_up = True
         if self.down:
-            self.kernel.log.append("watch_restored", after=self.down, folders=self.watched,
+            self.kernel.log.append("watch_restored", after=self.down, folders=watches.watched,
                                    down_s=round(trio.current_time() - self.down_since, 3))
             self.down = ""
             if self.kernel.search is not None:  # changes made meanwhile were not seen

@@ -123,8 +123,7 @@ class Watches:
         stop() (returns) or until the watches lose changes (WatchLost). Closes the
         inotify instance (all its watches) on the way out."""
         try:
-            self._top = self._watch(None, "")
-            if self._top is None:
+            if self._watch(None, "") is None:
                 raise WatchLost("the vault directory cannot be opened")
             ready()
             poller = select.poll()
@@ -342,7 +341,9 @@ class Watches:
         self._detach(node)
         self._limbo.pop(wd, None)
         node.name, node.parent = name, parent
-        if parent is not None:
+        if parent is None:
+            self._top = node  # the vault root: paths are named from it, even mid-walk
+        else:
             parent.children[name] = node
         return node, new
 
