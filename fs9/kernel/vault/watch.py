@@ -23,7 +23,6 @@ name that is not UTF-8 holds surrogate escapes); the watcher only names what cha
 the index reaches it beneath the vault root (index.py).
 """
 import math
-import os
 import time
 
 import trio
