@@ -320,6 +320,29 @@ def mount(tmp_path):
 
 
 @pytest.fixture
+def overflowing_mount(mount):
+    """The mount, mounted again while the kernel's inotify queue held 8 events: its
+    watcher's queue overflows at the first burst of changes. The limit
+    (/proc/sys/fs/inotify/max_queued_events) is machine-wide and an inotify instance takes
+    it when made, so it is restored as soon as the mount is up (its watcher made one)."""
+    limit = "/proc/sys/fs/inotify/max_queued_events"
+    try:
+        with open(limit) as f:
+            saved = f.read()
+        with open(limit, "w") as f:
+            f.write("8\n")
+    except OSError as e:
+        pytest.skip(f"cannot lower {limit}: {e}")
+    try:
+        mount.umount()
+        mount.mount()
+    finally:
+        with open(limit, "w") as f:
+            f.write(saved)
+    yield mount
+
+
+@pytest.fixture
 def events(mount):
     ev = Events(mount)
     yield ev

@@ -1,8 +1,8 @@
 """Semantic search: an OpenAI-compatible embedding endpoint named in STATE/search.toml
 ranks the vault with BM25 (hybrid); when it fails, results say so and fall back to
 BM25, and it resumes when the endpoint answers again. Real HTTP through llama-index's
-OpenAILikeEmbedding: the endpoint is a tiny local server. Also: an inotify queue
-overflow makes the index rescan the vault."""
+OpenAILikeEmbedding: the endpoint is a tiny local server. (An inotify queue overflow
+and the rescan it causes: test_watch.py.)"""
 import hashlib
 import json
 import re
@@ -200,38 +200,3 @@ def test_bad_configuration_is_said(mount):
     assert "unknown provider 'cohere'" in ready(mount)["embed_error"]
     configure(mount, 'embed = "openai:x"\nretry_s = "soon"\n')
     assert "retry_s must be" in ready(mount)["embed_error"]
-
-
-def test_inotify_overflow_rescans_the_vault(mount):
-    """With a tiny inotify queue, a burst of files overflows it: fs9 logs it and the
-    search index rescans, so every file is found."""
-    limit = "/proc/sys/fs/inotify/max_queued_events"
-    try:
-        with open(limit) as f:
-            saved = f.read()
-        with open(limit, "w") as f:
-            f.write("8\n")
-    except OSError as e:
-        pytest.skip(f"cannot lower {limit}: {e}")
-    try:
-        mount.umount()
-        mount.mount()  # its inotify instance takes the limit when made
-        ready(mount)
-    finally:
-        with open(limit, "w") as f:
-            f.write(saved)
-    ev = Events(mount)
-    try:
-        (mount.vault / "burst").mkdir()
-        n = 600
-        for i in range(n):
-            (mount.vault / "burst" / f"f{i}.md").write_text(f"pelican note {i}\n")
-        ev.wait_kind("watch_overflow")
-        mount.wait_for(lambda: status(mount)["docs"] == str(n),
-                       what="every file indexed")
-        assert int(status(mount)["rescans"]) >= 1
-        # the watches were rebuilt: later changes are seen one by one again
-        (mount.vault / "burst" / "late.md").write_text("albatross\n")
-        mount.wait_for(lambda: hits(mount, "albatross"), what="a later change")
-    finally:
-        ev.close()

@@ -106,3 +106,109 @@ def test_subscribers_join_and_leave_while_a_publisher_runs(mount):
     for numbers in filter(None, received):  # each saw a gap-free run up to the last event
         assert numbers == list(range(numbers[0], 200))
     assert mount.alive() and not mount.bugs()
+
+
+def log_bytes(mount) -> int:
+    """The log's size on disk: the database and its WAL."""
+    return sum(os.path.getsize(p) for p in (mount.state / "log.sqlite",
+                                            mount.state / "log.sqlite-wal") if p.exists())
+
+
+def test_a_topic_keeps_its_retention_on_disk_too(mount):
+    """A topic keeps `keep_bytes` of events (1 MiB here, set in STATE/topics.toml) in
+    memory and in the log alike: 8 MiB of 64 KiB events grow the log by about 1 MiB, a
+    reader that fell behind gets the kept tail, a remount replays the same tail, and the
+    mail and tasks in the log are untouched."""
+    (mount.state / "topics.toml").write_text("[topic.flood]\nkeep_bytes = 1048576\n")
+    mount.umount()
+    mount.mount()
+    mount.sh("echo \"spawn up cmd='tr a-z A-Z' unconfined=true\" > ctl", check=True)
+    mount.write("agents/up/mail/new", "type: event\n\nthis mail stays\n")
+    mount.write("agents/up/in", "a task\n")
+    assert mount.sh("cat agents/up/out", timeout=30).stdout == "A TASK\n"
+    mount.sh("touch topics/flood", check=True)
+    mount.umount()
+    before = log_bytes(mount)
+    mount.mount()
+
+    slow = os.open(mount.path / "topics/flood", os.O_RDONLY)  # reads only after the flood
+    try:
+        fd = os.open(mount.path / "topics/flood", os.O_WRONLY)
+        for i in range(128):  # 8 MiB, eight times what the topic keeps
+            os.write(fd, b"%05d " % i + b"x" * ((64 << 10) - 7) + b"\n")
+        os.close(fd)
+        # the WAL, once checkpointed, shrinks back (each publish starts it over if it can)
+        wal = mount.state / "log.sqlite-wal"
+        mount.wait_for(lambda: mount.sh("echo tick > topics/ticks").returncode == 0
+                       and wal.stat().st_size <= (4 << 20) + (1 << 20),
+                       what="the WAL back within 5 MiB")
+        got = read_until_quiet(slow)
+    finally:
+        os.close(slow)
+    lines = got.split(b"\n")
+    assert lines[0] == b"fs9: overflow: 112 events dropped"  # 16 of 64 KiB kept
+    tail = [line[:5] for line in lines[1:] if line]
+    assert tail == [b"%05d" % i for i in range(112, 128)]
+
+    mount.umount()
+    grown = log_bytes(mount) - before
+    assert grown < (2 << 20), f"the log grew by {grown} bytes for a topic keeping 1 MiB"
+    # a remount replays the same tail (read by a kernel on the same log, as a mount's is)
+    from fs9.kernel.kernel import Kernel
+    kernel = Kernel(str(mount.state), str(mount.agents))
+    try:
+        for event in kernel.log.replay():
+            kernel.apply(event)
+        topic = kernel.bus.topics["flood"]
+        dropped, withheld, events = topic.since(0, "confidential")
+        assert (topic.count, dropped, withheld) == (128, 112, 0)
+        assert [e[:5] for e in events] == tail
+    finally:
+        kernel.log.close()
+    mount.mount()
+    names = [n for n in os.listdir(mount.path / "agents/up/mail") if n not in ("new", "next", "dead")]
+    assert [mount.read(f"agents/up/mail/{n}").split("\n\n", 1)[1] for n in names] == \
+        ["this mail stays\n"]
+    tasks = os.listdir(mount.path / "agents/up/tasks")
+    assert [mount.read(f"agents/up/tasks/{t}/out") for t in tasks] == ["A TASK\n"]
+    mount.sh("echo after > topics/flood", check=True)  # the topic goes on
+
+
+def read_until_quiet(fd: int) -> bytes:
+    """What a topic's reader reads until nothing more comes for a second."""
+    import select
+    got = b""
+    while select.select([fd], [], [], 1.0)[0]:
+        got += os.read(fd, 1 << 20)
+    return got
+
+
+def test_retention_settings_are_checked_and_per_topic():
+    import errno
+    import pytest
+    from fs9.errors import Fs9Error
+    from fs9.kernel.bus.topic import KEEP_BYTES, Retention, Topic
+    r = Retention({"keep_events": 10, "topic": {"news": {"keep_bytes": 1 << 20}}})
+    assert r.of("news") == {"keep_events": 10, "keep_bytes": 1 << 20}
+    assert r.of("other") == {"keep_events": 10, "keep_bytes": KEEP_BYTES}
+    for bad in ({"keep_bytes": 100}, {"keep_events": 0}, {"keep_bytes": "4MiB"},
+                {"keep": 1}, {"topic": {"bad name": {}}}, {"topic": {"a": {"size": 1}}}):
+        with pytest.raises(Fs9Error) as e:
+            Retention(bad)
+        assert e.value.errno == errno.EINVAL
+    # a replay: events whose bodies were trimmed are counted, the rest kept
+    t = Topic("news", keep_events=3)
+    for seq in range(1, 6):
+        t.publish(None if seq < 3 else b"e%d\n" % seq, "internal", seq)
+    assert (t.count, t.oldest_seq) == (5, 3)
+    assert t.since(0, "internal") == (2, 0, [b"e3\n", b"e4\n", b"e5\n"])
+
+
+def test_a_bad_topics_toml_is_said_and_the_defaults_kept(mount):
+    (mount.state / "topics.toml").write_text("keep_bytes = 12\n")
+    mount.umount()
+    mount.mount()
+    errors = [line for line in mount.read("log/audit").splitlines()
+              if '"kind":"topics_config_error"' in line]
+    assert len(errors) == 1 and "keep_bytes must be a whole number" in errors[0]
+    mount.sh("echo hello > topics/news", check=True)

@@ -3,12 +3,14 @@ program) show up in the mount and are `vault_changed` events; changes made throu
 the mount are logged once, with their actor."""
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import WAIT_S
+from conftest import WAIT_S, Events
 
 OPS_SOURCE = (Path(__file__).resolve().parent.parent / "fs9" / "face" / "ops.py").read_text()
 
@@ -73,3 +75,188 @@ def test_changes_through_the_mount_are_logged_once_with_their_actor(mount, event
     assert ("deleted", "vault/n.md", None, me) in got
     assert all(actor == me for *_, actor in got)  # the watcher added nothing
     assert len(got) == len(set(got))  # each change once
+
+
+def audit(mount) -> list[dict]:
+    return [json.loads(line) for line in mount.read("log/audit").splitlines()]
+
+
+def test_a_deep_tree_moved_in_leaves_the_watcher_watching(mount, tmp_path):
+    """1,200 nested folders made with `mkdir -p` outside and moved in (this once killed
+    the watcher's thread: no later change was seen, and search failed after a remount):
+    later changes, deep ones too, are still events and searchable, across a remount."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    try:
+        _deep_tree_moved_in(mount, outside)
+    finally:  # (rm: pytest's own clean-up of old temp dirs recurses: RecursionError)
+        subprocess.run(["rm", "-rf", str(outside), str(mount.vault / "n")])
+
+
+def _deep_tree_moved_in(mount, outside) -> None:
+    from test_search import hits, ready
+    ready(mount)
+    events = Events(mount)
+    subprocess.run(["mkdir", "-p", str(outside / "n") + "/d" * 1199], check=True)
+    subprocess.run(["mv", str(outside / "n"), str(mount.vault / "n")], check=True)
+    (mount.vault / "late.md").write_text("zebracorn\n")
+    seen = changes(events, saw(("created", "vault/n"), ("created", "vault/late.md")))
+    # (a folder that appears is one event; what it holds then comes with it: a file
+    # made in it once it is watched is an event of its own)
+    deep = ("n",) + ("d",) * 1199
+    (mount.vault.joinpath(*deep) / "deep.md").write_text("okapi\n")
+    deep_path = "/".join(("vault",) + deep + ("deep.md",))
+    seen += changes(events, saw(("created", deep_path)))
+    got = {(e["op"], e["path"]) for e in seen}
+    assert {("created", "vault/n"), ("created", "vault/late.md"), ("created", deep_path)} <= got
+    mount.wait_for(lambda: hits(mount, "zebracorn") and hits(mount, "okapi"),
+                   what="the new files found by search")
+    assert hits(mount, "okapi")[0].split()[1] == deep_path + ":1"
+    assert not [e for e in audit(mount) if e["kind"] == "watch_unavailable"]
+    events.close()
+    mount.umount()
+    mount.mount()
+    ready(mount)
+    assert hits(mount, "zebracorn")[0].split()[1] == "vault/late.md:1"
+    assert hits(mount, "okapi")
+
+
+def test_a_watcher_that_loses_changes_restarts_and_rescans(overflowing_mount):
+    """The kernel's inotify queue overflows (8 events: the fixture): changes were lost,
+    so the watcher says so (`watch_unavailable`), starts again, says so
+    (`watch_restored`), and the index rescans: files written meanwhile are found, and
+    changes after it are events one by one again."""
+    from test_search import hits, ready
+    mount = overflowing_mount
+    ready(mount)
+    ev = Events(mount)
+    try:
+        (mount.vault / "burst").mkdir()
+        n = 600
+        for i in range(n):
+            (mount.vault / "burst" / f"f{i}.md").write_text(f"pelican note {i}\n")
+        seen = ev.wait_kind("watch_unavailable")
+        # (most likely still down: the first restart waits half a second)
+        (mount.vault / "burst" / "meanwhile.md").write_text("cormorant\n")
+        seen += ev.until(lambda s: any(e["kind"] == "watch_restored" for e in seen + s),
+                         what="watch_restored")
+        lost = next(e for e in seen if e["kind"] == "watch_unavailable")
+        assert "overflowed" in lost["reason"]
+        restored = next(e for e in seen if e["kind"] == "watch_restored")
+        assert restored["after"] == lost["reason"] and restored["folders"] >= 2
+        status = lambda: dict(line.split("=", 1) for line in  # noqa: E731
+                              mount.read("search/status").splitlines())
+        mount.wait_for(lambda: status()["docs"] == str(n + 1), what="every file indexed")
+        assert int(status()["rescans"]) >= 1
+        assert hits(mount, "cormorant")[0].split()[1] == "vault/burst/meanwhile.md:1"
+        # the watches were rebuilt: later changes are seen one by one again
+        (mount.vault / "burst" / "late.md").write_text("albatross\n")
+        ev.until(lambda s: any(e["kind"] == "vault_changed" and e["path"] ==
+                               "vault/burst/late.md" for e in s), what="the later change")
+        mount.wait_for(lambda: hits(mount, "albatross"), what="a later change found")
+    finally:
+        ev.close()
+    mount.umount()
+    mount.mount()
+    ready(mount)
+    assert hits(mount, "cormorant") and hits(mount, "albatross")
+
+
+RACER = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+folder, host, seconds = sys.argv[1], sys.argv[2].encode(), float(sys.argv[3])
+end, i = time.monotonic() + seconds, 0
+while time.monotonic() < end and i < 1000:
+    d, link = f"{folder}/d{i}".encode(), f"{folder}/l{i}".encode()
+    os.mkdir(d)
+    os.symlink(host, link)
+    for _ in range(3):  # RENAME_EXCHANGE: the folder and the symlink swap names
+        libc.renameat2(-100, d, -100, link, 2)
+    i += 1
+    time.sleep(0.002)  # (faster, it overflows the watcher's queue on a busy machine)
+"""
+SECRETS = r"""
+import os, sys, time
+host, seconds = sys.argv[1], float(sys.argv[2])
+end, i = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    for where in (host, host + "/sub", host + "/sub/inner"):
+        with open(f"{where}/secret-{i}", "w") as f:
+            f.write("x")
+    i += 1
+    time.sleep(0.001)
+"""
+
+
+def test_a_folder_swapped_for_a_symlink_is_never_watched(mount, events, tmp_path):
+    """A folder made in the vault and at once swapped (renameat2 RENAME_EXCHANGE) with a
+    symlink to a host directory, a thousand times while files appear in that
+    directory: the watcher adds its watches beneath the vault root only, so no change
+    outside the vault is ever reported as a vault change."""
+    host = tmp_path / "host"
+    (host / "sub" / "inner").mkdir(parents=True)
+    (mount.vault / "r").mkdir()
+    changes(events, saw(("created", "vault/r")))
+    secrets = subprocess.Popen([sys.executable, "-c", SECRETS, str(host), "6"])
+    racer = subprocess.run([sys.executable, "-c", RACER, str(mount.vault / "r"), str(host), "4"],
+                           timeout=60)
+    assert racer.returncode == 0 and secrets.wait(timeout=60) == 0
+    assert len(list(host.iterdir())) > 100  # the host directory did change meanwhile
+    (mount.vault / "sentinel.md").write_text("after the race\n")  # reported after the rest
+    changes(events, saw(("created", "vault/sentinel.md")))
+    reported = [e for e in audit(mount) if e["kind"] == "vault_changed"]
+    assert any(e["path"].startswith("vault/r/l") for e in reported)  # the race was watched
+    assert not [e for e in reported if "secret" in e["path"] + e.get("dest", "")]
+
+
+class Watching:
+    """kernel/vault/watches.py over a plain directory (no mount): its changes, as lists."""
+
+    def __init__(self, root) -> None:
+        import threading
+        from fs9.kernel.vault.beneath import VaultRoot
+        from fs9.kernel.vault.watches import Watches
+        self.root = VaultRoot(str(root))
+        self.got: list = []
+        self.watches = Watches(self.root, self.got.extend)
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self.watches.run, args=(ready.set,), daemon=True)
+        self.thread.start()
+        assert ready.wait(WAIT_S)
+
+    def wait(self, change) -> None:
+        from conftest import wait_for
+        wait_for(lambda: change in self.got, what=f"{change} among {self.got}")
+
+    def close(self) -> None:
+        self.watches.stop()
+        self.thread.join(WAIT_S)
+        self.root.close()
+
+
+def test_watches_follow_exchanges_and_drop_what_leaves_the_vault(tmp_path):
+    import ctypes
+    vault, outside = tmp_path / "vault", tmp_path / "outside"
+    (vault / "a" / "sub").mkdir(parents=True)
+    (vault / "b").mkdir()
+    outside.mkdir()
+    w = Watching(vault)
+    try:
+        assert w.watches.watched == 4
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.renameat2(-100, bytes(vault / "a"), -100, bytes(vault / "b"), 2) == 0
+        (vault / "b" / "sub" / "f").write_text("x")  # sub moved with its folder
+        w.wait(("created", ("b", "sub", "f"), None, False))
+        assert ("moved", ("a",), ("b",), True) in w.got
+        os.rename(vault / "a", outside / "x")  # out of the vault: its watch goes
+        w.wait(("deleted", ("a",), None, True))
+        (outside / "x" / "g").write_text("x")
+        (vault / ".git" / "objects").mkdir(parents=True)  # hidden: never watched
+        (vault / ".git" / "objects" / "o").write_text("x")
+        (vault / "b" / "late").write_text("x")
+        w.wait(("created", ("b", "late"), None, False))
+        assert not [c for c in w.got if "g" in c[1] or ".git" in c[1]]
+        assert w.watches.watched == 3  # the root, b, b/sub
+    finally:
+        w.close()

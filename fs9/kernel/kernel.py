@@ -57,8 +57,8 @@ AUDIT_ONLY = frozenset({
     "mail_duplicate", "model_config_error", "model_error", "model_throttled",
     "model_unreachable", "refused", "replay_set_aside", "search_fallback",
     "search_index_damaged", "search_semantic", "set_aside_dismissed", "task_progress",
-    "limit_exceeded", "limits_unavailable", "unmount", "unveil_denied", "vault_changed",
-    "watch_overflow", "watch_unavailable"})
+    "topics_config_error", "limit_exceeded", "limits_unavailable", "unmount",
+    "unveil_denied", "vault_changed", "watch_restored", "watch_unavailable"})
 Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
 

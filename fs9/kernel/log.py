@@ -4,7 +4,9 @@ Every state change of the kernel is an event appended here *before* it is
 applied, so a write to a ctl file returns only once it is logged, and replaying
 the log after a crash rebuilds the same state. A task's input rides in its
 `task_queued` event (column `blob`); its output is stored as chunks beside the
-events, also append-only.
+events, also append-only. A blob that is kept only for a while (a topic event's body:
+topics keep a bounded tail) is stored apart, in `kept`, in a named stream that `trim`
+cuts from the oldest end: the only rows fs9 ever deletes, and never an event.
 
 Replay yields what it can read; an event the kernel cannot apply (logged by a past
 defect, or damaged) is set aside, not applied: the `set_aside` table says which, why
@@ -48,7 +50,13 @@ CREATE TABLE IF NOT EXISTS chunks (
     fd      INTEGER NOT NULL,   -- 1 stdout, 2 stderr
     data    BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS kept (
+    seq    INTEGER PRIMARY KEY,  -- of the event whose blob this is
+    stream TEXT NOT NULL,        -- what trim() cuts as one: "topic:NAME"
+    data   BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS chunks_by_task ON chunks (task, attempt, fd);
+CREATE INDEX IF NOT EXISTS kept_by_stream ON kept (stream, seq);
 CREATE INDEX IF NOT EXISTS events_by_corr ON events (corr) WHERE corr IS NOT NULL;
 CREATE TABLE IF NOT EXISTS set_aside (  -- events the latest replay could not apply
     seq       INTEGER PRIMARY KEY,      -- the event's, in `events` (which keeps it)
@@ -118,6 +126,7 @@ def set_aside(db: sqlite3.Connection, dismissed: bool = False) -> list[SetAside]
 
 class EventLog:
     RECENT = 4096  # events kept in memory for stream readers; older ones come from disk
+    WAL_KEEP = 4 << 20  # bytes the WAL is cut back to when it starts over
 
     def __init__(self, state_dir: str) -> None:
         os.makedirs(state_dir, exist_ok=True)
@@ -129,6 +138,9 @@ class EventLog:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
+        # Once checkpointed, the WAL starts over and shrinks to this: a burst (a flood of
+        # topic events) does not leave its size on disk for good.
+        self.db.execute(f"PRAGMA journal_size_limit={self.WAL_KEEP}")
         self.db.executescript(SCHEMA)
         self.last_seq = self.db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
         self.recent: collections.deque[Event] = collections.deque(maxlen=self.RECENT)
@@ -145,18 +157,31 @@ class EventLog:
         return self.last_seq + 1
 
     def append(self, kind: str, *, agent: str | None = None, task: int | None = None,
-               corr: str | None = None, blob: bytes | None = None, **data) -> Event:
+               corr: str | None = None, blob: bytes | None = None, keep: str | None = None,
+               **data) -> Event:
         """Append one event and commit it; returns it with its sequence number.
 
         `blob` (a task's input) is stored in the same row, so the event never
-        exists without its input.
+        exists without its input; with `keep` (a stream's name) it is stored in `kept`
+        instead, in the same transaction, until trim() cuts it.
         """
         ts = time.time()
         seq = self.next_seq
-        self.db.execute(
-            "INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
-            " VALUES (?,?,?,?,?,?,?,?)",
-            (seq, ts, kind, agent, task, corr, _json(data), blob))
+        row = (seq, ts, kind, agent, task, corr, _json(data), None if keep else blob)
+        insert = ("INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
+                  " VALUES (?,?,?,?,?,?,?,?)")
+        if keep is None:
+            self.db.execute(insert, row)
+        else:
+            self.db.execute("BEGIN")
+            try:
+                self.db.execute(insert, row)
+                self.db.execute("INSERT INTO kept (seq, stream, data) VALUES (?,?,?)",
+                                (seq, keep, blob or b""))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
         event = Event(seq, ts, kind, agent, task, corr, data)
         self.last_seq = event.seq
         self.recent.append(event)
@@ -249,8 +274,17 @@ class EventLog:
         return [r[0] for r in rows]
 
     def blob(self, seq: int) -> bytes:
+        """Event seq's blob: in its row, or kept apart (b"" once trimmed, or none)."""
         row = self.db.execute("SELECT blob FROM events WHERE seq=?", (seq,)).fetchone()
+        if row and row[0] is not None:
+            return row[0]
+        row = self.db.execute("SELECT data FROM kept WHERE seq=?", (seq,)).fetchone()
         return (row and row[0]) or b""
+
+    def trim(self, stream: str, below: int) -> None:
+        """Delete the blobs kept in stream for events numbered below `below`. SQLite
+        reuses the pages freed, so the file stops growing at what the streams keep."""
+        self.db.execute("DELETE FROM kept WHERE stream=? AND seq<?", (stream, below))
 
     def chunks(self, task: int, attempt: int, fd: int) -> bytes:
         rows = self.db.execute(

@@ -23,8 +23,8 @@ view may write.
 This embedded backend keeps everything in the kernel's event log: a send is a
 `mail_sent` event (the message in its blob), an acknowledgement `mail_acked`, an
 expiry `mail_expired` (the message moves to the mailbox's dead letters), a
-publish `published`. State is rebuilt by replaying those events like all kernel
-state. Reads are logged as `mail_delivered`; delivery is at-least-once because
+publish `published` (its body kept apart, only as long as the topic keeps the event:
+topic.py). State is rebuilt by replaying those events like all kernel state. Reads are logged as `mail_delivered`; delivery is at-least-once because
 only `rm` removes a message.
 """
 import errno
@@ -41,7 +41,7 @@ from ..names import NAME_RE, OPERATOR
 from .mailbox import Mailbox
 from .message import Message
 from ..stream import Changes
-from .topic import MAX_EVENT, Topic
+from .topic import MAX_EVENT, Retention, Topic
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -65,9 +65,19 @@ class Bus:
         self.kernel = kernel
         self.operator = Operator()
         self.topics: dict[str, Topic] = {}
+        self.retention = self._retention()
         self.sent_keys: dict[tuple[str, str], str] = {}  # (from, idempotency-key) -> id
         self.deadlines: list[tuple[float, str, str]] = []  # heap of (deadline, agent, name)
         self.changes = Changes()  # a new deadline
+
+    def _retention(self) -> Retention:
+        """STATE/topics.toml's retention; a bad file: the defaults, and said so."""
+        try:
+            return Retention.load(os.path.join(self.kernel.state_dir, "topics.toml"))
+        except Fs9Error as e:
+            self.kernel.log.append("topics_config_error", reason=f"{e.text}; every topic "
+                                   "keeps the defaults")
+            return Retention()
 
     def owner(self, name: str | None):
         """Whose mailbox `name` is: an agent, the operator, or None."""
@@ -266,7 +276,11 @@ class Bus:
         if author is not None:
             self.kernel.rates.take(sender, "publish", len(data), time.monotonic())
         label = author.manifest["clearance"] if author is not None else "internal"
-        self.kernel.record("published", topic=topic.name, sender=sender, blob=data, label=label)
+        self.kernel.record("published", topic=topic.name, sender=sender, label=label,
+                           size=len(data), blob=data, keep=f"topic:{topic.name}")
+        # what the topic no longer keeps leaves the log too (a crash just before this
+        # leaves it until the topic's next publish)
+        self.kernel.log.trim(f"topic:{topic.name}", topic.oldest_seq)
         for agent in list(self.kernel.agents.values()):
             if topic.name in agent.manifest.get("subscribe", ()):
                 self.deliver_event(agent, topic.name, data, sender)
@@ -304,10 +318,16 @@ class Bus:
         if msg is not None:
             agent.mailbox.dead[msg.name] = msg
 
+    def _topic(self, name: str) -> Topic:
+        if name not in self.topics:
+            self.topics[name] = Topic(name, **self.retention.of(name))
+        return self.topics[name]
+
     def on_topic_created(self, e, agent, task):
-        self.topics.setdefault(e.data["topic"], Topic(e.data["topic"]))
+        self._topic(e.data["topic"])
 
     def on_published(self, e, agent, task):
-        name = e.data["topic"]
-        self.topics.setdefault(name, Topic(name)).publish(self.kernel.blob(e),
-                                                          e.data.get("label", "internal"))
+        # (b"" at replay: the body was trimmed, the event is counted; events are never
+        # empty: a newline ends each)
+        self._topic(e.data["topic"]).publish(self.kernel.blob(e) or None,
+                                             e.data.get("label", "internal"), e.seq)

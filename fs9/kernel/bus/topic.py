@@ -1,45 +1,120 @@
 """Topics: publish/subscribe. One write is one event; each reader subscribes at open.
 
-A topic keeps its last RING events, at most RING_BYTES of them, in memory, numbered
-from 1. A subscriber
-holds only its position, so a slow one never stalls the publisher or the other
-subscribers; one that falls behind what is kept is told how many it
-missed (an `fs9: overflow` line) and goes on from the oldest event still kept.
-Every event is also in the log (`published`), so nothing is lost for audit.
+A topic keeps its newest events, at most `keep_events` of them and `keep_bytes` bytes
+(Retention: STATE/topics.toml, per topic or for all; the newest event is always kept),
+numbered from 1, in memory and on disk alike: each event's body is kept in the log
+beside its `published` event (EventLog.append keep=), and the bus trims the log to what
+the topic keeps after each publish (EventLog.trim). So a burst of events costs at most
+the retention, in memory and on disk; replay rebuilds the same tail (an event whose body
+was trimmed is counted, not kept). The `published` events themselves (topic, sender,
+label, size) stay in the log for audit. A subscriber holds only its position, so a slow
+one never stalls the publisher or the other subscribers; one that falls behind what is
+kept is told how many it missed (an `fs9: overflow` line) and goes on from the oldest
+event still kept.
 
 Each event keeps its label (the publisher's clearance); the topic's label is the
 highest so far: a reader cleared lower may not open it, and a reader that opened it
 before it rose is not shown the events above its clearance (bus.py).
 """
 import collections
+import errno
+import tomllib
 
+from ...errors import Fs9Error
+from ..names import NAME_RE
 from ..stream import Changes
 from .message import CLASSIFICATIONS, clearance_allows
 
-RING = 1024  # events kept per topic: a subscriber's bounded backlog...
-RING_BYTES = 4 << 20  # ...and its bytes: 1,024 events of 64 KiB would be 64 MiB a topic
+KEEP_EVENTS = 1024  # events a topic keeps by default: a subscriber's bounded backlog...
+KEEP_BYTES = 4 << 20  # ...and its bytes: 1,024 events of 64 KiB would be 64 MiB a topic
 MAX_EVENT = 64 << 10  # bytes in one event
+BOUNDS = {"keep_events": (1, 1_000_000), "keep_bytes": (MAX_EVENT, 1 << 30)}
+
+
+class Retention:
+    """How much each topic keeps: defaults, and per topic, from STATE/topics.toml
+    (read at mount):
+        keep_bytes = 4194304    # every topic (bytes of events, in memory and on disk)
+        keep_events = 1024
+        [topic.NAME]            # one topic's own (either key)
+        keep_bytes = 16777216
+    """
+
+    def __init__(self, config: dict | None = None, origin: str = "topics.toml") -> None:
+        config = config or {}
+        self.default = self._limits(config, origin, {"keep_events": KEEP_EVENTS,
+                                                     "keep_bytes": KEEP_BYTES})
+        tables = config.get("topic", {})
+        if not isinstance(tables, dict) or set(config) - {"topic", *BOUNDS}:
+            raise Fs9Error(errno.EINVAL, f"{origin}: keys are keep_bytes, keep_events and "
+                                         "[topic.NAME] tables")
+        self.topics = {}
+        for name, table in tables.items():
+            where = f"{origin} [topic.{name}]"
+            if not NAME_RE.fullmatch(name) or not isinstance(table, dict) or set(table) - set(BOUNDS):
+                raise Fs9Error(errno.EINVAL, f"{where}: a topic's name (letters, digits, _ . -) "
+                                             "with keep_bytes and/or keep_events")
+            self.topics[name] = self._limits(table, where, self.default)
+
+    @staticmethod
+    def _limits(table: dict, where: str, defaults: dict) -> dict:
+        limits = dict(defaults)
+        for key, (low, high) in BOUNDS.items():
+            value = table.get(key, limits[key])
+            if type(value) is not int or not low <= value <= high:
+                raise Fs9Error(errno.EINVAL, f"{where}: {key} must be a whole number from "
+                                             f"{low} to {high}")
+            limits[key] = value
+        return limits
+
+    @classmethod
+    def load(cls, path: str) -> "Retention":
+        """STATE/topics.toml's retention (none: the defaults); Fs9Error(EINVAL) if it is
+        unreadable or wrong."""
+        try:
+            with open(path, "rb") as f:
+                return cls(tomllib.load(f), path)
+        except FileNotFoundError:
+            return cls()
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise Fs9Error(errno.EINVAL, f"{path}: {e}") from None
+
+    def of(self, topic: str) -> dict:
+        return self.topics.get(topic, self.default)
 
 
 class Topic:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, keep_events: int = KEEP_EVENTS,
+                 keep_bytes: int = KEEP_BYTES) -> None:
         self.name = name
+        self.keep_bytes = keep_bytes
         self.count = 0  # events published so far; the number of the newest
-        self.events: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=RING)
+        # (log seq, label, body) of the events kept, oldest first; numbered up to count
+        self.events: collections.deque[tuple[int, str, bytes]] = collections.deque(
+            maxlen=keep_events)
         self.label = CLASSIFICATIONS[0]  # the highest clearance that published here
         self.bytes = 0  # of the events kept
         self.changes = Changes()
 
-    def publish(self, data: bytes, label: str = "internal") -> int:
+    @property
+    def oldest_seq(self) -> int:
+        """The log seq of the oldest event kept (0: none): the log keeps no body below."""
+        return self.events[0][0] if self.events else 0
+
+    def publish(self, data: bytes | None, label: str = "internal", seq: int = 0) -> int:
+        """One more event (seq: its `published` event's). data None: its body was
+        trimmed from the log (a replay): counted, not kept."""
         self.count += 1
-        if len(self.events) == RING:
-            self.bytes -= len(self.events[0][1])  # the deque drops it on append
-        self.events.append((label, data))
-        self.bytes += len(data)
-        while self.bytes > RING_BYTES and len(self.events) > 1:
-            self.bytes -= len(self.events.popleft()[1])
         if not clearance_allows(self.label, label):
             self.label = label
+        if data is None:
+            return self.count
+        if len(self.events) == self.events.maxlen:
+            self.bytes -= len(self.events[0][2])  # the deque drops it on append
+        self.events.append((seq, label, data))
+        self.bytes += len(data)
+        while self.bytes > self.keep_bytes and len(self.events) > 1:
+            self.bytes -= len(self.events.popleft()[2])
         self.changes.bump()
         return self.count
 
@@ -50,5 +125,5 @@ class Topic:
         dropped = max(0, oldest - (n + 1))
         start = max(n + 1, oldest) - oldest
         kept = list(self.events)[start:]
-        shown = [data for label, data in kept if clearance_allows(clearance, label)]
+        shown = [data for _, label, data in kept if clearance_allows(clearance, label)]
         return dropped, len(kept) - len(shown), shown

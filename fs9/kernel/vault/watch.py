@@ -1,42 +1,43 @@
 """Watching the vault's backing directory for changes made behind fs9's back.
 
 An editor, git or any other program may change the vault directory directly. The
-watcher (watchdog: inotify, in watchdog's own threads) hands each change to trio
-with `TrioToken.run_sync_soon`, never blocking watchdog's thread on ours:
+watches (watches.py: inotify, every watch added beneath the vault root's fd, read in
+one worker thread) hand each batch of changes to trio with `TrioToken.run_sync_soon`,
+never blocking that thread on ours:
   - at once, the search index is told (kernel.search.touch);
   - after SETTLE_S, the changes of the batch are coalesced (a created file's
     modifications are its creation) and each is a `vault_changed` event, unless
     fs9 made that change itself within OWN_S (the face reports its own changes,
     with their actor, through OwnChanges.report: they are logged once).
-When the kernel's inotify queue overflows (a big checkout, max_queued_events:
-16,384 by default), its events are lost: watchdog re-adds its watches and says so
-only in its log, so fs9 hooks its overflow callback (after watchdog's own), logs a
-`watch_overflow` event and has the search index compare the whole vault with what it
-holds (mtime and size: only changed files are read).
+The watcher is supervised: whenever it stops seeing every change (the kernel's inotify
+queue overflowed, a folder cannot be watched, fs.inotify.max_user_watches is reached,
+the vault directory went away, a defect), that is a `watch_unavailable` event with the
+reason, and it starts again after a backoff (BACKOFF_S, doubling); once its watches are
+back, a `watch_restored` event, and the search index compares the whole vault with what
+it holds (mtime and size: only changed files are read), so what changed meanwhile is
+found. Each further failed start rescans too, so search stays roughly current while
+the watcher is down.
 Names starting with "." and everything under them (.git, editors' swap files) are
-neither logged nor indexed. Directory "modified" events (a name came or went in
-it) say nothing the file's own event does not. A vault path is a tuple of names (as
-the index keeps it; a name that is not UTF-8 holds surrogate escapes); the watcher
-only names what changed: the index reaches it beneath the vault root (index.py).
+neither logged nor indexed. A vault path is a tuple of names (as the index keeps it; a
+name that is not UTF-8 holds surrogate escapes); the watcher only names what changed:
+the index reaches it beneath the vault root (index.py).
 """
-import logging
 import math
-import os
 import time
 
 import trio
 
 from ..names import shown_path, split_view
+from .watches import Watches, WatchLost
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..kernel import Kernel
 
+BACKOFF_S = (0.5, 60.0)  # first restart after a loss, doubling up to the second
+STEADY_S = 30.0  # a watcher that ran this long before its loss: the backoff starts over
 SETTLE_S = 0.25  # a change waits this long: fs9's own report of it arrives first
 OWN_S = 2.0  # a change fs9 made to a path within this long is not logged again
-OPS = {"created": "created", "modified": "modified", "deleted": "deleted", "moved": "moved",
-       "closed": "", "attrib": ""}  # watchdog's kind -> our op ("": index only)
-log = logging.getLogger("fs9.vaultwatch")
 
 
 class OwnChanges:
@@ -77,139 +78,116 @@ class OwnChanges:
         return when is not None and trio.current_time() - when < OWN_S
 
 
-def rel_path(vault: str, path: str) -> tuple[str, ...] | None:
-    """path (absolute, under vault) as the names beneath it; None: outside or hidden
-    (dot)."""
-    rel = os.path.relpath(path, vault)
-    if rel == "." or rel.startswith("../") or rel == ".." or any(
-            part.startswith(".") for part in rel.split("/")):
-        return None
-    return tuple(rel.split("/"))
-
-
 def coalesce(batch: list[tuple]) -> list[tuple]:
     """(op, rel, dest, is_dir) changes in order -> the (op, rel, dest) worth logging:
     each once, a created file's modifications dropped, directories' modifications
     dropped."""
     created = {rel for op, rel, _, _ in batch if op == "created"}
-    out: list[tuple[str, str, str | None]] = []
+    out: dict[tuple, None] = {}  # in order, each once (a batch may be thousands long)
     for op, rel, dest, is_dir in batch:
-        if not op or (op == "modified" and (is_dir or rel in created)):
-            continue
-        if (op, rel, dest) not in out:
-            out.append((op, rel, dest))
-    return out
+        if op and not (op == "modified" and (is_dir or rel in created)):
+            out[op, rel, dest] = None
+    return list(out)
+
+
+class Supervisor:
+    """Runs the watches in a worker thread, again after each loss (see the module doc)."""
+
+    def __init__(self, kernel: "Kernel") -> None:
+        self.kernel = kernel
+        self.token = trio.lowlevel.current_trio_token()
+        self.send, self.receive = trio.open_memory_channel(math.inf)
+        self.first = trio.Event()  # the first start is over (up or down)
+        self.down = ""  # why the watcher is not watching ("": it is, or never started)
+        self.down_since = 0.0
+        self._came_up = False  # the current attempt's watches were in place
+        self._thread = trio.CapacityLimiter(1)  # not the default limiter's
+
+    async def run(self) -> None:
+        """Until cancelled: start the watcher, and again after each loss."""
+        delay = BACKOFF_S[0]
+        while True:
+            t0, self._came_up = trio.current_time(), False
+            reason = await self._attempt()
+            if not self.down:
+                self.down, self.down_since = reason, trio.current_time()
+                self.kernel.log.append("watch_unavailable", reason=reason)
+            if not self._came_up and self.kernel.search is not None:
+                self.kernel.search.rescan()  # while it stays down, search catches up
+            self.first.set()
+            if trio.current_time() - t0 > STEADY_S:
+                delay = BACKOFF_S[0]
+            await trio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_S[1])
+
+    async def _attempt(self) -> str:
+        """One watcher's life, in a worker thread; returns why it ended."""
+        watches = None
+        try:
+            watches = Watches(self.kernel.vault_root, self._from_thread(self._arrived))
+            await trio.to_thread.run_sync(watches.run, self._from_thread(self._up, watches),
+                                          abandon_on_cancel=True, limiter=self._thread)
+            return "the watcher stopped"
+        except WatchLost as e:
+            return str(e)
+        except OSError as e:  # inotify_init1: EMFILE (fs.inotify.max_user_instances)...
+            return f"cannot watch {self.kernel.vault_dir}: {e.strerror}"
+        except Exception:
+            self.kernel.log.bug("vaultwatch")
+            return "the vault watcher failed (see the bug event)"
+        finally:
+            if watches is not None:
+                watches.stop()  # an abandoned thread (unmount) ends by itself
+
+    def _from_thread(self, fn, *args):
+        """fn(*args, *more) to be run on the trio thread, called from the watcher's."""
+        def call(*more) -> None:
+            try:
+                self.token.run_sync_soon(fn, *args, *more)
+            except trio.RunFinishedError:
+                pass  # the mount is going away
+        return call
+
+    def _up(self, watches: Watches) -> None:
+        """Trio thread: the watches are in place."""
+        self._came_up = True
+        if self.down:
+            self.kernel.log.append("watch_restored", after=self.down, folders=watches.watched,
+                                   down_s=round(trio.current_time() - self.down_since, 3))
+            self.down = ""
+            if self.kernel.search is not None:  # changes made meanwhile were not seen
+                self.kernel.search.rescan()
+        self.first.set()
+
+    def _arrived(self, batch: list) -> None:
+        """Trio thread: index now, log after SETTLE_S."""
+        now = time.monotonic()
+        search = self.kernel.search
+        for op, rel, dest, is_dir in batch:
+            if is_dir and op in ("modified", ""):  # a name came or went: its own event says
+                continue
+            if search is not None:
+                search.touch(rel)
+                if dest:
+                    search.touch(dest)
+            self.send.send_nowait((op, rel, dest, is_dir, now))
 
 
 async def watch(kernel: "Kernel", *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Watch kernel.vault_dir until cancelled. Ready once the watch is in place; a
-    watch that cannot start (inotify limits, no watchdog) is a `watch_unavailable`
-    event, and the mount goes on without it."""
-    vault = kernel.vault_dir
-    token = trio.lowlevel.current_trio_token()
-    send, receive = trio.open_memory_channel(math.inf)
-    try:
-        from watchdog import events
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event):  # watchdog's thread
-                op = OPS.get(event.event_type)
-                if op is None:
-                    return
-                item = (op, os.fsdecode(event.src_path),
-                        os.fsdecode(event.dest_path) if event.dest_path else None,
-                        event.is_directory, time.monotonic())
-                try:
-                    token.run_sync_soon(_arrived, kernel, send, item)
-                except trio.RunFinishedError:
-                    pass  # the mount is going away
-
-        observer = Observer()
-        # Only changes: by default inotify also reports every open and every close of a
-        # file read, which costs fs9 CPU for each read of the vault, and a `grep -r`
-        # alone can overflow the kernel's event queue and lose real changes.
-        changes = [events.FileCreatedEvent, events.DirCreatedEvent, events.FileModifiedEvent,
-                   events.FileDeletedEvent, events.DirDeletedEvent, events.FileMovedEvent,
-                   events.DirMovedEvent, events.FileClosedEvent]
-        observer.schedule(Handler(), vault, recursive=True, event_filter=changes)
-        await trio.to_thread.run_sync(observer.start)  # sets up the watches: walks the tree
-        if not _hook_overflow(observer, lambda: _run_soon(token, _overflowed, kernel)):
-            log.warning("watchdog %s: inotify queue overflows cannot be seen; changes "
-                        "made during one may be missed", _watchdog_version())
-    except Exception as e:
-        kernel.log.append("watch_unavailable", reason=f"cannot watch {vault}: {e}")
+    """Watch kernel.vault_dir until cancelled, supervised. Ready once the first start
+    is over: the watches are in place, or a `watch_unavailable` event says why not (and
+    it is tried again)."""
+    supervisor = Supervisor(kernel)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_log_changes, kernel, supervisor.receive)
+        nursery.start_soon(supervisor.run)
+        await supervisor.first.wait()
         task_status.started()
-        return
-    task_status.started()
-    try:
-        await _log_changes(kernel, receive)
-    except Exception:
-        kernel.log.bug("vaultwatch")
-        kernel.log.append("watch_unavailable", reason="the vault watcher failed (see bug)")
-    finally:
-        observer.stop()  # its threads end on their own; joining could stall the unmount
-
-
-def _hook_overflow(observer, callback) -> bool:
-    """Have callback called (in watchdog's thread) after watchdog handled an inotify
-    queue overflow (IN_Q_OVERFLOW: it rebuilds its watches, then the callback runs, so
-    a rescan started by it misses nothing). False: this watchdog has no such hook."""
-    hooked = False
-    for emitter in observer.emitters:
-        group = getattr(emitter, "_inotify", None)  # watchdog 7: an InotifyWatchGroup
-        original = getattr(group, "on_queue_overflow", None)
-        if original is None:
-            continue
-
-        def on_queue_overflow(original=original) -> None:
-            try:
-                original()
-            finally:
-                callback()
-        group.on_queue_overflow = on_queue_overflow  # InotifyFD calls it on the instance
-        hooked = True
-    return hooked
-
-
-def _run_soon(token, fn, *args) -> None:
-    try:
-        token.run_sync_soon(fn, *args)
-    except trio.RunFinishedError:
-        pass  # the mount is going away
-
-
-def _overflowed(kernel: "Kernel") -> None:
-    """Trio thread: the watcher lost events."""
-    kernel.log.append("watch_overflow", reason="the kernel's inotify queue overflowed: "
-                      "changes were not reported one by one; the search index rescans the vault")
-    if kernel.search is not None:
-        kernel.search.rescan()
-
-
-def _watchdog_version() -> str:
-    try:
-        from watchdog.version import VERSION_STRING
-        return VERSION_STRING
-    except ImportError:
-        return "?"
-
-
-def _arrived(kernel: "Kernel", send, item) -> None:
-    """Trio thread: index now, log after SETTLE_S."""
-    op, src, dest, is_dir, _ = item
-    if is_dir and op in ("modified", ""):  # a name came or went: its own event says which
-        return
-    for path in (src, dest):
-        rel = path and rel_path(kernel.vault_dir, path)
-        if rel and kernel.search is not None:
-            kernel.search.touch(rel)
-    send.send_nowait(item)
 
 
 async def _log_changes(kernel: "Kernel", receive) -> None:
-    vault = kernel.vault_dir
+    """Each change after SETTLE_S, coalesced, as a `vault_changed` event. A defect here
+    is a `bug` event and costs this batch only."""
     while True:
         first = await receive.receive()
         await trio.sleep(max(0.0, first[4] + SETTLE_S - time.monotonic()))
@@ -219,21 +197,18 @@ async def _log_changes(kernel: "Kernel", receive) -> None:
                 items.append(receive.receive_nowait())
             except trio.WouldBlock:
                 break
-        batch = []
-        for op, src, dest, is_dir, _ in items:
-            rel = rel_path(vault, src)
-            rel_dest = dest and rel_path(vault, dest)
-            if op == "moved" and rel is None and rel_dest:  # from a hidden name: appears
-                op, rel, rel_dest = "created", rel_dest, None
-            elif op == "moved" and rel and not rel_dest:  # to a hidden name: goes away
-                op, rel_dest = "deleted", None
-            if rel is not None:
-                batch.append((op, rel, rel_dest, is_dir))
-        for op, rel, dest in coalesce(batch):
-            ours = kernel.vault_changes.ours
-            if ours(rel) or (dest and ours(dest)):
-                continue
-            fields = dict(path=shown_path(("vault", *rel)), op=op)
-            if dest:
-                fields["dest"] = shown_path(("vault", *dest))
-            kernel.log.append("vault_changed", **fields)
+        try:
+            _log_batch(kernel, items)
+        except Exception:
+            kernel.log.bug("vaultwatch")
+
+
+def _log_batch(kernel: "Kernel", items: list) -> None:
+    ours = kernel.vault_changes.ours
+    for op, rel, dest in coalesce([item[:4] for item in items]):
+        if ours(rel) or (dest and ours(dest)):
+            continue
+        fields = dict(path=shown_path(("vault", *rel)), op=op)
+        if dest:
+            fields["dest"] = shown_path(("vault", *dest))
+        kernel.log.append("vault_changed", **fields)
