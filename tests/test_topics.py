@@ -157,7 +157,7 @@ def test_a_topic_keeps_its_retention_on_disk_too(mount):
     from fs9.kernel.kernel import Kernel
     kernel = Kernel(str(mount.state), str(mount.agents))
     try:
-        for event in kernel.log.replay():
+        for event in kernel.log.replay({}):
             kernel.apply(event)
         topic = kernel.bus.topics["flood"]
         dropped, withheld, events = topic.since(0, "confidential")
