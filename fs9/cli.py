@@ -8,6 +8,8 @@ import time
 
 import trio
 
+from .kernel.state import StateError
+
 STATE_DEFAULT = os.path.join(os.environ.get("XDG_STATE_HOME", os.path.expanduser("~/.local/state")), "fs9")
 VAULT_DEFAULT = os.path.join(os.environ.get("XDG_DATA_HOME", os.path.expanduser("~/.local/share")), "fs9", "vault")
 
@@ -35,6 +37,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"fs9: {e}", file=sys.stderr)
         return 2
+    except StateError as e:  # the state is another server's, or unreadable: one line
+        print(f"fs9: {e}", file=sys.stderr)
+        return 1
 
 
 class UsageError(Exception):
@@ -66,13 +71,19 @@ def mount(args) -> int:
                         format="%(asctime)s fs9[%(process)d] %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per model call
 
-    def ready():
+    def ready(answer: str = "ok"):
+        """Tell a waiting `--background` parent how the start went, in one line."""
         if args.ready_fd is not None:
-            os.write(args.ready_fd, b"ok\n")
+            os.write(args.ready_fd, answer.replace("\n", " ").encode() + b"\n")
             os.close(args.ready_fd)
+            args.ready_fd = None
 
     from .face.mount import serve
-    trio.run(serve, mnt, state, agents, vault, ready, args.audit)
+    try:
+        trio.run(serve, mnt, state, agents, vault, ready, args.audit)
+    except StateError as e:
+        ready(f"refused {e}")
+        raise
     return 0
 
 
@@ -116,8 +127,11 @@ def _background(args, mnt: str, state: str) -> int:
                                 env={**os.environ, **({EXEMPT_ENV: "1"} if exempt else {})})
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
-        ok = pipe.read(3) == b"ok\n"
-    if not ok:
+        answer = pipe.readline().decode(errors="replace").rstrip("\n")
+    if answer.startswith("refused "):  # it would not serve this state: its one line
+        proc.wait()
+        raise StateError(answer.removeprefix("refused "))
+    if answer != "ok":
         proc.wait()
         with open(logpath, errors="replace") as f:
             tail = f.read()[-2000:]

@@ -80,7 +80,7 @@ class Kernel:
         self.spawns = 0  # spawn events so far
         self.instance = f"{zlib.crc32(self.state_dir.encode()):08x}"  # names its cgroups
         self.scratch_dir = ""  # agents' scratch folders (agents/sandbox.py), once made
-        self.log = EventLog(self.state_dir)
+        self.log = EventLog(self.state_dir, mount_path)
         # this instance's uid range on the host, claimed for the life of the process
         self.uid_slot, self._uid_claim = confine.claim_uid_slot(self.state_dir)
         self.uid_offset = -1  # of the latest spawn's uid in the range

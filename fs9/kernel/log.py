@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .state import StateLock
 from .stream import Changes
 
 log = logging.getLogger("fs9")
@@ -77,8 +78,11 @@ class Event:
 class EventLog:
     RECENT = 4096  # events kept in memory for stream readers; older ones come from disk
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, mount: str = "") -> None:
+        """Open the log of state_dir, served at `mount`; StateError if another server
+        holds it (state.py)."""
         os.makedirs(state_dir, exist_ok=True)
+        self.lock = StateLock(state_dir, mount)
         self.path = os.path.join(state_dir, "log.sqlite")
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         # Small pages: every commit appends whole pages to the WAL, and most events
@@ -94,6 +98,7 @@ class EventLog:
 
     def close(self) -> None:
         self.db.close()
+        self.lock.release()
 
     # --- writing -----------------------------------------------------------
 
