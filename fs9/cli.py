@@ -8,6 +8,7 @@ import time
 
 import trio
 
+from .kernel import state as states
 from .kernel.state import StateError
 
 STATE_DEFAULT = os.path.join(os.environ.get("XDG_STATE_HOME", os.path.expanduser("~/.local/state")), "fs9")
@@ -30,9 +31,20 @@ def main(argv=None) -> int:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount fs9 from MOUNTPOINT")
     u.add_argument("mountpoint")
+    c = sub.add_parser("check", help="check a state directory: the log's integrity, "
+                                     "its version, the event sequence (safe while served)")
+    c.add_argument("state")
+    b = sub.add_parser("backup", help="copy a state's log into the new directory DEST, "
+                                      "consistent while a server runs (mount DEST to restore)")
+    b.add_argument("state")
+    b.add_argument("dest")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args.cmd == "check":
+            return check(args.state)
+        if args.cmd == "backup":
+            return backup(args.state, args.dest)
         return mount(args) if args.cmd == "mount" else umount(args.mountpoint)
     except UsageError as e:
         print(f"fs9: {e}", file=sys.stderr)
@@ -81,9 +93,9 @@ def mount(args) -> int:
     from .face.mount import serve
     try:
         trio.run(serve, mnt, state, agents, vault, ready, args.audit)
-    except StateError as e:
-        ready(f"refused {e}")
-        raise
+    except* StateError as group:  # (raised inside a nursery, it comes in a group)
+        ready(f"refused {group.exceptions[0]}")
+        raise group.exceptions[0] from None
     return 0
 
 
@@ -137,6 +149,22 @@ def _background(args, mnt: str, state: str) -> int:
             tail = f.read()[-2000:]
         raise UsageError(f"the server did not start (exit {proc.returncode}); its log {logpath}:\n{tail}")
     print(f"fs9 mounted at {mnt} (pid {proc.pid}, log {logpath})")
+    return 0
+
+
+def check(state: str) -> int:
+    """Print what is wrong with a state (exit 1), or a summary of a sound one (exit 0)."""
+    problems, summary = states.check(os.path.abspath(state))
+    for line in problems:
+        print(f"fs9 check: {line}", file=sys.stderr)
+    if not problems:
+        print(f"{state}: ok: {summary}")
+    return 1 if problems else 0
+
+
+def backup(state: str, dest: str) -> int:
+    events = states.backup(os.path.abspath(state), os.path.abspath(dest))
+    print(f"fs9 backed up {state} to {dest}: {events} events (mount it with --state {dest})")
     return 0
 
 

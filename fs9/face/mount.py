@@ -2,11 +2,13 @@
 import logging
 import os
 import signal
+import sqlite3
 
 import pyfuse3
 import trio
 
 from ..kernel.kernel import Kernel
+from ..kernel.state import StateError
 from .ops import MAX_TASKS, Operations
 
 log = logging.getLogger("fs9")
@@ -22,7 +24,11 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
     kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
                     audit=audit)
     async with trio.open_nursery() as nursery:
-        await nursery.start(kernel.serve)
+        try:
+            await nursery.start(kernel.serve)
+        except sqlite3.DatabaseError as e:  # damage the checks at open did not see
+            raise StateError(f"{kernel.log.path} cannot be replayed: {e}; the files are "
+                             f"left as they are (fs9 check {state_dir})") from e
         ops = Operations(kernel, nursery)
         # noatime: a read need not be followed by a getattr to refresh atime
         # No default_permissions: access is decided (and refusals logged) by ops.py and the

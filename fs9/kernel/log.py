@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .state import StateLock
+from . import state
 from .stream import Changes
 
 log = logging.getLogger("fs9")
@@ -82,12 +82,13 @@ class EventLog:
         """Open the log of state_dir, served at `mount`; StateError if another server
         holds it (state.py)."""
         os.makedirs(state_dir, exist_ok=True)
-        self.lock = StateLock(state_dir, mount)
-        self.path = os.path.join(state_dir, "log.sqlite")
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        # Small pages: every commit appends whole pages to the WAL, and most events
-        # are far smaller than the default 4 KiB (takes effect on a new database).
-        self.db.execute("PRAGMA page_size=1024")
+        self.lock = state.StateLock(state_dir, mount)
+        self.path = os.path.join(state_dir, state.LOG)
+        try:  # refused (StateError) if damaged, foreign or newer; migrated if older
+            self.db = state.open_log(state_dir, SCHEMA)
+        except BaseException:
+            self.lock.release()
+            raise
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
