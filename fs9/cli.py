@@ -28,6 +28,10 @@ def main(argv=None) -> int:
     m.add_argument("--no-kernel-audit", dest="audit", action="store_false",
                    help="do not witness confined agents' refused syscalls through kernel audit "
                         "(they are still refused; audited programs run ~15 us slower a syscall)")
+    m.add_argument("--durability", choices=("process", "power"), default="process",
+                   help="when a write is acknowledged: process (default) once logged, safe "
+                        "from a crash of fs9; power once on disk, safe from a power cut "
+                        "(writers share fsyncs)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount fs9 from MOUNTPOINT")
     u.add_argument("mountpoint")
@@ -92,7 +96,7 @@ def mount(args) -> int:
 
     from .face.mount import serve
     try:
-        trio.run(serve, mnt, state, agents, vault, ready, args.audit)
+        trio.run(serve, mnt, state, agents, vault, ready, args.audit, args.durability)
     except* StateError as group:  # (raised inside a nursery, it comes in a group)
         ready(f"refused {group.exceptions[0]}")
         raise group.exceptions[0] from None
@@ -130,7 +134,8 @@ def _background(args, mnt: str, state: str) -> int:
     exempt = args.audit and _exempt_from_audit()
     r, w = os.pipe()
     argv = [sys.executable, "-m", "fs9", "mount", mnt, "--vault", args.vault, "--state", state,
-            "--agents", args.agents, "--ready-fd", str(w)] + (["--debug"] if args.debug else []) \
+            "--agents", args.agents, "--durability", args.durability,
+            "--ready-fd", str(w)] + (["--debug"] if args.debug else []) \
         + ([] if args.audit else ["--no-kernel-audit"])
     logpath = os.path.join(state, "fs9.log")
     with open(logpath, "ab") as logf:

@@ -2,7 +2,9 @@
 
 Every handler goes through `boundary`: Fs9Error becomes its errno, anything
 else becomes EIO plus a logged traceback, because one exception escaping a
-pyfuse3 handler ends the whole mount.
+pyfuse3 handler ends the whole mount. It is also where a request is acknowledged:
+at durability=power its reply waits until the events it logged are on disk
+(kernel/sync.py; the wait is shared with every request logged before the same fsync).
 """
 import errno
 import functools
@@ -18,8 +20,13 @@ log = logging.getLogger("fs9.face")
 def boundary(fn):
     @functools.wraps(fn)
     async def handler(self, *args):
+        events = self.kernel.log
         try:
-            return await fn(self, *args)
+            before = events.last_seq
+            result = await fn(self, *args)
+            if events.last_seq != before:  # it (or a request beside it) logged events: at
+                await events.sync.wait_synced(events.last_seq)  # durability=power, on disk
+            return result
         except pyfuse3.FUSEError:
             raise
         except Fs9Error as e:

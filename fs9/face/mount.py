@@ -7,6 +7,7 @@ import sqlite3
 import pyfuse3
 import trio
 
+from ..kernel import sync
 from ..kernel.kernel import Kernel
 from ..kernel.state import StateError
 from .ops import MAX_TASKS, Operations
@@ -19,10 +20,10 @@ READ_AHEAD_KB = 1024
 
 
 async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
-                ready=None, audit: bool = True) -> None:
+                ready=None, audit: bool = True, durability: str = "process") -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
     kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
-                    audit=audit)
+                    audit=audit, durability=durability)
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(kernel.serve)
@@ -41,7 +42,12 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
         pyfuse3.init(ops, mountpoint, options)
         nursery.start_soon(read_ahead, mountpoint, READ_AHEAD_KB)
         kernel.mounted.set()
-        kernel.log.append("mount", mountpoint=mountpoint, pid=os.getpid())
+        kernel.log.append("mount", mountpoint=mountpoint, pid=os.getpid(),
+                          durability=durability)
+        unclean = sync.unclean_stop(kernel.log.previous)
+        if unclean is not None:
+            kernel.log.append("unclean_stop", **unclean)
+            log.warning("%s", unclean["reason"])
         try:
             nursery.start_soon(_stop_on_signal, ops, kernel)
             if ready is not None:

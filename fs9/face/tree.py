@@ -128,6 +128,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "": None,
     "ctl": lambda k, me=None: Ctl(lambda d: k.guarded(k.ctl, d, me, agent=me), k.state_line),
     "status": lambda k: Status(k.status),
+    "err": lambda k, me=None: StreamNode(lambda: StreamCursor(Stream(k.err(), ended=True)))
+    if me is None else _refuse(errno.ENOENT, "the root err is the operator's"),
     "events": lambda k: StreamNode(lambda: EventCursor(k.log)),
     "agents": None,
     "agents/{agent}": None,

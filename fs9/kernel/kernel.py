@@ -47,10 +47,12 @@ AUDIT_ONLY = frozenset({
     "agent_step", "agent_unconfined", "audit_enabled", "audit_unavailable", "bug",
     "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
     "delivery_refused",
-    "escape_attempt", "escape_denied", "injection_suspected", "mail_delivered", "mount",
+    "escape_attempt", "escape_denied", "injection_suspected", "log_recovered",
+    "mail_delivered", "mount",
     "mail_duplicate", "model_config_error", "model_error", "model_throttled",
     "model_unreachable", "refused", "search_fallback", "search_index_damaged",
-    "search_semantic", "task_progress", "limit_exceeded", "limits_unavailable", "unmount", "unveil_denied", "vault_changed",
+    "search_semantic", "task_progress", "limit_exceeded", "limits_unavailable", "unclean_stop",
+    "unmount", "unveil_denied", "vault_changed",
     "watch_overflow", "watch_unavailable"})
 Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
@@ -70,7 +72,7 @@ def event_table(*holders) -> dict[str, Applier]:
 
 class Kernel:
     def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "",
-                 vault_dir: str = "", audit: bool = True) -> None:
+                 vault_dir: str = "", audit: bool = True, durability: str = "process") -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.agents_dir = os.path.abspath(agents_dir)
         self.vault_dir = vault_dir and os.path.realpath(vault_dir)
@@ -80,7 +82,8 @@ class Kernel:
         self.spawns = 0  # spawn events so far
         self.instance = f"{zlib.crc32(self.state_dir.encode()):08x}"  # names its cgroups
         self.scratch_dir = ""  # agents' scratch folders (agents/sandbox.py), once made
-        self.log = EventLog(self.state_dir, mount_path)
+        self.log = EventLog(self.state_dir, mount_path, durability)
+        self.notes = bytearray()  # the root err: the operator's refused commands (diag)
         # this instance's uid range on the host, claimed for the life of the process
         self.uid_slot, self._uid_claim = confine.claim_uid_slot(self.state_dir)
         self.uid_offset = -1  # of the latest spawn's uid in the range
@@ -134,6 +137,7 @@ class Kernel:
             for agent in self.agents.values():
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
+            nursery.start_soon(self.log.sync.keep_synced, self.log)
             nursery.start_soon(self.bus.keep_deadlines)
             await nursery.start(self.models.serve)
             nursery.start_soon(self._prune_memory)
@@ -152,8 +156,11 @@ class Kernel:
             agent.serving = False
             self.log.bug(f"agent {agent.name}", agent=agent.name)
             if self.agents.get(agent.name) is agent:
-                self.record("agent_failed", agent=agent.name,
-                            reason="internal error (see the bug event); start retries")
+                try:
+                    self.record("agent_failed", agent=agent.name,
+                                reason="internal error (see the bug event); start retries")
+                except Fs9Error as e:  # the log takes no writes (a full disk): the agent
+                    log.error("agent %s stopped: %s", agent.name, e)  # stays stopped here
 
     async def _prune_memory(self) -> None:
         """Agents' notes past their max_age_days go (memory.py), checked hourly."""
@@ -422,10 +429,29 @@ class Kernel:
             agent, int(trio.current_time()) if self._nursery is not None else 0)
         if extra is None:
             return
-        self.log.append("refused", agent=agent, file=file,
-                        errno=errno.errorcode.get(e.errno, str(e.errno)), reason=e.text, **extra)
         if agent in self.agents:
             self.agents[agent].diag(e.text)
+        elif agent is None:
+            self.diag(e.text)
+        try:
+            self.log.append("refused", agent=agent, file=file,
+                            errno=errno.errorcode.get(e.errno, str(e.errno)), reason=e.text,
+                            **extra)
+        except Fs9Error:
+            pass  # the log takes no writes now (why: the root err); the refusal stands
+
+    NOTES_MAX = 64 << 10
+
+    def diag(self, text: str) -> None:
+        """A line for the root `err` (the operator's refused commands); oldest go first."""
+        self.notes += f"fs9: {text}\n".encode()
+        if len(self.notes) > self.NOTES_MAX:
+            del self.notes[:self.notes.index(b"\n", len(self.notes) - self.NOTES_MAX) + 1]
+
+    def err(self) -> bytes:
+        """The root `err`: the operator's refused commands, then why the log refuses
+        writes now, if it does."""
+        return bytes(self.notes) + "".join(f"fs9: {t}\n" for t in self.log.troubles()).encode()
 
     def submit(self, agent: Agent, data: bytes | None, *, corr: str | None = None,
                reply_to: str = "", request: str = "") -> Task:

@@ -8,10 +8,14 @@ events, also append-only.
 
 The database runs in WAL mode with synchronous=NORMAL: a commit is a write into
 the WAL, durable against a crash of this process (kill -9), without an fsync per
-event; only a power loss can take the last commits. Commits are a few
-microseconds, cheaper than handing them to a worker thread, so they run inline.
+event. Commits are a few microseconds, cheaper than handing them to a worker
+thread, so they run inline; when they reach the disk (the `durability` setting,
+group commit) is sync.py's. The state directory's lock, the log file's version and
+its checks at open are state.py's. A commit SQLite cannot make (a full disk, an I/O
+error) is refused with ENOSPC or EIO and nothing logged; the log stays as it was.
 """
 import collections
+import errno
 import itertools
 import json
 import os
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import state
+from . import state, sync
 from .stream import Changes
 
 log = logging.getLogger("fs9")
@@ -78,28 +82,36 @@ class Event:
 class EventLog:
     RECENT = 4096  # events kept in memory for stream readers; older ones come from disk
 
-    def __init__(self, state_dir: str, mount: str = "") -> None:
+    def __init__(self, state_dir: str, mount: str = "", durability: str = "process") -> None:
         """Open the log of state_dir, served at `mount`; StateError if another server
-        holds it (state.py)."""
+        holds it or it is damaged, foreign or newer (state.py). `durability`: when a
+        write counts as done (sync.py)."""
         os.makedirs(state_dir, exist_ok=True)
-        self.lock = state.StateLock(state_dir, mount)
+        self.lock = state.StateLock(state_dir, mount, durability=durability)
         self.path = os.path.join(state_dir, state.LOG)
         try:  # refused (StateError) if damaged, foreign or newer; migrated if older
             self.db = state.open_log(state_dir, SCHEMA)
+            # a commit reaches the WAL (the page cache); sync.py brings it to the disk
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
+            self.db.executescript(SCHEMA)
+            self.last_seq = self.db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            # how the last server ended, said at mount (unclean_stop): read before the
+            # sync below rewrites the mark
+            self.previous = {**self.lock.previous, "synced": sync.read_mark(state_dir)}
+            self.sync = sync.Syncer(state_dir, self.path, durability, self.last_seq)
         except BaseException:
             self.lock.release()
             raise
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
-        self.db.executescript(SCHEMA)
-        self.last_seq = self.db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
         self.recent: collections.deque[Event] = collections.deque(maxlen=self.RECENT)
         self.changes = Changes()
+        self.trouble: Trouble | None = None  # why writes are refused now (a full disk...)
 
     def close(self) -> None:
         self.db.close()
-        self.lock.release()
+        self.sync.close()
+        self.lock.release(stopped=self.last_seq)
 
     # --- writing -----------------------------------------------------------
 
@@ -115,12 +127,24 @@ class EventLog:
         `blob` (a task's input) is stored in the same row, so the event never
         exists without its input.
         """
+        if self.sync.fault is not None:  # a failed fsync: nothing can be vouched for
+            raise self.sync.fault
+        if self.trouble is not None:  # the writes refused before this one, on the record
+            t = self.trouble
+            self._insert("log_recovered", None, None, None, None, dict(
+                errno=errno.errorcode[t.error.errno], reason=t.error.text,
+                since=round(t.since, 6), refused=t.refused))
+            self.trouble = None
+            log.warning("the event log takes writes again (%d were refused)", t.refused)
+        return self._insert(kind, agent, task, corr, blob, data)
+
+    def _insert(self, kind, agent, task, corr, blob, data) -> Event:
+        """Commit one event; Fs9Error (ENOSPC, EIO) with nothing logged if SQLite cannot."""
         ts = time.time()
         seq = self.next_seq
-        self.db.execute(
-            "INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
-            " VALUES (?,?,?,?,?,?,?,?)",
-            (seq, ts, kind, agent, task, corr, _json(data), blob))
+        self._write("INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
+                    " VALUES (?,?,?,?,?,?,?,?)",
+                    (seq, ts, kind, agent, task, corr, _json(data), blob))
         event = Event(seq, ts, kind, agent, task, corr, data)
         self.last_seq = event.seq
         self.recent.append(event)
@@ -139,8 +163,37 @@ class EventLog:
             log.exception("logging a bug")
 
     def add_chunk(self, task: int, attempt: int, fd: int, data: bytes) -> None:
-        self.db.execute("INSERT INTO chunks (task, attempt, fd, data) VALUES (?,?,?,?)",
-                        (task, attempt, fd, data))
+        if self.sync.fault is not None:
+            raise self.sync.fault
+        self._write("INSERT INTO chunks (task, attempt, fd, data) VALUES (?,?,?,?)",
+                    (task, attempt, fd, data))
+
+    def _write(self, sql: str, row: tuple) -> None:
+        """One autocommitted statement. A full disk or an I/O error rolls it back: the
+        writer hears ENOSPC or EIO, and the trouble is kept (until a write works again)
+        for the root `err` and a `log_recovered` event."""
+        try:
+            self.db.execute(sql, row)
+        except sqlite3.Error as e:
+            if self.db.in_transaction:
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite rolled it back itself
+            error = sync.write_error(e, os.path.dirname(self.path))
+            if self.trouble is None:
+                self.trouble = sync.Trouble(error, time.time())
+                log.error("%s", error.text)
+            self.trouble.refused += 1
+            raise error from e
+
+    def troubles(self) -> list[str]:
+        """Why writes are refused now, in sentences (for the root `err`)."""
+        lines = [] if self.sync.fault is None else [self.sync.fault.text]
+        if self.trouble is not None:
+            lines.append(f"{self.trouble.error.text}; since {time.ctime(self.trouble.since)}, "
+                         f"{self.trouble.refused} writes refused")
+        return lines
 
     # --- reading -----------------------------------------------------------
 
@@ -194,8 +247,8 @@ class EventLog:
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.OperationalError:
-            pass  # busy: the next round tries again
+        except sqlite3.Error as e:  # busy, or no room to grow the database file: the
+            log.info("checkpoint: %s (the next round tries again)", e)  # WAL keeps it all
         finally:
             db.close()
 
@@ -211,7 +264,10 @@ class EventLog:
                 # so the WAL never restarts and grows without end. Past WAL_LIMIT the
                 # writer itself finishes the job (the few frames left) and truncates.
                 if os.path.getsize(self.path + "-wal") > self.WAL_LIMIT:
-                    self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    try:
+                        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    except sqlite3.Error as e:
+                        log.warning("checkpoint: %s (the WAL keeps everything)", e)
 
     async def wait_after(self, seq: int) -> None:
         """Block until an event with a sequence number above seq exists."""

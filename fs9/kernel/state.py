@@ -15,6 +15,8 @@ import os
 import sqlite3
 import time
 
+from . import sync
+
 LOCK = "lock"
 
 
@@ -25,8 +27,9 @@ class StateError(Exception):
 class StateLock:
     """The exclusive claim on a state directory; release() or the process's end drops it."""
 
-    def __init__(self, state_dir: str, mount: str = "") -> None:
-        """Take the lock now, or raise StateError naming its holder. Does not block."""
+    def __init__(self, state_dir: str, mount: str = "", **about) -> None:
+        """Take the lock now, or raise StateError naming its holder. Does not block.
+        `previous`: what the last holder wrote (with `stopped` if it let go cleanly)."""
         self.path = os.path.join(state_dir, LOCK)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                           0o600)
@@ -37,12 +40,21 @@ class StateLock:
             os.close(self.fd)
             raise StateError(f"state {state_dir} is in use by {holder}: one server per "
                              f"state (fs9 umount its mount point first)") from None
-        self.holder = {"pid": os.getpid(), "mount": mount, "since": round(time.time(), 3)}
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, (json.dumps(self.holder) + "\n").encode(), 0)
+        self.previous = read_holder(self.fd)
+        self.holder = {"pid": os.getpid(), "mount": mount, "since": round(time.time(), 3),
+                       **about}
+        self._write(self.holder)
+        os.fsync(self.fd)  # so a power cut cannot pass this server off as a clean stop
 
-    def release(self) -> None:
+    def _write(self, holder: dict) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(holder) + "\n").encode(), 0)
+
+    def release(self, stopped: int | None = None) -> None:
+        """Let go; stopped: the last seq of a clean stop, for the next holder to read."""
         if self.fd >= 0:
+            if stopped is not None:
+                self._write({**self.holder, "stopped": stopped})
             os.close(self.fd)  # the flock goes with the last descriptor
             self.fd = -1
 
@@ -163,6 +175,11 @@ def verify(path: str, quick: bool = False, owned: bool = False) -> list[str]:
         if [r[0] for r in rows] != ["ok"]:
             return [f"SQLite finds the file damaged: {r[0]}" for r in rows[:10]]
         problems = _sequence(db)
+        high = db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        mark = sync.read_mark(os.path.dirname(path))
+        if high < mark:
+            problems.append(f"the log ends at event {high} but event {mark} had reached the "
+                            f"disk (STATE/{sync.MARK}): its tail was lost (a torn or damaged WAL)")
         for extra in CHECKS:
             problems += extra(db)
         return problems
@@ -243,6 +260,7 @@ def backup(state_dir: str, dest: str) -> int:
     finally:
         os.close(fd)
     os.rename(tmp, os.path.join(dest, LOG))
+    sync.write_mark(dest, events)
     for name in CONFIG:
         try:
             with open(os.path.join(state_dir, name), "rb") as f, \
@@ -266,4 +284,5 @@ def _unless_served(state_dir: str):
     try:
         yield True
     finally:
+        lock._write(lock.previous)  # the next server learns of the last one, not of us
         lock.release()
