@@ -198,3 +198,167 @@ def test_power_cut_at_durability_process_reports_its_loss_never_corrupts(lazy, t
     r = subprocess.run([sys.executable, "-m", "fs9", "check", str(m.state)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# --- a full disk -------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disks(tmp_path):
+    """Two small tmpfs file systems (state, vault) that the test can fill."""
+    disks = [tmp_path / "statefs", tmp_path / "vaultfs"]
+    for d in disks:
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0711", "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield disks
+    finally:
+        for d in disks:
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Take every free byte of folder's file system; the file to remove to give it back."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == 28
+        try:
+            while True:
+                os.write(f.fileno(), b"\0" * 512)
+        except OSError as e:
+            assert e.errno == 28
+    return filler
+
+
+def write_ctl(path: Path, line: str) -> int | None:
+    """Write one line as `echo` does; the errno it failed with, or None."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def test_a_full_state_disk_refuses_writes_with_enospc_and_keeps_serving(small_disks, tmp_path):
+    statefs, vaultfs = small_disks
+    m = Mount(tmp_path)
+    m.state, m.vault = statefs / "state", vaultfs / "vault"
+    m.mount()
+    try:
+        m.sh("echo 'spawn echo' > ctl && echo stop > agents/echo/ctl", check=True)
+        filler = fill(statefs)
+        acked, refused = [], None
+        for i in range(20000):  # until the log must grow (the WAL may have room left)
+            refused = write_ctl(m.path / "agents/echo/ctl", f"run n{i}\n")
+            if refused is not None:
+                break
+            acked.append(f"n{i}\n")
+        assert refused == 28, f"no ENOSPC after {len(acked)} writes (errno {refused})"
+        # `echo` fails, and says why (coreutils' echo: dash's says "I/O error" for any
+        # errno); reads go on, the server stays up
+        r = m.sh("/bin/echo 'run more' > agents/echo/ctl")
+        assert r.returncode != 0 and "No space left on device" in r.stderr, r.stderr
+        assert "full" in m.read("err") and "not logged" in m.read("err")
+        assert m.read("status").startswith("echo stopped")
+        assert f"queued={len(acked)}" in m.read("ctl")
+        assert m.sh("ls agents/echo/tasks | wc -l", check=True).stdout.strip() == str(len(acked))
+        assert m.alive()
+        # space comes back: so do writes, and the refusals are on the record
+        filler.unlink()
+        m.sh("echo 'run after' > agents/echo/ctl", check=True)
+        events = [json.loads(line) for line in m.read("log/audit").splitlines()]
+        back = [e for e in events if e["kind"] == "log_recovered"]
+        assert back and back[-1]["errno"] == "ENOSPC" and back[-1]["refused"] >= 2, back
+        # nothing acknowledged was lost, in this mount and the next
+        m.umount()
+        m.mount()
+        ids = sorted(os.listdir(m.path / "agents/echo/tasks"), key=int)
+        assert [m.read(f"agents/echo/tasks/{t}/input") for t in ids] == acked + ["after\n"]
+    finally:
+        m.umount()
+
+
+def test_a_full_vault_disk_is_enospc_for_the_writer(small_disks, tmp_path):
+    statefs, vaultfs = small_disks
+    m = Mount(tmp_path)
+    m.state, m.vault = statefs / "state", vaultfs / "vault"
+    m.mount()
+    try:
+        r = m.sh("dd if=/dev/zero of=vault/big bs=64k count=200")  # 12.5 MiB on a 4 MiB disk
+        assert r.returncode != 0 and "No space left on device" in r.stderr, r.stderr
+        assert (m.vault / "big").stat().st_size <= 4 << 20  # what fitted
+        assert m.alive()
+        m.sh("rm vault/big && echo fits > vault/small", check=True)
+        assert (m.vault / "small").read_text() == "fits\n"
+    finally:
+        m.umount()
+
+
+# --- a disk that fails --------------------------------------------------------------------
+
+def inputs(m: Mount) -> list[str]:
+    ids = sorted(os.listdir(m.path / "agents/echo/tasks"), key=int)
+    return [m.read(f"agents/echo/tasks/{t}/input") for t in ids]
+
+
+def test_failed_writes_of_the_log_are_never_acknowledged(lazy):
+    fs, m = lazy
+    m.mount()
+    m.sh("echo 'spawn echo' > ctl && echo stop > agents/echo/ctl", check=True)
+    acked = [f"a{i}\n" for i in range(20)]
+    for line in acked:
+        assert write_ctl(m.path / "agents/echo/ctl", f"run {line}") is None
+    assert fs.tell("fail-writes") == "ok"
+    refused = [write_ctl(m.path / "agents/echo/ctl", f"run x{i}\n") for i in range(10)]
+    assert refused == [5] * 10  # EIO, every one
+    err = m.read("err")
+    assert "could not be written" in err and "not logged" in err, err
+    assert m.read("status").startswith("echo stopped") and f"queued={len(acked)}" in m.read("ctl")
+    assert fs.tell("heal") == "ok"
+    assert write_ctl(m.path / "agents/echo/ctl", "run after\n") is None
+    events = [json.loads(line) for line in m.read("log/audit").splitlines()]
+    back = [e for e in events if e["kind"] == "log_recovered"]
+    assert back and back[-1]["errno"] == "EIO" and back[-1]["refused"] >= 10, back
+    m.umount()
+    m.mount()
+    assert inputs(m) == acked + ["after\n"]  # nothing refused slipped in, nothing lost
+    assert m.bugs() == []
+
+
+def test_a_failed_fsync_faults_the_log_until_the_next_mount(lazy):
+    fs, m = lazy
+    m.mount("--durability", "power")
+    m.sh("echo 'spawn echo' > ctl && echo stop > agents/echo/ctl", check=True)
+    acked = [f"a{i}\n" for i in range(20)]
+    for line in acked:
+        assert write_ctl(m.path / "agents/echo/ctl", f"run {line}") is None
+    assert fs.tell("fail-fsyncs") == "ok"
+    assert write_ctl(m.path / "agents/echo/ctl", "run lost\n") == 5  # not acknowledged
+    assert fs.tell("heal") == "ok"
+    # pages a failed fsync was given may be gone: nothing more is vouched for this mount
+    assert write_ctl(m.path / "agents/echo/ctl", "run later\n") == 5
+    err = m.read("err")
+    assert "unusable until fs9 is mounted again" in err and "failed" in err, err
+    assert m.read("status").startswith("echo stopped")  # reads go on
+    assert m.alive()
+    m.umount()
+    m.mount("--durability", "power")
+    back = inputs(m)
+    assert back[:len(acked)] == acked and set(back[len(acked):]) <= {"lost\n"}, back
+    events = [json.loads(line) for line in m.read("log/audit").splitlines()]
+    fault = [e for e in events if e["kind"] == "log_fault"]
+    assert fault and "unusable" in fault[-1]["reason"], fault
+    r = subprocess.run([sys.executable, "-m", "fs9", "check", str(m.state)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

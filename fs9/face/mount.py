@@ -7,6 +7,7 @@ import sqlite3
 import pyfuse3
 import trio
 
+from ..errors import Fs9Error
 from ..kernel import sync
 from ..kernel.kernel import Kernel
 from ..kernel.state import StateError
@@ -44,10 +45,9 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
         kernel.mounted.set()
         kernel.log.append("mount", mountpoint=mountpoint, pid=os.getpid(),
                           durability=durability)
-        unclean = sync.unclean_stop(kernel.log.previous)
-        if unclean is not None:
-            kernel.log.append("unclean_stop", **unclean)
-            log.warning("%s", unclean["reason"])
+        for kind, said in sync.last_stop(kernel.log.previous):
+            kernel.log.append(kind, **said)
+            log.warning("%s", said["reason"])
         try:
             nursery.start_soon(_stop_on_signal, ops, kernel)
             if ready is not None:
@@ -56,7 +56,10 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
             await pyfuse3.main(max_tasks=MAX_TASKS)
         finally:
             pyfuse3.close(unmount=True)
-            kernel.log.append("unmount", mountpoint=mountpoint)
+            try:
+                kernel.log.append("unmount", mountpoint=mountpoint)
+            except Fs9Error as e:  # the log takes no writes (said in the root err)
+                log.error("unmount not logged: %s", e)
             nursery.cancel_scope.cancel()
     kernel.log.close()
 

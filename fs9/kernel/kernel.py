@@ -47,7 +47,7 @@ AUDIT_ONLY = frozenset({
     "agent_step", "agent_unconfined", "audit_enabled", "audit_unavailable", "bug",
     "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
     "delivery_refused",
-    "escape_attempt", "escape_denied", "injection_suspected", "log_recovered",
+    "escape_attempt", "escape_denied", "injection_suspected", "log_fault", "log_recovered",
     "mail_delivered", "mount",
     "mail_duplicate", "model_config_error", "model_error", "model_throttled",
     "model_unreachable", "refused", "search_fallback", "search_index_damaged",
@@ -133,19 +133,30 @@ class Kernel:
                 self.log.append("audit_unavailable", reason="fs9 mount --no-kernel-audit: "
                                 "refused syscalls of confined agents are enforced, not logged")
             elif self.mount_path and confine.unavailable() is None and escapes.start_audit(self):
-                nursery.start_soon(self._witness_denials)
+                nursery.start_soon(self._service, self._witness_denials)
             for agent in self.agents.values():
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
             nursery.start_soon(self.log.sync.keep_synced, self.log)
-            nursery.start_soon(self.bus.keep_deadlines)
-            await nursery.start(self.models.serve)
-            nursery.start_soon(self._prune_memory)
+            nursery.start_soon(self._service, self.bus.keep_deadlines)
+            await nursery.start(self._service, self.models.serve)
+            nursery.start_soon(self._service, self._prune_memory)
             if self.search is not None:
-                await nursery.start(self.search.serve)
-                await nursery.start(watch.watch, self)
+                await nursery.start(self._service, self.search.serve)
+                await nursery.start(self._service, watch.watch, self)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _service(self, serve, *args, task_status=None) -> None:
+        """Run a background service. One whose event the log refuses (a full disk, a
+        failed fsync: Fs9Error) stops, said in the root err and the server's log; the
+        mount stays up. (`task_status`: given when the service is started with start.)"""
+        try:
+            await (serve(*args) if task_status is None else serve(*args, task_status=task_status))
+        except Fs9Error as e:
+            what = getattr(serve, "__qualname__", str(serve))
+            log.error("%s stopped until the next mount: %s", what, e)
+            self.diag(f"{what} stopped until the next mount: {e.text}")
 
     async def _serve_agent(self, agent: Agent) -> None:
         """Run one agent's loop; a defect in it fails that agent, not the whole kernel."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..errors import Fs9Error
 from . import state, sync
 from .stream import Changes
 
@@ -111,7 +112,8 @@ class EventLog:
     def close(self) -> None:
         self.db.close()
         self.sync.close()
-        self.lock.release(stopped=self.last_seq)
+        fault = self.sync.fault
+        self.lock.release(stopped=self.last_seq, **({"fault": fault.text} if fault else {}))
 
     # --- writing -----------------------------------------------------------
 
@@ -129,14 +131,18 @@ class EventLog:
         """
         if self.sync.fault is not None:  # a failed fsync: nothing can be vouched for
             raise self.sync.fault
+        event = self._insert(kind, agent, task, corr, blob, data)
         if self.trouble is not None:  # the writes refused before this one, on the record
-            t = self.trouble
-            self._insert("log_recovered", None, None, None, None, dict(
-                errno=errno.errorcode[t.error.errno], reason=t.error.text,
-                since=round(t.since, 6), refused=t.refused))
-            self.trouble = None
+            # (after it: callers count on this event taking next_seq)
+            t, self.trouble = self.trouble, None
             log.warning("the event log takes writes again (%d were refused)", t.refused)
-        return self._insert(kind, agent, task, corr, blob, data)
+            try:
+                self._insert("log_recovered", None, None, None, None, dict(
+                    errno=errno.errorcode[t.error.errno], reason=t.error.text,
+                    since=round(t.since, 6), refused=t.refused))
+            except Fs9Error:
+                pass  # full again: the new trouble is kept instead
+        return event
 
     def _insert(self, kind, agent, task, corr, blob, data) -> Event:
         """Commit one event; Fs9Error (ENOSPC, EIO) with nothing logged if SQLite cannot."""
@@ -257,6 +263,8 @@ class EventLog:
         done = self.last_seq
         while True:
             await trio.sleep(every_s)
+            if self.sync.fault is not None:
+                return  # a WAL whose sync failed is not copied into the database
             if self.last_seq != done:
                 done = self.last_seq
                 await trio.to_thread.run_sync(self.checkpoint)

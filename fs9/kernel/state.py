@@ -50,11 +50,12 @@ class StateLock:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, (json.dumps(holder) + "\n").encode(), 0)
 
-    def release(self, stopped: int | None = None) -> None:
-        """Let go; stopped: the last seq of a clean stop, for the next holder to read."""
+    def release(self, stopped: int | None = None, **about) -> None:
+        """Let go; stopped: the last seq of a clean stop, for the next holder to read
+        (with `about` it, e.g. a fault)."""
         if self.fd >= 0:
             if stopped is not None:
-                self._write({**self.holder, "stopped": stopped})
+                self._write({**self.holder, "stopped": stopped, **about})
             os.close(self.fd)  # the flock goes with the last descriptor
             self.fd = -1
 

@@ -183,9 +183,20 @@ def _ino(path: str) -> int:
         return -1
 
 
-def unclean_stop(previous: dict) -> dict | None:
-    """What to log at mount about a last server that never unmounted (None: it did,
-    or there was none): what its durability says a power cut could have taken."""
+def last_stop(previous: dict) -> list[tuple[str, dict]]:
+    """The events to log at mount about how the last server ended (previous: what it
+    left in STATE/lock): `log_fault` if its log faulted, `unclean_stop` if it never
+    unmounted (with what its durability says a power cut could have taken)."""
+    said = []
+    if previous.get("fault"):
+        said.append(("log_fault", dict(pid=previous["pid"], reason=previous["fault"])))
+    unclean = _unclean_stop(previous)
+    if unclean is not None:
+        said.append(("unclean_stop", unclean))
+    return said
+
+
+def _unclean_stop(previous: dict) -> dict | None:
     if "pid" not in previous or "stopped" in previous:
         return None
     was, synced = previous.get("durability", "process"), previous.get("synced", 0)
