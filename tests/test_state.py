@@ -240,3 +240,27 @@ def test_backup_while_writing_then_restore_and_compare(mount, tmp_path):
     assert {k: v for k, v in after.items() if "upper" in k or "mail" in k} == \
         {k: v for k, v in before.items() if "upper" in k or "mail" in k}
     assert len(after["agents/echo/mail"]) == 3
+
+
+def test_a_wal_torn_in_the_middle_is_refused(mount):
+    """kill -9 leaves committed events in the WAL; a frame damaged early in it makes
+    SQLite drop every frame after (its recovery stops at the first bad checksum), so
+    events that had reached the disk would silently vanish: the mount refuses instead."""
+    mount.sh("echo 'spawn echo' > ctl && echo stop > agents/echo/ctl", check=True)
+    for i in range(300):
+        assert mount.sh(f"echo 'run n{i}' > agents/echo/ctl").returncode == 0
+    # the synced mark covers them (durability=process syncs every second)
+    mount.wait_for(lambda: int((mount.state / "synced").read_text()) >= 300, what="the mark")
+    mount.kill9()
+    wal = mount.state / "log.sqlite-wal"
+    frame = 24 + 1024  # frame header + one page (page_size 1024)
+    assert wal.stat().st_size > 32 + 10 * frame
+    with open(wal, "r+b") as f:
+        f.seek(32 + 2 * frame + 500)
+        f.write(b"\xff" * 64)
+    line = refused(mount, "left as they are")
+    assert "tail was lost" in line or "damaged" in line, line
+    r = fs9("check", str(mount.state))
+    assert r.returncode == 1 and r.stderr
+    wal.unlink()  # the teardown reads what is left (the database file alone is sound)
+    (mount.state / "synced").unlink()
