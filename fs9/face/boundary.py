@@ -17,15 +17,25 @@ from ..errors import Fs9Error
 log = logging.getLogger("fs9.face")
 
 
+# The requests whose reply acknowledges a change: at durability=power each waits until
+# the events logged meanwhile are on disk. (A read may log too, e.g. mail_delivered, but
+# its reader was promised nothing durable; release is not awaited by close(2).)
+ACKNOWLEDGING = frozenset({"open", "create", "write", "flush", "fsync", "setattr", "unlink",
+                           "rmdir", "mkdir", "mknod", "symlink", "link", "rename",
+                           "setxattr", "removexattr"})
+
+
 def boundary(fn):
+    acknowledges = fn.__name__ in ACKNOWLEDGING
+
     @functools.wraps(fn)
     async def handler(self, *args):
         events = self.kernel.log
         try:
             before = events.last_seq
             result = await fn(self, *args)
-            if events.last_seq != before:  # it (or a request beside it) logged events: at
-                await events.sync.wait_synced(events.last_seq)  # durability=power, on disk
+            if acknowledges and events.last_seq != before:  # it (or a request beside it)
+                await events.sync.wait_synced(events.last_seq)  # logged: at power, on disk
             return result
         except pyfuse3.FUSEError:
             raise
