@@ -273,7 +273,11 @@ def test_a_full_state_disk_refuses_writes_with_enospc_and_keeps_serving(small_di
         assert m.read("status").startswith("echo stopped")
         assert f"queued={len(acked)}" in m.read("ctl")
         assert m.sh("ls agents/echo/tasks | wc -l", check=True).stdout.strip() == str(len(acked))
-        assert m.alive()
+        # a background service whose event the log refuses (the vault watcher, told of a
+        # change made on disk) stops, and says so; the mount does not go with it
+        (m.vault / "outside.txt").write_text("made on disk\n")
+        wait_for(lambda: "stopped until the next mount" in m.read("err"), what="the watcher")
+        assert m.alive() and m.read("vault/outside.txt") == "made on disk\n"
         # space comes back: so do writes, and the refusals are on the record
         filler.unlink()
         m.sh("echo 'run after' > agents/echo/ctl", check=True)
