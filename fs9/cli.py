@@ -8,6 +8,9 @@ import time
 
 import trio
 
+from .kernel import state as states
+from .kernel.state import StateError
+
 STATE_DEFAULT = os.path.join(os.environ.get("XDG_STATE_HOME", os.path.expanduser("~/.local/state")), "fs9")
 VAULT_DEFAULT = os.path.join(os.environ.get("XDG_DATA_HOME", os.path.expanduser("~/.local/share")), "fs9", "vault")
 
@@ -25,16 +28,34 @@ def main(argv=None) -> int:
     m.add_argument("--no-kernel-audit", dest="audit", action="store_false",
                    help="do not witness confined agents' refused syscalls through kernel audit "
                         "(they are still refused; audited programs run ~15 us slower a syscall)")
+    m.add_argument("--durability", choices=("process", "power"), default="process",
+                   help="when a write is acknowledged: process (default) once logged, safe "
+                        "from a crash of fs9; power once on disk, safe from a power cut "
+                        "(writers share fsyncs)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount fs9 from MOUNTPOINT")
     u.add_argument("mountpoint")
+    c = sub.add_parser("check", help="check a state directory: the log's integrity, "
+                                     "its version, the event sequence (safe while served)")
+    c.add_argument("state")
+    b = sub.add_parser("backup", help="copy a state's log into the new directory DEST, "
+                                      "consistent while a server runs (mount DEST to restore)")
+    b.add_argument("state")
+    b.add_argument("dest")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args.cmd == "check":
+            return check(args.state)
+        if args.cmd == "backup":
+            return backup(args.state, args.dest)
         return mount(args) if args.cmd == "mount" else umount(args.mountpoint)
     except UsageError as e:
         print(f"fs9: {e}", file=sys.stderr)
         return 2
+    except StateError as e:  # the state is another server's, or unreadable: one line
+        print(f"fs9: {e}", file=sys.stderr)
+        return 1
 
 
 class UsageError(Exception):
@@ -66,13 +87,19 @@ def mount(args) -> int:
                         format="%(asctime)s fs9[%(process)d] %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per model call
 
-    def ready():
+    def ready(answer: str = "ok"):
+        """Tell a waiting `--background` parent how the start went, in one line."""
         if args.ready_fd is not None:
-            os.write(args.ready_fd, b"ok\n")
+            os.write(args.ready_fd, answer.replace("\n", " ").encode() + b"\n")
             os.close(args.ready_fd)
+            args.ready_fd = None
 
     from .face.mount import serve
-    trio.run(serve, mnt, state, agents, vault, ready, args.audit)
+    try:
+        trio.run(serve, mnt, state, agents, vault, ready, args.audit, args.durability)
+    except* StateError as group:  # (raised inside a nursery, it comes in a group)
+        ready(f"refused {group.exceptions[0]}")
+        raise group.exceptions[0] from None
     return 0
 
 
@@ -107,7 +134,8 @@ def _background(args, mnt: str, state: str) -> int:
     exempt = args.audit and _exempt_from_audit()
     r, w = os.pipe()
     argv = [sys.executable, "-m", "fs9", "mount", mnt, "--vault", args.vault, "--state", state,
-            "--agents", args.agents, "--ready-fd", str(w)] + (["--debug"] if args.debug else []) \
+            "--agents", args.agents, "--durability", args.durability,
+            "--ready-fd", str(w)] + (["--debug"] if args.debug else []) \
         + ([] if args.audit else ["--no-kernel-audit"])
     logpath = os.path.join(state, "fs9.log")
     with open(logpath, "ab") as logf:
@@ -116,13 +144,32 @@ def _background(args, mnt: str, state: str) -> int:
                                 env={**os.environ, **({EXEMPT_ENV: "1"} if exempt else {})})
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
-        ok = pipe.read(3) == b"ok\n"
-    if not ok:
+        answer = pipe.readline().decode(errors="replace").rstrip("\n")
+    if answer.startswith("refused "):  # it would not serve this state: its one line
+        proc.wait()
+        raise StateError(answer.removeprefix("refused "))
+    if answer != "ok":
         proc.wait()
         with open(logpath, errors="replace") as f:
             tail = f.read()[-2000:]
         raise UsageError(f"the server did not start (exit {proc.returncode}); its log {logpath}:\n{tail}")
     print(f"fs9 mounted at {mnt} (pid {proc.pid}, log {logpath})")
+    return 0
+
+
+def check(state: str) -> int:
+    """Print what is wrong with a state (exit 1), or a summary of a sound one (exit 0)."""
+    problems, summary = states.check(os.path.abspath(state))
+    for line in problems:
+        print(f"fs9 check: {line}", file=sys.stderr)
+    if not problems:
+        print(f"{state}: ok: {summary}")
+    return 1 if problems else 0
+
+
+def backup(state: str, dest: str) -> int:
+    events = states.backup(os.path.abspath(state), os.path.abspath(dest))
+    print(f"fs9 backed up {state} to {dest}: {events} events (mount it with --state {dest})")
     return 0
 
 

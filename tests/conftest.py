@@ -172,9 +172,10 @@ class Mount:
         shutil.copytree(REPO / "agents", self.agents)
 
     # --- lifetime ----------------------------------------------------------
-    def mount(self) -> "Mount":
+    def mount(self, *extra: str) -> "Mount":
+        """Start the server (extra: more `fs9 mount` options, e.g. --durability power)."""
         r = fs9("mount", str(self.path), "--state", str(self.state), "--agents",
-                str(self.agents), "--vault", str(self.vault), "--background")
+                str(self.agents), "--vault", str(self.vault), "--background", *extra)
         assert r.returncode == 0, r.stderr
         self.pid = int(dict(w.split("=") for w in self.read("ctl").split())["pid"])
         return self

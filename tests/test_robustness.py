@@ -744,8 +744,10 @@ def test_fuzz_every_file_leaves_the_daemon_up_and_earlier_tasks_intact(mount):
     assert not fz.problems, ("unclean failures:\n" + "\n".join(fz.problems[:30]) +
                              f"\n... {len(fz.problems)} in all\n{fz.report()}")
     # the fuzz reached the handlers, it was not all refused at the door
-    for kind in ("root-ctl", "agent-ctl", "in"):
-        assert fz.results[(f"write:{kind}", "ok")] > 20, fz.report()
+    # (the root has one ctl among many writable files: a time-bounded fuzz on a loaded
+    # machine reaches it some 15 to 30 times)
+    for kind, least in (("root-ctl", 10), ("agent-ctl", 20), ("in", 20)):
+        assert fz.results[(f"write:{kind}", "ok")] > least, fz.report()
     assert_healthy(mount, tid, files, f"after the fuzz (seed {SEED})")
     assert_still_runs_tasks(mount)
     assert_replays(mount, tid, files)

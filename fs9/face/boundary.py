@@ -2,7 +2,9 @@
 
 Every handler goes through `boundary`: Fs9Error becomes its errno, anything
 else becomes EIO plus a logged traceback, because one exception escaping a
-pyfuse3 handler ends the whole mount.
+pyfuse3 handler ends the whole mount. It is also where a request is acknowledged:
+at durability=power its reply waits until the events it logged are on disk
+(kernel/sync.py; the wait is shared with every request logged before the same fsync).
 """
 import errno
 import functools
@@ -16,11 +18,26 @@ from ..errors import Fs9Error
 log = logging.getLogger("fs9.face")
 
 
+# The requests whose reply acknowledges a change: at durability=power each waits until
+# the events logged meanwhile are on disk. (A read may log too, e.g. mail_delivered, but
+# its reader was promised nothing durable; release is not awaited by close(2).)
+ACKNOWLEDGING = frozenset({"open", "create", "write", "flush", "fsync", "setattr", "unlink",
+                           "rmdir", "mkdir", "mknod", "symlink", "link", "rename",
+                           "setxattr", "removexattr"})
+
+
 def boundary(fn):
+    acknowledges = fn.__name__ in ACKNOWLEDGING
+
     @functools.wraps(fn)
     async def handler(self, *args):
+        events = self.kernel.log
         try:
-            return await fn(self, *args)
+            before = events.last_seq
+            result = await fn(self, *args)
+            if acknowledges and events.last_seq != before:  # it (or a request beside it)
+                await events.sync.wait_synced(events.last_seq)  # logged: at power, on disk
+            return result
         except pyfuse3.FUSEError:
             raise
         except Fs9Error as e:

@@ -2,11 +2,15 @@
 import logging
 import os
 import signal
+import sqlite3
 
 import pyfuse3
 import trio
 
+from ..errors import Fs9Error
+from ..kernel import sync
 from ..kernel.kernel import Kernel
+from ..kernel.state import StateError
 from .ops import MAX_TASKS, Operations
 
 log = logging.getLogger("fs9")
@@ -17,12 +21,16 @@ READ_AHEAD_KB = 1024
 
 
 async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
-                ready=None, audit: bool = True) -> None:
+                ready=None, audit: bool = True, durability: str = "process") -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
     kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
-                    audit=audit)
+                    audit=audit, durability=durability)
     async with trio.open_nursery() as nursery:
-        await nursery.start(kernel.serve)
+        try:
+            await nursery.start(kernel.serve)
+        except sqlite3.DatabaseError as e:  # damage the checks at open did not see
+            raise StateError(f"{kernel.log.path} cannot be replayed: {e}; the files are "
+                             f"left as they are (fs9 check {state_dir})") from e
         ops = Operations(kernel, nursery)
         # noatime: a read need not be followed by a getattr to refresh atime
         # No default_permissions: access is decided (and refusals logged) by ops.py and the
@@ -35,7 +43,11 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
         pyfuse3.init(ops, mountpoint, options)
         nursery.start_soon(read_ahead, mountpoint, READ_AHEAD_KB)
         kernel.mounted.set()
-        kernel.log.append("mount", mountpoint=mountpoint, pid=os.getpid())
+        kernel.log.append("mount", mountpoint=mountpoint, pid=os.getpid(),
+                          durability=durability)
+        for kind, said in sync.last_stop(kernel.log.previous):
+            kernel.log.append(kind, **said)
+            log.warning("%s", said["reason"])
         try:
             nursery.start_soon(_stop_on_signal, ops, kernel)
             if ready is not None:
@@ -44,7 +56,10 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
             await pyfuse3.main(max_tasks=MAX_TASKS)
         finally:
             pyfuse3.close(unmount=True)
-            kernel.log.append("unmount", mountpoint=mountpoint)
+            try:
+                kernel.log.append("unmount", mountpoint=mountpoint)
+            except Fs9Error as e:  # the log takes no writes (said in the root err)
+                log.error("unmount not logged: %s", e)
             nursery.cancel_scope.cancel()
     kernel.log.close()
 

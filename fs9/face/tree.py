@@ -133,7 +133,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "": None,
     "ctl": lambda k, me=None: Ctl(lambda d: k.guarded(k.ctl, d, me, agent=me), k.state_line),
     "status": lambda k: Status(k.status),
-    "err": lambda k: Status(k.err),  # what the operator should know: set-aside events
+    "err": lambda k: Status(k.err),  # what the operator should know (Kernel.err)
     "events": lambda k: StreamNode(lambda: EventCursor(k.log)),
     "agents": None,
     "agents/{agent}": None,

@@ -53,12 +53,13 @@ AUDIT_ONLY = frozenset({
     "agent_step", "agent_unconfined", "audit_enabled", "audit_unavailable", "bug",
     "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
     "delivery_refused",
-    "escape_attempt", "escape_denied", "injection_suspected", "mail_delivered", "mount",
+    "escape_attempt", "escape_denied", "injection_suspected", "log_fault", "log_recovered",
+    "mail_delivered", "mount",
     "mail_duplicate", "model_config_error", "model_error", "model_throttled",
     "model_unreachable", "refused", "replay_set_aside", "search_fallback",
     "search_index_damaged", "search_semantic", "set_aside_dismissed", "task_progress",
-    "topics_config_error", "limit_exceeded", "limits_unavailable", "unmount",
-    "unveil_denied", "vault_changed", "watch_restored", "watch_unavailable"})
+    "topics_config_error", "limit_exceeded", "limits_unavailable", "unclean_stop",
+    "unmount", "unveil_denied", "vault_changed", "watch_restored", "watch_unavailable"})
 Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
 
@@ -81,7 +82,7 @@ def event_table(*holders) -> dict[str, Applier]:
 
 class Kernel:
     def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "",
-                 vault_dir: str = "", audit: bool = True) -> None:
+                 vault_dir: str = "", audit: bool = True, durability: str = "process") -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.agents_dir = os.path.abspath(agents_dir)
         self.vault_dir = vault_dir and os.path.realpath(vault_dir)
@@ -91,7 +92,8 @@ class Kernel:
         self.spawns = 0  # spawn events so far
         self.instance = f"{zlib.crc32(self.state_dir.encode()):08x}"  # names its cgroups
         self.scratch_dir = ""  # agents' scratch folders (agents/sandbox.py), once made
-        self.log = EventLog(self.state_dir)
+        self.log = EventLog(self.state_dir, mount_path, durability)
+        self.notes = bytearray()  # the root err: the operator's refused commands (diag)
         # this instance's uid range on the host, claimed for the life of the process
         self.uid_slot, self._uid_claim = confine.claim_uid_slot(self.state_dir)
         self.uid_offset = -1  # of the latest spawn's uid in the range
@@ -142,18 +144,30 @@ class Kernel:
                 self.log.append("audit_unavailable", reason="fs9 mount --no-kernel-audit: "
                                 "refused syscalls of confined agents are enforced, not logged")
             elif self.mount_path and confine.unavailable() is None and escapes.start_audit(self):
-                nursery.start_soon(self._witness_denials)
+                nursery.start_soon(self._service, self._witness_denials)
             for agent in self.agents.values():
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
-            nursery.start_soon(self.bus.keep_deadlines)
-            await nursery.start(self.models.serve)
-            nursery.start_soon(self._prune_memory)
+            nursery.start_soon(self.log.sync.keep_synced, self.log)
+            nursery.start_soon(self._service, self.bus.keep_deadlines)
+            await nursery.start(self._service, self.models.serve)
+            nursery.start_soon(self._service, self._prune_memory)
             if self.search is not None:
-                await nursery.start(self.search.serve)
-                await nursery.start(watch.watch, self)
+                await nursery.start(self._service, self.search.serve)
+                await nursery.start(self._service, watch.watch, self)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _service(self, serve, *args, task_status=None) -> None:
+        """Run a background service. One whose event the log refuses (a full disk, a
+        failed fsync: Fs9Error) stops, said in the root err and the server's log; the
+        mount stays up. (`task_status`: given when the service is started with start.)"""
+        try:
+            await (serve(*args) if task_status is None else serve(*args, task_status=task_status))
+        except Fs9Error as e:
+            what = getattr(serve, "__qualname__", str(serve))
+            log.error("%s stopped until the next mount: %s", what, e)
+            self.diag(f"{what} stopped until the next mount: {e.text}")
 
     async def _serve_agent(self, agent: Agent) -> None:
         """Run one agent's loop; a defect in it fails that agent, not the whole kernel."""
@@ -164,8 +178,11 @@ class Kernel:
             agent.serving = False
             self.log.bug(f"agent {agent.name}", agent=agent.name)
             if self.agents.get(agent.name) is agent:
-                self.record("agent_failed", agent=agent.name,
-                            reason="internal error (see the bug event); start retries")
+                try:
+                    self.record("agent_failed", agent=agent.name,
+                                reason="internal error (see the bug event); start retries")
+                except Fs9Error as e:  # the log takes no writes (a full disk): the agent
+                    log.error("agent %s stopped: %s", agent.name, e)  # stays stopped here
 
     async def _prune_memory(self) -> None:
         """Agents' notes past their max_age_days go (memory.py), checked hourly."""
@@ -491,10 +508,13 @@ class Kernel:
                                      f"(the root err lists them)")
 
     def err(self) -> str:
-        """The root `err`: the events replay set aside and the operator has not dismissed,
-        one line each."""
-        return "".join(f"fs9: {r.describe()}; dismiss with: echo 'dismiss {r.seq}' > ctl\n"
-                       for r in self.log.set_aside())
+        """The root `err`: what the operator should know. The operator's refused
+        commands; the events replay set aside and the operator has not dismissed; why
+        the log refuses writes now, if it does: one line each."""
+        return (self.notes.decode(errors="replace")
+                + "".join(f"fs9: {r.describe()}; dismiss with: echo 'dismiss {r.seq}' > ctl\n"
+                          for r in self.log.set_aside())
+                + "".join(f"fs9: {t}\n" for t in self.log.troubles()))
 
     # --- services for the face ----------------------------------------------------
 
@@ -532,10 +552,24 @@ class Kernel:
         if extra is None:
             return
         reason = one_line(e.text)
-        self.log.append("refused", agent=agent, file=file,
-                        errno=errno.errorcode.get(e.errno, str(e.errno)), reason=reason, **extra)
         if agent in self.agents:
             self.agents[agent].diag(reason)
+        elif agent is None:
+            self.diag(reason)
+        try:
+            self.log.append("refused", agent=agent, file=file,
+                            errno=errno.errorcode.get(e.errno, str(e.errno)), reason=reason,
+                            **extra)
+        except Fs9Error:
+            pass  # the log takes no writes now (why: the root err); the refusal stands
+
+    NOTES_MAX = 64 << 10
+
+    def diag(self, text: str) -> None:
+        """A line for the root `err` (the operator's refused commands); oldest go first."""
+        self.notes += f"fs9: {text}\n".encode()
+        if len(self.notes) > self.NOTES_MAX:
+            del self.notes[:self.notes.index(b"\n", len(self.notes) - self.NOTES_MAX) + 1]
 
     def submit(self, agent: Agent, data: bytes | None, *, corr: str | None = None,
                reply_to: str = "", request: str = "") -> Task:

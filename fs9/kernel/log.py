@@ -14,10 +14,14 @@ and whether the operator dismissed it (`set_aside()` lists them, offline too).
 
 The database runs in WAL mode with synchronous=NORMAL: a commit is a write into
 the WAL, durable against a crash of this process (kill -9), without an fsync per
-event; only a power loss can take the last commits. Commits are a few
-microseconds, cheaper than handing them to a worker thread, so they run inline.
+event. Commits are a few microseconds, cheaper than handing them to a worker
+thread, so they run inline; when they reach the disk (the `durability` setting,
+group commit) is sync.py's. The state directory's lock, the log file's version and
+its checks at open are state.py's. A commit SQLite cannot make (a full disk, an I/O
+error) is refused with ENOSPC or EIO and nothing logged; the log stays as it was.
 """
 import collections
+import errno
 import itertools
 import json
 import os
@@ -29,6 +33,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..errors import Fs9Error
+from . import state, sync
 from .stream import Changes
 
 log = logging.getLogger("fs9")
@@ -128,26 +134,40 @@ class EventLog:
     RECENT = 4096  # events kept in memory for stream readers; older ones come from disk
     WAL_KEEP = 4 << 20  # bytes the WAL is cut back to when it starts over
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, mount: str = "", durability: str = "process") -> None:
+        """Open the log of state_dir, served at `mount`; StateError if another server
+        holds it or it is damaged, foreign or newer (state.py). `durability`: when a
+        write counts as done (sync.py)."""
         os.makedirs(state_dir, exist_ok=True)
-        self.path = os.path.join(state_dir, "log.sqlite")
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        # Small pages: every commit appends whole pages to the WAL, and most events
-        # are far smaller than the default 4 KiB (takes effect on a new database).
-        self.db.execute("PRAGMA page_size=1024")
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
-        # Once checkpointed, the WAL starts over and shrinks to this: a burst (a flood of
-        # topic events) does not leave its size on disk for good.
-        self.db.execute(f"PRAGMA journal_size_limit={self.WAL_KEEP}")
-        self.db.executescript(SCHEMA)
-        self.last_seq = self.db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        self.lock = state.StateLock(state_dir, mount, durability=durability)
+        self.path = os.path.join(state_dir, state.LOG)
+        try:  # refused (StateError) if damaged, foreign or newer; migrated if older
+            self.db = state.open_log(state_dir, SCHEMA)
+            # a commit reaches the WAL (the page cache); sync.py brings it to the disk
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
+            # Once checkpointed, the WAL starts over and shrinks to this: a burst (a flood
+            # of topic events) does not leave its size on disk for good.
+            self.db.execute(f"PRAGMA journal_size_limit={self.WAL_KEEP}")
+            self.db.executescript(SCHEMA)
+            self.last_seq = self.db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            # how the last server ended, said at mount (unclean_stop): read before the
+            # sync below rewrites the mark
+            self.previous = {**self.lock.previous, "synced": sync.read_mark(state_dir)}
+            self.sync = sync.Syncer(state_dir, self.path, durability, self.last_seq)
+        except BaseException:
+            self.lock.release()
+            raise
         self.recent: collections.deque[Event] = collections.deque(maxlen=self.RECENT)
         self.changes = Changes()
+        self.trouble: Trouble | None = None  # why writes are refused now (a full disk...)
 
     def close(self) -> None:
         self.db.close()
+        self.sync.close()
+        fault = self.sync.fault
+        self.lock.release(stopped=self.last_seq, **({"fault": fault.text} if fault else {}))
 
     # --- writing -----------------------------------------------------------
 
@@ -165,23 +185,36 @@ class EventLog:
         exists without its input; with `keep` (a stream's name) it is stored in `kept`
         instead, in the same transaction, until trim() cuts it.
         """
+        if self.sync.fault is not None:  # a failed fsync: nothing can be vouched for
+            raise self.sync.fault
+        event = self._insert(kind, agent, task, corr, blob, data, keep)
+        if self.trouble is not None:  # the writes refused before this one, on the record
+            # (after it: callers count on this event taking next_seq)
+            t, self.trouble = self.trouble, None
+            log.warning("the event log takes writes again (%d were refused)", t.refused)
+            try:
+                self._insert("log_recovered", None, None, None, None, dict(
+                    errno=errno.errorcode[t.error.errno], reason=t.error.text,
+                    since=round(t.since, 6), refused=t.refused))
+            except Fs9Error:
+                pass  # full again: the new trouble is kept instead
+        return event
+
+    def _insert(self, kind, agent, task, corr, blob, data, keep=None) -> Event:
+        """Commit one event; Fs9Error (ENOSPC, EIO) with nothing logged if SQLite cannot."""
         ts = time.time()
         seq = self.next_seq
         row = (seq, ts, kind, agent, task, corr, _json(data), None if keep else blob)
         insert = ("INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
                   " VALUES (?,?,?,?,?,?,?,?)")
         if keep is None:
-            self.db.execute(insert, row)
-        else:
-            self.db.execute("BEGIN")
-            try:
-                self.db.execute(insert, row)
-                self.db.execute("INSERT INTO kept (seq, stream, data) VALUES (?,?,?)",
-                                (seq, keep, blob or b""))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+            self._write(insert, row)
+        else:  # one transaction: the event never exists without its body
+            self._write("BEGIN", ())
+            self._write(insert, row)
+            self._write("INSERT INTO kept (seq, stream, data) VALUES (?,?,?)",
+                        (seq, keep, blob or b""))
+            self._write("COMMIT", ())
         event = Event(seq, ts, kind, agent, task, corr, data)
         self.last_seq = event.seq
         self.recent.append(event)
@@ -200,8 +233,37 @@ class EventLog:
             log.exception("logging a bug")
 
     def add_chunk(self, task: int, attempt: int, fd: int, data: bytes) -> None:
-        self.db.execute("INSERT INTO chunks (task, attempt, fd, data) VALUES (?,?,?,?)",
-                        (task, attempt, fd, data))
+        if self.sync.fault is not None:
+            raise self.sync.fault
+        self._write("INSERT INTO chunks (task, attempt, fd, data) VALUES (?,?,?,?)",
+                    (task, attempt, fd, data))
+
+    def _write(self, sql: str, row: tuple) -> None:
+        """One autocommitted statement. A full disk or an I/O error rolls it back: the
+        writer hears ENOSPC or EIO, and the trouble is kept (until a write works again)
+        for the root `err` and a `log_recovered` event."""
+        try:
+            self.db.execute(sql, row)
+        except sqlite3.Error as e:
+            if self.db.in_transaction:
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite rolled it back itself
+            error = sync.write_error(e, os.path.dirname(self.path))
+            if self.trouble is None:
+                self.trouble = sync.Trouble(error, time.time())
+                log.error("%s", error.text)
+            self.trouble.refused += 1
+            raise error from e
+
+    def troubles(self) -> list[str]:
+        """Why writes are refused now, in sentences (for the root `err`)."""
+        lines = [] if self.sync.fault is None else [self.sync.fault.text]
+        if self.trouble is not None:
+            lines.append(f"{self.trouble.error.text}; since {time.ctime(self.trouble.since)}, "
+                         f"{self.trouble.refused} writes refused")
+        return lines
 
     # --- reading -----------------------------------------------------------
 
@@ -283,8 +345,12 @@ class EventLog:
 
     def trim(self, stream: str, below: int) -> None:
         """Delete the blobs kept in stream for events numbered below `below`. SQLite
-        reuses the pages freed, so the file stops growing at what the streams keep."""
-        self.db.execute("DELETE FROM kept WHERE stream=? AND seq<?", (stream, below))
+        reuses the pages freed, so the file stops growing at what the streams keep. A
+        delete SQLite cannot make (a failing disk) waits for the next trim."""
+        try:
+            self.db.execute("DELETE FROM kept WHERE stream=? AND seq<?", (stream, below))
+        except sqlite3.Error as e:
+            log.warning("trimming %s: %s", stream, e)
 
     def chunks(self, task: int, attempt: int, fd: int) -> bytes:
         rows = self.db.execute(
@@ -299,8 +365,8 @@ class EventLog:
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.OperationalError:
-            pass  # busy: the next round tries again
+        except sqlite3.Error as e:  # busy, or no room to grow the database file: the
+            log.info("checkpoint: %s (the next round tries again)", e)  # WAL keeps it all
         finally:
             db.close()
 
@@ -309,6 +375,8 @@ class EventLog:
         done = self.last_seq
         while True:
             await trio.sleep(every_s)
+            if self.sync.fault is not None:
+                return  # a WAL whose sync failed is not copied into the database
             if self.last_seq != done:
                 done = self.last_seq
                 await trio.to_thread.run_sync(self.checkpoint)
@@ -316,7 +384,10 @@ class EventLog:
                 # so the WAL never restarts and grows without end. Past WAL_LIMIT the
                 # writer itself finishes the job (the few frames left) and truncates.
                 if os.path.getsize(self.path + "-wal") > self.WAL_LIMIT:
-                    self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    try:
+                        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    except sqlite3.Error as e:
+                        log.warning("checkpoint: %s (the WAL keeps everything)", e)
 
     async def wait_after(self, seq: int) -> None:
         """Block until an event with a sequence number above seq exists."""
