@@ -57,6 +57,25 @@ def cannot_confine_c(gcc_for: str) -> str | None:
     return None
 
 
+def compile_c(folder: Path, name: str, source: str, *flags: str) -> Path:
+    """source compiled with gcc into folder/name (a test's racing program)."""
+    (folder / f"{name}.c").write_text(source)
+    r = subprocess.run(["gcc", "-O1", "-Wall", *flags, "-o", str(folder / name),
+                        str(folder / f"{name}.c")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"{name}.c does not compile:\n{r.stderr}"
+    return folder / name
+
+
+def wait_task(mount, agent: str, timeout: float = WAIT_S) -> tuple[str, str]:
+    """Agent's (one) task, once ended: (out, err)."""
+    def ended():
+        s = mount.status(agent)
+        return s if s["done"] != "0" or s["failed"] != "0" else None
+    task = mount.wait_for(ended, timeout=timeout, what=f"agent {agent}'s task")["latest"]
+    return (mount.read(f"agents/{agent}/tasks/{task}/out"),
+            mount.read(f"agents/{agent}/tasks/{task}/err"))
+
+
 def fs9(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fs9", *args], capture_output=True,
                           text=True, timeout=kw.pop("timeout", 60), **kw)

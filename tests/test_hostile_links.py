@@ -29,12 +29,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import cannot_confine_c, errno_of
+from conftest import cannot_confine_c, compile_c, errno_of, wait_task
 
 RACE_S = 8  # seconds of racing
 CANARY = b"CANARY: the operator's, read-only to every agent\n"
@@ -57,16 +56,6 @@ def state(path: Path) -> tuple:
     """What must not change of a file: kind and mode, owner, mtime, bytes."""
     st = os.lstat(path)
     return st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, path.read_bytes()
-
-
-def wait_task(mount, agent: str, timeout: float) -> tuple[str, str]:
-    """Agent's (one) task, once ended: (out, err)."""
-    def ended():
-        s = mount.status(agent)
-        return s if s["done"] != "0" or s["failed"] != "0" else None
-    task = mount.wait_for(ended, timeout=timeout, what=f"agent {agent}'s task")["latest"]
-    return (mount.read(f"agents/{agent}/tasks/{task}/out"),
-            mount.read(f"agents/{agent}/tasks/{task}/err"))
 
 
 # --- the settle race -------------------------------------------------------------------
@@ -158,11 +147,7 @@ env = {{ RACE_S = "{seconds}" }}
 @pytest.fixture(scope="module")
 def racer_binary(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("links-racer-bin")
-    (folder / "racer.c").write_text(RACER_C)
-    r = subprocess.run(["gcc", "-O1", "-Wall", "-pthread", "-o", str(folder / "racer"),
-                        str(folder / "racer.c")], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"racer.c does not compile:\n{r.stderr}"
-    return folder / "racer"
+    return compile_c(folder, "racer", RACER_C, "-pthread")
 
 
 def counts(out: str) -> dict[str, tuple[int, int]]:

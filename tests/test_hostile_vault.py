@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cannot_confine_c
+from conftest import cannot_confine_c, compile_c, wait_task
 
 RACE_S = 8  # seconds of racing (the base commit leaked within about a second)
 CANARY = b"CANARY-SECRET-5f3e9a\n"
@@ -80,16 +80,6 @@ def leaked_into(folder: Path) -> list[str]:
             except OSError:
                 pass
     return found
-
-
-def wait_task(mount, agent: str, timeout: float) -> tuple[str, str]:
-    """Agent's (one) task, once ended: (out, err)."""
-    def ended():
-        s = mount.status(agent)
-        return s if s["done"] != "0" or s["failed"] != "0" else None
-    task = mount.wait_for(ended, timeout=timeout, what=f"agent {agent}'s task")["latest"]
-    return (mount.read(f"agents/{agent}/tasks/{task}/out"),
-            mount.read(f"agents/{agent}/tasks/{task}/err"))
 
 
 # --- the race ------------------------------------------------------------------------------
@@ -238,11 +228,7 @@ env = {{ CANARY = "{canary}", RACE_S = "{seconds}" }}
 @pytest.fixture(scope="module")
 def racer_binary(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("racer-bin")
-    (folder / "racer.c").write_text(RACER_C)
-    r = subprocess.run(["gcc", "-O1", "-Wall", "-o", str(folder / "racer"), str(folder / "racer.c")],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"racer.c does not compile:\n{r.stderr}"
-    return folder / "racer"
+    return compile_c(folder, "racer", RACER_C)
 
 
 def counts(out: str) -> dict[str, tuple[int, int]]:
