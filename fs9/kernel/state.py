@@ -134,13 +134,7 @@ def _create(path: str, schema: str) -> None:
         db.execute(f"PRAGMA application_id={APP_ID}")
     finally:
         db.close()
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    sync_dir(os.path.dirname(path))
+    _install(tmp, path)
 
 
 def sync_dir(path: str) -> None:
@@ -255,12 +249,7 @@ def backup(state_dir: str, dest: str) -> int:
     finally:
         dst.close()
         src.close()
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, os.path.join(dest, LOG))
+    _install(tmp, os.path.join(dest, LOG))
     sync.write_mark(dest, events)
     for name in CONFIG:
         try:
@@ -287,3 +276,15 @@ def _unless_served(state_dir: str):
     finally:
         lock._write(lock.previous)  # the next server learns of the last one, not of us
         lock.release()
+
+
+def _install(tmp: str, path: str) -> None:
+    """tmp, a complete new file, becomes path: synced, renamed, its directory synced (a
+    crash leaves the old path or the whole new one, never a part)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    sync_dir(os.path.dirname(path))
