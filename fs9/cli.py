@@ -1,4 +1,4 @@
-"""The `fs9` command: mount (foreground or --background) and umount."""
+"""The `fs9` command: mount (foreground or --background), umount, and mcp (fs9/mcp.py)."""
 import argparse
 import logging
 import os
@@ -28,8 +28,16 @@ def main(argv=None) -> int:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount fs9 from MOUNTPOINT")
     u.add_argument("mountpoint")
+    c = sub.add_parser("mcp", help="serve the mount at MOUNTPOINT to an MCP client as one agent")
+    c.add_argument("mountpoint")
+    c.add_argument("--as", dest="agent", required=True, help="the agent whose view the client gets")
+    c.add_argument("--http", type=int, metavar="PORT",
+                   help="streamable HTTP on 127.0.0.1:PORT (default: stdio)")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.cmd == "mcp":
+        from . import mcp
+        return mcp.run(args.mountpoint, args.agent, args.http)
     try:
         return mount(args) if args.cmd == "mount" else umount(args.mountpoint)
     except UsageError as e:
