@@ -10,6 +10,7 @@ as fs9 does for the vault: a program acting as root for an agent (`fs9 mcp`) mus
 follow a link the agent planted to a host file. Blocking reads (streams) poll a
 non-blocking descriptor, so every wait has a timeout. OSError only.
 """
+import codecs
 import errno
 import json
 import os
@@ -17,7 +18,6 @@ import select
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import resolve
@@ -115,27 +115,17 @@ class Mount:
         finally:
             os.close(fd)
 
-    def stream(self, rel: str, timeout: float = 60) -> Iterator[str]:
-        """`cat REL` of a stream (out, err, events, topics/T, mail/next): chunks as they
-        come, until EOF; TimeoutError if nothing comes for `timeout` seconds."""
+    def stream(self, rel: str, timeout: float = 60) -> "Stream":
+        """`cat REL` of a stream (out, err, events, topics/T, mail/next), opened now (a
+        topic subscribes at open): its chunks as they come, until EOF."""
         fd = self.open(rel, os.O_RDONLY | os.O_NONBLOCK)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, "not a regular file", rel)
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            while True:
-                try:
-                    chunk = os.read(fd, 1 << 16)
-                except BlockingIOError:
-                    if not poller.poll(timeout * 1000):
-                        raise TimeoutError(f"nothing on {rel} for {timeout} s") from None
-                    continue
-                if not chunk:
-                    return
-                yield chunk.decode(errors="replace")
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return Stream(fd, rel, timeout)
 
     # --- agents, the registry --------------------------------------------------
     def agents(self) -> list[str]:
@@ -224,6 +214,50 @@ class Mount:
         return [json.loads(line) for line in self.read(f"log/trace/{corr}").splitlines()]
 
 
+class Stream:
+    """An open stream: iterate for its chunks (text) until EOF; TimeoutError if nothing
+    comes for `timeout` seconds. A context manager; close() ends it."""
+
+    def __init__(self, fd: int, rel: str, timeout: float) -> None:
+        self.fd, self.rel, self.timeout = fd, rel, timeout
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span chunks
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        if self.fd < 0:
+            raise StopIteration
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                if not self._poller.poll(self.timeout * 1000):
+                    raise TimeoutError(f"nothing on {self.rel} for {self.timeout} s") from None
+                continue
+            if not chunk:
+                self.close()
+                raise StopIteration
+            text = self._text.decode(chunk)
+            if text:
+                return text
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    __del__ = close
+
+
 @dataclass
 class Task:
     """One task of an agent: `agents/AGENT/tasks/ID/`."""
@@ -240,10 +274,11 @@ class Task:
         return dict(line.split("=", 1) for line in self.mount.read(f"{self.dir}/status").splitlines()
                     if "=" in line)
 
-    def out(self, timeout: float = 60) -> Iterator[str]:
+    def out(self, timeout: float = 60) -> Stream:
         """`cat tasks/ID/out`: its stdout as it comes, until the task ends."""
         return self.mount.stream(f"{self.dir}/out", timeout)
 
     def wait(self, timeout: float = 60) -> str:
         """Its whole stdout, once it has ended (`cat tasks/ID/out`)."""
-        return "".join(self.out(timeout))
+        with self.out(timeout) as out:
+            return "".join(out)

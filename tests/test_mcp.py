@@ -3,6 +3,8 @@ a time; two agents of different views. What a view hides is ENOENT through MCP t
 missing pledge EACCES, a symlink to a host file is not followed; a task runs end to end
 and mail makes a round trip. Every assertion is on what fs9 served or logged."""
 import json
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -10,6 +12,7 @@ import trio
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
+from conftest import wait_for
 from fs9.drivers import confine
 
 pytestmark = pytest.mark.skipif(confine.unavailable() is not None,
@@ -128,3 +131,26 @@ async def test_a_task_runs_end_to_end_and_mail_comes_back(two):
         assert mail and mail[0]["body"] == "ping 7"
         assert mail[0]["headers"]["from"] == "beta" and mail[0]["headers"]["type"] == "result"
     assert [n for n in (two.path / "agents/alpha/mail").iterdir() if n.name[0].isdigit()] == []
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_streamable_http_on_localhost_keeps_the_view(two):
+    with socket.socket() as s:  # a free port (the kernel's choice), handed to the server
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "fs9", "mcp", str(two.path), "--as", "beta",
+                               "--http", str(port)], stderr=subprocess.PIPE)
+    try:
+        await trio.to_thread.run_sync(lambda: wait_for(lambda: listening(port) or server.poll() is not None,
+                                                       what="fs9 mcp listening"))
+        assert server.poll() is None, server.stderr.read().decode()
+        async with Client(f"http://127.0.0.1:{port}/mcp", cache=None) as c:
+            assert text(await c.call_tool("read_file", {"path": "vault/secret/s.md"})) == "secret plans\n"
+            assert refused(await c.call_tool("read_file", {"path": "vault/pub/a.md"}), "ENOENT")
+    finally:
+        server.terminate()
+        server.wait(30)
