@@ -56,6 +56,7 @@ bench: deps
 	$(BIN)/python bench/vault.py
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/qos.py
+	$(BIN)/python bench/reach.py
 
 example: deps  # the customer-support scenario, offline (scripted model); see examples/support
 	@./examples/support/run.sh
