@@ -28,8 +28,8 @@ _FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 def _names(rel: str) -> list[bytes]:
     """rel as names beneath the root: EINVAL for "..", "." or an empty name."""
     names = [os.fsencode(n) for n in rel.strip("/").split("/")] if rel.strip("/") else []
-    if any(n in (b"", b".", b"..") for n in names):
-        raise OSError(errno.EINVAL, "a path beneath the mount: no '', '.' or '..'", rel)
+    if any(n in (b"", b".", b"..") or b"\0" in n for n in names):
+        raise OSError(errno.EINVAL, "a path beneath the mount: no '', '.', '..' or NUL", rel)
     return names
 
 
@@ -59,7 +59,8 @@ class Mount:
 
     def as_agent(self, name: str) -> "Mount":
         """The same mount as NAME sees it: `cd agents/NAME/view`."""
-        _names(name)
+        if len(_names(name)) != 1:
+            raise OSError(errno.EINVAL, "an agent's name is one file name", name)
         return Mount(os.path.join(self.root, "agents", name, "view"), agent=name)
 
     # --- files: open, read, write, list ------------------------------------------
@@ -96,7 +97,8 @@ class Mount:
 
     def write(self, rel: str, data: str | bytes, append: bool = False) -> None:
         """`printf %s DATA > REL` (`>>` with append): one write, then close."""
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | (os.O_APPEND if append else os.O_TRUNC)
+        # (O_NONBLOCK: a FIFO planted under the name answers ENXIO instead of blocking)
         fd = self.open(rel, flags)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -170,6 +172,8 @@ class Mount:
     def send(self, to: str, body: str, **headers: str) -> None:
         """`printf 'type: work_request\\n\\nBODY' > agents/TO/mail/new` (header keys
         with `-` for `_`)."""
+        if any("\n" in f"{k}{v}" for k, v in headers.items()):
+            raise OSError(errno.EINVAL, "a header is one line", to)
         head = "".join(f"{k.replace('_', '-')}: {v}\n" for k, v in headers.items())
         self.write(f"agents/{to}/mail/new", head + "\n" + body if head else body)
 

@@ -2,6 +2,7 @@
 topics, the registry and its A2A cards (validated by the A2A SDK's own types), traces;
 an agent's view through the client hides what fs9 hides and follows no symlink."""
 import errno
+import os
 import threading
 
 import pytest
@@ -101,6 +102,13 @@ def test_a_view_through_the_client_hides_and_follows_no_link(fs, mount, tmp_path
     assert errno_of(view.read, "vault/private.md") == errno.ENOENT
     assert errno_of(view.read, "../../../vault/private.md") == errno.EINVAL
     assert errno_of(view.write, "vault/pub/a.md", "x") == errno.EACCES
+    assert errno_of(view.read, "vault/pub/a\0.md") == errno.EINVAL
+    assert errno_of(fs.as_agent, "worker/view/agents/echo") == errno.EINVAL
+    assert errno_of(lambda: fs.send("echo", "hi", type="event\nreply-to: worker")) == errno.EINVAL
+    assert fs.as_agent("echo").mail() == []  # nothing reached echo
+    os.mkfifo(mount.vault / "pub/fifo")  # nobody reads it: neither call may block
+    assert errno_of(fs.read, "vault/pub/fifo") == errno.EINVAL
+    assert errno_of(fs.write, "vault/pub/fifo", "x") == errno.ENXIO
     (tmp_path / "host.txt").write_text("host canary")
     (mount.vault / "pub/link").symlink_to(tmp_path / "host.txt")
     assert errno_of(fs.read, "vault/pub/link") == errno.ELOOP  # the operator's mount too
