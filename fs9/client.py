@@ -129,6 +129,19 @@ class Mount:
             raise
         return Stream(fd, rel, timeout)
 
+    def last_note(self, agent: str) -> str:
+        """`grep '^fs9: ' agents/AGENT/err | tail -n 1`: fs9's latest note on a command of
+        AGENT's it refused (the reason in words), or "" (none, or a task is running:
+        the notes come after its stderr, once it ends). Its own program may write such
+        lines too: this is the agent's to read, not proof of anything."""
+        with self.stream(f"agents/{agent}/err", timeout=0) as err:
+            try:
+                text = "".join(err)
+            except TimeoutError:
+                return ""
+        notes = [line for line in text.splitlines() if line.startswith("fs9: ")]
+        return notes[-1] if notes else ""
+
     # --- agents, the registry --------------------------------------------------
     def agents(self) -> list[str]:
         """`ls agents`."""

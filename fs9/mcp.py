@@ -37,13 +37,23 @@ def server(mountpoint: str, agent: str) -> MCPServer:
                                  "Paths are relative to the view (vault/..., agents/..., topics/...).")
 
     async def act(fn, *args):
-        """fn(*args) in a worker thread (file I/O blocks); OSError as the agent's errno."""
+        """fn(*args) in a worker thread (file I/O blocks); OSError as the agent's errno,
+        and for a refusal fs9's reason in words (the agent's latest note)."""
         try:
             return await anyio.to_thread.run_sync(fn, *args)
-        except OSError as e:
-            raise _refusal(e) from None
         except TimeoutError as e:
             raise ToolError(f"timed out: {e}") from None
+        except OSError as e:
+            failed = e
+        refusal = _refusal(failed)
+        if failed.errno in (errno.EACCES, errno.EPERM):
+            try:
+                note = await anyio.to_thread.run_sync(view.last_note, agent)
+            except OSError:
+                note = ""
+            if note:
+                refusal = ToolError(f"{refusal} ({note})")
+        raise refusal
 
     @app.tool()
     async def list_agents() -> list[str]:

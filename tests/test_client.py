@@ -102,6 +102,7 @@ def test_a_view_through_the_client_hides_and_follows_no_link(fs, mount, tmp_path
     assert errno_of(view.read, "vault/private.md") == errno.ENOENT
     assert errno_of(view.read, "../../../vault/private.md") == errno.EINVAL
     assert errno_of(view.write, "vault/pub/a.md", "x") == errno.EACCES
+    assert fs.last_note("worker").startswith("fs9: ") and "vault/pub/a.md" in fs.last_note("worker")
     assert errno_of(view.read, "vault/pub/a\0.md") == errno.EINVAL
     assert errno_of(fs.as_agent, "worker/view/agents/echo") == errno.EINVAL
     assert errno_of(lambda: fs.send("echo", "hi", type="event\nreply-to: worker")) == errno.EINVAL

@@ -91,7 +91,7 @@ async def test_a_client_gets_exactly_its_agents_view(two):
         readonly = await c.call_tool("write_file", {"path": "vault/pub/a.md", "content": "x"})
         assert refused(readonly, "EACCES")
         unpledged = await c.call_tool("publish", {"topic": "news", "text": "hi"})
-        assert refused(unpledged, "EACCES")
+        assert refused(unpledged, "EACCES") and "did not pledge 'publish'" in text(unpledged)
         card = await c.call_tool("registry", {"name": "beta"})
         assert value(card)["skills"][0]["id"] == "echoing"
     assert (two.vault / "pub/a.md").read_text() == "public apples\n"  # nothing changed
