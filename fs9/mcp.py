@@ -15,7 +15,7 @@ import sys
 
 import anyio
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 
 from .client import Mount
 
@@ -131,6 +131,14 @@ def server(mountpoint: str, agent: str) -> MCPServer:
     async def status() -> str:
         """This agent's status file (`agents/NAME/status`)."""
         return await act(view.read, f"agents/{agent}/status")
+
+    @app.resource("fs9://view/{+path}", mime_type="text/plain")
+    async def view_file(path: str) -> str:
+        """A file of the view: a vault file, a status (`cat PATH`)."""
+        try:
+            return await anyio.to_thread.run_sync(view.read, path)
+        except OSError as e:
+            raise ResourceError(str(_refusal(e))) from None
 
     return app
 

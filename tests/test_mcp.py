@@ -11,6 +11,7 @@ import pytest
 import trio
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.shared.exceptions import MCPError
 
 from conftest import wait_for
 from fs9.drivers import confine
@@ -92,6 +93,12 @@ async def test_a_client_gets_exactly_its_agents_view(two):
         assert refused(readonly, "EACCES")
         unpledged = await c.call_tool("publish", {"topic": "news", "text": "hi"})
         assert refused(unpledged, "EACCES") and "did not pledge 'publish'" in text(unpledged)
+        res = await c.read_resource("fs9://view/vault/pub/a.md")
+        assert res.contents[0].text == "public apples\n"
+        with pytest.raises(MCPError, match="ENOENT"):
+            await c.read_resource("fs9://view/vault/secret/s.md")
+        status = await c.read_resource("fs9://status")
+        assert "name=alpha" in status.contents[0].text
         card = await c.call_tool("registry", {"name": "beta"})
         assert value(card)["skills"][0]["id"] == "echoing"
     assert (two.vault / "pub/a.md").read_text() == "public apples\n"  # nothing changed
