@@ -10,8 +10,10 @@ server runs as the operator and must not reach a host file through a link NAME p
 Transports: stdio (desktop clients, editors) and streamable HTTP on 127.0.0.1.
 """
 import errno
+import functools
 import os
 import sys
+import time
 
 import anyio
 from mcp.server.mcpserver import MCPServer
@@ -55,33 +57,50 @@ def server(mountpoint: str, agent: str) -> MCPServer:
                 refusal = ToolError(f"{refusal} ({note})")
         raise refusal
 
-    @app.tool()
+    def tool(fn):
+        """An MCP tool, each call a line on stderr (the client's log of this server):
+        a call id, the agent, the tool, its outcome (ok or the errno) and its time."""
+        @functools.wraps(fn)
+        async def call(*args, **kw):
+            call_id, t, outcome = os.urandom(6).hex(), time.monotonic(), "ok"
+            try:
+                return await fn(*args, **kw)
+            except ToolError as e:
+                outcome = str(e).split(":", 1)[0]
+                raise
+            finally:
+                print(f"fs9 mcp: call={call_id} agent={agent} tool={fn.__name__} "
+                      f"outcome={outcome} ms={(time.monotonic() - t) * 1000:.1f}",
+                      file=sys.stderr, flush=True)
+        return app.tool()(call)
+
+    @tool
     async def list_agents() -> list[str]:
         """The agents this agent knows of (`ls agents` in its view)."""
         return await act(view.agents)
 
-    @app.tool()
+    @tool
     async def registry(name: str) -> dict:
         """What agent NAME offers, as an A2A AgentCard (needs the discover pledge)."""
         return await act(view.card, name)
 
-    @app.tool()
+    @tool
     async def list_dir(path: str = "") -> list[str]:
         """The names in a folder of the view (`ls PATH`)."""
         return await act(view.listdir, path)
 
-    @app.tool()
+    @tool
     async def read_file(path: str) -> str:
         """A vault, status or ctl file of the view (`cat PATH`)."""
         return await act(view.read, path)
 
-    @app.tool()
+    @tool
     async def write_file(path: str, content: str) -> str:
         """Write a file of the view whole (`printf %s CONTENT > PATH`)."""
         await act(view.write, path, content)
         return f"wrote {len(content.encode())} bytes to {path}"
 
-    @app.tool()
+    @tool
     async def run_task(agent: str, input: str, timeout_s: float = 60) -> dict:
         """Run one task on AGENT (`printf %s INPUT > agents/AGENT/in`), wait for it and
         return its output and status (`cat agents/AGENT/tasks/ID/out`)."""
@@ -93,14 +112,14 @@ def server(mountpoint: str, agent: str) -> MCPServer:
                     "corr": status.get("corr"), "out": out}
         return await act(run)
 
-    @app.tool()
+    @tool
     async def send_mail(to: str, body: str, type: str = "event") -> str:
         """Send one message to agent TO (`agents/TO/mail/new`); a `work_request` to a
         task agent becomes a task whose result comes back as mail (read_mail)."""
         await act(lambda: view.send(to, body, type=type))
         return f"sent to {to}"
 
-    @app.tool()
+    @tool
     async def read_mail(ack: bool = False) -> list[dict]:
         """This agent's pending messages, in delivery order (`cat agents/NAME/mail/*`);
         ack removes them once read (`rm`)."""
@@ -111,18 +130,18 @@ def server(mountpoint: str, agent: str) -> MCPServer:
             return [{"name": m.name, "headers": m.headers, "body": m.body} for m in messages]
         return await act(read)
 
-    @app.tool()
+    @tool
     async def publish(topic: str, text: str) -> str:
         """Publish one event on a topic (`echo TEXT >> topics/TOPIC`)."""
         await act(view.publish, topic, text)
         return f"published on {topic}"
 
-    @app.tool()
+    @tool
     async def search(query: str) -> list[str]:
         """Ranked vault hits this agent may read (`cat search/QUERY`)."""
         return await act(view.search, query)
 
-    @app.tool()
+    @tool
     async def read_trace(corr: str) -> list[dict]:
         """Every event of one correlation id (`cat log/trace/CORR`), where the view shows it."""
         return await act(view.trace, corr)

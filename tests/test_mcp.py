@@ -10,7 +10,7 @@ import sys
 import pytest
 import trio
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.shared.exceptions import MCPError
 
 from conftest import wait_for
@@ -52,10 +52,11 @@ def two(mount, tmp_path):
     return mount
 
 
-def connect(mount, agent: str) -> Client:
-    return Client(StdioServerParameters(
+def connect(mount, agent: str, errlog=sys.stderr) -> Client:
+    """The SDK's client, starting `fs9 mcp` over stdio; the server's stderr to errlog."""
+    return Client(stdio_client(StdioServerParameters(
         command=sys.executable, args=["-m", "fs9", "mcp", str(mount.path), "--as", agent]),
-        cache=None, read_timeout_seconds=60)
+        errlog=errlog), cache=None, read_timeout_seconds=60)
 
 
 def text(result) -> str:
@@ -110,14 +111,19 @@ async def test_a_client_gets_exactly_its_agents_view(two):
     assert "hi\n" not in two.read("log/audit")
 
 
-async def test_the_other_agent_sees_its_own_view(two):
-    async with connect(two, "beta") as c:
+async def test_the_other_agent_sees_its_own_view(two, tmp_path):
+    log = open(tmp_path / "mcp.log", "w+")
+    async with connect(two, "beta", log) as c:
         assert value(await c.call_tool("list_dir", {"path": "vault"})) == ["secret"]
         assert text(await c.call_tool("read_file", {"path": "vault/secret/s.md"})) == "secret plans\n"
         pub = await c.call_tool("read_file", {"path": "vault/pub/a.md"})
         assert refused(pub, "ENOENT")
         nodiscover = await c.call_tool("registry", {"name": "alpha"})
         assert refused(nodiscover, "ENOENT")
+    logged = (tmp_path / "mcp.log").read_text()  # the server's stderr: a line per call
+    log.close()
+    assert "agent=beta tool=read_file outcome=ENOENT" in logged
+    assert "agent=beta tool=list_dir outcome=ok" in logged
 
 
 async def test_a_task_runs_end_to_end_and_mail_comes_back(two):
