@@ -19,6 +19,7 @@ import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 
+from . import __version__
 from .client import Mount
 
 
@@ -34,7 +35,7 @@ def server(mountpoint: str, agent: str) -> MCPServer:
     view = Mount(mountpoint).as_agent(agent)
     if not os.path.isdir(view.root):
         raise OSError(errno.ENOENT, f"no agent {agent} on the mount", mountpoint)
-    app = MCPServer(name=f"fs9:{agent}", version="0.1.0",
+    app = MCPServer(name=f"fs9:{agent}", version=__version__,
                     instructions=f"fs9 as agent {agent}: its view of the mount, files and all. "
                                  "Paths are relative to the view (vault/..., agents/..., topics/...).")
 
@@ -67,6 +68,9 @@ def server(mountpoint: str, agent: str) -> MCPServer:
                 return await fn(*args, **kw)
             except ToolError as e:
                 outcome = str(e).split(":", 1)[0]
+                raise
+            except BaseException:  # a defect of ours, or the call cancelled
+                outcome = "error"
                 raise
             finally:
                 print(f"fs9 mcp: call={call_id} agent={agent} tool={fn.__name__} "
