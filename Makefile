@@ -57,6 +57,7 @@ bench: deps
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/qos.py
 	$(BIN)/python bench/durability.py
+	$(BIN)/python bench/reach.py
 
 example: deps  # the customer-support scenario, offline (scripted model); see examples/support
 	@./examples/support/run.sh

@@ -1,4 +1,4 @@
-"""The `fs9` command: mount (foreground or --background) and umount."""
+"""The `fs9` command: mount (foreground or --background), umount, and mcp (fs9/mcp.py)."""
 import argparse
 import logging
 import os
@@ -42,8 +42,16 @@ def main(argv=None) -> int:
                                       "consistent while a server runs (mount DEST to restore)")
     b.add_argument("state")
     b.add_argument("dest")
+    m = sub.add_parser("mcp", help="serve the mount at MOUNTPOINT to an MCP client as one agent")
+    m.add_argument("mountpoint")
+    m.add_argument("--as", dest="agent", required=True, help="the agent whose view the client gets")
+    m.add_argument("--http", type=int, metavar="PORT",
+                   help="streamable HTTP on 127.0.0.1:PORT (default: stdio)")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.cmd == "mcp":
+        from . import mcp
+        return mcp.run(args.mountpoint, args.agent, args.http)
     try:
         if args.cmd == "check":
             return check(args.state)

@@ -193,8 +193,10 @@ ROWS: dict[str, Callable[..., Node | None]] = {
         lambda: "".join(e.json() + "\n" for e in k.log.trace(corr))),
     "vault/...": _vault,  # the vault directory on disk, served as it is
     "registry": None,
-    "registry/by-capability": None,  # (before {provider}: these names are reserved)
+    "registry/by-capability": None,  # (before {provider}: these names, cards too, are reserved)
     "registry/owners": lambda k: Status(lambda: registry.owners(k.agents)),
+    "registry/cards": None,  # each agent as an A2A AgentCard
+    "registry/cards/{provider}": lambda k, provider: Status(lambda: registry.card(provider)),
     "registry/{provider}": lambda k, provider: Status(lambda: registry.entry(provider)),
     "registry/by-capability/{cap}": lambda k, cap: Status(
         lambda: registry.providers_text(k.agents, cap)),

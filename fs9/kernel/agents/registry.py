@@ -1,6 +1,12 @@
 """What the registry shows (`registry/`): what each agent offers, who provides a
-capability, who owns which vault subtree. Rendered from the manifests, as text."""
+capability, who owns which vault subtree; each agent as an A2A AgentCard. Rendered
+from the manifests, as text."""
+import json
+
+from ... import __version__
 from . import manifest as manifests
+
+A2A_PROTOCOL = "1.0"  # the A2A version whose AgentCard field names `card` uses
 
 
 def entry(agent) -> str:
@@ -16,6 +22,27 @@ def entry(agent) -> str:
     if "description" in m:
         lines += [f"description={m['description']}"]
     return "\n".join(lines) + "\n"
+
+
+def card(agent) -> str:
+    """What an agent offers as an A2A AgentCard (JSON, A2A's field names): one skill per
+    capability it `provides`, tagged with the message types it `accepts`. Its address
+    is its mailbox in the mount: A2A clients reach it through a gateway, never directly."""
+    m = agent.manifest
+    accepts = m.get("accepts", ["work_request"])
+    about = m.get("description", f"fs9 agent {agent.name}")
+    if "sla" in m:
+        about += f" (sla: {m['sla']})"
+    skills = [{"id": cap, "name": cap, "description": f"{cap}, by {agent.name}: {about}",
+               "tags": [cap, *accepts]} for cap in m.get("provides", [])]
+    return json.dumps({
+        "name": agent.name, "description": about,
+        "supportedInterfaces": [{"url": f"fs9:agents/{agent.name}/mail/new",
+                                 "protocolBinding": "JSONRPC", "protocolVersion": A2A_PROTOCOL}],
+        "version": __version__,
+        "capabilities": {"streaming": False, "pushNotifications": False},
+        "defaultInputModes": ["text/plain"], "defaultOutputModes": ["text/plain"],
+        "skills": skills}, indent=2) + "\n"
 
 
 def owners(agents: dict) -> str:

@@ -1,0 +1,181 @@
+"""`fs9 mcp MOUNTPOINT --as NAME`: a mounted fs9 served to one MCP client as agent NAME.
+
+The server is a separate program, not part of the FUSE face: every tool is plain file
+I/O (fs9/client.py) beneath `MOUNTPOINT/agents/NAME/view/`, the operator's window on
+NAME's view. fs9 takes the view a request arrives through as the agent's identity, so
+the confinement is fs9's own, not this layer's: what NAME's view hides is ENOENT here
+as for NAME's programs, a missing pledge EACCES, mail is `from: NAME`, and each
+refusal is in the event log as NAME's. Paths never follow a symlink (ELOOP): this
+server runs as the operator and must not reach a host file through a link NAME planted.
+Transports: stdio (desktop clients, editors) and streamable HTTP on 127.0.0.1.
+"""
+import errno
+import functools
+import os
+import sys
+import time
+
+import anyio
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+
+from . import __version__
+from .client import Mount
+
+
+def _refusal(e: OSError) -> ToolError:
+    """The errno as a program of the agent would see it, and what it concerns."""
+    name = errno.errorcode.get(e.errno, str(e.errno))
+    where = f": {e.filename}" if e.filename else ""
+    return ToolError(f"{name}: {os.strerror(e.errno) if e.errno else e.strerror}{where}")
+
+
+def server(mountpoint: str, agent: str) -> MCPServer:
+    """The MCP server acting as `agent` on the fs9 mounted at mountpoint."""
+    view = Mount(mountpoint).as_agent(agent)
+    if not os.path.isdir(view.root):
+        raise OSError(errno.ENOENT, f"no agent {agent} on the mount", mountpoint)
+    app = MCPServer(name=f"fs9:{agent}", version=__version__,
+                    instructions=f"fs9 as agent {agent}: its view of the mount, files and all. "
+                                 "Paths are relative to the view (vault/..., agents/..., topics/...).")
+
+    async def act(fn, *args):
+        """fn(*args) in a worker thread (file I/O blocks); OSError as the agent's errno,
+        and for a refusal fs9's reason in words (the agent's latest note)."""
+        try:
+            return await anyio.to_thread.run_sync(fn, *args)
+        except TimeoutError as e:
+            raise ToolError(f"timed out: {e}") from None
+        except OSError as e:
+            failed = e
+        refusal = _refusal(failed)
+        if failed.errno in (errno.EACCES, errno.EPERM):
+            try:
+                note = await anyio.to_thread.run_sync(view.last_note, agent)
+            except OSError:
+                note = ""
+            if note:
+                refusal = ToolError(f"{refusal} ({note})")
+        raise refusal
+
+    def tool(fn):
+        """An MCP tool, each call a line on stderr (the client's log of this server):
+        a call id, the agent, the tool, its outcome (ok or the errno) and its time."""
+        @functools.wraps(fn)
+        async def call(*args, **kw):
+            call_id, t, outcome = os.urandom(6).hex(), time.monotonic(), "ok"
+            try:
+                return await fn(*args, **kw)
+            except ToolError as e:
+                outcome = str(e).split(":", 1)[0]
+                raise
+            except BaseException:  # a defect of ours, or the call cancelled
+                outcome = "error"
+                raise
+            finally:
+                print(f"fs9 mcp: call={call_id} agent={agent} tool={fn.__name__} "
+                      f"outcome={outcome} ms={(time.monotonic() - t) * 1000:.1f}",
+                      file=sys.stderr, flush=True)
+        return app.tool()(call)
+
+    @tool
+    async def list_agents() -> list[str]:
+        """The agents this agent knows of (`ls agents` in its view)."""
+        return await act(view.agents)
+
+    @tool
+    async def registry(name: str) -> dict:
+        """What agent NAME offers, as an A2A AgentCard (needs the discover pledge)."""
+        return await act(view.card, name)
+
+    @tool
+    async def list_dir(path: str = "") -> list[str]:
+        """The names in a folder of the view (`ls PATH`)."""
+        return await act(view.listdir, path)
+
+    @tool
+    async def read_file(path: str) -> str:
+        """A vault, status or ctl file of the view (`cat PATH`)."""
+        return await act(view.read, path)
+
+    @tool
+    async def write_file(path: str, content: str) -> str:
+        """Write a file of the view whole (`printf %s CONTENT > PATH`)."""
+        await act(view.write, path, content)
+        return f"wrote {len(content.encode())} bytes to {path}"
+
+    @tool
+    async def run_task(agent: str, input: str, timeout_s: float = 60) -> dict:
+        """Run one task on AGENT (`printf %s INPUT > agents/AGENT/in`), wait for it and
+        return its output and status (`cat agents/AGENT/tasks/ID/out`)."""
+        def run():  # one worker thread for the whole task: each hop costs ~0.1 ms
+            task = view.run(agent, input)
+            out = task.wait(timeout_s)
+            status = task.status()
+            return {"task": task.id, "state": status.get("state"), "exit": status.get("exit"),
+                    "corr": status.get("corr"), "out": out}
+        return await act(run)
+
+    @tool
+    async def send_mail(to: str, body: str, type: str = "event") -> str:
+        """Send one message to agent TO (`agents/TO/mail/new`); a `work_request` to a
+        task agent becomes a task whose result comes back as mail (read_mail)."""
+        await act(lambda: view.send(to, body, type=type))
+        return f"sent to {to}"
+
+    @tool
+    async def read_mail(ack: bool = False) -> list[dict]:
+        """This agent's pending messages, in delivery order (`cat agents/NAME/mail/*`);
+        ack removes them once read (`rm`)."""
+        def read():
+            messages = view.mail()
+            for m in messages if ack else ():
+                view.ack(m)
+            return [{"name": m.name, "headers": m.headers, "body": m.body} for m in messages]
+        return await act(read)
+
+    @tool
+    async def publish(topic: str, text: str) -> str:
+        """Publish one event on a topic (`echo TEXT >> topics/TOPIC`)."""
+        await act(view.publish, topic, text)
+        return f"published on {topic}"
+
+    @tool
+    async def search(query: str) -> list[str]:
+        """Ranked vault hits this agent may read (`cat search/QUERY`)."""
+        return await act(view.search, query)
+
+    @tool
+    async def read_trace(corr: str) -> list[dict]:
+        """Every event of one correlation id (`cat log/trace/CORR`), where the view shows it."""
+        return await act(view.trace, corr)
+
+    @app.resource("fs9://status", mime_type="text/plain")
+    async def status() -> str:
+        """This agent's status file (`agents/NAME/status`)."""
+        return await act(view.read, f"agents/{agent}/status")
+
+    @app.resource("fs9://view/{+path}", mime_type="text/plain")
+    async def view_file(path: str) -> str:
+        """A file of the view: a vault file, a status (`cat PATH`)."""
+        try:
+            return await anyio.to_thread.run_sync(view.read, path)
+        except OSError as e:
+            raise ResourceError(str(_refusal(e))) from None
+
+    return app
+
+
+def run(mountpoint: str, agent: str, http_port: int | None = None) -> int:
+    """Serve until the client leaves (stdio) or the process is stopped (HTTP)."""
+    try:
+        app = server(mountpoint, agent)
+    except OSError as e:
+        print(f"fs9 mcp: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 1
+    print(f"fs9 mcp: serving {mountpoint} as agent {agent}", file=sys.stderr)
+    if http_port is None:
+        app.run("stdio")
+    else:
+        app.run("streamable-http", host="127.0.0.1", port=http_port)
+    return 0
