@@ -15,7 +15,7 @@ from fs9.errors import Fs9Error
 from fs9.kernel import log as eventlog
 from fs9.kernel.kernel import Kernel
 
-from conftest import WAIT_S, errno_of
+from conftest import WAIT_S, errno_of, fs9
 
 ITERATIONS = 30  # rounds of the race, each with its own timings
 REMOUNT_EVERY = 3  # rounds between unmount + mount checks (a remount costs about 2 s)
@@ -230,6 +230,9 @@ def test_a_planted_bad_event_is_set_aside_reported_and_the_rest_comes_back(mount
     assert f"replay set aside event {bad[1]} (spawn agent=keep)" in err, err
     reported = _events(mount, "kind = 'replay_set_aside'")
     assert [json.loads(row[4])["event"] for row in reported] == bad
+    checked = fs9("check", str(mount.state))  # `fs9 check` lists them too, while served
+    assert checked.returncode == 0 and f"replay set aside event {bad[0]} " in checked.stdout, \
+        checked.stdout + checked.stderr
     mount.write("agents/keep/in", "more\n")  # it works on from there
     mount.wait_for(lambda: mount.status("keep")["done"] == "2", what="a task after the mount")
 

@@ -175,8 +175,6 @@ def verify(path: str, quick: bool = False, owned: bool = False) -> list[str]:
         if high < mark:
             problems.append(f"the log ends at event {high} but event {mark} had reached the "
                             f"disk (STATE/{sync.MARK}): its tail was lost (a torn or damaged WAL)")
-        for extra in CHECKS:
-            problems += extra(db)
         return problems
     except sqlite3.DatabaseError as e:
         return [f"the file is damaged or not a database (SQLite: {e})"]
@@ -195,10 +193,6 @@ def _sequence(db) -> list[str]:
     return []
 
 
-# Further checks of a readable log, each (read-only connection) -> [problem sentences]:
-# a hook for stores that live beside the events (e.g. events set aside at replay).
-CHECKS: list = []
-
 
 # --- check and backup (fs9 check, fs9 backup): safe while a server runs -------------------
 
@@ -214,13 +208,19 @@ def check(state_dir: str) -> tuple[list[str], str]:
         problems = verify(path, owned=owned)
     if problems:
         return problems, ""
+    from .log import set_aside  # (log.py imports this module)
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         count, version = (db.execute("SELECT count(*) FROM events").fetchone()[0],
                           db.execute("PRAGMA user_version").fetchone()[0])
+        aside = set_aside(db)  # no fault of the file: replay left them out, said at mount
     finally:
         db.close()
-    return [], f"{count} events numbered 1 to {count}, schema version {version}"
+    summary = f"{count} events numbered 1 to {count}, schema version {version}"
+    if aside:
+        summary += f"; {len(aside)} set aside at replay, not dismissed:" + "".join(
+            f"\n  {r.describe()}" for r in aside)
+    return [], summary
 
 
 def backup(state_dir: str, dest: str) -> int:
