@@ -11,6 +11,7 @@ Transports: stdio (desktop clients, editors) and streamable HTTP on 127.0.0.1.
 """
 import errno
 import functools
+import json
 import os
 import sys
 import time
@@ -58,9 +59,18 @@ def server(mountpoint: str, agent: str) -> MCPServer:
                 refusal = ToolError(f"{refusal} ({note})")
         raise refusal
 
+    def logged(line: str) -> None:
+        """A call in fs9's event log as the agent's own step (agents/NAME/steps: an
+        `agent_step` event, of its running task if any), beside its stderr line."""
+        try:
+            view.write(f"agents/{agent}/steps", line + "\n")
+        except OSError as e:  # (a step rate past the agent's: EAGAIN) the call stands
+            print(f"fs9 mcp: not logged in fs9: {e}", file=sys.stderr, flush=True)
+
     def tool(fn):
-        """An MCP tool, each call a line on stderr (the client's log of this server):
-        a call id, the agent, the tool, its outcome (ok or the errno) and its time."""
+        """An MCP tool, each call a step in fs9's log as the agent's (`mcp_call`, with
+        its call id: one id to find it by) and a line on stderr: the call id, the agent,
+        the tool, its outcome (ok or the errno) and its time."""
         @functools.wraps(fn)
         async def call(*args, **kw):
             call_id, t, outcome = os.urandom(6).hex(), time.monotonic(), "ok"
@@ -73,9 +83,11 @@ def server(mountpoint: str, agent: str) -> MCPServer:
                 outcome = "error"
                 raise
             finally:
+                ms = round((time.monotonic() - t) * 1000, 1)
                 print(f"fs9 mcp: call={call_id} agent={agent} tool={fn.__name__} "
-                      f"outcome={outcome} ms={(time.monotonic() - t) * 1000:.1f}",
-                      file=sys.stderr, flush=True)
+                      f"outcome={outcome} ms={ms}", file=sys.stderr, flush=True)
+                await anyio.to_thread.run_sync(logged, json.dumps(dict(
+                    kind="mcp_call", call=call_id, tool=fn.__name__, outcome=outcome, ms=ms)))
         return app.tool()(call)
 
     @tool

@@ -124,6 +124,18 @@ async def test_the_other_agent_sees_its_own_view(two, tmp_path):
     log.close()
     assert "agent=beta tool=read_file outcome=ENOENT" in logged
     assert "agent=beta tool=list_dir outcome=ok" in logged
+    # and in fs9's own log, as beta's steps, each with the call id of its stderr line
+    import sqlite3
+    db = sqlite3.connect(f"file:{two.state / 'log.sqlite'}?mode=ro", uri=True)
+    try:
+        steps = [json.loads(d)["step"] for (d,) in db.execute(
+            "SELECT data FROM events WHERE kind='agent_step' AND agent='beta'")]
+    finally:
+        db.close()
+    calls = [(s["tool"], s["outcome"]) for s in steps if s.get("kind") == "mcp_call"]
+    assert calls[:2] == [("list_dir", "ok"), ("read_file", "ok")], steps
+    assert ("read_file", "ENOENT") in calls
+    assert all(f"call={s['call']} " in logged for s in steps if s.get("kind") == "mcp_call")
 
 
 async def test_a_task_runs_end_to_end_and_mail_comes_back(two):
