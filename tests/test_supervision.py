@@ -128,7 +128,8 @@ def test_the_tree_as_files_and_stop_start_restart_act_on_the_subtree(mount):
     assert mount.read("agents/team/children") == "w1\nw2\n"
     assert mount.read("agents/w2/supervisor") == "team\n"
     assert mount.read("agents/team/supervisor") == "" and mount.read("agents/w1/children") == ""
-    mount.wait_for(lambda: mount.status("w2")["state"] == "running", what="w2 running")
+    mount.wait_for(lambda: all(mount.status(n)["state"] == "running" for n in ("w1", "w2")),
+                   what="w1 and w2 running")
     tree = mount.read("tree").splitlines()
     assert tree[0] == "solo idle restarts=0"
     assert tree[1] == "team running restarts=0 strategy=one_for_all intensity=3/60s"
@@ -208,3 +209,36 @@ def test_an_agent_may_not_command_a_supervisor(mount):
     refused = [json.loads(line)["reason"] for line in mount.read("log/audit").splitlines()
                if '"refused"' in line]
     assert sum("supervision trees are the operator's" in r for r in refused) == 2
+
+
+def operator_mail(mount, kind: str) -> list[str]:
+    return [text for text in (mount.read(f"mail/{name}") for name in os.listdir(mount.path / "mail")
+                              if name not in ("next", "dead")) if f"type: {kind}" in text]
+
+
+def test_a_daemon_nobody_supervises_escalates_to_the_operator(mount, events):
+    mount.define("lone", CRASH + "max_restarts = 1\n")
+    mount.sh("echo 'spawn lone' > ctl", check=True)
+    seen = events.wait_kind("escalated")
+    assert [e["kind"] for e in seen].count("agent_restart") == 1
+    [letter] = operator_mail(mount, "escalation")
+    assert "from: lone" in letter and "more than 1 restarts within 60s" in letter
+
+
+def test_the_tree_survives_a_new_mount(mount):
+    mount.define("team", 'mode = "supervisor"\nstrategy = "rest_for_one"\n'
+                         'children = ["w1", {name = "sub", def = "subsup"}]\n')
+    mount.define("subsup", 'mode = "supervisor"\nchildren = [{name = "w2", def = "w1"}]\n')
+    mount.define("w1", UP)
+    mount.sh("echo 'spawn team' > ctl", check=True)
+    both_running = lambda: all(mount.status(n)["state"] == "running" for n in ("w1", "w2"))
+    mount.wait_for(both_running, what="w1 and w2 running")
+    before = mount.read("tree")
+    assert before.splitlines()[2:] == ["  sub running restarts=0 strategy=one_for_one "
+                                       "intensity=3/60s", "    w2 running restarts=0"]
+    mount.umount()
+    mount.mount()
+    mount.wait_for(both_running, what="w1 and w2 running again")
+    assert mount.read("tree") == before
+    assert mount.read("agents/w2/supervisor") == "sub\n"
+    assert mount.read("agents/team/children") == "w1\nsub\n"
