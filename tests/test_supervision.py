@@ -95,7 +95,7 @@ def test_a_crashing_grandchild_is_restarted_per_strategy_then_escalated(
         mount, events, strategy, expected):
     define_tree(mount, strategy)
     mount.sh("echo 'spawn top' > ctl", check=True)
-    seen = events.wait_kind("escalated")
+    seen = events.wait_kind("escalated", timeout=90)
     mount.wait_for(lambda: mount.status("top")["state"] == "failed", what="top failed")
     assert restarts(mount) == expected
     ours = [e for e in seen if e["kind"] == "supervisor_restart"]
@@ -114,10 +114,14 @@ def test_a_crashing_grandchild_is_restarted_per_strategy_then_escalated(
             if name not in ("next", "dead")]
     [letter] = [m for m in mail if "type: escalation" in m]
     assert "from: top" in letter and "top failed" in letter and "\n  mid failed" in letter
-    # start acts on the subtree: every agent in it runs again
+    # start acts on the subtree: every agent in it starts again (and crash crashes again,
+    # up to the operator once more)
     mount.sh("echo start > agents/top/ctl", check=True)
-    mount.wait_for(lambda: mount.status("a")["state"] == "running"
-                   and mount.status("b")["state"] == "running", what="the subtree started again")
+    again = events.until(lambda got: {"top", "mid", "a", "crash", "b"} <= {
+        e["agent"] for e in got if e["kind"] == "agent_start"}
+        and any(e["kind"] == "escalated" for e in got), timeout=90, what="the tree again")
+    assert [e["agent"] for e in again if e["kind"] == "agent_start"][:5] == \
+        ["top", "mid", "a", "crash", "b"]  # parents first, children in start order
 
 
 def test_the_tree_as_files_and_stop_start_restart_act_on_the_subtree(mount):

@@ -136,6 +136,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "err": lambda k: Status(k.err),  # what the operator should know: set-aside events
     "events": lambda k: StreamNode(lambda: EventCursor(k.log)),
     "tree": lambda k: Status(lambda: supervision.render(k)),  # the supervision trees
+    "metrics": lambda k, me=None: Status(lambda: k.metrics.text(me)),  # Prometheus text
     "agents": None,
     "agents/{agent}": None,
     "agents/{agent}/ctl": lambda k, agent, me=None: Ctl(

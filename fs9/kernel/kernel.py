@@ -28,6 +28,7 @@ from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
 from .log import Event, EventLog
+from .metrics import Metrics
 from .names import one_line
 from .rate import Burst, Rates
 from .models.models import Models
@@ -118,6 +119,7 @@ class Kernel:
         self.vault_changes = watch.OwnChanges(self.log, self.search)
         self.models = Models(self)
         self.memory = Memory(self)
+        self.metrics = Metrics(self)  # the root `metrics` (metrics.py)
         self.handlers = event_table(self, self.bus, self.models, self.memory)
 
     # --- lifetime --------------------------------------------------------------
@@ -385,6 +387,7 @@ class Kernel:
     def _end(self, task: Task, state: str, exit=None, reason: str = "", ts=None) -> None:
         task.move(state)
         task.exit, task.reason, task.ended_ts = exit, reason, ts
+        self.metrics.task_ended(task)
         for stream in (task.out, task.err):
             if stream is not None:
                 stream.end()
