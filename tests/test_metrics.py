@@ -29,17 +29,17 @@ def test_metrics_count_what_happened(mount):
     assert got[("fs9_tasks", (("state", "queued"),))] == 2
     assert got[("fs9_agent_queue_depth", (("agent", "q"),))] == 2
     assert got[("fs9_agent_restarts_total", (("agent", "crashy"),))] == 2
-    assert got[("fs9_task_duration_seconds_count", (("agent", "echo"),))] == 2
-    assert got[("fs9_task_duration_seconds_bucket", (("agent", "echo"), ("le", "+Inf")))] == 2
-    assert ("fs9_task_duration_seconds_count", (("agent", "q"),)) not in got  # none ran
+    assert got[("fs9_task_duration_seconds_count", ())] == 3  # echo's 2, fail's 1 (q's: none ran)
+    assert got[("fs9_task_duration_seconds_bucket", (("le", "+Inf"),))] == 3
     assert got[("fs9_mail_pending", (("agent", "operator"),))] == 1  # crashy's escalation
     # durations are rebuilt from the log: a new mount shows the same
     mount.umount()
     mount.mount()
     again = samples(mount.read("metrics"))
-    assert again[("fs9_task_duration_seconds_count", (("agent", "echo"),))] == 2
-    assert again[("fs9_task_duration_seconds_sum", (("agent", "echo"),))] == \
-        got[("fs9_task_duration_seconds_sum", (("agent", "echo"),))]
+    assert again[("fs9_task_duration_seconds_count", ())] == 3
+    assert again[("fs9_task_duration_seconds_sum", ())] == got[("fs9_task_duration_seconds_sum", ())]
+    assert again[("fs9_state_events_total", (("kind", "task_done"),))] == \
+        got[("fs9_state_events_total", (("kind", "task_done"),))]
 
 
 def test_an_agent_sees_only_the_agents_it_knows_of(mount):
@@ -53,3 +53,19 @@ def test_an_agent_sees_only_the_agents_it_knows_of(mount):
     assert "secret" not in seen and "operator" not in seen
     assert got[("fs9_agent_queue_depth", (("agent", "peek"),))] == 0
     assert got[("fs9_agents", (("state", "idle"),))] == 1
+
+
+def test_state_events_and_fuse_requests_are_counted(mount):
+    mount.sh("echo 'spawn echo' > ctl && printf 'hi\\n' > agents/echo/mail/new", check=True)
+    mount.sh("cat agents/nobody/status", check=False)  # ENOENT: an error answered
+    got = samples(mount.read("metrics"))
+    assert got[("fs9_state_events_total", (("kind", "spawn"),))] == 1
+    assert got[("fs9_state_events_total", (("kind", "mail_sent"),))] == 1
+    assert got[("fs9_fuse_request_seconds_count", (("op", "write"),))] >= 2
+    assert got[("fs9_fuse_errors_total", (("op", "lookup"),))] >= 1
+    assert got[("fs9_fuse_request_seconds_count", (("op", "lookup"),))] > \
+        got[("fs9_fuse_errors_total", (("op", "lookup"),))]
+    mount.define("peek", 'cmd = ["cat"]\n[unveil]\n"metrics" = "r"\n')
+    mount.sh("echo 'spawn peek' > ctl", check=True)
+    seen = mount.read("agents/peek/view/metrics")
+    assert "fs9_fuse" not in seen and "fs9_state_events" not in seen  # the operator's

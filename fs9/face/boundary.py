@@ -8,6 +8,7 @@ import errno
 import functools
 import logging
 import os
+import time
 
 import pyfuse3
 
@@ -19,8 +20,11 @@ log = logging.getLogger("fs9.face")
 def boundary(fn):
     @functools.wraps(fn)
     async def handler(self, *args):
+        start, ok = time.perf_counter(), False
         try:
-            return await fn(self, *args)
+            result = await fn(self, *args)
+            ok = True
+            return result
         except pyfuse3.FUSEError:
             raise
         except Fs9Error as e:
@@ -29,6 +33,8 @@ def boundary(fn):
         except Exception:
             self.kernel.log.bug(fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO)
+        finally:  # counted in the root `metrics` (kernel/metrics.py)
+            self.kernel.metrics.request(fn.__name__, time.perf_counter() - start, ok)
     return handler
 
 

@@ -254,6 +254,7 @@ class Kernel:
             raise Unappliable(refused.text)
         handler(e, self.agents.get(e.agent) if e.agent else None,
                 self.tasks.get(e.task) if e.task else None)
+        self.metrics.applied[e.kind] += 1
 
     def refusal(self, kind: str, agent: str | None, task: int | None) -> Fs9Error | None:
         """Why the state cannot take an event `kind` naming agent and task now (None: it

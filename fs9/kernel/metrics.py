@@ -3,8 +3,14 @@ rendered by prometheus-client from the state at each read (a custom collector: n
 global registry, nothing kept twice) but for task durations, a histogram kept as
 tasks end (at replay too, from the logged times, so a new mount shows the same).
 
+Also counted as they happen: the state events applied (Kernel.apply: live and at
+replay alike, so mail sent, acked and expired and topic events survive a new mount),
+and the FUSE requests served by each handler and their latency (face/boundary.py;
+since this mount, a stream's read including the time it waited for data).
+
 Read through an agent's view, only the agents it may know of appear (Kernel.knows):
-a metric must not name an agent that answers elsewhere as one nobody has.
+a metric must not name an agent that answers elsewhere as one nobody has; the
+event and request counts, which tell of every agent, are the operator's.
 """
 import bisect
 import collections
@@ -46,13 +52,24 @@ class Durations:
 class Metrics:
     def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel
-        self.durations: dict[str, Durations] = collections.defaultdict(Durations)
+        # one histogram for all agents' tasks: 16 series per agent would make a read of a
+        # thousand agents cost a second (prometheus-client renders ~30 us a sample)
+        self.durations = Durations()
+        self.applied: collections.Counter = collections.Counter()  # state events by kind
+        self.served: dict[str, Durations] = collections.defaultdict(Durations)  # FUSE ops
+        self.failed: collections.Counter = collections.Counter()  # FUSE ops answered an errno
+
+    def request(self, op: str, seconds: float, ok: bool) -> None:
+        """A FUSE handler answered (face/boundary.py)."""
+        self.served[op].observe(seconds)
+        if not ok:
+            self.failed[op] += 1
 
     def task_ended(self, task) -> None:
         """A task reached a final state (Kernel._end): its run time, if it ran."""
         if task.state in FINAL and not task.daemon and task.started_ts is not None \
                 and task.ended_ts is not None:
-            self.durations[task.agent].observe(max(0.0, task.ended_ts - task.started_ts))
+            self.durations.observe(max(0.0, task.ended_ts - task.started_ts))
 
     def text(self, me: str | None = None) -> str:
         """The exposition as `me` (an agent; None: the operator) may see it."""
@@ -96,12 +113,30 @@ class _Collector:
         yield t
         yield from self._mail(k, agents)
         yield from self._models(k, names)
-        h = HistogramMetricFamily("fs9_task_duration_seconds", "Run time of tasks that "
-                                  "ended (done, failed, cancelled).", labels=["agent"])
-        for name in sorted(names & set(self.metrics.durations)):
-            d = self.metrics.durations[name]
-            h.add_metric([name], d.cumulative(), d.sum)
+        if me is None:
+            yield from self._operators()
+
+    def _operators(self):
+        m = self.metrics
+        h = HistogramMetricFamily("fs9_task_duration_seconds", "Run time of the tasks "
+                                  "that ended (done, failed, cancelled).")
+        h.add_metric([], m.durations.cumulative(), m.durations.sum)
         yield h
+        events = CounterMetricFamily("fs9_state_events", "State events applied, by kind "
+                                     "(mail_sent, mail_acked, mail_expired, published...).",
+                                     labels=["kind"])
+        for kind in sorted(m.applied):
+            events.add_metric([kind], m.applied[kind])
+        yield events
+        latency = HistogramMetricFamily("fs9_fuse_request_seconds", "FUSE requests served "
+                                        "since mount, by handler, and their latency.",
+                                        labels=["op"])
+        errors = CounterMetricFamily("fs9_fuse_errors", "FUSE requests answered with an "
+                                     "errno, by handler.", labels=["op"])
+        for op in sorted(m.served):
+            latency.add_metric([op], m.served[op].cumulative(), m.served[op].sum)
+            errors.add_metric([op], m.failed[op])
+        yield from (latency, errors)
 
     def _mail(self, k, agents):
         owners = agents + ([k.bus.operator] if self.me is None else [])
