@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     m.add_argument("--no-kernel-audit", dest="audit", action="store_false",
                    help="do not witness confined agents' refused syscalls through kernel audit "
                         "(they are still refused; audited programs run ~15 us slower a syscall)")
+    m.add_argument("--metrics", metavar="HOST:PORT",
+                   help="also serve the root metrics over HTTP for Prometheus (a loopback "
+                        "address, e.g. 127.0.0.1:9109)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount fs9 from MOUNTPOINT")
     u.add_argument("mountpoint")
@@ -52,6 +55,13 @@ def mount(args) -> int:
         if _inside(mnt, d) or _inside(d, mnt):
             raise UsageError(f"the mount point {mnt} must not be inside the {label} directory "
                              f"{d} (nor it inside the mount point): lookups would deadlock")
+    metrics_at = None
+    if args.metrics:
+        from .kernel.metrics import http_address
+        try:
+            metrics_at = http_address(args.metrics)
+        except ValueError as e:
+            raise UsageError(str(e))
     _clear_stale(mnt)
     if is_mounted(mnt):
         raise UsageError(f"{mnt} is already mounted (fs9 umount {args.mountpoint})")
@@ -72,7 +82,7 @@ def mount(args) -> int:
             os.close(args.ready_fd)
 
     from .face.mount import serve
-    trio.run(serve, mnt, state, agents, vault, ready, args.audit)
+    trio.run(serve, mnt, state, agents, vault, ready, args.audit, metrics_at)
     return 0
 
 
@@ -108,7 +118,8 @@ def _background(args, mnt: str, state: str) -> int:
     r, w = os.pipe()
     argv = [sys.executable, "-m", "fs9", "mount", mnt, "--vault", args.vault, "--state", state,
             "--agents", args.agents, "--ready-fd", str(w)] + (["--debug"] if args.debug else []) \
-        + ([] if args.audit else ["--no-kernel-audit"])
+        + ([] if args.audit else ["--no-kernel-audit"]) \
+        + (["--metrics", args.metrics] if args.metrics else [])
     logpath = os.path.join(state, "fs9.log")
     with open(logpath, "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,

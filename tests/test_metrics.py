@@ -1,6 +1,12 @@
 """The root `metrics` (kernel/metrics.py): Prometheus text, parsed by prometheus-client's
 own parser and checked against activity driven through a real mount."""
+import socket
+import urllib.request
+
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Mount, fs9, fuse_unavailable
 
 
 def samples(text: str) -> dict[tuple, float]:
@@ -69,3 +75,31 @@ def test_state_events_and_fuse_requests_are_counted(mount):
     mount.sh("echo 'spawn peek' > ctl", check=True)
     seen = mount.read("agents/peek/view/metrics")
     assert "fs9_fuse" not in seen and "fs9_state_events" not in seen  # the operator's
+
+
+def test_metrics_over_http_for_a_scraper(tmp_path):
+    """fs9 mount --metrics 127.0.0.1:PORT: the operator's exposition over HTTP; only on a
+    loopback address."""
+    why = fuse_unavailable()
+    if why:
+        pytest.skip(f"cannot mount FUSE here: {why}")
+    m = Mount(tmp_path)
+    r = fs9("mount", str(m.path), "--state", str(m.state), "--agents", str(m.agents),
+            "--metrics", "0.0.0.0:9109")
+    assert r.returncode == 2 and "loopback" in r.stderr
+    with socket.socket() as s:  # a free port (another process could take it: unlikely)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = fs9("mount", str(m.path), "--state", str(m.state), "--agents", str(m.agents),
+            "--vault", str(m.vault), "--background", "--metrics", f"127.0.0.1:{port}")
+    assert r.returncode == 0, r.stderr
+    m.pid = int(dict(w.split("=") for w in m.read("ctl").split())["pid"])
+    try:
+        m.sh("echo 'spawn echo' > ctl && echo 'run hi' > agents/echo/ctl", check=True)
+        m.wait_for(lambda: m.status("echo")["done"] == "1", what="the task done")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+            got = samples(resp.read().decode())
+        assert got[("fs9_agent_tasks", (("agent", "echo"), ("state", "done")))] == 1
+        assert got[("fs9_task_duration_seconds_count", ())] == 1
+    finally:
+        m.umount()

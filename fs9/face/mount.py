@@ -6,6 +6,7 @@ import signal
 import pyfuse3
 import trio
 
+from ..kernel import metrics
 from ..kernel.kernel import Kernel
 from .ops import MAX_TASKS, Operations
 
@@ -17,12 +18,14 @@ READ_AHEAD_KB = 1024
 
 
 async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
-                ready=None, audit: bool = True) -> None:
+                ready=None, audit: bool = True, metrics_at: tuple[str, int] | None = None) -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
     kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
                     audit=audit)
     async with trio.open_nursery() as nursery:
         await nursery.start(kernel.serve)
+        if metrics_at is not None:  # (fs9 mount --metrics HOST:PORT)
+            await nursery.start(metrics.serve_http, kernel, *metrics_at)
         ops = Operations(kernel, nursery)
         # noatime: a read need not be followed by a getattr to refresh atime
         # No default_permissions: access is decided (and refusals logged) by ops.py and the

@@ -8,14 +8,20 @@ replay alike, so mail sent, acked and expired and topic events survive a new mou
 and the FUSE requests served by each handler and their latency (face/boundary.py;
 since this mount, a stream's read including the time it waited for data).
 
+`fs9 mount --metrics 127.0.0.1:PORT` also serves the operator's exposition over HTTP
+for a Prometheus scraper (`serve_http`: prometheus-client's server, in its thread; the
+state is read on the trio thread, where it changes).
+
 Read through an agent's view, only the agents it may know of appear (Kernel.knows):
 a metric must not name an agent that answers elsewhere as one nobody has; the
 event and request counts, which tell of every agent, are the operator's.
 """
 import bisect
 import collections
+import ipaddress
 
-from prometheus_client import CollectorRegistry, generate_latest
+import trio
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.metrics import Histogram
@@ -76,6 +82,43 @@ class Metrics:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self, me))
         return generate_latest(registry).decode()
+
+
+def http_address(text: str) -> tuple[str, int]:
+    """HOST:PORT of --metrics, a loopback address (the exposition names every agent);
+    ValueError saying what is wrong."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--metrics {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9109")
+    if not loopback:
+        raise ValueError(f"--metrics {text!r}: serve it on a loopback address (127.0.0.1, "
+                         "::1): it names every agent; put a proxy in front to reach it")
+    return host, int(port)
+
+
+async def serve_http(kernel: "Kernel", host: str, port: int, *,
+                     task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the operator's exposition at http://HOST:PORT/ until cancelled."""
+    token = trio.lowlevel.current_trio_token()
+
+    class OnTrioThread:  # a scrape (the server's thread) renders on the trio thread
+        def collect(self):
+            return trio.from_thread.run_sync(
+                lambda: list(_Collector(kernel.metrics, None).collect()), trio_token=token)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(OnTrioThread())
+    server, _ = start_http_server(port, host, registry)  # (its thread is a daemon)
+    try:
+        task_status.started()
+        await trio.sleep_forever()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class _Collector:
