@@ -32,6 +32,9 @@ def main(argv=None) -> int:
                    help="when a write is acknowledged: process (default) once logged, safe "
                         "from a crash of fs9; power once on disk, safe from a power cut "
                         "(writers share fsyncs)")
+    m.add_argument("--metrics", metavar="HOST:PORT",
+                   help="also serve the root metrics over HTTP for Prometheus (a loopback "
+                        "address, e.g. 127.0.0.1:9109)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount fs9 from MOUNTPOINT")
     u.add_argument("mountpoint")
@@ -81,6 +84,13 @@ def mount(args) -> int:
         if _inside(mnt, d) or _inside(d, mnt):
             raise UsageError(f"the mount point {mnt} must not be inside the {label} directory "
                              f"{d} (nor it inside the mount point): lookups would deadlock")
+    metrics_at = None
+    if args.metrics:
+        from .kernel.metrics import http_address
+        try:
+            metrics_at = http_address(args.metrics)
+        except ValueError as e:
+            raise UsageError(str(e))
     _clear_stale(mnt)
     if is_mounted(mnt):
         raise UsageError(f"{mnt} is already mounted (fs9 umount {args.mountpoint})")
@@ -104,7 +114,8 @@ def mount(args) -> int:
 
     from .face.mount import serve
     try:
-        trio.run(serve, mnt, state, agents, vault, ready, args.audit, args.durability)
+        trio.run(serve, mnt, state, agents, vault, ready, args.audit, args.durability,
+                 metrics_at)
     except* StateError as group:  # (raised inside a nursery, it comes in a group)
         ready(f"refused {group.exceptions[0]}")
         raise group.exceptions[0] from None
@@ -144,7 +155,8 @@ def _background(args, mnt: str, state: str) -> int:
     argv = [sys.executable, "-m", "fs9", "mount", mnt, "--vault", args.vault, "--state", state,
             "--agents", args.agents, "--durability", args.durability,
             "--ready-fd", str(w)] + (["--debug"] if args.debug else []) \
-        + ([] if args.audit else ["--no-kernel-audit"])
+        + ([] if args.audit else ["--no-kernel-audit"]) \
+        + (["--metrics", args.metrics] if args.metrics else [])
     logpath = os.path.join(state, "fs9.log")
     with open(logpath, "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,

@@ -5,12 +5,13 @@ import subprocess
 
 
 def test_root_and_agent_layout(mount):
-    assert sorted(os.listdir(mount.path)) == ["agents", "ctl", "err", "events", "log", "mail", "models", "registry", "search", "status", "topics", "vault"]
+    assert sorted(os.listdir(mount.path)) == ["agents", "ctl", "err", "events", "log", "mail", "metrics", "models", "registry", "search", "status", "topics", "tree", "vault"]
     assert os.listdir(mount.path / "agents") == []
     mount.sh("echo 'spawn echo' > ctl", check=True)
     assert os.listdir(mount.path / "agents") == ["echo"]
     assert sorted(os.listdir(mount.path / "agents/echo")) == [
-        "ctl", "err", "in", "mail", "manifest", "memory", "out", "outbox", "status", "steps", "tasks", "view"]
+        "children", "ctl", "err", "in", "mail", "manifest", "memory", "out", "outbox", "status",
+        "steps", "supervisor", "tasks", "view"]
     line = mount.read("ctl")
     assert line.startswith("state=running ") and "agents=1" in line
     assert mount.read("status") == "echo idle - 0 0 0 0\n"

@@ -37,6 +37,7 @@ class Job:
     priority: str
     emit: Callable[[int, bytes], None]  # (1 stdout | 2 stderr, bytes)
     sandbox: object = None  # a confine.Sandbox: start the program confined in it
+    shutdown_s: float = 2.0  # when cancelled: SIGTERM, SIGKILL this much later (0: at once)
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
         return status
     finally:
         with trio.CancelScope(shield=True):
-            await _terminate(proc)
+            await _terminate(proc, job.shutdown_s)
             for stream in (stdin, stdout, stderr):
                 if stream is not None:
                     await stream.aclose()
@@ -155,16 +155,17 @@ async def _pump(pipe: trio.lowlevel.FdStream, fd: int, emit, drained: trio.Event
         drained.set()
 
 
-async def _terminate(proc: _Program) -> None:
-    """End the program's process group: stragglers die with the task."""
+async def _terminate(proc: _Program, shutdown_s: float = GRACE_S) -> None:
+    """End the program's process group: stragglers die with the task. SIGTERM first,
+    SIGKILL after shutdown_s (0, OTP's brutal_kill: SIGKILL at once)."""
     def kill_group(sig):
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-    if not proc.exited():
+    if not proc.exited() and shutdown_s > 0:
         kill_group(signal.SIGTERM)
-        with trio.move_on_after(GRACE_S):
+        with trio.move_on_after(shutdown_s):
             await proc.wait()
     kill_group(signal.SIGKILL)
     with trio.move_on_after(GRACE_S):

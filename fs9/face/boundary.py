@@ -10,6 +10,7 @@ import errno
 import functools
 import logging
 import os
+import time
 
 import pyfuse3
 
@@ -32,11 +33,13 @@ def boundary(fn):
     @functools.wraps(fn)
     async def handler(self, *args):
         events = self.kernel.log
+        start, ok = time.perf_counter(), False
         try:
             before = events.last_seq
             result = await fn(self, *args)
             if acknowledges and events.last_seq != before:  # it (or a request beside it)
                 await events.sync.wait_synced(events.last_seq)  # logged: at power, on disk
+            ok = True
             return result
         except pyfuse3.FUSEError:
             raise
@@ -46,6 +49,8 @@ def boundary(fn):
         except Exception:
             self.kernel.log.bug(fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO)
+        finally:  # counted in the root `metrics` (kernel/metrics.py)
+            self.kernel.metrics.request(fn.__name__, time.perf_counter() - start, ok)
     return handler
 
 

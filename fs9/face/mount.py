@@ -8,7 +8,7 @@ import pyfuse3
 import trio
 
 from ..errors import Fs9Error
-from ..kernel import sync
+from ..kernel import metrics, sync
 from ..kernel.kernel import Kernel
 from ..kernel.state import StateError
 from .ops import MAX_TASKS, Operations
@@ -21,7 +21,8 @@ READ_AHEAD_KB = 1024
 
 
 async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
-                ready=None, audit: bool = True, durability: str = "process") -> None:
+                ready=None, audit: bool = True, durability: str = "process",
+                metrics_at: tuple[str, int] | None = None) -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
     kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
                     audit=audit, durability=durability)
@@ -31,6 +32,8 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
         except sqlite3.DatabaseError as e:  # damage the checks at open did not see
             raise StateError(f"{kernel.log.path} cannot be replayed: {e}; the files are "
                              f"left as they are (fs9 check {state_dir})") from e
+        if metrics_at is not None:  # (fs9 mount --metrics HOST:PORT)
+            await nursery.start(metrics.serve_http, kernel, *metrics_at)
         ops = Operations(kernel, nursery)
         # noatime: a read need not be followed by a getattr to refresh atime
         # No default_permissions: access is decided (and refusals logged) by ops.py and the

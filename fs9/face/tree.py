@@ -23,7 +23,7 @@ from typing import Callable
 
 from ..errors import Fs9Error
 from ..kernel.agents import manifest as manifests, registry
-from ..kernel import labels
+from ..kernel import labels, supervision
 from ..kernel.bus.message import CLASSIFICATIONS
 from ..kernel.names import OPERATOR, split_view
 from ..kernel.stream import Stream
@@ -135,6 +135,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "status": lambda k: Status(k.status),
     "err": lambda k: Status(k.err),  # what the operator should know (Kernel.err)
     "events": lambda k: StreamNode(lambda: EventCursor(k.log)),
+    "tree": lambda k: Status(lambda: supervision.render(k)),  # the supervision trees
+    "metrics": lambda k, me=None: Status(lambda: k.metrics.text(me)),  # Prometheus text
     "agents": None,
     "agents/{agent}": None,
     "agents/{agent}/ctl": lambda k, agent, me=None: Ctl(
@@ -154,6 +156,10 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/manifest": lambda k, agent: Status(
         lambda: manifests.render(agent.manifest)
         + f"# network reach: {manifests.reach(agent.manifest)}\n"),
+    "agents/{agent}/supervisor": lambda k, agent, me=None: Status(
+        lambda: supervision.supervisor_text(k, agent, me)),
+    "agents/{agent}/children": lambda k, agent, me=None: Status(
+        lambda: supervision.children_text(k, agent, me)),
     "agents/{agent}/tasks": None,
     "agents/{agent}/tasks/{task}": None,
     "agents/{agent}/tasks/{task}/input": lambda k, agent, task: Status(lambda: k.task_input(task)),

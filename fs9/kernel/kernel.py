@@ -22,12 +22,13 @@ import trio
 
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
-from . import cmd
+from . import cmd, supervision
 from .agents import escapes, limits, sandbox as sandboxes, spawn
 from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
 from .log import Event, EventLog
+from .metrics import Metrics
 from .names import one_line
 from .rate import Burst, Rates
 from .models.models import Models
@@ -52,14 +53,15 @@ NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart
 AUDIT_ONLY = frozenset({
     "agent_step", "agent_unconfined", "audit_enabled", "audit_unavailable", "bug",
     "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
-    "delivery_refused",
+    "delivery_refused", "escalated",
     "escape_attempt", "escape_denied", "injection_suspected", "log_fault", "log_recovered",
     "mail_delivered", "mount",
     "mail_duplicate", "model_config_error", "model_error", "model_throttled",
     "model_unreachable", "refused", "replay_set_aside", "search_fallback",
-    "search_index_damaged", "search_semantic", "set_aside_dismissed", "task_progress",
-    "topics_config_error", "limit_exceeded", "limits_unavailable", "unclean_stop",
-    "unmount", "unveil_denied", "vault_changed", "watch_restored", "watch_unavailable"})
+    "search_index_damaged", "search_semantic", "set_aside_dismissed", "supervisor_restart",
+    "task_progress", "topics_config_error", "limit_exceeded", "limits_unavailable",
+    "unclean_stop", "unmount", "unveil_denied", "vault_changed", "watch_restored",
+    "watch_unavailable"})
 Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
 
@@ -119,6 +121,7 @@ class Kernel:
         self.vault_changes = watch.OwnChanges(self.log, self.search)
         self.models = Models(self)
         self.memory = Memory(self)
+        self.metrics = Metrics(self)  # the root `metrics` (metrics.py)
         self.handlers = event_table(self, self.bus, self.models, self.memory)
 
     # --- lifetime --------------------------------------------------------------
@@ -268,6 +271,7 @@ class Kernel:
             raise Unappliable(refused.text)
         handler(e, self.agents.get(e.agent) if e.agent else None,
                 self.tasks.get(e.task) if e.task else None)
+        self.metrics.applied[e.kind] += 1
 
     def refusal(self, kind: str, agent: str | None, task: int | None) -> Fs9Error | None:
         """Why the state cannot take an event `kind` naming agent and task now (None: it
@@ -311,6 +315,7 @@ class Kernel:
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"],
                       confine.uid_base(self.uid_slot) + self.uid_offset)
         agent.spawned_by = e.data.get("by")
+        agent.supervisor = e.data.get("supervisor")  # (kernel/supervision.py)
         self.agents[agent.name] = agent
         if self._nursery is not None:
             self._nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
@@ -400,6 +405,7 @@ class Kernel:
     def _end(self, task: Task, state: str, exit=None, reason: str = "", ts=None) -> None:
         task.move(state)
         task.exit, task.reason, task.ended_ts = exit, reason, ts
+        self.metrics.task_ended(task)
         for stream in (task.out, task.err):
             if stream is not None:
                 stream.end()
@@ -425,17 +431,23 @@ class Kernel:
             if p.cmd.verb == "spawn":
                 if by is not None:
                     spawn.check_words_of_agent(self.agent(by), p.args)
-                manifest, _ = spawn.prepare(self, *p.args, by=by)
-                if by is not None and manifest["unconfined"]:
+                tree = supervision.plan(self, *p.args, by=by)  # (a supervisor's subtree)
+                if by is not None and tree[0][1]["unconfined"]:
                     raise Fs9Error(errno.EPERM, f"agent {by} may not start the unconfined "
                                                 f"agent {p.args[0]}")
-                if p.args[0] in names:
-                    raise Fs9Error(errno.EEXIST, f"{AGENT_EXISTS}: {p.args[0]}")
-                names.add(p.args[0])
+                for name, *_ in tree:
+                    if name in names:
+                        raise Fs9Error(errno.EEXIST, f"{AGENT_EXISTS}: {name}")
+                    names.add(name)
             elif p.cmd.verb == "kill":
                 if p.args[0] not in names or (by is not None and not self._reaches(by, p.args[0])):
                     raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {p.args[0]}")
-                names.discard(p.args[0])
+                if by is not None and p.args[0] in self.agents and \
+                        supervision.children(self, self.agents[p.args[0]]):
+                    raise Fs9Error(errno.EPERM, f"agent {by} may not kill the supervisor "
+                                                f"{p.args[0]}: supervision trees are the operator's")
+                names -= {a.name for a in supervision.subtree(self, self.agents[p.args[0]])} \
+                    if p.args[0] in self.agents else {p.args[0]}
             elif p.cmd.verb == "dismiss":
                 if by is not None:
                     raise Fs9Error(errno.EPERM, f"only the operator dismisses set-aside "
@@ -470,14 +482,18 @@ class Kernel:
                 or (asker.current is not None and asker.current.reply_to == name))
 
     def spawn(self, name: str, *overrides: str, by: str | None = None) -> Agent:
-        manifest, home = spawn.prepare(self, name, *overrides, by=by)
-        os.makedirs(home, exist_ok=True)
-        self.record("spawn", agent=name, manifest=manifest, home=home,
-                    uid_offset=sandboxes.free_uid_offset(self), **({"by": by} if by else {}))
+        """Spawn NAME; a supervisor with its subtree, parents first, all checked first."""
+        for each, manifest, home, sup in supervision.plan(self, name, *overrides, by=by):
+            os.makedirs(home, exist_ok=True)
+            self.record("spawn", agent=each, manifest=manifest, home=home,
+                        uid_offset=sandboxes.free_uid_offset(self), **({"by": by} if by else {}),
+                        **({"supervisor": sup} if sup else {}))
         return self.agents[name]
 
     def kill(self, name: str) -> None:
         agent = self.agent(name)
+        for child in reversed(supervision.children(self, agent)):  # a supervisor's first
+            self.kill(child.name)
         self.record("kill", agent=name)
         agent._cancel_run("cancelled")
 
@@ -581,7 +597,8 @@ class Kernel:
         if agent.killed:  # `in` opened before the kill
             raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {agent.name} (killed)")
         if agent.daemon and data is not None:
-            raise Fs9Error(errno.EINVAL, f"{agent.name} is a daemon agent and takes no tasks")
+            raise Fs9Error(errno.EINVAL, f"{agent.name} is a {agent.manifest['mode']} agent "
+                                         "and takes no tasks")
         tid = self.log.next_seq
         extra = dict(reply_to=reply_to, request=request) if reply_to else {}
         self.record("task_queued", agent=agent.name, task=tid, corr=corr or os.urandom(8).hex(),

@@ -23,7 +23,8 @@ from . import escapes, limits, manifest as manifests, sandbox as sandboxes
 from ..models.budget import Limits
 from ..bus.mailbox import Mailbox
 from ..stream import Changes
-from ..supervisor import RestartWindow, should_restart
+from .. import supervision
+from ..supervisor import RestartWindow
 from ..task import Task
 from . import view as views
 from typing import TYPE_CHECKING
@@ -73,6 +74,8 @@ class Agent:
         self.mailbox = Mailbox()
         self.corrs: set[str] = set()  # correlation ids it may carry on: its tasks', its mail's
         self.spawned_by: str | None = None  # the agent that started it (None: the operator)
+        self.supervises = self.manifest["mode"] == "supervisor"  # runs no program
+        self.supervisor: str | None = None  # the supervisor it is a child of (None: the kernel)
         self.notes = bytearray()  # refused commands, shown after the task's stderr in `err`
         self.changes = Changes()  # anything that may let the loop go on
         # runtime only
@@ -100,7 +103,8 @@ class Agent:
 
     @property
     def daemon(self) -> bool:
-        return self.manifest["mode"] == "daemon"
+        """It takes no tasks (a daemon runs on its own; a supervisor runs nothing)."""
+        return self.manifest["mode"] != "task"
 
     # --- what the files show -------------------------------------------------
 
@@ -110,7 +114,8 @@ class Agent:
             return "killed"
         if self.failed:
             return "failed"
-        if self.current is not None:
+        if self.current is not None or (self.supervises and not self.stopped
+                                        and not self.kernel.halted):
             return "running"
         if self.stopped:
             return "stopped"
@@ -162,6 +167,9 @@ class Agent:
     def ctl(self, data: bytes, by: str | None = None) -> None:
         """Its ctl file; `by`: the agent writing it through its view (None: the operator)."""
         parsed = cmd.parse(CMDS, data)
+        if by is not None and supervision.children(self.kernel, self):
+            raise Fs9Error(errno.EPERM, f"agent {by} may not command the supervisor "
+                                        f"{self.name}: supervision trees are the operator's")
         for p in parsed:  # every line is checked before any is applied
             self.check(p, last=p is parsed[-1])
             if by is not None and p.cmd.verb == "priority" and \
@@ -177,7 +185,8 @@ class Agent:
         if p.cmd.verb == "kill" and not last:
             raise Fs9Error(errno.EINVAL, f"nothing may follow kill in one write: {p.line!r}")
         if p.cmd.verb == "run" and self.daemon:
-            raise Fs9Error(errno.EINVAL, f"{self.name} is a daemon agent and takes no tasks")
+            raise Fs9Error(errno.EINVAL, f"{self.name} is a {self.manifest['mode']} agent "
+                                         "and takes no tasks")
         if p.cmd.verb == "priority" and p.args[0] not in manifests.PRIORITIES:
             raise Fs9Error(errno.EINVAL, f"bad priority {p.args[0]!r}: usage: {p.cmd.usage}")
 
@@ -185,13 +194,20 @@ class Agent:
         return self.kernel.submit(self, (text + "\n").encode())
 
     def stop(self, reason: str = "") -> None:
+        # a supervisor's stop, start and restart act on its subtree (kernel/supervision.py)
+        for child in reversed(supervision.children(self.kernel, self)):
+            supervision.stop_tree(self.kernel, child,
+                                  reason or f"its supervisor {self.name} stopped")
         self.kernel.record("agent_stop", agent=self.name, **({"reason": reason} if reason else {}))
         self._cancel_run("cancelled")
 
     def start(self) -> None:
-        self.kernel.record("agent_start", agent=self.name)
+        supervision.start_tree(self.kernel, self)
 
     def restart(self) -> None:
+        if self.supervises:
+            supervision.restart_tree(self.kernel, self)
+            return
         self.kernel.record("agent_restart", agent=self.name)
         self._cancel_run("requeue")
 
@@ -286,7 +302,7 @@ class Agent:
 
     async def _loop(self) -> None:
         while not self.killed:
-            if not self.runnable() or (not self.daemon and not self.queue):
+            if not self.runnable() or self.supervises or (not self.daemon and not self.queue):
                 await self.changes.wait_past(self.changes.version)
                 continue
             if not self.daemon:
@@ -309,16 +325,7 @@ class Agent:
                 continue
             if status is None or not self.runnable():
                 continue  # stopped, restarted or halted by a command
-            if not should_restart(self.manifest["restart"], status):
-                self.kernel.record("agent_exit", agent=self.name, exit=status)
-            elif not self.window.add(trio.current_time()):
-                self.kernel.record(
-                    "agent_failed", agent=self.name, exit=status,
-                    reason=f"exited {status}; more than {self.window.max_restarts} restarts "
-                           f"within {self.window.within_s}s: supervisor gave up (escalated)")
-            else:
-                self.kernel.record("agent_restart", agent=self.name, exit=status,
-                                   policy=self.manifest["restart"])
+            supervision.exited(self.kernel, self, status)  # restarted, or not, as decided
 
     async def execute(self, task: Task) -> int | None:
         """Run one task to its end and record how it ended; None if cancelled."""
@@ -348,7 +355,8 @@ class Agent:
                     cmd=self.driver.argv(self.manifest),
                     cwd=self.workdir() if sandbox else self.home, env=self.environ(task),
                     stdin=None if task.daemon else k.task_input(task),
-                    priority=self.priority, emit=emit, sandbox=sandbox)
+                    priority=self.priority, emit=emit, sandbox=sandbox,
+                    shutdown_s=supervision.shutdown_s(k, self))
                 self._baseline = self.group.counters() if self.group is not None else {}
                 async with trio.open_nursery() as nursery:
                     async def runner(task_status):

@@ -19,8 +19,9 @@ from ..models.budget import Limits
 from . import limits
 from .memory import policy as memory_policy
 from ..names import NAME_RE
+from .. import supervisor
 
-MODES = ("task", "daemon")
+MODES = ("task", "daemon", "supervisor")
 RESTARTS = ("permanent", "transient", "temporary")
 PRIORITIES = ("interactive", "normal", "background")
 from ..bus.message import CLASSIFICATIONS  # noqa: E402 (one list, the bus's)
@@ -50,10 +51,11 @@ INT64 = 1 << 63  # TOML's integers (tomllib reads longer ones; JSON readers may 
 LINES = ("description", "sla")  # shown as KEY=VALUE lines in registry/: one line each
 # the definitions an agent with the spawn pledge may start (none unless listed)
 SPAWN_KEYS = ("spawns",)
+SUPERVISOR_KEYS = ("strategy", "children")  # mode = "supervisor" (kernel/supervisor.py)
 # each driver's own keys (the exec driver's cmd, the llm driver's model...) come last
 KNOWN_KEYS = tuple(DEFAULTS) + ("pledge", "unveil", "owns", "budget", "memory", "net",
                                  "limits") \
-    + FUTURE_KEYS + SPAWN_KEYS + tuple(k for d in drivers.DRIVERS.values() for k in d.keys)
+    + FUTURE_KEYS + SPAWN_KEYS + SUPERVISOR_KEYS + tuple(k for d in drivers.DRIVERS.values() for k in d.keys)
 
 
 def load_definition(agents_dir: str, name: str) -> tuple[dict, str]:
@@ -105,8 +107,11 @@ def check(raw: dict, origin: str) -> dict:
             raise bad(f"{key} = {m[key]!r}; expected one of {', '.join(allowed)}")
     if m["clearance"] not in CLASSIFICATIONS:
         raise bad(f"clearance = {m['clearance']!r}; expected one of {', '.join(CLASSIFICATIONS)}")
+    problem = _supervisor_problem(m)
+    if problem:
+        raise bad(problem)
     try:  # the driver's own keys; it completes cmd (a list of strings from here on)
-        m.update(drivers.of(m).check(m))
+        m.update(drivers.of(m).check(m) if m["mode"] != "supervisor" else {"cmd": []})
     except drivers.BadManifest as e:
         raise bad(str(e))
     for key in ("max_restarts", "within_s", "timeout_s"):
@@ -153,6 +158,24 @@ def check(raw: dict, origin: str) -> dict:
     m.setdefault("unveil", {})
     m.setdefault("owns", [])
     return m
+
+
+def _supervisor_problem(m: dict) -> str:
+    """What is wrong with a supervisor's keys (it runs no program: it supervises its
+    children), "" if nothing; fills in its default strategy."""
+    if m["mode"] != "supervisor":
+        given = [k for k in SUPERVISOR_KEYS if k in m]
+        return f"{', '.join(given)}: a supervisor's keys (mode = \"supervisor\")" if given else ""
+    if "cmd" in m or m["driver"] != drivers.DEFAULT:
+        return "a supervisor runs no program (no cmd, no driver)"
+    m.setdefault("strategy", "one_for_one")
+    if m["strategy"] not in supervisor.STRATEGIES:
+        return f"strategy = {m['strategy']!r}; expected one of {', '.join(supervisor.STRATEGIES)}"
+    try:
+        supervisor.children(m.setdefault("children", []))
+    except ValueError as e:
+        return str(e)
+    return ""
 
 
 def _net_problem(m: dict) -> str:
@@ -225,5 +248,7 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # (a supervisor's children)
+        return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
     s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{s}"'

@@ -46,7 +46,9 @@ def prepare(kernel: "Kernel", name: str, *overrides: str,
             raise
         raw, home, origin = {}, os.path.join(kernel.state_dir, "work", name), f"spawn {name}"
     manifest = manifests.check({**raw, **kv}, origin)
-    check_program(name, manifest, home)
+    supervises = manifest["mode"] == "supervisor"  # runs no program: nothing to confine
+    if not supervises:
+        check_program(name, manifest, home)
     models, model = kernel.models, drivers.of(manifest).model(manifest)
     if model is not None and models.model(model) is None:
         raise Fs9Error(errno.ENOENT, f"agent {name}: no model {model!r} "
@@ -63,7 +65,7 @@ def prepare(kernel: "Kernel", name: str, *overrides: str,
                                    "subtree has exactly one owner")
     labels.check_claim(kernel, name, view.owns, manifest["clearance"], by)
     labels.check_unveils(kernel, name, view, manifest["clearance"], by)
-    why = not manifest["unconfined"] and (
+    why = not manifest["unconfined"] and not supervises and (
         confine.unavailable() or (not kernel.mount_path and "no mount to show a view in"))
     if why:
         raise Fs9Error(errno.EPERM, f"agent {name} cannot be confined here: {why}; "
