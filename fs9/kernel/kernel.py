@@ -1,8 +1,8 @@
 """The kernel: agents and tasks, rebuilt from and changed only through the event log.
 
 Every change is `record(kind, ...)`: check that the state can take it (`refusal`:
-the lifecycles of agents and tasks), append the event (committed), then `apply` it
-to the in-memory state. Mounting again replays the same events through the same
+the lifecycles of agents and tasks, lifecycle.py), append the event (committed), then
+`apply` it to the in-memory state. Mounting again replays the same events through the same
 `apply`, so the state after a crash is the state that was acknowledged. An event
 replay cannot apply (logged by a past defect, or damaged) is set aside and reported
 (log.py's set-aside store, `replay_set_aside` events, the root `err`), never fatal.
@@ -23,17 +23,18 @@ import trio
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd, supervision
-from .agents import escapes, limits, sandbox as sandboxes, spawn
+from .agents import escapes, sandbox as sandboxes, spawn
 from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
+from .lifecycle import Lifecycles, Unappliable
 from .log import Event, EventLog
 from .metrics import Metrics
 from .names import one_line
 from .rate import Burst, Rates
 from .models.models import Models
 from .stream import Stream
-from .task import MOVES, Task
+from .task import Task
 from .vault import beneath, search, watch
 
 CMDS = (
@@ -46,8 +47,6 @@ CMDS = (
 MAX_INPUT = 16 << 20  # bytes of one task's input
 REFUSALS_PER_S = 50  # an agent's refusals logged one by one per second (then counted)
 SET_ASIDE_REPORTED = 100  # set-aside events reported one by one at mount (the rest counted)
-NEEDS_AGENT = {"kill", "agent_stop", "agent_exit", "agent_start", "agent_restart",
-               "agent_failed", "priority", "task_queued"}  # (mail may be the operator's)
 # Events logged for the record only: no state is rebuilt from them (the rest each have
 # exactly one handler in a state holder's `appliers`; tests/test_units.py checks both).
 AUDIT_ONLY = frozenset({
@@ -66,10 +65,6 @@ Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
 
 
-class Unappliable(Exception):
-    """An event the state cannot take (Kernel.refusal says why): at replay, set aside."""
-
-
 def event_table(*holders) -> dict[str, Applier]:
     """One table from event kind to the handler that applies it, merged from each
     state holder's `appliers()`; a kind claimed twice is a defect."""
@@ -82,7 +77,10 @@ def event_table(*holders) -> dict[str, Applier]:
     return table
 
 
-class Kernel:
+class Kernel(Lifecycles):
+    """The kernel's state (agents, tasks, the log, the event table) and its services;
+    the lifecycles of agents and tasks, recorded and applied, are lifecycle.py's."""
+
     def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "",
                  vault_dir: str = "", audit: bool = True, durability: str = "process") -> None:
         self.state_dir = os.path.abspath(state_dir)
@@ -239,187 +237,6 @@ class Kernel:
                             "(restart = temporary, a daemon run, or the agent is gone)", **ids)
             else:
                 self.record("task_requeued", reason="interrupted; re-queued", **ids)
-
-    # --- recording and applying events -----------------------------------------
-
-    def record(self, kind: str, **fields) -> Event:
-        """Log one state change, then apply it. Refused (the Fs9Error `refusal` gives;
-        nothing logged) when the state cannot take it now, so the log never holds an event
-        its replay would refuse: whatever a race between commands and an agent's loop
-        asks for is either a legal change or a refused one."""
-        refused = self.refusal(kind, fields.get("agent"), fields.get("task"))
-        if refused is not None:
-            raise refused
-        event = self.log.append(kind, **fields)
-        self._fresh_blob = (event.seq, fields.get("blob"))  # so apply need not read it back
-        self.apply(event)
-        return event
-
-    def blob(self, e: Event) -> bytes:
-        """The blob of event e: the one just recorded, else from the log (replay)."""
-        seq, blob = self._fresh_blob
-        return blob if seq == e.seq and blob is not None else self.log.blob(e.seq)
-
-    def apply(self, e: Event) -> None:
-        """Apply a logged event to the state; Unappliable when the state cannot take it
-        (never an event record() let through: only a damaged or a defect's, at replay)."""
-        handler = self.handlers.get(e.kind)
-        if handler is None:
-            return  # AUDIT_ONLY: for the record
-        refused = self.refusal(e.kind, e.agent, e.task)
-        if refused is not None:
-            raise Unappliable(refused.text)
-        handler(e, self.agents.get(e.agent) if e.agent else None,
-                self.tasks.get(e.task) if e.task else None)
-        self.metrics.applied[e.kind] += 1
-
-    def refusal(self, kind: str, agent: str | None, task: int | None) -> Fs9Error | None:
-        """Why the state cannot take an event `kind` naming agent and task now (None: it
-        can). The lifecycles it checks: an agent is spawned once and then exists until
-        killed; a task is queued once, then moves as task.py's table allows. (The bus's,
-        models' and memory's appliers take any event: nothing to check.)"""
-        if kind == "spawn" and (agent is None or agent in self.agents):
-            return Fs9Error(errno.EEXIST, f"{kind} refused: {AGENT_EXISTS}: {agent}")
-        if kind in NEEDS_AGENT and agent not in self.agents:
-            return Fs9Error(errno.ENOENT, f"{kind} refused: {NO_AGENT}: {agent}")
-        if kind == "task_queued" and (task is None or task in self.tasks):
-            return Fs9Error(errno.EEXIST, f"{kind} refused: task {task} exists")
-        if kind in MOVES:
-            known = self.tasks.get(task)
-            if known is None:
-                return Fs9Error(errno.ENOENT, f"{kind} refused: no task {task}")
-            why = known.refusal(MOVES[kind])
-            if why:
-                return Fs9Error(errno.EINVAL, f"{kind} refused: {why}")
-        return None
-
-    def appliers(self) -> dict[str, Applier]:
-        """The events that change agents and tasks (the bus, models and memory declare
-        their own)."""
-        return {
-            "spawn": self._on_spawn, "kill": self._on_kill, "halt": self._on_halt,
-            "resume": self._on_resume, "agent_stop": self._on_agent_stop,
-            "agent_exit": self._on_agent_exit, "agent_start": self._on_agent_start,
-            "agent_restart": self._on_agent_restart, "agent_failed": self._on_agent_failed,
-            "priority": self._on_priority, "task_queued": self._on_task_queued,
-            "task_started": self._on_task_started, "task_done": self._on_task_done,
-            "task_failed": self._on_task_failed, "task_cancelled": self._on_task_cancelled,
-            "task_interrupted": self._on_task_interrupted,
-            "task_requeued": self._on_task_requeued,
-        }
-
-    def _on_spawn(self, e, agent, task):
-        self.spawns += 1
-        # (an older log has no uid_offset: the spawn count gave it)
-        self.uid_offset = e.data.get("uid_offset", self.spawns % confine.SLOT_SIZE)
-        agent = Agent(self, e.agent, e.data["manifest"], e.data["home"],
-                      confine.uid_base(self.uid_slot) + self.uid_offset)
-        agent.spawned_by = e.data.get("by")
-        agent.supervisor = e.data.get("supervisor")  # (kernel/supervision.py)
-        self.agents[agent.name] = agent
-        if self._nursery is not None:
-            self._nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
-
-    def _on_kill(self, e, agent, task):
-        agent.killed = True
-        for queued in list(agent.queue):
-            self._end(queued, "cancelled", reason="agent killed")
-        del self.agents[agent.name]
-        self.rates.drop(agent.name)
-        agent.changes.bump()
-        if not self._replaying:
-            self.killed.append(agent.name)
-
-    def _on_halt(self, e, agent, task):
-        self.halted = True
-        self._bump_all()
-
-    def _on_resume(self, e, agent, task):
-        self.halted = False
-        self._bump_all()
-
-    def _on_agent_stop(self, e, agent, task):
-        agent.stopped = True
-
-    def _on_agent_exit(self, e, agent, task):
-        agent.stopped = True
-
-    def _on_agent_start(self, e, agent, task):
-        agent.stopped, agent.failed = False, ""
-        agent.window = agent.new_window()  # a start by hand gives the supervisor a clean slate
-        agent.changes.bump()
-        if not agent.serving and self._nursery is not None:  # its loop died of a defect
-            self._nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
-
-    def _on_agent_restart(self, e, agent, task):
-        agent.restarts += 1
-
-    def _on_agent_failed(self, e, agent, task):
-        agent.failed = e.data["reason"]
-
-    def _on_priority(self, e, agent, task):
-        agent.priority = e.data["priority"]
-        if agent.group is not None:  # its CPU share follows (agents/limits.py)
-            agent.group.set_cpu_weight(limits.CPU_WEIGHT[agent.priority])
-
-    def _on_task_queued(self, e, agent, task):
-        daemon = e.data.get("daemon", False)
-        task = Task(e.task, e.agent, e.corr, daemon=daemon, queued_ts=e.ts,
-                    reply_to=e.data.get("reply_to", ""), request=e.data.get("request", ""),
-                    tallies=(self.tally,) if daemon else (self.tally, agent.tally))
-        self.tasks[task.id] = task
-        agent.tasks.append(task)
-        agent.corrs.add(task.corr)
-        if not daemon:
-            agent.queue.append(task)
-            if agent.runnable():
-                agent.changes.bump()
-
-    def _on_task_started(self, e, agent, task):
-        task.move("running")
-        task.attempt, task.started_ts, task.exit, task.reason = e.data["attempt"], e.ts, None, ""
-        task.out, task.err = (None, None) if self._replaying else (Stream(), Stream())
-        if agent is not None:
-            if task in agent.queue:
-                agent.queue.remove(task)
-            agent.current = task
-
-    def _on_task_done(self, e, agent, task):
-        self._end(task, "done", e.data.get("exit"), ts=e.ts)
-
-    def _on_task_failed(self, e, agent, task):
-        self._end(task, "failed", e.data.get("exit"), e.data.get("reason", ""), e.ts)
-
-    def _on_task_cancelled(self, e, agent, task):
-        self._end(task, "cancelled", reason=e.data.get("reason", ""), ts=e.ts)
-
-    def _on_task_interrupted(self, e, agent, task):
-        self._end(task, "interrupted", reason=e.data.get("reason", ""), ts=e.ts)
-
-    def _on_task_requeued(self, e, agent, task):
-        task.move("queued")
-        if agent is not None:
-            agent.queue.appendleft(task)
-            agent.changes.bump()
-
-    def _end(self, task: Task, state: str, exit=None, reason: str = "", ts=None) -> None:
-        task.move(state)
-        task.exit, task.reason, task.ended_ts = exit, reason, ts
-        self.metrics.task_ended(task)
-        for stream in (task.out, task.err):
-            if stream is not None:
-                stream.end()
-        agent = self.agents.get(task.agent)
-        if agent is not None:
-            if agent.current is task:
-                agent.current = None
-            if task in agent.queue:
-                agent.queue.remove(task)
-            agent.changes.bump()
-
-    def _bump_all(self) -> None:
-        for agent in self.agents.values():
-            agent.changes.bump()
 
     # --- root ctl ------------------------------------------------------------------
 
