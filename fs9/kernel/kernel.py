@@ -27,6 +27,8 @@ from .agents import escapes, limits, sandbox as sandboxes, spawn
 from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
+from .federation import link
+from .federation.federation import Federation
 from .log import Event, EventLog
 from .names import one_line
 from .rate import Burst, Rates
@@ -117,7 +119,8 @@ class Kernel:
         self.vault_changes = watch.OwnChanges(self.log, self.search)
         self.models = Models(self)
         self.memory = Memory(self)
-        self.handlers = event_table(self, self.bus, self.models, self.memory)
+        self.federation = Federation(self)  # off until joined (federation/ctl)
+        self.handlers = event_table(self, self.bus, self.models, self.memory, self.federation)
 
     # --- lifetime --------------------------------------------------------------
 
@@ -147,6 +150,7 @@ class Kernel:
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
             nursery.start_soon(self.bus.keep_deadlines)
+            nursery.start_soon(link.serve, self.federation)
             await nursery.start(self.models.serve)
             nursery.start_soon(self._prune_memory)
             if self.search is not None:

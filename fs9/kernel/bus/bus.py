@@ -293,6 +293,8 @@ class Bus:
                 "published": self.on_published}
 
     def on_mail_sent(self, e, agent, task) -> None:
+        if "fed" in e.data:  # from another OS: its inbox record (federation.py)
+            self.kernel.federation.received(e.data["fed"])
         agent = self.owner(e.agent)
         if agent is None:
             return  # mail for an agent killed since: gone with it

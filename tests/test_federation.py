@@ -1,0 +1,246 @@
+"""Federation (issue 13, first slice): two fs9 mounts, each its own server process and
+log, joined through one real nats-server (tests/natsserver.py). Driven through
+federation/ with shell tools; what arrived is read on the other side (mailboxes, the
+log), never inferred from the sender."""
+import errno
+import json
+import sqlite3
+
+import pytest
+
+from conftest import Mount, errno_of, fuse_unavailable, wait_for
+from natsserver import NatsServer, binary
+
+LONG_S = 90  # catching up after a restart includes JetStream's redelivery wait
+
+
+def headers(text: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in text.split("\n\n", 1)[0].splitlines())
+
+
+def status(m: Mount, rel: str = "federation/status") -> dict[str, str]:
+    return dict(line.split("=", 1) for line in m.read(rel).splitlines())
+
+
+def mails(m: Mount, folder: str) -> list[str]:
+    """The messages pending in folder (a mail/ directory), their text, oldest first."""
+    names = [n for n in sorted((m.path / folder).iterdir()) if n.name[0].isdigit()]
+    return [n.read_text() for n in names]
+
+
+def log_rows(m: Mount, kind: str) -> list[dict]:
+    db = sqlite3.connect(f"file:{m.state / 'log.sqlite'}?mode=ro", uri=True)
+    try:
+        return [json.loads(r[0]) for r in
+                db.execute("SELECT data FROM events WHERE kind=? ORDER BY seq", (kind,))]
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def nats(tmp_path):
+    if binary() is None:
+        pytest.skip("no nats-server: `make deps` installs the pinned one "
+                    "(scripts/nats-server.sh)")
+    server = NatsServer(tmp_path / "nats")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def members(tmp_path):
+    """Two fs9 mounts, unjoined: alpha and beta."""
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(f"cannot mount FUSE here: {reason}")
+    made = []
+    try:
+        for name in ("alpha", "beta"):
+            (tmp_path / name).mkdir()
+            made.append(Mount(tmp_path / name).mount())
+        yield made
+    finally:
+        for m in made:
+            m.umount()
+    for m in made:
+        assert not m.bugs(), "a handler hit an unexpected exception:\n" + "\n".join(m.bugs())
+
+
+def join(m: Mount, url: str, me: str, peer: str, ceiling: str = "internal") -> None:
+    m.sh(f"echo 'join {url} AS {me}' > federation/ctl && "
+         f"echo 'peer {peer} ceiling={ceiling} auth=delegated' > federation/ctl", check=True)
+
+
+def connected(*ms: Mount) -> None:
+    wait_for(lambda: all(status(m)["connection"] == "connected" for m in ms),
+             what="members connected to NATS")
+
+
+def test_join_cards_mail_and_reply(nats, members):
+    a, b = members
+    nats.start()
+    a.sh("echo 'spawn echo' > ctl", check=True)
+    b.sh("echo 'spawn upper' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha", ceiling="public")
+    connected(a, b)
+    # each reads the other's card: A2A's field names, capabilities from `provides`
+    wait_for(lambda: a.read("federation/peers/beta/card").strip(), what="beta's card")
+    card = json.loads(a.read("federation/peers/beta/card"))
+    assert card["name"] == "beta" and card["version"] and "capabilities" in card
+    assert card["skills"] == [{"id": "upper-casing", "name": "upper-casing", "tags": ["upper"],
+                               "description": "upper-casing: provided by upper"}]
+    assert card["ceiling"] == {"alpha": "public"} and card["auth"] == {"alpha": "delegated"}
+    assert status(a, "federation/peers/beta/status")["ceiling"] == "internal"
+    wait_for(lambda: json.loads(b.read("federation/peers/alpha/card") or "{}").get("name")
+             == "alpha", what="alpha's card")
+
+    # the operator of alpha mails upper@beta; it lands in upper's mailbox on beta
+    a.sh("printf 'type: work_request\\nclassification: public\\n\\nfix the CSV export\\n'"
+         " > federation/outbox/upper@beta", check=True)
+    wait_for(lambda: mails(b, "agents/upper/mail"), what="the message on beta")
+    [got] = mails(b, "agents/upper/mail")
+    h = headers(got)
+    assert got.endswith("\n\nfix the CSV export\n")
+    assert h["from"] == "operator@alpha" and h["to"] == "upper" and h["type"] == "work_request"
+    assert h["classification"] == "public"
+    # beta's operator answers on the same correlation id; it reaches alpha's operator
+    b.sh(f"printf 'type: result\\nclassification: public\\ncorrelation-id: "
+         f"{h['correlation-id']}\\n\\nfixed\\n' > federation/outbox/operator@alpha", check=True)
+    wait_for(lambda: mails(a, "mail"), what="the reply on alpha")
+    [reply] = mails(a, "mail")
+    assert headers(reply)["from"] == "operator@beta" and reply.endswith("\n\nfixed\n")
+    assert headers(reply)["correlation-id"] == h["correlation-id"]
+    wait_for(lambda: status(a)["outbox"] == "0" and status(b)["outbox"] == "0",
+             what="both outboxes drained")
+    assert status(a)["sent"] == "1" and status(b)["received"] == "1"
+    # an agent sends only with the federate pledge; one that has it, from its own process
+    assert errno_of(a.write, "agents/echo/outbox/upper@beta", "x\n") == errno.EACCES
+    a.define("relay", 'driver = "exec"\ncmd = ["sh", "-c", "cat > \\"$FS9_OUTBOX/upper@beta\\""]\n'
+             'pledge = ["send", "federate"]\nclearance = "public"\n')
+    a.sh("echo 'spawn relay' > ctl && echo 'run from an agent' > agents/relay/ctl", check=True)
+    wait_for(lambda: len(mails(b, "agents/upper/mail")) == 2, what="the agent's message")
+    assert headers(mails(b, "agents/upper/mail")[1])["from"] == "relay@alpha"
+
+
+def test_boundary_refusals(nats, members):
+    a, b = members
+    nats.start()
+    b.sh("echo 'spawn echo' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta", ceiling="internal")
+    join(b, nats.url, "beta", "gamma")  # beta has not declared alpha
+    connected(a, b)
+    # above the ceiling alpha declared for beta: refused at write(2), nothing queued
+    assert errno_of(a.write, "federation/outbox/echo@beta",
+                    "classification: confidential\n\nsecret\n") == errno.EACCES
+    assert status(a)["outbox"] == "0"
+    refused = [e for e in log_rows(a, "refused") if "accepts up to internal" in e["reason"]]
+    assert refused, "the refusal's reason is in alpha's log"
+    # to an OS that is not a peer, and a bad address: ENOENT, EINVAL
+    assert errno_of(a.write, "federation/outbox/echo@delta", "x\n") == errno.ENOENT
+    assert errno_of(a.write, "federation/outbox/bad name@beta", "x\n") == errno.EINVAL
+    # within alpha's terms, but beta never declared alpha: rejected there, logged
+    a.sh("printf 'classification: public\\n\\nhello\\n' > federation/outbox/echo@beta",
+         check=True)
+    wait_for(lambda: log_rows(b, "fed_rejected"), what="beta's rejection")
+    [rej] = log_rows(b, "fed_rejected")
+    assert rej["origin"] == "alpha" and "not a declared peer" in rej["reason"]
+    assert mails(b, "agents/echo/mail") == []
+    # declared now, with a ceiling of public: an internal message is rejected, and the
+    # sender's operator gets a `rejected` result
+    b.sh("echo 'peer alpha ceiling=public auth=delegated' > federation/ctl", check=True)
+    a.sh("printf 'classification: internal\\n\\nhello\\n' > federation/outbox/echo@beta",
+         check=True)
+    wait_for(lambda: len(log_rows(b, "fed_rejected")) == 2, what="the second rejection")
+    assert "accepts up to public" in log_rows(b, "fed_rejected")[1]["reason"]
+    wait_for(lambda: mails(a, "mail"), what="the rejected result on alpha")
+    note = mails(a, "mail")[0]
+    assert headers(note)["from"] == "federation@beta" and "rejected" in note
+    assert mails(b, "agents/echo/mail") == []
+    # the ctl refuses what it cannot parse, with the reason
+    assert errno_of(a.write, "federation/ctl", "peer beta ceiling=secret\n") == errno.EINVAL
+    assert errno_of(a.write, "federation/ctl", "join nats://x AS alpha too\n") == errno.EINVAL
+
+
+def test_queued_before_nats_then_caught_up(nats, members):
+    a, b = members
+    join(a, nats.url, "alpha", "beta")  # NATS is not running yet
+    join(b, nats.url, "beta", "alpha")
+    b.sh("echo 'spawn echo' > ctl", check=True)
+    for i in range(5):
+        a.write("federation/outbox/echo@beta", f"classification: public\n\nmessage {i}\n")
+    s = status(a)
+    assert s["connection"] == "connecting" and s["outbox"] == "5"
+    wait_for(lambda: status(a)["last_error"] != "-", what="the error said")
+    a.kill9()  # the outbox is the log's: a sender killed keeps what it queued
+    a.mount()
+    assert status(a)["outbox"] == "5" and status(a, "federation/peers/beta/status")["queued"] == "5"
+    nats.start()
+    wait_for(lambda: len(mails(b, "agents/echo/mail")) == 5, timeout=LONG_S,
+             what="the queued messages delivered")
+    bodies = [m.split("\n\n", 1)[1] for m in mails(b, "agents/echo/mail")]
+    assert bodies == [f"message {i}\n" for i in range(5)]
+    wait_for(lambda: status(a)["outbox"] == "0", what="alpha's outbox drained")
+
+
+def test_receiver_killed_mid_stream_loses_nothing_and_repeats_nothing(nats, members):
+    """Jepsen's four counts over N messages, with beta killed -9 while they arrive:
+    lost (acked by JetStream to alpha, never recorded by beta), duplicated (recorded
+    twice), unexpected (recorded, never sent), recovered (arrived after the remount)."""
+    a, b = members
+    n = 60
+    nats.start()
+    b.sh("echo 'spawn echo' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha")
+    connected(a, b)
+
+    def send(numbers):
+        for i in numbers:
+            a.write("federation/outbox/echo@beta", f"classification: public\n\nm{i}\n")
+    send(range(n // 2))
+    wait_for(lambda: int(status(b)["received"]) >= 5, what="beta receiving")
+    b.kill9()
+    before = {e["fed"] for e in log_rows(b, "mail_sent") if "fed" in e}
+    send(range(n // 2, n))  # while beta is down
+    b.mount()
+    wait_for(lambda: status(a)["outbox"] == "0", timeout=LONG_S, what="alpha's outbox drained")
+    sent = {e["id"] for e in log_rows(a, "fed_queued")}
+    acked = {e["id"] for e in log_rows(a, "fed_sent")}
+    wait_for(lambda: {e["fed"].split("/")[1] for e in log_rows(b, "mail_sent")
+                      if "fed" in e} >= acked, timeout=LONG_S, what="beta caught up")
+    recorded = [e["fed"].split("/")[1] for e in log_rows(b, "mail_sent") if "fed" in e]
+    lost = acked - set(recorded)
+    duplicated = len(recorded) - len(set(recorded))
+    unexpected = set(recorded) - sent
+    recovered = set(recorded) - {f.split("/")[1] for f in before}
+    print(f"jepsen: lost={len(lost)} duplicated={duplicated} unexpected={len(unexpected)} "
+          f"recovered={len(recovered)} of {n}")
+    assert acked == sent and len(sent) == n
+    assert (len(lost), duplicated, len(unexpected)) == (0, 0, 0)
+    assert len(recovered) >= n // 2
+    assert len(mails(b, "agents/echo/mail")) == n
+
+
+def test_pause_resume_and_leave(nats, members):
+    a, b = members
+    nats.start()
+    b.sh("echo 'spawn echo' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha")
+    connected(a, b)
+    a.sh("echo 'pause beta' > federation/ctl", check=True)
+    a.write("federation/outbox/echo@beta", "classification: public\n\nheld\n")
+    peer = status(a, "federation/peers/beta/status")
+    assert peer["paused"] == "yes" and peer["queued"] == "1"
+    a.sh("echo 'resume beta' > federation/ctl", check=True)
+    wait_for(lambda: mails(b, "agents/echo/mail"), what="the held message delivered")
+    assert status(a, "federation/peers/beta/status")["paused"] == "no"
+    assert errno_of(a.write, "federation/ctl", "pause gamma\n") == errno.ENOENT
+    a.sh("echo leave > federation/ctl", check=True)
+    wait_for(lambda: status(a)["connection"] == "off", what="alpha off the federation")
+    assert errno_of(a.write, "federation/outbox/echo@beta", "x\n") == errno.ENOTCONN
+    # an agent's view does not show federation/ unless unveiled
+    assert errno_of(a.read, "agents/echo/view/federation/status") == errno.ENOENT
