@@ -138,9 +138,9 @@ def test_boundary_refusals(nats, members):
     assert status(a)["outbox"] == "0"
     refused = [e for e in log_rows(a, "refused") if "accepts up to internal" in e["reason"]]
     assert refused, "the refusal's reason is in alpha's log"
-    # to an OS that is not a peer, and a bad address: ENOENT, EINVAL
-    assert errno_of(a.write, "federation/outbox/echo@delta", "x\n") == errno.ENOENT
-    assert errno_of(a.write, "federation/outbox/bad name@beta", "x\n") == errno.EINVAL
+    # to an OS that is not a peer, or a bad address: names nobody has, at open
+    for name in ("echo@delta", "bad name@beta", "echo", "echo@"):
+        assert errno_of(a.write, f"federation/outbox/{name}", "x\n") == errno.ENOENT, name
     # within alpha's terms, but beta never declared alpha: rejected there, logged
     a.sh("printf 'classification: public\\n\\nhello\\n' > federation/outbox/echo@beta",
          check=True)
@@ -162,6 +162,51 @@ def test_boundary_refusals(nats, members):
     # the ctl refuses what it cannot parse, with the reason
     assert errno_of(a.write, "federation/ctl", "peer beta ceiling=secret\n") == errno.EINVAL
     assert errno_of(a.write, "federation/ctl", "join nats://x AS alpha too\n") == errno.EINVAL
+
+
+def publish_raw(url: str, subject: str, data: bytes) -> None:
+    """What a hostile member could publish: straight to JetStream, past its fs9."""
+    import asyncio
+    import nats
+
+    async def go():
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().publish(subject, data, timeout=10)
+        finally:
+            await nc.close()
+    asyncio.run(go())
+
+
+def test_what_a_remote_wrote_is_not_trusted(nats, members):
+    a, b = members
+    nats.start()
+    b.sh("echo 'spawn echo' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha", ceiling="internal")
+    connected(a, b)
+    forged = [  # (id, from, extra headers): each as alpha's subject says it came
+        ("00000000000000a1", "echo@gamma", "classification: public\n"),  # another OS's agent
+        ("00000000000000a2", "operator", "classification: public\n"),  # no OS
+        ("00000000000000a3", "operator@alpha", ""),  # no label: confidential, over the ceiling
+        ("00000000000000a4", "operator@alpha", "classification: public\nx-status: done\n"),
+    ]
+    for mid, sender, extra in forged:
+        publish_raw(nats.url, "fs9.fed.beta.alpha",
+                    f"id: {mid}\nfrom: {sender}\nto: echo@beta\n{extra}\nbody\n".encode())
+    # kept: one with only a reply-to the remote may not route by (dropped), said twice
+    for _ in range(2):
+        publish_raw(nats.url, "fs9.fed.beta.alpha", b"id: 00000000000000a5\nfrom: operator@alpha"
+                    b"\nto: echo@beta\nclassification: public\nreply-to: echo\n\nok\n")
+    wait_for(lambda: len(log_rows(b, "fed_rejected")) == 4 and mails(b, "agents/echo/mail")
+             and status(b)["duplicates"] == "1", what="beta judging all six")
+    reasons = {r["id"]: r["reason"] for r in log_rows(b, "fed_rejected")}
+    assert "not an agent of alpha" in reasons["00000000000000a1"]
+    assert "not an agent of alpha" in reasons["00000000000000a2"]
+    assert "the message is confidential" in reasons["00000000000000a3"]
+    assert "stamped by the kernel" in reasons["00000000000000a4"]
+    [kept] = mails(b, "agents/echo/mail")
+    assert "reply-to" not in headers(kept) and headers(kept)["from"] == "operator@alpha"
 
 
 def test_queued_before_nats_then_caught_up(nats, members):
@@ -242,5 +287,6 @@ def test_pause_resume_and_leave(nats, members):
     a.sh("echo leave > federation/ctl", check=True)
     wait_for(lambda: status(a)["connection"] == "off", what="alpha off the federation")
     assert errno_of(a.write, "federation/outbox/echo@beta", "x\n") == errno.ENOTCONN
+    assert errno_of(a.write, "ctl", "spawn federation def=echo\n") == errno.EINVAL
     # an agent's view does not show federation/ unless unveiled
     assert errno_of(a.read, "agents/echo/view/federation/status") == errno.ENOENT

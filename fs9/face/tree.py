@@ -76,8 +76,10 @@ def _outbox(k, agent, to: str, me=None):
 
 
 def _federated(k, to: str, sender: str, said: dict):
-    """One message to NAME@OS through the federation (kernel/federation/), from sender."""
+    """One message to NAME@OS through the federation (kernel/federation/), from sender;
+    an address that names no peer's agent is refused at open, as a name nobody has."""
     fed = k.federation
+    k.guarded(fed.address, to, **said)
     return Ctl(lambda data: k.guarded(fed.send, to, data, sender, **said), whole=True,
                refused=lambda e: k.refused(e, **said),
                early=lambda data: k.guarded(fed.precheck, to, data, sender, **said))

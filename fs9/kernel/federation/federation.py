@@ -34,7 +34,10 @@ from ..stream import Changes
 
 OS_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # one NATS subject token
 AUTH_MODES = ("delegated", "independent", "policy")
-STAMPED_REMOTE = ("id", "from", "date")  # what the sending kernel stamped
+# what the sending kernel stamped, and a reply-to this OS would route by (replies go to
+# `from`): not taken from a remote. The other stamped keys (x-status...) it may not say:
+# message.parse refuses them, so the message is rejected.
+NOT_TAKEN = ("id", "from", "date", "reply-to")
 CMDS = (
     cmd.Cmd("join", "join", 3, 3, usage="join NATS_URL AS OSNAME"),
     cmd.Cmd("peer", "peer", 1, 3, usage="peer OS ceiling=CLASS auth=delegated|independent|policy"),
@@ -174,18 +177,22 @@ class Federation:
 
     # --- sending ---------------------------------------------------------------
 
-    def check(self, to: str, data: bytes, sender: str) -> tuple[message.Message, Peer]:
-        """What a send to `to` (NAME@OS) checks that changes nothing; Fs9Error naming the
-        first problem: not joined, an undeclared OS, a message above its ceiling, what
-        the sender may not say (the bus's rules for local mail)."""
+    def address(self, to: str) -> Peer:
+        """The peer that AGENT@OS names: ENOENT for what names no agent of a declared peer
+        (as any name nobody has), ENOTCONN when this OS is in no federation."""
         name, at, osname = to.partition("@")
+        if not at or not NAME_RE.fullmatch(name) or osname not in self.peers:
+            raise Fs9Error(errno.ENOENT, f"no such peer agent: {to!r} (AGENT@OS of a peer "
+                                         "declared in federation/ctl)")
         if not self.url:
             raise Fs9Error(errno.ENOTCONN, "not in a federation (federation/ctl: join ...)")
-        if not at or not NAME_RE.fullmatch(name) or not OS_RE.fullmatch(osname):
-            raise Fs9Error(errno.EINVAL, f"bad address {to!r}: NAME@OS")
-        peer = self.peers.get(osname)
-        if peer is None:
-            raise Fs9Error(errno.ENOENT, f"no such peer: {osname}")
+        return self.peers[osname]
+
+    def check(self, to: str, data: bytes, sender: str) -> tuple[message.Message, Peer]:
+        """What a send to `to` (AGENT@OS) checks that changes nothing; Fs9Error naming
+        the first problem: the address (`address`), the federate pledge, what the sender
+        may not say (the bus's rules for local mail), a label above the peer's ceiling."""
+        peer = self.address(to)
         bus, author = self.kernel.bus, self.kernel.agents.get(sender)
         if author is not None and "federate" not in author.view.pledges:
             raise Fs9Error(errno.EACCES, f"agent {sender} did not pledge 'federate'")
@@ -195,7 +202,7 @@ class Federation:
             bus._check_author(author, msg, floor)
         level = msg.headers["classification"]
         if not message.clearance_allows(peer.ceiling, level):
-            raise Fs9Error(errno.EACCES, f"{osname} accepts up to {peer.ceiling} from us, "
+            raise Fs9Error(errno.EACCES, f"{peer.name} accepts up to {peer.ceiling} from us, "
                                          f"the message is {level}")
         return msg, peer
 
@@ -228,7 +235,7 @@ class Federation:
             "id": os.urandom(8).hex(), "from": f"federation@{self.me}", "to": reply_to,
             "date": message.format_time(time.time()),
             "type": "result", "priority": "normal", "classification": "public",
-            "correlation-id": corr or msg_id, "x-status": "rejected"})
+            "correlation-id": corr or msg_id})
         self.kernel.record("fed_queued", corr=note.headers["correlation-id"],
                            blob=note.render(), id=note.id, to=reply_to, os=origin,
                            classification="public")
@@ -253,7 +260,7 @@ class Federation:
         if peer is None:
             return self._reject(origin, msg_id, f"{origin} is not a declared peer")
         sender, _, from_os = headers.get("from", "").partition("@")
-        if from_os != origin or not (NAME_RE.fullmatch(sender) or sender == "federation"):
+        if from_os != origin or not NAME_RE.fullmatch(sender):
             return self._reject(origin, msg_id, f"from {headers.get('from', '')!r} is not "
                                 f"an agent of {origin}")
         reply_to, corr = f"{sender}@{origin}", headers.get("correlation-id")
@@ -262,7 +269,7 @@ class Federation:
             return self._reject(origin, msg_id, f"to {headers.get('to', '')!r} is not "
                                 f"an agent of {self.me}", reply_to, corr)
         written = "".join(f"{k}: {v}\n" for k, v in headers.items()
-                          if k not in STAMPED_REMOTE and not k.startswith("x-")).encode()
+                          if k not in NOT_TAKEN).encode()
         try:  # as if written here, but the label is never lowered: none stated is the top
             msg = message.parse(written + b"\n" + body, to=f"{to}@{self.me}", sender=reply_to,
                                 label=message.CLASSIFICATIONS[-1])

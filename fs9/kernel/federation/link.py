@@ -27,6 +27,10 @@ async def serve(fed: Federation) -> None:
                 nursery.start_soon(_send, fed, engine)
                 nursery.start_soon(_receive, fed, engine)
                 nursery.start_soon(_cards, fed, engine)
+        except Exception:  # a defect of ours costs the link a restart, never the mount
+            fed.kernel.log.bug("federation")
+            fed.last_error = "internal error (see the bug event); the link restarts"
+            await trio.sleep(BACKOFF_S[-1])
         finally:
             fed.engine = None
             with trio.CancelScope(shield=True):
