@@ -207,6 +207,12 @@ def test_what_a_remote_wrote_is_not_trusted(nats, members):
     assert "stamped by the kernel" in reasons["00000000000000a4"]
     [kept] = mails(b, "agents/echo/mail")
     assert "reply-to" not in headers(kept) and headers(kept)["from"] == "operator@alpha"
+    # a rejection of alpha's own rejection note is not answered again (no ping-pong)
+    publish_raw(nats.url, "fs9.fed.beta.alpha", b"id: 00000000000000a6\nfrom: federation@alpha"
+                b"\nto: nobody@beta\ntype: result\nclassification: public\n\nrejected\n")
+    wait_for(lambda: len(log_rows(b, "fed_rejected")) == 5, what="the note rejected")
+    assert "no such agent: nobody@beta" in log_rows(b, "fed_rejected")[4]["reason"]
+    assert [q for q in log_rows(b, "fed_queued") if q["to"].startswith("federation@")] == []
 
 
 def test_queued_before_nats_then_caught_up(nats, members):
@@ -290,3 +296,27 @@ def test_pause_resume_and_leave(nats, members):
     assert errno_of(a.write, "ctl", "spawn federation def=echo\n") == errno.EINVAL
     # an agent's view does not show federation/ unless unveiled
     assert errno_of(a.read, "agents/echo/view/federation/status") == errno.ENOENT
+
+
+def test_nats_killed_and_restarted_loses_nothing(nats, members):
+    """kill -9 of the NATS server (its store fsynced at each write): the members queue
+    meanwhile and catch up once it is back; every message arrives once."""
+    a, b = members
+    nats.start()
+    b.sh("echo 'spawn echo' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha")
+    connected(a, b)
+    for i in range(10):
+        a.write("federation/outbox/echo@beta", f"classification: public\n\nbefore {i}\n")
+    nats.kill9()
+    for i in range(10):
+        a.write("federation/outbox/echo@beta", f"classification: public\n\nduring {i}\n")
+    wait_for(lambda: status(a)["connection"] == "connecting", what="alpha sees NATS gone")
+    nats.start()
+    wait_for(lambda: len(mails(b, "agents/echo/mail")) == 20, timeout=LONG_S,
+             what="all twenty on beta")
+    bodies = sorted(m.split("\n\n", 1)[1] for m in mails(b, "agents/echo/mail"))
+    assert bodies == sorted([f"before {i}\n" for i in range(10)]
+                            + [f"during {i}\n" for i in range(10)])
+    wait_for(lambda: status(a)["outbox"] == "0", what="alpha's outbox drained")

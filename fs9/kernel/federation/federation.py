@@ -227,9 +227,10 @@ class Federation:
     def _reject(self, origin: str, msg_id: str, reason: str, reply_to: str | None = None,
                 corr: str | None = None) -> None:
         """Refuse a received message: a fed_rejected event (so a redelivery is not judged
-        again), and, to a declared peer's sender, a `rejected` result."""
+        again), and, to a declared peer's sender, a `rejected` result (never to another
+        OS's federation itself: two refusing each other's notes would never end)."""
         self.kernel.record("fed_rejected", corr=corr, origin=origin, id=msg_id, reason=reason)
-        if reply_to is None:
+        if reply_to is None or reply_to.startswith("federation@"):
             return
         note = message.Message(to=reply_to, body=f"rejected: {reason}\n".encode(), headers={
             "id": os.urandom(8).hex(), "from": f"federation@{self.me}", "to": reply_to,
