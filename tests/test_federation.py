@@ -84,7 +84,7 @@ def test_join_cards_mail_and_reply(nats, members):
     a.sh("echo 'spawn echo' > ctl", check=True)
     b.sh("echo 'spawn upper' > ctl", check=True)
     join(a, nats.url, "alpha", "beta")
-    join(b, nats.url, "beta", "alpha", ceiling="public")
+    join(b, nats.url, "beta", "alpha")
     connected(a, b)
     # each reads the other's card: A2A's field names, capabilities from `provides`
     wait_for(lambda: a.read("federation/peers/beta/card").strip(), what="beta's card")
@@ -92,21 +92,33 @@ def test_join_cards_mail_and_reply(nats, members):
     assert card["name"] == "beta" and card["version"] and "capabilities" in card
     assert card["skills"] == [{"id": "upper-casing", "name": "upper-casing", "tags": ["upper"],
                                "description": "upper-casing: provided by upper"}]
-    assert card["ceiling"] == {"alpha": "public"} and card["auth"] == {"alpha": "delegated"}
+    assert card["ceiling"] == {"alpha": "internal"} and card["auth"] == {"alpha": "delegated"}
     assert status(a, "federation/peers/beta/status")["ceiling"] == "internal"
     wait_for(lambda: json.loads(b.read("federation/peers/alpha/card") or "{}").get("name")
              == "alpha", what="alpha's card")
 
-    # the operator of alpha mails upper@beta; it lands in upper's mailbox on beta
-    a.sh("printf 'type: work_request\\nclassification: public\\n\\nfix the CSV export\\n'"
+    # request/response: alpha's work_request to upper@beta is a task there, and its
+    # result comes back to alpha's operator on the same correlation id
+    a.sh("printf 'type: work_request\\nclassification: public\\ncorrelation-id: case-4521\\n\\n"
+         "fix the CSV export\\n' > federation/outbox/upper@beta", check=True)
+    wait_for(lambda: mails(a, "mail"), what="the result on alpha")
+    [result] = mails(a, "mail")
+    h = headers(result)
+    assert result.endswith("\n\nFIX THE CSV EXPORT\n"), result
+    assert h["from"] == "upper@beta" and h["type"] == "result" and h["x-status"] == "done"
+    assert h["correlation-id"] == "case-4521" and h["classification"] == "internal"
+    task = b.read(f"agents/upper/tasks/{h['x-task']}/status")
+    assert "reply_to=operator@alpha" in task.split() and "corr=case-4521" in task.split()
+    a.sh(f"rm mail/{h['id']}", check=True)
+    # mail: an event to upper@beta waits in its mailbox; beta's operator answers
+    a.sh("printf 'classification: public\\n\\nthe export is fixed?\\n'"
          " > federation/outbox/upper@beta", check=True)
     wait_for(lambda: mails(b, "agents/upper/mail"), what="the message on beta")
     [got] = mails(b, "agents/upper/mail")
     h = headers(got)
-    assert got.endswith("\n\nfix the CSV export\n")
-    assert h["from"] == "operator@alpha" and h["to"] == "upper" and h["type"] == "work_request"
+    assert got.endswith("\n\nthe export is fixed?\n")
+    assert h["from"] == "operator@alpha" and h["to"] == "upper" and h["type"] == "event"
     assert h["classification"] == "public"
-    # beta's operator answers on the same correlation id; it reaches alpha's operator
     b.sh(f"printf 'type: result\\nclassification: public\\ncorrelation-id: "
          f"{h['correlation-id']}\\n\\nfixed\\n' > federation/outbox/operator@alpha", check=True)
     wait_for(lambda: mails(a, "mail"), what="the reply on alpha")
@@ -115,7 +127,8 @@ def test_join_cards_mail_and_reply(nats, members):
     assert headers(reply)["correlation-id"] == h["correlation-id"]
     wait_for(lambda: status(a)["outbox"] == "0" and status(b)["outbox"] == "0",
              what="both outboxes drained")
-    assert status(a)["sent"] == "1" and status(b)["received"] == "1"
+    assert (status(a)["sent"], status(a)["received"]) == ("2", "2")
+    assert (status(b)["sent"], status(b)["received"]) == ("2", "2")
     # an agent sends only with the federate pledge; one that has it, from its own process
     assert errno_of(a.write, "agents/echo/outbox/upper@beta", "x\n") == errno.EACCES
     a.define("relay", 'driver = "exec"\ncmd = ["sh", "-c", "cat > \\"$FS9_OUTBOX/upper@beta\\""]\n'
@@ -159,6 +172,15 @@ def test_boundary_refusals(nats, members):
     note = mails(a, "mail")[0]
     assert headers(note)["from"] == "federation@beta" and "rejected" in note
     assert mails(b, "agents/echo/mail") == []
+    # a task's result is labelled its agent's clearance (internal): above what beta may
+    # send alpha (public), it is withheld, said in beta's log, never sent lower
+    a.sh("printf 'type: work_request\\nclassification: public\\n\\nq\\n'"
+         " > federation/outbox/echo@beta", check=True)
+    wait_for(lambda: [e for e in log_rows(b, "delivery_refused") if e.get("type") == "result"],
+             what="the result withheld on beta")
+    [withheld] = [e for e in log_rows(b, "delivery_refused") if e.get("type") == "result"]
+    assert "alpha accepts up to public from us, the message is internal" == withheld["reason"]
+    assert len(log_rows(b, "fed_queued")) == 1  # beta queued only its one rejection note
     # the ctl refuses what it cannot parse, with the reason
     assert errno_of(a.write, "federation/ctl", "peer beta ceiling=secret\n") == errno.EINVAL
     assert errno_of(a.write, "federation/ctl", "join nats://x AS alpha too\n") == errno.EINVAL

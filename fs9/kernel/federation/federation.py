@@ -38,6 +38,10 @@ AUTH_MODES = ("delegated", "independent", "policy")
 # `from`): not taken from a remote. The other stamped keys (x-status...) it may not say:
 # message.parse refuses them, so the message is rejected.
 NOT_TAKEN = ("id", "from", "date", "reply-to")
+# what the peer's kernel stamps on a task's result and progress (its agents cannot)
+RESULT_STAMPS = ("x-task", "x-status", "x-exit")
+RESULT_TYPES = ("result", "status_update")
+STAMP_RE = re.compile(r"-?[A-Za-z0-9_]{1,32}")
 CMDS = (
     cmd.Cmd("join", "join", 3, 3, usage="join NATS_URL AS OSNAME"),
     cmd.Cmd("peer", "peer", 1, 3, usage="peer OS ceiling=CLASS auth=delegated|independent|policy"),
@@ -241,6 +245,26 @@ class Federation:
                            blob=note.render(), id=note.id, to=reply_to, os=origin,
                            classification="public")
 
+    def forward(self, msg: message.Message) -> None:
+        """What the kernel composed for AGENT@OS (the result or progress of a task made
+        from that OS's work_request): queued like any cross-OS message, from AGENT@US,
+        if the peer's ceiling takes its label; otherwise withheld (`delivery_refused`)."""
+        h = msg.headers
+        peer = self.peers.get(msg.to.partition("@")[2])
+        reason = None
+        if peer is None or not self.url:
+            reason = f"{msg.to}: not an agent of a peer in a joined federation"
+        elif not message.clearance_allows(peer.ceiling, h["classification"]):
+            reason = (f"{peer.name} accepts up to {peer.ceiling} from us, the message is "
+                      f"{h['classification']}")
+        if reason is not None:
+            self.kernel.log.append("delivery_refused", agent=msg.to, sender=h["from"],
+                                   corr=h["correlation-id"], type=h["type"], reason=reason)
+            return
+        h["from"] = f"{h['from']}@{self.me}"
+        self.kernel.record("fed_queued", corr=h["correlation-id"], blob=msg.render(),
+                           id=msg.id, to=msg.to, os=peer.name, classification=h["classification"])
+
     # --- receiving -------------------------------------------------------------
 
     def receive(self, origin: str, data: bytes) -> None:
@@ -269,8 +293,13 @@ class Federation:
         if to_os != self.me:
             return self._reject(origin, msg_id, f"to {headers.get('to', '')!r} is not "
                                 f"an agent of {self.me}", reply_to, corr)
+        stamps = {k: headers[k] for k in RESULT_STAMPS if k in headers} \
+            if headers.get("type") in RESULT_TYPES else {}
+        if not all(STAMP_RE.fullmatch(v) for v in stamps.values()):
+            return self._reject(origin, msg_id, f"bad result headers {stamps}"[:300],
+                                reply_to, corr)
         written = "".join(f"{k}: {v}\n" for k, v in headers.items()
-                          if k not in NOT_TAKEN).encode()
+                          if k not in NOT_TAKEN and k not in stamps).encode()
         try:  # as if written here, but the label is never lowered: none stated is the top
             msg = message.parse(written + b"\n" + body, to=f"{to}@{self.me}", sender=reply_to,
                                 label=message.CLASSIFICATIONS[-1])
@@ -288,12 +317,20 @@ class Federation:
             return self._reject(origin, msg_id, f"{to} is cleared for "
                                 f"{recipient.manifest['clearance']}, the message is {level}",
                                 reply_to, corr)
-        msg.headers["id"], msg.headers["to"], msg.to = msg_id, to, to
+        msg.headers.update(id=msg_id, to=to, **stamps)
+        msg.to = to
         corr = msg.headers.setdefault("correlation-id", msg_id)
         self.kernel.record("mail_sent", agent=to, corr=corr, blob=msg.render(), id=msg_id,
                            sender=reply_to, type=msg.headers["type"],
                            priority=msg.headers["priority"], classification=level,
                            fed=f"{origin}/{msg_id}")
+        if msg.headers["type"] == "work_request" and recipient is not self.kernel.bus.operator \
+                and not recipient.daemon:
+            # request/response as for local mail: a task, its result back to the sender
+            stored = recipient.mailbox.get(msg_id)
+            self.kernel.submit(recipient, msg.body, corr=corr, request=msg_id,
+                               reply_to=reply_to)
+            self.kernel.bus.ack(recipient, stored.name)
 
     def received(self, fed: str) -> None:
         """The bus applied a mail_sent that came through the federation (its record)."""
