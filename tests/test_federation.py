@@ -4,6 +4,7 @@ federation/ with shell tools; what arrived is read on the other side (mailboxes,
 log), never inferred from the sender."""
 import errno
 import json
+import os
 import sqlite3
 
 import pytest
@@ -250,6 +251,13 @@ def test_queued_before_nats_then_caught_up(nats, members):
     a.kill9()  # the outbox is the log's: a sender killed keeps what it queued
     a.mount()
     assert status(a)["outbox"] == "5" and status(a, "federation/peers/beta/status")["queued"] == "5"
+    # one whose deadline passes while it waits is given up: a dead letter, said in the log
+    a.write("federation/outbox/echo@beta", "classification: public\ndeadline: +1\n\nlate\n")
+    wait_for(lambda: status(a)["dead"] == "1", what="the dead letter")
+    [dead] = os.listdir(a.path / "federation/dead")
+    assert a.read(f"federation/dead/{dead}").endswith("\n\nlate\n")
+    assert "deadline passed" in log_rows(a, "fed_dead")[0]["reason"]
+    assert status(a)["outbox"] == "5"
     nats.start()
     wait_for(lambda: len(mails(b, "agents/echo/mail")) == 5, timeout=LONG_S,
              what="the queued messages delivered")

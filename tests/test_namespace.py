@@ -16,7 +16,7 @@ def test_root_and_agent_layout(mount):
     assert mount.read("status") == "echo idle - 0 0 0 0\n"
     # federation/ is there, off until joined (tests/test_federation.py)
     assert sorted(os.listdir(mount.path / "federation")) == [
-        "card", "ctl", "outbox", "peers", "status"]
+        "card", "ctl", "dead", "outbox", "peers", "status"]
     assert "connection=off" in mount.read("federation/status")
 
 

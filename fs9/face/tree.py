@@ -2,7 +2,7 @@
 
 To find where any path is served, find its row here. `{agent}`, `{task}`,
 `{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}`, `{cap}`,
-`{query}`, `{note}`, `{peer}`, `{model}` and `{conv}` are bound to kernel objects while walking (VARS below); a name that
+`{query}`, `{note}`, `{peer}`, `{fdead}`, `{model}` and `{conv}` are bound to kernel objects while walking (VARS below); a name that
 binds to nothing is ENOENT, and so is any name that is not UTF-8 but a query (kernel
 objects have text names). Directories list the rows one level below them; a Dir with
 `create` takes new names (mail/, outbox/, topics/). A row ending in `/...` serves a
@@ -217,6 +217,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "federation/card": lambda k: Status(k.federation.card_text),
     "federation/outbox": lambda k, me=None: _operator_only(me, "federation/outbox") or Dir(
         create=lambda name: _federated(k, name, OPERATOR, dict(file="federation/outbox"))),
+    "federation/dead": None,  # dead letters: given up before JetStream had them
+    "federation/dead/{fdead}": lambda k, fdead: Status(lambda: fdead.data),
     "federation/peers": None,
     "federation/peers/{peer}": None,
     "federation/peers/{peer}/card": lambda k, peer: Status(lambda: peer.card or b""),
@@ -275,6 +277,8 @@ VARS = {
     "note": (lambda k, agent: k.memory.keys(agent),
              lambda k, name, agent: name if k.memory.get(agent, name) is not None else None),
     "peer": (lambda k: sorted(k.federation.peers), lambda k, name: k.federation.peers.get(name)),
+    "fdead": (lambda k: sorted(k.federation.outbox.dead),
+              lambda k, name: k.federation.outbox.dead.get(name)),
     "model": (lambda k: sorted(k.models.models), lambda k, name: k.models.model(name)),
     # a conversation is its opener's: others (but the operator) do not see it
     "conv": (lambda k, model, me=None: k.models.visible(model, me),

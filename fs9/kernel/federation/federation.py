@@ -31,6 +31,7 @@ from ..agents import registry
 from ..bus import message
 from ..names import NAME_RE, OPERATOR
 from ..stream import Changes
+from .outbox import Outbox
 
 OS_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # one NATS subject token
 AUTH_MODES = ("delegated", "independent", "policy")
@@ -69,11 +70,11 @@ class Federation:
         self.kernel = kernel
         self.url = self.me = ""  # joined when both are set
         self.peers: dict[str, Peer] = {}
-        self.outbox: dict[str, tuple[str, bytes]] = {}  # id -> (to OS, message), in order
         self.seen: set[str] = set()  # ORIGIN/ID of every message received (delivered or not)
-        self.counts = dict(sent=0, received=0, rejected=0, duplicates=0)
+        self.counts = dict(received=0, rejected=0, duplicates=0)
         self.last_error = ""
         self.changes = Changes()  # joined, left, queued, a peer changed
+        self.outbox = Outbox(kernel, self.changes)
         self.engine = None  # link.py's, while joined
 
     @property
@@ -145,6 +146,7 @@ class Federation:
     def status(self) -> str:
         lines = [f"os={self.me or '-'}", f"url={self.url or '-'}", f"connection={self.state}",
                  f"peers={' '.join(sorted(self.peers)) or '-'}", f"outbox={len(self.outbox)}",
+                 f"dead={len(self.outbox.dead)}", f"sent={self.outbox.sent}",
                  *(f"{k}={v}" for k, v in self.counts.items()),
                  f"last_error={self._last_error() or '-'}"]
         return "\n".join(lines) + "\n"
@@ -155,7 +157,7 @@ class Federation:
         return self.last_error
 
     def peer_status(self, peer: Peer) -> str:
-        return peer.status(sum(1 for to, _ in self.outbox.values() if to == peer.name))
+        return peer.status(self.outbox.queued_for(peer.name))
 
     def card(self) -> dict:
         """This OS's card: A2A's field names (name, description, version, capabilities,
@@ -342,8 +344,8 @@ class Federation:
     def appliers(self) -> dict:
         return {"fed_joined": self._on_joined, "fed_left": self._on_left,
                 "fed_peer": self._on_peer, "fed_paused": self._on_paused,
-                "fed_resumed": self._on_resumed, "fed_queued": self._on_queued,
-                "fed_sent": self._on_sent, "fed_rejected": self._on_rejected}
+                "fed_resumed": self._on_resumed, "fed_rejected": self._on_rejected,
+                **self.outbox.appliers()}
 
     def _on_joined(self, e, agent, task):
         self.url, self.me = e.data["url"], e.data["os"]
@@ -366,14 +368,6 @@ class Federation:
     def _on_resumed(self, e, agent, task):
         self.peers[e.data["os"]].paused = False
         self.changes.bump()
-
-    def _on_queued(self, e, agent, task):
-        self.outbox[e.data["id"]] = (e.data["os"], self.kernel.blob(e))
-        self.changes.bump()
-
-    def _on_sent(self, e, agent, task):
-        if self.outbox.pop(e.data["id"], None) is not None:
-            self.counts["sent"] += 1
 
     def _on_rejected(self, e, agent, task):
         self.seen.add(f"{e.data['origin']}/{e.data['id']}")

@@ -12,7 +12,25 @@ CARD_EVERY_S = 2  # how often our card is re-checked and the peers' fetched
 
 
 async def serve(fed: Federation) -> None:
-    """Until cancelled: joined, run the link to the URL joined; left, wait for a join."""
+    """Until cancelled: the outbox's deadlines, and the link while joined."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_supervised, fed, lambda: fed.outbox.keep_deadlines())
+        nursery.start_soon(_supervised, fed, lambda: _link(fed))
+
+
+async def _supervised(fed: Federation, run) -> None:
+    """A defect of ours costs the federation's task a restart, never the mount."""
+    while True:
+        try:
+            await run()
+        except Exception:
+            fed.kernel.log.bug("federation")
+            fed.last_error = "internal error (see the bug event); restarted"
+            await trio.sleep(BACKOFF_S[-1])
+
+
+async def _link(fed: Federation) -> None:
+    """Joined, run the link to the URL joined; left, wait for a join."""
     while True:
         version = fed.changes.version
         if not fed.url:
@@ -27,10 +45,6 @@ async def serve(fed: Federation) -> None:
                 nursery.start_soon(_send, fed, engine)
                 nursery.start_soon(_receive, fed, engine)
                 nursery.start_soon(_cards, fed, engine)
-        except Exception:  # a defect of ours costs the link a restart, never the mount
-            fed.kernel.log.bug("federation")
-            fed.last_error = "internal error (see the bug event); the link restarts"
-            await trio.sleep(BACKOFF_S[-1])
         finally:
             fed.engine = None
             with trio.CancelScope(shield=True):
@@ -67,12 +81,16 @@ async def _send(fed: Federation, engine: Engine) -> None:
     attempt = 0
     while True:
         version = fed.changes.version
-        due = [(mid, to, data) for mid, (to, data) in list(fed.outbox.items())
-               if to in fed.peers and not fed.peers[to].paused]
+        outbox = fed.outbox
+        due = [(mid, q.os, q.data) for mid, q in list(outbox.pending.items())
+               if q.os in fed.peers and not fed.peers[q.os].paused]
         if not due:
             await fed.changes.wait_past(version)
             continue
         for mid, to, data in due:
+            if mid not in outbox.pending or outbox.expired(mid):
+                continue  # given up meanwhile, or about to be (outbox.keep_deadlines)
+            outbox.sending.add(mid)
             try:
                 await engine.publish(to, data, f"{fed.me}/{mid}")
             except EngineError as e:
@@ -80,9 +98,10 @@ async def _send(fed: Federation, engine: Engine) -> None:
                 await trio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
                 attempt += 1
                 break
+            finally:
+                outbox.sending.discard(mid)
             attempt = 0
-            if mid in fed.outbox:
-                fed.kernel.record("fed_sent", id=mid, os=to)
+            fed.kernel.record("fed_sent", id=mid, os=to)
 
 
 async def _receive(fed: Federation, engine: Engine) -> None:
