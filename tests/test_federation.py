@@ -236,6 +236,11 @@ def test_what_a_remote_wrote_is_not_trusted(nats, members):
     wait_for(lambda: len(log_rows(b, "fed_rejected")) == 5, what="the note rejected")
     assert "no such agent: nobody@beta" in log_rows(b, "fed_rejected")[4]["reason"]
     assert [q for q in log_rows(b, "fed_queued") if q["to"].startswith("federation@")] == []
+    # a card past 64 KiB (as a hostile peer may publish one) is not shown
+    wait_for(lambda: a.read("federation/peers/beta/card"), what="beta's card on alpha")
+    publish_raw(nats.url, "fs9.card.beta", b"{" + b" " * (100 << 10) + b"}")
+    wait_for(lambda: "card is over" in status(a)["last_error"], what="the big card refused")
+    assert a.read("federation/peers/beta/card") == ""
 
 
 def test_queued_before_nats_then_caught_up(nats, members):

@@ -9,6 +9,7 @@ from .engine import Engine, EngineError
 from .federation import BACKOFF_S, Federation
 
 CARD_EVERY_S = 2  # how often our card is re-checked and the peers' fetched
+MAX_CARD = 64 << 10  # bytes of a peer's card shown; a larger one is not shown (last_error)
 
 
 async def serve(fed: Federation) -> None:
@@ -138,7 +139,11 @@ async def _cards(fed: Federation, engine: Engine) -> None:
                 await engine.put_card(card)
                 published = card
             for peer in list(fed.peers.values()):
-                peer.card = await engine.card(peer.name)
+                card = await engine.card(peer.name)
+                if card is not None and len(card) > MAX_CARD:
+                    fed.last_error = f"{peer.name}'s card is over {MAX_CARD} bytes: not shown"
+                    card = None
+                peer.card = card
         except EngineError as e:
             _failed(fed, "cards", e)
         await trio.sleep(CARD_EVERY_S)
