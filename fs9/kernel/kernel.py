@@ -27,6 +27,8 @@ from .agents import escapes, sandbox as sandboxes, spawn
 from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
+from .federation import link
+from .federation.federation import Federation
 from .lifecycle import Lifecycles, Unappliable
 from .log import Event, EventLog
 from .metrics import Metrics
@@ -120,7 +122,8 @@ class Kernel(Lifecycles):
         self.models = Models(self)
         self.memory = Memory(self)
         self.metrics = Metrics(self)  # the root `metrics` (metrics.py)
-        self.handlers = event_table(self, self.bus, self.models, self.memory)
+        self.federation = Federation(self)  # off until joined (federation/ctl)
+        self.handlers = event_table(self, self.bus, self.models, self.memory, self.federation)
 
     # --- lifetime --------------------------------------------------------------
 
@@ -151,6 +154,7 @@ class Kernel(Lifecycles):
             nursery.start_soon(self.log.keep_checkpointed)
             nursery.start_soon(self.log.sync.keep_synced, self.log)
             nursery.start_soon(self._service, self.bus.keep_deadlines)
+            nursery.start_soon(self._service, link.serve, self.federation)
             await nursery.start(self._service, self.models.serve)
             nursery.start_soon(self._service, self._prune_memory)
             if self.search is not None:

@@ -184,7 +184,10 @@ class Bus:
 
     def deliver(self, msg: Message) -> None:
         """Deliver what the kernel composed, if the recipient is cleared for its label;
-        otherwise it is withheld (a `delivery_refused` event), never delivered lower."""
+        otherwise it is withheld (a `delivery_refused` event), never delivered lower.
+        To AGENT@OS (a request that came from another OS): through the federation."""
+        if "@" in msg.to:
+            return self.kernel.federation.forward(msg)
         recipient = self.owner(msg.to)
         label = msg.headers["classification"]
         if recipient is not None and not message.clearance_allows(
@@ -201,11 +204,10 @@ class Bus:
 
     def send_result(self, agent, task) -> None:
         """The `result` of a task made from a work_request, to its requester's mailbox."""
-        requester = self.owner(task.reply_to)
-        if requester is None:
+        if self.owner(task.reply_to) is None and "@" not in task.reply_to:
             return  # an agent since killed: the task's files keep the output
         out = bytes(self.kernel.stream(task, 1).data)
-        self.deliver(self.compose(requester.name, agent.name, out, type="result",
+        self.deliver(self.compose(task.reply_to, agent.name, out, type="result",
                                **{"correlation-id": task.corr, "x-task": str(task.id),
                                   "x-status": task.state, "x-exit": str(task.exit)}))
 
@@ -217,9 +219,8 @@ class Bus:
         text = data.decode(errors="replace").strip()[:4096]
         self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
                                corr=task.corr, text=text)
-        requester = self.owner(task.reply_to)
-        if requester is not None:
-            self.deliver(self.compose(requester.name, agent.name, (text + "\n").encode(),
+        if self.owner(task.reply_to) is not None or "@" in task.reply_to:
+            self.deliver(self.compose(task.reply_to, agent.name, (text + "\n").encode(),
                                    type="status_update", **{"correlation-id": task.corr,
                                                             "x-task": str(task.id)}))
 
@@ -293,6 +294,8 @@ class Bus:
                 "published": self.on_published}
 
     def on_mail_sent(self, e, agent, task) -> None:
+        if "fed" in e.data:  # from another OS: its inbox record (federation.py)
+            self.kernel.federation.received(e.data["fed"])
         agent = self.owner(e.agent)
         if agent is None:
             return  # mail for an agent killed since: gone with it
