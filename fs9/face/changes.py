@@ -59,6 +59,7 @@ class Changes:
         self.gate.admit(src_path, ctx)
         src.can("link")
         self.gate.check(src_path, writing=False)
+        self.gate.may_link(src, ctx)
         path, parent = self._new_name(new_parent_ino, new_name, ctx, "link")
         if split_view(src_path)[0] != split_view(path)[0]:
             raise Fs9Error(errno.EXDEV, "link across views")
@@ -77,6 +78,7 @@ class Changes:
     async def unlink(self, parent_ino, name, ctx):
         path, node = self._child(parent_ino, name, ctx)  # ENOENT if absent
         self.gate.check(path, writing=True, removing=True)
+        self._may_remove(parent_ino, node, ctx)
         await node.unlink(ctx)
         if node.own_inode:
             self.inodes.gone(path)
@@ -86,6 +88,7 @@ class Changes:
         path, node = self._child(parent_ino, name, ctx)
         node.can("rmdir")
         self.gate.check(path, writing=True)
+        self._may_remove(parent_ino, node, ctx)
         await node.rmdir(ctx)
         self.inodes.gone(path)
 
@@ -97,9 +100,19 @@ class Changes:
         new_path, parent = self._new_name(p_new, name_new, ctx, "rename")
         if split_view(old_path)[0] != split_view(new_path)[0]:
             raise Fs9Error(errno.EXDEV, "rename across views")
+        if self.gate.shared(ctx):
+            try:
+                replaced = self.tree.resolve(new_path)
+            except Fs9Error:
+                replaced = None
+            self.gate.may_rename(self._node(p_old)[1], node, parent, replaced, ctx)
         await node.rename(parent, new_path[-1], flags, ctx)
         self.inodes.renamed(split_view(old_path)[1], split_view(new_path)[1],
                             exchange=bool(flags & RENAME_EXCHANGE))
+
+    def _may_remove(self, parent_ino, node: Node, ctx) -> None:
+        if self.gate.shared(ctx):
+            self.gate.may_remove(self._node(parent_ino)[1], node, ctx)
 
     # --- extended attributes -----------------------------------------------------------
     #
@@ -113,6 +126,8 @@ class Changes:
         path, node = await self._node_or_file(ino)
         node.can("getxattr")
         self.gate.admit(path, ctx)
+        if name.startswith(b"user."):
+            self.gate.may(node, os.R_OK, ctx, "read an extended attribute")
         return await node.getxattr(os.fsdecode(name))
 
     @boundary
@@ -137,4 +152,5 @@ class Changes:
         node.can(op)
         self.gate.admit(path, ctx)
         self.gate.check(path, writing=True)
+        self.gate.may(node, os.W_OK, ctx, "change an extended attribute")
         return node

@@ -45,12 +45,13 @@ class Operations(Changes, pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, kernel: "Kernel", nursery: trio.Nursery) -> None:
+    def __init__(self, kernel: "Kernel", nursery: trio.Nursery,
+                 share_vault: bool = False) -> None:
         super().__init__()
         self.kernel = kernel
         self.tree = Tree(kernel)
         self.uid, self.gid = os.getuid(), os.getgid()
-        self.gate = Gate(kernel, self.tree, self.uid)
+        self.gate = Gate(kernel, self.tree, self.uid, share_vault)
         self.inodes = Inodes()
         self.nursery = nursery  # for poll notifiers
         self.handles: dict[int, Handle] = {}
@@ -95,6 +96,10 @@ class Operations(Changes, pyfuse3.Operations):
         # cached, and a killed agent's names are invalidated (see write).
         a.entry_timeout = CACHE_S
         a.attr_timeout = CACHE_S if s.cacheable else 0
+        if self.gate.share_vault:
+            # users share the kernel's caches: a name or attributes cached for one would
+            # reach another with no request, so none of its checks (search permission)
+            a.entry_timeout = a.attr_timeout = 0
         return a
 
     def _entry(self, path: tuple[str, ...], node: Node) -> pyfuse3.EntryAttributes:
@@ -119,7 +124,9 @@ class Operations(Changes, pyfuse3.Operations):
         self.gate.admit(ppath, ctx)
         parent.can(op)
         path = ppath + (file_name(name),)
+        self.gate.admit(path, ctx)
         self.gate.check(path, writing=True)
+        self.gate.may_make_in(parent, ctx)
         return path, parent
 
     async def _node_or_file(self, ino: int, fh=None) -> tuple[tuple[str, ...] | None, Node]:
@@ -183,11 +190,13 @@ class Operations(Changes, pyfuse3.Operations):
         if path is not None:
             self.gate.admit(path, ctx)
             self.gate.check(path, writing=True)  # in a view: EACCES where it may not write
+            self.gate.may_set(node, attr, fields, fh, ctx)
         return self._attrs(ino, await node.setattr(attr, fields, ctx))
 
     @boundary
     async def access(self, ino, mode, ctx):
-        _, node = self._node(ino)
+        path, node = self._node(ino)
+        self.gate.admit(path, ctx)
         return node.access(mode, ctx)
 
     @boundary
@@ -202,8 +211,9 @@ class Operations(Changes, pyfuse3.Operations):
     @boundary
     async def opendir(self, ino, ctx):
         path, node = self._node(ino)
-        self.gate.admit(path, ctx)
+        self.gate.admit(path, ctx, listing=True)
         self.gate.check_listing(path)
+        self.gate.may(node, os.R_OK, ctx, "list a directory")
         # a snapshot at open, so paging is consistent
         entries = await node.listing(lambda name: self._resolve(path + (name,)))
         fh = self._fh()
@@ -241,6 +251,7 @@ class Operations(Changes, pyfuse3.Operations):
             self.gate.check(path, writing=False)
         if writing or flags & os.O_TRUNC:
             self.gate.check(path, writing=True)
+        self.gate.may_open(node, flags, ctx)
         handle = await node.open(flags, ctx)
         handle.opener = split_view(path)[0]  # whose blocked reads it counts (None: operator)
         handle.nonblocking = bool(flags & os.O_NONBLOCK)

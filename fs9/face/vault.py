@@ -26,7 +26,7 @@ from ..errors import Fs9Error
 from ..kernel import labels
 from ..kernel.names import split_view
 from ..kernel.vault.beneath import CHANGED
-from .access import may_access, may_set_attributes, may_write_file, new_mode, refusals_logged
+from .access import groups_of, may_access, may_set_attributes, may_write_file, new_mode, refusals_logged
 from .node import REFUSALS, Attrs, Node, shown
 from .vaultfile import VaultHandle, disk, disk_attrs, in_thread, set_attributes
 from typing import TYPE_CHECKING
@@ -81,7 +81,7 @@ class VaultNode(Node):
         self.mode = self.st.st_mode & ~taken
 
     def access(self, mode: int, ctx) -> bool:
-        return may_access(self, mode, ctx)
+        return may_access(self.mode, self.st, mode, ctx, groups_of(ctx))
 
     def _report(self, path, op: str, ctx, dest=None) -> None:
         self.kernel.vault_changes.report(path, op, ctx.uid, dest=dest)

@@ -1,0 +1,178 @@
+"""The vault shared with other local users (fs9 mount --share-vault): they reach vault/
+and nothing else, under the kernel's own permission rules, checked by fs9 (root).
+
+Other users are throwaway uids: each command runs in a child that drops to them
+(setgroups, setresgid, setresuid) before exec; no account is needed. What they did is
+asserted on the backing directory, as root sees it.
+"""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import Mount, fuse_unavailable
+
+ALICE, BOB, CAROL = 61001, 61002, 61003
+TEAM = 61100  # a group alice and bob are in (supplementary), carol not
+
+
+@pytest.fixture
+def shared(tmp_path):
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(f"cannot mount FUSE here: {reason}")
+    if os.geteuid() != 0:
+        pytest.skip("other users reach a FUSE mount only through allow_other, which fs9 "
+                    "sets when mounted as root")
+    m = Mount(tmp_path)
+    m.mount("--share-vault")
+    try:
+        os.chmod(m.path / "vault", 0o1777)  # a /tmp-like top: anyone makes, sticky
+        yield m
+    finally:
+        m.umount()
+    bugs = m.bugs()
+    assert not bugs, "a handler hit an unexpected exception:\n" + "\n".join(bugs)
+
+
+def as_user(mount: Mount, uid: int, cmd: str, groups=(), gid=None) -> subprocess.CompletedProcess:
+    """sh -c cmd in the mount, as uid (primary group gid, default uid; groups: its
+    supplementary groups), with umask 022."""
+    gid = uid if gid is None else gid
+
+    def drop():
+        os.setgroups(list(groups))
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        os.umask(0o022)
+    return subprocess.run(["sh", "-c", cmd], cwd=mount.path, capture_output=True, text=True,
+                          timeout=60, preexec_fn=drop, env={"PATH": os.environ["PATH"]})
+
+
+def ok(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr}"
+
+
+def denied(r: subprocess.CompletedProcess, why: str = "Permission denied") -> None:
+    assert r.returncode != 0 and why in r.stderr, f"exit {r.returncode}: {r.stderr}"
+
+
+def test_other_users_are_refused_unless_shared(mount):
+    if os.geteuid() != 0:
+        pytest.skip("other users reach a FUSE mount only through allow_other (root)")
+    (mount.vault / "note.md").write_text("the operator's\n")
+    os.chmod(mount.vault, 0o755)
+    os.chmod(mount.vault / "note.md", 0o644)
+    denied(as_user(mount, ALICE, "cat vault/note.md"))
+    denied(as_user(mount, ALICE, "echo x > vault/new.md"))
+    assert not (mount.vault / "new.md").exists()
+
+
+def test_only_vault_is_shared(shared):
+    denied(as_user(shared, ALICE, "ls ."))  # the root is passed through, not listed
+    for name in ("ctl", "events", "agents", "status"):
+        denied(as_user(shared, ALICE, f"cat {name} || ls {name}"))
+    ok(as_user(shared, ALICE, "ls vault && stat vault"))
+
+
+def test_create_chmod_chown(shared):
+    ok(as_user(shared, ALICE, "echo hi > vault/a.md && chmod 640 vault/a.md"))
+    st = (shared.vault / "a.md").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (ALICE, ALICE, 0o640)
+    assert (shared.vault / "a.md").read_text() == "hi\n"
+    denied(as_user(shared, BOB, "chmod 666 vault/a.md"), "not permitted")
+    denied(as_user(shared, ALICE, f"chown {BOB} vault/a.md"), "not permitted")
+    denied(as_user(shared, ALICE, f"chgrp {TEAM} vault/a.md"), "not permitted")
+    os.chown(shared.path / "vault/a.md", BOB, TEAM)  # root gives it away
+    st = (shared.vault / "a.md").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (BOB, TEAM, 0o640)
+
+
+def test_mode_bits_and_groups(shared):
+    ok(as_user(shared, ALICE, "echo secret > vault/mine && chmod 600 vault/mine"))
+    denied(as_user(shared, BOB, "cat vault/mine"))
+    denied(as_user(shared, BOB, "echo x >> vault/mine"))
+    assert (shared.vault / "mine").read_text() == "secret\n"
+    # the group: read by a supplementary member, not by others
+    ok(as_user(shared, ALICE, f"echo team > vault/t && chgrp {TEAM} vault/t || true"))
+    os.chown(shared.path / "vault/t", ALICE, TEAM)
+    os.chmod(shared.path / "vault/t", 0o640)
+    r = as_user(shared, BOB, "cat vault/t", groups=(TEAM,))
+    ok(r)
+    assert r.stdout == "team\n"
+    denied(as_user(shared, CAROL, "cat vault/t"))
+    denied(as_user(shared, BOB, "echo x > vault/t", groups=(TEAM,)))
+    assert (shared.vault / "t").read_text() == "team\n"
+
+
+def test_search_permission_on_the_way(shared):
+    ok(as_user(shared, ALICE, "mkdir vault/private && echo x > vault/private/f && "
+                              "chmod 644 vault/private/f && chmod 700 vault/private"))
+    # alice's own walk caches nothing another user could use
+    ok(as_user(shared, ALICE, "cat vault/private/f"))
+    denied(as_user(shared, BOB, "stat vault/private/f"))
+    denied(as_user(shared, BOB, "cat vault/private/f"))
+    denied(as_user(shared, BOB, "ls vault/private"))
+    ok(as_user(shared, ALICE, "chmod 711 vault/private"))
+    ok(as_user(shared, BOB, "cat vault/private/f"))  # search, not list
+    denied(as_user(shared, BOB, "ls vault/private"))
+
+
+def test_sticky_directory(shared):
+    ok(as_user(shared, ALICE, "echo a > vault/alices && chmod 666 vault/alices"))
+    denied(as_user(shared, BOB, "rm -f vault/alices"), "not permitted")
+    denied(as_user(shared, BOB, "mv vault/alices vault/bobs"), "not permitted")
+    ok(as_user(shared, BOB, "echo b > vault/bobs && echo more >> vault/alices"))
+    denied(as_user(shared, BOB, "mv -f vault/bobs vault/alices"), "not permitted")
+    assert (shared.vault / "alices").read_text() == "a\nmore\n"
+    ok(as_user(shared, ALICE, "mv vault/alices vault/renamed && rm vault/renamed"))
+    assert not (shared.vault / "renamed").exists()
+    ok(as_user(shared, BOB, "rm vault/bobs"))
+    assert not (shared.vault / "bobs").exists()
+    # without the sticky bit, write permission on the directory is enough
+    ok(as_user(shared, ALICE, "mkdir vault/open && chmod 777 vault/open && "
+                              "echo a > vault/open/f"))
+    ok(as_user(shared, BOB, "rm -f vault/open/f"))
+    assert not (shared.vault / "open/f").exists()
+    # and without write permission, nobody but root makes or removes names
+    ok(as_user(shared, ALICE, "mkdir vault/ro && echo a > vault/ro/f && chmod 755 vault/ro"))
+    denied(as_user(shared, BOB, "rm -f vault/ro/f"))
+    denied(as_user(shared, BOB, "echo b > vault/ro/g"))
+    assert sorted(os.listdir(shared.vault / "ro")) == ["f"]
+
+
+def test_setgid_directory(shared):
+    os.mkdir(shared.path / "vault/team")
+    os.chown(shared.path / "vault/team", 0, TEAM)
+    os.chmod(shared.path / "vault/team", 0o2775)
+    ok(as_user(shared, ALICE, "echo a > vault/team/f && mkdir vault/team/d", groups=(TEAM,)))
+    f, d = (shared.vault / "team/f").stat(), (shared.vault / "team/d").stat()
+    assert (f.st_uid, f.st_gid) == (ALICE, TEAM)
+    assert (d.st_uid, d.st_gid) == (ALICE, TEAM) and d.st_mode & 0o2000
+    denied(as_user(shared, CAROL, "echo c > vault/team/g"))  # not in the group
+    # an owner outside the file's group cannot make it setgid (the kernel clears it)
+    ok(as_user(shared, CAROL, "echo c > vault/c && chmod 2755 vault/c"))
+    os.chown(shared.path / "vault/c", CAROL, TEAM)
+    ok(as_user(shared, CAROL, "chmod 2755 vault/c"))
+    assert (shared.vault / "c").stat().st_mode & 0o7777 == 0o755
+
+
+def test_times(shared):
+    ok(as_user(shared, ALICE, "echo a > vault/f && chmod 644 vault/f"))
+    denied(as_user(shared, BOB, "touch vault/f"))
+    denied(as_user(shared, BOB, "truncate -s 0 vault/f"))
+    assert (shared.vault / "f").read_text() == "a\n"
+    ok(as_user(shared, ALICE, "touch -d 2001-01-01 vault/f"))
+    assert (shared.vault / "f").stat().st_mtime < 1e9 + 1e8
+
+
+def test_hard_links_count(shared):
+    ok(as_user(shared, ALICE, "echo a > vault/one && ln vault/one vault/two"))
+    backing = shared.vault / "one"
+    assert backing.stat().st_nlink == 2 and os.path.samefile(backing, shared.vault / "two")
+    ok(as_user(shared, ALICE, "test $(stat -c %h vault/one) = 2"))
+    # protected_hardlinks: no second name for a file one may not read and write
+    ok(as_user(shared, ALICE, "chmod 600 vault/one"))
+    denied(as_user(shared, BOB, "ln vault/one vault/bobs"), "not permitted")
+    assert not (shared.vault / "bobs").exists()
