@@ -65,7 +65,8 @@ class Changes:
             raise Fs9Error(errno.EXDEV, "link across views")
         self.gate.check_link(src_path, path)  # a second name grants nothing new
         node = await parent.link(src, path[-1], ctx)
-        # the other name is another inode of ours: the kernel must forget its link count
+        self.inodes.number(src_path, self._file(src_path, node))  # one inode, both names
+        # the kernel must forget its link count
         await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
         return self._entry(path, node)
 

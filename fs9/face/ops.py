@@ -104,7 +104,14 @@ class Operations(Changes, pyfuse3.Operations):
 
     def _entry(self, path: tuple[str, ...], node: Node) -> pyfuse3.EntryAttributes:
         """A name the kernel now knows: one lookup counted."""
-        return self._attrs(self.inodes.lookup(path), node)
+        return self._attrs(self.inodes.lookup(path, self._file(path, node)), node)
+
+    @staticmethod
+    def _file(path: tuple[str, ...], node: Node) -> tuple | None:
+        """The file a hard link names, in the view it is seen through (a view's
+        inode is its own: its rules are asked of its path)."""
+        key = node.file_key()
+        return None if key is None else (split_view(path)[0], *key)
 
     def _fh(self) -> int:
         fh, self._next_fh = self._next_fh, self._next_fh + 1
@@ -230,7 +237,7 @@ class Operations(Changes, pyfuse3.Operations):
                 node.refresh()
             except Fs9Error:
                 continue  # gone meanwhile
-            attrs = self._attrs(self.inodes.number(path), node)
+            attrs = self._attrs(self.inodes.number(path, self._file(path, node)), node)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, i + 1):
                 break
 

@@ -80,6 +80,10 @@ class VaultNode(Node):
             self.st = disk(self.root.lstat, self.rel)
         self.mode = self.st.st_mode & ~taken
 
+    def file_key(self) -> tuple | None:
+        st = self.st
+        return None if st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode) else (st.st_dev, st.st_ino)
+
     def access(self, mode: int, ctx) -> bool:
         return may_access(self.mode, self.st, mode, ctx, groups_of(ctx))
 
