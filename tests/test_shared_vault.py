@@ -6,6 +6,7 @@ Other users are throwaway uids: each command runs in a child that drops to them
 asserted on the backing directory, as root sees it.
 """
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -176,3 +177,81 @@ def test_hard_links_count(shared):
     ok(as_user(shared, ALICE, "chmod 600 vault/one"))
     denied(as_user(shared, BOB, "ln vault/one vault/bobs"), "not permitted")
     assert not (shared.vault / "bobs").exists()
+
+
+def test_hard_links_are_one_inode(mount):
+    """Every name of a file is one inode through the mount, as on disk: made through the
+    mount or on disk, after either name was looked up, renamed or removed."""
+    v = mount.path / "vault"
+    (v / "one").write_text("a\n")
+    before = os.stat(v / "one").st_ino
+    os.link(v / "one", v / "two")  # one was looked up (one name) before the link
+    one, two = os.stat(v / "one"), os.stat(v / "two")
+    assert one.st_ino == two.st_ino == before and one.st_nlink == two.st_nlink == 2
+    with open(v / "two", "a") as f:
+        f.write("b\n")
+    assert (v / "one").read_text() == "a\nb\n"
+    inodes = {e.name: e.inode() for e in os.scandir(v)}
+    assert inodes["one"] == inodes["two"] == before
+    os.rename(v / "two", v / "three")
+    assert os.stat(v / "three").st_ino == before
+    os.unlink(v / "one")
+    three = os.stat(v / "three")
+    assert three.st_ino == before and three.st_nlink == 1
+    assert (v / "three").read_text() == "a\nb\n"
+    # names made on disk, behind the mount's back
+    (mount.vault / "x").write_text("x\n")
+    os.link(mount.vault / "x", mount.vault / "y")
+    x, y = os.stat(v / "x"), os.stat(v / "y")
+    assert x.st_ino == y.st_ino != before and x.st_nlink == y.st_nlink == 2
+    # a new file does not take the number of one removed (its inode is the kernel's)
+    os.unlink(v / "x")
+    os.unlink(v / "y")
+    (v / "x").write_text("new\n")
+    assert os.stat(v / "x").st_ino != x.st_ino and (v / "x").read_text() == "new\n"
+
+
+def gio_trash(mount: Mount, home: Path, rel: str, uid: int | None = None):
+    """`gio trash` of rel in the mount (the local backend only, as a file manager's
+    Delete), as uid (None: the operator, root), with its own HOME (another device: so
+    the trash is the one at the mount's top)."""
+    home.mkdir(exist_ok=True)
+    env = f"HOME={home} GIO_USE_VFS=local GIO_USE_VOLUME_MONITOR=unix "
+    cmd = env + f"gio trash {rel}"
+    if uid is None:
+        return subprocess.run(["sh", "-c", cmd], cwd=mount.path, capture_output=True,
+                              text=True, timeout=60)
+    os.chown(home, uid, uid)
+    return as_user(mount, uid, cmd)
+
+
+def trashed(vault: Path, uid: int, name: str) -> str:
+    """The trashed file's text, after checking its trash info names where it was."""
+    info = (vault / f".Trash-{uid}/info/{name}.trashinfo").read_text()
+    assert "[Trash Info]" in info and f"Path=vault/{name}" in info, info
+    return (vault / f".Trash-{uid}/files/{name}").read_text()
+
+
+@pytest.mark.skipif(not shutil.which("gio"), reason="gio missing (apt-get install "
+                    "libglib2.0-bin; scripts/system-deps.sh --test)")
+def test_gio_trash(mount, tmp_path):
+    (mount.path / "vault/doc.md").write_text("keep me\n")
+    ok(gio_trash(mount, tmp_path / "home", "vault/doc.md"))
+    assert not (mount.vault / "doc.md").exists()
+    assert trashed(mount.vault, 0, "doc.md") == "keep me\n"
+    assert (mount.vault / ".Trash-0").stat().st_mode & 0o777 == 0o700
+    assert "doc.md" in os.listdir(mount.path / ".Trash-0/files")  # the same directory
+
+
+@pytest.mark.skipif(not shutil.which("gio"), reason="gio missing (apt-get install "
+                    "libglib2.0-bin; scripts/system-deps.sh --test)")
+def test_gio_trash_as_another_user(shared, tmp_path):
+    ok(as_user(shared, ALICE, "echo mine > vault/notes.md"))
+    ok(as_user(shared, ALICE, "echo hers > vault/hers.md && chmod 666 vault/hers.md"))
+    ok(gio_trash(shared, tmp_path / "alice", "vault/notes.md", ALICE))
+    assert trashed(shared.vault, ALICE, "notes.md") == "mine\n"
+    st = (shared.vault / f".Trash-{ALICE}").stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (ALICE, 0o700)
+    # the sticky top: bob moves no file of alice's to his trash
+    assert gio_trash(shared, tmp_path / "bob", "vault/hers.md", BOB).returncode != 0
+    assert (shared.vault / "hers.md").read_text() == "hers\n"

@@ -11,6 +11,7 @@ types. Who may do what is access.py; every handler goes through `boundary`
 import errno
 import logging
 import os
+import re
 import select
 import time
 
@@ -35,6 +36,11 @@ CACHE_S = 1.0
 MAX_TASKS = 8192  # pyfuse3's workers (mount.py): each blocked reader holds one
 BLOCKED_PER_AGENT = 256  # reads one agent may have waiting at once
 OPERATOR_RESERVE = 1024  # workers agents' blocked reads never take
+# A file manager's trash for a vault file (the freedesktop trash spec, as GIO does it)
+# is at the top of the file's mount, fs9's root: .Trash/UID (a sticky .Trash made by
+# the operator) or .Trash-UID. There these names are the vault's own, so a file is
+# moved to the trash by a rename within the vault (see _named).
+TRASH = re.compile(r"\.Trash(-[0-9]+)?")
 
 
 class Operations(Changes, pyfuse3.Operations):
@@ -113,6 +119,14 @@ class Operations(Changes, pyfuse3.Operations):
         key = node.file_key()
         return None if key is None else (split_view(path)[0], *key)
 
+    @staticmethod
+    def _named(ppath: tuple[str, ...], name: str) -> tuple[str, ...]:
+        """The path of name in directory ppath: at the root, a trash directory's name
+        (TRASH) is the vault's."""
+        if not ppath and TRASH.fullmatch(name):
+            return ("vault", name)
+        return ppath + (name,)
+
     def _fh(self) -> int:
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         return fh
@@ -120,7 +134,7 @@ class Operations(Changes, pyfuse3.Operations):
     def _child(self, parent_ino, name, ctx) -> tuple[tuple[str, ...], Node]:
         """An existing name in a directory, admitted: (path, node); ENOENT if absent
         (or hidden)."""
-        path = (self.inodes.path(parent_ino) or ()) + (file_name(name),)
+        path = self._named(self.inodes.path(parent_ino) or (), file_name(name))
         self.gate.admit(path, ctx)
         return path, self.tree.resolve(path)
 
@@ -128,9 +142,11 @@ class Operations(Changes, pyfuse3.Operations):
         """A name to make (or replace) by op in a directory this caller may change:
         (its path, the directory's node)."""
         ppath, parent = self._node(parent_ino)
+        path = self._named(ppath, file_name(name))
+        if path[:-1] != ppath:
+            ppath, parent = path[:-1], self._resolve(path[:-1])
         self.gate.admit(ppath, ctx)
         parent.can(op)
-        path = ppath + (file_name(name),)
         self.gate.admit(path, ctx)
         self.gate.check(path, writing=True)
         self.gate.may_make_in(parent, ctx)
@@ -164,7 +180,7 @@ class Operations(Changes, pyfuse3.Operations):
         if name in (".", ".."):
             path = ppath if name == "." else ppath[:-1]
         else:
-            path = ppath + (name,)
+            path = self._named(ppath, name)
         self.gate.admit(path, ctx)
         self.gate.check_walk(path)
         try:
