@@ -157,6 +157,12 @@ def test_setgid_directory(shared):
     os.chown(shared.path / "vault/c", CAROL, TEAM)
     ok(as_user(shared, CAROL, "chmod 2755 vault/c"))
     assert (shared.vault / "c").stat().st_mode & 0o7777 == 0o755
+    os.mkdir(shared.path / "vault/cd")
+    os.chown(shared.path / "vault/cd", CAROL, TEAM)
+    ok(as_user(shared, CAROL, "chmod 2775 vault/cd"))
+    assert (shared.vault / "cd").stat().st_mode & 0o7777 == 0o775
+    ok(as_user(shared, CAROL, "chmod 2775 vault/cd", groups=(TEAM,)))
+    assert (shared.vault / "cd").stat().st_mode & 0o7777 == 0o2775
 
 
 def test_times(shared):

@@ -141,8 +141,8 @@ class Gate:
     def may_set(self, node, attr, fields, fh, ctx) -> None:
         """setattr beyond may_set_attributes: a size needs write permission (not through
         an open file: its open was checked), times the owner or (to now, as touch
-        does) write permission; an owner's chmod keeps setgid on a file only for a
-        group of its own (the kernel clears it)."""
+        does) write permission; an owner's chmod keeps setgid only for a group of
+        its own (the kernel clears it)."""
         if not self.shared(ctx):
             return
         if fields.update_size and fh is None:
@@ -150,7 +150,6 @@ class Gate:
         if (fields.update_atime or fields.update_mtime) and ctx.uid != node.st.st_uid:
             self.may(node, os.W_OK, ctx, "times of another user's file")
         if fields.update_mode and attr.st_mode & stat.S_ISGID and \
-                not stat.S_ISDIR(node.st.st_mode) and \
                 node.st.st_gid not in (ctx.gid, *groups_of(ctx)):
             attr.st_mode &= ~stat.S_ISGID
 
