@@ -1,10 +1,12 @@
 """The pyfuse3 handlers that make, move and remove names and change extended
-attributes: a part of Operations (ops.py), whose helpers they use (_node, _child,
-_new_name, _entry, the gate, the inodes). Each resolves, asks the gate, calls the node's
+attributes: a part of Operations (ops.py), whose helpers they use (_node, _entry, the
+gate, the inodes); and the names they (and lookup) resolve: _named, _child, _new_name,
+and the file a hard link names (_file). Each resolves, asks the gate, calls the node's
 operation, as every handler does.
 """
 import errno
 import os
+import re
 
 import pyfuse3
 import trio
@@ -12,12 +14,54 @@ import trio
 from ..errors import Fs9Error
 from ..kernel.names import split_view
 from ..kernel.vault.beneath import RENAME_EXCHANGE
-from .boundary import boundary
+from .boundary import boundary, file_name
 from .node import Node
+
+# A file manager's trash for a vault file (the freedesktop trash spec, as GIO does it)
+# is at the top of the file's mount, fs9's root: .Trash/UID (a sticky .Trash made by
+# the operator) or .Trash-UID. There these names are the vault's own, so a file is
+# moved to the trash by a rename within the vault (see _named).
+TRASH = re.compile(r"\.Trash(-[0-9]+)?")
 
 
 class Changes:
     """Operations' handlers of names made and removed, and of extended attributes."""
+
+    @staticmethod
+    def _file(path: tuple[str, ...], node: Node) -> tuple | None:
+        """The file a hard link names, in the view it is seen through (a view's
+        inode is its own: its rules are asked of its path)."""
+        key = node.file_key()
+        return None if key is None else (split_view(path)[0], *key)
+
+    @staticmethod
+    def _named(ppath: tuple[str, ...], name: str) -> tuple[str, ...]:
+        """The path of name in directory ppath: at the root, a trash directory's name
+        (TRASH) is the vault's."""
+        if not ppath and TRASH.fullmatch(name):
+            return ("vault", name)
+        return ppath + (name,)
+
+    def _child(self, parent_ino, name, ctx) -> tuple[tuple[str, ...], Node]:
+        """An existing name in a directory, admitted: (path, node); ENOENT if absent
+        (or hidden)."""
+        path = self._named(self.inodes.path(parent_ino) or (), file_name(name))
+        self.gate.admit(path, ctx)
+        return path, self.tree.resolve(path)
+
+    def _new_name(self, parent_ino, name, ctx, op: str) -> tuple[tuple[str, ...], Node]:
+        """A name to make (or replace) by op in a directory this caller may change:
+        (its path, the directory's node)."""
+        ppath, parent = self._node(parent_ino)
+        path = self._named(ppath, file_name(name))
+        if path[:-1] != ppath:
+            ppath, parent = path[:-1], self._resolve(path[:-1])
+        self.gate.admit(ppath, ctx)
+        parent.can(op)
+        self.gate.admit(path, ctx)
+        self.gate.check(path, writing=True)
+        self.gate.may_make_in(parent, ctx)
+        return path, parent
 
     @boundary
     async def create(self, parent_ino, name, mode, flags, ctx):

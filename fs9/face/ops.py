@@ -11,7 +11,6 @@ types. Who may do what is access.py; every handler goes through `boundary`
 import errno
 import logging
 import os
-import re
 import select
 import time
 
@@ -36,11 +35,6 @@ CACHE_S = 1.0
 MAX_TASKS = 8192  # pyfuse3's workers (mount.py): each blocked reader holds one
 BLOCKED_PER_AGENT = 256  # reads one agent may have waiting at once
 OPERATOR_RESERVE = 1024  # workers agents' blocked reads never take
-# A file manager's trash for a vault file (the freedesktop trash spec, as GIO does it)
-# is at the top of the file's mount, fs9's root: .Trash/UID (a sticky .Trash made by
-# the operator) or .Trash-UID. There these names are the vault's own, so a file is
-# moved to the trash by a rename within the vault (see _named).
-TRASH = re.compile(r"\.Trash(-[0-9]+)?")
 
 
 class Operations(Changes, pyfuse3.Operations):
@@ -112,45 +106,9 @@ class Operations(Changes, pyfuse3.Operations):
         """A name the kernel now knows: one lookup counted."""
         return self._attrs(self.inodes.lookup(path, self._file(path, node)), node)
 
-    @staticmethod
-    def _file(path: tuple[str, ...], node: Node) -> tuple | None:
-        """The file a hard link names, in the view it is seen through (a view's
-        inode is its own: its rules are asked of its path)."""
-        key = node.file_key()
-        return None if key is None else (split_view(path)[0], *key)
-
-    @staticmethod
-    def _named(ppath: tuple[str, ...], name: str) -> tuple[str, ...]:
-        """The path of name in directory ppath: at the root, a trash directory's name
-        (TRASH) is the vault's."""
-        if not ppath and TRASH.fullmatch(name):
-            return ("vault", name)
-        return ppath + (name,)
-
     def _fh(self) -> int:
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         return fh
-
-    def _child(self, parent_ino, name, ctx) -> tuple[tuple[str, ...], Node]:
-        """An existing name in a directory, admitted: (path, node); ENOENT if absent
-        (or hidden)."""
-        path = self._named(self.inodes.path(parent_ino) or (), file_name(name))
-        self.gate.admit(path, ctx)
-        return path, self.tree.resolve(path)
-
-    def _new_name(self, parent_ino, name, ctx, op: str) -> tuple[tuple[str, ...], Node]:
-        """A name to make (or replace) by op in a directory this caller may change:
-        (its path, the directory's node)."""
-        ppath, parent = self._node(parent_ino)
-        path = self._named(ppath, file_name(name))
-        if path[:-1] != ppath:
-            ppath, parent = path[:-1], self._resolve(path[:-1])
-        self.gate.admit(ppath, ctx)
-        parent.can(op)
-        self.gate.admit(path, ctx)
-        self.gate.check(path, writing=True)
-        self.gate.may_make_in(parent, ctx)
-        return path, parent
 
     async def _node_or_file(self, ino: int, fh=None) -> tuple[tuple[str, ...] | None, Node]:
         """(path, node) of inode ino; once its name is gone (unlinked, renamed over) while
