@@ -152,6 +152,13 @@ def test_setgid_directory(shared):
     assert (f.st_uid, f.st_gid) == (ALICE, TEAM)
     assert (d.st_uid, d.st_gid) == (ALICE, TEAM) and d.st_mode & 0o2000
     denied(as_user(shared, CAROL, "echo c > vault/team/g"))  # not in the group
+    # a new file keeps a setgid bit only for a group of its maker's
+    os.chmod(shared.path / "vault/team", 0o3777)
+    make = "import os; os.close(os.open('vault/team/{}', os.O_CREAT | os.O_WRONLY, 0o2755))"
+    ok(as_user(shared, CAROL, f"python3 -c \"{make.format('s')}\""))
+    ok(as_user(shared, ALICE, f"python3 -c \"{make.format('t')}\"", groups=(TEAM,)))
+    assert (shared.vault / "team/s").stat().st_mode & 0o7777 == 0o755
+    assert (shared.vault / "team/t").stat().st_mode & 0o7777 == 0o2755
     # an owner outside the file's group cannot make it setgid (the kernel clears it)
     ok(as_user(shared, CAROL, "echo c > vault/c && chmod 2755 vault/c"))
     os.chown(shared.path / "vault/c", CAROL, TEAM)

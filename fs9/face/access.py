@@ -237,12 +237,17 @@ def refusals_logged(kernel: "Kernel", path: tuple[str, ...]):
 # --- the kernel's own rules, which fs9 (root) applies for the caller ----------------
 # (node: a vault file, with .st its lstat and .mode that as a view shows it)
 
-def new_mode(path, mode: int, ctx) -> int:
+def new_mode(path, mode: int, ctx, parent: os.stat_result | None = None) -> int:
     """The permission bits of a new file: the caller's umask applied (fs9's own must
-    not be); no agent makes a setuid or setgid file."""
+    not be); no agent makes a setuid or setgid file, and nobody but root a setgid file
+    of a group not its own (parent: its directory, whose group a setgid one gives)."""
     mode &= 0o7777 & ~ctx.umask
     if split_view(path)[0] is not None:
         mode &= ~(stat.S_ISUID | stat.S_ISGID)
+    if parent is not None and mode & stat.S_ISGID and ctx.uid != 0:
+        group = parent.st_gid if parent.st_mode & stat.S_ISGID else ctx.gid
+        if group not in (ctx.gid, *groups_of(ctx)):
+            mode &= ~stat.S_ISGID
     return mode
 
 

@@ -143,7 +143,8 @@ class VaultNode(Node):
         guarded = self.view is not None
         fd, created, st = await in_thread(_create, self.root, self.rel + (name,),
                                           flags & ~os.O_TRUNC if guarded else flags,
-                                          new_mode(path, mode, ctx), ctx.uid, ctx.gid)
+                                          new_mode(path, mode, ctx, self.st), ctx.uid,
+                                          ctx.gid)
         if guarded and not created:
             self._may_write(path, fd, st, bool(flags & os.O_TRUNC))
         self._report(path, "created" if created else "modified", ctx)
@@ -213,7 +214,7 @@ class VaultNode(Node):
                 raise Fs9Error(errno.EPERM, "only the root operator makes device nodes")
         elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, 0):
             raise Fs9Error(errno.EINVAL, "no such file type")
-        perm = new_mode(path, mode, ctx)
+        perm = new_mode(path, mode, ctx, self.st)
         if kind in (stat.S_IFREG, 0):  # made and given away through one fd, as create
             fd, _, st = await in_thread(_create, self.root, self.rel + (name,),
                                         os.O_RDONLY | os.O_EXCL, perm, ctx.uid, ctx.gid)
