@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     m.add_argument("--metrics", metavar="HOST:PORT",
                    help="also serve the root metrics over HTTP for Prometheus (a loopback "
                         "address, e.g. 127.0.0.1:9109)")
+    m.add_argument("--share-vault", action="store_true",
+                   help="admit other local users to vault/ (only), with the usual permission "
+                        "checks (mounted as root; docs/security.md)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount fs9 from MOUNTPOINT")
     u.add_argument("mountpoint")
@@ -115,7 +118,7 @@ def mount(args) -> int:
     from .face.mount import serve
     try:
         trio.run(serve, mnt, state, agents, vault, ready, args.audit, args.durability,
-                 metrics_at)
+                 metrics_at, args.share_vault)
     except* StateError as group:  # (raised inside a nursery, it comes in a group)
         ready(f"refused {group.exceptions[0]}")
         raise group.exceptions[0] from None
@@ -156,7 +159,8 @@ def _background(args, mnt: str, state: str) -> int:
             "--agents", args.agents, "--durability", args.durability,
             "--ready-fd", str(w)] + (["--debug"] if args.debug else []) \
         + ([] if args.audit else ["--no-kernel-audit"]) \
-        + (["--metrics", args.metrics] if args.metrics else [])
+        + (["--metrics", args.metrics] if args.metrics else []) \
+        + (["--share-vault"] if args.share_vault else [])
     logpath = os.path.join(state, "fs9.log")
     with open(logpath, "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,

@@ -22,7 +22,7 @@ READ_AHEAD_KB = 1024
 
 async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
                 ready=None, audit: bool = True, durability: str = "process",
-                metrics_at: tuple[str, int] | None = None) -> None:
+                metrics_at: tuple[str, int] | None = None, share_vault: bool = False) -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
     kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
                     audit=audit, durability=durability)
@@ -34,14 +34,15 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
                              f"left as they are (fs9 check {state_dir})") from e
         if metrics_at is not None:  # (fs9 mount --metrics HOST:PORT)
             await nursery.start(metrics.serve_http, kernel, *metrics_at)
-        ops = Operations(kernel, nursery)
+        ops = Operations(kernel, nursery, share_vault)
         # noatime: a read need not be followed by a getattr to refresh atime
         # No default_permissions: access is decided (and refusals logged) by ops.py and the
         # views, not by mode bits the kernel checks before we ever hear of a request.
         options = set(pyfuse3.default_options) - {"default_permissions"}
         options |= {"fsname=fs9", "subtype=fs9", "noatime"}
         if os.geteuid() == 0:
-            # Confined agents run as their own uids; ops.py admits each only to its view.
+            # Confined agents run as their own uids; ops.py admits each only to its view
+            # (and, with --share-vault, other local users to vault/: access.py).
             options.add("allow_other")
         pyfuse3.init(ops, mountpoint, options)
         nursery.start_soon(read_ahead, mountpoint, READ_AHEAD_KB)

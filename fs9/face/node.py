@@ -67,6 +67,11 @@ class Node:
     def refresh(self) -> None:
         """A listing's entry is about to be sent: its attributes as of now."""
 
+    def file_key(self) -> tuple | None:
+        """Which file on disk this name holds, if that file has other names (hard
+        links), which are then one inode of ours (inodes.py); None: it has one."""
+        return None
+
     def can(self, op: str) -> None:
         """Refuse op (a key of REFUSALS) at once unless this kind does it at all."""
         if op not in self.does:

@@ -45,12 +45,13 @@ class Operations(Changes, pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, kernel: "Kernel", nursery: trio.Nursery) -> None:
+    def __init__(self, kernel: "Kernel", nursery: trio.Nursery,
+                 share_vault: bool = False) -> None:
         super().__init__()
         self.kernel = kernel
         self.tree = Tree(kernel)
         self.uid, self.gid = os.getuid(), os.getgid()
-        self.gate = Gate(kernel, self.tree, self.uid)
+        self.gate = Gate(kernel, self.tree, self.uid, share_vault)
         self.inodes = Inodes()
         self.nursery = nursery  # for poll notifiers
         self.handles: dict[int, Handle] = {}
@@ -95,32 +96,19 @@ class Operations(Changes, pyfuse3.Operations):
         # cached, and a killed agent's names are invalidated (see write).
         a.entry_timeout = CACHE_S
         a.attr_timeout = CACHE_S if s.cacheable else 0
+        if self.gate.share_vault:
+            # users share the kernel's caches: a name or attributes cached for one would
+            # reach another with no request, so none of its checks (search permission)
+            a.entry_timeout = a.attr_timeout = 0
         return a
 
     def _entry(self, path: tuple[str, ...], node: Node) -> pyfuse3.EntryAttributes:
         """A name the kernel now knows: one lookup counted."""
-        return self._attrs(self.inodes.lookup(path), node)
+        return self._attrs(self.inodes.lookup(path, self._file(path, node)), node)
 
     def _fh(self) -> int:
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         return fh
-
-    def _child(self, parent_ino, name, ctx) -> tuple[tuple[str, ...], Node]:
-        """An existing name in a directory, admitted: (path, node); ENOENT if absent
-        (or hidden)."""
-        path = (self.inodes.path(parent_ino) or ()) + (file_name(name),)
-        self.gate.admit(path, ctx)
-        return path, self.tree.resolve(path)
-
-    def _new_name(self, parent_ino, name, ctx, op: str) -> tuple[tuple[str, ...], Node]:
-        """A name to make (or replace) by op in a directory this caller may change:
-        (its path, the directory's node)."""
-        ppath, parent = self._node(parent_ino)
-        self.gate.admit(ppath, ctx)
-        parent.can(op)
-        path = ppath + (file_name(name),)
-        self.gate.check(path, writing=True)
-        return path, parent
 
     async def _node_or_file(self, ino: int, fh=None) -> tuple[tuple[str, ...] | None, Node]:
         """(path, node) of inode ino; once its name is gone (unlinked, renamed over) while
@@ -150,7 +138,7 @@ class Operations(Changes, pyfuse3.Operations):
         if name in (".", ".."):
             path = ppath if name == "." else ppath[:-1]
         else:
-            path = ppath + (name,)
+            path = self._named(ppath, name)
         self.gate.admit(path, ctx)
         self.gate.check_walk(path)
         try:
@@ -183,11 +171,13 @@ class Operations(Changes, pyfuse3.Operations):
         if path is not None:
             self.gate.admit(path, ctx)
             self.gate.check(path, writing=True)  # in a view: EACCES where it may not write
+            self.gate.may_set(node, attr, fields, fh, ctx)
         return self._attrs(ino, await node.setattr(attr, fields, ctx))
 
     @boundary
     async def access(self, ino, mode, ctx):
-        _, node = self._node(ino)
+        path, node = self._node(ino)
+        self.gate.admit(path, ctx)
         return node.access(mode, ctx)
 
     @boundary
@@ -202,8 +192,9 @@ class Operations(Changes, pyfuse3.Operations):
     @boundary
     async def opendir(self, ino, ctx):
         path, node = self._node(ino)
-        self.gate.admit(path, ctx)
+        self.gate.admit(path, ctx, listing=True)
         self.gate.check_listing(path)
+        self.gate.may(node, os.R_OK, ctx, "list a directory")
         # a snapshot at open, so paging is consistent
         entries = await node.listing(lambda name: self._resolve(path + (name,)))
         fh = self._fh()
@@ -220,7 +211,7 @@ class Operations(Changes, pyfuse3.Operations):
                 node.refresh()
             except Fs9Error:
                 continue  # gone meanwhile
-            attrs = self._attrs(self.inodes.number(path), node)
+            attrs = self._attrs(self.inodes.number(path, self._file(path, node)), node)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, i + 1):
                 break
 
@@ -241,6 +232,7 @@ class Operations(Changes, pyfuse3.Operations):
             self.gate.check(path, writing=False)
         if writing or flags & os.O_TRUNC:
             self.gate.check(path, writing=True)
+        self.gate.may_open(node, flags, ctx)
         handle = await node.open(flags, ctx)
         handle.opener = split_view(path)[0]  # whose blocked reads it counts (None: operator)
         handle.nonblocking = bool(flags & os.O_NONBLOCK)

@@ -26,7 +26,7 @@ from ..errors import Fs9Error
 from ..kernel import labels
 from ..kernel.names import split_view
 from ..kernel.vault.beneath import CHANGED
-from .access import may_access, may_set_attributes, may_write_file, new_mode, refusals_logged
+from .access import groups_of, may_access, may_set_attributes, may_write_file, new_mode, refusals_logged
 from .node import REFUSALS, Attrs, Node, shown
 from .vaultfile import VaultHandle, disk, disk_attrs, in_thread, set_attributes
 from typing import TYPE_CHECKING
@@ -80,8 +80,12 @@ class VaultNode(Node):
             self.st = disk(self.root.lstat, self.rel)
         self.mode = self.st.st_mode & ~taken
 
+    def file_key(self) -> tuple | None:
+        st = self.st
+        return None if st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode) else (st.st_dev, st.st_ino)
+
     def access(self, mode: int, ctx) -> bool:
-        return may_access(self, mode, ctx)
+        return may_access(self.mode, self.st, mode, ctx, groups_of(ctx))
 
     def _report(self, path, op: str, ctx, dest=None) -> None:
         self.kernel.vault_changes.report(path, op, ctx.uid, dest=dest)
@@ -139,7 +143,8 @@ class VaultNode(Node):
         guarded = self.view is not None
         fd, created, st = await in_thread(_create, self.root, self.rel + (name,),
                                           flags & ~os.O_TRUNC if guarded else flags,
-                                          new_mode(path, mode, ctx), ctx.uid, ctx.gid)
+                                          new_mode(path, mode, ctx, self.st), ctx.uid,
+                                          ctx.gid)
         if guarded and not created:
             self._may_write(path, fd, st, bool(flags & os.O_TRUNC))
         self._report(path, "created" if created else "modified", ctx)
@@ -209,7 +214,7 @@ class VaultNode(Node):
                 raise Fs9Error(errno.EPERM, "only the root operator makes device nodes")
         elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, 0):
             raise Fs9Error(errno.EINVAL, "no such file type")
-        perm = new_mode(path, mode, ctx)
+        perm = new_mode(path, mode, ctx, self.st)
         if kind in (stat.S_IFREG, 0):  # made and given away through one fd, as create
             fd, _, st = await in_thread(_create, self.root, self.rel + (name,),
                                         os.O_RDONLY | os.O_EXCL, perm, ctx.uid, ctx.gid)
