@@ -91,12 +91,17 @@ def mount(args) -> int:
             metrics_at = http_address(args.metrics)
         except ValueError as e:
             raise UsageError(str(e))
+    from .face.mount import fuse_problem
+    why = fuse_problem()
+    if why:
+        raise UsageError(f"cannot mount {mnt}: {why}")
     _clear_stale(mnt)
     if is_mounted(mnt):
         raise UsageError(f"{mnt} is already mounted (fs9 umount {args.mountpoint})")
     os.makedirs(mnt, exist_ok=True)
     os.makedirs(state, mode=0o700, exist_ok=True)  # the log holds everything: not for others
     os.makedirs(vault, exist_ok=True)
+    _warn_unreachable(mnt, agents)
     if args.background:
         return _background(args, mnt, state)
     if args.audit and not os.environ.get(EXEMPT_ENV) and _exempt_from_audit():
@@ -120,6 +125,21 @@ def mount(args) -> int:
         ready(f"refused {group.exceptions[0]}")
         raise group.exceptions[0] from None
     return 0
+
+
+def _warn_unreachable(mnt: str, agents: str) -> None:
+    """Confined agents run as other users: say at once, in one line, when they cannot
+    walk to the mount point or the definitions (a clone in root's 0700 home); each spawn
+    of a confined agent is then refused (EACCES) with the same words."""
+    from .drivers import confine
+    if confine.unavailable() is not None:
+        return
+    for label, path in (("the mount point", mnt), ("the agents' folder", agents)):
+        blocked = confine.unreachable(path)
+        if blocked:
+            print(f"fs9: warning: confined agents cannot reach {label} {path}: {blocked} is "
+                  f"closed to other users (chmod o+x {blocked}, or use another place)",
+                  file=sys.stderr)
 
 
 EXEMPT_ENV = "FS9_AUDIT_EXEMPT"  # this server was forked after the audit exemption
