@@ -79,6 +79,15 @@ def connected(*ms: Mount) -> None:
              what="members connected to NATS")
 
 
+def federated(nats, a: Mount, b: Mount) -> None:
+    """NATS up, `echo` on beta, alpha and beta joined as each other's peers."""
+    nats.start()
+    b.sh("echo 'spawn echo' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha")
+    connected(a, b)
+
+
 def test_join_cards_mail_and_reply(nats, members):
     a, b = members
     nats.start()
@@ -277,11 +286,7 @@ def test_receiver_killed_mid_stream_loses_nothing_and_repeats_nothing(nats, memb
     twice), unexpected (recorded, never sent), recovered (arrived after the remount)."""
     a, b = members
     n = 60
-    nats.start()
-    b.sh("echo 'spawn echo' > ctl", check=True)
-    join(a, nats.url, "alpha", "beta")
-    join(b, nats.url, "beta", "alpha")
-    connected(a, b)
+    federated(nats, a, b)
 
     def send(numbers):
         for i in numbers:
@@ -312,11 +317,7 @@ def test_receiver_killed_mid_stream_loses_nothing_and_repeats_nothing(nats, memb
 
 def test_pause_resume_and_leave(nats, members):
     a, b = members
-    nats.start()
-    b.sh("echo 'spawn echo' > ctl", check=True)
-    join(a, nats.url, "alpha", "beta")
-    join(b, nats.url, "beta", "alpha")
-    connected(a, b)
+    federated(nats, a, b)
     a.sh("echo 'pause beta' > federation/ctl", check=True)
     a.write("federation/outbox/echo@beta", "classification: public\n\nheld\n")
     peer = status(a, "federation/peers/beta/status")
@@ -337,11 +338,7 @@ def test_nats_killed_and_restarted_loses_nothing(nats, members):
     """kill -9 of the NATS server (its store fsynced at each write): the members queue
     meanwhile and catch up once it is back; every message arrives once."""
     a, b = members
-    nats.start()
-    b.sh("echo 'spawn echo' > ctl", check=True)
-    join(a, nats.url, "alpha", "beta")
-    join(b, nats.url, "beta", "alpha")
-    connected(a, b)
+    federated(nats, a, b)
     for i in range(10):
         a.write("federation/outbox/echo@beta", f"classification: public\n\nbefore {i}\n")
     nats.kill9()

@@ -67,6 +67,13 @@ Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
 
 
+def _first(group: BaseExceptionGroup) -> BaseException:
+    """The first exception of a (nested) exception group."""
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
+
+
 def event_table(*holders) -> dict[str, Applier]:
     """One table from event kind to the handler that applies it, merged from each
     state holder's `appliers()`; a kind claimed twice is a defect."""
@@ -169,7 +176,8 @@ class Kernel(Lifecycles):
         mount stays up. (`task_status`: given when the service is started with start.)"""
         try:
             await (serve(*args) if task_status is None else serve(*args, task_status=task_status))
-        except Fs9Error as e:
+        except* Fs9Error as group:  # (from a service's own nursery it comes in a group)
+            e = _first(group)
             what = getattr(serve, "__qualname__", str(serve))
             log.error("%s stopped until the next mount: %s", what, e)
             self.diag(f"{what} stopped until the next mount: {e.text}")
