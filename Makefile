@@ -23,8 +23,13 @@ $(BIN)/nats-server: scripts/nats-server.txt $(BIN)/fs9
 
 deps: $(BIN)/fs9 $(BIN)/nats-server
 
+# run and stop are idempotent: a second `make run` keeps the mount, `make stop` of no mount
+# says so; both exit 0 (mountinfo, not a stat, which a dead mount would hang or fail)
+MOUNTED = grep -qF " $(abspath $(MNT)) " /proc/self/mountinfo
+
 run: deps
-	@$(BIN)/fs9 mount $(MNT) --agents agents --vault $(VAULT) --state $(STATE) --background
+	@if $(MOUNTED); then echo "fs9 is already mounted at $(MNT)"; else \
+	    $(BIN)/fs9 mount $(MNT) --agents agents --vault $(VAULT) --state $(STATE) --background; fi
 	@for a in $(EXAMPLE_AGENTS); do \
 	    [ -e $(MNT)/agents/$$a ] || echo "spawn $$a" > $(MNT)/ctl; done
 	@echo
@@ -38,7 +43,7 @@ run: deps
 	@echo "Stop it with: make stop   (or: $(BIN)/fs9 umount $(MNT))"
 
 stop:
-	@$(BIN)/fs9 umount $(MNT)
+	@if $(MOUNTED); then $(BIN)/fs9 umount $(MNT); else echo "fs9 is not mounted at $(MNT)"; fi
 
 test: deps
 	$(BIN)/python -m pytest -q

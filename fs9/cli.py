@@ -8,6 +8,7 @@ import time
 
 import trio
 
+from . import __version__, service
 from .kernel import state as states
 from .kernel.state import StateError
 
@@ -17,6 +18,7 @@ VAULT_DEFAULT = os.path.join(os.environ.get("XDG_DATA_HOME", os.path.expanduser(
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fs9", description="fs9: an operating system for AI agents, as files")
+    p.add_argument("--version", action="version", version=f"fs9 {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("mount", help="mount fs9 at MOUNTPOINT and serve it")
     m.add_argument("mountpoint")
@@ -38,7 +40,11 @@ def main(argv=None) -> int:
     m.add_argument("--share-vault", action="store_true",
                    help="admit other local users to vault/ (only), with the usual permission "
                         "checks (mounted as root; docs/security.md)")
+    m.add_argument("--config", metavar="FILE",
+                   help="options from FILE's [mount] table (default: "
+                        f"{service.config_path()}, if it exists); the command line wins")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--log-file", help=argparse.SUPPRESS)  # --background's fs9.log
     u = sub.add_parser("umount", help="unmount fs9 from MOUNTPOINT")
     u.add_argument("mountpoint")
     c = sub.add_parser("check", help="check a state directory: the log's integrity, "
@@ -53,8 +59,19 @@ def main(argv=None) -> int:
     m.add_argument("--as", dest="agent", required=True, help="the agent whose view the client gets")
     m.add_argument("--http", type=int, metavar="PORT",
                    help="streamable HTTP on 127.0.0.1:PORT (default: stdio)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mount"]:  # the configuration's values are defaults of the options
+        known, _ = _config_option().parse_known_args(argv[1:])
+        try:
+            config = service.load_config(known.config)
+        except service.ConfigError as e:
+            print(f"fs9: {e}", file=sys.stderr)
+            return 2
+        if "kernel_audit" in config:
+            config["audit"] = config.pop("kernel_audit")
+        sub.choices["mount"].set_defaults(**config)
     args = p.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.argv = argv
     if args.cmd == "mcp":
         from . import mcp
         return mcp.run(args.mountpoint, args.agent, args.http)
@@ -70,6 +87,13 @@ def main(argv=None) -> int:
     except StateError as e:  # the state is another server's, or unreadable: one line
         print(f"fs9: {e}", file=sys.stderr)
         return 1
+
+
+def _config_option() -> argparse.ArgumentParser:
+    """Just `--config`, to read the configuration before the options it provides."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    return pre
 
 
 class UsageError(Exception):
@@ -94,22 +118,28 @@ def mount(args) -> int:
             metrics_at = http_address(args.metrics)
         except ValueError as e:
             raise UsageError(str(e))
+    from .face.mount import fuse_problem
+    why = fuse_problem()
+    if why:
+        raise UsageError(f"cannot mount {mnt}: {why}")
     _clear_stale(mnt)
     if is_mounted(mnt):
         raise UsageError(f"{mnt} is already mounted (fs9 umount {args.mountpoint})")
     os.makedirs(mnt, exist_ok=True)
     os.makedirs(state, mode=0o700, exist_ok=True)  # the log holds everything: not for others
     os.makedirs(vault, exist_ok=True)
+    _warn_unreachable(mnt, agents)
     if args.background:
         return _background(args, mnt, state)
     if args.audit and not os.environ.get(EXEMPT_ENV) and _exempt_from_audit():
         return _serve_exempt(args)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s fs9[%(process)d] %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per model call
+    service.setup_logging(args.debug, args.log_file)
+    notify_at = os.environ.pop("NOTIFY_SOCKET", None)  # systemd's (Type=notify); no agent's
 
     def ready(answer: str = "ok"):
-        """Tell a waiting `--background` parent how the start went, in one line."""
+        """Tell a waiting `--background` parent (or systemd) how the start went."""
+        if answer == "ok":
+            service.notify(notify_at, "READY=1")
         if args.ready_fd is not None:
             os.write(args.ready_fd, answer.replace("\n", " ").encode() + b"\n")
             os.close(args.ready_fd)
@@ -123,6 +153,21 @@ def mount(args) -> int:
         ready(f"refused {group.exceptions[0]}")
         raise group.exceptions[0] from None
     return 0
+
+
+def _warn_unreachable(mnt: str, agents: str) -> None:
+    """Confined agents run as other users: say at once, in one line, when they cannot
+    walk to the mount point or the definitions (a clone in root's 0700 home); each spawn
+    of a confined agent is then refused (EACCES) with the same words."""
+    from .drivers import confine
+    if confine.unavailable() is not None:
+        return
+    for label, path in (("the mount point", mnt), ("the agents' folder", agents)):
+        blocked = confine.unreachable(path)
+        if blocked:
+            print(f"fs9: warning: confined agents cannot reach {label} {path}: {blocked} is "
+                  f"closed to other users (chmod o+x {blocked}, or use another place)",
+                  file=sys.stderr)
 
 
 EXEMPT_ENV = "FS9_AUDIT_EXEMPT"  # this server was forked after the audit exemption
@@ -157,7 +202,8 @@ def _background(args, mnt: str, state: str) -> int:
     r, w = os.pipe()
     argv = [sys.executable, "-m", "fs9", "mount", mnt, "--vault", args.vault, "--state", state,
             "--agents", args.agents, "--durability", args.durability,
-            "--ready-fd", str(w)] + (["--debug"] if args.debug else []) \
+            "--ready-fd", str(w), "--log-file", os.path.join(state, "fs9.log")] \
+        + (["--debug"] if args.debug else []) \
         + ([] if args.audit else ["--no-kernel-audit"]) \
         + (["--metrics", args.metrics] if args.metrics else []) \
         + (["--share-vault"] if args.share_vault else [])

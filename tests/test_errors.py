@@ -20,7 +20,7 @@ def write_errno(mount, rel: str, data: bytes) -> int:
     (b"kill", errno.EINVAL, "bad # args to command 'kill'"),
     (b"halt now", errno.EINVAL, "bad # args to command 'halt now'"),
     (b"kill nobody", errno.ENOENT, "no such agent: nobody"),
-    (b"spawn nosuchdef", errno.ENOENT, "no agent definition 'nosuchdef'"),
+    (b"spawn nosuchdef", errno.EINVAL, "no agent definition 'nosuchdef'"),
     (b"spawn x cmd=/no/such/program", errno.ENOENT, "program '/no/such/program' not found"),
     (b"spawn x cmd=cat mode=sometimes", errno.EINVAL, "mode = 'sometimes'"),
     (b"spawn ../evil cmd=cat", errno.EINVAL, "bad agent name"),

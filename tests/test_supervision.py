@@ -53,7 +53,7 @@ def test_a_supervisor_manifest_is_checked():
     assert m["strategy"] == "one_for_one" and m["cmd"] == []
     assert 'children = ["a"]' in manifest.render(m)
     tabled = manifest.check({"mode": "supervisor", "children": [{"name": "a", "def": "w"}]}, "t")
-    assert 'children = [{ "name" = "a", "def" = "w" }]' in manifest.render(tabled)
+    assert 'children = [{ name = "a", def = "w" }]' in manifest.render(tabled)
     for raw, words in (({"mode": "supervisor", "strategy": "all_for_none"}, "strategy"),
                        ({"mode": "supervisor", "cmd": ["sh"]}, "runs no program"),
                        ({"mode": "daemon", "cmd": ["sh"], "children": ["a"]}, "supervisor's keys"),

@@ -121,7 +121,7 @@ class Clone(Node):
 
 class Ctl(Node):
     def __init__(self, apply, render=None, whole: bool = False, refused=None,
-                 early=None, remove=None) -> None:
+                 early=None, early_until: bytes | None = None, remove=None) -> None:
         self.apply = apply  # (bytes) -> None; raises Fs9Error when refused
         self.remove = remove  # () -> None: what `rm` means here (None: refused)
         self.render = render  # () -> str, the state line; None: write-only
@@ -131,8 +131,12 @@ class Ctl(Node):
         # input at write(2) already: shells ignore what close(2) says, so what can be
         # known early (a budget exceeded, fs9 halted, a malformed item in a request or
         # a header already whole) is said where `echo` reports it.
-        # Only the first write: a check may cost more than appending a chunk.
+        # Only the first write, or, with `early_until` (a message's blank line), each
+        # write until those bytes have come: bash's printf writes a line at a time, so a
+        # header is whole only at a later write. Bounded by EARLY_BYTES, as a check may
+        # cost more than appending a chunk.
         self.early = early
+        self.early_until = early_until
         self.mode = stat.S_IFREG | (0o644 if render else 0o200)
 
     def size(self) -> int:
@@ -146,6 +150,9 @@ class Ctl(Node):
 # and not yet applied, by the agent that opened them: what one agent's open files may
 # hold in fs9's memory together (EDQUOT past it). The operator is not counted.
 PENDING_PER_AGENT = 64 << 20
+# The first bytes of a `whole` input that `early_until` checks may look at again at each
+# write: a message's headers (RFC 5322 lines of at most 998 characters) come well within.
+EARLY_BYTES = 64 << 10
 pending_by_agent: dict[str, int] = {}
 
 
@@ -155,6 +162,7 @@ class CtlHandle(SnapshotHandle):
         self.node = node
         self.pending: bytearray | None = None  # `whole`: bytes written since open
         self.refused: Fs9Error | None = None  # `whole`: this open's input was refused
+        self.undecided = True  # `whole`: the early check wants to see the next write too
 
     async def read(self, off: int, size: int) -> bytes:
         if self.node.render is None:
@@ -181,9 +189,11 @@ class CtlHandle(SnapshotHandle):
                 raise Fs9Error(errno.EDQUOT, f"agent {self.opener} has {held} bytes written "
                                              "and not yet closed in its open files; close some")
             pending_by_agent[self.opener] = held + len(data)
-        first = not self.pending
         self.pending += data
-        if first and self.node.early is not None:
+        if self.undecided and self.node.early is not None:
+            until = self.node.early_until
+            self.undecided = until is not None and until not in self.pending \
+                and len(self.pending) <= EARLY_BYTES
             try:
                 self.node.early(bytes(self.pending))
             except Fs9Error as e:
@@ -197,7 +207,7 @@ class CtlHandle(SnapshotHandle):
         if self.refused is not None:
             raise self.refused
         if self.pending is not None:
-            data, self.pending = bytes(self.pending), None
+            data, self.pending, self.undecided = bytes(self.pending), None, True
             self._unheld(len(data))
             self.node.apply(data)
 

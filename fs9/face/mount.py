@@ -1,8 +1,10 @@
 """Serve a kernel at a mount point until unmounted, SIGINT or SIGTERM."""
 import logging
 import os
+import shutil
 import signal
 import sqlite3
+import stat
 
 import pyfuse3
 import trio
@@ -44,7 +46,11 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
             # Confined agents run as their own uids; ops.py admits each only to its view
             # (and, with --share-vault, other local users to vault/: access.py).
             options.add("allow_other")
-        pyfuse3.init(ops, mountpoint, options)
+        try:
+            pyfuse3.init(ops, mountpoint, options)
+        except RuntimeError as e:  # libfuse said why on stderr, above this line
+            raise StateError(f"cannot mount FUSE at {mountpoint}: {e} "
+                             f"({fuse_problem() or 'see the lines above'})") from None
         nursery.start_soon(read_ahead, mountpoint, READ_AHEAD_KB)
         kernel.mounted.set()
         kernel.log.append("mount", mountpoint=mountpoint, pid=os.getpid(),
@@ -66,6 +72,21 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
                 log.error("unmount not logged: %s", e)
             nursery.cancel_scope.cancel()
     kernel.log.close()
+
+
+def fuse_problem() -> str | None:
+    """Why this process cannot mount FUSE, in one line, or None: checked before serving,
+    so a machine without FUSE gets a sentence, not libfuse's traceback."""
+    try:
+        if not stat.S_ISCHR(os.stat("/dev/fuse").st_mode):
+            return "/dev/fuse is not the FUSE device (a container without it?)"
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as e:
+        return (f"cannot open /dev/fuse: {e.strerror} (apt-get install fuse3; in a "
+                "container, pass the device: --device /dev/fuse)")
+    if os.geteuid() != 0 and not shutil.which("fusermount3"):
+        return "fusermount3 is missing (apt-get install fuse3), and mounting needs it unless root"
+    return None
 
 
 async def read_ahead(mountpoint: str, kb: int) -> None:

@@ -56,7 +56,7 @@ def _mail_new(k, agent, me=None):
     return Ctl(lambda data: k.guarded(k.bus.send, agent, data, me or OPERATOR, **said),
                whole=True, refused=lambda e: k.refused(e, **said),
                early=lambda data: k.guarded(k.bus.precheck, agent, data, me or OPERATOR,
-                                            **said))
+                                            **said), early_until=b"\n\n")
 
 
 def _outbox(k, agent, to: str, me=None):
@@ -72,7 +72,8 @@ def _outbox(k, agent, to: str, me=None):
                                       agent=agent.name, file="outbox"),
                whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="outbox"),
                early=lambda data: k.guarded(k.bus.precheck, recipient, data, agent.name,
-                                            agent=agent.name, file="outbox"))
+                                            agent=agent.name, file="outbox"),
+               early_until=b"\n\n")
 
 
 def _federated(k, to: str, sender: str, said: dict):
@@ -82,7 +83,8 @@ def _federated(k, to: str, sender: str, said: dict):
     k.guarded(fed.address, to, **said)
     return Ctl(lambda data: k.guarded(fed.send, to, data, sender, **said), whole=True,
                refused=lambda e: k.refused(e, **said),
-               early=lambda data: k.guarded(fed.precheck, to, data, sender, **said))
+               early=lambda data: k.guarded(fed.precheck, to, data, sender, **said),
+               early_until=b"\n\n")
 
 
 def _operator_only(me, what: str) -> None:

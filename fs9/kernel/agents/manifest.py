@@ -12,6 +12,8 @@ import os
 import tomllib
 from typing import Any
 
+import tomli_w
+
 from ... import drivers
 from ...errors import Fs9Error
 from . import view as views
@@ -229,26 +231,30 @@ def _not_plain(value: Any, depth: int = 0) -> str:
 
 
 def render(manifest: dict) -> str:
-    """The effective manifest as TOML-like text (the `manifest` file)."""
+    """The effective manifest as TOML (the `manifest` file), one key a line so that grep
+    finds a setting; tomllib reads it back to the same values."""
     lines = []
     tables = {k: v for k, v in manifest.items() if isinstance(v, dict)}
     for key, value in manifest.items():
         if key not in tables:
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
     for key, table in tables.items():
-        lines.append(f"\n[{key}]")
-        lines.extend(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in table.items())
+        lines.append(f"\n[{_toml_key(key)}]")
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())
     return "\n".join(lines) + "\n"
 
 
 def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
+    """One value on one line: scalars as tomli-w writes them, so any
+    character a string may hold is escaped as TOML wants; arrays and tables inline
+    (tomli-w would spread an array over lines)."""
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):  # (a supervisor's children)
-        return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{s}"'
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return tomli_w.dumps({"v": v}).removeprefix("v = ").removesuffix("\n")
+
+
+def _toml_key(key: str) -> str:
+    """A key as tomli-w writes it: bare if it can be, else a quoted string."""
+    return tomli_w.dumps({key: 0}).removesuffix(" = 0\n")

@@ -43,8 +43,10 @@ def prepare(kernel: "Kernel", name: str, *overrides: str,
         origin = os.path.join(home, "agent.toml")
     except Fs9Error as e:
         # No definition: an ad hoc agent whose words say everything (cmd=...).
-        if e.errno != errno.ENOENT or definition or "cmd" not in kv:
+        if e.errno != errno.ENOENT:
             raise
+        if definition or "cmd" not in kv:  # a bad word in the command, not a missing file:
+            raise Fs9Error(errno.EINVAL, e.text) from None  # ENOENT reads "no such file"
         raw, home, origin = {}, os.path.join(kernel.state_dir, "work", name), f"spawn {name}"
     manifest = manifests.check({**raw, **kv}, origin)
     supervises = manifest["mode"] == "supervisor"  # runs no program: nothing to confine
@@ -71,7 +73,24 @@ def prepare(kernel: "Kernel", name: str, *overrides: str,
     if why:
         raise Fs9Error(errno.EPERM, f"agent {name} cannot be confined here: {why}; "
                                     "set unconfined = true to run it without confinement")
+    if not manifest["unconfined"] and not supervises:
+        check_reachable(kernel, name, home)
     return manifest, home
+
+
+def check_reachable(kernel: "Kernel", name: str, home: str) -> None:
+    """A confined program runs as its own uid, another user: refuse the spawn (EACCES)
+    if that uid cannot walk to the mount point or the agent's folder, naming the folder
+    to open, instead of a task that fails with no output (a root `git clone` lands in
+    /root, which is 0700). Ad hoc agents start in their scratch folder, fs9's own."""
+    inside_state = os.path.commonpath([home, kernel.state_dir]) == kernel.state_dir
+    for path in (kernel.mount_path, *(() if inside_state else (home,))):
+        blocked = confine.unreachable(path)
+        if blocked:
+            raise Fs9Error(errno.EACCES, f"agent {name}: its uid cannot reach {path}: "
+                                         f"{blocked} is closed to other users (chmod o+x "
+                                         f"{blocked}, or keep the mount point and agents "
+                                         "elsewhere)")
 
 
 def check_words_of_agent(by, args: tuple[str, ...]) -> None:

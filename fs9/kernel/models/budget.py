@@ -145,8 +145,3 @@ def wait_s(scopes: list[Scope], now: float) -> float:
     """How long until every scope's requests_per_minute lets one more call start."""
     return max((s.usage.next_slot(now, s.limits.requests_per_minute) for s in scopes),
                default=0.0)
-
-
-def estimate_tokens(text: str) -> int:
-    """A tokenizer-free estimate (about 4 characters a token, as OpenAI's rule of thumb)."""
-    return len(text) // 4 + 1

@@ -13,7 +13,7 @@ import trio
 from ...errors import Fs9Error
 from ..names import OPERATOR
 from ..stream import Stream
-from . import budget
+from . import tokens
 
 if TYPE_CHECKING:
     from ..kernel import Kernel
@@ -79,7 +79,7 @@ class Conversation:
 
 
 def tokens_of(messages: list[dict]) -> int:
-    return sum(budget.estimate_tokens(json.dumps(m)) for m in messages)
+    return sum(tokens.count(json.dumps(m)) for m in messages)
 
 
 async def compact(conv: Conversation, ids: dict, max_tokens: int, kernel: "Kernel") -> None:

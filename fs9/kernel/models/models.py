@@ -40,7 +40,7 @@ import trio
 from ...drivers import providers
 from ...errors import Fs9Error
 from .. import cmd
-from . import budget
+from . import budget, tokens
 from .budget import Limits, Scope, Usage
 from ..names import NAME_RE, OPERATOR
 from . import request as requests
@@ -294,7 +294,8 @@ class Models:
         if req is not None:
             requests.check_turn(conv.messages, req["messages"])
         self._admit(conv, self._task_of(conv.owner),
-                    tokens_of(conv.messages) + len(data) // 4 + 1, 1)
+                    tokens_of(conv.messages)
+                    + tokens.count(data.decode(errors="replace")), 1)
 
     def _admit(self, conv: Conversation, task, prompt: int, want: int) -> tuple[list, int]:
         """budget.admit for a call of conv: (its scopes, its max_tokens); a refusal is a
