@@ -55,7 +55,7 @@ AUDIT_ONLY = frozenset({
     "delivery_refused", "escalated",
     "escape_attempt", "escape_denied", "injection_suspected", "log_fault", "log_recovered",
     "mail_delivered", "mount",
-    "mail_duplicate", "model_config_error", "model_error", "model_throttled",
+    "mail_duplicate", "model_config_error", "model_retry", "model_throttled",
     "model_unreachable", "refused", "replay_set_aside", "search_fallback",
     "search_index_damaged", "search_semantic", "set_aside_dismissed", "supervisor_restart",
     "task_progress", "topics_config_error", "limit_exceeded", "limits_unavailable",

@@ -21,6 +21,12 @@ Configuration: STATE/models.toml, or the file named by $FS9_MODELS:
     max_concurrent = 2            # calls in flight at once; more wait in the scheduler
     requests_per_minute = 60
     timeout_s = 60
+    retries = 2                   # of a transient failure (429, 502-504, a broken
+    retry_wait_s = 0.5            # connection) before the first token: exponential
+                                  # backoff with jitter from retry_wait_s (tenacity)
+    breaker_failures = 5          # the circuit breaker (kernel/models/breaker.py)
+    breaker_window_s = 60
+    breaker_cooldown_s = 30
 
 A model `scripted` (drivers/scripted.py: deterministic, not a language model) is
 always there unless the file defines that name.
@@ -35,14 +41,17 @@ import os
 import time
 import tomllib
 
+import tenacity
 import trio
 
 from ...drivers import providers
 from ...errors import Fs9Error
 from .. import cmd
 from . import budget
+from .breaker import Breaker
+from . import breaker as breakers
 from .budget import Limits, Scope, Usage
-from ..names import NAME_RE, OPERATOR
+from ..names import NAME_RE, OPERATOR, one_line
 from . import request as requests
 from .conversation import Conversation, Turn, assistant_message, compact, tokens_of
 from .scheduler import Scheduler
@@ -55,7 +64,8 @@ IDLE_S = 3600.0
 MAX_REQUEST = 4 << 20
 MODEL_KEYS = {"provider", "model", "api_base", "api_key", "api_key_env", "context_window",
               "max_tokens", "max_concurrent", "requests_per_minute", "timeout_s", "script",
-              "token_delay_s", "label"}
+              "token_delay_s", "label", "retries", "retry_wait_s"} | breakers.KEYS
+RETRY_WAIT_MAX_S = 10.0
 CONV_CMDS = (cmd.Cmd("close", "close", usage="close"), cmd.Cmd("reset", "reset", usage="reset"))
 
 
@@ -66,6 +76,11 @@ class Model:
         self.name = name
         self.conf = conf
         self.provider = providers.make(name, conf, origin)
+        b = breakers.settings(conf, origin)
+        self.breaker = Breaker(name, b["breaker_failures"], b["breaker_window_s"],
+                               b["breaker_cooldown_s"])
+        self.retries = int(providers.number(conf, "retries", 2, origin))
+        self.retry_wait_s = providers.number(conf, "retry_wait_s", 0.5, origin)
         self.context_window = int(conf.get("context_window", 8192))
         self.max_tokens = int(conf.get("max_tokens", 1024))
         self.limits = Limits(requests_per_minute=int(conf.get("requests_per_minute", 0)))
@@ -85,7 +100,8 @@ class Model:
                  f"waiting={s['waiting']}",
                  f"requests_per_minute={self.limits.requests_per_minute}",
                  f"calls={self.usage.calls}", f"tokens_in={self.usage.tokens_in}",
-                 f"tokens_out={self.usage.tokens_out}", f"conversations={len(self.conversations)}"]
+                 f"tokens_out={self.usage.tokens_out}", f"conversations={len(self.conversations)}",
+                 f"retries={self.retries}"] + self.breaker.info(time.time())
         return "\n".join(lines) + "\n"
 
 
@@ -171,7 +187,9 @@ class Models:
 
     def appliers(self) -> dict:
         """The events model usage is rebuilt from (Kernel.apply)."""
-        return {"model_call": self.on_model_call, "model_refused": self.on_model_refused}
+        return {"model_call": self.on_model_call, "model_refused": self.on_model_refused,
+                "model_error": self.on_model_error, "breaker_opened": self.on_breaker,
+                "breaker_half_open": self.on_breaker, "breaker_closed": self.on_breaker}
 
     def on_model_call(self, e, agent, task) -> None:
         d = e.data
@@ -188,6 +206,22 @@ class Models:
     def on_model_refused(self, e, agent, task) -> None:
         self._usage("agent", e.agent or OPERATOR).refused += 1
         self.total.refused += 1
+
+    def on_model_error(self, e, agent, task) -> None:
+        model = self.models.get(e.data.get("model"))
+        if e.data.get("breaker") and model is not None:  # the provider's fault: it counts
+            model.breaker.failed(e.ts)
+
+    def on_breaker(self, e, agent, task) -> None:
+        model = self.models.get(e.data.get("model"))
+        if model is None:  # no longer configured
+            return
+        if e.kind == "breaker_opened":
+            model.breaker.open(e.ts, e.data.get("reason", ""))
+        elif e.kind == "breaker_half_open":
+            model.breaker.half_open()
+        else:
+            model.breaker.close()
 
     def scopes(self, who: str, task, model: Model) -> list[Scope]:
         """What a call by who (during task) counts against."""
@@ -284,6 +318,14 @@ class Models:
         if conv.state in ("queued", "running"):
             raise Fs9Error(errno.EBUSY, "a call is in flight in this conversation: read its "
                                         "reply first")
+        try:
+            conv.model.breaker.admit(time.time())
+        except Fs9Error as e:  # cut off: refused before anything is sent or reserved
+            task = self._task_of(conv.owner)
+            self.kernel.record("model_refused", agent=conv.owner, model=conv.model.name,
+                               conv=conv.id, corr=task.corr if task else conv.corr,
+                               task=task.id if task else None, reason=e.text)
+            raise
 
     def precheck(self, conv: Conversation, data: bytes) -> None:
         """What can be refused while a request is still being written (data: its first
@@ -325,6 +367,12 @@ class Models:
         budget.reserve(scopes, held)  # released when the call ends, however it ends
         conv.messages, conv.tools = messages, tools
         conv.turn, conv.state, conv.used = Turn(), "queued", time.monotonic()
+        breaker = conv.model.breaker
+        if breaker.admit(time.time()) == "probe":  # this call tells whether the model is back
+            breaker.probing = conv.turn
+            if breaker.state != "half_open":
+                self.kernel.record("breaker_half_open", model=conv.model.name,
+                                   agent=conv.owner, conv=conv.id)
         conv.turns += 1
         self._nursery.start_soon(self._call, conv, conv.turn, task, scopes, max_tokens,
                                  req.get("temperature"), held)
@@ -360,9 +408,8 @@ class Models:
                     for s in scopes:
                         s.usage.started(time.time())
                     await compact(conv, ids, max_tokens, self.kernel)
-                    result = await model.provider.chat(
-                        conv.messages, conv.tools, max_tokens, temperature,
-                        lambda text: turn.text.append(text.encode()))
+                    result = await self._chat(model, conv, turn, max_tokens, temperature,
+                                              ids)
                 conv.messages.append(assistant_message(result))
                 for call in result["tool_calls"]:
                     turn.text.append(f"\ntool_call {call['id']} {call['name']} "
@@ -375,6 +422,9 @@ class Models:
                                    tokens_out=result["tokens_out"],
                                    ms=round((time.monotonic() - t0) * 1000, 1),
                                    finish=result["finish_reason"], **ids)
+                if model.breaker.state != "closed":  # the probe succeeded
+                    self.kernel.record("breaker_closed", model=model.name, agent=conv.owner,
+                                       conv=conv.id)
             except Fs9Error as e:
                 self._failed(conv, turn, e, ids)
             except Exception as e:  # a provider's defect: this call fails, fs9 goes on
@@ -384,11 +434,51 @@ class Models:
             self._failed(conv, turn, Fs9Error(errno.ECANCELED, "the call was cancelled "
                                               "(halt, or the conversation closed)"), ids)
         turn.scope = None
+        if model.breaker.probing is turn:  # a probe that neither closed nor reopened it
+            model.breaker.probing = None  # (cancelled, or the request's fault): next call
         turn.text.end()
         conv.used = time.monotonic()
+
+    async def _chat(self, model: Model, conv, turn, max_tokens, temperature, ids) -> dict:
+        """The provider's call, retried (tenacity: exponential backoff with jitter) while
+        it fails transiently before its first token: once text has streamed to the
+        reader, a retry would repeat it."""
+        streamed = False
+
+        def emit(text: str) -> None:
+            nonlocal streamed
+            streamed = True
+            turn.text.append(text.encode())
+
+        def worth_retry(e: BaseException) -> bool:
+            return isinstance(e, providers.ProviderFailure) and e.transient and not streamed
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            self.kernel.log.append("model_retry", attempt=state.attempt_number,
+                                   wait_s=round(state.next_action.sleep, 3),
+                                   reason=state.outcome.exception().text, **ids)
+
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(model.retries + 1), sleep=trio.sleep,
+            wait=tenacity.wait_exponential_jitter(initial=model.retry_wait_s,
+                                                  max=RETRY_WAIT_MAX_S,
+                                                  jitter=model.retry_wait_s),
+            retry=tenacity.retry_if_exception(worth_retry), before_sleep=before_sleep,
+            reraise=True)
+        async for attempt in retrying:
+            with attempt:
+                result = await model.provider.chat(conv.messages, conv.tools, max_tokens,
+                                                   temperature, emit)
+        return result
 
     def _failed(self, conv, turn, e: Fs9Error, ids: dict) -> None:
         turn.error, conv.state = e, "failed"
         turn.result = {"error": e.text, "errno": errno.errorcode.get(e.errno, str(e.errno))}
-        self.kernel.log.append("model_error", reason=e.text, **ids)  # (the request's
-        # messages stay in the conversation: the next request sends them again)
+        fault = isinstance(e, providers.ProviderFailure) and e.fault
+        self.kernel.record("model_error", reason=e.text, breaker=fault, **ids)  # (the
+        # request's messages stay in the conversation: the next request sends them again)
+        breaker = conv.model.breaker
+        if fault and breaker.should_open(time.time()):
+            self.kernel.record("breaker_opened", model=conv.model.name, agent=conv.owner,
+                               conv=conv.id, failures=breaker.recent(time.time()),
+                               reason=one_line(e.text))
