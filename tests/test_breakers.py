@@ -152,3 +152,31 @@ def test_an_open_breaker_stays_open_across_a_remount(configured, server):
     cid = m.read("models/local/clone").strip()
     assert errno_of(m.write, f"models/local/{cid}/request", "hello") == errno.EHOSTDOWN
     assert chats(server) == sent
+
+
+AGENT = """cmd = ["sh", "ask.sh"]
+[unveil]
+"models/local" = "rw"
+"""
+ASK = """m=$FS9_MNT/models/local
+for q in hello "FAIL 503 down" "FAIL 503 down" "anyone?"; do
+  id=$(cat $m/clone)
+  echo "$q" > $m/$id/request || { echo "refused: $q"; continue; }
+  cat $m/$id/reply; echo
+done
+"""
+
+
+def test_an_agent_sees_the_breaker_in_its_status_and_metrics(configured, server):
+    m = configured(model(server, retries=0, breaker_failures=2, breaker_cooldown_s=600))
+    m.define("asker", AGENT, {"ask.sh": ASK})
+    m.write("ctl", "spawn asker\n")
+    m.write("agents/asker/in", "go\n")
+    out = m.read("agents/asker/out")  # blocks until the task ends
+    assert "echo: hello" in out and "refused: anyone?" in out, out
+    st = m.status("asker")
+    assert (st["model_refused"], st["breakers_open"]) == ("1", "local")
+    assert "circuit breaker open" in m.read("agents/asker/err")
+    metrics = m.read("metrics")
+    assert 'fs9_model_breaker{model="local",state="open"} 1.0' in metrics
+    assert chats(server) == 3

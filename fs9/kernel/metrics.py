@@ -212,3 +212,10 @@ class _Collector:
         for name, model in sorted(k.models.models.items()):
             up.add_metric([name], 1 if model.state == "reachable" else 0)
         yield up
+        breaker = GaugeMetricFamily("fs9_model_breaker", "1 for the state the model's "
+                                    "circuit breaker is in (breaker.py).",
+                                    labels=["model", "state"])
+        for name, model in sorted(k.models.models.items()):
+            for state in ("closed", "open", "half_open"):
+                breaker.add_metric([name, state], 1 if model.breaker.state == state else 0)
+        yield breaker

@@ -41,13 +41,12 @@ import os
 import time
 import tomllib
 
-import tenacity
 import trio
 
 from ...drivers import providers
 from ...errors import Fs9Error
 from .. import cmd
-from . import budget
+from . import budget, retry
 from .breaker import Breaker
 from . import breaker as breakers
 from .budget import Limits, Scope, Usage
@@ -65,7 +64,6 @@ MAX_REQUEST = 4 << 20
 MODEL_KEYS = {"provider", "model", "api_base", "api_key", "api_key_env", "context_window",
               "max_tokens", "max_concurrent", "requests_per_minute", "timeout_s", "script",
               "token_delay_s", "label", "retries", "retry_wait_s"} | breakers.KEYS
-RETRY_WAIT_MAX_S = 10.0
 CONV_CMDS = (cmd.Cmd("close", "close", usage="close"), cmd.Cmd("reset", "reset", usage="reset"))
 
 
@@ -247,8 +245,11 @@ class Models:
 
     def agent_usage(self, who: str) -> dict:
         u = self.usage.get(("agent", who)) or Usage()
+        cut_off = [m.name for m in self.models.values()  # of those it has used
+                   if m.breaker.state != "closed" and ("model", m.name, who) in self.usage]
         return {"model_calls": u.calls, "tokens_in": u.tokens_in, "tokens_out": u.tokens_out,
-                "tokens_today": u.tokens_today(time.time()), "model_refused": u.refused}
+                "tokens_today": u.tokens_today(time.time()), "model_refused": u.refused,
+                "breakers_open": ",".join(cut_off)}
 
     def usage_text(self) -> str:
         """models/usage: one line per (who, model), then the totals and limits."""
@@ -408,8 +409,9 @@ class Models:
                     for s in scopes:
                         s.usage.started(time.time())
                     await compact(conv, ids, max_tokens, self.kernel)
-                    result = await self._chat(model, conv, turn, max_tokens, temperature,
-                                              ids)
+                    result = await retry.chat(model, conv, turn, max_tokens, temperature,
+                                              lambda **f: self.kernel.log.append(
+                                                  "model_retry", **f, **ids))
                 conv.messages.append(assistant_message(result))
                 for call in result["tool_calls"]:
                     turn.text.append(f"\ntool_call {call['id']} {call['name']} "
@@ -438,38 +440,6 @@ class Models:
             model.breaker.probing = None  # (cancelled, or the request's fault): next call
         turn.text.end()
         conv.used = time.monotonic()
-
-    async def _chat(self, model: Model, conv, turn, max_tokens, temperature, ids) -> dict:
-        """The provider's call, retried (tenacity: exponential backoff with jitter) while
-        it fails transiently before its first token: once text has streamed to the
-        reader, a retry would repeat it."""
-        streamed = False
-
-        def emit(text: str) -> None:
-            nonlocal streamed
-            streamed = True
-            turn.text.append(text.encode())
-
-        def worth_retry(e: BaseException) -> bool:
-            return isinstance(e, providers.ProviderFailure) and e.transient and not streamed
-
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            self.kernel.log.append("model_retry", attempt=state.attempt_number,
-                                   wait_s=round(state.next_action.sleep, 3),
-                                   reason=state.outcome.exception().text, **ids)
-
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(model.retries + 1), sleep=trio.sleep,
-            wait=tenacity.wait_exponential_jitter(initial=model.retry_wait_s,
-                                                  max=RETRY_WAIT_MAX_S,
-                                                  jitter=model.retry_wait_s),
-            retry=tenacity.retry_if_exception(worth_retry), before_sleep=before_sleep,
-            reraise=True)
-        async for attempt in retrying:
-            with attempt:
-                result = await model.provider.chat(conv.messages, conv.tools, max_tokens,
-                                                   temperature, emit)
-        return result
 
     def _failed(self, conv, turn, e: Fs9Error, ids: dict) -> None:
         turn.error, conv.state = e, "failed"
