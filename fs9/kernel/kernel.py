@@ -23,6 +23,7 @@ import trio
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd, supervision
+from .approvals import Approvals
 from .agents import escapes, sandbox as sandboxes, spawn
 from .agents.agent import Agent
 from .agents.memory import Memory
@@ -119,8 +120,9 @@ class Kernel(Lifecycles):
         self.vault_changes = watch.OwnChanges(self.log, self.search)
         self.models = Models(self)
         self.memory = Memory(self)
+        self.approvals = Approvals(self)  # approvals/ (approvals.py)
         self.metrics = Metrics(self)  # the root `metrics` (metrics.py)
-        self.handlers = event_table(self, self.bus, self.models, self.memory)
+        self.handlers = event_table(self, self.bus, self.models, self.memory, self.approvals)
 
     # --- lifetime --------------------------------------------------------------
 
@@ -151,6 +153,7 @@ class Kernel(Lifecycles):
             nursery.start_soon(self.log.keep_checkpointed)
             nursery.start_soon(self.log.sync.keep_synced, self.log)
             nursery.start_soon(self._service, self.bus.keep_deadlines)
+            nursery.start_soon(self._service, self.approvals.serve)
             await nursery.start(self._service, self.models.serve)
             nursery.start_soon(self._service, self._prune_memory)
             if self.search is not None:

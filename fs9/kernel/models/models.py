@@ -336,8 +336,10 @@ class Models:
         req = requests.complete(data)
         if req is not None:
             requests.check_turn(conv.messages, req["messages"])
-        self._admit(conv, self._task_of(conv.owner),
-                    tokens_of(conv.messages) + len(data) // 4 + 1, 1)
+        task = self._task_of(conv.owner)
+        prompt = tokens_of(conv.messages) + len(data) // 4 + 1
+        self._admit(conv, task, prompt, 1)
+        self._approved(conv, task, prompt + conv.model.max_tokens, use=False)
 
     def _admit(self, conv: Conversation, task, prompt: int, want: int) -> tuple[list, int]:
         """budget.admit for a call of conv: (its scopes, its max_tokens); a refusal is a
@@ -350,6 +352,17 @@ class Models:
                                conv=conv.id, corr=task.corr if task else conv.corr,
                                task=task.id if task else None, reason=e.text)
             raise
+
+    def _approved(self, conv: Conversation, task, tokens: int, use: bool) -> None:
+        """A call over the owner's `approval.model_tokens` needs the operator's yes
+        (kernel/approvals.py): EAGAIN while it is asked for, EACCES once denied."""
+        agent = self.kernel.agents.get(conv.owner) if conv.owner else None
+        limit = agent.manifest.get("approval", {}).get("model_tokens") if agent else None
+        if limit and tokens > limit:
+            self.kernel.approvals.gate(
+                agent, "model_tokens", conv.model.name, f"a call of model {conv.model.name} "
+                f"for up to {tokens} tokens (over approval.model_tokens = {limit:g})",
+                task.corr if task else conv.corr, use)
 
     def request(self, conv: Conversation, data: bytes) -> None:
         """One turn: check it, admit it against the budgets, start the call. Returns
@@ -364,6 +377,7 @@ class Models:
         tools = req["tools"] if "tools" in req else conv.tools
         want = min(req.get("max_tokens") or conv.model.max_tokens, conv.model.max_tokens)
         scopes, max_tokens = self._admit(conv, task, tokens_of(messages), want)
+        self._approved(conv, task, tokens_of(messages) + max_tokens, use=True)
         held = tokens_of(messages) + max_tokens
         budget.reserve(scopes, held)  # released when the call ends, however it ends
         conv.messages, conv.tools = messages, tools
