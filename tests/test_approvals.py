@@ -51,6 +51,7 @@ def test_approve_deny_and_time_out_through_the_files(mount):
         ("pending", "asker", "model_tokens", "scripted")
     assert "over approval.model_tokens = 50" in s["what"] and s["corr"]
     assert m.status("asker")["approvals_pending"] == "1"
+    assert 'fs9_approvals_pending{agent="asker"} 1.0' in m.read("metrics")
     # the agent never sees an approval, though it unveils approvals/
     assert errno_of(m.read, "agents/asker/view/approvals/1/status") == errno.ENOENT
     # answered from a shell: the agent's next try goes through, once
