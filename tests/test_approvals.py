@@ -94,3 +94,32 @@ def test_a_pending_approval_survives_a_remount(mount):
     assert m.sh("echo approve > approvals/1/ctl").returncode == 0
     assert status(m, "1")["state"] == "approved"
     assert '"approval_answered"' in m.read("log/audit")
+
+
+BOSS = ('cmd = ["cat"]\nunconfined = true\npledge = ["read", "spawn", "send"]\n'
+        'spawns = ["echo"]\n[unveil]\n"ctl" = "w"\n[approval]\nspawn = true\n')
+
+
+def test_an_agents_spawn_waits_for_a_yes(mount):
+    m = mount
+    m.define("boss", BOSS)
+    m.sh("echo 'spawn boss' > ctl", check=True)
+    ctl = "agents/boss/view/ctl"  # written as boss
+    assert errno_of(m.write, ctl, "spawn e1 def=echo\n") == errno.EAGAIN
+    s = status(m, "1")
+    assert (s["state"], s["agent"], s["action"], s["data"]) == \
+        ("pending", "boss", "spawn", "e1 def=echo")
+    assert errno_of(m.write, ctl, "spawn e1 def=echo\n") == errno.EAGAIN  # still asked once
+    assert m.sh("ls approvals").stdout.split() == ["1"]
+    assert "e1" not in m.sh("ls agents").stdout.split()
+    m.sh("echo approve > approvals/1/ctl", check=True)
+    m.write(ctl, "spawn e1 def=echo\n")
+    assert "e1" in m.sh("ls agents").stdout.split() and status(m, "1")["used"] == "yes"
+    # one yes, one spawn; a denial is said once
+    assert errno_of(m.write, ctl, "spawn e2 def=echo\n") == errno.EAGAIN
+    m.sh("echo deny not now > approvals/2/ctl", check=True)
+    # (a shell's write: Python's close would flush the refused bytes a second time)
+    r = m.sh(f"/usr/bin/printf 'spawn e2 def=echo\\n' > {ctl}")
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    assert "not now" in m.read("agents/boss/err")
+    assert "e2" not in m.sh("ls agents").stdout.split()

@@ -19,6 +19,7 @@ remount.
 Manifest:
     [approval]
     model_tokens = 2000   # a model call of more tokens (prompt + reply limit) needs a yes
+    spawn = true          # so does each agent it spawns (the `spawn` line is the data)
     timeout_s = 300       # then it is denied
 """
 import errno
@@ -30,7 +31,8 @@ from . import cmd
 from ..errors import Fs9Error
 from .names import one_line
 
-ACTIONS = {"model_tokens": "a model call over this many tokens (prompt + reply limit)"}
+ACTIONS = {"model_tokens": "a model call over this many tokens (prompt + reply limit)",
+           "spawn": "true: spawning an agent (a `spawn` line in the root ctl)"}
 KEYS = frozenset(ACTIONS) | {"timeout_s"}
 TIMEOUT_S = 300.0
 CMDS = (cmd.Cmd("approve", "approve", 0, None, usage="approve [REASON]"),
@@ -43,7 +45,10 @@ def policy(manifest: dict) -> dict:
     if not isinstance(table, dict) or set(table) - KEYS:
         raise Fs9Error(errno.EINVAL, f"approval must be a table of {', '.join(sorted(KEYS))}")
     for key, value in table.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if key == "spawn":
+            if not isinstance(value, bool):
+                raise Fs9Error(errno.EINVAL, "approval.spawn must be true or false")
+        elif not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise Fs9Error(errno.EINVAL, f"approval.{key} must be a number > 0")
     return table
 
@@ -103,9 +108,10 @@ class Approvals:
 
     def gate(self, agent, action: str, key: str, what: str, corr: str | None,
              use: bool) -> None:
-        """Let agent's action through if its manifest does not ask for approval or an
-        approval for it is granted (used up when `use`); else refuse it, asking the
-        operator first if nobody was asked yet."""
+        """Let agent's action (one its manifest says needs a yes: the caller checked)
+        through if the operator approved it (the approval used up when `use`: a check
+        before the action, like a request's first write, leaves it); else refuse it,
+        asking the operator first if nobody was asked yet."""
         for a in reversed(list(self.items.values())):
             if (a.agent, a.action, a.key) != (agent.name, action, key) or a.used:
                 continue

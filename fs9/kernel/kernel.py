@@ -259,6 +259,11 @@ class Kernel(Lifecycles):
                     if name in names:
                         raise Fs9Error(errno.EEXIST, f"{AGENT_EXISTS}: {name}")
                     names.add(name)
+                asker = self.agents.get(by) if by is not None else None
+                if asker is not None and asker.manifest.get("approval", {}).get("spawn"):
+                    line = one_line(" ".join(p.args))  # the operator's yes (approvals.py)
+                    self.approvals.gate(asker, "spawn", line, f"spawn {line}",
+                                        asker.current.corr if asker.current else None, True)
             elif p.cmd.verb == "kill":
                 if p.args[0] not in names or (by is not None and not self._reaches(by, p.args[0])):
                     raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {p.args[0]}")
