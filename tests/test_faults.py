@@ -220,20 +220,19 @@ def small_disks(tmp_path):
 
 
 def fill(folder: Path) -> Path:
-    """Take every free byte of folder's file system; the file to remove to give it back."""
+    """Take every free byte of folder's file system; the file to remove to give it back.
+    (Unbuffered: a buffer left to flush at close would meet the full disk there.)"""
     filler = folder / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError as e:
-            assert e.errno == 28
-        try:
-            while True:
-                os.write(f.fileno(), b"\0" * 512)
-        except OSError as e:
-            assert e.errno == 28
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (65536, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as e:
+                assert e.errno == 28
+    finally:
+        os.close(fd)
     return filler
 
 

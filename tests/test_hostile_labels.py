@@ -188,7 +188,8 @@ def test_an_owner_may_not_claim_what_a_lower_sandbox_reads_from_disk(vault):
     assert "conf" not in os.listdir(vault.path / "agents")
     assert SECRET in probe(vault, "pub")  # (nothing changed for it meanwhile)
     vault.write("ctl", "kill pub\n")  # (its sandbox ends a moment later: then the claim)
-    vault.wait_for(lambda: spawn_errno(vault, "spawn conf") is None, what="conf's claim")
+    vault.wait_for(lambda: spawn_errno(vault, "spawn conf") is None, timeout=90,
+                   what="conf's claim")  # (once pub's sandbox, its control group, is gone)
     vault.write("ctl", "spawn pub\n")
     out = probe(vault, "pub")
     assert SECRET not in out and "open to all" in out

@@ -185,3 +185,33 @@ def test_a_flood_of_escape_attempts_is_counted_not_logged_one_by_one(mount):
     assert len(attempts) <= 50 * (seconds + 1), (len(attempts), seconds)
     # the one after the pause says how many were not logged one by one
     assert sum(e.get("coalesced", 0) for e in attempts) + len(attempts) == 3001
+
+
+def test_a_full_mailbox_refuses_agents_and_withholds_deliveries_not_the_operator(mount):
+    """A mailbox holds at most 64 MiB (or 10,000 messages) pending: past it an agent's
+    mail is EDQUOT at write(2), what the kernel would deliver (here topic events to a
+    subscriber) is withheld and counted, and the operator's mail still fits."""
+    from fs9.kernel.bus.mailbox import MAX_BYTES
+    mount.define("chatty", 'cmd = ["cat"]\nunconfined = true\n'
+                           'pledge = ["read", "write", "send", "publish"]\n'
+                           '[unveil]\n"agents" = "rw"\n"topics" = "rw"\n')
+    mount.define("box", 'cmd = ["cat"]\nunconfined = true\nsubscribe = ["news"]\n')
+    mount.sh("echo 'spawn chatty' > ctl; echo 'spawn box' > ctl", check=True)
+    body = "x" * 1_040_000 + "\n"
+    for _ in range(MAX_BYTES // len(body) + 1):  # the operator fills it
+        mount.write("agents/box/mail/new", body)
+    names = [n for n in os.listdir(mount.path / "agents/box/mail") if n not in ("new", "next", "dead")]
+    assert errno_of(mount.write, "agents/chatty/view/agents/box/mail/new", "hi\n") == errno.EDQUOT
+    assert "the mailbox is full" in mount.read("agents/chatty/err")
+    for i in range(20):  # topic events for the subscriber: withheld, counted
+        mount.write("agents/chatty/view/topics/news", f"event {i}\n")
+    refused = [e for e in audit(mount) if e["kind"] == "delivery_refused" and e["agent"] == "box"]
+    assert refused and all("the mailbox is full" in e["reason"] for e in refused)
+    assert len(refused) + sum(e.get("coalesced", 0) for e in refused) <= 20
+    after = [n for n in os.listdir(mount.path / "agents/box/mail") if n not in ("new", "next", "dead")]
+    assert sorted(after) == sorted(names)
+    mount.write("agents/box/mail/new", "the operator's mail still fits\n")
+    mount.read("status")
+    for name in names[:3]:  # read and removed: room again
+        os.unlink(mount.path / "agents/box/mail" / name)
+    mount.write("agents/chatty/view/agents/box/mail/new", "hi again\n")

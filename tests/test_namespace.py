@@ -5,7 +5,7 @@ import subprocess
 
 
 def test_root_and_agent_layout(mount):
-    assert sorted(os.listdir(mount.path)) == ["agents", "approvals", "ctl", "err", "events", "log", "mail", "metrics", "models", "registry", "search", "status", "topics", "tree", "vault"]
+    assert sorted(os.listdir(mount.path)) == ["agents", "approvals", "ctl", "err", "events", "federation", "log", "mail", "metrics", "models", "registry", "search", "status", "topics", "tree", "vault"]
     assert os.listdir(mount.path / "agents") == []
     mount.sh("echo 'spawn echo' > ctl", check=True)
     assert os.listdir(mount.path / "agents") == ["echo"]
@@ -15,6 +15,10 @@ def test_root_and_agent_layout(mount):
     line = mount.read("ctl")
     assert line.startswith("state=running ") and "agents=1" in line
     assert mount.read("status") == "echo idle - 0 0 0 0\n"
+    # federation/ is there, off until joined (tests/test_federation.py)
+    assert sorted(os.listdir(mount.path / "federation")) == [
+        "card", "ctl", "dead", "outbox", "peers", "status"]
+    assert "connection=off" in mount.read("federation/status")
 
 
 def test_run_then_cat_out_prints_the_result(mount):

@@ -2,7 +2,7 @@
 
 To find where any path is served, find its row here. `{agent}`, `{task}`,
 `{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}`, `{cap}`,
-`{query}`, `{note}`, `{model}`, `{conv}` and `{approval}` are bound to kernel objects while walking (VARS below); a name that
+`{query}`, `{note}`, `{peer}`, `{fdead}`, `{model}`, `{conv}` and `{approval}` are bound to kernel objects while walking (VARS below); a name that
 binds to nothing is ENOENT, and so is any name that is not UTF-8 but a query (kernel
 objects have text names). Directories list the rows one level below them; a Dir with
 `create` takes new names (mail/, outbox/, topics/). A row ending in `/...` serves a
@@ -65,12 +65,29 @@ def _outbox(k, agent, to: str, me=None):
     agent it knows of (Kernel.knows): any other answers as a name nobody has."""
     if me is not None and me != agent.name:
         raise Fs9Error(errno.EACCES, f"{me} may not send as {agent.name}")
+    if "@" in to:  # NAME@OS: an agent of another OS
+        return _federated(k, to, agent.name, dict(agent=agent.name, file="outbox"))
     recipient = k.guarded(k.agent, to, me, agent=agent.name, file="outbox")
     return Ctl(lambda data: k.guarded(k.bus.send, recipient, data, agent.name,
                                       agent=agent.name, file="outbox"),
                whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="outbox"),
                early=lambda data: k.guarded(k.bus.precheck, recipient, data, agent.name,
                                             agent=agent.name, file="outbox"))
+
+
+def _federated(k, to: str, sender: str, said: dict):
+    """One message to NAME@OS through the federation (kernel/federation/), from sender;
+    an address that names no peer's agent is refused at open, as a name nobody has."""
+    fed = k.federation
+    k.guarded(fed.address, to, **said)
+    return Ctl(lambda data: k.guarded(fed.send, to, data, sender, **said), whole=True,
+               refused=lambda e: k.refused(e, **said),
+               early=lambda data: k.guarded(fed.precheck, to, data, sender, **said))
+
+
+def _operator_only(me, what: str) -> None:
+    if me is not None:
+        raise Fs9Error(errno.EACCES, f"{what} is the operator's")
 
 
 def _topic(k, topic, me=None):
@@ -197,6 +214,22 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "log/trace": None,
     "log/trace/{corr}": lambda k, corr: Status(
         lambda: "".join(e.json() + "\n" for e in k.log.trace(corr))),
+    # the federation (kernel/federation/): the operator's to drive, off until joined
+    "federation": None,
+    "federation/ctl": lambda k, me=None: _operator_only(me, "federation/ctl") or Ctl(
+        lambda d: k.guarded(k.federation.ctl, d, file="federation/ctl"),
+        k.federation.state_line),
+    "federation/status": lambda k: Status(k.federation.status),
+    "federation/card": lambda k: Status(k.federation.card_text),
+    "federation/outbox": lambda k, me=None: _operator_only(me, "federation/outbox") or Dir(
+        create=lambda name: _federated(k, name, OPERATOR, dict(file="federation/outbox"))),
+    "federation/dead": None,  # dead letters: given up before JetStream had them
+    "federation/dead/{fdead}": lambda k, fdead: Status(lambda: fdead.data),
+    "federation/peers": None,
+    "federation/peers/{peer}": None,
+    "federation/peers/{peer}/card": lambda k, peer: Status(lambda: peer.card or b""),
+    "federation/peers/{peer}/status": lambda k, peer: Status(
+        lambda: k.federation.peer_status(peer)),
     "vault/...": _vault,  # the vault directory on disk, served as it is
     "registry": None,
     "registry/by-capability": None,  # (before {provider}: these names, cards too, are reserved)
@@ -256,6 +289,9 @@ VARS = {
               else None),
     "note": (lambda k, agent: k.memory.keys(agent),
              lambda k, name, agent: name if k.memory.get(agent, name) is not None else None),
+    "peer": (lambda k: sorted(k.federation.peers), lambda k, name: k.federation.peers.get(name)),
+    "fdead": (lambda k: sorted(k.federation.outbox.dead),
+              lambda k, name: k.federation.outbox.dead.get(name)),
     "model": (lambda k: sorted(k.models.models), lambda k, name: k.models.model(name)),
     # the operator's alone: an agent never sees an approval, even its own, whatever it unveils
     "approval": (lambda k, me=None: list(k.approvals.items) if me is None else [],

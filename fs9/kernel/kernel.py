@@ -28,6 +28,8 @@ from .agents import escapes, sandbox as sandboxes, spawn
 from .agents.agent import Agent
 from .agents.memory import Memory
 from .bus.bus import Bus
+from .federation import link
+from .federation.federation import Federation
 from .lifecycle import Lifecycles, Unappliable
 from .log import Event, EventLog
 from .metrics import Metrics
@@ -64,6 +66,13 @@ AUDIT_ONLY = frozenset({
     "watch_unavailable"})
 Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    """The first exception of a (nested) exception group."""
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 def event_table(*holders) -> dict[str, Applier]:
@@ -122,7 +131,9 @@ class Kernel(Lifecycles):
         self.memory = Memory(self)
         self.approvals = Approvals(self)  # approvals/ (approvals.py)
         self.metrics = Metrics(self)  # the root `metrics` (metrics.py)
-        self.handlers = event_table(self, self.bus, self.models, self.memory, self.approvals)
+        self.federation = Federation(self)  # off until joined (federation/ctl)
+        self.handlers = event_table(self, self.bus, self.models, self.memory, self.federation,
+                                    self.approvals)
 
     # --- lifetime --------------------------------------------------------------
 
@@ -154,6 +165,7 @@ class Kernel(Lifecycles):
             nursery.start_soon(self.log.sync.keep_synced, self.log)
             nursery.start_soon(self._service, self.bus.keep_deadlines)
             nursery.start_soon(self._service, self.approvals.serve)
+            nursery.start_soon(self._service, link.serve, self.federation)
             await nursery.start(self._service, self.models.serve)
             nursery.start_soon(self._service, self._prune_memory)
             if self.search is not None:
@@ -168,7 +180,8 @@ class Kernel(Lifecycles):
         mount stays up. (`task_status`: given when the service is started with start.)"""
         try:
             await (serve(*args) if task_status is None else serve(*args, task_status=task_status))
-        except Fs9Error as e:
+        except* Fs9Error as group:  # (from a service's own nursery it comes in a group)
+            e = _first(group)
             what = getattr(serve, "__qualname__", str(serve))
             log.error("%s stopped until the next mount: %s", what, e)
             self.diag(f"{what} stopped until the next mount: {e.text}")

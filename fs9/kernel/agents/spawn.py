@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..kernel import Kernel
 
-RESERVED_NAMES = (OPERATOR, "by-capability", "owners", "cards")  # registry/ has files of these names
+# registry/ has files of these names; federation@OS is another OS's federation itself
+RESERVED_NAMES = (OPERATOR, "by-capability", "owners", "cards", "federation")
 # what an agent with the spawn pledge may set: never what decides access
 AGENT_SPAWN_KEYS = {"def", "priority", "timeout_s", "max_restarts", "within_s", "restart"}
 

@@ -32,6 +32,7 @@ PLEDGES = {
     "spawn": "write the kernel's ctl and other agents' ctl",
     "discover": "see the capability registry",
     "declassify": "label its mail below its clearance (each time logged: `declassified`)",
+    "federate": "send mail to agents of other OSs (outbox/NAME@OS), within the peers' terms",
     "inet": "reach the network (else its sandbox has none); [net] narrows it to TCP ports",
 }
 DEFAULT_PLEDGE = ("read", "write", "send")

@@ -38,6 +38,7 @@ import trio
 from ...errors import Fs9Error
 from . import message
 from ..names import NAME_RE, OPERATOR
+from ..rate import Burst
 from .mailbox import Mailbox
 from .message import Message
 from ..stream import Changes
@@ -69,6 +70,7 @@ class Bus:
         self.sent_keys: dict[tuple[str, str], str] = {}  # (from, idempotency-key) -> id
         self.deadlines: list[tuple[float, str, str]] = []  # heap of (deadline, agent, name)
         self.changes = Changes()  # a new deadline
+        self.withheld = Burst(50)  # delivery_refused events logged per recipient and second
 
     def _retention(self) -> Retention:
         """STATE/topics.toml's retention; a bad file: the defaults, and said so."""
@@ -136,6 +138,9 @@ class Bus:
         if not message.clearance_allows(clearance, level):
             raise Fs9Error(errno.EACCES, f"{agent.name} is cleared for {clearance}, "
                                          f"the message is {level}")
+        full = agent.mailbox.full(operator=sender == OPERATOR)
+        if full:
+            raise Fs9Error(errno.EDQUOT, f"{agent.name}: {full}")
         return msg, floor
 
     def precheck(self, agent, data: bytes, sender: str) -> None:
@@ -143,6 +148,9 @@ class Bus:
         blank line ended them), so a bad one fails write(2), where a shell says so."""
         if agent.killed:
             raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
+        full = agent.mailbox.full(operator=sender == OPERATOR)
+        if full:
+            raise Fs9Error(errno.EDQUOT, f"{agent.name}: {full}")
         if b"\n\n" in data:
             self.check(agent, data, sender)
 
@@ -184,16 +192,25 @@ class Bus:
 
     def deliver(self, msg: Message) -> None:
         """Deliver what the kernel composed, if the recipient is cleared for its label;
-        otherwise it is withheld (a `delivery_refused` event), never delivered lower."""
+        otherwise it is withheld (a `delivery_refused` event), never delivered lower.
+        To AGENT@OS (a request that came from another OS): through the federation."""
+        if "@" in msg.to:
+            return self.kernel.federation.forward(msg)
         recipient = self.owner(msg.to)
         label = msg.headers["classification"]
+        why = None
         if recipient is not None and not message.clearance_allows(
                 recipient.manifest["clearance"], label):
-            self.kernel.log.append("delivery_refused", agent=msg.to, sender=msg.headers["from"],
-                                   corr=msg.headers["correlation-id"], type=msg.headers["type"],
-                                   reason=f"{msg.to} is cleared for "
-                                          f"{recipient.manifest['clearance']}, the message "
-                                          f"is {label}")
+            why = f"{msg.to} is cleared for {recipient.manifest['clearance']}, the message is {label}"
+        elif recipient is not None:
+            why = recipient.mailbox.full(operator=msg.headers["from"] == OPERATOR)
+        if why:
+            extra = self.withheld.admit(msg.to, int(time.monotonic()))
+            if extra is not None:  # (a flood into a full mailbox: counted, not each logged)
+                self.kernel.log.append("delivery_refused", agent=msg.to,
+                                       sender=msg.headers["from"],
+                                       corr=msg.headers["correlation-id"],
+                                       type=msg.headers["type"], reason=why, **extra)
             return
         self.kernel.record("mail_sent", agent=msg.to, corr=msg.headers["correlation-id"],
                            blob=msg.render(), id=msg.id, sender=msg.headers["from"],
@@ -201,11 +218,10 @@ class Bus:
 
     def send_result(self, agent, task) -> None:
         """The `result` of a task made from a work_request, to its requester's mailbox."""
-        requester = self.owner(task.reply_to)
-        if requester is None:
+        if self.owner(task.reply_to) is None and "@" not in task.reply_to:
             return  # an agent since killed: the task's files keep the output
         out = bytes(self.kernel.stream(task, 1).data)
-        self.deliver(self.compose(requester.name, agent.name, out, type="result",
+        self.deliver(self.compose(task.reply_to, agent.name, out, type="result",
                                **{"correlation-id": task.corr, "x-task": str(task.id),
                                   "x-status": task.state, "x-exit": str(task.exit)}))
 
@@ -217,9 +233,8 @@ class Bus:
         text = data.decode(errors="replace").strip()[:4096]
         self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
                                corr=task.corr, text=text)
-        requester = self.owner(task.reply_to)
-        if requester is not None:
-            self.deliver(self.compose(requester.name, agent.name, (text + "\n").encode(),
+        if self.owner(task.reply_to) is not None or "@" in task.reply_to:
+            self.deliver(self.compose(task.reply_to, agent.name, (text + "\n").encode(),
                                    type="status_update", **{"correlation-id": task.corr,
                                                             "x-task": str(task.id)}))
 
@@ -293,6 +308,8 @@ class Bus:
                 "published": self.on_published}
 
     def on_mail_sent(self, e, agent, task) -> None:
+        if "fed" in e.data:  # from another OS: its inbox record (federation.py)
+            self.kernel.federation.received(e.data["fed"])
         agent = self.owner(e.agent)
         if agent is None:
             return  # mail for an agent killed since: gone with it

@@ -9,6 +9,12 @@ import bisect
 from .message import Message
 from ..stream import Changes
 
+# What one mailbox holds pending: past it, mail from agents is refused (EDQUOT) and what
+# the kernel delivers for them (results, updates, topic events) is withheld; the
+# operator's mail still fits, up to OPERATOR_ROOM times as much. Bounds what a flood
+# costs in memory and in the log, whatever the sender's rate.
+MAX_PENDING, MAX_BYTES, OPERATOR_ROOM = 10_000, 64 << 20, 2
+
 
 class Mailbox:
     def __init__(self) -> None:
@@ -16,11 +22,21 @@ class Mailbox:
         self.order: list[str] = []  # names of pending messages, sorted: delivery order
         self.ids: dict[str, str] = {}  # message id -> name, for pending messages
         self.dead: dict[str, Message] = {}  # expired, kept for inspection
+        self.bytes = 0  # of pending messages' bodies
         self.changes = Changes()
+
+    def full(self, operator: bool = False) -> str | None:
+        """Why one more message does not fit (None: it does)."""
+        room = OPERATOR_ROOM if operator else 1
+        if len(self.pending) >= MAX_PENDING * room or self.bytes >= MAX_BYTES * room:
+            return (f"{len(self.pending)} messages, {self.bytes >> 20} MiB pending: "
+                    "the mailbox is full until its owner reads and removes mail")
+        return None
 
     def put(self, msg: Message) -> None:
         self.pending[msg.name] = msg
         self.ids[msg.id] = msg.name
+        self.bytes += len(msg.body)
         bisect.insort(self.order, msg.name)
         self.changes.bump()
 
@@ -28,6 +44,7 @@ class Mailbox:
         """Remove a pending message (acknowledged or expired)."""
         msg = self.pending.pop(name, None)
         if msg is not None:
+            self.bytes -= len(msg.body)
             del self.order[bisect.bisect_left(self.order, name)]
             del self.ids[msg.id]
             self.changes.bump()

@@ -27,6 +27,7 @@ import time
 
 import trio
 
+from ...errors import Fs9Error
 from ..names import shown_path, split_view
 from .watches import Watches, WatchLost
 from typing import TYPE_CHECKING
@@ -187,7 +188,8 @@ async def watch(kernel: "Kernel", *, task_status=trio.TASK_STATUS_IGNORED) -> No
 
 async def _log_changes(kernel: "Kernel", receive) -> None:
     """Each change after SETTLE_S, coalesced, as a `vault_changed` event. A defect here
-    is a `bug` event and costs this batch only."""
+    is a `bug` event and costs this batch only; an event the log refuses stops the
+    watcher until the next mount (changes it would have logged are not made up later)."""
     while True:
         first = await receive.receive()
         await trio.sleep(max(0.0, first[4] + SETTLE_S - time.monotonic()))
@@ -199,6 +201,8 @@ async def _log_changes(kernel: "Kernel", receive) -> None:
                 break
         try:
             _log_batch(kernel, items)
+        except Fs9Error:  # the log takes no writes (a full disk): the watcher stops
+            raise  # (Kernel._service says so in the root err; the mount goes on)
         except Exception:
             kernel.log.bug("vaultwatch")
 

@@ -1,0 +1,140 @@
+"""NATS JetStream, the federation's engine: the one module that imports nats-py.
+
+nats-py is asyncio and fs9 is trio, so the client lives on an asyncio loop in a thread
+of its own, and trio awaits each call's result (`call`): the coroutine runs on that
+loop, and its completion wakes the trio task through the trio token, so no thread
+blocks per call. Two streams carry the federation (subjects are `.`-separated, so an OS
+name is one token: letters, digits, _ and -):
+  FS9FED    fs9.fed.TO.FROM  one cross-OS message; Nats-Msg-Id dedupes a resend
+  FS9CARDS  fs9.card.OS      each member's card, the latest one kept
+Each member reads its mail through a durable pull consumer of its own (fs9-OS), acking
+a message only once its own log holds it (federation.py).
+"""
+import asyncio
+import threading
+
+import nats
+import nats.errors
+import nats.js.errors
+import trio
+
+MAIL_STREAM, CARD_STREAM = "FS9FED", "FS9CARDS"
+ACK_WAIT_S = 10  # an unacked message is redelivered after this long (a member killed)
+
+
+class EngineError(Exception):
+    """NATS said no or did not answer (the text says which): retried by the caller."""
+
+
+class Engine:
+    def __init__(self, url: str, me: str) -> None:
+        self.url, self.me = url, me
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                        name=f"nats {url}")
+        self._thread.start()
+        self.nc = self.js = self.inbox = None
+        self.error = ""  # the client's latest connection error (it retries by itself)
+
+    async def call(self, coro):
+        """Run coro on the engine's loop; its result here, or EngineError."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def wake(_):
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass  # trio has ended: nobody waits
+        future.add_done_callback(wake)
+        try:
+            await done.wait()
+        except BaseException:
+            future.cancel()
+            raise
+        try:
+            return future.result()
+        except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
+            raise EngineError(f"{type(e).__name__}: {e}".rstrip(": ")) from None
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def connect(self) -> None:
+        await self.call(self._connect())
+
+    async def _connect(self) -> None:
+        nc = await nats.connect(self.url, connect_timeout=2, reconnect_time_wait=0.5,
+                                max_reconnect_attempts=-1, allow_reconnect=True,
+                                error_cb=self._error, disconnected_cb=_nothing)
+        js = nc.jetstream(timeout=5)
+        await _ensure_stream(js, name=MAIL_STREAM, subjects=["fs9.fed.>"],
+                             duplicate_window=120)
+        await _ensure_stream(js, name=CARD_STREAM, subjects=["fs9.card.*"],
+                             max_msgs_per_subject=1)
+        self.inbox = await js.pull_subscribe(
+            f"fs9.fed.{self.me}.*", durable=f"fs9-{self.me}", stream=MAIL_STREAM,
+            config=nats.js.api.ConsumerConfig(ack_wait=ACK_WAIT_S, max_deliver=-1))
+        self.nc, self.js = nc, js
+
+    async def _error(self, e) -> None:
+        """nats-py reports here each failed attempt to reach the server (it goes on)."""
+        self.error = f"{type(e).__name__}: {e}".rstrip(": ")
+
+    async def publish(self, to: str, data: bytes, msg_id: str) -> None:
+        """One message to OS `to`; returns once JetStream stored it (its ack)."""
+        await self.call(self.js.publish(f"fs9.fed.{to}.{self.me}", data, timeout=5,
+                                        headers={"Nats-Msg-Id": msg_id}))
+
+    async def fetch(self, batch: int = 64, timeout: float = 2.0) -> list:
+        """Up to batch waiting messages as (origin OS, data, ack): [] after timeout."""
+        try:
+            msgs = await self.call(self.inbox.fetch(batch, timeout=timeout))
+        except EngineError as e:
+            if "Timeout" in str(e):
+                return []
+            raise
+        return [(m.subject.rsplit(".", 1)[-1], m.data, m) for m in msgs]
+
+    async def ack(self, handle) -> None:
+        await self.call(handle.ack())
+
+    async def put_card(self, data: bytes) -> None:
+        await self.call(self.js.publish(f"fs9.card.{self.me}", data, timeout=5))
+
+    async def card(self, of: str) -> bytes | None:
+        try:
+            return (await self.call(self.js.get_last_msg(CARD_STREAM, f"fs9.card.{of}"))).data
+        except EngineError as e:
+            if "NotFound" in str(e) or "no message" in str(e).lower():
+                return None
+            raise
+
+    def close(self) -> None:
+        """Drop the connection and end the loop's thread (not awaited: at unmount)."""
+        async def _close():
+            if self.nc is not None:
+                try:
+                    await self.nc.close()
+                except Exception:
+                    pass
+        try:
+            asyncio.run_coroutine_threadsafe(_close(), self.loop).result(timeout=3)
+        except Exception:
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+async def _ensure_stream(js, **config) -> None:
+    """The stream as configured: created, or updated to this configuration."""
+    cfg = nats.js.api.StreamConfig(storage=nats.js.api.StorageType.FILE, **config)
+    try:
+        await js.add_stream(cfg)
+    except nats.js.errors.BadRequestError:
+        await js.update_stream(cfg)
+
+
+async def _nothing() -> None:
+    pass

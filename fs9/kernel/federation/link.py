@@ -1,0 +1,149 @@
+"""The federation's tasks while joined: reach NATS (retrying with backoff), then send
+the outbox, receive into the log, and publish our card and read the peers'. A member
+that cannot reach NATS keeps working locally: its outbox waits, `federation/status`
+says `connection=connecting` and the last error, and it catches up once NATS answers."""
+import trio
+
+from ...errors import Fs9Error
+from .engine import Engine, EngineError
+from .federation import BACKOFF_S, Federation
+
+CARD_EVERY_S = 2  # how often our card is re-checked and the peers' fetched
+MAX_CARD = 64 << 10  # bytes of a peer's card shown; a larger one is not shown (last_error)
+
+
+async def serve(fed: Federation) -> None:
+    """Until cancelled: the outbox's deadlines, and the link while joined."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_supervised, fed, lambda: fed.outbox.keep_deadlines())
+        nursery.start_soon(_supervised, fed, lambda: _link(fed))
+
+
+async def _supervised(fed: Federation, run) -> None:
+    """A defect of ours costs the federation's task a restart, never the mount."""
+    while True:
+        try:
+            await run()
+        except Exception:
+            fed.kernel.log.bug("federation")
+            fed.last_error = "internal error (see the bug event); restarted"
+            await trio.sleep(BACKOFF_S[-1])
+
+
+async def _link(fed: Federation) -> None:
+    """Joined, run the link to the URL joined; left, wait for a join."""
+    while True:
+        version = fed.changes.version
+        if not fed.url:
+            await fed.changes.wait_past(version)
+            continue
+        url = fed.url
+        engine = fed.engine = Engine(url, fed.me)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_until_left, fed, url, nursery.cancel_scope)
+                await _connect(fed, engine)
+                nursery.start_soon(_send, fed, engine)
+                nursery.start_soon(_receive, fed, engine)
+                nursery.start_soon(_cards, fed, engine)
+        finally:
+            fed.engine = None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(engine.close)
+
+
+async def _until_left(fed: Federation, url: str, scope: trio.CancelScope) -> None:
+    while fed.url == url:
+        await fed.changes.wait_past(fed.changes.version)
+    scope.cancel()
+
+
+def _failed(fed: Federation, what: str, e: Exception) -> None:
+    fed.last_error = f"{what}: {e}"[:500]
+
+
+async def _connect(fed: Federation, engine: Engine) -> None:
+    """nats-py retries an unreachable server by itself (engine.error says why, in
+    federation/status); what else fails (a stream JetStream refused) is retried here."""
+    attempt = 0
+    while True:
+        try:
+            await engine.connect()
+            fed.last_error = ""
+            return
+        except EngineError as e:
+            _failed(fed, f"joining at {engine.url}", e)
+        await trio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+        attempt += 1
+
+
+async def _send(fed: Federation, engine: Engine) -> None:
+    """Publish what is queued, oldest first; each one acked by JetStream is `fed_sent`."""
+    attempt = 0
+    while True:
+        version = fed.changes.version
+        outbox = fed.outbox
+        due = [(mid, q.os, q.data) for mid, q in list(outbox.pending.items())
+               if q.os in fed.peers and not fed.peers[q.os].paused]
+        if not due:
+            await fed.changes.wait_past(version)
+            continue
+        for mid, to, data in due:
+            if mid not in outbox.pending or outbox.expired(mid):
+                continue  # given up meanwhile, or about to be (outbox.keep_deadlines)
+            outbox.sending.add(mid)
+            try:
+                await engine.publish(to, data, f"{fed.me}/{mid}")
+            except EngineError as e:
+                _failed(fed, f"publish to {to}", e)
+                await trio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+                attempt += 1
+                break
+            finally:
+                outbox.sending.discard(mid)
+            attempt = 0
+            fed.kernel.record("fed_sent", id=mid, os=to)
+
+
+async def _receive(fed: Federation, engine: Engine) -> None:
+    """Each message is recorded in the log (delivered or rejected) before it is acked;
+    an ack lost is a redelivery, which the log's record turns into an ack alone."""
+    attempt = 0
+    while True:
+        try:
+            batch = await engine.fetch()
+        except EngineError as e:
+            _failed(fed, "fetch", e)
+            await trio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+            attempt += 1
+            continue
+        attempt = 0
+        for origin, data, handle in batch:
+            try:
+                fed.receive(origin, data)
+            except Fs9Error as e:  # the log refused it: not acked, tried again later
+                _failed(fed, f"receive from {origin}", e)
+                continue
+            try:
+                await engine.ack(handle)
+            except EngineError as e:
+                _failed(fed, "ack", e)
+
+
+async def _cards(fed: Federation, engine: Engine) -> None:
+    published = None
+    while True:
+        try:
+            card = fed.card_text().encode()
+            if card != published:
+                await engine.put_card(card)
+                published = card
+            for peer in list(fed.peers.values()):
+                card = await engine.card(peer.name)
+                if card is not None and len(card) > MAX_CARD:
+                    fed.last_error = f"{peer.name}'s card is over {MAX_CARD} bytes: not shown"
+                    card = None
+                peer.card = card
+        except EngineError as e:
+            _failed(fed, "cards", e)
+        await trio.sleep(CARD_EVERY_S)

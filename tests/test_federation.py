@@ -1,0 +1,354 @@
+"""Federation (issue 13, first slice): two fs9 mounts, each its own server process and
+log, joined through one real nats-server (tests/natsserver.py). Driven through
+federation/ with shell tools; what arrived is read on the other side (mailboxes, the
+log), never inferred from the sender."""
+import errno
+import json
+import os
+import sqlite3
+
+import pytest
+
+from conftest import Mount, errno_of, fuse_unavailable, wait_for
+from natsserver import NatsServer, binary
+
+LONG_S = 90  # catching up after a restart includes JetStream's redelivery wait
+
+
+def headers(text: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in text.split("\n\n", 1)[0].splitlines())
+
+
+def status(m: Mount, rel: str = "federation/status") -> dict[str, str]:
+    return dict(line.split("=", 1) for line in m.read(rel).splitlines())
+
+
+def mails(m: Mount, folder: str) -> list[str]:
+    """The messages pending in folder (a mail/ directory), their text, oldest first."""
+    names = [n for n in sorted((m.path / folder).iterdir()) if n.name[0].isdigit()]
+    return [n.read_text() for n in names]
+
+
+def log_rows(m: Mount, kind: str) -> list[dict]:
+    db = sqlite3.connect(f"file:{m.state / 'log.sqlite'}?mode=ro", uri=True)
+    try:
+        return [json.loads(r[0]) for r in
+                db.execute("SELECT data FROM events WHERE kind=? ORDER BY seq", (kind,))]
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def nats(tmp_path):
+    if binary() is None:
+        pytest.skip("no nats-server: `make deps` installs the pinned one "
+                    "(scripts/nats-server.sh)")
+    server = NatsServer(tmp_path / "nats")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def members(tmp_path):
+    """Two fs9 mounts, unjoined: alpha and beta."""
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(f"cannot mount FUSE here: {reason}")
+    made = []
+    try:
+        for name in ("alpha", "beta"):
+            (tmp_path / name).mkdir()
+            made.append(Mount(tmp_path / name).mount())
+        yield made
+    finally:
+        for m in made:
+            m.umount()
+    for m in made:
+        assert not m.bugs(), "a handler hit an unexpected exception:\n" + "\n".join(m.bugs())
+
+
+def join(m: Mount, url: str, me: str, peer: str, ceiling: str = "internal") -> None:
+    m.sh(f"echo 'join {url} AS {me}' > federation/ctl && "
+         f"echo 'peer {peer} ceiling={ceiling} auth=delegated' > federation/ctl", check=True)
+
+
+def connected(*ms: Mount) -> None:
+    wait_for(lambda: all(status(m)["connection"] == "connected" for m in ms),
+             what="members connected to NATS")
+
+
+def federated(nats, a: Mount, b: Mount) -> None:
+    """NATS up, `echo` on beta, alpha and beta joined as each other's peers."""
+    nats.start()
+    b.sh("echo 'spawn echo' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha")
+    connected(a, b)
+
+
+def test_join_cards_mail_and_reply(nats, members):
+    a, b = members
+    nats.start()
+    a.sh("echo 'spawn echo' > ctl", check=True)
+    b.sh("echo 'spawn upper' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha")
+    connected(a, b)
+    # each reads the other's card: A2A's field names, capabilities from `provides`
+    wait_for(lambda: a.read("federation/peers/beta/card").strip(), what="beta's card")
+    card = json.loads(a.read("federation/peers/beta/card"))
+    assert card["name"] == "beta" and card["version"] and "capabilities" in card
+    assert card["skills"] == [{"id": "upper-casing", "name": "upper-casing", "tags": ["upper"],
+                               "description": "upper-casing: provided by upper"}]
+    assert card["ceiling"] == {"alpha": "internal"} and card["auth"] == {"alpha": "delegated"}
+    assert status(a, "federation/peers/beta/status")["ceiling"] == "internal"
+    wait_for(lambda: json.loads(b.read("federation/peers/alpha/card") or "{}").get("name")
+             == "alpha", what="alpha's card")
+
+    # request/response: alpha's work_request to upper@beta is a task there, and its
+    # result comes back to alpha's operator on the same correlation id
+    a.sh("printf 'type: work_request\\nclassification: public\\ncorrelation-id: case-4521\\n\\n"
+         "fix the CSV export\\n' > federation/outbox/upper@beta", check=True)
+    wait_for(lambda: mails(a, "mail"), what="the result on alpha")
+    [result] = mails(a, "mail")
+    h = headers(result)
+    assert result.endswith("\n\nFIX THE CSV EXPORT\n"), result
+    assert h["from"] == "upper@beta" and h["type"] == "result" and h["x-status"] == "done"
+    assert h["correlation-id"] == "case-4521" and h["classification"] == "internal"
+    task = b.read(f"agents/upper/tasks/{h['x-task']}/status")
+    assert "reply_to=operator@alpha" in task.split() and "corr=case-4521" in task.split()
+    a.sh(f"rm mail/{h['id']}", check=True)
+    # mail: an event to upper@beta waits in its mailbox; beta's operator answers
+    a.sh("printf 'classification: public\\n\\nthe export is fixed?\\n'"
+         " > federation/outbox/upper@beta", check=True)
+    wait_for(lambda: mails(b, "agents/upper/mail"), what="the message on beta")
+    [got] = mails(b, "agents/upper/mail")
+    h = headers(got)
+    assert got.endswith("\n\nthe export is fixed?\n")
+    assert h["from"] == "operator@alpha" and h["to"] == "upper" and h["type"] == "event"
+    assert h["classification"] == "public"
+    b.sh(f"printf 'type: result\\nclassification: public\\ncorrelation-id: "
+         f"{h['correlation-id']}\\n\\nfixed\\n' > federation/outbox/operator@alpha", check=True)
+    wait_for(lambda: mails(a, "mail"), what="the reply on alpha")
+    [reply] = mails(a, "mail")
+    assert headers(reply)["from"] == "operator@beta" and reply.endswith("\n\nfixed\n")
+    assert headers(reply)["correlation-id"] == h["correlation-id"]
+    wait_for(lambda: status(a)["outbox"] == "0" and status(b)["outbox"] == "0",
+             what="both outboxes drained")
+    assert (status(a)["sent"], status(a)["received"]) == ("2", "2")
+    assert (status(b)["sent"], status(b)["received"]) == ("2", "2")
+    # an agent sends only with the federate pledge; one that has it, from its own process
+    assert errno_of(a.write, "agents/echo/outbox/upper@beta", "x\n") == errno.EACCES
+    a.define("relay", 'driver = "exec"\ncmd = ["sh", "-c", "cat > \\"$FS9_OUTBOX/upper@beta\\""]\n'
+             'pledge = ["send", "federate"]\nclearance = "public"\n')
+    a.sh("echo 'spawn relay' > ctl && echo 'run from an agent' > agents/relay/ctl", check=True)
+    wait_for(lambda: len(mails(b, "agents/upper/mail")) == 2, what="the agent's message")
+    assert headers(mails(b, "agents/upper/mail")[1])["from"] == "relay@alpha"
+
+
+def test_boundary_refusals(nats, members):
+    a, b = members
+    nats.start()
+    b.sh("echo 'spawn echo' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta", ceiling="internal")
+    join(b, nats.url, "beta", "gamma")  # beta has not declared alpha
+    connected(a, b)
+    # above the ceiling alpha declared for beta: refused at write(2), nothing queued
+    assert errno_of(a.write, "federation/outbox/echo@beta",
+                    "classification: confidential\n\nsecret\n") == errno.EACCES
+    assert status(a)["outbox"] == "0"
+    refused = [e for e in log_rows(a, "refused") if "accepts up to internal" in e["reason"]]
+    assert refused, "the refusal's reason is in alpha's log"
+    # to an OS that is not a peer, or a bad address: names nobody has, at open
+    for name in ("echo@delta", "bad name@beta", "echo", "echo@"):
+        assert errno_of(a.write, f"federation/outbox/{name}", "x\n") == errno.ENOENT, name
+    # within alpha's terms, but beta never declared alpha: rejected there, logged
+    a.sh("printf 'classification: public\\n\\nhello\\n' > federation/outbox/echo@beta",
+         check=True)
+    wait_for(lambda: log_rows(b, "fed_rejected"), what="beta's rejection")
+    [rej] = log_rows(b, "fed_rejected")
+    assert rej["origin"] == "alpha" and "not a declared peer" in rej["reason"]
+    assert mails(b, "agents/echo/mail") == []
+    # declared now, with a ceiling of public: an internal message is rejected, and the
+    # sender's operator gets a `rejected` result
+    b.sh("echo 'peer alpha ceiling=public auth=delegated' > federation/ctl", check=True)
+    a.sh("printf 'classification: internal\\n\\nhello\\n' > federation/outbox/echo@beta",
+         check=True)
+    wait_for(lambda: len(log_rows(b, "fed_rejected")) == 2, what="the second rejection")
+    assert "accepts up to public" in log_rows(b, "fed_rejected")[1]["reason"]
+    wait_for(lambda: mails(a, "mail"), what="the rejected result on alpha")
+    note = mails(a, "mail")[0]
+    assert headers(note)["from"] == "federation@beta" and "rejected" in note
+    assert mails(b, "agents/echo/mail") == []
+    # a task's result is labelled its agent's clearance (internal): above what beta may
+    # send alpha (public), it is withheld, said in beta's log, never sent lower
+    a.sh("printf 'type: work_request\\nclassification: public\\n\\nq\\n'"
+         " > federation/outbox/echo@beta", check=True)
+    wait_for(lambda: [e for e in log_rows(b, "delivery_refused") if e.get("type") == "result"],
+             what="the result withheld on beta")
+    [withheld] = [e for e in log_rows(b, "delivery_refused") if e.get("type") == "result"]
+    assert "alpha accepts up to public from us, the message is internal" == withheld["reason"]
+    assert len(log_rows(b, "fed_queued")) == 1  # beta queued only its one rejection note
+    # the ctl refuses what it cannot parse, with the reason
+    assert errno_of(a.write, "federation/ctl", "peer beta ceiling=secret\n") == errno.EINVAL
+    assert errno_of(a.write, "federation/ctl", "join nats://x AS alpha too\n") == errno.EINVAL
+
+
+def publish_raw(url: str, subject: str, data: bytes) -> None:
+    """What a hostile member could publish: straight to JetStream, past its fs9."""
+    import asyncio
+    import nats
+
+    async def go():
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().publish(subject, data, timeout=10)
+        finally:
+            await nc.close()
+    asyncio.run(go())
+
+
+def test_what_a_remote_wrote_is_not_trusted(nats, members):
+    a, b = members
+    nats.start()
+    b.sh("echo 'spawn echo' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha", ceiling="internal")
+    connected(a, b)
+    forged = [  # (id, from, extra headers): each as alpha's subject says it came
+        ("00000000000000a1", "echo@gamma", "classification: public\n"),  # another OS's agent
+        ("00000000000000a2", "operator", "classification: public\n"),  # no OS
+        ("00000000000000a3", "operator@alpha", ""),  # no label: confidential, over the ceiling
+        ("00000000000000a4", "operator@alpha", "classification: public\nx-status: done\n"),
+    ]
+    for mid, sender, extra in forged:
+        publish_raw(nats.url, "fs9.fed.beta.alpha",
+                    f"id: {mid}\nfrom: {sender}\nto: echo@beta\n{extra}\nbody\n".encode())
+    # kept: one with only a reply-to the remote may not route by (dropped), said twice
+    for _ in range(2):
+        publish_raw(nats.url, "fs9.fed.beta.alpha", b"id: 00000000000000a5\nfrom: operator@alpha"
+                    b"\nto: echo@beta\nclassification: public\nreply-to: echo\n\nok\n")
+    wait_for(lambda: len(log_rows(b, "fed_rejected")) == 4 and mails(b, "agents/echo/mail")
+             and status(b)["duplicates"] == "1", what="beta judging all six")
+    reasons = {r["id"]: r["reason"] for r in log_rows(b, "fed_rejected")}
+    assert "not an agent of alpha" in reasons["00000000000000a1"]
+    assert "not an agent of alpha" in reasons["00000000000000a2"]
+    assert "the message is confidential" in reasons["00000000000000a3"]
+    assert "stamped by the kernel" in reasons["00000000000000a4"]
+    [kept] = mails(b, "agents/echo/mail")
+    assert "reply-to" not in headers(kept) and headers(kept)["from"] == "operator@alpha"
+    # a rejection of alpha's own rejection note is not answered again (no ping-pong)
+    publish_raw(nats.url, "fs9.fed.beta.alpha", b"id: 00000000000000a6\nfrom: federation@alpha"
+                b"\nto: nobody@beta\ntype: result\nclassification: public\n\nrejected\n")
+    wait_for(lambda: len(log_rows(b, "fed_rejected")) == 5, what="the note rejected")
+    assert "no such agent: nobody@beta" in log_rows(b, "fed_rejected")[4]["reason"]
+    assert [q for q in log_rows(b, "fed_queued") if q["to"].startswith("federation@")] == []
+    # a card past 64 KiB (as a hostile peer may publish one) is not shown
+    wait_for(lambda: a.read("federation/peers/beta/card"), what="beta's card on alpha")
+    publish_raw(nats.url, "fs9.card.beta", b"{" + b" " * (100 << 10) + b"}")
+    wait_for(lambda: "card is over" in status(a)["last_error"], what="the big card refused")
+    assert a.read("federation/peers/beta/card") == ""
+
+
+def test_queued_before_nats_then_caught_up(nats, members):
+    a, b = members
+    join(a, nats.url, "alpha", "beta")  # NATS is not running yet
+    join(b, nats.url, "beta", "alpha")
+    b.sh("echo 'spawn echo' > ctl", check=True)
+    for i in range(5):
+        a.write("federation/outbox/echo@beta", f"classification: public\n\nmessage {i}\n")
+    s = status(a)
+    assert s["connection"] == "connecting" and s["outbox"] == "5"
+    wait_for(lambda: status(a)["last_error"] != "-", what="the error said")
+    a.kill9()  # the outbox is the log's: a sender killed keeps what it queued
+    a.mount()
+    assert status(a)["outbox"] == "5" and status(a, "federation/peers/beta/status")["queued"] == "5"
+    # one whose deadline passes while it waits is given up: a dead letter, said in the log
+    a.write("federation/outbox/echo@beta", "classification: public\ndeadline: +1\n\nlate\n")
+    wait_for(lambda: status(a)["dead"] == "1", what="the dead letter")
+    [dead] = os.listdir(a.path / "federation/dead")
+    assert a.read(f"federation/dead/{dead}").endswith("\n\nlate\n")
+    assert "deadline passed" in log_rows(a, "fed_dead")[0]["reason"]
+    assert status(a)["outbox"] == "5"
+    nats.start()
+    wait_for(lambda: len(mails(b, "agents/echo/mail")) == 5, timeout=LONG_S,
+             what="the queued messages delivered")
+    bodies = [m.split("\n\n", 1)[1] for m in mails(b, "agents/echo/mail")]
+    assert bodies == [f"message {i}\n" for i in range(5)]
+    wait_for(lambda: status(a)["outbox"] == "0", what="alpha's outbox drained")
+
+
+def test_receiver_killed_mid_stream_loses_nothing_and_repeats_nothing(nats, members):
+    """Jepsen's four counts over N messages, with beta killed -9 while they arrive:
+    lost (acked by JetStream to alpha, never recorded by beta), duplicated (recorded
+    twice), unexpected (recorded, never sent), recovered (arrived after the remount)."""
+    a, b = members
+    n = 60
+    federated(nats, a, b)
+
+    def send(numbers):
+        for i in numbers:
+            a.write("federation/outbox/echo@beta", f"classification: public\n\nm{i}\n")
+    send(range(n // 2))
+    wait_for(lambda: int(status(b)["received"]) >= 5, what="beta receiving")
+    b.kill9()
+    before = {e["fed"] for e in log_rows(b, "mail_sent") if "fed" in e}
+    send(range(n // 2, n))  # while beta is down
+    b.mount()
+    wait_for(lambda: status(a)["outbox"] == "0", timeout=LONG_S, what="alpha's outbox drained")
+    sent = {e["id"] for e in log_rows(a, "fed_queued")}
+    acked = {e["id"] for e in log_rows(a, "fed_sent")}
+    wait_for(lambda: {e["fed"].split("/")[1] for e in log_rows(b, "mail_sent")
+                      if "fed" in e} >= acked, timeout=LONG_S, what="beta caught up")
+    recorded = [e["fed"].split("/")[1] for e in log_rows(b, "mail_sent") if "fed" in e]
+    lost = acked - set(recorded)
+    duplicated = len(recorded) - len(set(recorded))
+    unexpected = set(recorded) - sent
+    recovered = set(recorded) - {f.split("/")[1] for f in before}
+    print(f"jepsen: lost={len(lost)} duplicated={duplicated} unexpected={len(unexpected)} "
+          f"recovered={len(recovered)} of {n}")
+    assert acked == sent and len(sent) == n
+    assert (len(lost), duplicated, len(unexpected)) == (0, 0, 0)
+    assert len(recovered) >= n // 2
+    assert len(mails(b, "agents/echo/mail")) == n
+
+
+def test_pause_resume_and_leave(nats, members):
+    a, b = members
+    federated(nats, a, b)
+    a.sh("echo 'pause beta' > federation/ctl", check=True)
+    a.write("federation/outbox/echo@beta", "classification: public\n\nheld\n")
+    peer = status(a, "federation/peers/beta/status")
+    assert peer["paused"] == "yes" and peer["queued"] == "1"
+    a.sh("echo 'resume beta' > federation/ctl", check=True)
+    wait_for(lambda: mails(b, "agents/echo/mail"), what="the held message delivered")
+    assert status(a, "federation/peers/beta/status")["paused"] == "no"
+    assert errno_of(a.write, "federation/ctl", "pause gamma\n") == errno.ENOENT
+    a.sh("echo leave > federation/ctl", check=True)
+    wait_for(lambda: status(a)["connection"] == "off", what="alpha off the federation")
+    assert errno_of(a.write, "federation/outbox/echo@beta", "x\n") == errno.ENOTCONN
+    assert errno_of(a.write, "ctl", "spawn federation def=echo\n") == errno.EINVAL
+    # an agent's view does not show federation/ unless unveiled
+    assert errno_of(a.read, "agents/echo/view/federation/status") == errno.ENOENT
+
+
+def test_nats_killed_and_restarted_loses_nothing(nats, members):
+    """kill -9 of the NATS server (its store fsynced at each write): the members queue
+    meanwhile and catch up once it is back; every message arrives once."""
+    a, b = members
+    federated(nats, a, b)
+    for i in range(10):
+        a.write("federation/outbox/echo@beta", f"classification: public\n\nbefore {i}\n")
+    nats.kill9()
+    for i in range(10):
+        a.write("federation/outbox/echo@beta", f"classification: public\n\nduring {i}\n")
+    wait_for(lambda: status(a)["connection"] == "connecting", what="alpha sees NATS gone")
+    nats.start()
+    wait_for(lambda: len(mails(b, "agents/echo/mail")) == 20, timeout=LONG_S,
+             what="all twenty on beta")
+    bodies = sorted(m.split("\n\n", 1)[1] for m in mails(b, "agents/echo/mail"))
+    assert bodies == sorted([f"before {i}\n" for i in range(10)]
+                            + [f"during {i}\n" for i in range(10)])
+    wait_for(lambda: status(a)["outbox"] == "0", what="alpha's outbox drained")
