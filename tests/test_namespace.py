@@ -5,7 +5,7 @@ import subprocess
 
 
 def test_root_and_agent_layout(mount):
-    assert sorted(os.listdir(mount.path)) == ["agents", "ctl", "err", "events", "federation", "log", "mail", "metrics", "models", "registry", "search", "status", "topics", "tree", "vault"]
+    assert sorted(os.listdir(mount.path)) == ["agents", "approvals", "ctl", "err", "events", "federation", "log", "mail", "metrics", "models", "registry", "search", "status", "topics", "tree", "vault"]
     assert os.listdir(mount.path / "agents") == []
     mount.sh("echo 'spawn echo' > ctl", check=True)
     assert os.listdir(mount.path / "agents") == ["echo"]

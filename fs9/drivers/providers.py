@@ -4,7 +4,8 @@ Every provider answers `chat(messages, tools, max_tokens, temperature, emit)`:
 messages and tools in OpenAI's shapes, `emit(text)` called with each piece of the
 reply as it streams; it returns {content, tool_calls: [{id, name, arguments}],
 finish_reason, tokens_in, tokens_out}. Failures are Fs9Error with an errno that
-says what kind (ECONNREFUSED: unreachable, ETIMEDOUT, EIO: the server said no).
+says what kind (ECONNREFUSED: unreachable, ETIMEDOUT, EIO: the server said no); a
+ProviderFailure also says whether it is the provider's fault and worth a retry.
 `probe()` says whether the model can be reached (None) or why not.
 
 llama-index's clients are imported on a real model's first call, in a worker
@@ -34,7 +35,7 @@ def make(name: str, conf: dict, origin: str):
                                  f"(known: {', '.join(PROVIDERS)})")
 
 
-def _number(conf: dict, key: str, default, origin: str):
+def number(conf: dict, key: str, default, origin: str):
     value = conf.get(key, default)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
         raise Fs9Error(errno.EINVAL, f"{origin}: {key} must be a number >= 0")
@@ -47,7 +48,7 @@ class Scripted:
     def __init__(self, name: str, conf: dict, origin: str) -> None:
         self.model = conf.get("model", name)
         self.label = conf.get("label", scripted.LABEL)
-        self.delay = _number(conf, "token_delay_s", 0, origin)
+        self.delay = number(conf, "token_delay_s", 0, origin)
         self.rules = scripted.load_script(conf["script"]) if conf.get("script") else []
 
     async def probe(self) -> str | None:
@@ -82,8 +83,8 @@ class LlamaIndex:
             raise Fs9Error(errno.EINVAL, f"{origin}: api_base is required (the server's URL, "
                                          "for example http://127.0.0.1:8000/v1)")
         key = conf.get("api_key") or os.environ.get(conf.get("api_key_env", ""), "")
-        self.timeout = _number(conf, "timeout_s", 60, origin)
-        self.context_window = int(_number(conf, "context_window", 8192, origin))
+        self.timeout = number(conf, "timeout_s", 60, origin)
+        self.context_window = int(number(conf, "context_window", 8192, origin))
         self._key = key or "none"  # OpenAI's client insists on one
         self._llm = None
 
@@ -141,12 +142,12 @@ class LlamaIndex:
                     if last.delta:
                         emit(last.delta)
         except trio.TooSlowError:
-            raise Fs9Error(errno.ETIMEDOUT, f"model {self.model} at {self.base}: no reply "
+            raise ProviderFailure(errno.ETIMEDOUT, f"model {self.model} at {self.base}: no reply "
                                             f"within timeout_s = {self.timeout}")
         except Exception as e:
             raise _failure(e, self) from e
         if last is None:
-            raise Fs9Error(errno.EIO, f"model {self.model} at {self.base}: an empty reply")
+            raise ProviderFailure(errno.EIO, f"model {self.model} at {self.base}: an empty reply")
         calls = [{"id": c.tool_id if self.kind != "ollama" else f"call_{i + 1}",
                   "name": c.tool_name, "arguments": c.tool_kwargs if isinstance(c.tool_kwargs, dict) else {}}
                  for i, c in enumerate(llm.get_tool_calls_from_response(
@@ -176,6 +177,20 @@ class LlamaIndex:
         return ChatMessage(role=m["role"], content=m.get("content") or "", additional_kwargs=extra)
 
 
+class ProviderFailure(Fs9Error):
+    """A failed call, with what the caller needs to decide what next: `fault` (the
+    provider's, not the request's: it counts toward the model's circuit breaker) and
+    `transient` (429, 502-504, a broken connection: worth retrying after a pause)."""
+
+    def __init__(self, errno: int, text: str, *, fault: bool = True,
+                 transient: bool = False) -> None:
+        super().__init__(errno, text)
+        self.fault, self.transient = fault, transient
+
+
+TRANSIENT_STATUS = frozenset({408, 429, 502, 503, 504})
+
+
 def _failure(e: Exception, provider: LlamaIndex) -> Fs9Error:
     """What a client's exception means, as an errno and a sentence."""
     where = f"model {provider.model} at {provider.base}"
@@ -185,11 +200,14 @@ def _failure(e: Exception, provider: LlamaIndex) -> Fs9Error:
         body = getattr(e, "body", None)
         text = getattr(e, "error", None) or \
             (body.get("message") if isinstance(body, dict) else None) or str(e)
-        return Fs9Error(errno.EIO, f"{where} answered {status}: {text}")
+        return ProviderFailure(errno.EIO, f"{where} answered {status}: {text}",
+                               fault=status >= 500 or status in TRANSIENT_STATUS,
+                               transient=status in TRANSIENT_STATUS)
     if names & {"APITimeoutError", "TimeoutException", "ReadTimeout"}:
-        return Fs9Error(errno.ETIMEDOUT, f"{where}: timed out")
+        return ProviderFailure(errno.ETIMEDOUT, f"{where}: timed out")
     if names & {"APIConnectionError", "ConnectError", "ConnectionError"}:
-        return Fs9Error(errno.ECONNREFUSED, f"{where} is unreachable: {e}")
+        return ProviderFailure(errno.ECONNREFUSED, f"{where} is unreachable: {e}")
     if names & {"HTTPError", "RemoteProtocolError"}:
-        return Fs9Error(errno.EIO, f"{where}: the connection broke: {e}")
-    return Fs9Error(errno.EIO, f"{where}: {e.__class__.__name__}: {e}")
+        return ProviderFailure(errno.EIO, f"{where}: the connection broke: {e}",
+                               transient=True)
+    return ProviderFailure(errno.EIO, f"{where}: {e.__class__.__name__}: {e}")

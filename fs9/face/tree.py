@@ -2,7 +2,7 @@
 
 To find where any path is served, find its row here. `{agent}`, `{task}`,
 `{msg}`, `{dead}`, `{omsg}`, `{odead}`, `{topic}`, `{corr}`, `{provider}`, `{cap}`,
-`{query}`, `{note}`, `{peer}`, `{fdead}`, `{model}` and `{conv}` are bound to kernel objects while walking (VARS below); a name that
+`{query}`, `{note}`, `{peer}`, `{fdead}`, `{model}`, `{conv}` and `{approval}` are bound to kernel objects while walking (VARS below); a name that
 binds to nothing is ENOENT, and so is any name that is not UTF-8 but a query (kernel
 objects have text names). Directories list the rows one level below them; a Dir with
 `create` takes new names (mail/, outbox/, topics/). A row ending in `/...` serves a
@@ -244,6 +244,11 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "search": None,  # ranked vault search; `ls` shows only status (queries are private)
     "search/status": lambda k, me=None: _search(k, None, me),
     "search/{query}": _search,
+    "approvals": None,  # actions waiting for the operator's yes (kernel/approvals.py)
+    "approvals/{approval}": None,
+    "approvals/{approval}/status": lambda k, approval: Status(approval.status),
+    "approvals/{approval}/ctl": lambda k, approval: Ctl(
+        lambda d: k.guarded(k.approvals.ctl, approval, d, file="approvals"), approval.status),
     "models": None,  # the configured models (kernel/models/models.py)
     "models/usage": lambda k: Status(k.models.usage_text),
     "models/{model}": None,
@@ -290,6 +295,9 @@ VARS = {
     "fdead": (lambda k: sorted(k.federation.outbox.dead),
               lambda k, name: k.federation.outbox.dead.get(name)),
     "model": (lambda k: sorted(k.models.models), lambda k, name: k.models.model(name)),
+    # the operator's alone: an agent never sees an approval, even its own, whatever it unveils
+    "approval": (lambda k, me=None: list(k.approvals.items) if me is None else [],
+                 lambda k, name, me=None: k.approvals.items.get(name) if me is None else None),
     # a conversation is its opener's: others (but the operator) do not see it
     "conv": (lambda k, model, me=None: k.models.visible(model, me),
              lambda k, name, model, me=None: k.models.conversation(model, name, me)),

@@ -23,6 +23,7 @@ import trio
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd, supervision
+from .approvals import Approvals
 from .agents import escapes, sandbox as sandboxes, spawn
 from .agents.agent import Agent
 from .agents.memory import Memory
@@ -57,7 +58,7 @@ AUDIT_ONLY = frozenset({
     "delivery_refused", "escalated",
     "escape_attempt", "escape_denied", "injection_suspected", "log_fault", "log_recovered",
     "mail_delivered", "mount",
-    "mail_duplicate", "model_config_error", "model_error", "model_throttled",
+    "mail_duplicate", "model_config_error", "model_retry", "model_throttled",
     "model_unreachable", "refused", "replay_set_aside", "search_fallback",
     "search_index_damaged", "search_semantic", "set_aside_dismissed", "supervisor_restart",
     "task_progress", "topics_config_error", "limit_exceeded", "limits_unavailable",
@@ -128,9 +129,11 @@ class Kernel(Lifecycles):
         self.vault_changes = watch.OwnChanges(self.log, self.search)
         self.models = Models(self)
         self.memory = Memory(self)
+        self.approvals = Approvals(self)  # approvals/ (approvals.py)
         self.metrics = Metrics(self)  # the root `metrics` (metrics.py)
         self.federation = Federation(self)  # off until joined (federation/ctl)
-        self.handlers = event_table(self, self.bus, self.models, self.memory, self.federation)
+        self.handlers = event_table(self, self.bus, self.models, self.memory, self.federation,
+                                    self.approvals)
 
     # --- lifetime --------------------------------------------------------------
 
@@ -161,6 +164,7 @@ class Kernel(Lifecycles):
             nursery.start_soon(self.log.keep_checkpointed)
             nursery.start_soon(self.log.sync.keep_synced, self.log)
             nursery.start_soon(self._service, self.bus.keep_deadlines)
+            nursery.start_soon(self._service, self.approvals.serve)
             nursery.start_soon(self._service, link.serve, self.federation)
             await nursery.start(self._service, self.models.serve)
             nursery.start_soon(self._service, self._prune_memory)
@@ -268,6 +272,11 @@ class Kernel(Lifecycles):
                     if name in names:
                         raise Fs9Error(errno.EEXIST, f"{AGENT_EXISTS}: {name}")
                     names.add(name)
+                asker = self.agents.get(by) if by is not None else None
+                if asker is not None and asker.manifest.get("approval", {}).get("spawn"):
+                    line = one_line(" ".join(p.args))  # the operator's yes (approvals.py)
+                    self.approvals.gate(asker, "spawn", line, f"spawn {line}",
+                                        asker.current.corr if asker.current else None, True)
             elif p.cmd.verb == "kill":
                 if p.args[0] not in names or (by is not None and not self._reaches(by, p.args[0])):
                     raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {p.args[0]}")

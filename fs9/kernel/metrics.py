@@ -165,6 +165,12 @@ class _Collector:
                                   "that ended (done, failed, cancelled).")
         h.add_metric([], m.durations.cumulative(), m.durations.sum)
         yield h
+        waiting = GaugeMetricFamily("fs9_approvals_pending", "Actions waiting for the "
+                                    "operator's yes in approvals/ (approvals.py).",
+                                    labels=["agent"])
+        for agent, ids in sorted(self._pending().items()):
+            waiting.add_metric([agent], len(ids))
+        yield waiting
         events = CounterMetricFamily("fs9_state_events", "State events applied, by kind "
                                      "(mail_sent, mail_acked, mail_expired, published...).",
                                      labels=["kind"])
@@ -180,6 +186,13 @@ class _Collector:
             latency.add_metric([op], m.served[op].cumulative(), m.served[op].sum)
             errors.add_metric([op], m.failed[op])
         yield from (latency, errors)
+
+    def _pending(self) -> dict[str, list[str]]:
+        pending: dict[str, list[str]] = {}
+        for a in self.metrics.kernel.approvals.items.values():
+            if a.state == "pending":
+                pending.setdefault(a.agent, []).append(a.id)
+        return pending
 
     def _mail(self, k, agents):
         owners = agents + ([k.bus.operator] if self.me is None else [])
@@ -212,3 +225,10 @@ class _Collector:
         for name, model in sorted(k.models.models.items()):
             up.add_metric([name], 1 if model.state == "reachable" else 0)
         yield up
+        breaker = GaugeMetricFamily("fs9_model_breaker", "1 for the state the model's "
+                                    "circuit breaker is in (breaker.py).",
+                                    labels=["model", "state"])
+        for name, model in sorted(k.models.models.items()):
+            for state in ("closed", "open", "half_open"):
+                breaker.add_metric([name, state], 1 if model.breaker.state == state else 0)
+        yield breaker

@@ -143,6 +143,7 @@ class Agent:
             "latest_exit": "" if not latest or latest.exit is None else latest.exit,
             "latest_reason": latest.reason if latest else "",
             **self.kernel.models.agent_usage(self.name),
+            "approvals_pending": self.kernel.approvals.pending_of(self.name),
             **{f"budget_{k}": v for k, v in vars(self.budget).items() if v},
             "reason": self.failed,  # last: it is free text
         }

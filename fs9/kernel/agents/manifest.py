@@ -21,7 +21,7 @@ from ..models.budget import Limits
 from . import limits
 from .memory import policy as memory_policy
 from ..names import NAME_RE
-from .. import supervisor
+from .. import approvals, supervisor
 
 MODES = ("task", "daemon", "supervisor")
 RESTARTS = ("permanent", "transient", "temporary")
@@ -56,7 +56,7 @@ SPAWN_KEYS = ("spawns",)
 SUPERVISOR_KEYS = ("strategy", "children")  # mode = "supervisor" (kernel/supervisor.py)
 # each driver's own keys (the exec driver's cmd, the llm driver's model...) come last
 KNOWN_KEYS = tuple(DEFAULTS) + ("pledge", "unveil", "owns", "budget", "memory", "net",
-                                 "limits") \
+                                 "limits", "approval") \
     + FUTURE_KEYS + SPAWN_KEYS + SUPERVISOR_KEYS + tuple(k for d in drivers.DRIVERS.values() for k in d.keys)
 
 
@@ -152,6 +152,7 @@ def check(raw: dict, origin: str) -> dict:
         if not isinstance(m.get("budget", {}), dict):
             raise Fs9Error(errno.EINVAL, "budget must be a table")
         Limits.of(m.get("budget", {}), "budget")
+        approvals.policy(m)
         memory_policy(m)
         limits.of(m)
     except Fs9Error as e:

@@ -21,6 +21,12 @@ Configuration: STATE/models.toml, or the file named by $FS9_MODELS:
     max_concurrent = 2            # calls in flight at once; more wait in the scheduler
     requests_per_minute = 60
     timeout_s = 60
+    retries = 2                   # of a transient failure (429, 502-504, a broken
+    retry_wait_s = 0.5            # connection) before the first token: exponential
+                                  # backoff with jitter from retry_wait_s (tenacity)
+    breaker_failures = 5          # the circuit breaker (kernel/models/breaker.py)
+    breaker_window_s = 60
+    breaker_cooldown_s = 30
 
 A model `scripted` (drivers/scripted.py: deterministic, not a language model) is
 always there unless the file defines that name.
@@ -40,9 +46,11 @@ import trio
 from ...drivers import providers
 from ...errors import Fs9Error
 from .. import cmd
-from . import budget, tokens
+from . import budget, retry, tokens
+from .breaker import Breaker
+from . import breaker as breakers
 from .budget import Limits, Scope, Usage
-from ..names import NAME_RE, OPERATOR
+from ..names import NAME_RE, OPERATOR, one_line
 from . import request as requests
 from .conversation import Conversation, Turn, assistant_message, compact, tokens_of
 from .scheduler import Scheduler
@@ -55,7 +63,7 @@ IDLE_S = 3600.0
 MAX_REQUEST = 4 << 20
 MODEL_KEYS = {"provider", "model", "api_base", "api_key", "api_key_env", "context_window",
               "max_tokens", "max_concurrent", "requests_per_minute", "timeout_s", "script",
-              "token_delay_s", "label"}
+              "token_delay_s", "label", "retries", "retry_wait_s"} | breakers.KEYS
 CONV_CMDS = (cmd.Cmd("close", "close", usage="close"), cmd.Cmd("reset", "reset", usage="reset"))
 
 
@@ -66,6 +74,11 @@ class Model:
         self.name = name
         self.conf = conf
         self.provider = providers.make(name, conf, origin)
+        b = breakers.settings(conf, origin)
+        self.breaker = Breaker(name, b["breaker_failures"], b["breaker_window_s"],
+                               b["breaker_cooldown_s"])
+        self.retries = int(providers.number(conf, "retries", 2, origin))
+        self.retry_wait_s = providers.number(conf, "retry_wait_s", 0.5, origin)
         self.context_window = int(conf.get("context_window", 8192))
         self.max_tokens = int(conf.get("max_tokens", 1024))
         self.limits = Limits(requests_per_minute=int(conf.get("requests_per_minute", 0)))
@@ -85,7 +98,8 @@ class Model:
                  f"waiting={s['waiting']}",
                  f"requests_per_minute={self.limits.requests_per_minute}",
                  f"calls={self.usage.calls}", f"tokens_in={self.usage.tokens_in}",
-                 f"tokens_out={self.usage.tokens_out}", f"conversations={len(self.conversations)}"]
+                 f"tokens_out={self.usage.tokens_out}", f"conversations={len(self.conversations)}",
+                 f"retries={self.retries}"] + self.breaker.info(time.time())
         return "\n".join(lines) + "\n"
 
 
@@ -171,7 +185,9 @@ class Models:
 
     def appliers(self) -> dict:
         """The events model usage is rebuilt from (Kernel.apply)."""
-        return {"model_call": self.on_model_call, "model_refused": self.on_model_refused}
+        return {"model_call": self.on_model_call, "model_refused": self.on_model_refused,
+                "model_error": self.on_model_error, "breaker_opened": self.on_breaker,
+                "breaker_half_open": self.on_breaker, "breaker_closed": self.on_breaker}
 
     def on_model_call(self, e, agent, task) -> None:
         d = e.data
@@ -188,6 +204,22 @@ class Models:
     def on_model_refused(self, e, agent, task) -> None:
         self._usage("agent", e.agent or OPERATOR).refused += 1
         self.total.refused += 1
+
+    def on_model_error(self, e, agent, task) -> None:
+        model = self.models.get(e.data.get("model"))
+        if e.data.get("breaker") and model is not None:  # the provider's fault: it counts
+            model.breaker.failed(e.ts)
+
+    def on_breaker(self, e, agent, task) -> None:
+        model = self.models.get(e.data.get("model"))
+        if model is None:  # no longer configured
+            return
+        if e.kind == "breaker_opened":
+            model.breaker.open(e.ts, e.data.get("reason", ""))
+        elif e.kind == "breaker_half_open":
+            model.breaker.half_open()
+        else:
+            model.breaker.close()
 
     def scopes(self, who: str, task, model: Model) -> list[Scope]:
         """What a call by who (during task) counts against."""
@@ -213,8 +245,11 @@ class Models:
 
     def agent_usage(self, who: str) -> dict:
         u = self.usage.get(("agent", who)) or Usage()
+        cut_off = [m.name for m in self.models.values()  # of those it has used
+                   if m.breaker.state != "closed" and ("model", m.name, who) in self.usage]
         return {"model_calls": u.calls, "tokens_in": u.tokens_in, "tokens_out": u.tokens_out,
-                "tokens_today": u.tokens_today(time.time()), "model_refused": u.refused}
+                "tokens_today": u.tokens_today(time.time()), "model_refused": u.refused,
+                "breakers_open": ",".join(cut_off)}
 
     def usage_text(self) -> str:
         """models/usage: one line per (who, model), then the totals and limits."""
@@ -284,6 +319,14 @@ class Models:
         if conv.state in ("queued", "running"):
             raise Fs9Error(errno.EBUSY, "a call is in flight in this conversation: read its "
                                         "reply first")
+        try:
+            conv.model.breaker.admit(time.time())
+        except Fs9Error as e:  # cut off: refused before anything is sent or reserved
+            task = self._task_of(conv.owner)
+            self.kernel.record("model_refused", agent=conv.owner, model=conv.model.name,
+                               conv=conv.id, corr=task.corr if task else conv.corr,
+                               task=task.id if task else None, reason=e.text)
+            raise
 
     def precheck(self, conv: Conversation, data: bytes) -> None:
         """What can be refused while a request is still being written (data: its first
@@ -293,9 +336,10 @@ class Models:
         req = requests.complete(data)
         if req is not None:
             requests.check_turn(conv.messages, req["messages"])
-        self._admit(conv, self._task_of(conv.owner),
-                    tokens_of(conv.messages)
-                    + tokens.count(data.decode(errors="replace")), 1)
+        task = self._task_of(conv.owner)
+        prompt = tokens_of(conv.messages) + tokens.count(data.decode(errors="replace"))
+        self._admit(conv, task, prompt, 1)
+        self._approved(conv, task, prompt + conv.model.max_tokens, use=False)
 
     def _admit(self, conv: Conversation, task, prompt: int, want: int) -> tuple[list, int]:
         """budget.admit for a call of conv: (its scopes, its max_tokens); a refusal is a
@@ -308,6 +352,17 @@ class Models:
                                conv=conv.id, corr=task.corr if task else conv.corr,
                                task=task.id if task else None, reason=e.text)
             raise
+
+    def _approved(self, conv: Conversation, task, tokens: int, use: bool) -> None:
+        """A call over the owner's `approval.model_tokens` needs the operator's yes
+        (kernel/approvals.py): EAGAIN while it is asked for, EACCES once denied."""
+        agent = self.kernel.agents.get(conv.owner) if conv.owner else None
+        limit = agent.manifest.get("approval", {}).get("model_tokens") if agent else None
+        if limit and tokens > limit:
+            self.kernel.approvals.gate(
+                agent, "model_tokens", conv.model.name, f"a call of model {conv.model.name} "
+                f"for up to {tokens} tokens (over approval.model_tokens = {limit:g})",
+                task.corr if task else conv.corr, use)
 
     def request(self, conv: Conversation, data: bytes) -> None:
         """One turn: check it, admit it against the budgets, start the call. Returns
@@ -322,10 +377,17 @@ class Models:
         tools = req["tools"] if "tools" in req else conv.tools
         want = min(req.get("max_tokens") or conv.model.max_tokens, conv.model.max_tokens)
         scopes, max_tokens = self._admit(conv, task, tokens_of(messages), want)
+        self._approved(conv, task, tokens_of(messages) + max_tokens, use=True)
         held = tokens_of(messages) + max_tokens
         budget.reserve(scopes, held)  # released when the call ends, however it ends
         conv.messages, conv.tools = messages, tools
         conv.turn, conv.state, conv.used = Turn(), "queued", time.monotonic()
+        breaker = conv.model.breaker
+        if breaker.admit(time.time()) == "probe":  # this call tells whether the model is back
+            breaker.probing = conv.turn
+            if breaker.state != "half_open":
+                self.kernel.record("breaker_half_open", model=conv.model.name,
+                                   agent=conv.owner, conv=conv.id)
         conv.turns += 1
         self._nursery.start_soon(self._call, conv, conv.turn, task, scopes, max_tokens,
                                  req.get("temperature"), held)
@@ -361,9 +423,9 @@ class Models:
                     for s in scopes:
                         s.usage.started(time.time())
                     await compact(conv, ids, max_tokens, self.kernel)
-                    result = await model.provider.chat(
-                        conv.messages, conv.tools, max_tokens, temperature,
-                        lambda text: turn.text.append(text.encode()))
+                    result = await retry.chat(model, conv, turn, max_tokens, temperature,
+                                              lambda **f: self.kernel.log.append(
+                                                  "model_retry", **f, **ids))
                 conv.messages.append(assistant_message(result))
                 for call in result["tool_calls"]:
                     turn.text.append(f"\ntool_call {call['id']} {call['name']} "
@@ -376,6 +438,9 @@ class Models:
                                    tokens_out=result["tokens_out"],
                                    ms=round((time.monotonic() - t0) * 1000, 1),
                                    finish=result["finish_reason"], **ids)
+                if model.breaker.state != "closed":  # the probe succeeded
+                    self.kernel.record("breaker_closed", model=model.name, agent=conv.owner,
+                                       conv=conv.id)
             except Fs9Error as e:
                 self._failed(conv, turn, e, ids)
             except Exception as e:  # a provider's defect: this call fails, fs9 goes on
@@ -385,11 +450,19 @@ class Models:
             self._failed(conv, turn, Fs9Error(errno.ECANCELED, "the call was cancelled "
                                               "(halt, or the conversation closed)"), ids)
         turn.scope = None
+        if model.breaker.probing is turn:  # a probe that neither closed nor reopened it
+            model.breaker.probing = None  # (cancelled, or the request's fault): next call
         turn.text.end()
         conv.used = time.monotonic()
 
     def _failed(self, conv, turn, e: Fs9Error, ids: dict) -> None:
         turn.error, conv.state = e, "failed"
         turn.result = {"error": e.text, "errno": errno.errorcode.get(e.errno, str(e.errno))}
-        self.kernel.log.append("model_error", reason=e.text, **ids)  # (the request's
-        # messages stay in the conversation: the next request sends them again)
+        fault = isinstance(e, providers.ProviderFailure) and e.fault
+        self.kernel.record("model_error", reason=e.text, breaker=fault, **ids)  # (the
+        # request's messages stay in the conversation: the next request sends them again)
+        breaker = conv.model.breaker
+        if fault and breaker.should_open(time.time()):
+            self.kernel.record("breaker_opened", model=conv.model.name, agent=conv.owner,
+                               conv=conv.id, failures=breaker.recent(time.time()),
+                               reason=one_line(e.text))

@@ -1,0 +1,125 @@
+"""Human approval as files (kernel/approvals.py): an agent's model call over its
+manifest's `approval.model_tokens` waits for the operator's answer in approvals/ID,
+granted, denied and timed out from a shell; kept across a remount; never visible to
+an agent."""
+import errno
+
+import pytest
+
+from conftest import Events, errno_of, fuse_unavailable
+
+pytestmark = pytest.mark.skipif(bool(fuse_unavailable()),
+                                reason=f"cannot mount FUSE: {fuse_unavailable()}")
+
+AGENT = """cmd = ["sh", "ask.sh"]
+[unveil]
+"models/scripted" = "rw"
+"approvals" = "rw"
+[approval]
+model_tokens = 50
+timeout_s = {timeout}
+"""
+# each task: one question, tried until it goes through or is denied (bounded); coreutils'
+# printf names the errno of a failed write (dash's echo says "I/O error" for all)
+ASK = """m=$FS9_MNT/models/scripted
+id=$(cat $m/clone)
+read q
+i=0
+while [ $i -lt 1500 ]; do
+  said=$( { /usr/bin/printf '%s\n' "$q" > $m/$id/request; } 2>&1 ) && { cat $m/$id/reply; exit 0; }
+  case "$said" in *"ermission denied"*) echo "denied"; exit 0;; esac
+  i=$((i + 1)); sleep 0.2
+done
+echo "gave up"
+"""
+
+
+def status(m, aid: str) -> dict:
+    return dict(line.split("=", 1) for line in m.read(f"approvals/{aid}/status").splitlines())
+
+
+def test_approve_deny_and_time_out_through_the_files(mount):
+    m = mount
+    m.define("asker", AGENT.format(timeout=600), {"ask.sh": ASK})
+    m.define("waiter", AGENT.format(timeout=1), {"ask.sh": ASK})
+    ev = Events(m)
+    m.write("ctl", "spawn asker\n")
+    m.write("agents/asker/in", "hello\n")
+    m.wait_for(lambda: "1" in m.sh("ls approvals").stdout.split(), what="approval 1")
+    s = status(m, "1")
+    assert (s["state"], s["agent"], s["action"], s["data"]) == \
+        ("pending", "asker", "model_tokens", "scripted")
+    assert "over approval.model_tokens = 50" in s["what"] and s["corr"]
+    assert m.status("asker")["approvals_pending"] == "1"
+    assert 'fs9_approvals_pending{agent="asker"} 1.0' in m.read("metrics")
+    # the agent never sees an approval, though it unveils approvals/
+    assert errno_of(m.read, "agents/asker/view/approvals/1/status") == errno.ENOENT
+    # answered from a shell: the agent's next try goes through, once
+    assert m.sh("echo approve looks fine > approvals/1/ctl").returncode == 0
+    out = m.read("agents/asker/out")  # blocks until the task ends
+    assert "you said: hello" in out, out
+    s = status(m, "1")
+    assert (s["state"], s["reason"], s["used"]) == ("approved", "looks fine", "yes")
+    r = m.sh("echo deny > approvals/1/ctl")  # answered once
+    assert r.returncode != 0
+    # denied: the agent is told so (EACCES) and the request is spent
+    m.write("agents/asker/in", "again\n")
+    m.wait_for(lambda: "2" in m.sh("ls approvals").stdout.split(), what="approval 2")
+    assert m.sh("echo deny too costly > approvals/2/ctl").returncode == 0
+    m.wait_for(lambda: m.status("asker")["done"] == "2", what="the second task")
+    assert m.read("agents/asker/out").strip() == "denied"
+    assert status(m, "2")["state"] == "denied" and m.status("asker")["approvals_pending"] == ""
+    # nobody answers: the deadline denies it
+    m.write("ctl", "spawn waiter\n")
+    m.write("agents/waiter/in", "anyone?\n")
+    m.wait_for(lambda: m.status("waiter")["done"] == "1", what="the waiter's task")
+    assert m.read("agents/waiter/out").strip() == "denied"
+    assert status(m, "3")["state"] == "expired"
+    seen = ev.until(lambda s: sum(e["kind"] == "approval_answered" for e in s) >= 3)
+    ev.close()
+    answers = [(e["id"], e["answer"]) for e in seen if e["kind"] == "approval_answered"]
+    assert answers == [("1", "approved"), ("2", "denied"), ("3", "expired")]
+
+
+def test_a_pending_approval_survives_a_remount(mount):
+    m = mount
+    m.define("asker", AGENT.format(timeout=600), {"ask.sh": ASK})
+    m.write("ctl", "spawn asker\n")
+    m.write("agents/asker/in", "hello\n")
+    m.wait_for(lambda: "1" in m.sh("ls approvals").stdout.split(), what="approval 1")
+    before = status(m, "1")
+    m.umount()
+    m.mount()
+    assert status(m, "1") == before and before["state"] == "pending"
+    assert m.sh("echo approve > approvals/1/ctl").returncode == 0
+    assert status(m, "1")["state"] == "approved"
+    assert '"approval_answered"' in m.read("log/audit")
+
+
+BOSS = ('cmd = ["cat"]\nunconfined = true\npledge = ["read", "spawn", "send"]\n'
+        'spawns = ["echo"]\n[unveil]\n"ctl" = "w"\n[approval]\nspawn = true\n')
+
+
+def test_an_agents_spawn_waits_for_a_yes(mount):
+    m = mount
+    m.define("boss", BOSS)
+    m.sh("echo 'spawn boss' > ctl", check=True)
+    ctl = "agents/boss/view/ctl"  # written as boss
+    assert errno_of(m.write, ctl, "spawn e1 def=echo\n") == errno.EAGAIN
+    s = status(m, "1")
+    assert (s["state"], s["agent"], s["action"], s["data"]) == \
+        ("pending", "boss", "spawn", "e1 def=echo")
+    assert errno_of(m.write, ctl, "spawn e1 def=echo\n") == errno.EAGAIN  # still asked once
+    assert m.sh("ls approvals").stdout.split() == ["1"]
+    assert "e1" not in m.sh("ls agents").stdout.split()
+    m.sh("echo approve > approvals/1/ctl", check=True)
+    m.write(ctl, "spawn e1 def=echo\n")
+    assert "e1" in m.sh("ls agents").stdout.split() and status(m, "1")["used"] == "yes"
+    # one yes, one spawn; a denial is said once
+    assert errno_of(m.write, ctl, "spawn e2 def=echo\n") == errno.EAGAIN
+    m.sh("echo deny not now > approvals/2/ctl", check=True)
+    # (a shell's write: Python's close would flush the refused bytes a second time)
+    r = m.sh(f"/usr/bin/printf 'spawn e2 def=echo\\n' > {ctl}")
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    assert "not now" in m.read("agents/boss/err")
+    assert "e2" not in m.sh("ls agents").stdout.split()
