@@ -104,12 +104,13 @@ def test_the_configuration_sets_the_options_and_the_command_line_wins(tmp_path):
 # --- as a systemd service -----------------------------------------------------------
 
 @needs_fuse
-@pytest.mark.parametrize("stop", ["ExecStop", "KillMode=mixed"])
+@pytest.mark.parametrize("stop", ["ExecStop", "KillMode=mixed", "KillMode=control-group"])
 def test_notify_ready_then_a_stop_is_clean(tmp_path, stop):
     """systemd's side, played by the test: a NOTIFY_SOCKET, READY=1 awaited, then a stop
-    as the unit makes it: `fs9 umount` (ExecStop), or a SIGTERM to the main process only
-    (KillMode=mixed). Not to every process at once (control-group): the server would get
-    a second SIGTERM, from the main process passing its own on, and die of it mid-unmount."""
+    as the unit makes it: `fs9 umount` (ExecStop), a SIGTERM to the main process only
+    (KillMode=mixed), or to every process at once (control-group): the serving process
+    then gets a second SIGTERM, the main process passing its own on, and ignores it once
+    its stop is under way."""
     sock_path = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(sock_path)
@@ -130,8 +131,13 @@ def test_notify_ready_then_a_stop_is_clean(tmp_path, stop):
             if stop == "ExecStop":
                 r = run_fs9("umount", str(mnt))
                 assert r.returncode == 0, r.stderr
-            else:
+            elif stop == "KillMode=mixed":
                 os.kill(p.pid, signal.SIGTERM)
+            else:
+                with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+                for pid in [p.pid] + children:
+                    os.kill(pid, signal.SIGTERM)
             assert p.wait(timeout=60) == 0, p.stderr.read()
             assert not mounted(mnt)
         finally:

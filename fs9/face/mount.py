@@ -113,10 +113,14 @@ async def _stop_on_signal(ops: Operations, kernel: Kernel) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
-            ops.end_reads()
-            with trio.move_on_after(2):  # let the ended reads send their EOF replies
-                while ops.reading:
-                    await trio.sleep(0.01)
-                await trio.sleep(0.01)
-            pyfuse3.terminate()
-            return
+            break
+    # A stop is under way: a second signal (systemd's SIGTERM to the whole control
+    # group, a second Ctrl-C) must not end the server before its log is closed.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    ops.end_reads()
+    with trio.move_on_after(2):  # let the ended reads send their EOF replies
+        while ops.reading:
+            await trio.sleep(0.01)
+        await trio.sleep(0.01)
+    pyfuse3.terminate()
