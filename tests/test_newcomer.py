@@ -99,3 +99,16 @@ def test_a_machine_without_fuse_gets_one_line(tmp_path):
                        timeout=120, cwd=REPO)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "/dev/fuse" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_failed_task_is_never_a_failure_without_a_reason(mount):
+    """`status` beside `failed=1` says why (a newcomer reads status first), whether the
+    program exited non-zero or could not run at all."""
+    mount.write("ctl", "spawn failer cmd=/bin/false\n")
+    mount.write("agents/failer/in", "x\n")
+    mount.wait_for(lambda: mount.status("failer")["failed"] == "1", what="the failed task")
+    assert mount.status("failer")["reason"] == "its program exited with status 1"
+    mount.write("ctl", "spawn doer cmd=/bin/true\n")
+    mount.write("agents/doer/in", "x\n")
+    mount.wait_for(lambda: mount.status("doer")["done"] == "1", what="the task")
+    assert mount.status("doer")["reason"] == ""

@@ -130,6 +130,8 @@ class Agent:
                 f"{len(self.queue)} {c['done']} {c['failed']}\n")
 
     def status(self) -> str:
+        """KEY=VALUE lines; `reason` says why the agent failed, else why its latest task
+        did (never empty beside a failure: a newcomer looks there first)."""
         c = self.tally
         cur = self.current
         latest = self.tasks[-1] if self.tasks else None
@@ -145,7 +147,7 @@ class Agent:
             **self.kernel.models.agent_usage(self.name),
             "approvals_pending": self.kernel.approvals.pending_of(self.name),
             **{f"budget_{k}": v for k, v in vars(self.budget).items() if v},
-            "reason": self.failed,  # last: it is free text
+            "reason": self.failed or failure(latest),  # last: it is free text
         }
         return "".join(f"{k}={v}\n" for k, v in fields.items())
 
@@ -447,3 +449,9 @@ class Agent:
                    FS9_PROGRESS=home and os.path.join(home, "tasks", str(task.id), "progress"))
         return env
 
+
+def failure(task) -> str:
+    """Why a failed task failed, in words ("" unless it failed)."""
+    if task is None or task.state != "failed":
+        return ""
+    return task.reason or f"its program exited with status {task.exit}"
