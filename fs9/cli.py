@@ -1,4 +1,6 @@
-"""The `fs9` command: mount (foreground or --background), umount, and mcp (fs9/mcp.py)."""
+# PYTHON_ARGCOMPLETE_OK
+"""The `fs9` command: mount (foreground or --background), umount, and mcp (fs9/mcp.py).
+Shell completion: argcomplete (`eval "$(register-python-argcomplete fs9)"`)."""
 import argparse
 import logging
 import os
@@ -70,6 +72,9 @@ def main(argv=None) -> int:
         if "kernel_audit" in config:
             config["audit"] = config.pop("kernel_audit")
         sub.choices["mount"].set_defaults(**config)
+    if "_ARGCOMPLETE" in os.environ:  # a shell asks for completions (and gets them)
+        import argcomplete
+        argcomplete.autocomplete(p)
     args = p.parse_args(argv)
     args.argv = argv
     if args.cmd == "mcp":

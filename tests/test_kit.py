@@ -187,3 +187,15 @@ os.write(2, b"raw stderr after rotation\\n")
     assert "raw stderr after rotation" in (tmp_path / "fs9.log").read_text()
     assert "Building index" not in every and "indexing" not in every
     assert all(os.path.getsize(tmp_path / name) <= 4096 + 200 for name in logs)
+
+
+def test_shell_completion(tmp_path):
+    """argcomplete's protocol, as bash's completion function speaks it."""
+    out = tmp_path / "completions"
+    env = {**os.environ, "_ARGCOMPLETE": "1", "COMP_LINE": "fs9 mo", "COMP_POINT": "6",
+           "_ARGCOMPLETE_STDOUT_FILENAME": str(out), "_ARGCOMPLETE_IFS": "\n"}
+    subprocess.run([sys.executable, "-m", "fs9"], env=env, capture_output=True, timeout=60)
+    assert out.read_text().split() == ["mount"]
+    env.update(COMP_LINE="fs9 mount x --dur", COMP_POINT="17")
+    subprocess.run([sys.executable, "-m", "fs9"], env=env, capture_output=True, timeout=60)
+    assert out.read_text().split() == ["--durability"]
