@@ -152,3 +152,21 @@ def test_without_otlp_no_opentelemetry_code_is_loaded(tmp_path, collector):
         traced.umount()
         plain.umount()
     assert not traced.bugs() and not plain.bugs()
+
+
+def test_an_unreachable_collector_slows_nothing_and_loses_no_work(tmp_path):
+    import socket
+    with socket.socket() as s:  # a loopback port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    m = Mount(tmp_path).mount("--otlp", closed)
+    try:
+        m.sh("echo 'spawn upper' > ctl", check=True)
+        for i in range(3):
+            r = m.sh(f"echo 'run word{i}' > agents/upper/ctl && cat agents/upper/out",
+                     timeout=30, check=True)
+            assert r.stdout == f"WORD{i}\n"
+    finally:
+        m.umount()  # within the fixture's bounds: the exporter's flush is given up on
+    assert not m.alive()
+    assert not m.bugs(), m.bugs()

@@ -217,13 +217,20 @@ class Spans:
 
 async def export(kernel, endpoint: str) -> None:
     """Follow the log from now on and export its chains as spans to endpoint; until
-    cancelled, then flush what is queued (a few seconds at most)."""
-    from opentelemetry import trace as trace_api
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.id_generator import IdGenerator
+    cancelled, then flush what is queued (a few seconds at most). Without the packages,
+    traces stay off, said in the root err; the mount serves on."""
+    try:
+        from opentelemetry import trace as trace_api
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.id_generator import IdGenerator
+    except ImportError as e:
+        log.error("traces are off: %s", e)
+        kernel.diag(f"--otlp: traces are off: {e} (pip install opentelemetry-sdk "
+                    "opentelemetry-exporter-otlp-proto-http)")
+        return
 
     class Ids(IdGenerator):
         """The ids of the span being built: hashes of its chain and what it is."""
@@ -249,8 +256,11 @@ async def export(kernel, endpoint: str) -> None:
         while True:
             await kernel.log.wait_after(seq)
             for event in kernel.log.events_after(seq):
-                spans.follow(event)
                 seq = event.seq
+                try:
+                    spans.follow(event)
+                except Exception:  # a defect of ours costs that span, not the mount
+                    kernel.log.bug("traces", event=event.seq)
             await trio.sleep(0)  # (a burst of events: let the mount serve between batches)
     finally:
         with trio.move_on_after(5) as scope:
