@@ -170,3 +170,35 @@ def test_an_unreachable_collector_slows_nothing_and_loses_no_work(tmp_path):
         m.umount()  # within the fixture's bounds: the exporter's flush is given up on
     assert not m.alive()
     assert not m.bugs(), m.bugs()
+
+
+THINKER = """set -e
+m=$FS9_MNT/models/scripted
+id=$(cat $m/clone)
+echo "think about it" > $m/$id/request
+cat $m/$id/reply
+echo '{"kind": "tool_call", "name": "read"}' > $FS9_MNT/agents/$FS9_AGENT/steps
+"""
+
+
+def test_an_agents_model_calls_and_steps_belong_to_its_task(tmp_path, collector):
+    m = Mount(tmp_path)
+    m.define("thinker", 'cmd = ["sh", "think.sh"]\n[unveil]\n"models/scripted" = "rw"\n',
+             {"think.sh": THINKER})
+    m.mount("--otlp", collector.url)
+    try:
+        m.sh("echo 'spawn thinker' > ctl", check=True)
+        m.write("agents/thinker/in", "go\n")
+        assert "think about it" in m.read("agents/thinker/out")  # (blocks until it ends)
+        wait_for(lambda: collector.named("fs9.task thinker") and collector.named("chat "),
+                 what="the task's span and its model call's")
+    finally:
+        m.umount()
+    (task,) = collector.named("fs9.task thinker")
+    (chat,) = collector.named("chat scripted")
+    assert chat.trace_id == task.trace_id and chat.parent_span_id == task.span_id
+    assert attrs(chat)["fs9.agent"] == "thinker"
+    assert task.start_time_unix_nano <= chat.start_time_unix_nano <= chat.end_time_unix_nano \
+        <= task.end_time_unix_nano
+    assert [ev.name for ev in task.events] == ["started", "step tool_call"]
+    assert not m.bugs(), m.bugs()
