@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     m.add_argument("--share-vault", action="store_true",
                    help="admit other local users to vault/ (only), with the usual permission "
                         "checks (mounted as root; docs/security.md)")
+    m.add_argument("--otlp", metavar="URL", type=_otlp_url,
+                   help="export traces (tasks, mail, model calls; one trace a correlation id) "
+                        "to an OpenTelemetry collector over OTLP/HTTP, e.g. http://127.0.0.1:4318")
     m.add_argument("--config", metavar="FILE",
                    help="options from FILE's [mount] table (default: "
                         f"{service.config_path()}, if it exists); the command line wins")
@@ -105,6 +108,12 @@ class UsageError(Exception):
     pass
 
 
+def _otlp_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")) or not url.split("://", 1)[1].strip("/"):
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {url!r}")
+    return url
+
+
 def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
@@ -153,7 +162,7 @@ def mount(args) -> int:
     from .face.mount import serve
     try:
         trio.run(serve, mnt, state, agents, vault, ready, args.audit, args.durability,
-                 metrics_at, args.share_vault)
+                 metrics_at, args.share_vault, args.otlp or "")
     except* StateError as group:  # (raised inside a nursery, it comes in a group)
         ready(f"refused {group.exceptions[0]}")
         raise group.exceptions[0] from None
@@ -211,7 +220,8 @@ def _background(args, mnt: str, state: str) -> int:
         + (["--debug"] if args.debug else []) \
         + ([] if args.audit else ["--no-kernel-audit"]) \
         + (["--metrics", args.metrics] if args.metrics else []) \
-        + (["--share-vault"] if args.share_vault else [])
+        + (["--share-vault"] if args.share_vault else []) \
+        + (["--otlp", args.otlp] if args.otlp else [])
     logpath = os.path.join(state, "fs9.log")
     with open(logpath, "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,

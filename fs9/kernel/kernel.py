@@ -22,7 +22,7 @@ import trio
 
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
-from . import cmd, supervision
+from . import cmd, supervision, traces
 from .approvals import Approvals
 from .agents import escapes, sandbox as sandboxes, spawn
 from .agents.agent import Agent
@@ -92,12 +92,14 @@ class Kernel(Lifecycles):
     the lifecycles of agents and tasks, recorded and applied, are lifecycle.py's."""
 
     def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "",
-                 vault_dir: str = "", audit: bool = True, durability: str = "process") -> None:
+                 vault_dir: str = "", audit: bool = True, durability: str = "process",
+                 otlp: str = "") -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.agents_dir = os.path.abspath(agents_dir)
         self.vault_dir = vault_dir and os.path.realpath(vault_dir)
         self.mount_path = mount_path
         self.audit = audit  # witness agents' refused syscalls through kernel audit
+        self.otlp = otlp  # an OpenTelemetry collector to export traces to (traces.py), or ""
         self.mounted = trio.Event()  # the face serves mount_path: sandboxes can bind views
         self.spawns = 0  # spawn events so far
         self.instance = f"{zlib.crc32(self.state_dir.encode()):08x}"  # names its cgroups
@@ -168,6 +170,8 @@ class Kernel(Lifecycles):
             nursery.start_soon(self._service, link.serve, self.federation)
             await nursery.start(self._service, self.models.serve)
             nursery.start_soon(self._service, self._prune_memory)
+            if self.otlp:
+                nursery.start_soon(self._service, traces.export, self, self.otlp)
             if self.search is not None:
                 await nursery.start(self._service, self.search.serve)
                 await nursery.start(self._service, watch.watch, self)
