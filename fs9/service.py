@@ -9,7 +9,8 @@ import tomllib
 # `fs9 mount` options a configuration file may set (command-line options win), with the
 # type each takes. The mount point stays on the command line: it names the instance.
 CONFIG_KEYS = {"vault": str, "state": str, "agents": str, "durability": str,
-               "metrics": str, "debug": bool, "kernel_audit": bool, "share_vault": bool}
+               "metrics": str, "debug": bool, "kernel_audit": bool, "share_vault": bool,
+               "otlp": str}
 LOG_BYTES = 10 << 20  # fs9.log rotates past 10 MiB, keeping LOG_KEPT old files
 LOG_KEPT = 3
 
