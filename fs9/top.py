@@ -57,7 +57,7 @@ class Approval:
     agent: str
     action: str
     what: str
-    deadline: str
+    deadline: str   # the time of day of the kernel's UTC deadline (it denies then)
 
 
 @dataclass
@@ -151,7 +151,7 @@ def approvals(mnt: Path) -> list[Approval]:
         s = fields(read(mnt / "approvals" / aid / "status"))
         if s.get("state") == "pending":
             out.append(Approval(aid, s.get("agent", ""), s.get("action", ""),
-                                s.get("what", ""), s.get("deadline", "")))
+                                s.get("what", ""), s.get("deadline", "").partition("T")[2]))
     return out
 
 

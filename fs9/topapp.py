@@ -22,10 +22,10 @@ REFRESH_S = 1.0
 class TopApp(App):
     TITLE = "fs9 top"
     CSS = """
-    #upper { height: 2fr; }
-    #middle { height: 1fr; }
-    #agents { width: 2fr; }
-    #tree { width: 1fr; border-left: solid $accent; padding: 0 1; }
+    #upper { height: 3fr; }
+    #middle { height: 2fr; }
+    #agents { width: 3fr; }
+    #tree { width: 2fr; border-left: solid $accent; padding: 0 1; }
     #models { width: 3fr; }
     #approvals { width: 2fr; border-left: solid $accent; }
     #events { height: 1fr; border-top: solid $accent; }
