@@ -38,6 +38,7 @@ class Agent:
     queued: str
     restarts: str
     tokens_today: str
+    progress: str   # the running task's latest progress report
     reason: str
 
 
@@ -76,34 +77,20 @@ def agents(mnt: Path) -> list[Agent]:
         s = fields(read(mnt / "agents" / name / "status"))
         if not s:
             continue
-        task = s.get("task", "")
-        since = started(mnt, name, task) if task else None
-        elapsed = duration(time.time() - since) if since is not None else ""
-        out.append(Agent(name, s.get("state", "?"), task, elapsed,
-                         s.get("queued", ""), s.get("restarts", ""), s.get("tokens_today", ""),
-                         s.get("reason", "")))
+        out.append(Agent(name, s.get("state", "?"), s.get("task", ""),
+                         duration(s.get("task_elapsed", "")), s.get("queued", ""),
+                         s.get("restarts", ""), s.get("tokens_today", ""),
+                         s.get("task_progress", ""), s.get("reason", "")))
     return out
 
 
-def started(mnt: Path, agent: str, task: str) -> float | None:
-    """When the task's latest attempt started (epoch seconds): the kernel's task_started
-    event in its correlation's trace (log/trace/CORR), or None when not found."""
-    corr = fields(read(mnt / "agents" / agent / "tasks" / task / "status")).get("corr")
-    if not corr:
-        return None
-    since = None
-    for line in (read(mnt / "log" / "trace" / corr) or "").splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("kind") == "task_started" and str(e.get("task")) == task:
-            since = e.get("ts")
-    return since if isinstance(since, (int, float)) else None
-
-
-def duration(seconds: float) -> str:
-    s = max(0, int(seconds))
+def duration(seconds: str) -> str:
+    """A status's elapsed seconds ("65.2") as "1m05s"; "" when there is none (an fs9
+    older than task timing says nothing)."""
+    try:
+        s = max(0, int(float(seconds)))
+    except (ValueError, OverflowError):
+        return ""
     if s < 60:
         return f"{s}s"
     if s < 3600:

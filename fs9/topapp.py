@@ -59,7 +59,7 @@ class TopApp(App):
 
     def on_mount(self) -> None:
         self.query_one("#agents", DataTable).add_columns(
-            "agent", "state", "task", "elapsed", "queue", "restarts", "tokens today", "reason")
+            "agent", "state", "task", "elapsed", "queue", "restarts", "tokens today", "progress", "reason")
         self.query_one("#models", DataTable).add_columns(
             "model", "state", "calls", "tokens in/out", "in flight", "breaker")
         self.query_one("#approvals", DataTable).add_columns(
@@ -84,7 +84,7 @@ class TopApp(App):
         self.query_one("#tree", Static).update(Text(snap.tree or "(no agents)"))
         _fill(self.query_one("#agents", DataTable),
               [(a.name, [a.name, a.state, a.task, a.elapsed, a.queued, a.restarts,
-                         a.tokens_today, a.reason]) for a in snap.agents])
+                         a.tokens_today, a.progress, a.reason]) for a in snap.agents])
         _fill(self.query_one("#models", DataTable),
               [(m.name, [m.name, m.state, m.calls, m.tokens, m.in_flight, m.breaker])
                for m in snap.models])

@@ -32,7 +32,7 @@ def test_the_data_is_read_from_the_mount(mount):
                                           if a.name == "ticker" and a.task), None),
                             what="ticker's task running")
         assert ticker.state == "running" and ticker.restarts == "0"
-        # elapsed: from the kernel's task_started event of the task's trace
+        # elapsed: the status's task_elapsed, shown as 1m05s
         assert ticker.elapsed.endswith("s") and ticker.elapsed[0].isdigit()
         snap = top.snapshot(m.path)
         assert [a.name for a in snap.agents] == ["echo", "ticker"]
@@ -46,6 +46,8 @@ def test_the_data_is_read_from_the_mount(mount):
                                                           f"task={m.status('echo')['latest']}"]
     finally:
         tail.close()
+    assert (top.duration("65.2"), top.duration("7200"), top.duration("")) == \
+        ("1m05s", "2h00m", "")
     assert top.command(m.path, "ticker", "stop") is None
     m.wait_for(lambda: m.status("ticker")["state"] == "stopped", what="ticker stopped")
     assert top.command(m.path, "nobody", "stop") == "nobody: No such file or directory"

@@ -144,6 +144,12 @@ class Agent:
             "latest_state": latest.state if latest else "",
             "latest_exit": "" if not latest or latest.exit is None else latest.exit,
             "latest_reason": latest.reason if latest else "",
+            # the running task's timing and latest progress report, then the latest task's
+            "task_started_at": cur.timing()["started_at"] if cur else "",
+            "task_elapsed": cur.timing()["elapsed"] if cur else "",
+            "task_progress": cur.progress if cur else "",
+            "latest_ended_at": latest.timing()["ended_at"] if latest else "",
+            "latest_elapsed": latest.timing()["elapsed"] if latest else "",
             **self.kernel.models.agent_usage(self.name),
             "approvals_pending": self.kernel.approvals.pending_of(self.name),
             **{f"budget_{k}": v for k, v in vars(self.budget).items() if v},
