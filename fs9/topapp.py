@@ -10,7 +10,7 @@ from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal
 from textual.widgets import DataTable, Footer, Log, Static
 from textual.widgets.data_table import CellDoesNotExist
 
@@ -22,12 +22,11 @@ REFRESH_S = 1.0
 class TopApp(App):
     TITLE = "fs9 top"
     CSS = """
-    #upper { height: 3fr; }
-    #middle { height: 2fr; }
-    #agents { width: 3fr; }
-    #tree { width: 2fr; border-left: solid $accent; padding: 0 1; }
-    #models { width: 3fr; }
-    #approvals { width: 2fr; border-left: solid $accent; }
+    #agents { height: 2fr; }
+    #middle { height: 2fr; border-top: solid $accent; }
+    #tree { width: 1fr; padding: 0 1; }
+    #models { width: 2fr; border-left: solid $accent; }
+    #approvals { height: 1fr; border-top: solid $accent; }
     #events { height: 1fr; border-top: solid $accent; }
     #kernel, #said { height: 1; }
     """
@@ -47,12 +46,11 @@ class TopApp(App):
 
     def compose(self) -> ComposeResult:
         yield Static(id="kernel")
-        with Horizontal(id="upper"):
-            yield DataTable(id="agents", cursor_type="row")
-            yield Static(id="tree")
+        yield DataTable(id="agents", cursor_type="row")
         with Horizontal(id="middle"):
+            yield Static(id="tree")
             yield DataTable(id="models", cursor_type="none")
-            yield DataTable(id="approvals", cursor_type="row")
+        yield DataTable(id="approvals", cursor_type="row")
         yield Log(id="events", max_lines=top.EVENT_LINES)
         yield Static(id="said")
         yield Footer()

@@ -1,9 +1,16 @@
 """`fs9 top` (fs9/top.py, fs9/topapp.py): what it reads from a real mount, and its keys
 driven headless with textual's own pilot (App.run_test) against a real mount."""
 import asyncio
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
 import time
 
-from conftest import WAIT_S, wait_task
+import pytest
+from conftest import REPO, WAIT_S, wait_task
 
 from fs9 import top
 
@@ -99,3 +106,31 @@ def test_top_refuses_a_folder_that_is_no_fs9(tmp_path):
     from conftest import fs9
     r = fs9("top", str(tmp_path))
     assert r.returncode == 1 and "is not an fs9 mount" in r.stderr
+
+
+@pytest.mark.skipif(not shutil.which("tmux"), reason="tmux missing (apt-get install tmux)")
+def test_top_under_a_real_terminal(mount, tmp_path):
+    """fs9 top in tmux (a terminal of its own server): keys sent, the screen captured."""
+    m = mount
+    m.sh("echo 'spawn echo' > ctl && echo 'spawn ticker' > ctl", check=True)
+    tmux = ["tmux", "-L", f"fs9-top-{os.getpid()}", "-f", "/dev/null"]
+    screen = lambda: subprocess.run([*tmux, "capture-pane", "-p", "-t", "top"],
+                                    capture_output=True, text=True).stdout
+    subprocess.run([*tmux, "new-session", "-d", "-s", "top", "-x", "120", "-y", "35",
+                    shlex.join([sys.executable, "-m", "fs9", "top", str(m.path)])],
+                   check=True, cwd=REPO)
+    try:
+        # (a capture may catch a frame half drawn: wait for one with all of it)
+        shown = lambda s: re.search(r"echo +idle", s) and re.search(r"ticker +running", s) \
+            and "s stop" in s
+        m.wait_for(lambda: shown(screen()), what="echo, ticker and the keys on screen")
+        subprocess.run([*tmux, "send-keys", "-t", "top", "Down", "s"], check=True)
+        m.wait_for(lambda: m.status("ticker")["state"] == "stopped", what="ticker stopped")
+        m.wait_for(lambda: re.search(r"ticker +stopped", screen()), what="ticker shown stopped")
+        subprocess.run([*tmux, "send-keys", "-t", "top", "q"], check=True)
+        m.wait_for(lambda: subprocess.run([*tmux, "has-session", "-t", "top"],
+                                          capture_output=True).returncode != 0,
+                   what="fs9 top gone after q")
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    assert m.status("echo")["state"] == "idle"
