@@ -4,6 +4,7 @@ The data comes from fs9/top.py (the mount's files only). Everything shown was wr
 agents or the kernel about them, so it is shown as plain text, never as textual markup.
 """
 import sys
+import threading
 from pathlib import Path
 
 from rich.text import Text
@@ -43,6 +44,7 @@ class TopApp(App):
         super().__init__()
         self.mnt = Path(mountpoint)
         self.tail: top.EventTail | None = None
+        self.reading = threading.Lock()
 
     def compose(self) -> ComposeResult:
         yield Static(id="kernel")
@@ -57,7 +59,8 @@ class TopApp(App):
 
     def on_mount(self) -> None:
         self.query_one("#agents", DataTable).add_columns(
-            "agent", "state", "task", "elapsed", "queue", "restarts", "tokens today", "progress", "reason")
+            "agent", "state", "task", "elapsed", "queue", "restarts", "tokens today",
+            "progress", "reason")
         self.query_one("#models", DataTable).add_columns(
             "model", "state", "calls", "tokens in/out", "in flight", "breaker")
         self.query_one("#approvals", DataTable).add_columns(
@@ -70,11 +73,18 @@ class TopApp(App):
         self.gather()
         self.set_interval(REFRESH_S, self.gather)
 
-    @work(thread=True, exclusive=True)
+    @work(thread=True)
     def gather(self) -> None:
-        """Read the mount in a thread: a slow or remote mount never freezes the keys."""
-        snap = top.snapshot(self.mnt)
-        lines = self.tail.new_lines() if self.tail else []
+        """Read the mount in a thread: a slow or remote mount never freezes the keys. One
+        read at a time (the events tail keeps a partial line); a refresh due meanwhile
+        is skipped."""
+        if not self.reading.acquire(blocking=False):
+            return
+        try:
+            snap = top.snapshot(self.mnt)
+            lines = self.tail.new_lines() if self.tail else []
+        finally:
+            self.reading.release()
         self.call_from_thread(self.show, snap, lines)
 
     def show(self, snap: top.Snapshot, lines: list[str]) -> None:
