@@ -103,16 +103,19 @@ def event_line(raw: str) -> str:
     try:
         e = json.loads(raw)
     except ValueError:
-        return raw
+        e = None
     if not isinstance(e, dict):
-        return raw
+        e = {"kind": "unparsed", "line": raw}
     ts = e.pop("ts", None)
     clock = time.strftime("%H:%M:%S", time.localtime(ts)) if isinstance(ts, (int, float)) else "?"
     e.pop("seq", None)
     e.pop("corr", None)
     kind = e.pop("kind", "?")
-    return " ".join([clock, str(kind), *(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
-                                     for k, v in e.items())])
+    line = " ".join([clock, str(kind), *(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                                         for k, v in e.items())])
+    # an agent's text (a progress report, a topic) reaches the operator's terminal: no
+    # control character of it does
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line)
 
 
 def models(mnt: Path) -> list[Model]:

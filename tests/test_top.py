@@ -55,6 +55,9 @@ def test_the_data_is_read_from_the_mount(mount):
         tail.close()
     assert (top.duration("65.2"), top.duration("7200"), top.duration("")) == \
         ("1m05s", "2h00m", "")
+    # an agent's control characters never reach the operator's terminal
+    assert top.event_line('{"kind":"task_progress","text":"a\\u001b[2Jb\\nc"}').split()[1:] \
+        == ["task_progress", "text=a\\x1b[2Jb\\nc"]
     assert top.command(m.path, "ticker", "stop") is None
     m.wait_for(lambda: m.status("ticker")["state"] == "stopped", what="ticker stopped")
     assert top.command(m.path, "nobody", "stop") == "nobody: No such file or directory"
