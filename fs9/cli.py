@@ -1,6 +1,7 @@
 # PYTHON_ARGCOMPLETE_OK
-"""The `fs9` command: mount (foreground or --background), umount, and mcp (fs9/mcp.py).
-Shell completion: argcomplete (`eval "$(register-python-argcomplete fs9)"`)."""
+"""The `fs9` command: mount (foreground or --background), umount, mcp (fs9/mcp.py) and
+top (fs9/topapp.py). Shell completion: argcomplete (`eval "$(register-python-argcomplete
+fs9)"`)."""
 import argparse
 import logging
 import os
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     m.add_argument("--as", dest="agent", required=True, help="the agent whose view the client gets")
     m.add_argument("--http", type=int, metavar="PORT",
                    help="streamable HTTP on 127.0.0.1:PORT (default: stdio)")
+    sub.add_parser("top", help="a live terminal view of the mount at MOUNTPOINT").add_argument("mountpoint")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["mount"]:  # the configuration's values are defaults of the options
         known, _ = _config_option().parse_known_args(argv[1:])
@@ -80,6 +82,9 @@ def main(argv=None) -> int:
         argcomplete.autocomplete(p)
     args = p.parse_args(argv)
     args.argv = argv
+    if args.cmd == "top":
+        from . import topapp
+        return topapp.run(args.mountpoint)
     if args.cmd == "mcp":
         from . import mcp
         return mcp.run(args.mountpoint, args.agent, args.http)

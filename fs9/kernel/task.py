@@ -8,7 +8,9 @@ Each event that moves a task names its new state in MOVES; Kernel.refusal checks
 move against TRANSITIONS before the event is logged (and again at replay), so the log
 never holds a move this table forbids.
 """
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from .stream import Changes, Stream
 
@@ -47,6 +49,9 @@ class Task:
     queued_ts: float = 0.0
     started_ts: float | None = None
     ended_ts: float | None = None
+    # its latest progress report (tasks/ID/progress), one line; task_progress is an audit
+    # event, not state, so a mount starts with none
+    progress: str = ""
     # in-memory streams of the current attempt; None until loaded or started
     out: Stream | None = None
     err: Stream | None = None
@@ -81,9 +86,27 @@ class Task:
         while self.state == "queued":
             await self.changes.wait_past(self.changes.version)
 
+    def timing(self) -> dict[str, str]:
+        """When it was queued, its latest attempt started, it ended (UTC, ISO 8601), and
+        the seconds it ran: until it ended, or until now while it runs; "" for none yet."""
+        ended = self.ended_ts if self.final else None
+        elapsed = ""
+        if self.started_ts is not None and (self.state == "running" or ended is not None):
+            elapsed = f"{max(0.0, (ended or time.time()) - self.started_ts):.1f}"
+        return {"queued_at": _iso(self.queued_ts), "started_at": _iso(self.started_ts),
+                "ended_at": _iso(ended), "elapsed": elapsed}
+
     def status(self) -> str:
         fields = {"id": self.id, "agent": self.agent, "state": self.state,
                   "corr": self.corr, "attempt": self.attempt,
                   "exit": "" if self.exit is None else self.exit,
-                  "pid": self.pid or "", "reason": self.reason, "reply_to": self.reply_to}
+                  "pid": self.pid or "", "reason": self.reason, "reply_to": self.reply_to,
+                  **self.timing(), "progress": self.progress}
         return "".join(f"{k}={v}\n" for k, v in fields.items())
+
+
+def _iso(ts: float | None) -> str:
+    if not ts:
+        return ""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")

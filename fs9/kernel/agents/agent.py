@@ -135,6 +135,7 @@ class Agent:
         c = self.tally
         cur = self.current
         latest = self.tasks[-1] if self.tasks else None
+        now, last = cur.timing() if cur else {}, latest.timing() if latest else {}
         fields = {
             "name": self.name, "state": self.state, "mode": self.manifest["mode"],
             "priority": self.priority, "pid": cur.pid if cur and cur.pid else "",
@@ -144,6 +145,10 @@ class Agent:
             "latest_state": latest.state if latest else "",
             "latest_exit": "" if not latest or latest.exit is None else latest.exit,
             "latest_reason": latest.reason if latest else "",
+            # the running task's timing and latest progress report, then the latest task's
+            "task_started_at": now.get("started_at", ""), "task_elapsed": now.get("elapsed", ""),
+            "task_progress": cur.progress if cur else "",
+            "latest_ended_at": last.get("ended_at", ""), "latest_elapsed": last.get("elapsed", ""),
             **self.kernel.models.agent_usage(self.name),
             "approvals_pending": self.kernel.approvals.pending_of(self.name),
             **{f"budget_{k}": v for k, v in vars(self.budget).items() if v},

@@ -37,7 +37,7 @@ import trio
 
 from ...errors import Fs9Error
 from . import message
-from ..names import NAME_RE, OPERATOR
+from ..names import NAME_RE, OPERATOR, one_line
 from ..rate import Burst
 from .mailbox import Mailbox
 from .message import Message
@@ -233,6 +233,7 @@ class Bus:
         text = data.decode(errors="replace").strip()[:4096]
         self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
                                corr=task.corr, text=text)
+        task.progress = one_line(text)
         if self.owner(task.reply_to) is not None or "@" in task.reply_to:
             self.deliver(self.compose(task.reply_to, agent.name, (text + "\n").encode(),
                                    type="status_update", **{"correlation-id": task.corr,
