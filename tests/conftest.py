@@ -247,8 +247,12 @@ class Mount:
             return f.read()
 
     def write(self, rel: str, data: str | bytes) -> None:
-        with open(self.path / rel, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
+        """data written with write(2) calls of its own: unbuffered, because a buffered
+        file that failed to flush tries again at close, writing a refused line twice."""
+        view = memoryview(data.encode() if isinstance(data, str) else data)
+        with open(self.path / rel, "wb", buffering=0) as f:
+            while view:
+                view = view[f.write(view):]
 
     def status(self, agent: str) -> dict[str, str]:
         return dict(line.split("=", 1) for line in self.read(f"agents/{agent}/status").splitlines())

@@ -119,6 +119,14 @@ def acked(records: Path) -> dict[str, list[str]]:
     return out
 
 
+def synced(m: Mount) -> int:
+    """The last seq the server says reached the disk (STATE/synced, kernel/sync.py)."""
+    try:
+        return int((m.state / "synced").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def found(m: Mount) -> list[str]:
     """Every task input and message body that came back, as tags (repeats kept)."""
     tags = []
@@ -152,6 +160,10 @@ def tally(written: dict[str, list[str]], back: list[str]) -> dict:
 def run_cut(fs: LazyFS, m: Mount, tmp_path: Path, durability: str) -> tuple[dict, dict]:
     m.mount("--durability", durability)
     m.sh("echo 'spawn echo' > ctl && echo stop > agents/echo/ctl", check=True)
+    # the agent itself on disk first: at `process` a cut may take everything since the
+    # last sync (SYNC_EVERY_S), its spawn too on a slow machine, leaving nothing to count
+    spawned = json.loads(m.read("log/audit").splitlines()[-1])["seq"]
+    wait_for(lambda: synced(m) >= spawned, timeout=60, what="the spawn synced")
     procs = writers(m, tmp_path / "records")
     try:
         wait_for(lambda: sum(map(len, acked(tmp_path / "records").values())) >= ACKED_BEFORE_CUT,

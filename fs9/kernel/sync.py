@@ -84,7 +84,7 @@ class Syncer:
         self.changes = Changes()  # bumps when `synced` moves or a fault is found
         self._mark_fd = os.open(os.path.join(state_dir, MARK),
                                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        self._marked_at = 0.0
+        self._marked_at, self._marked = 0.0, 0
         self._mark(last_seq)
         self._sync_dir()
 
@@ -125,7 +125,7 @@ class Syncer:
     def _mark(self, seq: int) -> None:
         os.pwrite(self._mark_fd, f"{seq}\n".encode().ljust(24), 0)
         os.fdatasync(self._mark_fd)
-        self._marked_at = time.monotonic()
+        self._marked_at, self._marked = time.monotonic(), seq
 
     def sync(self, seq: int) -> None:
         """Blocking: make every event up to seq durable (and maybe mark it)."""
@@ -141,20 +141,28 @@ class Syncer:
         SYNC_EVERY_S. Ends at the first failed sync (the log is faulted)."""
         while self.fault is None:
             if self.durability == "power":
-                while events.last_seq == self.synced:
-                    await events.changes.wait_past(events.changes.version)
+                with trio.move_on_after(MARK_EVERY_S):
+                    while events.last_seq == self.synced:
+                        await events.changes.wait_past(events.changes.version)
             else:
                 await trio.sleep(SYNC_EVERY_S)
-                if events.last_seq == self.synced:
-                    continue
             target = events.last_seq  # every commit up to here has been written
-            try:
-                await trio.to_thread.run_sync(self.sync, target)
-            except OSError as e:
-                self.failed(e, "syncing the event log to disk")
-                return
-            self.synced = target
-            self.changes.bump()
+            if target == self.synced:
+                if self._marked < self.synced:  # a quiet log: the mark catches up
+                    await self._off_thread(self._mark, self.synced, "marking the synced seq")
+                continue
+            if await self._off_thread(self.sync, target, "syncing the event log to disk"):
+                self.synced = target
+                self.changes.bump()
+
+    async def _off_thread(self, fn, seq: int, doing: str) -> bool:
+        """fn(seq) in a worker thread; False (the log faulted) if it failed."""
+        try:
+            await trio.to_thread.run_sync(fn, seq)
+            return True
+        except OSError as e:
+            self.failed(e, doing)
+            return False
 
     def failed(self, e: OSError, doing: str) -> None:
         """The log can no longer vouch for writes: refuse them from now on."""
