@@ -12,6 +12,7 @@ import time
 import trio
 
 from . import __version__, service
+from .drivers.confine import SLOT_SIZE as MAX_AGENTS  # (kernel/agents/spawn.py: one uid each)
 from .kernel import state as states
 from .kernel.state import StateError
 
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
     m.add_argument("--otlp", metavar="URL", type=_otlp_url,
                    help="export traces (tasks, mail, model calls; one trace a correlation id) "
                         "to an OpenTelemetry collector over OTLP/HTTP, e.g. http://127.0.0.1:4318")
+    m.add_argument("--max-agents", metavar="N", type=_max_agents, default=MAX_AGENTS,
+                   help=f"live agents at once, 1 to {MAX_AGENTS} (the default); agents' own "
+                        "spawns stop a tenth (at most 100) short of it, kept for the operator")
     m.add_argument("--config", metavar="FILE",
                    help="options from FILE's [mount] table (default: "
                         f"{service.config_path()}, if it exists); the command line wins")
@@ -119,6 +123,12 @@ def _otlp_url(url: str) -> str:
     return url
 
 
+def _max_agents(word: str) -> int:
+    if not (word.isascii() and word.isdigit() and 1 <= int(word) <= MAX_AGENTS):
+        raise argparse.ArgumentTypeError(f"not a number from 1 to {MAX_AGENTS}: {word!r}")
+    return int(word)
+
+
 def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
@@ -130,6 +140,8 @@ def mount(args) -> int:
         if _inside(mnt, d) or _inside(d, mnt):
             raise UsageError(f"the mount point {mnt} must not be inside the {label} directory "
                              f"{d} (nor it inside the mount point): lookups would deadlock")
+    if not 1 <= args.max_agents <= MAX_AGENTS:  # (from a configuration file)
+        raise UsageError(f"max_agents is from 1 to {MAX_AGENTS}, not {args.max_agents}")
     metrics_at = None
     if args.metrics:
         from .kernel.metrics import http_address
@@ -167,7 +179,7 @@ def mount(args) -> int:
     from .face.mount import serve
     try:
         trio.run(serve, mnt, state, agents, vault, ready, args.audit, args.durability,
-                 metrics_at, args.share_vault, args.otlp or "")
+                 metrics_at, args.share_vault, args.otlp or "", args.max_agents)
     except* StateError as group:  # (raised inside a nursery, it comes in a group)
         ready(f"refused {group.exceptions[0]}")
         raise group.exceptions[0] from None
@@ -221,6 +233,7 @@ def _background(args, mnt: str, state: str) -> int:
     r, w = os.pipe()
     argv = [sys.executable, "-m", "fs9", "mount", mnt, "--vault", args.vault, "--state", state,
             "--agents", args.agents, "--durability", args.durability,
+            "--max-agents", str(args.max_agents),
             "--ready-fd", str(w), "--log-file", os.path.join(state, "fs9.log")] \
         + (["--debug"] if args.debug else []) \
         + ([] if args.audit else ["--no-kernel-audit"]) \

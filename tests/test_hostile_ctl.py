@@ -92,3 +92,61 @@ def test_memory_belongs_to_the_definition_and_clearance_not_the_name(mount):
     assert errno_of(open, mount.path / "agents/keeper/memory/plan") == errno.ENOENT
     mount.sh("echo 'kill keeper' > ctl; echo 'spawn keeper' > ctl", check=True)
     assert mount.read("agents/keeper/memory/plan") == "the confidential plan\n"
+
+
+def spawned(mount, ctl: str, prefix: str, most: int) -> tuple[int, int]:
+    """Spawn PREFIXn def=echo through ctl until refused (at most `most`): how many
+    started, and the errno of the refusal (0: none)."""
+    for n in range(most):
+        e = errno_of(mount.write, ctl, f"spawn {prefix}{n} def=echo\n")
+        if e is not None:
+            return n, e
+    return most, 0
+
+
+def test_a_spawn_loop_meets_the_limit_and_the_operator_keeps_room(tmp_path):
+    """With --max-agents 30, agents' spawns stop 3 short (a tenth): the operator still
+    starts the last three, then is refused too; a kill makes room again."""
+    from conftest import Mount, fuse_unavailable
+    if fuse_unavailable():
+        pytest.skip(f"cannot mount FUSE here: {fuse_unavailable()}")
+    m = Mount(tmp_path).mount("--max-agents", "30")
+    try:
+        m.define("boss", BOSS)
+        m.write("ctl", "spawn boss\n")
+        started, e = spawned(m, "agents/boss/view/ctl", "e", 40)
+        assert (started, e) == (26, errno.EAGAIN)  # 27 agents with boss: 30 less 3
+        assert "fs9 holds 27 agents: 27 at the most for agents spawning" in \
+            m.read("agents/boss/err")
+        for n in range(3):
+            m.write("ctl", f"spawn op{n} cmd=cat\n")
+        assert errno_of(m.write, "ctl", "spawn op3 cmd=cat\n") == errno.EAGAIN
+        assert "fs9 holds 30 agents: 30 at the most" in m.read("err")
+        assert len(os.listdir(m.path / "agents")) == 30
+        m.write("ctl", "kill op0\n")
+        m.write("ctl", "spawn op3 cmd=cat\n")  # room again
+    finally:
+        m.umount()
+    assert not m.bugs()
+
+
+def test_an_agent_starts_so_many_agents_and_a_definition_has_so_many(mount):
+    mount.define("boss", BOSS)
+    mount.write("ctl", "spawn boss\n")
+    ctl = "agents/boss/view/ctl"
+    started, e = spawned(mount, ctl, "e", 120)
+    assert (started, e) == (100, errno.EDQUOT)
+    assert "agent boss has started 100 live agents: 100 at the most" in \
+        mount.read("agents/boss/err")
+    mount.write(ctl, "kill e7\n")
+    mount.write(ctl, "spawn e100 def=echo\n")  # (its share again)
+    # a definition that says how many of it may live: the operator's spawns keep to it
+    mount.define("w", 'cmd = ["cat"]\nunconfined = true\nmax_instances = 2\n')
+    mount.write("ctl", "spawn w1 def=w\nspawn w2 def=w\n")
+    assert errno_of(mount.write, "ctl", "spawn w3 def=w\n") == errno.EDQUOT
+    assert "definition w has 2 live agents: 2 at the most" in mount.read("err")
+    assert "w3" not in os.listdir(mount.path / "agents")
+    # one write is checked whole: two more of w in it are refused together
+    mount.write("ctl", "kill w1\n")
+    assert errno_of(mount.write, "ctl", "spawn w4 def=w\nspawn w5 def=w\n") == errno.EDQUOT
+    assert not {"w4", "w5"} & set(os.listdir(mount.path / "agents"))

@@ -260,6 +260,8 @@ DEFINITIONS = [  # (agent.toml after `cmd = ["cat"]` and `unconfined = true`, re
     ("[net]\nconnect = [0]", "[net] connect must be a list of TCP ports"),
     ("[unveil]\nvault = 1", "expected r, w or rw"),
     ("spawns = [[1]]", "spawns must be a list of strings"),
+    ("max_instances = 0", "max_instances must be an integer >= 1"),
+    ("max_instances = true", "max_instances must be an integer >= 1"),
     ("sla = 1979-05-27", "date values are not allowed"),
 ]
 

@@ -11,6 +11,7 @@ import trio
 
 from ..errors import Fs9Error
 from ..kernel import metrics, sync
+from ..kernel.agents import spawn
 from ..kernel.kernel import Kernel
 from ..kernel.state import StateError
 from .ops import MAX_TASKS, Operations
@@ -25,10 +26,10 @@ READ_AHEAD_KB = 1024
 async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
                 ready=None, audit: bool = True, durability: str = "process",
                 metrics_at: tuple[str, int] | None = None, share_vault: bool = False,
-                otlp: str = "") -> None:
+                otlp: str = "", max_agents: int = spawn.MAX_AGENTS) -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
     kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
-                    audit=audit, durability=durability, otlp=otlp)
+                    audit=audit, durability=durability, otlp=otlp, max_agents=max_agents)
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(kernel.serve)

@@ -93,8 +93,9 @@ class Kernel(Lifecycles):
 
     def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "",
                  vault_dir: str = "", audit: bool = True, durability: str = "process",
-                 otlp: str = "") -> None:
+                 otlp: str = "", max_agents: int = spawn.MAX_AGENTS) -> None:
         self.state_dir = os.path.abspath(state_dir)
+        self.max_agents = max_agents  # live agents at once (agents/spawn.py: check_room)
         self.agents_dir = os.path.abspath(agents_dir)
         self.vault_dir = vault_dir and os.path.realpath(vault_dir)
         self.mount_path = mount_path
@@ -264,7 +265,7 @@ class Kernel(Lifecycles):
     def ctl(self, data: bytes, by: str | None = None) -> None:
         """The root ctl; `by`: the agent writing it through its view (None: the operator)."""
         parsed = cmd.parse(CMDS, data)
-        names = set(self.agents)
+        names, spawns = set(self.agents), []
         for p in parsed:  # every line is checked before any is applied
             if p.cmd.verb == "spawn":
                 if by is not None:
@@ -273,10 +274,12 @@ class Kernel(Lifecycles):
                 if by is not None and tree[0][1]["unconfined"]:
                     raise Fs9Error(errno.EPERM, f"agent {by} may not start the unconfined "
                                                 f"agent {p.args[0]}")
-                for name, *_ in tree:
+                for name, manifest, home, _ in tree:
                     if name in names:
                         raise Fs9Error(errno.EEXIST, f"{AGENT_EXISTS}: {name}")
                     names.add(name)
+                    spawns.append((home, manifest))
+                spawn.check_room(self, spawns, by)
                 asker = self.agents.get(by) if by is not None else None
                 if asker is not None and asker.manifest.get("approval", {}).get("spawn"):
                     line = one_line(" ".join(p.args))  # the operator's yes (approvals.py)

@@ -52,7 +52,7 @@ MAX_EXEC = 1 << 20  # bytes of cmd and env together
 INT64 = 1 << 63  # TOML's integers (tomllib reads longer ones; JSON readers may not)
 LINES = ("description", "sla")  # shown as KEY=VALUE lines in registry/: one line each
 # the definitions an agent with the spawn pledge may start (none unless listed)
-SPAWN_KEYS = ("spawns",)
+SPAWN_KEYS = ("spawns", "max_instances")  # (max_instances: live agents of this definition)
 SUPERVISOR_KEYS = ("strategy", "children")  # mode = "supervisor" (kernel/supervisor.py)
 # each driver's own keys (the exec driver's cmd, the llm driver's model...) come last
 KNOWN_KEYS = tuple(DEFAULTS) + ("pledge", "unveil", "owns", "budget", "memory", "net",
@@ -119,6 +119,9 @@ def check(raw: dict, origin: str) -> dict:
     for key in ("max_restarts", "within_s", "timeout_s"):
         if not isinstance(m[key], (int, float)) or isinstance(m[key], bool) or m[key] < 0:
             raise bad(f"{key} must be a number >= 0, got {m[key]!r}")
+    if "max_instances" in m and not (isinstance(m["max_instances"], int) and not isinstance(
+            m["max_instances"], bool) and m["max_instances"] >= 1):
+        raise bad(f"max_instances must be an integer >= 1, got {m['max_instances']!r}")
     if m["within_s"] == 0:  # a zero window would count no restarts: no limit at all
         raise bad("within_s must be > 0")
     if not isinstance(m["env"], dict) or not all(isinstance(v, str) for v in m["env"].values()):

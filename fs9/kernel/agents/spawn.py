@@ -21,6 +21,16 @@ if TYPE_CHECKING:
 
 # registry/ has files of these names; federation@OS is another OS's federation itself
 RESERVED_NAMES = (OPERATOR, "by-capability", "owners", "cards", "federation")
+# How many agents there may be (a spawn loop, an agent's or a script's, meets these
+# before the machine's limits). MAX_AGENTS: one uid each, from this fs9's range (the
+# default of `fs9 mount --max-agents`). Agents' spawns stop OPERATOR_ROOM short of the
+# whole, so the operator can always start more.
+MAX_AGENTS = confine.SLOT_SIZE
+INT_MAX = 1 << 63
+OPERATOR_ROOM = 100  # (at most a tenth of --max-agents)
+SPAWNED_PER_AGENT = 100  # live agents one agent has started
+PER_DEFINITION = 1000  # live agents of one definition, when agents spawn it (for the
+# operator: the definition's own `max_instances`, if it says)
 # what an agent with the spawn pledge may set: never what decides access
 AGENT_SPAWN_KEYS = {"def", "priority", "timeout_s", "max_restarts", "within_s", "restart"}
 
@@ -76,6 +86,32 @@ def prepare(kernel: "Kernel", name: str, *overrides: str,
     if not manifest["unconfined"] and not supervises:
         check_reachable(kernel, name, home)
     return manifest, home
+
+
+def check_room(kernel: "Kernel", spawns: list[tuple[str, dict]], by: str | None) -> None:
+    """A write to ctl spawning agents [(home, manifest)] (home: their definition's
+    folder), by `by` (None: the operator): EAGAIN when fs9 is full (for agents: its
+    room short of that), EDQUOT when the spawning agent or a definition has its share."""
+    homes = [home for home, _ in spawns]
+    limit = kernel.max_agents - (0 if by is None else
+                                 min(OPERATOR_ROOM, kernel.max_agents // 10))
+    if len(kernel.agents) + len(homes) > limit:
+        raise Fs9Error(errno.EAGAIN, f"fs9 holds {len(kernel.agents)} agents: {limit} at "
+                                     f"the most{'' if by is None else ' for agents spawning'}"
+                                     "; kill some first")
+    if by is not None:
+        mine = sum(a.spawned_by == by for a in kernel.agents.values()) + len(homes)
+        if mine > SPAWNED_PER_AGENT:
+            raise Fs9Error(errno.EDQUOT, f"agent {by} has started {mine - len(homes)} live "
+                                         f"agents: {SPAWNED_PER_AGENT} at the most")
+    for home, manifest in dict(spawns).items():
+        most = manifest.get("max_instances", INT_MAX if by is None else PER_DEFINITION)
+        most = most if by is None else min(most, PER_DEFINITION)
+        same = sum(a.home == home for a in kernel.agents.values()) + homes.count(home)
+        if same > most:
+            raise Fs9Error(errno.EDQUOT, f"definition {os.path.basename(home)} has "
+                                         f"{same - homes.count(home)} live agents: {most} at "
+                                         f"the most{'' if by is None else ' when agents spawn it'}")
 
 
 def check_reachable(kernel: "Kernel", name: str, home: str) -> None:
