@@ -3,6 +3,7 @@
 Tests drive it the way people and programs do: `sh -c` with echo/cat/ls, and
 plain file I/O. Where this machine cannot mount FUSE, mount tests skip and say why.
 """
+import errno
 import os
 import select
 import shutil
@@ -252,7 +253,10 @@ class Mount:
         view = memoryview(data.encode() if isinstance(data, str) else data)
         with open(self.path / rel, "wb", buffering=0) as f:
             while view:
-                view = view[f.write(view):]
+                n = f.write(view)
+                if n is None:  # (a raw file answers EAGAIN with None, not an error)
+                    raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+                view = view[n:]
 
     def status(self, agent: str) -> dict[str, str]:
         return dict(line.split("=", 1) for line in self.read(f"agents/{agent}/status").splitlines())
