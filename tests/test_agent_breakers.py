@@ -19,6 +19,8 @@ PICKY = """cmd = ["sh", "-c", "read x; [ \\"$x\\" = ok ]"]
 failures = 2
 window_s = 120
 cooldown_s = {cooldown}
+[unveil]
+"models/scripted" = "rw"
 """
 
 
@@ -49,6 +51,11 @@ def test_failures_open_it_new_work_is_refused_the_operator_resets_it(mount):
     r = m.sh("printf 'type: work_request\\n\\nok\\n' > agents/picky/mail/new")
     assert r.returncode != 0
     assert "circuit breaker open" in m.read("agents/picky/err")
+    # and its model calls: nothing more is spent on it
+    conv = m.read("agents/picky/view/models/scripted/clone").strip()
+    assert errno_of(m.write, f"agents/picky/view/models/scripted/{conv}/request",
+                    "hello\n") == errno.EHOSTDOWN
+    assert "agent picky: circuit breaker open" in m.read("agents/picky/err")
     assert m.status("picky")["queued"] == "0" and m.status("picky")["done"] == "0"
     # kept across a remount (the failures and the opening are in the log)
     m.umount()

@@ -142,14 +142,16 @@ def _families(metrics: Metrics, me: str | None) -> list[Family]:
                       "breaker is in (agents with one: agents/breaker.py).")
     by_state: collections.Counter = collections.Counter()
     totals: collections.Counter = collections.Counter()
+    # the lines a sample an agent, written inline: this loop is most of a read
+    restart, queue, task = restarts.lines.append, queued.lines.append, tasks.lines.append
     for a in agents:
         by_state[a.state] += 1
         who = _label("agent", a.name)
-        restarts.add(who, a.restarts)
-        queued.add(who, len(a.queue))
-        for state, n in sorted(a.tally.items()):
+        restart(f"fs9_agent_restarts_total{{{who}}} {a.restarts}.0\n")
+        queue(f"fs9_agent_queue_depth{{{who}}} {len(a.queue)}.0\n")
+        for state, n in a.tally.items():
             if n:
-                tasks.add(f"{who},{_label('state', state)}", n)
+                task(f'fs9_agent_tasks{{{who},state="{state}"}} {n}.0\n')
                 totals[state] += n
         if a.breaker.threshold > 0:
             breakers.add(f"{who},{_label('state', a.breaker.state)}", 1)
@@ -192,10 +194,11 @@ def _mail(k, agents, me) -> list[Family]:
     pending = Family("fs9_mail_pending", "gauge", "Messages not yet acknowledged.")
     dead = Family("fs9_mail_dead", "gauge", "Messages past their deadline unacknowledged "
                   "(mail/dead/).")
+    waiting, expired = pending.lines.append, dead.lines.append
     for owner in owners:
-        who = _label("agent", owner.name)
-        pending.add(who, len(owner.mailbox.order))
-        dead.add(who, len(owner.mailbox.dead))
+        who, box = _label("agent", owner.name), owner.mailbox
+        waiting(f"fs9_mail_pending{{{who}}} {len(box.order)}.0\n")
+        expired(f"fs9_mail_dead{{{who}}} {len(box.dead)}.0\n")
     return [pending, dead]
 
 
