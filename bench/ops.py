@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ops.py           (about 5 minutes)
     .venv/bin/python bench/ops.py --quick   (smoke run, rough figures)
+    .venv/bin/python bench/ops.py hot       (only figure 2; also: metrics, restart)
 
 Needs root (agents are confined). Mounts fs9 for real (bench/foundation.py's Fs9Mount).
 
@@ -63,13 +64,28 @@ def spawn_idle(fs: Fs9Mount, n: int) -> None:
 
 # --- 1. metrics with 1,000 agents ----------------------------------------------------
 
+def server_cpu_ms(fs: Fs9Mount) -> float:
+    """The server's CPU time so far (user + system, /proc: 10 ms ticks)."""
+    fields = Path(f"/proc/{fs.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def figure_metrics(fs: Fs9Mount, reads: int) -> dict:
+    """Wall clock a read (interleaved with the baseline's), then the server's CPU a
+    read over `reads` reads of each (steadier on a loaded machine)."""
     metrics, status = [], []
     size = len(read_to_eof(fs.path / "metrics"))  # (warm)
-    for i in range(reads):  # interleaved with the baseline
+    for i in range(reads):
         metrics.append(timed(lambda: read_to_eof(fs.path / "metrics")))
         status.append(timed(lambda: read_to_eof(fs.path / "status")))
-    return {"metrics_ms": metrics, "status_ms": status, "bytes": size}
+    cpu = {}
+    for name in ("metrics", "status"):
+        before = server_cpu_ms(fs)
+        for i in range(reads):
+            read_to_eof(fs.path / name)
+        cpu[name] = (server_cpu_ms(fs) - before) / reads
+    return {"metrics_ms": metrics, "status_ms": status, "bytes": size,
+            "metrics_cpu_ms": cpu["metrics"], "status_cpu_ms": cpu["status"]}
 
 
 # --- 2. the hot path: plain, scraped, traced ---------------------------------------------
@@ -288,13 +304,24 @@ def row(figure: str, fs9: str, baseline: str, ratio: float, target: str = "info"
             "target": target, "pass": passed}
 
 
-def rows_of(m: dict, hot: dict, rs: dict) -> list[dict]:
-    rows = [row(f"1. `metrics` read, {m['agents']:,} agents ({m['bytes']:,} bytes), p50 / p90",
+def rows_of(m: dict | None, hot: dict | None, rs: dict | None) -> list[dict]:
+    return (_metrics_rows(m) if m else []) + (_hot_rows(hot) if hot else []) + \
+        (_restart_rows(rs) if rs else [])
+
+
+def _metrics_rows(m: dict) -> list[dict]:
+    return [row(f"1. `metrics` read, {m['agents']:,} agents ({m['bytes']:,} bytes), p50 / p90",
                 f"{med(m['metrics_ms']):.1f} / {pct(m['metrics_ms'], 90):.1f} ms",
                 f"`status` read {med(m['status_ms']):.1f} ms",
                 med(m["metrics_ms"]) / med(m["status_ms"]), "<= 50 ms",
-                med(m["metrics_ms"]) <= 50)]
-    plain = hot["plain"]
+                med(m["metrics_ms"]) <= 50),
+            row("1. server CPU per `metrics` read", f"{m['metrics_cpu_ms']:.1f} ms",
+                f"per `status` read {m['status_cpu_ms']:.1f} ms",
+                m["metrics_cpu_ms"] / max(m["status_cpu_ms"], 0.01))]
+
+
+def _hot_rows(hot: dict) -> list[dict]:
+    rows, plain = [], hot["plain"]
     for name in ("scraped", "traced"):
         h = hot[name]
         trip = med(h["trip_ms"]) / med(plain["trip_ms"])
@@ -305,7 +332,11 @@ def rows_of(m: dict, hot: dict, rs: dict) -> list[dict]:
         rows.append(row(f"2. mail msg/s, {name} vs plain (time per message)",
                         f"{med(h['mail_per_s']):,.0f}/s", f"{med(plain['mail_per_s']):,.0f}/s",
                         mail, "<= 1.05x", mail <= 1.05))
-    bare = med(rs["bare"]["victim_ms"])
+    return rows
+
+
+def _restart_rows(rs: dict) -> list[dict]:
+    rows, bare = [], med(rs["bare"]["victim_ms"])
     for name in ("solo",) + STRATEGIES:
         r = rs[name]
         what = "daemon, no supervisor" if name == "solo" else f"supervisor {name}"
@@ -325,6 +356,7 @@ def main() -> int:
         return 0
     if "--quick" in sys.argv[1:]:
         AGENTS, READS, ROUNDS, TRIPS, MAILS, CRASHES = 200, 5, 1, 5, 20, 2
+    only = {"metrics", "hot", "restart"} & set(sys.argv[1:]) or {"metrics", "hot", "restart"}
     guard_signals(WATCHDOG_S)
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="fs9-bench-ops-"))
@@ -333,7 +365,7 @@ def main() -> int:
     mounts: dict[str, Fs9Mount] = {}
     scraper = None
     try:
-        for name in ("plain", "scraped", "traced"):
+        for name in ("plain", "scraped", "traced") if "hot" in only else ("plain",):
             (tmp / name).mkdir(mode=0o711)
             fs = mounts[name] = Fs9Mount(tmp / name)
             if name == "traced":
@@ -341,18 +373,22 @@ def main() -> int:
             fs.mount()
             fs.ctl("ctl", "spawn bench cmd=cat\nspawn box cmd=cat\n")
             print(f"{name}: spawning {AGENTS} agents ...", file=sys.stderr, flush=True)
-            spawn_idle(fs, AGENTS)
+            spawn_idle(fs, AGENTS if "hot" in only or "metrics" in only else 0)
             for _ in range(3):  # the sandbox starts on first use
                 round_trip(fs)
         signal.alarm(WATCHDOG_S)
-        print("1/3 metrics ...", file=sys.stderr, flush=True)
-        m = {**figure_metrics(mounts["plain"], READS), "agents": AGENTS + 2}
-        print("2/3 hot path ...", file=sys.stderr, flush=True)
-        scraper = Scraper(mounts["scraped"].path)
-        hot = figure_hot_path(mounts, ROUNDS, TRIPS, MAILS)
-        scraper.close()
-        print("3/3 crash to restart ...", file=sys.stderr, flush=True)
-        rs = figure_restart(mounts["plain"], CRASHES)
+        m = hot = rs = None
+        if "metrics" in only:
+            print("1/3 metrics ...", file=sys.stderr, flush=True)
+            m = {**figure_metrics(mounts["plain"], READS), "agents": AGENTS + 2}
+        if "hot" in only:
+            print("2/3 hot path ...", file=sys.stderr, flush=True)
+            scraper = Scraper(mounts["scraped"].path)
+            hot = figure_hot_path(mounts, ROUNDS, TRIPS, MAILS)
+            scraper.close()
+        if "restart" in only:
+            print("3/3 crash to restart ...", file=sys.stderr, flush=True)
+            rs = figure_restart(mounts["plain"], CRASHES)
         signal.alarm(0)
     finally:
         signal.alarm(0)
@@ -365,7 +401,7 @@ def main() -> int:
     elapsed = time.monotonic() - started
     print(f"(ran {elapsed:.0f} s on {os.cpu_count()} cpus; the collector took "
           f"{collector.posts} posts, {collector.bytes:,} bytes; the scraper read "
-          f"{scraper.reads} times)")
+          f"{scraper.reads if scraper else 0} times)")
     return finish(RESULTS, rows, {"metrics": m, "hot_path": hot, "restart": rs}, elapsed)
 
 
