@@ -3,6 +3,7 @@ manifest's `approval.model_tokens` waits for the operator's answer in approvals/
 granted, denied and timed out from a shell; kept across a remount; never visible to
 an agent."""
 import errno
+import os
 
 import pytest
 
@@ -123,3 +124,116 @@ def test_an_agents_spawn_waits_for_a_yes(mount):
     assert r.returncode != 0 and "Permission denied" in r.stderr
     assert "not now" in m.read("agents/boss/err")
     assert "e2" not in m.sh("ls agents").stdout.split()
+
+
+# --- mail above a label, vault writes, llm tools; the index --------------------------
+
+def pending_mail(m, agent: str) -> list[str]:
+    return [n for n in os.listdir(m.path / f"agents/{agent}/mail")
+            if n not in ("new", "next", "dead")]
+
+
+def test_mail_above_a_label_waits_for_a_yes(mount):
+    m = mount
+    m.define("teller", 'cmd = ["cat"]\nclearance = "confidential"\n'
+                       'pledge = ["read", "write", "send", "declassify"]\n'
+                       '[approval]\nmail_above = "internal"\n')
+    m.define("keeper", 'cmd = ["cat"]\nclearance = "confidential"\n')
+    m.sh("echo 'spawn teller' > ctl && echo 'spawn keeper' > ctl", check=True)
+    out = "agents/teller/outbox/keeper"  # sent as teller
+    m.write(out, "classification: internal\n\nthe weather\n")  # at the label: no question
+    assert len(pending_mail(m, "keeper")) == 1
+    secret = "classification: confidential\n\nthe plans\n"
+    assert errno_of(m.write, out, secret) == errno.EAGAIN
+    s = status(m, "1")
+    assert (s["state"], s["agent"], s["action"], s["data"]) == \
+        ("pending", "teller", "mail_above", "to keeper confidential")
+    assert "pending approval 1" in m.read("agents/teller/err")
+    assert len(pending_mail(m, "keeper")) == 1  # nothing reached the recipient
+    m.sh("echo approve > approvals/1/ctl", check=True)
+    m.write(out, secret)
+    names = pending_mail(m, "keeper")
+    assert len(names) == 2 and any("the plans" in m.read(f"agents/keeper/mail/{n}")
+                                   for n in names)
+    assert status(m, "1")["used"] == "yes"
+    assert errno_of(m.write, out, secret) == errno.EAGAIN  # one yes, one message
+    m.sh("echo deny >> approvals/2/ctl", check=True)
+    assert errno_of(m.write, out, secret) == errno.EACCES
+    assert len(pending_mail(m, "keeper")) == 2
+
+
+WRITER = 'cmd = ["cat"]\nowns = ["vault/reports"]\n[approval]\nvault_write = ["vault/reports/final"]\n'
+
+
+def test_a_vault_write_under_a_listed_path_waits_for_a_yes(mount):
+    m = mount
+    (m.vault / "reports/final").mkdir(parents=True)
+    m.define("writer", WRITER)
+    m.sh("echo 'spawn writer' > ctl", check=True)
+    v = "agents/writer/view/vault/reports"
+    m.write(f"{v}/draft.md", "free to write\n")  # not under the listed path
+    assert (m.vault / "reports/draft.md").read_text() == "free to write\n"
+    assert errno_of(m.write, f"{v}/final/q4.md", "numbers\n") == errno.EAGAIN
+    assert not (m.vault / "reports/final/q4.md").exists()
+    s = status(m, "1")
+    assert (s["action"], s["data"]) == ("vault_write", "vault/reports/final/q4.md")
+    # from a shell, as the agent's program would: the same refusal, the same request
+    r = m.sh(f"echo numbers > {v}/final/q4.md")
+    assert r.returncode != 0 and m.sh("ls approvals").stdout.split() == ["1"]
+    m.sh("echo approve > approvals/1/ctl", check=True)
+    m.write(f"{v}/final/q4.md", "numbers\n")
+    assert (m.vault / "reports/final/q4.md").read_text() == "numbers\n"
+    assert errno_of(os.unlink, m.path / f"{v}/final/q4.md") == errno.EAGAIN  # a new change
+    assert (m.vault / "reports/final/q4.md").exists()
+    m.write("approvals/2/ctl", "deny keep it\n")
+    assert errno_of(os.unlink, m.path / f"{v}/final/q4.md") == errno.EACCES
+    assert (m.vault / "reports/final/q4.md").exists()
+    assert "keep it" in m.read("agents/writer/err")
+    # the operator writes there freely
+    m.write("vault/reports/final/q4.md", "operator's\n")
+
+
+def test_a_tool_call_of_the_llm_driver_asks_first(mount):
+    m = mount
+    m.define("tooler", 'cmd = ["cat"]\n[approval]\ntools = ["write"]\n')
+    m.define("other", 'cmd = ["cat"]\n[unveil]\n"agents" = "rw"\n')
+    m.sh("echo 'spawn tooler' > ctl && echo 'spawn other' > ctl", check=True)
+    ask = "agents/tooler/view/agents/tooler/approve"
+    m.write(ask, '{"tool": "read", "args": {"path": "vault/a"}}')  # needs no yes
+    call = '{"tool": "write", "args": {"path": "vault/a", "content": "x"}}'
+    assert errno_of(m.write, ask, call) == errno.EAGAIN
+    s = status(m, "1")
+    assert (s["action"], s["data"]) == ("tool", 'write {"content": "x", "path": "vault/a"}')
+    assert errno_of(m.write, ask, "not json") == errno.EINVAL
+    # another agent may not use tooler's yes, whatever it unveils
+    m.sh("echo approve > approvals/1/ctl", check=True)
+    assert errno_of(m.write, "agents/other/view/agents/tooler/approve", call) in \
+        (errno.EPERM, errno.EACCES, errno.ENOENT)
+    assert status(m, "1")["used"] == "no"
+    m.write(ask, call)
+    assert status(m, "1")["used"] == "yes"
+    assert errno_of(m.write, ask, call) == errno.EAGAIN  # one yes, one call
+
+
+def test_used_approvals_leave_memory_but_not_the_log(tmp_path):
+    """The index: a gated action is one lookup; used ones are pruned to RECENT."""
+    from fs9.kernel import approvals as approvals_mod
+    from fs9.kernel.kernel import Kernel
+    from fs9.errors import Fs9Error
+
+    k = Kernel(str(tmp_path / "state"), str(tmp_path / "agents"))
+
+    class Asker:  # what gate reads of an agent
+        name, manifest, current = "asker", {"approval": {"spawn": True}}, None
+    n = approvals_mod.RECENT + 50
+    for i in range(n):
+        with pytest.raises(Fs9Error) as e:
+            k.approvals.gate(Asker, "spawn", f"e{i}", f"spawn e{i}", None, True)
+        assert e.value.errno == errno.EAGAIN
+        k.approvals.ctl(k.approvals.get(str(i + 1)), b"approve\n")
+        k.approvals.gate(Asker, "spawn", f"e{i}", f"spawn e{i}", None, True)
+    a = k.approvals
+    assert not a.live and not a.by_action and not a.pending
+    assert len(a.recent) == approvals_mod.RECENT and a.ids()[-1] == str(n)
+    assert a.get("1") is None and a.get(str(n)).used
+    assert sum(e.kind == "approval_used" for e in k.log.events_after(0, limit=10 * n)) == n

@@ -207,3 +207,19 @@ def test_a_handoff_carries_the_senders_clearance(llm_mount):
     assert not m.status("intern")["latest"]  # no task reached it
     assert any(e["kind"] == "refused" and "cleared for public" in e["reason"]
                for e in audit(m))
+
+
+def test_a_tool_named_in_the_manifest_waits_for_the_operators_yes(llm_mount):
+    m = llm_mount
+    m.define("careful", 'driver = "llm"\n[unveil]\n"vault/docs" = "r"\n'
+                        '[approval]\ntools = ["read"]\n')
+    m.write("ctl", "spawn careful\n")
+    out = run(m, "careful", "please read vault/docs/a.md")
+    assert "the tool failed: pending approval 1" in out and "apples" not in out, out
+    s = dict(line.split("=", 1) for line in m.read("approvals/1/status").splitlines())
+    assert (s["agent"], s["action"], s["data"]) == \
+        ("careful", "tool", 'read {"path": "vault/docs/a.md"}')
+    m.write("approvals/1/ctl", "approve\n")
+    out = run(m, "careful", "please read vault/docs/a.md")
+    assert "vault/docs/a.md says: apples are red" in out, out
+    assert m.read("approvals/1/status").count("used=yes") == 1

@@ -76,6 +76,30 @@ def step(kind: str, **fields) -> None:
         print(f"fs9 llm agent: cannot record a step: {e}", file=sys.stderr)
 
 
+def approved(name: str, args: dict) -> None:
+    """Ask the kernel before a tool call (agents/ME/approve): it answers at once for a
+    tool that needs no yes; OSError if the operator was asked (pending: the ids) or
+    said no."""
+    fd = os.open(at(f"agents/{ME}/approve"), os.O_WRONLY)
+    try:  # one write(2): a refusal is its errno, never a second try at close
+        os.write(fd, json.dumps({"tool": name, "args": args}).encode())
+    except OSError as e:
+        if e.errno == errno.EAGAIN:
+            try:
+                with open(at(f"agents/{ME}/status")) as f:
+                    ids = dict(l.split("=", 1) for l in f.read().splitlines()
+                               if "=" in l).get("approvals_pending", "")
+            except OSError:
+                ids = ""
+            raise OSError(errno.EAGAIN, f"pending approval {ids}: the operator is asked; "
+                                        "try this call again later") from None
+        if e.errno == errno.EACCES:
+            raise OSError(errno.EACCES, "the operator denied this call") from None
+        raise
+    finally:
+        os.close(fd)
+
+
 def data(source: str, text: str) -> str:
     """Untrusted text as delimited data; a suspected injection is flagged."""
     hits = [p.pattern for p in INJECTION if p.search(text)]
@@ -204,6 +228,7 @@ def main() -> int:
                 try:
                     if c["name"] not in allowed:
                         raise OSError(errno.EPERM, f"tool {c['name']} is not allowed")
+                    approved(c["name"], c["arguments"] or {})
                     text = run_tool(c["name"], c["arguments"] or {}, messages)
                     step("tool", name=c["name"], args=c["arguments"], ok=True)
                 except Handoff as h:

@@ -22,7 +22,7 @@ import os
 import stat
 
 from ..errors import Fs9Error
-from ..kernel import labels
+from ..kernel import approvals, labels
 from ..kernel.names import shown_path, split_view
 from typing import TYPE_CHECKING
 
@@ -176,6 +176,13 @@ class Gate:
                     raise Fs9Error(errno.EACCES, f"{shown_path(inner)} is owned by "
                                    + (f"agent {owner}: ask it by mail" if owner else
                                       "no agent: only the operator changes it"))
+                agent = self.kernel.agents[viewer]
+                if approvals.vault_needs(agent, inner):  # one yes, one change of that path
+                    where = shown_path(inner)
+                    self.kernel.approvals.gate(
+                        agent, "vault_write", where, f"a change of {where} (under "
+                        "approval.vault_write)", agent.current.corr if agent.current else None,
+                        True)
 
     def check_listing(self, path: tuple[str, ...]) -> None:
         """A view's refusal to list a directory labelled above its clearance (names are

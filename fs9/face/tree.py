@@ -169,6 +169,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/memory/{note}": lambda k, agent, note: _note(k, agent, note),
     "agents/{agent}/steps": lambda k, agent: Ctl(  # each line: one agent_step event
         lambda d: k.guarded(agent.steps, d, agent=agent.name, file="steps")),
+    "agents/{agent}/approve": lambda k, agent, me=None: Ctl(  # a tool call, before it runs
+        lambda d: k.guarded(k.approvals.tool, agent, d, me, agent=agent.name, file="approve")),
     "agents/{agent}/out": _agent_out,
     "agents/{agent}/err": _agent_err,
     "agents/{agent}/status": lambda k, agent: Status(agent.status),
@@ -296,8 +298,8 @@ VARS = {
               lambda k, name: k.federation.outbox.dead.get(name)),
     "model": (lambda k: sorted(k.models.models), lambda k, name: k.models.model(name)),
     # the operator's alone: an agent never sees an approval, even its own, whatever it unveils
-    "approval": (lambda k, me=None: list(k.approvals.items) if me is None else [],
-                 lambda k, name, me=None: k.approvals.items.get(name) if me is None else None),
+    "approval": (lambda k, me=None: k.approvals.ids() if me is None else [],
+                 lambda k, name, me=None: k.approvals.get(name) if me is None else None),
     # a conversation is its opener's: others (but the operator) do not see it
     "conv": (lambda k, model, me=None: k.models.visible(model, me),
              lambda k, name, model, me=None: k.models.conversation(model, name, me)),

@@ -23,6 +23,7 @@ import trio
 from ..drivers import confine
 from ..errors import NO_AGENT, Fs9Error
 from . import traces
+from .agents.breaker import AgentBreakers, check_new
 from .approvals import Approvals
 from .agents import escapes, spawn
 from .agents.agent import Agent
@@ -130,8 +131,9 @@ class Kernel(Lifecycles, RootCtl):
         self.approvals = Approvals(self)  # approvals/ (approvals.py)
         self.metrics = Metrics(self)  # the root `metrics` (metrics.py)
         self.federation = Federation(self)  # off until joined (federation/ctl)
+        self.breakers = AgentBreakers(self)  # the agents' circuit breakers' events
         self.handlers = event_table(self, self.bus, self.models, self.memory, self.federation,
-                                    self.approvals)
+                                    self.approvals, self.breakers)
 
     # --- lifetime --------------------------------------------------------------
 
@@ -322,6 +324,8 @@ class Kernel(Lifecycles, RootCtl):
         if agent.daemon and data is not None:
             raise Fs9Error(errno.EINVAL, f"{agent.name} is a {agent.manifest['mode']} agent "
                                          "and takes no tasks")
+        if data is not None and not request:  # (mail checked it before it was sent)
+            check_new(agent)  # its circuit breaker (agents/breaker.py)
         tid = self.log.next_seq
         extra = dict(reply_to=reply_to, request=request) if reply_to else {}
         self.record("task_queued", agent=agent.name, task=tid, corr=corr or os.urandom(8).hex(),

@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..drivers import confine
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
-from .agents import limits
+from .agents import breaker as breakers, limits
 from .agents.agent import Agent
 from .log import Event
 from .stream import Stream
@@ -41,6 +41,8 @@ class Lifecycles:
         event = self.log.append(kind, **fields)
         self._fresh_blob = (event.seq, fields.get("blob"))  # so apply need not read it back
         self.apply(event)
+        if kind in ("task_done", "task_failed"):  # an agent's breaker decides (live only)
+            breakers.ended(self, event)
         return event
 
     def blob(self, e: Event) -> bytes:
@@ -180,6 +182,8 @@ class Lifecycles:
 
     def _on_task_failed(self, e, agent, task):
         self._end(task, "failed", e.data.get("exit"), e.data.get("reason", ""), e.ts)
+        if agent is not None and not task.daemon and agent.breaker.threshold > 0:
+            agent.breaker.failed(e.ts)  # (agents/breaker.py)
 
     def _on_task_cancelled(self, e, agent, task):
         self._end(task, "cancelled", reason=e.data.get("reason", ""), ts=e.ts)

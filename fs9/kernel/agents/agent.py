@@ -19,7 +19,7 @@ from ...drivers import cgroups, confine
 from ...errors import NO_AGENT, Fs9Error
 from .. import cmd
 from ..names import one_line
-from . import escapes, limits, manifest as manifests, sandbox as sandboxes
+from . import breaker as breakers, escapes, limits, manifest as manifests, sandbox as sandboxes
 from ..models.budget import Limits
 from ..bus.mailbox import Mailbox
 from ..stream import Changes
@@ -40,6 +40,7 @@ CMDS = (
     cmd.Cmd("kill", "kill", usage="kill"),
     cmd.Cmd("priority", "set_priority", 1, 1,
             usage="priority interactive|normal|background"),
+    breakers.CMD,
 )
 
 
@@ -67,6 +68,7 @@ class Agent:
         self.failed = ""  # reason, once the supervisor gave up
         self.killed = False
         self.restarts = 0
+        self.breaker = breakers.of(name, self.manifest)  # cut off if its tasks keep failing
         self.tasks: list[Task] = []  # every task, oldest first
         self.tally: collections.Counter = collections.Counter()  # its tasks by state
         self.queue: collections.deque[Task] = collections.deque()
@@ -151,6 +153,7 @@ class Agent:
             "latest_ended_at": last.get("ended_at", ""), "latest_elapsed": last.get("elapsed", ""),
             **self.kernel.models.agent_usage(self.name),
             "approvals_pending": self.kernel.approvals.pending_of(self.name),
+            **breakers.status(self, time.time()),  # its own circuit breaker
             **{f"budget_{k}": v for k, v in vars(self.budget).items() if v},
             "reason": self.failed or failure(latest),  # last: it is free text
         }
@@ -180,6 +183,9 @@ class Agent:
                                         f"{self.name}: supervision trees are the operator's")
         for p in parsed:  # every line is checked before any is applied
             self.check(p, last=p is parsed[-1])
+            if by is not None and p.cmd.verb == "reset":
+                raise Fs9Error(errno.EPERM, f"only the operator resets {self.name}'s "
+                                            f"circuit breaker, not agent {by}")
             if by is not None and p.cmd.verb == "priority" and \
                     RANKS.index(p.args[0]) > RANKS.index(self.priority):
                 raise Fs9Error(errno.EPERM, f"agent {by} may lower {self.name}'s priority, "
@@ -221,6 +227,9 @@ class Agent:
 
     def kill(self) -> None:
         self.kernel.kill(self.name)
+
+    def reset(self) -> None:
+        breakers.reset(self.kernel, self)
 
     def set_priority(self, priority: str) -> None:
         self.kernel.record("priority", agent=self.name, priority=priority)
@@ -315,6 +324,11 @@ class Agent:
                 continue
             if not self.daemon:
                 task = self.queue[0]
+                cooling = breakers.wait_s(self, time.time())
+                if cooling:  # its breaker is open: the queue waits (agents/breaker.py)
+                    with trio.move_on_after(cooling):
+                        await self.changes.wait_past(self.changes.version)
+                    continue
             elif self._daemon_run is not None and self._daemon_run.state == "queued":
                 task = self._daemon_run  # submitted before its sandbox was ready
             else:
@@ -328,6 +342,8 @@ class Agent:
                     # kill, stop or halt while the sandbox was starting may have ended it
                     if task.state != "queued" or not self.runnable():
                         continue
+            if not self.daemon:
+                breakers.starting(self.kernel, self, task)
             status = await self.execute(task)
             if not self.daemon:
                 continue

@@ -18,7 +18,7 @@ from ... import drivers
 from ...errors import Fs9Error
 from . import view as views
 from ..models.budget import Limits
-from . import limits
+from . import breaker as breakers, limits
 from .memory import policy as memory_policy
 from ..names import NAME_RE
 from .. import approvals, supervisor
@@ -56,7 +56,7 @@ SPAWN_KEYS = ("spawns", "max_instances")  # (max_instances: live agents of this 
 SUPERVISOR_KEYS = ("strategy", "children")  # mode = "supervisor" (kernel/supervisor.py)
 # each driver's own keys (the exec driver's cmd, the llm driver's model...) come last
 KNOWN_KEYS = tuple(DEFAULTS) + ("pledge", "unveil", "owns", "budget", "memory", "net",
-                                 "limits", "approval") \
+                                 "limits", "approval", "breaker") \
     + FUTURE_KEYS + SPAWN_KEYS + SUPERVISOR_KEYS + tuple(k for d in drivers.DRIVERS.values() for k in d.keys)
 
 
@@ -156,6 +156,7 @@ def check(raw: dict, origin: str) -> dict:
             raise Fs9Error(errno.EINVAL, "budget must be a table")
         Limits.of(m.get("budget", {}), "budget")
         approvals.policy(m)
+        breakers.settings(m)
         memory_policy(m)
         limits.of(m)
     except Fs9Error as e:

@@ -36,6 +36,8 @@ import time
 import trio
 
 from ...errors import Fs9Error
+from .. import approvals
+from ..agents.breaker import check_new
 from . import message
 from ..names import NAME_RE, OPERATOR, one_line
 from ..rate import Burst
@@ -103,6 +105,7 @@ class Bus:
             self.kernel.log.append("mail_duplicate", agent=agent.name, sender=sender,
                                    key=key, id=self.sent_keys[(sender, key)])
             return None
+        self._approved(agent, msg, sender, use=True)
         msg.headers["id"] = os.urandom(8).hex()
         corr = msg.headers.setdefault("correlation-id", msg.id)
         if level != floor and not message.clearance_allows(level, floor):
@@ -141,6 +144,8 @@ class Bus:
         full = agent.mailbox.full(operator=sender == OPERATOR)
         if full:
             raise Fs9Error(errno.EDQUOT, f"{agent.name}: {full}")
+        if msg.headers.get("type") in ("work_request", "handoff") and not agent.daemon:
+            check_new(agent)  # work for an agent its breaker cut off: refused at once
         return msg, floor
 
     def precheck(self, agent, data: bytes, sender: str) -> None:
@@ -148,12 +153,25 @@ class Bus:
         blank line ended them), so a bad one fails write(2), where a shell says so."""
         if agent.killed:
             raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
-        if b"\n\n" in data:
-            self.check(agent, data, sender)  # (the mailbox's room too)
+        if b"\n\n" in data:  # (check: the mailbox's room too)
+            self._approved(agent, self.check(agent, data, sender)[0], sender, use=False)
             return
         full = agent.mailbox.full(operator=sender == OPERATOR)
         if full:
             raise Fs9Error(errno.EDQUOT, f"{agent.name}: {full}")
+
+    def _approved(self, agent, msg: Message, sender: str, use: bool) -> None:
+        """Mail classified above its author's `approval.mail_above` needs the operator's
+        yes (approvals.py): asked at the message's first write already, so a shell's
+        `echo` says so (EAGAIN), used up when it is sent (one yes, one message)."""
+        author = self.kernel.agents.get(sender)
+        level = msg.headers["classification"]
+        if author is not None and approvals.mail_needs(author, level):
+            self.kernel.approvals.gate(
+                author, "mail_above", f"to {agent.name} {level}",
+                f"mail to {agent.name} classified {level} (over approval.mail_above = "
+                f"{author.manifest['approval']['mail_above']})",
+                author.current.corr if author.current else None, use)
 
     def _check_author(self, author, msg: Message, floor: str) -> None:
         """What an agent may say in a message (see the module doc): EPERM if not."""

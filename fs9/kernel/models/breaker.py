@@ -44,10 +44,12 @@ def settings(conf: dict, origin: str) -> dict:
 
 
 class Breaker:
-    """One model's breaker: pure state, told the time by its caller."""
+    """One model's (or agent's: agents/breaker.py) breaker: pure state, told the time
+    by its caller."""
 
-    def __init__(self, model: str, failures: int, window_s: float, cooldown_s: float) -> None:
-        self.model = model
+    def __init__(self, name: str, failures: int, window_s: float, cooldown_s: float,
+                 kind: str = "model") -> None:
+        self.subject = f"{kind} {name}"  # what the refusals name
         self.threshold, self.window_s, self.cooldown_s = int(failures), window_s, cooldown_s
         self.state = "closed"
         self.failures: collections.deque[float] = collections.deque()  # their times
@@ -72,11 +74,11 @@ class Breaker:
         if self.threshold <= 0 or self.state == "closed":
             return None
         if self.state == "open" and now < self.until():
-            raise Fs9Error(errno.EHOSTDOWN, f"model {self.model}: circuit breaker open "
+            raise Fs9Error(errno.EHOSTDOWN, f"{self.subject}: circuit breaker open "
                            f"({self.reason}); calls refused for "
                            f"{self.until() - now:.0f} s more, then one probe")
         if self.probing is not None:
-            raise Fs9Error(errno.EHOSTDOWN, f"model {self.model}: circuit breaker half-open, "
+            raise Fs9Error(errno.EHOSTDOWN, f"{self.subject}: circuit breaker half-open, "
                            "a probe call is in flight; calls refused until it succeeds")
         return "probe"
 

@@ -49,6 +49,7 @@ from .. import cmd
 from . import budget, retry, tokens
 from .breaker import Breaker
 from . import breaker as breakers
+from ..agents import breaker as agent_breakers
 from .budget import Limits, Scope, Usage
 from ..names import NAME_RE, OPERATOR, one_line
 from . import request as requests
@@ -321,6 +322,8 @@ class Models:
                                         "reply first")
         try:
             conv.model.breaker.admit(time.time())
+            # and the agent's own, open once its tasks kept failing (agents/breaker.py)
+            agent_breakers.check_model_call(self.kernel.agents.get(conv.owner or ""))
         except Fs9Error as e:  # cut off: refused before anything is sent or reserved
             task = self._task_of(conv.owner)
             self.kernel.record("model_refused", agent=conv.owner, model=conv.model.name,
