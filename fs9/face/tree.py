@@ -227,6 +227,9 @@ ROWS: dict[str, Callable[..., Node | None]] = {
         create=lambda name: _federated(k, name, OPERATOR, dict(file="federation/outbox"))),
     "federation/dead": None,  # dead letters: given up before JetStream had them
     "federation/dead/{fdead}": lambda k, fdead: Status(lambda: fdead.data),
+    "federation/requests": None,  # the work requests we sent: state, callbacks (requests.py)
+    "federation/requests/{freq}": lambda k, freq: Status(
+        lambda: k.federation.requests.text(freq)),
     "federation/peers": None,
     "federation/peers/{peer}": None,
     "federation/peers/{peer}/card": lambda k, peer: Status(lambda: peer.card or b""),
@@ -292,6 +295,8 @@ VARS = {
     "note": (lambda k, agent: k.memory.keys(agent),
              lambda k, name, agent: name if k.memory.get(agent, name) is not None else None),
     "peer": (lambda k: sorted(k.federation.peers), lambda k, name: k.federation.peers.get(name)),
+    "freq": (lambda k: [c for c in k.federation.requests.by_corr if "/" not in c],
+             lambda k, name: name if name in k.federation.requests.by_corr else None),
     "fdead": (lambda k: sorted(k.federation.outbox.dead),
               lambda k, name: k.federation.outbox.dead.get(name)),
     "model": (lambda k: sorted(k.models.models), lambda k, name: k.models.model(name)),

@@ -83,20 +83,23 @@ class Engine:
         """nats-py reports here each failed attempt to reach the server (it goes on)."""
         self.error = f"{type(e).__name__}: {e}".rstrip(": ")
 
-    async def publish(self, to: str, data: bytes, msg_id: str) -> None:
-        """One message to OS `to`; returns once JetStream stored it (its ack)."""
+    async def publish(self, to: str, data: bytes, msg_id: str,
+                      headers: dict[str, str] | None = None) -> None:
+        """One message to OS `to`; returns once JetStream stored it (its ack). headers:
+        fs9's own (a chunk's place, chunks.py), beside the dedupe id."""
         await self.call(self.js.publish(f"fs9.fed.{to}.{self.me}", data, timeout=5,
-                                        headers={"Nats-Msg-Id": msg_id}))
+                                        headers={"Nats-Msg-Id": msg_id, **(headers or {})}))
 
     async def fetch(self, batch: int = 64, timeout: float = 2.0) -> list:
-        """Up to batch waiting messages as (origin OS, data, ack): [] after timeout."""
+        """Up to batch waiting messages as (origin OS, data, headers, ack): [] after
+        timeout. The headers are the publisher's: untrusted, checked by the caller."""
         try:
             msgs = await self.call(self.inbox.fetch(batch, timeout=timeout))
         except EngineError as e:
             if "Timeout" in str(e):
                 return []
             raise
-        return [(m.subject.rsplit(".", 1)[-1], m.data, m) for m in msgs]
+        return [(m.subject.rsplit(".", 1)[-1], m.data, dict(m.headers or {}), m) for m in msgs]
 
     async def ack(self, handle) -> None:
         await self.call(handle.ack())

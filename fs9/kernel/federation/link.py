@@ -5,6 +5,7 @@ says `connection=connecting` and the last error, and it catches up once NATS ans
 import trio
 
 from ...errors import Fs9Error
+from . import chunks
 from .engine import Engine, EngineError
 from .federation import BACKOFF_S, Federation
 
@@ -93,7 +94,7 @@ async def _send(fed: Federation, engine: Engine) -> None:
                 continue  # given up meanwhile, or about to be (outbox.keep_deadlines)
             outbox.sending.add(mid)
             try:
-                await engine.publish(to, data, f"{fed.me}/{mid}")
+                await _publish(fed, engine, mid, to, data)
             except EngineError as e:
                 _failed(fed, f"publish to {to}", e)
                 await trio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
@@ -103,6 +104,18 @@ async def _send(fed: Federation, engine: Engine) -> None:
                 outbox.sending.discard(mid)
             attempt = 0
             fed.kernel.record("fed_sent", id=mid, os=to)
+
+
+async def _publish(fed: Federation, engine: Engine, mid: str, to: str, data: bytes) -> None:
+    """One message, or its chunks from the first JetStream does not have yet."""
+    pieces = chunks.split(mid, data)
+    if len(pieces) == 1:
+        return await engine.publish(to, data, f"{fed.me}/{mid}")
+    for i, (piece, headers) in enumerate(pieces):
+        if i < fed.outbox.pending[mid].chunks_sent:
+            continue
+        await engine.publish(to, piece, f"{fed.me}/{mid}/{i}", headers)
+        fed.kernel.record("fed_chunk_sent", id=mid, os=to, i=i)
 
 
 async def _receive(fed: Federation, engine: Engine) -> None:
@@ -118,9 +131,9 @@ async def _receive(fed: Federation, engine: Engine) -> None:
             attempt += 1
             continue
         attempt = 0
-        for origin, data, handle in batch:
+        for origin, data, headers, handle in batch:
             try:
-                fed.receive(origin, data)
+                fed.receive(origin, data, headers)
             except Fs9Error as e:  # the log refused it: not acked, tried again later
                 _failed(fed, f"receive from {origin}", e)
                 continue
