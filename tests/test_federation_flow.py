@@ -4,6 +4,8 @@ and large results crossing in chunks that both ends resume. Two real mounts and 
 nats-server; what arrived is read on the receiving side (mailboxes, the log)."""
 import asyncio
 import errno
+import json
+import os
 
 import nats as natspy
 
@@ -163,3 +165,114 @@ def test_chunks_resume_after_the_receiver_is_killed(nats, members):
     assert "do not match their digest" in reasons and "bad Fs9-Chunk header" in reasons
     assert "chunk 0 of 2 has 10 bytes" in reasons
     assert len(mails(a, "mail")) == 1
+
+
+def saga_status(m, sid: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in m.read(f"federation/sagas/{sid}/status")
+                .splitlines())
+
+
+def steps(m, sid: str) -> list[str]:
+    return m.read(f"federation/sagas/{sid}/steps").splitlines()
+
+
+def inputs(m, agent: str) -> list[str]:
+    return [m.read(f"agents/{agent}/tasks/{t}/input")
+            for t in sorted(os.listdir(m.path / f"agents/{agent}/tasks"), key=int)]
+
+
+SAGA = """id = "csv-4521"
+on_failure = "compensate"
+[[step]]
+name = "fix"
+to = "echo@beta"
+request = "fix the CSV export"
+compensate = "revert the fix"
+[[step]]
+name = "notify"
+to = "echo@beta"
+request = "tell the customer"
+[[step]]
+name = "docs"
+to = "failing@beta"
+request = "update the known issues"
+retries = 1
+timeout_s = 30
+"""
+
+
+def test_a_saga_compensates_what_declares_how_and_keeps_the_rest(nats, members):
+    a, b = members
+    nats.start()
+    b.define("failing", 'cmd = ["sh", "-c", "cat >/dev/null; echo no >&2; exit 3"]\n')
+    b.sh("echo 'spawn echo' > ctl && echo 'spawn failing' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha")
+    connected(a, b)
+    assert errno_of(a.write, "federation/sagas/new", "id = 'x'\n") == errno.EINVAL
+    assert errno_of(a.write, "federation/sagas/new",
+                    SAGA.replace("failing@beta", "docs@gamma")) == errno.ENOENT
+    a.write("federation/sagas/new", SAGA)
+    assert errno_of(a.write, "federation/sagas/new", SAGA) == errno.EEXIST
+    wait_for(lambda: saga_status(a, "csv-4521")["state"] == "compensated", timeout=LONG_S,
+             what="the saga compensated")
+    s = saga_status(a, "csv-4521")
+    assert s["standing"] == "notify" and "step docs failed: failed" in s["reason"]
+    fix, notify, docs = steps(a, "csv-4521")
+    assert "state=undone" in fix and "state=done" in notify
+    assert "state=failed attempt=2/2" in docs
+    # what beta's agents were asked, in order: the undo after the failure, once
+    assert inputs(b, "echo") == ["fix the CSV export\n", "tell the customer\n",
+                                 "revert the fix\n"]
+    assert len(inputs(b, "failing")) == 2
+    # the whole saga in alpha's log under its id; its retry waited (backoff)
+    kinds = [json.loads(line)["kind"] for line in a.read("log/trace/csv-4521").splitlines()]
+    assert kinds[0] == "saga_started" and kinds[-1] == "saga_state"
+    retry = [e for e in log_rows(a, "saga_step") if e["state"] == "retrying"]
+    assert len(retry) == 1 and "again in 1 s" in retry[0]["reason"]
+    # it all stands after a remount
+    a.kill9()
+    a.mount()
+    assert saga_status(a, "csv-4521")["state"] == "compensated"
+
+
+def test_a_saga_times_out_with_backoff_then_escalates_to_a_person(nats, members):
+    a, b = members
+    nats.start()
+    b.define("failing", 'cmd = ["sh", "-c", "cat >/dev/null; exit 3"]\n')
+    b.sh("echo 'spawn echo' > ctl && echo 'spawn failing' > ctl", check=True)
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha")
+    connected(a, b)
+    # beta unreachable for alpha (paused): each attempt times out, the next one waits
+    # longer; once beta is back the step goes through
+    a.sh("echo 'pause beta' > federation/ctl", check=True)
+    a.write("federation/sagas/new", 'id = "slow"\n[[step]]\nto = "echo@beta"\n'
+            'request = "hello"\nretries = 6\ntimeout_s = 2\n')
+    wait_for(lambda: len([e for e in log_rows(a, "saga_step") if e["state"] == "retrying"])
+             >= 2, timeout=LONG_S, what="two timed-out attempts")
+    reasons = [e["reason"] for e in log_rows(a, "saga_step") if e["state"] == "retrying"]
+    assert "no answer in 2 s (request queued); again in 1 s" == reasons[0]
+    assert reasons[1].endswith("again in 2 s")
+    a.sh("echo 'resume beta' > federation/ctl", check=True)
+    wait_for(lambda: saga_status(a, "slow")["state"] == "completed", timeout=LONG_S,
+             what="the slow saga completed")
+    assert inputs(b, "echo") == ["hello\n"]  # the attempts given up never arrived
+    assert int(status(a)["dead"]) >= 2
+    # out of attempts with on_failure = escalate: it waits for the operator, told by mail
+    a.write("federation/sagas/new", 'id = "esc"\non_failure = "escalate"\n[[step]]\n'
+            'to = "failing@beta"\nrequest = "x"\nretries = 0\n')
+    wait_for(lambda: saga_status(a, "esc")["state"] == "escalated", timeout=LONG_S,
+             what="the escalation")
+    [note] = [m for m in mails(a, "mail") if "saga esc needs you" in m]
+    assert headers(note)["correlation-id"] == "esc"
+    assert errno_of(a.write, "federation/sagas/esc/ctl", "escalate\n") == errno.EINVAL
+    a.write("federation/sagas/esc/ctl", "retry\n")  # one more attempt, failing again
+    wait_for(lambda: len(inputs(b, "failing")) == 2 and
+             saga_status(a, "esc")["state"] == "escalated", timeout=LONG_S,
+             what="the retry, escalated again")
+    a.write("federation/sagas/esc/ctl", "abort\n")
+    assert saga_status(a, "esc")["state"] == "aborted"
+    # an agent never drives a saga
+    assert errno_of(a.write, "agents/echo/view/federation/sagas/new", SAGA) in (
+        errno.ENOENT, errno.EACCES)

@@ -230,6 +230,17 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "federation/requests": None,  # the work requests we sent: state, callbacks (requests.py)
     "federation/requests/{freq}": lambda k, freq: Status(
         lambda: k.federation.requests.text(freq)),
+    "federation/sagas": None,  # multi-step cross-OS workflows (kernel/federation/sagas.py)
+    "federation/sagas/new": lambda k, me=None: _operator_only(me, "federation/sagas") or Ctl(
+        lambda d: k.guarded(k.federation.sagas.start, d, file="federation/sagas/new"),
+        whole=True, refused=lambda e: k.refused(e, file="federation/sagas/new")),
+    "federation/sagas/{saga}": None,
+    "federation/sagas/{saga}/status": lambda k, saga: Status(saga.status),
+    "federation/sagas/{saga}/steps": lambda k, saga: Status(saga.steps_text),
+    "federation/sagas/{saga}/ctl": lambda k, saga, me=None: _operator_only(
+        me, "federation/sagas") or Ctl(lambda d: k.guarded(k.federation.sagas.ctl, saga, d,
+                                                           file="federation/sagas"),
+                                       lambda: f"state={saga.state}\n"),
     "federation/peers": None,
     "federation/peers/{peer}": None,
     "federation/peers/{peer}/card": lambda k, peer: Status(lambda: peer.card or b""),
@@ -297,6 +308,8 @@ VARS = {
     "peer": (lambda k: sorted(k.federation.peers), lambda k, name: k.federation.peers.get(name)),
     "freq": (lambda k: [c for c in k.federation.requests.by_corr if "/" not in c],
              lambda k, name: name if name in k.federation.requests.by_corr else None),
+    "saga": (lambda k: sorted(k.federation.sagas.sagas),
+             lambda k, name: k.federation.sagas.sagas.get(name)),
     "fdead": (lambda k: sorted(k.federation.outbox.dead),
               lambda k, name: k.federation.outbox.dead.get(name)),
     "model": (lambda k: sorted(k.models.models), lambda k, name: k.models.model(name)),

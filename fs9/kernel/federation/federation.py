@@ -28,6 +28,7 @@ from .chunks import HEADER as CHUNK_HEADER, MAX_CHUNKED
 from .inbox import Inbox
 from .outbox import Outbox
 from .requests import callbacks
+from .sagas import Sagas
 
 OS_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # one NATS subject token
 AUTH_MODES = ("delegated", "independent", "policy")
@@ -61,7 +62,9 @@ class Federation:
         self.last_error = ""
         self.changes = Changes()  # joined, left, queued, a peer changed
         self.outbox = Outbox(kernel, self.changes)
+        self.progress = Changes()  # a request or a saga moved (sagas.py)
         self.inbox = Inbox(self)
+        self.sagas = Sagas(self, self.progress)
         self.requests = self.inbox.requests
         self.engine = None  # link.py's, while joined
 
@@ -261,6 +264,7 @@ class Federation:
         return {"fed_joined": self._on_joined, "fed_left": self._on_left,
                 "fed_peer": self._on_peer, "fed_paused": self._on_paused,
                 "fed_resumed": self._on_resumed, **self.inbox.appliers(),
+                **self.sagas.appliers(),
                 **self.outbox.appliers(self.requests)}
 
     def _on_joined(self, e, agent, task):

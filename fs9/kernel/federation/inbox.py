@@ -41,7 +41,7 @@ class Inbox:
         self.seen: set[str] = set()  # ORIGIN/ID of every message judged (delivered or not)
         self.counts = dict(received=0, rejected=0, duplicates=0, stale=0)
         self.chunks = chunks.Reassembly()
-        self.requests = Requests()
+        self.requests = Requests(fed.progress)
 
     def reject(self, origin: str, msg_id: str, reason: str, reply_to: str | None = None,
                corr: str | None = None) -> None:

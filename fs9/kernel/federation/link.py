@@ -2,6 +2,8 @@
 the outbox, receive into the log, and publish our card and read the peers'. A member
 that cannot reach NATS keeps working locally: its outbox waits, `federation/status`
 says `connection=connecting` and the last error, and it catches up once NATS answers."""
+import time
+
 import trio
 
 from ...errors import Fs9Error
@@ -18,6 +20,17 @@ async def serve(fed: Federation) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_supervised, fed, lambda: fed.outbox.keep_deadlines())
         nursery.start_soon(_supervised, fed, lambda: _link(fed))
+        nursery.start_soon(_supervised, fed, lambda: _coordinate(fed))
+
+
+async def _coordinate(fed: Federation) -> None:
+    """The sagas this OS coordinates, moved on as their requests answer or time out
+    (joined or not: a step's request waits in the outbox like any other)."""
+    while True:
+        version = fed.progress.version
+        wake = fed.sagas.advance(time.time())
+        with trio.move_on_after(max(wake - time.time(), 0.05)):
+            await fed.progress.wait_past(version)
 
 
 async def _supervised(fed: Federation, run) -> None:

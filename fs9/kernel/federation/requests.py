@@ -80,7 +80,8 @@ def callbacks(kernel, sender: str, headers: dict[str, str]) -> dict[str, str]:
 
 
 class Requests:
-    def __init__(self) -> None:
+    def __init__(self, changes) -> None:
+        self.changes = changes  # bumped as a request moves (sagas.py waits on it)
         self.by_corr: OrderedDict[str, dict[str, Request]] = OrderedDict()
         self.by_id: dict[str, Request] = {}  # the request's message id, until it is sent
         self.stale = 0
@@ -129,6 +130,7 @@ class Requests:
         r = self.by_id.pop(mid, None)
         if r is not None and r.state == "queued":
             r.state = "sent"
+            self.changes.bump()
 
     def on_answer(self, d: dict, text: str) -> None:
         """A mail_sent that took an answer to a request (its `req` field)."""
@@ -139,6 +141,7 @@ class Requests:
         r.state, r.seq = d["state"], max(r.seq, d.get("seq", -1))
         r.updates += 1
         r.last = text
+        self.changes.bump()
 
     def on_stale(self, d: dict) -> None:
         self.stale += 1
