@@ -241,6 +241,11 @@ ROWS: dict[str, Callable[..., Node | None]] = {
         me, "federation/sagas") or Ctl(lambda d: k.guarded(k.federation.sagas.ctl, saga, d,
                                                            file="federation/sagas"),
                                        lambda: f"state={saga.state}\n"),
+    "federation/approvals": None,  # peers' work requests waiting for the operator
+    "federation/approvals/{fheld}": lambda k, fheld, me=None: _operator_only(
+        me, "federation/approvals") or Ctl(
+        lambda d: k.guarded(k.federation.governance.answer, fheld, d,
+                            file="federation/approvals"), fheld.text),
     "federation/peers": None,
     "federation/peers/{peer}": None,
     "federation/peers/{peer}/card": lambda k, peer: Status(lambda: peer.card or b""),
@@ -310,6 +315,8 @@ VARS = {
              lambda k, name: name if name in k.federation.requests.by_corr else None),
     "saga": (lambda k: sorted(k.federation.sagas.sagas),
              lambda k, name: k.federation.sagas.sagas.get(name)),
+    "fheld": (lambda k: sorted(k.federation.governance.held),
+              lambda k, name: k.federation.governance.held.get(name)),
     "fdead": (lambda k: sorted(k.federation.outbox.dead),
               lambda k, name: k.federation.outbox.dead.get(name)),
     "model": (lambda k: sorted(k.models.models), lambda k, name: k.models.model(name)),

@@ -5,7 +5,11 @@ of its own, and trio awaits each call's result (`call`): the coroutine runs on t
 loop, and its completion wakes the trio task through the trio token, so no thread
 blocks per call. Two streams carry the federation (subjects are `.`-separated, so an OS
 name is one token: letters, digits, _ and -):
-  FS9FED    fs9.fed.TO.FROM  one cross-OS message; Nats-Msg-Id dedupes a resend
+  FS9FED    fs9.fed.TO.FROM  one cross-OS message; Nats-Msg-Id dedupes a resend. A work
+            queue: a message leaves once its receiver acked it. Bounded without ever
+            dropping one: at most MAX_PER_PAIR waiting from one OS to another and
+            MAX_BYTES in all, past which JetStream refuses the publish (discard new), so
+            the sender's outbox holds it and tries again: back-pressure, not loss
   FS9CARDS  fs9.card.OS      each member's card, the latest one kept
 Each member reads its mail through a durable pull consumer of its own (fs9-OS), acking
 a message only once its own log holds it (federation.py).
@@ -20,6 +24,9 @@ import trio
 
 MAIL_STREAM, CARD_STREAM = "FS9FED", "FS9CARDS"
 ACK_WAIT_S = 10  # an unacked message is redelivered after this long (a member killed)
+MAX_PER_PAIR = 10_000  # messages waiting in FS9FED from one OS for another
+MAX_BYTES = 1 << 30  # bytes waiting in FS9FED in all
+MAX_MSG = 1 << 20  # bytes of one (chunks.py keeps each under this)
 
 
 class EngineError(Exception):
@@ -71,7 +78,11 @@ class Engine:
                                 error_cb=self._error, disconnected_cb=_nothing)
         js = nc.jetstream(timeout=5)
         await _ensure_stream(js, name=MAIL_STREAM, subjects=["fs9.fed.>"],
-                             duplicate_window=120)
+                             duplicate_window=120,
+                             retention=nats.js.api.RetentionPolicy.WORK_QUEUE,
+                             discard=nats.js.api.DiscardPolicy.NEW,
+                             discard_new_per_subject=True, max_msgs_per_subject=MAX_PER_PAIR,
+                             max_bytes=MAX_BYTES, max_msg_size=MAX_MSG)
         await _ensure_stream(js, name=CARD_STREAM, subjects=["fs9.card.*"],
                              max_msgs_per_subject=1)
         self.inbox = await js.pull_subscribe(
@@ -103,6 +114,10 @@ class Engine:
 
     async def ack(self, handle) -> None:
         await self.call(handle.ack())
+
+    async def later(self, handle, delay: float) -> None:
+        """Not now: JetStream delivers it again after delay (a peer over its rate)."""
+        await self.call(handle.nak(delay=delay))
 
     async def put_card(self, data: bytes) -> None:
         await self.call(self.js.publish(f"fs9.card.{self.me}", data, timeout=5))

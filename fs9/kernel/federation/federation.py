@@ -17,39 +17,51 @@ import errno
 import json
 import os
 import re
+import time
 
 from ...errors import Fs9Error
 from .. import cmd
 from ..agents import registry
 from ..bus import message
 from ..names import NAME_RE, OPERATOR
+from ..rate import Bucket
 from ..stream import Changes
 from .chunks import HEADER as CHUNK_HEADER, MAX_CHUNKED
 from .inbox import Inbox
 from .outbox import Outbox
 from .requests import callbacks
+from .governance import Governance
 from .sagas import Sagas
 
 OS_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # one NATS subject token
 AUTH_MODES = ("delegated", "independent", "policy")
 CMDS = (
     cmd.Cmd("join", "join", 3, 3, usage="join NATS_URL AS OSNAME"),
-    cmd.Cmd("peer", "peer", 1, 3, usage="peer OS ceiling=CLASS auth=delegated|independent|policy"),
+    cmd.Cmd("peer", "peer", 1, 4, usage="peer OS ceiling=CLASS auth=delegated|independent|policy "
+                                        "rate=N"),
+    cmd.Cmd("rule", "rule", 2, None, usage="rule OS approve|deny|ask KEY=V1,V2 ... | rule OS clear"),
     cmd.Cmd("pause", "pause", 1, 1, usage="pause OS"),
     cmd.Cmd("resume", "resume", 1, 1, usage="resume OS"),
     cmd.Cmd("leave", "leave", usage="leave"),
 )
 BACKOFF_S = (0.2, 0.5, 1, 2, 5)  # between attempts to reach NATS
+RATE = 200  # messages a second taken from one peer, by default (a burst of 5 s of it)
+MAX_RATE = 100_000
+STRANGERS_RATE = 20  # messages a second from all OSs that are no peer, together
 
 
 class Peer:
-    def __init__(self, name: str, ceiling: str, auth: str) -> None:
-        self.name, self.ceiling, self.auth = name, ceiling, auth
+    def __init__(self, name: str, ceiling: str, auth: str, rate: int = RATE) -> None:
+        self.name, self.ceiling, self.auth, self.rate = name, ceiling, auth, rate
+        # what it sends is taken at `rate`; past it, JetStream delivers it again later
+        self.bucket = Bucket(rate, 5 * rate, time.monotonic())
+        self.throttled = 0
         self.paused = False
         self.card: bytes | None = None  # as it last published it
 
     def status(self, queued: int) -> str:
         return (f"os={self.name}\nceiling={self.ceiling}\nauth={self.auth}\n"
+                f"rate={self.rate}\nthrottled={self.throttled}\n"
                 f"paused={'yes' if self.paused else 'no'}\nqueued={queued}\n"
                 f"card={'yes' if self.card else 'no'}\n")
 
@@ -65,8 +77,10 @@ class Federation:
         self.progress = Changes()  # a request or a saga moved (sagas.py)
         self.inbox = Inbox(self)
         self.sagas = Sagas(self, self.progress)
+        self.governance = Governance(self)
         self.requests = self.inbox.requests
         self.engine = None  # link.py's, while joined
+        self.strangers = Bucket(STRANGERS_RATE, 5 * STRANGERS_RATE, time.monotonic())
 
     @property
     def state(self) -> str:
@@ -97,18 +111,24 @@ class Federation:
             raise Fs9Error(errno.EINVAL, f"bad peer OS name {name!r}")
         old = self.peers.get(name)
         kv = dict(ceiling=old.ceiling if old else "public",
-                  auth=old.auth if old else "delegated")
+                  auth=old.auth if old else "delegated", rate=str(old.rate if old else RATE))
         for term in terms:
             key, eq, value = term.partition("=")
             if not eq or key not in kv:
-                raise Fs9Error(errno.EINVAL, f"bad term {term!r}: ceiling=CLASS auth=MODE")
+                raise Fs9Error(errno.EINVAL, f"bad term {term!r}: ceiling=CLASS auth=MODE rate=N")
             kv[key] = value
         if kv["ceiling"] not in message.CLASSIFICATIONS:
             raise Fs9Error(errno.EINVAL, f"bad ceiling {kv['ceiling']!r}: one of "
                                          f"{', '.join(message.CLASSIFICATIONS)}")
         if kv["auth"] not in AUTH_MODES:
             raise Fs9Error(errno.EINVAL, f"bad auth {kv['auth']!r}: one of {', '.join(AUTH_MODES)}")
-        self.kernel.record("fed_peer", os=name, **kv)
+        if not kv["rate"].isdigit() or not 1 <= int(kv["rate"]) <= MAX_RATE:
+            raise Fs9Error(errno.EINVAL, f"bad rate {kv['rate']!r}: messages a second, 1 to "
+                                         f"{MAX_RATE}")
+        self.kernel.record("fed_peer", os=name, **{**kv, "rate": int(kv["rate"])})
+
+    def _cmd_rule(self, name: str, action: str, *terms: str) -> None:
+        self.governance.rule(name, action, *terms)
 
     def _cmd_pause(self, name: str) -> None:
         self._peer(name)
@@ -138,6 +158,7 @@ class Federation:
         lines = [f"os={self.me or '-'}", f"url={self.url or '-'}", f"connection={self.state}",
                  f"peers={' '.join(sorted(self.peers)) or '-'}", f"outbox={len(self.outbox)}",
                  f"dead={len(self.outbox.dead)}", f"sent={self.outbox.sent}",
+                 f"approvals={len(self.governance.held)}",
                  *(f"{k}={v}" for k, v in self.inbox.counts.items()),
                  f"last_error={self._last_error() or '-'}"]
         return "\n".join(lines) + "\n"
@@ -148,7 +169,8 @@ class Federation:
         return self.last_error
 
     def peer_status(self, peer: Peer) -> str:
-        return peer.status(self.outbox.queued_for(peer.name))
+        return peer.status(self.outbox.queued_for(peer.name)) + \
+            self.governance.rules_text(peer.name)
 
     def card(self) -> dict:
         """This OS's card: A2A's field names (name, description, version, capabilities,
@@ -258,13 +280,24 @@ class Federation:
     def received(self, e) -> None:
         self.inbox.received(e)
 
+    def admit(self, origin: str) -> bool:
+        """May one more message from origin be taken now (its peer's rate; the OSs that
+        are no peer share one small rate: each of their messages is a rejection logged)?"""
+        peer = self.peers.get(origin)
+        bucket = peer.bucket if peer is not None else self.strangers
+        if bucket.take(1, time.monotonic()):
+            return True
+        if peer is not None:
+            peer.throttled += 1
+        return False
+
     # --- applying events -------------------------------------------------------
 
     def appliers(self) -> dict:
         return {"fed_joined": self._on_joined, "fed_left": self._on_left,
                 "fed_peer": self._on_peer, "fed_paused": self._on_paused,
                 "fed_resumed": self._on_resumed, **self.inbox.appliers(),
-                **self.sagas.appliers(),
+                **self.sagas.appliers(), **self.governance.appliers(),
                 **self.outbox.appliers(self.requests)}
 
     def _on_joined(self, e, agent, task):
@@ -277,7 +310,8 @@ class Federation:
 
     def _on_peer(self, e, agent, task):
         old = self.peers.get(e.data["os"])
-        peer = self.peers[e.data["os"]] = Peer(e.data["os"], e.data["ceiling"], e.data["auth"])
+        peer = self.peers[e.data["os"]] = Peer(e.data["os"], e.data["ceiling"], e.data["auth"],
+                                               e.data.get("rate", RATE))
         if old is not None:
             peer.paused, peer.card = old.paused, old.card
         self.changes.bump()

@@ -165,15 +165,32 @@ class Inbox:
                                reply_to, corr)
         msg.headers.update(id=msg_id, to=to, **stamps)
         msg.to = to
-        self.kernel.record("mail_sent", agent=to, corr=corr, blob=msg.render(), id=msg_id,
-                           sender=reply_to, type=msg.headers["type"],
-                           priority=msg.headers["priority"], classification=level,
-                           fed=f"{origin}/{msg_id}", **answer)
-        if msg.headers["type"] == "work_request" and recipient is not self.kernel.bus.operator \
+        if kind == "work_request":  # work asked of this OS: its authorization mode says
+            governance = self.fed.governance
+            decision, why = governance.decide(peer, msg.headers)
+            if decision == "deny":
+                return self.reject(origin, msg_id, f"refused by {why}", reply_to, corr)
+            if decision == "ask":
+                full = governance.hold(origin, msg, corr, why)
+                return full and self.reject(origin, msg_id, full, reply_to, corr)
+            if peer.auth == "policy":
+                self.kernel.record("fed_decided", corr=corr, origin=origin, id=msg_id,
+                                   decision="approve", by="policy", reason=why)
+        self.deliver(origin, msg, recipient, answer)
+
+    def deliver(self, origin: str, msg, recipient, answer: dict) -> None:
+        """Into recipient's mailbox (its inbox record); a work_request to a task-mode
+        agent becomes a task, as local mail does, its result back to the sender."""
+        h = msg.headers
+        corr, reply_to = h["correlation-id"], h["from"]
+        self.kernel.record("mail_sent", agent=msg.to, corr=corr, blob=msg.render(), id=msg.id,
+                           sender=reply_to, type=h["type"], priority=h["priority"],
+                           classification=h["classification"], fed=f"{origin}/{msg.id}",
+                           **answer)
+        if h["type"] == "work_request" and recipient is not self.kernel.bus.operator \
                 and not recipient.daemon:
-            # request/response as for local mail: a task, its result back to the sender
-            stored = recipient.mailbox.get(msg_id)
-            self.kernel.submit(recipient, msg.body, corr=corr, request=msg_id,
+            stored = recipient.mailbox.get(msg.id)
+            self.kernel.submit(recipient, msg.body, corr=corr, request=msg.id,
                                reply_to=reply_to)
             self.kernel.bus.ack(recipient, stored.name)
 

@@ -11,6 +11,7 @@ from . import chunks
 from .engine import Engine, EngineError
 from .federation import BACKOFF_S, Federation
 
+THROTTLE_S = 1.0  # a message over its peer's rate comes again after this long
 CARD_EVERY_S = 2  # how often our card is re-checked and the peers' fetched
 MAX_CARD = 64 << 10  # bytes of a peer's card shown; a larger one is not shown (last_error)
 
@@ -145,6 +146,12 @@ async def _receive(fed: Federation, engine: Engine) -> None:
             continue
         attempt = 0
         for origin, data, headers, handle in batch:
+            if not fed.admit(origin):  # over its rate: later, nothing recorded
+                try:
+                    await engine.later(handle, THROTTLE_S)
+                except EngineError as e:
+                    _failed(fed, "nak", e)
+                continue
             try:
                 fed.receive(origin, data, headers)
             except Fs9Error as e:  # the log refused it: not acked, tried again later
