@@ -112,8 +112,22 @@ class Engine:
             raise
         return [(m.subject.rsplit(".", 1)[-1], m.data, dict(m.headers or {}), m) for m in msgs]
 
-    async def ack(self, handle) -> None:
-        await self.call(handle.ack())
+    async def publish_batch(self, items: list[tuple[str, bytes, str]]) -> list[str | None]:
+        """Several (to, data, msg_id) at once, pipelined on the connection (each still
+        awaits its own JetStream ack): per item, None once stored, or why not."""
+        async def all_of():
+            return await asyncio.gather(*(
+                self.js.publish(f"fs9.fed.{to}.{self.me}", data, timeout=5,
+                                headers={"Nats-Msg-Id": mid}) for to, data, mid in items),
+                return_exceptions=True)
+        return [f"{type(r).__name__}: {r}".rstrip(": ") if isinstance(r, BaseException)
+                else None for r in await self.call(all_of())]
+
+    async def ack_batch(self, handles: list) -> None:
+        """Ack each (a lost ack is a redelivery, which the receiver's log drops)."""
+        async def all_of():
+            await asyncio.gather(*(h.ack() for h in handles), return_exceptions=True)
+        await self.call(all_of())
 
     async def later(self, handle, delay: float) -> None:
         """Not now: JetStream delivers it again after delay (a peer over its rate)."""
