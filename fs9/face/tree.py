@@ -258,8 +258,9 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "registry/cards": None,  # each agent as an A2A AgentCard
     "registry/cards/{provider}": lambda k, provider: Status(lambda: registry.card(provider)),
     "registry/{provider}": lambda k, provider: Status(lambda: registry.entry(provider)),
-    "registry/by-capability/{cap}": lambda k, cap: Status(
-        lambda: registry.providers_text(k.agents, cap)),
+    "registry/by-capability/{cap}": lambda k, cap: Status(  # then peers' agents, AGENT@OS
+        lambda: registry.providers_text(k.agents, cap) + "".join(
+            f"{p}\n" for p in k.federation.remote_providers().get(cap, []))),
     "search": None,  # ranked vault search; `ls` shows only status (queries are private)
     "search/status": lambda k, me=None: _search(k, None, me),
     "search/{query}": _search,
@@ -304,8 +305,10 @@ VARS = {
     "corr": (lambda k: k.log.correlations(),
              lambda k, name: name if k.log.has_corr(name) else None),
     "provider": (lambda k: sorted(k.agents), lambda k, name: k.agents.get(name)),
-    "cap": (lambda k: sorted(registry.providers(k.agents)),
-            lambda k, name: name if name in registry.providers(k.agents) else None),
+    "cap": (lambda k: sorted(set(registry.providers(k.agents))
+                             | set(k.federation.remote_providers())),
+            lambda k, name: name if name in registry.providers(k.agents)
+            or name in k.federation.remote_providers() else None),
     "query": (lambda k: [], lambda k, name: name if k.search is not None and name.strip()
               else None),
     "note": (lambda k, agent: k.memory.keys(agent),

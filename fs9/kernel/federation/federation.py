@@ -47,6 +47,7 @@ CMDS = (
 BACKOFF_S = (0.2, 0.5, 1, 2, 5)  # between attempts to reach NATS
 RATE = 200  # messages a second taken from one peer, by default (a burst of 5 s of it)
 MAX_RATE = 100_000
+MAX_SKILLS = 256  # of a peer's card read for registry/by-capability (and tags per skill)
 STRANGERS_RATE = 20  # messages a second from all OSs that are no peer, together
 
 
@@ -190,6 +191,28 @@ class Federation:
                         if "sla" in a.manifest},
                 "ceiling": {p.name: p.ceiling for p in self.peers.values()},
                 "auth": {p.name: p.auth for p in self.peers.values()}}
+
+    def remote_providers(self) -> dict[str, list[str]]:
+        """capability -> AGENT@OS, from each peer's card as it published it (untrusted:
+        only skills whose id and tags are names count, MAX_SKILLS per card)."""
+        caps: dict[str, list[str]] = {}
+        for peer in sorted(self.peers.values(), key=lambda p: p.name):
+            try:
+                skills = json.loads(peer.card or b"{}").get("skills", [])
+            except (ValueError, AttributeError):
+                continue
+            if not isinstance(skills, list):
+                continue
+            for skill in skills[:MAX_SKILLS]:
+                cap = skill.get("id") if isinstance(skill, dict) else None
+                tags = skill.get("tags") if isinstance(skill, dict) else None
+                if not isinstance(cap, str) or not NAME_RE.fullmatch(cap) or \
+                        not isinstance(tags, list):
+                    continue
+                caps.setdefault(cap, []).extend(
+                    f"{t}@{peer.name}" for t in tags[:MAX_SKILLS]
+                    if isinstance(t, str) and NAME_RE.fullmatch(t))
+        return caps
 
     def card_text(self) -> str:
         return json.dumps(self.card(), indent=2, sort_keys=True) + "\n"
