@@ -7,7 +7,7 @@ STATE  := .state
 VAULT  := examples/vault
 EXAMPLE_AGENTS := echo upper counter ticker
 
-.PHONY: run stop test bench fuzz example deps clean
+.PHONY: run stop test bench fuzz example federation deps clean
 
 $(BIN)/fs9: pyproject.toml
 	@./scripts/system-deps.sh --test
@@ -47,6 +47,10 @@ stop:
 
 test: deps
 	$(BIN)/python -m pytest -q
+
+# three fs9 systems (Support, Coding, Knowledge) cooperating over one local nats-server
+federation: deps
+	@sh examples/federation/run.sh
 
 # A long run of the namespace fuzzer (tests/test_fuzz.py) with a fresh seed, printed so
 # that a failure replays: FS9_FUZZ_SEED=N make fuzz. FS9_FUZZ_EXAMPLES runs of

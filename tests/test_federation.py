@@ -106,6 +106,10 @@ def test_join_cards_mail_and_reply(nats, members):
     assert status(a, "federation/peers/beta/status")["ceiling"] == "internal"
     wait_for(lambda: json.loads(b.read("federation/peers/alpha/card") or "{}").get("name")
              == "alpha", what="alpha's card")
+    # beta's providers are listed on alpha after its own, as AGENT@OS
+    assert a.read("registry/by-capability/upper-casing") == "upper@beta\n"
+    wait_for(lambda: "echo@alpha" in b.read("registry/by-capability/echo"),
+             what="alpha's echo listed on beta")
 
     # request/response: alpha's work_request to upper@beta is a task there, and its
     # result comes back to alpha's operator on the same correlation id
@@ -245,6 +249,14 @@ def test_what_a_remote_wrote_is_not_trusted(nats, members):
     wait_for(lambda: len(log_rows(b, "fed_rejected")) == 5, what="the note rejected")
     assert "no such agent: nobody@beta" in log_rows(b, "fed_rejected")[4]["reason"]
     assert [q for q in log_rows(b, "fed_queued") if q["to"].startswith("federation@")] == []
+    # a card's skills are names or nothing: only `fine@beta` providing `ok` is listed
+    publish_raw(nats.url, "fs9.card.beta", json.dumps({"skills": [
+        {"id": "x/../y", "tags": ["a"]}, {"id": "ok", "tags": ["evil\n", "fine", 7]}, 5,
+        {"id": "no-tags"}]}).encode())
+    wait_for(lambda: os.path.exists(a.path / "registry/by-capability/ok"),
+             what="the card's skill listed")
+    assert a.read("registry/by-capability/ok") == "fine@beta\n"
+    assert os.listdir(a.path / "registry/by-capability") == ["ok"]
     # a card past 64 KiB (as a hostile peer may publish one) is not shown
     wait_for(lambda: a.read("federation/peers/beta/card"), what="beta's card on alpha")
     publish_raw(nats.url, "fs9.card.beta", b"{" + b" " * (100 << 10) + b"}")

@@ -229,6 +229,25 @@ ROWS: dict[str, Callable[..., Node | None]] = {
         create=lambda name: _federated(k, name, OPERATOR, dict(file="federation/outbox"))),
     "federation/dead": None,  # dead letters: given up before JetStream had them
     "federation/dead/{fdead}": lambda k, fdead: Status(lambda: fdead.data),
+    "federation/requests": None,  # the work requests we sent: state, callbacks (requests.py)
+    "federation/requests/{freq}": lambda k, freq: Status(
+        lambda: k.federation.requests.text(freq)),
+    "federation/sagas": None,  # multi-step cross-OS workflows (kernel/federation/sagas.py)
+    "federation/sagas/new": lambda k, me=None: _operator_only(me, "federation/sagas") or Ctl(
+        lambda d: k.guarded(k.federation.sagas.start, d, file="federation/sagas/new"),
+        whole=True, refused=lambda e: k.refused(e, file="federation/sagas/new")),
+    "federation/sagas/{saga}": None,
+    "federation/sagas/{saga}/status": lambda k, saga: Status(saga.status),
+    "federation/sagas/{saga}/steps": lambda k, saga: Status(saga.steps_text),
+    "federation/sagas/{saga}/ctl": lambda k, saga, me=None: _operator_only(
+        me, "federation/sagas") or Ctl(lambda d: k.guarded(k.federation.sagas.ctl, saga, d,
+                                                           file="federation/sagas"),
+                                       lambda: f"state={saga.state}\n"),
+    "federation/approvals": None,  # peers' work requests waiting for the operator
+    "federation/approvals/{fheld}": lambda k, fheld, me=None: _operator_only(
+        me, "federation/approvals") or Ctl(
+        lambda d: k.guarded(k.federation.governance.answer, fheld, d,
+                            file="federation/approvals"), fheld.text),
     "federation/peers": None,
     "federation/peers/{peer}": None,
     "federation/peers/{peer}/card": lambda k, peer: Status(lambda: peer.card or b""),
@@ -241,8 +260,9 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "registry/cards": None,  # each agent as an A2A AgentCard
     "registry/cards/{provider}": lambda k, provider: Status(lambda: registry.card(provider)),
     "registry/{provider}": lambda k, provider: Status(lambda: registry.entry(provider)),
-    "registry/by-capability/{cap}": lambda k, cap: Status(
-        lambda: registry.providers_text(k.agents, cap)),
+    "registry/by-capability/{cap}": lambda k, cap: Status(  # then peers' agents, AGENT@OS
+        lambda: registry.providers_text(k.agents, cap) + "".join(
+            f"{p}\n" for p in k.federation.remote_providers().get(cap, []))),
     "search": None,  # ranked vault search; `ls` shows only status (queries are private)
     "search/status": lambda k, me=None: _search(k, None, me),
     "search/{query}": _search,
@@ -287,13 +307,21 @@ VARS = {
     "corr": (lambda k: k.log.correlations(),
              lambda k, name: name if k.log.has_corr(name) else None),
     "provider": (lambda k: sorted(k.agents), lambda k, name: k.agents.get(name)),
-    "cap": (lambda k: sorted(registry.providers(k.agents)),
-            lambda k, name: name if name in registry.providers(k.agents) else None),
+    "cap": (lambda k: sorted(set(registry.providers(k.agents))
+                             | set(k.federation.remote_providers())),
+            lambda k, name: name if name in registry.providers(k.agents)
+            or name in k.federation.remote_providers() else None),
     "query": (lambda k: [], lambda k, name: name if k.search is not None and name.strip()
               else None),
     "note": (lambda k, agent: k.memory.keys(agent),
              lambda k, name, agent: name if k.memory.get(agent, name) is not None else None),
     "peer": (lambda k: sorted(k.federation.peers), lambda k, name: k.federation.peers.get(name)),
+    "freq": (lambda k: [c for c in k.federation.requests.by_corr if "/" not in c],
+             lambda k, name: name if name in k.federation.requests.by_corr else None),
+    "saga": (lambda k: sorted(k.federation.sagas.sagas),
+             lambda k, name: k.federation.sagas.sagas.get(name)),
+    "fheld": (lambda k: sorted(k.federation.governance.held),
+              lambda k, name: k.federation.governance.held.get(name)),
     "fdead": (lambda k: sorted(k.federation.outbox.dead),
               lambda k, name: k.federation.outbox.dead.get(name)),
     "model": (lambda k: sorted(k.models.models), lambda k, name: k.models.model(name)),

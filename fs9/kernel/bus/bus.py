@@ -329,7 +329,7 @@ class Bus:
 
     def on_mail_sent(self, e, agent, task) -> None:
         if "fed" in e.data:  # from another OS: its inbox record (federation.py)
-            self.kernel.federation.received(e.data["fed"])
+            self.kernel.federation.received(e)
         agent = self.owner(e.agent)
         if agent is None:
             return  # mail for an agent killed since: gone with it

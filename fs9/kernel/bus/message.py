@@ -27,10 +27,12 @@ PRIORITIES = ("critical", "high", "normal", "low")  # delivery order
 CLASSIFICATIONS = ("public", "internal", "confidential")  # ascending
 STAMPED = ("id", "from", "date", "x-task", "x-status", "x-exit", "x-topic")  # kernel's only
 MAX_DEADLINE_S = 366 * 86400  # a deadline further ahead is a mistake (or an attack)
+# on-status-change / on-completion: where a cross-OS work_request's status updates and
+# result go on the requesting OS (kernel/federation/requests.py); local mail ignores them
 SETTABLE = ("to", "type", "priority", "classification", "correlation-id", "reply-to",
-            "deadline", "idempotency-key")
+            "deadline", "idempotency-key", "on-status-change", "on-completion")
 ORDER = ("id", "from", "to", "date", "type", "priority", "classification", "correlation-id",
-         "reply-to", "deadline", "idempotency-key")
+         "reply-to", "deadline", "idempotency-key", "on-status-change", "on-completion")
 TOKEN = re.compile(r"[A-Za-z0-9_.:@/+-]{1,200}")
 KEY = re.compile(r"[a-z][a-z0-9-]{0,63}")
 MAX_LINE = 998  # characters of one header line, key and value (RFC 5322)
@@ -69,14 +71,15 @@ class Message:
 
 
 def parse(data: bytes, *, to: str, sender: str, now: float | None = None,
-          label: str = "internal") -> Message:
+          label: str = "internal", limit: int = MAX_MESSAGE) -> Message:
     """Check a message written by `sender` for `to`; raise Fs9Error naming what is wrong.
 
     Header lines are `key: value`; a blank line ends them. A message with no
     header block at all (its first line is not a header) is all body. `label`: the
-    classification of a message that states none."""
-    if len(data) > MAX_MESSAGE:
-        raise Fs9Error(errno.EFBIG, f"message over {MAX_MESSAGE} bytes")
+    classification of a message that states none; `limit`: its size at most (a
+    cross-OS result reassembled from chunks may be larger than mail)."""
+    if len(data) > limit:
+        raise Fs9Error(errno.EFBIG, f"message over {limit} bytes")
     headers: dict[str, str] = {}
     head, sep, body = data.partition(b"\n\n")
     if not sep or not re.match(rb"[A-Za-z][A-Za-z0-9-]*:", head):

@@ -7,17 +7,11 @@ Sending is transactional with the log (an outbox): writing a message to NAME@OS 
 `fed_queued` event, the sender task publishes it and logs `fed_sent` on JetStream's ack;
 after a crash what was queued and not acked is published again (JetStream's Nats-Msg-Id
 and the receiver's own record drop the repeat). Receiving is recorded before it is
-acked (an inbox): a message from peer P becomes a `mail_sent` event carrying
-`fed=P/ID`, the receiver's record that it was processed, so a redelivery (also after
-NATS's dedupe window) is acked and not delivered again; a message refused is a
-`fed_rejected` event, recorded the same way.
+acked (inbox.py). Large messages cross in chunks (chunks.py); the work requests this
+OS sent, their state and callbacks are requests.py's.
 
-At the boundary nothing the remote wrote is trusted beyond its peer's declaration: the
-origin OS is the subject's, set by its publisher (bind it with per-member NATS
-credentials, see docs/namespace.md); it must be a declared peer; `from` must name an
-agent of that OS; the classification must be within the ceiling declared for it and
-the recipient's clearance. The sender refuses at write(2) (EACCES) what exceeds the
-ceiling it declared for the peer.
+The sender refuses at write(2) (EACCES) what exceeds the ceiling it declared for the
+peer; the receiver trusts nothing beyond its peer's declaration (inbox.py).
 """
 import errno
 import json
@@ -30,37 +24,45 @@ from .. import cmd
 from ..agents import registry
 from ..bus import message
 from ..names import NAME_RE, OPERATOR
+from ..rate import Bucket
 from ..stream import Changes
+from .chunks import HEADER as CHUNK_HEADER, MAX_CHUNKED
+from .inbox import Inbox
 from .outbox import Outbox
+from .requests import callbacks
+from .governance import Governance
+from .sagas import Sagas
 
 OS_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # one NATS subject token
 AUTH_MODES = ("delegated", "independent", "policy")
-# what the sending kernel stamped, and a reply-to this OS would route by (replies go to
-# `from`): not taken from a remote. The other stamped keys (x-status...) it may not say:
-# message.parse refuses them, so the message is rejected.
-NOT_TAKEN = ("id", "from", "date", "reply-to")
-# what the peer's kernel stamps on a task's result and progress (its agents cannot)
-RESULT_STAMPS = ("x-task", "x-status", "x-exit")
-RESULT_TYPES = ("result", "status_update")
-STAMP_RE = re.compile(r"-?[A-Za-z0-9_]{1,32}")
 CMDS = (
     cmd.Cmd("join", "join", 3, 3, usage="join NATS_URL AS OSNAME"),
-    cmd.Cmd("peer", "peer", 1, 3, usage="peer OS ceiling=CLASS auth=delegated|independent|policy"),
+    cmd.Cmd("peer", "peer", 1, 4, usage="peer OS ceiling=CLASS auth=delegated|independent|policy "
+                                        "rate=N"),
+    cmd.Cmd("rule", "rule", 2, None, usage="rule OS approve|deny|ask KEY=V1,V2 ... | rule OS clear"),
     cmd.Cmd("pause", "pause", 1, 1, usage="pause OS"),
     cmd.Cmd("resume", "resume", 1, 1, usage="resume OS"),
     cmd.Cmd("leave", "leave", usage="leave"),
 )
 BACKOFF_S = (0.2, 0.5, 1, 2, 5)  # between attempts to reach NATS
+RATE = 200  # messages a second taken from one peer, by default (a burst of 5 s of it)
+MAX_RATE = 100_000
+MAX_SKILLS = 256  # of a peer's card read for registry/by-capability (and tags per skill)
+STRANGERS_RATE = 20  # messages a second from all OSs that are no peer, together
 
 
 class Peer:
-    def __init__(self, name: str, ceiling: str, auth: str) -> None:
-        self.name, self.ceiling, self.auth = name, ceiling, auth
+    def __init__(self, name: str, ceiling: str, auth: str, rate: int = RATE) -> None:
+        self.name, self.ceiling, self.auth, self.rate = name, ceiling, auth, rate
+        # what it sends is taken at `rate`; past it, JetStream delivers it again later
+        self.bucket = Bucket(rate, 5 * rate, time.monotonic())
+        self.throttled = 0
         self.paused = False
         self.card: bytes | None = None  # as it last published it
 
     def status(self, queued: int) -> str:
         return (f"os={self.name}\nceiling={self.ceiling}\nauth={self.auth}\n"
+                f"rate={self.rate}\nthrottled={self.throttled}\n"
                 f"paused={'yes' if self.paused else 'no'}\nqueued={queued}\n"
                 f"card={'yes' if self.card else 'no'}\n")
 
@@ -70,12 +72,16 @@ class Federation:
         self.kernel = kernel
         self.url = self.me = ""  # joined when both are set
         self.peers: dict[str, Peer] = {}
-        self.seen: set[str] = set()  # ORIGIN/ID of every message received (delivered or not)
-        self.counts = dict(received=0, rejected=0, duplicates=0)
         self.last_error = ""
         self.changes = Changes()  # joined, left, queued, a peer changed
         self.outbox = Outbox(kernel, self.changes)
+        self.progress = Changes()  # a request or a saga moved (sagas.py)
+        self.inbox = Inbox(self)
+        self.sagas = Sagas(self, self.progress)
+        self.governance = Governance(self)
+        self.requests = self.inbox.requests
         self.engine = None  # link.py's, while joined
+        self.strangers = Bucket(STRANGERS_RATE, 5 * STRANGERS_RATE, time.monotonic())
 
     @property
     def state(self) -> str:
@@ -106,18 +112,24 @@ class Federation:
             raise Fs9Error(errno.EINVAL, f"bad peer OS name {name!r}")
         old = self.peers.get(name)
         kv = dict(ceiling=old.ceiling if old else "public",
-                  auth=old.auth if old else "delegated")
+                  auth=old.auth if old else "delegated", rate=str(old.rate if old else RATE))
         for term in terms:
             key, eq, value = term.partition("=")
             if not eq or key not in kv:
-                raise Fs9Error(errno.EINVAL, f"bad term {term!r}: ceiling=CLASS auth=MODE")
+                raise Fs9Error(errno.EINVAL, f"bad term {term!r}: ceiling=CLASS auth=MODE rate=N")
             kv[key] = value
         if kv["ceiling"] not in message.CLASSIFICATIONS:
             raise Fs9Error(errno.EINVAL, f"bad ceiling {kv['ceiling']!r}: one of "
                                          f"{', '.join(message.CLASSIFICATIONS)}")
         if kv["auth"] not in AUTH_MODES:
             raise Fs9Error(errno.EINVAL, f"bad auth {kv['auth']!r}: one of {', '.join(AUTH_MODES)}")
-        self.kernel.record("fed_peer", os=name, **kv)
+        if not kv["rate"].isdigit() or not 1 <= int(kv["rate"]) <= MAX_RATE:
+            raise Fs9Error(errno.EINVAL, f"bad rate {kv['rate']!r}: messages a second, 1 to "
+                                         f"{MAX_RATE}")
+        self.kernel.record("fed_peer", os=name, **{**kv, "rate": int(kv["rate"])})
+
+    def _cmd_rule(self, name: str, action: str, *terms: str) -> None:
+        self.governance.rule(name, action, *terms)
 
     def _cmd_pause(self, name: str) -> None:
         self._peer(name)
@@ -147,7 +159,8 @@ class Federation:
         lines = [f"os={self.me or '-'}", f"url={self.url or '-'}", f"connection={self.state}",
                  f"peers={' '.join(sorted(self.peers)) or '-'}", f"outbox={len(self.outbox)}",
                  f"dead={len(self.outbox.dead)}", f"sent={self.outbox.sent}",
-                 *(f"{k}={v}" for k, v in self.counts.items()),
+                 f"approvals={len(self.governance.held)}",
+                 *(f"{k}={v}" for k, v in self.inbox.counts.items()),
                  f"last_error={self._last_error() or '-'}"]
         return "\n".join(lines) + "\n"
 
@@ -157,7 +170,8 @@ class Federation:
         return self.last_error
 
     def peer_status(self, peer: Peer) -> str:
-        return peer.status(self.outbox.queued_for(peer.name))
+        return peer.status(self.outbox.queued_for(peer.name)) + \
+            self.governance.rules_text(peer.name)
 
     def card(self) -> dict:
         """This OS's card: A2A's field names (name, description, version, capabilities,
@@ -177,6 +191,28 @@ class Federation:
                         if "sla" in a.manifest},
                 "ceiling": {p.name: p.ceiling for p in self.peers.values()},
                 "auth": {p.name: p.auth for p in self.peers.values()}}
+
+    def remote_providers(self) -> dict[str, list[str]]:
+        """capability -> AGENT@OS, from each peer's card as it published it (untrusted:
+        only skills whose id and tags are names count, MAX_SKILLS per card)."""
+        caps: dict[str, list[str]] = {}
+        for peer in sorted(self.peers.values(), key=lambda p: p.name):
+            try:
+                skills = json.loads(peer.card or b"{}").get("skills", [])
+            except (ValueError, AttributeError):
+                continue
+            if not isinstance(skills, list):
+                continue
+            for skill in skills[:MAX_SKILLS]:
+                cap = skill.get("id") if isinstance(skill, dict) else None
+                tags = skill.get("tags") if isinstance(skill, dict) else None
+                if not isinstance(cap, str) or not NAME_RE.fullmatch(cap) or \
+                        not isinstance(tags, list):
+                    continue
+                caps.setdefault(cap, []).extend(
+                    f"{t}@{peer.name}" for t in tags[:MAX_SKILLS]
+                    if isinstance(t, str) and NAME_RE.fullmatch(t))
+        return caps
 
     def card_text(self) -> str:
         return json.dumps(self.card(), indent=2, sort_keys=True) + "\n"
@@ -210,6 +246,7 @@ class Federation:
         if not message.clearance_allows(peer.ceiling, level):
             raise Fs9Error(errno.EACCES, f"{peer.name} accepts up to {peer.ceiling} from us, "
                                          f"the message is {level}")
+        callbacks(self.kernel, sender, msg.headers)
         return msg, peer
 
     def precheck(self, to: str, data: bytes, sender: str) -> None:
@@ -228,24 +265,8 @@ class Federation:
             self.kernel.log.append("declassified", agent=sender, corr=corr, id=msg.id, to=to,
                                    **{"from": author.manifest["clearance"], "to_label": level})
         self.kernel.record("fed_queued", agent=author and sender, corr=corr, blob=msg.render(),
-                           id=msg.id, to=to, os=peer.name, classification=level)
-
-    def _reject(self, origin: str, msg_id: str, reason: str, reply_to: str | None = None,
-                corr: str | None = None) -> None:
-        """Refuse a received message: a fed_rejected event (so a redelivery is not judged
-        again), and, to a declared peer's sender, a `rejected` result (never to another
-        OS's federation itself: two refusing each other's notes would never end)."""
-        self.kernel.record("fed_rejected", corr=corr, origin=origin, id=msg_id, reason=reason)
-        if reply_to is None or reply_to.startswith("federation@"):
-            return
-        note = message.Message(to=reply_to, body=f"rejected: {reason}\n".encode(), headers={
-            "id": os.urandom(8).hex(), "from": f"federation@{self.me}", "to": reply_to,
-            "date": message.format_time(time.time()),
-            "type": "result", "priority": "normal", "classification": "public",
-            "correlation-id": corr or msg_id})
-        self.kernel.record("fed_queued", corr=note.headers["correlation-id"],
-                           blob=note.render(), id=note.id, to=reply_to, os=origin,
-                           classification="public")
+                           id=msg.id, to=to, os=peer.name, classification=level,
+                           type=msg.headers["type"], **callbacks(self.kernel, sender, msg.headers))
 
     def forward(self, msg: message.Message) -> None:
         """What the kernel composed for AGENT@OS (the result or progress of a task made
@@ -259,93 +280,48 @@ class Federation:
         elif not message.clearance_allows(peer.ceiling, h["classification"]):
             reason = (f"{peer.name} accepts up to {peer.ceiling} from us, the message is "
                       f"{h['classification']}")
+        elif len(msg.body) > MAX_CHUNKED - 4096:
+            reason = f"over {MAX_CHUNKED} bytes (the task's out keeps it)"
         if reason is not None:
             self.kernel.log.append("delivery_refused", agent=msg.to, sender=h["from"],
                                    corr=h["correlation-id"], type=h["type"], reason=reason)
             return
         h["from"] = f"{h['from']}@{self.me}"
+        h["x-seq"] = str(self.kernel.log.next_seq)  # answers in order (requests.py)
         self.kernel.record("fed_queued", corr=h["correlation-id"], blob=msg.render(),
-                           id=msg.id, to=msg.to, os=peer.name, classification=h["classification"])
+                           id=msg.id, to=msg.to, os=peer.name, classification=h["classification"],
+                           type=h["type"])
 
-    # --- receiving -------------------------------------------------------------
+    # --- receiving (inbox.py) -------------------------------------------------
 
-    def receive(self, origin: str, data: bytes) -> None:
-        """Judge and record one message from OS `origin` (the subject's): delivered to
-        a local mailbox (mail_sent with fed=ORIGIN/ID) or rejected (fed_rejected)."""
-        head, _, body = data.partition(b"\n\n")
-        try:
-            headers = dict(line.split(": ", 1) for line in head.decode().split("\n"))
-        except (UnicodeDecodeError, ValueError):
-            headers = {}
-        msg_id = headers.get("id", "")
-        if not re.fullmatch(r"[0-9a-f]{16}", msg_id):
-            msg_id = f"bad-{os.urandom(8).hex()}"  # unreadable: logged once
-        if f"{origin}/{msg_id}" in self.seen:
-            self.counts["duplicates"] += 1
-            return
+    def receive(self, origin: str, data: bytes, headers: dict | None = None) -> None:
+        value = (headers or {}).get(CHUNK_HEADER)
+        if value is not None:
+            return self.inbox.receive_chunk(origin, value, data)
+        self.inbox.receive(origin, data)
+
+    def received(self, e) -> None:
+        self.inbox.received(e)
+
+    def admit(self, origin: str) -> bool:
+        """May one more message from origin be taken now (its peer's rate; the OSs that
+        are no peer share one small rate: each of their messages is a rejection logged)?"""
         peer = self.peers.get(origin)
-        if peer is None:
-            return self._reject(origin, msg_id, f"{origin} is not a declared peer")
-        sender, _, from_os = headers.get("from", "").partition("@")
-        if from_os != origin or not NAME_RE.fullmatch(sender):
-            return self._reject(origin, msg_id, f"from {headers.get('from', '')!r} is not "
-                                f"an agent of {origin}")
-        reply_to, corr = f"{sender}@{origin}", headers.get("correlation-id")
-        to, _, to_os = headers.get("to", "").partition("@")
-        if to_os != self.me:
-            return self._reject(origin, msg_id, f"to {headers.get('to', '')!r} is not "
-                                f"an agent of {self.me}", reply_to, corr)
-        stamps = {k: headers[k] for k in RESULT_STAMPS if k in headers} \
-            if headers.get("type") in RESULT_TYPES else {}
-        if not all(STAMP_RE.fullmatch(v) for v in stamps.values()):
-            return self._reject(origin, msg_id, f"bad result headers {stamps}"[:300],
-                                reply_to, corr)
-        written = "".join(f"{k}: {v}\n" for k, v in headers.items()
-                          if k not in NOT_TAKEN and k not in stamps).encode()
-        try:  # as if written here, but the label is never lowered: none stated is the top
-            msg = message.parse(written + b"\n" + body, to=f"{to}@{self.me}", sender=reply_to,
-                                label=message.CLASSIFICATIONS[-1])
-        except Fs9Error as e:
-            return self._reject(origin, msg_id, e.text, reply_to, corr)
-        level = msg.headers["classification"]
-        if not message.clearance_allows(peer.ceiling, level):
-            return self._reject(origin, msg_id, f"{self.me} accepts up to {peer.ceiling} "
-                                f"from {origin}, the message is {level}", reply_to, corr)
-        recipient = self.kernel.bus.owner(to)
-        if recipient is None or getattr(recipient, "killed", False):
-            return self._reject(origin, msg_id, f"no such agent: {to}@{self.me}",
-                                reply_to, corr)
-        if not message.clearance_allows(recipient.manifest["clearance"], level):
-            return self._reject(origin, msg_id, f"{to} is cleared for "
-                                f"{recipient.manifest['clearance']}, the message is {level}",
-                                reply_to, corr)
-        msg.headers.update(id=msg_id, to=to, **stamps)
-        msg.to = to
-        corr = msg.headers.setdefault("correlation-id", msg_id)
-        self.kernel.record("mail_sent", agent=to, corr=corr, blob=msg.render(), id=msg_id,
-                           sender=reply_to, type=msg.headers["type"],
-                           priority=msg.headers["priority"], classification=level,
-                           fed=f"{origin}/{msg_id}")
-        if msg.headers["type"] == "work_request" and recipient is not self.kernel.bus.operator \
-                and not recipient.daemon:
-            # request/response as for local mail: a task, its result back to the sender
-            stored = recipient.mailbox.get(msg_id)
-            self.kernel.submit(recipient, msg.body, corr=corr, request=msg_id,
-                               reply_to=reply_to)
-            self.kernel.bus.ack(recipient, stored.name)
-
-    def received(self, fed: str) -> None:
-        """The bus applied a mail_sent that came through the federation (its record)."""
-        self.seen.add(fed)
-        self.counts["received"] += 1
+        bucket = peer.bucket if peer is not None else self.strangers
+        if bucket.take(1, time.monotonic()):
+            return True
+        if peer is not None:
+            peer.throttled += 1
+        return False
 
     # --- applying events -------------------------------------------------------
 
     def appliers(self) -> dict:
         return {"fed_joined": self._on_joined, "fed_left": self._on_left,
                 "fed_peer": self._on_peer, "fed_paused": self._on_paused,
-                "fed_resumed": self._on_resumed, "fed_rejected": self._on_rejected,
-                **self.outbox.appliers()}
+                "fed_resumed": self._on_resumed, **self.inbox.appliers(),
+                **self.sagas.appliers(), **self.governance.appliers(),
+                **self.outbox.appliers(self.requests)}
 
     def _on_joined(self, e, agent, task):
         self.url, self.me = e.data["url"], e.data["os"]
@@ -357,7 +333,8 @@ class Federation:
 
     def _on_peer(self, e, agent, task):
         old = self.peers.get(e.data["os"])
-        peer = self.peers[e.data["os"]] = Peer(e.data["os"], e.data["ceiling"], e.data["auth"])
+        peer = self.peers[e.data["os"]] = Peer(e.data["os"], e.data["ceiling"], e.data["auth"],
+                                               e.data.get("rate", RATE))
         if old is not None:
             peer.paused, peer.card = old.paused, old.card
         self.changes.bump()
@@ -368,7 +345,3 @@ class Federation:
     def _on_resumed(self, e, agent, task):
         self.peers[e.data["os"]].paused = False
         self.changes.bump()
-
-    def _on_rejected(self, e, agent, task):
-        self.seen.add(f"{e.data['origin']}/{e.data['id']}")
-        self.counts["rejected"] += 1

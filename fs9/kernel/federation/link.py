@@ -2,12 +2,18 @@
 the outbox, receive into the log, and publish our card and read the peers'. A member
 that cannot reach NATS keeps working locally: its outbox waits, `federation/status`
 says `connection=connecting` and the last error, and it catches up once NATS answers."""
+import itertools
+import time
+
 import trio
 
 from ...errors import Fs9Error
+from . import chunks
 from .engine import Engine, EngineError
 from .federation import BACKOFF_S, Federation
 
+BATCH = 64  # messages published at once (pipelined) and acked at once
+THROTTLE_S = 1.0  # a message over its peer's rate comes again after this long
 CARD_EVERY_S = 2  # how often our card is re-checked and the peers' fetched
 MAX_CARD = 64 << 10  # bytes of a peer's card shown; a larger one is not shown (last_error)
 
@@ -17,6 +23,17 @@ async def serve(fed: Federation) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_supervised, fed, lambda: fed.outbox.keep_deadlines())
         nursery.start_soon(_supervised, fed, lambda: _link(fed))
+        nursery.start_soon(_supervised, fed, lambda: _coordinate(fed))
+
+
+async def _coordinate(fed: Federation) -> None:
+    """The sagas this OS coordinates, moved on as their requests answer or time out
+    (joined or not: a step's request waits in the outbox like any other)."""
+    while True:
+        version = fed.progress.version
+        wake = fed.sagas.advance(time.time())
+        with trio.move_on_after(max(wake - time.time(), 0.05)):
+            await fed.progress.wait_past(version)
 
 
 async def _supervised(fed: Federation, run) -> None:
@@ -84,25 +101,50 @@ async def _send(fed: Federation, engine: Engine) -> None:
         version = fed.changes.version
         outbox = fed.outbox
         due = [(mid, q.os, q.data) for mid, q in list(outbox.pending.items())
-               if q.os in fed.peers and not fed.peers[q.os].paused]
-        if not due:
+               if q.os in fed.peers and not fed.peers[q.os].paused
+               and mid not in outbox.sending and not outbox.expired(mid)]
+        if not due:  # (one expired is given up by outbox.keep_deadlines: a change)
             await fed.changes.wait_past(version)
             continue
-        for mid, to, data in due:
-            if mid not in outbox.pending or outbox.expired(mid):
-                continue  # given up meanwhile, or about to be (outbox.keep_deadlines)
-            outbox.sending.add(mid)
-            try:
-                await engine.publish(to, data, f"{fed.me}/{mid}")
-            except EngineError as e:
-                _failed(fed, f"publish to {to}", e)
-                await trio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
-                attempt += 1
-                break
-            finally:
-                outbox.sending.discard(mid)
+        # small messages go BATCH at a time, pipelined; a large one alone, chunk by chunk
+        batch = list(itertools.takewhile(lambda d: len(d[2]) <= chunks.CHUNK, due[:BATCH]))
+        outbox.sending.update(d[0] for d in batch or due[:1])
+        try:
+            if batch:
+                errors = await engine.publish_batch([(to, data, f"{fed.me}/{mid}")
+                                                     for mid, to, data in batch])
+            else:
+                mid, to, data = due[0]
+                batch = due[:1]
+                try:
+                    await _publish(fed, engine, mid, to, data)
+                    errors = [None]
+                except EngineError as e:
+                    errors = [str(e)]
+        finally:
+            outbox.sending.difference_update(d[0] for d in batch)
+        for (mid, to, _), error in zip(batch, errors):
+            if error is None and mid in outbox.pending:
+                fed.kernel.record("fed_sent", id=mid, os=to)
+        failed = [(to, e) for (_, to, _), e in zip(batch, errors) if e is not None]
+        if failed:
+            _failed(fed, f"publish to {failed[0][0]}", failed[0][1])
+            await trio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+            attempt += 1
+        else:
             attempt = 0
-            fed.kernel.record("fed_sent", id=mid, os=to)
+
+
+async def _publish(fed: Federation, engine: Engine, mid: str, to: str, data: bytes) -> None:
+    """One message, or its chunks from the first JetStream does not have yet."""
+    pieces = chunks.split(mid, data)
+    if len(pieces) == 1:
+        return await engine.publish(to, data, f"{fed.me}/{mid}")
+    for i, (piece, headers) in enumerate(pieces):
+        if i < fed.outbox.pending[mid].chunks_sent:
+            continue
+        await engine.publish(to, piece, f"{fed.me}/{mid}/{i}", headers)
+        fed.kernel.record("fed_chunk_sent", id=mid, os=to, i=i)
 
 
 async def _receive(fed: Federation, engine: Engine) -> None:
@@ -118,14 +160,23 @@ async def _receive(fed: Federation, engine: Engine) -> None:
             attempt += 1
             continue
         attempt = 0
-        for origin, data, handle in batch:
+        recorded = []
+        for origin, data, headers, handle in batch:
+            if not fed.admit(origin):  # over its rate: later, nothing recorded
+                try:
+                    await engine.later(handle, THROTTLE_S)
+                except EngineError as e:
+                    _failed(fed, "nak", e)
+                continue
             try:
-                fed.receive(origin, data)
+                fed.receive(origin, data, headers)
             except Fs9Error as e:  # the log refused it: not acked, tried again later
                 _failed(fed, f"receive from {origin}", e)
                 continue
+            recorded.append(handle)
+        if recorded:  # each in the log already: acked together
             try:
-                await engine.ack(handle)
+                await engine.ack_batch(recorded)
             except EngineError as e:
                 _failed(fed, "ack", e)
 

@@ -1,6 +1,7 @@
 """The federation's outbox: cross-OS messages queued in the log and not yet acknowledged
 by JetStream, oldest first, and the dead letters, those given up. Its events:
   fed_queued (id, to, os; the message in the blob)  fed_sent (id)  fed_dead (id, reason)
+  fed_chunk_sent (id, i): chunk i of a large message acked (the rest resume after it)
 A message whose `deadline` passes before JetStream has it is given up (`fed_dead`), never
 silently dropped, and never published after: the sender (link.py) checks the deadline
 before each publish, and a message being published is not given up under it."""
@@ -19,6 +20,7 @@ class Queued:
     os: str  # the peer it is for
     data: bytes  # the message as it crosses
     deadline: float | None  # epoch seconds, from its `deadline` header
+    chunks_sent: int = 0  # of a large message: how many chunks JetStream has (chunks.py)
 
 
 class Outbox:
@@ -61,18 +63,27 @@ class Outbox:
 
     # --- applying events -------------------------------------------------------
 
-    def appliers(self) -> dict:
+    def appliers(self, requests) -> dict:
+        """(requests: requests.py's, told of each work_request queued and sent)"""
+        self.requests = requests
         return {"fed_queued": self._on_queued, "fed_sent": self._on_sent,
-                "fed_dead": self._on_dead}
+                "fed_dead": self._on_dead, "fed_chunk_sent": self._on_chunk_sent}
 
     def _on_queued(self, e, agent, task):
         data = self.kernel.blob(e)
         self.pending[e.data["id"]] = Queued(e.data["os"], data, message.load(data, 0).deadline)
+        self.requests.on_queued(e)
         self.changes.bump()
 
     def _on_sent(self, e, agent, task):
         if self.pending.pop(e.data["id"], None) is not None:
             self.sent += 1
+        self.requests.on_sent(e.data["id"])
+
+    def _on_chunk_sent(self, e, agent, task):
+        q = self.pending.get(e.data["id"])
+        if q is not None:
+            q.chunks_sent = max(q.chunks_sent, e.data["i"] + 1)
 
     def _on_dead(self, e, agent, task):
         q = self.pending.pop(e.data["id"], None)

@@ -1,0 +1,2 @@
+note=$(cat)
+echo "known-issues.md updated: ${note#bug fixed: }"
