@@ -172,3 +172,52 @@ def test_modes_tell_a_desktop_what_it_may_do(mount):
         assert "access::can-read: FALSE" in info[rel], info[rel]
     for rel in ("agents/echo/out", "events"):  # streams: nothing to save back
         assert "access::can-write: FALSE" in info[rel], info[rel]
+
+
+X_TOOLS = ("Xvfb", "mousepad", "xdotool")
+
+
+@pytest.mark.skipif(not all(map(shutil.which, X_TOOLS)),
+                    reason=f"needs {', '.join(X_TOOLS)} (apt-get install xvfb mousepad xdotool: "
+                           "the editor pcmanfm and Thunar open text with)")
+def test_an_editor_opened_on_a_stream_shows_a_window_while_the_task_runs(mount, tmp_path):
+    """What a double-click in pcmanfm or Thunar does: Mousepad (GTK, reading through GIO)
+    opens the file. On `out` of a running task and on `events` its window comes as soon as
+    on a plain file (within WINDOW_S more), while the task still runs."""
+    display = subprocess.Popen(["Xvfb", "-displayfd", "1", "-screen", "0", "1024x768x24",
+                                "-nolisten", "tcp"], stdout=subprocess.PIPE,
+                               stderr=open(tmp_path / "xvfb.log", "wb"))
+    try:
+        env = {**GIO_ENV, "DISPLAY": ":" + display.stdout.readline().decode().strip(),
+               "NO_AT_BRIDGE": "1", "HOME": str(tmp_path)}
+        mount.vault.mkdir(exist_ok=True)
+        (mount.vault / "notes.txt").write_text("a plain file\n")
+        mount.sh("echo 'spawn counter' > ctl", check=True)
+        mount.write("agents/counter/in", "60\n")
+        mount.wait_for(lambda: b"2\n" in so_far(mount, "agents/counter/out"),
+                       what="two lines out")
+
+        def window_after(rel: str) -> float:
+            start = time.monotonic()
+            editor = subprocess.Popen(["mousepad", str(mount.path / rel)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                found = subprocess.run(["timeout", "30", "xdotool", "search", "--sync",
+                                        "--onlyvisible", "--pid", str(editor.pid)],
+                                       env=env, capture_output=True)
+                assert found.returncode == 0, (f"no window for {rel} in 30 s", env["DISPLAY"],
+                                               found.stderr, (tmp_path / "xvfb.log").read_text())
+                return time.monotonic() - start
+            finally:
+                editor.kill()
+                editor.wait()
+
+        window_after("vault/notes.txt")  # (the first start loads caches: not counted)
+        plain = window_after("vault/notes.txt")
+        for rel in ("agents/counter/out", "events"):
+            took = window_after(rel)
+            assert took < plain + WINDOW_S, (rel, took, plain)
+        assert mount.status("counter")["state"] == "running"
+    finally:
+        display.terminate()  # (SIGTERM: it removes its socket and lock)
+        display.wait(timeout=30)

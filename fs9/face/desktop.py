@@ -36,26 +36,28 @@ NUMBER = re.compile(r"[0-9.]+|-")
 
 
 def _shape(text: str) -> tuple:
-    """A state text's form, whatever its values: per line, `KEY=` (the first key of a
-    KEY=VALUE line) or its first word and what each other word is (a number or `-`:
-    "#"; else "w")."""
+    """A state text's form, whatever its values: per line, "=" (a KEY=VALUE line) or its
+    first word and what each other word is (a number or `-`: "#"; else "w")."""
     shape = []
     for line in text.split("\n"):
         words = line.split()
         if words:
-            key = KEY.match(words[0])
-            shape.append(key.group() if key else (words[0], *(
+            shape.append("=" if KEY.match(words[0]) else (words[0], *(
                 "#" if NUMBER.fullmatch(w) else "w" for w in words[1:])))
     return tuple(shape)
 
 
 def echoes_state(data: bytes, state: str) -> bool:
-    """data is a ctl's state text as reading it shows (now or earlier: its values may
-    have changed since), saved back by an editor: no command (a verb is one word with
-    no `=`, and no state line starts with a verb)."""
+    """data is a ctl's state text as reading it shows (now or earlier: its values, and
+    which KEY=VALUE lines it has, may have changed since), saved back by an editor: no
+    command. A verb is a word without "=", so no KEY=VALUE line is a command; a state
+    line of words (an agent's ctl: `NAME STATE PID ...`) is its form exactly."""
     try:
-        text = data.decode()
+        written, shown = _shape(data.decode()), _shape(state)
     except UnicodeDecodeError:
         return False
-    shape = _shape(text)
-    return bool(shape) and shape == _shape(state)
+    if not written:
+        return False
+    if all(line == "=" for line in shown):
+        return all(line == "=" for line in written)
+    return written == shown
