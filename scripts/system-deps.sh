@@ -13,6 +13,9 @@ ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need="$need libseccomp2
 [ "$1" = "--test" ] && { command -v node >/dev/null 2>&1 || need="$need nodejs"; }
 # the escape suite compiles a C program that makes raw syscalls
 [ "$1" = "--test" ] && { command -v gcc >/dev/null 2>&1 || need="$need gcc libc6-dev"; }
+# tests/test_beneath.py traces fs9's own syscalls; tests/test_top.py drives fs9 top in a terminal
+[ "$1" = "--test" ] && { command -v strace >/dev/null 2>&1 || need="$need strace"; }
+[ "$1" = "--test" ] && { command -v tmux >/dev/null 2>&1 || need="$need tmux"; }
 python3 -c 'import ensurepip, venv' 2>/dev/null || need="$need python3-venv"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -3,7 +3,9 @@
 Tests drive it the way people and programs do: `sh -c` with echo/cat/ls, and
 plain file I/O. Where this machine cannot mount FUSE, mount tests skip and say why.
 """
+import errno
 import os
+import re
 import select
 import shutil
 import signal
@@ -64,6 +66,25 @@ def compile_c(folder: Path, name: str, source: str, *flags: str) -> Path:
                         str(folder / f"{name}.c")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"{name}.c does not compile:\n{r.stderr}"
     return folder / name
+
+
+def racer_manifest(**env: str) -> str:
+    """The manifest of a racing program (./racer) that owns vault/c and reads the rest
+    of the vault, with env (its parameters) in its environment."""
+    pairs = ", ".join(f'{k} = "{v}"' for k, v in env.items())
+    return ('cmd = ["./racer"]\npledge = ["read", "write"]\ntimeout_s = 120\n'
+            f'owns = ["vault/c"]\nenv = {{ {pairs} }}\n[unveil]\n"vault" = "r"\n'
+            '"vault/c" = "rw"\n')
+
+
+def racer_counts(out: str) -> dict[str, tuple[int, int]]:
+    """A racing program's `STAT KIND ok=N fail=M` lines: kind -> (ok, fail), summed
+    over its processes."""
+    got: dict[str, tuple[int, int]] = {}
+    for kind, ok, fail in re.findall(r"^STAT (\w+) ok=(\d+) fail=(\d+)$", out, re.M):
+        o, f = got.get(kind, (0, 0))
+        got[kind] = (o + int(ok), f + int(fail))
+    return got
 
 
 def wait_task(mount, agent: str, timeout: float = WAIT_S) -> tuple[str, str]:
@@ -252,7 +273,10 @@ class Mount:
         view = memoryview(data.encode() if isinstance(data, str) else data)
         with open(self.path / rel, "wb", buffering=0) as f:
             while view:
-                view = view[f.write(view):]
+                n = f.write(view)
+                if n is None:  # (FileIO's answer to EAGAIN)
+                    raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+                view = view[n:]
 
     def status(self, agent: str) -> dict[str, str]:
         return dict(line.split("=", 1) for line in self.read(f"agents/{agent}/status").splitlines())

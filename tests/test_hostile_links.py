@@ -27,13 +27,13 @@ files on disk, the refusals logged; never the attacker's exit status alone.
 import errno
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import cannot_confine_c, compile_c, errno_of, wait_task
+from conftest import (cannot_confine_c, compile_c, errno_of, racer_counts, racer_manifest,
+                      wait_task)
 
 RACE_S = 8  # seconds of racing
 CANARY = b"CANARY: the operator's, read-only to every agent\n"
@@ -132,28 +132,10 @@ int main(void) {
 }
 """
 
-RACER = """\
-cmd = ["./racer"]
-pledge = ["read", "write"]
-timeout_s = 120
-owns = ["vault/c"]
-env = {{ RACE_S = "{seconds}" }}
-[unveil]
-"vault" = "r"
-"vault/c" = "rw"
-"""
-
-
 @pytest.fixture(scope="module")
 def racer_binary(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("links-racer-bin")
     return compile_c(folder, "racer", RACER_C, "-pthread")
-
-
-def counts(out: str) -> dict[str, tuple[int, int]]:
-    """The racer's STAT lines: kind -> (ok, fail)."""
-    return {kind: (int(ok), int(fail)) for kind, ok, fail in
-            re.findall(r"^STAT (\w+) ok=(\d+) fail=(\d+)$", out, re.M)}
 
 
 @pytest.mark.timeout(180)
@@ -165,12 +147,12 @@ def test_a_name_swapped_before_fs9_settles_it_gives_nothing_away(mount, racer_bi
     (mount.vault / "c/e").mkdir()
     os.link(canary, mount.vault / "c/e/x")  # the operator's second name, in its subtree
     before = state(canary)
-    mount.define("racer", RACER.format(seconds=RACE_S))
+    mount.define("racer", racer_manifest(RACE_S=RACE_S))
     shutil.copy(racer_binary, mount.agents / "racer" / "racer")
     mount.write("ctl", "spawn racer\n")
     mount.write("agents/racer/in", "go\n")
     out, err = wait_task(mount, "racer", timeout=RACE_S + 90)
-    got = counts(out)
+    got = racer_counts(out)
     print(f"racer: {got}; canary now {state(canary)[:3]}, before {before[:3]}")
     assert "DONE" in out, out + err
     assert got["swap"][0] > 100, got  # the attack ran: swaps, and names made meanwhile

@@ -25,7 +25,6 @@ import errno
 import inspect
 import json
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cannot_confine_c, compile_c, wait_task
+from conftest import cannot_confine_c, compile_c, racer_counts, racer_manifest, wait_task
 
 RACE_S = 8  # seconds of racing (the base commit leaked within about a second)
 CANARY = b"CANARY-SECRET-5f3e9a\n"
@@ -213,31 +212,10 @@ int main(void) {
 }
 """
 
-RACER = """\
-cmd = ["./racer"]
-pledge = ["read", "write"]
-timeout_s = 120
-owns = ["vault/c"]
-env = {{ CANARY = "{canary}", RACE_S = "{seconds}" }}
-[unveil]
-"vault" = "r"
-"vault/c" = "rw"
-"""
-
-
 @pytest.fixture(scope="module")
 def racer_binary(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("racer-bin")
     return compile_c(folder, "racer", RACER_C)
-
-
-def counts(out: str) -> dict[str, tuple[int, int]]:
-    """The racer's STAT lines: kind -> (ok, fail), summed over its processes."""
-    got: dict[str, tuple[int, int]] = {}
-    for kind, ok, fail in re.findall(r"^STAT (\w+) ok=(\d+) fail=(\d+)$", out, re.M):
-        o, f = got.get(kind, (0, 0))
-        got[kind] = (o + int(ok), f + int(fail))
-    return got
 
 
 @pytest.mark.timeout(180)
@@ -245,12 +223,12 @@ def test_swapping_a_directory_for_a_symlink_reaches_nothing_outside(mount, racer
     canary = make_canary(mount.root)
     before = canary_state(canary)
     (mount.vault / "c").mkdir()
-    mount.define("racer", RACER.format(canary=canary, seconds=RACE_S))
+    mount.define("racer", racer_manifest(CANARY=canary, RACE_S=RACE_S))
     shutil.copy(racer_binary, mount.agents / "racer" / "racer")
     mount.write("ctl", "spawn racer\n")
     mount.write("agents/racer/in", "go\n")
     out, err = wait_task(mount, "racer", timeout=RACE_S + 90)
-    got = counts(out)
+    got = racer_counts(out)
     leaks = [line for line in out.splitlines() if line.startswith("LEAK")]
     print(f"racer: {got}; LEAK lines: {len(leaks)} {leaks[:3]}; canary now: "
           f"{sorted(os.listdir(canary))}")

@@ -110,6 +110,7 @@ class Kernel(Lifecycles):
         self.uid_slot, self._uid_claim = confine.claim_uid_slot(self.state_dir)
         self.uid_offset = -1  # of the latest spawn's uid in the range
         self.agents: dict[str, Agent] = {}
+        self.owners: dict[tuple[str, ...], str] = {}  # owned vault subtree -> its agent
         self.tasks: dict[int, Task] = {}
         self.tally: collections.Counter = collections.Counter()  # tasks by state
         self.halted = False
@@ -387,9 +388,10 @@ class Kernel(Lifecycles):
     def owner_of(self, path: tuple[str, ...]) -> str | None:
         """The agent owning vault path (claims never overlap); None: only the operator
         may change it."""
-        for agent in self.agents.values():
-            if any(path[:len(prefix)] == prefix for prefix in agent.view.owns):
-                return agent.name
+        for n in range(1, len(path) + 1):  # (a lookup per depth, not a walk of agents)
+            owner = self.owners.get(path[:n])
+            if owner is not None:
+                return owner
         return None
 
     def guarded(self, fn, *args, agent: str | None = None, file: str = "ctl"):

@@ -105,6 +105,7 @@ class Lifecycles:
         agent.spawned_by = e.data.get("by")
         agent.supervisor = e.data.get("supervisor")  # (kernel/supervision.py)
         self.agents[agent.name] = agent
+        self.owners.update(dict.fromkeys(agent.view.owns, agent.name))
         if self._nursery is not None:
             self._nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
 
@@ -113,6 +114,8 @@ class Lifecycles:
         for queued in list(agent.queue):
             self._end(queued, "cancelled", reason="agent killed")
         del self.agents[agent.name]
+        for prefix in agent.view.owns:
+            self.owners.pop(prefix, None)
         self.rates.drop(agent.name)
         agent.changes.bump()
         if not self._replaying:

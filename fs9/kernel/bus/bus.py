@@ -148,11 +148,12 @@ class Bus:
         blank line ended them), so a bad one fails write(2), where a shell says so."""
         if agent.killed:
             raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
+        if b"\n\n" in data:
+            self.check(agent, data, sender)  # (the mailbox's room too)
+            return
         full = agent.mailbox.full(operator=sender == OPERATOR)
         if full:
             raise Fs9Error(errno.EDQUOT, f"{agent.name}: {full}")
-        if b"\n\n" in data:
-            self.check(agent, data, sender)
 
     def _check_author(self, author, msg: Message, floor: str) -> None:
         """What an agent may say in a message (see the module doc): EPERM if not."""
