@@ -16,9 +16,9 @@ each mount:
     create/s   open(O_CREAT|O_EXCL)+close of 200 new files (removed after the round)
     read/s     open + read to EOF + close of the 1,000 files
     seq MiB/s  the 64 MiB file in 1 MiB reads, warm
-    getattr/s  5,000 statx(AT_STATX_FORCE_SYNC) of the mount root, agents/, a task folder
+    getattr/s  1,000 statx(AT_STATX_FORCE_SYNC) of the mount root, agents/, a task folder
                and their entries: each a GETATTR to fs9 (issue 22: each file's time)
-    listings/s 5,000 listdir of the root, agents/ and a task folder, in turn
+    listings/s 1,000 listdir of the root, agents/ and a task folder, in turn
     mail/s     500 messages to an agent `box` (cmd=cat), each: open, write, close
                agents/box/mail/new (sent and committed at close), read mail/next to EOF,
                rm mail/ID; one process, one message in flight
@@ -42,7 +42,7 @@ from vault import cpu_s, settle  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "versus.json"
 N_FILES, FILE_BYTES, BIG_MIB, N_CREATE, N_MAIL = 1000, 4096, 64, 200, 500
-N_NS = 5000  # namespace getattrs or listings a round
+N_NS = 1000  # namespace getattrs or listings a round
 OPS = ("stat", "read", "create", "seq", "mail", "getattr", "readdir")
 
 TIMEOPS = r'''

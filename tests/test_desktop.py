@@ -136,7 +136,11 @@ def test_saving_a_ctl_back_changes_nothing(mount):
     mount.sh("echo 'spawn echo' > ctl && echo 'spawn counter' > ctl", check=True)
     mount.write("agents/counter/in", "2\n")
     mount.wait_for(lambda: mount.status("counter")["done"] == "1", what="counter's task")
-    ctls = ["ctl", "agents/echo/ctl", "agents/counter/ctl", "federation/ctl"]
+    model = next(m for m in sorted(os.listdir(mount.path / "models"))
+                 if (mount.path / "models" / m).is_dir())  # (the offline scripted model)
+    conv = mount.read(f"models/{model}/clone").strip()
+    ctls = ["ctl", "agents/echo/ctl", "agents/counter/ctl", "federation/ctl",
+            f"models/{model}/{conv}/ctl"]
     shown = {rel: mount.read(rel) for rel in ctls}
     mount.write("agents/echo/in", "marker\n")  # the state moves on after it was read
     mount.wait_for(lambda: mount.status("echo")["done"] == "1", what="echo's task")
