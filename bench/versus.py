@@ -2,7 +2,7 @@
 resolved beneath a directory fd, and mail with a clearance check at every delivery,
 against the code before them).
 
-    .venv/bin/python bench/versus.py --base DIR [--rounds 9] [--strict]
+    .venv/bin/python bench/versus.py --base DIR [--rounds 9] [--ops OP,...] [--strict]
 
 DIR is a checkout of the commit to compare with, e.g.
 `git worktree add /tmp/fs9-base 885ac1e` (the commit before fd-relative vault I/O), with
@@ -16,6 +16,9 @@ each mount:
     create/s   open(O_CREAT|O_EXCL)+close of 200 new files (removed after the round)
     read/s     open + read to EOF + close of the 1,000 files
     seq MiB/s  the 64 MiB file in 1 MiB reads, warm
+    getattr/s  1,000 statx(AT_STATX_FORCE_SYNC) of the mount root, agents/, a task folder
+               and their entries: each a GETATTR to fs9 (issue 22: each file's time)
+    listings/s 1,000 listdir of the root, agents/ and a task folder, in turn
     mail/s     500 messages to an agent `box` (cmd=cat), each: open, write, close
                agents/box/mail/new (sent and committed at close), read mail/next to EOF,
                rm mail/ID; one process, one message in flight
@@ -39,6 +42,8 @@ from vault import cpu_s, settle  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "versus.json"
 N_FILES, FILE_BYTES, BIG_MIB, N_CREATE, N_MAIL = 1000, 4096, 64, 200, 500
+N_NS = 1000  # namespace getattrs or listings a round
+OPS = ("stat", "read", "create", "seq", "mail", "getattr", "readdir")
 
 TIMEOPS = r'''
 import json, os, sys, time
@@ -80,6 +85,25 @@ elif op == "mail":
         os.close(fd)
         head = data.split(b"\n\n", 1)[0].decode()
         os.unlink(os.path.join(mail, next(l[4:] for l in head.splitlines() if l.startswith("id: "))))
+elif op in ("getattr", "readdir"):
+    # the mount root, agents/ and a task folder: each getattr a GETATTR to fs9 (statx with
+    # AT_STATX_FORCE_SYNC passes over the kernel's attribute cache), each listing an
+    # OPENDIR, READDIRPLUS... and RELEASEDIR
+    import ctypes
+    mnt = os.path.dirname(base)
+    tasks = os.path.join(mnt, "agents", "box", "tasks")
+    dirs = [mnt, os.path.join(mnt, "agents"), os.path.join(tasks, sorted(os.listdir(tasks))[0])]
+    libc, buf = ctypes.CDLL(None, use_errno=True), ctypes.create_string_buffer(256)
+    AT_FDCWD, FORCE_SYNC, BASIC = -100, 0x2000, 0x7ff
+    paths = [os.fsencode(d) for d in dirs]
+    paths += [os.fsencode(os.path.join(d, e)) for d in dirs for e in os.listdir(d)]
+    t0 = clock()
+    for i in range(n):
+        if op == "getattr":
+            if libc.statx(AT_FDCWD, paths[i % len(paths)], FORCE_SYNC, BASIC, buf) != 0:
+                raise OSError(ctypes.get_errno(), "statx")
+        else:
+            os.listdir(dirs[i % 3])
 print(json.dumps(n / ((clock() - t0) / 1e9)))
 '''
 
@@ -119,10 +143,15 @@ def timed(mount: Mount, op: str, n: int) -> tuple[float, float]:
     return json.loads(r.stdout), (cpu_s(mount.pid) - c0) * 1e6 / n
 
 
-def one_round(mount: Mount) -> dict:
+def one_round(mount: Mount, ops: set[str]) -> dict:
     settle(mount.pid)
-    time.sleep(1.1)  # the kernel's entry cache (1 s) expires: each stat is a LOOKUP
     out = {}
+    for op in ("getattr", "readdir"):
+        if op in ops:
+            out[op], out[f"{op}_cpu_us"] = timed(mount, op, N_NS)
+    if not ops & {"stat", "read", "create", "seq", "mail"}:
+        return out
+    time.sleep(1.1)  # the kernel's entry cache (1 s) expires: each stat is a LOOKUP
     out["stat"], out["stat_cpu_us"] = timed(mount, "stat", N_FILES)
     out["read"], out["read_cpu_us"] = timed(mount, "read", N_FILES)
     out["create"], out["create_cpu_us"] = timed(mount, "create", N_CREATE)
@@ -140,6 +169,7 @@ def main() -> int:
         return 2
     base = Path(args[args.index("--base") + 1]).resolve()
     rounds = int(args[args.index("--rounds") + 1]) if "--rounds" in args else 9
+    ops = set(args[args.index("--ops") + 1].split(",")) if "--ops" in args else set(OPS)
     why = cannot_run("versus", root="drop_caches, mounts") or (
         None if (base / ".venv/bin/python").exists() else f"{base} has no .venv")
     if why:
@@ -156,13 +186,14 @@ def main() -> int:
             make_vault(m.vault)
             m.mount(timeout=120)
             m.ctl("ctl", "spawn box cmd=cat\n")
+            m.ctl("agents/box/in", "a task, for its folder\n")
             m.served_by = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=m.code,
                                          capture_output=True, text=True).stdout.strip()
         runs = {name: [] for name in mounts}
         for i in range(rounds):
             order = list(mounts) if i % 2 == 0 else list(reversed(mounts))
             for name in order:
-                runs[name].append(one_round(mounts[name]))
+                runs[name].append(one_round(mounts[name], ops))
     finally:
         unmount_all(tmp, list(mounts.values()), "versus")
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
@@ -170,24 +201,26 @@ def main() -> int:
     this, was = med["this"], med["base"]
     for name, m in mounts.items():
         print(f"{name}: {m.code} at {m.served_by}")
+    def rows_of(op, figure, unit, target, share, cpu=None, fmt="{:.0f}"):
+        """The rows of op, if measured: its rate (>= share of the base's), its CPU."""
+        if op not in ops:
+            return []
+        got = [row(figure, this[op], was[op], unit, target, this[op] >= share * was[op],
+                   fmt=fmt)]
+        if cpu:
+            got.append(row(f"   server CPU per {cpu}", this[f"{op}_cpu_us"],
+                           was[f"{op}_cpu_us"], "us", fmt="{:.1f}"))
+        return got
     rows = [
-        row("stat/s, each a LOOKUP", this["stat"], was["stat"], "/s", ">= 0.9x",
-            this["stat"] >= 0.9 * was["stat"], fmt="{:.0f}"),
-        row("   server CPU per stat", this["stat_cpu_us"], was["stat_cpu_us"], "us", fmt="{:.1f}"),
-        row("create/s", this["create"], was["create"], "/s", ">= 0.9x",
-            this["create"] >= 0.9 * was["create"], fmt="{:.0f}"),
-        row("   server CPU per create", this["create_cpu_us"], was["create_cpu_us"], "us",
-            fmt="{:.1f}"),
-        row("open+read+close 4 KiB/s", this["read"], was["read"], "/s", ">= 0.9x",
-            this["read"] >= 0.9 * was["read"], fmt="{:.0f}"),
-        row("   server CPU per open+read+close", this["read_cpu_us"], was["read_cpu_us"], "us",
-            fmt="{:.1f}"),
-        row("sequential read, warm", this["seq"], was["seq"], "MiB/s", ">= 0.9x",
-            this["seq"] >= 0.9 * was["seq"], fmt="{:.0f}"),
-        row("mail/s, send + next + rm", this["mail"], was["mail"], "/s", ">= 0.95x",
-            this["mail"] >= 0.95 * was["mail"], fmt="{:.0f}"),
-        row("   server CPU per message", this["mail_cpu_us"], was["mail_cpu_us"], "us",
-            fmt="{:.1f}"),
+        *rows_of("stat", "stat/s, each a LOOKUP", "/s", ">= 0.9x", 0.9, "stat"),
+        *rows_of("create", "create/s", "/s", ">= 0.9x", 0.9, "create"),
+        *rows_of("read", "open+read+close 4 KiB/s", "/s", ">= 0.9x", 0.9, "open+read+close"),
+        *rows_of("seq", "sequential read, warm", "MiB/s", ">= 0.9x", 0.9),
+        *rows_of("mail", "mail/s, send + next + rm", "/s", ">= 0.95x", 0.95, "message"),
+        *rows_of("getattr", "getattr/s: root, agents/, a task folder", "/s", ">= 0.95x",
+                 0.95, "getattr"),
+        *rows_of("readdir", "listings/s: root, agents/, a task folder", "/s", ">= 0.95x",
+                 0.95, "listing"),
     ]
     print(f"this checkout ({REPO}) against {base}: 'fs9' is this, 'baseline' the base")
     print(table(rows))

@@ -189,6 +189,9 @@ class AuditCursor(BufferedCursor):
         return "".join(e.json() + "\n" for e in events).encode()
 
 
+LOOK_BACK = 200
+
+
 class EventCursor(BufferedCursor):
     """The kernel's events as JSON lines, from the moment of open; never EOF."""
 
@@ -199,6 +202,11 @@ class EventCursor(BufferedCursor):
 
     def readable(self) -> bool:
         return bool(self.buf) or self.log.last_seq > self.seq
+
+    def look_back(self) -> None:
+        """A snapshot (a desktop program's open, desktop.py) starts LOOK_BACK events back:
+        a window shows what happened lately, not an empty stream."""
+        self.seq = max(0, self.seq - LOOK_BACK)
 
     async def wait_readable(self) -> None:
         if not self.buf:

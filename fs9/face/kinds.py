@@ -16,14 +16,17 @@ translates.
 import errno
 import os
 import stat
+import time
 
 import trio
 
 from ..errors import Fs9Error
 from ..kernel.kernel import MAX_INPUT
+from .desktop import echoes_state
 from .node import READONLY_NS, Attrs, Handle, Node
 
 SLICE_S = 0.2  # a blocked reader checks for a pending signal this often
+SNAPSHOT_S = 1.0  # a desktop program's read of a stream ends by then (desktop.py)
 # --- Dir -------------------------------------------------------------------------
 
 class Dir(Node):
@@ -59,6 +62,7 @@ class Dir(Node):
         name exists while open), topics/ (a new topic; each write publishes)."""
         node = self.new_file(name)
         node.transient = not node.stream
+        node.changed_ns = time.time_ns()  # made now (a message: while it is written)
         return await node.open(os.O_WRONLY, ctx), node
 
 
@@ -171,7 +175,8 @@ class CtlHandle(SnapshotHandle):
 
     async def write(self, off: int, data: bytes) -> int:
         if not self.node.whole:
-            self.node.apply(data)
+            if self.node.render is None or not echoes_state(data, self.node.render()):
+                self.node.apply(data)  # (its own state saved back by an editor: nothing)
             return len(data)
         if self.refused is not None:
             raise self.refused
@@ -244,6 +249,16 @@ class StreamHandle(Handle):
         super().__init__(pid)
         self.cursor = cursor
         self.publish = publish
+        # a desktop program's open (desktop.py): reads end where nothing is there yet, or
+        # SNAPSHOT_S after open (a stream written faster than it is read)
+        self.snapshot_until: float | None = None
+
+    def snapshot(self) -> None:
+        """From now on, reads end instead of waiting (a desktop program's open)."""
+        self.snapshot_until = time.monotonic() + SNAPSHOT_S
+        look_back = getattr(self.cursor, "look_back", None)  # (`events`: recent ones too)
+        if look_back is not None:
+            look_back()
 
     async def write(self, off: int, data: bytes) -> int:
         if self.publish is None:
@@ -261,7 +276,11 @@ class StreamHandle(Handle):
         """Block until data or EOF; EINTR once the reader has a signal pending.
 
         pyfuse3 ignores FUSE interrupts, so the wait is sliced and each slice
-        checks the caller, else Ctrl-C and even SIGKILL would wait for data."""
+        checks the caller, else Ctrl-C and even SIGKILL would wait for data. A snapshot
+        (a desktop program's open) ends instead of waiting."""
+        if self.snapshot_until is not None and (
+                not self.cursor.readable() or time.monotonic() > self.snapshot_until):
+            return b""
         while not self.cursor.readable():
             with trio.move_on_after(SLICE_S):
                 await self.cursor.wait_readable()

@@ -57,6 +57,7 @@ class Node:
     own_inode = False
     transient = False  # a created name the tree does not serve: it exists while open
     remove = None  # () -> None: what `rm` means here (None: refused)
+    changed_ns: int | None = None  # its mtime (times.py; None: the mount's)
 
     def size(self) -> int:
         return 0  # streams: unknown; text files render to tell

@@ -22,6 +22,7 @@ from ..kernel.names import shown_path, split_view
 from .access import Gate
 from .boundary import boundary, file_name
 from .changes import Changes
+from .desktop import is_desktop_program
 from .inodes import Inodes
 from .node import Handle, Node
 from .tree import Tree
@@ -87,7 +88,7 @@ class Operations(Changes, pyfuse3.Operations):
         a.st_uid = self.uid if s.uid is None else s.uid
         a.st_gid = self.gid if s.gid is None else s.gid
         a.st_blksize, a.st_blocks, a.st_rdev = s.blksize, s.blocks, s.rdev
-        born = self.mtime_ns
+        born = self.mtime_ns if node.changed_ns is None else node.changed_ns
         a.st_atime_ns = born if s.atime_ns is None else s.atime_ns
         a.st_mtime_ns = born if s.mtime_ns is None else s.mtime_ns
         a.st_ctime_ns = born if s.ctime_ns is None else s.ctime_ns
@@ -182,9 +183,22 @@ class Operations(Changes, pyfuse3.Operations):
 
     @boundary
     async def statfs(self, ctx):
+        """The vault's backing file system (without a vault, the state directory's): what
+        `df` and a file manager's free-space check before a copy see. The vault through
+        its directory fd (nothing an agent can change is followed); in a worker, as a
+        network file system may be slow to answer."""
+        root = self.kernel.vault_root
+        try:
+            if root is not None:
+                v = await trio.to_thread.run_sync(os.fstatvfs, root.fd)
+            else:
+                v = await trio.to_thread.run_sync(os.statvfs, self.kernel.state_dir)
+        except OSError as e:  # (the vault closed: unmounting)
+            raise Fs9Error(e.errno or errno.EIO, f"statfs: {e.strerror}")
         s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_namemax = 255
+        s.f_bsize, s.f_frsize, s.f_namemax = v.f_bsize, v.f_frsize, 255
+        s.f_blocks, s.f_bfree, s.f_bavail = v.f_blocks, v.f_bfree, v.f_bavail
+        s.f_files, s.f_ffree, s.f_favail = v.f_files, v.f_ffree, v.f_favail
         return s
 
     # --- directories -----------------------------------------------------------
@@ -236,6 +250,8 @@ class Operations(Changes, pyfuse3.Operations):
         handle = await node.open(flags, ctx)
         handle.opener = split_view(path)[0]  # whose blocked reads it counts (None: operator)
         handle.nonblocking = bool(flags & os.O_NONBLOCK)
+        if node.stream and handle.opener is None and is_desktop_program(ctx.pid):
+            handle.snapshot()  # it never traps an app (desktop.py)
         return pyfuse3.FileInfo(fh=self._opened(ino, handle), direct_io=handle.direct_io,
                                 keep_cache=self._unchanged(ino, handle), nonseekable=node.stream)
 

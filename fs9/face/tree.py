@@ -29,6 +29,7 @@ from ..kernel.names import OPERATOR, split_view
 from ..kernel.stream import Stream
 from .cursors import (AuditCursor, Chain, EventCursor, NextCursor, ReplyCursor, StreamCursor,
                       TaskCursor, TopicCursor)
+from . import times
 from .kinds import Clone, Ctl, Dir, Status, StreamNode
 from .node import Node, shown
 from .vault import VaultNode
@@ -359,6 +360,7 @@ class _Row:
     factory: Callable[..., Node | None] | None
     asks: bool  # the factory takes `me`: what it serves depends on who asks
     subtree: bool = False  # PREFIX/...: the row serves PREFIX and every path below it
+    pattern: str = ""  # as in ROWS: its key in times.BY_ROW
 
 
 def _row(pattern: str, factory) -> _Row:
@@ -366,7 +368,7 @@ def _row(pattern: str, factory) -> _Row:
     pattern = pattern[:-4] if subtree else pattern
     return _Row(tuple(pattern.split("/")) if pattern else (), factory,
                 not subtree and factory is not None
-                and "me" in inspect.signature(factory).parameters, subtree)
+                and "me" in inspect.signature(factory).parameters, subtree, pattern)
 
 
 _ROWS = [_row(p, f) for p, f in ROWS.items()]
@@ -427,11 +429,10 @@ class Tree:
             bound = self._bind(row.parts, path, me)
             if bound is None:
                 continue
-            if row.asks:
-                bound["me"] = me
-            node = Dir() if row.factory is None else row.factory(self.kernel, **bound)
+            node = Dir() if row.factory is None else \
+                row.factory(self.kernel, **bound, **({"me": me} if row.asks else {}))
+            node.changed_ns = times.changed(self.kernel, row.pattern, bound)
             if isinstance(node, Dir):
-                bound.pop("me", None)
                 node.names = lambda row=row, bound=bound: [
                     n for n in self._children(row, bound, me)
                     if view is None or view.access(path + (n,)) is not None]

@@ -161,6 +161,14 @@ class EventLog:
             raise
         self.recent: collections.deque[Event] = collections.deque(maxlen=self.RECENT)
         self.changes = Changes()
+        # When an agent's or a task's latest event was logged (epoch ns): the mtime of
+        # what the mount renders of it (face/times.py). From this mount on: before the
+        # first, the latest event's time then (opened_ns) stands for all.
+        self.opened_ns = self.last_ns = int(self.db.execute(
+            "SELECT ts FROM events ORDER BY seq DESC LIMIT 1").fetchone()[0] * 1e9) \
+            if self.last_seq else self.changes.at_ns
+        self.agent_ns: dict[str, int] = {}
+        self.task_ns: dict[int, int] = {}
         self.trouble: Trouble | None = None  # why writes are refused now (a full disk...)
 
     def close(self) -> None:
@@ -217,6 +225,11 @@ class EventLog:
             self._write("COMMIT", ())
         event = Event(seq, ts, kind, agent, task, corr, data)
         self.last_seq = event.seq
+        self.last_ns = int(ts * 1e9)
+        if agent is not None:
+            self.agent_ns[agent] = self.last_ns
+        if task is not None:
+            self.task_ns[task] = self.last_ns
         self.recent.append(event)
         self.changes.bump()
         return event

@@ -5,18 +5,23 @@ A Stream holds everything written to it (readers start at 0, like a task's
 past pos or the stream has ended. Wake-ups use a fresh trio.Event per change
 (Events cannot be cleared), never a sleep loop.
 """
+import time
+
 import trio
 
 
 class Changes:
-    """A version counter that tasks can wait on."""
+    """A version counter that tasks can wait on, and when it last moved (the mtime the
+    mount shows of what it counts: one stored time, read by every stat)."""
 
     def __init__(self) -> None:
         self.version = 0
+        self.at_ns = time.time_ns()  # made, then last bumped (epoch ns)
         self._event = trio.Event()
 
     def bump(self) -> None:
         self.version += 1
+        self.at_ns = time.time_ns()
         event, self._event = self._event, trio.Event()
         event.set()
 
