@@ -9,6 +9,7 @@
 #   scripts/model.sh stop             stop the server this script started
 #   scripts/model.sh status           where it is, or that it is not running
 #   scripts/model.sh installed        exit 0 when installed (the test tier asks)
+#   scripts/model.sh serve PORT       the server in the foreground (what start runs)
 #
 # Everything lives outside the project's venv, in CACHE = $FS9_MODEL_CACHE or
 # ~/.cache/fs9/model: wheels/ (llama-cpp-python has no Linux wheel on PyPI; pip builds
@@ -47,6 +48,7 @@ install() {
     fi
     [ -x "$CACHE/venv/bin/python" ] || "$PYTHON" -m venv "$CACHE/venv"
     if ! ls "$CACHE/wheels"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+        "$(dirname "$0")/system-deps.sh" --model
         say "building $LLAMA once (about 9 minutes on 2 cores; kept in $CACHE/wheels)"
         # GGML_NATIVE=OFF: the wheel runs on any x86-64 the cache is copied to
         CMAKE_ARGS="-DGGML_NATIVE=OFF" "$CACHE/venv/bin/pip" wheel -q --progress-bar off \
@@ -105,12 +107,7 @@ start() {
     else
         mkdir -p "$RUN"
         port=${FS9_MODEL_PORT:-$(free_port)}
-        # chatml-function-calling: the chat format that offers tools to this model;
-        # n_threads 2: this machine's cores
-        setsid "$CACHE/venv/bin/python" -m llama_cpp.server --model "$CACHE/$GGUF" \
-            --model_alias "$ALIAS" --host 127.0.0.1 --port "$port" --n_ctx "$CTX" \
-            --chat_format chatml-function-calling --n_threads "${FS9_MODEL_THREADS:-2}" \
-            > "$RUN/log" 2>&1 &
+        setsid "$0" serve "$port" > "$RUN/log" 2>&1 &
         echo $! > "$RUN/pid"
         echo "$port" > "$RUN/port"
         i=0
@@ -123,6 +120,15 @@ start() {
         say "serving $GGUF on http://127.0.0.1:$port/v1 (pid $(cat "$RUN/pid"), log $RUN/log)"
     fi
     [ -z "$state" ] || entry "$state" "$(cat "$RUN/port")"
+}
+
+serve() {  # in the foreground (tests/test_realmodel.py runs its own this way)
+    installed || { say "not installed (make model)"; exit 1; }
+    # chatml-function-calling: the chat format that offers tools to this model;
+    # n_threads 2: this machine's cores
+    exec "$CACHE/venv/bin/python" -m llama_cpp.server --model "$CACHE/$GGUF" \
+        --model_alias "$ALIAS" --host 127.0.0.1 --port "$1" --n_ctx "$CTX" \
+        --chat_format chatml-function-calling --n_threads "${FS9_MODEL_THREADS:-2}"
 }
 
 stop() {
@@ -152,5 +158,7 @@ case ${1:-} in
     stop) stop ;;
     status) status ;;
     installed) installed ;;
-    *) echo "usage: $0 install | start [STATE] | stop | status | installed" >&2; exit 2 ;;
+    serve) serve "$2" ;;
+    *) echo "usage: $0 install | start [STATE] | stop | status | installed | serve PORT" >&2
+       exit 2 ;;
 esac

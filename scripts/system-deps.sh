@@ -13,6 +13,8 @@ ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need="$need libseccomp2
 [ "$1" = "--test" ] && { command -v node >/dev/null 2>&1 || need="$need nodejs"; }
 # the escape suite compiles a C program that makes raw syscalls
 [ "$1" = "--test" ] && { command -v gcc >/dev/null 2>&1 || need="$need gcc libc6-dev"; }
+# scripts/model.sh builds llama-cpp-python's server from source (C++, CMake)
+[ "$1" = "--model" ] && { command -v g++ >/dev/null 2>&1 || need="$need g++"; command -v cmake >/dev/null 2>&1 || need="$need cmake"; }
 python3 -c 'import ensurepip, venv' 2>/dev/null || need="$need python3-venv"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

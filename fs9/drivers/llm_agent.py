@@ -155,10 +155,13 @@ class Conversation:
         except OSError as e:
             raise why(e, f"cannot open a conversation with model {MODEL}: {e.strerror}")
 
-    def turn(self, messages: list, tools: list) -> dict:
+    def turn(self, messages: list, tools: list, choice: dict | None = None) -> dict:
+        request = {"messages": messages, "tools": tools}
+        if choice:
+            request["tool_choice"] = choice
         try:
             with open(f"{self.dir}/request", "w") as f:
-                f.write(json.dumps({"messages": messages, "tools": tools}))
+                f.write(json.dumps(request))
         except OSError as e:  # refused before anything was sent (budget, halt, breaker...)
             raise why(e, self.status().get("refused", ""))
         try:
@@ -211,7 +214,10 @@ VARIABLES: dict = {}
 
 def main() -> int:
     work = sys.stdin.read()
-    allowed = json.loads(os.environ.get("FS9_TOOLS", "null")) or list(TOOLS)
+    allowed = json.loads(os.environ.get("FS9_TOOLS", "null"))
+    if allowed is None:  # (tools = []: none, a plain chat)
+        allowed = list(TOOLS)
+    first_tool = os.environ.get("FS9_FIRST_TOOL", "")
     tools = schemas(allowed)
     system = {"role": "system", "content": RULES + "\n\n" + os.environ.get("FS9_INSTRUCTIONS", "")}
     try:
@@ -234,9 +240,12 @@ def main() -> int:
         return failed(e)
     sent = 0  # messages the model's conversation already has
     try:
-        for _ in range(MAX_STEPS):
+        for step_no in range(MAX_STEPS):
+            # first_tool: the task's first turn must call it (small models need telling)
+            choice = {"type": "function", "function": {"name": first_tool}} \
+                if first_tool and tools and step_no == 0 else None
             try:
-                result = conv.turn(messages[sent:], tools)
+                result = conv.turn(messages[sent:], tools, choice)
             except ModelFailed as e:
                 return failed(e)
             sent = len(messages)

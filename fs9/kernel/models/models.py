@@ -21,6 +21,9 @@ Configuration: STATE/models.toml, or the file named by $FS9_MODELS:
     max_concurrent = 2            # calls in flight at once; more wait in the scheduler
     requests_per_minute = 60
     timeout_s = 60
+    temperature = 0               # a call's, when its request gives none
+    stream_tools = false          # the server cannot stream tool calls (else learned:
+                                  # docs/models.md)
     retries = 2                   # of a transient failure (429, 502-504, a broken
     retry_wait_s = 0.5            # connection) before the first token: exponential
                                   # backoff with jitter from retry_wait_s (tenacity)
@@ -63,7 +66,7 @@ IDLE_S = 3600.0
 MODEL_KEYS = {"provider", "model", "api_base", "api_key", "api_key_env", "context_window",
               "max_tokens", "max_concurrent", "requests_per_minute", "timeout_s", "script",
               "token_delay_s", "label", "retries", "retry_wait_s",
-              "stream_tools"} | breakers.KEYS
+              "stream_tools", "temperature"} | breakers.KEYS
 CONV_CMDS = (cmd.Cmd("close", "close", usage="close"), cmd.Cmd("reset", "reset", usage="reset"))
 
 
@@ -79,6 +82,11 @@ class Model:
                                b["breaker_cooldown_s"])
         self.retries = int(providers.number(conf, "retries", 2, origin))
         self.retry_wait_s = providers.number(conf, "retry_wait_s", 0.5, origin)
+        # a call's temperature when its request gives none (None: the client's default)
+        self.temperature = providers.number(conf, "temperature", None, origin) \
+            if "temperature" in conf else None
+        if self.temperature is not None and self.temperature > 2:
+            raise Fs9Error(errno.EINVAL, f"{origin}: temperature must be 0 to 2")
         self.context_window = int(conf.get("context_window", 8192))
         self.max_tokens = int(conf.get("max_tokens", 1024))
         self.limits = Limits(requests_per_minute=int(conf.get("requests_per_minute", 0)))

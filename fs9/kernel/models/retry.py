@@ -38,6 +38,7 @@ async def chat(model, conv, turn, max_tokens, options, logged) -> dict:
     async for attempt in retrying:
         with attempt:
             result = await model.provider.chat(conv.messages, conv.tools, max_tokens,
-                                               options.get("temperature"), emit,
+                                               options.get("temperature", model.temperature),
+                                               emit,
                                                tool_choice=options.get("tool_choice"))
     return result
