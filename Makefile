@@ -84,6 +84,8 @@ bench: deps
 	$(BIN)/python bench/views.py
 	$(BIN)/python bench/vault.py
 	$(BIN)/python bench/models.py
+	@if ./scripts/model.sh installed; then $(BIN)/python bench/realmodel.py; \
+	else echo "bench/realmodel.py: skipped: the real model is not installed (make model-install)"; fi
 	$(BIN)/python bench/qos.py
 	$(BIN)/python bench/durability.py
 	$(BIN)/python bench/reach.py

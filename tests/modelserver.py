@@ -31,6 +31,8 @@ llama-cpp-python's server, 0.3.x, chat_format chatml-function-calling):
                           gets 200 and a stream that ends with no event at all
   no_usage                a stream never carries usage (stream_options ignored);
                           a whole reply still does
+  repeats_call_ids        each streamed piece of a tool call repeats its id and name
+                          (OpenAI sends them in the first piece only)
 Whatever the quirks, tool_choice "none" offers no tools and a named one only that.
 
 `.requests` holds (path, JSON body or None, headers with lower-cased names) for
@@ -59,7 +61,8 @@ SLEEP = re.compile(r"^[ \t]*SLEEP[ \t]+(\d+(?:\.\d*)?|\.\d+)[ \t]*$", re.M)
 FAIL = re.compile(r"^[ \t]*FAIL[ \t]+(\d{3})[ \t]*(.*?)[ \t]*$", re.M)
 CHUNK = re.compile(r"\s*\S+\s*")
 EMBED_DIM = 64
-QUIRKS = frozenset({"tools_need_choice", "no_auto_stream_tools", "no_usage"})
+QUIRKS = frozenset({"tools_need_choice", "no_auto_stream_tools", "no_usage",
+                    "repeats_call_ids"})
 LLAMA_CPP_PYTHON = QUIRKS
 
 
@@ -477,10 +480,13 @@ class ModelServer:
                         return
                     event({"tool_calls": [{"index": i, "id": c.id, "type": "function",
                                            "function": {"name": c.name, "arguments": ""}}]})
+                    again = {"id": c.id, "type": "function"} \
+                        if "repeats_call_ids" in server.quirks else {}
                     for frag in chunks(c.openai_arguments):
                         if not self.pause(server.token_delay_s):
                             return
-                        event({"tool_calls": [{"index": i, "function": {"arguments": frag}}]})
+                        event({"tool_calls": [{"index": i, **again, "function": {
+                            **({"name": c.name} if again else {}), "arguments": frag}}]})
                 event({}, r.finish_reason)
                 if (body.get("stream_options") or {}).get("include_usage") and \
                         "no_usage" not in server.quirks:

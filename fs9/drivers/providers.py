@@ -162,27 +162,30 @@ class LlamaIndex:
                 kwargs["temperature"] = temperature
         chat = [self._message(m) for m in messages]
         if tools and self.stream_tools is False:
-            return await self._whole(llm, chat, kwargs, messages, emit)
+            return await self._whole(llm, chat, kwargs, emit)
         try:
-            last, finish, emitted = await self._stream(llm, chat, kwargs, emit)
+            pieced = StreamedCalls()
+            last, finish, emitted = await self._stream(llm, chat, kwargs, emit, pieced)
         except ProviderFailure as e:
             if tools and self.kind != "ollama" and STREAMED_TOOLS_REFUSED.search(e.text):
                 self._learn(f"the server refused to stream tool calls: {e.text}")
-                return await self._whole(llm, chat, kwargs, messages, emit)
+                return await self._whole(llm, chat, kwargs, emit)
             raise
-        calls = self._calls(llm, last) if tools and last is not None else []
+        calls = [] if not tools or last is None else \
+            pieced.calls() if self.kind != "ollama" else self._calls(llm, last)
         if not emitted and not calls and finish is None:
             if tools and self.kind != "ollama":  # llama-cpp-python's way of refusing
                 self._learn("the server ended a streamed call with tools without a reply")
-                return await self._whole(llm, chat, kwargs, messages, emit)
+                return await self._whole(llm, chat, kwargs, emit)
             raise ProviderFailure(errno.EIO, f"model {self.model} at {self.base}: the stream "
                                              "ended without a reply")
         if calls and self.stream_tools is None:
             self.stream_tools = True
         return self._result(last, calls, finish)
 
-    async def _stream(self, llm, chat, kwargs, emit):
-        """(the last chunk, the finish_reason seen, whether text came)."""
+    async def _stream(self, llm, chat, kwargs, emit, pieced):
+        """(the last chunk, the finish_reason seen, whether text came); the tool calls
+        pieced together from the chunks."""
         last, finish, emitted = None, None, False
         with self._failures():
             stream = await llm.astream_chat(chat, **kwargs)
@@ -191,9 +194,10 @@ class LlamaIndex:
                     emitted = True
                     emit(last.delta)
                 finish = _finish(last.raw) or finish
+                pieced.add(last.raw)
         return last, finish, emitted
 
-    async def _whole(self, llm, chat, kwargs, messages, emit) -> dict:
+    async def _whole(self, llm, chat, kwargs, emit) -> dict:
         """The call not streamed; its text then goes to emit at once."""
         with self._failures():
             response = await llm.achat(chat, **kwargs)
@@ -253,6 +257,37 @@ class LlamaIndex:
             else:
                 extra["tool_calls"] = m["tool_calls"]
         return ChatMessage(role=m["role"], content=m.get("content") or "", additional_kwargs=extra)
+
+
+class StreamedCalls:
+    """Tool calls as an OpenAI-style stream sends them, pieced together by index.
+    OpenAI sends a call's id and name in its first piece only; llama-cpp-python repeats
+    them in every piece (llama-index then makes "readreadread..." of the name): so an
+    id or name already known is a repeat, and only arguments are pieces."""
+
+    def __init__(self) -> None:
+        self.pieces: dict[int, list[str]] = {}  # index -> [id, name, arguments]
+
+    def add(self, raw) -> None:
+        for choice in getattr(raw, "choices", None) or ():
+            delta = getattr(choice, "delta", None)
+            for d in getattr(delta, "tool_calls", None) or ():
+                call = self.pieces.setdefault(d.index or 0, ["", "", ""])
+                call[0] = call[0] or d.id or ""
+                if d.function is not None:
+                    call[1] = call[1] or d.function.name or ""
+                    call[2] += d.function.arguments or ""
+
+    def calls(self) -> list[dict]:
+        out = []
+        for i, (cid, name, arguments) in sorted(self.pieces.items()):
+            try:
+                args = json.loads(arguments or "{}")
+            except ValueError:
+                args = {}
+            out.append({"id": cid or f"call_{i + 1}", "name": name,
+                        "arguments": args if isinstance(args, dict) else {}})
+        return [c for c in out if c["name"]]
 
 
 class ProviderFailure(Fs9Error):
