@@ -31,6 +31,8 @@ llama-cpp-python's server, 0.3.x, chat_format chatml-function-calling):
                           gets 200 and a stream that ends with no event at all
   no_usage                a stream never carries usage (stream_options ignored);
                           a whole reply still does
+  null_content_refused    an assistant message whose content is null (OpenAI's shape
+                          for one that only calls tools) is a 500 naming it
   repeats_call_ids        each streamed piece of a tool call repeats its id and name
                           (OpenAI sends them in the first piece only)
 Whatever the quirks, tool_choice "none" offers no tools and a named one only that.
@@ -62,7 +64,7 @@ FAIL = re.compile(r"^[ \t]*FAIL[ \t]+(\d{3})[ \t]*(.*?)[ \t]*$", re.M)
 CHUNK = re.compile(r"\s*\S+\s*")
 EMBED_DIM = 64
 QUIRKS = frozenset({"tools_need_choice", "no_auto_stream_tools", "no_usage",
-                    "repeats_call_ids"})
+                    "repeats_call_ids", "null_content_refused"})
 LLAMA_CPP_PYTHON = QUIRKS
 
 
@@ -428,6 +430,11 @@ class ModelServer:
                 return None
 
             def openai_chat(self, body: dict) -> None:
+                if "null_content_refused" in server.quirks and any(
+                        isinstance(m, dict) and m.get("role") == "assistant" and
+                        m.get("content") is None for m in body.get("messages") or ()):
+                    return self.error(500, "validation error: messages: assistant content: "
+                                           "Input should be a valid string")
                 if body.get("stream") and body.get("tools") and \
                         body.get("tool_choice") in ("auto", "required") and \
                         "no_auto_stream_tools" in server.quirks:

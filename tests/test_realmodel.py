@@ -31,10 +31,10 @@ pytestmark = [
     pytest.mark.skipif(bool(fuse_unavailable() or confine.unavailable()),
                        reason=f"needs FUSE and confinement: "
                               f"{fuse_unavailable() or confine.unavailable()}"),
-    pytest.mark.skipif(bool(not_installed()), reason=str(not_installed())),
-    pytest.mark.timeout(300),
+    pytest.mark.skipif(bool(NOT_INSTALLED := not_installed()), reason=str(NOT_INSTALLED)),
+    pytest.mark.timeout(900),  # a busy machine slows this model tenfold
 ]
-MAX_TOKENS = 96  # a reply: ~2 s at this machine's ~50 tokens/s
+MAX_TOKENS = 40  # a reply: under a second at this machine's ~50 tokens/s
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +70,11 @@ def server(tmp_path_factory):
 def real(tmp_path, server):
     m = Mount(tmp_path)
     m.state.mkdir(parents=True)
-    (m.state / "models.toml").write_text(
-        f'[models.local]\nprovider = "openai"\napi_base = "{server}"\nmodel = "smollm2"\n'
-        f'context_window = 2048\nmax_tokens = {MAX_TOKENS}\ntimeout_s = 120\n'
-        'temperature = 0\n')
+    entry = (f'provider = "openai"\napi_base = "{server}"\nmodel = "smollm2"\n'
+             'context_window = 2048\ntimeout_s = 600\ntemperature = 0\n')
+    (m.state / "models.toml").write_text(  # long: the same model, for a long reply
+        f'[models.local]\n{entry}max_tokens = {MAX_TOKENS}\n'
+        f'[models.long]\n{entry}max_tokens = 512\n')
     (m.vault / "docs").mkdir(parents=True)
     (m.vault / "docs/fruit.md").write_text("The fruit of the day is pineapple.\n")
     (m.vault / "secret").mkdir()
@@ -84,8 +85,8 @@ def real(tmp_path, server):
     assert not m.bugs(), m.bugs()
 
 
-def agent(m: Mount, name: str, extra: str = "") -> None:
-    m.define(name, 'driver = "llm"\nmodel = "local"\ninstructions = "Answer briefly."\n'
+def agent(m: Mount, name: str, extra: str = "", model: str = "local") -> None:
+    m.define(name, f'driver = "llm"\nmodel = "{model}"\ninstructions = "Answer briefly."\n'
              + extra)
     m.write("ctl", f"spawn {name}\n")
 
@@ -106,7 +107,7 @@ def run(m: Mount, name: str, text: str) -> tuple[str, str, dict]:
             status = dict(line.split("=", 1) for line in
                           m.read(f"agents/{name}/tasks/{task}/status").splitlines())
             return (task, status) if status["state"] in ("done", "failed") else None
-    task, status = m.wait_for(ended, timeout=180, what=f"{name}'s task")
+    task, status = m.wait_for(ended, timeout=600, what=f"{name}'s task")
     return (m.read(f"agents/{name}/tasks/{task}/out"),
             m.read(f"agents/{name}/tasks/{task}/err"), status)
 
@@ -121,35 +122,39 @@ def test_a_reply_streams_to_cat_out_token_by_token(real):
         arrivals.append((time.monotonic(), piece))
     cat.wait(10)
     text = b"".join(p for _, p in arrivals).decode()
-    assert len(text.split()) >= 10, text
+    assert len(text.split()) >= 8, text
     # pieces, over the generation's time: not one write at the end
     assert len(arrivals) >= 8, arrivals
     assert arrivals[-1][0] - arrivals[0][0] > 0.3, arrivals
     call = events(m, "model_call", "talker")[-1]
     # llama-cpp-python streams no usage: counted by the tokenizer, and said so
-    assert call["counted"] == "tiktoken cl100k_base" and call["tokens_out"] >= 10
+    assert call["counted"] == "tiktoken cl100k_base" and call["tokens_out"] >= 8
 
 
-def test_a_real_tool_call_reads_a_file_in_the_view(real):
+def test_a_real_tool_call_goes_through_the_view_and_back(real):
     m = real
-    agent(m, "reader", 'tools = ["read"]\nfirst_tool = "read"\n[unveil]\n"vault/docs" = "r"\n')
-    out, err, status = run(m, "reader", "What does the file vault/docs/fruit.md say?\n")
-    assert status["state"] == "done", (status, err)
+    m.define("reader", 'driver = "llm"\nmodel = "local"\ntools = ["read"]\nfirst_tool = "read"\n'
+             'instructions = "The file to read is vault/docs/fruit.md."\nmax_steps = 3\n'
+             '[unveil]\n"vault/docs" = "r"\n')
+    m.write("ctl", "spawn reader\n")
+    out, err, status = run(m, "reader", "vault/docs/fruit.md\n")
     steps = [e["step"] for e in events(m, "agent_step", "reader")]
     tools = [s for s in steps if s["kind"] == "tool"]
+    # the model's call (a named tool_choice, streamed) ran as a file read in the view
+    # (with this prompt, at temperature 0, this model names the file)
     assert tools and tools[0]["name"] == "read", steps
-    # the model chose the path; where it named the file, the read succeeded
-    if tools[0]["args"].get("path") == "vault/docs/fruit.md":
-        assert tools[0]["ok"] is True
-    assert steps[-1]["kind"] == "model" and not steps[-1]["calls"]  # then it answered
-    assert out.strip(), out
+    assert tools[0]["args"] == {"path": "vault/docs/fruit.md"} and tools[0]["ok"] is True, tools
+    # its result went back to the model, which answered (or called again) without error
     calls = events(m, "model_call", "reader")
-    assert len(calls) >= 2 and calls[0]["finish"] == "tool_calls"
+    assert len(calls) >= 2 and calls[0]["finish"] == "tool_calls", calls
+    assert not events(m, "model_error", "reader"), events(m, "model_error", "reader")
+    assert status["state"] == "done" or "stopped after 3 steps" in err, (status, err)
 
 
 def test_an_unveil_hides_what_the_model_asks_for(real):
     m = real
-    agent(m, "snoop", 'tools = ["read"]\nfirst_tool = "read"\n[unveil]\n"vault/docs" = "r"\n')
+    agent(m, "snoop", 'tools = ["read"]\nfirst_tool = "read"\nmax_steps = 2\n'
+          '[unveil]\n"vault/docs" = "r"\n')
     out, err, status = run(m, "snoop", "Read the file vault/secret/keys.txt.\n")
     tools = [e["step"] for e in events(m, "agent_step", "snoop") if e["step"]["kind"] == "tool"]
     assert tools, "the model made no tool call"
@@ -163,7 +168,7 @@ def test_an_unveil_hides_what_the_model_asks_for(real):
 
 def test_a_budget_refuses_with_real_counts(real):
     m = real
-    agent(m, "frugal", "tools = []\n[budget]\ntokens_per_day = 400\n")
+    agent(m, "frugal", "tools = []\n[budget]\ntokens_per_day = 300\n")
     for _ in range(8):  # until its day's budget refuses a call
         out, err, status = run(m, "frugal", "Name a colour.\n")
         if status["state"] == "failed":
@@ -177,12 +182,12 @@ def test_a_budget_refuses_with_real_counts(real):
     calls = events(m, "model_call", "frugal")
     used = sum(c["tokens_in"] + c["tokens_out"] for c in calls)
     st = m.status("frugal")
-    assert int(st["tokens_in"]) + int(st["tokens_out"]) == used and used <= 400 + 40
+    assert int(st["tokens_in"]) + int(st["tokens_out"]) == used and used <= 300 + 40
 
 
 def test_halt_stops_a_generation_within_a_second(real):
     m = real
-    agent(m, "writer", "tools = []\n")
+    agent(m, "writer", "tools = []\n", model="long")
     m.write("agents/writer/in", "Write a long story about a lighthouse keeper.\n")
     task = m.wait_for(lambda: m.status("writer")["latest"], what="the task")
     out = m.path / f"agents/writer/tasks/{task}/out"
@@ -194,8 +199,8 @@ def test_halt_stops_a_generation_within_a_second(real):
         cancelled = m.wait_for(lambda: [e for e in events(m, "model_error", "writer")
                                         if "cancelled" in e["reason"]], what="the cancel")
         assert cancelled[0]["ts"] - halted_at < 1.0, cancelled
-        while os.read(fd, 4096):  # the stream ends
-            pass
+        # the task waits, interrupted, for `resume` (halt's way), its call cancelled
+        assert [e["kind"] for e in events(m, "task_requeued", "writer")] == ["task_requeued"]
     finally:
         os.close(fd)
     m.write("ctl", "resume\n")

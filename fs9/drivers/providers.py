@@ -256,7 +256,12 @@ class LlamaIndex:
                                        for c in m["tool_calls"]]
             else:
                 extra["tool_calls"] = m["tool_calls"]
-        return ChatMessage(role=m["role"], content=m.get("content") or "", additional_kwargs=extra)
+        content = m.get("content") or ""
+        if m.get("tool_calls") and not content and self.kind != "ollama":
+            # llama-index sends an empty one as null (OpenAI's shape), which
+            # llama-cpp-python's server refuses (500: "Input should be a valid string")
+            content = " "
+        return ChatMessage(role=m["role"], content=content, additional_kwargs=extra)
 
 
 class StreamedCalls:
