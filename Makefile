@@ -7,7 +7,7 @@ STATE  := .state
 VAULT  := examples/vault
 EXAMPLE_AGENTS := echo upper counter ticker
 
-.PHONY: run stop test bench fuzz example federation deps clean
+.PHONY: run stop test bench fuzz example federation deps clean model model-install model-stop model-status
 
 $(BIN)/fs9: pyproject.toml
 	@./scripts/system-deps.sh --test
@@ -45,12 +45,31 @@ run: deps
 stop:
 	@if $(MOUNTED); then $(BIN)/fs9 umount $(MNT); else echo "fs9 is not mounted at $(MNT)"; fi
 
+# tests/test_realmodel.py (marker realmodel) runs on the real local model when
+# `make model-install` has installed it, and skips saying so otherwise
 test: deps
 	$(BIN)/python -m pytest -q
 
 # three fs9 systems (Support, Coding, Knowledge) cooperating over one local nats-server
 federation: deps
 	@sh examples/federation/run.sh
+
+# A real language model, offline (scripts/model.sh): SmolLM2-135M-Instruct under
+# llama-cpp-python's server, in ~/.cache/fs9/model (its own venv; the server's wheel is
+# built once, ~9 min on 2 cores, then kept). `make model` serves it on 127.0.0.1 and
+# writes [models.local] into $(STATE)/models.toml (fs9 reads it at mount: make stop run)
+model:
+	@./scripts/model.sh start $(STATE)
+	@echo "an llm agent uses it with: model = \"local\" (models/local/info says where it is)"
+
+model-install:
+	@./scripts/model.sh install
+
+model-stop:
+	@./scripts/model.sh stop
+
+model-status:
+	@./scripts/model.sh status
 
 # A long run of the namespace fuzzer (tests/test_fuzz.py) with a fresh seed, printed so
 # that a failure replays: FS9_FUZZ_SEED=N make fuzz. FS9_FUZZ_EXAMPLES runs of
@@ -69,13 +88,18 @@ bench: deps
 	$(BIN)/python bench/views.py
 	$(BIN)/python bench/vault.py
 	$(BIN)/python bench/models.py
+	@if ./scripts/model.sh installed; then $(BIN)/python bench/realmodel.py; \
+	else echo "bench/realmodel.py: skipped: the real model is not installed (make model-install)"; fi
 	$(BIN)/python bench/qos.py
 	$(BIN)/python bench/durability.py
 	$(BIN)/python bench/reach.py
 	$(BIN)/python bench/ops.py
 
-example: deps  # the customer-support scenario, offline (scripted model); see examples/support
-	@./examples/support/run.sh
+# the customer-support scenario, offline: the scripted model, or with MODEL=local the
+# real local model (`make model` serves it); see examples/support
+example: deps
+	@if [ -n "$(MODEL)" ]; then ./examples/support/run.sh --model $(MODEL) $(STATE)/models.toml; \
+	else ./examples/support/run.sh; fi
 
 clean:
 	rm -rf $(VENV) $(STATE)

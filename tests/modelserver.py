@@ -21,6 +21,22 @@ options.num_predict (Ollama) cut the content to that many words, finish_reason
 completion = words of the content, or of json.dumps([{"name", "arguments"}, ...])
 for tool calls.
 
+Quirks of real servers, each on when named in `quirks` (LLAMA_CPP_PYTHON: all of
+llama-cpp-python's server, 0.3.x, chat_format chatml-function-calling):
+  tools_need_choice       tools without a tool_choice are not offered (as "none":
+                          CALL lines are ignored, the reply is the echo)
+  no_auto_stream_tools    tools with tool_choice "auto" (or "required") and stream:
+                          the server fails inside the stream ("Automatic streaming
+                          tool choice is not supported", on its console): the client
+                          gets 200 and a stream that ends with no event at all
+  no_usage                a stream never carries usage (stream_options ignored);
+                          a whole reply still does
+  null_content_refused    an assistant message whose content is null (OpenAI's shape
+                          for one that only calls tools) is a 500 naming it
+  repeats_call_ids        each streamed piece of a tool call repeats its id and name
+                          (OpenAI sends them in the first piece only)
+Whatever the quirks, tool_choice "none" offers no tools and a named one only that.
+
 `.requests` holds (path, JSON body or None, headers with lower-cased names) for
 every request, `.streamed_at` the time (monotonic) each streamed content piece was
 sent; `.in_flight` / `.max_in_flight` count chat and embedding requests being
@@ -47,6 +63,9 @@ SLEEP = re.compile(r"^[ \t]*SLEEP[ \t]+(\d+(?:\.\d*)?|\.\d+)[ \t]*$", re.M)
 FAIL = re.compile(r"^[ \t]*FAIL[ \t]+(\d{3})[ \t]*(.*?)[ \t]*$", re.M)
 CHUNK = re.compile(r"\s*\S+\s*")
 EMBED_DIM = 64
+QUIRKS = frozenset({"tools_need_choice", "no_auto_stream_tools", "no_usage",
+                    "repeats_call_ids", "null_content_refused"})
+LLAMA_CPP_PYTHON = QUIRKS
 
 
 def text_of(content: Any) -> str:
@@ -113,8 +132,10 @@ class Reply:
         return self.prompt_tokens + self.completion_tokens
 
 
-def reply_for(messages: list[dict], max_tokens: int | None = None) -> Reply:
-    """What the model answers to these messages (OpenAI or Ollama shaped)."""
+def reply_for(messages: list[dict], max_tokens: int | None = None,
+              offered: set[str] | None = None) -> Reply:
+    """What the model answers to these messages (OpenAI or Ollama shaped); offered:
+    the tools it may call (None: any)."""
     texts = [text_of(m.get("content")) for m in messages]
     last = messages[-1] if messages else {"role": "user", "content": ""}
     said = texts[-1] if texts else ""
@@ -125,7 +146,7 @@ def reply_for(messages: list[dict], max_tokens: int | None = None) -> Reply:
         r.fail, r.fail_message = int(m.group(1)), m.group(2) or f"FAIL {m.group(1)}"
     summarize = any(m.get("role") == "system" and t.lstrip().startswith("SUMMARIZE")
                     for m, t in zip(messages, texts))
-    calls = CALL.findall(said)
+    calls = [(n, a) for n, a in CALL.findall(said) if offered is None or n in offered]
     if summarize:
         r.content = "summary: " + " | ".join(
             " ".join(t.split()[:8]) for m, t in zip(messages, texts) if m.get("role") != "system")
@@ -164,7 +185,11 @@ class ModelServer:
     """A deterministic model on http://127.0.0.1:port (0: a free one), serving at once."""
 
     def __init__(self, port: int = 0, api_key: str | None = None, token_delay_s: float = 0.0,
-                 delay_s: float = 0.0, context_length: int = 8192) -> None:
+                 delay_s: float = 0.0, context_length: int = 8192,
+                 quirks: frozenset[str] = frozenset()) -> None:
+        if set(quirks) - QUIRKS:
+            raise ValueError(f"unknown quirks: {sorted(set(quirks) - QUIRKS)}")
+        self.quirks = frozenset(quirks)
         self.port = port
         self.api_key = api_key
         self.token_delay_s = token_delay_s
@@ -371,7 +396,8 @@ class ModelServer:
                     with server._lock:
                         server.in_flight -= 1
 
-            def reply(self, body: dict, max_tokens: Any) -> Reply | None:
+            def reply(self, body: dict, max_tokens: Any,
+                      offered: set[str] | None = None) -> Reply | None:
                 """The reply, after its SLEEP; None when it was answered (FAIL) or dropped."""
                 messages = body.get("messages")
                 if not isinstance(messages, list):
@@ -381,7 +407,7 @@ class ModelServer:
                     max_tokens = int(max_tokens) if max_tokens is not None else None
                 except (TypeError, ValueError):
                     max_tokens = None
-                r = reply_for(messages, max_tokens)
+                r = reply_for(messages, max_tokens, offered)
                 if not self.pause(r.sleep_s):
                     return None
                 if r.fail is not None:
@@ -391,8 +417,31 @@ class ModelServer:
 
             # --- OpenAI
 
+            def offered(self, body: dict) -> set[str] | None:
+                """The tools a call may use: tool_choice as OpenAI reads it, or as the
+                quirks do (None: any, as before tools were checked)."""
+                choice = body.get("tool_choice")
+                names = {t.get("function", {}).get("name") for t in body.get("tools") or ()
+                         if isinstance(t, dict)}
+                if choice == "none" or (choice is None and "tools_need_choice" in server.quirks):
+                    return set()
+                if isinstance(choice, dict):
+                    return {(choice.get("function") or {}).get("name")} & names
+                return None
+
             def openai_chat(self, body: dict) -> None:
-                r = self.reply(body, body.get("max_completion_tokens", body.get("max_tokens")))
+                if "null_content_refused" in server.quirks and any(
+                        isinstance(m, dict) and m.get("role") == "assistant" and
+                        m.get("content") is None for m in body.get("messages") or ()):
+                    return self.error(500, "validation error: messages: assistant content: "
+                                           "Input should be a valid string")
+                if body.get("stream") and body.get("tools") and \
+                        body.get("tool_choice") in ("auto", "required") and \
+                        "no_auto_stream_tools" in server.quirks:
+                    self.begin_stream("text/event-stream")  # then the handler raises
+                    return self.end_stream()
+                r = self.reply(body, body.get("max_completion_tokens", body.get("max_tokens")),
+                               self.offered(body))
                 if r is None:
                     return
                 model = body.get("model") or "echo"
@@ -438,12 +487,16 @@ class ModelServer:
                         return
                     event({"tool_calls": [{"index": i, "id": c.id, "type": "function",
                                            "function": {"name": c.name, "arguments": ""}}]})
+                    again = {"id": c.id, "type": "function"} \
+                        if "repeats_call_ids" in server.quirks else {}
                     for frag in chunks(c.openai_arguments):
                         if not self.pause(server.token_delay_s):
                             return
-                        event({"tool_calls": [{"index": i, "function": {"arguments": frag}}]})
+                        event({"tool_calls": [{"index": i, **again, "function": {
+                            **({"name": c.name} if again else {}), "arguments": frag}}]})
                 event({}, r.finish_reason)
-                if (body.get("stream_options") or {}).get("include_usage"):
+                if (body.get("stream_options") or {}).get("include_usage") and \
+                        "no_usage" not in server.quirks:
                     event(None, usage=usage)
                 self.chunk("data: [DONE]\n\n")
                 self.end_stream()

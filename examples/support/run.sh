@@ -3,8 +3,12 @@
 # the coder, who fixes vault/code/search.py and asks the knowledge agent to update
 # vault/docs; the coder hands the case back and support closes it. Offline with the
 # scripted model; `./run.sh MODELS.TOML` uses a real model named `support` from that file
-# (docs/namespace.md, "Models"). Everything happens in a fresh temp dir; nothing is kept.
+# (docs/namespace.md, "Models"), `./run.sh --model NAME MODELS.TOML` its model NAME (`make
+# example MODEL=local`: the local model of `make model`). Everything happens in a fresh
+# temp dir; nothing is kept.
 set -eu
+MODEL=support
+if [ "${1:-}" = "--model" ]; then MODEL=$2; shift 2; fi
 HERE=$(cd "$(dirname "$0")" && pwd)
 FS9=${FS9:-$HERE/../../.venv/bin/fs9}
 WORK=$(mktemp -d /tmp/fs9-support.XXXXXX)
@@ -12,8 +16,11 @@ chmod 755 "$WORK"  # agents' uids walk through it
 cp -r "$HERE/vault" "$HERE/agents" "$WORK/"
 chmod -R a+rX "$WORK/vault" "$WORK/agents"
 mkdir -p "$WORK/state"
-if [ $# -gt 0 ]; then
-    cp "$1" "$WORK/state/models.toml"
+WAIT=600  # tenths of a second for the result: a real model writes slower
+if [ $# -gt 0 ]; then  # its [models.MODEL] as the agents' model, `support`
+    grep -q "^\[models\.$MODEL\]" "$1" || { echo "no [models.$MODEL] in $1 (make model?)"; exit 1; }
+    sed "s/^\[models\.$MODEL\]/[models.support]/" "$1" > "$WORK/state/models.toml"
+    WAIT=3000
 else
     printf '[models.support]\nprovider = "scripted"\nscript = "%s"\n' "$HERE/script.toml" \
         > "$WORK/state/models.toml"
@@ -31,13 +38,13 @@ printf 'type: work_request\n\nCustomer report: search crashes when the query is 
     > agents/support/mail/new
 i=0
 until ls mail | grep -q '^[0-9]'; do  # the result comes back to the operator's mailbox
-    i=$((i + 1)); [ $i -lt 600 ] || { echo "no result after 60 s"; exit 1; }; sleep 0.1
+    i=$((i + 1)); [ $i -lt $WAIT ] || { echo "no result after $((WAIT / 10)) s"; exit 1; }; sleep 0.1
 done
 # Support closes the case while the knowledge agent may still be writing the docs the coder
 # asked for: show the case finished, every task of it ended (nothing queued or running).
 i=0
 until grep -q ' queued=0 running=0 ' ctl; do
-    i=$((i + 1)); [ $i -lt 600 ] || { echo "tasks still running after 60 s"; exit 1; }; sleep 0.1
+    i=$((i + 1)); [ $i -lt $WAIT ] || { echo "tasks still running after $((WAIT / 10)) s"; exit 1; }; sleep 0.1
 done
 result=$(ls mail | grep '^[0-9]' | head -1)
 corr=$(sed -n 's/^correlation-id: //p' "mail/$result")

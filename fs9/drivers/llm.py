@@ -12,10 +12,11 @@ import shutil
 import sys
 import tempfile
 
-from . import BadManifest, Driver, confine
+from . import BadManifest, Driver, confine, llm_agent
 from .exec import run
 
-KEYS = ("model", "instructions", "tools", "max_steps", "on_injection", "injection_patterns")
+KEYS = ("model", "instructions", "tools", "max_steps", "on_injection", "injection_patterns",
+        "first_tool")
 PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llm_agent.py")
 # agents' programs cannot reach fs9's own interpreter (a venv, maybe under /root)
 PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
@@ -43,6 +44,10 @@ def check(m: dict) -> dict:
     steps = m.get("max_steps", MAX_STEPS)  # (true is an int to Python, not to the program)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise BadManifest("max_steps must be a whole number >= 1")
+    first = m.get("first_tool")
+    if first is not None and (not isinstance(first, str) or
+                              first not in (m["tools"] if "tools" in m else llm_agent.TOOLS)):
+        raise BadManifest("first_tool must name one of the agent's tools")
     if m.get("on_injection", "flag") not in ("flag", "stop"):
         raise BadManifest("on_injection must be flag or stop")
     for p in m.get("injection_patterns", []):
@@ -76,6 +81,7 @@ def environ(m: dict) -> dict[str, str]:
             "FS9_CLEARANCE": m["clearance"],
             "FS9_MAX_STEPS": str(m.get("max_steps", MAX_STEPS)),
             "FS9_TOOLS": json.dumps(m.get("tools")),
+            "FS9_FIRST_TOOL": m.get("first_tool", ""),
             "FS9_INJECTION_PATTERNS": json.dumps(m.get("injection_patterns",
                                                        INJECTION_PATTERNS))}
 

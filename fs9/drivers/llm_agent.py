@@ -155,22 +155,61 @@ def send(to: str, body: str, kind: str) -> str:
     return f"sent {kind} to {to}"
 
 
+class ModelFailed(Exception):
+    """A turn the model (or fs9 for it) refused or failed: errno and words."""
+
+    def __init__(self, err: int, text: str) -> None:
+        super().__init__(err, text)
+        self.errno, self.text = err, text
+
+
+def why(e: OSError, said: str = "") -> ModelFailed:
+    """An OSError of a model file as ModelFailed, with the words fs9 gave: `said`, or
+    the strerror."""
+    return ModelFailed(e.errno or errno.EIO, said.strip() or e.strerror or str(e))
+
+
 class Conversation:
     """A conversation with the model, through models/MODEL/."""
 
     def __init__(self) -> None:
-        with open(at(f"models/{MODEL}/clone")) as f:
-            self.dir = at(f"models/{MODEL}/{f.read().strip()}")
+        try:
+            with open(at(f"models/{MODEL}/clone")) as f:
+                self.dir = at(f"models/{MODEL}/{f.read().strip()}")
+        except OSError as e:
+            raise why(e, f"cannot open a conversation with model {MODEL}: {e.strerror}")
 
-    def turn(self, messages: list, tools: list) -> dict:
-        with open(f"{self.dir}/request", "w") as f:
-            f.write(json.dumps({"messages": messages, "tools": tools}))
-        with open(f"{self.dir}/reply", "rb") as f:  # stream it to our out as it comes
-            while chunk := f.read1(4096):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-        with open(f"{self.dir}/last") as f:
-            return json.loads(f.read())
+    def turn(self, messages: list, tools: list, choice: dict | None = None) -> dict:
+        request = {"messages": messages, "tools": tools}
+        if choice:
+            request["tool_choice"] = choice
+        try:
+            with open(f"{self.dir}/request", "w") as f:
+                f.write(json.dumps(request))
+        except OSError as e:  # refused before anything was sent (budget, halt, breaker...)
+            raise why(e, self.status().get("refused", ""))
+        try:
+            with open(f"{self.dir}/reply", "rb") as f:  # stream it to our out as it comes
+                while chunk := f.read1(4096):
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+        except OSError as e:  # the call failed: `last` says why
+            raise why(e, self.last().get("error", ""))
+        return self.last()
+
+    def status(self) -> dict:
+        try:
+            with open(f"{self.dir}/status") as f:
+                return dict(line.split("=", 1) for line in f.read().splitlines() if "=" in line)
+        except OSError:
+            return {}
+
+    def last(self) -> dict:
+        try:
+            with open(f"{self.dir}/last") as f:
+                return json.loads(f.read() or "{}")
+        except (OSError, ValueError):
+            return {}
 
     def close(self) -> None:
         try:
@@ -180,12 +219,29 @@ class Conversation:
             pass
 
 
+def failed(e: ModelFailed) -> int:
+    """Say why the task ends here, in words and errno, to our err and in the task's
+    status (its progress line); the errno is our exit status."""
+    name = errno.errorcode.get(e.errno, str(e.errno))
+    text = f"the model failed: {e.text} ({name})"
+    print(f"\nfs9 llm agent: {text}", file=sys.stderr)
+    try:
+        with open(os.environ["FS9_PROGRESS"], "w") as f:
+            f.write(text + "\n")
+    except (OSError, KeyError):
+        pass
+    return e.errno if 0 < e.errno < 126 else 1
+
+
 VARIABLES: dict = {}
 
 
 def main() -> int:
     work = sys.stdin.read()
-    allowed = json.loads(os.environ.get("FS9_TOOLS", "null")) or list(TOOLS)
+    allowed = json.loads(os.environ.get("FS9_TOOLS", "null"))
+    if allowed is None:  # (tools = []: none, a plain chat)
+        allowed = list(TOOLS)
+    first_tool = os.environ.get("FS9_FIRST_TOOL", "")
     tools = schemas(allowed)
     system = {"role": "system", "content": RULES + "\n\n" + os.environ.get("FS9_INSTRUCTIONS", "")}
     try:
@@ -202,15 +258,24 @@ def main() -> int:
                                        f"You take over this conversation. {note}"}]
     else:
         messages = [system, {"role": "user", "content": data("the task", work)}]
-    conv = Conversation()
+    try:
+        conv = Conversation()
+    except ModelFailed as e:
+        return failed(e)
     sent = 0  # messages the model's conversation already has
     try:
-        for _ in range(MAX_STEPS):
-            result = conv.turn(messages[sent:], tools)
+        for step_no in range(MAX_STEPS):
+            # first_tool: the task's first turn must call it (small models need telling)
+            choice = {"type": "function", "function": {"name": first_tool}} \
+                if first_tool and tools and step_no == 0 else None
+            try:
+                result = conv.turn(messages[sent:], tools, choice)
+            except ModelFailed as e:
+                return failed(e)
             sent = len(messages)
             if result.get("error"):
-                print(f"\nfs9 llm agent: the model failed: {result['error']}", file=sys.stderr)
-                return 1
+                return failed(ModelFailed(getattr(errno, result.get("errno", ""), errno.EIO),
+                                          result["error"]))
             calls = result.get("tool_calls") or []
             step("model", content=result.get("content", "")[:2000],
                  calls=[c["name"] for c in calls], tokens_in=result.get("tokens_in"),

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ...errors import Fs9Error
-from ..names import OPERATOR
+from ..names import OPERATOR, one_line
 from ..stream import Stream
 from . import tokens
 
@@ -47,6 +47,7 @@ class Conversation:
         self.tokens_in = self.tokens_out = 0
         self.compactions = 0
         self.used = time.monotonic()
+        self.refused = ""  # why the latest request was refused (its writer reads status)
 
     @property
     def who(self) -> str:
@@ -68,7 +69,9 @@ class Conversation:
                  f"tokens_in={self.tokens_in}", f"tokens_out={self.tokens_out}",
                  f"compactions={self.compactions}", f"corr={self.corr}"]
         if self.turn.error is not None:
-            lines.append(f"error={self.turn.error.text}")
+            lines.append(f"error={one_line(self.turn.error.text)}")
+        if self.refused:
+            lines.append(f"refused={self.refused}")
         return "\n".join(lines) + "\n"
 
     def last(self) -> str:

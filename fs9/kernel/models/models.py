@@ -21,6 +21,9 @@ Configuration: STATE/models.toml, or the file named by $FS9_MODELS:
     max_concurrent = 2            # calls in flight at once; more wait in the scheduler
     requests_per_minute = 60
     timeout_s = 60
+    temperature = 0               # a call's, when its request gives none
+    stream_tools = false          # the server cannot stream tool calls (else learned:
+                                  # docs/models.md)
     retries = 2                   # of a transient failure (429, 502-504, a broken
     retry_wait_s = 0.5            # connection) before the first token: exponential
                                   # backoff with jitter from retry_wait_s (tenacity)
@@ -36,24 +39,23 @@ its view) or the operator. It lives while fs9 runs (`close` in its ctl ends it;
 unused for IDLE_S it ends by itself).
 """
 import errno
-import json
 import os
 import time
 import tomllib
+import urllib.parse
 
 import trio
 
 from ...drivers import providers
 from ...errors import Fs9Error
 from .. import cmd
-from . import budget, retry, tokens
+from . import budget, tokens
 from .breaker import Breaker
 from . import breaker as breakers
-from ..agents import breaker as agent_breakers
 from .budget import Limits, Scope, Usage
-from ..names import NAME_RE, OPERATOR, one_line
-from . import request as requests
-from .conversation import Conversation, Turn, assistant_message, compact, tokens_of
+from ..names import NAME_RE, OPERATOR
+from .calls import Calls
+from .conversation import Conversation
 from .scheduler import Scheduler
 from typing import TYPE_CHECKING
 
@@ -61,10 +63,10 @@ if TYPE_CHECKING:
     from ..kernel import Kernel
 
 IDLE_S = 3600.0
-MAX_REQUEST = 4 << 20
 MODEL_KEYS = {"provider", "model", "api_base", "api_key", "api_key_env", "context_window",
               "max_tokens", "max_concurrent", "requests_per_minute", "timeout_s", "script",
-              "token_delay_s", "label", "retries", "retry_wait_s"} | breakers.KEYS
+              "token_delay_s", "label", "retries", "retry_wait_s",
+              "stream_tools", "temperature"} | breakers.KEYS
 CONV_CMDS = (cmd.Cmd("close", "close", usage="close"), cmd.Cmd("reset", "reset", usage="reset"))
 
 
@@ -80,6 +82,11 @@ class Model:
                                b["breaker_cooldown_s"])
         self.retries = int(providers.number(conf, "retries", 2, origin))
         self.retry_wait_s = providers.number(conf, "retry_wait_s", 0.5, origin)
+        # a call's temperature when its request gives none (None: the client's default)
+        self.temperature = providers.number(conf, "temperature", None, origin) \
+            if "temperature" in conf else None
+        if self.temperature is not None and self.temperature > 2:
+            raise Fs9Error(errno.EINVAL, f"{origin}: temperature must be 0 to 2")
         self.context_window = int(conf.get("context_window", 8192))
         self.max_tokens = int(conf.get("max_tokens", 1024))
         self.limits = Limits(requests_per_minute=int(conf.get("requests_per_minute", 0)))
@@ -100,11 +107,29 @@ class Model:
                  f"requests_per_minute={self.limits.requests_per_minute}",
                  f"calls={self.usage.calls}", f"tokens_in={self.usage.tokens_in}",
                  f"tokens_out={self.usage.tokens_out}", f"conversations={len(self.conversations)}",
-                 f"retries={self.retries}"] + self.breaker.info(time.time())
+                 f"retries={self.retries}"] + self.breaker.info(time.time()) + self.where()
         return "\n".join(lines) + "\n"
 
+    def where(self) -> list[str]:
+        """Lines of info for a model over HTTP: where it is (the URL without any user
+        or password in it), whether it streams tool calls (yes, no, unknown: not yet
+        seen), and what counts tokens its server does not report."""
+        base = getattr(self.provider, "base", "")
+        if not base:
+            return []
+        try:
+            url = urllib.parse.urlsplit(base)
+            host = url.hostname or ""
+            netloc = (f"[{host}]" if ":" in host else host) + (f":{url.port}" if url.port else "")
+            shown = urllib.parse.urlunsplit((url.scheme, netloc, url.path, "", ""))
+        except ValueError:  # (a port out of range: the calls say so)
+            shown = "(not a URL)"
+        streams = {True: "yes", False: "no", None: "unknown"}[self.provider.stream_tools]
+        return [f"api_base={shown}", f"stream_tools={streams}",
+                f"tokens_unreported={tokens.tokenizer()}"]
 
-class Models:
+
+class Models(Calls):
     """The configured models and everything model use the kernel keeps."""
 
     def __init__(self, kernel: "Kernel") -> None:
@@ -144,7 +169,10 @@ class Models:
                 if not isinstance(table, dict) or set(table) - MODEL_KEYS:
                     raise Fs9Error(errno.EINVAL, f"{origin}: unknown key(s) "
                                    f"{', '.join(sorted(set(table) - MODEL_KEYS))}")
-                self.models[name] = Model(name, table, origin, self.recent)
+                model = self.models[name] = Model(name, table, origin, self.recent)
+                if hasattr(model.provider, "learned"):  # what a server turns out to do
+                    model.provider.learned = lambda m=name, **f: self.kernel.record(
+                        "model_learned", model=m, **f)
             except Fs9Error as e:
                 self.problem = (self.problem + "; " if self.problem else "") + e.text
 
@@ -188,7 +216,8 @@ class Models:
         """The events model usage is rebuilt from (Kernel.apply)."""
         return {"model_call": self.on_model_call, "model_refused": self.on_model_refused,
                 "model_error": self.on_model_error, "breaker_opened": self.on_breaker,
-                "breaker_half_open": self.on_breaker, "breaker_closed": self.on_breaker}
+                "breaker_half_open": self.on_breaker, "breaker_closed": self.on_breaker,
+                "model_learned": self.on_model_learned}
 
     def on_model_call(self, e, agent, task) -> None:
         d = e.data
@@ -210,6 +239,14 @@ class Models:
         model = self.models.get(e.data.get("model"))
         if e.data.get("breaker") and model is not None:  # the provider's fault: it counts
             model.breaker.failed(e.ts)
+
+    def on_model_learned(self, e, agent, task) -> None:
+        """What a server turned out not to do, kept across remounts (models.toml's own
+        stream_tools, when it says, wins)."""
+        model = self.models.get(e.data.get("model"))
+        if model is not None and "stream_tools" not in model.conf and \
+                hasattr(model.provider, "stream_tools"):
+            model.provider.stream_tools = e.data.get("stream_tools")
 
     def on_breaker(self, e, agent, task) -> None:
         model = self.models.get(e.data.get("model"))
@@ -310,162 +347,3 @@ class Models:
             for conv in model.conversations.values():
                 if conv.turn.scope is not None:
                     conv.turn.scope.cancel()
-
-    def _ready(self, conv: Conversation, size: int) -> None:
-        """Refuse a request of size bytes that cannot be taken now, whatever it says."""
-        if size > MAX_REQUEST:
-            raise Fs9Error(errno.EFBIG, f"a request is at most {MAX_REQUEST} bytes")
-        if self.kernel.halted:
-            raise Fs9Error(errno.EBUSY, "fs9 is halted: no model calls until `resume`")
-        if conv.state in ("queued", "running"):
-            raise Fs9Error(errno.EBUSY, "a call is in flight in this conversation: read its "
-                                        "reply first")
-        try:
-            conv.model.breaker.admit(time.time())
-            # and the agent's own, open once its tasks kept failing (agents/breaker.py)
-            agent_breakers.check_model_call(self.kernel.agents.get(conv.owner or ""))
-        except Fs9Error as e:  # cut off: refused before anything is sent or reserved
-            task = self._task_of(conv.owner)
-            self.kernel.record("model_refused", agent=conv.owner, model=conv.model.name,
-                               conv=conv.id, corr=task.corr if task else conv.corr,
-                               task=task.id if task else None, reason=e.text)
-            raise
-
-    def precheck(self, conv: Conversation, data: bytes) -> None:
-        """What can be refused while a request is still being written (data: its first
-        write): fs9 halted, a call in flight, a budget the prompt alone exceeds, and
-        every item of it once it is a whole JSON object (request.py)."""
-        self._ready(conv, len(data))
-        req = requests.complete(data)
-        if req is not None:
-            requests.check_turn(conv.messages, req["messages"])
-        task = self._task_of(conv.owner)
-        prompt = tokens_of(conv.messages) + tokens.count(data.decode(errors="replace"))
-        self._admit(conv, task, prompt, 1)
-        self._approved(conv, task, prompt + conv.model.max_tokens, use=False)
-
-    def _admit(self, conv: Conversation, task, prompt: int, want: int) -> tuple[list, int]:
-        """budget.admit for a call of conv: (its scopes, its max_tokens); a refusal is a
-        `model_refused` event."""
-        scopes = self.scopes(conv.who, task, conv.model)
-        try:
-            return scopes, budget.admit(scopes, prompt, want, time.time())
-        except Fs9Error as e:
-            self.kernel.record("model_refused", agent=conv.owner, model=conv.model.name,
-                               conv=conv.id, corr=task.corr if task else conv.corr,
-                               task=task.id if task else None, reason=e.text)
-            raise
-
-    def _approved(self, conv: Conversation, task, tokens: int, use: bool) -> None:
-        """A call over the owner's `approval.model_tokens` needs the operator's yes
-        (kernel/approvals.py): EAGAIN while it is asked for, EACCES once denied."""
-        agent = self.kernel.agents.get(conv.owner) if conv.owner else None
-        limit = agent.manifest.get("approval", {}).get("model_tokens") if agent else None
-        if limit and tokens > limit:
-            self.kernel.approvals.gate(
-                agent, "model_tokens", conv.model.name, f"a call of model {conv.model.name} "
-                f"for up to {tokens} tokens (over approval.model_tokens = {limit:g})",
-                task.corr if task else conv.corr, use)
-
-    def request(self, conv: Conversation, data: bytes) -> None:
-        """One turn: check it, admit it against the budgets, start the call. Returns
-        once the call is queued; its reply streams into conv.turn."""
-        self._ready(conv, len(data))
-        req = requests.parse(data)
-        requests.check_turn(conv.messages, req["messages"])
-        if self._nursery is None:
-            raise Fs9Error(errno.EAGAIN, "models are not served yet")
-        task = self._task_of(conv.owner)
-        messages = conv.messages + req["messages"]
-        tools = req["tools"] if "tools" in req else conv.tools
-        want = min(req.get("max_tokens") or conv.model.max_tokens, conv.model.max_tokens)
-        scopes, max_tokens = self._admit(conv, task, tokens_of(messages), want)
-        self._approved(conv, task, tokens_of(messages) + max_tokens, use=True)
-        held = tokens_of(messages) + max_tokens
-        budget.reserve(scopes, held)  # released when the call ends, however it ends
-        conv.messages, conv.tools = messages, tools
-        conv.turn, conv.state, conv.used = Turn(), "queued", time.monotonic()
-        breaker = conv.model.breaker
-        if breaker.admit(time.time()) == "probe":  # this call tells whether the model is back
-            breaker.probing = conv.turn
-            if breaker.state != "half_open":
-                self.kernel.record("breaker_half_open", model=conv.model.name,
-                                   agent=conv.owner, conv=conv.id)
-        conv.turns += 1
-        self._nursery.start_soon(self._call, conv, conv.turn, task, scopes, max_tokens,
-                                 req.get("temperature"), held)
-
-    def _task_of(self, owner: str | None):
-        agent = self.kernel.agents.get(owner) if owner else None
-        return agent.current if agent is not None else None
-
-    async def _call(self, conv, turn, task, scopes, max_tokens, temperature, held) -> None:
-        try:
-            await self._converse(conv, turn, task, scopes, max_tokens, temperature)
-        finally:
-            budget.release(scopes, held)
-
-    async def _converse(self, conv, turn, task, scopes, max_tokens, temperature) -> None:
-        model, who = conv.model, conv.who
-        corr = task.corr if task is not None else conv.corr
-        ids = dict(agent=conv.owner, model=model.name, conv=conv.id, corr=corr,
-                   task=task.id if task is not None else None)
-        requester = self._requester(who, task)
-        if requester is not None:
-            ids["for"] = requester.name
-        agent = self.kernel.agents.get(who)
-        priority = agent.priority if agent is not None else "interactive"
-        t0 = time.monotonic()
-        with trio.CancelScope() as turn.scope:
-            try:
-                while (wait := budget.wait_s(scopes, time.time())) > 0:
-                    self.kernel.log.append("model_throttled", wait_s=round(wait, 3), **ids)
-                    await trio.sleep(wait)
-                async with model.scheduler.slot(who, priority):
-                    conv.state = "running"
-                    for s in scopes:
-                        s.usage.started(time.time())
-                    await compact(conv, ids, max_tokens, self.kernel)
-                    result = await retry.chat(model, conv, turn, max_tokens, temperature,
-                                              lambda **f: self.kernel.log.append(
-                                                  "model_retry", **f, **ids))
-                conv.messages.append(assistant_message(result))
-                for call in result["tool_calls"]:
-                    turn.text.append(f"\ntool_call {call['id']} {call['name']} "
-                                     f"{json.dumps(call['arguments'])}".encode())
-                turn.result = result
-                conv.tokens_in += result["tokens_in"]
-                conv.tokens_out += result["tokens_out"]
-                conv.state = "done"
-                self.kernel.record("model_call", tokens_in=result["tokens_in"],
-                                   tokens_out=result["tokens_out"],
-                                   ms=round((time.monotonic() - t0) * 1000, 1),
-                                   finish=result["finish_reason"], **ids)
-                if model.breaker.state != "closed":  # the probe succeeded
-                    self.kernel.record("breaker_closed", model=model.name, agent=conv.owner,
-                                       conv=conv.id)
-            except Fs9Error as e:
-                self._failed(conv, turn, e, ids)
-            except Exception as e:  # a provider's defect: this call fails, fs9 goes on
-                self.kernel.log.bug("model call")
-                self._failed(conv, turn, Fs9Error(errno.EIO, f"model call failed: {e!r}"), ids)
-        if turn.scope.cancelled_caught:
-            self._failed(conv, turn, Fs9Error(errno.ECANCELED, "the call was cancelled "
-                                              "(halt, or the conversation closed)"), ids)
-        turn.scope = None
-        if model.breaker.probing is turn:  # a probe that neither closed nor reopened it
-            model.breaker.probing = None  # (cancelled, or the request's fault): next call
-        turn.text.end()
-        conv.used = time.monotonic()
-
-    def _failed(self, conv, turn, e: Fs9Error, ids: dict) -> None:
-        turn.error, conv.state = e, "failed"
-        turn.result = {"error": e.text, "errno": errno.errorcode.get(e.errno, str(e.errno))}
-        fault = isinstance(e, providers.ProviderFailure) and e.fault
-        self.kernel.record("model_error", reason=e.text, breaker=fault, **ids)  # (the
-        # request's messages stay in the conversation: the next request sends them again)
-        breaker = conv.model.breaker
-        if fault and breaker.should_open(time.time()):
-            self.kernel.record("breaker_opened", model=conv.model.name, agent=conv.owner,
-                               conv=conv.id, failures=breaker.recent(time.time()),
-                               reason=one_line(e.text))

@@ -3,7 +3,9 @@ before anything of it is kept.
 
 A request is plain text (one user message) or a JSON object in OpenAI's chat shapes:
 
-    {"messages": [MESSAGE...], "tools": [TOOL...], "max_tokens": N, "temperature": T}
+    {"messages": [MESSAGE...], "tools": [TOOL...], "max_tokens": N, "temperature": T,
+     "tool_choice": "auto" | "none" | "required" | {"type": "function",
+                                                   "function": {"name": NAME}}}
 
     MESSAGE  {"role": "system" | "user", "content": TEXT, "name": NAME}
              {"role": "assistant", "content": TEXT | null, "tool_calls": [CALL...]}
@@ -142,11 +144,22 @@ class Tool(_Strict):
     function: FunctionDef
 
 
+class ChosenFunction(_Strict):
+    name: Name
+
+
+class ChosenTool(_Strict):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
 class Request(_Strict):
     messages: list[Message] = []
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    # sent explicitly with tools ("auto" when not given): servers differ on its absence
+    tool_choice: Literal["auto", "none", "required"] | ChosenTool | None = None
 
     @model_validator(mode="after")
     def _tools_once(self):
@@ -159,7 +172,8 @@ class Request(_Strict):
 
 def parse(data: bytes) -> dict:
     """A request's bytes as plain data: {"messages": [...]} and, when given, "tools",
-    "max_tokens", "temperature". Fs9Error(EINVAL) naming the first bad item."""
+    "max_tokens", "temperature", "tool_choice". Fs9Error(EINVAL) naming the first bad
+    item."""
     try:
         text = data.decode()
     except UnicodeDecodeError:

@@ -12,9 +12,9 @@ from ...drivers.providers import ProviderFailure
 WAIT_MAX_S = 10.0
 
 
-async def chat(model, conv, turn, max_tokens, temperature, logged) -> dict:
-    """model's provider's reply to conv, streamed into turn; logged(**fields) before
-    each retry."""
+async def chat(model, conv, turn, max_tokens, options, logged) -> dict:
+    """model's provider's reply to conv, streamed into turn (options: the request's
+    temperature and tool_choice, when it gave them); logged(**fields) before each retry."""
     streamed = False
 
     def emit(text: str) -> None:
@@ -38,5 +38,7 @@ async def chat(model, conv, turn, max_tokens, temperature, logged) -> dict:
     async for attempt in retrying:
         with attempt:
             result = await model.provider.chat(conv.messages, conv.tools, max_tokens,
-                                               temperature, emit)
+                                               options.get("temperature", model.temperature),
+                                               emit,
+                                               tool_choice=options.get("tool_choice"))
     return result
