@@ -224,9 +224,15 @@ def main() -> int:
     ]
     print(f"this checkout ({REPO}) against {base}: 'fs9' is this, 'baseline' the base")
     print(table(rows))
+    # the two mounts of one round ran back to back, so a round's ratio is what the load of
+    # the moment cancels best in: their median beside the ratio of medians above
+    paired = {op: statistics.median(t[op] / b[op] for t, b in zip(runs["this"], runs["base"]))
+              for op in sorted(ops)}
+    print("median of the rounds' ratios: " + ", ".join(f"{op} {r:.2f}x"
+                                                       for op, r in paired.items()))
     elapsed = time.monotonic() - started
     print(f"(ran {elapsed:.0f} s on {os.cpu_count()} cpus; medians of {rounds} alternating rounds)")
-    return finish(RESULTS, rows, runs, elapsed, base=str(base))
+    return finish(RESULTS, rows, runs, elapsed, base=str(base), paired=paired)
 
 
 if __name__ == "__main__":
