@@ -6,7 +6,9 @@ against the code before them).
 
 DIR is a checkout of the commit to compare with, e.g.
 `git worktree add /tmp/fs9-base 885ac1e` (the commit before fd-relative vault I/O), with
-a venv of its own that imports fs9 from DIR (DIR/.venv; `make deps` there makes one). This
+a venv of its own that imports fs9 from DIR (DIR/.venv; `make deps` there makes one; or
+`git archive COMMIT | tar -x -C DIR` with DIR/.venv a link to this checkout's venv: `python
+-m fs9` run in DIR imports DIR's fs9 first). This
 checkout's fs9 and DIR's each mount a copy of the same vault: 1,000 files of 4 KiB and a 64 MiB file. Round by round, in an
 alternating order, one timing program (run by /usr/bin/python3, as root) measures on
 each mount:
