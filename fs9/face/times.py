@@ -77,13 +77,18 @@ BY_ROW: dict[str, Callable] = {
 }
 
 
-def changed(k, pattern: str, bound: dict) -> int:
-    """The time of the file served by row `pattern` with `bound` objects."""
-    row = BY_ROW.get(pattern)
-    at = row(k, bound) if row is not None else None
-    if at is None:
-        for var in reversed(bound):
-            by = BY_OBJECT.get(var)
-            if by is not None and (at := by(k, bound[var])) is not None:
-                break
-    return at or k.log.last_ns
+def of_row(pattern: str) -> Callable[..., int]:
+    """(kernel, the bound objects) -> the time of the file row `pattern` serves, chosen
+    once per row: its own (BY_ROW), else its most specific object's (the last bound),
+    else the latest event's."""
+    own = BY_ROW.get(pattern)
+    names = [p[1:-1] for p in pattern.split("/") if p[1:-1] in BY_OBJECT]
+    var = names[-1] if names else None
+    by = BY_OBJECT.get(var)
+
+    def changed(k, bound: dict) -> int:
+        at = own(k, bound) if own is not None else None
+        if at is None and by is not None:
+            at = by(k, bound[var])
+        return at or k.log.last_ns
+    return changed

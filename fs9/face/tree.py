@@ -360,7 +360,7 @@ class _Row:
     factory: Callable[..., Node | None] | None
     asks: bool  # the factory takes `me`: what it serves depends on who asks
     subtree: bool = False  # PREFIX/...: the row serves PREFIX and every path below it
-    pattern: str = ""  # as in ROWS: its key in times.BY_ROW
+    changed: Callable[..., int] | None = None  # (kernel, bound) -> its time (times.py)
 
 
 def _row(pattern: str, factory) -> _Row:
@@ -368,7 +368,8 @@ def _row(pattern: str, factory) -> _Row:
     pattern = pattern[:-4] if subtree else pattern
     return _Row(tuple(pattern.split("/")) if pattern else (), factory,
                 not subtree and factory is not None
-                and "me" in inspect.signature(factory).parameters, subtree, pattern)
+                and "me" in inspect.signature(factory).parameters, subtree,
+                times.of_row(pattern))
 
 
 _ROWS = [_row(p, f) for p, f in ROWS.items()]
@@ -431,7 +432,7 @@ class Tree:
                 continue
             node = Dir() if row.factory is None else \
                 row.factory(self.kernel, **bound, **({"me": me} if row.asks else {}))
-            node.changed_ns = times.changed(self.kernel, row.pattern, bound)
+            node.changed_ns = row.changed(self.kernel, bound)
             if isinstance(node, Dir):
                 node.names = lambda row=row, bound=bound: [
                     n for n in self._children(row, bound, me)
