@@ -25,10 +25,10 @@ READ_AHEAD_KB = 1024
 async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
                 ready=None, audit: bool = True, durability: str = "process",
                 metrics_at: tuple[str, int] | None = None, share_vault: bool = False,
-                otlp: str = "") -> None:
+                otlp: str = "", cluster: str = "", node: str = "") -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
     kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
-                    audit=audit, durability=durability, otlp=otlp)
+                    audit=audit, durability=durability, otlp=otlp, cluster=cluster, node=node)
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(kernel.serve)

@@ -30,6 +30,7 @@ from .agents.memory import Memory
 from .bus.bus import Bus
 from .federation import link
 from .federation.federation import Federation
+from .cluster.cluster import Cluster
 from .lifecycle import Lifecycles, Unappliable
 from .log import Event, EventLog
 from .metrics import Metrics
@@ -54,7 +55,7 @@ SET_ASIDE_REPORTED = 100  # set-aside events reported one by one at mount (the r
 # exactly one handler in a state holder's `appliers`; tests/test_units.py checks both).
 AUDIT_ONLY = frozenset({
     "agent_step", "agent_unconfined", "audit_enabled", "audit_unavailable", "bug",
-    "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
+    "cluster_takeover", "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
     "delivery_refused", "escalated",
     "escape_attempt", "escape_denied", "injection_suspected", "log_fault", "log_recovered",
     "mail_delivered", "mount",
@@ -93,7 +94,7 @@ class Kernel(Lifecycles):
 
     def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "",
                  vault_dir: str = "", audit: bool = True, durability: str = "process",
-                 otlp: str = "") -> None:
+                 otlp: str = "", cluster: str = "", node: str = "") -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.agents_dir = os.path.abspath(agents_dir)
         self.vault_dir = vault_dir and os.path.realpath(vault_dir)
@@ -134,6 +135,8 @@ class Kernel(Lifecycles):
         self.approvals = Approvals(self)  # approvals/ (approvals.py)
         self.metrics = Metrics(self)  # the root `metrics` (metrics.py)
         self.federation = Federation(self)  # off until joined (federation/ctl)
+        # one fs9 over several machines (kernel/cluster/): `cluster` NATS URLs, this node
+        self.cluster = Cluster(self, cluster, node or os.uname().nodename) if cluster else None
         self.handlers = event_table(self, self.bus, self.models, self.memory, self.federation,
                                     self.approvals)
 
@@ -172,6 +175,8 @@ class Kernel(Lifecycles):
             nursery.start_soon(self._service, self._prune_memory)
             if self.otlp:
                 nursery.start_soon(self._service, traces.export, self, self.otlp)
+            if self.cluster is not None:
+                nursery.start_soon(self._service, self.cluster.serve)
             if self.search is not None:
                 await nursery.start(self._service, self.search.serve)
                 await nursery.start(self._service, watch.watch, self)

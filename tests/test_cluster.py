@@ -1,0 +1,188 @@
+"""One fs9 over several machines (issue 14, first slice): three real nats-servers as one
+JetStream cluster (tests/natscluster.py) and three fs9 nodes, each its own server
+process, mount and state, on 127.0.0.1. Driven through the mounts with shell tools;
+what happened is read on the other side (another node's mount, the agent's local
+status there, JetStream's stored results), never inferred from the writer."""
+import asyncio
+import errno
+import json
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import Mount, errno_of, fuse_unavailable, wait_for
+from natscluster import NatsCluster
+from natsserver import binary
+
+LONG_S = 60  # a takeover: DEAD_S without heartbeat, a NATS leader elected (4-9 s), a spawn
+
+
+def kv(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def ctl_state(m: Mount) -> dict[str, str]:
+    return dict(w.split("=", 1) for w in m.read("nodes/ctl").split())
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A 3-server NATS cluster and three fs9 nodes n1..n3 joined to it."""
+    if binary() is None:
+        pytest.skip("no nats-server: `make deps` installs the pinned one")
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(f"cannot mount FUSE here: {reason}")
+    nats = NatsCluster(tmp_path / "nats").start()
+    nodes = []
+    try:
+        for i in (1, 2, 3):
+            m = Mount(tmp_path / f"node{i}")
+            m.define("slow", 'driver = "exec"\ncmd = ["sh", "-c", "sleep 0.2; cat"]\n'
+                             'restart = "permanent"\n')
+            nodes.append(m.mount("--cluster", nats.urls, "--node", f"n{i}"))
+        for m in nodes:
+            wait_for(lambda: ctl_state(m)["joined"] == "yes"
+                     and ctl_state(m)["nodes"] == "3/3", LONG_S, "the nodes to join")
+        yield nats, nodes
+    finally:
+        for m in nodes:
+            m.umount()
+        nats.stop()
+
+
+def test_an_agent_placed_on_one_node_is_driven_from_every_node(cluster):
+    _, (n1, n2, n3) = cluster
+    n1.write("nodes/ctl", "spawn w def=counter node=n3\n")
+    # n3 runs it (its own status, from its own kernel); every node lists it
+    wait_for(lambda: "w" in n3.read("status").split(), what="n3 to run w")
+    for m in (n1, n2, n3):
+        wait_for(lambda: "w" in [p.name for p in (m.path / "agents").iterdir()],
+                 what=f"w in {m.path}/agents")
+    assert sorted(p.name for p in (n2.path / "agents" / "w").iterdir()) == \
+        ["ctl", "in", "out", "status"]
+    assert sorted(p.name for p in (n1.path / "nodes").iterdir()) == ["ctl", "n1", "n2", "n3"]
+    n3_card = kv(n1.read("nodes/n3"))
+    assert n3_card["state"] == "up" and n3_card["agents"] == "w"
+    assert n3_card["address"] == str(n3.path)
+    # a task written on n2 runs on n3; `cat out` on n1 streams it as it comes
+    n2.write("agents/w/in", "3\n")
+    reader = subprocess.Popen(["cat", str(n1.path / "agents/w/out")], stdout=subprocess.PIPE,
+                              text=True)
+    first = reader.stdout.readline()
+    assert first == "1\n"
+    assert kv(n1.read("agents/w/status"))["state"] == "running"  # still counting
+    assert reader.communicate(timeout=30)[0] == "2\n3\n"
+    wait_for(lambda: kv(n3.read("agents/w/status"))["done"] == "1", what="the task done on n3")
+    # ctl from n2 acts on n3's agent; a bad command fails the writer with its errno
+    n2.write("agents/w/ctl", "stop\n")
+    wait_for(lambda: kv(n3.read("agents/w/status"))["state"] == "stopped", what="w stopped")
+    assert errno_of(n2.write, "agents/w/ctl", "frobnicate\n") == errno.EINVAL
+    assert "frobnicate" in n2.read("err")
+    # kill from any node: gone everywhere
+    n2.write("nodes/ctl", "kill w\n")
+    for m in (n1, n2, n3):
+        wait_for(lambda: "w" not in [p.name for p in (m.path / "agents").iterdir()]
+                 or m is n3 and not (m.path / "agents/w").exists(), what="w gone")
+    for m in (n1, n2, n3):
+        assert not m.bugs()
+
+
+def test_one_name_is_placed_once_whoever_races_for_it(cluster):
+    """Two nodes spawn the same name at the same moment: the compare-and-swap create in
+    JetStream's key-value store lets exactly one win; the other is told EEXIST."""
+    _, (n1, n2, n3) = cluster
+    for round_ in range(5):
+        name = f"dup{round_}"
+        outcomes = {}
+
+        def spawn(m, node):
+            outcomes[node] = errno_of(m.write, "nodes/ctl", f"spawn {name} def=echo node={node}\n")
+        threads = [threading.Thread(target=spawn, args=(m, node))
+                   for m, node in ((n1, "n1"), (n2, "n2"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes.values(), key=str) == [17, None], outcomes  # EEXIST, ok
+        winner = next(node for node, e in outcomes.items() if e is None)
+        runs = {"n1": n1, "n2": n2}
+        wait_for(lambda: name in runs[winner].read("status").split(), what=f"{name} running")
+        time.sleep(0)  # (no wait for the loser: it must never run it, checked below)
+        loser = runs["n2" if winner == "n1" else "n1"]
+        assert name not in loser.read("status").split()
+        assert kv(n3.read(f"agents/{name}/status"))["name"] == name
+
+
+def results(urls: str, agent: str) -> list[dict]:
+    """Every result FS9RESULTS holds for agent (read by the checker with its own client)."""
+    import nats
+
+    async def read():
+        nc = await nats.connect(servers=urls.split(","))
+        js = nc.jetstream()
+        sub = await js.subscribe(f"fs9.result.{agent.encode().hex()}", ordered_consumer=True)
+        out = []
+        try:
+            while True:
+                out.append(json.loads((await sub.next_msg(timeout=2)).data))
+        except nats.errors.TimeoutError:
+            pass
+        await nc.close()
+        return out
+    return asyncio.run(read())
+
+
+def test_a_node_lost_under_load_loses_no_acknowledged_task(cluster):
+    """kill -9 of node n2 (its fs9 and its nats-server), its state deleted, while tasks
+    flow to its agent through n1: the agent runs again on a survivor, and every task
+    whose write was acknowledged has its result (Jepsen's four counts; 0 lost)."""
+    nats, (n1, n2, n3) = cluster
+    n1.write("nodes/ctl", "spawn slow node=n2\n")
+    wait_for(lambda: "slow" in n2.read("status").split(), what="n2 to run slow")
+    acked, unacked = set(), set()
+    stop = threading.Event()
+
+    def write():
+        i = 0
+        while not stop.is_set():
+            try:
+                n1.write("agents/slow/in", f"task-{i}\n")
+                acked.add(i)
+            except OSError:
+                unacked.add(i)
+            i += 1
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        wait_for(lambda: len(acked) >= 20, what="20 tasks acknowledged")
+        killed = time.monotonic()
+        n2.kill9()
+        nats.servers[1].kill9()
+        shutil.rmtree(n2.state)
+        back = wait_for(lambda: kv(n1.read("nodes/n2"))["state"] == "down"
+                        and any("slow" in m.read("status").split() for m in (n1, n3))
+                        and time.monotonic(), LONG_S, "slow running on a survivor")
+        wait_for(lambda: len(acked) >= 60, LONG_S, "writes going on after the loss")
+    finally:
+        stop.set()
+        writer.join()
+    print(f"agent back on a survivor {back - killed:.1f} s after the kill")
+    assert back - killed <= 20 + 10  # the issue's 20 s, with room for a busy machine
+
+    def done():
+        got = results(nats.urls, "slow")
+        seen = {int(r["out"].strip().split("-")[1]) for r in got if r["state"] == "done"}
+        return got if acked <= seen else None
+    got = wait_for(done, LONG_S, "every acknowledged task's result")
+    ids = [int(r["out"].strip().split("-")[1]) for r in got if r["state"] == "done"]
+    seen = set(ids)
+    counts = dict(lost=len(acked - seen), duplicated=len(ids) - len(seen),
+                  unexpected=len(seen - acked - unacked), recovered=len(seen & unacked))
+    print(f"acknowledged {len(acked)}, refused {len(unacked)}: {counts}")
+    assert counts["lost"] == 0 and counts["unexpected"] == 0
+    assert {r["node"] for r in got} >= {"n2"}, "some tasks ran on n2 before its loss"
+    assert {r["node"] for r in got} - {"n2"}, "the rest ran on a survivor"
