@@ -159,6 +159,8 @@ def test_a_node_lost_under_load_loses_no_acknowledged_task(cluster):
     writer.start()
     try:
         wait_for(lambda: len(acked) >= 20, what="20 tasks acknowledged")
+        wait_for(lambda: int(kv(n1.read("agents/slow/status"))["done"]) >= 3,
+                 what="n2 to finish some (its status, asked from n1)")
         killed = time.monotonic()
         n2.kill9()
         nats.servers[1].kill9()
