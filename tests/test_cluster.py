@@ -63,7 +63,7 @@ def test_an_agent_placed_on_one_node_is_driven_from_every_node(cluster):
         wait_for(lambda: "w" in [p.name for p in (m.path / "agents").iterdir()],
                  what=f"w in {m.path}/agents")
     assert sorted(p.name for p in (n2.path / "agents" / "w").iterdir()) == \
-        ["ctl", "in", "out", "status"]
+        ["ctl", "in", "mail", "out", "status"]
     assert sorted(p.name for p in (n1.path / "nodes").iterdir()) == ["ctl", "n1", "n2", "n3"]
     n3_card = kv(n1.read("nodes/n3"))
     assert n3_card["state"] == "up" and n3_card["agents"] == "w"
@@ -82,6 +82,14 @@ def test_an_agent_placed_on_one_node_is_driven_from_every_node(cluster):
     wait_for(lambda: kv(n3.read("agents/w/status"))["state"] == "stopped", what="w stopped")
     assert errno_of(n2.write, "agents/w/ctl", "frobnicate\n") == errno.EINVAL
     assert "frobnicate" in n2.read("err")
+    # mail from n1 reaches w's mailbox on n3; one n3 refuses fails n1's write
+    n1.write("agents/w/mail/new", "type: event\n\nhello from n1\n")
+    wait_for(lambda: any("hello from n1" in p.read_text()
+                         for p in (n3.path / "agents/w/mail").iterdir() if p.name[0].isdigit()),
+             what="the message in w's mailbox on n3")
+    assert errno_of(n1.write, "agents/w/mail/new", "bogus: x\n\nbody\n") == errno.EINVAL
+    assert "unknown header 'bogus'" in n1.read("err")
+    assert len([p for p in (n3.path / "agents/w/mail").iterdir() if p.name[0].isdigit()]) == 1
     # kill from any node: gone everywhere
     n2.write("nodes/ctl", "kill w\n")
     for m in (n1, n2, n3):
@@ -155,6 +163,10 @@ def test_a_node_lost_under_load_loses_no_acknowledged_task(cluster):
             except OSError:
                 unacked.add(i)
             i += 1
+    mailed = set()
+    for i in range(10):  # mail the agent never reads: it must be in its mailbox after
+        n1.write("agents/slow/mail/new", f"type: event\n\nletter-{i}\n")
+        mailed.add(f"letter-{i}")
     writer = threading.Thread(target=write)
     writer.start()
     try:
@@ -186,5 +198,9 @@ def test_a_node_lost_under_load_loses_no_acknowledged_task(cluster):
                   unexpected=len(seen - acked - unacked), recovered=len(seen & unacked))
     print(f"acknowledged {len(acked)}, refused {len(unacked)}: {counts}")
     assert counts["lost"] == 0 and counts["unexpected"] == 0
+    survivor = next(m for m in (n1, n3) if "slow" in m.read("status").split())
+    letters = {p.read_text().split("\n\n", 1)[1].strip()
+               for p in (survivor.path / "agents/slow/mail").iterdir() if p.name[0].isdigit()}
+    assert letters == mailed  # not acked by the agent on n2: delivered again, all of them
     assert {r["node"] for r in got} >= {"n2"}, "some tasks ran on n2 before its loss"
     assert {r["node"] for r in got} - {"n2"}, "the rest ran on a survivor"

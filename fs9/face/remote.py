@@ -1,10 +1,10 @@
 """An agent run by another node of the cluster (kernel/cluster/), as files on this one.
 
-agents/NAME of a remote agent has ctl, in, out and status: each request goes to the
-node that runs it (Work.ask), for this node's operator only (a view never resolves a
-remote agent: an agent sees the agents of its own node, as on a single fs9). `in` of
-any agent placed in the cluster, local or remote, queues its task in JetStream, so
-that it outlives the node that runs it.
+agents/NAME of a remote agent has ctl, in, out, status and mail/new: each request goes
+to the node that runs it (Work.ask), for this node's operator only (a view never
+resolves a remote agent: an agent sees the agents of its own node, as on a single fs9).
+`in` and `mail/new` of any agent placed in the cluster, local or remote, go through
+JetStream (kernel/cluster/work.py), so that they outlive the node that runs it.
 """
 import base64
 import errno
@@ -14,7 +14,7 @@ import trio
 from ..errors import Fs9Error
 from .kinds import Ctl, Dir, Status, StreamNode
 
-FILES = ("ctl", "in", "out", "status")
+FILES = ("ctl", "in", "mail", "out", "status")
 
 
 def resolve(k, path: tuple[str, ...]):
@@ -23,14 +23,14 @@ def resolve(k, path: tuple[str, ...]):
     if c is None or len(path) < 2 or path[0] != "agents":
         return None
     name = path[1]
-    if path[2:] == ("in",) and c.placed(name) is not None:
-        said = dict(agent=name if name in k.agents else None, file=f"agents/{name}/in")
-        return Ctl(lambda d: _guarded(k, c.work.submit(name, d), said), whole=True,
-                   refused=lambda e: k.refused(e, **said))
+    if path[2:] in (("in",), ("mail", "new")) and c.placed(name) is not None:
+        return _queue(k, name, "task" if path[2] == "in" else "mail")
     if name in k.agents or c.remote(name) is None:
         return None
     if len(path) == 2:
         return Dir(names=lambda: list(FILES))
+    if path[2:] == ("mail",):  # a new name here is one message, as mail/new
+        return Dir(names=lambda: ["new"], create=lambda _: _queue(k, name, "mail"))
     said = dict(file=f"agents/{name}/{path[2]}")
     if path[2:] == ("ctl",):
         return Ctl(lambda d: _guarded(k, c.work.ask(name, "ctl", data=d), said))
@@ -43,6 +43,15 @@ def resolve(k, path: tuple[str, ...]):
     if path[2:] == ("out",):
         return StreamNode(lambda: RemoteOut(c.work, name))
     raise Fs9Error(errno.ENOENT, "no such file (a remote agent has ctl, in, out, status)")
+
+
+def _queue(k, name: str, kind: str) -> Ctl:
+    """in (kind task) or mail/new (kind mail) of agent name: the bytes of one open, stored
+    in JetStream at close (the write fails if they are not, or the agent's node refuses)."""
+    said = dict(agent=name if name in k.agents else None,
+                file=f"agents/{name}/{'in' if kind == 'task' else 'mail/new'}")
+    return Ctl(lambda d: _guarded(k, k.cluster.work.submit(name, d, kind), said), whole=True,
+               refused=lambda e: k.refused(e, **said))
 
 
 async def _guarded(k, request, said: dict):

@@ -8,8 +8,9 @@ its token. What the cluster keeps in JetStream, every piece replicated on 3 serv
   KV fs9-nodes      NODE -> its card (address, agents, load), put at each heartbeat
   KV fs9-placement  AGENT -> the node that runs it and how to spawn it; claimed and
                     moved only by compare-and-swap (create / update at a revision)
-  FS9WORK   fs9.work.AGENT  an agent's queued tasks (work-queue retention: a message
-            goes once its task has ended and its result is stored); one durable pull
+  FS9WORK   fs9.work.AGENT  an agent's queued tasks and the operator's mail to it
+            (header Fs9-Kind: task | mail; work-queue retention: a task goes once it
+            has ended and its result is stored, mail once the agent acked it); one durable pull
             consumer per agent (w-AGENT), read by the node that runs it
   FS9RESULTS fs9.result.AGENT  each finished task's state and output (capped)
 An agent's name may hold `.`, a subject's separator: in subjects and consumer names it
@@ -169,10 +170,10 @@ class Engine:
 
     # --- work and results -----------------------------------------------------
 
-    async def queue(self, agent: str, data: bytes, msg_id: str) -> None:
-        """One task for agent; returns once a quorum stored it (JetStream's ack)."""
+    async def queue(self, agent: str, data: bytes, msg_id: str, kind: str) -> None:
+        """One task or message (kind) for agent; returns once a quorum stored it."""
         await self.call(self.js.publish(f"fs9.work.{token(agent)}", data, timeout=5,
-                                        headers={"Nats-Msg-Id": msg_id}))
+                                        headers={"Nats-Msg-Id": msg_id, "Fs9-Kind": kind}))
 
     async def intake(self, agent: str, fresh: bool):
         """agent's work consumer. `fresh`: made anew, so every task not finished is
@@ -191,14 +192,15 @@ class Engine:
         return await self.call(_open())
 
     async def fetch(self, sub, batch: int = 64, timeout: float = 1.0) -> list:
-        """Up to batch waiting tasks as (msg id, data, handle): [] after timeout."""
+        """Up to batch waiting items as (msg id, kind, data, handle): [] after timeout."""
         try:
             msgs = await self.call(sub.fetch(batch, timeout=timeout))
         except EngineError as e:
             if "Timeout" in str(e):
                 return []
             raise
-        return [((m.headers or {}).get("Nats-Msg-Id", ""), m.data, m) for m in msgs]
+        return [((m.headers or {}).get("Nats-Msg-Id", ""), (m.headers or {}).get("Fs9-Kind", ""),
+                 m.data, m) for m in msgs]
 
     async def ack(self, handle) -> None:
         await self.call(handle.ack_sync(timeout=5))

@@ -1,4 +1,5 @@
-"""An agent's work across the cluster: its tasks in JetStream, and requests between nodes.
+"""An agent's work across the cluster: its tasks and mail in JetStream, and requests
+between nodes.
 
 Tasks: `in` of an agent placed in the cluster, written on any node, is published to
 FS9WORK (engine.py) and acknowledged to the writer once a quorum stored it. The node
@@ -9,7 +10,11 @@ message until the task has ended: then it stores the result in FS9RESULTS and ac
 message (work-queue retention drops it). A node lost with its state loses nothing
 acknowledged: what it held was never acked, and the node that takes the agent over
 reads it all again (at least once: a task whose result was stored but whose ack was
-not re-runs, and its second result says so by its id).
+not re-runs, and its second result says so by its id). The operator's mail to such an
+agent (`mail/new`) goes the same way: delivered to the mailbox of the node running the
+agent, held until the agent has acked it (and, a work_request, until its task ended).
+A message the recipient's node refuses (message.parse, clearance) is acked there and
+its reason goes back to the writer's write.
 
 Requests: another node's ctl, status and out of an agent run here are answered here,
 for the operator of that node (a peer); agents' views never reach a remote agent.
@@ -23,6 +28,7 @@ import re
 import trio
 
 from ...errors import Fs9Error
+from ..names import OPERATOR
 from ..stream import Changes
 from ..task import FINAL
 from .engine import MAX_TASK_BYTES, EngineError
@@ -33,6 +39,7 @@ WAIT_OUT_S = 0.5  # an `out` request waits this long for more output before answ
 # (the asker's read is that much slower to see a signal: RemoteOut shields the request)
 SWEEP_S = 0.1
 TAKEN_S = 5.0  # a write to `in` waits at most this long for the task to be queued
+REFUSALS_KEPT = 1000  # refused mail's reasons kept for its writer to ask about
 CORR_RE = re.compile(r"[0-9a-f]{16}")
 
 
@@ -41,14 +48,17 @@ class Work:
         self.cluster = cluster
         self.kernel, self.engine = cluster.kernel, cluster.engine
         self.intakes: dict[str, trio.CancelScope] = {}  # agents whose work this node reads
-        self.held: dict[int, tuple[str, object]] = {}  # task id -> (agent, its message)
+        # what this node holds unacked: key -> (agent, its NATS message, ended(): True
+        # once it may go (a task ended, a message acked); a task's key is its id)
+        self.held: dict[object, tuple[str, object, object]] = {}
+        self.refusals: dict[str, Fs9Error] = {}  # mail refused here, by its id (bounded)
         self.counts = dict(queued=0, results=0)
         self.corrs: dict[str, object] = {}  # correlation id -> the task queued here from it
         self.taken = Changes()  # a task was queued here from the work stream
 
     # --- `in`, from any node ------------------------------------------------------
 
-    async def submit(self, name: str, data: bytes) -> None:
+    async def submit(self, name: str, data: bytes, kind: str = "task") -> None:
         """One task for agent name (placed in the cluster); returns once stored, and
         once the node running it has queued it (so `echo > in; cat out` reads this
         task, as on one node), or after TAKEN_S if it does not say so (it is down: the
@@ -59,7 +69,7 @@ class Work:
             raise Fs9Error(errno.ENOENT, f"no such agent: {name}")
         corr = os.urandom(8).hex()
         try:
-            await self.engine.queue(name, data, corr)
+            await self.engine.queue(name, data, corr, kind)
         except EngineError as e:
             raise Fs9Error(errno.EAGAIN if "Timeout" in str(e) or "NoResponders" in str(e)
                            else errno.ENOSPC, f"task not stored in the cluster: {e}")
@@ -69,12 +79,17 @@ class Work:
             else:
                 try:
                     await self.ask(name, "taken", corr=corr)
-                except Fs9Error:
-                    pass  # stored: the write stands
+                except Fs9Error as e:
+                    if e.errno != errno.EHOSTUNREACH:
+                        raise  # refused there (mail): said to the writer
+                    # (not answered: stored, the write stands)
 
     async def wait_taken(self, corr: str) -> None:
-        while corr not in self.corrs:
+        """Until corr is queued here (or, refused, raise why)."""
+        while corr not in self.corrs and corr not in self.refusals:
             await self.taken.wait_past(self.taken.version)
+        if corr in self.refusals:
+            raise self.refusals[corr]
 
     # --- running an agent placed here --------------------------------------------
 
@@ -105,8 +120,8 @@ class Work:
                 self.kernel.kill(name)
             except Fs9Error as e:
                 self.kernel.diag(f"cluster: cannot stop {name}: {e.text}")
-        for tid in [t for t, (a, _) in self.held.items() if a == name]:
-            del self.held[tid]  # never acked here: the node running it reads them again
+        for key in [key for key, (a, *_) in self.held.items() if a == name]:
+            del self.held[key]  # never acked here: the node running it reads them again
 
     async def _intake(self, name: str, scope: trio.CancelScope) -> None:
         with scope:
@@ -125,26 +140,64 @@ class Work:
                     self.cluster.error = f"reading {name}'s work: {e}"
                     await trio.sleep(1)
                     continue
-                for msg_id, data, handle in batch:
+                for msg_id, kind, data, handle in batch:
                     agent = self.kernel.agents.get(name)
                     if agent is None or agent.killed:
                         return
                     corr = msg_id if CORR_RE.fullmatch(msg_id) else os.urandom(8).hex()
+                    if kind == "mail":
+                        await self._mail(agent, corr, data, handle)
+                        continue
                     task = by_corr.get(corr)
                     if task is None:
                         task = by_corr[corr] = self.kernel.submit(agent, data, corr=corr)
                         self.counts["queued"] += 1
                     self.corrs[corr] = task
                     self.taken.bump()
-                    self.held[task.id] = (name, handle)
+                    self.held[task.id] = (name, handle, lambda t=task: t.state in FINAL)
+
+    async def _mail(self, agent, corr: str, data: bytes, handle) -> None:
+        """The operator's message to agent, from the work stream: into its mailbox, held
+        until acked there; refused: acked at once, the reason kept for the writer."""
+        k = self.kernel
+        if corr in self.corrs:  # delivered again to this node, which has it already
+            return
+        try:
+            msg = k.guarded(k.bus.send, agent, data, OPERATOR, agent=agent.name,
+                            file=f"agents/{agent.name}/mail/new (cluster)")
+        except Fs9Error as e:
+            self.refusals[corr] = e
+            while len(self.refusals) > REFUSALS_KEPT:
+                del self.refusals[next(iter(self.refusals))]
+            self.taken.bump()
+            try:
+                await self.engine.ack(handle)
+            except EngineError:
+                pass  # delivered again later, and refused again
+            return
+        self.corrs[corr] = msg
+        self.taken.bump()
+
+        def ended() -> bool:
+            return msg is None or (msg.name not in agent.mailbox.pending and all(
+                t.state in FINAL for t in agent.tasks if t.request == msg.id))
+        self.held[("mail", corr)] = (agent.name, handle, ended)
 
     async def sweep(self) -> None:
-        """Store each held task's result once it has ended, then ack its message."""
+        """Store each held task's result once it has ended, then ack its message (mail:
+        ack it once the agent has)."""
         while True:
-            for tid, (name, handle) in list(self.held.items()):
-                task = self.kernel.tasks.get(tid)
-                if task is None or task.state not in FINAL:
+            for key, (name, handle, ended) in list(self.held.items()):
+                if not ended():
                     continue
+                if not isinstance(key, int):  # mail
+                    try:
+                        await self.engine.ack(handle)
+                        del self.held[key]
+                    except EngineError as e:
+                        self.cluster.error = f"mail not acked yet: {e}"
+                    continue
+                tid, task = key, self.kernel.tasks[key]
                 out = bytes(self.kernel.stream(task, 1).data[:RESULT_OUT])
                 result = dict(agent=name, corr=task.corr, state=task.state, node=self.cluster.me,
                               task=tid, attempt=task.attempt, out=out.decode("utf-8", "replace"))
@@ -154,7 +207,7 @@ class Work:
                 except EngineError as e:
                     self.cluster.error = f"result of task {tid} not stored yet: {e}"
                     break
-                if self.held.get(tid, (None, None))[1] is handle:
+                if self.held.get(tid, (None, None, None))[1] is handle:
                     del self.held[tid]
                     self.counts["results"] += 1
             await trio.sleep(SWEEP_S)
