@@ -41,6 +41,7 @@ def cluster(tmp_path):
     try:
         for i in (1, 2, 3):
             m = Mount(tmp_path / f"node{i}")
+            m.vault = tmp_path / "vault"  # one vault for all (docs/cluster.md, "The vault")
             m.define("slow", 'driver = "exec"\ncmd = ["sh", "-c", "sleep 0.2; cat"]\n'
                              'restart = "permanent"\n')
             nodes.append(m.mount("--cluster", nats.urls, "--node", f"n{i}"))
@@ -125,23 +126,97 @@ def test_one_name_is_placed_once_whoever_races_for_it(cluster):
         assert kv(n3.read(f"agents/{name}/status"))["name"] == name
 
 
+def test_a_vault_change_on_one_node_is_searchable_on_another(cluster):
+    _, (n1, n2, n3) = cluster
+    (n1.path / "vault/notes").mkdir()
+    n1.write("vault/notes/orchard.md", "The orchard grows quinces by the river.\n")
+    for m in (n2, n3):
+        hits = wait_for(lambda: m.read("search/quinces"), what=f"the note found on {m.path}")
+        assert "vault/notes/orchard.md:1" in hits
+
+
+def stream_leader(urls: str) -> str:
+    import nats
+
+    async def ask():
+        nc = await nats.connect(servers=urls.split(","))
+        info = await nc.jetstream().stream_info("FS9WORK")
+        await nc.close()
+        return info.cluster.leader
+    return asyncio.run(ask())
+
+
+def test_writes_resume_after_the_nats_leader_is_killed(cluster):
+    """kill -9 of the nats-server leading FS9WORK while tasks flow: writes fail for a
+    while (said with an errno), then resume; every acknowledged task has its result."""
+    nats, (n1, n2, n3) = cluster
+    n1.write("nodes/ctl", "spawn e def=echo node=n1\n")
+    wait_for(lambda: "e" in n1.read("status").split(), what="e on n1")
+    leader = stream_leader(nats.urls)
+    writer_node = next(m for m, s in zip((n1, n2, n3), nats.servers) if s.name != leader)
+    acked, unacked, acks = set(), set(), []
+    stop = threading.Event()
+
+    def write():
+        i = 0
+        while not stop.is_set():
+            try:
+                writer_node.write("agents/e/in", f"task-{i}\n")
+                acked.add(i)
+                acks.append(time.monotonic())
+            except OSError:
+                unacked.add(i)
+                time.sleep(0.01)
+            i += 1
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        wait_for(lambda: len(acked) >= 20, what="20 tasks acknowledged")
+        killed = time.monotonic()
+        next(s for s in nats.servers if s.name == leader).kill9()
+        wait_for(lambda: acks[-1] > killed + 1 and len([a for a in acks if a > killed]) >= 20,
+                 LONG_S, "writes acknowledged again")
+    finally:
+        stop.set()
+        writer.join()
+    after = [a for a in acks if a > killed]
+    gap = max(b - a for a, b in zip([killed] + after, after))
+    print(f"leader {leader} killed: no write acknowledged for {gap:.1f} s")
+    assert gap <= 30
+
+    def done():
+        got = results(nats.urls, "e")
+        seen = {int(r["out"].strip().split("-")[1]) for r in got if r["state"] == "done"}
+        return got if acked <= seen else None
+    got = wait_for(done, LONG_S, "every acknowledged task's result")
+    ids = [int(r["out"].strip().split("-")[1]) for r in got]
+    assert not set(ids) - acked - unacked
+    print(f"acknowledged {len(acked)}, refused {len(unacked)}, lost 0, "
+          f"duplicated {len(ids) - len(set(ids))}, recovered {len(set(ids) & unacked)}")
+
+
 def results(urls: str, agent: str) -> list[dict]:
     """Every result FS9RESULTS holds for agent (read by the checker with its own client)."""
     import nats
 
     async def read():
-        nc = await nats.connect(servers=urls.split(","))
-        js = nc.jetstream()
-        sub = await js.subscribe(f"fs9.result.{agent.encode().hex()}", ordered_consumer=True)
+        nc = await nats.connect(servers=urls.split(","), max_reconnect_attempts=3)
         out = []
         try:
+            js = nc.jetstream()
+            sub = await js.subscribe(f"fs9.result.{agent.encode().hex()}",
+                                     ordered_consumer=True)
             while True:
                 out.append(json.loads((await sub.next_msg(timeout=2)).data))
         except nats.errors.TimeoutError:
             pass
-        await nc.close()
+        finally:
+            await nc.close()
         return out
-    return asyncio.run(read())
+    try:
+        return asyncio.run(read())
+    except Exception:  # (a server just killed, a leader not yet elected): asked again
+        return []
 
 
 def test_a_node_lost_under_load_loses_no_acknowledged_task(cluster):
