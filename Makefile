@@ -68,6 +68,7 @@ bench: deps
 	$(BIN)/python bench/qos.py
 	$(BIN)/python bench/durability.py
 	$(BIN)/python bench/reach.py
+	$(BIN)/python bench/cluster.py
 
 example: deps  # the customer-support scenario, offline (scripted model); see examples/support
 	@./examples/support/run.sh
