@@ -91,6 +91,11 @@ def test_an_agent_placed_on_one_node_is_driven_from_every_node(cluster):
     assert errno_of(n1.write, "agents/w/mail/new", "bogus: x\n\nbody\n") == errno.EINVAL
     assert "unknown header 'bogus'" in n1.read("err")
     assert len([p for p in (n3.path / "agents/w/mail").iterdir() if p.name[0].isdigit()]) == 1
+    # a name a node's own agent has is not placed in the cluster
+    n2.write("ctl", "spawn mine def=echo\n")
+    wait_for(lambda: "mine" in kv(n1.read("nodes/n2"))["local"].split(), what="n2's card")
+    assert errno_of(n1.write, "nodes/ctl", "spawn mine def=echo node=n3\n") == errno.EEXIST
+    assert "mine" not in [p.name for p in (n1.path / "agents").iterdir()]
     # kill from any node: gone everywhere
     n2.write("nodes/ctl", "kill w\n")
     for m in (n1, n2, n3):

@@ -83,6 +83,7 @@ class Cluster:
         beat = card.get("heartbeat", 0)
         return (f"node={node}\naddress={card.get('address', '')}\n"
                 f"state={'up' if self.alive(node) else 'down'}\nagents={' '.join(on)}\n"
+                f"local={' '.join(a for a in card.get('local', ()) if a not in on)}\n"
                 f"load={card.get('load', '')}\nrunning={card.get('running', '')}\n"
                 f"queued={card.get('queued', '')}\n"
                 f"heartbeat={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(beat))}\n"
@@ -104,17 +105,23 @@ class Cluster:
             await getattr(self, p.cmd.method)(*p.args)
 
     async def spawn(self, name: str, *words: str) -> None:
-        node = [w.split("=", 1)[1] for w in words if w.startswith("node=")]
+        chosen = [w.split("=", 1)[1] for w in words if w.startswith("node=")]
         overrides = tuple(w for w in words if not w.startswith("node="))
         plan = supervision.plan(self.kernel, name, *overrides)  # the definition is sound
         if len(plan) != 1:
             raise Fs9Error(errno.EINVAL, f"{name} is a supervisor: its tree runs on one node "
                                          f"(spawn it with the root ctl)")
-        if name in self.kernel.agents:
+        if self._runs(name) and name not in self.placements():
             raise Fs9Error(errno.EEXIST, f"agent exists: {name} (on this node)")
-        target = node[-1] if node else self.least_loaded()
+        for other, card in self.cards().items():  # a node's own agent keeps its name
+            if name in card.get("local", ()) and name not in self.placements() \
+                    and self.alive(other):
+                raise Fs9Error(errno.EEXIST, f"agent exists: {name} (on node {other})")
+        target = chosen[-1] if chosen else self.least_loaded()
         if target is None or not self.alive(target):
-            raise Fs9Error(errno.EHOSTUNREACH, f"no such node up: {target}")
+            seen = self._changed.get(target or "")
+            raise Fs9Error(errno.EHOSTUNREACH, f"no such node up: {target}" + (
+                f" (its card last changed {time.monotonic() - seen[1]:.1f} s ago)" if seen else ""))
         placement = dict(node=target, args=list(overrides), gen=1,
                          restart=plan[0][1]["restart"], by=self.me)
         try:
@@ -133,6 +140,10 @@ class Cluster:
             await self.engine.forget(name)
         except EngineError as e:
             raise Fs9Error(errno.EAGAIN, f"not killed: {e} (try again)")
+
+    def _runs(self, name: str) -> bool:
+        agent = self.kernel.agents.get(name)
+        return agent is not None and not agent.killed
 
     def least_loaded(self, but: str = "") -> str | None:
         """The live node with the fewest agents placed on it (ties: by name)."""
@@ -170,7 +181,8 @@ class Cluster:
         while True:
             k = self.kernel
             mine = [a for a, (_, p) in self.placements().items() if p.get("node") == self.me]
-            card = dict(node=self.me, address=k.mount_path, agents=mine,
+            local = sorted(a.name for a in k.agents.values() if not a.killed)
+            card = dict(node=self.me, address=k.mount_path, agents=mine, local=local,
                         load=round(os.getloadavg()[0], 2), running=k.tally["running"],
                         queued=k.tally["queued"], heartbeat=time.time())
             try:
@@ -190,8 +202,10 @@ class Cluster:
             for name, (rev, p) in self.placements().items():
                 if p.get("node") == self.me:
                     self.work.run(name, p, nursery)
-                elif name in self.work.intakes:
-                    self.work.stop(name)  # moved away (this node was thought down)
+                elif name in self.work.intakes or self._runs(name):
+                    # moved away while this node was thought down (or this node restarted
+                    # with it in its log): one node runs it, the one placement names
+                    self.work.stop(name, kill=True)
                 elif not self.alive(p.get("node", "")) and p.get("restart") != "temporary" \
                         and self.least_loaded(but=p.get("node", "")) == self.me:
                     moved = dict(p, node=self.me, gen=p.get("gen", 0) + 1, moved_from=p["node"])

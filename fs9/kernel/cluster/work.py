@@ -113,7 +113,9 @@ class Work:
     def stop(self, name: str, kill: bool = False) -> None:
         """Stop reading name's work; kill: the agent too (killed in the cluster, or run by
         another node now)."""
-        self.intakes.pop(name).cancel()
+        scope = self.intakes.pop(name, None)
+        if scope is not None:
+            scope.cancel()
         agent = self.kernel.agents.get(name)
         if agent is not None and not agent.killed:
             try:
