@@ -7,7 +7,7 @@ STATE  := .state
 VAULT  := examples/vault
 EXAMPLE_AGENTS := echo upper counter ticker
 
-.PHONY: run stop test bench fuzz example deps clean
+.PHONY: run stop test bench fuzz example deps clean cluster cluster-stop
 
 $(BIN)/fs9: pyproject.toml
 	@./scripts/system-deps.sh --test
@@ -69,6 +69,13 @@ bench: deps
 	$(BIN)/python bench/durability.py
 	$(BIN)/python bench/reach.py
 	$(BIN)/python bench/cluster.py
+
+# three nats-servers and three fs9 nodes on 127.0.0.1 (docs/cluster.md)
+cluster: deps
+	@$(BIN)/python scripts/cluster.py start
+
+cluster-stop:
+	@$(BIN)/python scripts/cluster.py stop
 
 example: deps  # the customer-support scenario, offline (scripted model); see examples/support
 	@./examples/support/run.sh

@@ -284,3 +284,29 @@ def test_a_node_lost_under_load_loses_no_acknowledged_task(cluster):
     assert letters == mailed  # not acked by the agent on n2: delivered again, all of them
     assert {r["node"] for r in got} >= {"n2"}, "some tasks ran on n2 before its loss"
     assert {r["node"] for r in got} - {"n2"}, "the rest ran on a survivor"
+
+
+def test_a_stopped_node_comes_back_to_find_its_agent_moved_and_drops_its_copy(cluster):
+    """SIGSTOP of n2's fs9 for 15 s (a partition, seen from outside): its agent moves to a
+    survivor; after SIGCONT n2 sees the move and kills its copy: one node runs it."""
+    import os
+    import signal
+    _, (n1, n2, n3) = cluster
+    n1.write("nodes/ctl", "spawn s def=echo node=n2\n")
+    wait_for(lambda: "s" in n2.read("status").split(), what="s on n2")
+    os.kill(n2.pid, signal.SIGSTOP)
+    try:
+        moved = wait_for(lambda: next((m for m in (n1, n3) if "s" in m.read("status").split()),
+                                      None), LONG_S, "s running on a survivor")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # n2 stays stopped 15 s in all
+            time.sleep(0.5)
+    finally:
+        os.kill(n2.pid, signal.SIGCONT)
+    wait_for(lambda: "s" not in n2.read("status").split(), what="n2 to drop its copy")
+    wait_for(lambda: kv(n1.read("nodes/n2"))["state"] == "up", what="n2 up again")
+    runs = [m for m in (n1, n2, n3) if "s" in m.read("status").split()]
+    assert runs == [moved]
+    n2.write("agents/s/in", "after\n")  # driven from n2, it runs where it was moved
+    assert n2.read("agents/s/out") == "after\n"
+    assert kv(moved.read("agents/s/status"))["done"] == "1"
