@@ -6,6 +6,7 @@ status there, JetStream's stored results), never inferred from the writer."""
 import asyncio
 import errno
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -91,6 +92,12 @@ def test_an_agent_placed_on_one_node_is_driven_from_every_node(cluster):
     assert errno_of(n1.write, "agents/w/mail/new", "bogus: x\n\nbody\n") == errno.EINVAL
     assert "unknown header 'bogus'" in n1.read("err")
     assert len([p for p in (n3.path / "agents/w/mail").iterdir() if p.name[0].isdigit()]) == 1
+    # an agent's view: of the cluster it sees nothing (agents of its node as its view says)
+    n1.write("nodes/ctl", "spawn near def=echo node=n1\n")
+    wait_for(lambda: "near" in n1.read("status").split(), what="near on n1")
+    assert os.listdir(n1.path / "agents/near/view/agents") == ["near"]
+    assert errno_of(n1.read, "agents/near/view/agents/w/status") == errno.ENOENT
+    assert errno_of(n1.read, "agents/near/view/nodes/n3") in (errno.ENOENT, errno.EACCES)
     # a name a node's own agent has is not placed in the cluster
     n2.write("ctl", "spawn mine def=echo\n")
     wait_for(lambda: "mine" in kv(n1.read("nodes/n2"))["local"].split(), what="n2's card")
@@ -289,7 +296,6 @@ def test_a_node_lost_under_load_loses_no_acknowledged_task(cluster):
 def test_a_stopped_node_comes_back_to_find_its_agent_moved_and_drops_its_copy(cluster):
     """SIGSTOP of n2's fs9 for 15 s (a partition, seen from outside): its agent moves to a
     survivor; after SIGCONT n2 sees the move and kills its copy: one node runs it."""
-    import os
     import signal
     _, (n1, n2, n3) = cluster
     n1.write("nodes/ctl", "spawn s def=echo node=n2\n")

@@ -101,6 +101,8 @@ class Engine:
         await _ensure_stream(js, name=WORK, subjects=["fs9.work.*"], num_replicas=REPLICAS,
                              retention=api.RetentionPolicy.WORK_QUEUE,
                              max_msgs_per_subject=QUEUED_PER_AGENT, discard=api.DiscardPolicy.NEW,
+                             # else, full, JetStream would drop an agent's oldest queued task
+                             discard_new_per_subject=True,
                              max_msg_size=MAX_TASK_BYTES + 4096, duplicate_window=120)
         await _ensure_stream(js, name=RESULTS, subjects=["fs9.result.*"], num_replicas=REPLICAS,
                              max_msgs_per_subject=RESULTS_PER_AGENT, duplicate_window=120)
