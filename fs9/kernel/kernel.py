@@ -14,6 +14,7 @@ import errno
 import gc
 import logging
 import os
+import re
 import shutil
 import zlib
 from typing import Callable
@@ -136,7 +137,8 @@ class Kernel(Lifecycles):
         self.metrics = Metrics(self)  # the root `metrics` (metrics.py)
         self.federation = Federation(self)  # off until joined (federation/ctl)
         # one fs9 over several machines (kernel/cluster/): `cluster` NATS URLs, this node
-        self.cluster = Cluster(self, cluster, node or os.uname().nodename) if cluster else None
+        self.cluster = Cluster(self, cluster, node or re.sub(
+            r"[^A-Za-z0-9_-]", "-", os.uname().nodename)[:64]) if cluster else None
         self.handlers = event_table(self, self.bus, self.models, self.memory, self.federation,
                                     self.approvals)
 

@@ -31,6 +31,9 @@ from .work import Work
 
 HEARTBEAT_S = 1.0
 DEAD_S = 6.0  # no heartbeat for this long: down (its agents move)
+# our own heartbeats not seen in our mirror for this long: the watch is stale (after its
+# server died) and is made afresh; meanwhile nobody is judged down by it
+STALE_S = 3.0
 PLACE_S = 0.5  # how often placement is looked at (and a down node's agents claimed)
 BACKOFF_S = (0.2, 0.5, 1, 2, 5)
 CMDS = (
@@ -50,6 +53,8 @@ class Cluster:
         self.joined = False
         self.error = ""
         self._changed: dict[str, tuple[int, float]] = {}  # node -> (card revision, when seen)
+        self._last_put = 0  # the revision of our latest heartbeat
+        self.live_since = time.monotonic()  # the mirror last showed our own heartbeat
 
     # --- what this node knows of the cluster (mirrors of the buckets) -------------
 
@@ -62,6 +67,8 @@ class Cluster:
     def alive(self, node: str) -> bool:
         if node == self.me:
             return self.joined
+        if not self.judging():
+            return node in self._changed  # no evidence either way: as it was known
         seen = self._changed.get(node)
         return seen is not None and time.monotonic() - seen[1] < DEAD_S
 
@@ -186,15 +193,32 @@ class Cluster:
                         load=round(os.getloadavg()[0], 2), running=k.tally["running"],
                         queued=k.tally["queued"], heartbeat=time.time())
             try:
-                await self.engine.put_card(json.dumps(card).encode())
+                put = await self.engine.put_card(json.dumps(card).encode())
                 self.error = ""
             except EngineError as e:
                 self.error = f"heartbeat not stored: {e}"
             now = time.monotonic()
-            for node, (rev, _) in self.engine.mirrors["fs9-nodes"].items():
+            mirror = self.engine.mirrors["fs9-nodes"]
+            if mirror.get(self.me, (0,))[0] >= self._last_put:
+                self.live_since = now  # the mirror shows our previous heartbeat: it is live
+            elif now - self.live_since > STALE_S:
+                try:
+                    await self.engine.rewatch()
+                except EngineError as e:
+                    self.error = f"cannot watch the cluster: {e}"
+                # what the stale mirror said of others is no evidence: judge them afresh
+                self._changed = {n: (None, now) for n in self._changed}
+                self.live_since = now
+            self._last_put = put or self._last_put
+            for node, (rev, _) in mirror.items():
                 if self._changed.get(node, (None,))[0] != rev:
                     self._changed[node] = (rev, now)
             await trio.sleep(HEARTBEAT_S)
+
+    def judging(self) -> bool:
+        """This node's mirror is live (it saw our latest heartbeat but one lately): only
+        then is a node whose card has not changed judged down, and its agents moved."""
+        return time.monotonic() - self.live_since <= STALE_S
 
     async def _place(self, nursery) -> None:
         """Run what is placed here, stop what moved away, claim a down node's agents."""

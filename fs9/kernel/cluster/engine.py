@@ -58,6 +58,7 @@ class Engine:
         self.requests = None  # trio channel of (request bytes, answer(bytes)), once serving
         self._token = None
         self.mirrors: dict[str, dict[str, tuple[int, bytes]]] = {NODES: {}, PLACEMENT: {}}
+        self._watching: list = []  # the asyncio tasks that keep the mirrors
 
     async def call(self, coro):
         """Run coro on the engine's loop; its result here, or EngineError."""
@@ -108,9 +109,21 @@ class Engine:
                              max_msgs_per_subject=RESULTS_PER_AGENT, duplicate_window=120)
         await nc.subscribe(f"fs9.rpc.{self.me}", cb=self._request)
         self.nc, self.js = nc, js
+        await self._watch()
+
+    async def _watch(self) -> None:
+        """Mirror both buckets from a fresh watch (their current values, then changes)."""
+        for task in self._watching:
+            task.cancel()
+        self._watching = []
         for bucket, kv_ in ((NODES, self.nodes), (PLACEMENT, self.placement)):
             watcher = await kv_.watchall()
-            self.loop.create_task(self._mirror(bucket, watcher))
+            self._watching.append(self.loop.create_task(self._mirror(bucket, watcher)))
+
+    async def rewatch(self) -> None:
+        """Watch afresh: a watch may stop seeing changes after its server died (the
+        cluster notices: its own heartbeats stop showing up in the mirror)."""
+        await self.call(self._watch())
 
     async def _mirror(self, bucket: str, watcher) -> None:
         """Keep mirrors[bucket] as the bucket is: each change swaps in a new dict, so
@@ -157,8 +170,9 @@ class Engine:
 
     # --- key-value ------------------------------------------------------------
 
-    async def put_card(self, data: bytes) -> None:
-        await self.call(self.nodes.put(self.me, data))
+    async def put_card(self, data: bytes) -> int:
+        """This node's card; its revision."""
+        return await self.call(self.nodes.put(self.me, data))
 
     async def claim(self, agent: str, data: bytes, revision: int | None) -> int:
         """Compare-and-swap: create the key (revision None) or replace the value it had

@@ -71,8 +71,9 @@ class Work:
         try:
             await self.engine.queue(name, data, corr, kind)
         except EngineError as e:
-            raise Fs9Error(errno.EAGAIN if "Timeout" in str(e) or "NoResponders" in str(e)
-                           else errno.ENOSPC, f"task not stored in the cluster: {e}")
+            full = "maximum" in str(e).lower()  # the agent's cap in FS9WORK (engine.py)
+            raise Fs9Error(errno.ENOSPC if full else errno.EAGAIN,
+                           f"not stored in the cluster: {e}" + ("" if full else " (try again)"))
         with trio.move_on_after(TAKEN_S):
             if self.cluster.remote(name) is None:
                 await self.wait_taken(corr)
@@ -244,6 +245,9 @@ class Work:
             answer = dict(errno=errno.errorcode.get(e.errno, "EIO"), text=e.text)
         except (ValueError, KeyError, TypeError) as e:
             answer = dict(errno="EINVAL", text=f"bad request: {type(e).__name__}")
+        except Exception:  # a defect of ours costs this answer, not the node
+            self.kernel.log.bug("cluster request")
+            answer = dict(errno="EIO", text="internal error on the agent's node (its bug event)")
         reply(json.dumps(answer).encode())
 
     async def _op(self, req: dict) -> dict:
