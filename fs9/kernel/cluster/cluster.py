@@ -4,8 +4,8 @@ Nodes share a NATS JetStream cluster (engine.py); each keeps its own log as the 
 of what it did, and JetStream holds, replicated, what must outlive a node: where each
 agent runs (placement), its queued tasks and its finished tasks' results (work.py).
   membership  each node puts its card (address, agents, load) every HEARTBEAT_S; a node
-              whose card has not changed for DEAD_S (by this node's clock: no clocks are
-              compared) is down
+              whose card did not change while ours changed MISSED times is down (no
+              clocks are compared; while nobody can write, nobody is judged down)
   placement   `spawn NAME [node=N]` in nodes/ctl claims NAME with a compare-and-swap
               create (so two spawns of one name cannot both win); the node named runs it.
               A down node's agents (restart permanent or transient) are moved by the
@@ -30,10 +30,8 @@ from .engine import Engine, EngineError
 from .work import Work
 
 HEARTBEAT_S = 1.0
-DEAD_S = 6.0  # no heartbeat for this long: down (its agents move)
-# our own heartbeats not seen in our mirror for this long: the watch is stale (after its
-# server died) and is made afresh; meanwhile nobody is judged down by it
-STALE_S = 3.0
+MISSED = 6  # a node whose card did not change during 6 of our heartbeats is down
+STALE_S = 3.0  # our stored heartbeats missing from our mirror this long: watch afresh
 PLACE_S = 0.5  # how often placement is looked at (and a down node's agents claimed)
 BACKOFF_S = (0.2, 0.5, 1, 2, 5)
 CMDS = (
@@ -53,8 +51,8 @@ class Cluster:
         self.joined = False
         self.error = ""
         self._changed: dict[str, tuple[int, float]] = {}  # node -> (card revision, when seen)
-        self._last_put = 0  # the revision of our latest heartbeat
-        self.live_since = time.monotonic()  # the mirror last showed our own heartbeat
+        self._own, self._beats = None, 0  # our card's revision in the mirror; how often it changed
+        self._own_seen = time.monotonic()  # when the mirror last showed a new heartbeat of ours
 
     # --- what this node knows of the cluster (mirrors of the buckets) -------------
 
@@ -67,10 +65,8 @@ class Cluster:
     def alive(self, node: str) -> bool:
         if node == self.me:
             return self.joined
-        if not self.judging():
-            return node in self._changed  # no evidence either way: as it was known
         seen = self._changed.get(node)
-        return seen is not None and time.monotonic() - seen[1] < DEAD_S
+        return seen is not None and self._beats - seen[1] < MISSED
 
     def placed(self, name: str) -> dict | None:
         entry = self.placements().get(name)
@@ -176,6 +172,7 @@ class Cluster:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._beat)
+                nursery.start_soon(self._keep_watching)
                 await trio.sleep(HEARTBEAT_S)  # our card is in before we judge others'
                 self.joined = True
                 nursery.start_soon(self._place, nursery)
@@ -193,32 +190,37 @@ class Cluster:
                         load=round(os.getloadavg()[0], 2), running=k.tally["running"],
                         queued=k.tally["queued"], heartbeat=time.time())
             try:
-                put = await self.engine.put_card(json.dumps(card).encode())
+                await self.engine.put_card(json.dumps(card).encode())
                 self.error = ""
             except EngineError as e:
                 self.error = f"heartbeat not stored: {e}"
-            now = time.monotonic()
-            mirror = self.engine.mirrors["fs9-nodes"]
-            if mirror.get(self.me, (0,))[0] >= self._last_put:
-                self.live_since = now  # the mirror shows our previous heartbeat: it is live
-            elif now - self.live_since > STALE_S:
-                try:
-                    await self.engine.rewatch()
-                except EngineError as e:
-                    self.error = f"cannot watch the cluster: {e}"
-                # what the stale mirror said of others is no evidence: judge them afresh
-                self._changed = {n: (None, now) for n in self._changed}
-                self.live_since = now
-            self._last_put = put or self._last_put
-            for node, (rev, _) in mirror.items():
-                if self._changed.get(node, (None,))[0] != rev:
-                    self._changed[node] = (rev, now)
+            self._judge()
             await trio.sleep(HEARTBEAT_S)
 
-    def judging(self) -> bool:
-        """This node's mirror is live (it saw our latest heartbeat but one lately): only
-        then is a node whose card has not changed judged down, and its agents moved."""
-        return time.monotonic() - self.live_since <= STALE_S
+    def _judge(self) -> None:
+        """Count our own heartbeats as the mirror shows them, and note at which count
+        each other node's card last changed. A node is down once it missed MISSED of
+        ours: while nobody can write (JetStream electing a leader) or our watch is stale,
+        our count stands still too, and nobody is judged down."""
+        now, mirror = time.monotonic(), self.engine.mirrors["fs9-nodes"]
+        own = mirror.get(self.me, (None,))[0]
+        if own is not None and own != self._own:
+            self._own, self._beats, self._own_seen = own, self._beats + 1, now
+        for node, (rev, _) in mirror.items():
+            if self._changed.get(node, (None,))[0] != rev:
+                self._changed[node] = (rev, self._beats)
+
+    async def _keep_watching(self) -> None:
+        """A watch that stopped seeing changes (our own heartbeats missing from the mirror
+        while they are stored) after its server died is made afresh."""
+        while True:
+            await trio.sleep(HEARTBEAT_S)
+            if not self.error and time.monotonic() - self._own_seen > STALE_S:
+                try:
+                    await self.engine.rewatch()
+                    self._own_seen = time.monotonic()
+                except EngineError as e:
+                    self.error = f"cannot watch the cluster: {e}"
 
     async def _place(self, nursery) -> None:
         """Run what is placed here, stop what moved away, claim a down node's agents."""

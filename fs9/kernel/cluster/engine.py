@@ -127,20 +127,26 @@ class Engine:
 
     async def _mirror(self, bucket: str, watcher) -> None:
         """Keep mirrors[bucket] as the bucket is: each change swaps in a new dict, so
-        trio reads a consistent one without a lock."""
+        trio reads a consistent one without a lock. A fresh watch's initial values are
+        gathered apart and swapped in whole (a half-read bucket would look like agents
+        killed)."""
+        fresh: dict | None = {}
         while True:
             try:
                 entry = await watcher.updates(timeout=3600)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
-            if entry is None:
-                continue  # the end of the initial values
-            now = dict(self.mirrors[bucket])
+            if entry is None:  # the end of the initial values
+                if fresh is not None:
+                    self.mirrors[bucket], fresh = fresh, None
+                continue
+            now = fresh if fresh is not None else dict(self.mirrors[bucket])
             if entry.operation in ("DEL", "PURGE"):
                 now.pop(entry.key, None)
             else:
                 now[entry.key] = (entry.revision, entry.value)
-            self.mirrors[bucket] = now
+            if fresh is None:
+                self.mirrors[bucket] = now
 
     async def _error(self, e) -> None:
         self.error = f"{type(e).__name__}: {e}".rstrip(": ")
