@@ -43,7 +43,7 @@ def cluster(tmp_path):
         for i in (1, 2, 3):
             m = Mount(tmp_path / f"node{i}")
             m.vault = tmp_path / "vault"  # one vault for all (docs/cluster.md, "The vault")
-            m.define("slow", 'driver = "exec"\ncmd = ["sh", "-c", "sleep 0.2; cat"]\n'
+            m.define("slow", 'driver = "exec"\ncmd = ["sh", "-c", "sleep 0.05; cat"]\n'
                              'restart = "permanent"\n')
             nodes.append(m.mount("--cluster", nats.urls, "--node", f"n{i}"))
         for m in nodes:
@@ -157,6 +157,7 @@ def stream_leader(urls: str) -> str:
     return asyncio.run(ask())
 
 
+@pytest.mark.timeout(240)
 def test_writes_resume_after_the_nats_leader_is_killed(cluster):
     """kill -9 of the nats-server leading FS9WORK while tasks flow: writes fail for a
     while (said with an errno), then resume; every acknowledged task has its result."""
@@ -208,7 +209,7 @@ def test_writes_resume_after_the_nats_leader_is_killed(cluster):
     assert all("e" not in m.read("status").split() for m in (n2, n3))
 
     def done():
-        got = results(nats.urls, "e")
+        got = results(live(nats), "e")
         seen = {int(r["out"].strip().split("-")[1]) for r in got if r["state"] == "done"}
         return got if acked <= seen else None
     got = wait_for(done, LONG_S, "every acknowledged task's result")
@@ -216,6 +217,11 @@ def test_writes_resume_after_the_nats_leader_is_killed(cluster):
     assert not set(ids) - acked - unacked
     print(f"acknowledged {len(acked)}, refused {len(unacked)}, lost 0, "
           f"duplicated {len(ids) - len(set(ids))}, recovered {len(set(ids) & unacked)}")
+
+
+def live(nats) -> str:
+    """The URLs of the servers still running (a killed one only slows the checker down)."""
+    return ",".join(s.url for s in nats.servers if s.proc.poll() is None)
 
 
 def results(urls: str, agent: str) -> list[dict]:
@@ -242,6 +248,7 @@ def results(urls: str, agent: str) -> list[dict]:
         return []
 
 
+@pytest.mark.timeout(240)  # (a busy 2-core machine: about 60 s when quiet)
 def test_a_node_lost_under_load_loses_no_acknowledged_task(cluster):
     """kill -9 of node n2 (its fs9 and its nats-server), its state deleted, while tasks
     flow to its agent through n1: the agent runs again on a survivor, and every task
@@ -261,6 +268,7 @@ def test_a_node_lost_under_load_loses_no_acknowledged_task(cluster):
             except OSError:
                 unacked.add(i)
             i += 1
+            time.sleep(0.1)  # about as fast as the agent takes them: a queue, not a flood
     mailed = set()
     for i in range(10):  # mail the agent never reads: it must be in its mailbox after
         n1.write("agents/slow/mail/new", f"type: event\n\nletter-{i}\n")
@@ -286,7 +294,7 @@ def test_a_node_lost_under_load_loses_no_acknowledged_task(cluster):
     assert back - killed <= 20 + 10  # the issue's 20 s, with room for a busy machine
 
     def done():
-        got = results(nats.urls, "slow")
+        got = results(live(nats), "slow")
         seen = {int(r["out"].strip().split("-")[1]) for r in got if r["state"] == "done"}
         return got if acked <= seen else None
     got = wait_for(done, LONG_S, "every acknowledged task's result")
