@@ -5,7 +5,7 @@ import subprocess
 
 
 def test_root_and_agent_layout(mount):
-    assert sorted(os.listdir(mount.path)) == ["agents", "approvals", "ctl", "err", "events", "federation", "log", "mail", "metrics", "models", "registry", "search", "status", "topics", "tree", "vault"]
+    assert sorted(os.listdir(mount.path)) == ["agents", "approvals", "ctl", "err", "events", "federation", "log", "mail", "metrics", "models", "nodes", "registry", "search", "status", "topics", "tree", "vault"]
     assert os.listdir(mount.path / "agents") == []
     mount.sh("echo 'spawn echo' > ctl", check=True)
     assert os.listdir(mount.path / "agents") == ["echo"]
@@ -19,6 +19,8 @@ def test_root_and_agent_layout(mount):
     assert sorted(os.listdir(mount.path / "federation")) == [
         "card", "ctl", "dead", "outbox", "peers", "status"]
     assert "connection=off" in mount.read("federation/status")
+    # nodes/ is there, empty outside a cluster (tests/test_cluster.py)
+    assert os.listdir(mount.path / "nodes") == []
 
 
 def test_run_then_cat_out_prints_the_result(mount):

@@ -14,6 +14,7 @@ caller's pid captured at open). No pyfuse3 here: errors are Fs9Error, the ops la
 translates.
 """
 import errno
+import inspect
 import os
 import stat
 import time
@@ -176,7 +177,9 @@ class CtlHandle(SnapshotHandle):
     async def write(self, off: int, data: bytes) -> int:
         if not self.node.whole:
             if self.node.render is None or not echoes_state(data, self.node.render()):
-                self.node.apply(data)  # (its own state saved back by an editor: nothing)
+                done = self.node.apply(data)  # (its own state saved back by an editor: nothing)
+                if inspect.isawaitable(done):  # a request to another node (face/remote.py)
+                    await done
             return len(data)
         if self.refused is not None:
             raise self.refused
@@ -207,14 +210,16 @@ class CtlHandle(SnapshotHandle):
                 raise
         return len(data)
 
-    def flush(self) -> None:
-        """close(2): a `whole` file applies what this open wrote (once per write burst)."""
+    def flush(self):
+        """close(2): a `whole` file applies what this open wrote (once per write burst);
+        an apply that waits (a task stored in the cluster) is returned, to be awaited."""
         if self.refused is not None:
             raise self.refused
         if self.pending is not None:
             data, self.pending, self.undecided = bytes(self.pending), None, True
             self._unheld(len(data))
-            self.node.apply(data)
+            done = self.node.apply(data)
+            return done if inspect.isawaitable(done) else None
 
     def close(self, path) -> None:
         if self.pending:  # never flushed (its process died): it holds nothing any more

@@ -32,6 +32,7 @@ from .cursors import (AuditCursor, Chain, EventCursor, NextCursor, ReplyCursor, 
 from . import times
 from .kinds import Clone, Ctl, Dir, Status, StreamNode
 from .node import Node, shown
+from . import remote
 from .vault import VaultNode
 from typing import TYPE_CHECKING
 
@@ -91,6 +92,11 @@ def _federated(k, to: str, sender: str, said: dict):
 def _operator_only(me, what: str) -> None:
     if me is not None:
         raise Fs9Error(errno.EACCES, f"{what} is the operator's")
+
+
+def _cluster(k) -> None:
+    if k.cluster is None:
+        raise Fs9Error(errno.ENOENT, "not in a cluster (fs9 mount --cluster URLS)")
 
 
 def _topic(k, topic, me=None):
@@ -254,6 +260,14 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "federation/peers/{peer}/card": lambda k, peer: Status(lambda: peer.card or b""),
     "federation/peers/{peer}/status": lambda k, peer: Status(
         lambda: k.federation.peer_status(peer)),
+    # the cluster (kernel/cluster/): the nodes of this fs9, the operator's (ENOENT until
+    # mounted with --cluster); remote agents are served by face/remote.py
+    "nodes": None,
+    "nodes/ctl": lambda k, me=None: _operator_only(me, "nodes/ctl") or _cluster(k) or Ctl(
+        lambda d: remote._guarded(k, k.cluster.ctl(d), dict(file="nodes/ctl")),
+        k.cluster.state_line),
+    "nodes/{node}": lambda k, node, me=None: _operator_only(me, "nodes/") or Status(
+        lambda: k.cluster.node_text(node)),
     "vault/...": _vault,  # the vault directory on disk, served as it is
     "registry": None,
     "registry/by-capability": None,  # (before {provider}: these names, cards too, are reserved)
@@ -293,7 +307,13 @@ ROWS: dict[str, Callable[..., Node | None]] = {
 
 # variable -> (names under the bound parents, bind a name to an object or None)
 VARS = {
-    "agent": (lambda k: sorted(k.agents), lambda k, name: k.agents.get(name)),
+    # (in a cluster, agents/ lists the agents of every node: face/remote.py serves the
+    # others' to the operator; to an agent, as its view shows them, they are not there)
+    "agent": (lambda k: sorted(k.agents) if k.cluster is None else k.cluster.agent_names(),
+              lambda k, name: k.agents.get(name)),
+    "node": (lambda k, me=None: sorted(k.cluster.cards()) if k.cluster and me is None else [],
+             lambda k, name, me=None: name if k.cluster and me is None
+             and name in k.cluster.cards() else None),
     "task": (lambda k, agent: [str(t.id) for t in agent.tasks],
              lambda k, name, agent: _task_of(k, agent, name)),
     "msg": (lambda k, agent: list(agent.mailbox.order),
@@ -425,6 +445,9 @@ class Tree:
             if path[:len(row.parts)] == row.parts:
                 return row.factory(self.kernel, at, path[len(row.parts):], view)
         me = view and view.agent
+        served = remote.resolve(self.kernel, path) if view is None else None
+        if served is not None:
+            return served
         for row in _BY_DEPTH.get(len(path), ()):
             bound = self._bind(row.parts, path, me)
             if bound is None:
