@@ -16,6 +16,8 @@ ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need="$need libseccomp2
 # tests/test_beneath.py traces fs9's own syscalls; tests/test_top.py drives fs9 top in a terminal
 [ "$1" = "--test" ] && { command -v strace >/dev/null 2>&1 || need="$need strace"; }
 [ "$1" = "--test" ] && { command -v tmux >/dev/null 2>&1 || need="$need tmux"; }
+# bench/bus.py measures mail beside a local redis-server (bench/peers.py)
+[ "$1" = "--bench" ] && { command -v redis-server >/dev/null 2>&1 || need="$need redis-server"; }
 python3 -c 'import ensurepip, venv' 2>/dev/null || need="$need python3-venv"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
