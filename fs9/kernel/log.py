@@ -78,6 +78,9 @@ CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
 """
 
 
+INSERT_EVENT = ("INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
+                " VALUES (?,?,?,?,?,?,?,?)")
+INSERT_KEPT = "INSERT INTO kept (seq, stream, data) VALUES (?,?,?)"
 _json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: dumps() builds one a call
 
 
@@ -188,6 +191,34 @@ class EventLog:
         if self.sync.fault is not None:  # a failed fsync: nothing can be vouched for
             raise self.sync.fault
         event = self._insert(kind, agent, task, corr, blob, data, keep)
+        self._recovered()
+        return event
+
+    def append_many(self, items: list[tuple[str, dict]]) -> list[Event]:
+        """Append several events in one transaction, one commit: all are logged, or none
+        (Fs9Error: ENOSPC, EIO). Each item is (kind, the keywords append takes). The
+        batch paths of mail (bus/batch.py) use it: a commit per batch, not per message."""
+        if self.sync.fault is not None:
+            raise self.sync.fault
+        now, rows = time.time(), []
+        for n, (kind, fields) in enumerate(items):
+            data = dict(fields)
+            head = [data.pop(k, None) for k in ("agent", "task", "corr", "blob", "keep")]
+            rows.append((self.next_seq + n, kind, *head, data))
+        self._write("BEGIN", ())  # (one statement refused: _write rolls it all back)
+        self._write(INSERT_EVENT, [(seq, now, kind, agent, task, corr, _json(data),
+                                    None if keep else blob)
+                                   for seq, kind, agent, task, corr, blob, keep, data in rows],
+                    many=True)
+        self._write(INSERT_KEPT, [(seq, keep, blob or b"") for seq, _, _, _, _, blob, keep, _
+                                  in rows if keep is not None], many=True)
+        self._write("COMMIT", ())
+        events = [self._logged(Event(seq, now, kind, agent, task, corr, data))
+                  for seq, kind, agent, task, corr, _, _, data in rows]
+        self._recovered()
+        return events
+
+    def _recovered(self) -> None:
         if self.trouble is not None:  # the writes refused before this one, on the record
             # (after it: callers count on this event taking next_seq)
             t, self.trouble = self.trouble, None
@@ -198,24 +229,28 @@ class EventLog:
                     since=round(t.since, 6), refused=t.refused))
             except Fs9Error:
                 pass  # full again: the new trouble is kept instead
-        return event
 
     def _insert(self, kind, agent, task, corr, blob, data, keep=None) -> Event:
         """Commit one event; Fs9Error (ENOSPC, EIO) with nothing logged if SQLite cannot."""
         ts = time.time()
         seq = self.next_seq
-        row = (seq, ts, kind, agent, task, corr, _json(data), None if keep else blob)
-        insert = ("INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
-                  " VALUES (?,?,?,?,?,?,?,?)")
         if keep is None:
-            self._write(insert, row)
+            self._store(seq, ts, kind, agent, task, corr, blob, data)
         else:  # one transaction: the event never exists without its body
             self._write("BEGIN", ())
-            self._write(insert, row)
-            self._write("INSERT INTO kept (seq, stream, data) VALUES (?,?,?)",
-                        (seq, keep, blob or b""))
+            self._store(seq, ts, kind, agent, task, corr, blob, data, keep)
             self._write("COMMIT", ())
-        event = Event(seq, ts, kind, agent, task, corr, data)
+        return self._logged(Event(seq, ts, kind, agent, task, corr, data))
+
+    def _store(self, seq, ts, kind, agent, task, corr, blob, data, keep=None) -> None:
+        """The rows of one event (committed by the caller's transaction, if any)."""
+        self._write(INSERT_EVENT,
+                    (seq, ts, kind, agent, task, corr, _json(data), None if keep else blob))
+        if keep is not None:
+            self._write(INSERT_KEPT, (seq, keep, blob or b""))
+
+    def _logged(self, event: Event) -> Event:
+        """A committed event: the last, and in `recent` for stream readers."""
         self.last_seq = event.seq
         self.recent.append(event)
         self.changes.bump()
@@ -238,12 +273,15 @@ class EventLog:
         self._write("INSERT INTO chunks (task, attempt, fd, data) VALUES (?,?,?,?)",
                     (task, attempt, fd, data))
 
-    def _write(self, sql: str, row: tuple) -> None:
-        """One autocommitted statement. A full disk or an I/O error rolls it back: the
+    def _write(self, sql: str, row, many: bool = False) -> None:
+        """One autocommitted statement (many: once per row of `row`). A full disk or an I/O error rolls it back: the
         writer hears ENOSPC or EIO, and the trouble is kept (until a write works again)
         for the root `err` and a `log_recovered` event."""
         try:
-            self.db.execute(sql, row)
+            if many:
+                self.db.executemany(sql, row)
+            else:
+                self.db.execute(sql, row)
         except sqlite3.Error as e:
             if self.db.in_transaction:
                 try:

@@ -103,9 +103,9 @@ class Bus:
             self.kernel.log.append("mail_duplicate", agent=agent.name, sender=sender,
                                    key=key, id=self.sent_keys[(sender, key)])
             return None
-        msg.headers["id"] = os.urandom(8).hex()
+        msg.headers["id"] = self.new_id()
         corr = msg.headers.setdefault("correlation-id", msg.id)
-        if level != floor and not message.clearance_allows(level, floor):
+        if self.declassifies(level, floor):
             self.kernel.log.append("declassified", agent=sender, corr=corr, id=msg.id,
                                    to=agent.name, **{"from": floor, "to_label": level})
         h = msg.headers
@@ -123,6 +123,15 @@ class Bus:
                                reply_to=h.get("reply-to", sender))
             self.ack(agent, stored.name)
         return stored
+
+    @staticmethod
+    def new_id() -> str:
+        return os.urandom(8).hex()
+
+    @staticmethod
+    def declassifies(level: str, floor: str) -> bool:
+        """A message labelled `level` by an author whose floor is `floor` is lower."""
+        return level != floor and not message.clearance_allows(level, floor)
 
     def check(self, agent, data: bytes, sender: str) -> tuple[Message, str]:
         """What `send` checks that changes nothing: the message itself (message.parse),
