@@ -70,6 +70,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "bus.json"
 
 MAIL_N, MAIL_REPEATS = 1000, 5  # messages in one throughput run; runs per kind
+BATCH_N, BATCH_K = 20_000, 100  # messages in one batch run; sent in one call
 LAT_ROUNDS, LAT_PER_ROUND, LAT_WARM = 5, 100, 10
 FAN_SUBS, FAN_S, FAN_REPEATS = (1, 10, 100), 2.0, 3
 LOG_SMALL, LOG_BIG, LOG_REPEATS = 1_000, 1_000_000, 4
@@ -152,6 +153,97 @@ def mail_rate(box, n: int) -> dict:
         raise RuntimeError(f"{box.name}: {bad} of {n} messages out of order")
     return {"per_s": n / ((t_end - t0) / 1e9), "send_per_s": n / ((ts - t0) / 1e9),
             "mean_backlog": backlog / n}
+
+
+class Fs9Batch:
+    """fs9's batch path (kernel/bus/batch.py): BATCH_K messages, one line each, in one
+    write of mail/batch (returning once all are committed); the receiver reads
+    mail/batch (every pending message, a line each) and acknowledges what it read in
+    one write of mail/ack."""
+    name = "fs9 batch"
+
+    def __init__(self, fs: Fs9Mount, agent: str = "bulk") -> None:
+        fs.ctl("ctl", f"spawn {agent} cmd=cat\n")
+        self.dir = fs.path / "agents" / agent / "mail"
+
+    def send_batch(self, first: int, k: int) -> None:
+        fd = os.open(self.dir / "batch", os.O_WRONLY)
+        try:
+            os.write(fd, b"".join(body(i) for i in range(first, first + k)))
+        finally:
+            os.close(fd)
+
+    def receiver(self, n: int) -> Child:
+        batch, ack = self.dir / "batch", self.dir / "ack"
+
+        def loop(ready_w, result_w):
+            got = bad = 0
+            os.write(ready_w, b"r")
+            while got < n:
+                fd = os.open(batch, os.O_RDONLY)
+                try:
+                    data = b""
+                    while chunk := os.read(fd, 1 << 20):  # blocks until mail is pending
+                        data += chunk
+                finally:
+                    os.close(fd)
+                ids = []
+                for line in data.splitlines():
+                    msg_id, _, text = line.split(b"\t", 2)
+                    bad += not ends(text + b"\n", got)
+                    ids.append(msg_id)
+                    got += 1
+                fd = os.open(ack, os.O_WRONLY)
+                try:
+                    os.write(fd, b" ".join(ids))
+                finally:
+                    os.close(fd)
+            os.write(result_w, struct.pack("qqq", time.perf_counter_ns(), 0, bad))
+        return Child(loop)
+
+
+class RedisBatch:
+    """Redis Streams the batch way: a pipeline of BATCH_K XADDs; XREADGROUP of all that
+    is pending, one XACK of it all."""
+    name = "Redis Streams batched"
+
+    def __init__(self, redis: RedisPeer) -> None:
+        self.redis = redis
+
+    def send_batch(self, first: int, k: int) -> None:
+        self.redis.send_batch(first, k)
+
+    def receiver(self, n: int) -> Child:
+        return self.redis.batch_receiver(n)
+
+
+def batch_rate(box, n: int) -> dict:
+    """Messages/s of n messages sent BATCH_K a call while the receiver takes them in
+    batches and acknowledges each batch at once."""
+    child = box.receiver(n)
+    try:
+        child.announced()
+        time.sleep(SETTLE_S)
+        t0 = time.perf_counter_ns()
+        for first in range(0, n, BATCH_K):
+            box.send_batch(first, min(BATCH_K, n - first))
+        t_end, _, bad = child.report("qqq")
+    finally:
+        child.close()
+    if bad:
+        raise RuntimeError(f"{box.name}: {bad} of {n} messages out of order")
+    return {"per_s": n / ((t_end - t0) / 1e9)}
+
+
+def figure_batch_rate(boxes: list) -> dict:
+    runs = {b.name: [] for b in boxes}
+    for box in boxes:  # warm up
+        batch_rate(box, BATCH_K)
+    for r in range(MAIL_REPEATS):
+        for box in boxes[r % len(boxes):] + boxes[:r % len(boxes)]:
+            runs[box.name].append(batch_rate(box, BATCH_N))
+    return {name: {"per_s": statistics.median(x["per_s"] for x in rs), "runs": rs}
+            for name, rs in runs.items()}
 
 
 def figure_mail_rate(boxes: list, autogen: bool) -> dict:
@@ -533,6 +625,14 @@ def mail_rows(rate: dict, lat: dict) -> list[dict]:
                         "<= 1.0x" if nats else "info",
                         f["p50_ms"] <= b["p50_ms"] if nats else None))
         rows.append(row(f"   delivery p99 (vs {name})", f["p99_ms"], b["p99_ms"], "ms"))
+    fb = rate["batch"]["fs9 batch"]["per_s"]
+    for name in ("Redis Streams", "Redis Streams batched", "NATS JetStream"):
+        peer = rate["batch"].get(name) or rate.get(name)
+        if peer is not None:
+            redis = name == "Redis Streams"
+            rows.append(row(f"   mail msg/s, fs9 batches of {BATCH_K} (vs {name})", fb,
+                            peer["per_s"], "/s", ">= 1.0x" if redis else "info",
+                            fb >= peer["per_s"] if redis else None, fmt="{:.0f}"))
     for name in ("NATS JetStream", "Redis Streams", "Maildir+inotify"):
         if name in lat:
             rows.append(row(f"   send acknowledged p50 (vs {name})", f["send_p50_ms"],
@@ -619,11 +719,11 @@ def main() -> int:
     signal.signal(signal.SIGALRM, on_alarm)
 
     global MAIL_N, MAIL_REPEATS, LAT_ROUNDS, FAN_S, FAN_REPEATS, LOG_BIG, LOG_REPEATS
-    global FILL_BUDGET_S
+    global FILL_BUDGET_S, BATCH_N
     quick = "--quick" in sys.argv[1:]
     if quick:  # a smoke run; figures are rough
         MAIL_N, MAIL_REPEATS, LAT_ROUNDS, FAN_S, FAN_REPEATS = 500, 1, 1, 0.5, 1
-        LOG_BIG, LOG_REPEATS, FILL_BUDGET_S = 100_000, 1, 15
+        LOG_BIG, LOG_REPEATS, FILL_BUDGET_S, BATCH_N = 100_000, 1, 15, 5000
     mail_only = "--mail" in sys.argv[1:]
     missing = {"autogen-core": autogen_missing()}
     missing.update({p.name: p.missing() for p in (NatsPeer, RedisPeer)})
@@ -659,6 +759,11 @@ def main() -> int:
         print(f"1/3 mail throughput ... ({time.monotonic() - started:.0f} s)", file=sys.stderr,
               flush=True)
         rate = figure_mail_rate(boxes, ag)
+        signal.alarm(WATCHDOG_S)
+        print(f"1/3 mail in batches ... ({time.monotonic() - started:.0f} s)",
+              file=sys.stderr, flush=True)
+        redis = [RedisBatch(p) for p in peers if isinstance(p, RedisPeer)]
+        rate["batch"] = figure_batch_rate([Fs9Batch(fs), *redis])
         if not mail_only:
             signal.alarm(WATCHDOG_S)
             print(f"2/3 topic fan-out ... ({time.monotonic() - started:.0f} s)",

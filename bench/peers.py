@@ -446,6 +446,13 @@ class RedisPeer:
     def send(self, i: int) -> None:
         self.db.xadd(self.STREAM, {"m": message(i)})  # returns once the AOF has it
 
+    def send_batch(self, first: int, k: int) -> None:
+        """k messages in one round trip (a pipeline of XADDs, not a transaction)."""
+        pipe = self.db.pipeline(transaction=False)
+        for i in range(first, first + k):
+            pipe.xadd(self.STREAM, {"m": message(i)})
+        pipe.execute()
+
     def receiver(self, n: int, each: bool) -> "Child":
         port, stream, group = self.port, self.STREAM, self.GROUP
 
@@ -466,6 +473,26 @@ class RedisPeer:
                 if each:
                     os.write(result_w, struct.pack("q", t1))
                 bad += not ends(fields[b"m"], i)
+            os.write(result_w, struct.pack("qqq", time.perf_counter_ns(), 0, bad))
+        return Child(loop)
+
+    def batch_receiver(self, n: int) -> "Child":
+        """Takes what is pending (XREADGROUP COUNT 1000) and acknowledges it in one XACK."""
+        port, stream, group = self.port, self.STREAM, self.GROUP
+
+        def loop(ready_w, result_w):
+            import redis
+            db = redis.Redis(host="127.0.0.1", port=port)
+            db.ping()
+            got = bad = 0
+            os.write(ready_w, b"r")
+            while got < n:
+                entries = db.xreadgroup(group, "reader", {stream: ">"}, count=1000,
+                                        block=0)[0][1]
+                for _, fields in entries:
+                    bad += not ends(fields[b"m"], got)
+                    got += 1
+                db.xack(stream, group, *(entry_id for entry_id, _ in entries))
             os.write(result_w, struct.pack("qqq", time.perf_counter_ns(), 0, bad))
         return Child(loop)
 
