@@ -9,6 +9,9 @@ import threading
 
 import pytest
 
+from conftest import Mount
+from test_faults import fill, small_disks  # noqa: F401  (a fixture)
+
 
 def pending(mount, agent: str) -> list[str]:
     return [n for n in os.listdir(mount.path / f"agents/{agent}/mail")
@@ -151,3 +154,31 @@ def test_kill_9_in_the_middle_of_a_stream_of_batches(mount):
     missing = sent - set(acked) - set(bodies) - in_doubt
     assert not missing, f"acknowledged sends lost: {sorted(missing)[:5]}"
     assert bodies == sorted(bodies, key=lambda b: int(b[1:]))  # still in arrival order
+
+
+def test_a_batch_the_full_state_disk_refuses_leaves_none_of_its_messages(small_disks, tmp_path):
+    statefs, vaultfs = small_disks
+    m = Mount(tmp_path)
+    m.state, m.vault = statefs / "state", vaultfs / "vault"
+    m.mount()
+    try:
+        m.sh("echo 'spawn echo' > ctl", check=True)
+        filler = fill(statefs)
+        lines = "".join(f"b{i:05d} {'x' * 180}\n" for i in range(300))  # ~60 KiB a write
+        sent, refused = 0, None
+        for _ in range(200):  # until the log must grow (the WAL may have room left)
+            try:
+                m.write("agents/echo/mail/batch", lines)
+                sent += 300
+            except OSError as e:
+                refused = e.errno
+                break
+        assert refused == errno.ENOSPC, f"no ENOSPC after {sent} messages"
+        assert len(pending(m, "echo")) == sent  # none of the refused write's messages
+        filler.unlink()
+        m.write("agents/echo/mail/batch", "after\n")
+        m.kill9()
+        m.mount()
+        assert len(pending(m, "echo")) == sent + 1  # and so after a replay
+    finally:
+        m.umount()
