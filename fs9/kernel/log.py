@@ -135,6 +135,7 @@ def set_aside(db: sqlite3.Connection, dismissed: bool = False) -> list[SetAside]
 
 class EventLog:
     RECENT = 4096  # events kept in memory for stream readers; older ones come from disk
+    DEFER_S = 0.01  # the longest a deferred record waits for a commit to ride with
     WAL_KEEP = 4 << 20  # bytes the WAL is cut back to when it starts over
 
     def __init__(self, state_dir: str, mount: str = "", durability: str = "process") -> None:
@@ -165,8 +166,11 @@ class EventLog:
         self.recent: collections.deque[Event] = collections.deque(maxlen=self.RECENT)
         self.changes = Changes()
         self.trouble: Trouble | None = None  # why writes are refused now (a full disk...)
+        self.deferred: list[tuple[str, dict]] = []  # records riding with the next commit
+        self._deferring = trio.Event()  # set while some wait (keep_deferred)
 
     def close(self) -> None:
+        self.flush_deferred()
         self.db.close()
         self.sync.close()
         fault = self.sync.fault
@@ -190,9 +194,39 @@ class EventLog:
         """
         if self.sync.fault is not None:  # a failed fsync: nothing can be vouched for
             raise self.sync.fault
+        if self.deferred:  # they ride with this commit
+            return self.append_many([(kind, dict(agent=agent, task=task, corr=corr,
+                                                 blob=blob, keep=keep, **data))])[-1]
         event = self._insert(kind, agent, task, corr, blob, data, keep)
         self._recovered()
         return event
+
+    def defer(self, kind: str, **fields) -> None:
+        """A record of something that promised nothing durable (a delivery of mail: a
+        read, many a second) logged with the next commit, DEFER_S later at most: a
+        receive and its acknowledgement are one commit. A crash in between loses the
+        record, never what it records (the message is still pending)."""
+        self.deferred.append((kind, fields))
+        self._deferring.set()
+
+    def flush_deferred(self) -> None:
+        """Commit the deferred records now (the log's readers are about to look). One the
+        log refuses (a full disk) is left out, said in the server's log."""
+        if self.deferred:
+            try:
+                self.append_many([])
+            except Fs9Error as e:
+                log.warning("%d records of deliveries not logged: %s", len(self.deferred),
+                            e.text)
+                self.deferred = []
+
+    async def keep_deferred(self) -> None:
+        """Commit deferred records DEFER_S after the first waits, if nothing did before."""
+        while True:
+            await self._deferring.wait()
+            await trio.sleep(self.DEFER_S)
+            self._deferring = trio.Event()
+            self.flush_deferred()
 
     def append_many(self, items: list[tuple[str, dict]]) -> list[Event]:
         """Append several events in one transaction, one commit: all are logged, or none
@@ -200,6 +234,16 @@ class EventLog:
         batch paths of mail (bus/batch.py) use it: a commit per batch, not per message."""
         if self.sync.fault is not None:
             raise self.sync.fault
+        deferred, self.deferred = self.deferred, []
+        try:
+            events = self._append_many(deferred + items)
+        except Fs9Error:
+            self.deferred = deferred + self.deferred  # for the next commit to carry
+            raise
+        self._recovered()
+        return events[len(deferred):]
+
+    def _append_many(self, items: list[tuple[str, dict]]) -> list[Event]:
         now, rows = time.time(), []
         for n, (kind, fields) in enumerate(items):
             data = dict(fields)
@@ -213,10 +257,8 @@ class EventLog:
         self._write(INSERT_KEPT, [(seq, keep, blob or b"") for seq, _, _, _, _, blob, keep, _
                                   in rows if keep is not None], many=True)
         self._write("COMMIT", ())
-        events = [self._logged(Event(seq, now, kind, agent, task, corr, data))
-                  for seq, kind, agent, task, corr, _, _, data in rows]
-        self._recovered()
-        return events
+        return [self._logged(Event(seq, now, kind, agent, task, corr, data))
+                for seq, kind, agent, task, corr, _, _, data in rows]
 
     def _recovered(self) -> None:
         if self.trouble is not None:  # the writes refused before this one, on the record
@@ -359,16 +401,19 @@ class EventLog:
 
     def trace(self, corr: str) -> list[Event]:
         """Every event carrying correlation id `corr`, in order."""
+        self.flush_deferred()
         rows = self.db.execute("SELECT seq, ts, kind, agent, task, corr, data FROM events"
                                " WHERE corr = ? ORDER BY seq", (corr,))
         return [_readable(*row) for row in rows]
 
     def has_corr(self, corr: str) -> bool:
+        self.flush_deferred()
         return self.db.execute("SELECT 1 FROM events WHERE corr = ? LIMIT 1",
                                (corr,)).fetchone() is not None
 
     def correlations(self, limit: int = 1000) -> list[str]:
         """The most recent correlation ids, newest first."""
+        self.flush_deferred()
         rows = self.db.execute("SELECT corr FROM events WHERE corr IS NOT NULL"
                                " GROUP BY corr ORDER BY max(seq) DESC LIMIT ?", (limit,))
         return [r[0] for r in rows]

@@ -261,8 +261,10 @@ class Bus:
                            id=msg.id, name=msg.name)
 
     def delivered(self, agent, msg: Message) -> None:
-        self.kernel.log.append("mail_delivered", agent=agent.name,
-                               corr=msg.headers["correlation-id"], id=msg.id, name=msg.name)
+        """A read of msg, on the record with the next commit (its acknowledgement's, as a
+        rule: EventLog.defer)."""
+        self.kernel.log.defer("mail_delivered", agent=agent.name,
+                              corr=msg.headers["correlation-id"], id=msg.id, name=msg.name)
 
     async def keep_deadlines(self) -> None:
         """Move expired messages to dead letters, each with an event, as deadlines pass."""
