@@ -22,6 +22,10 @@ mount point beside the state directory, never inside it) and measures:
    - delivery latency: one message at a time to a receiver blocked waiting for it,
      from just before the send until that wait returns (CLOCK_MONOTONIC in both
      processes, nothing subtracted).
+   - in batches: BATCH_N messages sent BATCH_K lines a write of mail/batch; the
+     receiver reads mail/batch (all that is pending) and acknowledges what it read in
+     one write of mail/ack; beside Redis Streams one by one and pipelined (BATCH_K
+     XADDs a round trip, XREADGROUP of all pending, one XACK).
    Every fs9 figure is printed as a ratio to each peer, and what an acknowledged
    message survives in each is printed under the table (peers.GUARANTEES).
 2. topic fan-out: one publisher writes events (one write, one event) to
