@@ -82,6 +82,7 @@ fuzz: deps
 	    --hypothesis-seed=$$seed
 
 bench: deps
+	@./scripts/system-deps.sh --bench
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/foundation.py
 	$(BIN)/python bench/bus.py

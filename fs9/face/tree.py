@@ -27,10 +27,11 @@ from ..kernel import labels, supervision
 from ..kernel.bus.message import CLASSIFICATIONS
 from ..kernel.names import OPERATOR, split_view
 from ..kernel.stream import Stream
-from .cursors import (AuditCursor, Chain, EventCursor, NextCursor, ReplyCursor, StreamCursor,
-                      TaskCursor, TopicCursor)
+from ..kernel.bus import batch
+from .cursors import (AuditCursor, BatchCursor, Chain, EventCursor, NextCursor, ReplyCursor,
+                      StreamCursor, TaskCursor, TopicCursor)
 from . import times
-from .kinds import Clone, Ctl, Dir, Status, StreamNode
+from .kinds import Batch, Clone, Ctl, Dir, Status, StreamNode
 from .node import Node, shown
 from . import remote
 from .vault import VaultNode
@@ -59,6 +60,23 @@ def _mail_new(k, agent, me=None):
                whole=True, refused=lambda e: k.refused(e, **said),
                early=lambda data: k.guarded(k.bus.precheck, agent, data, me or OPERATOR,
                                             **said), early_until=b"\n\n")
+
+
+def _mail_batch(k, agent, me=None):
+    """Many messages a write, many a read (kernel/bus/batch.py), from whoever asks."""
+    said = dict(agent=me or agent.name, file=f"agents/{agent.name}/mail/batch")
+    return Batch(lambda: BatchCursor(k, agent), lambda head, lines: k.guarded(
+        batch.send, k.bus, agent, head, lines, me or OPERATOR, **said))
+
+
+def _mail_ack(k, agent, me=None):
+    """Acknowledge many messages a write: the mailbox's owner's (or the operator's) to do,
+    as it reads them (EACCES for anyone else, whose open must not create a message
+    named `ack` either)."""
+    if me is not None and me != agent.name:
+        raise Fs9Error(errno.EACCES, f"only {agent.name} acknowledges its mail")
+    return Ctl(lambda data: k.guarded(batch.ack, k.bus, agent, data, agent=agent.name,
+                                      file="mail/ack"))
 
 
 def _outbox(k, agent, to: str, me=None):
@@ -202,6 +220,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/mail": lambda k, agent, me=None: Dir(
         create=lambda name: _mail_new(k, agent, me)),
     "agents/{agent}/mail/new": _mail_new,
+    "agents/{agent}/mail/batch": _mail_batch,  # (unlisted, as ack: see UNLISTED)
+    "agents/{agent}/mail/ack": _mail_ack,
     "agents/{agent}/outbox": lambda k, agent, me=None: Dir(
         create=lambda name: _outbox(k, agent, name, me)),
     "agents/{agent}/mail/next": lambda k, agent: StreamNode(lambda: NextCursor(k, agent)),
@@ -353,6 +373,9 @@ VARS = {
     "conv": (lambda k, model, me=None: k.models.visible(model, me),
              lambda k, name, model, me=None: k.models.conversation(model, name, me)),
 }
+# Served but not listed: a mailbox lists its messages and new, next and dead, and
+# programs count any other name there as a message
+UNLISTED = {"agents/{agent}/mail/batch", "agents/{agent}/mail/ack"}
 _ASKS = {var for var, fns in VARS.items()
          if any("me" in inspect.signature(f).parameters for f in fns)}
 
@@ -485,6 +508,8 @@ class Tree:
             if child.parts[:depth] != row.parts:
                 continue
             last = child.parts[-1]
+            if "/".join(child.parts) in UNLISTED:
+                continue
             if last.startswith("{"):
                 asks = {"me": me} if last[1:-1] in _ASKS else {}
                 names.extend(VARS[last[1:-1]][0](self.kernel, **bound, **asks))

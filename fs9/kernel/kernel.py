@@ -168,6 +168,7 @@ class Kernel(Lifecycles, RootCtl):
             for agent in self.agents.values():
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
+            nursery.start_soon(self.log.keep_deferred)
             nursery.start_soon(self.log.sync.keep_synced, self.log)
             nursery.start_soon(self._service, self.bus.keep_deadlines)
             nursery.start_soon(self._service, self.approvals.serve)

@@ -106,9 +106,9 @@ class Bus:
                                    key=key, id=self.sent_keys[(sender, key)])
             return None
         self._approved(agent, msg, sender, use=True)
-        msg.headers["id"] = os.urandom(8).hex()
+        msg.headers["id"] = self.new_id()
         corr = msg.headers.setdefault("correlation-id", msg.id)
-        if level != floor and not message.clearance_allows(level, floor):
+        if self.declassifies(level, floor):
             self.kernel.log.append("declassified", agent=sender, corr=corr, id=msg.id,
                                    to=agent.name, **{"from": floor, "to_label": level})
         h = msg.headers
@@ -126,6 +126,15 @@ class Bus:
                                reply_to=h.get("reply-to", sender))
             self.ack(agent, stored.name)
         return stored
+
+    @staticmethod
+    def new_id() -> str:
+        return os.urandom(8).hex()
+
+    @staticmethod
+    def declassifies(level: str, floor: str) -> bool:
+        """A message labelled `level` by an author whose floor is `floor` is lower."""
+        return level != floor and not message.clearance_allows(level, floor)
 
     def check(self, agent, data: bytes, sender: str) -> tuple[Message, str]:
         """What `send` checks that changes nothing: the message itself (message.parse),
@@ -270,8 +279,10 @@ class Bus:
                            id=msg.id, name=msg.name)
 
     def delivered(self, agent, msg: Message) -> None:
-        self.kernel.log.append("mail_delivered", agent=agent.name,
-                               corr=msg.headers["correlation-id"], id=msg.id, name=msg.name)
+        """A read of msg, on the record with the next commit (its acknowledgement's, as a
+        rule: EventLog.defer)."""
+        self.kernel.log.defer("mail_delivered", agent=agent.name,
+                              corr=msg.headers["correlation-id"], id=msg.id, name=msg.name)
 
     async def keep_deadlines(self) -> None:
         """Move expired messages to dead letters, each with an event, as deadlines pass."""
