@@ -31,6 +31,7 @@ operator can read what was just decided; older ones are in the log only.
 """
 import collections
 import errno
+import functools
 import heapq
 import json
 import time
@@ -88,16 +89,14 @@ def mail_needs(agent, level: str) -> bool:
 
 def vault_needs(agent, path: tuple[str, ...]) -> bool:
     """A change at the namespace path (vault, ...) needs a yes (approval.vault_write)."""
-    return any(path[:len(p)] == p for p in _prefixes(agent))
+    paths = agent.manifest.get("approval", {}).get("vault_write")
+    return bool(paths) and any(path[:len(p)] == p for p in _split(tuple(paths)))
 
 
-def _prefixes(agent) -> tuple[tuple[str, ...], ...]:
-    cached = getattr(agent, "_vault_approvals", None)  # (the manifest never changes)
-    if cached is None:
-        cached = agent._vault_approvals = tuple(
-            tuple(p.strip("/").split("/")) for p in
-            agent.manifest.get("approval", {}).get("vault_write", ()))
-    return cached
+@functools.lru_cache(maxsize=1024)
+def _split(paths: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """Paths as tuples of names (once per manifest: this is on every vault write)."""
+    return tuple(tuple(p.strip("/").split("/")) for p in paths)
 
 
 def tool_call(data: bytes) -> tuple[str, str]:

@@ -105,7 +105,7 @@ class Bus:
             self.kernel.log.append("mail_duplicate", agent=agent.name, sender=sender,
                                    key=key, id=self.sent_keys[(sender, key)])
             return None
-        self._approved(agent, msg, sender, use=True)
+        self.approved(agent.name, msg, sender, use=True)
         msg.headers["id"] = os.urandom(8).hex()
         corr = msg.headers.setdefault("correlation-id", msg.id)
         if level != floor and not message.clearance_allows(level, floor):
@@ -157,18 +157,19 @@ class Bus:
         if full:
             raise Fs9Error(errno.EDQUOT, f"{agent.name}: {full}")
         if b"\n\n" in data:
-            self._approved(agent, self.check(agent, data, sender)[0], sender, use=False)
+            self.approved(agent.name, self.check(agent, data, sender)[0], sender, use=False)
 
-    def _approved(self, agent, msg: Message, sender: str, use: bool) -> None:
-        """Mail classified above its author's `approval.mail_above` needs the operator's
-        yes (approvals.py): asked at the message's first write already, so a shell's
-        `echo` says so (EAGAIN), used up when it is sent (one yes, one message)."""
+    def approved(self, to: str, msg: Message, sender: str, use: bool) -> None:
+        """Mail to `to` (an agent, or AGENT@OS: federation.py) classified above its
+        author's `approval.mail_above` needs the operator's yes (approvals.py): asked at
+        the message's first write already, so a shell's `echo` says so (EAGAIN), used up
+        when it is sent (one yes, one message)."""
         author = self.kernel.agents.get(sender)
         level = msg.headers["classification"]
         if author is not None and approvals.mail_needs(author, level):
             self.kernel.approvals.gate(
-                author, "mail_above", f"to {agent.name} {level}",
-                f"mail to {agent.name} classified {level} (over approval.mail_above = "
+                author, "mail_above", f"to {to} {level}",
+                f"mail to {to} classified {level} (over approval.mail_above = "
                 f"{author.manifest['approval']['mail_above']})",
                 author.current.corr if author.current else None, use)
 
