@@ -10,7 +10,7 @@ def test_root_and_agent_layout(mount):
     mount.sh("echo 'spawn echo' > ctl", check=True)
     assert os.listdir(mount.path / "agents") == ["echo"]
     assert sorted(os.listdir(mount.path / "agents/echo")) == [
-        "children", "ctl", "err", "in", "mail", "manifest", "memory", "out", "outbox", "status",
+        "approve", "children", "ctl", "err", "in", "mail", "manifest", "memory", "out", "outbox", "status",
         "steps", "supervisor", "tasks", "view"]
     line = mount.read("ctl")
     assert line.startswith("state=running ") and "agents=1" in line
