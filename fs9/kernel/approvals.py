@@ -51,6 +51,7 @@ ACTIONS = {"model_tokens": "a model call over this many tokens (prompt + reply l
 KEYS = frozenset(ACTIONS) | {"timeout_s"}
 TIMEOUT_S = 300.0
 MAX_CALL = 4096  # characters of a tool call the operator is asked about
+PENDING_MAX = 32  # approvals one agent may have waiting for an answer at once
 RECENT = 100  # approvals used up kept in memory (listed in approvals/); the rest: the log
 CMDS = (cmd.Cmd("approve", "approve", 0, None, usage="approve [REASON]"),
         cmd.Cmd("deny", "deny", 0, None, usage="deny [REASON]"))
@@ -210,6 +211,11 @@ class Approvals:
             self.kernel.record("approval_used", agent=agent.name, id=a.id)
             raise Fs9Error(errno.EACCES, f"approval {a.id} {a.state}"
                            + (f": {a.reason}" if a.reason else ""))
+        if len(self.pending.get(agent.name, ())) >= PENDING_MAX:
+            # a prompt-injected agent must not bury the operator (or the log) in requests
+            raise Fs9Error(errno.EDQUOT, f"{PENDING_MAX} approvals of agent {agent.name} "
+                                         "are pending already: no more asked until some "
+                                         f"are answered ({what})")
         timeout = agent.manifest.get("approval", {}).get("timeout_s", TIMEOUT_S)
         self.kernel.record("approval_requested", agent=agent.name, action=action, key=key,
                            what=one_line(what), corr=corr, deadline=time.time() + timeout)
