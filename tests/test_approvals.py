@@ -237,6 +237,15 @@ def test_used_approvals_leave_memory_but_not_the_log(tmp_path):
     assert len(a.recent) == approvals_mod.RECENT and a.ids()[-1] == str(n)
     assert a.get("1") is None and a.get(str(n)).used
     assert sum(e.kind == "approval_used" for e in k.log.events_after(0, limit=10 * n)) == n
+    # an agent asking and asking: PENDING_MAX at once, then EDQUOT, nothing logged
+    for i in range(approvals_mod.PENDING_MAX):
+        with pytest.raises(Fs9Error):
+            k.approvals.gate(Asker, "spawn", f"x{i}", f"spawn x{i}", None, True)
+    seq = k.log.last_seq
+    with pytest.raises(Fs9Error) as e:
+        k.approvals.gate(Asker, "spawn", "one more", "spawn one more", None, True)
+    assert e.value.errno == errno.EDQUOT and k.log.last_seq == seq
+    assert len(a.pending["asker"]) == approvals_mod.PENDING_MAX
 
 
 def test_a_batch_carries_no_mail_that_needs_a_yes(mount):

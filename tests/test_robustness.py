@@ -38,8 +38,8 @@ from contextlib import contextmanager
 
 import pytest
 
-WRITABLE = ("/ctl", "/in", "/mail/new", "/progress", "/request", "/steps")  # besides the root ctl, topics/*
-WRITE_ONLY = ("/in", "/mail/new", "/progress", "/request", "/steps")
+WRITABLE = ("/ctl", "/in", "/mail/new", "/progress", "/request", "/steps", "/approve")  # besides the root ctl, topics/*
+WRITE_ONLY = ("/in", "/mail/new", "/progress", "/request", "/steps", "/approve")
 
 from conftest import Mount, fuse_unavailable
 from fs9.kernel.agents import manifest as manifests

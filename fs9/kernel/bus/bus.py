@@ -105,7 +105,7 @@ class Bus:
             self.kernel.log.append("mail_duplicate", agent=agent.name, sender=sender,
                                    key=key, id=self.sent_keys[(sender, key)])
             return None
-        self._approved(agent, msg, sender, use=True)
+        self.approved(agent.name, msg, sender, use=True)
         msg.headers["id"] = self.new_id()
         corr = msg.headers.setdefault("correlation-id", msg.id)
         if self.declassifies(level, floor):
@@ -163,22 +163,23 @@ class Bus:
         if agent.killed:
             raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
         if b"\n\n" in data:  # (check: the mailbox's room too)
-            self._approved(agent, self.check(agent, data, sender)[0], sender, use=False)
+            self.approved(agent.name, self.check(agent, data, sender)[0], sender, use=False)
             return
         full = agent.mailbox.full(operator=sender == OPERATOR)
         if full:
             raise Fs9Error(errno.EDQUOT, f"{agent.name}: {full}")
 
-    def _approved(self, agent, msg: Message, sender: str, use: bool) -> None:
-        """Mail classified above its author's `approval.mail_above` needs the operator's
-        yes (approvals.py): asked at the message's first write already, so a shell's
-        `echo` says so (EAGAIN), used up when it is sent (one yes, one message)."""
+    def approved(self, to: str, msg: Message, sender: str, use: bool) -> None:
+        """Mail to `to` (an agent, or AGENT@OS: federation.py) classified above its
+        author's `approval.mail_above` needs the operator's yes (approvals.py): asked at
+        the message's first write already, so a shell's `echo` says so (EAGAIN), used up
+        when it is sent (one yes, one message)."""
         author = self.kernel.agents.get(sender)
         level = msg.headers["classification"]
         if author is not None and approvals.mail_needs(author, level):
             self.kernel.approvals.gate(
-                author, "mail_above", f"to {agent.name} {level}",
-                f"mail to {agent.name} classified {level} (over approval.mail_above = "
+                author, "mail_above", f"to {to} {level}",
+                f"mail to {to} classified {level} (over approval.mail_above = "
                 f"{author.manifest['approval']['mail_above']})",
                 author.current.corr if author.current else None, use)
 
