@@ -6,7 +6,9 @@ the log after a crash rebuilds the same state. A task's input rides in its
 `task_queued` event (column `blob`); its output is stored as chunks beside the
 events, also append-only. A blob that is kept only for a while (a topic event's body:
 topics keep a bounded tail) is stored apart, in `kept`, in a named stream that `trim`
-cuts from the oldest end: the only rows fs9 ever deletes, and never an event.
+cuts from the oldest end: the only rows fs9 ever deletes, and never an event. A record of
+what promised nothing durable (a read of mail) may wait for the next commit (`defer`);
+several events may share one commit (`append_many`: mail in batches).
 
 Replay yields what it can read; an event the kernel cannot apply (logged by a past
 defect, or damaged) is set aside, not applied: the `set_aside` table says which, why
@@ -135,7 +137,8 @@ def set_aside(db: sqlite3.Connection, dismissed: bool = False) -> list[SetAside]
 
 class EventLog:
     RECENT = 4096  # events kept in memory for stream readers; older ones come from disk
-    DEFER_S = 0.01  # the longest a deferred record waits for a commit to ride with
+    DEFER_S = 0.1  # the longest a deferred record waits for a commit to ride with (a
+    # receiver on a busy machine acknowledges tens of ms after its read)
     WAL_KEEP = 4 << 20  # bytes the WAL is cut back to when it starts over
 
     def __init__(self, state_dir: str, mount: str = "", durability: str = "process") -> None:
