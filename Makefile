@@ -7,7 +7,7 @@ STATE  := .state
 VAULT  := examples/vault
 EXAMPLE_AGENTS := echo upper counter ticker
 
-.PHONY: run stop test bench fuzz example federation deps clean model model-install model-stop model-status
+.PHONY: run stop test bench fuzz example federation deps clean model model-install model-stop model-status cluster cluster-stop
 
 $(BIN)/fs9: pyproject.toml
 	@./scripts/system-deps.sh --test
@@ -82,6 +82,7 @@ fuzz: deps
 	    --hypothesis-seed=$$seed
 
 bench: deps
+	@./scripts/system-deps.sh --bench
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/foundation.py
 	$(BIN)/python bench/bus.py
@@ -94,6 +95,14 @@ bench: deps
 	$(BIN)/python bench/durability.py
 	$(BIN)/python bench/reach.py
 	$(BIN)/python bench/ops.py
+	$(BIN)/python bench/cluster.py
+
+# three nats-servers and three fs9 nodes on 127.0.0.1 (docs/cluster.md)
+cluster: deps
+	@$(BIN)/python scripts/cluster.py start
+
+cluster-stop:
+	@$(BIN)/python scripts/cluster.py stop
 
 # the customer-support scenario, offline: the scripted model, or with MODEL=local the
 # real local model (`make model` serves it); see examples/support

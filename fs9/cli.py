@@ -5,6 +5,7 @@ fs9)"`)."""
 import argparse
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -50,6 +51,10 @@ def main(argv=None) -> int:
     m.add_argument("--max-agents", metavar="N", type=_max_agents, default=MAX_AGENTS,
                    help=f"live agents at once, 1 to {MAX_AGENTS} (the default); agents' own "
                         "spawns stop a tenth (at most 100) short of it, kept for the operator")
+    m.add_argument("--cluster", metavar="URLS", default="",
+                   help="join the NATS JetStream cluster at these nats:// URLs (comma-separated) "
+                        "as one node of one fs9 (docs/cluster.md)")
+    m.add_argument("--node", default="", help="this node's name in the cluster (default: the host name)")
     m.add_argument("--config", metavar="FILE",
                    help="options from FILE's [mount] table (default: "
                         f"{service.config_path()}, if it exists); the command line wins")
@@ -142,6 +147,8 @@ def mount(args) -> int:
                              f"{d} (nor it inside the mount point): lookups would deadlock")
     if not 1 <= args.max_agents <= MAX_AGENTS:  # (from a configuration file)
         raise UsageError(f"max_agents is from 1 to {MAX_AGENTS}, not {args.max_agents}")
+    if args.cluster and args.node and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.node):
+        raise UsageError(f"not a node name: {args.node!r} (letters, digits, _ and -)")
     metrics_at = None
     if args.metrics:
         from .kernel.metrics import http_address
@@ -179,7 +186,8 @@ def mount(args) -> int:
     from .face.mount import serve
     try:
         trio.run(serve, mnt, state, agents, vault, ready, args.audit, args.durability,
-                 metrics_at, args.share_vault, args.otlp or "", args.max_agents)
+                 metrics_at, args.share_vault, args.otlp or "", args.max_agents,
+                 args.cluster, args.node)
     except* StateError as group:  # (raised inside a nursery, it comes in a group)
         ready(f"refused {group.exceptions[0]}")
         raise group.exceptions[0] from None
@@ -239,7 +247,8 @@ def _background(args, mnt: str, state: str) -> int:
         + ([] if args.audit else ["--no-kernel-audit"]) \
         + (["--metrics", args.metrics] if args.metrics else []) \
         + (["--share-vault"] if args.share_vault else []) \
-        + (["--otlp", args.otlp] if args.otlp else [])
+        + (["--otlp", args.otlp] if args.otlp else []) \
+        + (["--cluster", args.cluster, "--node", args.node] if args.cluster else [])
     logpath = os.path.join(state, "fs9.log")
     with open(logpath, "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,

@@ -77,7 +77,10 @@ def agents(mnt: Path) -> list[Agent]:
         s = fields(read(mnt / "agents" / name / "status"))
         if not s:
             continue
-        out.append(Agent(name, s.get("state", "?"), s.get("task", ""),
+        state = s.get("state", "?")
+        if s.get("breaker") in ("open", "half_open"):  # cut off (agents/breaker.py)
+            state += f" (breaker {s['breaker']})"
+        out.append(Agent(name, state, s.get("task", ""),
                          duration(s.get("task_elapsed", "")), s.get("queued", ""),
                          s.get("restarts", ""), s.get("tokens_today", ""),
                          s.get("task_progress", ""), s.get("reason", "")))

@@ -18,6 +18,8 @@ ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need="$need libseccomp2
 [ "$1" = "--test" ] && { command -v tmux >/dev/null 2>&1 || need="$need tmux"; }
 # scripts/model.sh builds llama-cpp-python's server from source (C++, CMake)
 [ "$1" = "--model" ] && { command -v g++ >/dev/null 2>&1 || need="$need g++"; command -v cmake >/dev/null 2>&1 || need="$need cmake"; }
+# bench/bus.py measures mail beside a local redis-server (bench/peers.py)
+[ "$1" = "--bench" ] && { command -v redis-server >/dev/null 2>&1 || need="$need redis-server"; }
 python3 -c 'import ensurepip, venv' 2>/dev/null || need="$need python3-venv"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Events, errno_of, fuse_unavailable
+from fs9 import top
 
 pytestmark = pytest.mark.skipif(bool(fuse_unavailable()),
                                 reason=f"cannot mount FUSE: {fuse_unavailable()}")
@@ -45,6 +46,7 @@ def test_failures_open_it_new_work_is_refused_the_operator_resets_it(mount):
     assert "task" in s["breaker_reason"] and "failed" in s["breaker_reason"]
     assert s["breaker_until"] and s["breaker_opened"] == "1"
     assert breaker_state(m, "picky") == "open"
+    assert [a.state for a in top.agents(m.path)] == ["idle (breaker open)"]  # fs9 top
     # new work is refused at once, with the reason where the writer looks
     assert errno_of(m.write, "agents/picky/ctl", "run ok\n") == errno.EHOSTDOWN
     assert errno_of(m.write, "agents/picky/in", "ok\n") == errno.EHOSTDOWN

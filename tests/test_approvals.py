@@ -237,3 +237,32 @@ def test_used_approvals_leave_memory_but_not_the_log(tmp_path):
     assert len(a.recent) == approvals_mod.RECENT and a.ids()[-1] == str(n)
     assert a.get("1") is None and a.get(str(n)).used
     assert sum(e.kind == "approval_used" for e in k.log.events_after(0, limit=10 * n)) == n
+    # an agent asking and asking: PENDING_MAX at once, then EDQUOT, nothing logged
+    for i in range(approvals_mod.PENDING_MAX):
+        with pytest.raises(Fs9Error):
+            k.approvals.gate(Asker, "spawn", f"x{i}", f"spawn x{i}", None, True)
+    seq = k.log.last_seq
+    with pytest.raises(Fs9Error) as e:
+        k.approvals.gate(Asker, "spawn", "one more", "spawn one more", None, True)
+    assert e.value.errno == errno.EDQUOT and k.log.last_seq == seq
+    assert len(a.pending["asker"]) == approvals_mod.PENDING_MAX
+
+
+def test_a_batch_carries_no_mail_that_needs_a_yes(mount):
+    """mail/batch sends many messages on one write: one that needs the operator's yes
+    refuses the whole write (EPERM, saying to send it through mail/new), so no batch
+    sends past the question."""
+    m = mount
+    m.define("teller", 'cmd = ["cat"]\nclearance = "internal"\n'
+                       'pledge = ["read", "write", "send"]\n[approval]\nmail_above = "internal"\n'
+                       '[unveil]\n"agents/keeper/mail" = "w"\n')
+    m.define("keeper", 'cmd = ["cat"]\nclearance = "confidential"\n')
+    m.sh("echo 'spawn keeper' > ctl && echo 'spawn teller' > ctl", check=True)
+    batch = "agents/teller/view/agents/keeper/mail/batch"
+    assert errno_of(m.write, batch, "one\ntwo\n") is None  # internal: no question
+    sent = len(pending_mail(m, "keeper"))
+    assert errno_of(m.write, batch, "classification: confidential\n\nthree\nfour\n") \
+        == errno.EPERM
+    assert len(pending_mail(m, "keeper")) == sent
+    assert "through mail/new" in m.read("agents/teller/err")
+    assert not os.listdir(m.path / "approvals")  # (nobody was asked: nothing to approve)

@@ -364,3 +364,23 @@ def test_nats_killed_and_restarted_loses_nothing(nats, members):
     assert bodies == sorted([f"before {i}\n" for i in range(10)]
                             + [f"during {i}\n" for i in range(10)])
     wait_for(lambda: status(a)["outbox"] == "0", what="alpha's outbox drained")
+
+
+def test_mail_to_a_peer_above_a_label_waits_for_the_operators_yes(nats, members):
+    a, b = members
+    federated(nats, a, b)
+    a.define("teller", 'cmd = ["cat"]\npledge = ["send", "federate", "declassify"]\n'
+                       '[approval]\nmail_above = "public"\n')
+    a.sh("echo 'spawn teller' > ctl", check=True)
+    out = "agents/teller/outbox/echo@beta"  # sent as teller
+    a.write(out, "classification: public\n\nthe weather\n")  # at the label: no question
+    assert errno_of(a.write, out, "classification: internal\n\nthe plans\n") == errno.EAGAIN
+    s = dict(line.split("=", 1) for line in a.read("approvals/1/status").splitlines())
+    assert (s["agent"], s["action"], s["data"]) == ("teller", "mail_above",
+                                                    "to echo@beta internal")
+    a.sh("echo approve > approvals/1/ctl", check=True)
+    a.write(out, "classification: internal\n\nthe plans\n")
+    wait_for(lambda: len(mails(b, "agents/echo/mail")) == 2, what="both messages on beta")
+    assert sorted(m.rsplit("\n\n", 1)[1] for m in mails(b, "agents/echo/mail")) == \
+        ["the plans\n", "the weather\n"]
+    assert errno_of(a.write, out, "classification: internal\n\nmore\n") == errno.EAGAIN

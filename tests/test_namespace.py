@@ -5,20 +5,22 @@ import subprocess
 
 
 def test_root_and_agent_layout(mount):
-    assert sorted(os.listdir(mount.path)) == ["agents", "approvals", "ctl", "err", "events", "federation", "log", "mail", "metrics", "models", "registry", "search", "status", "topics", "tree", "vault"]
+    assert sorted(os.listdir(mount.path)) == ["agents", "approvals", "ctl", "err", "events", "federation", "log", "mail", "metrics", "models", "nodes", "registry", "search", "status", "topics", "tree", "vault"]
     assert os.listdir(mount.path / "agents") == []
     mount.sh("echo 'spawn echo' > ctl", check=True)
     assert os.listdir(mount.path / "agents") == ["echo"]
     assert sorted(os.listdir(mount.path / "agents/echo")) == [
-        "children", "ctl", "err", "in", "mail", "manifest", "memory", "out", "outbox", "status",
-        "steps", "supervisor", "tasks", "view"]
+        "approve", "children", "ctl", "err", "in", "mail", "manifest", "memory", "out", "outbox",
+        "status", "steps", "supervisor", "tasks", "view"]
     line = mount.read("ctl")
     assert line.startswith("state=running ") and "agents=1" in line
     assert mount.read("status") == "echo idle - 0 0 0 0\n"
     # federation/ is there, off until joined (tests/test_federation.py)
     assert sorted(os.listdir(mount.path / "federation")) == [
-        "card", "ctl", "dead", "outbox", "peers", "status"]
+        "approvals", "card", "ctl", "dead", "outbox", "peers", "requests", "sagas", "status"]
     assert "connection=off" in mount.read("federation/status")
+    # nodes/ is there, empty outside a cluster (tests/test_cluster.py)
+    assert os.listdir(mount.path / "nodes") == []
 
 
 def test_run_then_cat_out_prints_the_result(mount):

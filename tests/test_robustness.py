@@ -38,8 +38,8 @@ from contextlib import contextmanager
 
 import pytest
 
-WRITABLE = ("/ctl", "/in", "/mail/new", "/progress", "/request", "/steps")  # besides the root ctl, topics/*
-WRITE_ONLY = ("/in", "/mail/new", "/progress", "/request", "/steps")
+WRITABLE = ("/ctl", "/in", "/mail/new", "/progress", "/request", "/steps", "/approve")  # besides the root ctl, topics/*
+WRITE_ONLY = ("/in", "/mail/new", "/progress", "/request", "/steps", "/approve")
 
 from conftest import Mount, fuse_unavailable
 from fs9.kernel.agents import manifest as manifests
@@ -92,7 +92,7 @@ def run_reference_task(mount) -> tuple[str, dict[str, bytes]]:
 def assert_healthy(mount, tid: str, files: dict[str, bytes], note: str = "") -> None:
     """Up, mounted, ls and cat work, the earlier task is intact, no bug was logged."""
     assert mount.alive(), f"the fs9 server died or was unmounted {note}"
-    assert sorted(os.listdir(mount.path)) == ["agents", "approvals", "ctl", "err", "events", "federation", "log", "mail", "metrics", "models", "registry", "search", "status", "topics", "tree", "vault"], note
+    assert sorted(os.listdir(mount.path)) == ["agents", "approvals", "ctl", "err", "events", "federation", "log", "mail", "metrics", "models", "nodes", "registry", "search", "status", "topics", "tree", "vault"], note
     r = mount.sh(f"ls agents && ls agents/{KEEP}/tasks && cat status ctl "
                  f"agents/{KEEP}/status agents/{KEEP}/tasks/{tid}/status", timeout=20)
     assert r.returncode == 0, f"ls/cat failed {note}: {r.stderr}"

@@ -5,6 +5,7 @@ Each open of a stream file gets a fresh cursor; the protocol is
 for cursors chained one after another (Chain), `at_end()`. Waiting parks on the
 kernel object's change counter, never a sleep loop.
 """
+from ..kernel.bus import batch
 from ..kernel.log import EventLog
 from ..kernel.stream import Stream
 from ..kernel.task import Task
@@ -121,6 +122,16 @@ class NextCursor(StreamCursor):
             self.stream = Stream(msg.render(), ended=True)
             self.kernel.bus.delivered(self.agent, msg)
         return super().take(size)
+
+
+class BatchCursor(NextCursor):
+    """`mail/batch`: waits for a pending message, then reads the pending ones, a line
+    each (kernel/bus/batch.py)."""
+
+    def take(self, size: int) -> bytes:
+        if self.stream is None:
+            self.stream = Stream(batch.take(self.kernel.bus, self.agent), ended=True)
+        return StreamCursor.take(self, size)
 
 
 class BufferedCursor:

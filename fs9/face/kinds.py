@@ -5,7 +5,7 @@ Ctl      write: commands, applied per write (or, `whole`, the bytes of one open
          applied at close: `agents/NAME/in`); read: a state line
 Status   text rendered at open: a consistent snapshot per open
 Stream   reads block until data or EOF, like a pipe (opened O_NONBLOCK: EAGAIN, ops.read);
-         per-open cursor (cursors.py)
+         per-open cursor (cursors.py); Batch: a stream whose writes are lines (mail/batch)
 Vault    a file, directory or symlink of the vault on disk (vault.py, vaultfile.py)
 
 Every kind answers the same protocol (node.py). Nodes are made fresh by the tree for
@@ -14,6 +14,7 @@ caller's pid captured at open). No pyfuse3 here: errors are Fs9Error, the ops la
 translates.
 """
 import errno
+import inspect
 import os
 import stat
 import time
@@ -21,6 +22,8 @@ import time
 import trio
 
 from ..errors import Fs9Error
+from ..kernel.bus.batch import may_be_head, split_head
+from ..kernel.bus.message import MAX_MESSAGE
 from ..kernel.kernel import MAX_INPUT
 from .desktop import echoes_state
 from .node import READONLY_NS, Attrs, Handle, Node
@@ -176,7 +179,9 @@ class CtlHandle(SnapshotHandle):
     async def write(self, off: int, data: bytes) -> int:
         if not self.node.whole:
             if self.node.render is None or not echoes_state(data, self.node.render()):
-                self.node.apply(data)  # (its own state saved back by an editor: nothing)
+                done = self.node.apply(data)  # (its own state saved back by an editor: nothing)
+                if inspect.isawaitable(done):  # a request to another node (face/remote.py)
+                    await done
             return len(data)
         if self.refused is not None:
             raise self.refused
@@ -207,14 +212,16 @@ class CtlHandle(SnapshotHandle):
                 raise
         return len(data)
 
-    def flush(self) -> None:
-        """close(2): a `whole` file applies what this open wrote (once per write burst)."""
+    def flush(self):
+        """close(2): a `whole` file applies what this open wrote (once per write burst);
+        an apply that waits (a task stored in the cluster) is returned, to be awaited."""
         if self.refused is not None:
             raise self.refused
         if self.pending is not None:
             data, self.pending, self.undecided = bytes(self.pending), None, True
             self._unheld(len(data))
-            self.node.apply(data)
+            done = self.node.apply(data)
+            return done if inspect.isawaitable(done) else None
 
     def close(self, path) -> None:
         if self.pending:  # never flushed (its process died): it holds nothing any more
@@ -287,6 +294,51 @@ class StreamHandle(Handle):
             if not self.cursor.readable() and signal_pending(self.pid):
                 raise Fs9Error(errno.EINTR, "interrupted")
         return self.cursor.take(size)
+
+
+class Batch(StreamNode):
+    """A stream read like any (mail/batch: a per-open cursor) whose writes are lines:
+    each write(2) hands on the whole lines it completes, with the header block the
+    open's first write began with; a last line without its newline goes at close."""
+
+    def __init__(self, cursor, send) -> None:
+        super().__init__(cursor)
+        self.send = send  # (header block, lines) -> None; raises Fs9Error when refused
+        self.mode = stat.S_IFREG | 0o644
+
+    def handle(self, pid: int) -> Handle:
+        return BatchHandle(pid, self.cursor(), self.send)
+
+
+class BatchHandle(StreamHandle):
+    def __init__(self, pid: int, cursor, send) -> None:
+        super().__init__(pid, cursor)
+        self.send = send
+        self.head: bytes | None = None  # from the first write (b"": none)
+        self.rest = b""  # a line begun and not yet ended
+
+    async def write(self, off: int, data: bytes) -> int:
+        head, body = self.head, self.rest + data
+        if head is None:  # the open's header block, if any: whole once a blank line came
+            head, body = split_head(body)
+            if not head and may_be_head(body):
+                self.rest = body  # (bash's printf writes a line at a time)
+                return len(data)
+        cut = body.rfind(b"\n") + 1
+        if len(body) - cut > MAX_MESSAGE:
+            raise Fs9Error(errno.EFBIG, f"a line over {MAX_MESSAGE} bytes")
+        lines = [line + b"\n" for line in body[:cut - 1].split(b"\n")] if cut else []
+        self.send(head, lines)  # refused: nothing of this write was sent
+        self.head, self.rest = head, body[cut:]
+        return len(data)
+
+    def flush(self) -> None:
+        """close(2): what is left, a line without its newline (or lines that looked
+        like the start of a header block that never ended), is sent."""
+        if self.rest:
+            parts, self.rest = self.rest.split(b"\n"), b""
+            self.send(self.head or b"", [part + b"\n" for part in parts[:-1]] +
+                      ([parts[-1]] if parts[-1] else []))
 
 
 def _encode(text: str | bytes) -> bytes:

@@ -26,10 +26,12 @@ READ_AHEAD_KB = 1024
 async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
                 ready=None, audit: bool = True, durability: str = "process",
                 metrics_at: tuple[str, int] | None = None, share_vault: bool = False,
-                otlp: str = "", max_agents: int = spawn.MAX_AGENTS) -> None:
+                otlp: str = "", max_agents: int = spawn.MAX_AGENTS, cluster: str = "",
+                node: str = "") -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
     kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
-                    audit=audit, durability=durability, otlp=otlp, max_agents=max_agents)
+                    audit=audit, durability=durability, otlp=otlp, max_agents=max_agents,
+                    cluster=cluster, node=node)
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(kernel.serve)

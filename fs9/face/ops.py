@@ -337,7 +337,9 @@ class Operations(Changes, pyfuse3.Operations):
 
     @boundary
     async def flush(self, fh):
-        self._handle(fh).flush()
+        done = self._handle(fh).flush()
+        if done is not None:  # (kinds.CtlHandle.flush)
+            await done
 
     @boundary
     async def release(self, fh):

@@ -27,11 +27,13 @@ from ..kernel import labels, supervision
 from ..kernel.bus.message import CLASSIFICATIONS
 from ..kernel.names import OPERATOR, split_view
 from ..kernel.stream import Stream
-from .cursors import (AuditCursor, Chain, EventCursor, NextCursor, ReplyCursor, StreamCursor,
-                      TaskCursor, TopicCursor)
+from ..kernel.bus import batch
+from .cursors import (AuditCursor, BatchCursor, Chain, EventCursor, NextCursor, ReplyCursor,
+                      StreamCursor, TaskCursor, TopicCursor)
 from . import times
-from .kinds import Clone, Ctl, Dir, Status, StreamNode
+from .kinds import Batch, Clone, Ctl, Dir, Status, StreamNode
 from .node import Node, shown
+from . import remote
 from .vault import VaultNode
 from typing import TYPE_CHECKING
 
@@ -58,6 +60,23 @@ def _mail_new(k, agent, me=None):
                whole=True, refused=lambda e: k.refused(e, **said),
                early=lambda data: k.guarded(k.bus.precheck, agent, data, me or OPERATOR,
                                             **said), early_until=b"\n\n")
+
+
+def _mail_batch(k, agent, me=None):
+    """Many messages a write, many a read (kernel/bus/batch.py), from whoever asks."""
+    said = dict(agent=me or agent.name, file=f"agents/{agent.name}/mail/batch")
+    return Batch(lambda: BatchCursor(k, agent), lambda head, lines: k.guarded(
+        batch.send, k.bus, agent, head, lines, me or OPERATOR, **said))
+
+
+def _mail_ack(k, agent, me=None):
+    """Acknowledge many messages a write: the mailbox's owner's (or the operator's) to do,
+    as it reads them (EACCES for anyone else, whose open must not create a message
+    named `ack` either)."""
+    if me is not None and me != agent.name:
+        raise Fs9Error(errno.EACCES, f"only {agent.name} acknowledges its mail")
+    return Ctl(lambda data: k.guarded(batch.ack, k.bus, agent, data, agent=agent.name,
+                                      file="mail/ack"))
 
 
 def _outbox(k, agent, to: str, me=None):
@@ -91,6 +110,11 @@ def _federated(k, to: str, sender: str, said: dict):
 def _operator_only(me, what: str) -> None:
     if me is not None:
         raise Fs9Error(errno.EACCES, f"{what} is the operator's")
+
+
+def _cluster(k) -> None:
+    if k.cluster is None:
+        raise Fs9Error(errno.ENOENT, "not in a cluster (fs9 mount --cluster URLS)")
 
 
 def _topic(k, topic, me=None):
@@ -196,6 +220,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/mail": lambda k, agent, me=None: Dir(
         create=lambda name: _mail_new(k, agent, me)),
     "agents/{agent}/mail/new": _mail_new,
+    "agents/{agent}/mail/batch": _mail_batch,  # (unlisted, as ack: see UNLISTED)
+    "agents/{agent}/mail/ack": _mail_ack,
     "agents/{agent}/outbox": lambda k, agent, me=None: Dir(
         create=lambda name: _outbox(k, agent, name, me)),
     "agents/{agent}/mail/next": lambda k, agent: StreamNode(lambda: NextCursor(k, agent)),
@@ -254,6 +280,14 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "federation/peers/{peer}/card": lambda k, peer: Status(lambda: peer.card or b""),
     "federation/peers/{peer}/status": lambda k, peer: Status(
         lambda: k.federation.peer_status(peer)),
+    # the cluster (kernel/cluster/): the nodes of this fs9, the operator's (ENOENT until
+    # mounted with --cluster); remote agents are served by face/remote.py
+    "nodes": None,
+    "nodes/ctl": lambda k, me=None: _operator_only(me, "nodes/ctl") or _cluster(k) or Ctl(
+        lambda d: remote._guarded(k, k.cluster.ctl(d), dict(file="nodes/ctl")),
+        k.cluster.state_line),
+    "nodes/{node}": lambda k, node, me=None: _operator_only(me, "nodes/") or Status(
+        lambda: k.cluster.node_text(node)),
     "vault/...": _vault,  # the vault directory on disk, served as it is
     "registry": None,
     "registry/by-capability": None,  # (before {provider}: these names, cards too, are reserved)
@@ -293,7 +327,13 @@ ROWS: dict[str, Callable[..., Node | None]] = {
 
 # variable -> (names under the bound parents, bind a name to an object or None)
 VARS = {
-    "agent": (lambda k: sorted(k.agents), lambda k, name: k.agents.get(name)),
+    # (in a cluster, agents/ lists the agents of every node: face/remote.py serves the
+    # others' to the operator; to an agent, as its view shows them, they are not there)
+    "agent": (lambda k: sorted(k.agents) if k.cluster is None else k.cluster.agent_names(),
+              lambda k, name: k.agents.get(name)),
+    "node": (lambda k, me=None: sorted(k.cluster.cards()) if k.cluster and me is None else [],
+             lambda k, name, me=None: name if k.cluster and me is None
+             and name in k.cluster.cards() else None),
     "task": (lambda k, agent: [str(t.id) for t in agent.tasks],
              lambda k, name, agent: _task_of(k, agent, name)),
     "msg": (lambda k, agent: list(agent.mailbox.order),
@@ -333,6 +373,9 @@ VARS = {
     "conv": (lambda k, model, me=None: k.models.visible(model, me),
              lambda k, name, model, me=None: k.models.conversation(model, name, me)),
 }
+# Served but not listed: a mailbox lists its messages and new, next and dead, and
+# programs count any other name there as a message
+UNLISTED = {"agents/{agent}/mail/batch", "agents/{agent}/mail/ack"}
 _ASKS = {var for var, fns in VARS.items()
          if any("me" in inspect.signature(f).parameters for f in fns)}
 
@@ -426,6 +469,9 @@ class Tree:
             if path[:len(row.parts)] == row.parts:
                 return row.factory(self.kernel, at, path[len(row.parts):], view)
         me = view and view.agent
+        served = remote.resolve(self.kernel, path) if view is None else None
+        if served is not None:
+            return served
         for row in _BY_DEPTH.get(len(path), ()):
             bound = self._bind(row.parts, path, me)
             if bound is None:
@@ -463,6 +509,8 @@ class Tree:
             if child.parts[:depth] != row.parts:
                 continue
             last = child.parts[-1]
+            if "/".join(child.parts) in UNLISTED:
+                continue
             if last.startswith("{"):
                 asks = {"me": me} if last[1:-1] in _ASKS else {}
                 names.extend(VARS[last[1:-1]][0](self.kernel, **bound, **asks))

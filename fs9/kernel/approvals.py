@@ -31,6 +31,7 @@ operator can read what was just decided; older ones are in the log only.
 """
 import collections
 import errno
+import functools
 import heapq
 import json
 import time
@@ -50,6 +51,7 @@ ACTIONS = {"model_tokens": "a model call over this many tokens (prompt + reply l
 KEYS = frozenset(ACTIONS) | {"timeout_s"}
 TIMEOUT_S = 300.0
 MAX_CALL = 4096  # characters of a tool call the operator is asked about
+PENDING_MAX = 32  # approvals one agent may have waiting for an answer at once
 RECENT = 100  # approvals used up kept in memory (listed in approvals/); the rest: the log
 CMDS = (cmd.Cmd("approve", "approve", 0, None, usage="approve [REASON]"),
         cmd.Cmd("deny", "deny", 0, None, usage="deny [REASON]"))
@@ -88,16 +90,14 @@ def mail_needs(agent, level: str) -> bool:
 
 def vault_needs(agent, path: tuple[str, ...]) -> bool:
     """A change at the namespace path (vault, ...) needs a yes (approval.vault_write)."""
-    return any(path[:len(p)] == p for p in _prefixes(agent))
+    paths = agent.manifest.get("approval", {}).get("vault_write")
+    return bool(paths) and any(path[:len(p)] == p for p in _split(tuple(paths)))
 
 
-def _prefixes(agent) -> tuple[tuple[str, ...], ...]:
-    cached = getattr(agent, "_vault_approvals", None)  # (the manifest never changes)
-    if cached is None:
-        cached = agent._vault_approvals = tuple(
-            tuple(p.strip("/").split("/")) for p in
-            agent.manifest.get("approval", {}).get("vault_write", ()))
-    return cached
+@functools.lru_cache(maxsize=1024)
+def _split(paths: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """Paths as tuples of names (once per manifest: this is on every vault write)."""
+    return tuple(tuple(p.strip("/").split("/")) for p in paths)
 
 
 def tool_call(data: bytes) -> tuple[str, str]:
@@ -211,6 +211,11 @@ class Approvals:
             self.kernel.record("approval_used", agent=agent.name, id=a.id)
             raise Fs9Error(errno.EACCES, f"approval {a.id} {a.state}"
                            + (f": {a.reason}" if a.reason else ""))
+        if len(self.pending.get(agent.name, ())) >= PENDING_MAX:
+            # a prompt-injected agent must not bury the operator (or the log) in requests
+            raise Fs9Error(errno.EDQUOT, f"{PENDING_MAX} approvals of agent {agent.name} "
+                                         "are pending already: no more asked until some "
+                                         f"are answered ({what})")
         timeout = agent.manifest.get("approval", {}).get("timeout_s", TIMEOUT_S)
         self.kernel.record("approval_requested", agent=agent.name, action=action, key=key,
                            what=one_line(what), corr=corr, deadline=time.time() + timeout)

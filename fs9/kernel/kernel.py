@@ -14,6 +14,7 @@ import errno
 import gc
 import logging
 import os
+import re
 import shutil
 import zlib
 from typing import Callable
@@ -31,6 +32,7 @@ from .agents.memory import Memory
 from .bus.bus import Bus
 from .federation import link
 from .federation.federation import Federation
+from .cluster.cluster import Cluster
 from .lifecycle import Lifecycles, Unappliable
 from .rootctl import RootCtl
 from .log import Event, EventLog
@@ -49,7 +51,7 @@ SET_ASIDE_REPORTED = 100  # set-aside events reported one by one at mount (the r
 # exactly one handler in a state holder's `appliers`; tests/test_units.py checks both).
 AUDIT_ONLY = frozenset({
     "agent_step", "agent_unconfined", "audit_enabled", "audit_unavailable", "bug",
-    "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
+    "cluster_takeover", "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
     "delivery_refused", "escalated",
     "escape_attempt", "escape_denied", "injection_suspected", "log_fault", "log_recovered",
     "mail_delivered", "mount",
@@ -88,7 +90,8 @@ class Kernel(Lifecycles, RootCtl):
 
     def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "",
                  vault_dir: str = "", audit: bool = True, durability: str = "process",
-                 otlp: str = "", max_agents: int = spawn.MAX_AGENTS) -> None:
+                 otlp: str = "", max_agents: int = spawn.MAX_AGENTS, cluster: str = "",
+                 node: str = "") -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.max_agents = max_agents  # live agents at once (agents/spawn.py: check_room)
         self.agents_dir = os.path.abspath(agents_dir)
@@ -132,6 +135,9 @@ class Kernel(Lifecycles, RootCtl):
         self.metrics = Metrics(self)  # the root `metrics` (metrics.py)
         self.federation = Federation(self)  # off until joined (federation/ctl)
         self.breakers = AgentBreakers(self)  # the agents' circuit breakers' events
+        # one fs9 over several machines (kernel/cluster/): `cluster` NATS URLs, this node
+        self.cluster = Cluster(self, cluster, node or re.sub(
+            r"[^A-Za-z0-9_-]", "-", os.uname().nodename)[:64]) if cluster else None
         self.handlers = event_table(self, self.bus, self.models, self.memory, self.federation,
                                     self.approvals, self.breakers)
 
@@ -162,6 +168,7 @@ class Kernel(Lifecycles, RootCtl):
             for agent in self.agents.values():
                 nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
             nursery.start_soon(self.log.keep_checkpointed)
+            nursery.start_soon(self.log.keep_deferred)
             nursery.start_soon(self.log.sync.keep_synced, self.log)
             nursery.start_soon(self._service, self.bus.keep_deadlines)
             nursery.start_soon(self._service, self.approvals.serve)
@@ -170,6 +177,8 @@ class Kernel(Lifecycles, RootCtl):
             nursery.start_soon(self._service, self._prune_memory)
             if self.otlp:
                 nursery.start_soon(self._service, traces.export, self, self.otlp)
+            if self.cluster is not None:
+                nursery.start_soon(self._service, self.cluster.serve)
             if self.search is not None:
                 await nursery.start(self._service, self.search.serve)
                 await nursery.start(self._service, watch.watch, self)

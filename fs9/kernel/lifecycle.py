@@ -45,6 +45,20 @@ class Lifecycles:
             breakers.ended(self, event)
         return event
 
+    def record_many(self, items: list[tuple[str, dict]]) -> list[Event]:
+        """Log several state changes in one commit, then apply them in order: all, or none
+        (refused as record() refuses, checked against the state before the first: the
+        callers' changes do not depend on each other)."""
+        for kind, fields in items:
+            refused = self.refusal(kind, fields.get("agent"), fields.get("task"))
+            if refused is not None:
+                raise refused
+        events = self.log.append_many(items)
+        for event, (_, fields) in zip(events, items):
+            self._fresh_blob = (event.seq, fields.get("blob"))
+            self.apply(event)
+        return events
+
     def blob(self, e: Event) -> bytes:
         """The blob of event e: the one just recorded, else from the log (replay)."""
         seq, blob = self._fresh_blob

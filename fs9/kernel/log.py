@@ -6,7 +6,9 @@ the log after a crash rebuilds the same state. A task's input rides in its
 `task_queued` event (column `blob`); its output is stored as chunks beside the
 events, also append-only. A blob that is kept only for a while (a topic event's body:
 topics keep a bounded tail) is stored apart, in `kept`, in a named stream that `trim`
-cuts from the oldest end: the only rows fs9 ever deletes, and never an event.
+cuts from the oldest end: the only rows fs9 ever deletes, and never an event. A record of
+what promised nothing durable (a read of mail) may wait for the next commit (`defer`);
+several events may share one commit (`append_many`: mail in batches).
 
 Replay yields what it can read; an event the kernel cannot apply (logged by a past
 defect, or damaged) is set aside, not applied: the `set_aside` table says which, why
@@ -78,6 +80,9 @@ CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
 """
 
 
+INSERT_EVENT = ("INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
+                " VALUES (?,?,?,?,?,?,?,?)")
+INSERT_KEPT = "INSERT INTO kept (seq, stream, data) VALUES (?,?,?)"
 _json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: dumps() builds one a call
 
 
@@ -132,6 +137,8 @@ def set_aside(db: sqlite3.Connection, dismissed: bool = False) -> list[SetAside]
 
 class EventLog:
     RECENT = 4096  # events kept in memory for stream readers; older ones come from disk
+    DEFER_S = 0.1  # the longest a deferred record waits for a commit to ride with (a
+    # receiver on a busy machine acknowledges tens of ms after its read)
     WAL_KEEP = 4 << 20  # bytes the WAL is cut back to when it starts over
 
     def __init__(self, state_dir: str, mount: str = "", durability: str = "process") -> None:
@@ -170,8 +177,11 @@ class EventLog:
         self.agent_ns: dict[str, int] = {}
         self.task_ns: dict[int, int] = {}
         self.trouble: Trouble | None = None  # why writes are refused now (a full disk...)
+        self.deferred: list[tuple[str, dict]] = []  # records riding with the next commit
+        self._deferring = trio.Event()  # set while some wait (keep_deferred)
 
     def close(self) -> None:
+        self.flush_deferred()
         self.db.close()
         self.sync.close()
         fault = self.sync.fault
@@ -195,7 +205,73 @@ class EventLog:
         """
         if self.sync.fault is not None:  # a failed fsync: nothing can be vouched for
             raise self.sync.fault
+        if self.deferred:  # they ride with this commit
+            return self.append_many([(kind, dict(agent=agent, task=task, corr=corr,
+                                                 blob=blob, keep=keep, **data))])[-1]
         event = self._insert(kind, agent, task, corr, blob, data, keep)
+        self._recovered()
+        return event
+
+    def defer(self, kind: str, **fields) -> None:
+        """A record of something that promised nothing durable (a delivery of mail: a
+        read, many a second) logged with the next commit, DEFER_S later at most: a
+        receive and its acknowledgement are one commit. A crash in between loses the
+        record, never what it records (the message is still pending)."""
+        self.deferred.append((kind, fields))
+        self._deferring.set()
+
+    def flush_deferred(self) -> None:
+        """Commit the deferred records now (the log's readers are about to look). One the
+        log refuses (a full disk) is left out, said in the server's log."""
+        if self.deferred:
+            try:
+                self.append_many([])
+            except Fs9Error as e:
+                log.warning("%d records of deliveries not logged: %s", len(self.deferred),
+                            e.text)
+                self.deferred = []
+
+    async def keep_deferred(self) -> None:
+        """Commit deferred records DEFER_S after the first waits, if nothing did before."""
+        while True:
+            await self._deferring.wait()
+            await trio.sleep(self.DEFER_S)
+            self._deferring = trio.Event()
+            self.flush_deferred()
+
+    def append_many(self, items: list[tuple[str, dict]]) -> list[Event]:
+        """Append several events in one transaction, one commit: all are logged, or none
+        (Fs9Error: ENOSPC, EIO). Each item is (kind, the keywords append takes). The
+        batch paths of mail (bus/batch.py) use it: a commit per batch, not per message."""
+        if self.sync.fault is not None:
+            raise self.sync.fault
+        deferred, self.deferred = self.deferred, []
+        try:
+            events = self._append_many(deferred + items)
+        except Fs9Error:
+            self.deferred = deferred + self.deferred  # for the next commit to carry
+            raise
+        self._recovered()
+        return events[len(deferred):]
+
+    def _append_many(self, items: list[tuple[str, dict]]) -> list[Event]:
+        now, rows = time.time(), []
+        for n, (kind, fields) in enumerate(items):
+            data = dict(fields)
+            head = [data.pop(k, None) for k in ("agent", "task", "corr", "blob", "keep")]
+            rows.append((self.next_seq + n, kind, *head, data))
+        self._write("BEGIN", ())  # (one statement refused: _write rolls it all back)
+        self._write(INSERT_EVENT, [(seq, now, kind, agent, task, corr, _json(data),
+                                    None if keep else blob)
+                                   for seq, kind, agent, task, corr, blob, keep, data in rows],
+                    many=True)
+        self._write(INSERT_KEPT, [(seq, keep, blob or b"") for seq, _, _, _, _, blob, keep, _
+                                  in rows if keep is not None], many=True)
+        self._write("COMMIT", ())
+        return [self._logged(Event(seq, now, kind, agent, task, corr, data))
+                for seq, kind, agent, task, corr, _, _, data in rows]
+
+    def _recovered(self) -> None:
         if self.trouble is not None:  # the writes refused before this one, on the record
             # (after it: callers count on this event taking next_seq)
             t, self.trouble = self.trouble, None
@@ -206,30 +282,34 @@ class EventLog:
                     since=round(t.since, 6), refused=t.refused))
             except Fs9Error:
                 pass  # full again: the new trouble is kept instead
-        return event
 
     def _insert(self, kind, agent, task, corr, blob, data, keep=None) -> Event:
         """Commit one event; Fs9Error (ENOSPC, EIO) with nothing logged if SQLite cannot."""
         ts = time.time()
         seq = self.next_seq
-        row = (seq, ts, kind, agent, task, corr, _json(data), None if keep else blob)
-        insert = ("INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
-                  " VALUES (?,?,?,?,?,?,?,?)")
         if keep is None:
-            self._write(insert, row)
+            self._store(seq, ts, kind, agent, task, corr, blob, data)
         else:  # one transaction: the event never exists without its body
             self._write("BEGIN", ())
-            self._write(insert, row)
-            self._write("INSERT INTO kept (seq, stream, data) VALUES (?,?,?)",
-                        (seq, keep, blob or b""))
+            self._store(seq, ts, kind, agent, task, corr, blob, data, keep)
             self._write("COMMIT", ())
-        event = Event(seq, ts, kind, agent, task, corr, data)
+        return self._logged(Event(seq, ts, kind, agent, task, corr, data))
+
+    def _store(self, seq, ts, kind, agent, task, corr, blob, data, keep=None) -> None:
+        """The rows of one event (committed by the caller's transaction, if any)."""
+        self._write(INSERT_EVENT,
+                    (seq, ts, kind, agent, task, corr, _json(data), None if keep else blob))
+        if keep is not None:
+            self._write(INSERT_KEPT, (seq, keep, blob or b""))
+
+    def _logged(self, event: Event) -> Event:
+        """A committed event: the last, and in `recent` for stream readers."""
         self.last_seq = event.seq
-        self.last_ns = int(ts * 1e9)
-        if agent is not None:
-            self.agent_ns[agent] = self.last_ns
-        if task is not None:
-            self.task_ns[task] = self.last_ns
+        self.last_ns = int(event.ts * 1e9)  # (what changed when: face/times.py)
+        if event.agent is not None:
+            self.agent_ns[event.agent] = self.last_ns
+        if event.task is not None:
+            self.task_ns[event.task] = self.last_ns
         self.recent.append(event)
         self.changes.bump()
         return event
@@ -251,12 +331,15 @@ class EventLog:
         self._write("INSERT INTO chunks (task, attempt, fd, data) VALUES (?,?,?,?)",
                     (task, attempt, fd, data))
 
-    def _write(self, sql: str, row: tuple) -> None:
-        """One autocommitted statement. A full disk or an I/O error rolls it back: the
+    def _write(self, sql: str, row, many: bool = False) -> None:
+        """One autocommitted statement (many: once per row of `row`). A full disk or an I/O error rolls it back: the
         writer hears ENOSPC or EIO, and the trouble is kept (until a write works again)
         for the root `err` and a `log_recovered` event."""
         try:
-            self.db.execute(sql, row)
+            if many:
+                self.db.executemany(sql, row)
+            else:
+                self.db.execute(sql, row)
         except sqlite3.Error as e:
             if self.db.in_transaction:
                 try:
@@ -334,16 +417,19 @@ class EventLog:
 
     def trace(self, corr: str) -> list[Event]:
         """Every event carrying correlation id `corr`, in order."""
+        self.flush_deferred()
         rows = self.db.execute("SELECT seq, ts, kind, agent, task, corr, data FROM events"
                                " WHERE corr = ? ORDER BY seq", (corr,))
         return [_readable(*row) for row in rows]
 
     def has_corr(self, corr: str) -> bool:
+        self.flush_deferred()
         return self.db.execute("SELECT 1 FROM events WHERE corr = ? LIMIT 1",
                                (corr,)).fetchone() is not None
 
     def correlations(self, limit: int = 1000) -> list[str]:
         """The most recent correlation ids, newest first."""
+        self.flush_deferred()
         rows = self.db.execute("SELECT corr FROM events WHERE corr IS NOT NULL"
                                " GROUP BY corr ORDER BY max(seq) DESC LIMIT ?", (limit,))
         return [r[0] for r in rows]

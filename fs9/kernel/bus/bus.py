@@ -105,10 +105,10 @@ class Bus:
             self.kernel.log.append("mail_duplicate", agent=agent.name, sender=sender,
                                    key=key, id=self.sent_keys[(sender, key)])
             return None
-        self._approved(agent, msg, sender, use=True)
-        msg.headers["id"] = os.urandom(8).hex()
+        self.approved(agent.name, msg, sender, use=True)
+        msg.headers["id"] = self.new_id()
         corr = msg.headers.setdefault("correlation-id", msg.id)
-        if level != floor and not message.clearance_allows(level, floor):
+        if self.declassifies(level, floor):
             self.kernel.log.append("declassified", agent=sender, corr=corr, id=msg.id,
                                    to=agent.name, **{"from": floor, "to_label": level})
         h = msg.headers
@@ -126,6 +126,15 @@ class Bus:
                                reply_to=h.get("reply-to", sender))
             self.ack(agent, stored.name)
         return stored
+
+    @staticmethod
+    def new_id() -> str:
+        return os.urandom(8).hex()
+
+    @staticmethod
+    def declassifies(level: str, floor: str) -> bool:
+        """A message labelled `level` by an author whose floor is `floor` is lower."""
+        return level != floor and not message.clearance_allows(level, floor)
 
     def check(self, agent, data: bytes, sender: str) -> tuple[Message, str]:
         """What `send` checks that changes nothing: the message itself (message.parse),
@@ -154,22 +163,23 @@ class Bus:
         if agent.killed:
             raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
         if b"\n\n" in data:  # (check: the mailbox's room too)
-            self._approved(agent, self.check(agent, data, sender)[0], sender, use=False)
+            self.approved(agent.name, self.check(agent, data, sender)[0], sender, use=False)
             return
         full = agent.mailbox.full(operator=sender == OPERATOR)
         if full:
             raise Fs9Error(errno.EDQUOT, f"{agent.name}: {full}")
 
-    def _approved(self, agent, msg: Message, sender: str, use: bool) -> None:
-        """Mail classified above its author's `approval.mail_above` needs the operator's
-        yes (approvals.py): asked at the message's first write already, so a shell's
-        `echo` says so (EAGAIN), used up when it is sent (one yes, one message)."""
+    def approved(self, to: str, msg: Message, sender: str, use: bool) -> None:
+        """Mail to `to` (an agent, or AGENT@OS: federation.py) classified above its
+        author's `approval.mail_above` needs the operator's yes (approvals.py): asked at
+        the message's first write already, so a shell's `echo` says so (EAGAIN), used up
+        when it is sent (one yes, one message)."""
         author = self.kernel.agents.get(sender)
         level = msg.headers["classification"]
         if author is not None and approvals.mail_needs(author, level):
             self.kernel.approvals.gate(
-                author, "mail_above", f"to {agent.name} {level}",
-                f"mail to {agent.name} classified {level} (over approval.mail_above = "
+                author, "mail_above", f"to {to} {level}",
+                f"mail to {to} classified {level} (over approval.mail_above = "
                 f"{author.manifest['approval']['mail_above']})",
                 author.current.corr if author.current else None, use)
 
@@ -270,8 +280,10 @@ class Bus:
                            id=msg.id, name=msg.name)
 
     def delivered(self, agent, msg: Message) -> None:
-        self.kernel.log.append("mail_delivered", agent=agent.name,
-                               corr=msg.headers["correlation-id"], id=msg.id, name=msg.name)
+        """A read of msg, on the record with the next commit (its acknowledgement's, as a
+        rule: EventLog.defer)."""
+        self.kernel.log.defer("mail_delivered", agent=agent.name,
+                              corr=msg.headers["correlation-id"], id=msg.id, name=msg.name)
 
     async def keep_deadlines(self) -> None:
         """Move expired messages to dead letters, each with an event, as deadlines pass."""

@@ -33,6 +33,10 @@ class Mailbox:
                     "the mailbox is full until its owner reads and removes mail")
         return None
 
+    def room(self, operator: bool = False) -> int:
+        """How many more messages fit (by count; bytes are checked per message)."""
+        return max(0, MAX_PENDING * (OPERATOR_ROOM if operator else 1) - len(self.pending))
+
     def put(self, msg: Message) -> None:
         self.pending[msg.name] = msg
         self.ids[msg.id] = msg.name

@@ -18,6 +18,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 
 from ...errors import Fs9Error
@@ -36,6 +37,7 @@ ORDER = ("id", "from", "to", "date", "type", "priority", "classification", "corr
 TOKEN = re.compile(r"[A-Za-z0-9_.:@/+-]{1,200}")
 KEY = re.compile(r"[a-z][a-z0-9-]{0,63}")
 MAX_LINE = 998  # characters of one header line, key and value (RFC 5322)
+HEADED = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:")  # data starting so has a header block
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Message:
     def priority(self) -> str:
         return self.headers["priority"]
 
-    @property
+    @cached_property  # (asked at every delivery; its priority and seq never change)
     def name(self) -> str:
         """Its file name in mail/: sorts by priority, then arrival."""
         return f"{PRIORITIES.index(self.priority)}-{self.priority}-{self.seq:010d}"
@@ -82,7 +84,7 @@ def parse(data: bytes, *, to: str, sender: str, now: float | None = None,
         raise Fs9Error(errno.EFBIG, f"message over {limit} bytes")
     headers: dict[str, str] = {}
     head, sep, body = data.partition(b"\n\n")
-    if not sep or not re.match(rb"[A-Za-z][A-Za-z0-9-]*:", head):
+    if not sep or not HEADED.match(head):
         head, body = b"", data  # no header block
     try:
         lines = head.decode().split("\n") if head else []

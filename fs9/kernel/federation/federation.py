@@ -251,11 +251,12 @@ class Federation:
 
     def precheck(self, to: str, data: bytes, sender: str) -> None:
         if b"\n\n" in data:
-            self.check(to, data, sender)
+            self.kernel.bus.approved(to, self.check(to, data, sender)[0], sender, use=False)
 
     def send(self, to: str, data: bytes, sender: str = OPERATOR) -> None:
         """Queue one message to NAME@OS: logged (fed_queued) before this returns."""
         msg, peer = self.check(to, data, sender)
+        self.kernel.bus.approved(to, msg, sender, use=True)  # (approval.mail_above)
         msg.headers["id"] = os.urandom(8).hex()
         corr = msg.headers.setdefault("correlation-id", msg.id)
         author = self.kernel.agents.get(sender)
