@@ -188,8 +188,10 @@ def test_an_editor_opened_on_a_stream_shows_a_window_while_the_task_runs(mount, 
     """What a double-click in pcmanfm or Thunar does: Mousepad (GTK, reading through GIO)
     opens the file. On `out` of a running task and on `events` its window comes as soon as
     on a plain file (within WINDOW_S more), while the task still runs."""
+    # -noreset: an X server resets when its last client leaves, refusing connections a
+    # moment (between two editors)
     display = subprocess.Popen(["Xvfb", "-displayfd", "1", "-screen", "0", "1024x768x24",
-                                "-nolisten", "tcp"], stdout=subprocess.PIPE,
+                                "-nolisten", "tcp", "-noreset"], stdout=subprocess.PIPE,
                                stderr=open(tmp_path / "xvfb.log", "wb"))
     try:
         env = {**GIO_ENV, "DISPLAY": ":" + display.stdout.readline().decode().strip(),
