@@ -167,8 +167,11 @@ class LlamaIndex:
             pieced = StreamedCalls()
             last, finish, emitted = await self._stream(llm, chat, kwargs, emit, pieced)
         except ProviderFailure as e:
-            if tools and self.kind != "ollama" and STREAMED_TOOLS_REFUSED.search(e.text):
-                self._learn(f"the server refused to stream tool calls: {e.text}")
+            # llama-cpp-python raises inside the stream: the reply breaks off before a
+            # byte of it (or ends empty, below); others may say so in words
+            if tools and self.kind != "ollama" and not pieced.pieces and not pieced.text and (
+                    STREAMED_TOOLS_REFUSED.search(e.text) or BROKEN & _names(e)):
+                self._learn(f"a streamed call with tools failed: {e.text}")
                 return await self._whole(llm, chat, kwargs, emit)
             raise
         calls = [] if not tools or last is None else \
@@ -191,7 +194,7 @@ class LlamaIndex:
             stream = await llm.astream_chat(chat, **kwargs)
             async for last in stream:
                 if last.delta:
-                    emitted = True
+                    emitted = pieced.text = True
                     emit(last.delta)
                 finish = _finish(last.raw) or finish
                 pieced.add(last.raw)
@@ -272,6 +275,7 @@ class StreamedCalls:
 
     def __init__(self) -> None:
         self.pieces: dict[int, list[str]] = {}  # index -> [id, name, arguments]
+        self.text = False  # text came too (so the call cannot be made again)
 
     def add(self, raw) -> None:
         for choice in getattr(raw, "choices", None) or ():
@@ -321,10 +325,23 @@ def _finish(raw) -> str | None:
     return getattr(choices[0], "finish_reason", None) if choices else None
 
 
+BROKEN = frozenset({"RemoteProtocolError"})  # the server ended a reply midway
+
+
+def _names(e: BaseException) -> set[str]:
+    """The class names of e and of the exceptions it was raised from."""
+    names: set[str] = set()
+    seen = 0
+    while e is not None and seen < 8:
+        names.update(c.__name__ for c in type(e).__mro__)
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return names
+
+
 def _failure(e: Exception, provider: LlamaIndex) -> Fs9Error:
     """What a client's exception means, as an errno and a sentence."""
     where = f"model {provider.model} at {provider.base}"
-    names = {c.__name__ for c in type(e).__mro__}
+    names = _names(e)
     status = getattr(e, "status_code", None)
     if status is not None:
         body = getattr(e, "body", None)
@@ -333,6 +350,9 @@ def _failure(e: Exception, provider: LlamaIndex) -> Fs9Error:
         return ProviderFailure(errno.EIO, f"{where} answered {status}: {text}",
                                fault=status >= 500 or status in TRANSIENT_STATUS,
                                transient=status in TRANSIENT_STATUS)
+    if BROKEN & names:  # (OpenAI's client calls a broken stream a connection error)
+        return ProviderFailure(errno.EIO, f"{where}: the connection broke: {e}",
+                               transient=True)
     if names & {"APITimeoutError", "TimeoutException", "ReadTimeout"}:
         return ProviderFailure(errno.ETIMEDOUT, f"{where}: timed out")
     if names & {"APIConnectionError", "ConnectError", "ConnectionError"}:
