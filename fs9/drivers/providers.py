@@ -170,7 +170,7 @@ class LlamaIndex:
             # llama-cpp-python raises inside the stream: the reply breaks off before a
             # byte of it (or ends empty, below); others may say so in words
             if tools and self.kind != "ollama" and not pieced.pieces and not pieced.text and (
-                    STREAMED_TOOLS_REFUSED.search(e.text) or BROKEN & _names(e)):
+                    STREAMED_TOOLS_REFUSED.search(e.text) or _broke(_names(e.__cause__))):
                 self._learn(f"a streamed call with tools failed: {e.text}")
                 return await self._whole(llm, chat, kwargs, emit)
             raise
@@ -201,9 +201,17 @@ class LlamaIndex:
         return last, finish, emitted
 
     async def _whole(self, llm, chat, kwargs, emit) -> dict:
-        """The call not streamed; its text then goes to emit at once."""
-        with self._failures():
-            response = await llm.achat(chat, **kwargs)
+        """The call not streamed; its text then goes to emit at once. After a stream
+        the server broke off, the pooled connection it leaves may be dead: one more try
+        on a fresh one."""
+        try:
+            with self._failures():
+                response = await llm.achat(chat, **kwargs)
+        except ProviderFailure as e:
+            if not _broke(_names(e.__cause__)):
+                raise
+            with self._failures():
+                response = await llm.achat(chat, **kwargs)
         if response.message.content:
             emit(response.message.content)
         calls = self._calls(llm, response) if kwargs.get("tools") else []
@@ -325,7 +333,12 @@ def _finish(raw) -> str | None:
     return getattr(choices[0], "finish_reason", None) if choices else None
 
 
-BROKEN = frozenset({"RemoteProtocolError"})  # the server ended a reply midway
+def _broke(names: set[str]) -> bool:
+    """The server took the connection, then ended it without a whole reply (httpx's
+    RemoteProtocolError or ReadError, which OpenAI's client calls a connection error):
+    not unreachable (ConnectError: nothing listens)."""
+    return bool(names & {"RemoteProtocolError", "ReadError"}) or (
+        "APIConnectionError" in names and not names & {"ConnectError", "ConnectTimeout"})
 
 
 def _names(e: BaseException) -> set[str]:
@@ -350,11 +363,11 @@ def _failure(e: Exception, provider: LlamaIndex) -> Fs9Error:
         return ProviderFailure(errno.EIO, f"{where} answered {status}: {text}",
                                fault=status >= 500 or status in TRANSIENT_STATUS,
                                transient=status in TRANSIENT_STATUS)
-    if BROKEN & names:  # (OpenAI's client calls a broken stream a connection error)
-        return ProviderFailure(errno.EIO, f"{where}: the connection broke: {e}",
-                               transient=True)
     if names & {"APITimeoutError", "TimeoutException", "ReadTimeout"}:
         return ProviderFailure(errno.ETIMEDOUT, f"{where}: timed out")
+    if _broke(names):
+        return ProviderFailure(errno.EIO, f"{where}: the connection broke: {e}",
+                               transient=True)
     if names & {"APIConnectionError", "ConnectError", "ConnectionError"}:
         return ProviderFailure(errno.ECONNREFUSED, f"{where} is unreachable: {e}")
     if names & {"HTTPError", "RemoteProtocolError"}:
