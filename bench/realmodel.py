@@ -49,7 +49,7 @@ SCRIPT = REPO / "scripts" / "model.sh"
 TEXT = "Tell me about the sea."
 MAX_TOKENS = 64
 ROUNDS, TRIPS, WARM = 12, 6, 2
-WATCHDOG_S = 600
+WATCHDOG_S = 1200
 TOOLS = [{"type": "function", "function": {
     "name": "read", "description": "Read a file",
     "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
@@ -216,9 +216,9 @@ def main() -> int:
         print(why or "realmodel: the real model is not installed (make model-install)",
               file=sys.stderr)
         return 2
-    global ROUNDS, TRIPS
+    global ROUNDS, TRIPS, WARM
     if "--quick" in sys.argv[1:]:
-        ROUNDS, TRIPS = 4, 2
+        ROUNDS, TRIPS, WARM = 3, 2, 1
     guard_signals(WATCHDOG_S)
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="fs9-realmodel-"))
