@@ -171,7 +171,8 @@ def direct_trip(client, url: str, vault: Path) -> tuple[float, float]:
     client.post(url + "/chat/completions", json={
         "model": "smollm2", "temperature": 0, "max_tokens": MAX_TOKENS, "tools": TOOLS,
         "tool_choice": "none",
-        "messages": ask + [r["choices"][0]["message"],
+        # content " ", as fs9 sends it: this server refuses null (OpenAI's shape)
+        "messages": ask + [{"role": "assistant", "content": " ", "tool_calls": [call]},
                            {"role": "tool", "tool_call_id": call["id"], "content": content}]}
     ).raise_for_status()
     return time.perf_counter() - t0, t2 - t1
