@@ -215,7 +215,8 @@ class Cluster:
         while they are stored) after its server died is made afresh."""
         while True:
             await trio.sleep(HEARTBEAT_S)
-            if not self.error and time.monotonic() - self._own_seen > STALE_S:
+            if self.engine.broken or (not self.error
+                                      and time.monotonic() - self._own_seen > STALE_S):
                 try:
                     await self.engine.rewatch()
                     self._own_seen = time.monotonic()
