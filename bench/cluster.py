@@ -111,8 +111,14 @@ def main(quick: bool) -> None:
         n1.write("nodes/ctl", "spawn near def=echo node=n1\n")
         n1.write("nodes/ctl", "spawn far def=echo node=n3\n")
         n1.write("ctl", "spawn alone def=echo\n")  # the single fs9's agent: no cluster
-        wait_for(lambda: "near" in n1.read("status").split()
-                 and "far" in n3.read("status").split(), 60, "agents placed")
+        try:
+            wait_for(lambda: "near" in n1.read("status").split()
+                     and "far" in n3.read("status").split(), 60, "agents placed")
+        except AssertionError:
+            for m in nodes:
+                print(m.read("nodes/ctl"), m.read("status"), m.read("err"), sorted(
+                    p.name for p in (m.path / "agents").iterdir()), file=sys.stderr)
+            raise
         n = 20 if quick else 100
         for a in ("near", "far", "alone"):
             task(n1, a)  # warm

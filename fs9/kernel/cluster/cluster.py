@@ -51,6 +51,10 @@ class Cluster:
         self.joined = False
         self.error = ""
         self._changed: dict[str, tuple[int, float]] = {}  # node -> (card revision, when seen)
+        # agent -> (placement revision, our beat count when seen): a placement is taken
+        # over only once it stood MISSED beats (one just made onto a node we judged down
+        # a moment ago says the placer sees it up: our view of it may lag)
+        self._placed_at: dict[str, tuple[int, int]] = {}
         self._own, self._beats = None, 0  # our card's revision in the mirror; how often it changed
         self._own_seen = time.monotonic()  # when the mirror last showed a new heartbeat of ours
 
@@ -66,7 +70,9 @@ class Cluster:
         if node == self.me:
             return self.joined
         seen = self._changed.get(node)
-        return seen is not None and self._beats - seen[1] < MISSED
+        if seen is None:  # a card not judged yet (just seen): no evidence it is down
+            return node in self.cards()
+        return self._beats - seen[1] < MISSED
 
     def placed(self, name: str) -> dict | None:
         entry = self.placements().get(name)
@@ -209,13 +215,17 @@ class Cluster:
         for node, (rev, _) in mirror.items():
             if self._changed.get(node, (None,))[0] != rev:
                 self._changed[node] = (rev, self._beats)
+        for name, (rev, _) in self.placements().items():
+            if self._placed_at.get(name, (None,))[0] != rev:
+                self._placed_at[name] = (rev, self._beats)
 
     async def _keep_watching(self) -> None:
         """A watch that stopped seeing changes (our own heartbeats missing from the mirror
         while they are stored) after its server died is made afresh."""
         while True:
             await trio.sleep(HEARTBEAT_S)
-            if not self.error and time.monotonic() - self._own_seen > STALE_S:
+            if self.engine.broken or (not self.error
+                                      and time.monotonic() - self._own_seen > STALE_S):
                 try:
                     await self.engine.rewatch()
                     self._own_seen = time.monotonic()
@@ -233,7 +243,8 @@ class Cluster:
                     # with it in its log): one node runs it, the one placement names
                     self.work.stop(name, kill=True)
                 elif not self.alive(p.get("node", "")) and p.get("restart") != "temporary" \
-                        and self.least_loaded(but=p.get("node", "")) == self.me:
+                        and self._beats - self._placed_at.get(name, (rev, self._beats))[1] \
+                        >= MISSED and self.least_loaded(but=p.get("node", "")) == self.me:
                     moved = dict(p, node=self.me, gen=p.get("gen", 0) + 1, moved_from=p["node"])
                     try:  # of the nodes trying, the first update at rev wins
                         await self.engine.claim(name, json.dumps(moved).encode(), rev)

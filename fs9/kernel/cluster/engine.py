@@ -59,6 +59,7 @@ class Engine:
         self._token = None
         self.mirrors: dict[str, dict[str, tuple[int, bytes]]] = {NODES: {}, PLACEMENT: {}}
         self._watching: list = []  # the asyncio tasks that keep the mirrors
+        self.broken = ""  # why a watch ended, until watched afresh
 
     async def call(self, coro):
         """Run coro on the engine's loop; its result here, or EngineError."""
@@ -115,7 +116,7 @@ class Engine:
         """Mirror both buckets from a fresh watch (their current values, then changes)."""
         for task in self._watching:
             task.cancel()
-        self._watching = []
+        self._watching, self.broken = [], ""
         for bucket, kv_ in ((NODES, self.nodes), (PLACEMENT, self.placement)):
             watcher = await kv_.watchall()
             self._watching.append(self.loop.create_task(self._mirror(bucket, watcher)))
@@ -136,6 +137,9 @@ class Engine:
                 entry = await watcher.updates(timeout=3600)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
+            except Exception as e:  # the watch ended: the cluster watches afresh
+                self.broken = f"watch of {bucket} ended: {type(e).__name__}: {e}"
+                return
             if entry is None:  # the end of the initial values
                 if fresh is not None:
                     self.mirrors[bucket], fresh = fresh, None
