@@ -82,7 +82,7 @@ def test_the_readme_walkthrough_runs(mount):
     assert lines[2:6] == ["HELLO FS9", "1", "2", "3"]
     i = lines.index("refused, and the reason is in err:")
     assert lines[i + 1] == ("fs9: unknown control message 'frobnicate' "
-                            "(verbs: run, stop, start, restart, kill, priority)")
+                            "(verbs: run, stop, start, restart, kill, priority, reset)")
     mail = lines[i + 2:-3]  # the result of the request sent by mail, in the operator's mailbox
     assert "type: result" in mail and "from: upper" in mail and mail[-1] == "SHOUT THIS"
     assert lines[-3:-1] == ["upper", "upper"]  # its view of agents/; the registry

@@ -25,7 +25,7 @@ from .changes import Changes
 from .desktop import is_desktop_program
 from .inodes import Inodes
 from .node import Handle, Node
-from .tree import Tree
+from .walk import Tree
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:

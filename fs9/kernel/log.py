@@ -24,19 +24,18 @@ error) is refused with ENOSPC or EIO and nothing logged; the log stays as it was
 """
 import collections
 import errno
-import itertools
-import json
 import os
 import sqlite3
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
 
 import trio
 
 from ..errors import Fs9Error
 from . import state, sync
+# (Event, SetAside, set_aside: what other modules import from here)
+from .records import Event, Records, SetAside, _json, set_aside  # noqa: F401
 from .stream import Changes
 
 log = logging.getLogger("fs9")
@@ -83,59 +82,7 @@ CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
 INSERT_EVENT = ("INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
                 " VALUES (?,?,?,?,?,?,?,?)")
 INSERT_KEPT = "INSERT INTO kept (seq, stream, data) VALUES (?,?,?)"
-_json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: dumps() builds one a call
-
-
-@dataclass(frozen=True)
-class Event:
-    seq: int
-    ts: float
-    kind: str
-    agent: str | None = None
-    task: int | None = None
-    corr: str | None = None
-    data: dict = field(default_factory=dict)
-
-    def json(self) -> str:
-        head = {"seq": self.seq, "ts": round(self.ts, 6), "kind": self.kind}
-        for key in ("agent", "task", "corr"):
-            if getattr(self, key) is not None:
-                head[key] = getattr(self, key)
-        return _json({**head, **self.data})
-
-
-@dataclass(frozen=True)
-class SetAside:
-    """An event replay set aside: what (seq, kind, agent, task), why, since when."""
-    seq: int
-    kind: str
-    agent: str | None
-    task: int | None
-    reason: str
-    found: float
-    dismissed: float | None
-
-    def describe(self) -> str:
-        where = "".join(f" {k}={v}" for k, v in (("agent", self.agent), ("task", self.task))
-                        if v is not None)
-        return f"replay set aside event {self.seq} ({self.kind}{where}): {self.reason}"
-
-
-def set_aside(db: sqlite3.Connection, dismissed: bool = False) -> list[SetAside]:
-    """The events replay set aside in the log open as db, oldest first: those the operator
-    has not dismissed (with dismissed=True, all). A log no fs9 with this table has
-    replayed has none listed."""
-    try:
-        rows = db.execute(
-            "SELECT s.seq, s.kind, e.agent, e.task, s.reason, s.found, s.dismissed"
-            " FROM set_aside s LEFT JOIN events e ON e.seq = s.seq"
-            + ("" if dismissed else " WHERE s.dismissed IS NULL") + " ORDER BY s.seq")
-    except sqlite3.OperationalError:  # no such table: written by an older fs9
-        return []
-    return [SetAside(*row) for row in rows]
-
-
-class EventLog:
+class EventLog(Records):
     RECENT = 4096  # events kept in memory for stream readers; older ones come from disk
     DEFER_S = 0.1  # the longest a deferred record waits for a commit to ride with (a
     # receiver on a busy machine acknowledges tens of ms after its read)
@@ -361,37 +308,6 @@ class EventLog:
                          f"{self.trouble.refused} writes refused")
         return lines
 
-    # --- reading -----------------------------------------------------------
-
-    def events_after(self, seq: int, limit: int = 1000) -> list[Event]:
-        """Events with sequence numbers above seq, oldest first (at most limit)."""
-        if self.recent and self.recent[0].seq <= seq + 1:
-            start = seq + 1 - self.recent[0].seq  # `recent` holds consecutive numbers
-            return list(itertools.islice(self.recent, start, start + limit))
-        rows = self.db.execute(
-            "SELECT seq, ts, kind, agent, task, corr, data FROM events"
-            " WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
-        return [_readable(*row) for row in rows]
-
-    def replay(self, aside: dict[int, tuple[str, str]]):
-        """Every event from the beginning, oldest first; a row that does not read as an
-        event (its data is not a JSON object) goes into `aside` (seq -> (kind, reason))
-        instead, for keep_aside()."""
-        seq = 0
-        while rows := self.db.execute(
-                "SELECT seq, ts, kind, agent, task, corr, data FROM events"
-                " WHERE seq > ? ORDER BY seq LIMIT 5000", (seq,)).fetchall():
-            for s, ts, k, a, t, c, d in rows:
-                try:
-                    data = json.loads(d)
-                except (TypeError, ValueError):
-                    data = None
-                if isinstance(data, dict):
-                    yield Event(s, ts, k, a, t, c, data)
-                else:
-                    aside[s] = (k, f"its data is not a JSON object: {str(d)[:80]!r}")
-            seq = rows[-1][0]
-
     def keep_aside(self, aside: dict[int, tuple[str, str]]) -> None:
         """Store what a whole replay set aside (seq -> (kind, reason)). The set-aside
         store follows the latest replay: an event it applied is no longer listed, and
@@ -407,40 +323,10 @@ class EventLog:
                 " ON CONFLICT (seq) DO UPDATE SET kind = excluded.kind, reason = excluded.reason",
                 [(seq, kind, reason, now) for seq, (kind, reason) in aside.items()])
 
-    def set_aside(self, dismissed: bool = False) -> list[SetAside]:
-        return set_aside(self.db, dismissed)
-
     def dismiss(self, seqs: list[int]) -> None:
         """The operator has seen these set-aside events: no longer reported."""
         self.db.executemany("UPDATE set_aside SET dismissed = ? WHERE seq = ?",
                             [(time.time(), seq) for seq in seqs])
-
-    def trace(self, corr: str) -> list[Event]:
-        """Every event carrying correlation id `corr`, in order."""
-        self.flush_deferred()
-        rows = self.db.execute("SELECT seq, ts, kind, agent, task, corr, data FROM events"
-                               " WHERE corr = ? ORDER BY seq", (corr,))
-        return [_readable(*row) for row in rows]
-
-    def has_corr(self, corr: str) -> bool:
-        self.flush_deferred()
-        return self.db.execute("SELECT 1 FROM events WHERE corr = ? LIMIT 1",
-                               (corr,)).fetchone() is not None
-
-    def correlations(self, limit: int = 1000) -> list[str]:
-        """The most recent correlation ids, newest first."""
-        self.flush_deferred()
-        rows = self.db.execute("SELECT corr FROM events WHERE corr IS NOT NULL"
-                               " GROUP BY corr ORDER BY max(seq) DESC LIMIT ?", (limit,))
-        return [r[0] for r in rows]
-
-    def blob(self, seq: int) -> bytes:
-        """Event seq's blob: in its row, or kept apart (b"" once trimmed, or none)."""
-        row = self.db.execute("SELECT blob FROM events WHERE seq=?", (seq,)).fetchone()
-        if row and row[0] is not None:
-            return row[0]
-        row = self.db.execute("SELECT data FROM kept WHERE seq=?", (seq,)).fetchone()
-        return (row and row[0]) or b""
 
     def trim(self, stream: str, below: int) -> None:
         """Delete the blobs kept in stream for events numbered below `below`. SQLite
@@ -450,12 +336,6 @@ class EventLog:
             self.db.execute("DELETE FROM kept WHERE stream=? AND seq<?", (stream, below))
         except sqlite3.Error as e:
             log.warning("trimming %s: %s", stream, e)
-
-    def chunks(self, task: int, attempt: int, fd: int) -> bytes:
-        rows = self.db.execute(
-            "SELECT data FROM chunks WHERE task=? AND attempt=? AND fd=? ORDER BY rowid",
-            (task, attempt, fd))
-        return b"".join(r[0] for r in rows)
 
     WAL_LIMIT = 64 << 20  # bytes; past this a checkpoint also truncates the WAL
 
@@ -493,14 +373,3 @@ class EventLog:
         while self.last_seq <= seq:
             await self.changes.wait_past(self.changes.version)
 
-
-def _readable(seq, ts, kind, agent, task, corr, data) -> Event:
-    """A row as an Event to show (log/audit, traces): a row whose data is damaged (not a
-    JSON object; replay sets it aside) shows as {"damaged": its first bytes}, not EIO."""
-    try:
-        value = json.loads(data)
-    except (TypeError, ValueError):
-        value = None
-    if not isinstance(value, dict):
-        value = {"damaged": str(data)[:200]}
-    return Event(seq, ts, kind, agent, task, corr, value)
