@@ -8,6 +8,7 @@ import os
 import pytest
 
 from conftest import Events, errno_of, fuse_unavailable
+from fs9.drivers import confine
 
 pytestmark = pytest.mark.skipif(bool(fuse_unavailable()),
                                 reason=f"cannot mount FUSE: {fuse_unavailable()}")
@@ -163,6 +164,26 @@ def test_mail_above_a_label_waits_for_a_yes(mount):
 
 
 WRITER = 'cmd = ["cat"]\nowns = ["vault/reports"]\n[approval]\nvault_write = ["vault/reports/final"]\n'
+
+
+@pytest.mark.skipif(confine.unavailable() is not None,
+                    reason=f"cannot confine here: {confine.unavailable()}")
+def test_a_confined_owner_writes_a_listed_path_only_through_the_question(mount):
+    """An owned subtree is bound read-write from disk into its sandbox, past fs9: one
+    holding a listed path is served by fs9 instead, so the agent's own program, writing
+    natively, meets the question too."""
+    m = mount
+    (m.vault / "reports/final").mkdir(parents=True)
+    m.define("writer", 'cmd = ["sh", "-c", "echo via-sandbox > '
+             '\\"$FS9_MNT/vault/reports/final/q4.md\\"; echo wrote $?"]\n'
+             'owns = ["vault/reports"]\n[approval]\nvault_write = ["vault/reports/final"]\n')
+    m.sh("echo 'spawn writer' > ctl && echo go > agents/writer/in", check=True)
+    m.wait_for(lambda: "wrote" in m.read("agents/writer/out"), what="the writer's try")
+    assert "wrote 0" not in m.read("agents/writer/out")
+    assert not (m.vault / "reports/final/q4.md").exists()
+    s = status(m, "1")
+    assert (s["state"], s["action"], s["data"]) == \
+        ("pending", "vault_write", "vault/reports/final/q4.md")
 
 
 def test_a_vault_write_under_a_listed_path_waits_for_a_yes(mount):

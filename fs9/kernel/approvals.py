@@ -94,6 +94,11 @@ def vault_needs(agent, path: tuple[str, ...]) -> bool:
     return bool(paths) and any(path[:len(p)] == p for p in _split(tuple(paths)))
 
 
+def vault_gated(agent) -> tuple[tuple[str, ...], ...]:
+    """The vault paths under which agent's changes need a yes (approval.vault_write)."""
+    return _split(tuple(agent.manifest.get("approval", {}).get("vault_write") or ()))
+
+
 @functools.lru_cache(maxsize=1024)
 def _split(paths: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
     """Paths as tuples of names (once per manifest: this is on every vault write)."""

@@ -10,7 +10,7 @@ import tempfile
 
 from ...drivers import cgroups, confine
 from ...errors import Fs9Error
-from .. import labels
+from .. import approvals, labels
 from . import limits
 from typing import TYPE_CHECKING
 
@@ -72,6 +72,15 @@ def _vault_binds(kernel: "Kernel", subtrees) -> list[tuple[tuple[str, ...], tupl
     return [(sub[1:], sub) for sub in subtrees] if kernel.vault_dir else []
 
 
+def _owned_natively(agent) -> list[tuple[str, ...]]:
+    """The owned subtrees its sandbox binds read-write from disk: not one holding or
+    inside a path whose changes need the operator's yes (approval.vault_write), which
+    fs9 serves instead, so that every change there meets the question."""
+    gated = approvals.vault_gated(agent)
+    return [p for p in agent.view.owned_vault()
+            if not any(p[:len(g)] == g or g[:len(p)] == p for g in gated)]
+
+
 def spec(kernel: "Kernel", agent) -> dict:
     """What agent's sandbox is made of (drivers/zygote.py reads it). The vault subtrees
     it binds from disk are noted in kernel.native_reads."""
@@ -90,5 +99,5 @@ def spec(kernel: "Kernel", agent) -> dict:
                 view=os.path.join(mnt, "agents", agent.name, "view"),
                 hide=[p for p in (kernel.state_dir, kernel.vault_dir) if p],
                 vault=kernel.vault_dir, binds=_vault_binds(kernel, native),
-                owned_binds=_vault_binds(kernel, agent.view.owned_vault()),
+                owned_binds=_vault_binds(kernel, _owned_natively(agent)),
                 read=read, write=[mnt, agent.scratch], devices=list(confine.DEVICES))
