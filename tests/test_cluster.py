@@ -79,6 +79,14 @@ def test_an_agent_placed_on_one_node_is_driven_from_every_node(cluster):
     assert kv(n1.read("agents/w/status"))["state"] == "running"  # still counting
     assert reader.communicate(timeout=30)[0] == "2\n3\n"
     wait_for(lambda: kv(n3.read("agents/w/status"))["done"] == "1", what="the task done on n3")
+    # work the agent's node refuses (a daemon takes no tasks) fails the writer's write,
+    # and that node stays in the cluster, taking work: nothing stops its intake
+    n1.write("nodes/ctl", "spawn tick def=ticker node=n3\n")
+    wait_for(lambda: "tick" in n3.read("status").split(), what="tick on n3")
+    assert errno_of(n1.write, "agents/tick/in", "a task\n") == errno.EINVAL
+    assert "stopped" not in n3.read("err") and kv(n1.read("nodes/n3"))["state"] == "up"
+    n2.write("agents/w/in", "2\n")
+    wait_for(lambda: kv(n3.read("agents/w/status"))["done"] == "2", what="w's next task")
     # ctl from n2 acts on n3's agent; a bad command fails the writer with its errno
     n2.write("agents/w/ctl", "stop\n")
     wait_for(lambda: kv(n3.read("agents/w/status"))["state"] == "stopped", what="w stopped")

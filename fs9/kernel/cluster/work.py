@@ -153,7 +153,13 @@ class Work:
                         continue
                     task = by_corr.get(corr)
                     if task is None:
-                        task = by_corr[corr] = self.kernel.submit(agent, data, corr=corr)
+                        try:
+                            task = by_corr[corr] = self.kernel.guarded(
+                                lambda: self.kernel.submit(agent, data, corr=corr),
+                                agent=name, file=f"agents/{name}/in (cluster)")
+                        except Fs9Error as e:  # (a daemon, an open breaker...): refused
+                            await self._refuse(corr, e, handle)  # for good, said to the
+                            continue  # writer; never this node's end
                         self.counts["queued"] += 1
                     self.corrs[corr] = task
                     self.taken.bump()
@@ -169,14 +175,7 @@ class Work:
             msg = k.guarded(k.bus.send, agent, data, OPERATOR, agent=agent.name,
                             file=f"agents/{agent.name}/mail/new (cluster)")
         except Fs9Error as e:
-            self.refusals[corr] = e
-            while len(self.refusals) > REFUSALS_KEPT:
-                del self.refusals[next(iter(self.refusals))]
-            self.taken.bump()
-            try:
-                await self.engine.ack(handle)
-            except EngineError:
-                pass  # delivered again later, and refused again
+            await self._refuse(corr, e, handle)
             return
         self.corrs[corr] = msg
         self.taken.bump()
@@ -185,6 +184,18 @@ class Work:
             return msg is None or (msg.name not in agent.mailbox.pending and all(
                 t.state in FINAL for t in agent.tasks if t.request == msg.id))
         self.held[("mail", corr)] = (agent.name, handle, ended)
+
+    async def _refuse(self, corr: str, e: Fs9Error, handle) -> None:
+        """Work the agent's node refused: the reason kept for the writer, the message
+        acked (taken off the stream: it would be refused again wherever it went)."""
+        self.refusals[corr] = e
+        while len(self.refusals) > REFUSALS_KEPT:
+            del self.refusals[next(iter(self.refusals))]
+        self.taken.bump()
+        try:
+            await self.engine.ack(handle)
+        except EngineError:
+            pass  # delivered again later, and refused again
 
     async def sweep(self) -> None:
         """Store each held task's result once it has ended, then ack its message (mail:
