@@ -138,3 +138,33 @@ def test_reply_to_is_the_sender_or_a_mailbox_it_may_write(two):
 def test_numbers_in_headers_are_bounded(two, deadline):
     assert send_as(two, "pub", "pub", f"deadline: {deadline}\n\nx\n") == errno.EINVAL
     assert two.bugs() == [] and mail_of(two, "pub") == []
+
+
+def test_work_written_to_another_agents_in_keeps_the_label_rules(two):
+    """`in` through a view hands the agent work at the writer's clearance, as mail
+    would: conf's work does not reach pub, cleared lower (EACCES), and nothing of it
+    runs; pub's reaches conf."""
+    done = two.status("pub")["done"]
+    assert errno_of(two.write, "agents/conf/view/agents/pub/in", "the plans\n") == errno.EACCES
+    assert two.status("pub")["done"] == done and two.status("pub")["queued"] == "0"
+    assert "work from conf is confidential" in two.read("agents/pub/err")
+    two.write("agents/pub/view/agents/conf/in", "the weather\n")
+    two.wait_for(lambda: "the weather" in two.read("agents/conf/out"), what="conf's task")
+
+
+def test_mail_above_the_approval_label_goes_nowhere_else(mount):
+    """approval.mail_above: mail over the label waits for the operator's yes; the same
+    words written to another agent's `in`, or published on a topic, are refused (EPERM)
+    rather than sent past the question."""
+    mount.define("teller", 'cmd = ["cat"]\nunconfined = true\nclearance = "internal"\n'
+                 'pledge = ["read", "send", "publish"]\n[approval]\nmail_above = "public"\n'
+                 '[unveil]\n"agents/keeper" = "rw"\n"topics/t" = "rw"\n')
+    mount.define("keeper", 'cmd = ["cat"]\nunconfined = true\nclearance = "internal"\n'
+                 'subscribe = ["t"]\n')
+    mount.sh("touch topics/t && echo 'spawn keeper' > ctl && echo 'spawn teller' > ctl",
+             check=True)
+    v = mount.path / "agents/teller/view"
+    assert errno_of(mount.write, "agents/teller/view/agents/keeper/in", "x\n") == errno.EPERM
+    assert errno_of(lambda: (v / "topics/t").write_bytes(b"y\n")) == errno.EPERM
+    assert mount.status("keeper")["queued"] == "0" and mail_of(mount, "keeper") == []
+    assert not os.listdir(mount.path / "approvals")

@@ -311,6 +311,23 @@ class Bus:
             self.kernel.record("topic_created", topic=name)
         return self.topics[name]
 
+    def check_input(self, agent, sender: str | None) -> None:
+        """An agent writing another agent's `in` hands it work as a message would, at
+        its own clearance: the recipient must be cleared for that (EACCES), and what
+        needs the operator's yes as mail (approval.mail_above) goes as mail (EPERM)."""
+        author = self.kernel.agents.get(sender) if sender is not None else None
+        if author is None or author is agent:
+            return
+        level = author.manifest["clearance"]
+        if not message.clearance_allows(agent.manifest["clearance"], level):
+            raise Fs9Error(errno.EACCES, f"{agent.name} is cleared for "
+                                         f"{agent.manifest['clearance']}, work from "
+                                         f"{sender} is {level}")
+        if approvals.mail_needs(author, level):
+            raise Fs9Error(errno.EPERM, f"work from {sender} is {level}: it needs the "
+                                        "operator's yes (approval.mail_above); send it as "
+                                        "a work_request through mail/new")
+
     def publish(self, topic: Topic, data: bytes, sender: str = "operator") -> None:
         """One event to every subscriber; durable subscribers (manifest `subscribe`)
         get it as mail, so they do not miss what is published while they are down. The
@@ -323,6 +340,10 @@ class Bus:
         if author is not None:
             self.kernel.rates.take(sender, "publish", len(data), time.monotonic())
         label = author.manifest["clearance"] if author is not None else "internal"
+        if author is not None and approvals.mail_needs(author, label):
+            raise Fs9Error(errno.EPERM, f"an event from {sender} is {label}: it needs the "
+                                        "operator's yes (approval.mail_above), one message "
+                                        "at a time: send it through mail/new")
         self.kernel.record("published", topic=topic.name, sender=sender, label=label,
                            size=len(data), blob=data, keep=f"topic:{topic.name}")
         # what the topic no longer keeps leaves the log too (a crash just before this
