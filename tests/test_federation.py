@@ -384,3 +384,25 @@ def test_mail_to_a_peer_above_a_label_waits_for_the_operators_yes(nats, members)
     assert sorted(m.rsplit("\n\n", 1)[1] for m in mails(b, "agents/echo/mail")) == \
         ["the plans\n", "the weather\n"]
     assert errno_of(a.write, out, "classification: internal\n\nmore\n") == errno.EAGAIN
+
+
+def test_a_full_mailbox_holds_a_peers_mail_back_and_loses_none(nats, members):
+    """A peer's mail to a full mailbox is neither recorded nor acknowledged: JetStream
+    keeps it, and it is delivered once there is room (the mailbox's cap holds across
+    the boundary too)."""
+    a, b = members
+    federated(nats, a, b)
+    b.sh("echo 'spawn box cmd=cat unconfined=true' > ctl && echo stop > agents/box/ctl",
+         check=True)
+    for _ in range(10):  # the operator fills box: its cap for others is 10,000 messages
+        b.write("agents/box/mail/batch", "filler\n" * 1000)
+    a.sh("printf 'classification: public\\n\\nlet me in\\n' > federation/outbox/box@beta",
+         check=True)
+    wait_for(lambda: "mailbox" in status(b)["last_error"], timeout=LONG_S,
+             what="beta holding the message back")
+    assert not any("let me in" in m for m in mails(b, "agents/box/mail")[-5:])
+    ids = [line.split("\t")[0] for line in b.read("agents/box/mail/batch").splitlines()[:100]]
+    b.write("agents/box/mail/ack", " ".join(ids))
+    wait_for(lambda: any("let me in" in m for m in mails(b, "agents/box/mail")[-5:]),
+             timeout=LONG_S, what="the message delivered once there is room")
+    assert sum("let me in" in m for m in mails(b, "agents/box/mail")) == 1

@@ -14,6 +14,7 @@ subject's (bind it with per-member NATS credentials, see docs/namespace.md); it 
 a declared peer; `from` must name an agent of that OS; the classification must be within
 the ceiling declared for it and the recipient's clearance.
 """
+import errno
 import os
 import re
 import time
@@ -163,6 +164,9 @@ class Inbox:
             return self.reject(origin, msg_id, f"{to} is cleared for "
                                f"{recipient.manifest['clearance']}, the message is {level}",
                                reply_to, corr)
+        full = recipient.mailbox.full(operator=False)
+        if full:  # nothing recorded, nothing acked: JetStream delivers it again later
+            raise Fs9Error(errno.EDQUOT, f"{to}'s mailbox: {full}")  # (link.py)
         msg.headers.update(id=msg_id, to=to, **stamps)
         msg.to = to
         if kind == "work_request":  # work asked of this OS: its authorization mode says

@@ -2,6 +2,7 @@
 the outbox, receive into the log, and publish our card and read the peers'. A member
 that cannot reach NATS keeps working locally: its outbox waits, `federation/status`
 says `connection=connecting` and the last error, and it catches up once NATS answers."""
+import errno
 import itertools
 import time
 
@@ -170,8 +171,13 @@ async def _receive(fed: Federation, engine: Engine) -> None:
                 continue
             try:
                 fed.receive(origin, data, headers)
-            except Fs9Error as e:  # the log refused it: not acked, tried again later
-                _failed(fed, f"receive from {origin}", e)
+            except Fs9Error as e:  # the log refused it, or the recipient's mailbox is
+                _failed(fed, f"receive from {origin}", e)  # full: not acked, delivered
+                if e.errno == errno.EDQUOT:  # again later (a full one: after a pause)
+                    try:
+                        await engine.later(handle, THROTTLE_S)
+                    except EngineError:
+                        pass
                 continue
             recorded.append(handle)
         if recorded:  # each in the log already: acked together
