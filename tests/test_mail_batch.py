@@ -182,3 +182,38 @@ def test_a_batch_the_full_state_disk_refuses_leaves_none_of_its_messages(small_d
         assert len(pending(m, "echo")) == sent + 1  # and so after a replay
     finally:
         m.umount()
+
+
+def test_lines_begun_in_open_batches_count_against_the_agents_cap(mount):
+    """A line not yet ended is held by fs9 until its newline or close: an agent's open
+    batches hold at most what its open files may (64 MiB, EDQUOT past it); a close
+    gives the room back."""
+    mount.define("a", 'cmd = ["sleep", "600"]\n')
+    mount.sh("echo 'spawn a' > ctl", check=True)
+    path = mount.path / "agents/a/view/agents/a/mail/batch"
+    part = b"x" * ((1 << 20) - 1)  # one line short of a message's most, no newline
+    files, refused = [], None
+    try:
+        for _ in range(80):
+            f = open(path, "wb", buffering=0)
+            files.append(f)
+            try:
+                f.write(part)
+            except OSError as e:
+                refused = e.errno
+                break
+        assert refused == errno.EDQUOT and 60 <= len(files) <= 66, (refused, len(files))
+    finally:
+        for f in files:
+            try:
+                f.close()
+            except OSError:
+                pass  # (the refused one: its close sends nothing)
+    f = open(path, "wb", buffering=0)
+    try:
+        assert f.write(part) == len(part)  # the room is back
+    finally:
+        try:
+            f.close()
+        except OSError as e:  # (its line sent at close: the agent's mail rate may say
+            assert e.errno == errno.EAGAIN  # wait, after the 60-odd MiB just sent)

@@ -322,23 +322,49 @@ class BatchHandle(StreamHandle):
         if head is None:  # the open's header block, if any: whole once a blank line came
             head, body = split_head(body)
             if not head and may_be_head(body):
-                self.rest = body  # (bash's printf writes a line at a time)
+                self._keep(body)  # (bash's printf writes a line at a time)
                 return len(data)
         cut = body.rfind(b"\n") + 1
         if len(body) - cut > MAX_MESSAGE:
             raise Fs9Error(errno.EFBIG, f"a line over {MAX_MESSAGE} bytes")
+        self._room(len(body) - cut - len(self.rest))
         lines = [line + b"\n" for line in body[:cut - 1].split(b"\n")] if cut else []
         self.send(head, lines)  # refused: nothing of this write was sent
-        self.head, self.rest = head, body[cut:]
+        self.head = head
+        self._keep(body[cut:])
         return len(data)
 
     def flush(self) -> None:
         """close(2): what is left, a line without its newline (or lines that looked
         like the start of a header block that never ended), is sent."""
         if self.rest:
-            parts, self.rest = self.rest.split(b"\n"), b""
+            parts = self.rest.split(b"\n")
+            self._keep(b"")
             self.send(self.head or b"", [part + b"\n" for part in parts[:-1]] +
                       ([parts[-1]] if parts[-1] else []))
+
+    def close(self, path) -> None:
+        self._keep(b"")  # (never flushed: its process died)
+        super().close(path)
+
+    def _room(self, grow: int) -> None:
+        """EDQUOT if an agent's open files would hold more than PENDING_PER_AGENT bytes
+        written and not yet sent (a line begun: as a ctl's `whole` input, counted)."""
+        held = pending_by_agent.get(self.opener, 0) if self.opener is not None else 0
+        if grow > 0 and held + grow > PENDING_PER_AGENT:
+            raise Fs9Error(errno.EDQUOT, f"agent {self.opener} has {held} bytes written "
+                                         "and not yet closed in its open files; close some")
+
+    def _keep(self, rest: bytes) -> None:
+        """rest is what this open holds now, counted against its opener."""
+        self._room(len(rest) - len(self.rest))
+        if self.opener is not None:
+            held = pending_by_agent.get(self.opener, 0) + len(rest) - len(self.rest)
+            if held > 0:
+                pending_by_agent[self.opener] = held
+            else:
+                pending_by_agent.pop(self.opener, None)
+        self.rest = rest
 
 
 def _encode(text: str | bytes) -> bytes:
