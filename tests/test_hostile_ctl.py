@@ -116,7 +116,7 @@ def test_a_spawn_loop_meets_the_limit_and_the_operator_keeps_room(tmp_path):
         m.write("ctl", "spawn boss\n")
         started, e = spawned(m, "agents/boss/view/ctl", "e", 40)
         assert (started, e) == (26, errno.EAGAIN)  # 27 agents with boss: 30 less 3
-        assert "fs9 holds 27 agents: 27 at the most for agents spawning" in \
+        assert "fs9 holds as many agents as agents may start" in \
             m.read("agents/boss/err")
         for n in range(3):
             m.write("ctl", f"spawn op{n} cmd=cat\n")

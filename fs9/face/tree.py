@@ -257,15 +257,18 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "federation/dead": None,  # dead letters: given up before JetStream had them
     "federation/dead/{fdead}": lambda k, fdead: Status(lambda: fdead.data),
     "federation/requests": None,  # the work requests we sent: state, callbacks (requests.py)
-    "federation/requests/{freq}": lambda k, freq: Status(
-        lambda: k.federation.requests.text(freq)),
+    # (what was asked and answered: the operator's, as approvals are)
+    "federation/requests/{freq}": lambda k, freq, me=None: _operator_only(
+        me, "federation/requests") or Status(lambda: k.federation.requests.text(freq)),
     "federation/sagas": None,  # multi-step cross-OS workflows (kernel/federation/sagas.py)
     "federation/sagas/new": lambda k, me=None: _operator_only(me, "federation/sagas") or Ctl(
         lambda d: k.guarded(k.federation.sagas.start, d, file="federation/sagas/new"),
         whole=True, refused=lambda e: k.refused(e, file="federation/sagas/new")),
     "federation/sagas/{saga}": None,
-    "federation/sagas/{saga}/status": lambda k, saga: Status(saga.status),
-    "federation/sagas/{saga}/steps": lambda k, saga: Status(saga.steps_text),
+    "federation/sagas/{saga}/status": lambda k, saga, me=None: _operator_only(
+        me, "federation/sagas") or Status(saga.status),
+    "federation/sagas/{saga}/steps": lambda k, saga, me=None: _operator_only(
+        me, "federation/sagas") or Status(saga.steps_text),
     "federation/sagas/{saga}/ctl": lambda k, saga, me=None: _operator_only(
         me, "federation/sagas") or Ctl(lambda d: k.guarded(k.federation.sagas.ctl, saga, d,
                                                            file="federation/sagas"),

@@ -97,8 +97,9 @@ def check_room(kernel: "Kernel", spawns: list[tuple[str, dict]], by: str | None)
                                  min(OPERATOR_ROOM, kernel.max_agents // 10))
     if len(kernel.agents) + len(homes) > limit:
         raise Fs9Error(errno.EAGAIN, f"fs9 holds {len(kernel.agents)} agents: {limit} at "
-                                     f"the most{'' if by is None else ' for agents spawning'}"
-                                     "; kill some first")
+                                     "the most; kill some first" if by is None else
+                                     "fs9 holds as many agents as agents may start "
+                                     "(the rest is the operator's)")
     if by is not None:
         mine = sum(a.spawned_by == by for a in kernel.agents.values()) + len(homes)
         if mine > SPAWNED_PER_AGENT:
@@ -108,10 +109,12 @@ def check_room(kernel: "Kernel", spawns: list[tuple[str, dict]], by: str | None)
         most = manifest.get("max_instances", INT_MAX if by is None else PER_DEFINITION)
         most = most if by is None else min(most, PER_DEFINITION)
         same = sum(a.home == home for a in kernel.agents.values()) + homes.count(home)
-        if same > most:
+        if same > most:  # (to an agent, no count: it would tell of agents hidden from it)
             raise Fs9Error(errno.EDQUOT, f"definition {os.path.basename(home)} has "
                                          f"{same - homes.count(home)} live agents: {most} at "
-                                         f"the most{'' if by is None else ' when agents spawn it'}")
+                                         "the most" if by is None else
+                                         f"definition {os.path.basename(home)} has as many "
+                                         f"live agents as agents may start ({most})")
 
 
 def check_reachable(kernel: "Kernel", name: str, home: str) -> None:

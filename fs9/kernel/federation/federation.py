@@ -199,7 +199,7 @@ class Federation:
         for peer in sorted(self.peers.values(), key=lambda p: p.name):
             try:
                 skills = json.loads(peer.card or b"{}").get("skills", [])
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # (a card nested deep)
                 continue
             if not isinstance(skills, list):
                 continue
