@@ -267,6 +267,16 @@ def test_used_approvals_leave_memory_but_not_the_log(tmp_path):
         k.approvals.gate(Asker, "spawn", "one more", "spawn one more", None, True)
     assert e.value.errno == errno.EDQUOT and k.log.last_seq == seq
     assert len(a.pending["asker"]) == approvals_mod.PENDING_MAX
+    # answered no and never tried again: they do not pile up (the oldest no goes first)
+    first = int(min(a.pending["asker"], key=int))
+    for i in range(approvals_mod.PENDING_MAX):
+        k.approvals.ctl(a.get(str(first + i)), b"deny\n")
+    for i in range(approvals_mod.PENDING_MAX):
+        with pytest.raises(Fs9Error) as e:
+            k.approvals.gate(Asker, "spawn", f"y{i}", f"spawn y{i}", None, True)
+        assert e.value.errno == errno.EAGAIN  # asked: a no of before went
+    assert a.unused["asker"] == approvals_mod.PENDING_MAX == len(a.pending["asker"])
+    assert all(a.get(str(first + i)).used for i in range(approvals_mod.PENDING_MAX))
 
 
 def test_a_batch_carries_no_mail_that_needs_a_yes(mount):

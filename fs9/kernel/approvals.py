@@ -146,6 +146,7 @@ class Approvals:
         self.live: dict[str, Approval] = {}  # id -> not yet used up (pending or answered)
         self.by_action: dict[tuple[str, str, str], Approval] = {}  # (agent, action, data)
         self.pending: dict[str, dict[str, Approval]] = {}  # agent -> id -> awaiting a yes
+        self.unused: collections.Counter[str] = collections.Counter()  # agent -> live ones
         self.recent: collections.OrderedDict[str, Approval] = collections.OrderedDict()
         self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, id) once pending
         self._next = 1
@@ -167,6 +168,7 @@ class Approvals:
         self._next += 1
         self.live[a.id] = self.by_action[(a.agent, a.action, a.key)] = a
         self.pending.setdefault(a.agent, {})[a.id] = a
+        self.unused[a.agent] += 1
         heapq.heappush(self._deadlines, (a.deadline, int(a.id)))
 
     def _on_answered(self, e, agent, task) -> None:
@@ -181,6 +183,9 @@ class Approvals:
             return
         a.used = True
         self._unpend(a)
+        self.unused[a.agent] -= 1
+        if self.unused[a.agent] <= 0:
+            del self.unused[a.agent]
         if self.by_action.get((a.agent, a.action, a.key)) is a:
             del self.by_action[(a.agent, a.action, a.key)]
         self.recent[a.id] = a
@@ -216,11 +221,17 @@ class Approvals:
             self.kernel.record("approval_used", agent=agent.name, id=a.id)
             raise Fs9Error(errno.EACCES, f"approval {a.id} {a.state}"
                            + (f": {a.reason}" if a.reason else ""))
-        if len(self.pending.get(agent.name, ())) >= PENDING_MAX:
-            # a prompt-injected agent must not bury the operator (or the log) in requests
-            raise Fs9Error(errno.EDQUOT, f"{PENDING_MAX} approvals of agent {agent.name} "
-                                         "are pending already: no more asked until some "
-                                         f"are answered ({what})")
+        if self.unused[agent.name] >= PENDING_MAX:
+            # a prompt-injected agent must not bury the operator (or the log) in requests:
+            # its oldest answered no (denied, expired) goes first, unsaid; pending ones and
+            # yeses not used yet stay, and past PENDING_MAX of those, no more are asked
+            said_no = next((a for a in self.live.values() if a.agent == agent.name
+                            and a.state in ("denied", "expired")), None)
+            if said_no is None:
+                raise Fs9Error(errno.EDQUOT, f"{PENDING_MAX} approvals of agent "
+                                             f"{agent.name} are pending or unused already: no "
+                                             f"more asked until some are answered ({what})")
+            self.kernel.record("approval_used", agent=agent.name, id=said_no.id)
         timeout = agent.manifest.get("approval", {}).get("timeout_s", TIMEOUT_S)
         self.kernel.record("approval_requested", agent=agent.name, action=action, key=key,
                            what=one_line(what), corr=corr, deadline=time.time() + timeout)
