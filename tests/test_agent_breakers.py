@@ -125,3 +125,20 @@ def test_no_breaker_unless_the_manifest_asks_and_a_bad_table_is_refused(mount):
     m.define("bad", 'cmd = ["cat"]\n[breaker]\nfailures = -1\n')
     r = m.sh("echo 'spawn bad' > ctl")
     assert r.returncode != 0 and "breaker.failures" in m.read("err")
+
+
+def test_work_another_agent_asked_for_does_not_trip_it(mount):
+    """Failures of tasks another agent gave it (through its `in`) are not counted: a
+    caller cannot cut off an agent it may give work to, the operator's work with it."""
+    m = mount
+    m.define("picky", PICKY.format(cooldown=600))
+    m.define("caller", 'cmd = ["sleep", "600"]\nunconfined = true\n'
+                       '[unveil]\n"agents/picky" = "rw"\n')
+    m.sh("echo 'spawn picky' > ctl && echo 'spawn caller' > ctl", check=True)
+    for n in range(3):
+        m.write("agents/caller/view/agents/picky/in", "bad\n")
+        m.wait_for(lambda: m.status("picky")["failed"] == str(n + 1), what=f"failure {n + 1}")
+    s = m.status("picky")
+    assert (s["breaker"], s["breaker_failures"]) == ("closed", "0/2")
+    m.write("agents/picky/in", "ok\n")  # the operator's work still goes
+    m.wait_for(lambda: m.status("picky")["done"] == "1", what="the operator's task")

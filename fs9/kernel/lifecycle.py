@@ -196,7 +196,8 @@ class Lifecycles:
 
     def _on_task_failed(self, e, agent, task):
         self._end(task, "failed", e.data.get("exit"), e.data.get("reason", ""), e.ts)
-        if agent is not None and not task.daemon and agent.breaker.threshold > 0:
+        if agent is not None and not task.daemon and agent.breaker.threshold > 0 \
+                and breakers.counts(task):
             agent.breaker.failed(e.ts)  # (agents/breaker.py)
 
     def _on_task_cancelled(self, e, agent, task):

@@ -30,7 +30,7 @@ import time
 from ...errors import Fs9Error
 from ..models.breaker import Breaker
 from .. import cmd
-from ..names import one_line
+from ..names import OPERATOR, one_line
 
 DEFAULTS = {"failures": 0, "window_s": 300.0, "cooldown_s": 60.0}
 CMD = cmd.Cmd("reset", "reset", usage="reset")  # the agent's ctl: close its breaker
@@ -87,6 +87,13 @@ def starting(kernel, agent, task) -> None:
                       corr=task.corr)
 
 
+def counts(task) -> bool:
+    """A failure of task counts toward its agent's breaker: work the operator or the
+    agent itself asked for. Work another agent (or OS) asked for does not, or a caller
+    could cut off any agent it may give work to, the operator's work with it."""
+    return not task.reply_to or task.reply_to == OPERATOR
+
+
 def ended(kernel, e) -> None:
     """After a task_done or task_failed was recorded (live, not at replay): its probe
     closes the breaker, or a failure opens (or reopens) it."""
@@ -102,6 +109,8 @@ def ended(kernel, e) -> None:
         if probe and b.state != "closed":
             kernel.record("agent_breaker_closed", reason=f"its probe task {task.id} "
                           "succeeded", **ids)
+    elif not counts(task) and not probe:
+        return
     elif b.should_open(now):
         why = task.reason or f"its program exited with status {task.exit}"
         kernel.record("agent_breaker_opened", failures=b.recent(now),
