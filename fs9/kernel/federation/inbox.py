@@ -14,6 +14,7 @@ subject's (bind it with per-member NATS credentials, see docs/namespace.md); it 
 a declared peer; `from` must name an agent of that OS; the classification must be within
 the ceiling declared for it and the recipient's clearance.
 """
+import collections
 import errno
 import os
 import re
@@ -36,10 +37,30 @@ STAMP_RE = re.compile(r"-?[A-Za-z0-9_]{1,32}")
 SEQ_RE = re.compile(r"[0-9]{1,18}")
 
 
+SEEN_MAX = 100_000  # message ids remembered for spotting a redelivery
+
+
+class Seen:
+    """The latest SEEN_MAX ORIGIN/ID judged (delivered or not). A redelivery comes while
+    its message waits for our ack (FS9FED is a work queue: an acked one is gone), so
+    what is older than that can be forgotten: the memory stays bounded."""
+
+    def __init__(self) -> None:
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def add(self, key: str) -> None:
+        self._ids[key] = None
+        if len(self._ids) > SEEN_MAX:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._ids
+
+
 class Inbox:
     def __init__(self, fed) -> None:
         self.fed, self.kernel = fed, fed.kernel
-        self.seen: set[str] = set()  # ORIGIN/ID of every message judged (delivered or not)
+        self.seen = Seen()
         self.counts = dict(received=0, rejected=0, duplicates=0, stale=0)
         self.chunks = chunks.Reassembly()
         self.requests = Requests(fed.progress)
