@@ -38,8 +38,9 @@ from contextlib import contextmanager
 
 import pytest
 
-WRITABLE = ("/ctl", "/in", "/mail/new", "/progress", "/request", "/steps", "/approve")  # besides the root ctl, topics/*
-WRITE_ONLY = ("/in", "/mail/new", "/progress", "/request", "/steps", "/approve")
+WRITABLE = ("/ctl", "/in", "/mail/new", "/progress", "/request", "/steps", "/approve",
+            "/sagas/new")  # besides the root ctl, topics/*
+WRITE_ONLY = ("/in", "/mail/new", "/progress", "/request", "/steps", "/approve", "/sagas/new")
 
 from conftest import Mount, fuse_unavailable
 from fs9.kernel.agents import manifest as manifests
