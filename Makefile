@@ -87,6 +87,8 @@ bench: deps
 	$(BIN)/python bench/foundation.py
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/views.py
+	$(BIN)/python bench/spawnspeed.py
+	$(BIN)/python bench/starts.py
 	$(BIN)/python bench/vault.py
 	$(BIN)/python bench/models.py
 	@if ./scripts/model.sh installed; then $(BIN)/python bench/realmodel.py; \
@@ -96,6 +98,7 @@ bench: deps
 	$(BIN)/python bench/reach.py
 	$(BIN)/python bench/ops.py
 	$(BIN)/python bench/cluster.py
+	$(BIN)/python bench/scale.py
 
 # three nats-servers and three fs9 nodes on 127.0.0.1 (docs/cluster.md)
 cluster: deps

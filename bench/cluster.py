@@ -1,7 +1,8 @@
 """fs9 cluster benchmark: what a remote agent costs, and how long a node's loss takes.
 
-    .venv/bin/python bench/cluster.py             (about 3 minutes)
+    .venv/bin/python bench/cluster.py             (about 8 minutes)
     .venv/bin/python bench/cluster.py --quick     (smoke run, rough figures)
+    .venv/bin/python bench/cluster.py --mail      (the mail throughput only, 3 rounds)
 
 Needs root and nats-server (`make deps`). Starts three real nats-servers as one
 JetStream cluster and three fs9 nodes on 127.0.0.1 (tests/natscluster.py, the tests'
@@ -11,12 +12,18 @@ times from n1's mount, calls paired and their order alternating:
 - out: `cat agents/X/out` of a finished task, to EOF, local vs remote;
 - task: `in` then `out` to EOF, for the remote agent, the local one (both through
   JetStream), and the baseline: an agent of n1 outside the cluster (the single fs9).
-Then failovers: an agent on n2, tasks flowing to it through n1, kill -9 of n2's fs9 and
-nats-server: the longest gap between acknowledged writes (writable again) and the time
-until the agent runs on a survivor; n2 comes back (fresh state) between runs.
-Prints a table and writes bench/results/cluster.json.
+- mail: durable mail msg/s (mail/new, each stored R3 in JetStream before the write
+  returns) to 6 agents spread over 1, 2 and 3 nodes, one writer each writing through
+  its agent's own node, 6 at once; the baseline: the same to 6 agents of n1 outside the
+  cluster (the single fs9, its own log's durability).
+Then failovers (10; --quick 2): an agent on n2, tasks flowing to it through n1, kill -9
+of n2's fs9 and nats-server: the longest gap between acknowledged writes (writable
+again) and the time until the agent runs on a survivor, p50 and p95; n2 comes back
+(fresh state) between runs. Prints the figures and writes bench/results/cluster.json.
 """
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -62,6 +69,39 @@ def paired(n, ways: dict) -> dict:
     return got
 
 
+def mail_rate(nodes, agents: list[str], per: int) -> float:
+    """Messages/s: one writer per agent (through the node given), all at once."""
+    def writer(m, agent):
+        for i in range(per):
+            m.write(f"agents/{agent}/mail/new", f"type: event\n\nm{i}\n")
+    threads = [threading.Thread(target=writer, args=(m, a)) for m, a in zip(nodes, agents)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return len(agents) * per / (time.perf_counter() - t)
+
+
+def spread(nodes, k: int, per: int, round_: int = 0) -> float:
+    """6 cluster agents round robin over the first k nodes; mail to each via its node."""
+    names = [f"m{k}x{i}r{round_}" for i in range(6)]
+    on = [nodes[i % k] for i in range(6)]
+    for name, m in zip(names, on):
+        nodes[0].write("nodes/ctl", f"spawn {name} def=echo node=n{nodes.index(m) + 1}\n")
+    for name, m in zip(names, on):
+        wait_for(lambda: name in m.read("status").split(), 60, f"{name} placed")
+    rate = mail_rate(on, names, per)
+    for name in names:  # gone before the next spread and the failovers
+        nodes[0].write("nodes/ctl", f"kill {name}\n")
+    return rate
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
 def failover(nats, nodes, i) -> tuple[float, float]:
     n1, n2, n3 = nodes
     name = f"f{i}"
@@ -90,13 +130,55 @@ def failover(nats, nodes, i) -> tuple[float, float]:
     after = [a for a in acks if a > killed]
     gaps = [b - a for a, b in zip([killed] + after, after)]
     shutil.rmtree(n2.state)  # the machine comes back empty
-    nats.servers[1].start().wait_ready()
+    nats.servers[1].start()
     n2.mount("--cluster", nats.urls, "--node", "n2")
     joined(n1)
     return max(gaps), back - killed
 
 
-def main(quick: bool) -> None:
+def cpu_s(pids) -> float:
+    """CPU seconds (user and system) the processes pids have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def mail_rounds(nodes, per: int, rounds: int, nats=None) -> tuple[dict, dict]:
+    """Durable mail msg/s, single fs9 and 1, 2, 3 nodes, in interleaved rounds: the
+    median of each (the single fs9's agents spawned once); and the CPU each message
+    cost the fs9 nodes and the nats-servers (ms, median of the rounds: where the time
+    goes, whatever else runs on the machine)."""
+    n1 = nodes[0]
+    for i in range(6):
+        n1.write("ctl", f"spawn s{i} def=echo\n")
+    got = {"single": [], "1_nodes": [], "2_nodes": [], "3_nodes": []}
+    cpu = {k: {"fs9": [], "nats": []} for k in got}
+    groups = {"fs9": [m.pid for m in nodes],
+              "nats": [s.proc.pid for s in nats.servers] if nats else []}
+
+    def measured(key, run):
+        before = {g: cpu_s(pids) for g, pids in groups.items()}
+        got[key].append(run())
+        for g, pids in groups.items():
+            cpu[key][g].append((cpu_s(pids) - before[g]) * 1000 / (6 * per))
+    for r in range(rounds):
+        measured("single", lambda: mail_rate([n1] * 6, [f"s{i}" for i in range(6)], per))
+        for k in (1, 2, 3):
+            measured(f"{k}_nodes", lambda: spread(nodes, k, per, r))
+        print({k: round(v[-1], 1) for k, v in got.items()}, file=sys.stderr)
+    return ({k: statistics.median(v) for k, v in got.items()},
+            {k: {g: round(statistics.median(v), 2) for g, v in c.items()} for k, c in cpu.items()})
+
+
+@contextlib.contextmanager
+def three_nodes():
+    """Three nats-servers as one JetStream cluster and three fs9 nodes n1..n3 on it,
+    joined; (nats, nodes), ended and unmounted after."""
     import tempfile
     root = Path(tempfile.mkdtemp(prefix="fs9-bench-cluster-"))
     root.chmod(0o755)
@@ -104,10 +186,28 @@ def main(quick: bool) -> None:
     nodes = []
     try:
         for i in (1, 2, 3):
-            m = Mount(root / f"node{i}")
-            nodes.append(m.mount("--cluster", nats.urls, "--node", f"n{i}"))
+            nodes.append(Mount(root / f"node{i}").mount("--cluster", nats.urls, "--node", f"n{i}"))
+        joined(nodes[0])
+        yield nats, nodes
+    finally:
+        for m in nodes:
+            m.umount()
+        nats.stop()
+
+
+def mail_only(per: int, rounds: int) -> None:
+    with three_nodes() as (nats, nodes):
+        mail, cpu = mail_rounds(nodes, per, rounds, nats)
+        figures = {"mail_msgs_per_s": {k: round(v, 1) for k, v in mail.items()},
+                   "mail_cpu_ms_per_msg": cpu,
+                   "mail_3_vs_1_node": round(mail["3_nodes"] / mail["1_nodes"], 2),
+                   "load_avg": [round(x, 1) for x in os.getloadavg()]}
+        print(json.dumps(figures, indent=1))
+
+
+def main(quick: bool) -> None:
+    with three_nodes() as (nats, nodes):
         n1, n2, n3 = nodes
-        joined(n1)
         n1.write("nodes/ctl", "spawn near def=echo node=n1\n")
         n1.write("nodes/ctl", "spawn far def=echo node=n3\n")
         n1.write("ctl", "spawn alone def=echo\n")  # the single fs9's agent: no cluster
@@ -129,14 +229,23 @@ def main(quick: bool) -> None:
                          "remote": lambda: n1.read("agents/far/out")})
         tasks = paired(n, {"single": lambda: task(n1, "alone"), "local": lambda: task(n1, "near"),
                            "remote": lambda: task(n1, "far")})
-        fails = [failover(nats, nodes, i) for i in range(2 if quick else 5)]
+        per = 20 if quick else 100
+        mail, cpu = mail_rounds(nodes, per, 1 if quick else 3, nats)
+        fails = [failover(nats, nodes, i) for i in range(2 if quick else 10)]
         figures = {
             "ctl_p50_ms": {k: p(v, .5) for k, v in ctl.items()},
             "out_p50_ms": {k: p(v, .5) for k, v in out.items()},
             "task_p50_ms": {k: p(v, .5) for k, v in tasks.items()},
+            "mail_msgs_per_s": {k: round(v, 1) for k, v in mail.items()},
+            "mail_3_vs_1_node": round(mail["3_nodes"] / mail["1_nodes"], 2),
+            "mail_cpu_ms_per_msg": cpu,
             "writable_again_s": [round(w, 2) for w, _ in fails],
             "agent_back_s": [round(b, 2) for _, b in fails],
+            "load_avg": [round(x, 1) for x in os.getloadavg()],
         }
+        for key, vals in (("writable_again", [w for w, _ in fails]),
+                          ("agent_back", [b for _, b in fails])):
+            figures[f"{key}_p50_p95_s"] = [round(pct(vals, .5), 2), round(pct(vals, .95), 2)]
         figures["added_ctl_p50_ms"] = statistics.median(
             r - l for l, r in zip(ctl["local"], ctl["remote"])) * 1000
         figures["added_out_p50_ms"] = statistics.median(
@@ -144,11 +253,9 @@ def main(quick: bool) -> None:
         print(json.dumps(figures, indent=1))
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(figures, indent=1) + "\n")
-    finally:
-        for m in nodes:
-            m.umount()
-        nats.stop()
-
 
 if __name__ == "__main__":
-    main("--quick" in sys.argv)
+    if "--mail" in sys.argv:
+        mail_only(100, 3)
+    else:
+        main("--quick" in sys.argv)

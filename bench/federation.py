@@ -16,7 +16,11 @@ peers through a nats-server on 127.0.0.1 (JetStream, every write fsynced), and t
    to alpha's agents/echo/mail/new (each durable at its write), vs bare nats-py
    JetStream publishes, each awaiting its ack;
 3. catch-up: beta killed -9, 1,000 messages sent meanwhile, beta mounted again: the time
-   from its mount until it has recorded all 1,000.
+   from its mount until it has recorded all 1,000;
+4. events across OSs: N events written to alpha's topics/ticks, exported, until beta
+   (subscribed, its echo a durable subscriber of ticks@alpha) has recorded all N, vs N
+   events written to alpha's topics/local, whose durable subscriber is alpha's echo
+   (the same publish and mail, with no OS between).
 Rounds of each figure interleave with their baselines. Writes bench/results/federation.json.
 """
 import asyncio
@@ -131,6 +135,29 @@ def local_rate(a: Fs9Mount, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def topic_received(m: Fs9Mount, name: str) -> int:
+    for line in (m.path / "federation/topics").read_text().splitlines():
+        if line.startswith(f"subscription {name} "):
+            return int(line.split("received=")[1].split()[0])
+    return 0
+
+
+def cross_events(a: Fs9Mount, b: Fs9Mount, n: int) -> float:
+    start = topic_received(b, "ticks@alpha")
+    t = time.perf_counter()
+    for i in range(n):
+        write(a.path / "topics/ticks", f"e{i}\n")
+    until(lambda: topic_received(b, "ticks@alpha") >= start + n, what="beta's events")
+    return n / (time.perf_counter() - t)
+
+
+def local_events(a: Fs9Mount, n: int) -> float:
+    t = time.perf_counter()
+    for i in range(n):
+        write(a.path / "topics/local", f"e{i}\n")
+    return n / (time.perf_counter() - t)
+
+
 def drain(m: Fs9Mount, agent: str) -> None:
     """Acknowledge what waits in agent's mailbox (the throughput figures leave it full)."""
     folder = m.path / "agents" / agent / "mail"
@@ -159,7 +186,8 @@ def main() -> int:
             (tmp / name).mkdir()
             m = Fs9Mount(tmp / name)
             (m.agents / "echo").mkdir()
-            (m.agents / "echo/agent.toml").write_text('driver = "exec"\ncmd = ["cat"]\n')
+            (m.agents / "echo/agent.toml").write_text(  # (durably subscribed: figure 4)
+                'driver = "exec"\ncmd = ["cat"]\nsubscribe = ["local", "ticks@alpha"]\n')
             m.mount()
             members.append(m)
             m.ctl("ctl", "spawn echo\n")
@@ -168,6 +196,11 @@ def main() -> int:
         a, b = members
         until(lambda: all(status(m)["connection"] == "connected" for m in members),
               what="connected")
+        a.ctl("federation/ctl", "export ticks\n")
+        write(a.path / "topics/local", "warm\n")
+        b.ctl("federation/ctl", "subscribe alpha ticks\n")
+        until(lambda: "state=active" in (b.path / "federation/topics").read_text(),
+              what="beta subscribed to ticks@alpha")
         for _ in range(5):  # sandboxes started, connections warm
             round_trip(a, a.path / "federation/outbox/echo@beta")
             round_trip(a, a.path / "agents/echo/mail/new")
@@ -182,6 +215,11 @@ def main() -> int:
             rates["cross"].append(cross_rate(a, b, MESSAGES))
             rates["local"].append(local_rate(a, MESSAGES))
             rates["nats"].append(nats_publish_rate(server.url, MESSAGES))
+            drain(a, "echo")
+            drain(b, "echo")
+        for _ in range(3):
+            rates.setdefault("events_cross", []).append(cross_events(a, b, MESSAGES))
+            rates.setdefault("events_local", []).append(local_events(a, MESSAGES))
             drain(a, "echo")
             drain(b, "echo")
         med = {k: statistics.median(v) for k, v in rates.items()}
@@ -209,6 +247,8 @@ def main() -> int:
                 "/s", fmt="{:.0f}"),
             row(f"3. catch-up of {CATCH_UP} after a remount (vs 2 s)", catch_up_s, 2.0, "s",
                 "<= 2 s", catch_up_s <= 2.0),
+            row("4. cross-OS topic events/s, durable (vs local topic fan-out)",
+                med["events_cross"], med["events_local"], "/s", fmt="{:.0f}"),
         ]
         print(table(rows))
         elapsed = time.monotonic() - started

@@ -445,6 +445,16 @@ def main() -> int:
     return finish(RESULTS, rows, {"writes": w, "wake": k, "round_trip": t}, elapsed)
 
 
+def traversable(prefix: str) -> tuple[Path, "Fs9Mount"]:
+    """A temporary folder confined agents' uids can walk (0711), and an Fs9Mount in it
+    (not mounted yet) whose definitions' folder they can read."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    tmp.chmod(0o711)
+    fs = Fs9Mount(tmp)
+    fs.agents.chmod(0o755)
+    return tmp, fs
+
+
 def cannot_run(name: str, root: str = "", program: str = "") -> str | None:
     """Why benchmark `name` cannot run here (fusermount3 missing; not root when it says
     why it needs root; a program it needs missing), or None."""

@@ -230,7 +230,10 @@ class Maildir:
                     queue = collections.deque(sorted(os.listdir(new)) if overflow else names)
                     continue
                 path = os.path.join(new, queue.popleft())
-                fd = os.open(path, os.O_RDONLY)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:  # named twice (listed after an overflow, then
+                    continue  # its event came): taken already
                 try:
                     data = os.read(fd, 65536)
                 finally:

@@ -14,15 +14,13 @@ Target: loaded p50 <= 1.5x idle p50. Writes bench/results/qos.json.
 """
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import (Fs9Mount, cannot_run, finish, fs9_round_trip, guard_signals, pct,  # noqa: E402
-                        row, table, unmount_all)
+                        row, table, traversable, unmount_all)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "qos.json"
@@ -57,10 +55,7 @@ def main() -> int:
     if "--quick" in sys.argv[1:]:
         ROUNDS, PER_ROUND = 2, 15
     started = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="fs9-qos-"))
-    tmp.chmod(0o711)
-    fs = Fs9Mount(tmp)
-    fs.agents.chmod(0o755)
+    tmp, fs = traversable("fs9-qos-")
     ms: dict[str, list[float]] = {"idle": [], "loaded": []}
     try:
         fs.mount()

@@ -3,19 +3,16 @@
 top (fs9/topapp.py). Shell completion: argcomplete (`eval "$(register-python-argcomplete
 fs9)"`)."""
 import argparse
-import logging
 import os
 import re
 import subprocess
 import sys
 import time
 
-import trio
-
 from . import __version__, service
-from .drivers.confine import SLOT_SIZE as MAX_AGENTS  # (kernel/agents/spawn.py: one uid each)
-from .kernel import state as states
-from .kernel.state import StateError
+from .drivers.uidslots import SLOT_SIZE as MAX_AGENTS  # (kernel/agents/spawn.py: one uid each)
+from .kernel.agents.limits import MAX_AWAKE
+from .errors import StateError
 
 STATE_DEFAULT = os.path.join(os.environ.get("XDG_STATE_HOME", os.path.expanduser("~/.local/state")), "fs9")
 VAULT_DEFAULT = os.path.join(os.environ.get("XDG_DATA_HOME", os.path.expanduser("~/.local/share")), "fs9", "vault")
@@ -48,13 +45,22 @@ def main(argv=None) -> int:
     m.add_argument("--otlp", metavar="URL", type=_otlp_url,
                    help="export traces (tasks, mail, model calls; one trace a correlation id) "
                         "to an OpenTelemetry collector over OTLP/HTTP, e.g. http://127.0.0.1:4318")
-    m.add_argument("--max-agents", metavar="N", type=_max_agents, default=MAX_AGENTS,
+    m.add_argument("--max-agents", metavar="N", type=_agent_count, default=MAX_AGENTS,
                    help=f"live agents at once, 1 to {MAX_AGENTS} (the default); agents' own "
                         "spawns stop a tenth (at most 100) short of it, kept for the operator")
+    m.add_argument("--max-awake", metavar="N", type=_agent_count, default=MAX_AWAKE,
+                   help=f"on-demand agents awake at once, 1 to {MAX_AGENTS} (default "
+                        f"{MAX_AWAKE}); past it a wake waits for room")
     m.add_argument("--cluster", metavar="URLS", default="",
                    help="join the NATS JetStream cluster at these nats:// URLs (comma-separated) "
-                        "as one node of one fs9 (docs/cluster.md)")
+                        "as one node of one fs9 (docs/cluster.md); @FILE: the URLs are in FILE "
+                        "(with this node's user:password@, kept off the command line; mode 600)")
     m.add_argument("--node", default="", help="this node's name in the cluster (default: the host name)")
+    m.add_argument("--full-replay", action="store_true",
+                   help="rebuild the state from event 1, not from the log's snapshot "
+                        "(a new snapshot is written from the result)")
+    m.add_argument("--snapshot-every", metavar="N", type=_snapshot_every, default=100_000,
+                   help="events between the snapshots a mount starts from (default 100000)")
     m.add_argument("--config", metavar="FILE",
                    help="options from FILE's [mount] table (default: "
                         f"{service.config_path()}, if it exists); the command line wins")
@@ -75,6 +81,11 @@ def main(argv=None) -> int:
     m.add_argument("--http", type=int, metavar="PORT",
                    help="streamable HTTP on 127.0.0.1:PORT (default: stdio)")
     sub.add_parser("top", help="a live terminal view of the mount at MOUNTPOINT").add_argument("mountpoint")
+    k = sub.add_parser("federation-keys", help="an nkey for each member OS in DIR (OS.nk, "
+                       "kept if there) and DIR/auth.conf, the nats-server's users: each "
+                       "member may publish only as itself (docs/namespace.md)")
+    k.add_argument("dir")
+    k.add_argument("os", nargs="+")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["mount"]:  # the configuration's values are defaults of the options
         known, _ = _config_option().parse_known_args(argv[1:])
@@ -102,6 +113,8 @@ def main(argv=None) -> int:
             return check(args.state)
         if args.cmd == "backup":
             return backup(args.state, args.dest)
+        if args.cmd == "federation-keys":
+            return federation_keys(args.dir, args.os)
         return mount(args) if args.cmd == "mount" else umount(args.mountpoint)
     except UsageError as e:
         print(f"fs9: {e}", file=sys.stderr)
@@ -128,9 +141,15 @@ def _otlp_url(url: str) -> str:
     return url
 
 
-def _max_agents(word: str) -> int:
+def _agent_count(word: str) -> int:
     if not (word.isascii() and word.isdigit() and 1 <= int(word) <= MAX_AGENTS):
         raise argparse.ArgumentTypeError(f"not a number from 1 to {MAX_AGENTS}: {word!r}")
+    return int(word)
+
+
+def _snapshot_every(word: str) -> int:
+    if not (word.isascii() and word.isdigit() and 1 <= int(word) <= 10**9):
+        raise argparse.ArgumentTypeError(f"not a number of events from 1 to 10^9: {word!r}")
     return int(word)
 
 
@@ -147,16 +166,19 @@ def mount(args) -> int:
                              f"{d} (nor it inside the mount point): lookups would deadlock")
     if not 1 <= args.max_agents <= MAX_AGENTS:  # (from a configuration file)
         raise UsageError(f"max_agents is from 1 to {MAX_AGENTS}, not {args.max_agents}")
+    if not 1 <= args.max_awake <= MAX_AGENTS:  # (from a configuration file)
+        raise UsageError(f"max_awake is from 1 to {MAX_AGENTS}, not {args.max_awake}")
     if args.cluster and args.node and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.node):
         raise UsageError(f"not a node name: {args.node!r} (letters, digits, _ and -)")
+    cluster_urls(args.cluster)  # (a file that will not do is said before any mount)
     metrics_at = None
     if args.metrics:
-        from .kernel.metrics import http_address
+        from .kernel.scrape import http_address
         try:
             metrics_at = http_address(args.metrics)
         except ValueError as e:
             raise UsageError(str(e))
-    from .face.mount import fuse_problem
+    from .face.device import fuse_problem  # (not the face itself: see device.py)
     why = fuse_problem()
     if why:
         raise UsageError(f"cannot mount {mnt}: {why}")
@@ -185,20 +207,44 @@ def mount(args) -> int:
 
     from .face.mount import serve
     try:
+        import trio  # (the server only: a --background parent never loads it)
         trio.run(serve, mnt, state, agents, vault, ready, args.audit, args.durability,
                  metrics_at, args.share_vault, args.otlp or "", args.max_agents,
-                 args.cluster, args.node)
+                 cluster_urls(args.cluster), args.node, args.full_replay,
+                 args.snapshot_every, args.max_awake)
     except* StateError as group:  # (raised inside a nursery, it comes in a group)
         ready(f"refused {group.exceptions[0]}")
         raise group.exceptions[0] from None
     return 0
 
 
+def cluster_urls(given: str) -> str:
+    """--cluster's URLs: as given, or (@FILE) FILE's first line: a node's NATS user and
+    password in them stay out of the command line, which any process may read. FILE is
+    root's and no one else's to read, as ssh wants of a key."""
+    if not given.startswith("@"):
+        return given
+    path = given[1:]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise UsageError(f"--cluster {given}: {e.strerror}")
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise UsageError(f"--cluster {given}: readable by others or not yours "
+                             f"(chmod 600, chown it): it holds this node's NATS password")
+        urls = f.readline().strip()
+    if not urls:
+        raise UsageError(f"--cluster {given}: no URLs in it")
+    return urls
+
+
 def _warn_unreachable(mnt: str, agents: str) -> None:
     """Confined agents run as other users: say at once, in one line, when they cannot
     walk to the mount point or the definitions (a clone in root's 0700 home); each spawn
     of a confined agent is then refused (EACCES) with the same words."""
-    from .drivers import confine
+    from .drivers import confinable as confine
     if confine.unavailable() is not None:
         return
     for label, path in (("the mount point", mnt), ("the agents' folder", agents)):
@@ -216,7 +262,7 @@ def _exempt_from_audit() -> bool:
     """Ask the kernel's audit to give no audit context to the processes forked from now
     on, but agents' programs (fs9/drivers/auditrules.py): so the server, forked after this,
     does not pay for the audit rules on every syscall. Whether it is in place."""
-    from .drivers import confine
+    from .drivers import confinable as confine
     if confine.unavailable() is not None:
         return False
     from .drivers import auditrules
@@ -247,6 +293,8 @@ def _background(args, mnt: str, state: str) -> int:
         + ([] if args.audit else ["--no-kernel-audit"]) \
         + (["--metrics", args.metrics] if args.metrics else []) \
         + (["--share-vault"] if args.share_vault else []) \
+        + (["--full-replay"] if args.full_replay else []) \
+        + ["--snapshot-every", str(args.snapshot_every), "--max-awake", str(args.max_awake)] \
         + (["--otlp", args.otlp] if args.otlp else []) \
         + (["--cluster", args.cluster, "--node", args.node] if args.cluster else [])
     logpath = os.path.join(state, "fs9.log")
@@ -269,8 +317,22 @@ def _background(args, mnt: str, state: str) -> int:
     return 0
 
 
+def federation_keys(folder: str, members: list[str]) -> int:
+    from .errors import Fs9Error
+    from .kernel.federation import credentials
+    try:
+        keys = credentials.write_keys(folder, members)
+    except (Fs9Error, OSError) as e:
+        print(f"fs9: {e}", file=sys.stderr)
+        return 1
+    for me, key in keys.items():
+        print(f"{me} {key} {os.path.join(os.path.abspath(folder), me + '.nk')}")
+    return 0
+
+
 def check(state: str) -> int:
     """Print what is wrong with a state (exit 1), or a summary of a sound one (exit 0)."""
+    from .kernel import state as states
     problems, summary = states.check(os.path.abspath(state))
     for line in problems:
         print(f"fs9 check: {line}", file=sys.stderr)
@@ -280,6 +342,7 @@ def check(state: str) -> int:
 
 
 def backup(state: str, dest: str) -> int:
+    from .kernel import state as states
     events = states.backup(os.path.abspath(state), os.path.abspath(dest))
     print(f"fs9 backed up {state} to {dest}: {events} events (mount it with --state {dest})")
     return 0

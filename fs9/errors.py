@@ -19,6 +19,17 @@ class Fs9Error(Exception):
         return f"{self.text} ({_errno.errorcode.get(self.errno, self.errno)})"
 
 
+class StateError(Exception):
+    """The state directory cannot be served, said in one line (the mount's answer). Here,
+    not in kernel/state.py, so that `fs9 mount --background`'s parent, which only passes
+    the server's answer on, loads no event loop."""
+
+
+class EngineError(Exception):
+    """NATS said no or did not answer (the text says which). Here, not beside the
+    client, so that catching it does not load nats-py (0.6 s of a mount's start)."""
+
+
 UNKNOWN_VERB = "unknown control message"
 BAD_NARG = "bad # args to command"
 NO_AGENT = "no such agent"

@@ -13,11 +13,13 @@ import errno
 import functools
 import json
 import os
+import queue
 import sys
+import threading
 import time
 
 import anyio
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 
 from . import __version__
@@ -31,11 +33,41 @@ def _refusal(e: OSError) -> ToolError:
     return ToolError(f"{name}: {os.strerror(e.errno) if e.errno else e.strerror}{where}")
 
 
-def server(mountpoint: str, agent: str) -> MCPServer:
-    """The MCP server acting as `agent` on the fs9 mounted at mountpoint."""
+class CallLog:
+    """Each call as one of the agent's own steps in fs9's event log (a write of
+    `agents/NAME/steps`: an `agent_step` event, of its running task if any), written by
+    one thread in call order, after the client has its answer: the write and fs9's
+    commit of it (a millisecond or more on a busy machine) are off the call's path.
+    close() writes what is left before the server ends."""
+
+    def __init__(self, mountpoint: str, agent: str) -> None:
+        self.view, self.path = Mount(mountpoint).as_agent(agent), f"agents/{agent}/steps"
+        self.lines: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._write, name="fs9-mcp-log", daemon=True)
+        self.thread.start()
+
+    def put(self, line: str) -> None:
+        self.lines.put(line)
+
+    def _write(self) -> None:
+        while (line := self.lines.get()) is not None:
+            try:
+                self.view.write(self.path, line + "\n")
+            except OSError as e:  # (a step rate past the agent's: EAGAIN) the call stands
+                print(f"fs9 mcp: not logged in fs9: {e}", file=sys.stderr, flush=True)
+
+    def close(self, timeout: float = 30) -> None:
+        self.lines.put(None)
+        self.thread.join(timeout)
+
+
+def server(mountpoint: str, agent: str, calls: CallLog | None = None) -> MCPServer:
+    """The MCP server acting as `agent` on the fs9 mounted at mountpoint; each call
+    logged to `calls` (made here if not given: close it when the server ends)."""
     view = Mount(mountpoint).as_agent(agent)
     if not os.path.isdir(view.root):
         raise OSError(errno.ENOENT, f"no agent {agent} on the mount", mountpoint)
+    calls = calls or CallLog(mountpoint, agent)
     app = MCPServer(name=f"fs9:{agent}", version=__version__,
                     instructions=f"fs9 as agent {agent}: its view of the mount, files and all. "
                                  "Paths are relative to the view (vault/..., agents/..., topics/...).")
@@ -59,14 +91,6 @@ def server(mountpoint: str, agent: str) -> MCPServer:
                 refusal = ToolError(f"{refusal} ({note})")
         raise refusal
 
-    def logged(line: str) -> None:
-        """A call in fs9's event log as the agent's own step (agents/NAME/steps: an
-        `agent_step` event, of its running task if any), beside its stderr line."""
-        try:
-            view.write(f"agents/{agent}/steps", line + "\n")
-        except OSError as e:  # (a step rate past the agent's: EAGAIN) the call stands
-            print(f"fs9 mcp: not logged in fs9: {e}", file=sys.stderr, flush=True)
-
     def tool(fn):
         """An MCP tool, each call a step in fs9's log as the agent's (`mcp_call`, with
         its call id: one id to find it by) and a line on stderr: the call id, the agent,
@@ -86,8 +110,8 @@ def server(mountpoint: str, agent: str) -> MCPServer:
                 ms = round((time.monotonic() - t) * 1000, 1)
                 print(f"fs9 mcp: call={call_id} agent={agent} tool={fn.__name__} "
                       f"outcome={outcome} ms={ms}", file=sys.stderr, flush=True)
-                await anyio.to_thread.run_sync(logged, json.dumps(dict(
-                    kind="mcp_call", call=call_id, tool=fn.__name__, outcome=outcome, ms=ms)))
+                calls.put(json.dumps(dict(kind="mcp_call", call=call_id, tool=fn.__name__,
+                                          outcome=outcome, ms=ms)))
         return app.tool()(call)
 
     @tool
@@ -117,12 +141,23 @@ def server(mountpoint: str, agent: str) -> MCPServer:
         return f"wrote {len(content.encode())} bytes to {path}"
 
     @tool
-    async def run_task(agent: str, input: str, timeout_s: float = 60) -> dict:
-        """Run one task on AGENT (`printf %s INPUT > agents/AGENT/in`), wait for it and
-        return its output and status (`cat agents/AGENT/tasks/ID/out`)."""
+    async def run_task(agent: str, input: str, ctx: Context, timeout_s: float = 60) -> dict:
+        """Run one task on AGENT (`printf %s INPUT > agents/AGENT/in`), stream its output
+        as it comes (`cat agents/AGENT/tasks/ID/out`: progress notifications, when the
+        client asks for progress) and return it whole with the task's status."""
+        meta = ctx.request_context.meta or {}
+        streamed = meta.get("progress_token") is not None
+
         def run():  # one worker thread for the whole task: each hop costs ~0.1 ms
             task = view.run(agent, input)
-            out = task.wait(timeout_s)
+            pieces, size = [], 0
+            with task.out(timeout_s) as chunks:
+                for chunk in chunks:
+                    pieces.append(chunk)
+                    size += len(chunk.encode())
+                    if streamed:  # progress: the bytes so far; its message: the piece
+                        anyio.from_thread.run(ctx.report_progress, size, None, chunk)
+            out = "".join(pieces)
             status = task.status()
             return {"task": task.id, "state": status.get("state"), "exit": status.get("exit"),
                     "corr": status.get("corr"), "out": out}
@@ -180,14 +215,18 @@ def server(mountpoint: str, agent: str) -> MCPServer:
 
 def run(mountpoint: str, agent: str, http_port: int | None = None) -> int:
     """Serve until the client leaves (stdio) or the process is stopped (HTTP)."""
+    calls = CallLog(mountpoint, agent)
     try:
-        app = server(mountpoint, agent)
+        app = server(mountpoint, agent, calls)
     except OSError as e:
         print(f"fs9 mcp: {e.strerror}: {e.filename}", file=sys.stderr)
         return 1
     print(f"fs9 mcp: serving {mountpoint} as agent {agent}", file=sys.stderr)
-    if http_port is None:
-        app.run("stdio")
-    else:
-        app.run("streamable-http", host="127.0.0.1", port=http_port)
+    try:
+        if http_port is None:
+            app.run("stdio")
+        else:
+            app.run("streamable-http", host="127.0.0.1", port=http_port)
+    finally:
+        calls.close()  # the calls' steps not yet written
     return 0

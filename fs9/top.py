@@ -155,7 +155,7 @@ def snapshot(mnt: Path) -> Snapshot:
 
 
 def command(mnt: Path, agent: str, verb: str) -> str | None:
-    """Write verb (stop, start, restart) to the agent's ctl: None, or why it was refused."""
+    """Write verb (stop, start, restart, reset: its breaker) to the agent's ctl: None, or why it was refused."""
     return _write(mnt / "agents" / agent / "ctl", verb)
 
 

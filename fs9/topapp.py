@@ -35,6 +35,7 @@ class TopApp(App):
         Binding("s", "agent('stop')", "stop"),
         Binding("g", "agent('start')", "start"),
         Binding("r", "agent('restart')", "restart"),
+        Binding("b", "agent('reset')", "reset breaker"),
         Binding("a", "answer('approve')", "approve"),
         Binding("d", "answer('deny')", "deny"),
         Binding("q", "quit", "quit"),

@@ -395,3 +395,37 @@ def events(mount):
     ev = Events(mount)
     yield ev
     ev.close()
+
+
+# --- processes seen from /proc (tests of sandboxes and their ends) -----------------------
+
+def uid_procs(uid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == uid:
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return None
+
+
+def fork_server(mount) -> int:
+    """The pid of the mount's fork server (a child of the fs9 server)."""
+    def find():
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and _ppid(int(entry)) == mount.pid and \
+                        b"fs9.drivers.forkserver" in open(f"/proc/{entry}/cmdline", "rb").read():
+                    return int(entry)
+            except OSError:
+                pass
+        return None
+    return mount.wait_for(find, what="the fork server")

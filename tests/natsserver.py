@@ -26,27 +26,36 @@ def free_port() -> int:
 
 
 class NatsServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int | None = None, more: str = "") -> None:
+        """more: further configuration lines (a cluster's, natscluster.py; `fs9
+        federation-keys`'s auth.conf: the members' users and permissions)."""
         self.root = root
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         root.mkdir(parents=True, exist_ok=True)
         self.conf = root / "nats.conf"
         self.conf.write_text(f'listen: "127.0.0.1:{self.port}"\n'
                              f'jetstream {{\n  store_dir: "{root / "js"}"\n'
-                             f'  sync_interval: always\n}}\n')
+                             f'  sync_interval: always\n}}\n' + more)
 
     def start(self) -> "NatsServer":
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def launch(self) -> None:
+        """Start the process, not waiting for it to be ready."""
         log = open(self.root / "nats.log", "ab")
         self.proc = subprocess.Popen([binary(), "-c", str(self.conf)], stdout=log, stderr=log)
         log.close()
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_S
         while b"Server is ready" not in (self.root / "nats.log").read_bytes():
             assert self.proc.poll() is None, (self.root / "nats.log").read_text()
             assert time.monotonic() < deadline, "nats-server not ready in time"
             time.sleep(0.05)
-        return self
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -83,6 +83,54 @@ def test_approve_deny_and_time_out_through_the_files(mount):
     assert answers == [("1", "approved"), ("2", "denied"), ("3", "expired")]
 
 
+# a first request small, then, once asked, the same call grown a hundred-fold
+GROW = """m=$FS9_MNT/models/scripted
+id=$(cat $m/clone)
+read q
+/usr/bin/printf '%s\\n' "$q" > $m/$id/request 2>/dev/null
+big=$(yes "$q" | head -n 200 | tr '\\n' ' ')
+i=0
+while [ $i -lt 1500 ]; do
+  said=$( { /usr/bin/printf '%s\\n' "$big" > $m/$id/request; } 2>&1 ) && { cat $m/$id/reply > /dev/null; echo went; exit 0; }
+  case "$said" in *"ermission denied"*) echo "denied"; exit 0;; esac
+  i=$((i + 1)); sleep 0.2
+done
+echo "gave up"
+"""
+
+
+def test_a_yes_covers_a_call_up_to_the_size_it_was_asked_for(mount):
+    """A yes for a small call does not let a larger one through: the larger call retires
+    it and is asked for anew, with its own size."""
+    m = mount
+    m.define("grower", AGENT.format(timeout=600), {"ask.sh": GROW})
+    m.write("ctl", "spawn grower\n")
+    m.write("agents/grower/in", "tell me about apples\n")
+    m.wait_for(lambda: "1" in m.sh("ls approvals").stdout.split(), what="approval 1")
+    small = int(status(m, "1")["what"].split("for up to ")[1].split()[0])
+    assert m.sh("echo approve > approvals/1/ctl").returncode == 0
+    m.wait_for(lambda: "2" in m.sh("ls approvals").stdout.split(),
+               what="approval 2, for the grown call")
+    s1, s2 = status(m, "1"), status(m, "2")
+    assert (s1["state"], s1["used"]) == ("approved", "yes")
+    big = int(s2["what"].split("for up to ")[1].split()[0])
+    assert s2["state"] == "pending" and big > small + 500, (small, big)
+    assert m.status("grower")["done"] == "0"  # nothing went through on the small yes
+    # yes to each question asked (a request written in several writes is asked about at
+    # its first write, its size so far, and again at close if it grew past that)
+    def answered() -> bool:
+        for aid in m.sh("ls approvals").stdout.split():
+            if status(m, aid)["state"] == "pending":
+                m.sh(f"echo approve > approvals/{aid}/ctl")
+        return m.status("grower")["done"] == "1"
+    m.wait_for(answered, what="the grown call done")
+    assert m.read("agents/grower/out").strip() == "went"
+    used = [status(m, a) for a in m.sh("ls approvals").stdout.split()]
+    last = max(used, key=lambda s: int(s["id"]))
+    assert last["used"] == "yes" and \
+        int(last["what"].split("for up to ")[1].split()[0]) >= big
+
+
 def test_a_pending_approval_survives_a_remount(mount):
     m = mount
     m.define("asker", AGENT.format(timeout=600), {"ask.sh": ASK})
@@ -297,3 +345,36 @@ def test_a_batch_carries_no_mail_that_needs_a_yes(mount):
     assert len(pending_mail(m, "keeper")) == sent
     assert "through mail/new" in m.read("agents/teller/err")
     assert not os.listdir(m.path / "approvals")  # (nobody was asked: nothing to approve)
+
+
+# a call whose messages are a word and whose tools are thousands of tokens
+TOOLED = """m=$FS9_MNT/models/scripted
+id=$(cat $m/clone)
+if python3 - $m/$id/request <<'PY'
+import json, sys
+tools = [{"type": "function", "function": {"name": f"t{i}", "description": "word " * 400,
+          "parameters": {"type": "object", "properties": {}}}} for i in range(8)]
+with open(sys.argv[1], "w") as f:
+    f.write(json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                        "tools": tools}) + "\\n")
+PY
+then cat $m/$id/reply > /dev/null; echo went
+else echo held; fi
+"""
+
+
+def test_a_calls_tools_count_toward_its_size(mount):
+    """Tool definitions are prompt the provider bills: a call of a word and 3000 tokens
+    of tools is over approval.model_tokens = 200, and is asked about, at its full size."""
+    m = mount
+    m.define("tooled", AGENT.format(timeout=600).replace("model_tokens = 50",
+                                                          "model_tokens = 200"),
+             {"ask.sh": TOOLED})
+    m.write("ctl", "spawn tooled\n")
+    m.write("agents/tooled/in", "go\n")
+    m.wait_for(lambda: m.status("tooled")["done"] == "1", what="the task done")
+    assert m.read("agents/tooled/out").strip() == "held", m.read("agents/tooled/err")
+    asked = m.sh("ls approvals").stdout.split()
+    assert len(asked) == 1, (m.read("agents/tooled/err"), m.read("err")[-800:])
+    [aid] = asked
+    assert int(status(m, aid)["what"].split("for up to ")[1].split()[0]) > 3000

@@ -3,6 +3,7 @@ free space of the vault's disk, streams a desktop program reads as a snapshot (n
 frozen), ctl state saved back by an editor changing nothing, modes that say what a file
 takes. Real mounts, real tools: stat, find, ls, df, gio (GIO: what GNOME's and Xfce's
 file managers and editors read files with)."""
+import errno
 import os
 import shutil
 import subprocess
@@ -227,3 +228,20 @@ def test_an_editor_opened_on_a_stream_shows_a_window_while_the_task_runs(mount, 
     finally:
         display.terminate()  # (SIGTERM: it removes its socket and lock)
         display.wait(timeout=30)
+
+
+def test_a_program_holding_a_ctl_open_has_each_write_past_the_start_applied(mount):
+    mount.sh("echo 'spawn wx cmd=cat' > ctl && echo stop > agents/wx/ctl", check=True)
+    state = mount.read("agents/wx/ctl").encode()
+    fd = os.open(mount.path / "agents/wx/ctl", os.O_WRONLY)
+    try:
+        assert os.write(fd, state) == len(state)  # from the start: its state saved back
+        for _ in range(3):
+            os.write(fd, b"run x\n")  # past the start: commands, each applied
+        with pytest.raises(OSError) as e:
+            os.write(fd, state)  # its state past the start is no save: an unknown command
+        assert e.value.errno == errno.EINVAL
+    finally:
+        os.close(fd)
+    queued = [t for t in os.listdir(mount.path / "agents/wx/tasks") if t.isdigit()]
+    assert len(queued) == 3

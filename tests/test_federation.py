@@ -23,10 +23,11 @@ def status(m: Mount, rel: str = "federation/status") -> dict[str, str]:
     return dict(line.split("=", 1) for line in m.read(rel).splitlines())
 
 
-def mails(m: Mount, folder: str) -> list[str]:
-    """The messages pending in folder (a mail/ directory), their text, oldest first."""
+def mails(m: Mount, folder: str, last: int = 0) -> list[str]:
+    """The messages pending in folder (a mail/ directory), their text, oldest first (the
+    last `last` only, if set: a full mailbox is 10,000 reads)."""
     names = [n for n in sorted((m.path / folder).iterdir()) if n.name[0].isdigit()]
-    return [n.read_text() for n in names]
+    return [n.read_text() for n in names[-last if last else 0:]]
 
 
 def log_rows(m: Mount, kind: str) -> list[dict]:
@@ -50,15 +51,15 @@ def nats(tmp_path):
         server.stop()
 
 
-@pytest.fixture
-def members(tmp_path):
-    """Two fs9 mounts, unjoined: alpha and beta."""
+def mounted(tmp_path, names):
+    """fs9 mounts named `names`, unjoined, for a fixture to yield from; each unmounted
+    after the test and checked for handler bugs."""
     reason = fuse_unavailable()
     if reason:
         pytest.skip(f"cannot mount FUSE here: {reason}")
     made = []
     try:
-        for name in ("alpha", "beta"):
+        for name in names:
             (tmp_path / name).mkdir()
             made.append(Mount(tmp_path / name).mount())
         yield made
@@ -67,6 +68,12 @@ def members(tmp_path):
             m.umount()
     for m in made:
         assert not m.bugs(), "a handler hit an unexpected exception:\n" + "\n".join(m.bugs())
+
+
+@pytest.fixture
+def members(tmp_path):
+    """Two fs9 mounts, unjoined: alpha and beta."""
+    yield from mounted(tmp_path, ("alpha", "beta"))
 
 
 def join(m: Mount, url: str, me: str, peer: str, ceiling: str = "internal") -> None:
@@ -102,7 +109,19 @@ def test_join_cards_mail_and_reply(nats, members):
     assert card["name"] == "beta" and card["version"] and "capabilities" in card
     assert card["skills"] == [{"id": "upper-casing", "name": "upper-casing", "tags": ["upper"],
                                "description": "upper-casing: provided by upper"}]
-    assert card["ceiling"] == {"alpha": "internal"} and card["auth"] == {"alpha": "delegated"}
+    own, = card["capabilities"]["extensions"]  # fs9's own fields, as an A2A extension
+    assert own["uri"] == "urn:fs9:federation"
+    assert own["params"]["ceiling"] == {"alpha": "internal"}
+    assert own["params"]["auth"] == {"alpha": "delegated"}
+    # the shape of an agent's card (registry/cards/NAME): the A2A SDK's own AgentCard,
+    # which refuses unknown fields, takes both
+    a2a = pytest.importorskip("a2a.types.a2a_pb2", reason="a2a-sdk (the test extra) not installed")
+    from google.protobuf import json_format
+    parsed = json_format.ParseDict(card, a2a.AgentCard())
+    assert parsed.skills[0].id == "upper-casing" and parsed.default_input_modes == ["text/plain"]
+    agent_card = json.loads(b.read("registry/cards/upper"))
+    assert set(agent_card) == set(card)
+    assert json_format.ParseDict(agent_card, a2a.AgentCard()).skills[0].id == "upper-casing"
     assert status(a, "federation/peers/beta/status")["ceiling"] == "internal"
     wait_for(lambda: json.loads(b.read("federation/peers/alpha/card") or "{}").get("name")
              == "alpha", what="alpha's card")
@@ -142,7 +161,8 @@ def test_join_cards_mail_and_reply(nats, members):
     wait_for(lambda: status(a)["outbox"] == "0" and status(b)["outbox"] == "0",
              what="both outboxes drained")
     assert (status(a)["sent"], status(a)["received"]) == ("2", "2")
-    assert (status(b)["sent"], status(b)["received"]) == ("2", "2")
+    # (beta also sent alpha its part of case-4521's trace, with the result: not mail)
+    assert (status(b)["sent"], status(b)["received"]) == ("3", "2")
     # an agent sends only with the federate pledge; one that has it, from its own process
     assert errno_of(a.write, "agents/echo/outbox/upper@beta", "x\n") == errno.EACCES
     a.define("relay", 'driver = "exec"\ncmd = ["sh", "-c", "cat > \\"$FS9_OUTBOX/upper@beta\\""]\n'
@@ -400,9 +420,57 @@ def test_a_full_mailbox_holds_a_peers_mail_back_and_loses_none(nats, members):
          check=True)
     wait_for(lambda: "mailbox" in status(b)["last_error"], timeout=LONG_S,
              what="beta holding the message back")
-    assert not any("let me in" in m for m in mails(b, "agents/box/mail")[-5:])
+    assert not any("let me in" in m for m in mails(b, "agents/box/mail", last=5))
     ids = [line.split("\t")[0] for line in b.read("agents/box/mail/batch").splitlines()[:100]]
     b.write("agents/box/mail/ack", " ".join(ids))
-    wait_for(lambda: any("let me in" in m for m in mails(b, "agents/box/mail")[-5:]),
+    wait_for(lambda: any("let me in" in m for m in mails(b, "agents/box/mail", last=5)),
              timeout=LONG_S, what="the message delivered once there is room")
-    assert sum("let me in" in m for m in mails(b, "agents/box/mail")) == 1
+    # once: one delivery in beta's log (reading all 9,900 files would take minutes)
+    assert len([r for r in log_rows(b, "mail_sent") if r.get("fed")]) == 1
+    assert sum("let me in" in m for m in mails(b, "agents/box/mail", last=50)) == 1
+
+
+def trace(m: Mount, corr: str) -> list[dict]:
+    return [json.loads(line) for line in m.read(f"log/trace/{corr}").splitlines()]
+
+
+def test_a_trace_crosses_with_the_result(nats, members):
+    """log/trace/ID on the OS that asked shows the answering OS's part too, each entry
+    labelled with its OS, in order; a part is taken only for an id we asked under, only
+    lines of the right shape, never lines claiming to be ours."""
+    a, b = members
+    federated(nats, a, b)
+    a.sh("printf 'type: work_request\\nclassification: public\\ncorrelation-id: tr-1\\n\\n"
+         "hi\\n' > federation/outbox/echo@beta", check=True)
+    wait_for(lambda: any(line["member"] == "beta" for line in trace(a, "tr-1")),
+             timeout=LONG_S, what="beta's part on alpha")
+    lines = trace(a, "tr-1")
+    assert [line["ts"] for line in lines] == sorted(line["ts"] for line in lines)
+    mine = [line["kind"] for line in lines if line["member"] == "alpha"]
+    theirs = [line["kind"] for line in lines if line["member"] == "beta"]
+    assert mine[0] == "fed_queued" and "fed_trace" in mine
+    assert theirs[0] == "mail_sent" and "task_done" in theirs
+    assert all(set(line) <= {"member", "seq", "ts", "kind", "agent", "task"}
+               for line in lines if line["member"] == "beta")  # no event's data crosses
+    assert {line["member"] for line in trace(b, "tr-1")} == {"beta"}
+
+    def part(mid: str, corr: str, body: str) -> None:
+        publish_raw(nats.url, "fs9.fed.alpha.beta", (
+            f"id: {mid}\nfrom: federation@beta\nto: federation@alpha\ntype: event\n"
+            f"classification: public\ncorrelation-id: {corr}\nx-trace: part\n\n{body}"
+        ).encode())
+    part("00000000000000e1", "never-asked", '{"member":"beta","seq":1,"ts":1,"kind":"x"}\n')
+    wait_for(lambda: log_rows(a, "fed_rejected"), what="the unasked part refused")
+    assert "no request of ours went to beta" in log_rows(a, "fed_rejected")[0]["reason"]
+    assert not os.path.exists(a.path / "log/trace/never-asked")  # nothing logged under it
+    before = len(trace(a, "tr-1"))
+    part("00000000000000e2", "tr-1", "\n".join([
+        '{"member":"gamma","seq":7,"ts":5,"kind":"task_done","agent":"w","secret":"s"}',
+        '{"member":"alpha","seq":999999,"ts":6,"kind":"forged"}',  # as if ours
+        '{"member":"beta","seq":"1","ts":7,"kind":"task_done"}', "not json", "[1]",
+        '{"member":"be ta","seq":2,"ts":8,"kind":"task_done"}']) + "\n")
+    wait_for(lambda: len(trace(a, "tr-1")) == before + 2, what="the part recorded")
+    [gamma] = [line for line in trace(a, "tr-1") if line["member"] == "gamma"]
+    assert gamma == {"member": "gamma", "seq": 7, "ts": 5.0, "kind": "task_done",
+                     "agent": "w", "via": "beta"}
+    assert not [line for line in trace(a, "tr-1") if line["kind"] == "forged"]

@@ -35,6 +35,9 @@ def test_the_three_os_example_runs_with_one_command():
     assert "the Knowledge OS: known-issues.md updated: the CSV export corrupted fields " \
            "holding commas; fixed in release 1.2.3" in out
     assert "Case case-4521 closed." in out
+    # event-driven: Coding's release, published on its exported topic, heard on Support
+    assert "--- Coding's release, on its topic releases, heard by Support's news agent: " \
+           "release 1.2.3: the CSV export quotes every field" in out
     # one correlation id through all three OSs' own logs
     traces = dict(line.split(":", 1) for line in out.splitlines()
                   if line.split(":")[0] in ("support", "coding", "knowledge"))
@@ -42,3 +45,7 @@ def test_the_three_os_example_runs_with_one_command():
     assert "task_progress fed_queued" in traces["coding"] and "task_done" in traces["coding"]
     assert traces["knowledge"].split()[:2] == ["mail_sent", "task_queued"]
     assert "the declassification, logged on Support: 1" in out
+    # log/trace/case-4521 on Support shows the chain in all three OSs
+    whole = out.split("--- the whole case on Support (log/trace/case-4521), entries by OS:")[1]
+    counts = dict(w.split("=") for w in whole.splitlines()[0].split())
+    assert all(int(counts[os]) > 0 for os in ("support", "coding", "knowledge")), counts

@@ -6,6 +6,8 @@ import asyncio
 import errno
 import json
 import os
+import sqlite3
+import time
 
 import nats as natspy
 
@@ -276,3 +278,61 @@ def test_a_saga_times_out_with_backoff_then_escalates_to_a_person(nats, members)
     # an agent never drives a saga
     assert errno_of(a.write, "agents/echo/view/federation/sagas/new", SAGA) in (
         errno.ENOENT, errno.EACCES)
+
+
+def test_a_large_message_whose_chunks_stopped_gives_its_place_up(nats, members):
+    """A peer that starts large messages and never finishes them (dead half way, or
+    hostile) holds the 4 places it has only until its `wait` passes, then the oldest
+    goes to the next one: rejected and logged, never silently."""
+    a, b = members
+    nats.start()
+    join(a, nats.url, "alpha", "beta")
+    connected(a)
+
+    def message(mid: str) -> list:
+        msg = (f"id: {mid}\nfrom: worker@beta\nto: operator@alpha\ntype: result\n"
+               f"classification: internal\ncorrelation-id: c-{mid}\n\n").encode()
+        return chunks.split(mid, msg + b"0123456789abcdef" * 20000)  # two chunks
+    started = [f"00000000000000d{i}" for i in range(1, 5)]
+    publish_chunks(nats.url, [message(mid)[0] for mid in started])  # first halves only
+    wait_for(lambda: len(log_rows(a, "fed_chunk")) == 4, what="four halves held")
+    publish_chunks(nats.url, message("00000000000000d5"))  # places taken, none stale
+    wait_for(lambda: log_rows(a, "fed_rejected"), what="the fifth refused")
+    assert "more than 4 large messages from beta at once" in \
+        log_rows(a, "fed_rejected")[0]["reason"]
+    a.sh("echo 'peer beta wait=1' > federation/ctl", check=True)
+    assert "wait=1" in a.read("federation/peers/beta/status").split()
+    assert errno_of(a.write, "federation/ctl", "peer beta wait=0\n") == errno.EINVAL
+    db = sqlite3.connect(f"file:{a.state / 'log.sqlite'}?mode=ro", uri=True)
+    try:  # when the halves came (the log's own clock)
+        [(last,)] = db.execute("SELECT max(ts) FROM events WHERE kind='fed_chunk'")
+    finally:
+        db.close()
+    wait_for(lambda: time.time() > last + 1.5, what="the halves going stale")
+    publish_chunks(nats.url, message("00000000000000d6"))
+    wait_for(lambda: mails(a, "mail"), timeout=LONG_S, what="the sixth delivered")
+    assert headers(mails(a, "mail")[0])["correlation-id"] == "c-00000000000000d6"
+    [gone] = [r for r in log_rows(a, "fed_rejected") if "stopped coming" in r["reason"]]
+    assert gone["id"] == started[0] and gone["reason"].endswith("(none for 1 s)")
+    # its other half, late, is a repeat of what was judged: dropped, not delivered
+    publish_chunks(nats.url, [message(started[0])[1]])
+    wait_for(lambda: int(status(a)["duplicates"]) >= 1, what="the late half dropped")
+    assert len(mails(a, "mail")) == 1
+
+
+def test_more_than_64_chunks_are_refused(nats, members):
+    """A large message crosses in 64 chunks at most (16 MiB): a first chunk that says 65
+    is refused whole, nothing of it kept; one that says 64 is held for the rest."""
+    a, b = members
+    nats.start()
+    join(a, nats.url, "alpha", "beta")
+    connected(a)
+    assert chunks.MAX_CHUNKS == 64
+    piece = b"x" * chunks.CHUNK
+    publish_chunks(nats.url, [(piece, {chunks.HEADER: f"00000000000000f1 0 65 {'0' * 64}"}),
+                              (piece, {chunks.HEADER: f"00000000000000f2 0 64 {'0' * 64}"})])
+    wait_for(lambda: log_rows(a, "fed_rejected") and log_rows(a, "fed_chunk"),
+             what="one refused, one held")
+    [rej] = log_rows(a, "fed_rejected")
+    assert "bad chunk 0 of 65 (2 to 64 chunks)" in rej["reason"]
+    assert [(e["id"], e["n"]) for e in log_rows(a, "fed_chunk")] == [("00000000000000f2", 64)]

@@ -5,6 +5,7 @@ FS9FED bounded as a work queue. Two real mounts, a real nats-server."""
 import asyncio
 import errno
 import os
+import time
 
 import nats as natspy
 
@@ -137,3 +138,32 @@ def test_a_peer_over_its_rate_waits_and_nothing_is_lost(nats, members):
     assert cfg.discard_new_per_subject and cfg.max_msgs_per_subject == 10_000
     wait_for(lambda: stream_state(nats.url).state.messages == 0,
              what="acked messages gone from the stream")
+
+
+def test_a_held_request_unanswered_expires(nats, members):
+    """A held request waits for the peer's `wait`, or its own deadline if sooner; then
+    it is decided `expired` and the sender told, as by a deny, both logged."""
+    a, b = members
+    setup(nats, a, b, "independent")
+    assert errno_of(b.write, "federation/ctl", "peer alpha wait=x\n") == errno.EINVAL
+    b.sh("echo 'peer alpha wait=2' > federation/ctl", check=True)
+    request(a, "correlation-id: wait-1\n", "nobody answers")
+    wait_for(lambda: approvals(b), what="the request held")
+    [held] = approvals(b)
+    assert "until=" in b.read(f"federation/approvals/{held}")
+    wait_for(lambda: mails(a, "mail"), timeout=LONG_S, what="the expiry told to alpha")
+    [note] = mails(a, "mail")
+    assert "rejected: no answer from the operator of beta by " in note
+    assert headers(note)["correlation-id"] == "wait-1"
+    assert approvals(b) == [] and tasks(b, "echo") == []
+    assert errno_of(b.write, f"federation/approvals/{held}", "approve\n") in \
+        (errno.ENOENT, errno.EACCES)  # (gone: no such file, and none may be made there)
+    a.sh(f"rm mail/{headers(note)['id']}", check=True)
+    # its own deadline, sooner than the peer's wait, holds
+    b.sh("echo 'peer alpha wait=3600' > federation/ctl", check=True)
+    soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 4))
+    request(a, f"correlation-id: wait-2\ndeadline: {soon}\n", "in a hurry")
+    wait_for(lambda: mails(a, "mail"), timeout=LONG_S, what="the second expiry")
+    assert headers(mails(a, "mail")[0])["correlation-id"] == "wait-2"
+    decisions = [(d["decision"], d["by"]) for d in log_rows(b, "fed_decided")]
+    assert decisions == [("expired", "deadline")] * 2 and tasks(b, "echo") == []

@@ -29,6 +29,7 @@ STEPS = int(os.environ.get("FS9_FUZZ_STEPS", "50"))
 LONG = "FS9_FUZZ_SEED" in os.environ or "FS9_FUZZ_EXAMPLES" in os.environ
 HANG_S = 20.0  # no call may take longer (generous: a loaded 2-core machine)
 MAX_RSS_MB = 600
+VACUOUS_BELOW = 200  # calls: a run this long that never opened, read and wrote is broken
 AGENTS = ("z", "y")
 
 # Files of every kind (names relative to the mount; C: a model conversation's id), and
@@ -368,4 +369,5 @@ def test_fuzz_the_namespace(mount):
         Namespace.mount = None
         print("calls made:", dict(OUTCOMES.most_common()))
     ok = {c for (c, outcome), n in OUTCOMES.items() if outcome == "ok"}
-    assert {"open", "read", "write", "close"} <= ok, f"a vacuous run: only {ok} succeeded"
+    if sum(OUTCOMES.values()) >= VACUOUS_BELOW:  # (a tiny `make fuzz` may draw no file session)
+        assert {"open", "read", "write", "close"} <= ok, f"a vacuous run: only {ok} succeeded"

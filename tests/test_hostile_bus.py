@@ -168,3 +168,26 @@ def test_mail_above_the_approval_label_goes_nowhere_else(mount):
     assert errno_of(lambda: (v / "topics/t").write_bytes(b"y\n")) == errno.EPERM
     assert mount.status("keeper")["queued"] == "0" and mail_of(mount, "keeper") == []
     assert not os.listdir(mount.path / "approvals")
+
+
+def test_mail_in_batches_meets_every_check_of_mail_new(two):
+    """mail/batch (many messages a write) is one more way to send: each line is checked
+    as a message written to mail/new is (labels, the kernel's headers, correlation ids,
+    reply-to, numbers), a refused write sends none of its lines, and a reader cleared
+    lower reads no batch of a mailbox above it."""
+    def batch(who: str, to: str, data: str) -> int | None:
+        return errno_of(two.write, f"agents/{who}/view/agents/{to}/mail/batch", data)
+    assert batch("conf", "pub", "classification: public\n\nsecret 1\nsecret 2\n") == errno.EPERM
+    assert batch("conf", "pub", "secret 3\n") == errno.EACCES  # conf's own label: above pub
+    assert batch("pub", "conf", "x-task: 1\n\nforged\n") == errno.EPERM
+    assert batch("pub", "conf", "reply-to: operator\n\nreply to him\n") == errno.EPERM
+    # (nor through mail/new: "agents" = "rw" lets it write every agent's mail, never the
+    # operator's, whose mailbox gets only the results of the operator's own requests)
+    assert send_as(two, "pub", "conf", "reply-to: operator\n\nreply to him\n") == errno.EPERM
+    assert batch("pub", "conf", "correlation-id: 0123456789abcdef\n\nnot mine\n") == errno.EPERM
+    assert batch("pub", "conf", "deadline: +inf\n\nforever\n") == errno.EINVAL
+    got = mail_of(two, "pub") + mail_of(two, "conf")
+    assert not any(word in m for m in got for word in
+                   ("secret", "forged", "reply to him", "not mine", "forever")), got
+    two.write("agents/conf/mail/new", "for conf only\n")
+    assert errno_of(two.read, "agents/pub/view/agents/conf/mail/batch") == errno.EACCES

@@ -58,7 +58,7 @@ def test_uids_never_repeat_while_a_holder_may_live(tmp_path):
     """A uid whose previous holder's program still runs is skipped; two fs9 instances
     that would pick the same uid range never share it."""
     import subprocess
-    from fs9.drivers import confine
+    from fs9.drivers import uidslots
     from fs9.kernel.kernel import Kernel
     (tmp_path / "agents").mkdir()
     a = Kernel(str(tmp_path / "a"), str(tmp_path / "agents"))
@@ -75,7 +75,7 @@ def test_uids_never_repeat_while_a_holder_may_live(tmp_path):
     (tmp_path / "b" / "uid-slot").write_text(str(a.uid_slot))  # asks for a's range
     b = Kernel(str(tmp_path / "b"), str(tmp_path / "agents"))
     if a._uid_claim is None:
-        pytest.skip(f"uid ranges cannot be claimed here ({confine.CLAIMS})")
+        pytest.skip(f"uid ranges cannot be claimed here ({uidslots.CLAIMS})")
     assert b.uid_slot != a.uid_slot
     assert (tmp_path / "b" / "uid-slot").read_text() == str(b.uid_slot)  # remembered
 

@@ -15,6 +15,7 @@ import pytest
 import fs9
 from conftest import REPO, WAIT_S, fs9 as run_fs9, fuse_unavailable, mounted, wait_for
 from fs9 import service
+from fs9.kernel import state
 from fs9.kernel.agents import manifest as manifests
 from fs9.kernel.models import tokens
 
@@ -144,6 +145,14 @@ def test_notify_ready_then_a_stop_is_clean(tmp_path, stop):
             if p.poll() is None:
                 p.kill()
                 subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    # stopped, the state's lock is free (systemd's restart mounts it again at once), and
+    # the lock file says the stop was clean
+    lock = state.StateLock(str(tmp_path / "state"))
+    try:
+        assert "stopped" in lock.previous and lock.previous["pid"] != os.getpid(), lock.previous
+    finally:
+        lock._write(lock.previous)
+        lock.release()
     r = run_fs9("check", str(tmp_path / "state"))
     assert r.returncode == 0, r.stderr
 

@@ -69,3 +69,22 @@ def test_each_driver_answers_in_plain_data(raw):
         assert reads == [str(Path(argv[1]).parent)]
         assert env["FS9_MODEL"] == driver.model(m) == "m" and env["FS9_CLEARANCE"] == "public"
         assert json.loads(env["FS9_TOOLS"]) == ["read", "send"]
+
+
+def test_a_mount_loads_only_what_it_uses():
+    """`fs9 mount --background`'s parent (and `fs9 umount`) load no event loop, face or
+    kernel; the server loads nats-py only when it joins a federation or a cluster
+    (docs/benchmarks.md: a second's start-up each, on a loaded machine)."""
+    import subprocess
+    import sys
+    probe = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
+             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+
+    def loaded(module):
+        return subprocess.run([sys.executable, "-c", probe, module], capture_output=True,
+                              text=True, check=True).stdout.split()
+    parent = loaded("fs9.cli")
+    assert not {"trio", "pyfuse3", "nats", "aiohttp"} & set(parent), parent
+    server = loaded("fs9.face.mount")
+    assert "trio" in server and "pyfuse3" in server  # (the probe sees what it should)
+    assert not {"nats", "aiohttp"} & set(server), server

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import uid_procs
 from fs9.drivers import cgroups, confine
 
 pytestmark = pytest.mark.skipif(confine.unavailable() is not None,
@@ -25,17 +26,6 @@ def run_task(mount, name: str, manifest: str, files=None, stdin="go\n", timeout=
 def exceeded(mount, name: str) -> list[dict]:
     return [e for e in map(json.loads, mount.read("log/audit").splitlines())
             if e["kind"] == "limit_exceeded" and e.get("agent") == name]
-
-
-def uid_procs(uid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == uid:
-                found.append(int(entry))
-        except OSError:
-            pass
-    return found
 
 
 def responsive(mount) -> float:

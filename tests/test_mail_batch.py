@@ -217,3 +217,47 @@ def test_lines_begun_in_open_batches_count_against_the_agents_cap(mount):
             f.close()
         except OSError as e:  # (its line sent at close: the agent's mail rate may say
             assert e.errno == errno.EAGAIN  # wait, after the 60-odd MiB just sent)
+
+
+def test_the_operators_results_read_and_acknowledged_in_batches(mount):
+    mount.sh("echo 'spawn upper' > ctl", check=True)
+    for word in ("one", "two", "three"):
+        mount.write("agents/upper/mail/new", f"type: work_request\n\n{word}\n")
+    mount.wait_for(lambda: len(root_pending(mount)) == 3, what="three results")
+    rows = [line.split("\t") for line in mount.read("mail/batch").splitlines()]
+    assert sorted(body for _, _, body in rows) == ["ONE", "THREE", "TWO"]
+    assert {sender for _, sender, _ in rows} == {"upper"}
+    assert root_pending(mount) == sorted(root_pending(mount)) and len(root_pending(mount)) == 3
+    with pytest.raises(FileNotFoundError):  # one not pending: nothing acknowledged
+        mount.write("mail/ack", f"{rows[0][0]} no-such-id\n")
+    assert len(root_pending(mount)) == 3
+    mount.sh(f"echo {rows[0][0]} {rows[1][0]} > mail/ack", check=True)
+    assert len(root_pending(mount)) == 1
+    mount.kill9()  # acknowledged before the write returned: gone for good
+    mount.mount()
+    (left,) = root_pending(mount)
+    assert mount.read(f"mail/{left}").endswith(f"\n\n{rows[2][2]}\n")
+    assert sorted(os.listdir(mount.path / "mail")) == sorted(["dead", "next", left])
+    kinds = [json.loads(line)["kind"] for line in mount.read("log/audit").splitlines()]
+    assert kinds.count("mail_acked") >= 2 + 3  # the kernel's acks of the requests, and ours
+
+
+def test_an_agent_never_acknowledges_the_operators_mail(mount):
+    mount.define("peer", 'cmd = ["sleep", "600"]\n[unveil]\n"mail" = "rw"\n')
+    mount.sh("echo 'spawn upper' > ctl && echo 'spawn peer' > ctl", check=True)
+    mount.write("agents/upper/mail/new", "type: work_request\n\nx\n")
+    mount.wait_for(lambda: len(root_pending(mount)) == 1, what="a result")
+    (msg_id,) = [line.split("\t")[0] for line in mount.read("mail/batch").splitlines()]
+    # unveiled to it, the operator's mailbox reads as next does; acknowledging is not its
+    assert mount.read("agents/peer/view/mail/batch").startswith(msg_id + "\t")
+    with pytest.raises(OSError) as e:
+        mount.write("agents/peer/view/mail/ack", msg_id)
+    assert e.value.errno == errno.EACCES
+    with pytest.raises(OSError) as e:  # nor by rm
+        os.unlink(mount.path / "agents/peer/view/mail" / msg_id)
+    assert e.value.errno == errno.EACCES
+    assert len(root_pending(mount)) == 1
+
+
+def root_pending(mount) -> list[str]:
+    return [n for n in os.listdir(mount.path / "mail") if n not in ("next", "dead")]

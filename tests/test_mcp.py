@@ -1,7 +1,7 @@
 """`fs9 mcp`: a real mount served to the MCP SDK's own client over stdio, as one agent at
 a time; two agents of different views. What a view hides is ENOENT through MCP too, a
-missing pledge EACCES, a symlink to a host file is not followed; a task runs end to end
-and mail makes a round trip. Every assertion is on what fs9 served or logged."""
+missing pledge EACCES, a symlink to a host file is not followed; a task runs end to end,
+its output streamed as progress, and mail makes a round trip. Every assertion is on what fs9 served or logged."""
 import json
 import socket
 import subprocess
@@ -139,11 +139,19 @@ async def test_the_other_agent_sees_its_own_view(two, tmp_path):
 
 
 async def test_a_task_runs_end_to_end_and_mail_comes_back(two):
+    streamed = []
+
+    async def progress(done, total, message):  # the output, streamed as it came
+        streamed.append((done, message))
+
     async with connect(two, "alpha") as c:
-        run = await c.call_tool("run_task", {"agent": "alpha", "input": "hello orchard\n"})
+        run = await c.call_tool("run_task", {"agent": "alpha", "input": "hello orchard\n"},
+                                progress_callback=progress)
         assert not run.is_error, text(run)
         result = value(run)
         assert result["out"] == "HELLO ORCHARD\n" and result["state"] == "done"
+        assert streamed and "".join(m for _, m in streamed) == result["out"], streamed
+        assert streamed[-1][0] == len(result["out"].encode())  # progress: the bytes so far
         assert two.read(f"agents/alpha/tasks/{result['task']}/input") == "hello orchard\n"
         sent = await c.call_tool("send_mail", {"to": "beta", "body": "ping 7",
                                                "type": "work_request"})
@@ -173,9 +181,22 @@ async def test_streamable_http_on_localhost_keeps_the_view(two):
         await trio.to_thread.run_sync(lambda: wait_for(lambda: listening(port) or server.poll() is not None,
                                                        what="fs9 mcp listening"))
         assert server.poll() is None, server.stderr.read().decode()
+        streamed = []
+
+        async def progress(done, total, message):
+            streamed.append(message)
+
         async with Client(f"http://127.0.0.1:{port}/mcp", cache=None) as c:
+            assert "run_task" in {t.name for t in (await c.list_tools()).tools}
             assert text(await c.call_tool("read_file", {"path": "vault/secret/s.md"})) == "secret plans\n"
             assert refused(await c.call_tool("read_file", {"path": "vault/pub/a.md"}), "ENOENT")
+            run = await c.call_tool("run_task", {"agent": "beta", "input": "over http\n"},
+                                    progress_callback=progress)
+            assert not run.is_error, text(run)
+            result = value(run)
+            assert result["out"] == "over http\n" and result["state"] == "done"
+            assert "".join(streamed) == "over http\n"
+        assert two.read(f"agents/beta/tasks/{result['task']}/input") == "over http\n"
     finally:
         server.terminate()
         server.wait(30)

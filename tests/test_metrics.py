@@ -1,18 +1,26 @@
 """The root `metrics` (kernel/metrics.py): Prometheus text, parsed by prometheus-client's
 own parser and checked against activity driven through a real mount."""
+import json
 import socket
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Mount, fs9, fuse_unavailable
+from conftest import Mount, fs9, fuse_unavailable, wait_task
 
 
 def samples(text: str) -> dict[tuple, float]:
     """{(sample name, (label, value)...): value} of an exposition."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def free_port() -> int:
+    """A free port on loopback (another process could take it meanwhile: unlikely)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_metrics_count_what_happened(mount):
@@ -87,13 +95,8 @@ def test_metrics_over_http_for_a_scraper(tmp_path):
     r = fs9("mount", str(m.path), "--state", str(m.state), "--agents", str(m.agents),
             "--metrics", "0.0.0.0:9109")
     assert r.returncode == 2 and "loopback" in r.stderr
-    with socket.socket() as s:  # a free port (another process could take it: unlikely)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = fs9("mount", str(m.path), "--state", str(m.state), "--agents", str(m.agents),
-            "--vault", str(m.vault), "--background", "--metrics", f"127.0.0.1:{port}")
-    assert r.returncode == 0, r.stderr
-    m.pid = int(dict(w.split("=") for w in m.read("ctl").split())["pid"])
+    port = free_port()
+    m.mount("--metrics", f"127.0.0.1:{port}")
     try:
         m.sh("echo 'spawn echo' > ctl && echo 'run hi' > agents/echo/ctl", check=True)
         m.wait_for(lambda: m.status("echo")["done"] == "1", what="the task done")
@@ -101,5 +104,50 @@ def test_metrics_over_http_for_a_scraper(tmp_path):
             got = samples(resp.read().decode())
         assert got[("fs9_agent_tasks", (("agent", "echo"), ("state", "done")))] == 1
         assert got[("fs9_task_duration_seconds_count", ())] == 1
+    finally:
+        m.umount()
+
+
+SPY = """import socket
+s = socket.create_connection(("127.0.0.1", PORT), timeout=20)
+print("connected", flush=True)
+s.sendall(b"GET /metrics HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
+got = b""
+try:
+    while chunk := s.recv(65536):
+        got += chunk
+except OSError as e:
+    print("error", e.errno)
+print("got", len(got))
+print(got.decode(errors="replace"))
+"""
+
+
+def test_the_metrics_address_answers_the_operator_only(tmp_path):
+    """A confined agent that pledged `inet` shares the host's loopback, so it reaches the
+    --metrics address; fs9 looks up who made the socket at the other end and answers
+    the operator only: the agent's connection is closed unread (a `refused` event), so
+    the names of agents it may not know of never reach it; the operator's scrape works."""
+    from fs9.drivers import confine
+    why = fuse_unavailable() or confine.unavailable()
+    if why:
+        pytest.skip(f"cannot run a confined agent on a mount here: {why}")
+    m = Mount(tmp_path)
+    port = free_port()
+    m.mount("--metrics", f"127.0.0.1:{port}")
+    try:
+        m.define("spy", 'cmd = ["python3", "spy.py"]\npledge = ["read", "inet"]\n',
+                 {"spy.py": SPY.replace("PORT", str(port))})
+        m.define("unseen", 'cmd = ["cat"]\n')
+        m.sh("echo 'spawn unseen' > ctl; echo 'spawn spy' > ctl", check=True)
+        m.write("agents/spy/in", "go\n")
+        out, err = wait_task(m, "spy", 120)
+        assert out.startswith("connected\n"), err  # it reached the port: fs9 said no
+        assert "unseen" not in out and "fs9_" not in out
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+            assert ("fs9_mail_pending", (("agent", "unseen"),)) in samples(resp.read().decode())
+        m.wait_for(lambda: [e for e in map(json.loads, m.read("log/audit").splitlines())
+                            if e["kind"] == "refused" and e.get("agent") == "spy"
+                            and e.get("file") == "metrics (http)"], what="spy's refusal")
     finally:
         m.umount()

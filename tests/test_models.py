@@ -217,7 +217,7 @@ def test_halt_cancels_calls_in_flight(mounted_with):
     m.write("ctl", "halt\n")
     out, err = reader.communicate(timeout=30)
     out = head + out
-    assert time.monotonic() - t0 < 2 and reader.returncode == 1
+    assert time.monotonic() - t0 < 15 and reader.returncode == 1  # (the reply: 20 s)
     assert "Operation canceled" in err and out.startswith("(scripted model)")
     assert errno_of(m.write, f"models/slow/{cid}/request", "more") == errno.EBUSY
     m.write("ctl", "resume\n")

@@ -291,7 +291,7 @@ def test_sleep_makes_timeouts(server):
         llm.chat(user("SLEEP 3"))
     with pytest.raises(httpx.ReadTimeout):
         list(llm.stream_chat(user("SLEEP 3")))
-    assert time.monotonic() - t < 2.5
+    assert time.monotonic() - t < 10  # four 0.3 s timeouts, not four 3 s sleeps
     # SLEEP under the timeout only delays
     t = time.monotonic()
     assert openai_llm(server).chat(user("x\nSLEEP 0.3")).message.content == "echo: x\nSLEEP 0.3"
@@ -337,7 +337,7 @@ def test_stop_mid_stream_and_mid_sleep(server):
     t = time.monotonic()
     with pytest.raises(openai.APIConnectionError):
         openai_llm(server).chat(user("SLEEP 10"))
-    assert time.monotonic() - t < 2
+    assert time.monotonic() - t < 8  # the stop, not the 10 s sleep, ended it
     stopper.join()
 
 

@@ -17,7 +17,7 @@ def test_root_and_agent_layout(mount):
     assert mount.read("status") == "echo idle - 0 0 0 0\n"
     # federation/ is there, off until joined (tests/test_federation.py)
     assert sorted(os.listdir(mount.path / "federation")) == [
-        "approvals", "card", "ctl", "dead", "outbox", "peers", "requests", "sagas", "status"]
+        "approvals", "card", "ctl", "dead", "outbox", "peers", "requests", "sagas", "status", "topics"]
     assert "connection=off" in mount.read("federation/status")
     # nodes/ is there, empty outside a cluster (tests/test_cluster.py)
     assert os.listdir(mount.path / "nodes") == []

@@ -13,6 +13,7 @@ import trio
 
 from fs9.errors import Fs9Error
 from fs9.kernel import log as eventlog
+from fs9.kernel import finished, records, snapshot
 from fs9.kernel.kernel import Kernel
 
 from conftest import WAIT_S, errno_of, fs9
@@ -127,9 +128,16 @@ def _snapshot(mount) -> dict:
 
 
 def _quiet(mount) -> bool:
-    """Every agent in the tree is idle with nothing queued."""
-    return all(mount.status(a)["state"] == "idle" and mount.status(a)["queued"] == "0"
-               for a in os.listdir(mount.path / "agents"))
+    """Every agent in the tree is idle with nothing queued, and every task has ended (an
+    agent whose sandbox is starting with a task in hand still reads idle, queued=0)."""
+    for a in os.listdir(mount.path / "agents"):
+        if mount.status(a)["state"] != "idle" or mount.status(a)["queued"] != "0":
+            return False
+        for t in os.listdir(mount.path / f"agents/{a}/tasks"):
+            state = mount.read(f"agents/{a}/tasks/{t}/status").split("\n")[2]
+            if state in ("state=queued", "state=running"):
+                return False
+    return True
 
 
 def _events(mount, where: str = "1", args=()) -> list[tuple]:
@@ -166,6 +174,7 @@ def _race(mount, rng: random.Random, name: str) -> str:
     return f"{how} after {first:.3f}s (then {second:.3f}s)"
 
 
+@pytest.mark.timeout(900)  # past its own deadline (20 * WAIT_S): 30 rounds, 10 remounts, on a busy machine
 def test_a_kill_halt_restart_or_stop_racing_a_sandbox_start_keeps_the_log_replayable(mount):
     from fs9.drivers import confine
     why = confine.unavailable()
@@ -264,3 +273,179 @@ def test_a_planted_bad_event_is_set_aside_reported_and_the_rest_comes_back(mount
     mount.write("ctl", "dismiss all\n")
     assert mount.read("err") == ""
     assert errno_of(mount.write, "ctl", "dismiss all\n") == errno.ENOENT
+
+
+def _picture(k: Kernel) -> dict:
+    """What a mount serves of agents, tasks and mail, comparable across kernels."""
+    tasks = {t.id: (t.agent, t.corr, t.state, t.attempt, t.exit, t.reason, t.daemon,
+                    t.reply_to, t.request, t.queued_ts, t.started_ts, t.ended_ts)
+             for t in k.tasks.values()}
+    agents = {}
+    for a in k.agents.values():
+        box = a.mailbox
+        agents[a.name] = dict(
+            stopped=a.stopped, failed=a.failed, priority=a.priority, restarts=a.restarts,
+            tasks=[t.id for t in a.tasks], queue=[t.id for t in a.queue],
+            finished=[t.id for t in a.finished], failures=list(a.breaker.failures),
+            tally=+a.tally, corrs=list(a.corrs), order=list(box.order), bytes=box.bytes,
+            ids=dict(box.ids), dead=sorted(box.dead),
+            mail={n: (m.to, m.body, dict(m.headers), m.seq) for n, m in box.pending.items()})
+    keys = [(sender, list(keys.items())) for sender, keys in k.bus.sent_keys.items()]
+    return dict(tasks=tasks, agents=agents, tally=+k.tally, keys=keys,
+                applied=+k.metrics.applied, orphans=[t.id for t in k.orphans],
+                durations=(list(k.metrics.durations.counts), k.metrics.durations.sum),
+                memory={h: dict(n) for h, n in k.memory.notes.items()},
+                topics={n: (t.oldest_seq, len(t.events)) for n, t in k.bus.topics.items()})
+
+
+def test_a_replayed_state_is_the_state_before_the_remount(tmp_path):
+    """Replay (blobs read with their rows, up to REPLAY_BLOB bytes; larger ones read
+    apart) rebuilds exactly what the kernel held: every task's lifecycle, every agent's
+    queue and tallies, every pending message with its body and headers."""
+    k = _kernel(tmp_path)
+    k.ctl(b"spawn w cmd=cat unconfined=true\nspawn idle cmd=cat unconfined=true")
+    w, idle = k.agents["w"], k.agents["idle"]
+    idle.stop()  # its tasks stay queued
+    for i in range(40):
+        task = k.submit(w, b"input %d\n" % i)
+        ids = dict(agent="w", task=task.id, corr=task.corr)
+        k.record("task_started", attempt=1, **ids)
+        k.log.add_chunk(task.id, 1, 1, b"out %d\n" % i)
+        k.record("task_done" if i % 3 else "task_failed", exit=i % 3 and 0 or 1, **ids)
+        k.submit(idle, b"later %d\n" % i)
+    bodies = [b"small %d\n" % i for i in range(30)] + \
+             [b"x" * (records.REPLAY_BLOB + 100 * i) for i in range(1, 4)]  # read apart
+    sent = [k.bus.send(w, body) for body in bodies]
+    for msg in sent[::2]:  # half acknowledged, half pending
+        k.bus.delivered(w, msg)
+        k.bus.ack(w, msg.name)
+    k.log.flush_deferred()
+    before = _picture(k)
+    assert len(before["agents"]["w"]["mail"]) == len(sent) // 2
+    assert any(len(m[1]) > records.REPLAY_BLOB for m in before["agents"]["w"]["mail"].values())
+    assert before["tally"]["done"] and before["tally"]["failed"] and before["tally"]["queued"]
+    k.log.close()
+    k2 = _kernel(tmp_path)
+    k2._replay()
+    assert _picture(k2) == before
+    k2.log.close()
+
+
+def _work(k: Kernel, rng: random.Random, rounds: int) -> list:
+    """Random work, offline, as agents' loops and the operator make it: tasks that end
+    every way (some agents killed with tasks queued, names spawned again), mail acked
+    or left pending (some with idempotency keys), topic events, memory notes. Returns
+    every task made (final ones as they were when they ended)."""
+    made = []
+    for _ in range(rounds):
+        names = [n for n in k.agents if n.startswith("a")]
+        if len(names) < 3 or rng.random() < 0.03:
+            name = f"a{rng.randrange(6)}"
+            if name not in k.agents:
+                k.ctl(f"spawn {name} cmd=cat unconfined=true\n".encode())
+            continue
+        agent = k.agents[rng.choice(names)]
+        r = rng.random()
+        if r < 0.45:
+            task = k.submit(agent, b"in %d\n" % len(made))
+            made.append(task)
+            if rng.random() < 0.8:
+                ids = dict(agent=agent.name, task=task.id, corr=task.corr)
+                k.record("task_started", attempt=1, **ids)
+                k.log.add_chunk(task.id, 1, 1, b"out %d\n" % task.id)
+                end = rng.choice(["task_done", "task_done", "task_failed", "task_cancelled"])
+                k.record(end, exit=0 if end == "task_done" else 1, reason="r", **ids)
+        elif r < 0.8:
+            key = {"idempotency-key": f"k{rng.randrange(50)}"} if rng.random() < 0.3 else {}
+            head = "".join(f"{h}: {v}\n" for h, v in key.items())
+            try:
+                msg = k.bus.send(agent, (head + ("\n" if head else "") + "m\n").encode())
+            except Fs9Error:
+                continue  # (a key used before: a duplicate, refused)
+            if msg is not None and rng.random() < 0.8 and agent.mailbox.get(msg.name):
+                k.bus.delivered(agent, msg)
+                k.bus.ack(agent, msg.name)
+        elif r < 0.88:
+            k.bus.publish(k.bus.create_topic("t"), b"e\n")
+        elif r < 0.93:
+            k.memory.set(agent, f"n{rng.randrange(5)}", b"note")
+        elif r < 0.96:
+            k.kill(agent.name)
+        else:
+            k.ctl(f"spawn {agent.name}x cmd=cat unconfined=true\n".encode()) \
+                if agent.name + "x" not in k.agents else k.kill(agent.name + "x")
+    k.log.flush_deferred()
+    return made
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_mount_from_a_snapshot_is_the_state_a_full_replay_rebuilds(tmp_path, monkeypatch,
+                                                                     seed):
+    """Random work with a snapshot written in its middle (and finished tasks retired
+    past the latest few): the live state, a mount from the snapshot and a full replay
+    are one state; a retired task rebuilt from its events is the task it was."""
+    monkeypatch.setattr(finished, "TASKS_KEPT", 4)
+    rng = random.Random(seed)
+    k = _kernel(tmp_path)
+    made = _work(k, rng, 300)
+    snapshot.write_now(k)
+    made += _work(k, rng, 300)
+    before = _picture(k)
+    assert len(before["tasks"]) < len(made), "no task retired"
+    statuses = {t.id: t.status() for t in made if t.final}
+    k.log.close()
+
+    k2 = _kernel(tmp_path)
+    k2._replay()
+    assert 0 < k2.snapshot_seq < k2.log.last_seq  # from the snapshot, then the rest
+    assert _picture(k2) == before
+    for task in made:  # every finished task reads as it was, retired or not
+        agent = k2.agents.get(task.agent)
+        if task.final and agent is not None and task.id > agent.spawn_seq:
+            again = k2.tasks.get(task.id) or finished.old(k2, agent, task.id)
+            assert again is not None and again.status() == statuses[task.id], task.id
+    snapshot.write_now(k2)  # (as its clean unmount would)
+    k2.log.close()
+
+    k3 = Kernel(str(tmp_path / "state"), str(tmp_path / "agents"), full_replay=True)
+    k3._replay()
+    assert k3.snapshot_seq == 0 and _picture(k3) == before
+    k3.log.close()
+    k4 = _kernel(tmp_path)  # from the second snapshot (at the end: nothing after it)
+    k4._replay()
+    assert k4.snapshot_seq == k4.log.last_seq and _picture(k4) == before
+    k4.log.close()
+
+
+def test_a_snapshot_that_does_not_match_its_log_is_not_used(tmp_path):
+    k = _kernel(tmp_path)
+    k.ctl(b"spawn w cmd=cat unconfined=true\n")
+    for i in range(10):
+        k.submit(k.agents["w"], b"x\n")
+    k.log.append("mount", mountpoint="/m")  # (the row changed below: for the record only)
+    snapshot.write_now(k)
+    before = _picture(k)
+    k.log.close()
+    db = sqlite3.connect(tmp_path / "state" / "log.sqlite")
+    try:  # a row it names changed under it (only by hand: events are append-only)
+        db.execute("DROP TRIGGER events_append_only")
+        db.execute("UPDATE events SET data = '{\"mountpoint\":\"/x\"}'"
+                   " WHERE seq = (SELECT max(seq) FROM events)")
+        db.commit()
+    finally:
+        db.close()
+    k2 = _kernel(tmp_path)
+    k2._replay()
+    assert k2.snapshot_seq == 0 and _picture(k2) == before
+    snapshot.write_now(k2)
+    k2.log.close()
+    db = sqlite3.connect(tmp_path / "state" / "log.sqlite")
+    try:  # a damaged residue
+        db.execute("UPDATE snapshot SET state = x'00'")
+        db.commit()
+    finally:
+        db.close()
+    k3 = _kernel(tmp_path)
+    k3._replay()
+    assert k3.snapshot_seq == 0 and _picture(k3) == before
+    k3.log.close()

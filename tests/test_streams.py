@@ -24,7 +24,8 @@ def test_hundreds_of_blocked_readers_do_not_hold_up_other_requests(mount):
         for _ in range(3):
             start = time.monotonic()
             r = mount.sh("ls agents/slow && stat status >/dev/null && cat status", check=True)
-            assert time.monotonic() - start < 1.0, "ls/stat/cat held up by blocked readers"
+            # (held up, they would wait for the 60 s task; a loaded machine is slow, not that)
+            assert time.monotonic() - start < 10, "ls/stat/cat held up by blocked readers"
         assert "slow running" in r.stdout
         mount.sh("echo 'spawn echo' > ctl && echo 'run still works' > agents/echo/ctl", check=True)
         assert mount.read("agents/echo/out") == "still works\n"
@@ -34,7 +35,7 @@ def test_hundreds_of_blocked_readers_do_not_hold_up_other_requests(mount):
         start = time.monotonic()
         for p in readers:
             p.wait(timeout=10)
-        assert time.monotonic() - start < 5, "SIGKILLed readers were not freed promptly"
+        assert time.monotonic() - start < 30, "SIGKILLed readers were not freed promptly"
 
 
 def test_timeout_ctrl_c_and_sigkill_free_a_blocked_reader(mount):
@@ -44,7 +45,7 @@ def test_timeout_ctrl_c_and_sigkill_free_a_blocked_reader(mount):
     start = time.monotonic()
     r = mount.sh("timeout 0.5 cat agents/slow/out")
     assert r.returncode == 124 and r.stdout == "started\n"
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 30  # (not the 60 s task's end)
     for sig in (signal.SIGINT, signal.SIGKILL, signal.SIGTERM):
         # (with the signals' default actions: a suite started with `nohup ... &` ignores
         # SIGINT, and its children would inherit that)
@@ -58,7 +59,7 @@ def test_timeout_ctrl_c_and_sigkill_free_a_blocked_reader(mount):
         except subprocess.TimeoutExpired:  # say where the reader and the server wait
             raise AssertionError(f"reader ignored signal {sig!r} for 30 s:\n"
                                  f"{proc_report(p.pid)}\nfs9:\n{proc_report(mount.pid)}")
-        assert time.monotonic() - sent < 1.0, f"reader ignored signal {sig!r}"
+        assert time.monotonic() - sent < 10, f"reader ignored signal {sig!r}"
         assert p.returncode == -sig
     assert mount.alive()
 
@@ -76,8 +77,8 @@ def test_select_poll_and_epoll_on_a_stream(mount):
         assert ep.poll(0.2) == []
         start = time.monotonic()
         subprocess.Popen(["sh", "-c", f"sleep 0.3; echo 'run hi' > {mount.path}/agents/echo/ctl"])
-        assert ep.poll(5) == [(fd, select.EPOLLIN)]  # woken by the event, not by a timeout
-        assert 0.2 < time.monotonic() - start < 3
+        assert ep.poll(60) == [(fd, select.EPOLLIN)]  # woken by the event, not by a timeout
+        assert 0.2 < time.monotonic() - start
         assert select.select([fd], [], [], 0)[0] == [fd]
         assert poller.poll(0) == [(fd, select.POLLIN)]
         assert b'"kind":"task_queued"' in os.read(fd, 65536)

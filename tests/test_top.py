@@ -105,6 +105,30 @@ def test_top_shows_the_agents_and_its_keys_stop_one_and_answer(mount):
     assert m.status("echo")["state"] == "idle"  # only the selected agent was stopped
 
 
+def test_the_b_key_resets_an_open_breaker(mount):
+    from fs9.topapp import TopApp
+    m = mount
+    m.define("picky", 'cmd = ["sh", "-c", "read x; [ \\"$x\\" = ok ]"]\n'
+             '[breaker]\nfailures = 1\nwindow_s = 120\ncooldown_s = 600\n')
+    m.sh("echo 'spawn picky' > ctl && echo 'run bad' > agents/picky/ctl", check=True)
+    m.wait_for(lambda: m.status("picky")["breaker"] == "open", what="the breaker open")
+
+    async def drive():
+        app = TopApp(m.path)
+        async with app.run_test(size=(120, 35)) as pilot:
+            agents = app.query_one("#agents")
+            deadline = time.monotonic() + WAIT_S
+            while agents.row_count != 1 or "breaker open" not in agents.get_row_at(0)[1].plain:
+                assert time.monotonic() < deadline, "picky shown with its breaker open"
+                await pilot.pause(0.1)
+            await pilot.press("b")
+            while m.status("picky")["breaker"] != "closed":
+                assert time.monotonic() < deadline, "the breaker closed by the b key"
+                await pilot.pause(0.1)
+    asyncio.run(drive())
+    m.sh("echo 'run ok' > agents/picky/ctl", check=True)  # new work is taken again
+
+
 def test_top_refuses_a_folder_that_is_no_fs9(tmp_path):
     from conftest import fs9
     r = fs9("top", str(tmp_path))

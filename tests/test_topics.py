@@ -157,7 +157,7 @@ def test_a_topic_keeps_its_retention_on_disk_too(mount):
     from fs9.kernel.kernel import Kernel
     kernel = Kernel(str(mount.state), str(mount.agents))
     try:
-        for event in kernel.log.replay({}):
+        for event, _ in kernel.log.replay({}):
             kernel.apply(event)
         topic = kernel.bus.topics["flood"]
         dropped, withheld, events = topic.since(0, "confidential")
@@ -212,3 +212,18 @@ def test_a_bad_topics_toml_is_said_and_the_defaults_kept(mount):
               if '"kind":"topics_config_error"' in line]
     assert len(errors) == 1 and "keep_bytes must be a whole number" in errors[0]
     mount.sh("echo hello > topics/news", check=True)
+
+
+def test_a_read_gets_the_events_after_its_place_whatever_is_kept():
+    """Topic.since walks from the newest end: each place in and around the kept tail
+    gives what a copy of the whole tail gives, withheld labels counted."""
+    from fs9.kernel.bus.topic import Topic
+    t = Topic("news", keep_events=5)
+    for seq in range(1, 10):
+        t.publish(b"e%d\n" % seq, "confidential" if seq == 8 else "internal", seq)
+    kept = [(b"e%d\n" % s, "confidential" if s == 8 else "internal") for s in range(5, 10)]
+    for n in range(0, 11):
+        after = kept[max(0, n - 4):]
+        shown = [data for data, label in after if label == "internal"]
+        assert t.since(n, "internal") == (max(0, 4 - n), len(after) - len(shown), shown)
+    assert t.since(7, "confidential") == (0, 0, [b"e8\n", b"e9\n"])

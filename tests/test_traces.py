@@ -5,11 +5,13 @@ the option, which loads no OpenTelemetry code at all."""
 import http.server
 import json
 import os
+import signal
 import threading
+import time
 
 import pytest
 
-from conftest import Mount, fuse_unavailable, wait_for
+from conftest import Mount, fs9, fuse_unavailable, wait_for
 
 pytestmark = pytest.mark.skipif(bool(fuse_unavailable()),
                                 reason=f"cannot mount FUSE: {fuse_unavailable()}")
@@ -131,27 +133,55 @@ def test_tasks_mail_and_model_calls_arrive_as_spans_one_trace_a_chain(tmp_path, 
     assert not m.bugs(), m.bugs()
 
 
-def test_without_otlp_no_opentelemetry_code_is_loaded(tmp_path, collector):
+def exporters(pid: int) -> list[int]:
+    """The traces' exporting processes the server pid started."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"fs9.kernel.traces" in argv:
+            out.append(int(d))
+    return out
+
+
+def otel_maps(pid: int) -> list[str]:
+    # the exporter's native code (protobuf's) is mapped where traces are built, so the
+    # maps can tell
+    with open(f"/proc/{pid}/maps") as f:
+        return sorted({line.split()[-1] for line in f
+                       if "/opentelemetry/" in line or "/google/_upb/" in line})
+
+
+def test_no_opentelemetry_code_is_loaded_in_the_server(tmp_path, collector):
+    """Traced or not, the server never loads OpenTelemetry: the traced one's exporting
+    process does, and it ends with the server, also with a kill -9 of it."""
     traced = Mount(tmp_path / "traced")
     plain = Mount(tmp_path / "plain")
     try:
         traced.mount("--otlp", collector.url)
         plain.mount()
-        # the exporter's native code (protobuf's) is mapped where traces are exported,
-        # so the maps can tell; where they are not, nothing of it is there
-        def otel_maps(pid: int) -> list[str]:
-            with open(f"/proc/{pid}/maps") as f:
-                return sorted({line.split()[-1] for line in f
-                               if "opentelemetry" in line or "/google/_upb/" in line})
-        wait_for(lambda: otel_maps(traced.pid), what="the exporter's code in the traced server")
-        assert otel_maps(plain.pid) == []
+        wait_for(lambda: exporters(traced.pid), what="the traced server's exporter")
+        [exporter] = exporters(traced.pid)
+        wait_for(lambda: otel_maps(exporter), what="the exporter's code in its process")
         plain.sh("echo 'spawn upper' > ctl && echo 'run x' > agents/upper/ctl"
                  " && cat agents/upper/out", check=True)
-        assert otel_maps(plain.pid) == []
+        traced.sh("echo 'spawn upper' > ctl && echo 'run x' > agents/upper/ctl"
+                  " && cat agents/upper/out", check=True)
+        wait_for(lambda: collector.named("fs9.task upper"), what="the traced task's span")
+        assert otel_maps(plain.pid) == [] and otel_maps(traced.pid) == []
+        assert exporters(plain.pid) == []
+        os.kill(traced.pid, 9)
+        wait_for(lambda: not os.path.exists(f"/proc/{exporter}"), timeout=30,
+                 what="the exporter ending with its server")
     finally:
         traced.umount()
         plain.umount()
-    assert not traced.bugs() and not plain.bugs()
+    assert not plain.bugs()
 
 
 def test_an_unreachable_collector_slows_nothing_and_loses_no_work(tmp_path):
@@ -161,6 +191,7 @@ def test_an_unreachable_collector_slows_nothing_and_loses_no_work(tmp_path):
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     m = Mount(tmp_path).mount("--otlp", closed)
     try:
+        [exporter] = wait_for(lambda: exporters(m.pid), what="the exporter")
         m.sh("echo 'spawn upper' > ctl", check=True)
         for i in range(3):
             r = m.sh(f"echo 'run word{i}' > agents/upper/ctl && cat agents/upper/out",
@@ -169,6 +200,7 @@ def test_an_unreachable_collector_slows_nothing_and_loses_no_work(tmp_path):
     finally:
         m.umount()  # within the fixture's bounds: the exporter's flush is given up on
     assert not m.alive()
+    assert not os.path.exists(f"/proc/{exporter}"), "the exporter outlived its server"
     assert not m.bugs(), m.bugs()
 
 
@@ -202,3 +234,73 @@ def test_an_agents_model_calls_and_steps_belong_to_its_task(tmp_path, collector)
         <= task.end_time_unix_nano
     assert [ev.name for ev in task.events] == ["started", "step tool_call"]
     assert not m.bugs(), m.bugs()
+
+
+def test_the_exporter_outlives_the_thread_that_started_it(tmp_path, collector):
+    """The exporter's parent-death signal is armed against the thread that forked it,
+    and trio forks in a worker thread, which ends after 10 s idle: the exporter must
+    not end with it (its queued spans lost, the log's events meanwhile skipped)."""
+    m = Mount(tmp_path).mount("--otlp", collector.url)
+    try:
+        [first] = wait_for(lambda: exporters(m.pid), what="the exporter")
+        # (the first one's forker happens to live on, running a job of the server's for
+        # good: a restarted one is forked by a thread that goes idle)
+        os.kill(first, signal.SIGKILL)
+        [exporter] = wait_for(lambda: [e for e in exporters(m.pid) if e != first] or None,
+                              timeout=30, what="the exporter started again")
+
+        def trio_threads() -> int:
+            n = 0
+            for t in os.listdir(f"/proc/{m.pid}/task"):
+                try:
+                    with open(f"/proc/{m.pid}/task/{t}/comm") as f:
+                        n += f.read().startswith("Trio thread")
+                except OSError:
+                    pass
+            return n
+        # until trio's idle worker threads (the forker among them) have ended, and a
+        # little after (the signal is at once); the exporter must live throughout
+        deadline, idle_since = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            assert os.path.exists(f"/proc/{exporter}"), "the exporter ended with a thread"
+            if trio_threads():
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > 3:
+                break
+            time.sleep(0.2)
+        assert idle_since is not None, "trio's worker threads never went idle"
+        assert exporters(m.pid) == [exporter]
+    finally:
+        m.umount()
+    assert not m.bugs(), m.bugs()
+
+
+def test_the_exporter_imports_nothing_from_the_servers_working_directory(tmp_path):
+    """`python -m` puts the working directory first on the module path, and the exporter
+    runs as root, started again whenever it stops: a module planted in the directory
+    the operator mounted from (one others can write to) must not run in it."""
+    work = tmp_path / "work"
+    (work / "opentelemetry").mkdir(parents=True)
+    canary = tmp_path / "canary"
+    (work / "opentelemetry" / "__init__.py").write_text(
+        f"open({str(canary)!r}, 'w').write('ran')\nraise ImportError('planted')\n")
+    m = Mount(tmp_path)
+    r = fs9("mount", str(m.path), "--state", str(m.state), "--agents", str(m.agents),
+            "--vault", str(m.vault), "--background", "--otlp", "http://127.0.0.1:9",
+            cwd=work)
+    assert r.returncode == 0, r.stderr
+    m.pid = int(dict(w.split("=") for w in m.read("ctl").split())["pid"])
+    try:
+        [exporter] = wait_for(lambda: exporters(m.pid), what="the exporter")
+
+        def loaded():  # the real OpenTelemetry, or the planted module (which ends it)
+            try:
+                return canary.exists() or otel_maps(exporter)
+            except OSError:
+                return True
+        wait_for(loaded, timeout=60, what="the exporter loading OpenTelemetry")
+        assert not canary.exists(), "the exporter ran a module from the server's cwd"
+    finally:
+        m.umount()

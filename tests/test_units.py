@@ -165,3 +165,61 @@ def test_a_kernel_without_a_mount_refuses_confined_agents_with_the_reason(tmp_pa
     assert "cannot be confined here" in e.value.text and "unconfined = true" in e.value.text
     k.ctl(b"spawn up cmd=cat unconfined=true")  # the explicit choice
     assert "up" in k.agents
+
+
+def test_sandbox_starts_keep_room_for_the_operators_agents():
+    """Agents an agent spawned hold at most all but RESERVED of the start places: with
+    them all taken and more of them waiting, an agent the operator spawned starts at
+    once."""
+    from fs9.kernel.agents.starts import RESERVED, Starts
+    import trio.testing
+
+    async def main():
+        starts, holding, release = Starts(4), [], trio.Event()
+
+        async def start(who):
+            async with starts.place(by_agent=who.startswith("a")):
+                holding.append(who)
+                await release.wait()
+                holding.remove(who)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(6):  # a spawn loop's sandboxes
+                nursery.start_soon(start, f"a{i}")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(holding) == 4 - RESERVED, holding  # (trio starts them in any order)
+            nursery.start_soon(start, "operator's")
+            await trio.testing.wait_all_tasks_blocked()
+            assert holding[-1] == "operator's"  # not behind the four agents waiting
+            release.set()
+        assert holding == []
+    trio.run(main)
+
+
+def test_llama_index_imported_from_two_threads_at_once():
+    """The vault's index and a model call import llama-index at a mount's start, each in
+    a worker thread: through fs9.heavy one thread imports at a time (two at once each
+    met modules the other had half made: ImportError, or KeyError inside importlib)."""
+    import subprocess
+    import sys
+    probe = """
+import threading
+from fs9 import heavy
+names = [("llama_index.retrievers.bm25", "BM25Retriever"),
+         ("llama_index.llms.openai_like", "OpenAILike"), ("tiktoken", "")]
+errors, go = [], threading.Barrier(len(names))
+def load(module, name):
+    go.wait()
+    try:
+        heavy.load(module, name)
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=load, args=n) for n in names]
+for t in threads: t.start()
+for t in threads: t.join()
+print(errors)
+"""
+    for _ in range(2):  # (a fresh interpreter each: the first import is the one at stake)
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)

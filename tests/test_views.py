@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import errno_of
-from fs9.drivers import confine
+from fs9.drivers import confine, uidslots
 
 needs_confinement = pytest.mark.skipif(
     confine.unavailable() is not None, reason=f"cannot confine here: {confine.unavailable()}")
@@ -141,7 +141,7 @@ echo hi > "$FS9_MNT/agents/echo/mail/new" && echo "mail: sent"
     scout.wait_for(lambda: scout.status("scout")["done"] == "1", what="the probe")
     out = dict(line.split(": ", 1) if ": " in line else line.split("=", 1)
                for line in scout.read("agents/scout/out").splitlines())
-    assert int(out["uid"]) >= confine.UID_BASE
+    assert int(out["uid"]) >= uidslots.UID_BASE
     assert out["root"].split() == ["agents", "topics"]
     assert out["topics"].split() == ["feed", "news"]
     assert out["ctl"] == "absent" and out["secret"] == "absent"

@@ -3,8 +3,10 @@
 # a customer reports that the CSV export corrupts files. The Support OS triages it and
 # hands the bug, redacted, to the Coding OS; Coding fixes it (reporting progress) and
 # tells the Knowledge OS, which updates the known-issues docs; Support, told by its case
-# mailbox, notifies the customer and closes the case. Each OS is its own mount, log and
-# agents; they share only the NATS server (127.0.0.1, a free port, every write fsynced).
+# mailbox, notifies the customer and closes the case. Coding also announces the release
+# on its exported topic `releases`, which Support subscribed to (event-driven). Each OS
+# is its own mount, log and agents; they share only the NATS server (127.0.0.1, a free
+# port, every write fsynced).
 # Offline, with exec agents. Everything happens in a fresh temp dir; nothing is kept.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -17,11 +19,14 @@ WORK=$(mktemp -d /tmp/fs9-federation.XXXXXX)
 chmod 755 "$WORK"  # agents' uids walk through it
 PORT=$("$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 URL=nats://127.0.0.1:$PORT
+OSES="support coding knowledge"
+# each member signs in with its own nkey, and may publish only as itself
+"$FS9" federation-keys "$WORK/keys" $OSES >/dev/null
 printf 'listen: "127.0.0.1:%s"\njetstream {\n  store_dir: "%s/nats"\n  sync_interval: always\n}\n' \
     "$PORT" "$WORK" > "$WORK/nats.conf"
+cat "$WORK/keys/auth.conf" >> "$WORK/nats.conf"
 "$NATS" -c "$WORK/nats.conf" > "$WORK/nats.log" 2>&1 &
 NATS_PID=$!
-OSES="support coding knowledge"
 cleanup() {
     for os in $OSES; do "$FS9" umount "$WORK/$os/mnt" >/dev/null 2>&1 || true; done
     kill "$NATS_PID" 2>/dev/null || true
@@ -52,7 +57,7 @@ for os in $OSES; do
     "$FS9" mount "$WORK/$os/mnt" --agents "$WORK/$os/agents" --state "$WORK/$os/state" \
         --background >/dev/null
     for a in "$WORK/$os/agents"/*; do echo "spawn $(basename "$a")" > "$WORK/$os/mnt/ctl"; done
-    echo "join $URL AS $os" > "$WORK/$os/mnt/federation/ctl"
+    echo "join $URL AS $os key=$WORK/keys/$os.nk" > "$WORK/$os/mnt/federation/ctl"
     for peer in $OSES; do
         [ "$peer" = "$os" ] || echo "peer $peer ceiling=internal auth=delegated" \
             > "$WORK/$os/mnt/federation/ctl"
@@ -61,6 +66,11 @@ done
 S=$WORK/support/mnt C=$WORK/coding/mnt K=$WORK/knowledge/mnt
 for os in $OSES; do wait_for "$os connected" grep -q connection=connected "$WORK/$os/mnt/federation/status"; done
 echo "--- three members joined: $(sed -n 's/^peers=//p' "$S/federation/status") are Support's peers"
+# event-driven: Coding offers its topic `releases`; Support subscribes (its `news` agent
+# gets each event as mail). Coding's fixer publishes there, naming no one.
+echo "export releases" > "$C/federation/ctl"
+echo "subscribe coding releases" > "$S/federation/ctl"
+wait_for "Support subscribed to releases@coding" grep -q 'releases@coding state=active' "$S/federation/topics"
 
 echo "--- a customer's report reaches Support (confidential: it names the customer)"
 printf 'type: work_request\nclassification: confidential\ncorrelation-id: case-4521\n\nFrom jane.doe@example.com (+44 20 7946 0958): the CSV export corrupts my files.\n' \
@@ -79,13 +89,20 @@ for m in "$S"/agents/cases/mail/[0-9]*; do
 done
 echo "--- Support's record of the request: $(cat "$S/federation/requests/case-4521" | cut -d' ' -f1,3,4)"
 echo "--- the Knowledge OS: $(cat "$K"/agents/docs/tasks/*/out)"
+wait_for "Coding's release event on Support" sh -c "ls '$S/agents/news/mail' | grep -q '^[0-9]'"
+echo "--- Coding's release, on its topic releases, heard by Support's news agent: $(sed '1,/^$/d' "$S"/agents/news/mail/[0-9]*)"
 echo "--- Support notifies the customer and closes the case:"
 echo "Dear customer, the CSV export is fixed in release 1.2.3. Case case-4521 closed."
 for m in "$S"/agents/cases/mail/[0-9]*; do rm "$m"; done
-echo "--- the case in each OS's own log (log/trace/case-4521):"
+echo "--- the case in each OS's own log (log/trace/case-4521, its own entries):"
 for os in $OSES; do
     printf '%s:' "$os"
-    sed -n 's/.*"kind":"\([a-z_]*\)".*/\1/p' "$WORK/$os/mnt/log/trace/case-4521" | uniq | tr '\n' ' '
+    grep "\"member\":\"$os\"" "$WORK/$os/mnt/log/trace/case-4521" |
+        sed -n 's/.*"kind":"\([a-z_]*\)".*/\1/p' | uniq | tr '\n' ' '
     echo
 done
+# each OS's part goes to the OS that asked it, Knowledge's on through Coding
+wait_for "Knowledge's part on Support" grep -q '"member":"knowledge"' "$S/log/trace/case-4521"
+echo "--- the whole case on Support (log/trace/case-4521), entries by OS:$(for os in $OSES; do
+    printf ' %s=%s' "$os" "$(grep -c "\"member\":\"$os\"" "$S/log/trace/case-4521")"; done)"
 echo "--- the declassification, logged on Support: $(grep -c '"kind":"declassified"' "$S/log/trace/case-4521")"

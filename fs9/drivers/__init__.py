@@ -13,8 +13,8 @@ Every answer is plain data (dicts, lists, strings); only `run` blocks. The kerne
 hands drivers data (manifests, a sandbox spec, a Job), never its own objects:
 nothing in fs9/drivers imports fs9.kernel or fs9.face.
 
-DRIVERS loads on first use: every agent's sandbox runs `python -m fs9.drivers.zygote`,
-which imports this package, and must not pay for exec.py's trio (~120 ms, 10 MB).
+DRIVERS loads on first use: the sandboxes' fork server (`python -m fs9.drivers.forkserver`)
+imports this package, and must not pay for exec.py's trio (~120 ms, 10 MB).
 """
 import functools
 from dataclasses import dataclass

@@ -19,10 +19,10 @@ starts, it may go early: tasks then get contexts again, nothing is missed).
 """
 from typing import NamedTuple
 
-from . import audit, confine
+from . import audit, uidslots
 
-# Every uid an agent of any fs9 instance can have (confine.uid_base): the auids audited.
-AGENT_UIDS = (confine.UID_BASE, confine.UID_BASE + confine.SLOTS * confine.SLOT_SIZE - 1)
+# Every uid an agent of any fs9 instance can have (uidslots.uid_base): the auids audited.
+AGENT_UIDS = (uidslots.UID_BASE, uidslots.UID_BASE + uidslots.SLOTS * uidslots.SLOT_SIZE - 1)
 
 
 class Installed(NamedTuple):
@@ -33,8 +33,8 @@ class Installed(NamedTuple):
 
 def uid_range(slot: int) -> tuple[int, int]:
     """The uids the agents' programs of the fs9 owning uid slot may run as."""
-    lo = confine.uid_base(slot)
-    return lo, lo + confine.SLOT_SIZE - 1
+    lo = uidslots.uid_base(slot)
+    return lo, lo + uidslots.SLOT_SIZE - 1
 
 
 def _fs9s(rule) -> bool:

@@ -24,6 +24,7 @@ import time
 
 ROOT = "/sys/fs/cgroup"
 CONTROLLERS = ("memory", "pids", "cpu")
+REMOVE_S = 10.0  # how long a removal waits for a group to empty after its processes died
 
 
 def _is_v2(path: str) -> bool:
@@ -174,14 +175,17 @@ class Group:
     def remove(self) -> None:
         """Kill what is left, then remove the groups (the parent stays: shared)."""
         self.kill()
+        # a group empties a moment after its last process died: a moment that a loaded
+        # machine stretches, so the bound is one of time, not of tries
+        deadline = time.monotonic() + REMOVE_S
         for d in self.dirs.values():
-            for _ in range(100):  # a group empties a moment after its last process died
+            while True:
                 try:
                     os.rmdir(d)
                     break
                 except FileNotFoundError:
                     break
                 except OSError as e:
-                    if e.errno != errno.EBUSY:
+                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
                         break
                     time.sleep(0.01)

@@ -1,146 +1,178 @@
-"""Confinement of exec agents, fs9's side: start an agent's sandbox (fs9/drivers/zygote.py),
-ask it to start programs, hear how they end and what they tried.
+"""Confinement of exec agents, fs9's side: start an agent's sandbox (fs9/drivers/zygote.py,
+forked by the fork server, forkserver.py), ask it to start programs, hear how they end
+and what they tried.
 
 `unavailable()` says why this machine cannot confine (never run unconfined
-silently: the kernel refuses such an agent). `Sandbox` is one agent's zygote;
-it lives in the agent's nursery and is closed with it.
+silently: the kernel refuses such an agent). `ForkServer` is the kernel's one fork
+server; `Sandbox` is one agent's zygote; it lives in the agent's nursery and is closed
+with it.
 """
 import array
-import fcntl
+import errno
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-import zlib
 from contextlib import asynccontextmanager
 from typing import Callable
 
 import trio
 
-UID_BASE = 10_000_000  # agents' uids: UID_BASE + SLOT_SIZE * (the instance's slot) + offset
+from .confinable import unavailable, unreachable  # noqa: F401 (theirs: re-exported)
+
 SYSTEM_READ = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc")
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
 START_S = 10.0
-
-
-def unavailable() -> str | None:
-    """Why exec agents cannot be confined here, or None."""
-    if os.geteuid() != 0:
-        return "confinement needs root (a private mount namespace and a uid per agent)"
-    try:
-        import landlock
-        if landlock.landlock_abi_version() < 1:
-            return "Landlock is not enabled in this kernel"
-    except Exception as e:
-        return f"Landlock is not available: {e}"
-    if not os.path.exists("/proc/self/ns/mnt"):
-        return "mount namespaces are not available"
-    return None
-
-
-def unreachable(path: str) -> str | None:
-    """The first directory on the way to path (path itself excluded) that other users
-    cannot pass (an agent's uid is another user), or None."""
-    parts = os.path.abspath(path).split(os.sep)
-    for i in range(2, len(parts)):
-        d = os.sep.join(parts[:i]) or os.sep
-        try:
-            if not os.stat(d).st_mode & 0o001:
-                return d
-        except OSError:
-            return d
-    return None
-
-
-SLOTS = 10_000  # uid ranges of SLOT_SIZE uids: one per fs9 instance on a host
-SLOT_SIZE = 10_000
-CLAIMS = "/run/fs9/uid-slots"  # host-wide: which state directory holds which range
-
-
-def claim_uid_slot(state_dir: str) -> tuple[int, int | None]:
-    """The uid range (slot) this fs9 instance owns on this host, and the fd of its claim
-    (flocked for the life of the process; None if claims cannot be made here). It asks
-    for the slot it had (STATE/uid-slot), else one derived from the state directory's
-    name; a slot another state directory claimed since boot is not taken while that
-    directory exists or a process runs in its range: the next free one is, and
-    remembered. So two fs9 instances never share a uid."""
-    remembered = os.path.join(state_dir, "uid-slot")
-    try:
-        with open(remembered) as f:
-            first = int(f.read()) % SLOTS
-    except (OSError, ValueError):
-        first = zlib.crc32(state_dir.encode()) % SLOTS
-    try:
-        os.makedirs(CLAIMS, mode=0o700, exist_ok=True)
-    except OSError:
-        return first, None
-    me = state_dir.encode()
-    for i in range(SLOTS):
-        slot = (first + i) % SLOTS
-        try:
-            fd = os.open(os.path.join(CLAIMS, str(slot)),
-                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held by a running fs9
-            os.close(fd)
-            continue
-        holder = os.pread(fd, 4096, 0)
-        if holder not in (b"", me) and (os.path.isdir(holder) or _range_in_use(slot)):
-            os.close(fd)  # another instance's since boot: its agents may come back, or live
-            continue
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, me, 0)
-        if slot != first or not os.path.exists(remembered):
-            with open(remembered, "w") as f:
-                f.write(str(slot))
-        return slot, fd
-    return first, None
-
-
-def _range_in_use(slot: int) -> bool:
-    lo = uid_base(slot)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if lo <= os.stat(f"/proc/{entry}").st_uid < lo + SLOT_SIZE:
-                    return True
-            except OSError:
-                pass
-    return False
-
-
-def uid_base(slot: int) -> int:
-    """The first uid of a slot's range."""
-    return UID_BASE + SLOT_SIZE * slot
-
-
-def uid_in_use(uid: int) -> bool:
-    """Whether any process on this host runs as uid (a previous holder's may)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    return True
-            except OSError:
-                pass
-    return False
+# The most one fork request may be (the fork server reads a packet of at most this), and
+# our end of its socket is made to send that much in one packet (a socket's default,
+# ~200 KB, is less than a sandbox with a few hundred vault subtrees in its view needs).
+MAX_REQUEST = 1 << 20
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # (root: past wmem_max)
+# The most one request to a sandbox may be (zygote.py's SPAWN_MAX, what it reads in one
+# packet): a program's start carries its cmd and env, up to 1 MiB (manifest.MAX_EXEC),
+# in JSON (escapes of control characters make it up to 6 times that).
+SPAWN_MAX = 8 << 20
 
 
 class SandboxError(OSError):
     pass
 
 
+class ForkServer:
+    """fs9's end of the fork server (forkserver.py), which forks each agent's sandbox
+    from a process that has paid Python's start once. `serve` (a kernel service) starts
+    it at mount and stops it at unmount; `fork` starts it if it is not running."""
+
+    def __init__(self) -> None:
+        self._sock: trio.socket.SocketType | None = None
+        self._proc: subprocess.Popen | None = None
+        self._lock = trio.Lock()  # one request at a time: replies come in order
+        self._closed = False  # the mount is ending: no fork server is started again
+
+    async def serve(self) -> None:
+        """Run the fork server for the mount's life. Blocks until cancelled."""
+        try:
+            async with self._lock:
+                try:
+                    await self._start()
+                except OSError:
+                    pass  # the first spawn tries again, and fails with the reason
+            await trio.sleep_forever()
+        finally:
+            self._closed = True  # (before the socket closes under a request in flight)
+            with trio.CancelScope(shield=True):
+                await self._stop()
+
+    async def _start(self) -> None:
+        if self._closed:
+            raise SandboxError("fs9 is unmounting: no sandbox starts now")
+        if self._proc is not None and self._proc.poll() is None and self._sock is not None:
+            return
+        await self._stop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, MAX_REQUEST + 4096)
+        except OSError:  # not root: requests are refused past the default (fork's check)
+            pass
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "fs9.drivers.forkserver", str(theirs.fileno()),
+                 str(os.getpid())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                cwd="/", env={"PATH": SAFE_PATH, "PYTHONPATH": _package_root()})
+        finally:
+            theirs.close()
+        self._sock = trio.socket.from_stdlib_socket(ours)
+        reply = b""
+        with trio.move_on_after(START_S):
+            reply = await self._sock.recv(1 << 16)
+        if not reply or json.loads(reply).get("op") != "ready":
+            await self._stop()
+            raise SandboxError("the sandboxes' fork server did not start")
+
+    async def _stop(self) -> None:
+        """Close our end (the fork server exits at EOF) and reap it."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            proc, self._proc = self._proc, None
+            await trio.to_thread.run_sync(_reap, proc)
+
+    async def fork(self, spec: dict, sock: socket.socket) -> int:
+        """A fresh sandbox for one agent, handed `sock` (its end of the agent's
+        socket): a pidfd of the sandbox process, or SandboxError. A fork server found
+        dead (killed, say) is replaced once. A request once sent is seen through
+        (shielded): its reply never lands in another's hands.
+        A request too big to send is refused here, before the fork server sees it: a
+        failed send reads as a dead fork server, and replacing it ends every agent's
+        sandbox (each dies with its parent), so one agent's wide view would end them all."""
+        request = json.dumps({"op": "fork", "spec": spec}).encode()
+        if len(request) > MAX_REQUEST:
+            raise SandboxError(f"its sandbox's description is {len(request)} bytes, over "
+                               f"the {MAX_REQUEST} a fork request may be (a view of fewer "
+                               "or shorter vault paths fits)")
+        try:
+            async with self._lock:
+                with trio.CancelScope(shield=True):
+                    for attempt in (1, 2):
+                        await self._start()
+                        try:
+                            reply, fds = await self._ask(request, sock)
+                            break
+                        except OSError as e:  # dead or not answering: the next one is new
+                            await self._stop()
+                            if attempt == 2 or self._closed:
+                                raise SandboxError(
+                                    f"the sandboxes' fork server failed: {e}") from None
+        except SandboxError:
+            if self._closed:  # the unmount's cancellation, which the shield held, ends
+                await trio.lowlevel.checkpoint()  # the agent's loop here, as a cancel: its
+            raise  # task stays queued for the next mount, the agent is not failed
+        msg = json.loads(reply)
+        if msg.get("op") != "forked" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise SandboxError(f"cannot start the sandbox: {msg.get('text', msg)}")
+        return fds[0]
+
+    async def _ask(self, request: bytes, sock: socket.socket) -> tuple[bytes, list[int]]:
+        """One fork request and its reply (bytes, the fds it carried); OSError if the
+        fork server is gone or silent for START_S."""
+        fds = array.array("i")
+        try:
+            return await self._exchange(request, sock, fds)
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
+            # the mount's end closed the socket under this request (serve): not a
+            # defect of the agent asking (it was reported as one, the agent failed)
+            raise OSError(errno.EPIPE, f"the fork server was stopped ({e})") from None
+
+    async def _exchange(self, request: bytes, sock: socket.socket,
+                        fds: array.array) -> tuple[bytes, list[int]]:
+        if self._sock is None:
+            raise OSError(errno.EPIPE, "the fork server was stopped")
+        with trio.move_on_after(START_S):
+            await self._sock.sendmsg(
+                [request],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
+            reply, ancdata, _, _ = await self._sock.recvmsg(1 << 16, socket.CMSG_LEN(4))
+            for level, kind, raw in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+            if reply:
+                return reply, list(fds)
+            raise OSError(errno.EPIPE, "it exited")
+        raise OSError(errno.ETIMEDOUT, f"no answer in {START_S:g} s")
+
+
 class Sandbox:
-    def __init__(self, sock: trio.socket.SocketType, proc: subprocess.Popen,
+    def __init__(self, sock: trio.socket.SocketType, pidfd: int,
                  on_attempt: Callable[[dict], None]) -> None:
         self._sock = sock
-        self._proc = proc
+        self._pidfd = pidfd  # the sandbox process (the fork server's child; it reaps it)
         self._on_attempt = on_attempt
         self._ids = itertools.count(1)
         self._replies: dict[int, dict] = {}
@@ -150,18 +182,22 @@ class Sandbox:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, spec: dict, on_attempt: Callable[[dict], None]):
-        """Start the agent's zygote and wait until its namespace is set up."""
+    async def open(cls, spec: dict, on_attempt: Callable[[dict], None], server: ForkServer):
+        """Start the agent's sandbox (forked by `server`) and wait until its namespace
+        is set up."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        spec = {**spec, "parent": os.getpid(), "sock": theirs.fileno()}
+        try:  # (a socket's default packet, ~200 KB, is less than a start may carry)
+            ours.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SPAWN_MAX + 4096)
+        except OSError:
+            pass  # not root: a start past the default is refused (Message too long)
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fs9.drivers.zygote", json.dumps(spec)],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
-                env={"PATH": SAFE_PATH, "PYTHONPATH": _package_root()})
+            pidfd = await server.fork(spec, theirs)
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
-        sandbox = cls(trio.socket.from_stdlib_socket(ours), proc, on_attempt)
+        sandbox = cls(trio.socket.from_stdlib_socket(ours), pidfd, on_attempt)
         failed = ""
         try:
             async with trio.open_nursery() as nursery:
@@ -182,7 +218,7 @@ class Sandbox:
         finally:
             sandbox._sock.close()
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_reap, proc)
+                await _end(pidfd)
 
     async def _wait_change(self) -> None:
         await self._changed.wait()
@@ -216,9 +252,17 @@ class Sandbox:
         if self.closed:
             raise SandboxError(self.closed)
         rid = next(self._ids)
-        msg = json.dumps(dict(op="spawn", id=rid, argv=argv, env=env, cwd=cwd, nice=nice))
-        await self._sock.sendmsg([msg.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                   array.array("i", fds))])
+        # (ASCII JSON: a str of the mount's or fs9's environment may hold surrogates)
+        msg = json.dumps(dict(op="spawn", id=rid, argv=argv, env=env, cwd=cwd,
+                              nice=nice)).encode()
+        if len(msg) > SPAWN_MAX:
+            raise SandboxError(f"its start request is {len(msg)} bytes, over the "
+                               f"{SPAWN_MAX} a sandbox reads")
+        try:
+            await self._sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              array.array("i", fds))])
+        except OSError as e:  # it died a moment ago (its fork server killed, say)
+            raise SandboxError(self.closed or f"sandbox connection lost: {e}") from None
         while rid not in self._replies:
             if self.closed:
                 raise SandboxError(self.closed)
@@ -238,6 +282,21 @@ class Sandbox:
                 return 128 + 9
             await self._wait_change()
         return self._exits.pop(pid)
+
+
+async def _end(pidfd: int) -> None:
+    """Wait for the sandbox to exit (it does once its socket is closed), SIGKILL it if
+    it has not within 5 s; then close the pidfd."""
+    try:
+        with trio.move_on_after(5) as waited:
+            await trio.lowlevel.wait_readable(pidfd)
+        if waited.cancelled_caught:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            with trio.move_on_after(5):
+                await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
 
 
 def _reap(proc: subprocess.Popen) -> None:

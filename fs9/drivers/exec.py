@@ -23,6 +23,7 @@ import subprocess
 import trio
 
 from . import BadManifest, Driver, Job
+from .confine import SandboxError
 
 GRACE_S = 2.0  # SIGTERM to SIGKILL
 DRAIN_S = 1.0  # after exit, how long descendants may keep the pipes open
@@ -87,6 +88,8 @@ async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
         for fd in (in_w, out_r, err_r):
             if fd is not None:
                 os.close(fd)
+        if isinstance(e, SandboxError):
+            raise  # the sandbox, not the program: the run says "cannot confine" (run.py)
         task_status.started(None)
         job.emit(2, f"fs9: cannot start {job.cmd[0]!r}: {e.strerror or e}\n".encode())
         return 127 if e.errno == errno.ENOENT else 126

@@ -23,6 +23,7 @@ import re
 import trio
 
 from ..errors import Fs9Error
+from .. import heavy
 from . import scripted
 
 PROVIDERS = ("scripted", "openai", "ollama")
@@ -103,13 +104,13 @@ class LlamaIndex:
         """The llama-index LLM (imported and built on first use, in a worker thread)."""
         if self._llm is None:
             if self.kind == "ollama":
-                from llama_index.llms.ollama import Ollama
+                Ollama = heavy.load("llama_index.llms.ollama", "Ollama")
                 self._llm = Ollama(model=self.model, base_url=self.base,
                                    request_timeout=self.timeout,
                                    context_window=self.context_window,
                                    headers={"Authorization": f"Bearer {self._key}"})
             else:
-                from llama_index.llms.openai_like import OpenAILike
+                OpenAILike = heavy.load("llama_index.llms.openai_like", "OpenAILike")
                 # max_retries=0: fs9 reports a failure at once (retries are the caller's);
                 # include_usage: a streamed reply ends with its token counts
                 self._llm = OpenAILike(model=self.model, api_base=self.base, api_key=self._key,
@@ -256,7 +257,7 @@ class LlamaIndex:
 
     def _message(self, m: dict):
         """An OpenAI-shaped message as llama-index's ChatMessage for this provider."""
-        from llama_index.core.llms import ChatMessage
+        ChatMessage = heavy.load("llama_index.core.llms", "ChatMessage")
         extra = {}
         if m.get("tool_call_id"):
             extra["tool_call_id"] = m["tool_call_id"]

@@ -1,5 +1,7 @@
 """The sandbox of one confined agent: a small root process that lives in the agent's
-private namespace and starts the agent's programs there (`python -m fs9.drivers.zygote SPEC`).
+private namespace and starts the agent's programs there. It is forked, fresh for each
+agent, from the fork server (forkserver.py), which has paid Python's start and these
+imports once: `run(spec, sock, flt)` is its whole life.
 
 Set up once, used by every task (Plan 9: the namespace belongs to the process
 group, not to one program; Android's zygote: pay the setup once):
@@ -64,6 +66,7 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_IDMAP = 0x1, 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
+SPAWN_MAX = 8 << 20  # bytes of one request from fs9 (confine.SPAWN_MAX: a start's cmd and env)
 # Landlock logs denials after exec only when asked (ABI 7); older kernels refuse the flag.
 LOG_NEW_EXEC_ON = 2
 
@@ -309,10 +312,9 @@ def kill_all(uid: int) -> None:
                 pass
 
 
-def serve(sock: socket.socket, spec: dict) -> None:
+def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter) -> None:
     ruleset = landlock_ruleset(spec)
     net_fd = net_ruleset(spec)
-    flt = seccomp_filter()
     flt.load()
     # pyseccomp has no public accessor for the listener fd; select needs it
     notify_fd = pyseccomp._libseccomp.seccomp_notify_fd(flt._filter)
@@ -347,15 +349,16 @@ def serve(sock: socket.socket, spec: dict) -> None:
                 continue  # the caller died while we looked
             flt.respond_notify(pyseccomp.NotificationResponse(-errno.EPERM, 0, note.id, 0))
             name = pyseccomp.resolve_syscall(note.syscall_arch, note.syscall).decode()
-            try:
-                with open(f"/proc/{note.pid}/comm") as f:
-                    comm = f.read().strip()
+            try:  # (bytes the program chose: read as bytes, decoded without fail, since
+                # a decoding error here would end the sandbox and every process of it)
+                with open(f"/proc/{note.pid}/comm", "rb") as f:
+                    comm = f.read().strip().decode(errors="replace")
             except OSError:
                 comm = "?"
             send(op="attempt", pid=note.pid, syscall=name, comm=comm)
         if sock in ready:
             fds = array.array("i")
-            data, ancdata, _, _ = sock.recvmsg(1 << 20, socket.CMSG_LEN(16 * fds.itemsize))
+            data, ancdata, _, _ = sock.recvmsg(SPAWN_MAX, socket.CMSG_LEN(16 * fds.itemsize))
             if not data:
                 return  # fs9 closed the sandbox
             for level, kind, raw in ancdata:
@@ -378,7 +381,7 @@ def set_loginuid(spec: dict) -> None:
     program inherits it, through setuid and exec, and cannot change it (no
     CAP_AUDIT_CONTROL). fs9's audit task rules give an audit context, hence
     audit, only to tasks forked with an agent's auid (drivers/auditrules.py). We,
-    forked by fs9 without one, keep none (the rules are checked at fork): our own
+    forked by the fork server without one, keep none (the rules are checked at fork): our own
     syscalls cost nothing extra, and only the programs we fork from now on are audited."""
     try:
         with open("/proc/thread-self/loginuid", "w") as f:
@@ -390,19 +393,21 @@ def set_loginuid(spec: dict) -> None:
               "its programs' refused syscalls are not audited", file=sys.stderr)
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
-    sock = socket.socket(fileno=spec["sock"])
+def run(spec: dict, sock: socket.socket, flt: pyseccomp.SyscallFilter) -> None:
+    """The sandbox's life, in a process the fork server has just forked for this agent
+    (spec["parent"]: the fork server's pid): set up, serve until fs9 closes the socket
+    or goes, then end every process of the agent's uid. `flt`: the seccomp filter,
+    built ahead by the fork server (the same for every agent), loaded here."""
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no one may read our memory through /proc
     try:
         if os.getppid() != spec["parent"]:
-            return  # fs9 died before PDEATHSIG was armed
+            return  # the fork server died before PDEATHSIG was armed
         if spec.get("audit", True):
             set_loginuid(spec)
         enter_namespace(spec)
-        serve(sock, spec)
+        serve(sock, spec, flt)
     except OSError as e:
         try:
             sock.send(json.dumps({"op": "failed", "text": str(e)}).encode())
@@ -410,7 +415,3 @@ def main() -> None:
             pass
     finally:
         kill_all(spec["uid"])
-
-
-if __name__ == "__main__":
-    main()

@@ -70,7 +70,7 @@ class Gate:
         """ctx is another local user of a shared vault: neither the operator nor an
         agent's uid (agents keep their views' rules)."""
         return self.share_vault and ctx is not None and ctx.uid not in (0, self.uid) \
-            and all(a.uid != ctx.uid for a in self.kernel.agents.values())
+            and ctx.uid not in self.kernel.uids
 
     def _vault_stat(self, rel) -> os.stat_result | None:
         try:

@@ -28,7 +28,10 @@ from ..kernel.kernel import MAX_INPUT
 from .desktop import echoes_state
 from .node import READONLY_NS, Attrs, Handle, Node
 
-SLICE_S = 0.2  # a blocked reader checks for a pending signal this often
+SLICE_S = 0.2  # a blocked reader checks for a pending signal this often,
+LONG_WAIT_S, LONG_SLICE_S = 5.0, 1.0  # and, once it has waited LONG_WAIT_S, this often
+# (a thousand agents blocked on their mail/next would otherwise cost the server 5,000
+# reads of /proc a second)
 SNAPSHOT_S = 1.0  # a desktop program's read of a stream ends by then (desktop.py)
 # --- Dir -------------------------------------------------------------------------
 
@@ -178,8 +181,12 @@ class CtlHandle(SnapshotHandle):
 
     async def write(self, off: int, data: bytes) -> int:
         if not self.node.whole:
-            if self.node.render is None or not echoes_state(data, self.node.render()):
-                done = self.node.apply(data)  # (its own state saved back by an editor: nothing)
+            # its own state saved back by an editor (written from the start): nothing. A
+            # program holding the file open and writing command after command is past
+            # the start from its second write on, so it pays for no state rendering.
+            if off != 0 or self.node.render is None or \
+                    not echoes_state(data, self.node.render()):
+                done = self.node.apply(data)
                 if inspect.isawaitable(done):  # a request to another node (face/remote.py)
                     await done
             return len(data)
@@ -276,6 +283,9 @@ class StreamHandle(Handle):
     def readable(self) -> bool:
         return self.cursor.readable()
 
+    def ready(self) -> bool:
+        return self.cursor.readable()  # (read then takes from the cursor, no await)
+
     async def wait_readable(self) -> None:
         await self.cursor.wait_readable()
 
@@ -288,8 +298,10 @@ class StreamHandle(Handle):
         if self.snapshot_until is not None and (
                 not self.cursor.readable() or time.monotonic() > self.snapshot_until):
             return b""
+        long_after = trio.current_time() + LONG_WAIT_S
         while not self.cursor.readable():
-            with trio.move_on_after(SLICE_S):
+            with trio.move_on_after(SLICE_S if trio.current_time() < long_after
+                                    else LONG_SLICE_S):
                 await self.cursor.wait_readable()
             if not self.cursor.readable() and signal_pending(self.pid):
                 raise Fs9Error(errno.EINTR, "interrupted")
@@ -329,19 +341,23 @@ class BatchHandle(StreamHandle):
             raise Fs9Error(errno.EFBIG, f"a line over {MAX_MESSAGE} bytes")
         self._room(len(body) - cut - len(self.rest))
         lines = [line + b"\n" for line in body[:cut - 1].split(b"\n")] if cut else []
-        self.send(head, lines)  # refused: nothing of this write was sent
+        done = self.send(head, lines)  # refused: nothing of this write was sent
+        if inspect.isawaitable(done):  # (another node's agent: face/remote.py)
+            await done
         self.head = head
         self._keep(body[cut:])
         return len(data)
 
-    def flush(self) -> None:
+    def flush(self):
         """close(2): what is left, a line without its newline (or lines that looked
-        like the start of a header block that never ended), is sent."""
+        like the start of a header block that never ended), is sent (a request to
+        another node: returned, to be awaited)."""
         if self.rest:
             parts = self.rest.split(b"\n")
             self._keep(b"")
-            self.send(self.head or b"", [part + b"\n" for part in parts[:-1]] +
-                      ([parts[-1]] if parts[-1] else []))
+            done = self.send(self.head or b"", [part + b"\n" for part in parts[:-1]] +
+                             ([parts[-1]] if parts[-1] else []))
+            return done if inspect.isawaitable(done) else None
 
     def close(self, path) -> None:
         self._keep(b"")  # (never flushed: its process died)
@@ -375,8 +391,12 @@ def signal_pending(pid: int) -> bool:
     """True if thread `pid` has an unblocked signal pending (or is gone)."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
-            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+            text = f.read()
     except OSError:
         return True
-    pending = int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)
-    return bool(pending & ~int(fields[b"SigBlk"], 16)) or bool(pending & (1 << 8))  # SIGKILL
+
+    def field(name: bytes) -> int:  # (three fields found, not every line split)
+        at = text.index(name) + len(name)
+        return int(text[at:text.index(b"\n", at)], 16)
+    pending = field(b"\nSigPnd:") | field(b"\nShdPnd:")
+    return bool(pending & ~field(b"\nSigBlk:")) or bool(pending & (1 << 8))  # SIGKILL

@@ -1,19 +1,19 @@
 """Serve a kernel at a mount point until unmounted, SIGINT or SIGTERM."""
 import logging
 import os
-import shutil
 import signal
 import sqlite3
-import stat
 
 import pyfuse3
 import trio
 
 from ..errors import Fs9Error
-from ..kernel import metrics, sync
+from ..kernel import scrape, snapshot, sync
 from ..kernel.agents import spawn
+from ..kernel.agents.ondemand import MAX_AWAKE
 from ..kernel.kernel import Kernel
 from ..kernel.state import StateError
+from .device import fuse_problem
 from .ops import MAX_TASKS, Operations
 
 log = logging.getLogger("fs9")
@@ -27,11 +27,13 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
                 ready=None, audit: bool = True, durability: str = "process",
                 metrics_at: tuple[str, int] | None = None, share_vault: bool = False,
                 otlp: str = "", max_agents: int = spawn.MAX_AGENTS, cluster: str = "",
-                node: str = "") -> None:
+                node: str = "", full_replay: bool = False,
+                snapshot_every: int = 100_000, max_awake: int = MAX_AWAKE) -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
     kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
                     audit=audit, durability=durability, otlp=otlp, max_agents=max_agents,
-                    cluster=cluster, node=node)
+                    cluster=cluster, node=node, full_replay=full_replay,
+                    snapshot_every=snapshot_every, max_awake=max_awake)
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(kernel.serve)
@@ -39,7 +41,7 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
             raise StateError(f"{kernel.log.path} cannot be replayed: {e}; the files are "
                              f"left as they are (fs9 check {state_dir})") from e
         if metrics_at is not None:  # (fs9 mount --metrics HOST:PORT)
-            await nursery.start(metrics.serve_http, kernel, *metrics_at)
+            await nursery.start(scrape.serve_http, kernel, *metrics_at)
         ops = Operations(kernel, nursery, share_vault)
         # noatime: a read need not be followed by a getattr to refresh atime
         # No default_permissions: access is decided (and refusals logged) by ops.py and the
@@ -55,7 +57,6 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
         except RuntimeError as e:  # libfuse said why on stderr, above this line
             raise StateError(f"cannot mount FUSE at {mountpoint}: {e} "
                              f"({fuse_problem() or 'see the lines above'})") from None
-        nursery.start_soon(read_ahead, mountpoint, READ_AHEAD_KB)
         kernel.mounted.set()
         kernel.log.append("mount", mountpoint=mountpoint, pid=os.getpid(),
                           durability=durability)
@@ -64,8 +65,7 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
             log.warning("%s", said["reason"])
         try:
             nursery.start_soon(_stop_on_signal, ops, kernel)
-            if ready is not None:
-                ready()
+            nursery.start_soon(_settle, mountpoint, ready)
             log.info("fs9 serving at %s (state %s, agents %s)", mountpoint, state_dir, agents_dir)
             await pyfuse3.main(max_tasks=MAX_TASKS)
         finally:
@@ -75,22 +75,16 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
             except Fs9Error as e:  # the log takes no writes (said in the root err)
                 log.error("unmount not logged: %s", e)
             nursery.cancel_scope.cancel()
+    snapshot.write_now(kernel)  # the next mount replays from here (kernel/snapshot.py)
     kernel.log.close()
 
 
-def fuse_problem() -> str | None:
-    """Why this process cannot mount FUSE, in one line, or None: checked before serving,
-    so a machine without FUSE gets a sentence, not libfuse's traceback."""
-    try:
-        if not stat.S_ISCHR(os.stat("/dev/fuse").st_mode):
-            return "/dev/fuse is not the FUSE device (a container without it?)"
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as e:
-        return (f"cannot open /dev/fuse: {e.strerror} (apt-get install fuse3; in a "
-                "container, pass the device: --device /dev/fuse)")
-    if os.geteuid() != 0 and not shutil.which("fusermount3"):
-        return "fusermount3 is missing (apt-get install fuse3), and mounting needs it unless root"
-    return None
+async def _settle(mountpoint: str, ready) -> None:
+    """Ready means set up: a reader right after `fs9 mount --background` returns gets
+    the read-ahead too (CI once read the bdi before the task setting it had run)."""
+    await read_ahead(mountpoint, READ_AHEAD_KB)
+    if ready is not None:
+        ready()
 
 
 async def read_ahead(mountpoint: str, kb: int) -> None:

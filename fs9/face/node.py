@@ -8,6 +8,7 @@ does. Nodes are made fresh by the tree for each request; a Handle is the per-ope
 No pyfuse3 here: errors are Fs9Error, the ops layer translates.
 """
 import errno
+import inspect
 import os
 import stat
 from dataclasses import dataclass
@@ -141,7 +142,9 @@ class Node:
     async def unlink(self, ctx) -> None:
         if self.remove is None:
             raise Fs9Error(errno.EACCES, READONLY_NS)
-        self.remove()
+        done = self.remove()
+        if inspect.isawaitable(done):  # (a request to another node: face/remote.py)
+            await done
 
     async def readlink(self) -> bytes:
         raise Fs9Error(errno.EINVAL, "not a symbolic link")
@@ -209,6 +212,10 @@ class Handle:
 
     def readable(self) -> bool:
         return True
+
+    def ready(self) -> bool:
+        """A read now returns without waiting for anything (nothing need cancel it)."""
+        return False
 
     async def wait_readable(self) -> None:
         pass

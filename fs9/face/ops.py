@@ -23,6 +23,7 @@ from .access import Gate
 from .boundary import boundary, file_name
 from .changes import Changes
 from .desktop import is_desktop_program
+from .fdflags import nonblocking_now
 from .inodes import Inodes
 from .node import Handle, Node
 from .walk import Tree
@@ -59,6 +60,7 @@ class Operations(Changes, pyfuse3.Operations):
         self._seen_kills = len(kernel.killed)
         self.reading: set[trio.CancelScope] = set()  # blocked reads, ended at unmount
         self.blocked: dict[str, int] = {}  # agent -> its reads waiting now (see read)
+        self.blocked_total = 0  # their sum (kept, not summed at each read)
         self.closing = False
         # listings by fh: (the directory's node, its (name, node, path) entries)
         self.dirs: dict[int, tuple[Node, list[tuple[str, Node, tuple[str, ...]]]]] = {}
@@ -255,6 +257,13 @@ class Operations(Changes, pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=self._opened(ino, handle), direct_io=handle.direct_io,
                                 keep_cache=self._unchanged(ino, handle), nonseekable=node.stream)
 
+    def _nonblocking(self, handle: Handle) -> bool:
+        """The reader's descriptor is non-blocking: now, as /proc shows it (set or cleared
+        by fcntl after open), else as it was at open (fdflags.py). Asked only of a read
+        with nothing to read (a stream's)."""
+        now = nonblocking_now(handle.pid, handle.ino, self.kernel.mount_path)
+        return handle.nonblocking if now is None else now
+
     def _opened(self, ino: int, handle: Handle) -> int:
         fh = self._fh()
         handle.ino = ino
@@ -277,11 +286,13 @@ class Operations(Changes, pyfuse3.Operations):
         handle = self._handle(fh)
         if self.closing:
             return b""
-        if handle.nonblocking and not handle.readable():
+        if not handle.readable() and self._nonblocking(handle):
             # a pipe's answer to a non-blocking reader; one that polls with edge-triggered
             # epoll (Go's poller) is woken only by a notification after this EAGAIN
             self._notify_when_readable(handle)
-            raise Fs9Error(errno.EAGAIN, "nothing to read yet (opened O_NONBLOCK)")
+            raise Fs9Error(errno.EAGAIN, "nothing to read yet (O_NONBLOCK)")
+        if handle.ready():  # no wait, so no cancel scope: a third of a subscriber's read
+            return await handle.read(off, size)
         # A read that will wait holds one of pyfuse3's MAX_TASKS workers: an agent may
         # hold at most BLOCKED_PER_AGENT of them, and all agents together leave
         # OPERATOR_RESERVE for the operator (else EAGAIN: try again, as a pipe would).
@@ -289,10 +300,11 @@ class Operations(Changes, pyfuse3.Operations):
             else None
         if waiter is not None:
             if self.blocked.get(waiter, 0) >= BLOCKED_PER_AGENT or \
-                    sum(self.blocked.values()) >= MAX_TASKS - OPERATOR_RESERVE:
+                    self.blocked_total >= MAX_TASKS - OPERATOR_RESERVE:
                 raise Fs9Error(errno.EAGAIN, f"agent {waiter} has {BLOCKED_PER_AGENT} reads "
                                              "waiting already")
             self.blocked[waiter] = self.blocked.get(waiter, 0) + 1
+            self.blocked_total += 1
         with trio.CancelScope() as scope:
             self.reading.add(scope)
             try:
@@ -301,6 +313,7 @@ class Operations(Changes, pyfuse3.Operations):
                 self.reading.discard(scope)
                 if waiter is not None:
                     self.blocked[waiter] -= 1
+                    self.blocked_total -= 1
                     if not self.blocked[waiter]:
                         del self.blocked[waiter]
         return b""  # cancelled by end_reads: the reader sees EOF

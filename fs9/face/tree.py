@@ -21,9 +21,9 @@ import inspect
 import os
 from typing import Callable
 
-from ..errors import Fs9Error
+from ..errors import NO_AGENT, Fs9Error
 from ..kernel.agents import manifest as manifests, registry
-from ..kernel import labels, supervision
+from ..kernel import finished, labels, supervision
 from ..kernel.bus.message import CLASSIFICATIONS
 from ..kernel.names import OPERATOR
 from ..kernel.stream import Stream
@@ -86,6 +86,12 @@ def _outbox(k, agent, to: str, me=None):
         raise Fs9Error(errno.EACCES, f"{me} may not send as {agent.name}")
     if "@" in to:  # NAME@OS: an agent of another OS
         return _federated(k, to, agent.name, dict(agent=agent.name, file="outbox"))
+    if k.cluster is not None and k.cluster.placed(to) is not None:
+        # placed in the cluster (here or on another node): through JetStream, so that the
+        # message outlives either node (kernel/cluster/mail.py)
+        if me is not None and not k.cluster.mail.knows(me, to):
+            k.guarded(_no_agent, to, agent=agent.name, file="outbox")  # (raises)
+        return remote.agent_mail(k, to, agent.name, dict(agent=agent.name, file="outbox"))
     recipient = k.guarded(k.agent, to, me, agent=agent.name, file="outbox")
     return Ctl(lambda data: k.guarded(k.bus.send, recipient, data, agent.name,
                                       agent=agent.name, file="outbox"),
@@ -93,6 +99,10 @@ def _outbox(k, agent, to: str, me=None):
                early=lambda data: k.guarded(k.bus.precheck, recipient, data, agent.name,
                                             agent=agent.name, file="outbox"),
                early_until=b"\n\n")
+
+
+def _no_agent(name: str):
+    raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {name}")
 
 
 def _federated(k, to: str, sender: str, said: dict):
@@ -199,9 +209,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/out": _agent_out,
     "agents/{agent}/err": _agent_err,
     "agents/{agent}/status": lambda k, agent: Status(agent.status),
-    "agents/{agent}/manifest": lambda k, agent: Status(
-        lambda: manifests.render(agent.manifest)
-        + f"# network reach: {manifests.reach(agent.manifest)}\n"),
+    "agents/{agent}/manifest": lambda k, agent: Status(lambda: manifests.text(agent.manifest)),
     "agents/{agent}/supervisor": lambda k, agent, me=None: Status(
         lambda: supervision.supervisor_text(k, agent, me)),
     "agents/{agent}/children": lambda k, agent, me=None: Status(
@@ -235,6 +243,9 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "topics/{topic}": _topic,
     "mail": None,  # the operator's mailbox: results of the requests it sent
     "mail/next": lambda k: StreamNode(lambda: NextCursor(k, k.bus.operator)),
+    "mail/batch": lambda k: StreamNode(lambda: BatchCursor(k, k.bus.operator)),
+    "mail/ack": lambda k, me=None: _operator_only(me, "mail/ack") or Ctl(
+        lambda data: k.guarded(batch.ack, k.bus, k.bus.operator, data, file="mail/ack")),
     "mail/dead": None,
     "mail/dead/{odead}": lambda k, odead: Status(odead.render),
     "mail/{omsg}": lambda k, omsg: Status(
@@ -243,8 +254,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "log": None,
     "log/audit": lambda k: StreamNode(lambda: AuditCursor(k.log)),
     "log/trace": None,
-    "log/trace/{corr}": lambda k, corr: Status(
-        lambda: "".join(e.json() + "\n" for e in k.log.trace(corr))),
+    "log/trace/{corr}": lambda k, corr: Status(lambda: k.federation.traces.render(corr)),
     # the federation (kernel/federation/): the operator's to drive, off until joined
     "federation": None,
     "federation/ctl": lambda k, me=None: _operator_only(me, "federation/ctl") or Ctl(
@@ -252,6 +262,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
         k.federation.state_line),
     "federation/status": lambda k: Status(k.federation.status),
     "federation/card": lambda k: Status(k.federation.card_text),
+    # topics offered to peers and peers' topics subscribed to (kernel/federation/topics.py)
+    "federation/topics": lambda k: Status(k.federation.topics.text),
     "federation/outbox": lambda k, me=None: _operator_only(me, "federation/outbox") or Dir(
         create=lambda name: _federated(k, name, OPERATOR, dict(file="federation/outbox"))),
     "federation/dead": None,  # dead letters: given up before JetStream had them
@@ -378,14 +390,17 @@ VARS = {
 }
 # Served but not listed: a mailbox lists its messages and new, next and dead, and
 # programs count any other name there as a message
-UNLISTED = {"agents/{agent}/mail/batch", "agents/{agent}/mail/ack"}
+UNLISTED = {"agents/{agent}/mail/batch", "agents/{agent}/mail/ack", "mail/batch",
+            "mail/ack"}
 _ASKS = {var for var, fns in VARS.items()
          if any("me" in inspect.signature(f).parameters for f in fns)}
 
 
 def _task_of(k, agent, name: str):
-    task = k.tasks.get(int(name)) if name.isascii() and name.isdigit() else None
-    if task is not None and name != str(task.id):
+    if not (name.isascii() and name.isdigit()) or name != str(int(name)):
         return None  # one name per task: 0005 is not 5
-    return task if task is not None and task.agent == agent.name else None
+    task = k.tasks.get(int(name))
+    if task is None:  # a finished task retired from memory: rebuilt from its events
+        return finished.old(k, agent, int(name))
+    return task if task.agent == agent.name else None
 

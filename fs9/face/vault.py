@@ -25,7 +25,7 @@ import stat
 from ..errors import Fs9Error
 from ..kernel import labels
 from ..kernel.names import split_view
-from ..kernel.vault.beneath import CHANGED
+from ..kernel.vault.pinned import CHANGED
 from .access import groups_of, may_access, may_set_attributes, may_write_file, new_mode, refusals_logged
 from .node import REFUSALS, Attrs, Node, shown
 from .vaultfile import VaultHandle, disk, disk_attrs, in_thread, set_attributes

@@ -11,7 +11,6 @@ from . import remote, times
 from .kinds import Dir
 from .node import Node, shown
 from .tree import _ASKS, ROWS, UNLISTED, VARS
-from .vault import VaultNode
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,15 +34,23 @@ class _Row:
     asks: bool  # the factory takes `me`: what it serves depends on who asks
     subtree: bool = False  # PREFIX/...: the row serves PREFIX and every path below it
     changed: Callable[..., int] | None = None  # (kernel, bound) -> its time (times.py)
+    # its fixed names and its {variables}, each with its place in the path: a walk
+    # compares the names first, so the rows beside the one that serves a path (the
+    # 19 four deep) are passed over without looking up their objects
+    fixed: tuple[tuple[int, str], ...] = ()
+    variables: tuple[tuple[int, str], ...] = ()
 
 
 def _row(pattern: str, factory) -> _Row:
     subtree = pattern.endswith("/...")
     pattern = pattern[:-4] if subtree else pattern
-    return _Row(tuple(pattern.split("/")) if pattern else (), factory,
+    parts = tuple(pattern.split("/")) if pattern else ()
+    return _Row(parts, factory,
                 not subtree and factory is not None
                 and "me" in inspect.signature(factory).parameters, subtree,
-                times.of_row(pattern))
+                times.of_row(pattern),
+                tuple((i, p) for i, p in enumerate(parts) if not p.startswith("{")),
+                tuple((i, p[1:-1]) for i, p in enumerate(parts) if p.startswith("{")))
 
 
 _ROWS = [_row(p, f) for p, f in ROWS.items()]
@@ -100,11 +107,12 @@ class Tree:
             if path[:len(row.parts)] == row.parts:
                 return row.factory(self.kernel, at, path[len(row.parts):], view)
         me = view and view.agent
-        served = remote.resolve(self.kernel, path) if view is None else None
+        served = remote.resolve(self.kernel, path) if view is None else \
+            remote.resolve_as(self.kernel, path, me)
         if served is not None:
             return served
         for row in _BY_DEPTH.get(len(path), ()):
-            bound = self._bind(row.parts, path, me)
+            bound = self._bind(row, path, me)
             if bound is None:
                 continue
             node = Dir() if row.factory is None else \
@@ -117,20 +125,20 @@ class Tree:
             return node
         raise Fs9Error(errno.ENOENT, "no such file")
 
-    def _bind(self, parts, path, me) -> dict | None:
-        bound: dict = {}
-        for pat, name in zip(parts, path):
-            if pat.startswith("{"):
-                var = pat[1:-1]
-                if var != "query" and not _text(name):
-                    return None  # a kernel object's name is text (kept in SQLite, in JSON)
-                asks = {"me": me} if var in _ASKS else {}
-                obj = VARS[var][1](self.kernel, name, **bound, **asks)
-                if obj is None:
-                    return None
-                bound[var] = obj
-            elif pat != name:
+    def _bind(self, row: _Row, path, me) -> dict | None:
+        for i, name in row.fixed:
+            if path[i] != name:
                 return None
+        bound: dict = {}
+        for i, var in row.variables:
+            name = path[i]
+            if var != "query" and not _text(name):
+                return None  # a kernel object's name is text (kept in SQLite, in JSON)
+            asks = {"me": me} if var in _ASKS else {}
+            obj = VARS[var][1](self.kernel, name, **bound, **asks)
+            if obj is None:
+                return None
+            bound[var] = obj
         return bound
 
     def _children(self, row: _Row, bound: dict, me) -> list[str]:

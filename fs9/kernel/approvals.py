@@ -123,6 +123,7 @@ class Approval:
         self.id, self.agent, self.action, self.key = id, e.agent, d["action"], d["key"]
         self.what, self.corr, self.requested = d["what"], e.corr or "", e.ts
         self.deadline = d["deadline"]
+        self.size = d.get("size")  # the most a yes covers (a model call's tokens), or None
         self.state, self.reason, self.used = "pending", "", False
 
     def status(self) -> str:
@@ -202,13 +203,19 @@ class Approvals:
         return ",".join(self.pending.get(agent, ()))
 
     def gate(self, agent, action: str, key: str, what: str, corr: str | None,
-             use: bool) -> None:
+             use: bool, size: int | None = None) -> None:
         """Let agent's action (one its manifest says needs a yes: the caller checked)
         through if the operator approved it (the approval used up when `use`: a check
         before the action, like a request's first write, leaves it); else refuse it,
-        asking the operator first if nobody was asked yet. One lookup, whatever the
-        number of approvals."""
+        asking the operator first if nobody was asked yet. An action with a size (a model
+        call's tokens) is covered by a yes given for at least that size: a larger one
+        retires the yes and is asked for anew. One lookup, whatever the number of
+        approvals."""
         a = self.by_action.get((agent.name, action, key))
+        if a is not None and a.state == "approved" and size is not None \
+                and a.size is not None and size > a.size:
+            self.kernel.record("approval_used", agent=agent.name, id=a.id, outgrown=size)
+            a = None
         if a is not None:
             if a.state == "pending":
                 raise Fs9Error(errno.EAGAIN, f"pending approval {a.id}: {what} (the "
@@ -234,7 +241,8 @@ class Approvals:
             self.kernel.record("approval_used", agent=agent.name, id=said_no.id)
         timeout = agent.manifest.get("approval", {}).get("timeout_s", TIMEOUT_S)
         self.kernel.record("approval_requested", agent=agent.name, action=action, key=key,
-                           what=one_line(what), corr=corr, deadline=time.time() + timeout)
+                           what=one_line(what), corr=corr, deadline=time.time() + timeout,
+                           **({"size": size} if size is not None else {}))
         self._changed.set()
         a = self.by_action[(agent.name, action, key)]
         raise Fs9Error(errno.EAGAIN, f"pending approval {a.id}: {what} (the operator "

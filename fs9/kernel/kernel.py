@@ -3,7 +3,8 @@
 Every change is `record(kind, ...)`: check that the state can take it (`refusal`:
 the lifecycles of agents and tasks, lifecycle.py), append the event (committed), then
 `apply` it to the in-memory state. Mounting again replays the same events through the same
-`apply`, so the state after a crash is the state that was acknowledged. An event
+`apply` (replay.py; from the latest snapshot: snapshot.py), so the state after a crash
+is the state that was acknowledged. An event
 replay cannot apply (logged by a past defect, or damaged) is set aside and reported
 (log.py's set-aside store, `replay_set_aside` events, the root `err`), never fatal.
 Tasks that were running when the daemon died are marked interrupted, then
@@ -21,19 +22,20 @@ from typing import Callable
 
 import trio
 
-from ..drivers import confine
+from ..drivers import confine, uidslots
 from ..errors import NO_AGENT, Fs9Error
-from . import traces
+from . import replay, retention, snapshot, traces
 from .agents.breaker import AgentBreakers, check_new
 from .approvals import Approvals
-from .agents import escapes, spawn
+from .agents import escapes, spawn, starts
 from .agents.agent import Agent
+from .agents.ondemand import MAX_AWAKE, Wakes
 from .agents.memory import Memory
 from .bus.bus import Bus
 from .federation import link
 from .federation.federation import Federation
 from .cluster.cluster import Cluster
-from .lifecycle import Lifecycles, Unappliable
+from .lifecycle import Lifecycles
 from .rootctl import RootCtl
 from .log import Event, EventLog
 from .metrics import Metrics
@@ -45,22 +47,26 @@ from .task import Task
 from .vault import beneath, search, watch
 
 MAX_INPUT = 16 << 20  # bytes of one task's input
+# Tasks queued for one agent: work an agent hands it (`in`, work_request mail) waits for
+# room past MAX_QUEUED (EDQUOT), the operator's and the rest's up to twice as many, so a
+# flood of work costs a bounded memory (a queued task is held until it runs).
+MAX_QUEUED = 10_000
 REFUSALS_PER_S = 50  # an agent's refusals logged one by one per second (then counted)
-SET_ASIDE_REPORTED = 100  # set-aside events reported one by one at mount (the rest counted)
 # Events logged for the record only: no state is rebuilt from them (the rest each have
 # exactly one handler in a state holder's `appliers`; tests/test_units.py checks both).
 AUDIT_ONLY = frozenset({
     "agent_step", "agent_unconfined", "audit_enabled", "audit_unavailable", "bug",
-    "cluster_takeover", "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
+    "cluster_fenced", "cluster_takeover", "cluster_unfenced", "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
     "delivery_refused", "escalated",
     "escape_attempt", "escape_denied", "injection_suspected", "log_fault", "log_recovered",
     "mail_delivered", "mount",
-    "mail_duplicate", "model_config_error", "model_retry", "model_throttled",
+    "mail_duplicate", "model_config_error", "outputs_retired", "retention_config_error",
+    "model_retry", "model_throttled",
     "model_unreachable", "refused", "replay_set_aside", "search_fallback",
     "search_index_damaged", "search_semantic", "set_aside_dismissed", "supervisor_restart",
     "task_progress", "topics_config_error", "limit_exceeded", "limits_unavailable",
-    "unclean_stop", "unmount", "unveil_denied", "vault_changed", "watch_restored",
-    "watch_unavailable"})
+    "unclean_stop", "unmount", "unveil_denied", "vault_changed", "watch_capped",
+    "watch_restored", "watch_unavailable"})
 Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
 
@@ -91,7 +97,9 @@ class Kernel(Lifecycles, RootCtl):
     def __init__(self, state_dir: str, agents_dir: str, mount_path: str = "",
                  vault_dir: str = "", audit: bool = True, durability: str = "process",
                  otlp: str = "", max_agents: int = spawn.MAX_AGENTS, cluster: str = "",
-                 node: str = "") -> None:
+                 node: str = "", full_replay: bool = False,
+                 snapshot_every: int = snapshot.SNAPSHOT_EVERY,
+                 max_awake: int = MAX_AWAKE) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.max_agents = max_agents  # live agents at once (agents/spawn.py: check_room)
         self.agents_dir = os.path.abspath(agents_dir)
@@ -100,17 +108,37 @@ class Kernel(Lifecycles, RootCtl):
         self.audit = audit  # witness agents' refused syscalls through kernel audit
         self.otlp = otlp  # an OpenTelemetry collector to export traces to (traces.py), or ""
         self.mounted = trio.Event()  # the face serves mount_path: sandboxes can bind views
+        self.forkserver = confine.ForkServer()  # forks each confined agent's sandbox
+        # sandboxes starting at once, room kept for the operator's (agents/starts.py)
+        self.sandbox_starts = starts.Starts(starts.PER_CPU * (os.cpu_count() or 1))
+        self.wakes = Wakes(self, max_awake)  # on-demand agents awake, those waiting for room
         self.spawns = 0  # spawn events so far
         self.instance = f"{zlib.crc32(self.state_dir.encode()):08x}"  # names its cgroups
         self.scratch_dir = ""  # agents' scratch folders (agents/sandbox.py), once made
         self.log = EventLog(self.state_dir, mount_path, durability)
         self.notes = bytearray()  # the root err: the operator's refused commands (diag)
         # this instance's uid range on the host, claimed for the life of the process
-        self.uid_slot, self._uid_claim = confine.claim_uid_slot(self.state_dir)
+        self.uid_slot, self._uid_claim = uidslots.claim_uid_slot(self.state_dir)
         self.uid_offset = -1  # of the latest spawn's uid in the range
         self.agents: dict[str, Agent] = {}
+        # live agents per spawning agent and per definition's folder, kept at spawn and
+        # kill: a spawn's room is counted in O(1), not by a walk of every agent
+        self.spawned_by: collections.Counter = collections.Counter()
+        self.of_home: collections.Counter = collections.Counter()
+        self.uids: dict[int, Agent] = {}  # each live agent by its uid
+        # uids of killed agents whose loops are still ending: no longer in `uids`, maybe
+        # without a process yet, but a sandbox may still start as one (its start was
+        # under way at the kill) and its end kills that uid's processes and removes the
+        # control group named by it. A spawn gets none of them (agents/sandbox.py).
+        self.uids_ending: set[int] = set()
         self.owners: dict[tuple[str, ...], str] = {}  # owned vault subtree -> its agent
-        self.tasks: dict[int, Task] = {}
+        self.owned_depth = 0  # names in the longest claim ever made: owner_of looks no deeper
+        self.tasks: dict[int, Task] = {}  # in memory: live ones, the latest finished
+        self.orphans: collections.deque[Task] = collections.deque()  # killed agents' finished
+        self.plan = snapshot.Plan()  # the events a replay must apply (snapshot.py)
+        self.full_replay = full_replay  # a mount replays from event 1, snapshot or not
+        self.snapshot_seq = 0  # of the snapshot this mount started from (0: none)
+        self.snapshot_every = snapshot_every  # events between snapshots while serving
         self.tally: collections.Counter = collections.Counter()  # tasks by state
         self.halted = False
         self.bus = Bus(self)
@@ -145,10 +173,15 @@ class Kernel(Lifecycles, RootCtl):
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Replay the log, recover interrupted tasks, run every agent; until cancelled."""
-        self._replay()
-        self._recover()
         # The replayed state lives as long as the mount: keep the cyclic collector from
-        # walking it again and again (a million tasks cost seconds-long pauses).
+        # walking it again and again while it grows (ten thousand agents: a third of the
+        # replay) and after (a million tasks cost seconds-long pauses).
+        gc.disable()
+        try:
+            self._replay()
+            self._recover()
+        finally:
+            gc.enable()
         gc.collect()
         gc.freeze()
         try:
@@ -165,9 +198,16 @@ class Kernel(Lifecycles, RootCtl):
                                 "refused syscalls of confined agents are enforced, not logged")
             elif self.mount_path and confine.unavailable() is None and escapes.start_audit(self):
                 nursery.start_soon(self._service, self._witness_denials)
+            if self.mount_path and confine.unavailable() is None:  # sandboxes fork from it
+                nursery.start_soon(self.forkserver.serve)
             for agent in self.agents.values():
-                nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
+                if agent.on_demand:
+                    agent.wake()  # (one with no work sleeps on)
+                else:
+                    self.start_loop(agent)
             nursery.start_soon(self.log.keep_checkpointed)
+            nursery.start_soon(snapshot.keep, self, self.snapshot_seq)
+            nursery.start_soon(self._service, retention.keep, self)
             nursery.start_soon(self.log.keep_deferred)
             nursery.start_soon(self.log.sync.keep_synced, self.log)
             nursery.start_soon(self._service, self.bus.keep_deadlines)
@@ -197,13 +237,19 @@ class Kernel(Lifecycles, RootCtl):
             log.error("%s stopped until the next mount: %s", what, e)
             self.diag(f"{what} stopped until the next mount: {e.text}")
 
+    def start_loop(self, agent: Agent) -> None:
+        """Run agent's loop (marked as running from now: one loop an agent at most)."""
+        if self._nursery is not None and not agent.serving:
+            agent.serving = True
+            self._nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
+
     async def _serve_agent(self, agent: Agent) -> None:
         """Run one agent's loop; a defect in it fails that agent, not the whole kernel."""
-        agent.serving = True
         try:
             await agent.serve()
         except Exception:
             agent.serving = False
+            self.wakes.ended(agent)
             self.log.bug(f"agent {agent.name}", agent=agent.name)
             if self.agents.get(agent.name) is agent:
                 try:
@@ -211,6 +257,10 @@ class Kernel(Lifecycles, RootCtl):
                                 reason="internal error (see the bug event); start retries")
                 except Fs9Error as e:  # the log takes no writes (a full disk): the agent
                     log.error("agent %s stopped: %s", agent.name, e)  # stays stopped here
+        else:  # an on-demand agent fell asleep: work that came while it closed wakes it
+            agent.serving = False
+            self.wakes.ended(agent)
+            agent.wake()
 
     async def _prune_memory(self) -> None:
         """Agents' notes past their max_age_days go (memory.py), checked hourly."""
@@ -229,41 +279,10 @@ class Kernel(Lifecycles, RootCtl):
             self.log.append("audit_unavailable", reason="the audit witness failed (see bug)")
 
     def _replay(self) -> None:
-        """Rebuild the state from the log. An event it cannot take is set aside (kept in
-        the log, listed in its set-aside store, said in the server's log and, until the
-        operator dismisses it, in a `replay_set_aside` event at every mount and the root
-        `err`): everything else comes back."""
-        aside: dict[int, tuple[str, str]] = {}
-        self._replaying = True
-        for event in self.log.replay(aside):
-            try:
-                self.apply(event)
-            except Exception as e:  # a defect's event (Unappliable) or a damaged one
-                reason = str(e) if isinstance(e, Unappliable) else f"{type(e).__name__}: {e}"
-                aside[event.seq] = (event.kind, reason)
-                log.warning("replay set aside event %d (%s): %s", event.seq, event.kind,
-                            reason, exc_info=not isinstance(e, Unappliable))
-        self._replaying = False
-        self.log.keep_aside(aside)
-        pending = self.log.set_aside()
-        for r in pending[:SET_ASIDE_REPORTED]:
-            self.log.append("replay_set_aside", agent=r.agent, task=r.task, event=r.seq,
-                            event_kind=r.kind, reason=r.reason, found=r.found)
-        if len(pending) > SET_ASIDE_REPORTED:
-            self.log.append("replay_set_aside", not_shown=len(pending) - SET_ASIDE_REPORTED,
-                            reason="more events set aside than reported one by one "
-                                   "(the root err lists them all)")
+        replay.replay(self)
 
     def _recover(self) -> None:
-        for task in [t for t in self.tasks.values() if t.state == "running"]:
-            ids = dict(agent=task.agent, task=task.id, corr=task.corr)
-            self.record("task_interrupted", reason="fs9 stopped while the task ran", **ids)
-            agent = self.agents.get(task.agent)
-            if task.daemon or agent is None or agent.manifest["restart"] == "temporary":
-                self.record("task_failed", reason="interrupted; not re-queued "
-                            "(restart = temporary, a daemon run, or the agent is gone)", **ids)
-            else:
-                self.record("task_requeued", reason="interrupted; re-queued", **ids)
+        replay.recover(self)
 
     # --- services for the face ----------------------------------------------------
 
@@ -278,7 +297,9 @@ class Kernel(Lifecycles, RootCtl):
     def owner_of(self, path: tuple[str, ...]) -> str | None:
         """The agent owning vault path (claims never overlap); None: only the operator
         may change it."""
-        for n in range(1, len(path) + 1):  # (a lookup per depth, not a walk of agents)
+        # a lookup per depth, not a walk of agents; no deeper than a claim goes (a path
+        # 1,200 folders deep made 1,200 tuples of up to 1,200 names a lookup)
+        for n in range(1, min(len(path), self.owned_depth) + 1):
             owner = self.owners.get(path[:n])
             if owner is not None:
                 return owner
@@ -335,11 +356,21 @@ class Kernel(Lifecycles, RootCtl):
                                          "and takes no tasks")
         if data is not None and not request:  # (mail checked it before it was sent)
             check_new(agent)  # its circuit breaker (agents/breaker.py)
+        if data is not None:
+            self.check_queue(agent, operator=True)
         tid = self.log.next_seq
         extra = dict(reply_to=reply_to, request=request) if reply_to else {}
         self.record("task_queued", agent=agent.name, task=tid, corr=corr or os.urandom(8).hex(),
                     blob=data or b"", daemon=data is None, **extra)
         return self.tasks[tid]
+
+    def check_queue(self, agent: Agent, operator: bool) -> None:
+        """Fs9Error(EDQUOT) if agent's queue has no room for one more task handed it by
+        the operator (or the kernel) or, operator False, by an agent (MAX_QUEUED)."""
+        room = MAX_QUEUED * (2 if operator else 1)
+        if len(agent.queue) >= room:
+            raise Fs9Error(errno.EDQUOT, f"{agent.name} has {len(agent.queue)} tasks queued: "
+                                         "new work waits until it has run some")
 
     def task_input(self, task: Task) -> bytes:
         return self.log.blob(task.id)  # a task's id is the seq of its task_queued event

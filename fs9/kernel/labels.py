@@ -90,9 +90,9 @@ def check_read(kernel: "Kernel", reader, path: Path) -> None:
 
 def above(kernel: "Kernel", clearance: str) -> tuple[Path, ...]:
     """The vault subtrees owned by agents cleared above `clearance`."""
-    return tuple(sorted(prefix for agent in kernel.agents.values()
-                        if not clearance_allows(clearance, agent.manifest["clearance"])
-                        for prefix in agent.view.owns))
+    return tuple(sorted(prefix for prefix, owner in kernel.owners.items()  # (not every agent)
+                        if not clearance_allows(clearance,
+                                                kernel.agents[owner].manifest["clearance"])))
 
 
 def check_unveils(kernel: "Kernel", name: str, view, clearance: str,

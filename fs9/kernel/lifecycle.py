@@ -9,10 +9,12 @@ same events through the same handlers; one the state cannot take there is Unappl
 handlers change: agents, tasks, the log, the event table, its counters.
 """
 import errno
+import shutil
 from typing import Callable
 
-from ..drivers import confine
+from ..drivers import uidslots
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
+from . import finished
 from .agents import breaker as breakers, limits
 from .agents.agent import Agent
 from .log import Event
@@ -69,10 +71,13 @@ class Lifecycles:
         (never an event record() let through: only a damaged or a defect's, at replay)."""
         handler = self.handlers.get(e.kind)
         if handler is None:
-            return  # AUDIT_ONLY: for the record
+            return  # AUDIT_ONLY: for the record (and not replayed from a snapshot)
+        self.plan.keep(e.seq)  # (one set aside stays in the plan: re-examined, reported)
         refused = self.refusal(e.kind, e.agent, e.task)
         if refused is not None:
             raise Unappliable(refused.text)
+        if e.kind in MOVES:
+            self.tasks[e.task].seqs.append(e.seq)
         handler(e, self.agents.get(e.agent) if e.agent else None,
                 self.tasks.get(e.task) if e.task else None)
         self.metrics.applied[e.kind] += 1
@@ -115,27 +120,43 @@ class Lifecycles:
     def _on_spawn(self, e, agent, task):
         self.spawns += 1
         # (an older log has no uid_offset: the spawn count gave it)
-        self.uid_offset = e.data.get("uid_offset", self.spawns % confine.SLOT_SIZE)
+        self.uid_offset = e.data.get("uid_offset", self.spawns % uidslots.SLOT_SIZE)
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"],
-                      confine.uid_base(self.uid_slot) + self.uid_offset)
+                      uidslots.uid_base(self.uid_slot) + self.uid_offset)
+        agent.spawn_seq = e.seq
         agent.spawned_by = e.data.get("by")
         agent.supervisor = e.data.get("supervisor")  # (kernel/supervision.py)
         self.agents[agent.name] = agent
+        self.of_home[agent.home] += 1
+        self.uids[agent.uid] = agent
+        if agent.spawned_by is not None:
+            self.spawned_by[agent.spawned_by] += 1
         self.owners.update(dict.fromkeys(agent.view.owns, agent.name))
-        if self._nursery is not None:
-            self._nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
+        self.owned_depth = max([self.owned_depth, *map(len, agent.view.owns)])
+        if not agent.on_demand:  # (an on-demand one sleeps until work comes)
+            self.start_loop(agent)
 
     def _on_kill(self, e, agent, task):
         agent.killed = True
         for queued in list(agent.queue):
             self._end(queued, "cancelled", reason="agent killed")
         del self.agents[agent.name]
+        finished.killed(self, agent)
+        _drop(self.of_home, agent.home)
+        if self.uids.get(agent.uid) is agent:
+            del self.uids[agent.uid]
+        if agent.spawned_by is not None:
+            _drop(self.spawned_by, agent.spawned_by)
+        if agent.serving:  # its loop ends in its own time: its uid is held until then
+            self.uids_ending.add(agent.uid)
         for prefix in agent.view.owns:
             self.owners.pop(prefix, None)
         self.rates.drop(agent.name)
         agent.changes.bump()
         if not self._replaying:
             self.killed.append(agent.name)
+            if not agent.serving and self.scratch_dir:  # asleep: no loop to clear it
+                shutil.rmtree(agent.scratch, ignore_errors=True)
 
     def _on_halt(self, e, agent, task):
         self.halted = True
@@ -155,8 +176,10 @@ class Lifecycles:
         agent.stopped, agent.failed = False, ""
         agent.window = agent.new_window()  # a start by hand gives the supervisor a clean slate
         agent.changes.bump()
-        if not agent.serving and self._nursery is not None:  # its loop died of a defect
-            self._nursery.start_soon(self._serve_agent, agent, name=f"agent {agent.name}")
+        if agent.on_demand:
+            agent.wake()
+        elif not agent.serving:  # its loop died of a defect
+            self.start_loop(agent)
 
     def _on_agent_restart(self, e, agent, task):
         agent.restarts += 1
@@ -174,6 +197,7 @@ class Lifecycles:
         task = Task(e.task, e.agent, e.corr, daemon=daemon, queued_ts=e.ts,
                     reply_to=e.data.get("reply_to", ""), request=e.data.get("request", ""),
                     tallies=(self.tally,) if daemon else (self.tally, agent.tally))
+        task.seqs.append(e.seq)
         self.tasks[task.id] = task
         agent.tasks.append(task)
         agent.corrs.add(task.corr)
@@ -181,6 +205,7 @@ class Lifecycles:
             agent.queue.append(task)
             if agent.runnable():
                 agent.changes.bump()
+                agent.wake()
 
     def _on_task_started(self, e, agent, task):
         task.move("running")
@@ -211,6 +236,7 @@ class Lifecycles:
         if agent is not None:
             agent.queue.appendleft(task)
             agent.changes.bump()
+            agent.wake()
 
     def _end(self, task: Task, state: str, exit=None, reason: str = "", ts=None) -> None:
         task.move(state)
@@ -226,7 +252,16 @@ class Lifecycles:
             if task in agent.queue:
                 agent.queue.remove(task)
             agent.changes.bump()
+        finished.ended(self, task)  # (the oldest finished past the latest few retire)
 
     def _bump_all(self) -> None:
         for agent in self.agents.values():
             agent.changes.bump()
+            agent.wake()
+
+
+def _drop(counter, key) -> None:
+    """One fewer of key (gone at zero: a counter of every name ever seen would grow)."""
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]

@@ -65,12 +65,22 @@ CREATE TABLE IF NOT EXISTS kept (
 CREATE INDEX IF NOT EXISTS chunks_by_task ON chunks (task, attempt, fd);
 CREATE INDEX IF NOT EXISTS kept_by_stream ON kept (stream, seq);
 CREATE INDEX IF NOT EXISTS events_by_corr ON events (corr) WHERE corr IS NOT NULL;
+-- a retired task's events, read when its tasks/ID is looked up (finished.py)
+CREATE INDEX IF NOT EXISTS events_by_task ON events (task) WHERE task IS NOT NULL;
 CREATE TABLE IF NOT EXISTS set_aside (  -- events the latest replay could not apply
     seq       INTEGER PRIMARY KEY,      -- the event's, in `events` (which keeps it)
     kind      TEXT NOT NULL,
     reason    TEXT NOT NULL,
     found     REAL NOT NULL,            -- when a replay first set it aside
     dismissed REAL                      -- when the operator dismissed it (root ctl)
+);
+CREATE TABLE IF NOT EXISTS snapshot (  -- the state at event seq: a cache (snapshot.py)
+    id    INTEGER PRIMARY KEY CHECK (id = 1),  -- one at most; a new one replaces it
+    seq   INTEGER NOT NULL,
+    made  REAL NOT NULL,
+    about TEXT NOT NULL,    -- JSON: format, versions, digest of the rows up to seq
+    kept  BLOB NOT NULL,    -- zlib: the seqs up to seq a replay applies (int64, ascending)
+    state BLOB NOT NULL     -- zlib: JSON of what the events left out changed
 );
 CREATE TRIGGER IF NOT EXISTS events_append_only BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
@@ -96,7 +106,7 @@ class EventLog(Records):
         self.lock = state.StateLock(state_dir, mount, durability=durability)
         self.path = os.path.join(state_dir, state.LOG)
         try:  # refused (StateError) if damaged, foreign or newer; migrated if older
-            self.db = state.open_log(state_dir, SCHEMA)
+            self.db = state.open_log(state_dir, SCHEMA, self.lock.previous.get("log"))
             # a commit reaches the WAL (the page cache); sync.py brings it to the disk
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
@@ -123,7 +133,7 @@ class EventLog(Records):
             if self.last_seq else self.changes.at_ns
         self.agent_ns: dict[str, int] = {}
         self.task_ns: dict[int, int] = {}
-        self.trouble: Trouble | None = None  # why writes are refused now (a full disk...)
+        self.trouble: sync.Trouble | None = None  # why writes are refused now (a full disk...)
         self.deferred: list[tuple[str, dict]] = []  # records riding with the next commit
         self._deferring = trio.Event()  # set while some wait (keep_deferred)
 
@@ -132,7 +142,12 @@ class EventLog(Records):
         self.db.close()
         self.sync.close()
         fault = self.sync.fault
-        self.lock.release(stopped=self.last_seq, **({"fault": fault.text} if fault else {}))
+        try:  # (the file as this clean stop leaves it: the next open trusts no other)
+            left = None if fault else state.fingerprint(self.path)
+        except OSError:
+            left = None
+        self.lock.release(stopped=self.last_seq, **({"fault": fault.text} if fault else {}),
+                          **({"log": left} if left else {}))
 
     # --- writing -----------------------------------------------------------
 
@@ -308,25 +323,27 @@ class EventLog(Records):
                          f"{self.trouble.refused} writes refused")
         return lines
 
-    def keep_aside(self, aside: dict[int, tuple[str, str]]) -> None:
-        """Store what a whole replay set aside (seq -> (kind, reason)). The set-aside
-        store follows the latest replay: an event it applied is no longer listed, and
-        one listed before keeps when it was found and whether it was dismissed."""
-        stale = [(seq,) for (seq,) in self.db.execute("SELECT seq FROM set_aside")
-                 if seq not in aside]
-        now = time.time()
-        with self.db:  # one transaction: the store is never half updated
-            self.db.execute("BEGIN")
-            self.db.executemany("DELETE FROM set_aside WHERE seq = ?", stale)
-            self.db.executemany(
-                "INSERT INTO set_aside (seq, kind, reason, found) VALUES (?,?,?,?)"
-                " ON CONFLICT (seq) DO UPDATE SET kind = excluded.kind, reason = excluded.reason",
-                [(seq, kind, reason, now) for seq, (kind, reason) in aside.items()])
+    def write_snapshot(self, seq: int, about: str, kept: bytes, state: bytes) -> None:
+        """Replace the snapshot (snapshot.py) in one transaction: the old one stays in
+        force until this one is committed. Fs9Error (ENOSPC, EIO) if SQLite cannot."""
+        self._write("BEGIN", ())
+        self._write("INSERT OR REPLACE INTO snapshot (id, seq, made, about, kept, state)"
+                    " VALUES (1,?,?,?,?,?)", (seq, time.time(), about, kept, state))
+        self._write("COMMIT", ())
 
-    def dismiss(self, seqs: list[int]) -> None:
-        """The operator has seen these set-aside events: no longer reported."""
-        self.db.executemany("UPDATE set_aside SET dismissed = ? WHERE seq = ?",
-                            [(time.time(), seq) for seq in seqs])
+    def cut_chunks(self, ids: list[int], kind: str, **data) -> Event:
+        """Delete the output chunks of the tasks numbered ids and log `kind` (saying what went where) in
+        one transaction: both, or neither (Fs9Error). Retention's one path
+        (retention.py); no event is ever deleted."""
+        if self.sync.fault is not None:
+            raise self.sync.fault
+        self.flush_deferred()
+        ts, seq = time.time(), self.next_seq
+        self._write("BEGIN", ())
+        self._write(f"DELETE FROM chunks WHERE task IN ({','.join('?' * len(ids))})", ids)
+        self._store(seq, ts, kind, None, None, None, None, data)
+        self._write("COMMIT", ())
+        return self._logged(Event(seq, ts, kind, None, None, None, data))
 
     def trim(self, stream: str, below: int) -> None:
         """Delete the blobs kept in stream for events numbered below `below`. SQLite
@@ -336,6 +353,15 @@ class EventLog(Records):
             self.db.execute("DELETE FROM kept WHERE stream=? AND seq<?", (stream, below))
         except sqlite3.Error as e:
             log.warning("trimming %s: %s", stream, e)
+
+    def forget(self, stream: str, seqs: list[int]) -> None:
+        """Delete the blobs kept in stream for these events (any order: acknowledged
+        mail), as trim() does (a failing disk: they stay)."""
+        try:
+            self.db.executemany("DELETE FROM kept WHERE stream=? AND seq=?",
+                                [(stream, seq) for seq in seqs])
+        except sqlite3.Error as e:
+            log.warning("forgetting in %s: %s", stream, e)
 
     WAL_LIMIT = 64 << 20  # bytes; past this a checkpoint also truncates the WAL
 

@@ -15,9 +15,7 @@ a line with each agent's label written once (_label) costs well under a microsec
 The format is prometheus-client's own (its parser reads it back in tests/test_metrics.py).
 
 `fs9 mount --metrics 127.0.0.1:PORT` also serves the operator's exposition over HTTP
-for a Prometheus scraper (`serve_http`: prometheus-client's server, in its thread; the
-text is rendered on the trio thread, where the state changes, and parsed back into
-prometheus-client's families in the server's thread).
+for a Prometheus scraper, to the operator's programs only (scrape.py).
 
 Read through an agent's view, only the agents it may know of appear (Kernel.knows):
 a metric must not name an agent that answers elsewhere as one nobody has; the
@@ -26,12 +24,8 @@ event and request counts, which tell of every agent, are the operator's.
 import bisect
 import collections
 import functools
-import ipaddress
 
-import trio
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics import Histogram
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 from .names import OPERATOR
@@ -225,40 +219,3 @@ def _models(k, names: set[str], me) -> list[Family]:
         for state in ("closed", "open", "half_open"):
             breaker.add(f"{which},state=\"{state}\"", 1 if model.breaker.state == state else 0)
     return [calls, tokens, refused, up, breaker]
-
-
-def http_address(text: str) -> tuple[str, int]:
-    """HOST:PORT of --metrics, a loopback address (the exposition names every agent);
-    ValueError saying what is wrong."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--metrics {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9109")
-    if not loopback:
-        raise ValueError(f"--metrics {text!r}: serve it on a loopback address (127.0.0.1, "
-                         "::1): it names every agent; put a proxy in front to reach it")
-    return host, int(port)
-
-
-async def serve_http(kernel: "Kernel", host: str, port: int, *,
-                     task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the operator's exposition at http://HOST:PORT/ until cancelled."""
-    token = trio.lowlevel.current_trio_token()
-
-    class OnTrioThread:  # a scrape (the server's thread) renders on the trio thread
-        def collect(self):
-            text = trio.from_thread.run_sync(kernel.metrics.text, trio_token=token)
-            return list(text_string_to_metric_families(text))
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(OnTrioThread())
-    server, _ = start_http_server(port, host, registry)  # (its thread is a daemon)
-    try:
-        task_status.started()
-        await trio.sleep_forever()
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -11,6 +11,7 @@ import re
 
 # agents, definitions, topics, models, memory notes: one file name each
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+OS_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a federation member's name: one NATS token
 OPERATOR = "operator"  # the person at the mount: a mailbox, a budget, never an agent
 
 # What shown_path escapes: a backslash, C0 and C1 controls, the Unicode line and
@@ -54,3 +55,9 @@ def split_view(path: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
     if len(path) >= 3 and path[0] == "agents" and path[2] == "view":
         return path[1], path[3:]
     return None, path
+
+
+def remote_topic(name: str) -> bool:
+    """TOPIC@OS: a peer's exported topic as it arrives here (kernel/federation/topics.py)."""
+    topic, at, osname = name.partition("@")
+    return bool(at) and bool(NAME_RE.fullmatch(topic)) and bool(OS_RE.fullmatch(osname))

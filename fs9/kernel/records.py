@@ -1,13 +1,19 @@
 """What the event log holds, looked up: events after a seq, a whole replay, a trace by
-correlation id, blobs and output chunks, the events replay set aside. A mixin of
+correlation id, blobs and output chunks, the events replay set aside (and that store's
+upkeep: what the latest replay set aside, what the operator dismissed). A mixin of
 EventLog (log.py), which writes them; `set_aside` also reads a log offline (state.py).
 """
 import itertools
 import json
 import sqlite3
+import time
 from dataclasses import dataclass, field
 
 _json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: dumps() builds one a call
+_decode = json.JSONDecoder().decode  # (loads() checks its argument's type first, a call)
+# A row's blob up to this size comes with it at replay (a batch of rows holds at most
+# 5000 of them: 20 MiB); a larger one is read when applied.
+REPLAY_BLOB = 4096
 
 
 @dataclass(frozen=True)
@@ -72,27 +78,51 @@ class Records:
             " WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
         return [_readable(*row) for row in rows]
 
-    def replay(self, aside: dict[int, tuple[str, str]]):
-        """Every event from the beginning, oldest first; a row that does not read as an
-        event (its data is not a JSON object) goes into `aside` (seq -> (kind, reason))
-        instead, for keep_aside()."""
-        seq = 0
+    def replay(self, aside: dict[int, tuple[str, str]], after: int = 0):
+        """Every event after seq `after`, oldest first, as (event, its blob if stored
+        in its row and at most REPLAY_BLOB bytes, else None: blob() reads it); a row that
+        does not read as an event (its data is not a JSON object) goes into `aside`
+        (seq -> (kind, reason)) instead, for keep_aside(). (Read with its row, a
+        message's blob costs no query of its own: a third of a message's replay.)"""
+        seq = after
         while rows := self.db.execute(
-                "SELECT seq, ts, kind, agent, task, corr, data FROM events"
-                " WHERE seq > ? ORDER BY seq LIMIT 5000", (seq,)).fetchall():
-            for s, ts, k, a, t, c, d in rows:
-                try:
-                    data = json.loads(d)
-                except (TypeError, ValueError):
-                    data = None
-                if isinstance(data, dict):
-                    yield Event(s, ts, k, a, t, c, data)
-                else:
-                    aside[s] = (k, f"its data is not a JSON object: {str(d)[:80]!r}")
+                f"SELECT {_REPLAYED} FROM events WHERE seq > ? ORDER BY seq LIMIT 5000",
+                (REPLAY_BLOB, seq)).fetchall():
+            yield from _decoded(rows, aside)
             seq = rows[-1][0]
+
+    def replay_seqs(self, seqs, aside: dict[int, tuple[str, str]]):
+        """The events numbered seqs (ascending), as replay() yields them: a snapshot's
+        plan (snapshot.py)."""
+        for n in range(0, len(seqs), 5000):
+            chunk = seqs[n:n + 5000]
+            rows = self.db.execute(
+                f"SELECT {_REPLAYED} FROM events WHERE seq IN ({','.join('?' * len(chunk))})"
+                " ORDER BY seq", (REPLAY_BLOB, *chunk)).fetchall()
+            yield from _decoded(rows, aside)
 
     def set_aside(self, dismissed: bool = False) -> list[SetAside]:
         return set_aside(self.db, dismissed)
+
+    def keep_aside(self, aside: dict[int, tuple[str, str]]) -> None:
+        """Store what a whole replay set aside (seq -> (kind, reason)). The set-aside
+        store follows the latest replay: an event it applied is no longer listed, and
+        one listed before keeps when it was found and whether it was dismissed."""
+        stale = [(seq,) for (seq,) in self.db.execute("SELECT seq FROM set_aside")
+                 if seq not in aside]
+        now = time.time()
+        with self.db:  # one transaction: the store is never half updated
+            self.db.execute("BEGIN")
+            self.db.executemany("DELETE FROM set_aside WHERE seq = ?", stale)
+            self.db.executemany(
+                "INSERT INTO set_aside (seq, kind, reason, found) VALUES (?,?,?,?)"
+                " ON CONFLICT (seq) DO UPDATE SET kind = excluded.kind, reason = excluded.reason",
+                [(seq, kind, reason, now) for seq, (kind, reason) in aside.items()])
+
+    def dismiss(self, seqs: list[int]) -> None:
+        """The operator has seen these set-aside events: no longer reported."""
+        self.db.executemany("UPDATE set_aside SET dismissed = ? WHERE seq = ?",
+                            [(time.time(), seq) for seq in seqs])
 
     def trace(self, corr: str) -> list[Event]:
         """Every event carrying correlation id `corr`, in order."""
@@ -100,6 +130,15 @@ class Records:
         rows = self.db.execute("SELECT seq, ts, kind, agent, task, corr, data FROM events"
                                " WHERE corr = ? ORDER BY seq", (corr,))
         return [_readable(*row) for row in rows]
+
+    def task_events(self, task: int, kinds) -> list[Event]:
+        """The events of these kinds naming task, in order (rows that do not read as
+        events left out, as replay sets them aside)."""
+        marks = ",".join("?" * len(kinds))
+        rows = self.db.execute("SELECT seq, ts, kind, agent, task, corr, data FROM events"
+                               f" WHERE task = ? AND kind IN ({marks}) ORDER BY seq",
+                               (task, *kinds))
+        return [e for e in map(lambda r: _readable(*r), rows) if "damaged" not in e.data]
 
     def has_corr(self, corr: str) -> bool:
         self.flush_deferred()
@@ -126,6 +165,22 @@ class Records:
             "SELECT data FROM chunks WHERE task=? AND attempt=? AND fd=? ORDER BY rowid",
             (task, attempt, fd))
         return b"".join(r[0] for r in rows)
+
+
+_REPLAYED = ("seq, ts, kind, agent, task, corr, data,"
+             " CASE WHEN length(blob) <= ? THEN blob END")
+
+
+def _decoded(rows, aside):
+    for s, ts, k, a, t, c, d, b in rows:
+        try:
+            data = _decode(d) if type(d) is str else json.loads(d)
+        except (TypeError, ValueError):
+            data = None
+        if isinstance(data, dict):
+            yield Event(s, ts, k, a, t, c, data), b
+        else:
+            aside[s] = (k, f"its data is not a JSON object: {str(d)[:80]!r}")
 
 
 def _readable(seq, ts, kind, agent, task, corr, data) -> Event:

@@ -51,6 +51,8 @@ class RootCtl:
             elif p.cmd.verb == "kill":
                 if p.args[0] not in names or (by is not None and not self._reaches(by, p.args[0])):
                     raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {p.args[0]}")
+                if self.cluster is not None:
+                    self.cluster.refuse_kill(p.args[0])
                 if by is not None and p.args[0] in self.agents and \
                         supervision.children(self, self.agents[p.args[0]]):
                     raise Fs9Error(errno.EPERM, f"agent {by} may not kill the supervisor "
@@ -62,9 +64,10 @@ class RootCtl:
                     raise Fs9Error(errno.EPERM, f"only the operator dismisses set-aside "
                                                 f"events, not agent {by}")
                 self._set_aside(p.args[0])
+        running = sandboxes.running_uids(self) if spawns else set()  # (one walk of /proc)
         for p in parsed:
             if p.cmd.verb == "spawn":
-                self.spawn(*p.args, by=by)
+                self.spawn(*p.args, by=by, running=running)
             else:
                 getattr(self, p.cmd.method)(*p.args)
 
@@ -90,12 +93,15 @@ class RootCtl:
                 or any(view.access(owned) is not None for owned in target.view.owns)
                 or (asker.current is not None and asker.current.reply_to == name))
 
-    def spawn(self, name: str, *overrides: str, by: str | None = None) -> Agent:
-        """Spawn NAME; a supervisor with its subtree, parents first, all checked first."""
+    def spawn(self, name: str, *overrides: str, by: str | None = None,
+              running: set[int] | None = None) -> Agent:
+        """Spawn NAME; a supervisor with its subtree, parents first, all checked first.
+        `running`: sandboxes.running_uids, when the caller walked /proc already."""
+        running = sandboxes.running_uids(self) if running is None else running
         for each, manifest, home, sup in supervision.plan(self, name, *overrides, by=by):
             os.makedirs(home, exist_ok=True)
             self.record("spawn", agent=each, manifest=manifest, home=home,
-                        uid_offset=sandboxes.free_uid_offset(self), **({"by": by} if by else {}),
+                        uid_offset=sandboxes.free_uid_offset(self, running), **({"by": by} if by else {}),
                         **({"supervisor": sup} if sup else {}))
         return self.agents[name]
 

@@ -17,17 +17,22 @@ class Changes:
     def __init__(self) -> None:
         self.version = 0
         self.at_ns = time.time_ns()  # made, then last bumped (epoch ns)
-        self._event = trio.Event()
+        # made by the first waiter, dropped by the bump that wakes it: a bump nobody
+        # waits for (every one at replay, most of a million tasks') makes no Event
+        self._event: trio.Event | None = None
 
     def bump(self) -> None:
         self.version += 1
         self.at_ns = time.time_ns()
-        event, self._event = self._event, trio.Event()
-        event.set()
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
 
     async def wait_past(self, version: int) -> None:
         """Block until the version differs from `version`."""
         while self.version == version:
+            if self._event is None:
+                self._event = trio.Event()
             await self._event.wait()
 
 

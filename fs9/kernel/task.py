@@ -56,6 +56,9 @@ class Task:
     out: Stream | None = None
     err: Stream | None = None
     changes: Changes = field(default_factory=Changes)  # state changes, for waiters
+    # the seqs of its lifecycle events (task_queued and its moves), dropped from a
+    # snapshot's replay once it retires (finished.py)
+    seqs: list = field(default_factory=list)
     tallies: tuple = ()  # Counters of tasks by state (agent's, kernel's), kept current here
 
     def __post_init__(self) -> None:

@@ -18,15 +18,33 @@ span ids are hashes of (id, what the span is), so a chain stays one trace across
 remounts (a task queued before a remount and ending after it is still sent, its start
 read from the log; a span begun before this mount parents nothing). A span is built
 when it ends, from the times in the log: nothing is held open in the SDK.
-`log/trace/ID` is the file view of the same chain. The SDK's batch processor sends
-from its own thread through a bounded queue (spans beyond it are dropped, never
-waited for); the OpenTelemetry modules are imported only here, only when configured.
+`log/trace/ID` is the file view of the same chain.
+
+The spans are built and sent by a process of their own (`python -m fs9.kernel.traces`,
+started and ended by `export`), which reads the log read-only beside the server: the
+server never imports OpenTelemetry, and building and encoding spans (tens of us of
+Python a span) never holds the server's interpreter lock while it answers FUSE. The
+process ends with the server: it sees its parent change (not a parent-death signal,
+which comes when the thread that forked it ends, and trio forks in a worker thread that
+ends when idle). A defect of its own is a `bug` event the server logs for it. The SDK's batch processor sends through a bounded
+queue (spans beyond it are dropped, never waited for).
 """
 import collections
 import hashlib
+import json
 import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+import traceback
 
 import trio
+
+from .records import _readable
 
 log = logging.getLogger("fs9")
 
@@ -70,8 +88,10 @@ class Pending:
 class Spans:
     """Turns events into spans for a tracer (the SDK's), keyed by deterministic ids."""
 
-    def __init__(self, kernel, tracer, ids, trace_api) -> None:
-        self.kernel, self.tracer, self.ids, self.api = kernel, tracer, ids, trace_api
+    def __init__(self, log, models, tracer, ids, trace_api) -> None:
+        """log: events_after(seq, limit); models: a model's name -> its table (a dict)."""
+        self.log, self.models = log, models
+        self.tracer, self.ids, self.api = tracer, ids, trace_api
         self.pending: collections.OrderedDict[str, Pending] = collections.OrderedDict()
         self.latest: dict[str, tuple[str, str]] = {}  # agent -> its latest task: what, corr
         self.begun: collections.OrderedDict[str, None] = collections.OrderedDict()  # ids made
@@ -118,7 +138,7 @@ class Spans:
     def _end_task(self, e, error: str | None) -> None:
         what = f"task/{e.task}"
         if what not in self.pending and e.task:  # queued before this mount: the log says when
-            queued = self.kernel.log.events_after(e.task - 1, 1)
+            queued = self.log.events_after(e.task - 1, 1)
             if queued and queued[0].kind == "task_queued" and queued[0].corr == e.corr:
                 self._task_queued(queued[0])
         self._end(e, what, error, {"fs9.exit": e.data["exit"]}
@@ -156,8 +176,7 @@ class Spans:
 
     def _model(self, e, error, attrs) -> None:
         name = str(e.data.get("model", ""))
-        model = self.kernel.models.models.get(name)
-        conf = model.conf if model is not None else {}
+        conf = self.models(name)
         start = e.ts - float(e.data.get("ms") or 0) / 1000
         self._begin(e, f"model/{e.seq}", f"chat {name}",
                     f"task/{e.task}" if e.task else None, {
@@ -217,10 +236,64 @@ class Spans:
         span.end(end_time=_ns(max(e.ts, p.start)))
 
 
-async def export(kernel, endpoint: str) -> None:
-    """Follow the log from now on and export its chains as spans to endpoint; until
-    cancelled, then flush what is queued (a few seconds at most). Without the packages,
-    traces stay off, said in the root err; the mount serves on."""
+# --- the exporting process -------------------------------------------------------------
+
+BUG_TEXT_MAX = 4096  # characters of a traceback the process hands the server for its log
+NO_SDK = 3  # the process's exit status when the OpenTelemetry packages are missing
+
+
+class LogReader:
+    """The event log, read-only, beside the server that writes it (WAL: readers and the
+    writer do not wait for each other; no read holds a snapshot between queries)."""
+
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+
+    def events_after(self, seq: int, limit: int = BATCH) -> list:
+        rows = self.db.execute("SELECT seq, ts, kind, agent, task, corr, data FROM events"
+                               " WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
+        return [_readable(*row) for row in rows]
+
+
+class ModelTables:
+    """A model's table in models.toml by name, read again when the file changes (only
+    `provider` and `model` are used, for the GenAI attributes)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.stamp, self.tables = path, None, {}
+
+    def __call__(self, name: str) -> dict:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp != self.stamp:
+            self.stamp, self.tables = stamp, {}
+            try:
+                with open(self.path, "rb") as f:
+                    tables = tomllib.load(f).get("models", {})
+                self.tables = tables if isinstance(tables, dict) else {}
+            except (OSError, tomllib.TOMLDecodeError):
+                pass
+        table = self.tables.get(name)
+        return table if isinstance(table, dict) else {}
+
+
+def main(argv: list[str]) -> int:
+    """python -m fs9.kernel.traces URL LOG SEQ MOUNT MODELS PARENT: export the chains of
+    the log at LOG after event SEQ to the collector at URL until SIGTERM or the death of
+    the server (pid PARENT); then flush what is queued (5 s at most)."""
+    url, log_path, seq, mount, models_path, parent = argv
+    seq, parent = int(seq), int(parent)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C to the server's group is its own
+    if os.getppid() != parent:  # it died already (the loop below looks again each turn)
+        return 0
+    # Exporting is background work: on a busy machine the server and the agents go first
+    # and spans wait (the log holds them), rather than the hot path sharing its cores.
+    os.nice(10)
     try:
         from opentelemetry import trace as trace_api
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -229,10 +302,9 @@ async def export(kernel, endpoint: str) -> None:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.id_generator import IdGenerator
     except ImportError as e:
-        log.error("traces are off: %s", e)
-        kernel.diag(f"--otlp: traces are off: {e} (pip install opentelemetry-sdk "
-                    "opentelemetry-exporter-otlp-proto-http)")
-        return
+        print(f"traces are off: {e} (pip install opentelemetry-sdk "
+              "opentelemetry-exporter-otlp-proto-http)", file=sys.stderr)
+        return NO_SDK
 
     class Ids(IdGenerator):
         """The ids of the span being built: hashes of its chain and what it is."""
@@ -246,29 +318,84 @@ async def export(kernel, endpoint: str) -> None:
 
     ids = Ids()
     provider = TracerProvider(
-        resource=Resource.create({"service.name": "fs9", "fs9.mount": kernel.mount_path}),
+        resource=Resource.create({"service.name": "fs9", "fs9.mount": mount}),
         id_generator=ids, span_limits=SpanLimits(max_attribute_length=ATTRIBUTE_MAX))
     provider.add_span_processor(BatchSpanProcessor(
-        OTLPSpanExporter(endpoint=traces_url(endpoint), timeout=5),
-        max_queue_size=4096, schedule_delay_millis=1000))
-    spans = Spans(kernel, provider.get_tracer("fs9"), ids, trace_api)
-    seq = kernel.log.last_seq
-    log.info("exporting traces to %s", traces_url(endpoint))
-    try:
-        while True:
-            await kernel.log.wait_after(seq)
-            batch = kernel.log.events_after(seq, limit=BATCH)
-            for event in batch:
-                seq = event.seq
+        OTLPSpanExporter(endpoint=url, timeout=5), max_queue_size=4096,
+        schedule_delay_millis=1000))
+    log_ = LogReader(log_path)
+    spans = Spans(log_, ModelTables(models_path), provider.get_tracer("fs9"), ids, trace_api)
+    while not stop and os.getppid() == parent:
+        try:
+            batch = log_.events_after(seq)
+        except sqlite3.Error:  # (busy a moment: a checkpoint) read again at the next turn
+            batch = []
+        for event in batch:
+            seq = event.seq
+            try:
+                spans.follow(event)
+            except Exception:  # a defect of ours costs that span: the server logs a bug
+                print(json.dumps({"event": seq, "traceback":
+                                  traceback.format_exc()[-BUG_TEXT_MAX:]}), flush=True)
+        if len(batch) < BATCH:
+            time.sleep(FOLLOW_S)  # (a span waits for the batch processor's second anyway)
+    provider.shutdown()  # sends what is queued; the exporter's timeout bounds it
+    return 0
+
+
+async def export(kernel, endpoint: str) -> None:
+    """Run the exporting process for endpoint from the log's present end; until
+    cancelled, then end it (its flush: 5 s at most). A process that stops is started
+    again from where the log is then (its pending spans are lost: traces are a view,
+    the log keeps everything); one that cannot load OpenTelemetry is said in the root
+    err, and the mount serves on."""
+    url, pause = traces_url(endpoint), 1.0
+    log.info("exporting traces to %s", url)
+    while True:
+        # -P: the working directory (the operator's, maybe others' to write in) is not
+        # put on the module path of this root process
+        argv = [sys.executable, "-P", "-m", "fs9.kernel.traces", url, kernel.log.path,
+                str(kernel.log.last_seq), kernel.mount_path, kernel.models.config_path,
+                str(os.getpid())]
+        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL,
+                                                stdout=subprocess.PIPE)
+        try:
+            async for line in _lines(proc.stdout):
                 try:
-                    spans.follow(event)
-                except Exception:  # a defect of ours costs that span, not the mount
-                    kernel.log.bug("traces", event=event.seq)
-            # a span waits for the batch processor's second anyway: following the log a few
-            # times a second, a query each, rather than a query at every event, halves
-            # what tracing costs a mail exchange (bench/ops.py)
-            await trio.sleep(0 if len(batch) >= BATCH else FOLLOW_S)
-    finally:
-        with trio.move_on_after(5) as scope:
-            scope.shield = True
-            await trio.to_thread.run_sync(provider.shutdown, abandon_on_cancel=True)
+                    bug = json.loads(line)
+                    kernel.log.append("bug", handler="traces", event=int(bug["event"]),
+                                      traceback=str(bug["traceback"])[:BUG_TEXT_MAX])
+                except (ValueError, KeyError, TypeError):
+                    log.error("traces: %r", line[:200])
+            status = await proc.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+                    with trio.move_on_after(6):
+                        await proc.wait()
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+        if status == NO_SDK:
+            kernel.diag("--otlp: traces are off: the OpenTelemetry packages are missing "
+                        "(pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http)")
+            return
+        kernel.diag(f"--otlp: the traces' exporter stopped (status {status}); started again")
+        await trio.sleep(pause)
+        pause = min(pause * 2, 30)
+
+
+async def _lines(stream):
+    """The lines of a byte stream, each at most 64 KiB (a longer one is cut)."""
+    buf = b""
+    async for chunk in stream:
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line[:1 << 16]
+        buf = buf[-(1 << 16):]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -18,20 +18,24 @@ from ... import drivers
 from ...drivers import cgroups, confine
 from ...errors import NO_AGENT, Fs9Error
 from .. import cmd
-from ..names import one_line
 from . import breaker as breakers, escapes, limits, manifest as manifests, sandbox as sandboxes
 from ..models.budget import Limits
 from ..bus.mailbox import Mailbox
+from ..latest import Latest
 from ..stream import Changes
 from .. import supervision
 from ..supervisor import RestartWindow
 from ..task import Task
 from . import view as views
+from .ondemand import OnDemand
+from .shown import Shown
 from .run import Runs
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..kernel import Kernel
+
+CORRS_KEPT = 10_000  # correlation ids an agent may carry on: its latest tasks' and mail's
 
 CMDS = (
     cmd.Cmd("run", "run", 1, 1, rest=True, usage="run TEXT"),
@@ -52,7 +56,7 @@ def _not_json(word: str):
     raise ValueError(f"{word} is not JSON")
 
 
-class Agent(Runs):
+class Agent(Runs, OnDemand, Shown):
     def __init__(self, kernel: "Kernel", name: str, manifest: dict, home: str, uid: int) -> None:
         self.kernel = kernel
         self.name = name
@@ -70,21 +74,28 @@ class Agent(Runs):
         self.killed = False
         self.restarts = 0
         self.breaker = breakers.of(name, self.manifest)  # cut off if its tasks keep failing
-        self.tasks: list[Task] = []  # every task, oldest first
+        self.tasks: list[Task] = []  # its tasks in memory, oldest first (finished.py)
+        self.finished: collections.deque[Task] = collections.deque()  # in end order
+        self.spawn_seq = 0  # its spawn event's: a task numbered above it is its own
         self.tally: collections.Counter = collections.Counter()  # its tasks by state
         self.queue: collections.deque[Task] = collections.deque()
         self.current: Task | None = None
         self.mailbox = Mailbox()
-        self.corrs: set[str] = set()  # correlation ids it may carry on: its tasks', its mail's
+        if self.manifest["start"] == "on-demand":
+            self.mailbox.on_put = self._mail_came
+        # correlation ids it may carry on: its latest tasks' and mail's
+        self.corrs: Latest = Latest(CORRS_KEPT)
         self.spawned_by: str | None = None  # the agent that started it (None: the operator)
         self.supervises = self.manifest["mode"] == "supervisor"  # runs no program
         self.supervisor: str | None = None  # the supervisor it is a child of (None: the kernel)
         self.notes = bytearray()  # refused commands, shown after the task's stderr in `err`
         self.changes = Changes()  # anything that may let the loop go on
         # runtime only
-        self.serving = False  # its loop runs (Kernel._serve_agent)
+        self.told_unconfined = False
+        self.serving = False  # its loop runs (Kernel._serve_agent); not: asleep, or dead
+        self._idled = False  # an on-demand daemon's run ended for want of mail: sleep now
+        self._no_sandbox = ""  # why its sandbox did not start, for the run that needed it
         self.window = self.new_window()  # daemon restarts, for the supervisor's intensity
-        self.base_env = {**os.environ, **manifest["env"]}
         self._sandbox: confine.Sandbox | None = None
         self._daemon_run: Task | None = None  # a daemon's latest run
         self._resources: contextlib.AsyncExitStack | None = None  # the sandbox's lifetime
@@ -109,71 +120,6 @@ class Agent(Runs):
         """It takes no tasks (a daemon runs on its own; a supervisor runs nothing)."""
         return self.manifest["mode"] != "task"
 
-    # --- what the files show -------------------------------------------------
-
-    @property
-    def state(self) -> str:
-        if self.killed:
-            return "killed"
-        if self.failed:
-            return "failed"
-        if self.current is not None or (self.supervises and not self.stopped
-                                        and not self.kernel.halted):
-            return "running"
-        if self.stopped:
-            return "stopped"
-        if self.kernel.halted:
-            return "halted"
-        return "idle"
-
-    def status_line(self) -> str:
-        c = self.tally
-        pid = self.current.pid if self.current and self.current.pid else "-"
-        return (f"{self.name} {self.state} {pid} {self.restarts} "
-                f"{len(self.queue)} {c['done']} {c['failed']}\n")
-
-    def status(self) -> str:
-        """KEY=VALUE lines; `reason` says why the agent failed, else why its latest task
-        did (never empty beside a failure: a newcomer looks there first)."""
-        c = self.tally
-        cur = self.current
-        latest = self.tasks[-1] if self.tasks else None
-        now, last = cur.timing() if cur else {}, latest.timing() if latest else {}
-        fields = {
-            "name": self.name, "state": self.state, "mode": self.manifest["mode"],
-            "priority": self.priority, "pid": cur.pid if cur and cur.pid else "",
-            "restarts": self.restarts, "task": cur.id if cur else "",
-            "queued": len(self.queue), "done": c["done"], "failed": c["failed"],
-            "cancelled": c["cancelled"], "latest": latest.id if latest else "",
-            "latest_state": latest.state if latest else "",
-            "latest_exit": "" if not latest or latest.exit is None else latest.exit,
-            "latest_reason": latest.reason if latest else "",
-            # the running task's timing and latest progress report, then the latest task's
-            "task_started_at": now.get("started_at", ""), "task_elapsed": now.get("elapsed", ""),
-            "task_progress": cur.progress if cur else "",
-            "latest_ended_at": last.get("ended_at", ""), "latest_elapsed": last.get("elapsed", ""),
-            **self.kernel.models.agent_usage(self.name),
-            "approvals_pending": self.kernel.approvals.pending_of(self.name),
-            **breakers.status(self, time.time()),  # its own circuit breaker
-            **{f"budget_{k}": v for k, v in vars(self.budget).items() if v},
-            "reason": self.failed or failure(latest),  # last: it is free text
-        }
-        return "".join(f"{k}={v}\n" for k, v in fields.items())
-
-    def shown_task(self) -> Task | None:
-        """The task `out`/`err` follow: the running one, else the next queued, else the latest."""
-        return self.current or (self.queue[0] if self.queue else None) or \
-            (self.tasks[-1] if self.tasks else None)
-
-    NOTES_MAX = 64 << 10
-
-    def diag(self, text: str) -> None:
-        """A line of diagnostics for `err` (refused commands); the oldest go first. One
-        line whatever the text holds (a name with a newline adds no line of its own)."""
-        self.notes += f"fs9: {one_line(text)}\n".encode()
-        if len(self.notes) > self.NOTES_MAX:
-            del self.notes[:self.notes.index(b"\n", len(self.notes) - self.NOTES_MAX) + 1]
-
     # --- ctl verbs (checked first, then recorded) ----------------------------
 
     def ctl(self, data: bytes, by: str | None = None) -> None:
@@ -184,6 +130,8 @@ class Agent(Runs):
                                         f"{self.name}: supervision trees are the operator's")
         for p in parsed:  # every line is checked before any is applied
             self.check(p, last=p is parsed[-1])
+            if by is not None and p.cmd.verb == "run":  # work handed on, as by `in`
+                self.kernel.bus.check_input(self, by)
             if by is not None and p.cmd.verb == "reset":
                 raise Fs9Error(errno.EPERM, f"only the operator resets {self.name}'s "
                                             f"circuit breaker, not agent {by}")
@@ -199,6 +147,8 @@ class Agent(Runs):
             raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {self.name} (killed)")
         if p.cmd.verb == "kill" and not last:
             raise Fs9Error(errno.EINVAL, f"nothing may follow kill in one write: {p.line!r}")
+        if p.cmd.verb == "kill" and self.kernel.cluster is not None:
+            self.kernel.cluster.refuse_kill(self.name)
         if p.cmd.verb == "run" and self.daemon:
             raise Fs9Error(errno.EINVAL, f"{self.name} is a {self.manifest['mode']} agent "
                                          "and takes no tasks")
@@ -218,6 +168,12 @@ class Agent(Runs):
 
     def start(self) -> None:
         supervision.start_tree(self.kernel, self)
+
+    def fence(self, reason: str) -> None:
+        """Stop, its running task re-queued, not failed: the cluster's fence
+        (kernel/cluster/cluster.py), which starts it again if it is still its node's."""
+        self.kernel.record("agent_stop", agent=self.name, reason=reason)
+        self._cancel_run("requeue")
 
     def restart(self) -> None:
         if self.supervises:
@@ -270,8 +226,10 @@ class Agent(Runs):
         return not (self.stopped or self.failed or self.killed or self.kernel.halted)
 
     async def serve(self) -> None:
-        """Run this agent's work until it is killed (or the kernel shuts down)."""
-        if not self.confined:
+        """Run this agent's work until it is killed (or the kernel shuts down); an
+        on-demand agent's until it sleeps (its sandbox and control group go with it)."""
+        if not self.confined and not self.told_unconfined:
+            self.told_unconfined = True  # (once a mount, not at every wake)
             self.kernel.log.append("agent_unconfined", agent=self.name,
                                    reason="unconfined = true in its manifest")
         try:
@@ -281,18 +239,32 @@ class Agent(Runs):
                 finally:
                     self._sandbox = None
                     if self.group is not None:  # every process of the agent ends with it
-                        self.group.remove()
-                        self.group = None
+                        group, self.group = self.group, None
+                        with trio.CancelScope(shield=True):  # (groups empty in parallel:
+                            await trio.to_thread.run_sync(group.remove)  # an unmount's)
                     if self.killed:
                         shutil.rmtree(self.scratch, ignore_errors=True)
         finally:  # its sandbox is gone: nothing reads the vault from disk for it now
             self.kernel.native_reads.pop(self, None)
+            if self.killed:  # nothing of it runs or starts now: its uid may be given again
+                self.kernel.uids_ending.discard(self.uid)
 
     @property
     def scratch(self) -> str:
         """The confined agent's only writable folder on disk (HOME, TMPDIR): in fs9's own
         root-owned folder (agents/sandbox.py), where no other user can plant a link."""
         return os.path.join(sandboxes.scratch_root(self.kernel), str(self.uid))
+
+    def started_sandbox(self) -> "confine.Sandbox | None":
+        """The sandbox the loop started for this run (None: unconfined); SandboxError
+        with the reason it did not start. A run never starts one itself: the sandbox
+        outlives the run, so its nursery may not open inside the run's cancel scope."""
+        if not self.confined:
+            return None
+        if self._sandbox is None or self._sandbox.closed:
+            raise confine.SandboxError(self._no_sandbox or (
+                self._sandbox.closed if self._sandbox is not None else "it is not started"))
+        return self._sandbox
 
     async def sandbox(self) -> "confine.Sandbox | None":
         """The agent's sandbox, started on first use; None when it runs unconfined."""
@@ -313,13 +285,23 @@ class Agent(Runs):
             sandboxes.make_scratch(self)
             if self.group is None:
                 self.group = sandboxes.make_group(self)
-            self._sandbox = await self._resources.enter_async_context(
-                confine.Sandbox.open(sandboxes.spec(self.kernel, self),
-                                     lambda report: escapes.attempt(self.kernel, self, report)))
+            # (a few at a time, room kept for the operator's: starts.py)
+            async with self.kernel.sandbox_starts.place(self.spawned_by is not None):
+                if self.killed:  # while it waited its turn: no start for a dead agent
+                    raise confine.SandboxError("the agent was killed")
+                self._sandbox = await self._resources.enter_async_context(
+                    confine.Sandbox.open(sandboxes.spec(self.kernel, self),
+                                         lambda report: escapes.attempt(self.kernel, self,
+                                                                        report),
+                                         self.kernel.forkserver))
         return self._sandbox
 
     async def _loop(self) -> None:
         while not self.killed:
+            if self.on_demand and not self.wanted():
+                if not await self._idle():
+                    return  # asleep
+                continue
             if not self.runnable() or self.supervises or (not self.daemon and not self.queue):
                 await self.changes.wait_past(self.changes.version)
                 continue
@@ -336,9 +318,11 @@ class Agent(Runs):
                 task = self._daemon_run = self.kernel.submit(self, None)
             if self.confined and (self._sandbox is None or self._sandbox.closed):
                 try:  # before the task starts, so a running task always has a pid
+                    self._no_sandbox = ""
                     await self.sandbox()
                     continue  # look again: much may have happened meanwhile
-                except OSError:
+                except OSError as e:
+                    self._no_sandbox = str(e)
                     # execute fails the task with the reason, if it is still to run: a
                     # kill, stop or halt while the sandbox was starting may have ended it
                     if task.state != "queued" or not self.runnable():
@@ -365,7 +349,9 @@ class Agent(Runs):
                    "LANG": os.environ.get("LANG", "C.UTF-8"), "USER": self.name,
                    **self.manifest["env"]}
         else:
-            env = dict(self.base_env)
+            # (made at each run, not kept: a copy of fs9's environment an agent, for
+            # thousands of agents, was most of what they cost the server)
+            env = {**os.environ, **self.manifest["env"]}
         mnt = self.kernel.mount_path
         home = os.path.join(mnt, "agents", self.name) if mnt else ""
         env.update(self.driver.environ(self.manifest))
@@ -375,9 +361,3 @@ class Agent(Runs):
                    FS9_PROGRESS=home and os.path.join(home, "tasks", str(task.id), "progress"))
         return env
 
-
-def failure(task) -> str:
-    """Why a failed task failed, in words ("" unless it failed)."""
-    if task is None or task.state != "failed":
-        return ""
-    return task.reason or f"its program exited with status {task.exit}"

@@ -27,7 +27,7 @@ import re
 
 import trio
 
-from ...drivers import audit, auditrules
+from ...drivers import auditrules, refusals
 from ..rate import Burst
 from typing import TYPE_CHECKING
 
@@ -98,11 +98,11 @@ async def watch_denials(kernel: "Kernel") -> None:
     window = collections.Counter()  # (agent, second, shape) -> /proc scans seen
     denials = Burst(BURST)
     try:
-        async with audit.Refusals() as refusals:
-            async for d in refusals:
+        async with refusals.Refusals() as reports:
+            async for d in reports:
                 if d.get("syscall") in QUERIES:
                     continue
-                agent = next((a for a in kernel.agents.values() if a.uid == d.get("uid")), None)
+                agent = kernel.uids.get(d.get("uid"))
                 if agent is None:
                     continue  # not ours (another fs9, another sandbox, a stopped agent)
                 path = d.get("path")  # under the mount: fs9's own refusal (also logged as

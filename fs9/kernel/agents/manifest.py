@@ -20,7 +20,7 @@ from . import view as views
 from ..models.budget import Limits
 from . import breaker as breakers, limits
 from .memory import policy as memory_policy
-from ..names import NAME_RE
+from ..names import NAME_RE, remote_topic
 from .. import approvals, supervisor
 
 MODES = ("task", "daemon", "supervisor")
@@ -39,7 +39,12 @@ DEFAULTS: dict[str, Any] = {
     "env": {},
     "unconfined": False,  # true: run without a private namespace (an explicit, logged choice)
     "clearance": "internal",  # the highest classification it may receive (bus/message.py)
+    # "on-demand": no process until work comes (a task; a daemon: mail), asleep again
+    # after idle_s without work (agent.py); "always": a daemon runs from its spawn on
+    "start": "always",
+    "idle_s": 300,
 }
+STARTS = ("always", "on-demand")
 
 # Keys later layers read (views, bus, registry); accepted and kept as data now.
 FUTURE_KEYS = ("provides", "accepts", "description", "sla", "subscribe")
@@ -56,7 +61,7 @@ SPAWN_KEYS = ("spawns", "max_instances")  # (max_instances: live agents of this 
 SUPERVISOR_KEYS = ("strategy", "children")  # mode = "supervisor" (kernel/supervisor.py)
 # each driver's own keys (the exec driver's cmd, the llm driver's model...) come last
 KNOWN_KEYS = tuple(DEFAULTS) + ("pledge", "unveil", "owns", "budget", "memory", "net",
-                                 "limits", "approval", "breaker") \
+                                 "limits", "approval", "breaker", "nodes") \
     + FUTURE_KEYS + SPAWN_KEYS + SUPERVISOR_KEYS + tuple(k for d in drivers.DRIVERS.values() for k in d.keys)
 
 
@@ -104,7 +109,8 @@ def check(raw: dict, origin: str) -> dict:
             raise bad(f"{key}: {problem}")
     m = {**DEFAULTS, **raw}
     for key, allowed in (("driver", tuple(drivers.DRIVERS)), ("mode", MODES),
-                         ("restart", RESTARTS), ("priority", PRIORITIES)):
+                         ("restart", RESTARTS), ("priority", PRIORITIES),
+                         ("start", STARTS)):
         if m[key] not in allowed:
             raise bad(f"{key} = {m[key]!r}; expected one of {', '.join(allowed)}")
     if m["clearance"] not in CLASSIFICATIONS:
@@ -116,9 +122,13 @@ def check(raw: dict, origin: str) -> dict:
         m.update(drivers.of(m).check(m) if m["mode"] != "supervisor" else {"cmd": []})
     except drivers.BadManifest as e:
         raise bad(str(e))
-    for key in ("max_restarts", "within_s", "timeout_s"):
+    for key in ("max_restarts", "within_s", "timeout_s", "idle_s"):
         if not isinstance(m[key], (int, float)) or isinstance(m[key], bool) or m[key] < 0:
             raise bad(f"{key} must be a number >= 0, got {m[key]!r}")
+    if not 0 < m["idle_s"] <= INT64:
+        raise bad(f"idle_s must be a number > 0, got {m['idle_s']!r}")
+    if m["start"] == "on-demand" and m["mode"] == "supervisor":
+        raise bad('a supervisor runs no program: start = "on-demand" is for tasks and daemons')
     if "max_instances" in m and not (isinstance(m["max_instances"], int) and not isinstance(
             m["max_instances"], bool) and m["max_instances"] >= 1):
         raise bad(f"max_instances must be an integer >= 1, got {m['max_instances']!r}")
@@ -138,9 +148,15 @@ def check(raw: dict, origin: str) -> dict:
             or not v.isprintable())]
         if bad_names:
             raise bad(f"{key}: {bad_names[0]!r} cannot be a file name (registry/by-capability)")
-    topics = [t for t in m.get("subscribe", []) if not NAME_RE.fullmatch(t)]
+    if "nodes" in m and not (isinstance(m["nodes"], list) and m["nodes"] and all(
+            isinstance(v, str) and NAME_RE.fullmatch(v) and "." not in v for v in m["nodes"])):
+        raise bad("nodes must be a list of node names (letters, digits, _ -): where it may "
+                  "run in a cluster")
+    topics = [t for t in m.get("subscribe", []) if not NAME_RE.fullmatch(t)
+              and not remote_topic(t)]
     if topics:
-        raise bad(f"subscribe: {topics[0]!r} is not a topic name (letters, digits, _ . -)")
+        raise bad(f"subscribe: {topics[0]!r} is not a topic name (letters, digits, _ . -; "
+                  "TOPIC@OS for a peer's)")
     for key in LINES:
         if key in m and not (isinstance(m[key], str) and m[key].isprintable()):
             raise bad(f"{key} must be one line of text")
@@ -233,6 +249,11 @@ def _not_plain(value: Any, depth: int = 0) -> str:
         return next((p for k, v in value.items()
                      if (p := _not_plain(k, depth + 1) or _not_plain(v, depth + 1))), "")
     return f"{type(value).__name__} values are not allowed (strings, numbers, arrays, tables)"
+
+
+def text(manifest: dict) -> str:
+    """agents/NAME/manifest: the manifest as TOML, then where its network reaches."""
+    return render(manifest) + f"# network reach: {reach(manifest)}\n"
 
 
 def render(manifest: dict) -> str:

@@ -35,14 +35,24 @@ def card(agent) -> str:
         about += f" (sla: {m['sla']})"
     skills = [{"id": cap, "name": cap, "description": f"{cap}, by {agent.name}: {about}",
                "tags": [cap, *accepts]} for cap in m.get("provides", [])]
-    return json.dumps({
-        "name": agent.name, "description": about,
-        "supportedInterfaces": [{"url": f"fs9:agents/{agent.name}/mail/new",
-                                 "protocolBinding": "JSONRPC", "protocolVersion": A2A_PROTOCOL}],
-        "version": __version__,
-        "capabilities": {"streaming": False, "pushNotifications": False},
-        "defaultInputModes": ["text/plain"], "defaultOutputModes": ["text/plain"],
-        "skills": skills}, indent=2) + "\n"
+    return json.dumps(a2a_card(agent.name, about, f"fs9:agents/{agent.name}/mail/new", "JSONRPC",
+                               skills), indent=2) + "\n"
+
+
+def a2a_card(name: str, description: str, url: str, binding: str, skills: list[dict],
+             extensions: list[dict] = ()) -> dict:
+    """An A2A AgentCard with A2A's field names only (the SDK's AgentCard refuses any
+    other): an agent's (registry/cards/NAME) and an OS's (federation/card) alike. fs9's
+    own fields go in `capabilities.extensions`, as A2A extensions (uri, params)."""
+    capabilities = {"streaming": False, "pushNotifications": False}
+    if extensions:
+        capabilities["extensions"] = list(extensions)
+    return {"name": name, "description": description,
+            "supportedInterfaces": [{"url": url, "protocolBinding": binding,
+                                     "protocolVersion": A2A_PROTOCOL}],
+            "version": __version__, "capabilities": capabilities,
+            "defaultInputModes": ["text/plain"], "defaultOutputModes": ["text/plain"],
+            "skills": skills}
 
 
 def owners(agents: dict) -> str:

@@ -6,9 +6,12 @@ and the events that say how it ended.
 import trio
 
 from ... import drivers
+from ...drivers import confine
 from .. import supervision
 from ..task import Task
 from . import limits
+
+WATCH_FIRST_S, WATCH_MAX_S = 0.2, 5.0  # a run's limits read after, and at most every
 
 
 class Runs:
@@ -21,20 +24,20 @@ class Runs:
                  attempt=task.attempt + 1)
         status, no_sandbox = None, ""
         output = [0, self.limits["output_mb"] << 20]  # bytes so far, the most a task may write
+        over = trio.Event()  # output past its limit: the watcher looks at once
 
         def emit(fd: int, data: bytes) -> None:
             if output[0] >= output[1]:
+                over.set()
                 return  # over the limit: the watcher ends the task
             output[0] += len(data)
             k.emit(task, fd, data[:max(0, output[1] - output[0] + len(data))])
         self._cancel_as, self._exceeded, self._baseline = "", "", {}
-        # The run's scope opens before its sandbox may start again: a kill, stop, halt or
-        # restart while it starts ends this run as one that came while it ran.
         with trio.CancelScope() as self._run_scope:
             if self.manifest["timeout_s"] and not task.daemon:
                 self._run_scope.deadline = trio.current_time() + self.manifest["timeout_s"]
-            try:
-                sandbox = await self.sandbox()
+            try:  # (the loop started it: a sandbox outlives the run's scope)
+                sandbox = self.started_sandbox()
             except OSError as e:
                 no_sandbox = str(e)
             else:
@@ -47,11 +50,17 @@ class Runs:
                 self._baseline = self.group.counters() if self.group is not None else {}
                 async with trio.open_nursery() as nursery:
                     async def runner(task_status):
-                        nonlocal status
-                        status = await self.driver.run(job, task_status=task_status)
+                        nonlocal status, no_sandbox
+                        try:
+                            status = await self.driver.run(job, task_status=task_status)
+                        except confine.SandboxError as e:  # (raised before the start)
+                            no_sandbox = str(e)  # it died before the program started
+                            task_status.started(None)
                         nursery.cancel_scope.cancel()  # the watcher's job is done
                     task.pid = await nursery.start(runner)
-                    nursery.start_soon(self._watch_limits, task, output)
+                    nursery.start_soon(self._watch_limits, task, output, over)
+                    if self.on_demand and task.daemon:  # asleep after idle_s without mail
+                        nursery.start_soon(self._watch_idle)
         self._run_scope = None
         task.pid = None
         ids = dict(agent=self.name, task=task.id, corr=task.corr)
@@ -77,6 +86,9 @@ class Runs:
         elif self._cancel_as == "requeue":
             k.record("task_interrupted", reason="restarted by command", **ids)
             k.record("task_failed" if task.daemon else "task_requeued", **ids)
+        elif self._cancel_as == "asleep":
+            k.record("task_cancelled", reason=f"asleep: no mail for idle_s = "
+                                              f"{self.manifest['idle_s']}", **ids)
         elif self._cancel_as:
             k.record("task_cancelled", reason=f"agent {self.state}", **ids)
         else:
@@ -86,10 +98,17 @@ class Runs:
                          reason=limits.reason("timeout_s", self.manifest["timeout_s"]), **ids)
         return status
 
-    async def _watch_limits(self, task: Task, output: list[int]) -> None:
-        """While a run lasts: a limit that bit (memory, processes, output) ends it."""
+    async def _watch_limits(self, task: Task, output: list[int], over: trio.Event) -> None:
+        """While a run lasts: a limit that bit (memory, processes, output) ends it. The
+        group's counters are read 0.2 s into the run, then half as often each time, down
+        to every WATCH_MAX_S: a thousand idle daemons must not keep the server busy
+        reading them (a program the OOM killer ended has ended anyway; the run's end
+        checks again). Output past its limit is seen at once (`over`)."""
+        delay = WATCH_FIRST_S
         while True:
-            await trio.sleep(0.2)
+            with trio.move_on_after(delay):
+                await over.wait()
+            delay = min(delay * 2, WATCH_MAX_S)
             if self._check_limits(task, output):
                 self._cancel_run("limit")
                 return

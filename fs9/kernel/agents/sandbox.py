@@ -6,9 +6,11 @@ agent's data; the sandbox itself is drivers/confine.py's.
 """
 import errno
 import os
+import shutil
+import stat
 import tempfile
 
-from ...drivers import cgroups, confine
+from ...drivers import cgroups, confine, uidslots
 from ...errors import Fs9Error
 from .. import approvals, labels
 from . import limits
@@ -18,25 +20,49 @@ if TYPE_CHECKING:
     from ..kernel import Kernel
 
 
-def free_uid_offset(kernel: "Kernel") -> int:
+def running_uids(kernel: "Kernel") -> set[int]:
+    """The uids of this instance's range some process on the host runs as."""
+    base = uidslots.uid_base(kernel.uid_slot)
+    return uidslots.uids_running(base, base + uidslots.SLOT_SIZE)
+
+
+def free_uid_offset(kernel: "Kernel", running: set[int]) -> int:
     """The next uid of this instance's range that nothing holds: no agent of ours, and
-    no process on the host (a previous holder's program may outlive it)."""
-    taken = {a.uid for a in kernel.agents.values()}
-    base = confine.uid_base(kernel.uid_slot)
-    for i in range(1, confine.SLOT_SIZE + 1):
-        offset = (kernel.uid_offset + i) % confine.SLOT_SIZE
-        if base + offset not in taken and not confine.uid_in_use(base + offset):
+    no process on the host (`running`: running_uids; a previous holder's program may
+    outlive it)."""
+    base = uidslots.uid_base(kernel.uid_slot)
+    for i in range(1, uidslots.SLOT_SIZE + 1):
+        offset = (kernel.uid_offset + i) % uidslots.SLOT_SIZE
+        if base + offset not in kernel.uids and base + offset not in running and \
+                base + offset not in kernel.uids_ending:
             return offset
-    raise Fs9Error(errno.EAGAIN, f"all {confine.SLOT_SIZE} agent uids of this fs9 are in use")
+    raise Fs9Error(errno.EAGAIN, f"all {uidslots.SLOT_SIZE} agent uids of this fs9 are in use")
 
 
 def scratch_root(kernel: "Kernel") -> str:
     """Where agents' scratch folders are: a folder of fs9's own (root's, 0711) made
-    afresh in /tmp on first use, so no other user can plant a name in it."""
+    afresh in /tmp on first use, so no other user can plant a name in it. One that a
+    server of this state left (killed, it removed nothing) goes then."""
     if not kernel.scratch_dir:
-        kernel.scratch_dir = tempfile.mkdtemp(prefix="fs9-scratch-")
+        prefix = f"fs9-scratch-{kernel.instance}-"
+        _remove_stale(tempfile.gettempdir(), prefix)
+        kernel.scratch_dir = tempfile.mkdtemp(prefix=prefix)
         os.chmod(kernel.scratch_dir, 0o711)
     return kernel.scratch_dir
+
+
+def _remove_stale(tmp: str, prefix: str) -> None:
+    """Remove tmp's folders named prefix* that root owns (only fs9 makes those: anyone
+    may make a name in /tmp, nobody but root a folder of root's). rmtree neither
+    follows a link nor removes one."""
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if name.startswith(prefix) and stat.S_ISDIR(st.st_mode) and st.st_uid == 0:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def make_scratch(agent) -> None:

@@ -9,7 +9,7 @@ import os
 import shutil
 
 from ... import drivers
-from ...drivers import confine
+from ...drivers import confine, uidslots
 from ...errors import Fs9Error
 from ..names import NAME_RE, OPERATOR
 from .. import labels
@@ -25,7 +25,7 @@ RESERVED_NAMES = (OPERATOR, "by-capability", "owners", "cards", "federation")
 # before the machine's limits). MAX_AGENTS: one uid each, from this fs9's range (the
 # default of `fs9 mount --max-agents`). Agents' spawns stop OPERATOR_ROOM short of the
 # whole, so the operator can always start more.
-MAX_AGENTS = confine.SLOT_SIZE
+MAX_AGENTS = uidslots.SLOT_SIZE
 INT_MAX = 1 << 63
 OPERATOR_ROOM = 100  # (at most a tenth of --max-agents)
 SPAWNED_PER_AGENT = 100  # live agents one agent has started
@@ -68,14 +68,13 @@ def prepare(kernel: "Kernel", name: str, *overrides: str,
                                      f"(models/; configured in {models.config_path}"
                                      + (f": {models.problem}" if models.problem else "") + ")")
     view = views.parse(name, manifest)
-    for claim in view.owns:
-        for other in kernel.agents.values():
-            for owned in other.view.owns if other.name != name else ():
-                if claim[:len(owned)] == owned or owned[:len(claim)] == claim:
-                    raise Fs9Error(errno.EBUSY, f"{'/'.join(claim)} overlaps "
-                                   f"{'/'.join(owned)}, owned by "
-                                   f"{labels.named(kernel, by, other.name)}: a vault "
-                                   "subtree has exactly one owner")
+    for claim in view.owns:  # (a walk of the owned subtrees, not of every agent)
+        for owned, other in kernel.owners.items():
+            if other != name and (claim[:len(owned)] == owned or owned[:len(claim)] == claim):
+                raise Fs9Error(errno.EBUSY, f"{'/'.join(claim)} overlaps "
+                               f"{'/'.join(owned)}, owned by "
+                               f"{labels.named(kernel, by, other)}: a vault "
+                               "subtree has exactly one owner")
     labels.check_claim(kernel, name, view.owns, manifest["clearance"], by)
     labels.check_unveils(kernel, name, view, manifest["clearance"], by)
     why = not manifest["unconfined"] and not supervises and (
@@ -101,14 +100,14 @@ def check_room(kernel: "Kernel", spawns: list[tuple[str, dict]], by: str | None)
                                      "fs9 holds as many agents as agents may start "
                                      "(the rest is the operator's)")
     if by is not None:
-        mine = sum(a.spawned_by == by for a in kernel.agents.values()) + len(homes)
+        mine = kernel.spawned_by[by] + len(homes)
         if mine > SPAWNED_PER_AGENT:
             raise Fs9Error(errno.EDQUOT, f"agent {by} has started {mine - len(homes)} live "
                                          f"agents: {SPAWNED_PER_AGENT} at the most")
     for home, manifest in dict(spawns).items():
         most = manifest.get("max_instances", INT_MAX if by is None else PER_DEFINITION)
         most = most if by is None else min(most, PER_DEFINITION)
-        same = sum(a.home == home for a in kernel.agents.values()) + homes.count(home)
+        same = kernel.of_home[home] + homes.count(home)
         if same > most:  # (to an agent, no count: it would tell of agents hidden from it)
             raise Fs9Error(errno.EDQUOT, f"definition {os.path.basename(home)} has "
                                          f"{same - homes.count(home)} live agents: {most} at "

@@ -121,6 +121,8 @@ class View:
         self.check_write(path)
         if path[:1] == ("agents",) and path[2:3] == ("mail",) and not self.own(path):
             raise Fs9Error(errno.EACCES, f"only agent {path[1]} acknowledges its mail")
+        if path[:1] == ("mail",) and len(path) > 1:  # the root mailbox: the operator's
+            raise Fs9Error(errno.EACCES, "only the operator acknowledges its mail")
 
     def check_read(self, path: tuple[str, ...]) -> None:
         """Raise Fs9Error(EACCES) unless this view may read path (which it sees)."""

@@ -1,4 +1,5 @@
-"""The bus: mail between agents and the operator, and topics. Embedded backend.
+"""The bus: mail between agents and the operator, and topics (publishing.py). Embedded
+backend.
 
 The narrow interface the rest of fs9 uses (the FUSE face, agents, the kernel):
   send(agent, data, sender) / ack(agent, name) / delivered(agent, msg)
@@ -39,12 +40,19 @@ from ...errors import Fs9Error
 from .. import approvals
 from ..agents.breaker import check_new
 from . import message
-from ..names import NAME_RE, OPERATOR, one_line
+from ..names import OPERATOR, one_line
+from ..latest import Latest
 from ..rate import Burst
 from .mailbox import Mailbox
 from .message import Message
 from ..stream import Changes
-from .topic import MAX_EVENT, Retention, Topic
+from .publishing import Publishing
+from .topic import Topic
+
+SUBSCRIPTIONS = "subscriptions"  # the log's stream of topic events delivered as mail
+# An idempotency key is remembered for its sender's latest KEYS_PER_SENDER keys, and for
+# the KEYS_SENDERS senders that used one last (a retry comes soon after its first try)
+KEYS_PER_SENDER, KEYS_SENDERS = 10_000, 1_000
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -63,25 +71,17 @@ class Operator:
         self.manifest = {"clearance": "confidential"}
 
 
-class Bus:
+class Bus(Publishing):
     def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel
         self.operator = Operator()
         self.topics: dict[str, Topic] = {}
         self.retention = self._retention()
-        self.sent_keys: dict[tuple[str, str], str] = {}  # (from, idempotency-key) -> id
+        # from -> its latest idempotency keys -> the id of the message stored for each
+        self.sent_keys: Latest = Latest(KEYS_SENDERS)
         self.deadlines: list[tuple[float, str, str]] = []  # heap of (deadline, agent, name)
         self.changes = Changes()  # a new deadline
         self.withheld = Burst(50)  # delivery_refused events logged per recipient and second
-
-    def _retention(self) -> Retention:
-        """STATE/topics.toml's retention; a bad file: the defaults, and said so."""
-        try:
-            return Retention.load(os.path.join(self.kernel.state_dir, "topics.toml"))
-        except Fs9Error as e:
-            self.kernel.log.append("topics_config_error", reason=f"{e.text}; every topic "
-                                   "keeps the defaults")
-            return Retention()
 
     def owner(self, name: str | None):
         """Whose mailbox `name` is: an agent, the operator, or None."""
@@ -91,21 +91,27 @@ class Bus:
 
     # --- requests ----------------------------------------------------------------
 
-    def send(self, agent, data: bytes, sender: str = "operator") -> Message | None:
+    def send(self, agent, data: bytes, sender: str = "operator",
+             checked: str | None = None) -> Message | None:
         """Check, stamp and log one message to `agent`. Returns once it is logged;
-        None if it repeats an idempotency key (it is stored once)."""
+        None if it repeats an idempotency key (it is stored once). checked: the
+        sender's clearance, when the node the sender runs on checked what it may say
+        (its rate, its pledges, its approvals: cluster/mail.py); the sender is then not
+        looked up here (an agent of this name here may be another node's namesake)."""
         if agent.killed:
             raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
-        if sender != OPERATOR and self.owner(sender) is not None:
+        if checked is None and sender != OPERATOR and self.owner(sender) is not None:
             self.kernel.rates.take(sender, "mail", len(data), time.monotonic())
-        msg, floor = self.check(agent, data, sender)
+        msg, floor = self.check(agent, data, sender, checked)
         level = msg.headers["classification"]
         key = msg.headers.get("idempotency-key")
-        if key and (sender, key) in self.sent_keys:
+        stored_id = self.sent_keys.get(sender, {}).get(key) if key else None
+        if stored_id is not None:
             self.kernel.log.append("mail_duplicate", agent=agent.name, sender=sender,
-                                   key=key, id=self.sent_keys[(sender, key)])
+                                   key=key, id=stored_id)
             return None
-        self.approved(agent.name, msg, sender, use=True)
+        if checked is None:
+            self.approved(agent.name, msg, sender, use=True)
         msg.headers["id"] = self.new_id()
         corr = msg.headers.setdefault("correlation-id", msg.id)
         if self.declassifies(level, floor):
@@ -116,7 +122,7 @@ class Bus:
                            id=msg.id, sender=sender, type=h["type"], priority=h["priority"],
                            classification=level)
         stored = agent.mailbox.get(msg.id)
-        handing = self.kernel.agents.get(sender)
+        handing = self.kernel.agents.get(sender) if checked is None else None
         if h["type"] == "handoff" and handing is not None and handing.current is not None:
             handing.current.handed_off = True  # the receiver answers the requester
         if h["type"] in ("work_request", "handoff") and not agent.daemon:
@@ -136,12 +142,14 @@ class Bus:
         """A message labelled `level` by an author whose floor is `floor` is lower."""
         return level != floor and not message.clearance_allows(level, floor)
 
-    def check(self, agent, data: bytes, sender: str) -> tuple[Message, str]:
+    def check(self, agent, data: bytes, sender: str,
+              checked: str | None = None) -> tuple[Message, str]:
         """What `send` checks that changes nothing: the message itself (message.parse),
-        what its author may say, the recipient's clearance. (The message, its author's
-        floor); Fs9Error naming the first problem."""
-        author = self.owner(sender)
-        floor = author.manifest["clearance"] if sender != OPERATOR and author else "internal"
+        what its author may say (unless `checked`: see send), the recipient's clearance.
+        (The message, its author's floor); Fs9Error naming the first problem."""
+        author = self.owner(sender) if checked is None else None
+        floor = checked or (author.manifest["clearance"] if sender != OPERATOR and author
+                            else "internal")
         msg = message.parse(data, to=agent.name, sender=sender, label=floor)
         clearance = agent.manifest["clearance"]
         level = msg.headers["classification"]
@@ -155,6 +163,7 @@ class Bus:
             raise Fs9Error(errno.EDQUOT, f"{agent.name}: {full}")
         if msg.headers.get("type") in ("work_request", "handoff") and not agent.daemon:
             check_new(agent)  # work for an agent its breaker cut off: refused at once
+            self.kernel.check_queue(agent, operator=sender == OPERATOR)
         return msg, floor
 
     def precheck(self, agent, data: bytes, sender: str) -> None:
@@ -198,7 +207,9 @@ class Bus:
         current = author.current
         if reply_to is not None and reply_to != name and not (
                 current is not None and reply_to == current.reply_to):
-            try:
+            try:  # (the operator's mailbox is no agent's to write: only its requests'
+                if reply_to == OPERATOR:  # results reach it, as the requester's)
+                    raise Fs9Error(errno.EPERM, "the operator's mailbox")
                 author.view.check_write(("agents", reply_to, "mail", "new"))
             except Fs9Error:
                 raise Fs9Error(errno.EPERM, f"reply-to {reply_to}: {name} may ask for replies "
@@ -226,6 +237,8 @@ class Bus:
         if "@" in msg.to:
             return self.kernel.federation.forward(msg)
         recipient = self.owner(msg.to)
+        if recipient is None and self._clustered(msg.to):  # run by another node
+            return self.kernel.cluster.forward.forward(msg)
         label = msg.headers["classification"]
         why = None
         if recipient is not None and not message.clearance_allows(
@@ -243,11 +256,17 @@ class Bus:
             return
         self.kernel.record("mail_sent", agent=msg.to, corr=msg.headers["correlation-id"],
                            blob=msg.render(), id=msg.id, sender=msg.headers["from"],
-                           type=msg.headers["type"])
+                           type=msg.headers["type"],
+                           keep=SUBSCRIPTIONS if msg.headers["type"] == "event" else None)
+
+    def _clustered(self, name: str) -> bool:
+        """name is an agent placed in the cluster (kernel/cluster/forward.py)."""
+        return self.kernel.cluster is not None and self.kernel.cluster.placed(name) is not None
 
     def send_result(self, agent, task) -> None:
         """The `result` of a task made from a work_request, to its requester's mailbox."""
-        if self.owner(task.reply_to) is None and "@" not in task.reply_to:
+        if self.owner(task.reply_to) is None and "@" not in task.reply_to \
+                and not self._clustered(task.reply_to):
             return  # an agent since killed: the task's files keep the output
         out = bytes(self.kernel.stream(task, 1).data)
         self.deliver(self.compose(task.reply_to, agent.name, out, type="result",
@@ -263,7 +282,8 @@ class Bus:
         self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
                                corr=task.corr, text=text)
         task.progress = one_line(text)
-        if self.owner(task.reply_to) is not None or "@" in task.reply_to:
+        if self.owner(task.reply_to) is not None or "@" in task.reply_to \
+                or self._clustered(task.reply_to):
             self.deliver(self.compose(task.reply_to, agent.name, (text + "\n").encode(),
                                    type="status_update", **{"correlation-id": task.corr,
                                                             "x-task": str(task.id)}))
@@ -278,6 +298,16 @@ class Bus:
             raise Fs9Error(errno.ENOENT, f"no such message: {name}")
         self.kernel.record("mail_acked", agent=agent.name, corr=msg.headers["correlation-id"],
                            id=msg.id, name=msg.name)
+        self.forget([msg])
+
+    def forget(self, acked: list[Message]) -> None:
+        """Topic events delivered as mail keep their body in the log only until they are
+        acknowledged (a topic keeps its own events only within its retention: topic.py),
+        so a flood that a subscriber keeps reading does not grow the disk; the
+        `mail_sent` and `mail_acked` events stay, for the audit."""
+        seqs = [m.seq for m in acked if m.headers.get("type") == "event"]
+        if seqs:
+            self.kernel.log.forget(SUBSCRIPTIONS, seqs)
 
     def delivered(self, agent, msg: Message) -> None:
         """A read of msg, on the record with the next commit (its acknowledgement's, as a
@@ -301,21 +331,13 @@ class Bus:
             with trio.move_on_after(wait):
                 await self.changes.wait_past(self.changes.version)
 
-    # --- topics -----------------------------------------------------------------
-
-    def create_topic(self, name: str) -> Topic:
-        """The topic NAME, created (and logged) if new."""
-        if not NAME_RE.fullmatch(name):
-            raise Fs9Error(errno.EINVAL, f"bad topic name {name!r}: letters, digits, _ . -")
-        if name not in self.topics:
-            self.kernel.record("topic_created", topic=name)
-        return self.topics[name]
-
     def check_input(self, agent, sender: str | None) -> None:
         """An agent writing another agent's `in` hands it work as a message would, at
         its own clearance: the recipient must be cleared for that (EACCES), and what
-        needs the operator's yes as mail (approval.mail_above) goes as mail (EPERM)."""
+        needs the operator's yes as mail (approval.mail_above) goes as mail (EPERM).
+        Anyone's work needs room in its queue (EDQUOT: Kernel.check_queue)."""
         author = self.kernel.agents.get(sender) if sender is not None else None
+        self.kernel.check_queue(agent, operator=author is None)
         if author is None or author is agent:
             return
         level = author.manifest["clearance"]
@@ -327,31 +349,6 @@ class Bus:
             raise Fs9Error(errno.EPERM, f"work from {sender} is {level}: it needs the "
                                         "operator's yes (approval.mail_above); send it as "
                                         "a work_request through mail/new")
-
-    def publish(self, topic: Topic, data: bytes, sender: str = "operator") -> None:
-        """One event to every subscriber; durable subscribers (manifest `subscribe`)
-        get it as mail, so they do not miss what is published while they are down. The
-        event is labelled with the publisher's clearance (the operator's: internal)."""
-        if len(data) > MAX_EVENT:
-            raise Fs9Error(errno.EFBIG, f"event over {MAX_EVENT} bytes")
-        if not data.endswith(b"\n"):
-            data += b"\n"  # events are lines to their readers
-        author = self.kernel.agents.get(sender)
-        if author is not None:
-            self.kernel.rates.take(sender, "publish", len(data), time.monotonic())
-        label = author.manifest["clearance"] if author is not None else "internal"
-        if author is not None and approvals.mail_needs(author, label):
-            raise Fs9Error(errno.EPERM, f"an event from {sender} is {label}: it needs the "
-                                        "operator's yes (approval.mail_above), one message "
-                                        "at a time: send it through mail/new")
-        self.kernel.record("published", topic=topic.name, sender=sender, label=label,
-                           size=len(data), blob=data, keep=f"topic:{topic.name}")
-        # what the topic no longer keeps leaves the log too (a crash just before this
-        # leaves it until the topic's next publish)
-        self.kernel.log.trim(f"topic:{topic.name}", topic.oldest_seq)
-        for agent in list(self.kernel.agents.values()):
-            if topic.name in agent.manifest.get("subscribe", ()):
-                self.deliver_event(agent, topic.name, data, sender)
 
     # --- applying events (called by Kernel.apply) ---------------------------------
 
@@ -366,38 +363,35 @@ class Bus:
         agent = self.owner(e.agent)
         if agent is None:
             return  # mail for an agent killed since: gone with it
-        msg = message.load(self.kernel.blob(e), e.seq)
+        blob = self.kernel.blob(e)
+        if not blob:
+            return  # a topic event, acknowledged and forgotten since (`forget`)
+        msg = message.load(blob, e.seq)
+        msg.fed = "fed" in e.data
         agent.mailbox.put(msg)
         if agent is not self.operator:
             agent.corrs.add(msg.headers["correlation-id"])  # it may carry this one on
         key = msg.headers.get("idempotency-key")
         if key:
-            self.sent_keys[(msg.headers["from"], key)] = msg.id
+            sender = msg.headers["from"]
+            keys = self.sent_keys.get(sender)
+            if keys is None:
+                keys = Latest(KEYS_PER_SENDER)
+            self.sent_keys[sender] = keys  # (the newest sender, kept first)
+            keys[key] = msg.id
         if msg.deadline is not None:
             heapq.heappush(self.deadlines, (msg.deadline, agent.name, msg.name))
             self.changes.bump()
 
     def on_mail_acked(self, e, agent, task) -> None:
         if (agent := self.owner(e.agent)) is not None:
-            agent.mailbox.take(e.data["name"])
+            msg = agent.mailbox.take(e.data["name"])
+            if msg is not None and not msg.fed:  # settled: what it changed is in the
+                self.kernel.plan.drop((msg.seq, e.seq))  # residue (kernel/snapshot.py)
 
     def on_mail_expired(self, e, agent, task) -> None:
         if (agent := self.owner(e.agent)) is None:
             return
         msg = agent.mailbox.take(e.data["name"])
         if msg is not None:
-            agent.mailbox.dead[msg.name] = msg
-
-    def _topic(self, name: str) -> Topic:
-        if name not in self.topics:
-            self.topics[name] = Topic(name, **self.retention.of(name))
-        return self.topics[name]
-
-    def on_topic_created(self, e, agent, task):
-        self._topic(e.data["topic"])
-
-    def on_published(self, e, agent, task):
-        # (b"" at replay: the body was trimmed, the event is counted; events are never
-        # empty: a newline ends each)
-        self._topic(e.data["topic"]).publish(self.kernel.blob(e) or None,
-                                             e.data.get("label", "internal"), e.seq)
+            agent.mailbox.bury(msg)

@@ -14,6 +14,9 @@ from ..stream import Changes
 # operator's mail still fits, up to OPERATOR_ROOM times as much. Bounds what a flood
 # costs in memory and in the log, whatever the sender's rate.
 MAX_PENDING, MAX_BYTES, OPERATOR_ROOM = 10_000, 64 << 20, 2
+# Dead letters (expired mail, for inspection: nobody removes them) kept per mailbox, the
+# latest: mail a sender lets expire at once would otherwise pile up for good.
+MAX_DEAD, MAX_DEAD_BYTES = 1000, 16 << 20
 
 
 class Mailbox:
@@ -21,9 +24,11 @@ class Mailbox:
         self.pending: dict[str, Message] = {}  # by file name
         self.order: list[str] = []  # names of pending messages, sorted: delivery order
         self.ids: dict[str, str] = {}  # message id -> name, for pending messages
-        self.dead: dict[str, Message] = {}  # expired, kept for inspection
+        self.dead: dict[str, Message] = {}  # expired, kept for inspection (in expiry order)
         self.bytes = 0  # of pending messages' bodies
+        self.dead_bytes = 0  # of dead letters' bodies
         self.changes = Changes()
+        self.on_put = None  # called at each delivery: an asleep agent wakes (agent.py)
 
     def full(self, operator: bool = False) -> str | None:
         """Why one more message does not fit (None: it does)."""
@@ -43,6 +48,8 @@ class Mailbox:
         self.bytes += len(msg.body)
         bisect.insort(self.order, msg.name)
         self.changes.bump()
+        if self.on_put is not None:
+            self.on_put()
 
     def take(self, name: str) -> Message | None:
         """Remove a pending message (acknowledged or expired)."""
@@ -53,6 +60,16 @@ class Mailbox:
             del self.ids[msg.id]
             self.changes.bump()
         return msg
+
+    def bury(self, msg: Message) -> None:
+        """msg expired: a dead letter, the oldest leaving past MAX_DEAD or MAX_DEAD_BYTES
+        (the newest is always kept)."""
+        self.dead[msg.name] = msg
+        self.dead_bytes += len(msg.body)
+        while len(self.dead) > MAX_DEAD or (
+                self.dead_bytes > MAX_DEAD_BYTES and len(self.dead) > 1):
+            oldest = self.dead.pop(next(iter(self.dead)))
+            self.dead_bytes -= len(oldest.body)
 
     def get(self, name_or_id: str) -> Message | None:
         """A pending message by file name, or by its id (so `rm mail/ID` works after

@@ -46,6 +46,9 @@ class Message:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)  # every header, stamped ones too
     seq: int = 0  # the log sequence number of its send: arrival order
+    # from another OS: its mail_sent also feeds federation's inbox, so a snapshot's
+    # replay keeps it once acknowledged (kernel/snapshot.py)
+    fed: bool = False
 
     @property
     def id(self) -> str:

@@ -1,24 +1,23 @@
 """NATS JetStream, the cluster's engine: the one module of the cluster that imports nats-py.
 
-The bridge from trio to nats-py's asyncio is the federation's (federation/engine.py,
-copied here rather than shared so the two can change apart): the client lives on an
-asyncio loop in a thread of its own, and trio awaits each call's result, woken through
-its token. What the cluster keeps in JetStream, every piece replicated on 3 servers
-(R3) and, with the servers' `sync_interval: always`, fsynced before it is acknowledged:
+The Engine is a natsbridge.Bridge (the federation's engine is another): the client
+lives on an asyncio loop in a thread of its own, and trio awaits each call. What the
+cluster keeps in JetStream, every piece replicated on 3 servers (R3) and, with the
+servers' `sync_interval: always`, fsynced before it is acknowledged:
   KV fs9-nodes      NODE -> its card (address, agents, load), put at each heartbeat
   KV fs9-placement  AGENT -> the node that runs it and how to spawn it; claimed and
                     moved only by compare-and-swap (create / update at a revision)
   FS9WORK   fs9.work.AGENT  an agent's queued tasks and the operator's mail to it
             (header Fs9-Kind: task | mail; work-queue retention: a task goes once it
             has ended and its result is stored, mail once the agent acked it); one durable pull
-            consumer per agent (w-AGENT), read by the node that runs it
+            consumer per agent (w-AGENT), read by the node that runs it (R3, its state
+            in memory: made afresh by each reader, it holds nothing the stream does not)
   FS9RESULTS fs9.result.AGENT  each finished task's state and output (capped)
 An agent's name may hold `.`, a subject's separator: in subjects and consumer names it
 is hex. Requests between nodes (a remote agent's ctl, status, out) are core NATS
 request/reply on fs9.rpc.NODE, answered by the node's trio side (`requests`).
 """
 import asyncio
-import threading
 
 import nats
 import nats.errors
@@ -26,19 +25,17 @@ import nats.js.api as api
 import nats.js.errors
 import trio
 
+from ..natsbridge import Bridge, EngineError, ensure_stream
+from .work import MAX_TASK_BYTES
+
 NODES, PLACEMENT, WORK, RESULTS = "fs9-nodes", "fs9-placement", "FS9WORK", "FS9RESULTS"
 REPLICAS = 3
 # Caps per agent, whoever writes: queued tasks in the work stream (a writer past it is
 # refused, nothing already queued is dropped), their size, and results kept per agent.
 QUEUED_PER_AGENT = 10_000
-MAX_TASK_BYTES = 900 << 10  # under NATS's default 1 MiB payload, headers included
 RESULTS_PER_AGENT = 10_000
 HELD_S = 24 * 3600  # a task's message is redelivered only by a takeover, not by time
 REQUESTS_WAITING = 256  # requests from other nodes not yet answered: past it, "busy"
-
-
-class EngineError(Exception):
-    """NATS said no or did not answer (the text says which)."""
 
 
 def token(name: str) -> str:
@@ -46,13 +43,10 @@ def token(name: str) -> str:
     return name.encode().hex()
 
 
-class Engine:
+class Engine(Bridge):
     def __init__(self, urls: str, me: str) -> None:
+        super().__init__(f"nats cluster {me}")
         self.urls, self.me = urls, me
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                        name=f"nats cluster {me}")
-        self._thread.start()
         self.nc = self.js = self.nodes = self.placement = None
         self.error = ""  # the client's latest connection error (it retries by itself)
         self.requests = None  # trio channel of (request bytes, answer(bytes)), once serving
@@ -60,28 +54,6 @@ class Engine:
         self.mirrors: dict[str, dict[str, tuple[int, bytes]]] = {NODES: {}, PLACEMENT: {}}
         self._watching: list = []  # the asyncio tasks that keep the mirrors
         self.broken = ""  # why a watch ended, until watched afresh
-
-    async def call(self, coro):
-        """Run coro on the engine's loop; its result here, or EngineError."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        done = trio.Event()
-        token_ = trio.lowlevel.current_trio_token()
-
-        def wake(_):
-            try:
-                token_.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass
-        future.add_done_callback(wake)
-        try:
-            await done.wait()
-        except BaseException:
-            future.cancel()
-            raise
-        try:
-            return future.result()
-        except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
-            raise EngineError(f"{type(e).__name__}: {e}".rstrip(": ")) from None
 
     @property
     def connected(self) -> bool:
@@ -100,13 +72,13 @@ class Engine:
         kv = dict(history=1, replicas=REPLICAS, storage=api.StorageType.FILE)
         self.nodes = await js.create_key_value(bucket=NODES, **kv)
         self.placement = await js.create_key_value(bucket=PLACEMENT, **kv)
-        await _ensure_stream(js, name=WORK, subjects=["fs9.work.*"], num_replicas=REPLICAS,
+        await ensure_stream(js, name=WORK, subjects=["fs9.work.*"], num_replicas=REPLICAS,
                              retention=api.RetentionPolicy.WORK_QUEUE,
                              max_msgs_per_subject=QUEUED_PER_AGENT, discard=api.DiscardPolicy.NEW,
                              # else, full, JetStream would drop an agent's oldest queued task
                              discard_new_per_subject=True,
                              max_msg_size=MAX_TASK_BYTES + 4096, duplicate_window=120)
-        await _ensure_stream(js, name=RESULTS, subjects=["fs9.result.*"], num_replicas=REPLICAS,
+        await ensure_stream(js, name=RESULTS, subjects=["fs9.result.*"], num_replicas=REPLICAS,
                              max_msgs_per_subject=RESULTS_PER_AGENT, duplicate_window=120)
         await nc.subscribe(f"fs9.rpc.{self.me}", cb=self._request)
         self.nc, self.js = nc, js
@@ -196,10 +168,14 @@ class Engine:
 
     # --- work and results -----------------------------------------------------
 
-    async def queue(self, agent: str, data: bytes, msg_id: str, kind: str) -> None:
-        """One task or message (kind) for agent; returns once a quorum stored it."""
+    async def queue(self, agent: str, data: bytes, msg_id: str, kind: str,
+                    **more: str) -> None:
+        """One task or message (kind) for agent; returns once a quorum stored it. more:
+        headers this node sets (an agent's mail: Fs9-From, Fs9-Label; never an agent's
+        own text)."""
         await self.call(self.js.publish(f"fs9.work.{token(agent)}", data, timeout=5,
-                                        headers={"Nats-Msg-Id": msg_id, "Fs9-Kind": kind}))
+                                        headers={"Nats-Msg-Id": msg_id, "Fs9-Kind": kind,
+                                                 **more}))
 
     async def intake(self, agent: str, fresh: bool):
         """agent's work consumer. `fresh`: made anew, so every task not finished is
@@ -214,22 +190,58 @@ class Engine:
             return await self.js.pull_subscribe(
                 f"fs9.work.{token(agent)}", durable=name, stream=WORK,
                 config=api.ConsumerConfig(ack_wait=HELD_S, max_deliver=-1,
-                                          max_ack_pending=QUEUED_PER_AGENT))
+                                          max_ack_pending=QUEUED_PER_AGENT,
+                                          # (R3, its state in memory, not fsynced: a
+                                          # reader always makes it afresh, so all it
+                                          # must keep is held by the stream itself)
+                                          mem_storage=True))
         return await self.call(_open())
 
+    async def has_intake(self, agent: str) -> bool:
+        """agent's work consumer exists (EngineError: JetStream did not say)."""
+        async def _has():
+            try:
+                await self.js.consumer_info(WORK, f"w-{token(agent)}")
+                return True
+            except nats.js.errors.NotFoundError:
+                return False
+        return await self.call(_has())
+
     async def fetch(self, sub, batch: int = 64, timeout: float = 1.0) -> list:
-        """Up to batch waiting items as (msg id, kind, data, handle): [] after timeout."""
+        """Up to batch waiting items as (headers, data, handle): [] after timeout."""
         try:
             msgs = await self.call(sub.fetch(batch, timeout=timeout))
         except EngineError as e:
             if "Timeout" in str(e):
                 return []
             raise
-        return [((m.headers or {}).get("Nats-Msg-Id", ""), (m.headers or {}).get("Fs9-Kind", ""),
-                 m.data, m) for m in msgs]
+        return [(dict(m.headers or {}), m.data, m) for m in msgs]
+
+    def drop(self, sub) -> None:
+        """Unsubscribe a consumer's subscription (not awaited: from a finally, at
+        unmount too): the server then drops its pull requests, which no longer have a
+        reader, rather than hand them a message."""
+        async def quietly():
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        try:
+            asyncio.run_coroutine_threadsafe(quietly(), self.loop)
+        except RuntimeError:
+            pass  # (the loop has ended)
 
     async def ack(self, handle) -> None:
         await self.call(handle.ack_sync(timeout=5))
+
+    async def acks(self, handles: list) -> list[bool]:
+        """Ack each handle, all at once (one hop, the acks in flight together); for
+        each, whether JetStream confirmed it."""
+        async def _acks():
+            got = await asyncio.gather(*(h.ack_sync(timeout=5) for h in handles),
+                                       return_exceptions=True)
+            return [not isinstance(g, BaseException) for g in got]
+        return await self.call(_acks())
 
     async def result(self, agent: str, data: bytes, msg_id: str) -> None:
         await self.call(self.js.publish(f"fs9.result.{token(agent)}", data, timeout=5,
@@ -247,22 +259,4 @@ class Engine:
 
     def close(self) -> None:
         """Drop the connection and end the loop's thread (not awaited: at unmount)."""
-        async def _close():
-            if self.nc is not None:
-                try:
-                    await self.nc.close()
-                except Exception:
-                    pass
-        try:
-            asyncio.run_coroutine_threadsafe(_close(), self.loop).result(timeout=3)
-        except Exception:
-            pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-async def _ensure_stream(js, **config) -> None:
-    cfg = api.StreamConfig(storage=api.StorageType.FILE, **config)
-    try:
-        await js.add_stream(cfg)
-    except nats.js.errors.BadRequestError:
-        await js.update_stream(cfg)
+        super().close(self.nc.close if self.nc is not None else None)

@@ -14,7 +14,10 @@ and judged as one message (federation.receive).
 Nothing in a chunk header is trusted: its fields are checked, a chunk that disagrees
 with the first one seen of its message (N, digest), a size out of place, more than
 MAX_CHUNKS, or more than MAX_PARTIAL messages being reassembled from one peer at once
-rejects the whole message (a `fed_rejected` event, like any refusal).
+rejects the whole message (a `fed_rejected` event, like any refusal). A message whose
+chunks stopped coming (none for the peer's `wait`) gives its place up to a new one once
+the peer's places are all taken: rejected then, so a peer that died half way, or one
+that starts large messages it never finishes, does not block its large results forever.
 """
 import hashlib
 import re
@@ -64,6 +67,7 @@ class Partial:
     n: int
     digest: str
     seqs: dict[int, int] = field(default_factory=dict)  # chunk -> its fed_chunk event
+    last: float = 0.0  # when its latest chunk was recorded (epoch seconds)
 
     @property
     def whole(self) -> bool:
@@ -88,6 +92,14 @@ class Reassembly:
             return f"chunk {chunk.i} disagrees with the chunks before it (count, digest)"
         return None
 
+    def stale(self, origin: str, before: float) -> list[str]:
+        """The ids of origin's partial messages, oldest first, if all its places are
+        taken: those whose latest chunk came before `before` (their chunks stopped)."""
+        mine = [(p.last, mid) for (o, mid), p in self.partial.items() if o == origin]
+        if len(mine) < MAX_PARTIAL:
+            return []
+        return [mid for last, mid in sorted(mine) if last < before]
+
     def held(self, origin: str, mid: str) -> Partial | None:
         return self.partial.get((origin, mid))
 
@@ -108,3 +120,4 @@ class Reassembly:
         if key not in self.partial:
             self.partial[key] = Partial(d["n"], d["digest"])
         self.partial[key].seqs[d["i"]] = e.seq
+        self.partial[key].last = e.ts

@@ -8,7 +8,8 @@ Sending is transactional with the log (an outbox): writing a message to NAME@OS 
 after a crash what was queued and not acked is published again (JetStream's Nats-Msg-Id
 and the receiver's own record drop the repeat). Receiving is recorded before it is
 acked (inbox.py). Large messages cross in chunks (chunks.py); the work requests this
-OS sent, their state and callbacks are requests.py's.
+OS sent, their state and callbacks are requests.py's; each OS's part of a correlation
+id's trace goes to the OS that asked (trace.py).
 
 The sender refuses at write(2) (EACCES) what exceeds the ceiling it declared for the
 peer; the receiver trusts nothing beyond its peer's declaration (inbox.py).
@@ -23,37 +24,49 @@ from ...errors import Fs9Error
 from .. import cmd
 from ..agents import registry
 from ..bus import message
-from ..names import NAME_RE, OPERATOR
+from ..names import NAME_RE, OPERATOR, OS_RE
 from ..rate import Bucket
 from ..stream import Changes
+from . import credentials
 from .chunks import HEADER as CHUNK_HEADER, MAX_CHUNKED
 from .inbox import Inbox
 from .outbox import Outbox
 from .requests import callbacks
 from .governance import Governance
 from .sagas import Sagas
+from .topics import Topics
+from .trace import Traces
 
-OS_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # one NATS subject token
 AUTH_MODES = ("delegated", "independent", "policy")
 CMDS = (
-    cmd.Cmd("join", "join", 3, 3, usage="join NATS_URL AS OSNAME"),
-    cmd.Cmd("peer", "peer", 1, 4, usage="peer OS ceiling=CLASS auth=delegated|independent|policy "
-                                        "rate=N"),
+    cmd.Cmd("join", "join", 3, 4, usage="join NATS_URL AS OSNAME [key=/ABS/PATH]"),
+    cmd.Cmd("peer", "peer", 1, 5, usage="peer OS ceiling=CLASS auth=delegated|independent|"
+                                        "policy rate=N wait=SECONDS"),
     cmd.Cmd("rule", "rule", 2, None, usage="rule OS approve|deny|ask KEY=V1,V2 ... | rule OS clear"),
     cmd.Cmd("pause", "pause", 1, 1, usage="pause OS"),
     cmd.Cmd("resume", "resume", 1, 1, usage="resume OS"),
     cmd.Cmd("leave", "leave", usage="leave"),
+    cmd.Cmd("export", "export", 1, 1, usage="export TOPIC"),  # topics across OSs: topics.py
+    cmd.Cmd("unexport", "unexport", 1, 1, usage="unexport TOPIC"),
+    cmd.Cmd("subscribe", "subscribe", 2, 2, usage="subscribe OS TOPIC"),
+    cmd.Cmd("unsubscribe", "unsubscribe", 2, 2, usage="unsubscribe OS TOPIC"),
 )
 BACKOFF_S = (0.2, 0.5, 1, 2, 5)  # between attempts to reach NATS
 RATE = 200  # messages a second taken from one peer, by default (a burst of 5 s of it)
 MAX_RATE = 100_000
+FED_EXTENSION = "urn:fs9:federation"  # fs9's own fields of an OS's A2A card
 MAX_SKILLS = 256  # of a peer's card read for registry/by-capability (and tags per skill)
 STRANGERS_RATE = 20  # messages a second from all OSs that are no peer, together
+WAIT_S = 3600  # how long we wait on a peer, by default: for the operator's answer to its
+# held request, and for the rest of a large message's chunks
+MAX_WAIT_S = 30 * 86400
 
 
 class Peer:
-    def __init__(self, name: str, ceiling: str, auth: str, rate: int = RATE) -> None:
+    def __init__(self, name: str, ceiling: str, auth: str, rate: int = RATE,
+                 wait: int = WAIT_S) -> None:
         self.name, self.ceiling, self.auth, self.rate = name, ceiling, auth, rate
+        self.wait = wait
         # what it sends is taken at `rate`; past it, JetStream delivers it again later
         self.bucket = Bucket(rate, 5 * rate, time.monotonic())
         self.throttled = 0
@@ -62,7 +75,7 @@ class Peer:
 
     def status(self, queued: int) -> str:
         return (f"os={self.name}\nceiling={self.ceiling}\nauth={self.auth}\n"
-                f"rate={self.rate}\nthrottled={self.throttled}\n"
+                f"rate={self.rate}\nwait={self.wait}\nthrottled={self.throttled}\n"
                 f"paused={'yes' if self.paused else 'no'}\nqueued={queued}\n"
                 f"card={'yes' if self.card else 'no'}\n")
 
@@ -71,6 +84,7 @@ class Federation:
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self.url = self.me = ""  # joined when both are set
+        self.key = ""  # the file holding our nkey's seed (credentials.py), if any
         self.peers: dict[str, Peer] = {}
         self.last_error = ""
         self.changes = Changes()  # joined, left, queued, a peer changed
@@ -80,6 +94,8 @@ class Federation:
         self.sagas = Sagas(self, self.progress)
         self.governance = Governance(self)
         self.requests = self.inbox.requests
+        self.traces = Traces(self)
+        self.topics = Topics(self)
         self.engine = None  # link.py's, while joined
         self.strangers = Bucket(STRANGERS_RATE, 5 * STRANGERS_RATE, time.monotonic())
 
@@ -96,27 +112,34 @@ class Federation:
         for p in cmd.parse(CMDS, data):
             getattr(self, f"_cmd_{p.cmd.method}")(*p.args)
 
-    def _cmd_join(self, url: str, as_: str, name: str) -> None:
+    def _cmd_join(self, url: str, as_: str, name: str, key: str = "") -> None:
         if as_ != "AS" and as_ != "as":
-            raise Fs9Error(errno.EINVAL, "usage: join NATS_URL AS OSNAME")
+            raise Fs9Error(errno.EINVAL, "usage: join NATS_URL AS OSNAME [key=/ABS/PATH]")
+        if key and not key.startswith("key="):
+            raise Fs9Error(errno.EINVAL, f"bad term {key!r}: key=/ABS/PATH of the nkey's seed")
         if not re.fullmatch(r"(nats|tls)://[A-Za-z0-9.:_\[\]-]+", url):
             raise Fs9Error(errno.EINVAL, f"bad NATS URL {url!r}: nats://HOST:PORT")
         if not OS_RE.fullmatch(name):
             raise Fs9Error(errno.EINVAL, f"bad OS name {name!r}: letters, digits, _ and -")
         if self.url and self.me != name:
             raise Fs9Error(errno.EBUSY, f"joined as {self.me}: leave first")
-        self.kernel.record("fed_joined", url=url, os=name)
+        key = key.removeprefix("key=")
+        if key:  # checked now, so a wrong one fails the write; read again at each connect
+            credentials.read_seed(key)
+        self.kernel.record("fed_joined", url=url, os=name, key=key)
 
     def _cmd_peer(self, name: str, *terms: str) -> None:
         if not OS_RE.fullmatch(name) or name == self.me:
             raise Fs9Error(errno.EINVAL, f"bad peer OS name {name!r}")
         old = self.peers.get(name)
         kv = dict(ceiling=old.ceiling if old else "public",
-                  auth=old.auth if old else "delegated", rate=str(old.rate if old else RATE))
+                  auth=old.auth if old else "delegated", rate=str(old.rate if old else RATE),
+                  wait=str(old.wait if old else WAIT_S))
         for term in terms:
             key, eq, value = term.partition("=")
             if not eq or key not in kv:
-                raise Fs9Error(errno.EINVAL, f"bad term {term!r}: ceiling=CLASS auth=MODE rate=N")
+                raise Fs9Error(errno.EINVAL, f"bad term {term!r}: ceiling=CLASS auth=MODE rate=N "
+                                             "wait=SECONDS")
             kv[key] = value
         if kv["ceiling"] not in message.CLASSIFICATIONS:
             raise Fs9Error(errno.EINVAL, f"bad ceiling {kv['ceiling']!r}: one of "
@@ -126,7 +149,10 @@ class Federation:
         if not kv["rate"].isdigit() or not 1 <= int(kv["rate"]) <= MAX_RATE:
             raise Fs9Error(errno.EINVAL, f"bad rate {kv['rate']!r}: messages a second, 1 to "
                                          f"{MAX_RATE}")
-        self.kernel.record("fed_peer", os=name, **{**kv, "rate": int(kv["rate"])})
+        if not kv["wait"].isdigit() or not 1 <= int(kv["wait"]) <= MAX_WAIT_S:
+            raise Fs9Error(errno.EINVAL, f"bad wait {kv['wait']!r}: seconds, 1 to {MAX_WAIT_S}")
+        self.kernel.record("fed_peer", os=name, **{**kv, "rate": int(kv["rate"]),
+                                                   "wait": int(kv["wait"])})
 
     def _cmd_rule(self, name: str, action: str, *terms: str) -> None:
         self.governance.rule(name, action, *terms)
@@ -144,6 +170,18 @@ class Federation:
             raise Fs9Error(errno.EINVAL, "not joined")
         self.kernel.record("fed_left", os=self.me)
 
+    def _cmd_export(self, topic: str) -> None:
+        self.topics.export(topic)
+
+    def _cmd_unexport(self, topic: str) -> None:
+        self.topics.unexport(topic)
+
+    def _cmd_subscribe(self, name: str, topic: str) -> None:
+        self.topics.subscribe(name, topic)
+
+    def _cmd_unsubscribe(self, name: str, topic: str) -> None:
+        self.topics.unsubscribe(name, topic)
+
     def _peer(self, name: str) -> Peer:
         peer = self.peers.get(name)
         if peer is None:
@@ -157,6 +195,7 @@ class Federation:
 
     def status(self) -> str:
         lines = [f"os={self.me or '-'}", f"url={self.url or '-'}", f"connection={self.state}",
+                 f"key={self.key or 'none'}",
                  f"peers={' '.join(sorted(self.peers)) or '-'}", f"outbox={len(self.outbox)}",
                  f"dead={len(self.outbox.dead)}", f"sent={self.outbox.sent}",
                  f"approvals={len(self.governance.held)}",
@@ -174,23 +213,27 @@ class Federation:
             self.governance.rules_text(peer.name)
 
     def card(self) -> dict:
-        """This OS's card: A2A's field names (name, description, version, capabilities,
-        skills) and fs9's own (accepts, sla, ceiling, auth), from the agents' manifests
-        and the peers declared."""
+        """This OS's card: an A2A AgentCard of the agents' cards' shape (registry.a2a_card):
+        a skill per capability the agents' manifests provide (tagged with the agents), and
+        fs9's own fields (accepts, sla, ceiling, auth) as the A2A extension FED_EXTENSION."""
         agents = self.kernel.agents
         skills = [{"id": cap, "name": cap, "description": f"{cap}: provided by "
                    + ", ".join(names), "tags": names}
                   for cap, names in sorted(registry.providers(agents).items())]
         accepts = sorted({kind for a in agents.values()
                           for kind in a.manifest.get("accepts", ["work_request"])})
-        return {"name": self.me, "description": f"fs9 member {self.me}",
-                "version": "0.1.0", "capabilities": {"streaming": False,
-                                                     "pushNotifications": False},
-                "skills": skills, "accepts": accepts,
-                "sla": {n: a.manifest["sla"] for n, a in sorted(agents.items())
-                        if "sla" in a.manifest},
-                "ceiling": {p.name: p.ceiling for p in self.peers.values()},
-                "auth": {p.name: p.auth for p in self.peers.values()}}
+        own = {"accepts": accepts,
+               "sla": {n: a.manifest["sla"] for n, a in sorted(agents.items())
+                       if "sla" in a.manifest},
+               "ceiling": {p.name: p.ceiling for p in self.peers.values()},
+               "auth": {p.name: p.auth for p in self.peers.values()},
+               "topics": sorted(self.topics.exports)}
+        return registry.a2a_card(
+            self.me, f"fs9 member {self.me}", f"nats:fs9.fed.{self.me}", "fs9-federation",
+            skills, [{"uri": FED_EXTENSION, "required": False, "params": own,
+                      "description": "fs9: message types accepted, each agent's sla, "
+                                     "each declared peer's ceiling and auth, the topics "
+                                     "it exports"}])
 
     def remote_providers(self) -> dict[str, list[str]]:
         """capability -> AGENT@OS, from each peer's card as it published it (untrusted:
@@ -267,6 +310,7 @@ class Federation:
                                    **{"from": author.manifest["clearance"], "to_label": level})
         self.kernel.record("fed_queued", agent=author and sender, corr=corr, blob=msg.render(),
                            id=msg.id, to=to, os=peer.name, classification=level,
+                           deadline=msg.deadline,
                            type=msg.headers["type"], **callbacks(self.kernel, sender, msg.headers))
 
     def forward(self, msg: message.Message) -> None:
@@ -291,7 +335,9 @@ class Federation:
         h["x-seq"] = str(self.kernel.log.next_seq)  # answers in order (requests.py)
         self.kernel.record("fed_queued", corr=h["correlation-id"], blob=msg.render(),
                            id=msg.id, to=msg.to, os=peer.name, classification=h["classification"],
-                           type=h["type"])
+                           type=h["type"], deadline=msg.deadline)
+        if h["type"] == "result":  # the request answered: our part of its trace with it
+            self.traces.ship(peer.name, h["correlation-id"])
 
     # --- receiving (inbox.py) -------------------------------------------------
 
@@ -322,10 +368,12 @@ class Federation:
                 "fed_peer": self._on_peer, "fed_paused": self._on_paused,
                 "fed_resumed": self._on_resumed, **self.inbox.appliers(),
                 **self.sagas.appliers(), **self.governance.appliers(),
+                **self.traces.appliers(), **self.topics.appliers(),
                 **self.outbox.appliers(self.requests)}
 
     def _on_joined(self, e, agent, task):
         self.url, self.me = e.data["url"], e.data["os"]
+        self.key = e.data.get("key", "")
         self.changes.bump()
 
     def _on_left(self, e, agent, task):
@@ -335,7 +383,8 @@ class Federation:
     def _on_peer(self, e, agent, task):
         old = self.peers.get(e.data["os"])
         peer = self.peers[e.data["os"]] = Peer(e.data["os"], e.data["ceiling"], e.data["auth"],
-                                               e.data.get("rate", RATE))
+                                               e.data.get("rate", RATE),
+                                               e.data.get("wait", WAIT_S))
         if old is not None:
             peer.paused, peer.card = old.paused, old.card
         self.changes.bump()

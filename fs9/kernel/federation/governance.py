@@ -14,15 +14,22 @@ Only work requests are judged: other mail asks for no work. Every decision is an
   fed_held (origin, id, to, reason; the message as it will be delivered, in the blob)
   fed_decided (origin, id, decision, by, reason)     fed_rule (os, action, match | clear)
 A request held is the receiver's record (so acked to NATS and not judged twice); at most
-MAX_HELD wait per peer, past which a request is rejected (the sender is told).
+MAX_HELD wait per peer, past which a request is rejected (the sender is told). A held
+request waits until its `until` (the peer's `wait` after it came, or its own `deadline`
+if sooner): then it is decided `expired` by the deadline and the sender told, as a deny.
 """
 import errno
+import math
 import re
+import time
+
+import trio
 
 from ...errors import Fs9Error
 from ..bus import message
 from ..bus.message import KEY, TOKEN
 from ..names import one_line
+from ..stream import Changes
 
 ACTIONS = ("approve", "deny", "ask")
 MAX_RULES = 32  # per peer
@@ -35,6 +42,8 @@ class Held:
         d = e.data
         self.origin, self.id, self.to, self.reason = d["origin"], d["id"], d["to"], d["reason"]
         self.corr, self.data = e.corr or "", data
+        # (held before requests had one: the default wait from when it came)
+        self.until = d["until"] if "until" in d else e.ts + 3600
 
     def text(self) -> str:
         msg = message.load(self.data, 0)
@@ -42,7 +51,8 @@ class Held:
         preview = msg.body[:4096].decode(errors="replace")
         return (f"id={self.id}\nfrom={h['from']}\nto={self.to}\ncorr={self.corr}\n"
                 f"classification={h['classification']}\npriority={h['priority']}\n"
-                f"why={self.reason}\nanswer=approve | deny [REASON]\n\n{preview}")
+                f"why={self.reason}\nuntil={message.format_time(self.until)}\n"
+                f"answer=approve | deny [REASON]\n\n{preview}")
 
 
 class Governance:
@@ -50,6 +60,7 @@ class Governance:
         self.fed, self.kernel = fed, fed.kernel
         self.rules: dict[str, list[tuple[str, dict[str, frozenset]]]] = {}
         self.held: dict[str, Held] = {}  # approval id (ORIGIN-ID) -> the request
+        self.changes = Changes()  # one more held
 
     # --- the ctl's `rule` ---------------------------------------------------------
 
@@ -93,9 +104,32 @@ class Governance:
         """Keep a request for the operator (None), or why it cannot wait."""
         if sum(1 for h in self.held.values() if h.origin == origin) >= MAX_HELD:
             return f"{MAX_HELD} requests from {origin} already wait for approval"
+        until = time.time() + self.fed.peers[origin].wait
+        if msg.deadline is not None:
+            until = min(until, msg.deadline)
         self.kernel.record("fed_held", corr=corr, origin=origin, id=msg.id, to=msg.to,
-                           reason=why, blob=msg.render())
+                           reason=why, blob=msg.render(), until=until)
         return None
+
+    async def keep_deadlines(self) -> None:
+        """Decide each held request whose `until` passes unanswered: `expired`, the
+        sender told as by a deny (a `rejected` result), both logged."""
+        while True:
+            version = self.changes.version
+            now = time.time()
+            for held in [h for h in self.held.values() if h.until <= now]:
+                self._expire(held)
+            soonest = min((h.until for h in self.held.values()), default=math.inf)
+            with trio.move_on_after(max(soonest - time.time(), 0.05)):
+                await self.changes.wait_past(version)
+
+    def _expire(self, held: Held) -> None:
+        reason = f"no answer from the operator of {self.fed.me} by " \
+                 f"{message.format_time(held.until)}"
+        self.kernel.record("fed_decided", corr=held.corr, origin=held.origin, id=held.id,
+                           decision="expired", by="deadline", reason=reason)
+        reply_to = message.load(held.data, 0).headers["from"]
+        self.fed.inbox.reject(held.origin, held.id, reason, reply_to, held.corr)
 
     def answer(self, held: Held, data: bytes) -> None:
         """The operator's approve or deny [REASON] (federation/approvals/ID)."""
@@ -138,6 +172,7 @@ class Governance:
         held = Held(e, self.kernel.blob(e))
         self.held[f"{held.origin}-{held.id}"] = held
         self.fed.inbox.seen.add(f"{held.origin}/{held.id}")
+        self.changes.bump()
 
     def _on_decided(self, e, agent, task):
         self.held.pop(f"{e.data['origin']}-{e.data['id']}", None)

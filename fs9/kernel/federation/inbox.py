@@ -23,7 +23,7 @@ import time
 from ...errors import Fs9Error
 from ..bus import message
 from ..names import NAME_RE, one_line
-from . import chunks
+from . import chunks, topics, trace
 from .requests import Requests
 
 # what the sending kernel stamped, and a reply-to this OS would route by (replies go to
@@ -83,7 +83,7 @@ class Inbox:
             "x-seq": str(self.kernel.log.next_seq)})
         self.kernel.record("fed_queued", corr=note.headers["correlation-id"],
                            blob=note.render(), id=note.id, to=reply_to, os=origin,
-                           classification="public", type="result")
+                           classification="public", type="result", deadline=None)
 
     def receive_chunk(self, origin: str, value: str, data: bytes) -> None:
         """One chunk of a large message: recorded, and once all are in, the whole judged."""
@@ -94,8 +94,13 @@ class Inbox:
         if fed in self.seen:
             self.counts["duplicates"] += 1
             return
-        if origin not in self.fed.peers:
+        peer = self.fed.peers.get(origin)
+        if peer is None:
             return self.reject(origin, chunk.id, f"{origin} is not a declared peer")
+        if self.chunks.held(origin, chunk.id) is None:  # a new one: stale ones make room
+            for mid in self.chunks.stale(origin, time.time() - peer.wait)[:1]:
+                self.reject(origin, mid, f"its chunks stopped coming (none for {peer.wait} s)")
+                self.kernel.log.trim(f"fedchunk:{origin}/{mid}", self.kernel.log.next_seq)
         why = self.chunks.admit(origin, chunk)
         if why is not None:
             return self.reject(origin, chunk.id, why)
@@ -143,6 +148,12 @@ class Inbox:
         if to_os != self.fed.me:
             return self.reject(origin, msg_id, f"to {headers.get('to', '')!r} is not "
                                f"an agent of {self.fed.me}", reply_to, corr)
+        if to == sender == "federation" and trace.HEADER in headers:  # a part of a trace
+            why = self.fed.traces.receive(origin, msg_id, corr, body)
+            return why and self.reject(origin, msg_id, why)
+        if to == sender == "federation" and topics.HEADER in headers:  # topics across OSs
+            why = self.fed.topics.receive(origin, msg_id, headers, body)
+            return why and self.reject(origin, msg_id, why)
         kind = headers.get("type")
         stamps = {k: headers[k] for k in RESULT_STAMPS if k in headers} \
             if kind in RESULT_TYPES else {}
@@ -188,6 +199,9 @@ class Inbox:
         full = recipient.mailbox.full(operator=False)
         if full:  # nothing recorded, nothing acked: JetStream delivers it again later
             raise Fs9Error(errno.EDQUOT, f"{to}'s mailbox: {full}")  # (link.py)
+        if kind == "work_request" and recipient is not self.kernel.bus.operator \
+                and not recipient.daemon:  # no room for the task: likewise, later
+            self.kernel.check_queue(recipient, operator=False)
         msg.headers.update(id=msg_id, to=to, **stamps)
         msg.to = to
         if kind == "work_request":  # work asked of this OS: its authorization mode says

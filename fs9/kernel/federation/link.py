@@ -2,27 +2,37 @@
 the outbox, receive into the log, and publish our card and read the peers'. A member
 that cannot reach NATS keeps working locally: its outbox waits, `federation/status`
 says `connection=connecting` and the last error, and it catches up once NATS answers."""
+from __future__ import annotations  # (Engine, named in signatures, is loaded late)
+
 import errno
 import itertools
 import time
 
 import trio
 
-from ...errors import Fs9Error
-from . import chunks
-from .engine import Engine, EngineError
+from ...errors import EngineError, Fs9Error
+from . import chunks, credentials
 from .federation import BACKOFF_S, Federation
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 BATCH = 64  # messages published at once (pipelined) and acked at once
+GATHER_S = 0.005  # a sender woken by one message waits this long for more to go with it,
+# a receiver that fetched a few before it fetches again (each publish, fetch and ack is a
+# hop to the engine's thread and a NATS request: one per batch, not per message)
 THROTTLE_S = 1.0  # a message over its peer's rate comes again after this long
 CARD_EVERY_S = 2  # how often our card is re-checked and the peers' fetched
 MAX_CARD = 64 << 10  # bytes of a peer's card shown; a larger one is not shown (last_error)
 
 
 async def serve(fed: Federation) -> None:
-    """Until cancelled: the outbox's deadlines, and the link while joined."""
+    """Until cancelled: the outbox's and the held requests' deadlines, and the link
+    while joined."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_supervised, fed, lambda: fed.outbox.keep_deadlines())
+        nursery.start_soon(_supervised, fed, lambda: fed.governance.keep_deadlines())
         nursery.start_soon(_supervised, fed, lambda: _link(fed))
         nursery.start_soon(_supervised, fed, lambda: _coordinate(fed))
 
@@ -55,11 +65,19 @@ async def _link(fed: Federation) -> None:
         if not fed.url:
             await fed.changes.wait_past(version)
             continue
-        url = fed.url
-        engine = fed.engine = Engine(url, fed.me)
+        url, key = fed.url, fed.key
+        try:  # (read anew at each join: a key rotated takes effect at the next)
+            seed = credentials.read_seed(key) if key else None
+        except Fs9Error as e:
+            _failed(fed, "the key", e)
+            with trio.move_on_after(BACKOFF_S[-1]):
+                await fed.changes.wait_past(version)
+            continue
+        from .engine import Engine  # (nats-py loads only when a federation is joined)
+        engine = fed.engine = Engine(url, fed.me, seed)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_until_left, fed, url, nursery.cancel_scope)
+                nursery.start_soon(_until_left, fed, url, key, nursery.cancel_scope)
                 await _connect(fed, engine)
                 nursery.start_soon(_send, fed, engine)
                 nursery.start_soon(_receive, fed, engine)
@@ -70,8 +88,8 @@ async def _link(fed: Federation) -> None:
                 await trio.to_thread.run_sync(engine.close)
 
 
-async def _until_left(fed: Federation, url: str, scope: trio.CancelScope) -> None:
-    while fed.url == url:
+async def _until_left(fed: Federation, url: str, key: str, scope: trio.CancelScope) -> None:
+    while fed.url == url and fed.key == key:
         await fed.changes.wait_past(fed.changes.version)
     scope.cancel()
 
@@ -101,11 +119,14 @@ async def _send(fed: Federation, engine: Engine) -> None:
     while True:
         version = fed.changes.version
         outbox = fed.outbox
-        due = [(mid, q.os, q.data) for mid, q in list(outbox.pending.items())
-               if q.os in fed.peers and not fed.peers[q.os].paused
-               and mid not in outbox.sending and not outbox.expired(mid)]
+        now = time.time()  # (the first BATCH due: the outbox may hold thousands)
+        due = list(itertools.islice(
+            ((mid, q.os, q.data) for mid, q in outbox.pending.items()
+             if q.os in fed.peers and not fed.peers[q.os].paused
+             and mid not in outbox.sending and not outbox.expired(mid, now)), BATCH))
         if not due:  # (one expired is given up by outbox.keep_deadlines: a change)
             await fed.changes.wait_past(version)
+            await trio.sleep(GATHER_S)
             continue
         # small messages go BATCH at a time, pipelined; a large one alone, chunk by chunk
         batch = list(itertools.takewhile(lambda d: len(d[2]) <= chunks.CHUNK, due[:BATCH]))
@@ -125,8 +146,8 @@ async def _send(fed: Federation, engine: Engine) -> None:
         finally:
             outbox.sending.difference_update(d[0] for d in batch)
         for (mid, to, _), error in zip(batch, errors):
-            if error is None and mid in outbox.pending:
-                fed.kernel.record("fed_sent", id=mid, os=to)
+            if error is None:
+                outbox.sent_now(mid, to)
         failed = [(to, e) for (_, to, _), e in zip(batch, errors) if e is not None]
         if failed:
             _failed(fed, f"publish to {failed[0][0]}", failed[0][1])
@@ -151,17 +172,16 @@ async def _publish(fed: Federation, engine: Engine, mid: str, to: str, data: byt
 async def _receive(fed: Federation, engine: Engine) -> None:
     """Each message is recorded in the log (delivered or rejected) before it is acked;
     an ack lost is a redelivery, which the log's record turns into an ack alone."""
-    attempt = 0
+    attempt, recorded = 0, []
     while True:
-        try:
-            batch = await engine.fetch()
+        try:  # (what the last batch recorded is acked on the way: one hop, not two)
+            batch = await engine.fetch(ack=recorded)
         except EngineError as e:
             _failed(fed, "fetch", e)
             await trio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
             attempt += 1
             continue
-        attempt = 0
-        recorded = []
+        attempt, recorded = 0, []
         for origin, data, headers, handle in batch:
             if not fed.admit(origin):  # over its rate: later, nothing recorded
                 try:
@@ -179,12 +199,9 @@ async def _receive(fed: Federation, engine: Engine) -> None:
                     except EngineError:
                         pass
                 continue
-            recorded.append(handle)
-        if recorded:  # each in the log already: acked together
-            try:
-                await engine.ack_batch(recorded)
-            except EngineError as e:
-                _failed(fed, "ack", e)
+            recorded.append(handle)  # (in the log already: acked with the next fetch)
+        if 0 < len(batch) < BATCH:  # a trickle: let a few gather for the next fetch
+            await trio.sleep(GATHER_S)
 
 
 async def _cards(fed: Federation, engine: Engine) -> None:

@@ -4,7 +4,11 @@ by JetStream, oldest first, and the dead letters, those given up. Its events:
   fed_chunk_sent (id, i): chunk i of a large message acked (the rest resume after it)
 A message whose `deadline` passes before JetStream has it is given up (`fed_dead`), never
 silently dropped, and never published after: the sender (link.py) checks the deadline
-before each publish, and a message being published is not given up under it."""
+before each publish, and a message being published is not given up under it.
+`fed_sent` promises nothing durable, so it rides with the log's next commit (EventLog.
+defer) rather than costing one of its own: a crash before that commit publishes the
+message again, which JetStream's dedupe window or the receiver's own record drops."""
+import heapq
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ class Queued:
     data: bytes  # the message as it crosses
     deadline: float | None  # epoch seconds, from its `deadline` header
     chunks_sent: int = 0  # of a large message: how many chunks JetStream has (chunks.py)
+    topic: bool = False  # an event of an exported topic (topics.py bounds how many wait)
 
 
 class Outbox:
@@ -30,7 +35,9 @@ class Outbox:
         self.pending: dict[str, Queued] = {}  # id -> message, in order of queueing
         self.dead: dict[str, Queued] = {}
         self.sending: set[str] = set()  # ids being published right now
+        self.deadlines: list[tuple[float, str]] = []  # a heap: (deadline, id) of pending ones
         self.sent = 0
+        self.topic_events: dict[str, int] = {}  # peer -> its topic events pending here
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -47,16 +54,29 @@ class Outbox:
         q = self.pending[mid]
         self.kernel.record("fed_dead", id=mid, os=q.os, reason=reason)
 
+    def sent_now(self, mid: str, to: str) -> None:
+        """JetStream has mid: out of the outbox now, on the record with the next commit."""
+        if mid in self.pending:
+            self.kernel.log.defer("fed_sent", id=mid, os=to)
+            self._sent(mid)
+
     async def keep_deadlines(self) -> None:
         """Give up each message whose deadline passes while it waits (NATS away, the
         peer paused): a `fed_dead` event, and the message in federation/dead/."""
         while True:
             version = self.changes.version
             now = time.time()
-            for mid in [m for m in self.pending if m not in self.sending]:
-                if self.expired(mid, now):
-                    self.give_up(mid, "its deadline passed before JetStream had it")
-            soonest = min((q.deadline for q in self.pending.values() if q.deadline), default=None)
+            held = []  # (being published: the sender decides; looked at again later)
+            while self.deadlines and self.deadlines[0][0] <= now:
+                item = heapq.heappop(self.deadlines)
+                if item[1] in self.sending:
+                    held.append(item)
+                elif self.expired(item[1], now):
+                    self.give_up(item[1], "its deadline passed before JetStream had it")
+            for item in held:
+                heapq.heappush(self.deadlines, item)
+            soonest = (now + 0.05) if held else \
+                (self.deadlines[0][0] if self.deadlines else None)
             wait = math.inf if soonest is None else max(soonest - time.time(), 0.05)
             with trio.move_on_after(wait):
                 await self.changes.wait_past(version)
@@ -71,14 +91,26 @@ class Outbox:
 
     def _on_queued(self, e, agent, task):
         data = self.kernel.blob(e)
-        self.pending[e.data["id"]] = Queued(e.data["os"], data, message.load(data, 0).deadline)
+        deadline = e.data["deadline"] if "deadline" in e.data else \
+            message.load(data, 0).deadline  # (logged before the field was)
+        q = self.pending[e.data["id"]] = Queued(e.data["os"], data, deadline,
+                                                topic="topic" in e.data)
+        if q.topic:
+            self.topic_events[q.os] = self.topic_events.get(q.os, 0) + 1
+        if deadline is not None:
+            heapq.heappush(self.deadlines, (deadline, e.data["id"]))
         self.requests.on_queued(e)
         self.changes.bump()
 
     def _on_sent(self, e, agent, task):
-        if self.pending.pop(e.data["id"], None) is not None:
+        self._sent(e.data["id"])
+
+    def _sent(self, mid: str) -> None:
+        q = self.pending.pop(mid, None)
+        if q is not None:
             self.sent += 1
-        self.requests.on_sent(e.data["id"])
+            self._left(q)
+        self.requests.on_sent(mid)
 
     def _on_chunk_sent(self, e, agent, task):
         q = self.pending.get(e.data["id"])
@@ -89,3 +121,8 @@ class Outbox:
         q = self.pending.pop(e.data["id"], None)
         if q is not None:
             self.dead[e.data["id"]] = q
+            self._left(q)
+
+    def _left(self, q: Queued) -> None:
+        if q.topic:
+            self.topic_events[q.os] -= 1

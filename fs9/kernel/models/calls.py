@@ -65,9 +65,13 @@ class Calls:
         if req is not None:
             requests.check_turn(conv.messages, req["messages"])
         task = self._task_of(conv.owner)
-        prompt = tokens_of(conv.messages) + tokens.count(data.decode(errors="replace"))
+        prompt = _prompt(conv.messages, conv.tools) + tokens.count(data.decode(errors="replace"))
         self._admit(conv, task, prompt, 1)
-        self._approved(conv, task, prompt + conv.model.max_tokens, use=False)
+        # the size a yes is asked for: the call's own once the request is whole (as
+        # _request counts it, so that the yes covers it), else what is written so far
+        self._approved(conv, task, prompt + conv.model.max_tokens if req is None else
+                       _prompt(conv.messages + req["messages"], _tools(conv, req))
+                       + _wanted(conv, req), use=False)
 
     def _admit(self, conv: Conversation, task, prompt: int, want: int) -> tuple[list, int]:
         """budget.admit for a call of conv: (its scopes, its max_tokens); a refusal is a
@@ -90,7 +94,7 @@ class Calls:
             self.kernel.approvals.gate(
                 agent, "model_tokens", conv.model.name, f"a call of model {conv.model.name} "
                 f"for up to {tokens} tokens (over approval.model_tokens = {limit:g})",
-                task.corr if task else conv.corr, use)
+                task.corr if task else conv.corr, use, size=tokens)
 
     def _request(self, conv: Conversation, data: bytes) -> None:
         """One turn: check it, admit it against the budgets, start the call. Returns
@@ -102,16 +106,17 @@ class Calls:
             raise Fs9Error(errno.EAGAIN, "models are not served yet")
         task = self._task_of(conv.owner)
         messages = conv.messages + req["messages"]
-        tools = req["tools"] if "tools" in req else conv.tools
+        tools = _tools(conv, req)
         chosen = (req.get("tool_choice") or {}).get("function", {}).get("name") \
             if isinstance(req.get("tool_choice"), dict) else None
         if chosen is not None and chosen not in {t["function"]["name"] for t in tools or ()}:
             raise Fs9Error(errno.EINVAL, f"{requests.BAD_REQUEST}: tool_choice: {chosen!r} is "
                                          "not a tool this conversation offers")
-        want = min(req.get("max_tokens") or conv.model.max_tokens, conv.model.max_tokens)
-        scopes, max_tokens = self._admit(conv, task, tokens_of(messages), want)
-        self._approved(conv, task, tokens_of(messages) + max_tokens, use=True)
-        held = tokens_of(messages) + max_tokens
+        want = _wanted(conv, req)
+        prompt = _prompt(messages, tools)
+        scopes, max_tokens = self._admit(conv, task, prompt, want)
+        self._approved(conv, task, prompt + max_tokens, use=True)
+        held = prompt + max_tokens
         budget.reserve(scopes, held)  # released when the call ends, however it ends
         conv.messages, conv.tools = messages, tools
         conv.turn, conv.state, conv.used = Turn(), "queued", time.monotonic()
@@ -227,3 +232,19 @@ def _count_unreported(result: dict, messages: list[dict]) -> str:
         result["tokens_out"] = tokens.count(result["content"]) + sum(
             tokens.count(c["name"] + json.dumps(c["arguments"])) for c in result["tool_calls"])
     return tokens.tokenizer()
+
+
+def _wanted(conv: Conversation, req: dict) -> int:
+    """The reply's limit a request asks for, within its model's."""
+    return min(req.get("max_tokens") or conv.model.max_tokens, conv.model.max_tokens)
+
+
+def _tools(conv: Conversation, req: dict) -> list | None:
+    """The tools a call offers: the request's, else the conversation's."""
+    return req["tools"] if "tools" in req else conv.tools
+
+
+def _prompt(messages: list[dict], tools: list | None) -> int:
+    """A call's prompt tokens: its messages and the definitions of the tools it offers
+    (which the provider reads, and bills, as prompt too)."""
+    return tokens_of(messages) + (tokens.count(json.dumps(tools)) if tools else 0)

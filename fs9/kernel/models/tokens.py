@@ -14,6 +14,8 @@ import importlib.util
 import logging
 import os
 
+from ... import heavy
+
 log = logging.getLogger("fs9")
 # tiktoken's cache key of cl100k_base (sha1 of its URL) and the file's sha256, as
 # tiktoken_ext/openai_public.py states them
@@ -26,7 +28,7 @@ FALLBACK = "estimate: 4 characters a token (no tiktoken cl100k_base file here)"
 def _encoding():
     """cl100k_base from llama-index-core's copy, or None (said once). Blocks ~0.4 s once."""
     try:
-        import tiktoken
+        tiktoken = heavy.load("tiktoken")
         spec = importlib.util.find_spec("llama_index.core")
         cache = os.path.join(spec.submodule_search_locations[0], "_static", "tiktoken_cache")
         with open(os.path.join(cache, CL100K_KEY), "rb") as f:

@@ -28,24 +28,15 @@ import stat
 import sys
 
 from ... import resolve
+from .pinned import Pinned, create as _create, libc as _libc, proc as _proc, \
+    read as _read, settle as _settle, times as _times, chmod as _chmod
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-_AT_FDCWD, _AT_SYMLINK_NOFOLLOW, _UTIME_OMIT = -100, 0x100, (1 << 30) - 2
+_AT_SYMLINK_NOFOLLOW = 0x100
 _PIN = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC  # the last name itself, pinned
 _LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FSENC, _BAD_NAMES = sys.getfilesystemencoding(), frozenset((b"", b".", b".."))
 _oserror = resolve.oserror
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _proc(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
 
 
 def path_of(rel) -> bytes:
@@ -320,104 +311,3 @@ def _listing(dfd: int, limit: int | None = None):
             except FileNotFoundError:
                 pass
     return sorted(out, key=lambda entry: entry[0])
-
-
-def _read(fd: int, limit: int) -> bytes | None:
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        return None
-    rfd = os.open(_proc(fd), os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)  # the same inode
-    try:
-        chunks = []
-        while limit > 0 and (chunk := os.read(rfd, min(limit, 1 << 20))):
-            chunks.append(chunk)
-            limit -= len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(rfd)
-
-
-def _times(atime_ns: int | None, mtime_ns: int | None):
-    """utimensat's two timespecs (None: UTIME_OMIT, keep)."""
-    return (_Timespec * 2)(*(_Timespec(0, _UTIME_OMIT) if t is None
-                             else _Timespec(*divmod(t, 10**9)) for t in (atime_ns, mtime_ns)))
-
-
-def _chmod(fd: int, mode: int) -> None:
-    if stat.S_ISLNK(os.fstat(fd).st_mode):
-        raise _oserror(errno.EOPNOTSUPP)
-    os.chmod(_proc(fd), mode)  # the pinned inode, whatever its name has become
-
-
-def _create(d: int, n: bytes, flags: int, mode: int) -> tuple[int, bool]:
-    flags |= os.O_CLOEXEC | os.O_NOFOLLOW | os.O_CREAT
-    try:
-        fd = os.open(n, flags | os.O_EXCL, mode, dir_fd=d)
-    except FileExistsError:
-        if flags & os.O_EXCL:
-            raise
-        return os.open(n, flags & ~os.O_CREAT, dir_fd=d), False  # made meanwhile
-    try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
-            os.fchmod(fd, mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, True
-
-
-CHANGED = "the vault changed on disk under this name"
-
-
-def _settle(fd: int, parent: os.stat_result, mode, uid: int, gid: int,
-            kind: int | None = None) -> None:
-    """fd: the file fs9 made (create), or what its name holds now (kind given: it must
-    still be what fs9 made, see settle)."""
-    made_gid = os.getegid()
-    if parent.st_mode & stat.S_ISGID:  # the kernel gave it the directory's group
-        gid = made_gid = parent.st_gid
-    st = os.fstat(fd)
-    if kind is not None and (stat.S_IFMT(st.st_mode) != kind
-                             or (st.st_uid, st.st_gid) != (os.geteuid(), made_gid)
-                             or (kind != stat.S_IFDIR and st.st_nlink != 1)):
-        raise OSError(errno.ENOENT, f"{CHANGED}: not given away")
-    if (st.st_uid, st.st_gid) != (uid, gid):
-        os.chown(_proc(fd), uid, gid)  # the pinned inode itself (a symlink: its own)
-        if mode is None and not stat.S_ISLNK(st.st_mode):
-            mode = stat.S_IMODE(st.st_mode)  # chown cleared setuid bits: put them back
-    if mode is not None:
-        if stat.S_ISDIR(st.st_mode) and parent.st_mode & stat.S_ISGID:
-            mode |= stat.S_ISGID  # inherited, as mkdir(2) does
-        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
-            _chmod(fd, mode)
-
-
-class Pinned:
-    """One vault file pinned by an O_PATH|O_NOFOLLOW fd (VaultRoot.pinned): its lstat,
-    and changes to that inode whatever its name holds meanwhile (a symlink: its own)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def stat(self) -> os.stat_result:
-        return os.fstat(self.fd)
-
-    def truncate(self, size: int) -> None:
-        os.truncate(_proc(self.fd), size)
-
-    def chmod(self, mode: int) -> None:
-        _chmod(self.fd, mode)
-
-    def chown(self, uid: int, gid: int) -> None:
-        os.chown(_proc(self.fd), uid, gid)
-
-    def utimens(self, atime_ns: int | None, mtime_ns: int | None) -> None:
-        """Times in ns since the epoch (None: keep)."""
-        if _libc.utimensat(ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(os.fsencode(
-                _proc(self.fd))), _times(atime_ns, mtime_ns), ctypes.c_int(0)) != 0:
-            raise _oserror(ctypes.get_errno())
-
-    def setxattr(self, name: str, value: bytes, flags: int = 0) -> None:
-        os.setxattr(_proc(self.fd), name, value, flags)
-
-    def removexattr(self, name: str) -> None:
-        os.removexattr(_proc(self.fd), name)

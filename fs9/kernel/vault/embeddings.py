@@ -13,6 +13,7 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
+from ... import heavy
 from .beneath import VaultRoot
 
 if TYPE_CHECKING:
@@ -160,7 +161,8 @@ class Embedder:
         self._redo = False  # the vectors were dropped during a sync: all are embedded again
 
     def _client(self, timeout: float):
-        from llama_index.embeddings.openai_like import OpenAILikeEmbedding
+        OpenAILikeEmbedding = heavy.load("llama_index.embeddings.openai_like",
+                                         "OpenAILikeEmbedding")
         # max_retries=0: one attempt; fs9 retries itself, in the background
         return OpenAILikeEmbedding(model_name=self.name, api_base=self.api_base,
                                    api_key=self._key, timeout=timeout, max_retries=0,

@@ -33,6 +33,7 @@ from typing import Callable
 
 import trio
 
+from ... import heavy
 from .beneath import VaultRoot
 
 MAX_HITS = 20  # lines a query renders
@@ -70,8 +71,8 @@ class Snapshot:
         self._pathset: frozenset | None = None
         self.retriever = None
         if paths:
-            import bm25s
-            from llama_index.retrievers.bm25 import BM25Retriever
+            bm25s = heavy.load("bm25s")
+            BM25Retriever = heavy.load("llama_index.retrievers.bm25", "BM25Retriever")
             bm25 = bm25s.BM25()
             bm25.index((list(ids), vocab), show_progress=False)
             self.retriever = BM25Retriever(existing_bm25=bm25,

@@ -16,7 +16,9 @@ reason, and it starts again after a backoff (BACKOFF_S, doubling); once its watc
 back, a `watch_restored` event, and the search index compares the whole vault with what
 it holds (mtime and size: only changed files are read), so what changed meanwhile is
 found. Each further failed start rescans too, so search stays roughly current while
-the watcher is down.
+the watcher is down. An agent's own subtrees get a share of the watches (watches.py
+PER_OWNER): folders it makes past it are not watched, which a `watch_capped` event
+says (once per agent and watcher's life) while the rest of the vault stays watched.
 Names starting with "." and everything under them (.git, editors' swap files) are
 neither logged nor indexed. A vault path is a tuple of names (as the index keeps it; a
 name that is not UTF-8 holds surrogate escapes); the watcher only names what changed:
@@ -29,7 +31,7 @@ import trio
 
 from ...errors import Fs9Error
 from ..names import shown_path, split_view
-from .watches import Watches, WatchLost
+from .watches import PER_OWNER, Watches, WatchLost
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -125,7 +127,10 @@ class Supervisor:
         """One watcher's life, in a worker thread; returns why it ended."""
         watches = None
         try:
-            watches = Watches(self.kernel.vault_root, self._from_thread(self._arrived))
+            owners = self.kernel.owner_of  # (a dict lookup per depth: safe from the thread)
+            watches = Watches(self.kernel.vault_root, self._from_thread(self._arrived),
+                              owner=lambda rel: owners(("vault",) + rel),
+                              capped=self._from_thread(self._capped))
             await trio.to_thread.run_sync(watches.run, self._from_thread(self._up, watches),
                                           abandon_on_cancel=True, limiter=self._thread)
             return "the watcher stopped"
@@ -159,6 +164,13 @@ class Supervisor:
             if self.kernel.search is not None:  # changes made meanwhile were not seen
                 self.kernel.search.rescan()
         self.first.set()
+
+    def _capped(self, agent: str, rel: tuple[str, ...]) -> None:
+        """Trio thread: a folder of agent's own subtrees past its share is not watched."""
+        self.kernel.log.append(
+            "watch_capped", agent=agent, path=shown_path(("vault", *rel)), folders=PER_OWNER,
+            reason=f"{agent} has its share of folders watched ({PER_OWNER}): changes in "
+                   "its further folders are neither logged nor indexed until a rescan")
 
     def _arrived(self, batch: list) -> None:
         """Trio thread: index now, log after SETTLE_S."""

@@ -20,7 +20,12 @@ Making it safe meant overriding four private methods of one version. So, here:
     walked. A folder that leaves the vault (moved out, to a hidden name) loses its
     watches once no move is pending (`_limbo`);
   - walks are iterative (an explicit stack) and bounded (MAX_WATCHES folders,
-    MAX_ENTRIES names listed); a folder gone or swapped for a symlink meanwhile is
+    MAX_ENTRIES names listed); an agent's own subtrees (`owner`: Kernel.owner_of) get at
+    most PER_OWNER watches, and all owners together OWNED_SHARE, so one agent (or a
+    few) making folders without end in what it owns cannot take the watches from
+    everyone: past its share a folder of its is not watched (`capped` says so once
+    per owner and watcher's life), and the rest of the vault stays watched; a folder
+    gone or swapped for a symlink meanwhile is
     skipped (its parent's events say what became of it); anything else that leaves a
     folder unwatched (ENOSPC: fs.inotify.max_user_watches, an I/O error) or loses events
     (IN_Q_OVERFLOW) raises WatchLost: the supervisor (watch.py) starts over and rescans;
@@ -49,6 +54,8 @@ IN_ONLYDIR, IN_EXCL_UNLINK, IN_ISDIR = 0x01000000, 0x04000000, 0x40000000
 MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
         | IN_DELETE | IN_DELETE_SELF | IN_ONLYDIR | IN_EXCL_UNLINK)
 MAX_WATCHES = 65536  # folders watched (each costs the kernel about 1 KiB)
+PER_OWNER = 4096  # of them for the folders of one agent's own subtrees...
+OWNED_SHARE = MAX_WATCHES // 2  # ...and for all agents' together: the rest is the operator's
 MAX_ENTRIES = 1_000_000  # names one walk lists
 MOVE_WAIT_S = 0.05  # a MOVED_FROM waits this long for its MOVED_TO, else it moved out
 _READ = 1 << 16  # bytes read at once (an event is 16 bytes and its name)
@@ -71,10 +78,10 @@ class WatchLost(Exception):
 
 class Node:
     """A watched folder: its watch descriptor and its place (name in parent)."""
-    __slots__ = ("wd", "name", "parent", "children")
+    __slots__ = ("wd", "name", "parent", "children", "owner")
 
-    def __init__(self, wd: int, name: str, parent: "Node | None") -> None:
-        self.wd, self.name, self.parent = wd, name, parent
+    def __init__(self, wd: int, name: str, parent: "Node | None", owner: str | None) -> None:
+        self.wd, self.name, self.parent, self.owner = wd, name, parent, owner
         self.children: dict[str, Node] = {}
 
 
@@ -86,9 +93,16 @@ class Watches:
     """One inotify instance over the vault. `run` (blocking: a worker thread) adds the
     watches, calls ready(), then reports batches of changes until `stop` or WatchLost."""
 
-    def __init__(self, root: VaultRoot, report: Callable[[list], None]) -> None:
+    def __init__(self, root: VaultRoot, report: Callable[[list], None],
+                 owner: Callable[[tuple[str, ...]], str | None] = lambda rel: None,
+                 capped: Callable[[str, tuple[str, ...]], None] = lambda who, rel: None,
+                 ) -> None:
         self.root = root
         self.report = report  # called in the thread with a list of changes
+        self.owner = owner  # the agent owning a vault path (a tuple of names), or None
+        self.capped = capped  # (owner, path): its first folder not watched (in the thread)
+        self._owned: dict[str, int] = {}  # owner -> its folders watched
+        self._capped: set[str] = set()  # owners told of already
         self.fd = _init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.fd < 0:
             err = ctypes.get_errno()
@@ -172,7 +186,7 @@ class Watches:
         if mask & (IN_IGNORED | IN_UNMOUNT):
             if node is self._top:
                 raise WatchLost("the vault directory was removed or unmounted")
-            self._by_wd.pop(wd, None)
+            self._forget(node)
             self._detach(node)
             self._limbo.pop(wd, None)
             return
@@ -251,7 +265,8 @@ class Watches:
                 node = stack.pop()
                 stack.extend(node.children.values())
                 node.children.clear()
-                if self._by_wd.pop(node.wd, None) is node:
+                if self._by_wd.get(node.wd) is node:
+                    self._forget(node)
                     _rm_watch(self.fd, node.wd)  # EINVAL if already gone: nothing to do
 
     def _watch(self, parent: Node | None, name: str) -> Node | None:
@@ -272,6 +287,9 @@ class Watches:
                 except BaseException:
                     os.close(fd)
                     raise
+                if node is None:  # its owner's share is used up: not watched
+                    os.close(fd)
+                    continue
                 if at is parent and child == name:
                     first = node
                 if not new:
@@ -318,9 +336,9 @@ class Watches:
             where = "vault" if at is None else f"a folder in {self._where(at)}"
             raise WatchLost(f"cannot open {where}: {e.strerror}") from None
 
-    def _add(self, fd: int, parent: Node | None, name: str) -> tuple[Node, bool]:
-        """Watch the folder open as fd and put it at parent/name: (its node, new?).
-        The caller keeps fd."""
+    def _add(self, fd: int, parent: Node | None, name: str) -> tuple[Node | None, bool]:
+        """Watch the folder open as fd and put it at parent/name: (its node, new?);
+        (None, False): not watched, its owner's share is used up. The caller keeps fd."""
         if len(self._by_wd) >= MAX_WATCHES:
             raise WatchLost(f"over {MAX_WATCHES} folders to watch")
         wd = _add_watch(self.fd, f"/proc/self/fd/{fd}".encode(), MASK)
@@ -335,7 +353,13 @@ class Watches:
         node = self._by_wd.get(wd)
         new = node is None
         if new:
-            node = self._by_wd[wd] = Node(wd, name, None)
+            owner = self._owner_of(parent, name)
+            if owner is not None and not self._room(owner, parent, name):
+                _rm_watch(self.fd, wd)  # (a folder watched already is never refused)
+                return None, False
+            node = self._by_wd[wd] = Node(wd, name, None, owner)
+            if owner is not None:
+                self._owned[owner] = self._owned.get(owner, 0) + 1
         elif parent is not None and self._is_within(parent, node):
             return node, False  # the same folder twice (a bind mount): no cycle
         self._detach(node)
@@ -346,6 +370,32 @@ class Watches:
         else:
             parent.children[name] = node
         return node, new
+
+    def _owner_of(self, parent: Node | None, name: str) -> str | None:
+        """The agent owning folder name in parent (claims never overlap: a folder in an
+        owned one is that owner's); the vault root is nobody's share."""
+        if parent is None:
+            return None
+        if parent.owner is not None:
+            return parent.owner
+        rel = self._rel(parent)
+        return None if rel is None else self.owner(rel + (name,))
+
+    def _room(self, owner: str, parent: Node, name: str) -> bool:
+        """owner may have one more folder watched; if not, `capped` says so (once)."""
+        if self._owned.get(owner, 0) < PER_OWNER and \
+                sum(self._owned.values()) < OWNED_SHARE:
+            return True
+        if owner not in self._capped:
+            self._capped.add(owner)
+            self.capped(owner, (self._rel(parent) or ()) + (name,))
+        return False
+
+    def _forget(self, node: Node) -> None:
+        """node's watch is gone: no longer counted."""
+        self._by_wd.pop(node.wd, None)
+        if node.owner is not None and self._owned.get(node.owner, 0) > 0:
+            self._owned[node.owner] -= 1
 
     def _is_within(self, node: Node, ancestor: Node) -> bool:
         for _ in range(len(self._by_wd) + 1):

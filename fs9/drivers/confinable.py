@@ -1,0 +1,34 @@
+"""Whether this host can confine agents, and whether an agent's uid can reach a path:
+asked before anything starts (by `fs9 mount`'s parent too, which must not load the
+sandbox's code and its event loop to ask). drivers/confine.py re-exports both.
+"""
+import os
+
+
+def unavailable() -> str | None:
+    """Why exec agents cannot be confined here, or None."""
+    if os.geteuid() != 0:
+        return "confinement needs root (a private mount namespace and a uid per agent)"
+    try:
+        import landlock
+        if landlock.landlock_abi_version() < 1:
+            return "Landlock is not enabled in this kernel"
+    except Exception as e:
+        return f"Landlock is not available: {e}"
+    if not os.path.exists("/proc/self/ns/mnt"):
+        return "mount namespaces are not available"
+    return None
+
+
+def unreachable(path: str) -> str | None:
+    """The first directory on the way to path (path itself excluded) that other users
+    cannot pass (an agent's uid is another user), or None."""
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(2, len(parts)):
+        d = os.sep.join(parts[:i]) or os.sep
+        try:
+            if not os.stat(d).st_mode & 0o001:
+                return d
+        except OSError:
+            return d
+    return None

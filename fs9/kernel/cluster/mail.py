@@ -1,0 +1,65 @@
+"""An agent's mail to an agent placed in the cluster: checked here, as its sender, then
+stored in JetStream (work.py) so that it outlives this node and the recipient's.
+
+An agent writes `agents/TO/mail/new` through its view, or its `outbox/TO`; when TO is
+placed in the cluster (on this node or another), the message goes through FS9WORK like
+the operator's mail, not into this node's log alone: a node lost with its state loses
+no acknowledged message, whichever node it was. Everything about the sender is checked
+on the node it runs on, the only one that knows it (its view, pledges, rate, clearance,
+correlation ids, reply-to, approvals: the same calls as the bus's for local mail); the
+recipient's node checks what is the recipient's (its clearance, its mailbox's room, the
+message's form) and trusts the sender's name and clearance only because a node, never
+the agent, set them (headers Fs9-From, Fs9-Label: engine.py). An agent that may not
+know TO (kernel.knows, as the cluster sees it: `remote_knows`) is told ENOENT, as for a
+name nobody has.
+"""
+import errno
+import time
+
+from ...errors import Fs9Error
+from ..bus import message
+from ..names import OPERATOR
+
+
+class Mail:
+    def __init__(self, cluster) -> None:
+        self.cluster, self.kernel = cluster, cluster.kernel
+
+    def knows(self, by: str, name: str) -> bool:
+        """Agent `by` (of this node) may know cluster agent `name` exists: as
+        Kernel.knows for a local one; for one run elsewhere, by its view (agents/NAME
+        unveiled), the discover pledge, or its current task's requester."""
+        if name in self.kernel.agents:
+            return self.kernel.knows(by, name)
+        asker = self.kernel.agents.get(by)
+        if asker is None or self.cluster.placed(name) is None:
+            return False
+        return ("discover" in asker.view.pledges
+                or asker.view.access(("agents", name)) is not None
+                or (asker.current is not None and asker.current.reply_to == name))
+
+    def check(self, to: str, data: bytes, sender: str, use: bool) -> str:
+        """What sender may say to `to` (the bus's rules: bus.py); its clearance (the
+        message's floor). use: an approval is used up (at the send, not the early check)."""
+        author = self.kernel.agents.get(sender)
+        if author is None or author.killed or sender == OPERATOR:
+            raise Fs9Error(errno.ENOENT, f"no such agent: {sender}")
+        if self.cluster.placed(to) is None:
+            raise Fs9Error(errno.ENOENT, f"no such agent: {to}")
+        floor = author.manifest["clearance"]
+        msg = message.parse(data, to=to, sender=sender, label=floor)
+        self.kernel.bus._check_author(author, msg, floor)
+        self.kernel.bus.approved(to, msg, sender, use=use)
+        return floor
+
+    def precheck(self, to: str, data: bytes, sender: str) -> None:
+        """At the first writes: the headers, once whole, checked as at the send."""
+        if b"\n\n" in data:
+            self.check(to, data, sender, use=False)
+
+    async def send(self, to: str, data: bytes, sender: str) -> None:
+        """One message from agent sender to cluster agent `to`; returns once stored (R3)
+        and taken by the recipient's node (or refused there: its errno)."""
+        self.kernel.rates.take(sender, "mail", len(data), time.monotonic())
+        floor = self.check(to, data, sender, use=True)
+        await self.cluster.work.submit(to, data, "mail", sender=sender, label=floor)
