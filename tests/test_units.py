@@ -223,3 +223,31 @@ print(errors)
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)
+
+
+def test_landlock_calls_are_not_failed_by_an_earlier_ctypes_failure():
+    """The landlock package takes ctypes' errno for its call's own (it never looks at the
+    result): a failure left by any earlier ctypes call in the thread (here close(-1),
+    EBADF) once read as "Landlock is not available" and skipped confined tests; in a
+    sandbox's zygote it would fail a ruleset, or a program's start. Each call clears it."""
+    import ctypes
+    import threading
+
+    from fs9.drivers import confinable
+    if confinable.unavailable():
+        pytest.skip(f"agents are not confined here: {confinable.unavailable()}")
+    from fs9.drivers import zygote
+    found = []
+
+    def stale_then(call):
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.close(-1) == -1 and ctypes.get_errno() == errno.EBADF
+        found.append(call())
+
+    for call in (confinable.unavailable,
+                 lambda: zygote.landlock_ruleset({"read": ["/usr"], "devices": ["/dev/null"],
+                                                  "write": ["/tmp"]})._fd >= 0):
+        t = threading.Thread(target=stale_then, args=(call,))  # its own errno
+        t.start()
+        t.join()
+    assert found == [None, True]

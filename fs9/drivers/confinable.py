@@ -2,7 +2,17 @@
 asked before anything starts (by `fs9 mount`'s parent too, which must not load the
 sandbox's code and its event loop to ask). drivers/confine.py re-exports both.
 """
+import ctypes
 import os
+
+
+def landlock_call(call, *args, **kwargs):
+    """call(...) of the `landlock` package, which takes ctypes' thread-wide errno for the
+    call's own (its errcheck never looks at the result): a failure left there by any
+    earlier ctypes call in this thread (an openat2 that found nothing, a refused flag)
+    would fail a call that succeeded, so it is cleared first."""
+    ctypes.set_errno(0)
+    return call(*args, **kwargs)
 
 
 def unavailable() -> str | None:
@@ -11,7 +21,7 @@ def unavailable() -> str | None:
         return "confinement needs root (a private mount namespace and a uid per agent)"
     try:
         import landlock
-        if landlock.landlock_abi_version() < 1:
+        if landlock_call(landlock.landlock_abi_version) < 1:
             return "Landlock is not enabled in this kernel"
     except Exception as e:
         return f"Landlock is not available: {e}"

@@ -55,6 +55,7 @@ from landlock.plumbing import get_restrict_self
 
 from fs9 import resolve
 from fs9.drivers import netrules
+from fs9.drivers.confinable import landlock_call
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x10000000, 0x08000000, \
     0x40000000
@@ -208,16 +209,16 @@ def _syscall(number: int, *args) -> int:
 
 def landlock_ruleset(spec: dict) -> landlock.Ruleset:
     access = landlock.FSAccess
-    ruleset = landlock.Ruleset()
+    ruleset = landlock_call(landlock.Ruleset)
     read = access.READ_FILE | access.READ_DIR | access.EXECUTE
     for path in spec["read"]:
         if os.path.isdir(path):
-            ruleset.allow(path, rules=read)
+            landlock_call(ruleset.allow, path, rules=read)
     for path in spec["devices"]:
         if os.path.exists(path):
-            ruleset.allow(path, rules=access.READ_FILE | access.WRITE_FILE)
+            landlock_call(ruleset.allow, path, rules=access.READ_FILE | access.WRITE_FILE)
     for path in spec["write"]:
-        ruleset.allow(path, rules=access.all())
+        landlock_call(ruleset.allow, path, rules=access.all())
     return ruleset
 
 
@@ -280,9 +281,9 @@ def start_program(msg: dict, fds: list[int], spec: dict, ruleset, net_fd=None) -
                 if layer is None:
                     continue
                 try:
-                    get_restrict_self()(layer, LOG_NEW_EXEC_ON)
-                except OSError:
-                    get_restrict_self()(layer, 0)
+                    landlock_call(get_restrict_self(), layer, LOG_NEW_EXEC_ON)
+                except OSError:  # a kernel before Landlock's audit flags (ABI 7)
+                    landlock_call(get_restrict_self(), layer, 0)
             os.closerange(3, report_w)
             os.closerange(report_w + 1, 65536)
             os.chdir(msg["cwd"])
