@@ -1,15 +1,18 @@
 """Retention (kernel/retention.py): only retired tasks' output is cut, after its copy is
 archived; every event stays, so a replay and a snapshot give the same state after."""
 import hashlib
+import random
 import sqlite3
 import time
 
 import pytest
 
 from fs9.errors import Fs9Error
-from fs9.kernel import finished, retention, snapshot
+from fs9.kernel import event_retention, finished, retention, snapshot
+from fs9.kernel import state as states
+from fs9.kernel.kernel import Kernel
 
-from test_replay import _kernel, _picture
+from test_replay import _kernel, _picture, _work
 
 
 def _run(k, agent, text: bytes, end: str = "task_done"):
@@ -80,9 +83,134 @@ async def test_no_policy_keeps_everything_and_a_bad_one_is_refused(tmp_path):
     state.mkdir()
     assert retention.Policy.load(str(state)) == retention.Policy()
     for text in ("outputs_days = -1\n", "outputs_days = 'x'\n", "archive = 'rel'\n",
+                 "events_days = true\n", "events_days = 40000\n",
                  "other = 1\n", "not toml ["):
         (state / "retention.toml").write_text(text)
         with pytest.raises(Fs9Error):
             retention.Policy.load(str(state))
     (state / "retention.toml").write_text("outputs_days = 7\narchive = '/srv/a'\n")
     assert retention.Policy.load(str(state)) == retention.Policy(7.0, "/srv/a")
+
+
+# --- retention of events (kernel/event_retention.py) -------------------------------------
+
+def _rows(state, table: str = "events") -> dict:
+    db = sqlite3.connect(state / "log.sqlite")
+    try:
+        return {r[0]: r for r in db.execute(f"SELECT * FROM {table} ORDER BY seq")}
+    finally:
+        db.close()
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Two pictures alike but for the count of events_retired applied."""
+    def strip(p):
+        return {**p, "applied": {k: n for k, n in p["applied"].items() if k != "events_retired"}}
+    return strip(a) == strip(b)
+
+
+def _live_work(k):
+    """A queued task, a running one with a progress record, pending mail (one carrying
+    a retired task's correlation id on): what the cut must leave whole."""
+    k.ctl(b"spawn lw cmd=cat unconfined=true\nspawn held cmd=cat unconfined=true")
+    k.agents["held"].stop()
+    queued = k.submit(k.agents["held"], b"waits\n")
+    running = _run(k, k.agents["lw"], b"runs\n", end="")
+    k.log.append("task_progress", agent="lw", task=running.id, corr=running.corr, note="x")
+    mail = k.bus.send(k.agents["held"], b"pending\n")
+    return [queued.corr, running.corr, mail.headers["correlation-id"]]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_an_events_cut_leaves_the_state_a_replay_and_a_snapshot_rebuild(
+        tmp_path, monkeypatch, seed):
+    """Random work, live work, a snapshot, more work; then every event older than the
+    policy that the snapshot's plan leaves out is cut (archived first): the live state,
+    a mount from the snapshot and a full replay are the state before the cut; live
+    work's traces are whole; the archive holds exactly the cut events; fs9 check passes
+    on the log and on the archive; nothing is set aside."""
+    monkeypatch.setattr(finished, "TASKS_KEPT", 4)
+    rng = random.Random(seed)
+    k = _kernel(tmp_path)
+    _work(k, rng, 300)
+    live = _live_work(k)
+    _work(k, rng, 200)
+    snapshot.write_now(k)
+    _work(k, rng, 100)
+    state = tmp_path / "state"
+    traces = {c: [e.seq for e in k.log.trace(c)] for c in live}
+    assert all(traces.values())
+    rows = _rows(state)
+    before = _picture(k)
+
+    policy = retention.Policy(events_days=0, archive=str(tmp_path / "archive"))
+    cut = await event_retention.cut_events(k, policy, now=time.time() + 1)
+    assert cut > 100, cut
+    assert _same(_picture(k), before)
+    assert {c: [e.seq for e in k.log.trace(c)] for c in live} == traces
+    left = _rows(state)
+    gone = sorted(set(rows) - set(left))
+    assert len(gone) == cut and set(left) - set(rows) == {s for s, r in left.items()
+                                                          if r[2] == "events_retired"}
+    said = [e for e in k.log.events_after(0, 100_000) if e.kind == "events_retired"]
+    assert sum(e.data["count"] for e in said) == cut
+    archived = {}
+    for e in said:
+        path = e.data["archive"]
+        assert hashlib.sha256(open(path, "rb").read()).hexdigest() == e.data["sha256"]
+        assert event_retention.check_archive(path)[0] == []
+        db = sqlite3.connect(path)
+        try:
+            archived.update({r[0]: r for r in db.execute("SELECT * FROM events")})
+        finally:
+            db.close()
+    assert archived == {s: rows[s] for s in gone}  # exactly the cut events, as they were
+    assert states.check(str(state))[0] == []
+    assert await event_retention.cut_events(k, policy, now=time.time() + 1) == 0
+    after = _picture(k)
+    k.log.close()
+
+    k2 = _kernel(tmp_path)
+    k2._replay()
+    assert k2.snapshot_seq > 0 and _picture(k2) == after and k2.log.set_aside() == []
+    k2.log.close()
+    k3 = Kernel(str(state), str(tmp_path / "agents"), full_replay=True)
+    k3._replay()
+    assert _picture(k3) == after and k3.log.set_aside() == []
+    assert {c: [e.seq for e in k3.log.trace(c)] for c in live} == traces
+    k3.log.close()
+
+
+def test_fs9_check_finds_a_gap_no_events_retired_record_accounts_for(tmp_path):
+    k = _kernel(tmp_path)
+    k.ctl(b"spawn w cmd=cat unconfined=true\n")
+    for i in range(5):
+        k.log.append("mount", mountpoint="/m")
+    k.log.close()
+    db = sqlite3.connect(tmp_path / "state" / "log.sqlite")
+    try:
+        db.execute("DROP TRIGGER events_no_delete")
+        db.execute("DELETE FROM events WHERE seq = 3")
+        db.commit()
+    finally:
+        db.close()
+    problems, _ = states.check(str(tmp_path / "state"))
+    assert problems and "gaps" in problems[0]
+
+
+async def test_a_bad_policy_file_cuts_no_event(tmp_path, monkeypatch):
+    monkeypatch.setattr(finished, "TASKS_KEPT", 1)
+    k = _kernel(tmp_path)
+    k.ctl(b"spawn w cmd=cat unconfined=true")
+    for i in range(6):
+        _run(k, k.agents["w"], b"t%d\n" % i)
+    snapshot.write_now(k)
+    for i in range(70):
+        k.log.append("mount", mountpoint="/m")
+    (tmp_path / "state" / "retention.toml").write_text("events_days = -3\narchive = '/a'\n")
+    count = len(_rows(tmp_path / "state"))
+    await retention.keep(k)  # (returns at once: nothing to keep doing)
+    (said,) = [e for e in k.log.events_after(0, 10_000) if e.kind == "retention_config_error"]
+    assert "events_days" in said.data["reason"] and "nothing is cut" in said.data["reason"]
+    assert len(_rows(tmp_path / "state")) == count + 1
+    k.log.close()

@@ -84,9 +84,11 @@ CREATE TABLE IF NOT EXISTS snapshot (  -- the state at event seq: a cache (snaps
 );
 CREATE TRIGGER IF NOT EXISTS events_append_only BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 """
+# (re-created by the one path that deletes events, inside its transaction: event_retention.py)
+NO_DELETE = """CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;"""
+SCHEMA += NO_DELETE
 
 
 INSERT_EVENT = ("INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
@@ -331,16 +333,17 @@ class EventLog(Records):
                     " VALUES (1,?,?,?,?,?)", (seq, time.time(), about, kept, state))
         self._write("COMMIT", ())
 
-    def cut_chunks(self, ids: list[int], kind: str, **data) -> Event:
-        """Delete the output chunks of the tasks numbered ids and log `kind` (saying what went where) in
-        one transaction: both, or neither (Fs9Error). Retention's one path
-        (retention.py); no event is ever deleted."""
+    def cut(self, deletes: list[tuple[str, list | None]], kind: str, **data) -> Event:
+        """Run the statements `deletes` ((sql, rows): once per row; None: once) and log `kind` (saying
+        what went where) in one transaction: all, or none (Fs9Error). Retention's one
+        path (retention.py: output chunks; event_retention.py: events)."""
         if self.sync.fault is not None:
             raise self.sync.fault
         self.flush_deferred()
         ts, seq = time.time(), self.next_seq
         self._write("BEGIN", ())
-        self._write(f"DELETE FROM chunks WHERE task IN ({','.join('?' * len(ids))})", ids)
+        for sql, rows in deletes:
+            self._write(sql, () if rows is None else rows, many=rows is not None)
         self._store(seq, ts, kind, None, None, None, None, data)
         self._write("COMMIT", ())
         return self._logged(Event(seq, ts, kind, None, None, None, data))

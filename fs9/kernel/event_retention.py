@@ -1,0 +1,262 @@
+"""Retention of events: `events_days` in STATE/retention.toml (read at mount: retention.py).
+
+    events_days = 90                # events no replay needs, older than this, are cut
+    archive = "/srv/fs9-archive"    # ... after a copy there (optional, absolute)
+
+The log is the source of truth a snapshot can be thrown away for, so only what the
+latest snapshot's plan (snapshot.py) does not keep may go: a retired task's lifecycle,
+settled mail, records for the audit only. Of those, only events numbered up to
+S - CHECKED (the rows a snapshot's digest names stay) and older than events_days (every
+event up to the cut's bound is), and never one whose correlation id belongs to live
+work (`live_corrs`): `log/trace/ID` of live work stays whole. A task's lifecycle, and a
+message's `mail_sent` with its `mail_acked`, go together or not at all (a task's moves
+without its `task_queued` would be set aside at replay; an acknowledgement without its
+message changes nothing).
+
+With `archive`, the events first go into `ARCHIVE/log-FIRST-LAST.sqlite` (the log's own
+schema, with the cut tasks' output and kept bodies, plus an `archived` row saying what
+it holds: `fs9 check FILE` checks it), written under another name, synced and renamed.
+Each cut (BATCH events at most) is one transaction: the trigger that refuses deletes is
+dropped, the rows deleted, the trigger made again, and an `events_retired` event logged
+with the range, the count, the archive and its SHA-256, and the residue
+(snapshot.residue: the tallies, correlation ids, breaker failures, idempotency keys
+and metrics the cut events had a part in, as they stand at the cut). Its applier sets
+that residue back, at a full replay as live, so a full replay and a mount from the
+snapshot give the state there was. A crash before the commit leaves every event (and
+maybe an archive file the next round writes again); after it, the cut is whole.
+`fs9 check`'s rule that events are numbered 1..N reads the `events_retired` records.
+"""
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+
+import trio
+
+from ..errors import Fs9Error
+from . import snapshot, state
+from .finished import TASK_KINDS
+from .log import NO_DELETE, SCHEMA
+
+log = logging.getLogger("fs9.retention")
+
+KIND = "events_retired"
+BATCH = 20_000  # events cut in one transaction (the trio thread waits for its deletes)
+ROUND_MAX = 200_000  # events looked at in one round (the rest: the next round)
+MAIL = ("mail_sent", "mail_acked")
+ARCHIVED = ("CREATE TABLE archived (first INTEGER NOT NULL, last INTEGER NOT NULL,"
+            " events INTEGER NOT NULL, made REAL NOT NULL)")
+
+
+class Retired:
+    """The applier of `events_retired`: the residue it carries, set back."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def appliers(self) -> dict:
+        return {KIND: self._on_retired}
+
+    def _on_retired(self, e, agent, task) -> None:
+        snapshot.set_residue(self.kernel, snapshot.checked_residue(e.data["residue"]))
+
+
+def live_corrs(k) -> set[str]:
+    """Correlation ids of live work: tasks in memory (queued, running, the latest
+    finished: `tasks/` lists them), pending and dead mail, approvals not used up."""
+    corrs = {t.corr for t in k.tasks.values()}
+    for box in [a.mailbox for a in k.agents.values()] + [k.bus.operator.mailbox]:
+        for msg in (*box.pending.values(), *box.dead.values()):
+            corrs.add(msg.headers.get("correlation-id"))
+    corrs.update(a.corr for a in k.approvals.live.values())
+    corrs.discard(None)
+    corrs.discard("")
+    return corrs
+
+
+async def cut_events(k, policy, now: float | None = None) -> int:
+    """One round: cut (and archive) what may go of the events older than the policy's
+    events_days. Returns how many events were cut."""
+    cutoff = (time.time() if now is None else now) - policy.events_days * 86400
+    units = await trio.to_thread.run_sync(candidates, k.log.path, cutoff, live_corrs(k))
+    done = 0
+    while units:
+        batch, size = [], 0
+        while units and (not batch or size + len(units[0][1]) <= BATCH):
+            batch.append(units.pop(0))
+            size += len(batch[-1][1])
+        try:
+            done += await _cut(k, policy, batch)
+        except (Fs9Error, OSError, sqlite3.Error) as e:
+            log.warning("retention: events kept this round: %s",
+                        e.text if isinstance(e, Fs9Error) else e)
+            break
+    return done
+
+
+async def _cut(k, policy, batch: list) -> int:
+    while batch:
+        seqs = sorted(seq for _, unit, _ in batch for seq in unit)
+        tasks = sorted(key[1] for key, _, _ in batch if key[0] == "t")
+        where, digest = await trio.to_thread.run_sync(
+            archive, k.log.path, policy.archive, seqs, tasks) if policy.archive else ("", "")
+        live = live_corrs(k)  # (checked again: nothing moves from here to the commit)
+        if any(corrs & live for _, _, corrs in batch):  # work since made them live
+            if where:
+                os.unlink(where)
+            batch = [u for u in batch if not u[2] & live]
+            continue
+        rows = [(seq,) for seq in seqs]
+        event = k.log.cut([("DROP TRIGGER events_no_delete", None),
+                           ("DELETE FROM events WHERE seq = ?", rows),
+                           ("DELETE FROM kept WHERE seq = ?", rows),
+                           ("DELETE FROM chunks WHERE task = ?", [(t,) for t in tasks]),
+                           (NO_DELETE, None)],
+                          KIND, first=seqs[0], last=seqs[-1], count=len(seqs),
+                          tasks=len(tasks), archive=where, sha256=digest,
+                          events_days=policy.events_days, residue=snapshot.residue(k))
+        k.apply(event)  # (sets what it says: the state as it is; counted, kept in the plan)
+        return len(seqs)
+    return 0
+
+
+def _reader(path: str) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def candidates(path: str, cutoff: float, live: set[str]) -> list:
+    """What may be cut, as units that go together: (key, seqs ascending, correlation
+    ids), in the order of their last event. Blocking; read-only."""
+    db = _reader(path)
+    try:
+        row = db.execute("SELECT seq, about, kept FROM snapshot").fetchone()
+        if row is None:
+            return []  # no plan says what a replay needs: nothing is cut
+        s, said, plan = row
+        last = db.execute("SELECT max(seq) FROM events").fetchone()[0]
+        if snapshot.mismatch(db, s, json.loads(said), last) is not None:
+            return []
+        kept = snapshot.plan_of(plan, s)
+        newer = db.execute("SELECT min(seq) FROM events WHERE ts >= ? AND seq <= ?",
+                           (cutoff, s)).fetchone()[0]
+        bound = s - snapshot.CHECKED if newer is None else min(s - snapshot.CHECKED, newer - 1)
+        units: dict = {}
+        spoilt: set = set()
+        at, looked = 0, 0
+        for seq, kind, agent, task, corr, mid in db.execute(
+                "SELECT seq, kind, agent, task, corr, CASE WHEN kind IN (?,?) AND"
+                " json_valid(data) THEN json_extract(data, '$.id') END FROM events"
+                " WHERE seq <= ? ORDER BY seq", (*MAIL, bound)):
+            while at < len(kept) and kept[at] < seq:
+                at += 1
+            if (at < len(kept) and kept[at] == seq) or kind == KIND:
+                continue  # a replay needs it
+            if looked >= ROUND_MAX:
+                bound = seq - 1
+                break
+            looked += 1
+            key = ("t", task) if task is not None and kind in TASK_KINDS else \
+                ("m", agent, mid) if kind in MAIL else ("e", seq)
+            unit = units.get(key)
+            if unit is None:
+                unit = units[key] = ([], set())
+            unit[0].append(seq)
+            if corr is not None:
+                unit[1].add(corr)
+                if corr in live:
+                    spoilt.add(key)
+        marks = ",".join("?" * len(TASK_KINDS))
+        for (task,) in db.execute(  # a lifecycle that goes on past the bound stays whole
+                f"SELECT DISTINCT task FROM events WHERE seq > ? AND task <= ?"
+                f" AND kind IN ({marks})", (bound, bound, *TASK_KINDS)):
+            spoilt.add(("t", task))
+        return sorted(((key, seqs, corrs) for key, (seqs, corrs) in units.items()
+                       if key not in spoilt), key=lambda u: u[1][-1])
+    finally:
+        db.close()
+
+
+def archive(path: str, folder: str, seqs: list[int], tasks: list[int]) -> tuple[str, str]:
+    """Copy the events numbered seqs (with their kept bodies and the output of tasks)
+    into a new archive file in folder: (its path, SHA-256). Blocking."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    dest = os.path.join(folder, f"log-{seqs[0]}-{seqs[-1]}.sqlite")
+    tmp = dest + ".new"  # (one left by a crash: written again)
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    src, out = _reader(path), sqlite3.connect(tmp, isolation_level=None)
+    try:
+        out.executescript(SCHEMA)
+        out.execute(f"PRAGMA user_version={state.VERSION}")
+        out.execute(f"PRAGMA application_id={state.APP_ID}")
+        out.execute(ARCHIVED)
+        out.execute("BEGIN")
+        for table, key, ids in (("events", "seq", seqs), ("kept", "seq", seqs),
+                                ("chunks", "task", tasks)):
+            for n in range(0, len(ids), 500):
+                chunk = ids[n:n + 500]
+                rows = src.execute(f"SELECT * FROM {table} WHERE {key} IN"
+                                   f" ({','.join('?' * len(chunk))}) ORDER BY rowid", chunk)
+                for r in rows:
+                    out.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(r))})", r)
+        out.execute("INSERT INTO archived VALUES (?,?,?,?)",
+                    (seqs[0], seqs[-1], len(seqs), time.time()))
+        out.execute("COMMIT")
+    finally:
+        out.close()
+        src.close()
+    h = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    state._install(tmp, dest)  # synced and renamed: whole, or not there
+    return dest, h.hexdigest()
+
+
+# --- fs9 check -------------------------------------------------------------------------
+
+def gaps(db, low: int, high: int, count: int) -> list[str]:
+    """Events are numbered 1..high; the numbers missing are exactly those the
+    `events_retired` records say were cut (each within its range, as many as it says)."""
+    cuts = []
+    for (data,) in db.execute("SELECT data FROM events WHERE kind = ?", (KIND,)):
+        d = json.loads(data)
+        cuts.append((int(d["first"]), int(d["last"]), int(d["count"])))
+    spans: list[list[int]] = []  # the union of the ranges cut in
+    for first, last, _ in sorted(cuts):
+        if spans and first <= spans[-1][1] + 1:
+            spans[-1][1] = max(spans[-1][1], last)
+        else:
+            spans.append([first, last])
+    inside = sum(db.execute("SELECT count(*) FROM events WHERE seq BETWEEN ? AND ?",
+                            span).fetchone()[0] for span in spans)
+    width = sum(b - a + 1 for a, b in spans)
+    cut = sum(c for _, _, c in cuts)
+    if low < 1 or count - inside != high - width or inside + cut != width:
+        return [f"the event sequence has gaps: {count} events numbered {low} to {high},"
+                f" {cut} said cut by {len(cuts)} events_retired records"]
+    return []
+
+
+def check_archive(path: str) -> tuple[list[str], str]:
+    """(problems, summary) of an archive file this module wrote. Read-only."""
+    db = _reader(path)
+    try:
+        if db.execute("PRAGMA application_id").fetchone()[0] != state.APP_ID:
+            return ["this is not an fs9 archive (another program's SQLite database)"], ""
+        rows = db.execute("PRAGMA integrity_check").fetchall()
+        if [r[0] for r in rows] != ["ok"]:
+            return [f"SQLite finds the file damaged: {r[0]}" for r in rows[:10]], ""
+        first, last, events, _ = db.execute("SELECT * FROM archived").fetchone()
+        low, high, count = db.execute(
+            "SELECT min(seq), max(seq), count(*) FROM events").fetchone()
+        if (low, high, count) != (first, last, events):
+            return [f"it says it holds {events} events numbered {first} to {last}; it holds"
+                    f" {count} numbered {low} to {high}"], ""
+        return [], f"an archive of {count} events numbered {first} to {last}"
+    except (sqlite3.DatabaseError, TypeError) as e:
+        return [f"the file is damaged or not an fs9 archive ({e})"], ""
+    finally:
+        db.close()
