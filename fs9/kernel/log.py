@@ -6,7 +6,8 @@ the log after a crash rebuilds the same state. A task's input rides in its
 `task_queued` event (column `blob`); its output is stored as chunks beside the
 events, also append-only. A blob that is kept only for a while (a topic event's body:
 topics keep a bounded tail) is stored apart, in `kept`, in a named stream that `trim`
-cuts from the oldest end: the only rows fs9 ever deletes, and never an event. A record of
+cuts from the oldest end. Only retention (`cut`, event_retention.py) deletes events,
+dropping the trigger that refuses it inside its own transaction. A record of
 what promised nothing durable (a read of mail) may wait for the next commit (`defer`);
 several events may share one commit (`append_many`: mail in batches).
 
@@ -85,7 +86,6 @@ CREATE TABLE IF NOT EXISTS snapshot (  -- the state at event seq: a cache (snaps
 CREATE TRIGGER IF NOT EXISTS events_append_only BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 """
-# (re-created by the one path that deletes events, inside its transaction: event_retention.py)
 NO_DELETE = """CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
     BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;"""
 SCHEMA += NO_DELETE
