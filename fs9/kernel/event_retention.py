@@ -60,7 +60,8 @@ class Retired:
         return {KIND: self._on_retired}
 
     def _on_retired(self, e, agent, task) -> None:
-        snapshot.set_residue(self.kernel, snapshot.checked_residue(e.data["residue"]))
+        if self.kernel._replaying:  # (live, it was taken from the state as it is)
+            snapshot.set_residue(self.kernel, snapshot.checked_residue(e.data["residue"]))
 
 
 def live_corrs(k) -> set[str]:
@@ -108,7 +109,7 @@ async def _cut(k, policy, batch: list) -> int:
                 os.unlink(where)
             batch = [u for u in batch if not u[2] & live]
             continue
-        rows = [(seq,) for seq in seqs]
+        rows = list(zip(seqs))
         event = k.log.cut([("DROP TRIGGER events_no_delete", None),
                            ("DELETE FROM events WHERE seq = ?", rows),
                            ("DELETE FROM kept WHERE seq = ?", rows),
