@@ -1,11 +1,14 @@
 """Retention (kernel/retention.py): only retired tasks' output is cut, after its copy is
 archived; every event stays, so a replay and a snapshot give the same state after."""
 import hashlib
+import json
+import os
 import random
 import sqlite3
 import time
 
 import pytest
+import trio
 
 from fs9.errors import Fs9Error
 from fs9.kernel import event_retention, finished, retention, snapshot
@@ -275,3 +278,54 @@ def test_kill_9_during_or_after_an_events_cut_loses_nothing(tmp_path, monkeypatc
         assert states.check(str(state))[0] == []
     for path in (tmp_path / "archive").iterdir():
         assert event_retention.check_archive(str(path))[0] == []
+
+
+def test_a_mount_after_an_events_cut_serves_what_was_there(tmp_path):
+    """On a real mount, after a cut of events made by the kernel (its default 1,000
+    finished tasks kept, so old ones retired): `fs9 mount --full-replay` and a mount
+    from the snapshot both serve the tallies there were, the queued task and the
+    pending mail, live work's trace whole; `fs9 check` passes on the state and on the
+    archive; no handler hit a bug."""
+    from conftest import Mount, fs9, fuse_unavailable
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(f"cannot mount FUSE here: {reason}")
+    m = Mount(tmp_path)
+    k = Kernel(str(m.state), str(m.agents))
+    k.ctl(b"spawn w cmd=cat unconfined=true\nspawn held cmd=cat unconfined=true")
+    w, held = k.agents["w"], k.agents["held"]
+    held.stop()
+    for i in range(finished.TASKS_KEPT + 300):
+        _run(k, w, b"t%d\n" % i, "task_done" if i % 4 else "task_failed")
+    for i in range(50):
+        msg = k.bus.send(w, b"m%d\n" % i)
+        k.bus.ack(w, msg.name)
+    w.stop()
+    queued = k.submit(held, b"waits\n")
+    mail = k.bus.send(held, b"pending\n")
+    snapshot.write_now(k)
+    for i in range(100):
+        k.log.append("mount", mountpoint="/m")
+    policy = retention.Policy(events_days=0, archive=str(tmp_path / "archive"))
+    assert trio.run(event_retention.cut_events, k, policy, time.time() + 1) > 900
+    line = {f: v for f, v in (w.split("=") for w in k.state_line().split())
+            if f in ("agents", "queued", "running", "done", "failed")}
+    trace = [e.seq for e in k.log.trace(queued.corr)]
+    k.log.close()
+    for extra in (("--full-replay",), ()):
+        m.mount(*extra)
+        try:
+            served = dict(w.split("=") for w in m.read("ctl").split())
+            assert {f: served[f] for f in line} == line, extra
+            assert str(queued.id) in os.listdir(m.path / "agents/held/tasks")
+            assert "state=queued" in m.read(f"agents/held/tasks/{queued.id}/status").split()
+            assert len(m.read("agents/held/mail/" + mail.name)) > 0
+            seen = [json.loads(x)["seq"] for x in m.read(f"log/trace/{queued.corr}").splitlines()]
+            assert seen[:len(trace)] == trace
+        finally:
+            m.umount()
+    assert fs9("check", str(m.state)).returncode == 0
+    for path in (tmp_path / "archive").iterdir():
+        r = fs9("check", str(path))
+        assert r.returncode == 0 and "an archive of" in r.stdout, r.stderr
+    assert not m.bugs()

@@ -118,7 +118,10 @@ async def _cut(k, policy, batch: list) -> int:
                           KIND, first=seqs[0], last=seqs[-1], count=len(seqs),
                           tasks=len(tasks), archive=where, sha256=digest,
                           events_days=policy.events_days, residue=snapshot.residue(k))
-        k.apply(event)  # (sets what it says: the state as it is; counted, kept in the plan)
+        k.apply(event)  # (counted, and kept in the plan)
+        recent = k.log.recent  # (stream readers' copy: it holds consecutive numbers)
+        while recent and recent[0].seq <= seqs[-1]:
+            recent.popleft()
         return len(seqs)
     return 0
 
