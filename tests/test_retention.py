@@ -329,3 +329,35 @@ def test_a_mount_after_an_events_cut_serves_what_was_there(tmp_path):
         r = fs9("check", str(path))
         assert r.returncode == 0 and "an archive of" in r.stdout, r.stderr
     assert not m.bugs()
+
+
+async def test_work_made_live_while_a_cut_is_prepared_keeps_its_events(tmp_path, monkeypatch):
+    """A retired task's correlation id carried on by new mail between the search for
+    candidates and the commit: its events stay (and stay out of the archive)."""
+    monkeypatch.setattr(finished, "TASKS_KEPT", 2)
+    k = _kernel(tmp_path)
+    k.ctl(b"spawn w cmd=cat unconfined=true\nspawn held cmd=cat unconfined=true")
+    k.agents["held"].stop()
+    old = [_run(k, k.agents["w"], b"t%d\n" % i) for i in range(8)]
+    for i in range(70):  # (the rows the snapshot's digest names stay)
+        k.log.append("mount", mountpoint="/m")
+    snapshot.write_now(k)
+    (batch,) = event_retention.candidates(k.log.path, time.time() + 1,
+                                          event_retention.live_corrs(k))
+    revived = old[0]
+    assert revived.id in batch.tasks
+    k.bus.send(k.agents["held"], b"correlation-id: %s\n\nagain\n" % revived.corr.encode())
+    policy = retention.Policy(events_days=0, archive=str(tmp_path / "archive"))
+    cut = await event_retention._cut(k, policy, batch)
+    assert 0 < cut < len(batch.seqs)
+    assert [e.kind for e in k.log.trace(revived.corr)][:3] == \
+        ["task_queued", "task_started", "task_done"]
+    (said,) = [e for e in k.log.events_after(0, 10_000) if e.kind == "events_retired"]
+    db = sqlite3.connect(said.data["archive"])
+    try:
+        archived = {r[0] for r in db.execute("SELECT seq FROM events")}
+    finally:
+        db.close()
+    assert len(archived) == cut and not archived & {e.seq for e in k.log.trace(revived.corr)}
+    assert states.check(str(tmp_path / "state"))[0] == []
+    k.log.close()

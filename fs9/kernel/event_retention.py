@@ -32,6 +32,7 @@ import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 
 import trio
 
@@ -81,13 +82,9 @@ async def cut_events(k, policy, now: float | None = None) -> int:
     """One round: cut (and archive) what may go of the events older than the policy's
     events_days. Returns how many events were cut."""
     cutoff = (time.time() if now is None else now) - policy.events_days * 86400
-    units = await trio.to_thread.run_sync(candidates, k.log.path, cutoff, live_corrs(k))
+    batches = await trio.to_thread.run_sync(candidates, k.log.path, cutoff, live_corrs(k))
     done = 0
-    while units:
-        batch, size = [], 0
-        while units and (not batch or size + len(units[0][1]) <= BATCH):
-            batch.append(units.pop(0))
-            size += len(batch[-1][1])
+    for batch in batches:
         try:
             done += await _cut(k, policy, batch)
         except (Fs9Error, OSError, sqlite3.Error) as e:
@@ -97,23 +94,32 @@ async def cut_events(k, policy, now: float | None = None) -> int:
     return done
 
 
-async def _cut(k, policy, batch: list) -> int:
-    while batch:
-        seqs = sorted(seq for _, unit, _ in batch for seq in unit)
-        tasks = sorted(key[1] for key, _, _ in batch if key[0] == "t")
+class Batch:
+    """Units cut in one transaction: their events and tasks (ascending), their ids."""
+
+    def __init__(self, units: list) -> None:
+        self.units = units
+        self.seqs = sorted(seq for _, unit, _ in units for seq in unit)
+        self.tasks = sorted(key[1] for key, _, _ in units if key[0] == "t")
+        self.corrs = set().union(*(corrs for _, _, corrs in units))
+
+
+async def _cut(k, policy, batch: Batch) -> int:
+    while batch.seqs:
+        seqs, tasks = batch.seqs, batch.tasks
         where, digest = await trio.to_thread.run_sync(
             archive, k.log.path, policy.archive, seqs, tasks) if policy.archive else ("", "")
         live = live_corrs(k)  # (checked again: nothing moves from here to the commit)
-        if any(corrs & live for _, _, corrs in batch):  # work since made them live
+        if batch.corrs & live:  # work since made some live
             if where:
                 os.unlink(where)
-            batch = [u for u in batch if not u[2] & live]
+            batch = Batch([u for u in batch.units if not u[2] & live])
             continue
         rows = list(zip(seqs))
         event = k.log.cut([("DROP TRIGGER events_no_delete", None),
                            ("DELETE FROM events WHERE seq = ?", rows),
                            ("DELETE FROM kept WHERE seq = ?", rows),
-                           ("DELETE FROM chunks WHERE task = ?", [(t,) for t in tasks]),
+                           ("DELETE FROM chunks WHERE task = ?", list(zip(tasks))),
                            (NO_DELETE, None)],
                           KIND, first=seqs[0], last=seqs[-1], count=len(seqs),
                           tasks=len(tasks), archive=where, sha256=digest,
@@ -130,9 +136,9 @@ def _reader(path: str) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
-def candidates(path: str, cutoff: float, live: set[str]) -> list:
-    """What may be cut, as units that go together: (key, seqs ascending, correlation
-    ids), in the order of their last event. Blocking; read-only."""
+def candidates(path: str, cutoff: float, live: set[str]) -> list[Batch]:
+    """What may be cut, in batches of units that go together ((key, seqs ascending,
+    correlation ids), in the order of their last event). Blocking; read-only."""
     db = _reader(path)
     try:
         row = db.execute("SELECT seq, about, kept FROM snapshot").fetchone()
@@ -176,8 +182,15 @@ def candidates(path: str, cutoff: float, live: set[str]) -> list:
                 f"SELECT DISTINCT task FROM events WHERE seq > ? AND task <= ?"
                 f" AND kind IN ({marks})", (bound, bound, *TASK_KINDS)):
             spoilt.add(("t", task))
-        return sorted(((key, seqs, corrs) for key, (seqs, corrs) in units.items()
-                       if key not in spoilt), key=lambda u: u[1][-1])
+        batches, batch, size = [], [], 0
+        for unit in sorted(((key, seqs, corrs) for key, (seqs, corrs) in units.items()
+                            if key not in spoilt), key=lambda u: u[1][-1]):
+            if batch and size + len(unit[1]) > BATCH:
+                batches.append(Batch(batch))
+                batch, size = [], 0
+            batch.append(unit)
+            size += len(unit[1])
+        return batches + ([Batch(batch)] if batch else [])
     finally:
         db.close()
 
@@ -190,27 +203,28 @@ def archive(path: str, folder: str, seqs: list[int], tasks: list[int]) -> tuple[
     tmp = dest + ".new"  # (one left by a crash: written again)
     if os.path.lexists(tmp):
         os.unlink(tmp)
-    src, out = _reader(path), sqlite3.connect(tmp, isolation_level=None)
+    out = sqlite3.connect(f"file:{urllib.parse.quote(tmp)}", uri=True, isolation_level=None)
     try:
         out.executescript(SCHEMA)
         out.execute(f"PRAGMA user_version={state.VERSION}")
         out.execute(f"PRAGMA application_id={state.APP_ID}")
         out.execute(ARCHIVED)
+        out.execute("ATTACH ? AS src", (f"file:{urllib.parse.quote(path)}?mode=ro",))
         out.execute("BEGIN")
-        for table, key, ids in (("events", "seq", seqs), ("kept", "seq", seqs),
-                                ("chunks", "task", tasks)):
-            for n in range(0, len(ids), 500):
-                chunk = ids[n:n + 500]
-                rows = src.execute(f"SELECT * FROM {table} WHERE {key} IN"
-                                   f" ({','.join('?' * len(chunk))}) ORDER BY rowid", chunk)
-                for r in rows:
-                    out.execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(r))})", r)
+        out.execute("CREATE TEMP TABLE cut (seq INTEGER PRIMARY KEY)")
+        out.execute("CREATE TEMP TABLE cut_tasks (task INTEGER PRIMARY KEY)")
+        out.executemany("INSERT INTO cut VALUES (?)", zip(seqs))
+        out.executemany("INSERT INTO cut_tasks VALUES (?)", zip(tasks))
+        for table, key, ids in (("events", "seq", "cut"), ("kept", "seq", "cut"),
+                                ("chunks", "task", "cut_tasks")):
+            out.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} WHERE {key} IN"
+                        f" (SELECT {key} FROM temp.{ids}) ORDER BY rowid")
         out.execute("INSERT INTO archived VALUES (?,?,?,?)",
                     (seqs[0], seqs[-1], len(seqs), time.time()))
         out.execute("COMMIT")
+        out.execute("DETACH src")
     finally:
         out.close()
-        src.close()
     h = hashlib.sha256()
     with open(tmp, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
