@@ -23,7 +23,8 @@ with the range, the count, the archive and its SHA-256, and the residue
 and metrics the cut events had a part in, as they stand at the cut). Its applier sets
 that residue back, at a full replay as live, so a full replay and a mount from the
 snapshot give the state there was. A crash before the commit leaves every event (and
-maybe an archive file the next round writes again); after it, the cut is whole.
+maybe an archive file no `events_retired` names: a copy of events still in the log);
+after it, the cut is whole.
 `fs9 check`'s rule that events are numbered 1..N reads the `events_retired` records.
 """
 import hashlib
@@ -82,7 +83,12 @@ async def cut_events(k, policy, now: float | None = None) -> int:
     """One round: cut (and archive) what may go of the events older than the policy's
     events_days. Returns how many events were cut."""
     cutoff = (time.time() if now is None else now) - policy.events_days * 86400
-    batches = await trio.to_thread.run_sync(candidates, k.log.path, cutoff, live_corrs(k))
+    try:
+        batches = await trio.to_thread.run_sync(candidates, k.log.path, cutoff,
+                                                live_corrs(k))
+    except (sqlite3.Error, ValueError) as e:  # (a log or snapshot SQLite cannot read now)
+        log.warning("retention: no events cut this round: %s", e)
+        return 0
     done = 0
     for batch in batches:
         try:

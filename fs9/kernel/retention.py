@@ -92,10 +92,13 @@ async def keep(k) -> None:
         return
     await trio.sleep(FIRST_ROUND_S)
     while True:
-        if policy.outputs_days is not None:
-            await cut_outputs(k, policy)
-        if policy.events_days is not None:
-            await event_retention.cut_events(k, policy)
+        try:
+            if policy.outputs_days is not None:
+                await cut_outputs(k, policy)
+            if policy.events_days is not None:
+                await event_retention.cut_events(k, policy)
+        except Exception:  # a defect here costs a round, never the mount
+            k.log.bug("retention")
         await trio.sleep(ROUND_S)
 
 
