@@ -46,7 +46,7 @@ log = logging.getLogger("fs9.retention")
 
 KIND = "events_retired"
 BATCH = 20_000  # events cut in one transaction (the trio thread waits for its deletes)
-ROUND_MAX = 200_000  # events looked at in one round (the rest: the next round)
+SEARCH_MAX = 200_000  # candidate events one search holds (then it cuts them, and looks on)
 MAIL = ("mail_sent", "mail_acked")
 ARCHIVED = ("CREATE TABLE archived (first INTEGER NOT NULL, last INTEGER NOT NULL,"
             " events INTEGER NOT NULL, made REAL NOT NULL)")
@@ -83,20 +83,21 @@ async def cut_events(k, policy, now: float | None = None) -> int:
     """One round: cut (and archive) what may go of the events older than the policy's
     events_days. Returns how many events were cut."""
     cutoff = (time.time() if now is None else now) - policy.events_days * 86400
-    try:
-        batches = await trio.to_thread.run_sync(candidates, k.log.path, cutoff,
-                                                live_corrs(k))
-    except (sqlite3.Error, ValueError) as e:  # (a log or snapshot SQLite cannot read now)
-        log.warning("retention: no events cut this round: %s", e)
-        return 0
-    done = 0
-    for batch in batches:
+    done, start = 0, 0
+    while start is not None:  # (a search holds SEARCH_MAX candidates: then the next)
         try:
-            done += await _cut(k, policy, batch)
-        except (Fs9Error, OSError, sqlite3.Error) as e:
-            log.warning("retention: events kept this round: %s",
-                        e.text if isinstance(e, Fs9Error) else e)
+            batches, start = await trio.to_thread.run_sync(candidates, k.log.path, cutoff,
+                                                           live_corrs(k), start)
+        except (sqlite3.Error, ValueError) as e:  # (a log or snapshot unreadable now)
+            log.warning("retention: events kept this round: %s", e)
             break
+        for batch in batches:
+            try:
+                done += await _cut(k, policy, batch)
+            except (Fs9Error, OSError, sqlite3.Error) as e:
+                log.warning("retention: events kept this round: %s",
+                            e.text if isinstance(e, Fs9Error) else e)
+                return done
     return done
 
 
@@ -142,35 +143,39 @@ def _reader(path: str) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
-def candidates(path: str, cutoff: float, live: set[str]) -> list[Batch]:
-    """What may be cut, in batches of units that go together ((key, seqs ascending,
-    correlation ids), in the order of their last event). Blocking; read-only."""
+def candidates(path: str, cutoff: float, live: set[str],
+               start: int = 0) -> tuple[list[Batch], int | None]:
+    """What may be cut of the events after `start`, in batches of units that go together
+    ((key, seqs ascending, correlation ids), in the order of their last event), and
+    where the next search starts (None: nothing is left past SEARCH_MAX). Blocking;
+    read-only."""
     db = _reader(path)
     try:
         row = db.execute("SELECT seq, about, kept FROM snapshot").fetchone()
         if row is None:
-            return []  # no plan says what a replay needs: nothing is cut
+            return [], None  # no plan says what a replay needs: nothing is cut
         s, said, plan = row
         last = db.execute("SELECT max(seq) FROM events").fetchone()[0]
         if snapshot.mismatch(db, s, json.loads(said), last) is not None:
-            return []
+            return [], None
         kept = snapshot.plan_of(plan, s)
         newer = db.execute("SELECT min(seq) FROM events WHERE ts >= ? AND seq <= ?",
                            (cutoff, s)).fetchone()[0]
         bound = s - snapshot.CHECKED if newer is None else min(s - snapshot.CHECKED, newer - 1)
         units: dict = {}
         spoilt: set = set()
-        at, looked = 0, 0
+        headed: set = set()  # units whose first event (task_queued, mail_sent) is here
+        at, looked, more = 0, 0, None
         for seq, kind, agent, task, corr, mid in db.execute(
                 "SELECT seq, kind, agent, task, corr, CASE WHEN kind IN (?,?) AND"
                 " json_valid(data) THEN json_extract(data, '$.id') END FROM events"
-                " WHERE seq <= ? ORDER BY seq", (*MAIL, bound)):
+                " WHERE seq > ? AND seq <= ? ORDER BY seq", (*MAIL, start, bound)):
             while at < len(kept) and kept[at] < seq:
                 at += 1
             if (at < len(kept) and kept[at] == seq) or kind == KIND:
                 continue  # a replay needs it
-            if looked >= ROUND_MAX:
-                bound = seq - 1
+            if looked >= SEARCH_MAX:
+                bound = more = seq - 1
                 break
             looked += 1
             key = ("t", task) if task is not None and kind in TASK_KINDS else \
@@ -179,6 +184,8 @@ def candidates(path: str, cutoff: float, live: set[str]) -> list[Batch]:
             if unit is None:
                 unit = units[key] = ([], set())
             unit[0].append(seq)
+            if key[0] == "e" or seq == task or kind == "mail_sent":
+                headed.add(key)
             if corr is not None:
                 unit[1].add(corr)
                 if corr in live:
@@ -190,13 +197,13 @@ def candidates(path: str, cutoff: float, live: set[str]) -> list[Batch]:
             spoilt.add(("t", task))
         batches, batch, size = [], [], 0
         for unit in sorted(((key, seqs, corrs) for key, (seqs, corrs) in units.items()
-                            if key not in spoilt), key=lambda u: u[1][-1]):
+                            if key not in spoilt and key in headed), key=lambda u: u[1][-1]):
             if batch and size + len(unit[1]) > BATCH:
                 batches.append(Batch(batch))
                 batch, size = [], 0
             batch.append(unit)
             size += len(unit[1])
-        return batches + ([Batch(batch)] if batch else [])
+        return batches + ([Batch(batch)] if batch else []), more
     finally:
         db.close()
 
