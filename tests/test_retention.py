@@ -175,6 +175,18 @@ async def test_an_events_cut_leaves_the_state_a_replay_and_a_snapshot_rebuild(
             db.close()
     assert archived == {s: rows[s] for s in gone}  # exactly the cut events, as they were
     assert states.check(str(state))[0] == []
+    # more work, a new snapshot: the next cut takes the superseded records too
+    _work(k, rng, 100)
+    for i in range(70):
+        k.log.append("mount", mountpoint="/m")
+    snapshot.write_now(k)
+    records = [e.seq for e in k.log.events_after(0, 100_000) if e.kind == "events_retired"]
+    while await event_retention.cut_events(k, policy, now=time.time() + 1):
+        pass
+    left = [e.seq for e in k.log.events_after(0, 100_000) if e.kind == "events_retired"]
+    assert not set(records[:-1]) & set(left), "a superseded record stayed"
+    assert states.check(str(state))[0] == []
+    traces = {c: [e.seq for e in k.log.trace(c)] for c in live}
     after = _picture(k)
     k.log.close()
 

@@ -8,24 +8,25 @@ latest snapshot's plan (snapshot.py) does not keep may go: a retired task's life
 settled mail, records for the audit only. Of those, only events numbered up to
 S - CHECKED (the rows a snapshot's digest names stay) and older than events_days (every
 event up to the cut's bound is), and never one whose correlation id belongs to live
-work (`live_corrs`): `log/trace/ID` of live work stays whole. A task's lifecycle, and a
-message's `mail_sent` with its `mail_acked`, go together or not at all (a task's moves
-without its `task_queued` would be set aside at replay; an acknowledgement without its
-message changes nothing).
+work (`live_corrs`): `log/trace/ID` of live work stays whole. A task's lifecycle goes
+whole or not at all (its moves without its `task_queued` would be set aside at replay),
+and a `mail_acked` never without its `mail_sent` (the message would be pending again; a
+`mail_sent` cut first leaves an acknowledgement that changes nothing).
 
 With `archive`, the events first go into `ARCHIVE/log-FIRST-LAST.sqlite` (the log's own
 schema, with the cut tasks' output and kept bodies, plus an `archived` row saying what
 it holds: `fs9 check FILE` checks it), written under another name, synced and renamed.
 Each cut (BATCH events at most) is one transaction: the trigger that refuses deletes is
 dropped, the rows deleted, the trigger made again, and an `events_retired` event logged
-with the range, the count, the archive and its SHA-256, and the residue
+with the range, the count, the archive and its SHA-256, the spans and total of every
+cut so far (what `fs9 check` reads; a record supersedes those before it), and the residue
 (snapshot.residue: the tallies, correlation ids, breaker failures, idempotency keys
 and metrics the cut events had a part in, as they stand at the cut). Its applier sets
-that residue back, at a full replay as live, so a full replay and a mount from the
+that residue back at a replay, where the cut was, so a full replay and a mount from the
 snapshot give the state there was. A crash before the commit leaves every event (and
 maybe an archive file no `events_retired` names: a copy of events still in the log);
 after it, the cut is whole.
-`fs9 check`'s rule that events are numbered 1..N reads the `events_retired` records.
+`fs9 check`'s rule that events are numbered 1..N reads the latest `events_retired`.
 """
 import hashlib
 import json
@@ -53,10 +54,16 @@ ARCHIVED = ("CREATE TABLE archived (first INTEGER NOT NULL, last INTEGER NOT NUL
 
 
 class Retired:
-    """The applier of `events_retired`: the residue it carries, set back."""
+    """The applier of `events_retired`: the residue it carries, set back. The latest
+    record supersedes the ones before (its residue is the whole state there, its
+    `spans` and `total` count every cut so far), so they leave the plan, and a later
+    cut may take them too: the records do not pile up."""
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
+        self.latest = 0  # the latest record's seq (0: none)
+        self.spans: list[list[int]] = []  # the ranges events were cut in, merged
+        self.total = 0  # events cut, all told
 
     def appliers(self) -> dict:
         return {KIND: self._on_retired}
@@ -64,6 +71,20 @@ class Retired:
     def _on_retired(self, e, agent, task) -> None:
         if self.kernel._replaying:  # (live, it was taken from the state as it is)
             snapshot.set_residue(self.kernel, snapshot.checked_residue(e.data["residue"]))
+        if self.latest:
+            self.kernel.plan.drop((self.latest,))
+        self.latest, self.spans, self.total = e.seq, merged(e.data["spans"]), int(e.data["total"])
+
+
+def merged(spans) -> list[list[int]]:
+    """Ranges [first, last] as the fewest ranges covering the same numbers."""
+    out: list[list[int]] = []
+    for first, last in sorted((int(a), int(b)) for a, b in spans):
+        if out and first <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], last)
+        else:
+            out.append([first, last])
+    return out
 
 
 def live_corrs(k) -> set[str]:
@@ -129,6 +150,8 @@ async def _cut(k, policy, batch: Batch) -> int:
                            ("DELETE FROM chunks WHERE task = ?", list(zip(tasks))),
                            (NO_DELETE, None)],
                           KIND, first=seqs[0], last=seqs[-1], count=len(seqs),
+                          spans=merged(k.retired.spans + [[seqs[0], seqs[-1]]]),
+                          total=k.retired.total + len(seqs),
                           tasks=len(tasks), archive=where, sha256=digest,
                           events_days=policy.events_days, residue=snapshot.residue(k))
         k.apply(event)  # (counted, and kept in the plan)
@@ -172,8 +195,8 @@ def candidates(path: str, cutoff: float, live: set[str],
                 " WHERE seq > ? AND seq <= ? ORDER BY seq", (*MAIL, start, bound)):
             while at < len(kept) and kept[at] < seq:
                 at += 1
-            if (at < len(kept) and kept[at] == seq) or kind == KIND:
-                continue  # a replay needs it
+            if at < len(kept) and kept[at] == seq:
+                continue  # a replay needs it (the latest events_retired too)
             if looked >= SEARCH_MAX:
                 bound = more = seq - 1
                 break
@@ -249,25 +272,19 @@ def archive(path: str, folder: str, seqs: list[int], tasks: list[int]) -> tuple[
 # --- fs9 check -------------------------------------------------------------------------
 
 def gaps(db, low: int, high: int, count: int) -> list[str]:
-    """Events are numbered 1..high; the numbers missing are exactly those the
-    `events_retired` records say were cut (each within its range, as many as it says)."""
-    cuts = []
-    for (data,) in db.execute("SELECT data FROM events WHERE kind = ?", (KIND,)):
-        d = json.loads(data)
-        cuts.append((int(d["first"]), int(d["last"]), int(d["count"])))
-    spans: list[list[int]] = []  # the union of the ranges cut in
-    for first, last, _ in sorted(cuts):
-        if spans and first <= spans[-1][1] + 1:
-            spans[-1][1] = max(spans[-1][1], last)
-        else:
-            spans.append([first, last])
+    """Events are numbered 1..high; the numbers missing are exactly those the latest
+    `events_retired` record says were cut (each within its spans, as many as its
+    total)."""
+    row = db.execute("SELECT data FROM events WHERE kind = ? ORDER BY seq DESC LIMIT 1",
+                     (KIND,)).fetchone()
+    d = json.loads(row[0]) if row else {}
+    spans, cut = merged(d.get("spans", [])), int(d.get("total", 0))
     inside = sum(db.execute("SELECT count(*) FROM events WHERE seq BETWEEN ? AND ?",
                             span).fetchone()[0] for span in spans)
     width = sum(b - a + 1 for a, b in spans)
-    cut = sum(c for _, _, c in cuts)
     if low < 1 or count - inside != high - width or inside + cut != width:
         return [f"the event sequence has gaps: {count} events numbered {low} to {high},"
-                f" {cut} said cut by {len(cuts)} events_retired records"]
+                f" {cut} said cut (events_retired)"]
     return []
 
 

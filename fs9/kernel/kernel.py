@@ -166,9 +166,9 @@ class Kernel(Lifecycles, RootCtl):
         # one fs9 over several machines (kernel/cluster/): `cluster` NATS URLs, this node
         self.cluster = Cluster(self, cluster, node or re.sub(
             r"[^A-Za-z0-9_-]", "-", os.uname().nodename)[:64]) if cluster else None
+        self.retired = event_retention.Retired(self)  # events cut by retention, so far
         self.handlers = event_table(self, self.bus, self.models, self.memory, self.federation,
-                                    self.approvals, self.breakers,
-                                    event_retention.Retired(self))
+                                    self.approvals, self.breakers, self.retired)
 
     # --- lifetime --------------------------------------------------------------
 
