@@ -104,12 +104,14 @@ def main() -> int:
         all_seqs = seqs(base / "state")
         later = time.time() + 1
         m = {}
-        m["events_s"], cut = with_kernel(copies["events"], lambda k: event_retention.cut_events(
-            k, retention.Policy(events_days=0), now=later))
+        def events_cut(archive: str):
+            return lambda k: event_retention.cut_events(
+                k, retention.Policy(events_days=0, archive=archive), now=later)
+        m["events_s"], cut = with_kernel(copies["events"], events_cut(""))
         gone = sorted(all_seqs - seqs(copies["events"] / "state"))
         m["pause_s"] = max(PAUSES)  # (the longest transaction of the cut, of BATCH events)
-        m["archived_s"], cut_a = with_kernel(copies["archived"], lambda k: event_retention.cut_events(
-            k, retention.Policy(events_days=0, archive=str(tmp / "archive")), now=later))
+        m["archived_s"], cut_a = with_kernel(copies["archived"],
+                                             events_cut(str(tmp / "archive")))
         m["outputs_s"], tasks = with_kernel(copies["outputs"], lambda k: retention.cut_outputs(
             k, retention.Policy(outputs_days=0), now=later))
         db = sqlite3.connect(copies["delete"] / "state" / "log.sqlite", isolation_level=None)

@@ -334,9 +334,9 @@ class EventLog(Records):
         self._write("COMMIT", ())
 
     def cut(self, deletes: list[tuple[str, list | None]], kind: str, **data) -> Event:
-        """Run the statements `deletes` ((sql, rows): once per row; None: once) and log `kind` (saying
-        what went where) in one transaction: all, or none (Fs9Error). Retention's one
-        path (retention.py: output chunks; event_retention.py: events)."""
+        """Run the statements `deletes` ((sql, rows): once per row; None: once) and log
+        `kind` (saying what went where) in one transaction: all, or none (Fs9Error).
+        Retention's one path (retention.py: output chunks; event_retention.py: events)."""
         if self.sync.fault is not None:
             raise self.sync.fault
         self.flush_deferred()

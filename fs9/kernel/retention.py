@@ -8,9 +8,9 @@ No file, or no `outputs_days`: every output is kept, as before. What is cut: the
 rows (stdout, stderr) of tasks that ended (done, failed, cancelled) more than
 `outputs_days` ago *and* are retired from memory (finished.py: past their agent's
 latest 1,000 finished tasks). Never a queued or running task's, never one `tasks/`
-lists. What stays: every event (unless events_days cuts it), so the task's lifecycle, its input (in its
-`task_queued` event), `log/trace/ID`, replay and snapshots are untouched; `tasks/ID/out`
-and `err` of a cut task read empty, its `status` as before.
+lists. What stays: every event (unless events_days cuts it), so the task's lifecycle,
+its input (in its `task_queued` event), `log/trace/ID`, replay and snapshots are
+untouched; `tasks/ID/out` and `err` of a cut task read empty, its `status` as before.
 
 With `archive`, the rows are first copied into `ARCHIVE/outputs-FIRST-LAST.sqlite` (a
 `chunks` table of the log's own layout; FIRST and LAST the lowest and highest task ids),

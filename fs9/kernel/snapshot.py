@@ -259,8 +259,8 @@ def restore(k, snap: Snapshot) -> None:
 
 
 def set_residue(k, r: dict) -> None:
-    """Set a residue (checked by _residue). In place: tasks hold their tallies, agents
-    their ids."""
+    """Set a residue (as checked_residue returns it). In place: tasks hold their
+    tallies, agents their ids."""
     k.tally.clear()
     k.tally.update(r["tally"])
     for name, (tally, corrs, failures) in r["agents"].items():
