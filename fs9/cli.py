@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     u = sub.add_parser("umount", help="unmount fs9 from MOUNTPOINT")
     u.add_argument("mountpoint")
     c = sub.add_parser("check", help="check a state directory: the log's integrity, "
-                                     "its version, the event sequence (safe while served)")
+                                     "its version, the event sequence (safe while served); "
+                                     "or an archive of events retention cut (a .sqlite file)")
     c.add_argument("state")
     b = sub.add_parser("backup", help="copy a state's log into the new directory DEST, "
                                       "consistent while a server runs (mount DEST to restore)")
@@ -332,8 +333,9 @@ def federation_keys(folder: str, members: list[str]) -> int:
 
 def check(state: str) -> int:
     """Print what is wrong with a state (exit 1), or a summary of a sound one (exit 0)."""
-    from .kernel import state as states
-    problems, summary = states.check(os.path.abspath(state))
+    from .kernel import state as states, event_retention
+    problems, summary = event_retention.check_archive(state) if os.path.isfile(state) \
+        else states.check(os.path.abspath(state))
     for line in problems:
         print(f"fs9 check: {line}", file=sys.stderr)
     if not problems:

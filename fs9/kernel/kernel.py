@@ -24,7 +24,7 @@ import trio
 
 from ..drivers import confine, uidslots
 from ..errors import NO_AGENT, Fs9Error
-from . import replay, retention, snapshot, traces
+from . import event_retention, replay, retention, snapshot, traces
 from .agents.breaker import AgentBreakers, check_new
 from .approvals import Approvals
 from .agents import escapes, spawn, starts
@@ -166,8 +166,9 @@ class Kernel(Lifecycles, RootCtl):
         # one fs9 over several machines (kernel/cluster/): `cluster` NATS URLs, this node
         self.cluster = Cluster(self, cluster, node or re.sub(
             r"[^A-Za-z0-9_-]", "-", os.uname().nodename)[:64]) if cluster else None
+        self.retired = event_retention.Retired(self)  # events cut by retention, so far
         self.handlers = event_table(self, self.bus, self.models, self.memory, self.federation,
-                                    self.approvals, self.breakers)
+                                    self.approvals, self.breakers, self.retired)
 
     # --- lifetime --------------------------------------------------------------
 

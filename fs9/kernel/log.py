@@ -6,7 +6,8 @@ the log after a crash rebuilds the same state. A task's input rides in its
 `task_queued` event (column `blob`); its output is stored as chunks beside the
 events, also append-only. A blob that is kept only for a while (a topic event's body:
 topics keep a bounded tail) is stored apart, in `kept`, in a named stream that `trim`
-cuts from the oldest end: the only rows fs9 ever deletes, and never an event. A record of
+cuts from the oldest end. Only retention (`cut`, event_retention.py) deletes events,
+dropping the trigger that refuses it inside its own transaction. A record of
 what promised nothing durable (a read of mail) may wait for the next commit (`defer`);
 several events may share one commit (`append_many`: mail in batches).
 
@@ -84,9 +85,10 @@ CREATE TABLE IF NOT EXISTS snapshot (  -- the state at event seq: a cache (snaps
 );
 CREATE TRIGGER IF NOT EXISTS events_append_only BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 """
+NO_DELETE = """CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;"""
+SCHEMA += NO_DELETE
 
 
 INSERT_EVENT = ("INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
@@ -331,16 +333,17 @@ class EventLog(Records):
                     " VALUES (1,?,?,?,?,?)", (seq, time.time(), about, kept, state))
         self._write("COMMIT", ())
 
-    def cut_chunks(self, ids: list[int], kind: str, **data) -> Event:
-        """Delete the output chunks of the tasks numbered ids and log `kind` (saying what went where) in
-        one transaction: both, or neither (Fs9Error). Retention's one path
-        (retention.py); no event is ever deleted."""
+    def cut(self, deletes: list[tuple[str, list | None]], kind: str, **data) -> Event:
+        """Run the statements `deletes` ((sql, rows): once per row; None: once) and log
+        `kind` (saying what went where) in one transaction: all, or none (Fs9Error).
+        Retention's one path (retention.py: output chunks; event_retention.py: events)."""
         if self.sync.fault is not None:
             raise self.sync.fault
         self.flush_deferred()
         ts, seq = time.time(), self.next_seq
         self._write("BEGIN", ())
-        self._write(f"DELETE FROM chunks WHERE task IN ({','.join('?' * len(ids))})", ids)
+        for sql, rows in deletes:
+            self._write(sql, () if rows is None else rows, many=rows is not None)
         self._store(seq, ts, kind, None, None, None, None, data)
         self._write("COMMIT", ())
         return self._logged(Event(seq, ts, kind, None, None, None, data))

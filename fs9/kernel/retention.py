@@ -1,15 +1,16 @@
 """Retention of finished tasks' output: a policy in STATE/retention.toml (read at mount).
 
     outputs_days = 30               # output of retired tasks that ended longer ago is cut
+    events_days = 90                # events no replay needs are cut (event_retention.py)
     archive = "/srv/fs9-archive"    # ... after a copy there (optional)
 
-No file, or no `outputs_days`: everything is kept, as before. What is cut: the `chunks`
+No file, or no `outputs_days`: every output is kept, as before. What is cut: the `chunks`
 rows (stdout, stderr) of tasks that ended (done, failed, cancelled) more than
 `outputs_days` ago *and* are retired from memory (finished.py: past their agent's
 latest 1,000 finished tasks). Never a queued or running task's, never one `tasks/`
-lists. What stays, always: every event, so the task's lifecycle, its input (in its
-`task_queued` event), `log/trace/ID`, replay and snapshots are untouched; `tasks/ID/out`
-and `err` of a cut task read empty, its `status` as before.
+lists. What stays: every event (unless events_days cuts it), so the task's lifecycle,
+its input (in its `task_queued` event), `log/trace/ID`, replay and snapshots are
+untouched; `tasks/ID/out` and `err` of a cut task read empty, its `status` as before.
 
 With `archive`, the rows are first copied into `ARCHIVE/outputs-FIRST-LAST.sqlite` (a
 `chunks` table of the log's own layout; FIRST and LAST the lowest and highest task ids),
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import Fs9Error
-from . import state
+from . import event_retention, state
 
 log = logging.getLogger("fs9.retention")
 
@@ -47,6 +48,7 @@ ENDED = ("task_done", "task_failed", "task_cancelled")
 class Policy:
     outputs_days: float | None = None  # None: keep every output
     archive: str = ""  # a directory, or "" (no copy)
+    events_days: float | None = None  # None: keep every event (event_retention.py)
 
     @classmethod
     def load(cls, state_dir: str) -> "Policy":
@@ -60,16 +62,22 @@ class Policy:
             return cls()
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise Fs9Error(errno.EINVAL, f"{path}: {e}") from None
-        if set(config) - {"outputs_days", "archive"}:
-            raise Fs9Error(errno.EINVAL, f"{path}: keys are outputs_days and archive")
-        days = config.get("outputs_days")
-        if days is not None and (isinstance(days, bool) or not isinstance(days, (int, float))
-                                 or not 0 <= days <= 36500):
-            raise Fs9Error(errno.EINVAL, f"{path}: outputs_days is a number of days, 0 to 36500")
+        if set(config) - {"outputs_days", "events_days", "archive"}:
+            raise Fs9Error(errno.EINVAL, f"{path}: keys are outputs_days, events_days and"
+                                         " archive")
         archive = config.get("archive", "")
         if not isinstance(archive, str) or (archive and not os.path.isabs(archive)):
             raise Fs9Error(errno.EINVAL, f"{path}: archive is an absolute directory path")
-        return cls(None if days is None else float(days), archive)
+        return cls(_days(config, "outputs_days", path), archive,
+                   _days(config, "events_days", path))
+
+
+def _days(config: dict, key: str, path: str) -> float | None:
+    n = config.get(key)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float))
+                          or not 0 <= n <= 36500):
+        raise Fs9Error(errno.EINVAL, f"{path}: {key} is a number of days, 0 to 36500")
+    return None if n is None else float(n)
 
 
 async def keep(k) -> None:
@@ -80,11 +88,17 @@ async def keep(k) -> None:
     except Fs9Error as e:
         k.log.append("retention_config_error", reason=f"{e.text}; nothing is cut")
         return
-    if policy.outputs_days is None:
+    if policy.outputs_days is None and policy.events_days is None:
         return
     await trio.sleep(FIRST_ROUND_S)
     while True:
-        await cut_outputs(k, policy)
+        try:
+            if policy.outputs_days is not None:
+                await cut_outputs(k, policy)
+            if policy.events_days is not None:
+                await event_retention.cut_events(k, policy)
+        except Exception:  # a defect here costs a round, never the mount
+            k.log.bug("retention")
         await trio.sleep(ROUND_S)
 
 
@@ -101,9 +115,10 @@ async def cut_outputs(k, policy: Policy, now: float | None = None) -> int:
             where, digest, size = await trio.to_thread.run_sync(
                 _archive, k.log.path, policy.archive, batch) if policy.archive else \
                 ("", "", await trio.to_thread.run_sync(_size, k.log.path, batch))
-            k.log.cut_chunks(batch, "outputs_retired", tasks=len(batch), first=batch[0],
-                             last=batch[-1], bytes=size, archive=where, sha256=digest,
-                             outputs_days=policy.outputs_days)
+            k.log.cut([("DELETE FROM chunks WHERE task = ?", [(t,) for t in batch])],
+                      "outputs_retired", tasks=len(batch), first=batch[0], last=batch[-1],
+                      bytes=size, archive=where, sha256=digest,
+                      outputs_days=policy.outputs_days)
         except (Fs9Error, OSError, sqlite3.Error) as e:
             text = e.text if isinstance(e, Fs9Error) else str(e)
             log.warning("retention: outputs of tasks %d-%d kept this round: %s", batch[0],

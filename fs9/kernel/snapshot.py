@@ -96,7 +96,13 @@ def capture(k) -> tuple[int, array.array, dict, dict]:
     (S, the plan's kept seqs, the residue, what the snapshot says about itself)."""
     k.plan.compact()
     s = k.log.last_seq
-    residue = {
+    return s, array.array("q", k.plan.kept), residue(k), about(k.log.db, s)
+
+
+def residue(k) -> dict:
+    """The state the events a plan leaves out changed, as it is now (JSON-able): a
+    snapshot's, and an `events_retired` event's (event_retention.py)."""
+    return {
         "tally": dict(k.tally),
         "agents": {a.name: {"tally": dict(a.tally), "corrs": list(a.corrs),
                             "failures": list(a.breaker.failures)}
@@ -105,7 +111,6 @@ def capture(k) -> tuple[int, array.array, dict, dict]:
         "applied": dict(k.metrics.applied),
         "durations": [list(k.metrics.durations.counts), k.metrics.durations.sum],
     }
-    return s, array.array("q", k.plan.kept), residue, about(k.log.db, s)
 
 
 def about(db, s: int) -> dict:
@@ -186,7 +191,8 @@ def load(k) -> Snapshot | None:
         s, said, plan, packed = row
         why = mismatch(k.log.db, s, json.loads(said), k.log.last_seq)
         if why is None:
-            snap = Snapshot(s, _plan(plan, s), _residue(json.loads(zlib.decompress(packed))))
+            snap = Snapshot(s, plan_of(plan, s),
+                            checked_residue(json.loads(zlib.decompress(packed))))
             return snap
     except Exception as e:
         why = f"{type(e).__name__}: {e}"
@@ -206,7 +212,7 @@ def mismatch(db, s, said, last: int) -> str | None:
     return None
 
 
-def _plan(plan: bytes, s: int) -> array.array:
+def plan_of(plan: bytes, s: int) -> array.array:
     raw = zlib.decompress(plan)
     kept = array.array("q")
     kept.frombytes(raw)  # (ValueError unless whole int64s)
@@ -217,7 +223,7 @@ def _plan(plan: bytes, s: int) -> array.array:
     return kept
 
 
-def _residue(r) -> dict:
+def checked_residue(r) -> dict:
     """The residue, its shapes checked before any of it is used (a replay from a
     snapshot cannot turn back once it has begun)."""
     def counts(d):
@@ -246,9 +252,15 @@ def _residue(r) -> dict:
 
 
 def restore(k, snap: Snapshot) -> None:
-    """Set the residue, once the kept events up to S are applied. In place: tasks hold
-    their tallies, agents their ids."""
-    r = snap.residue
+    """Set the residue, once the kept events up to S are applied."""
+    set_residue(k, snap.residue)
+    log.info("state from the snapshot at event %d (%d events of it replayed)", snap.seq,
+             len(snap.kept))
+
+
+def set_residue(k, r: dict) -> None:
+    """Set a residue (as checked_residue returns it). In place: tasks hold their
+    tallies, agents their ids."""
     k.tally.clear()
     k.tally.update(r["tally"])
     for name, (tally, corrs, failures) in r["agents"].items():
@@ -274,5 +286,3 @@ def restore(k, snap: Snapshot) -> None:
     counts, total = r["durations"]
     if len(counts) == len(k.metrics.durations.counts):
         k.metrics.durations.counts, k.metrics.durations.sum = counts, total
-    log.info("state from the snapshot at event %d (%d events of it replayed)", snap.seq,
-             len(snap.kept))

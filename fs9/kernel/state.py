@@ -202,10 +202,12 @@ def verify(path: str, quick: bool = False, owned: bool = False,
 
 
 def _sequence(db) -> list[str]:
-    """Events are numbered 1, 2, 3... and never deleted: a gap is a lost event."""
+    """Events are numbered 1, 2, 3... and only retention deletes any: a gap no
+    `events_retired` record accounts for is a lost event (event_retention.gaps)."""
     low, high, count = db.execute("SELECT min(seq), max(seq), count(*) FROM events").fetchone()
     if count and (low != 1 or high != count):
-        return [f"the event sequence has gaps: {count} events numbered {low} to {high}"]
+        from .event_retention import gaps  # (it imports this module)
+        return gaps(db, low, high, count)
     return []
 
 
@@ -227,12 +229,15 @@ def check(state_dir: str) -> tuple[list[str], str]:
     from .log import set_aside  # (log.py imports this module)
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        count, version = (db.execute("SELECT count(*) FROM events").fetchone()[0],
-                          db.execute("PRAGMA user_version").fetchone()[0])
+        count, high, version = (*db.execute("SELECT count(*), coalesce(max(seq), 0)"
+                                            " FROM events").fetchone(),
+                                db.execute("PRAGMA user_version").fetchone()[0])
         aside = set_aside(db)  # no fault of the file: replay left them out, said at mount
     finally:
         db.close()
-    summary = f"{count} events numbered 1 to {count}, schema version {version}"
+    summary = f"{count} events numbered 1 to {high}" + (
+        f" ({high - count} cut by retention: events_retired)" if high != count else "") + \
+        f", schema version {version}"
     if aside:
         summary += f"; {len(aside)} set aside at replay, not dismissed:" + "".join(
             f"\n  {r.describe()}" for r in aside)
@@ -260,13 +265,14 @@ def backup(state_dir: str, dest: str) -> int:
     dst = sqlite3.connect(tmp)
     try:
         src.backup(dst)  # all pages in one step: one snapshot
-        events = dst.execute("SELECT count(*) FROM events").fetchone()[0]
+        events, high = dst.execute("SELECT count(*), coalesce(max(seq), 0)"
+                                   " FROM events").fetchone()
         dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
     finally:
         dst.close()
         src.close()
     _install(tmp, os.path.join(dest, LOG))
-    sync.write_mark(dest, events)
+    sync.write_mark(dest, high)  # (the last event's number: retention may have cut some)
     for name in CONFIG:
         try:
             with open(os.path.join(state_dir, name), "rb") as f, \
