@@ -99,6 +99,9 @@ bench: deps
 	$(BIN)/python bench/ops.py
 	$(BIN)/python bench/cluster.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/federation.py
+	$(BIN)/python bench/bigmount.py
+	$(BIN)/python bench/retention.py
 
 # three nats-servers and three fs9 nodes on 127.0.0.1 (docs/cluster.md)
 cluster: deps
