@@ -4,11 +4,12 @@ agents/NAME of a remote agent has ctl, err, in, mail/, manifest, out, outbox/, s
 tasks/ (and, unlisted, mail/batch and mail/ack): each request goes to the node that runs
 it (Work.ask), for this node's operator. In an agent's view (resolve_as), a remote
 cluster agent the view shows has what the view shows of ctl, err, in, mail/ (new,
-batch; ack is EACCES, as another agent's), out and status: each checked as that agent
-here (its view and pledges by the face; the rest by kernel/cluster/proxy.py, mail by
-kernel/cluster/mail.py), then carried to the agent's node with the sender set by this
-node, which checks the recipient's side; an agent sees the other agents of its own node
-as on a single fs9. `in`, `mail/new` and
+batch written, next, its messages; ack is EACCES, as another agent's), manifest, out,
+status and tasks/: each checked as that agent here (its view and pledges by the face;
+the rest by kernel/cluster/proxy.py, mail by kernel/cluster/mail.py), then carried to
+the agent's node with the asker set by this node, which checks the recipient's side
+(the asker's clearance for what it reads); an agent sees the other agents of its own
+node as on a single fs9. `in`, `mail/new` and
 `ctl run` of any agent placed in the cluster, local or remote, go through JetStream
 (kernel/cluster/work.py), so that they outlive the node that runs it.
 Lookups are answered here without asking (FUSE's lookup does not wait on the network):
@@ -27,7 +28,8 @@ from .kinds import Batch, Ctl, Dir, Status, StreamNode
 
 FILES = ("ctl", "err", "in", "mail", "manifest", "out", "outbox", "status", "tasks")
 TASK_FILES = ("err", "input", "out", "status")
-VIEW_FILES = ("ctl", "err", "in", "mail", "out", "status")  # a remote agent, in a view
+VIEW_FILES = ("ctl", "err", "in", "mail", "manifest", "out", "status",
+              "tasks")  # a remote agent, in a view
 TASK_RE = re.compile(r"[1-9][0-9]{0,17}")  # one name per task: 0005 is not 5
 MSG_RE = re.compile(r"[0-9]-[a-z]+-[0-9]{10}")  # Message.name
 
@@ -95,8 +97,9 @@ def resolve(k, path: tuple[str, ...]):
 def resolve_as(k, path: tuple[str, ...], me: str):
     """The node for path in agent me's view when the cluster serves it, else None:
     `agents/TO/mail/new` of an agent TO placed in the cluster (here or on another node)
-    is mail from me through JetStream (kernel/cluster/mail.py); of a remote TO, its
-    directories lead there and hold nothing else. (The view already let me reach path.)"""
+    is mail from me through JetStream (kernel/cluster/mail.py); of a remote TO, what a
+    twin of TO on this node would show me, asked of TO's node as me. (The view already
+    let me reach path.)"""
     c = k.cluster
     if c is None or len(path) < 2 or path[0] != "agents" or c.placed(path[1]) is None:
         return None
@@ -110,12 +113,20 @@ def resolve_as(k, path: tuple[str, ...], me: str):
     if not c.mail.knows(me, to):
         raise Fs9Error(errno.ENOENT, "no such file")
     said, proxy = dict(agent=me, file=f"agents/{to}/{'/'.join(rest)}"), c.proxy
-    if rest == ():
-        view = k.agents[me].view
-        return Dir(names=lambda: [n for n in VIEW_FILES
-                                  if view.access(path + (n,)) is not None])
+    asker = proxy.asker(me)
+    ask = _Asker(k, to, said["file"], said=said, asker=asker)
+    view = k.agents[me].view
+
+    def shown(names) -> list:  # (what the view shows of a directory, as the tree lists)
+        return [n for n in names if view.access(path + (n,)) is not None]
+    if rest == ():  # listed once its node says me is cleared for it (as a local twin's)
+        async def files() -> list:
+            await ask("status")
+            return shown(VIEW_FILES)
+        return AskedDir(files)
     if rest == ("mail",):  # a new name here is one message, as mail/new
-        return Dir(names=lambda: ["new"], create=lambda _: agent_mail(k, to, me, said))
+        return ask.listing("mail", ["dead", "new", "next"], shown,
+                           create=lambda _: agent_mail(k, to, me, said))
     if rest == ("in",):  # a task, its result mailed back to me (proxy.py)
         return Ctl(lambda d: _guarded(k, proxy.task(me, to, d), said), whole=True,
                    refused=lambda e: k.refused(e, **said))
@@ -123,15 +134,53 @@ def resolve_as(k, path: tuple[str, ...], me: str):
         return Ctl(lambda d: _guarded(k, proxy.ctl(me, to, d), said))
     if rest in (("out",), ("err",)):
         fd = 1 if rest[0] == "out" else 2
-        return StreamNode(lambda: RemoteOut(c.work, to, fd, notes=fd == 2,
-                                            asker=proxy.asker(me)))
-    if rest == ("status",):
-        return _Asker(k, to, said["file"], said=said, asker=proxy.asker(me)).text("status")
+        return StreamNode(lambda: RemoteOut(c.work, to, fd, notes=fd == 2, asker=asker))
+    if rest in (("status",), ("manifest",)):
+        return ask.text(rest[0])
     if rest == ("mail", "batch"):  # written only (reading another's mail: on its node)
         return Batch(_WriteOnly, lambda head, lines: _guarded(
             k, proxy.batch(me, to, head, lines), said))
     if rest == ("mail", "ack"):
         raise Fs9Error(errno.EACCES, f"only {to} acknowledges its mail")
+    return _read_as(c, ask, rest, shown, asker) or _not_found()
+
+
+def _read_as(c, ask, rest: tuple[str, ...], shown, asker: dict):
+    """What an agent of this node reads of remote agent ask.name through its view, as
+    of a local twin (its view and pledges checked by the face; its clearance by the
+    agent's node, answers.py): tasks/, a task's files, the mailbox, a message (read: a
+    delivery there, as a local read is) and mail/next. None: no such file."""
+    name = ask.name
+    if rest == ("tasks",):
+        return ask.listing("tasks", keep=shown)
+    if rest[0] == "tasks" and TASK_RE.fullmatch(rest[1]):
+        task = int(rest[1])
+        if len(rest) == 2:
+            return Dir(names=lambda: shown(TASK_FILES + ("progress",)))
+        if rest[2:] in (("out",), ("err",)):
+            fd = 1 if rest[2] == "out" else 2
+            return StreamNode(lambda: RemoteOut(c.work, name, fd, task=task, asker=asker))
+        if rest[2:] in (("input",), ("status",)):
+            return ask.text("task", task=task, what=rest[2])
+        if rest[2:] == ("progress",):  # (the face refuses it first: only name reports)
+            return Ctl(_only_its_own(name))
+    if rest == ("mail", "next"):
+        return StreamNode(lambda: RemoteNext(ask))
+    if rest == ("mail", "dead"):
+        return ask.listing("mail", keep=shown, dead=True)
+    dead = rest[:2] == ("mail", "dead")
+    if rest[0] == "mail" and len(rest) == 2 + dead and MSG_RE.fullmatch(rest[-1]):
+        return ask.text("msg", msg=rest[-1], dead=dead)
+    return None
+
+
+def _only_its_own(name: str):
+    def refuse(_data: bytes) -> None:
+        raise Fs9Error(errno.EACCES, f"only agent {name} reports on its tasks")
+    return refuse
+
+
+def _not_found():
     raise Fs9Error(errno.ENOENT, "no such file")
 
 
@@ -176,11 +225,12 @@ class _Asker:
             got["now"] = await self.whole(op, **args)
         return Status(lambda: got.get("now", b""), prepare=fetch)
 
-    def listing(self, op: str, more=(), create=None, **args) -> "AskedDir":
+    def listing(self, op: str, more=(), keep=list, create=None, **args) -> "AskedDir":
         """A directory whose names (a line each) the agent's node gives at each listing,
-        and `more` names."""
+        and `more` names; those `keep` keeps (an agent's: what its view shows)."""
         async def ask():
-            return (await self.whole(op, **args)).decode("utf-8", "replace").split() + list(more)
+            return keep((await self.whole(op, **args)).decode("utf-8", "replace").split()
+                        + list(more))
         return AskedDir(ask, create)
 
 

@@ -31,6 +31,10 @@ from .work import TAKEN_S
 
 OUT_CHUNK = 64 << 10  # bytes of a blob (output, input, a message) per answer
 STASHED = 16  # mail/batch reads longer than an answer, kept for their asker to go on
+# what an agent of another node may ask through its view (proxy.py), as it reads and
+# drives a local twin: its mail is acked, read in batches and sent as it only by it
+AGENTS_ASK = frozenset({"ctl", "out", "status", "manifest", "tasks", "task", "mail", "msg",
+                        "next"})
 WAIT_OUT_S = 0.5  # an `out` request waits this long for more output before answering
 # (the asker's read is that much slower to see a signal: RemoteOut shields the request)
 
@@ -72,7 +76,7 @@ class Answers:
         said = dict(agent=name, file=f"{op} (from node {p.get('by', '?')})")
         pos = int(req.get("pos", 0))
         by = self.cluster.proxy.check_reader(agent, req)  # (an agent of the asking node)
-        if by is not None and op not in ("ctl", "out", "status"):
+        if by is not None and op not in AGENTS_ASK:
             raise Fs9Error(errno.EACCES, f"{op} of a remote agent is the operator's")
         if op == "status":
             return _chunk(agent.status(), pos)
