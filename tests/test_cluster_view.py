@@ -1,11 +1,12 @@
 """An agent reading and driving an agent another node runs, through its view (issue 14,
 items 1 and 5), compared with the same read or write of a twin on its own node: three
 real nats-servers and three fs9 nodes on 127.0.0.1 (test_cluster.py's fixture)."""
+import asyncio
 import errno
 import os
 
 from conftest import errno_of, wait_for
-from test_cluster import LONG_S, cluster, kv  # noqa: F401 (cluster: the fixture)
+from test_cluster import LONG_S, cluster, kv, letters, results  # noqa: F401 (cluster: the fixture)
 
 
 def _twins(nodes) -> None:
@@ -107,3 +108,62 @@ def _read(path) -> str:
 def _write(path) -> None:
     with open(path, "wb", buffering=0) as f:
         f.write(b"50%\n")
+
+
+def stored(urls: str, agent: str) -> dict | None:
+    """The headers of the last work FS9WORK holds for agent (not yet acked), read by the
+    checker with its own client; None: none."""
+    import nats
+
+    async def read():
+        nc = await nats.connect(servers=urls.split(","))
+        try:
+            msg = await nc.jetstream().get_last_msg("FS9WORK", f"fs9.work.{agent.encode().hex()}")
+            return dict(msg.headers or {})
+        except nats.js.errors.NotFoundError:
+            return None
+        finally:
+            await nc.close()
+    return asyncio.run(read())
+
+
+def test_an_agents_work_for_an_agent_of_its_own_node_goes_through_jetstream(cluster):
+    """boss's `in`, `ctl run` and mail/batch of near, placed in the cluster on boss's
+    own node n1, are stored in FS9WORK as they are for an agent on another node: each
+    task's result is in FS9RESULTS (only work from the stream has one), the batch is
+    held there, from boss as n1 said, until near acks it; a task's result still comes
+    back to its writer, placed in the cluster (boss) or n1's own agent (solo)."""
+    nats_, (n1, n2, n3) = cluster
+    shown = '"agents" = "rw"\n'
+    for m in (n1, n2, n3):
+        m.define("worker", 'driver = "exec"\ncmd = ["cat"]\nrestart = "permanent"\n')
+        m.define("boss", 'driver = "exec"\ncmd = ["cat"]\npledge = ["read", "send", '
+                         f'"spawn"]\n[unveil]\n{shown}')
+    for spec in ("near def=worker node=n1", "boss node=n1"):
+        n1.write("nodes/ctl", f"spawn {spec}\n")
+    n1.write("ctl", "spawn solo def=boss\n")  # (n1's own, not placed in the cluster)
+    for name in ("near", "boss", "solo"):
+        wait_for(lambda: name in n1.read("status").split(), LONG_S, f"{name} running")
+    boss, solo = "agents/boss/view/agents/near", "agents/solo/view/agents/near"
+    for i, (path, data) in enumerate(((f"{boss}/in", "one\n"), (f"{boss}/ctl", "run two\n"),
+                                      (f"{solo}/in", "three\n")), 1):
+        n1.write(path, data)
+        got = wait_for(lambda: len(results(nats_.urls, "near")) == i
+                       and results(nats_.urls, "near"), what=f"result {i} in FS9RESULTS")
+        assert sorted(r.get("out", "") for r in got) == sorted(["one\n", "two\n", "three\n"][:i])
+    for writer, text in (("boss", "one\n"), ("solo", "three\n")):  # (ctl run: none, as on one node)
+        [result] = wait_for(lambda: [t for t in letters(n1, writer) if "type: result" in t],
+                            what=f"the result in {writer}'s mailbox")
+        assert "from: near\n" in result and text in result
+    assert kv(n1.read("agents/near/status"))["done"] == "3"
+    n1.write(f"{boss}/mail/batch", "a\nb\n")
+    held = stored(nats_.urls, "near")
+    assert (held["Fs9-Kind"], held["Fs9-From"], held["Fs9-Node"]) == ("batch", "boss", "n1")
+    lines = n1.read("agents/near/mail/batch").splitlines()
+    assert sorted(line.split("\t")[1:] for line in lines) == [["boss", "a"], ["boss", "b"]]
+    n1.write("agents/near/mail/ack", " ".join(line.split("\t")[0] for line in lines))
+    wait_for(lambda: stored(nats_.urls, "near") is None, what="the batch acked in FS9WORK")
+    n1.write(f"{boss}/ctl", "stop\n")  # (other verbs act on n1, as on one node)
+    wait_for(lambda: kv(n1.read("agents/near/status"))["state"] == "stopped", what="stop")
+    for m in (n1, n2, n3):
+        assert not m.bugs()

@@ -24,6 +24,7 @@ import trio
 
 from ..errors import Fs9Error
 from ..kernel.names import NAME_RE, OPERATOR
+from .cursors import BatchCursor
 from .kinds import Batch, Ctl, Dir, Status, StreamNode
 
 FILES = ("ctl", "err", "in", "mail", "manifest", "out", "outbox", "status", "tasks")
@@ -108,8 +109,8 @@ def resolve_as(k, path: tuple[str, ...], me: str):
         if not c.mail.knows(me, to):
             raise Fs9Error(errno.ENOENT, "no such file")
         return agent_mail(k, to, me, dict(agent=me, file=f"agents/{to}/mail/new"))
-    if to in k.agents:
-        return None  # run here: served as any local agent's files
+    if to in k.agents:  # run here: served as any local agent's files, but its work
+        return _local_work(k, to, rest, me)
     if not c.mail.knows(me, to):
         raise Fs9Error(errno.ENOENT, "no such file")
     said, proxy = dict(agent=me, file=f"agents/{to}/{'/'.join(rest)}"), c.proxy
@@ -143,6 +144,24 @@ def resolve_as(k, path: tuple[str, ...], me: str):
     if rest == ("mail", "ack"):
         raise Fs9Error(errno.EACCES, f"only {to} acknowledges its mail")
     return _read_as(c, ask, rest, shown, asker) or _not_found()
+
+
+def _local_work(k, to: str, rest: tuple[str, ...], me: str):
+    """`in`, `ctl` and mail/batch written by agent me of cluster agent `to` this node
+    runs: its tasks and batches go through JetStream as to a remote one (proxy.py), so
+    that they outlive this node (ctl's other verbs act here, as on one node; a batch is
+    read here). None: any other file, served as a local agent's."""
+    c, said = k.cluster, dict(agent=me, file=f"agents/{to}/{'/'.join(rest)}")
+    if rest == ("in",):  # a task, its result mailed back to me (proxy.py)
+        return Ctl(lambda d: _guarded(k, c.proxy.task(me, to, d), said), whole=True,
+                   refused=lambda e: k.refused(e, **said))
+    if rest == ("ctl",):  # (refusals of its verbs said as the agent's, as on one node)
+        return Ctl(lambda d: _guarded(k, c.proxy.ctl(me, to, d), dict(agent=to, file="ctl")),
+                   k.agents[to].status_line)
+    if rest == ("mail", "batch"):
+        return Batch(lambda: BatchCursor(k, k.agents[to]), lambda head, lines: _guarded(
+            k, c.proxy.batch(me, to, head, lines), said))
+    return None
 
 
 def _read_as(c, ask, rest: tuple[str, ...], shown, asker: dict):

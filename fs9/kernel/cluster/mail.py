@@ -11,14 +11,18 @@ recipient's node checks what is the recipient's (its clearance, its mailbox's ro
 message's form) and trusts the sender's name and clearance only because a node, never
 the agent, set them (headers Fs9-From, Fs9-Label: engine.py). An agent that may not
 know TO (kernel.knows, as the cluster sees it: `remote_knows`) is told ENOENT, as for a
-name nobody has.
+name nobody has. What another node's kernel composed for an agent of this one (a
+task's result, forward.py) is taken here too (`composed`).
 """
 import errno
+import re
 import time
 
 from ...errors import Fs9Error
 from ..bus import message
 from ..names import OPERATOR
+
+CORR_RE = re.compile(r"[0-9a-f]{16}")  # a correlation id, a NATS message id
 
 
 class Mail:
@@ -63,3 +67,19 @@ class Mail:
         self.kernel.rates.take(sender, "mail", len(data), time.monotonic())
         floor = self.check(to, data, sender, use=True)
         await self.cluster.work.submit(to, data, "mail", sender=sender, label=floor)
+
+
+def composed(kernel, agent, data: bytes, sender: str):
+    """What another node's kernel composed for agent (forward.py): a task's result or
+    status update, delivered as the kernel delivers its own (the recipient's clearance
+    and room checked: bus.deliver)."""
+    try:
+        msg = message.load(data, 0)
+    except (ValueError, KeyError, UnicodeDecodeError):
+        raise Fs9Error(errno.EINVAL, "a composed message that does not parse")
+    if msg.to != agent.name or msg.headers.get("from") != sender \
+            or msg.headers.get("type") not in ("result", "status_update") \
+            or not CORR_RE.fullmatch(msg.headers.get("id", "")):
+        raise Fs9Error(errno.EINVAL, "a composed message not for this agent or not a result")
+    kernel.bus.deliver(msg)
+    return agent.mailbox.get(msg.id)
