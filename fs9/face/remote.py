@@ -2,16 +2,10 @@
 
 agents/NAME of a remote agent has ctl, err, in, mail/, manifest, out, outbox/, status and
 tasks/ (and, unlisted, mail/batch and mail/ack): each request goes to the node that runs
-it (Work.ask), for this node's operator. In an agent's view (resolve_as), a remote
-cluster agent the view shows has what the view shows of ctl, err, in, mail/ (new,
-batch written, next, its messages; ack is EACCES, as another agent's), manifest, out,
-status and tasks/: each checked as that agent here (its view and pledges by the face;
-the rest by kernel/cluster/proxy.py, mail by kernel/cluster/mail.py), then carried to
-the agent's node with the asker set by this node, which checks the recipient's side
-(the asker's clearance for what it reads); an agent sees the other agents of its own
-node as on a single fs9. `in`, `mail/new` and
-`ctl run` of any agent placed in the cluster, local or remote, go through JetStream
-(kernel/cluster/work.py), so that they outlive the node that runs it.
+it (Work.ask), for this node's operator. `in`, `mail/new` and `ctl run` of any agent
+placed in the cluster, local or remote, go through JetStream (kernel/cluster/work.py),
+so that they outlive the node that runs it. An agent's view of them: remoteview.py,
+which asks with the requests here.
 Lookups are answered here without asking (FUSE's lookup does not wait on the network):
 a task number or a message name is a file whose reads ask, and ENOENT comes at the
 read when the agent's node has no such task or message.
@@ -24,13 +18,10 @@ import trio
 
 from ..errors import Fs9Error
 from ..kernel.names import NAME_RE, OPERATOR
-from .cursors import BatchCursor
 from .kinds import Batch, Ctl, Dir, Status, StreamNode
 
 FILES = ("ctl", "err", "in", "mail", "manifest", "out", "outbox", "status", "tasks")
 TASK_FILES = ("err", "input", "out", "status")
-VIEW_FILES = ("ctl", "err", "in", "mail", "manifest", "out", "status",
-              "tasks")  # a remote agent, in a view
 TASK_RE = re.compile(r"[1-9][0-9]{0,17}")  # one name per task: 0005 is not 5
 MSG_RE = re.compile(r"[0-9]-[a-z]+-[0-9]{10}")  # Message.name
 
@@ -46,11 +37,11 @@ def resolve(k, path: tuple[str, ...]):
     if path[2:] == ("ctl",) and c.placed(name) is not None:  # (`run` through JetStream)
         local = k.agents.get(name)
         said = dict(agent=name, file="ctl") if local else dict(file=f"agents/{name}/ctl")
-        return Ctl(lambda d: _guarded(k, c.work.ctl(name, d), said),
+        return Ctl(lambda d: guarded(k, c.work.ctl(name, d), said),
                    local.status_line if local is not None else None)
     if name in k.agents or c.remote(name) is None:
         return None
-    ask = _Asker(k, name, f"agents/{name}/{'/'.join(path[2:])}")
+    ask = Asker(k, name, f"agents/{name}/{'/'.join(path[2:])}")
     rest = path[2:]
     if not rest:
         return Dir(names=lambda: list(FILES))
@@ -82,7 +73,7 @@ def resolve(k, path: tuple[str, ...]):
     if rest == ("mail", "dead"):
         return ask.listing("mail", dead=True)
     if rest == ("mail", "batch"):  # read: as on its node; written: one stored batch a write
-        return Batch(lambda: RemoteBatch(ask), lambda head, lines: _guarded(
+        return Batch(lambda: RemoteBatch(ask), lambda head, lines: guarded(
             k, c.proxy.batch(OPERATOR, name, head, lines), ask.said))
     if rest == ("mail", "ack"):
         return Ctl(lambda d: ask("acks", data=d))
@@ -94,126 +85,7 @@ def resolve(k, path: tuple[str, ...]):
         return node
     raise Fs9Error(errno.ENOENT, f"no such file: {'/'.join(path)}")
 
-
-def resolve_as(k, path: tuple[str, ...], me: str):
-    """The node for path in agent me's view when the cluster serves it, else None:
-    `agents/TO/mail/new` of an agent TO placed in the cluster (here or on another node)
-    is mail from me through JetStream (kernel/cluster/mail.py); of a remote TO, what a
-    twin of TO on this node would show me, asked of TO's node as me. (The view already
-    let me reach path.)"""
-    c = k.cluster
-    if c is None or len(path) < 2 or path[0] != "agents" or c.placed(path[1]) is None:
-        return None
-    to, rest = path[1], path[2:]
-    if rest == ("mail", "new"):
-        if not c.mail.knows(me, to):
-            raise Fs9Error(errno.ENOENT, "no such file")
-        return agent_mail(k, to, me, dict(agent=me, file=f"agents/{to}/mail/new"))
-    if to in k.agents:  # run here: served as any local agent's files, but its work
-        return _local_work(k, to, rest, me)
-    if not c.mail.knows(me, to):
-        raise Fs9Error(errno.ENOENT, "no such file")
-    said, proxy = dict(agent=me, file=f"agents/{to}/{'/'.join(rest)}"), c.proxy
-    asker = proxy.asker(me)
-    ask = _Asker(k, to, said["file"], said=said, asker=asker)
-    view = k.agents[me].view
-
-    def shown(names) -> list:  # (what the view shows of a directory, as the tree lists)
-        return [n for n in names if view.access(path + (n,)) is not None]
-    if rest == ():  # listed once its node says me is cleared for it (as a local twin's)
-        async def files() -> list:
-            await ask("status")
-            return shown(VIEW_FILES)
-        return AskedDir(files)
-    if rest == ("mail",):  # a new name here is one message, as mail/new
-        return ask.listing("mail", ["dead", "new", "next"], shown,
-                           create=lambda _: agent_mail(k, to, me, said))
-    if rest == ("in",):  # a task, its result mailed back to me (proxy.py)
-        return Ctl(lambda d: _guarded(k, proxy.task(me, to, d), said), whole=True,
-                   refused=lambda e: k.refused(e, **said))
-    if rest == ("ctl",):
-        return Ctl(lambda d: _guarded(k, proxy.ctl(me, to, d), said))
-    if rest in (("out",), ("err",)):
-        fd = 1 if rest[0] == "out" else 2
-        return StreamNode(lambda: RemoteOut(c.work, to, fd, notes=fd == 2, asker=asker))
-    if rest in (("status",), ("manifest",)):
-        return ask.text(rest[0])
-    if rest == ("mail", "batch"):  # written only (reading another's mail: on its node)
-        return Batch(_WriteOnly, lambda head, lines: _guarded(
-            k, proxy.batch(me, to, head, lines), said))
-    if rest == ("mail", "ack"):
-        raise Fs9Error(errno.EACCES, f"only {to} acknowledges its mail")
-    return _read_as(c, ask, rest, shown, asker) or _not_found()
-
-
-def _local_work(k, to: str, rest: tuple[str, ...], me: str):
-    """`in`, `ctl` and mail/batch written by agent me of cluster agent `to` this node
-    runs: its tasks and batches go through JetStream as to a remote one (proxy.py), so
-    that they outlive this node (ctl's other verbs act here, as on one node; a batch is
-    read here). None: any other file, served as a local agent's."""
-    c, said = k.cluster, dict(agent=me, file=f"agents/{to}/{'/'.join(rest)}")
-    if rest == ("in",):  # a task, its result mailed back to me (proxy.py)
-        return Ctl(lambda d: _guarded(k, c.proxy.task(me, to, d), said), whole=True,
-                   refused=lambda e: k.refused(e, **said))
-    if rest == ("ctl",):  # (refusals of its verbs said as the agent's, as on one node)
-        return Ctl(lambda d: _guarded(k, c.proxy.ctl(me, to, d), dict(agent=to, file="ctl")),
-                   k.agents[to].status_line)
-    if rest == ("mail", "batch"):
-        return Batch(lambda: BatchCursor(k, k.agents[to]), lambda head, lines: _guarded(
-            k, c.proxy.batch(me, to, head, lines), said))
-    return None
-
-
-def _read_as(c, ask, rest: tuple[str, ...], shown, asker: dict):
-    """What an agent of this node reads of remote agent ask.name through its view, as
-    of a local twin (its view and pledges checked by the face; its clearance by the
-    agent's node, answers.py): tasks/, a task's files, the mailbox, a message (read: a
-    delivery there, as a local read is) and mail/next. None: no such file."""
-    name = ask.name
-    if rest == ("tasks",):
-        return ask.listing("tasks", keep=shown)
-    if rest[0] == "tasks" and TASK_RE.fullmatch(rest[1]):
-        task = int(rest[1])
-        if len(rest) == 2:
-            return Dir(names=lambda: shown(TASK_FILES + ("progress",)))
-        if rest[2:] in (("out",), ("err",)):
-            fd = 1 if rest[2] == "out" else 2
-            return StreamNode(lambda: RemoteOut(c.work, name, fd, task=task, asker=asker))
-        if rest[2:] in (("input",), ("status",)):
-            return ask.text("task", task=task, what=rest[2])
-        if rest[2:] == ("progress",):  # (the face refuses it first: only name reports)
-            return Ctl(_only_its_own(name))
-    if rest == ("mail", "next"):
-        return StreamNode(lambda: RemoteNext(ask))
-    if rest == ("mail", "dead"):
-        return ask.listing("mail", keep=shown, dead=True)
-    dead = rest[:2] == ("mail", "dead")
-    if rest[0] == "mail" and len(rest) == 2 + dead and MSG_RE.fullmatch(rest[-1]):
-        return ask.text("msg", msg=rest[-1], dead=dead)
-    return None
-
-
-def _only_its_own(name: str):
-    def refuse(_data: bytes) -> None:
-        raise Fs9Error(errno.EACCES, f"only agent {name} reports on its tasks")
-    return refuse
-
-
-def _not_found():
-    raise Fs9Error(errno.ENOENT, "no such file")
-
-
-def agent_mail(k, to: str, sender: str, said: dict) -> Ctl:
-    """One message from agent sender to cluster agent `to` (mail/new in its view, or its
-    outbox/TO): checked here as sender, stored in JetStream at close."""
-    mail = k.cluster.mail
-    return Ctl(lambda d: _guarded(k, mail.send(to, d, sender), said), whole=True,
-               refused=lambda e: k.refused(e, **said),
-               early=lambda d: k.guarded(mail.precheck, to, d, sender, **said),
-               early_until=b"\n\n")
-
-
-class _Asker:
+class Asker:
     """Requests about one remote agent for one path: a refusal is said (root err,
     events) and raised with its errno."""
 
@@ -223,7 +95,7 @@ class _Asker:
         self.asker = asker or {}  # an agent of this node asking (proxy.py): who
 
     async def __call__(self, op: str, **args) -> dict:
-        return await _guarded(self.k, self.k.cluster.work.ask(self.name, op, **args,
+        return await guarded(self.k, self.k.cluster.work.ask(self.name, op, **args,
                                                               **self.asker), self.said)
 
     async def whole(self, op: str, **args) -> bytes:
@@ -280,11 +152,11 @@ def _queue(k, name: str, kind: str) -> Ctl:
     in JetStream at close (the write fails if they are not, or the agent's node refuses)."""
     said = dict(agent=name if name in k.agents else None,
                 file=f"agents/{name}/{'in' if kind == 'task' else 'mail/new'}")
-    return Ctl(lambda d: _guarded(k, k.cluster.work.submit(name, d, kind), said), whole=True,
+    return Ctl(lambda d: guarded(k, k.cluster.work.submit(name, d, kind), said), whole=True,
                refused=lambda e: k.refused(e, **said))
 
 
-async def _guarded(k, request, said: dict):
+async def guarded(k, request, said: dict):
     """Await a request to the cluster; a refusal is said (root err, events) and raised."""
     try:
         return await request
@@ -383,16 +255,3 @@ class RemoteBatch(Buffered):
                     data += chunk
             if data:
                 self.buf, self.ended = data, True
-
-
-class _WriteOnly:
-    """The read side of another node's agent's mail/batch in a view: refused."""
-
-    def readable(self) -> bool:
-        return True
-
-    async def wait_readable(self) -> None:
-        pass
-
-    def take(self, size: int) -> bytes:
-        raise Fs9Error(errno.EACCES, "another node's agent's mail is read on its node")
