@@ -167,3 +167,34 @@ def test_an_agents_work_for_an_agent_of_its_own_node_goes_through_jetstream(clus
     wait_for(lambda: kv(n1.read("agents/near/status"))["state"] == "stopped", what="stop")
     for m in (n1, n2, n3):
         assert not m.bugs()
+
+
+def test_a_yes_is_not_used_by_a_message_the_cluster_did_not_store(cluster):
+    """teller (n1) needs the operator's yes to mail keeper (n3) above internal: a
+    message refused after the yes was given (over the 900 KiB a message of the work
+    stream may hold: EFBIG) does not use it up; the next one goes with it, and then
+    the one after that asks again (one yes, one message)."""
+    _, (n1, n2, n3) = cluster
+    for m in (n1, n2, n3):
+        m.define("teller", 'driver = "exec"\ncmd = ["cat"]\nclearance = "confidential"\n'
+                           'pledge = ["read", "send"]\n[approval]\nmail_above = "internal"\n'
+                           '[unveil]\n"agents/keeper" = "rw"\n')
+        m.define("keeper", 'driver = "exec"\ncmd = ["cat"]\nclearance = "confidential"\n')
+    for spec in ("keeper node=n3", "teller node=n1"):
+        n1.write("nodes/ctl", f"spawn {spec}\n")
+    for name, m in (("keeper", n3), ("teller", n1)):
+        wait_for(lambda: name in m.read("status").split(), LONG_S, f"{name} running")
+    out, head = "agents/teller/outbox/keeper", "classification: confidential\n\n"
+    assert errno_of(n1.write, out, head + "the plans\n") == errno.EAGAIN
+    [aid] = os.listdir(n1.path / "approvals")
+    n1.write(f"approvals/{aid}/ctl", "approve\n")
+    assert errno_of(n1.write, out, head + "x" * (950 << 10) + "\n") == errno.EFBIG
+    assert kv(n1.read(f"approvals/{aid}/status"))["used"] != "yes"
+    n1.write(out, head + "the plans\n")  # (the same yes)
+    assert kv(n1.read(f"approvals/{aid}/status"))["used"] == "yes"
+    [letter] = wait_for(lambda: letters(n3, "keeper"), what="the plans on n3")
+    assert letter.endswith("\n\nthe plans\n") and "from: teller\n" in letter
+    assert errno_of(n1.write, out, head + "again\n") == errno.EAGAIN  # one yes, one message
+    assert len(os.listdir(n1.path / "approvals")) == 2
+    for m in (n1, n2, n3):
+        assert not m.bugs()

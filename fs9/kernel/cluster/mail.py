@@ -18,7 +18,10 @@ import errno
 import re
 import time
 
+import trio
+
 from ...errors import Fs9Error
+from .. import approvals
 from ..bus import message
 from ..names import OPERATOR
 
@@ -28,6 +31,7 @@ CORR_RE = re.compile(r"[0-9a-f]{16}")  # a correlation id, a NATS message id
 class Mail:
     def __init__(self, cluster) -> None:
         self.cluster, self.kernel = cluster, cluster.kernel
+        self.gated = trio.Lock()  # sends that need the operator's yes, one at a time
 
     def knows(self, by: str, name: str) -> bool:
         """Agent `by` (of this node) may know cluster agent `name` exists: as
@@ -42,9 +46,10 @@ class Mail:
                 or asker.view.access(("agents", name)) is not None
                 or (asker.current is not None and asker.current.reply_to == name))
 
-    def check(self, to: str, data: bytes, sender: str, use: bool) -> str:
+    def check(self, to: str, data: bytes, sender: str, use: bool) -> tuple[str, bool]:
         """What sender may say to `to` (the bus's rules: bus.py); its clearance (the
-        message's floor). use: an approval is used up (at the send, not the early check)."""
+        message's floor) and whether it needed the operator's yes (approval.mail_above).
+        use: that yes is used up (once the message is stored, not at a check before)."""
         author = self.kernel.agents.get(sender)
         if author is None or author.killed or sender == OPERATOR:
             raise Fs9Error(errno.ENOENT, f"no such agent: {sender}")
@@ -54,7 +59,7 @@ class Mail:
         msg = message.parse(data, to=to, sender=sender, label=floor)
         self.kernel.bus._check_author(author, msg, floor)
         self.kernel.bus.approved(to, msg, sender, use=use)
-        return floor
+        return floor, approvals.mail_needs(author, msg.headers["classification"])
 
     def precheck(self, to: str, data: bytes, sender: str) -> None:
         """At the first writes: the headers, once whole, checked as at the send."""
@@ -65,8 +70,21 @@ class Mail:
         """One message from agent sender to cluster agent `to`; returns once stored (R3)
         and taken by the recipient's node (or refused there: its errno)."""
         self.kernel.rates.take(sender, "mail", len(data), time.monotonic())
-        floor = self.check(to, data, sender, use=True)
-        await self.cluster.work.submit(to, data, "mail", sender=sender, label=floor)
+        floor, gated = self.check(to, data, sender, use=False)
+        if not gated:
+            await self.cluster.work.submit(to, data, "mail", sender=sender, label=floor)
+            return
+        # the operator's yes is used once the message is stored and taken: a send
+        # refused (by JetStream, the stream's size, the recipient's node) leaves it for
+        # the next try, as on one node, where a refused send uses none. One such send at
+        # a time, so that one yes lets one message through, not all sent meanwhile.
+        async with self.gated:
+            self.check(to, data, sender, use=False)  # (not used by the one before)
+            await self.cluster.work.submit(to, data, "mail", sender=sender, label=floor)
+            try:
+                self.check(to, data, sender, use=True)
+            except Fs9Error:
+                pass  # (the yes expired while the message was stored: it was sent with it)
 
 
 def composed(kernel, agent, data: bytes, sender: str):
