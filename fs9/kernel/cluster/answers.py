@@ -9,8 +9,9 @@ mailbox's listing, a message (read: delivered, as a local open is; rm: acked), i
 sent as the agent (outbox/TO, checked as the agent here). A node is a peer (the
 operator's machine). An agent of the asking node reads or drives an agent here through
 its view (proxy.py): its node checked its view and pledges and says who asks (`by`,
-`clearance`); here `ctl` is checked as Agent.ctl checks an agent's, and `out`, `err`
-and `status` need its clearance (EACCES); nothing else is answered to an agent.
+`clearance`); here `ctl` is checked as Agent.ctl checks an agent's, and what it reads
+(AGENTS_ASK: out, err, status, manifest, tasks, the mailbox, a message, mail/next)
+needs its clearance (EACCES); nothing else is answered to an agent.
 Bounded: a blob goes back OUT_CHUNK bytes an answer (NATS's
 payload is 1 MiB), the asker asks again from where it got to.
 """

@@ -1,6 +1,8 @@
 """An agent's requests to an agent another node runs, checked as that agent: `in`,
-`ctl` and `mail/batch` written through its view, and `out`, `err` and `status` read
-through it (face/remote.py: resolve_as).
+`ctl` and `mail/batch` written through its view, and `out`, `err`, `status`,
+`manifest`, `tasks/` and its mailbox read through it (face/remoteview.py); and its
+`in`, `ctl run` and `mail/batch` of a cluster agent its own node runs, stored in
+JetStream as well (so that they outlive the node).
 
 On the sender's node (the only one that knows it): its view and pledges were checked
 by the face before the write got here (Gate.check: unveil, `send` for `in` and
