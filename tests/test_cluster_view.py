@@ -4,9 +4,13 @@ real nats-servers and three fs9 nodes on 127.0.0.1 (test_cluster.py's fixture)."
 import asyncio
 import errno
 import os
+import shutil
+
+import pytest
 
 from conftest import errno_of, wait_for
-from test_cluster import LONG_S, cluster, kv, letters, results  # noqa: F401 (cluster: the fixture)
+from test_cluster import (LONG_S, cluster, kv, letters, live, mailbox,  # noqa: F401
+                          results)  # (cluster: the fixture)
 
 
 def _twins(nodes) -> None:
@@ -198,3 +202,42 @@ def test_a_yes_is_not_used_by_a_message_the_cluster_did_not_store(cluster):
     assert len(os.listdir(n1.path / "approvals")) == 2
     for m in (n1, n2, n3):
         assert not m.bugs()
+
+
+@pytest.mark.timeout(240)  # (a busy 2-core machine: about 40 s when quiet)
+def test_an_agents_work_for_its_own_nodes_agent_outlives_that_node(cluster):
+    """boss and napper both on n2: boss's `in` and `ctl run` tasks of napper and its
+    mail/batch, acknowledged, then kill -9 of n2 (its fs9 and its nats-server), its
+    state deleted: napper runs again on a survivor with every task run (the one that
+    was running again) and the batch in its mailbox, from boss."""
+    nats_, (n1, n2, n3) = cluster
+    for m in (n1, n2, n3):
+        m.define("napper", 'driver = "exec"\ncmd = ["sh", "-c", "read s; sleep $s; '
+                           'echo slept $s"]\nrestart = "permanent"\n')
+        m.define("boss", 'driver = "exec"\ncmd = ["cat"]\nrestart = "permanent"\n'
+                         'pledge = ["read", "send", "spawn"]\n[unveil]\n"agents" = "rw"\n')
+    for spec in ("napper node=n2", "boss node=n2"):
+        n1.write("nodes/ctl", f"spawn {spec}\n")
+    for name in ("napper", "boss"):
+        wait_for(lambda: name in n2.read("status").split(), LONG_S, f"{name} on n2")
+    view = "agents/boss/view/agents/napper"
+    n2.write(f"{view}/in", "3\n")
+    wait_for(lambda: kv(n2.read("agents/napper/status"))["state"] == "running",
+             what="the first task running")
+    n2.write(f"{view}/ctl", "run 1\n")
+    n2.write(f"{view}/ctl", "run 2\n")
+    n2.write(f"{view}/mail/batch", "a\nb\n")
+    n2.kill9()
+    nats_.servers[1].kill9()
+    shutil.rmtree(n2.state)
+    urls = live(nats_)
+    survivor = wait_for(lambda: next((m for m in (n1, n3)
+                                      if "napper" in m.read("status").split()), None),
+                        LONG_S, "napper running on a survivor")
+    got = wait_for(lambda: {"slept 3\n", "slept 1\n", "slept 2\n"} <= {
+        r.get("out") for r in results(urls, "napper")} and results(urls, "napper"),
+        LONG_S, "every task's result")
+    assert {r.get("out") for r in got} == {"slept 3\n", "slept 1\n", "slept 2\n"}
+    assert sorted(wait_for(lambda: mailbox(survivor, "napper"), LONG_S, "the batch")) == \
+        [("boss", "a"), ("boss", "b")]
+    assert not survivor.bugs()
