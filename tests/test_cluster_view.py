@@ -35,7 +35,7 @@ def _twins(nodes) -> None:
 
 def test_an_agent_reads_tasks_manifest_and_mail_of_another_nodes_agent_as_of_a_twin(cluster):
     """boss on n1 reads worker's (on n3) tasks/, a task's files, manifest, mailbox, a
-    message and mail/next through its view, as it reads near's (worker's twin on n1);
+    message, mail/next and mail/batch through its view, as it reads near's (worker's twin on n1);
     each refusal (no read pledge, a clearance below the agent's, no such task, a write
     to another's task or mail) the errno the twin's gives."""
     _, (n1, n2, n3) = cluster
@@ -68,10 +68,13 @@ def test_an_agent_reads_tasks_manifest_and_mail_of_another_nodes_agent_as_of_a_t
             out=(view / name / "tasks" / task / "out").read_text(),
             err=(view / name / "tasks" / task / "err").read_text(),
             input=(view / name / "tasks" / task / "input").read_text(),
-            next=(view / name / "mail/next").read_text().split("\n\n", 1)[1])
+            next=(view / name / "mail/next").read_text().split("\n\n", 1)[1],
+            batch=[line.split("\t")[1:] for line in
+                   (view / name / "mail/batch").read_text().splitlines()])
     assert got["worker"] == got["near"]
     assert got["worker"]["out"] == got["worker"]["input"] == "hello\n"
     assert got["worker"]["next"] == "read me\n"
+    assert got["worker"]["batch"] == [["operator", "read me"]]
     assert "progress" in got["worker"]["files"] and got["worker"]["state"] == "done"
     # refusals: each the errno of the same call on the twin, boss's node's own agent
     blind = n1.path / "agents/blind/view/agents"
@@ -84,12 +87,14 @@ def test_an_agent_reads_tasks_manifest_and_mail_of_another_nodes_agent_as_of_a_t
             (blind, "X/manifest", _read, errno.EACCES),  # a read does
             (blind, "X/mail", os.listdir, None),
             (blind, "X/mail/next", _read, errno.EACCES),
+            (blind, "X/mail/batch", _read, errno.EACCES),
             (blind, "X/tasks/T/out", _read, errno.EACCES),
             (view, "TOP", os.listdir, errno.EACCES),  # top is above boss's clearance
             (view, "TOP/tasks", os.listdir, errno.EACCES),
             (view, "TOP/manifest", _read, errno.EACCES),
             (view, "TOP/mail", os.listdir, errno.EACCES),
             (view, "TOP/mail/next", _read, errno.EACCES),
+            (view, "TOP/mail/batch", _read, errno.EACCES),
             (view, "X/tasks/999/status", _read, errno.ENOENT),
             (view, "X/tasks/T/progress", _write, errno.EACCES),  # only X reports on it
             (view, "X/mail/M", os.unlink, errno.EACCES)):  # only X acknowledges it

@@ -2,7 +2,7 @@
 asks `resolve_as` for a path in an agent's view), as it would a twin on its own node.
 
 Of a remote agent (run by another node) the view shows what it unveils of ctl, err, in,
-mail/ (new, batch written, next, the messages; ack is EACCES, as another agent's),
+mail/ (new, batch, next, the messages; ack is EACCES, as another agent's),
 manifest, out, status and tasks/: each checked as that agent here (its view and pledges
 by the face; the rest by kernel/cluster/proxy.py, mail by kernel/cluster/mail.py), then
 carried to the agent's node (face/remote.py's requests) with the asker set by this node,
@@ -16,8 +16,8 @@ import errno
 from ..errors import Fs9Error
 from .cursors import BatchCursor
 from .kinds import Batch, Ctl, Dir, StreamNode
-from .remote import (MSG_RE, TASK_FILES, TASK_RE, AskedDir, RemoteNext, RemoteOut, Asker,
-                     guarded)
+from .remote import (MSG_RE, TASK_FILES, TASK_RE, AskedDir, Asker, RemoteBatch, RemoteNext,
+                     RemoteOut, guarded)
 
 VIEW_FILES = ("ctl", "err", "in", "mail", "manifest", "out", "status",
               "tasks")  # a remote agent, in a view
@@ -66,8 +66,8 @@ def resolve_as(k, path: tuple[str, ...], me: str):
         return StreamNode(lambda: RemoteOut(c.work, to, fd, notes=fd == 2, asker=asker))
     if rest in (("status",), ("manifest",)):
         return ask.text(rest[0])
-    if rest == ("mail", "batch"):  # written only (reading another's mail: on its node)
-        return Batch(_WriteOnly, lambda head, lines: guarded(
+    if rest == ("mail", "batch"):  # read as a twin's: there, its deliveries logged there
+        return Batch(lambda: RemoteBatch(ask), lambda head, lines: guarded(
             k, proxy.batch(me, to, head, lines), said))
     if rest == ("mail", "ack"):
         raise Fs9Error(errno.EACCES, f"only {to} acknowledges its mail")
@@ -139,16 +139,3 @@ def agent_mail(k, to: str, sender: str, said: dict) -> Ctl:
                refused=lambda e: k.refused(e, **said),
                early=lambda d: k.guarded(mail.precheck, to, d, sender, **said),
                early_until=b"\n\n")
-
-
-class _WriteOnly:
-    """The read side of another node's agent's mail/batch in a view: refused."""
-
-    def readable(self) -> bool:
-        return True
-
-    async def wait_readable(self) -> None:
-        pass
-
-    def take(self, size: int) -> bytes:
-        raise Fs9Error(errno.EACCES, "another node's agent's mail is read on its node")

@@ -10,7 +10,8 @@ sent as the agent (outbox/TO, checked as the agent here). A node is a peer (the
 operator's machine). An agent of the asking node reads or drives an agent here through
 its view (proxy.py): its node checked its view and pledges and says who asks (`by`,
 `clearance`); here `ctl` is checked as Agent.ctl checks an agent's, and what it reads
-(AGENTS_ASK: out, err, status, manifest, tasks, the mailbox, a message, mail/next)
+(AGENTS_ASK: out, err, status, manifest, tasks, the mailbox, a message, mail/next,
+mail/batch)
 needs its clearance (EACCES); nothing else is answered to an agent.
 Bounded: a blob goes back OUT_CHUNK bytes an answer (NATS's
 payload is 1 MiB), the asker asks again from where it got to.
@@ -33,9 +34,9 @@ from .work import TAKEN_S
 OUT_CHUNK = 64 << 10  # bytes of a blob (output, input, a message) per answer
 STASHED = 16  # mail/batch reads longer than an answer, kept for their asker to go on
 # what an agent of another node may ask through its view (proxy.py), as it reads and
-# drives a local twin: its mail is acked, read in batches and sent as it only by it
+# drives a local twin: its mail is acked and sent as it only by it
 AGENTS_ASK = frozenset({"ctl", "out", "status", "manifest", "tasks", "task", "mail", "msg",
-                        "next"})
+                        "next", "batch"})
 WAIT_OUT_S = 0.5  # an `out` request waits this long for more output before answering
 # (the asker's read is that much slower to see a signal: RemoteOut shields the request)
 
