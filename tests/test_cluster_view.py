@@ -69,12 +69,16 @@ def test_an_agent_reads_tasks_manifest_and_mail_of_another_nodes_agent_as_of_a_t
             err=(view / name / "tasks" / task / "err").read_text(),
             input=(view / name / "tasks" / task / "input").read_text(),
             next=(view / name / "mail/next").read_text().split("\n\n", 1)[1],
+            ctl=(view / name / "ctl").read_text().split()[1:],  # (after the name)
             batch=[line.split("\t")[1:] for line in
                    (view / name / "mail/batch").read_text().splitlines()])
     assert got["worker"] == got["near"]
     assert got["worker"]["out"] == got["worker"]["input"] == "hello\n"
     assert got["worker"]["next"] == "read me\n"
     assert got["worker"]["batch"] == [["operator", "read me"]]
+    # ctl's state line (the operator's, from another node, too), as its node renders it
+    assert n1.read("agents/worker/ctl") == n3.read("agents/worker/ctl")
+    assert n1.read("agents/worker/ctl").split()[:2] == ["worker", "idle"]
     assert "progress" in got["worker"]["files"] and got["worker"]["state"] == "done"
     # refusals: each the errno of the same call on the twin, boss's node's own agent
     blind = n1.path / "agents/blind/view/agents"
@@ -88,6 +92,7 @@ def test_an_agent_reads_tasks_manifest_and_mail_of_another_nodes_agent_as_of_a_t
             (blind, "X/mail", os.listdir, None),
             (blind, "X/mail/next", _read, errno.EACCES),
             (blind, "X/mail/batch", _read, errno.EACCES),
+            (blind, "X/ctl", _read, errno.EACCES),
             (blind, "X/tasks/T/out", _read, errno.EACCES),
             (view, "TOP", os.listdir, errno.EACCES),  # top is above boss's clearance
             (view, "TOP/tasks", os.listdir, errno.EACCES),
@@ -95,6 +100,7 @@ def test_an_agent_reads_tasks_manifest_and_mail_of_another_nodes_agent_as_of_a_t
             (view, "TOP/mail", os.listdir, errno.EACCES),
             (view, "TOP/mail/next", _read, errno.EACCES),
             (view, "TOP/mail/batch", _read, errno.EACCES),
+            (view, "TOP/ctl", _read, errno.EACCES),
             (view, "X/tasks/999/status", _read, errno.ENOENT),
             (view, "X/tasks/T/progress", _write, errno.EACCES),  # only X reports on it
             (view, "X/mail/M", os.unlink, errno.EACCES)):  # only X acknowledges it

@@ -37,8 +37,11 @@ def resolve(k, path: tuple[str, ...]):
     if path[2:] == ("ctl",) and c.placed(name) is not None:  # (`run` through JetStream)
         local = k.agents.get(name)
         said = dict(agent=name, file="ctl") if local else dict(file=f"agents/{name}/ctl")
-        return Ctl(lambda d: guarded(k, c.work.ctl(name, d), said),
-                   local.status_line if local is not None else None)
+
+        def apply(data: bytes):
+            return guarded(k, c.work.ctl(name, data), said)
+        return Ctl(apply, local.status_line) if local is not None else \
+            Asker(k, name, said["file"]).ctl(apply)
     if name in k.agents or c.remote(name) is None:
         return None
     ask = Asker(k, name, f"agents/{name}/{'/'.join(path[2:])}")
@@ -108,13 +111,24 @@ class Asker:
             if not a.get("more") or not chunk:
                 return data
 
-    def text(self, op: str, **args) -> Status:
-        """A file whose text the agent's node renders at open (fetched whole)."""
+    def fetched(self, op: str, **args):
+        """(render, prepare) of a text the agent's node renders at each read from its
+        start (fetched whole)."""
         got = {}
 
         async def fetch():
             got["now"] = await self.whole(op, **args)
-        return Status(lambda: got.get("now", b""), prepare=fetch)
+        return (lambda: got.get("now", b"")), fetch
+
+    def text(self, op: str, **args) -> Status:
+        """A file whose text the agent's node renders at open."""
+        render, fetch = self.fetched(op, **args)
+        return Status(render, prepare=fetch)
+
+    def ctl(self, apply) -> Ctl:
+        """ctl: written, apply; read, the agent's state line, as its node renders it."""
+        render, fetch = self.fetched("state")
+        return Ctl(apply, render, prepare=fetch)
 
     def listing(self, op: str, more=(), keep=list, create=None, **args) -> "AskedDir":
         """A directory whose names (a line each) the agent's node gives at each listing,

@@ -60,7 +60,7 @@ def resolve_as(k, path: tuple[str, ...], me: str):
         return Ctl(lambda d: guarded(k, proxy.task(me, to, d), said), whole=True,
                    refused=lambda e: k.refused(e, **said))
     if rest == ("ctl",):
-        return Ctl(lambda d: guarded(k, proxy.ctl(me, to, d), said))
+        return ask.ctl(lambda d: guarded(k, proxy.ctl(me, to, d), said))
     if rest in (("out",), ("err",)):
         fd = 1 if rest[0] == "out" else 2
         return StreamNode(lambda: RemoteOut(c.work, to, fd, notes=fd == 2, asker=asker))
