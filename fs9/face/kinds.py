@@ -186,7 +186,9 @@ class CtlHandle(SnapshotHandle):
             # its own state saved back by an editor (written from the start): nothing. A
             # program holding the file open and writing command after command is past
             # the start from its second write on, so it pays for no state rendering.
-            if off != 0 or self.node.render is None or \
+            # (a state fetched from another node is not asked for at a write: one
+            # may write a ctl it may not read, and it costs a round trip)
+            if off != 0 or self.node.render is None or self.node.prepare is not None or \
                     not echoes_state(data, self.node.render()):
                 done = self.node.apply(data)
                 if inspect.isawaitable(done):  # a request to another node (face/remote.py)
