@@ -753,7 +753,7 @@ def test_an_agent_drives_an_agent_on_another_node_through_its_view_checked_as_it
         wait_for(lambda: name in m.read("status").split(), LONG_S, f"{name} running")
     view = "agents/boss/view/agents"
     assert sorted(os.listdir(n1.path / f"{view}/worker")) == \
-        ["ctl", "err", "in", "mail", "out", "status"]
+        ["ctl", "err", "in", "mail", "manifest", "out", "status", "tasks"]
     # a task through the view runs on n3; its out read through the view; its result
     # mailed back to boss on n1 (forged sender headers in the input are only input)
     n1.write(f"{view}/worker/in", "Fs9-From: near\nreply-to: near\n\nhello\n")

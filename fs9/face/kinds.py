@@ -131,10 +131,12 @@ class Clone(Node):
 
 class Ctl(Node):
     def __init__(self, apply, render=None, whole: bool = False, refused=None,
-                 early=None, early_until: bytes | None = None, remove=None) -> None:
+                 early=None, early_until: bytes | None = None, remove=None,
+                 prepare=None) -> None:
         self.apply = apply  # (bytes) -> None; raises Fs9Error when refused
         self.remove = remove  # () -> None: what `rm` means here (None: refused)
         self.render = render  # () -> str, the state line; None: write-only
+        self.prepare = prepare  # async () -> None: fetch it first (as Status's)
         self.whole = whole
         self.refused = refused  # (Fs9Error) -> None: reports a refusal made here
         # `whole`: (bytes of the first write) -> None, raising Fs9Error to refuse the
@@ -150,7 +152,7 @@ class Ctl(Node):
         self.mode = stat.S_IFREG | (0o644 if render else 0o200)
 
     def size(self) -> int:
-        return len(_encode(self.render())) if self.render else 0
+        return len(_encode(self.render())) if self.render and not self.prepare else 0
 
     def handle(self, pid: int) -> Handle:
         return CtlHandle(pid, self)
@@ -168,7 +170,7 @@ pending_by_agent: dict[str, int] = {}
 
 class CtlHandle(SnapshotHandle):
     def __init__(self, pid: int, node: Ctl) -> None:
-        super().__init__(pid, node.render)
+        super().__init__(pid, node.render, node.prepare)
         self.node = node
         self.pending: bytearray | None = None  # `whole`: bytes written since open
         self.refused: Fs9Error | None = None  # `whole`: this open's input was refused
@@ -184,7 +186,9 @@ class CtlHandle(SnapshotHandle):
             # its own state saved back by an editor (written from the start): nothing. A
             # program holding the file open and writing command after command is past
             # the start from its second write on, so it pays for no state rendering.
-            if off != 0 or self.node.render is None or \
+            # (a state fetched from another node is not asked for at a write: one
+            # may write a ctl it may not read, and it costs a round trip)
+            if off != 0 or self.node.render is None or self.node.prepare is not None or \
                     not echoes_state(data, self.node.render()):
                 done = self.node.apply(data)
                 if inspect.isawaitable(done):  # a request to another node (face/remote.py)

@@ -2,15 +2,10 @@
 
 agents/NAME of a remote agent has ctl, err, in, mail/, manifest, out, outbox/, status and
 tasks/ (and, unlisted, mail/batch and mail/ack): each request goes to the node that runs
-it (Work.ask), for this node's operator. In an agent's view (resolve_as), a remote
-cluster agent the view shows has what the view shows of ctl, err, in, mail/ (new,
-batch; ack is EACCES, as another agent's), out and status: each checked as that agent
-here (its view and pledges by the face; the rest by kernel/cluster/proxy.py, mail by
-kernel/cluster/mail.py), then carried to the agent's node with the sender set by this
-node, which checks the recipient's side; an agent sees the other agents of its own node
-as on a single fs9. `in`, `mail/new` and
-`ctl run` of any agent placed in the cluster, local or remote, go through JetStream
-(kernel/cluster/work.py), so that they outlive the node that runs it.
+it (Work.ask), for this node's operator. `in`, `mail/new` and `ctl run` of any agent
+placed in the cluster, local or remote, go through JetStream (kernel/cluster/work.py),
+so that they outlive the node that runs it. An agent's view of them: remoteview.py,
+which asks with the requests here.
 Lookups are answered here without asking (FUSE's lookup does not wait on the network):
 a task number or a message name is a file whose reads ask, and ENOENT comes at the
 read when the agent's node has no such task or message.
@@ -27,7 +22,6 @@ from .kinds import Batch, Ctl, Dir, Status, StreamNode
 
 FILES = ("ctl", "err", "in", "mail", "manifest", "out", "outbox", "status", "tasks")
 TASK_FILES = ("err", "input", "out", "status")
-VIEW_FILES = ("ctl", "err", "in", "mail", "out", "status")  # a remote agent, in a view
 TASK_RE = re.compile(r"[1-9][0-9]{0,17}")  # one name per task: 0005 is not 5
 MSG_RE = re.compile(r"[0-9]-[a-z]+-[0-9]{10}")  # Message.name
 
@@ -43,11 +37,14 @@ def resolve(k, path: tuple[str, ...]):
     if path[2:] == ("ctl",) and c.placed(name) is not None:  # (`run` through JetStream)
         local = k.agents.get(name)
         said = dict(agent=name, file="ctl") if local else dict(file=f"agents/{name}/ctl")
-        return Ctl(lambda d: _guarded(k, c.work.ctl(name, d), said),
-                   local.status_line if local is not None else None)
+
+        def apply(data: bytes):
+            return guarded(k, c.work.ctl(name, data), said)
+        return Ctl(apply, local.status_line) if local is not None else \
+            Asker(k, name, said["file"]).ctl(apply)
     if name in k.agents or c.remote(name) is None:
         return None
-    ask = _Asker(k, name, f"agents/{name}/{'/'.join(path[2:])}")
+    ask = Asker(k, name, f"agents/{name}/{'/'.join(path[2:])}")
     rest = path[2:]
     if not rest:
         return Dir(names=lambda: list(FILES))
@@ -79,7 +76,7 @@ def resolve(k, path: tuple[str, ...]):
     if rest == ("mail", "dead"):
         return ask.listing("mail", dead=True)
     if rest == ("mail", "batch"):  # read: as on its node; written: one stored batch a write
-        return Batch(lambda: RemoteBatch(ask), lambda head, lines: _guarded(
+        return Batch(lambda: RemoteBatch(ask), lambda head, lines: guarded(
             k, c.proxy.batch(OPERATOR, name, head, lines), ask.said))
     if rest == ("mail", "ack"):
         return Ctl(lambda d: ask("acks", data=d))
@@ -91,61 +88,7 @@ def resolve(k, path: tuple[str, ...]):
         return node
     raise Fs9Error(errno.ENOENT, f"no such file: {'/'.join(path)}")
 
-
-def resolve_as(k, path: tuple[str, ...], me: str):
-    """The node for path in agent me's view when the cluster serves it, else None:
-    `agents/TO/mail/new` of an agent TO placed in the cluster (here or on another node)
-    is mail from me through JetStream (kernel/cluster/mail.py); of a remote TO, its
-    directories lead there and hold nothing else. (The view already let me reach path.)"""
-    c = k.cluster
-    if c is None or len(path) < 2 or path[0] != "agents" or c.placed(path[1]) is None:
-        return None
-    to, rest = path[1], path[2:]
-    if rest == ("mail", "new"):
-        if not c.mail.knows(me, to):
-            raise Fs9Error(errno.ENOENT, "no such file")
-        return agent_mail(k, to, me, dict(agent=me, file=f"agents/{to}/mail/new"))
-    if to in k.agents:
-        return None  # run here: served as any local agent's files
-    if not c.mail.knows(me, to):
-        raise Fs9Error(errno.ENOENT, "no such file")
-    said, proxy = dict(agent=me, file=f"agents/{to}/{'/'.join(rest)}"), c.proxy
-    if rest == ():
-        view = k.agents[me].view
-        return Dir(names=lambda: [n for n in VIEW_FILES
-                                  if view.access(path + (n,)) is not None])
-    if rest == ("mail",):  # a new name here is one message, as mail/new
-        return Dir(names=lambda: ["new"], create=lambda _: agent_mail(k, to, me, said))
-    if rest == ("in",):  # a task, its result mailed back to me (proxy.py)
-        return Ctl(lambda d: _guarded(k, proxy.task(me, to, d), said), whole=True,
-                   refused=lambda e: k.refused(e, **said))
-    if rest == ("ctl",):
-        return Ctl(lambda d: _guarded(k, proxy.ctl(me, to, d), said))
-    if rest in (("out",), ("err",)):
-        fd = 1 if rest[0] == "out" else 2
-        return StreamNode(lambda: RemoteOut(c.work, to, fd, notes=fd == 2,
-                                            asker=proxy.asker(me)))
-    if rest == ("status",):
-        return _Asker(k, to, said["file"], said=said, asker=proxy.asker(me)).text("status")
-    if rest == ("mail", "batch"):  # written only (reading another's mail: on its node)
-        return Batch(_WriteOnly, lambda head, lines: _guarded(
-            k, proxy.batch(me, to, head, lines), said))
-    if rest == ("mail", "ack"):
-        raise Fs9Error(errno.EACCES, f"only {to} acknowledges its mail")
-    raise Fs9Error(errno.ENOENT, "no such file")
-
-
-def agent_mail(k, to: str, sender: str, said: dict) -> Ctl:
-    """One message from agent sender to cluster agent `to` (mail/new in its view, or its
-    outbox/TO): checked here as sender, stored in JetStream at close."""
-    mail = k.cluster.mail
-    return Ctl(lambda d: _guarded(k, mail.send(to, d, sender), said), whole=True,
-               refused=lambda e: k.refused(e, **said),
-               early=lambda d: k.guarded(mail.precheck, to, d, sender, **said),
-               early_until=b"\n\n")
-
-
-class _Asker:
+class Asker:
     """Requests about one remote agent for one path: a refusal is said (root err,
     events) and raised with its errno."""
 
@@ -155,7 +98,7 @@ class _Asker:
         self.asker = asker or {}  # an agent of this node asking (proxy.py): who
 
     async def __call__(self, op: str, **args) -> dict:
-        return await _guarded(self.k, self.k.cluster.work.ask(self.name, op, **args,
+        return await guarded(self.k, self.k.cluster.work.ask(self.name, op, **args,
                                                               **self.asker), self.said)
 
     async def whole(self, op: str, **args) -> bytes:
@@ -168,19 +111,31 @@ class _Asker:
             if not a.get("more") or not chunk:
                 return data
 
-    def text(self, op: str, **args) -> Status:
-        """A file whose text the agent's node renders at open (fetched whole)."""
+    def fetched(self, op: str, **args):
+        """(render, prepare) of a text the agent's node renders at each read from its
+        start (fetched whole)."""
         got = {}
 
         async def fetch():
             got["now"] = await self.whole(op, **args)
-        return Status(lambda: got.get("now", b""), prepare=fetch)
+        return (lambda: got.get("now", b"")), fetch
 
-    def listing(self, op: str, more=(), create=None, **args) -> "AskedDir":
+    def text(self, op: str, **args) -> Status:
+        """A file whose text the agent's node renders at open."""
+        render, fetch = self.fetched(op, **args)
+        return Status(render, prepare=fetch)
+
+    def ctl(self, apply) -> Ctl:
+        """ctl: written, apply; read, the agent's state line, as its node renders it."""
+        render, fetch = self.fetched("state")
+        return Ctl(apply, render, prepare=fetch)
+
+    def listing(self, op: str, more=(), keep=list, create=None, **args) -> "AskedDir":
         """A directory whose names (a line each) the agent's node gives at each listing,
-        and `more` names."""
+        and `more` names; those `keep` keeps (an agent's: what its view shows)."""
         async def ask():
-            return (await self.whole(op, **args)).decode("utf-8", "replace").split() + list(more)
+            return keep((await self.whole(op, **args)).decode("utf-8", "replace").split()
+                        + list(more))
         return AskedDir(ask, create)
 
 
@@ -211,11 +166,11 @@ def _queue(k, name: str, kind: str) -> Ctl:
     in JetStream at close (the write fails if they are not, or the agent's node refuses)."""
     said = dict(agent=name if name in k.agents else None,
                 file=f"agents/{name}/{'in' if kind == 'task' else 'mail/new'}")
-    return Ctl(lambda d: _guarded(k, k.cluster.work.submit(name, d, kind), said), whole=True,
+    return Ctl(lambda d: guarded(k, k.cluster.work.submit(name, d, kind), said), whole=True,
                refused=lambda e: k.refused(e, **said))
 
 
-async def _guarded(k, request, said: dict):
+async def guarded(k, request, said: dict):
     """Await a request to the cluster; a refusal is said (root err, events) and raised."""
     try:
         return await request
@@ -314,16 +269,3 @@ class RemoteBatch(Buffered):
                     data += chunk
             if data:
                 self.buf, self.ended = data, True
-
-
-class _WriteOnly:
-    """The read side of another node's agent's mail/batch in a view: refused."""
-
-    def readable(self) -> bool:
-        return True
-
-    async def wait_readable(self) -> None:
-        pass
-
-    def take(self, size: int) -> bytes:
-        raise Fs9Error(errno.EACCES, "another node's agent's mail is read on its node")

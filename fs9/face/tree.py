@@ -32,7 +32,7 @@ from .cursors import (AuditCursor, BatchCursor, Chain, EventCursor, NextCursor, 
                       StreamCursor, TaskCursor, TopicCursor)
 from .kinds import Batch, Clone, Ctl, Dir, Status, StreamNode
 from .node import Node
-from . import remote
+from . import remote, remoteview
 from .vault import VaultNode
 from typing import TYPE_CHECKING
 
@@ -91,7 +91,7 @@ def _outbox(k, agent, to: str, me=None):
         # message outlives either node (kernel/cluster/mail.py)
         if me is not None and not k.cluster.mail.knows(me, to):
             k.guarded(_no_agent, to, agent=agent.name, file="outbox")  # (raises)
-        return remote.agent_mail(k, to, agent.name, dict(agent=agent.name, file="outbox"))
+        return remoteview.agent_mail(k, to, agent.name, dict(agent=agent.name, file="outbox"))
     recipient = k.guarded(k.agent, to, me, agent=agent.name, file="outbox")
     return Ctl(lambda data: k.guarded(k.bus.send, recipient, data, agent.name,
                                       agent=agent.name, file="outbox"),
@@ -299,7 +299,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     # mounted with --cluster); remote agents are served by face/remote.py
     "nodes": None,
     "nodes/ctl": lambda k, me=None: _operator_only(me, "nodes/ctl") or _cluster(k) or Ctl(
-        lambda d: remote._guarded(k, k.cluster.ctl(d), dict(file="nodes/ctl")),
+        lambda d: remote.guarded(k, k.cluster.ctl(d), dict(file="nodes/ctl")),
         k.cluster.state_line),
     "nodes/{node}": lambda k, node, me=None: _operator_only(me, "nodes/") or Status(
         lambda: k.cluster.node_text(node)),

@@ -7,7 +7,7 @@ from typing import Callable
 
 from ..errors import Fs9Error
 from ..kernel.names import split_view
-from . import remote, times
+from . import remote, remoteview, times
 from .kinds import Dir
 from .node import Node, shown
 from .tree import _ASKS, ROWS, UNLISTED, VARS
@@ -108,7 +108,7 @@ class Tree:
                 return row.factory(self.kernel, at, path[len(row.parts):], view)
         me = view and view.agent
         served = remote.resolve(self.kernel, path) if view is None else \
-            remote.resolve_as(self.kernel, path, me)
+            remoteview.resolve_as(self.kernel, path, me)
         if served is not None:
             return served
         for row in _BY_DEPTH.get(len(path), ()):

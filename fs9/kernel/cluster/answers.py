@@ -3,14 +3,16 @@
 Another node's operator reads and drives an agent placed here through its own mount
 (face/remote.py): each file it opens there is a request on fs9.rpc.NODE (engine.py),
 answered within this kernel as the operator's own request here would be: ctl verbs and
-their errors, status, manifest, the tasks and their input, status, out and err, the
+their errors, its state line, status, manifest, the tasks and their input, status, out and err, the
 mailbox's listing, a message (read: delivered, as a local open is; rm: acked), its head
 (mail/next), many messages read (mail/batch) or acknowledged (mail/ack), a message
 sent as the agent (outbox/TO, checked as the agent here). A node is a peer (the
 operator's machine). An agent of the asking node reads or drives an agent here through
 its view (proxy.py): its node checked its view and pledges and says who asks (`by`,
-`clearance`); here `ctl` is checked as Agent.ctl checks an agent's, and `out`, `err`
-and `status` need its clearance (EACCES); nothing else is answered to an agent.
+`clearance`); here `ctl` is checked as Agent.ctl checks an agent's, and what it reads
+(AGENTS_ASK: ctl's state line, out, err, status, manifest, tasks, the mailbox, a
+message, mail/next, mail/batch)
+needs its clearance (EACCES); nothing else is answered to an agent.
 Bounded: a blob goes back OUT_CHUNK bytes an answer (NATS's
 payload is 1 MiB), the asker asks again from where it got to.
 """
@@ -31,6 +33,10 @@ from .work import TAKEN_S
 
 OUT_CHUNK = 64 << 10  # bytes of a blob (output, input, a message) per answer
 STASHED = 16  # mail/batch reads longer than an answer, kept for their asker to go on
+# what an agent of another node may ask through its view (proxy.py), as it reads and
+# drives a local twin: its mail is acked and sent as it only by it
+AGENTS_ASK = frozenset({"ctl", "state", "out", "status", "manifest", "tasks", "task",
+                        "mail", "msg", "next", "batch"})
 WAIT_OUT_S = 0.5  # an `out` request waits this long for more output before answering
 # (the asker's read is that much slower to see a signal: RemoteOut shields the request)
 
@@ -72,10 +78,12 @@ class Answers:
         said = dict(agent=name, file=f"{op} (from node {p.get('by', '?')})")
         pos = int(req.get("pos", 0))
         by = self.cluster.proxy.check_reader(agent, req)  # (an agent of the asking node)
-        if by is not None and op not in ("ctl", "out", "status"):
+        if by is not None and op not in AGENTS_ASK:
             raise Fs9Error(errno.EACCES, f"{op} of a remote agent is the operator's")
         if op == "status":
             return _chunk(agent.status(), pos)
+        if op == "state":  # (ctl read: its state line)
+            return _chunk(agent.status_line(), pos)
         if op == "manifest":
             return _chunk(manifests.text(agent.manifest), pos)
         if op == "ctl":

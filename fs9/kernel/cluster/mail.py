@@ -11,19 +11,27 @@ recipient's node checks what is the recipient's (its clearance, its mailbox's ro
 message's form) and trusts the sender's name and clearance only because a node, never
 the agent, set them (headers Fs9-From, Fs9-Label: engine.py). An agent that may not
 know TO (kernel.knows, as the cluster sees it: `remote_knows`) is told ENOENT, as for a
-name nobody has.
+name nobody has. What another node's kernel composed for an agent of this one (a
+task's result, forward.py) is taken here too (`composed`).
 """
 import errno
+import re
 import time
 
+import trio
+
 from ...errors import Fs9Error
+from .. import approvals
 from ..bus import message
 from ..names import OPERATOR
+
+CORR_RE = re.compile(r"[0-9a-f]{16}")  # a correlation id, a NATS message id
 
 
 class Mail:
     def __init__(self, cluster) -> None:
         self.cluster, self.kernel = cluster, cluster.kernel
+        self.gated = trio.Lock()  # sends that need the operator's yes, one at a time
 
     def knows(self, by: str, name: str) -> bool:
         """Agent `by` (of this node) may know cluster agent `name` exists: as
@@ -38,9 +46,10 @@ class Mail:
                 or asker.view.access(("agents", name)) is not None
                 or (asker.current is not None and asker.current.reply_to == name))
 
-    def check(self, to: str, data: bytes, sender: str, use: bool) -> str:
+    def check(self, to: str, data: bytes, sender: str, use: bool) -> tuple[str, bool]:
         """What sender may say to `to` (the bus's rules: bus.py); its clearance (the
-        message's floor). use: an approval is used up (at the send, not the early check)."""
+        message's floor) and whether it needed the operator's yes (approval.mail_above).
+        use: that yes is used up (once the message is stored, not at a check before)."""
         author = self.kernel.agents.get(sender)
         if author is None or author.killed or sender == OPERATOR:
             raise Fs9Error(errno.ENOENT, f"no such agent: {sender}")
@@ -50,7 +59,7 @@ class Mail:
         msg = message.parse(data, to=to, sender=sender, label=floor)
         self.kernel.bus._check_author(author, msg, floor)
         self.kernel.bus.approved(to, msg, sender, use=use)
-        return floor
+        return floor, approvals.mail_needs(author, msg.headers["classification"])
 
     def precheck(self, to: str, data: bytes, sender: str) -> None:
         """At the first writes: the headers, once whole, checked as at the send."""
@@ -61,5 +70,34 @@ class Mail:
         """One message from agent sender to cluster agent `to`; returns once stored (R3)
         and taken by the recipient's node (or refused there: its errno)."""
         self.kernel.rates.take(sender, "mail", len(data), time.monotonic())
-        floor = self.check(to, data, sender, use=True)
-        await self.cluster.work.submit(to, data, "mail", sender=sender, label=floor)
+        floor, gated = self.check(to, data, sender, use=False)
+        if not gated:
+            await self.cluster.work.submit(to, data, "mail", sender=sender, label=floor)
+            return
+        # the operator's yes is used once the message is stored and taken: a send
+        # refused (by JetStream, the stream's size, the recipient's node) leaves it for
+        # the next try, as on one node, where a refused send uses none. One such send at
+        # a time, so that one yes lets one message through, not all sent meanwhile.
+        async with self.gated:
+            self.check(to, data, sender, use=False)  # (not used by the one before)
+            await self.cluster.work.submit(to, data, "mail", sender=sender, label=floor)
+            try:
+                self.check(to, data, sender, use=True)
+            except Fs9Error:
+                pass  # (the yes expired while the message was stored: it was sent with it)
+
+
+def composed(kernel, agent, data: bytes, sender: str):
+    """What another node's kernel composed for agent (forward.py): a task's result or
+    status update, delivered as the kernel delivers its own (the recipient's clearance
+    and room checked: bus.deliver)."""
+    try:
+        msg = message.load(data, 0)
+    except (ValueError, KeyError, UnicodeDecodeError):
+        raise Fs9Error(errno.EINVAL, "a composed message that does not parse")
+    if msg.to != agent.name or msg.headers.get("from") != sender \
+            or msg.headers.get("type") not in ("result", "status_update") \
+            or not CORR_RE.fullmatch(msg.headers.get("id", "")):
+        raise Fs9Error(errno.EINVAL, "a composed message not for this agent or not a result")
+    kernel.bus.deliver(msg)
+    return agent.mailbox.get(msg.id)

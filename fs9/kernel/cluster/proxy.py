@@ -1,6 +1,8 @@
 """An agent's requests to an agent another node runs, checked as that agent: `in`,
-`ctl` and `mail/batch` written through its view, and `out`, `err` and `status` read
-through it (face/remote.py: resolve_as).
+`ctl` and `mail/batch` written through its view, and `out`, `err`, `status`,
+`manifest`, `tasks/` and its mailbox read through it (face/remoteview.py); and its
+`in`, `ctl run` and `mail/batch` of a cluster agent its own node runs, stored in
+JetStream as well (so that they outlive the node).
 
 On the sender's node (the only one that knows it): its view and pledges were checked
 by the face before the write got here (Gate.check: unveil, `send` for `in` and
@@ -24,12 +26,11 @@ import errno
 import time
 
 from ...errors import Fs9Error
-from .. import approvals, cmd
-from ..agents.agent import CMDS as AGENT_CMDS
+from .. import approvals
 from ..bus import batch, message
 from ..bus.message import CLASSIFICATIONS, clearance_allows
 from ..names import NAME_RE, OPERATOR
-from .work import MAX_TASK_BYTES
+from .work import MAX_TASK_BYTES, runs, verbs
 
 
 class Proxy:
@@ -54,7 +55,7 @@ class Proxy:
         run` line (kind run: no result), written by agent sender through its view."""
         author, level = self.author(sender)
         self.kernel.rates.take(sender, "mail", len(data), time.monotonic())
-        if approvals.mail_needs(author, level):
+        if to != sender and approvals.mail_needs(author, level):  # (as check_input)
             raise Fs9Error(errno.EPERM, f"work from {sender} is {level}: it needs the "
                                         "operator's yes (approval.mail_above); send it as "
                                         "a work_request through mail/new")
@@ -62,18 +63,17 @@ class Proxy:
 
     async def ctl(self, sender: str, to: str, data: bytes) -> None:
         """`ctl` of `to` written by agent sender: `run` lines are tasks (as the
-        operator's, in a write of their own), other verbs asked of its node, as sender."""
-        asker = self.asker(sender)
-        lines = (line.strip(" \t\r") for line in data.decode("utf-8", "replace").split("\n"))
-        verbs = [(line.split() or [""])[0] for line in lines if line and not line.startswith("#")]
-        if "run" not in verbs:
-            await self.cluster.work.ask(to, "ctl", data=data, **asker)
+        operator's, in a write of their own), other verbs asked of its node as sender
+        (this node's: applied here, as a local agent's ctl is)."""
+        asker, said = self.asker(sender), verbs(data)
+        if "run" not in said:
+            if self.cluster.remote(to) is None:
+                self.kernel.agent(to).ctl(data, sender)
+            else:
+                await self.cluster.work.ask(to, "ctl", data=data, **asker)
             return
-        if set(verbs) != {"run"}:
-            raise Fs9Error(errno.EINVAL, "in a cluster, `run` lines go in a write of their "
-                                         "own (each a task stored in JetStream)")
-        for p in cmd.parse(AGENT_CMDS, data):
-            await self.task(sender, to, (p.args[0] + "\n").encode(), "run")
+        for line in runs(data, said):
+            await self.task(sender, to, line, "run")
 
     async def batch(self, sender: str, to: str, head: bytes, lines: list[bytes]) -> None:
         """One write of `to`'s mail/batch: by agent sender (checked here as batch.send
@@ -105,9 +105,10 @@ class Proxy:
     # --- on the recipient's node ---------------------------------------------------
 
     def take_task(self, agent, data: bytes, kind: str, sender: str, label: str | None,
-                  corr: str):
+                  corr: str, node: str):
         """A task for agent from the work stream: the operator's, or agent sender's
-        (its node checked the author; here the recipient's side, as check_input)."""
+        (its node, `node`, checked the author; here the recipient's side, as
+        check_input)."""
         k, reply = self.kernel, ""
         if sender != OPERATOR:
             if not clearance_allows(agent.manifest["clearance"], label):
@@ -115,11 +116,13 @@ class Proxy:
                                              f"{agent.manifest['clearance']}, work from "
                                              f"{sender} is {label}")
             k.check_queue(agent, operator=False)
-            placed = self.cluster.placed(sender)
-            # its result goes back only to the sender placed in the cluster (not to a
-            # namesake of this node: an agent of this node is placed here, or not placed)
-            if kind == "task" and sender != agent.name and placed is not None and (
-                    sender not in k.agents or placed.get("node") == self.cluster.me):
+            placed, me = self.cluster.placed(sender), self.cluster.me
+            # its result goes back to the sender placed in the cluster (not to a
+            # namesake of this node: an agent of this node is placed here, or not
+            # placed), or to an agent of this node not placed that wrote it here
+            if kind == "task" and sender != agent.name and (
+                    placed is not None and (sender not in k.agents or placed.get("node") == me)
+                    or placed is None and node == me and sender in k.agents):
                 reply = sender
         return k.submit(agent, data, corr=corr, reply_to=reply)
 

@@ -26,18 +26,17 @@ import base64
 import errno
 import json
 import os
-import re
 
 import trio
 
 from ...errors import Fs9Error
 from .. import cmd
 from ..agents.agent import CMDS as AGENT_CMDS
-from ..bus import message
 from ..bus.message import CLASSIFICATIONS
 from ..names import NAME_RE, OPERATOR
 from ..stream import Changes
 from ..task import FINAL
+from .mail import CORR_RE, composed
 from ...errors import EngineError
 
 MAX_TASK_BYTES = 900 << 10  # a task in the stream: under NATS's 1 MiB payload, with headers
@@ -46,7 +45,21 @@ SWEEP_S = 0.1
 TAKEN_S = 5.0  # a write to `in` waits at most this long for the task to be queued
 REFUSALS_KEPT = 1000  # refused mail's reasons kept for its writer to ask about
 DONE_KEPT = 10_000  # ids of work acked here lately: a writer's "taken" may come after
-CORR_RE = re.compile(r"[0-9a-f]{16}")
+
+
+def verbs(data: bytes) -> list[str]:
+    """The verbs of a ctl write, a line each."""
+    lines = (line.strip(" \t\r") for line in data.decode("utf-8", "replace").split("\n"))
+    return [(line.split() or [""])[0] for line in lines if line and not line.startswith("#")]
+
+
+def runs(data: bytes, said: list[str]) -> list[bytes]:
+    """The tasks of a ctl write of `run` lines (said: its verbs); one mixing them with
+    other verbs would apply half (EINVAL)."""
+    if set(said) != {"run"}:
+        raise Fs9Error(errno.EINVAL, "in a cluster, `run` lines go in a write of their "
+                                     "own (each a task stored in JetStream)")
+    return [(p.args[0] + "\n").encode() for p in cmd.parse(AGENT_CMDS, data)]
 
 
 class Work:
@@ -80,7 +93,8 @@ class Work:
         if self.cluster.placed(name) is None:
             raise Fs9Error(errno.ENOENT, f"no such agent: {name}")
         corr = os.urandom(8).hex()
-        more = {} if sender == OPERATOR else {"Fs9-From": sender, "Fs9-Label": label or ""}
+        more = {} if sender == OPERATOR else {"Fs9-From": sender, "Fs9-Label": label or "",
+                                              "Fs9-Node": self.cluster.me}
         try:
             await self.engine.queue(name, data, corr, kind, **more)
         except EngineError as e:
@@ -93,7 +107,7 @@ class Work:
             # run here: taken at once from what was stored, not after the round trip of
             # the agent's consumer (whose delivery of it then only brings the handle to
             # ack it with): a JetStream fetch and two thread hops less a message
-            await self._arrived(agent, corr, kind, data, sender, label, None)
+            await self._arrived(agent, corr, kind, data, sender, label, None, self.cluster.me)
         with trio.move_on_after(TAKEN_S):
             if self.cluster.remote(name) is None:
                 await self.wait_taken(corr)
@@ -111,19 +125,15 @@ class Work:
         other verbs act on the agent where it runs, which checks them (its notes say a
         refusal, as on one node). A write mixing `run` with other verbs would apply half:
         refused."""
-        lines = (line.strip(" \t\r") for line in data.decode("utf-8", "replace").split("\n"))
-        verbs = [(line.split() or [""])[0] for line in lines if line and not line.startswith("#")]
-        if "run" not in verbs:
+        said = verbs(data)
+        if "run" not in said:
             if self.cluster.remote(name) is None:
                 self.kernel.agent(name).ctl(data)
             else:
                 await self.ask(name, "ctl", data=data)
             return
-        if set(verbs) != {"run"}:
-            raise Fs9Error(errno.EINVAL, "in a cluster, `run` lines go in a write of their "
-                                         "own (each a task stored in JetStream)")
-        for p in cmd.parse(AGENT_CMDS, data):
-            await self.submit(name, (p.args[0] + "\n").encode())
+        for line in runs(data, said):
+            await self.submit(name, line)
 
     async def wait_taken(self, corr: str) -> None:
         """Until corr is queued here (or, refused, raise why)."""
@@ -236,14 +246,14 @@ class Work:
                     if corr in by_corr and corr not in self.corrs:
                         self.corrs[corr] = by_corr[corr]  # queued here before a restart
                     await self._arrived(agent, corr, headers.get("Fs9-Kind", ""), data,
-                                        sender, label, handle)
+                                        sender, label, handle, headers.get("Fs9-Node", ""))
 
     async def _arrived(self, agent, corr: str, kind: str, data: bytes, sender: str,
-                       label: str | None, handle) -> None:
+                       label: str | None, handle, node: str) -> None:
         """Work for agent, run here: queued (a task) or put in its mailbox (mail), once,
         whether it comes from the agent's consumer (handle: to ack it with) or from a
         write on this node (handle None: its consumer's delivery brings it later); held
-        until it ended, then acked (sweep)."""
+        until it ended, then acked (sweep). node: the writer's (an agent's work)."""
         name = agent.name
         if corr in self.done:  # (taken, ended and acked before a write's own turn came)
             return
@@ -256,7 +266,7 @@ class Work:
             if corr not in self.corrs:
                 try:
                     self.corrs[corr] = self._mail(agent, corr, data, sender, label) \
-                        if kind == "mail" else self._composed(agent, data, sender) \
+                        if kind == "mail" else composed(self.kernel, agent, data, sender) \
                         if kind == "composed" else self.kernel.guarded(
                             self.cluster.proxy.take_batch, agent, data, sender, label,
                             agent=name, file=f"agents/{name}/mail/batch (cluster)")
@@ -278,7 +288,7 @@ class Work:
                 try:
                     task = self.corrs[corr] = self.kernel.guarded(
                         self.cluster.proxy.take_task, agent, data, kind, sender, label,
-                        corr, agent=name, file=f"agents/{name}/in (cluster)")
+                        corr, node, agent=name, file=f"agents/{name}/in (cluster)")
                 except Fs9Error as e:  # (a daemon, an open breaker...): refused for good,
                     await self._refuse(corr, e, handle)  # said to the writer; never
                     return  # this node's end
@@ -296,22 +306,6 @@ class Work:
         return k.guarded(k.bus.send, agent, data, sender,
                          None if sender == OPERATOR else label, agent=agent.name,
                          file=f"agents/{agent.name}/mail/new (cluster)")
-
-    def _composed(self, agent, data: bytes, sender: str):
-        """What another node's kernel composed for agent (forward.py): a task's result
-        or status update, delivered as the kernel delivers its own (the recipient's
-        clearance and room checked: bus.deliver)."""
-        try:
-            msg = message.load(data, 0)
-        except (ValueError, KeyError, UnicodeDecodeError):
-            raise Fs9Error(errno.EINVAL, "a composed message that does not parse")
-        if msg.to != agent.name or msg.headers.get("from") != sender \
-                or msg.headers.get("type") not in ("result", "status_update") \
-                or not CORR_RE.fullmatch(msg.headers.get("id", "")):
-            raise Fs9Error(errno.EINVAL, "a composed message not for this agent or not "
-                                         "a result")
-        self.kernel.bus.deliver(msg)
-        return agent.mailbox.get(msg.id)
 
     async def _refuse(self, corr: str, e: Fs9Error, handle) -> None:
         """Work the agent's node refused: the reason kept for the writer, the message
