@@ -240,7 +240,8 @@ def test_a_manifests_nodes_say_where_its_agent_may_run(cluster):
     names = [f"p{i}" for i in range(1, 5)]
     for name in names:  # on the least loaded of n2 and n3, never on n1 (which has none)
         n1.write("nodes/ctl", f"spawn {name} def=pinned\n")
-        wait_for(lambda: name in os.listdir(n3.path / "agents"), what=f"{name} placed")
+        # n1 places by its own mirror of the placements: the next spawn waits for it there
+        wait_for(lambda: name in os.listdir(n1.path / "agents"), what=f"{name} placed")
     on = {j: kv(n1.read(f"nodes/n{j}"))["agents"].split() for j in (1, 2, 3)}
     assert on[1] == [] and len(on[2]) == len(on[3]) == 2, on
     wait_for(lambda: all(name in (n2.read("status") + n3.read("status")).split()
