@@ -53,8 +53,11 @@ done
 
 def ours(fs: Fs9Mount, programs_only: bool = False) -> dict[int, int]:
     """pid -> uid of what this mount's agents run: programs (FS9_MNT in their
-    environment) and, unless programs_only, their sandboxes' zygotes."""
+    environment) and, unless programs_only, the sandboxes (forked from the fork server,
+    whose command line ends with the server's pid) and the fork server. A zombie
+    waiting for its reaper holds nothing (no memory, fd, mount or namespace): not counted."""
     found, mark = {}, str(fs.path).encode()
+    server = b"fs9.drivers.forkserver\0"
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in (fs.pid, os.getpid()):
             continue
@@ -66,10 +69,20 @@ def ours(fs: Fs9Mount, programs_only: bool = False) -> dict[int, int]:
             uid = os.stat(f"/proc/{entry}").st_uid
         except OSError:
             continue
-        if b"FS9_MNT=" + mark + b"\0" in env or (
-                not programs_only and b"fs9.drivers.zygote" in cmdline and mark in cmdline):
+        if (b"FS9_MNT=" + mark + b"\0" in env or (
+                not programs_only and server in cmdline
+                and cmdline.split(b"\0")[-2:-1] == [str(fs.pid).encode()])) \
+                and not zombie(int(entry)):
             found[int(entry)] = uid
     return found
+
+
+def zombie(pid: int) -> bool:
+    """Whether pid has ended and waits for its reaper (or is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def blocked(pids) -> int:
@@ -200,7 +213,7 @@ def umount_s(fs: Fs9Mount) -> float:
     """Unmount, until the server and every agent process are gone."""
     t = time.monotonic()
     fs.umount()
-    wait(lambda: not os.path.exists(f"/proc/{fs.pid}") and not ours(fs), 60, "all gone")
+    wait(lambda: zombie(fs.pid) and not ours(fs), 60, "all gone")
     return time.monotonic() - t
 
 
