@@ -54,8 +54,9 @@ done
 def ours(fs: Fs9Mount, programs_only: bool = False) -> dict[int, int]:
     """pid -> uid of what this mount's agents run: programs (FS9_MNT in their
     environment) and, unless programs_only, the sandboxes (forked from the fork server,
-    whose command line ends with the server's pid) and the fork server. A zombie
-    waiting for its reaper holds nothing (no memory, fd, mount or namespace): not counted."""
+    whose command line ends with the server's pid), and the fork server once the server
+    is gone. A zombie waiting for its reaper holds nothing (no memory, fd, mount or
+    namespace): not counted."""
     found, mark = {}, str(fs.path).encode()
     server = b"fs9.drivers.forkserver\0"
     for entry in os.listdir("/proc"):
@@ -67,12 +68,13 @@ def ours(fs: Fs9Mount, programs_only: bool = False) -> dict[int, int]:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmdline = f.read()
             uid = os.stat(f"/proc/{entry}").st_uid
-        except OSError:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
+        except (OSError, ValueError):
             continue
-        if (b"FS9_MNT=" + mark + b"\0" in env or (
-                not programs_only and server in cmdline
-                and cmdline.split(b"\0")[-2:-1] == [str(fs.pid).encode()])) \
-                and not zombie(int(entry)):
+        if state != b"Z" and (b"FS9_MNT=" + mark + b"\0" in env or (
+                not programs_only and server in cmdline and int(ppid) != fs.pid
+                and cmdline.split(b"\0")[-2:-1] == [str(fs.pid).encode()])):
             found[int(entry)] = uid
     return found
 
