@@ -172,6 +172,19 @@ class Group:
                 return False
             time.sleep(0.01)
 
+    def remove_empty(self) -> bool:
+        """Remove the groups if nothing is in them (rmdir refuses a group with a process
+        in it: EBUSY): whether they are gone. No wait, one system call a group: many are
+        removed in one go (kernel/agents/endings.py); else `remove`, which waits."""
+        for d in self.dirs.values():
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError:  # EBUSY: a process still leaving it
+                return False
+        return True
+
     def remove(self) -> None:
         """Kill what is left, then remove the groups (the parent stays: shared)."""
         self.kill()

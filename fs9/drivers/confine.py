@@ -178,6 +178,7 @@ class Sandbox:
         self._replies: dict[int, dict] = {}
         self._exits: dict[int, int] = {}
         self._changed = trio.Event()
+        self._hearing = trio.CancelScope(shield=True)  # _listen's
         self.closed = ""  # why the sandbox ended, once it did
 
     @classmethod
@@ -202,17 +203,16 @@ class Sandbox:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sandbox._listen)
-                with trio.move_on_after(START_S):
-                    while "ready" not in sandbox._replies and not sandbox.closed:
-                        await sandbox._wait_change()
-                if "ready" in sandbox._replies:
-                    try:
+                try:
+                    with trio.move_on_after(START_S):
+                        while "ready" not in sandbox._replies and not sandbox.closed:
+                            await sandbox._wait_change()
+                    if "ready" in sandbox._replies:
                         yield sandbox
-                    finally:
-                        nursery.cancel_scope.cancel()
-                else:
-                    failed = sandbox.closed or "the sandbox did not start in time"
-                    nursery.cancel_scope.cancel()
+                    else:
+                        failed = sandbox.closed or "the sandbox did not start in time"
+                finally:
+                    sandbox._hearing.cancel()
             if failed:  # raised out here, not from the nursery: one plain error
                 raise SandboxError(failed)
         finally:
@@ -228,6 +228,13 @@ class Sandbox:
         self._changed = trio.Event()
 
     async def _listen(self) -> None:
+        # Shielded, until the sandbox is closed (open's end): when the whole agent is
+        # cancelled (an unmount), its run's end still hears its program exit after the
+        # SIGTERM, rather than wait out the grace period, then again after the SIGKILL.
+        with self._hearing:
+            await self._hear()
+
+    async def _hear(self) -> None:
         try:
             while data := await self._sock.recv(1 << 16):
                 msg = json.loads(data)
@@ -241,6 +248,8 @@ class Sandbox:
                 else:
                     self._replies["ready" if op == "ready" else msg["id"]] = msg
                 self._bump()
+        except ConnectionResetError:  # it exited with a request of ours unread: an end
+            pass  # as any other (its fork server killed, say), not a lost connection
         except OSError as e:
             self.closed = f"sandbox connection lost: {e}"
         self.closed = self.closed or "the sandbox exited"

@@ -303,14 +303,21 @@ def start_program(msg: dict, fds: list[int], spec: dict, ruleset, net_fd=None) -
 
 
 def kill_all(uid: int) -> None:
-    """Every process running as the agent's uid belongs to the agent: end them all."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except OSError:
-                pass
+    """Every process running as the agent's uid belongs to the agent: end them all. As
+    that uid, kill(-1) signals exactly the processes whose real or saved uid it is, in
+    one system call that a fork cannot outrun: no walk of /proc (a thousand sandboxes
+    ending at once each walked every process: an unmount took 20 s), and none missed for
+    having made itself undumpable (its /proc entry is then root's). A child of ours
+    takes the uid to do it and is reaped here, so no process of the uid is left over,
+    not even a zombie waiting for init."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)  # (never the caller itself)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
 
 
 def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter) -> None:

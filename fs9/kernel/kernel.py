@@ -16,7 +16,6 @@ import gc
 import logging
 import os
 import re
-import shutil
 import zlib
 from typing import Callable
 
@@ -27,7 +26,7 @@ from ..errors import NO_AGENT, Fs9Error
 from . import event_retention, replay, retention, snapshot, traces
 from .agents.breaker import AgentBreakers, check_new
 from .approvals import Approvals
-from .agents import escapes, spawn, starts
+from .agents import endings, escapes, spawn, starts
 from .agents.agent import Agent
 from .agents.ondemand import MAX_AWAKE, Wakes
 from .agents.memory import Memory
@@ -111,6 +110,7 @@ class Kernel(Lifecycles, RootCtl):
         self.forkserver = confine.ForkServer()  # forks each confined agent's sandbox
         # sandboxes starting at once, room kept for the operator's (agents/starts.py)
         self.sandbox_starts = starts.Starts(starts.PER_CPU * (os.cpu_count() or 1))
+        self.empty_groups = endings.EmptyGroups()  # ended agents' control groups go in bulk
         self.wakes = Wakes(self, max_awake)  # on-demand agents awake, those waiting for room
         self.spawns = 0  # spawn events so far
         self.instance = f"{zlib.crc32(self.state_dir.encode()):08x}"  # names its cgroups
@@ -189,7 +189,7 @@ class Kernel(Lifecycles, RootCtl):
             await self._serve(task_status)
         finally:  # the agents' loops have ended (their groups with them): their folders go
             if self.scratch_dir:
-                shutil.rmtree(self.scratch_dir, ignore_errors=True)
+                endings.remove_scratch_root(self.scratch_dir)
 
     async def _serve(self, task_status) -> None:
         async with trio.open_nursery() as nursery:

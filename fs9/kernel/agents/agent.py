@@ -233,17 +233,20 @@ class Agent(Runs, OnDemand, Shown):
             self.kernel.log.append("agent_unconfined", agent=self.name,
                                    reason="unconfined = true in its manifest")
         try:
-            async with contextlib.AsyncExitStack() as self._resources:
-                try:
-                    await self._loop()
-                finally:
-                    self._sandbox = None
-                    if self.group is not None:  # every process of the agent ends with it
-                        group, self.group = self.group, None
-                        with trio.CancelScope(shield=True):  # (groups empty in parallel:
-                            await trio.to_thread.run_sync(group.remove)  # an unmount's)
-                    if self.killed:
-                        shutil.rmtree(self.scratch, ignore_errors=True)
+            try:
+                async with contextlib.AsyncExitStack() as self._resources:
+                    try:
+                        await self._loop()
+                    finally:
+                        self._sandbox = None
+            finally:  # its sandbox has ended (its end kills every process of its uid)
+                if self.group is not None:  # then its control group goes, emptied
+                    group, self.group = self.group, None
+                    with trio.CancelScope(shield=True):  # (most often empty by now;
+                        if not await self.kernel.empty_groups.remove(group):  # else in
+                            await trio.to_thread.run_sync(group.remove)  # parallel)
+                if self.killed:
+                    shutil.rmtree(self.scratch, ignore_errors=True)
         finally:  # its sandbox is gone: nothing reads the vault from disk for it now
             self.kernel.native_reads.pop(self, None)
             if self.killed:  # nothing of it runs or starts now: its uid may be given again
