@@ -402,5 +402,6 @@ def _task_of(k, agent, name: str):
     task = k.tasks.get(int(name))
     if task is None:  # a finished task retired from memory: rebuilt from its events
         return finished.old(k, agent, int(name))
-    return task if task.agent == agent.name else None
+    # (a killed agent's finished tasks stay in memory under its name: not the next holder's)
+    return task if task.agent == agent.name and task.id > agent.spawn_seq else None
 

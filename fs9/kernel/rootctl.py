@@ -111,6 +111,7 @@ class RootCtl:
             self.kill(child.name)
         self.record("kill", agent=name)
         agent._cancel_run("cancelled")
+        self.models.owner_killed(name)  # (its name may be spawned again, by anyone)
 
     def halt(self) -> None:
         self.record("halt")
