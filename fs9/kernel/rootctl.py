@@ -112,6 +112,7 @@ class RootCtl:
         self.record("kill", agent=name)
         agent._cancel_run("cancelled")
         self.models.owner_killed(name)  # (its name may be spawned again, by anyone)
+        self.approvals.owner_killed(name)
 
     def halt(self) -> None:
         self.record("halt")
