@@ -378,3 +378,40 @@ def test_an_agent_cannot_queue_work_without_end(mount):
     mount.write("agents/sleeper/in", "the operator's\n")  # its room is twice as big
     assert int(mount.status("sleeper")["queued"]) == MAX_QUEUED + 1
     assert responsive(mount) < 1.0
+
+
+def test_an_agents_mail_to_other_oss_waits_within_bounds(mount):
+    """While NATS cannot be reached (here: nothing listens at the URL), cross-OS mail
+    waits in the federation's outbox, in fs9's memory and log: an agent's share of it is
+    bounded (EDQUOT), the operator still sends, and of the messages given up at their
+    deadline, the dead letters held are the latest 1,000."""
+    from fs9.kernel.federation import outbox
+    mount.sh("echo 'join nats://127.0.0.1:1 AS alpha' > federation/ctl && "
+             "echo 'peer beta ceiling=internal' > federation/ctl", check=True)
+    mount.define("relay", 'cmd = ["cat"]\nunconfined = true\npledge = ["send", "federate"]\n')
+    mount.write("ctl", "spawn relay\n")
+    box = mount.path / "agents/relay/view/agents/relay/outbox/echo@beta"
+
+    def send(n: int, deadline: str) -> list[int | None]:
+        said = []
+        for i in range(n):
+            said.append(errno_of(mount.write, box,
+                                 f"deadline: {deadline}\n\nm{i}\n"))
+        return said
+
+    def status() -> dict:
+        return dict(line.split("=", 1) for line in mount.read("federation/status").splitlines())
+
+    said = send(outbox.AGENT_MAX + 5, "+20")
+    assert said.count(None) == outbox.AGENT_MAX, set(said)
+    assert set(said[outbox.AGENT_MAX:]) == {errno.EDQUOT}
+    assert status()["outbox"] == str(outbox.AGENT_MAX)  # (none given up yet: all there)
+    assert "wait in the federation's outbox" in mount.read("agents/relay/err")
+    mount.write("federation/outbox/echo@beta", "classification: public\n\nmine\n")
+    mount.wait_for(lambda: status()["outbox"] == "1", timeout=90,
+                   what="relay's messages given up at their deadline")
+    assert send(10, "+1") == [None] * 10  # room again
+    mount.wait_for(lambda: status()["dead"] == str(outbox.AGENT_MAX + 10), timeout=60,
+                   what="the ten given up too")
+    assert len(os.listdir(mount.path / "federation/dead")) == outbox.MAX_DEAD
+    assert status()["outbox"] == "1"  # the operator's, which has no deadline
