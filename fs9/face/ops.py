@@ -23,7 +23,7 @@ from .access import Gate
 from .boundary import boundary, file_name
 from .changes import Changes
 from .desktop import is_desktop_program
-from .fdflags import nonblocking_now
+from .fdflags import FdFlags
 from .inodes import Inodes
 from .node import Handle, Node
 from .walk import Tree
@@ -55,6 +55,7 @@ class Operations(Changes, pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.gate = Gate(kernel, self.tree, self.uid, share_vault)
         self.inodes = Inodes()
+        self.fdflags = FdFlags(kernel.mount_path)  # readers' O_NONBLOCK now (fdflags.py)
         self.nursery = nursery  # for poll notifiers
         self.handles: dict[int, Handle] = {}
         self._seen_kills = len(kernel.killed)
@@ -261,7 +262,7 @@ class Operations(Changes, pyfuse3.Operations):
         """The reader's descriptor is non-blocking: now, as /proc shows it (set or cleared
         by fcntl after open), else as it was at open (fdflags.py). Asked only of a read
         with nothing to read (a stream's)."""
-        now = nonblocking_now(handle.pid, handle.ino, self.kernel.mount_path)
+        now = self.fdflags.nonblocking_now(handle)
         return handle.nonblocking if now is None else now
 
     def _opened(self, ino: int, handle: Handle) -> int:
