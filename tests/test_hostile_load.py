@@ -415,3 +415,33 @@ def test_an_agents_mail_to_other_oss_waits_within_bounds(mount):
                    what="the ten given up too")
     assert len(os.listdir(mount.path / "federation/dead")) == outbox.MAX_DEAD
     assert status()["outbox"] == "1"  # the operator's, which has no deadline
+
+
+def test_an_agent_makes_a_bounded_number_of_topics(mount):
+    """A topic keeps up to its retention (4 MiB) and is never removed, so an agent that
+    may make topics could hold memory without end, 4 MiB a topic: it makes at most 64,
+    agents together 1,024, and the operator makes more."""
+    from fs9.kernel.bus import publishing
+    maker = ('cmd = ["cat"]\nunconfined = true\npledge = ["read", "publish"]\n'
+             '[unveil]\n"topics" = "rw"\n')
+    mount.define("maker", maker)
+    n = publishing.AGENTS_TOPICS // publishing.AGENT_TOPICS
+    mount.write("ctl", "".join(f"spawn m{i} def=maker\n" for i in range(n + 1)))
+
+    def make(agent: str, count: int) -> list[int | None]:
+        return [errno_of(lambda i=i: open(mount.path / f"agents/{agent}/view/topics/"
+                                                       f"{agent}-{i}", "w").close())
+                for i in range(count)]
+
+    said = make("m0", publishing.AGENT_TOPICS + 3)
+    assert said == [None] * publishing.AGENT_TOPICS + [errno.EDQUOT] * 3
+    assert "64 at the most" in mount.read("agents/m0/err")
+    # publishing on a topic it made still works; another agent's topics are its own
+    mount.write("agents/m0/view/topics/m0-0", "hello\n")
+    for i in range(1, n):
+        assert make(f"m{i}", publishing.AGENT_TOPICS) == [None] * publishing.AGENT_TOPICS
+    assert make(f"m{n}", 1) == [errno.EDQUOT]  # agents' share is full
+    assert "the rest are the operator's to make" in mount.read(f"agents/m{n}/err")
+    mount.sh("touch topics/operators", check=True)
+    topics = os.listdir(mount.path / "topics")
+    assert len(topics) == publishing.AGENTS_TOPICS + 1 and "operators" in topics

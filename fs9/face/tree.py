@@ -239,7 +239,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
         msg.render, opened=lambda: k.bus.delivered(agent, msg),
         remove=lambda: k.guarded(k.bus.ack, agent, msg.name, agent=agent.name, file="mail")),
     "topics": lambda k, me=None: Dir(
-        create=lambda name: _topic(k, k.guarded(k.bus.create_topic, name), me)),
+        create=lambda name: _topic(k, k.guarded(k.bus.create_topic, name, me, agent=me,
+                                                file="topics"), me)),
     "topics/{topic}": _topic,
     "mail": None,  # the operator's mailbox: results of the requests it sent
     "mail/next": lambda k: StreamNode(lambda: NextCursor(k, k.bus.operator)),
