@@ -445,3 +445,19 @@ def test_an_agent_makes_a_bounded_number_of_topics(mount):
     mount.sh("touch topics/operators", check=True)
     topics = os.listdir(mount.path / "topics")
     assert len(topics) == publishing.AGENTS_TOPICS + 1 and "operators" in topics
+
+
+def test_an_agents_memory_notes_have_a_rate_the_operators_have_not(mount):
+    """Each write of a note is logged whole (1 MiB at most): without a rate an agent
+    rewriting one note in a loop grew the log at the disk's speed."""
+    mount.define("w", 'cmd = ["cat"]\nunconfined = true\n')
+    mount.write("ctl", "spawn w\n")
+    note = b"n" * (512 << 10)  # the bytes' rate is 1 MiB/s, a burst of 4 MiB
+    mine = [errno_of(mount.write, "agents/w/view/agents/w/memory/k", note)
+            for _ in range(30)]
+    assert mine[:8] == [None] * 8 and errno.EAGAIN in mine, mine
+    assert set(mine) == {None, errno.EAGAIN}
+    assert "over its rate for memory" in mount.read("agents/w/err")
+    for _ in range(30):  # the operator's writes of the same note: never limited
+        mount.write("agents/w/memory/k", note)
+    assert mount.read("agents/w/memory/k") == note.decode()
