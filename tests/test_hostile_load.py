@@ -461,3 +461,33 @@ def test_an_agents_memory_notes_have_a_rate_the_operators_have_not(mount):
     for _ in range(30):  # the operator's writes of the same note: never limited
         mount.write("agents/w/memory/k", note)
     assert mount.read("agents/w/memory/k") == note.decode()
+
+
+def test_an_agent_holds_a_bounded_number_of_opens(mount):
+    """Each open is fs9's memory until it is closed (a topic's cursor, a directory's
+    listing), and an agent's processes together may hold far more descriptors than one
+    process: past 4,096 of its opens, files and directories, another is EMFILE."""
+    import resource
+    from fs9.face.held import OPEN_PER_AGENT
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < OPEN_PER_AGENT + 100:
+        pytest.skip(f"this process may open {hard} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_PER_AGENT + 100, hard))
+    mount.define("h", 'cmd = ["cat"]\nunconfined = true\n')
+    mount.write("ctl", "spawn h\n")
+    status = mount.path / "agents/h/view/agents/h/status"
+    fds = []
+    try:
+        for _ in range(OPEN_PER_AGENT):
+            fds.append(os.open(status, os.O_RDONLY))
+        assert errno_of(os.open, status, os.O_RDONLY) == errno.EMFILE
+        assert errno_of(os.listdir, mount.path / "agents/h/view/agents/h") == errno.EMFILE
+        assert "holds 4096 files and directories of fs9 open" in mount.read("agents/h/err")
+        assert mount.read("agents/h/status")  # the operator's opens are not counted
+        os.close(fds.pop())
+        fds.append(os.open(status, os.O_RDONLY))  # room again
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert os.listdir(mount.path / "agents/h/view/agents/h")

@@ -24,6 +24,7 @@ from .boundary import boundary, file_name
 from .changes import Changes
 from .desktop import is_desktop_program
 from .fdflags import FdFlags
+from .held import Held
 from .inodes import Inodes
 from .node import Handle, Node
 from .walk import Tree
@@ -56,6 +57,7 @@ class Operations(Changes, pyfuse3.Operations):
         self.gate = Gate(kernel, self.tree, self.uid, share_vault)
         self.inodes = Inodes()
         self.fdflags = FdFlags(kernel.mount_path)  # readers' O_NONBLOCK now (fdflags.py)
+        self.held = Held(kernel)  # what each agent holds open (held.py)
         self.nursery = nursery  # for poll notifiers
         self.handles: dict[int, Handle] = {}
         self._seen_kills = len(kernel.killed)
@@ -212,10 +214,12 @@ class Operations(Changes, pyfuse3.Operations):
         self.gate.admit(path, ctx, listing=True)
         self.gate.check_listing(path)
         self.gate.may(node, os.R_OK, ctx, "list a directory")
+        self.held.check(split_view(path)[0], path)
         # a snapshot at open, so paging is consistent
         entries = await node.listing(lambda name: self._resolve(path + (name,)))
         fh = self._fh()
         self.dirs[fh] = node, [(name, child, path + (name,)) for name, child in entries]
+        self.held.add(fh, split_view(path)[0])
         return fh
 
     @boundary
@@ -235,6 +239,7 @@ class Operations(Changes, pyfuse3.Operations):
     @boundary
     async def releasedir(self, fh):
         listed = self.dirs.pop(fh, None)
+        self.held.drop(fh)
         if listed is not None:
             listed[0].closedir()
 
@@ -250,6 +255,7 @@ class Operations(Changes, pyfuse3.Operations):
         if writing or flags & os.O_TRUNC:
             self.gate.check(path, writing=True)
         self.gate.may_open(node, flags, ctx)
+        self.held.check(split_view(path)[0], path)
         handle = await node.open(flags, ctx)
         handle.opener = split_view(path)[0]  # whose blocked reads it counts (None: operator)
         handle.nonblocking = bool(flags & os.O_NONBLOCK)
@@ -269,6 +275,7 @@ class Operations(Changes, pyfuse3.Operations):
         fh = self._fh()
         handle.ino = ino
         self.handles[fh] = handle
+        self.held.add(fh, handle.opener)
         return fh
 
     def _unchanged(self, ino: int, handle: Handle) -> bool:
@@ -361,6 +368,7 @@ class Operations(Changes, pyfuse3.Operations):
         if path is not None and path not in self.transient_fh.values():
             self.transient.pop(path, None)
         handle = self.handles.pop(fh, None)
+        self.held.drop(fh)
         if handle is not None:
             if handle.poll_scope is not None:
                 handle.poll_scope.cancel()
