@@ -378,3 +378,26 @@ def test_a_calls_tools_count_toward_its_size(mount):
     assert len(asked) == 1, (m.read("agents/tooled/err"), m.read("err")[-800:])
     [aid] = asked
     assert int(status(m, aid)["what"].split("for up to ")[1].split()[0]) > 3000
+
+
+def test_a_killed_agents_approvals_go_with_it(mount):
+    """A yes is for the agent that asked: a killed agent's unused yes and its pending
+    question end with it, and whoever holds its name next asks anew."""
+    m = mount
+    m.define("tooler", 'cmd = ["cat"]\n[approval]\ntools = ["write", "delete"]\n')
+    m.write("ctl", "spawn tooler\n")
+    ask = "agents/tooler/view/agents/tooler/approve"
+    call = '{"tool": "write", "args": {"path": "vault/a", "content": "x"}}'
+    pend = '{"tool": "delete", "args": {"path": "vault/a"}}'
+    assert errno_of(m.write, ask, call) == errno.EAGAIN
+    assert errno_of(m.write, ask, pend) == errno.EAGAIN
+    m.sh("echo approve > approvals/1/ctl", check=True)
+    m.write("ctl", "kill tooler\n")
+    assert [status(m, a)["used"] for a in ("1", "2")] == ["yes", "yes"]
+    assert status(m, "2")["state"] == "expired"
+    m.write("ctl", "spawn tooler\n")
+    assert errno_of(m.write, ask, call) == errno.EAGAIN  # asked anew: approval 3
+    assert status(m, "3")["data"].startswith("write ")
+    assert errno_of(m.write, "approvals/2/ctl", "approve\n") == errno.EINVAL
+    assert errno_of(m.write, ask, pend) == errno.EAGAIN  # not the old one's answer
+    assert m.status("tooler")["approvals_pending"] == "3,4"

@@ -474,3 +474,46 @@ def test_a_trace_crosses_with_the_result(nats, members):
     assert gamma == {"member": "gamma", "seq": 7, "ts": 5.0, "kind": "task_done",
                      "agent": "w", "via": "beta"}
     assert not [line for line in trace(a, "tr-1") if line["kind"] == "forged"]
+
+
+def test_a_peers_trace_parts_are_bounded(nats, members):
+    """A peer that was sent a work request may send parts of its trace back, each
+    checked against every line held under that id, on the receiver's loop: a hostile
+    peer's parts under one id are at most 16, and the lines held under it 10,000, so
+    one part costs the receiver a bounded look (64 parts of 2,000 lines once cost
+    seconds of its loop)."""
+    from fs9.kernel.federation import trace
+    a, b = members
+    federated(nats, a, b)
+    for corr in ("tr-1", "tr-2"):
+        a.write("federation/outbox/echo@beta", f"type: work_request\nclassification: public\n"
+                                               f"correlation-id: {corr}\n\nhi\n")
+    wait_for(lambda: len(mails(a, "mail")) == 2, timeout=LONG_S, what="both results")
+    wait_for(lambda: len(log_rows(a, "fed_trace")) == 2, what="beta's own parts")
+    seq = iter(range(1 << 30))
+
+    def part(mid: int, corr: str, n: int) -> None:
+        body = "".join(json.dumps({"member": "beta", "seq": next(seq), "ts": 1.0,
+                                   "kind": "task_done"}) + "\n" for _ in range(n))
+        publish_raw(nats.url, "fs9.fed.alpha.beta", (
+            f"id: {mid:016x}\nfrom: federation@beta\nto: federation@alpha\ntype: event\n"
+            f"correlation-id: {corr}\nx-trace: part\n\n{body}").encode())
+    for i in range(8):  # big ones under tr-1
+        part(0xe100 + i, "tr-1", trace.MAX_LINES)
+    for i in range(20):  # many small ones under tr-2
+        part(0xe200 + i, "tr-2", 1)
+    wait_for(lambda: len(log_rows(a, "fed_trace")) + len(log_rows(a, "fed_rejected")) == 30,
+             timeout=LONG_S, what="alpha judging the 28 parts")
+    db = sqlite3.connect(f"file:{a.state / 'log.sqlite'}?mode=ro", uri=True)
+    try:
+        rows = [(c, json.loads(d)) for c, d in db.execute(
+            "SELECT corr, data FROM events WHERE kind='fed_trace'")]
+    finally:
+        db.close()
+    assert sum(d["n"] for c, d in rows if c == "tr-1") == trace.MAX_HELD
+    assert sum(1 for c, d in rows if c == "tr-2") == trace.MAX_PARTS_PEER
+    reasons = [r["reason"] for r in log_rows(a, "fed_rejected")]
+    assert sum("lines of the trace of 'tr-1' held already" in r for r in reasons) == 3
+    assert sum("taken from beta already" in r for r in reasons) == 20 + 1 - \
+        trace.MAX_PARTS_PEER
+    assert a.read("log/trace/tr-1").count('"member":"beta"') >= trace.MAX_HELD

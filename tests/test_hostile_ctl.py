@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import errno_of
+from conftest import errno_of, wait_task
 
 BOSS = ('cmd = ["cat"]\nunconfined = true\npledge = ["read", "spawn", "send"]\n'
         'spawns = ["echo"]\n[unveil]\n"ctl" = "w"\n')
@@ -150,3 +150,37 @@ def test_an_agent_starts_so_many_agents_and_a_definition_has_so_many(mount):
     mount.write("ctl", "kill w1\n")
     assert errno_of(mount.write, "ctl", "spawn w4 def=w\nspawn w5 def=w\n") == errno.EDQUOT
     assert not {"w4", "w5"} & set(os.listdir(mount.path / "agents"))
+
+
+def test_a_name_spawned_again_inherits_nothing_of_its_last_holder(mount):
+    """What a killed agent left under its name (its finished tasks, its conversations
+    with a model) is not the next holder's: an agent that may spawn a lower definition
+    under that name reads none of it, by id or by listing."""
+    mount.define("vipdef", 'cmd = ["cat"]\nunconfined = true\nclearance = "confidential"\n'
+                           '[unveil]\n"models/scripted" = "rw"\n')
+    mount.define("low", 'cmd = ["cat"]\n'
+                        '[unveil]\n"models/scripted" = "rw"\n')
+    mount.define("boss", 'cmd = ["cat"]\nunconfined = true\npledge = ["spawn"]\n'
+                         'spawns = ["low"]\n[unveil]\n"ctl" = "w"\n')
+    mount.sh("echo 'spawn vip def=vipdef' > ctl; echo 'spawn boss' > ctl", check=True)
+    mount.write("agents/vip/in", "the merger closes friday\n")
+    assert wait_task(mount, "vip")[0] == "the merger closes friday\n"
+    tid = mount.status("vip")["latest"]
+    models = "agents/vip/view/models/scripted"
+    cid = mount.read(f"{models}/clone").strip()
+    mount.write(f"{models}/{cid}/request", "the merger closes friday\n")
+    assert "merger" in mount.read(f"{models}/{cid}/reply")
+    assert cid in os.listdir(mount.path / models)
+    mount.write("ctl", "kill vip\n")
+    mount.write("agents/boss/view/ctl", "spawn vip def=low\n")
+    mine = mount.path / "agents/vip/view/agents/vip/tasks"
+    assert tid not in os.listdir(mine)
+    for path in (mine / tid, mine / tid / "in", mine / tid / "out",
+                 mount.path / "agents/vip/tasks" / tid):
+        assert errno_of(os.stat, path) == errno.ENOENT, path
+    assert cid not in os.listdir(mount.path / models)
+    for name in ("history", "last", "request", "status"):
+        assert errno_of(os.stat, mount.path / models / cid / name) == errno.ENOENT, name
+    assert "merger" not in "".join(mount.read(f"models/scripted/{c}/history")
+                                   for c in os.listdir(mount.path / "models/scripted")
+                                   if c.isdigit())

@@ -378,3 +378,116 @@ def test_an_agent_cannot_queue_work_without_end(mount):
     mount.write("agents/sleeper/in", "the operator's\n")  # its room is twice as big
     assert int(mount.status("sleeper")["queued"]) == MAX_QUEUED + 1
     assert responsive(mount) < 1.0
+
+
+def test_an_agents_mail_to_other_oss_waits_within_bounds(mount):
+    """While NATS cannot be reached (here: nothing listens at the URL), cross-OS mail
+    waits in the federation's outbox, in fs9's memory and log: an agent's share of it is
+    bounded (EDQUOT), the operator still sends, and of the messages given up at their
+    deadline, the dead letters held are the latest 1,000."""
+    from fs9.kernel.federation import outbox
+    mount.sh("echo 'join nats://127.0.0.1:1 AS alpha' > federation/ctl && "
+             "echo 'peer beta ceiling=internal' > federation/ctl", check=True)
+    mount.define("relay", 'cmd = ["cat"]\nunconfined = true\npledge = ["send", "federate"]\n')
+    mount.write("ctl", "spawn relay\n")
+    box = mount.path / "agents/relay/view/agents/relay/outbox/echo@beta"
+
+    def send(n: int, deadline: str) -> list[int | None]:
+        said = []
+        for i in range(n):
+            said.append(errno_of(mount.write, box,
+                                 f"deadline: {deadline}\n\nm{i}\n"))
+        return said
+
+    def status() -> dict:
+        return dict(line.split("=", 1) for line in mount.read("federation/status").splitlines())
+
+    said = send(outbox.AGENT_MAX + 5, "+20")
+    assert said.count(None) == outbox.AGENT_MAX, set(said)
+    assert set(said[outbox.AGENT_MAX:]) == {errno.EDQUOT}
+    assert status()["outbox"] == str(outbox.AGENT_MAX)  # (none given up yet: all there)
+    assert "wait in the federation's outbox" in mount.read("agents/relay/err")
+    mount.write("federation/outbox/echo@beta", "classification: public\n\nmine\n")
+    mount.wait_for(lambda: status()["outbox"] == "1", timeout=90,
+                   what="relay's messages given up at their deadline")
+    assert send(10, "+1") == [None] * 10  # room again
+    mount.wait_for(lambda: status()["dead"] == str(outbox.AGENT_MAX + 10), timeout=60,
+                   what="the ten given up too")
+    assert len(os.listdir(mount.path / "federation/dead")) == outbox.MAX_DEAD
+    assert status()["outbox"] == "1"  # the operator's, which has no deadline
+
+
+def test_an_agent_makes_a_bounded_number_of_topics(mount):
+    """A topic keeps up to its retention (4 MiB) and is never removed, so an agent that
+    may make topics could hold memory without end, 4 MiB a topic: it makes at most 64,
+    agents together 1,024, and the operator makes more."""
+    from fs9.kernel.bus import publishing
+    maker = ('cmd = ["cat"]\nunconfined = true\npledge = ["read", "publish"]\n'
+             '[unveil]\n"topics" = "rw"\n')
+    mount.define("maker", maker)
+    n = publishing.AGENTS_TOPICS // publishing.AGENT_TOPICS
+    mount.write("ctl", "".join(f"spawn m{i} def=maker\n" for i in range(n + 1)))
+
+    def make(agent: str, count: int) -> list[int | None]:
+        return [errno_of(lambda i=i: open(mount.path / f"agents/{agent}/view/topics/"
+                                                       f"{agent}-{i}", "w").close())
+                for i in range(count)]
+
+    said = make("m0", publishing.AGENT_TOPICS + 3)
+    assert said == [None] * publishing.AGENT_TOPICS + [errno.EDQUOT] * 3
+    assert "64 at the most" in mount.read("agents/m0/err")
+    # publishing on a topic it made still works; another agent's topics are its own
+    mount.write("agents/m0/view/topics/m0-0", "hello\n")
+    for i in range(1, n):
+        assert make(f"m{i}", publishing.AGENT_TOPICS) == [None] * publishing.AGENT_TOPICS
+    assert make(f"m{n}", 1) == [errno.EDQUOT]  # agents' share is full
+    assert "the rest are the operator's to make" in mount.read(f"agents/m{n}/err")
+    mount.sh("touch topics/operators", check=True)
+    topics = os.listdir(mount.path / "topics")
+    assert len(topics) == publishing.AGENTS_TOPICS + 1 and "operators" in topics
+
+
+def test_an_agents_memory_notes_have_a_rate_the_operators_have_not(mount):
+    """Each write of a note is logged whole (1 MiB at most): without a rate an agent
+    rewriting one note in a loop grew the log at the disk's speed."""
+    mount.define("w", 'cmd = ["cat"]\nunconfined = true\n')
+    mount.write("ctl", "spawn w\n")
+    note = b"n" * (512 << 10)  # the bytes' rate is 1 MiB/s, a burst of 4 MiB
+    mine = [errno_of(mount.write, "agents/w/view/agents/w/memory/k", note)
+            for _ in range(30)]
+    assert mine[:8] == [None] * 8 and errno.EAGAIN in mine, mine
+    assert set(mine) == {None, errno.EAGAIN}
+    assert "over its rate for memory" in mount.read("agents/w/err")
+    for _ in range(30):  # the operator's writes of the same note: never limited
+        mount.write("agents/w/memory/k", note)
+    assert mount.read("agents/w/memory/k") == note.decode()
+
+
+def test_an_agent_holds_a_bounded_number_of_opens(mount):
+    """Each open is fs9's memory until it is closed (a topic's cursor, a directory's
+    listing), and an agent's processes together may hold far more descriptors than one
+    process: past 4,096 of its opens, files and directories, another is EMFILE."""
+    import resource
+    from fs9.face.held import OPEN_PER_AGENT
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < OPEN_PER_AGENT + 100:
+        pytest.skip(f"this process may open {hard} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_PER_AGENT + 100, hard))
+    mount.define("h", 'cmd = ["cat"]\nunconfined = true\n')
+    mount.write("ctl", "spawn h\n")
+    status = mount.path / "agents/h/view/agents/h/status"
+    fds = []
+    try:
+        for _ in range(OPEN_PER_AGENT):
+            fds.append(os.open(status, os.O_RDONLY))
+        assert errno_of(os.open, status, os.O_RDONLY) == errno.EMFILE
+        assert errno_of(os.listdir, mount.path / "agents/h/view/agents/h") == errno.EMFILE
+        assert "holds 4096 files and directories of fs9 open" in mount.read("agents/h/err")
+        assert mount.read("agents/h/status")  # the operator's opens are not counted
+        os.close(fds.pop())
+        fds.append(os.open(status, os.O_RDONLY))  # room again
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert os.listdir(mount.path / "agents/h/view/agents/h")

@@ -389,3 +389,46 @@ def test_a_fifo_swapped_in_under_a_file_hangs_nothing(mount):
     assert status is not None and status.returncode == 0, "the mount hung"
     err = reader.stderr.read()
     assert reader.returncode == 1 and b"No such file" in err, (reader.returncode, err)
+
+
+def test_an_agent_cannot_fill_the_vaults_disk(tmp_path):
+    """The vault's disk (here a 64 MiB tmpfs) keeps a twentieth (at most 1 GiB) for the
+    operator: an agent writing through fs9 without end gets ENOSPC there, and the
+    operator still writes."""
+    from conftest import Mount, fuse_unavailable
+    from fs9.face.vaultfile import RESERVE_SHARE
+    if fuse_unavailable():
+        pytest.skip(fuse_unavailable())
+    m = Mount(tmp_path)
+    m.vault.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=755", "tmpfs",
+                        str(m.vault)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        m.mount()
+        try:
+            (m.vault / "f").mkdir()
+            m.define("filler", 'cmd = ["cat"]\nunconfined = true\nowns = ["vault/f"]\n'
+                               '[unveil]\n"vault/f" = "rw"\n')
+            m.write("ctl", "spawn filler\n")
+            chunk = b"x" * (1 << 20)
+            got = None
+            with open(m.path / "agents/filler/view/vault/f/big", "wb", buffering=0) as f:
+                for _ in range(80):  # more than the disk holds
+                    try:
+                        f.write(chunk)
+                    except OSError as e:
+                        got = e.errno
+                        break
+            assert got == errno.ENOSPC
+            fs = os.statvfs(m.vault)
+            reserve = fs.f_blocks * fs.f_frsize // RESERVE_SHARE
+            assert fs.f_bavail * fs.f_frsize >= reserve
+            m.write("vault/operators", b"y" * (2 << 20))  # the operator's room
+            assert (m.vault / "operators").stat().st_size == 2 << 20
+        finally:
+            m.umount()
+        assert not m.bugs()
+    finally:
+        subprocess.run(["umount", str(m.vault)], capture_output=True)

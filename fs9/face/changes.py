@@ -68,6 +68,7 @@ class Changes:
         """A new name in a directory that takes files: mail/ (one message, sent at
         close), topics/ (a new topic; each write publishes), or the vault."""
         path, parent = self._new_name(parent_ino, name, ctx, "create")
+        self.held.check(split_view(path)[0], path)
         handle, node = await parent.create(path[-1], mode, flags, ctx)
         handle.opener = split_view(path)[0]
         handle.nonblocking = bool(flags & os.O_NONBLOCK)

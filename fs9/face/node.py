@@ -183,6 +183,7 @@ class Handle:
     # opened O_NONBLOCK: a read that would wait is EAGAIN. As at open only: the kernel
     # sends a later fcntl(F_SETFL) with each read, but pyfuse3's read() does not pass it on
     nonblocking = False
+    fds: tuple[str, ...] = ()  # the opener's descriptors of it found last (fdflags.py)
     direct_io = True  # False: the kernel's page cache holds the file's data (the vault's)
     # (mtime, size) at open of a file the page cache may keep across opens (ops.py)
     cache_key: tuple[int, int] | None = None

@@ -23,7 +23,8 @@ from .access import Gate
 from .boundary import boundary, file_name
 from .changes import Changes
 from .desktop import is_desktop_program
-from .fdflags import nonblocking_now
+from .fdflags import FdFlags
+from .held import Held
 from .inodes import Inodes
 from .node import Handle, Node
 from .walk import Tree
@@ -55,6 +56,8 @@ class Operations(Changes, pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.gate = Gate(kernel, self.tree, self.uid, share_vault)
         self.inodes = Inodes()
+        self.fdflags = FdFlags(kernel.mount_path)  # readers' O_NONBLOCK now (fdflags.py)
+        self.held = Held(kernel)  # what each agent holds open (held.py)
         self.nursery = nursery  # for poll notifiers
         self.handles: dict[int, Handle] = {}
         self._seen_kills = len(kernel.killed)
@@ -211,10 +214,12 @@ class Operations(Changes, pyfuse3.Operations):
         self.gate.admit(path, ctx, listing=True)
         self.gate.check_listing(path)
         self.gate.may(node, os.R_OK, ctx, "list a directory")
+        self.held.check(split_view(path)[0], path)
         # a snapshot at open, so paging is consistent
         entries = await node.listing(lambda name: self._resolve(path + (name,)))
         fh = self._fh()
         self.dirs[fh] = node, [(name, child, path + (name,)) for name, child in entries]
+        self.held.add(fh, split_view(path)[0])
         return fh
 
     @boundary
@@ -234,6 +239,7 @@ class Operations(Changes, pyfuse3.Operations):
     @boundary
     async def releasedir(self, fh):
         listed = self.dirs.pop(fh, None)
+        self.held.drop(fh)
         if listed is not None:
             listed[0].closedir()
 
@@ -249,6 +255,7 @@ class Operations(Changes, pyfuse3.Operations):
         if writing or flags & os.O_TRUNC:
             self.gate.check(path, writing=True)
         self.gate.may_open(node, flags, ctx)
+        self.held.check(split_view(path)[0], path)
         handle = await node.open(flags, ctx)
         handle.opener = split_view(path)[0]  # whose blocked reads it counts (None: operator)
         handle.nonblocking = bool(flags & os.O_NONBLOCK)
@@ -261,13 +268,14 @@ class Operations(Changes, pyfuse3.Operations):
         """The reader's descriptor is non-blocking: now, as /proc shows it (set or cleared
         by fcntl after open), else as it was at open (fdflags.py). Asked only of a read
         with nothing to read (a stream's)."""
-        now = nonblocking_now(handle.pid, handle.ino, self.kernel.mount_path)
+        now = self.fdflags.nonblocking_now(handle)
         return handle.nonblocking if now is None else now
 
     def _opened(self, ino: int, handle: Handle) -> int:
         fh = self._fh()
         handle.ino = ino
         self.handles[fh] = handle
+        self.held.add(fh, handle.opener)
         return fh
 
     def _unchanged(self, ino: int, handle: Handle) -> bool:
@@ -360,6 +368,7 @@ class Operations(Changes, pyfuse3.Operations):
         if path is not None and path not in self.transient_fh.values():
             self.transient.pop(path, None)
         handle = self.handles.pop(fh, None)
+        self.held.drop(fh)
         if handle is not None:
             if handle.poll_scope is not None:
                 handle.poll_scope.cancel()

@@ -164,10 +164,11 @@ def _conv_request(k, conv):
                                             file="models"))
 
 
-def _note(k, agent, key: str):
-    """memory/KEY: an agent's note (kernel/agents/memory.py), written whole, kept across restarts."""
+def _note(k, agent, key: str, me=None):
+    """memory/KEY: an agent's note (kernel/agents/memory.py), written whole, kept across
+    restarts; me: who writes (an agent's writes have a rate)."""
     said = dict(agent=agent.name, file="memory")
-    return Ctl(lambda d: k.guarded(k.memory.set, agent, key, d, **said),
+    return Ctl(lambda d: k.guarded(k.memory.set, agent, key, d, me, **said),
                lambda: k.memory.get(agent, key) or b"", whole=True,
                refused=lambda e: k.refused(e, **said),
                remove=lambda: k.guarded(k.memory.delete, agent, key, **said))
@@ -200,8 +201,9 @@ ROWS: dict[str, Callable[..., Node | None]] = {
                             file="in"), whole=True,
         refused=lambda e: k.refused(e, agent=agent.name, file="in")),
     "agents/{agent}/view": None,  # the namespace as agent sees it (operator only)
-    "agents/{agent}/memory": lambda k, agent: Dir(create=lambda name: _note(k, agent, name)),
-    "agents/{agent}/memory/{note}": lambda k, agent, note: _note(k, agent, note),
+    "agents/{agent}/memory": lambda k, agent, me=None: Dir(
+        create=lambda name: _note(k, agent, name, me)),
+    "agents/{agent}/memory/{note}": lambda k, agent, note, me=None: _note(k, agent, note, me),
     "agents/{agent}/steps": lambda k, agent: Ctl(  # each line: one agent_step event
         lambda d: k.guarded(agent.steps, d, agent=agent.name, file="steps")),
     "agents/{agent}/approve": lambda k, agent, me=None: Ctl(  # a tool call, before it runs
@@ -239,7 +241,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
         msg.render, opened=lambda: k.bus.delivered(agent, msg),
         remove=lambda: k.guarded(k.bus.ack, agent, msg.name, agent=agent.name, file="mail")),
     "topics": lambda k, me=None: Dir(
-        create=lambda name: _topic(k, k.guarded(k.bus.create_topic, name), me)),
+        create=lambda name: _topic(k, k.guarded(k.bus.create_topic, name, me, agent=me,
+                                                file="topics"), me)),
     "topics/{topic}": _topic,
     "mail": None,  # the operator's mailbox: results of the requests it sent
     "mail/next": lambda k: StreamNode(lambda: NextCursor(k, k.bus.operator)),
@@ -402,5 +405,6 @@ def _task_of(k, agent, name: str):
     task = k.tasks.get(int(name))
     if task is None:  # a finished task retired from memory: rebuilt from its events
         return finished.old(k, agent, int(name))
-    return task if task.agent == agent.name else None
+    # (a killed agent's finished tasks stay in memory under its name: not the next holder's)
+    return task if task.agent == agent.name and task.id > agent.spawn_seq else None
 

@@ -17,6 +17,26 @@ from ..errors import Fs9Error
 from .access import may_set_attributes
 from .node import Attrs, Handle, Node
 
+# The vault's disk keeps this much for the operator (and fs9's log, often on the same
+# disk): an agent's write through fs9 that would leave less free is ENOSPC. A share of
+# the disk, at most RESERVE_MAX (a small disk keeps a twentieth).
+RESERVE_SHARE, RESERVE_MAX = 20, 1 << 30
+
+
+def reserve_kept(fd: int, size: int) -> None:
+    """ENOSPC if writing size more bytes at fd would leave its disk less free space
+    than the operator's reserve (blocking: a worker thread's)."""
+    fs = os.fstatvfs(fd)
+    reserve = min(fs.f_blocks * fs.f_frsize // RESERVE_SHARE, RESERVE_MAX)
+    if fs.f_bavail * fs.f_frsize - size < reserve:
+        raise OSError(errno.ENOSPC, f"the vault's disk keeps its last {reserve >> 20} MiB "
+                                    "for the operator")
+
+
+def agents_write(fd: int, data: bytes, off: int) -> int:
+    reserve_kept(fd, len(data))
+    return os.pwrite(fd, data, off)
+
 
 def disk(fn, *args):
     """Call a blocking disk function; OSError becomes Fs9Error with its errno."""
@@ -58,6 +78,8 @@ class VaultHandle(Handle):
 
     async def write(self, off: int, data: bytes) -> int:
         self.wrote = True
+        if self.agent is not None:
+            return await in_thread(agents_write, self.fd, data, off)
         return await in_thread(os.pwrite, self.fd, data, off)
 
     async def fsync(self, datasync: bool) -> None:

@@ -248,6 +248,17 @@ class Approvals:
         raise Fs9Error(errno.EAGAIN, f"pending approval {a.id}: {what} (the operator "
                        f"answers in approvals/{a.id})")
 
+    def owner_killed(self, name: str) -> None:
+        """Agent `name` was killed: its live approvals (asked, or yeses not yet used) go
+        with it; the name's next holder asks anew (they are found by name)."""
+        mine = [a for a in self.live.values() if a.agent == name]
+        items = [("approval_answered", dict(agent=name, id=a.id, answer="expired",
+                                            reason="agent killed", corr=a.corr or None))
+                 for a in mine if a.state == "pending"]
+        items += [("approval_used", dict(agent=name, id=a.id)) for a in mine]
+        if items:
+            self.kernel.record_many(items)
+
     def tool(self, agent, data: bytes, by: str | None) -> None:
         """agents/NAME/approve, written by the agent before it runs a tool call (the llm
         driver does): the write succeeds if the tool needs no yes or has one (used up);

@@ -111,6 +111,8 @@ class RootCtl:
             self.kill(child.name)
         self.record("kill", agent=name)
         agent._cancel_run("cancelled")
+        self.models.owner_killed(name)  # (its name may be spawned again, by anyone)
+        self.approvals.owner_killed(name)
 
     def halt(self) -> None:
         self.record("halt")

@@ -53,11 +53,15 @@ class Memory:
         note = self.notes.get(agent.holder, {}).get(key)
         return None if note is None else note[0]
 
-    def set(self, agent, key: str, data: bytes) -> None:
+    def set(self, agent, key: str, data: bytes, by: str | None = None) -> None:
+        """by: the agent that writes (None: the operator). Each write is logged whole,
+        so an agent's writes have a rate (rate.py), as its mail has."""
         if not NAME_RE.fullmatch(key):
             raise Fs9Error(errno.EINVAL, f"bad note name {key!r}: letters, digits, _ . -")
         if len(data) > MAX_NOTE:
             raise Fs9Error(errno.EFBIG, f"a note is at most {MAX_NOTE} bytes")
+        if by is not None:
+            self.kernel.rates.take(by, "memory", len(data), time.monotonic())
         self.kernel.record("memory_set", agent=agent.name, key=key, blob=data, size=len(data),
                            holder=agent.holder)
         self.prune(agent)

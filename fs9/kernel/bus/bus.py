@@ -28,6 +28,7 @@ publish `published` (its body kept apart, only as long as the topic keeps the ev
 topic.py). State is rebuilt by replaying those events like all kernel state. Reads are logged as `mail_delivered`; delivery is at-least-once because
 only `rm` removes a message.
 """
+import collections
 import errno
 import heapq
 import math
@@ -76,6 +77,7 @@ class Bus(Publishing):
         self.kernel = kernel
         self.operator = Operator()
         self.topics: dict[str, Topic] = {}
+        self.topics_by: collections.Counter[str] = collections.Counter()  # agent -> made
         self.retention = self._retention()
         # from -> its latest idempotency keys -> the id of the message stored for each
         self.sent_keys: Latest = Latest(KEYS_SENDERS)

@@ -12,6 +12,10 @@ from .. import approvals
 from ..names import NAME_RE
 from .topic import MAX_EVENT, Retention, Topic
 
+# topics an agent may make (each keeps up to its retention: topic.py), and all agents
+# together; the operator's are not counted
+AGENT_TOPICS, AGENTS_TOPICS = 64, 1024
+
 
 class Publishing:
     """Bus's topics (it holds the kernel, the topics, deliver_event)."""
@@ -25,12 +29,20 @@ class Publishing:
                                    "keeps the defaults")
             return Retention()
 
-    def create_topic(self, name: str) -> Topic:
-        """The topic NAME, created (and logged) if new."""
+    def create_topic(self, name: str, by: str | None = None) -> Topic:
+        """The topic NAME, created (and logged) if new; by: the agent that makes it
+        (EDQUOT past its share: topics are never removed, and each keeps up to its
+        retention, so their number is what bounds them)."""
         if not NAME_RE.fullmatch(name):
             raise Fs9Error(errno.EINVAL, f"bad topic name {name!r}: letters, digits, _ . -")
         if name not in self.topics:
-            self.kernel.record("topic_created", topic=name)
+            if by is not None and self.topics_by[by] >= AGENT_TOPICS:
+                raise Fs9Error(errno.EDQUOT, f"agent {by} has made {self.topics_by[by]} "
+                                             f"topics: {AGENT_TOPICS} at the most")
+            if by is not None and sum(self.topics_by.values()) >= AGENTS_TOPICS:
+                raise Fs9Error(errno.EDQUOT, f"agents have made {AGENTS_TOPICS} topics: "
+                                             "the rest are the operator's to make")
+            self.kernel.record("topic_created", topic=name, **({"by": by} if by else {}))
         return self.topics[name]
 
     def publish(self, topic: Topic, data: bytes, sender: str = "operator") -> None:
@@ -69,6 +81,8 @@ class Publishing:
         return self.topics[name]
 
     def on_topic_created(self, e, agent, task):
+        if e.data["topic"] not in self.topics and "by" in e.data:
+            self.topics_by[e.data["by"]] += 1
         self._topic(e.data["topic"])
 
     def on_published(self, e, agent, task):

@@ -197,7 +197,7 @@ class Federation:
         lines = [f"os={self.me or '-'}", f"url={self.url or '-'}", f"connection={self.state}",
                  f"key={self.key or 'none'}",
                  f"peers={' '.join(sorted(self.peers)) or '-'}", f"outbox={len(self.outbox)}",
-                 f"dead={len(self.outbox.dead)}", f"sent={self.outbox.sent}",
+                 f"dead={self.outbox.died}", f"sent={self.outbox.sent}",
                  f"approvals={len(self.governance.held)}",
                  *(f"{k}={v}" for k, v in self.inbox.counts.items()),
                  f"last_error={self._last_error() or '-'}"]
@@ -299,10 +299,13 @@ class Federation:
     def send(self, to: str, data: bytes, sender: str = OPERATOR) -> None:
         """Queue one message to NAME@OS: logged (fed_queued) before this returns."""
         msg, peer = self.check(to, data, sender)
+        author = self.kernel.agents.get(sender)
+        if author is not None:  # as local mail: its rate, and its share of the outbox
+            self.outbox.room(sender, len(data))
+            self.kernel.rates.take(sender, "mail", len(data), time.monotonic())
         self.kernel.bus.approved(to, msg, sender, use=True)  # (approval.mail_above)
         msg.headers["id"] = os.urandom(8).hex()
         corr = msg.headers.setdefault("correlation-id", msg.id)
-        author = self.kernel.agents.get(sender)
         level = msg.headers["classification"]
         if author is not None and level != author.manifest["clearance"] and \
                 not message.clearance_allows(level, author.manifest["clearance"]):

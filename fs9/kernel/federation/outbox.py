@@ -5,9 +5,15 @@ by JetStream, oldest first, and the dead letters, those given up. Its events:
 A message whose `deadline` passes before JetStream has it is given up (`fed_dead`), never
 silently dropped, and never published after: the sender (link.py) checks the deadline
 before each publish, and a message being published is not given up under it.
+Bounded while NATS is away or a peer paused: an agent's messages waiting here are at most
+AGENT_MAX of them or AGENT_MAX_BYTES, all agents' together AGENTS_MAX_BYTES (the
+operator's are not counted: it keeps room), EDQUOT past it (`room`); the dead letters
+held in memory (federation/dead/) are the latest MAX_DEAD (the rest stay in the log).
 `fed_sent` promises nothing durable, so it rides with the log's next commit (EventLog.
 defer) rather than costing one of its own: a crash before that commit publishes the
 message again, which JetStream's dedupe window or the receiver's own record drops."""
+import collections
+import errno
 import heapq
 import math
 import time
@@ -15,8 +21,13 @@ from dataclasses import dataclass
 
 import trio
 
+from ...errors import Fs9Error
 from ..bus import message
 from ..stream import Changes
+
+AGENT_MAX, AGENT_MAX_BYTES = 1000, 64 << 20  # one agent's messages waiting here
+AGENTS_MAX_BYTES = 256 << 20  # all agents' together (a mailbox's 64 MiB, four times)
+MAX_DEAD = 1000  # dead letters held (and listed in federation/dead/)
 
 
 @dataclass
@@ -26,6 +37,7 @@ class Queued:
     deadline: float | None  # epoch seconds, from its `deadline` header
     chunks_sent: int = 0  # of a large message: how many chunks JetStream has (chunks.py)
     topic: bool = False  # an event of an exported topic (topics.py bounds how many wait)
+    agent: str | None = None  # the local agent that sent it (None: the operator, fs9)
 
 
 class Outbox:
@@ -38,12 +50,26 @@ class Outbox:
         self.deadlines: list[tuple[float, str]] = []  # a heap: (deadline, id) of pending ones
         self.sent = 0
         self.topic_events: dict[str, int] = {}  # peer -> its topic events pending here
+        self.of_agent: collections.Counter[str] = collections.Counter()  # waiting, by sender
+        self.bytes_of_agent: collections.Counter[str] = collections.Counter()
+        self.died = 0  # dead letters since event 1 (self.dead holds the latest)
 
     def __len__(self) -> int:
         return len(self.pending)
 
     def queued_for(self, peer: str) -> int:
         return sum(1 for q in self.pending.values() if q.os == peer)
+
+    def room(self, agent: str, size: int) -> None:
+        """Fs9Error(EDQUOT) if agent's message of `size` bytes would pass its share."""
+        if self.of_agent[agent] >= AGENT_MAX or \
+                self.bytes_of_agent[agent] + size > AGENT_MAX_BYTES:
+            raise Fs9Error(errno.EDQUOT, f"{self.of_agent[agent]} messages of agent {agent} "
+                           f"({self.bytes_of_agent[agent]} bytes) wait in the federation's "
+                           f"outbox: {AGENT_MAX} or {AGENT_MAX_BYTES >> 20} MiB at the most")
+        if sum(self.bytes_of_agent.values()) + size > AGENTS_MAX_BYTES:
+            raise Fs9Error(errno.EDQUOT, "agents' messages waiting in the federation's "
+                           f"outbox fill its {AGENTS_MAX_BYTES >> 20} MiB for agents")
 
     def expired(self, mid: str, now: float | None = None) -> bool:
         q = self.pending.get(mid)
@@ -94,7 +120,10 @@ class Outbox:
         deadline = e.data["deadline"] if "deadline" in e.data else \
             message.load(data, 0).deadline  # (logged before the field was)
         q = self.pending[e.data["id"]] = Queued(e.data["os"], data, deadline,
-                                                topic="topic" in e.data)
+                                                topic="topic" in e.data, agent=e.agent)
+        if q.agent is not None:
+            self.of_agent[q.agent] += 1
+            self.bytes_of_agent[q.agent] += len(data)
         if q.topic:
             self.topic_events[q.os] = self.topic_events.get(q.os, 0) + 1
         if deadline is not None:
@@ -120,9 +149,17 @@ class Outbox:
     def _on_dead(self, e, agent, task):
         q = self.pending.pop(e.data["id"], None)
         if q is not None:
+            self.died += 1
             self.dead[e.data["id"]] = q
+            if len(self.dead) > MAX_DEAD:
+                del self.dead[next(iter(self.dead))]
             self._left(q)
 
     def _left(self, q: Queued) -> None:
+        if q.agent is not None:
+            self.of_agent[q.agent] -= 1
+            self.bytes_of_agent[q.agent] -= len(q.data)
+            if self.of_agent[q.agent] <= 0:
+                del self.of_agent[q.agent], self.bytes_of_agent[q.agent]
         if q.topic:
             self.topic_events[q.os] -= 1

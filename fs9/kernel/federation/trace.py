@@ -10,9 +10,11 @@ others' parts travels on with it, so the first asker sees the whole chain; a par
 arrives after this OS answered is relayed to those it answered (its new lines only).
 
 A part is a peer's word: taken only from a peer this OS sent a work request under that
-id, MAX_PARTS under one id, only lines of the right shape (MAX_LINES a part), never lines
-of this OS itself (it has its own), each line not of the sender's own OS marked `via`
-the sender.
+id, MAX_PARTS under one id (MAX_PARTS_PEER of them from one peer, so one cannot crowd
+out the others), MAX_HELD lines under one id in all (each part received is checked
+against those held, on the loop: 64 parts of 2,000 lines once cost seconds of it), only
+lines of the right shape (MAX_LINES a part), never lines of this OS itself (it has its
+own), each line not of the sender's own OS marked `via` the sender.
 Recorded as `fed_trace` (origin, id, n; the lines in the blob), the receiver's record.
 """
 import json
@@ -27,6 +29,8 @@ from ..records import _json
 
 MAX_LINES = 2000  # of one part (each ~100 bytes: well under a message's 1 MiB)
 MAX_PARTS = 64  # taken under one correlation id, from all peers (each read at each part)
+MAX_PARTS_PEER = 16  # of them from one peer
+MAX_HELD = 10_000  # lines held under one correlation id, all parts together
 HEADER = "x-trace"
 KIND_RE = re.compile(r"[a-z_]{1,40}")
 OS_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -76,9 +80,14 @@ class Traces:
         parts = [e for e in self.kernel.log.trace(corr) if e.kind == "fed_trace"]
         if len(parts) >= MAX_PARTS:
             return f"{MAX_PARTS} trace parts of {corr!r} taken already"
+        if sum(1 for e in parts if e.data.get("origin") == origin) >= MAX_PARTS_PEER:
+            return f"{MAX_PARTS_PEER} trace parts of {corr!r} taken from {origin} already"
+        room = MAX_HELD - sum(e.data.get("n", 0) for e in parts)
+        if room <= 0:
+            return f"{MAX_HELD} lines of the trace of {corr!r} held already"
         held = {(line["member"], line["seq"]) for e in parts for line in self._lines(e)}
         lines = []
-        for raw in body.decode(errors="replace").splitlines()[:MAX_LINES]:
+        for raw in body.decode(errors="replace").splitlines()[:min(MAX_LINES, room)]:
             line = _checked(raw, origin)
             if line is not None and line["member"] != self.fed.me and \
                     (line["member"], line["seq"]) not in held:

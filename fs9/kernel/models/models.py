@@ -341,6 +341,13 @@ class Models(Calls):
         self.kernel.log.append("conversation_closed", agent=conv.owner, model=conv.model.name,
                                conv=conv.id, corr=conv.corr, reason=why)
 
+    def owner_killed(self, owner: str) -> None:
+        """Its conversations end with it: the name's next holder does not inherit them
+        (they are found by their owner's name)."""
+        for model in self.models.values():
+            for conv in [c for c in model.conversations.values() if c.owner == owner]:
+                self.close(conv, "owner killed")
+
     def halt(self) -> None:
         """The kill switch: every call in flight or waiting is cancelled."""
         for model in self.models.values():
