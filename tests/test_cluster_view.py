@@ -111,6 +111,18 @@ def test_an_agent_reads_tasks_manifest_and_mail_of_another_nodes_agent_as_of_a_t
         assert (errno_of(call, base / remote), errno_of(call, base / local)) == \
             (want, want), rel
     assert [n for n in os.listdir(n3.path / "agents/worker/mail") if n[0].isdigit()] == [msg]
+    # a name spawned again inherits nothing: the killed holder's finished task, still in
+    # its node's memory, is no task of the new worker's, through a view or not
+    n1.write("nodes/ctl", "kill worker\n")
+    for m in (n1, n3):
+        wait_for(lambda: "worker" not in os.listdir(m.path / "agents"), LONG_S, "worker gone")
+    n1.write("nodes/ctl", "spawn worker node=n3\n")
+    wait_for(lambda: "worker" in n3.read("status").split(), LONG_S, "worker again")
+    for path in (view / "worker/tasks" / task / "status",
+                 n1.path / "agents/worker/tasks" / task / "status",
+                 n3.path / "agents/worker/tasks" / task / "status"):
+        assert errno_of(_read, path) == errno.ENOENT, path
+    assert os.listdir(view / "worker/tasks") == []
     for m in (n1, n2, n3):
         assert not m.bugs()
 

@@ -402,9 +402,5 @@ _ASKS = {var for var, fns in VARS.items()
 def _task_of(k, agent, name: str):
     if not (name.isascii() and name.isdigit()) or name != str(int(name)):
         return None  # one name per task: 0005 is not 5
-    task = k.tasks.get(int(name))
-    if task is None:  # a finished task retired from memory: rebuilt from its events
-        return finished.old(k, agent, int(name))
-    # (a killed agent's finished tasks stay in memory under its name: not the next holder's)
-    return task if task.agent == agent.name and task.id > agent.spawn_seq else None
+    return finished.of(k, agent, int(name))
 

@@ -56,6 +56,16 @@ def retire(k, task: Task) -> None:
     k.plan.drop(task.seqs)  # its whole effect is the tallies a snapshot holds
 
 
+def of(k, agent, tid: int) -> Task | None:
+    """Agent's task tid, in memory or retired (None: not this agent's). A killed agent's
+    finished tasks stay in memory under its name: never the next holder's, whichever
+    node asks (face/tree.py, cluster/answers.py)."""
+    task = k.tasks.get(tid)
+    if task is None:  # a finished task retired from memory: rebuilt from its events
+        return old(k, agent, tid)
+    return task if task.agent == agent.name and task.id > agent.spawn_seq else None
+
+
 def old(k, agent, tid: int) -> Task | None:
     """Agent's retired task tid, rebuilt from its events (None: no such finished task
     of this agent). The same moves `Kernel.apply` makes, without tallies or waiters;

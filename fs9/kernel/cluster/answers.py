@@ -164,10 +164,8 @@ class Answers:
         return answer
 
     def _task(self, agent, req: dict) -> Task:
-        task = self.kernel.tasks.get(int(req["task"]))
-        if task is None:  # a finished task retired from memory: rebuilt from its events
-            task = finished.old(self.kernel, agent, int(req["task"]))
-        if task is None or task.agent != agent.name:
+        task = finished.of(self.kernel, agent, int(req["task"]))
+        if task is None:
             raise Fs9Error(errno.ENOENT, f"no such task of {agent.name}: {int(req['task'])}")
         return task
 
