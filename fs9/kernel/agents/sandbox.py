@@ -39,6 +39,23 @@ def free_uid_offset(kernel: "Kernel", running: set[int]) -> int:
     raise Fs9Error(errno.EAGAIN, f"all {uidslots.SLOT_SIZE} agent uids of this fs9 are in use")
 
 
+class UidPicker:
+    """Free uids for the spawns of one write: each vetted ahead (uidreserve.py), or,
+    when none is left, found with one walk of /proc for the whole write."""
+
+    def __init__(self, kernel: "Kernel") -> None:
+        self._kernel = kernel
+        self._running: set[int] | None = None
+
+    def next(self) -> int:
+        offset = self._kernel.uid_reserve.take(self._kernel)
+        if offset is not None:
+            return offset
+        if self._running is None:
+            self._running = running_uids(self._kernel)
+        return free_uid_offset(self._kernel, self._running)
+
+
 def scratch_root(kernel: "Kernel") -> str:
     """Where agents' scratch folders are: a folder of fs9's own (root's, 0711) made
     afresh in /tmp on first use, so no other user can plant a name in it. One that a
