@@ -10,7 +10,9 @@ import shutil
 import stat
 import tempfile
 
-from ...drivers import cgroups, confine, uidslots
+import trio
+
+from ...drivers import cgroups, confine, migrations, uidslots
 from ...errors import Fs9Error
 from .. import approvals, labels
 from . import limits
@@ -94,6 +96,14 @@ def make_scratch(agent) -> None:
         os.fchown(fd, agent.uid, agent.uid)
     finally:
         os.close(fd)
+
+
+def begin_group_moves(kernel: "Kernel") -> None:
+    """A sandbox starts: begin, in a worker thread, the grace period its first program's
+    move into its control groups would wait for (drivers/migrations.py)."""
+    if kernel._nursery is not None:
+        kernel._nursery.start_soon(lambda: trio.to_thread.run_sync(
+            migrations.begin_grace_period, abandon_on_cancel=True))
 
 
 def make_group(agent) -> cgroups.Group:
