@@ -102,9 +102,9 @@ def start_program(msg: dict, fds: list[int], spec: dict, ruleset, net_fd=None) -
 class Prepared:
     """The agent's first program, confined ahead and waiting for its start request."""
 
-    def __init__(self, spec: dict, layers) -> None:
-        """Fork it (called by the sandbox once its namespace is made and its seccomp
-        filter loaded). layers(): the Landlock layers (ruleset, net fd), made here."""
+    def __init__(self, spec: dict, ruleset, net_fd) -> None:
+        """Fork it (called by the sandbox once its namespace is made, its seccomp filter
+        loaded and its Landlock layers made)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:  # (a start may carry up to SPAWN_MAX in one packet; we are root)
             ours.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SPAWN_MAX + 4096)
@@ -114,7 +114,7 @@ class Prepared:
         pid = os.fork()
         if pid == 0:
             ours.close()
-            _wait_and_exec(theirs, parent, spec, layers)  # never returns
+            _wait_and_exec(theirs, parent, spec, ruleset, net_fd)  # never returns
         theirs.close()
         self.pid, self._sock = pid, ours
         self.used = False
@@ -149,7 +149,7 @@ class Prepared:
         return self.pid
 
 
-def _wait_and_exec(sock: socket.socket, parent: int, spec: dict, layers) -> None:
+def _wait_and_exec(sock: socket.socket, parent: int, spec: dict, ruleset, net_fd) -> None:
     msg = {"argv": ["?"]}
     try:
         # nothing of the sandbox's signal handling stays with it
@@ -162,7 +162,7 @@ def _wait_and_exec(sock: socket.socket, parent: int, spec: dict, layers) -> None
             os._exit(0)  # the sandbox ended before that was armed
         os.setsid()
         _join_groups(spec)
-        _confine(spec, *layers())
+        _confine(spec, ruleset, net_fd)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
             os._exit(0)

@@ -242,11 +242,6 @@ def seccomp_filter() -> pyseccomp.SyscallFilter:
     return flt
 
 
-def layers(spec: dict) -> tuple[landlock.Ruleset, int | None]:
-    """The agent's two Landlock layers: files, then network and scopes."""
-    return landlock_ruleset(spec), net_ruleset(spec)
-
-
 def net_ruleset(spec: dict) -> int | None:
     """The network-and-scopes Landlock layer (netrules.py) for this agent, or None."""
     net = spec.get("net", {})
@@ -271,14 +266,14 @@ def kill_all(uid: int) -> None:
 
 def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter) -> None:
     flt.load()
-    # its first program, forked now (under the filter), so that its move into the
-    # control groups overlaps the rest of our set-up and fs9's first start
-    # (programs.py); never used, it ends with us (its parent-death signal, kill_all)
+    ruleset, net_fd = landlock_ruleset(spec), net_ruleset(spec)
+    # its first program, forked now (under the filter, with the layers), so that its
+    # move into the control groups overlaps the rest of our set-up and fs9's first
+    # start (programs.py); never used, it ends with us (parent-death signal, kill_all)
     try:
-        first = programs.Prepared(spec, lambda: layers(spec))
+        first = programs.Prepared(spec, ruleset, net_fd)
     except OSError:
         first = None  # (then it starts as the rest do)
-    ruleset, net_fd = layers(spec)
     # pyseccomp has no public accessor for the listener fd; select needs it
     notify_fd = pyseccomp._libseccomp.seccomp_notify_fd(flt._filter)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
