@@ -25,6 +25,9 @@ class UidReserve:
         self._wanted = trio.Event()
         self._wanted.set()  # (the first walk comes at mount)
 
+    def __len__(self) -> int:
+        return len(self._free)  # (how many are vetted now)
+
     def take(self, kernel) -> int | None:
         """A vetted free offset, taken out of the reserve; None if none is left."""
         base = uidslots.uid_base(kernel.uid_slot)
