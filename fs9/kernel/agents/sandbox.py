@@ -98,12 +98,29 @@ def make_scratch(agent) -> None:
         os.close(fd)
 
 
+# One such write at a time, in a thread of its own: starts meanwhile share its grace
+# period, and a thousand sandboxes starting never hold the worker threads that other
+# work (a control group's removal, say) needs.
+_MOVES = trio.CapacityLimiter(1)
+
+
 def begin_group_moves(kernel: "Kernel") -> None:
     """A sandbox starts: begin, in a worker thread, the grace period its first program's
-    move into its control groups would wait for (drivers/migrations.py)."""
-    if kernel._nursery is not None:
-        kernel._nursery.start_soon(lambda: trio.to_thread.run_sync(
-            migrations.begin_grace_period, abandon_on_cancel=True))
+    move into its control groups would wait for (drivers/migrations.py), unless one
+    is under way."""
+    if kernel._nursery is not None and _MOVES.borrowed_tokens == 0:
+        kernel._nursery.start_soon(_begin_grace_period)
+
+
+async def _begin_grace_period() -> None:
+    try:
+        _MOVES.acquire_nowait()
+    except trio.WouldBlock:
+        return  # (one began a moment ago: this start shares its grace period)
+    try:
+        await trio.to_thread.run_sync(migrations.begin_grace_period, abandon_on_cancel=True)
+    finally:
+        _MOVES.release()
 
 
 def make_group(agent) -> cgroups.Group:
