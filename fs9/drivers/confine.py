@@ -241,6 +241,8 @@ class Sandbox:
                 else:
                     self._replies["ready" if op == "ready" else msg["id"]] = msg
                 self._bump()
+        except ConnectionResetError:
+            pass  # it exited with a request of ours unread (its fork server killed, say)
         except OSError as e:
             self.closed = f"sandbox connection lost: {e}"
         self.closed = self.closed or "the sandbox exited"
