@@ -2,9 +2,10 @@
 moved into the agent's control groups, dropped to the agent's uid with no capabilities,
 no_new_privs and Landlock, then exec'd with the fds fs9 handed over.
 
-The first program is prepared ahead (`Prepared`): as soon as the sandbox is ready it
-forks a process that does all of that but the exec, and waits for the first start
-request. Most of a start is then paid while fs9 hears that the sandbox is ready and
+The first program is prepared ahead (`Prepared`): once the sandbox has made its
+namespaces, loaded its seccomp filter and made its Landlock layers, and before it says
+it is ready, it forks a process that does all of that but the exec, and waits for the
+first start request. Most of a start is then paid while fs9 hears that the sandbox is ready and
 sends the first task: the fork, and above all the move into the control groups, whose
 first write waits for an RCU grace period of the kernel's cgroup migration lock (10-15
 ms; docs/benchmarks.md). A prepared process is exactly what start_program's child is
