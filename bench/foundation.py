@@ -75,10 +75,11 @@ class Fs9Mount:
         self.vault = root / "vault"
         self.pid: int | None = None
         self.agents.mkdir()
+        self.py, self.repo = PY, REPO  # whose fs9 it mounts (another tree: its .venv)
 
     def fs9(self, *args, timeout=30) -> subprocess.CompletedProcess:
-        return subprocess.run([PY, "-m", "fs9", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run([self.py, "-m", "fs9", *args], cwd=self.repo,
+                              capture_output=True, text=True, timeout=timeout)
 
     mount_args: list[str] = []  # more `fs9 mount` options
 

@@ -20,7 +20,6 @@ The log's size before and after: the file (SQLite keeps freed pages without a VA
 it does not shrink) and its pages in use. Prints a table, writes
 bench/results/retention.json, and removes what it made.
 """
-import os
 import shutil
 import sqlite3
 import sys

@@ -4,6 +4,8 @@
     .venv/bin/python bench/spawnspeed.py            (about 20 s)
     .venv/bin/python bench/spawnspeed.py --quick    (smoke run, rough figures)
     .venv/bin/python bench/spawnspeed.py --strict   (exit 1 when a target is missed)
+    .venv/bin/python bench/spawnspeed.py --vs /work/main   (before/after: confined spawns
+        of this tree's fs9 and of another tree's, with its own .venv, round by round)
 
 Needs root (confined agents). Mounts fs9 for real (bench/foundation.py's Fs9Mount) in a
 temporary directory made traversable (0711), defines D (`cmd = ["cat"]`), then times, for
@@ -148,12 +150,13 @@ def kill_all(mnt: Path, names: list[str], settle_s: float = 0.2) -> None:
 
 
 def spawn_to_output(fs: Fs9Mount, rounds: int = 10, per_round: int = 10,
-                    prefix: str = "sp", kinds=("confined", "unconfined", "bare")) -> dict:
+                    prefix: str = "sp", kinds=("confined", "unconfined", "bare"),
+                    raw: bool = False) -> dict:
     """Spawn-to-output samples (ms) of each kind, interleaved round by round: per round
     and kind, `per_round` fresh agents, each timed from its spawn write to its first
     task's out at EOF, then all killed (untimed):
-    {kind: {n, p50_ms, p90_ms, p99_ms, min_ms, max_ms}}. Blocks; raises RuntimeError
-    if an agent's output is wrong."""
+    {kind: {n, p50_ms, p90_ms, p99_ms, min_ms, max_ms}} (raw: {kind: [ms...]}). Blocks;
+    raises RuntimeError if an agent's output is wrong."""
     definition = define(fs)
     extra = {"confined": "", "unconfined": " unconfined=true"}
     ms: dict[str, list[float]] = {k: [] for k in kinds}
@@ -169,6 +172,8 @@ def spawn_to_output(fs: Fs9Mount, rounds: int = 10, per_round: int = 10,
                 names.append(f"{prefix}{kind[0]}{serial}")
                 ms[kind].append(one_spawn(fs.path, names[-1], definition, extra[kind]))
             kill_all(fs.path, names)
+    if raw:
+        return ms
     return {k: {"n": len(v), "p50_ms": statistics.median(v), "p90_ms": pct(v, 90),
                 "p99_ms": pct(v, 99), "min_ms": min(v), "max_ms": max(v)}
             for k, v in ms.items()}
@@ -191,12 +196,54 @@ def rows_of(s: dict) -> list[dict]:
     ]
 
 
+def versus(other: Path, rounds: int, per_round: int) -> int:
+    """Confined spawn-to-output of this tree's fs9 and of `other`'s (a git worktree with
+    its own .venv: main's, say), both mounted, a round of each in turn, so that both
+    meet the same load. Prints p50/p99 of each and their ratio."""
+    tmp = Path(tempfile.mkdtemp(prefix="fs9-spawnspeed-vs-"))
+    tmp.chmod(0o711)
+    mounts = {}
+    for label, tree in (("this tree", None), (str(other), other)):
+        (tmp / str(len(mounts))).mkdir(mode=0o711)
+        fs = Fs9Mount(tmp / str(len(mounts)))
+        fs.agents.chmod(0o755)
+        if tree is not None:
+            fs.py, fs.repo = str(tree / ".venv" / "bin" / "python"), tree
+        mounts[label] = fs
+    ms: dict[str, list[float]] = {label: [] for label in mounts}
+    try:
+        for fs in mounts.values():
+            fs.mount()
+        signal.alarm(WATCHDOG_S)
+        for i in range(rounds):
+            for label in (list(mounts) if i % 2 == 0 else list(mounts)[::-1]):
+                s = spawn_to_output(mounts[label], rounds=1, per_round=per_round,
+                                    prefix=f"r{i}", kinds=("confined",), raw=True)
+                ms[label] += s["confined"]
+        signal.alarm(0)
+    finally:
+        unmount_all(tmp, list(mounts.values()), "spawnspeed")
+    (a, b) = mounts
+    pa, pb = statistics.median(ms[a]), statistics.median(ms[b])
+    print(f"confined spawn to output, {len(ms[a])} spawns each, rounds of {per_round} "
+          f"alternating: {a} p50 {pa:.2f} ms p99 {pct(ms[a], 99):.2f} ms; {b} p50 {pb:.2f} "
+          f"ms p99 {pct(ms[b], 99):.2f} ms; p50 ratio {pa / pb:.2f}x, p99 ratio "
+          f"{pct(ms[a], 99) / pct(ms[b], 99):.2f}x")
+    load = os.getloadavg()
+    print(f"(on {os.cpu_count()} cpus, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
+    return 0
+
+
 def main() -> int:
     why = cannot_run("spawnspeed", root="confined agents need root")
     if why:
         print(why, file=sys.stderr)
         return 0
     quick = "--quick" in sys.argv
+    if "--vs" in sys.argv:
+        guard_signals(WATCHDOG_S)
+        return versus(Path(sys.argv[sys.argv.index("--vs") + 1]).resolve(),
+                      rounds=4 if quick else 10, per_round=5 if quick else 10)
     guard_signals(WATCHDOG_S)
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="fs9-spawnspeed-"))

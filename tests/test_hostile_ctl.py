@@ -80,6 +80,40 @@ def test_uids_never_repeat_while_a_holder_may_live(tmp_path):
     assert (tmp_path / "b" / "uid-slot").read_text() == str(b.uid_slot)  # remembered
 
 
+def test_uids_vetted_ahead_skip_one_a_holder_may_use(tmp_path):
+    """Spawns take uids a background walk of /proc vetted ahead (agents/uidreserve.py):
+    a uid a previous holder's program still runs as is not among them, and a spawn past
+    the vetted ones (a walk of its own) skips it too."""
+    import subprocess
+    import trio
+    from fs9.kernel.agents import uidreserve
+    from fs9.kernel.kernel import Kernel
+    (tmp_path / "agents").mkdir()
+    a = Kernel(str(tmp_path / "a"), str(tmp_path / "agents"))
+    a.spawn("first", "cmd=cat", "unconfined=true")
+    held = a.agents["first"].uid + 1  # the uid the next spawn would get
+
+    async def vet():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.uid_reserve.keep, a)
+            with trio.fail_after(60):
+                while len(a.uid_reserve) < uidreserve.LOW:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    squatter = subprocess.Popen(["sleep", "60"], user=held, group=held)
+    try:
+        trio.run(vet)
+        vetted = len(a.uid_reserve)
+        for n in range(vetted + 3):  # every vetted uid, then three found by a walk
+            a.spawn(f"a{n}", "cmd=cat", "unconfined=true")
+            assert a.agents[f"a{n}"].uid != held, n
+        assert len(a.uid_reserve) == 0
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
 def test_memory_belongs_to_the_definition_and_clearance_not_the_name(mount):
     mount.define("keeper", 'cmd = ["cat"]\nunconfined = true\nclearance = "confidential"\n')
     mount.sh("echo 'spawn keeper' > ctl", check=True)

@@ -27,6 +27,24 @@ echo done
 '''
 
 
+# What a program runs under, as it sees it: a sandbox's first program is confined ahead
+# (drivers/programs.py), every later one when it starts; the two must not differ.
+UNDER = r'''#!/bin/sh
+echo "ids=$(id -u) $(id -g) $(id -G)"
+grep -E '^(NoNewPrivs|Seccomp|Seccomp_filters|Cap[A-Za-z]+):' /proc/self/status |
+    tr -d ' \t' | sed 's/:/=/'
+for k in mnt net ipc uts pid; do echo "ns_$k=$(readlink /proc/self/ns/$k)"; done
+echo "cgroups=$(cut -d: -f2- /proc/self/cgroup | sort | tr '\n' ' ')"
+echo "leader=$([ "$(cut -d' ' -f6 /proc/$$/stat)" = "$$" ] && echo yes || echo no)"
+printf 'fds='  # (by the shell itself: a command substitution's pipe races its listing)
+for f in /proc/$$/fd/*; do printf '%s ' "${f##*/}"; done
+echo
+echo "nice=$(cut -d' ' -f19 /proc/$$/stat)"
+echo "etc=$(touch /etc/fs9-probe 2>&1 | grep -c denied)"
+echo "view=$(ls "$FS9_MNT" | tr '\n' ' ')"
+'''
+
+
 def read_to_eof(path) -> str:
     with open(path) as f:
         return f.read()
@@ -120,6 +138,33 @@ def test_no_sandbox_carries_anything_of_another_agent(mount):
     mount.write("ctl", "kill p2\nkill p3\n")
     for s in (seen["p2"], seen["p3"]):
         nothing_left(mount, [int(s["uid"])])
+
+
+def test_the_first_program_runs_under_what_every_later_one_does(mount):
+    """The first task's program (confined ahead of its start) and the second's (forked
+    at its start): the same uid and groups, no capabilities, no_new_privs, the same
+    seccomp filter, namespaces, control groups, Landlock (a write to /etc denied), a
+    session of its own, no fd but its three, the nice of its priority."""
+    mount.define("under", 'cmd = ["sh", "under.sh"]\n', {"under.sh": UNDER})
+    (mount.agents / "under").chmod(0o755)
+    (mount.agents / "under" / "under.sh").chmod(0o644)
+    first = fields(first_output(mount, "u1", " def=under priority=background"))
+    mount.write("agents/u1/ctl", "run y\n")
+    second = fields(read_to_eof(mount.path / "agents" / "u1" / "out"))
+    assert first == second, (first, second)
+    uid = first["ids"].split()[0]
+    assert first["ids"] == f"{uid} {uid} {uid}", first
+    assert first["NoNewPrivs"] == "1" and first["Seccomp"] == "2", first
+    assert first["CapEff"] == first["CapPrm"] == "0000000000000000", first
+    assert first["leader"] == "yes" and first["etc"] == "1", first
+    assert first["nice"] == "10", first  # background's (set from outside when prepared)
+    assert uid in first["cgroups"], first
+    assert first["ns_mnt"] != os.readlink(f"/proc/{mount.pid}/ns/mnt"), first
+    # its three, the script the shell reads, the folder its glob reads: nothing else
+    fds = first["fds"].split()
+    assert len(fds) == 5 and {"0", "1", "2"} <= set(fds), first
+    mount.write("ctl", "kill u1\n")
+    nothing_left(mount, [int(uid)])
 
 
 def test_a_fork_server_killed_is_replaced(mount):

@@ -51,10 +51,9 @@ import sys
 
 import landlock
 import pyseccomp
-from landlock.plumbing import get_restrict_self
 
 from fs9 import resolve
-from fs9.drivers import netrules
+from fs9.drivers import netrules, programs
 from fs9.drivers.confinable import landlock_call
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x10000000, 0x08000000, \
@@ -68,8 +67,6 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
 SPAWN_MAX = 8 << 20  # bytes of one request from fs9 (confine.SPAWN_MAX: a start's cmd and env)
-# Landlock logs denials after exec only when asked (ABI 7); older kernels refuse the flag.
-LOG_NEW_EXEC_ON = 2
 
 # Syscalls a confined program has no business making: each is refused and reported.
 ESCAPES = ("mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "ptrace",
@@ -256,52 +253,6 @@ def net_ruleset(spec: dict) -> int | None:
     return netrules.ruleset(none, none)
 
 
-def start_program(msg: dict, fds: list[int], spec: dict, ruleset, net_fd=None) -> int:
-    """Fork, drop to the agent's uid under Landlock, exec; the pid, or OSError."""
-    report_r, report_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setsid()
-            for target, fd in enumerate(fds):
-                os.dup2(fd, target, inheritable=True)
-            try:
-                os.setpriority(os.PRIO_PROCESS, 0, msg["nice"])
-            except OSError:
-                pass
-            for procs in spec.get("cgroups", ()):  # its control groups: limits, and an end
-                with open(procs, "w") as f:
-                    f.write("0")
-            uid = spec["uid"]
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: Landlock's precondition
-            for layer in (ruleset._fd, net_fd):
-                if layer is None:
-                    continue
-                try:
-                    landlock_call(get_restrict_self(), layer, LOG_NEW_EXEC_ON)
-                except OSError:  # a kernel before Landlock's audit flags (ABI 7)
-                    landlock_call(get_restrict_self(), layer, 0)
-            os.closerange(3, report_w)
-            os.closerange(report_w + 1, 65536)
-            os.chdir(msg["cwd"])
-            os.execvpe(msg["argv"][0], msg["argv"], msg["env"])
-        except OSError as e:
-            os.write(report_w, f"{msg['argv'][0]}: {e.strerror or e}".encode())
-        except BaseException as e:
-            os.write(report_w, f"{msg['argv'][0]}: {e!r}".encode())
-        os._exit(127)
-    os.close(report_w)
-    with os.fdopen(report_r, "rb") as report:
-        failure = report.read()  # EOF at exec: started
-    if failure:
-        os.waitpid(pid, 0)
-        raise OSError(errno.EACCES, failure.decode(errors="replace"))
-    return pid
-
-
 def kill_all(uid: int) -> None:
     """Every process running as the agent's uid belongs to the agent: end them all. As
     that uid, kill(-1) signals exactly the processes whose real or saved uid it is, in
@@ -321,17 +272,23 @@ def kill_all(uid: int) -> None:
 
 
 def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter) -> None:
-    ruleset = landlock_ruleset(spec)
-    net_fd = net_ruleset(spec)
     flt.load()
+    ruleset, net_fd = landlock_ruleset(spec), net_ruleset(spec)
+    # its first program, forked now (under the filter, with the layers), so that its
+    # move into the control groups overlaps the rest of our set-up and fs9's first
+    # start (programs.py); never used, it ends with us (parent-death signal, kill_all)
+    try:
+        first = programs.Prepared(spec, ruleset, net_fd)
+    except OSError:
+        first = None  # (then it starts as the rest do)
     # pyseccomp has no public accessor for the listener fd; select needs it
     notify_fd = pyseccomp._libseccomp.seccomp_notify_fd(flt._filter)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: None)  # PDEATHSIG: fs9 is gone
-    started: set[int] = set()
     send = lambda **m: sock.send(json.dumps(m).encode())  # noqa: E731
+    started: set[int] = set()
     send(op="ready")
     while True:
         ready, _, _ = select.select([sock, notify_fd, wake_r], [], [])
@@ -374,7 +331,10 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter) -> None
                     fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
             msg = json.loads(data)
             try:
-                pid = start_program(msg, list(fds), spec, ruleset, net_fd)
+                if first is not None and not first.used:
+                    pid = first.start(msg, list(fds))
+                else:
+                    pid = programs.start_program(msg, list(fds), spec, ruleset, net_fd)
                 started.add(pid)
                 send(op="started", id=msg["id"], pid=pid)
             except OSError as e:

@@ -26,7 +26,7 @@ from ..errors import NO_AGENT, Fs9Error
 from . import event_retention, replay, retention, snapshot, traces
 from .agents.breaker import AgentBreakers, check_new
 from .approvals import Approvals
-from .agents import endings, escapes, spawn, starts
+from .agents import endings, escapes, spawn, starts, uidreserve
 from .agents.agent import Agent
 from .agents.ondemand import MAX_AWAKE, Wakes
 from .agents.memory import Memory
@@ -131,6 +131,7 @@ class Kernel(Lifecycles, RootCtl):
         # under way at the kill) and its end kills that uid's processes and removes the
         # control group named by it. A spawn gets none of them (agents/sandbox.py).
         self.uids_ending: set[int] = set()
+        self.uid_reserve = uidreserve.UidReserve()  # free uids vetted ahead of spawns
         self.owners: dict[tuple[str, ...], str] = {}  # owned vault subtree -> its agent
         self.owned_depth = 0  # names in the longest claim ever made: owner_of looks no deeper
         self.tasks: dict[int, Task] = {}  # in memory: live ones, the latest finished
@@ -206,6 +207,7 @@ class Kernel(Lifecycles, RootCtl):
                     agent.wake()  # (one with no work sleeps on)
                 else:
                     self.start_loop(agent)
+            nursery.start_soon(self.uid_reserve.keep, self)
             nursery.start_soon(self.log.keep_checkpointed)
             nursery.start_soon(snapshot.keep, self, self.snapshot_seq)
             nursery.start_soon(self._service, retention.keep, self)

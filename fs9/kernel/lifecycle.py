@@ -121,6 +121,7 @@ class Lifecycles:
         self.spawns += 1
         # (an older log has no uid_offset: the spawn count gave it)
         self.uid_offset = e.data.get("uid_offset", self.spawns % uidslots.SLOT_SIZE)
+        self.uid_reserve.given(self.uid_offset)
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"],
                       uidslots.uid_base(self.uid_slot) + self.uid_offset)
         agent.spawn_seq = e.seq

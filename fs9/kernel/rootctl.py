@@ -64,10 +64,10 @@ class RootCtl:
                     raise Fs9Error(errno.EPERM, f"only the operator dismisses set-aside "
                                                 f"events, not agent {by}")
                 self._set_aside(p.args[0])
-        running = sandboxes.running_uids(self) if spawns else set()  # (one walk of /proc)
+        uids = sandboxes.UidPicker(self)  # (vetted ahead, or one walk of /proc a write)
         for p in parsed:
             if p.cmd.verb == "spawn":
-                self.spawn(*p.args, by=by, running=running)
+                self.spawn(*p.args, by=by, uids=uids)
             else:
                 getattr(self, p.cmd.method)(*p.args)
 
@@ -94,14 +94,14 @@ class RootCtl:
                 or (asker.current is not None and asker.current.reply_to == name))
 
     def spawn(self, name: str, *overrides: str, by: str | None = None,
-              running: set[int] | None = None) -> Agent:
+              uids: "sandboxes.UidPicker | None" = None) -> Agent:
         """Spawn NAME; a supervisor with its subtree, parents first, all checked first.
-        `running`: sandboxes.running_uids, when the caller walked /proc already."""
-        running = sandboxes.running_uids(self) if running is None else running
+        `uids`: the write's picker of free uids, when the caller has one."""
+        uids = sandboxes.UidPicker(self) if uids is None else uids
         for each, manifest, home, sup in supervision.plan(self, name, *overrides, by=by):
             os.makedirs(home, exist_ok=True)
             self.record("spawn", agent=each, manifest=manifest, home=home,
-                        uid_offset=sandboxes.free_uid_offset(self, running), **({"by": by} if by else {}),
+                        uid_offset=uids.next(), **({"by": by} if by else {}),
                         **({"supervisor": sup} if sup else {}))
         return self.agents[name]
 

@@ -285,6 +285,7 @@ class Agent(Runs, OnDemand, Shown):
                         f"its uid cannot reach {path}: {blocked} is closed to other users "
                         f"(chmod o+x {blocked}, or mount and keep agents elsewhere)")
             await self.kernel.mounted.wait()
+            sandboxes.begin_group_moves(self.kernel)
             sandboxes.make_scratch(self)
             if self.group is None:
                 self.group = sandboxes.make_group(self)

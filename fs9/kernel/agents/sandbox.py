@@ -10,7 +10,9 @@ import shutil
 import stat
 import tempfile
 
-from ...drivers import cgroups, confine, uidslots
+import trio
+
+from ...drivers import cgroups, confine, migrations, uidslots
 from ...errors import Fs9Error
 from .. import approvals, labels
 from . import limits
@@ -37,6 +39,23 @@ def free_uid_offset(kernel: "Kernel", running: set[int]) -> int:
                 base + offset not in kernel.uids_ending:
             return offset
     raise Fs9Error(errno.EAGAIN, f"all {uidslots.SLOT_SIZE} agent uids of this fs9 are in use")
+
+
+class UidPicker:
+    """Free uids for the spawns of one write: each vetted ahead (uidreserve.py), or,
+    when none is left, found with one walk of /proc for the whole write."""
+
+    def __init__(self, kernel: "Kernel") -> None:
+        self._kernel = kernel
+        self._running: set[int] | None = None
+
+    def next(self) -> int:
+        offset = self._kernel.uid_reserve.take(self._kernel)
+        if offset is not None:
+            return offset
+        if self._running is None:
+            self._running = running_uids(self._kernel)
+        return free_uid_offset(self._kernel, self._running)
 
 
 def scratch_root(kernel: "Kernel") -> str:
@@ -77,6 +96,31 @@ def make_scratch(agent) -> None:
         os.fchown(fd, agent.uid, agent.uid)
     finally:
         os.close(fd)
+
+
+# One such write at a time, in a thread of its own: starts meanwhile share its grace
+# period, and a thousand sandboxes starting never hold the worker threads that other
+# work (a control group's removal, say) needs.
+_MOVES = trio.CapacityLimiter(1)
+
+
+def begin_group_moves(kernel: "Kernel") -> None:
+    """A sandbox starts: begin, in a worker thread, the grace period its first program's
+    move into its control groups would wait for (drivers/migrations.py), unless one
+    is under way."""
+    if kernel._nursery is not None and _MOVES.borrowed_tokens == 0:
+        kernel._nursery.start_soon(_begin_grace_period)
+
+
+async def _begin_grace_period() -> None:
+    try:
+        _MOVES.acquire_nowait()
+    except trio.WouldBlock:
+        return  # (one began a moment ago: this start shares its grace period)
+    try:
+        await trio.to_thread.run_sync(migrations.begin_grace_period, abandon_on_cancel=True)
+    finally:
+        _MOVES.release()
 
 
 def make_group(agent) -> cgroups.Group:

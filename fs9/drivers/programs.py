@@ -1,0 +1,188 @@
+"""How a sandbox (zygote.py) starts the agent's programs: each forked from the sandbox,
+moved into the agent's control groups, dropped to the agent's uid with no capabilities,
+no_new_privs and Landlock, then exec'd with the fds fs9 handed over.
+
+The first program is prepared ahead (`Prepared`): once the sandbox has made its
+namespaces, loaded its seccomp filter and made its Landlock layers, and before it says
+it is ready, it forks a process that does all of that but the exec, and waits for the
+first start request. Most of a start is then paid while fs9 hears that the sandbox is ready and
+sends the first task: the fork, and above all the move into the control groups, whose
+first write waits for an RCU grace period of the kernel's cgroup migration lock (10-15
+ms; docs/benchmarks.md). A prepared process is exactly what start_program's child is
+just before its exec (the same groups, uid, Landlock layers and seccomp filter,
+inherited from the sandbox after it loaded it); it runs nothing of the agent's until
+the exec, holds nothing of the sandbox's past its set-up, and is a session leader, as
+every program is. Only the first is prepared: after each run, fs9 ends every process
+of the agent's control group (run.py), which a second one waiting would be.
+"""
+import array
+import ctypes
+import errno
+import json
+import os
+import signal
+import socket
+
+from landlock.plumbing import get_restrict_self
+
+from fs9.drivers.confinable import landlock_call
+
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+# Landlock logs denials after exec only when asked (ABI 7); older kernels refuse the flag.
+LOG_NEW_EXEC_ON = 2
+SPAWN_MAX = 8 << 20  # bytes of one start request (zygote.SPAWN_MAX)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _join_groups(spec: dict) -> None:
+    for procs in spec.get("cgroups", ()):  # its control groups: limits, and an end
+        with open(procs, "w") as f:
+            f.write("0")
+
+
+def _confine(spec: dict, ruleset, net_fd) -> None:
+    """This process, forked from the sandbox and in the agent's control groups: its
+    uid, no capabilities, no_new_privs and the Landlock layers."""
+    uid = spec["uid"]
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # Landlock's precondition
+    for layer in (ruleset._fd, net_fd):
+        if layer is None:
+            continue
+        try:
+            landlock_call(get_restrict_self(), layer, LOG_NEW_EXEC_ON)
+        except OSError:  # a kernel before Landlock's audit flags (ABI 7)
+            landlock_call(get_restrict_self(), layer, 0)
+
+
+def _exec(msg: dict, keep: int) -> None:
+    """Close every fd but 0-2 and `keep` (close-on-exec), then exec msg's program."""
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 65536)
+    os.chdir(msg["cwd"])
+    os.execvpe(msg["argv"][0], msg["argv"], msg["env"])
+
+
+def _why(msg: dict, e: BaseException) -> bytes:
+    text = (e.strerror or str(e)) if isinstance(e, OSError) else repr(e)
+    return f"{msg['argv'][0]}: {text}".encode()
+
+
+def start_program(msg: dict, fds: list[int], spec: dict, ruleset, net_fd=None) -> int:
+    """Fork, drop to the agent's uid under Landlock, exec; the pid, or OSError."""
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target, inheritable=True)
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, msg["nice"])
+            except OSError:
+                pass
+            _join_groups(spec)
+            _confine(spec, ruleset, net_fd)
+            _exec(msg, report_w)
+        except BaseException as e:
+            os.write(report_w, _why(msg, e))
+        os._exit(127)
+    os.close(report_w)
+    with os.fdopen(report_r, "rb") as report:
+        failure = report.read()  # EOF at exec: started
+    if failure:
+        os.waitpid(pid, 0)
+        raise OSError(errno.EACCES, failure.decode(errors="replace"))
+    return pid
+
+
+class Prepared:
+    """The agent's first program, confined ahead and waiting for its start request."""
+
+    def __init__(self, spec: dict, ruleset, net_fd) -> None:
+        """Fork it (called by the sandbox once its namespace is made, its seccomp filter
+        loaded and its Landlock layers made)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:  # (a start may carry up to SPAWN_MAX in one packet; we are root)
+            ours.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SPAWN_MAX + 4096)
+        except OSError:
+            pass
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            _wait_and_exec(theirs, parent, spec, ruleset, net_fd)  # never returns
+        theirs.close()
+        self.pid, self._sock = pid, ours
+        self.used = False
+
+    def start(self, msg: dict, fds: list[int]) -> int:
+        """Hand it msg's program and fds (stdin, stdout, stderr): its pid once exec'd,
+        or OSError (EACCES) with the reason it was not."""
+        self.used = True
+        try:
+            try:  # (raised as the sandbox may: the program's own start cannot, as root)
+                os.setpriority(os.PRIO_PROCESS, self.pid, msg["nice"])
+            except OSError:
+                pass
+            try:
+                self._sock.sendmsg([json.dumps(dict(argv=msg["argv"], env=msg["env"],
+                                                    cwd=msg["cwd"])).encode()],
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                     array.array("i", fds))])
+            except OSError as e:  # it failed (its reason may be waiting) or died
+                self._sock.setblocking(False)
+                try:
+                    failure = self._sock.recv(1 << 16)
+                except OSError:
+                    failure = b""
+                failure = failure or f"{msg['argv'][0]}: {e.strerror or e}".encode()
+            else:
+                failure = self._sock.recv(1 << 16)  # EOF at exec: started
+        finally:
+            self._sock.close()
+        if failure:
+            raise OSError(errno.EACCES, failure.decode(errors="replace"))
+        return self.pid
+
+
+def _wait_and_exec(sock: socket.socket, parent: int, spec: dict, ruleset, net_fd) -> None:
+    msg = {"argv": ["?"]}
+    try:
+        # nothing of the sandbox's signal handling stays with it
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        # with the sandbox: (a uid change clears it: set again below)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(0)  # the sandbox ended before that was armed
+        os.setsid()
+        _join_groups(spec)
+        _confine(spec, ruleset, net_fd)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(0)
+        os.closerange(3, sock.fileno())  # the sandbox's fds: none is kept while it waits
+        os.closerange(sock.fileno() + 1, 65536)
+        fds = array.array("i")
+        data, ancdata, _, _ = sock.recvmsg(SPAWN_MAX, socket.CMSG_LEN(16 * fds.itemsize))
+        if not data:
+            os._exit(0)  # the sandbox ended without a start
+        for level, kind, raw in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+        msg = json.loads(data)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target, inheritable=True)
+        _exec(msg, sock.fileno())
+    except BaseException as e:
+        try:
+            sock.send(_why(msg, e))
+        except OSError:
+            pass
+    os._exit(127)
