@@ -28,7 +28,6 @@ maybe an archive file no `events_retired` names: a copy of events still in the l
 after it, the cut is whole.
 `fs9 check`'s rule that events are numbered 1..N reads the latest `events_retired`.
 """
-import hashlib
 import json
 import logging
 import os
@@ -261,12 +260,7 @@ def archive(path: str, folder: str, seqs: list[int], tasks: list[int]) -> tuple[
         out.execute("DETACH src")
     finally:
         out.close()
-    h = hashlib.sha256()
-    with open(tmp, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    state._install(tmp, dest)  # synced and renamed: whole, or not there
-    return dest, h.hexdigest()
+    return dest, state.install_archive(tmp, dest)  # synced and renamed: whole, or not there
 
 
 # --- fs9 check -------------------------------------------------------------------------

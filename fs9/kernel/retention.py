@@ -22,7 +22,6 @@ round tries again). Rounds run an hour apart (the first a minute after the mount
 search for candidates in a worker thread with its own read-only connection.
 """
 import errno
-import hashlib
 import logging
 import os
 import sqlite3
@@ -177,9 +176,4 @@ def _archive(path: str, folder: str, tasks: list[int]) -> tuple[str, str, int]:
     finally:
         out.close()
         src.close()
-    h = hashlib.sha256()
-    with open(tmp, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    state._install(tmp, dest)  # synced and renamed: whole, or not there
-    return dest, h.hexdigest(), size
+    return dest, state.install_archive(tmp, dest), size  # synced and renamed: whole

@@ -10,6 +10,7 @@ mount point), written after the lock is taken, so a refused mount can say who ha
 """
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -298,6 +299,15 @@ def _unless_served(state_dir: str):
     finally:
         lock._write(lock.previous)  # the next server learns of the last one, not of us
         lock.release()
+
+
+def install_archive(tmp: str, path: str) -> str:
+    """An archive file written whole at tmp installed at path (retention.py,
+    event_retention.py); its SHA-256, which the record of the cut names."""
+    with open(tmp, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    _install(tmp, path)
+    return digest
 
 
 def _install(tmp: str, path: str) -> None:
