@@ -218,3 +218,39 @@ def test_a_name_spawned_again_inherits_nothing_of_its_last_holder(mount):
     assert "merger" not in "".join(mount.read(f"models/scripted/{c}/history")
                                    for c in os.listdir(mount.path / "models/scripted")
                                    if c.isdigit())
+
+
+def test_notes_of_killed_agents_an_agent_spawned_are_bounded(mount):
+    """An agent spawning and killing children under ever new names cannot grow fs9's
+    memory and log with their notes without end: past KEPT_HOLDERS such killed agents'
+    notes, the stalest go (logged); the operator's killed agents' notes stay for a
+    respawn, and a remount keeps what was cut cut."""
+    import json
+    from fs9.drivers import confinable
+    from fs9.kernel.agents.memory import KEPT_HOLDERS
+    if confinable.unavailable():  # (an agent starts only confined agents)
+        pytest.skip(f"agents are not confined here: {confinable.unavailable()}")
+    mount.define("kid", 'start = "on-demand"\ncmd = ["cat"]\n')  # (no process: cheap)
+    mount.define("spawner", BOSS.replace('"echo"', '"kid"'))
+    mount.sh("echo 'spawn spawner' > ctl; echo 'spawn mine def=kid' > ctl", check=True)
+    mount.write("agents/mine/memory/n", "the operator's\n")
+    mount.write("ctl", "kill mine\n")
+    ctl = "agents/spawner/view/ctl"
+    for i in range(KEPT_HOLDERS + 2):
+        mount.write(ctl, f"spawn k{i} def=kid\n")
+        mount.write(f"agents/k{i}/memory/n", f"note {i}\n")
+        mount.write(ctl, f"kill k{i}\n")
+    pruned = [json.loads(x) for x in mount.read("log/audit").splitlines()
+              if '"memory_pruned"' in x]
+    assert sorted(p["agent"] for p in pruned) == ["k0", "k1"], pruned
+    assert "spawned by an agent" in pruned[0]["reason"]
+    mount.umount()
+    mount.mount()
+    for name, note in (("k0", None), ("k1", None), ("k2", "note 2\n"),
+                       (f"k{KEPT_HOLDERS + 1}", f"note {KEPT_HOLDERS + 1}\n"),
+                       ("mine", "the operator's\n")):
+        mount.write("ctl", f"spawn {name} def=kid\n")  # the same definition again
+        got = os.listdir(mount.path / f"agents/{name}/memory")
+        assert got == ([] if note is None else ["n"]), name
+        if note is not None:
+            assert mount.read(f"agents/{name}/memory/n") == note

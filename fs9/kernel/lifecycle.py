@@ -132,6 +132,7 @@ class Lifecycles:
         self.uids[agent.uid] = agent
         if agent.spawned_by is not None:
             self.spawned_by[agent.spawned_by] += 1
+        self.memory.spawned(agent)
         self.owners.update(dict.fromkeys(agent.view.owns, agent.name))
         self.owned_depth = max([self.owned_depth, *map(len, agent.view.owns)])
         if not agent.on_demand:  # (an on-demand one sleeps until work comes)

@@ -113,6 +113,7 @@ class RootCtl:
         agent._cancel_run("cancelled")
         self.models.owner_killed(name)  # (its name may be spawned again, by anyone)
         self.approvals.owner_killed(name)
+        self.memory.owner_killed()  # (its notes stay for a respawn, within a bound)
 
     def halt(self) -> None:
         self.record("halt")

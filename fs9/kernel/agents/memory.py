@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 
 DEFAULTS = {"max_bytes": 1 << 20, "max_notes": 256, "max_age_days": 0}
 MAX_NOTE = 1 << 20
+# Notes of a killed agent are kept for a respawn of its definition; but an agent that
+# spawns and kills children under ever new names would grow them without end (memory,
+# the log, snapshots). So past these, notes of killed agents that an agent had spawned go,
+# the stalest holder's first (the operator's own agents' notes are never cut so).
+KEPT_HOLDERS = 256
+KEPT_BYTES = 64 << 20
 
 
 def policy(manifest: dict) -> dict:
@@ -45,6 +51,7 @@ class Memory:
     def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel
         self.notes: dict[str, dict[str, tuple[bytes, float]]] = {}
+        self.agents_spawned: set[str] = set()  # holders whose latest agent an agent spawned
 
     def keys(self, agent) -> list[str]:
         return sorted(self.notes.get(agent.holder, {}))
@@ -88,17 +95,46 @@ class Memory:
             self.delete(agent, key, f"over max_notes = {rules['max_notes']} or max_bytes = "
                                     f"{rules['max_bytes']}: the oldest note goes")
 
+    def owner_killed(self) -> None:
+        """An agent was killed (rootctl.kill, after its `kill` event): past KEPT_HOLDERS
+        or KEPT_BYTES of notes of killed agents that agents spawned, the stalest such
+        holders' notes go, each with a `memory_pruned` event (a replay drops them too)."""
+        live = {a.holder for a in self.kernel.agents.values() if not a.killed}
+        self.agents_spawned -= {h for h in self.agents_spawned - live if not self.notes.get(h)}
+        idle = {h: self.notes[h] for h in self.agents_spawned - live}
+        size = sum(len(d) for notes in idle.values() for d, _ in notes.values())
+        stalest = sorted(idle, key=lambda h: (max(t for _, t in idle[h].values()), h))
+        while stalest and (len(idle) > KEPT_HOLDERS or size > KEPT_BYTES):
+            holder = stalest.pop(0)
+            for key, (data, _) in sorted(idle.pop(holder).items()):
+                size -= len(data)
+                self.kernel.record("memory_pruned", agent=holder.split("|", 1)[0], key=key,
+                                   holder=holder, reason=f"its agent, spawned by an agent, was "
+                                   f"killed: of such notes the latest {KEPT_HOLDERS} agents' "
+                                   f"(at most {KEPT_BYTES} bytes) are kept")
+
     # --- applying events (replay too) ---------------------------------------------
 
     def appliers(self) -> dict:
         return {"memory_set": self.on_memory_set, "memory_deleted": self.on_memory_deleted,
                 "memory_pruned": self.on_memory_deleted}
 
+    def spawned(self, agent) -> None:
+        """agent's spawn applied: whether its notes count among agents' agents' (above)."""
+        if agent.spawned_by is None:
+            self.agents_spawned.discard(agent.holder)
+        else:
+            self.agents_spawned.add(agent.holder)
+
     def on_memory_set(self, e, agent, task) -> None:
         self.notes.setdefault(_holder(e, agent), {})[e.data["key"]] = (self.kernel.blob(e), e.ts)
 
     def on_memory_deleted(self, e, agent, task) -> None:
-        self.notes.get(_holder(e, agent), {}).pop(e.data["key"], None)
+        holder = _holder(e, agent)
+        notes = self.notes.get(holder, {})
+        notes.pop(e.data["key"], None)
+        if not notes:
+            self.notes.pop(holder, None)
 
 
 def _holder(e, agent) -> str:
