@@ -290,7 +290,7 @@ def _picture(k: Kernel) -> dict:
             tally=+a.tally, corrs=list(a.corrs), order=list(box.order), bytes=box.bytes,
             ids=dict(box.ids), dead=sorted(box.dead),
             mail={n: (m.to, m.body, dict(m.headers), m.seq) for n, m in box.pending.items()})
-    keys = [(sender, list(keys.items())) for sender, keys in k.bus.sent_keys.items()]
+    keys = k.bus.sent_keys.items()
     return dict(tasks=tasks, agents=agents, tally=+k.tally, keys=keys,
                 applied=+k.metrics.applied, orphans=[t.id for t in k.orphans],
                 durations=(list(k.metrics.durations.counts), k.metrics.durations.sum),

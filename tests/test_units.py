@@ -251,3 +251,25 @@ def test_landlock_calls_are_not_failed_by_an_earlier_ctypes_failure():
         t.start()
         t.join()
     assert found == [None, True]
+
+
+def test_idempotency_keys_are_bounded_in_all_and_a_flood_costs_its_sender():
+    """latest.SentKeys: each sender's latest keys, the latest senders, and a total past
+    which the sender holding the most loses its oldest: another sender's recent key (a
+    retry to come) outlives a flood of keys under one name or many."""
+    from fs9.kernel.latest import SentKeys
+    keys = SentKeys(per_sender=5, senders=4, total=10)
+    keys.put("honest", "k1", "m1")
+    for i in range(100):  # one name's flood: its own oldest go
+        keys.put("flood", f"f{i}", i)
+    assert keys.get("honest", "k1") == "m1" and keys.count == 6
+    assert keys.get("flood", "f94") is None and keys.get("flood", "f99") == 99
+    for name in ("p1", "p2"):  # many names: the sender holding the most loses first
+        for i in range(5):
+            keys.put(name, f"{name}-{i}", i)
+    assert keys.count == 10 and keys.get("honest", "k1") == "m1"
+    assert len(keys.by["flood"]) < 5
+    keys.put("p3", "x", 0)  # a fifth sender: the one that used a key longest ago goes
+    assert "honest" not in keys.by and len(keys.by) == 4 and keys.count <= 10
+    keys.put("p3", "x", 1)  # the same key again: no growth
+    assert keys.get("p3", "x") == 1 and keys.count == sum(map(len, keys.by.values()))

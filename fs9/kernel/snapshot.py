@@ -48,8 +48,6 @@ from .. import __version__
 from ..errors import Fs9Error
 from . import state
 from . import finished
-from .latest import Latest
-from .bus.bus import KEYS_PER_SENDER
 
 log = logging.getLogger("fs9.snapshot")
 
@@ -107,7 +105,7 @@ def residue(k) -> dict:
         "agents": {a.name: {"tally": dict(a.tally), "corrs": list(a.corrs),
                             "failures": list(a.breaker.failures)}
                    for a in k.agents.values()},
-        "keys": [[sender, list(keys.items())] for sender, keys in k.bus.sent_keys.items()],
+        "keys": [[sender, pairs] for sender, pairs in k.bus.sent_keys.items()],
         "applied": dict(k.metrics.applied),
         "durations": [list(k.metrics.durations.counts), k.metrics.durations.sum],
     }
@@ -277,10 +275,8 @@ def set_residue(k, r: dict) -> None:
         agent.breaker.failures.extend(failures)
     k.bus.sent_keys.clear()
     for sender, pairs in r["keys"]:
-        keys = Latest(KEYS_PER_SENDER)
         for key, mid in pairs:
-            keys[key] = mid
-        k.bus.sent_keys[sender] = keys
+            k.bus.sent_keys.put(sender, key, mid)
     k.metrics.applied.clear()
     k.metrics.applied.update(r["applied"])
     counts, total = r["durations"]

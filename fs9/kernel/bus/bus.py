@@ -42,7 +42,7 @@ from .. import approvals
 from ..agents.breaker import check_new
 from . import message
 from ..names import OPERATOR, one_line
-from ..latest import Latest
+from ..latest import SentKeys
 from ..rate import Burst
 from .mailbox import Mailbox
 from .message import Message
@@ -51,9 +51,10 @@ from .publishing import Publishing
 from .topic import Topic
 
 SUBSCRIPTIONS = "subscriptions"  # the log's stream of topic events delivered as mail
-# An idempotency key is remembered for its sender's latest KEYS_PER_SENDER keys, and for
-# the KEYS_SENDERS senders that used one last (a retry comes soon after its first try)
-KEYS_PER_SENDER, KEYS_SENDERS = 10_000, 1_000
+# An idempotency key is remembered for its sender's latest KEYS_PER_SENDER keys, for the
+# KEYS_SENDERS senders that used one last, KEYS_TOTAL in all (a retry comes soon after
+# its first try; latest.SentKeys)
+KEYS_PER_SENDER, KEYS_SENDERS, KEYS_TOTAL = 10_000, 1_000, 100_000
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class Bus(Publishing):
         self.topics_by: collections.Counter[str] = collections.Counter()  # agent -> made
         self.retention = self._retention()
         # from -> its latest idempotency keys -> the id of the message stored for each
-        self.sent_keys: Latest = Latest(KEYS_SENDERS)
+        self.sent_keys = SentKeys(KEYS_PER_SENDER, KEYS_SENDERS, KEYS_TOTAL)
         self.deadlines: list[tuple[float, str, str]] = []  # heap of (deadline, agent, name)
         self.changes = Changes()  # a new deadline
         self.withheld = Burst(50)  # delivery_refused events logged per recipient and second
@@ -107,7 +108,7 @@ class Bus(Publishing):
         msg, floor = self.check(agent, data, sender, checked)
         level = msg.headers["classification"]
         key = msg.headers.get("idempotency-key")
-        stored_id = self.sent_keys.get(sender, {}).get(key) if key else None
+        stored_id = self.sent_keys.get(sender, key) if key else None
         if stored_id is not None:
             self.kernel.log.append("mail_duplicate", agent=agent.name, sender=sender,
                                    key=key, id=stored_id)
@@ -375,12 +376,7 @@ class Bus(Publishing):
             agent.corrs.add(msg.headers["correlation-id"])  # it may carry this one on
         key = msg.headers.get("idempotency-key")
         if key:
-            sender = msg.headers["from"]
-            keys = self.sent_keys.get(sender)
-            if keys is None:
-                keys = Latest(KEYS_PER_SENDER)
-            self.sent_keys[sender] = keys  # (the newest sender, kept first)
-            keys[key] = msg.id
+            self.sent_keys.put(msg.headers["from"], key, msg.id)
         if msg.deadline is not None:
             heapq.heappush(self.deadlines, (msg.deadline, agent.name, msg.name))
             self.changes.bump()
