@@ -135,7 +135,8 @@ def _refused(kernel: "Kernel", uid: int | None) -> None:
     """Trio thread: a connection to the metrics address from someone not the operator;
     an agent's is its refusal (coalesced like the rest), anyone else's is not logged
     (a host user's probes are not fs9's to count)."""
-    agent = next((a.name for a in list(kernel.agents.values()) if a.uid == uid), None)
+    holder = kernel.uids.get(uid)  # (an index: a walk of every agent was a connection's cost)
+    agent = holder.name if holder is not None and not holder.killed else None
     if agent is not None:
         kernel.refused(Fs9Error(errno.EACCES, "the metrics address answers the operator "
                                               "only"), agent=agent, file="metrics (http)")
