@@ -465,7 +465,8 @@ def test_a_trace_crosses_with_the_result(nats, members):
     assert not os.path.exists(a.path / "log/trace/never-asked")  # nothing logged under it
     before = len(trace(a, "tr-1"))
     part("00000000000000e2", "tr-1", "\n".join([
-        '{"member":"gamma","seq":7,"ts":5,"kind":"task_done","agent":"w","secret":"s"}',
+        '{"member":"gamma","seq":7,"ts":5,"kind":"task_done","agent":"w","secret":"s",'
+        '"via":"gamma"}',  # (its relay: the sender's word, not taken)
         '{"member":"alpha","seq":999999,"ts":6,"kind":"forged"}',  # as if ours
         '{"member":"beta","seq":"1","ts":7,"kind":"task_done"}', "not json", "[1]",
         '{"member":"be ta","seq":2,"ts":8,"kind":"task_done"}']) + "\n")

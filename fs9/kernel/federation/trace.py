@@ -14,7 +14,8 @@ id, MAX_PARTS under one id (MAX_PARTS_PEER of them from one peer, so one cannot 
 out the others), MAX_HELD lines under one id in all (each part received is checked
 against those held, on the loop: 64 parts of 2,000 lines once cost seconds of it), only
 lines of the right shape (MAX_LINES a part), never lines of this OS itself (it has its
-own), each line not of the sender's own OS marked `via` the sender.
+own), each line not of the sender's own OS marked `via` the sender (never the
+`via` the line claims).
 Recorded as `fed_trace` (origin, id, n; the lines in the blob), the receiver's record.
 """
 import json
@@ -157,7 +158,6 @@ def _checked(raw: str, origin: str) -> dict | None:
         line["agent"] = agent
     if isinstance(task, int) and not isinstance(task, bool) and 0 <= task < 1 << 62:
         line["task"] = task
-    if osname != origin:
-        via = d.get("via")  # (a line relayed twice keeps its first relay)
-        line["via"] = via if isinstance(via, str) and OS_RE.fullmatch(via) else origin
+    if osname != origin:  # the peer it came from, the one name this OS can vouch for (a
+        line["via"] = origin  # `via` in the line is the sender's word: another's name)
     return line
