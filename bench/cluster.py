@@ -236,6 +236,22 @@ def mail_figures(mail: dict, cpu: dict, busy: dict, machines: float | None) -> d
     return figures
 
 
+def work_leader(nats) -> str:
+    """The server leading FS9WORK (where all mail is stored): the machine doing the
+    stream leader's part of every message, whichever node the writer writes on."""
+    import asyncio
+
+    import nats as client
+
+    async def ask():
+        nc = await client.connect(nats.urls.split(","))
+        try:
+            return (await nc.jetstream().stream_info("FS9WORK")).cluster.leader
+        finally:
+            await nc.close()
+    return asyncio.run(ask())
+
+
 MACHINES_NOTE = (
     "machines: 3 emulated machines of {cpu} core each (a cgroup CPU quota; machine i = "
     "nats-server i + fs9 node i), writers outside them; separate CPU only: one disk "
@@ -268,6 +284,7 @@ def mail_only(per: int, rounds: int, machines: float | None) -> None:
     with three_nodes() as (nats, nodes):
         with on_machines(nats, nodes, machines) as groups:
             figures = mail_figures(*mail_rounds(nodes, per, rounds, nats, groups), machines)
+        figures["FS9WORK_leader"] = work_leader(nats)
         figures["load_avg"] = [round(x, 1) for x in os.getloadavg()]
         print(json.dumps(figures, indent=1))
 
@@ -300,6 +317,7 @@ def main(quick: bool, machines: float | None) -> None:
         with on_machines(nats, nodes, machines) as groups:
             mail = mail_figures(*mail_rounds(nodes, per, 1 if quick else 3, nats, groups),
                                 machines)
+        mail["FS9WORK_leader"] = work_leader(nats)
         fails = [failover(nats, nodes, i) for i in range(2 if quick else 10)]
         figures = {
             "ctl_p50_ms": {k: p(v, .5) for k, v in ctl.items()},
