@@ -214,15 +214,17 @@ def on_machines(nats, nodes, cpu: float | None):
         yield machines
 
 
-def mail_figures(mail: dict, cpu: dict, busy: dict, machines: float | None) -> dict:
+def mail_figures(mail: dict, cpu: dict, busy: dict, cpu_each: float | None) -> dict:
+    """mail_rounds' figures as printed: the unconstrained ones, and the machines' beside
+    them (with --machines, each machine's cores cpu_each)."""
     figures = {"mail_msgs_per_s": {k: round(v, 1) for k, v in mail.items()
                                    if not k.startswith("machines_")},
                "mail_3_vs_1_node": round(mail["3_nodes"] / mail["1_nodes"], 2),
                "mail_cpu_ms_per_msg": {k: v for k, v in cpu.items()
                                        if not k.startswith("machines_")}}
-    if machines is not None:
+    if cpu_each is not None:
         figures |= {
-            "machines_cpu_each": machines,
+            "machines_cpu_each": cpu_each,
             "mail_machines_msgs_per_s": {k.removeprefix("machines_"): round(v, 1)
                                          for k, v in mail.items() if k.startswith("machines_")},
             "mail_machines_3_vs_1_node": round(mail["machines_3_nodes"]
@@ -232,7 +234,7 @@ def mail_figures(mail: dict, cpu: dict, busy: dict, machines: float | None) -> d
             "mail_machines_cpu_ms_per_msg": {k.removeprefix("machines_"): v
                                              for k, v in cpu.items()
                                              if k.startswith("machines_")},
-            "machines_note": MACHINES_NOTE.format(cpu=machines)}
+            "machines_note": MACHINES_NOTE.format(cpu=cpu_each)}
     return figures
 
 
