@@ -3,6 +3,7 @@
     .venv/bin/python bench/cluster.py             (about 8 minutes)
     .venv/bin/python bench/cluster.py --quick     (smoke run, rough figures)
     .venv/bin/python bench/cluster.py --mail      (the mail throughput only, 3 rounds)
+    ... --machines CPU                            (the mail also on emulated machines)
 
 Needs root and nats-server (`make deps`). Starts three real nats-servers as one
 JetStream cluster and three fs9 nodes on 127.0.0.1 (tests/natscluster.py, the tests'
@@ -16,6 +17,11 @@ times from n1's mount, calls paired and their order alternating:
   returns) to 6 agents spread over 1, 2 and 3 nodes, one writer each writing through
   its agent's own node, 6 at once; the baseline: the same to 6 agents of n1 outside the
   cluster (the single fs9, its own log's durability).
+With --machines CPU (a fraction of a core, e.g. 0.5), the mail rounds are measured
+twice each, interleaved: unconstrained as above, and on three emulated machines
+(bench/machines.py: a control group each with a quota of CPU cores; machine i holds
+nats-server i and fs9 node i, whether or not that node's agents get mail; the writers
+run outside them, as clients), with each machine's share of its quota used.
 Then failovers (10; --quick 2): an agent on n2, tasks flowing to it through n1, kill -9
 of n2's fs9 and nats-server: the longest gap between acknowledged writes (writable
 again) and the time until the agent runs on a survivor, p50 and p95; n2 comes back
@@ -33,8 +39,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from conftest import Mount, wait_for  # noqa: E402
+from conftest import Mount, mounted, wait_for  # noqa: E402
 from natscluster import NatsCluster  # noqa: E402
+from machines import Machines  # noqa: E402
 
 RESULTS = HERE / "results" / "cluster.json"
 
@@ -83,18 +90,19 @@ def mail_rate(nodes, agents: list[str], per: int) -> float:
     return len(agents) * per / (time.perf_counter() - t)
 
 
-def spread(nodes, k: int, per: int, round_: int = 0) -> float:
-    """6 cluster agents round robin over the first k nodes; mail to each via its node."""
+def spread(nodes, k: int, per: int, round_: str = "0", rate=mail_rate) -> float:
+    """6 cluster agents round robin over the first k nodes; mail to each via its node
+    (rate: mail_rate, or one that also measures it)."""
     names = [f"m{k}x{i}r{round_}" for i in range(6)]
     on = [nodes[i % k] for i in range(6)]
     for name, m in zip(names, on):
         nodes[0].write("nodes/ctl", f"spawn {name} def=echo node=n{nodes.index(m) + 1}\n")
     for name, m in zip(names, on):
         wait_for(lambda: name in m.read("status").split(), 60, f"{name} placed")
-    rate = mail_rate(on, names, per)
+    got = rate(on, names, per)
     for name in names:  # gone before the next spread and the failovers
         nodes[0].write("nodes/ctl", f"kill {name}\n")
-    return rate
+    return got
 
 
 def pct(values, q):
@@ -148,31 +156,108 @@ def cpu_s(pids) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def mail_rounds(nodes, per: int, rounds: int, nats=None) -> tuple[dict, dict]:
+def mail_rounds(nodes, per: int, rounds: int, nats=None,
+                machines: Machines | None = None) -> tuple[dict, dict, dict]:
     """Durable mail msg/s, single fs9 and 1, 2, 3 nodes, in interleaved rounds: the
     median of each (the single fs9's agents spawned once); and the CPU each message
     cost the fs9 nodes and the nats-servers (ms, median of the rounds: where the time
-    goes, whatever else runs on the machine)."""
+    goes, whatever else runs on the machine). With machines, each round again on them
+    (keys "machines_..."), and each machine's share of its quota used (median)."""
     n1 = nodes[0]
     for i in range(6):
         n1.write("ctl", f"spawn s{i} def=echo\n")
-    got = {"single": [], "1_nodes": [], "2_nodes": [], "3_nodes": []}
+    modes = [""] + (["machines_"] if machines else [])
+    got = {m + k: [] for m in modes for k in ("single", "1_nodes", "2_nodes", "3_nodes")}
     cpu = {k: {"fs9": [], "nats": []} for k in got}
+    busy = {k: [] for k in got if k.startswith("machines_")}
     groups = {"fs9": [m.pid for m in nodes],
               "nats": [s.proc.pid for s in nats.servers] if nats else []}
 
-    def measured(key, run):
-        before = {g: cpu_s(pids) for g, pids in groups.items()}
-        got[key].append(run())
-        for g, pids in groups.items():
-            cpu[key][g].append((cpu_s(pids) - before[g]) * 1000 / (6 * per))
+    def measured(key):
+        """mail_rate, its rate and the CPU used meanwhile (not the spawns') noted."""
+        def rate(on, names, per):
+            before = {g: cpu_s(pids) for g, pids in groups.items()}
+            used = machines.usage_s() if key in busy else []
+            got[key].append(mail_rate(on, names, per))
+            for g, pids in groups.items():
+                cpu[key][g].append((cpu_s(pids) - before[g]) * 1000 / (6 * per))
+            if key in busy:  # CPU used / (the writes' wall time x the quota)
+                wall = 6 * per / got[key][-1]
+                busy[key].append([(b - a) / (wall * machines.cpu)
+                                  for a, b in zip(used, machines.usage_s())])
+            return got[key][-1]
+        return rate
     for r in range(rounds):
-        measured("single", lambda: mail_rate([n1] * 6, [f"s{i}" for i in range(6)], per))
-        for k in (1, 2, 3):
-            measured(f"{k}_nodes", lambda: spread(nodes, k, per, r))
+        for mode in modes:
+            if machines:
+                machines.limit(mode == "machines_")
+            measured(mode + "single")([n1] * 6, [f"s{i}" for i in range(6)], per)
+            for k in (1, 2, 3):
+                spread(nodes, k, per, f"{r}{mode[:1]}", measured(f"{mode}{k}_nodes"))
         print({k: round(v[-1], 1) for k, v in got.items()}, file=sys.stderr)
     return ({k: statistics.median(v) for k, v in got.items()},
-            {k: {g: round(statistics.median(v), 2) for g, v in c.items()} for k, c in cpu.items()})
+            {k: {g: round(statistics.median(v), 2) for g, v in c.items()} for k, c in cpu.items()},
+            {k: [round(statistics.median(m), 2) for m in zip(*v)] for k, v in busy.items()})
+
+
+@contextlib.contextmanager
+def on_machines(nats, nodes, cpu: float | None):
+    """Machine i holding nats-server i and fs9 node i (with its fork server), for the
+    mail rounds; None without --machines. Everything back and the groups gone after."""
+    if cpu is None:
+        yield None
+        return
+    with Machines(len(nodes), cpu) as machines:
+        for i, (server, node) in enumerate(zip(nats.servers, nodes), 1):
+            machines.place(i, server.proc.pid)
+            machines.place(i, node.pid)
+        yield machines
+
+
+def mail_figures(mail: dict, cpu: dict, busy: dict, cpu_each: float | None) -> dict:
+    """mail_rounds' figures as printed: the unconstrained ones, and the machines' beside
+    them (with --machines, each machine's cores cpu_each)."""
+    figures = {"mail_msgs_per_s": {k: round(v, 1) for k, v in mail.items()
+                                   if not k.startswith("machines_")},
+               "mail_3_vs_1_node": round(mail["3_nodes"] / mail["1_nodes"], 2),
+               "mail_cpu_ms_per_msg": {k: v for k, v in cpu.items()
+                                       if not k.startswith("machines_")}}
+    if cpu_each is not None:
+        figures |= {
+            "machines_cpu_each": cpu_each,
+            "mail_machines_msgs_per_s": {k.removeprefix("machines_"): round(v, 1)
+                                         for k, v in mail.items() if k.startswith("machines_")},
+            "mail_machines_3_vs_1_node": round(mail["machines_3_nodes"]
+                                               / mail["machines_1_nodes"], 2),
+            "mail_machines_busy_of_quota_m1_m2_m3": {k.removeprefix("machines_"): v
+                                                     for k, v in busy.items()},
+            "mail_machines_cpu_ms_per_msg": {k.removeprefix("machines_"): v
+                                             for k, v in cpu.items()
+                                             if k.startswith("machines_")},
+            "machines_note": MACHINES_NOTE.format(cpu=cpu_each)}
+    return figures
+
+
+def work_leader(nats) -> str:
+    """The server leading FS9WORK (where all mail is stored): the machine doing the
+    stream leader's part of every message, whichever node the writer writes on."""
+    import asyncio
+
+    import nats as client
+
+    async def ask():
+        nc = await client.connect(nats.urls.split(","))
+        try:
+            return (await nc.jetstream().stream_info("FS9WORK")).cluster.leader
+        finally:
+            await nc.close()
+    return asyncio.run(ask())
+
+
+MACHINES_NOTE = (
+    "machines: 3 emulated machines of {cpu} core each (a cgroup CPU quota; machine i = "
+    "nats-server i + fs9 node i), writers outside them; separate CPU only: one disk "
+    "(every fsync), shared memory bandwidth and caches, loopback network")
 
 
 @contextlib.contextmanager
@@ -193,19 +278,20 @@ def three_nodes():
         for m in nodes:
             m.umount()
         nats.stop()
+        if not any(mounted(m.path) for m in nodes):  # never through a live mount
+            shutil.rmtree(root, ignore_errors=True)
 
 
-def mail_only(per: int, rounds: int) -> None:
+def mail_only(per: int, rounds: int, machines: float | None) -> None:
     with three_nodes() as (nats, nodes):
-        mail, cpu = mail_rounds(nodes, per, rounds, nats)
-        figures = {"mail_msgs_per_s": {k: round(v, 1) for k, v in mail.items()},
-                   "mail_cpu_ms_per_msg": cpu,
-                   "mail_3_vs_1_node": round(mail["3_nodes"] / mail["1_nodes"], 2),
-                   "load_avg": [round(x, 1) for x in os.getloadavg()]}
+        with on_machines(nats, nodes, machines) as groups:
+            figures = mail_figures(*mail_rounds(nodes, per, rounds, nats, groups), machines)
+        figures["FS9WORK_leader"] = work_leader(nats)
+        figures["load_avg"] = [round(x, 1) for x in os.getloadavg()]
         print(json.dumps(figures, indent=1))
 
 
-def main(quick: bool) -> None:
+def main(quick: bool, machines: float | None) -> None:
     with three_nodes() as (nats, nodes):
         n1, n2, n3 = nodes
         n1.write("nodes/ctl", "spawn near def=echo node=n1\n")
@@ -230,15 +316,16 @@ def main(quick: bool) -> None:
         tasks = paired(n, {"single": lambda: task(n1, "alone"), "local": lambda: task(n1, "near"),
                            "remote": lambda: task(n1, "far")})
         per = 20 if quick else 100
-        mail, cpu = mail_rounds(nodes, per, 1 if quick else 3, nats)
+        with on_machines(nats, nodes, machines) as groups:
+            mail = mail_figures(*mail_rounds(nodes, per, 1 if quick else 3, nats, groups),
+                                machines)
+        mail["FS9WORK_leader"] = work_leader(nats)
         fails = [failover(nats, nodes, i) for i in range(2 if quick else 10)]
         figures = {
             "ctl_p50_ms": {k: p(v, .5) for k, v in ctl.items()},
             "out_p50_ms": {k: p(v, .5) for k, v in out.items()},
             "task_p50_ms": {k: p(v, .5) for k, v in tasks.items()},
-            "mail_msgs_per_s": {k: round(v, 1) for k, v in mail.items()},
-            "mail_3_vs_1_node": round(mail["3_nodes"] / mail["1_nodes"], 2),
-            "mail_cpu_ms_per_msg": cpu,
+            **mail,
             "writable_again_s": [round(w, 2) for w, _ in fails],
             "agent_back_s": [round(b, 2) for _, b in fails],
             "load_avg": [round(x, 1) for x in os.getloadavg()],
@@ -254,8 +341,22 @@ def main(quick: bool) -> None:
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(figures, indent=1) + "\n")
 
+
+
+def machines_arg() -> float | None:
+    """--machines CPU: each machine's cores, a fraction; the three together must leave
+    the box room (else the box, not a machine, would be the limit)."""
+    if "--machines" not in sys.argv:
+        return None
+    cpu = float(sys.argv[sys.argv.index("--machines") + 1])
+    if not 0 < 3 * cpu <= 0.9 * os.cpu_count():
+        raise SystemExit(f"--machines {cpu}: 3 machines need at most 90% of the "
+                         f"{os.cpu_count()} cores")
+    return cpu
+
+
 if __name__ == "__main__":
     if "--mail" in sys.argv:
-        mail_only(100, 3)
+        mail_only(100, 3, machines_arg())
     else:
-        main("--quick" in sys.argv)
+        main("--quick" in sys.argv, machines_arg())
