@@ -16,6 +16,9 @@ def kinds_written() -> dict[str, set[str]]:
     found = {"record": set(), "append": set(), "defer": set()}
     for path in FS9.rglob("*.py"):
         tree = ast.parse(path.read_text(), str(path))
+        names = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                 and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+                 for t in n.targets if isinstance(t, ast.Name)}  # KIND = "..." at the top
         appended = set()  # the items of append_many calls: ("kind", dict(...)), logged
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
@@ -33,7 +36,12 @@ def kinds_written() -> dict[str, set[str]]:
                 found["append"].add("bug")
             elif name in ("record", "append", "defer") and args and (
                     name == "record" or _ends_in_log(node.func.value)):
-                found[name] |= _constants(args[0])
+                found[name] |= _constants(args[0], names)
+            elif name == "cut" and len(args) > 1 and _ends_in_log(node.func.value):
+                # EventLog.cut(deletes, kind): logged in the cut's transaction, then, a
+                # state event, applied by its caller (Kernel.apply), as record() does
+                for kind in _constants(args[1], names):
+                    found["append" if kind in AUDIT_ONLY else "record"].add(kind)
     return found
 
 
@@ -45,12 +53,15 @@ def _item(node: ast.AST) -> bool:
         node.elts[1].func.id == "dict"
 
 
-def _constants(kind: ast.expr) -> set[str]:
-    """The kinds a call's first argument can be: "x", or "x" if ... else "y"."""
+def _constants(kind: ast.expr, names: dict[str, str]) -> set[str]:
+    """The kinds a call's kind argument can be: "x", or "x" if ... else "y", or a name
+    the module sets to "x"."""
     if isinstance(kind, ast.Constant) and isinstance(kind.value, str):
         return {kind.value}
+    if isinstance(kind, ast.Name) and kind.id in names:
+        return {names[kind.id]}
     if isinstance(kind, ast.IfExp):
-        return _constants(kind.body) | _constants(kind.orelse)
+        return _constants(kind.body, names) | _constants(kind.orelse, names)
     return set()
 
 
