@@ -51,6 +51,7 @@ mount point beside the state directory, never inside it) and measures:
 Prints a table and writes bench/results/bus.json. Every mount is unmounted at
 the end (fusermount3 -u -z as a fallback) and every child process is killed.
 """
+import errno
 import os
 import re
 import select
@@ -444,16 +445,30 @@ def rss_bytes(pid: int) -> int:
 
 
 def fill(fs: Fs9Mount, target: int, budget_s: float, how: str = "tasks") -> dict:
-    """Grow the log to ~target events. tasks: `run x` lines (many per write) to a
-    stopped agent, so each is a queued task the kernel keeps in memory; events:
-    one write per event to a topic nobody reads (the kernel keeps the last 1024)."""
+    """Grow the log to ~target events. tasks: `run x` lines (many per write) to
+    stopped agents, so each is a queued task the kernel keeps in memory (a queue takes
+    at most 20,000 of the operator's: EDQUOT, then the next agent); events: one write
+    per event to a topic nobody reads (the kernel keeps the last 1024)."""
     if how == "tasks":
-        fs.ctl("ctl", "spawn filler cmd=cat\n")
-        fs.ctl("agents/filler/ctl", "stop\n")  # queued tasks start nothing
-        fd = os.open(fs.path / "agents" / "filler" / "ctl", os.O_WRONLY)
+        fillers = iter(range(1 << 30))
+
+        def new_filler() -> int:
+            name = f"filler{next(fillers)}"
+            fs.ctl("ctl", f"spawn {name} cmd=cat\n")
+            fs.ctl(f"agents/{name}/ctl", "stop\n")  # queued tasks start nothing
+            return os.open(fs.path / "agents" / name / "ctl", os.O_WRONLY)
+        fd = new_filler()
 
         def write(k):
-            os.write(fd, RUN * k)  # one task_queued event per line
+            nonlocal fd
+            try:
+                os.write(fd, RUN * k)  # one task_queued event per line
+            except OSError as e:
+                if e.errno != errno.EDQUOT:
+                    raise
+                os.close(fd)
+                fd = new_filler()
+                os.write(fd, RUN * k)
     else:
         topic = fs.path / "topics" / "filler"
         topic.touch()
