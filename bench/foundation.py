@@ -9,8 +9,9 @@ directory, and a bare pyfuse3 server (bench/bare_pyfuse3.py) on a second mount
 point, then measures:
 
 1. control writes/s: one process holds agents/X/ctl open (X stopped, so queued
-   tasks start nothing) and writes `run x\\n` in a loop for ~2 s, against the
-   same loop on the bare server's discard-everything file. Median of repeats.
+   tasks start nothing; a fresh X each run, for its queue's room) and writes
+   `run x\\n` in a loop for ~2 s (at most QUEUE_ROOM writes), against the same loop
+   on the bare server's discard-everything file. Median of repeats.
 2. stream wake-up: a reader process blocked in read() on `events`; the writer
    takes a timestamp, writes `run x` to a stopped agent's ctl; latency is until
    the reader's read() returns (CLOCK_MONOTONIC in both processes, nothing
@@ -45,6 +46,7 @@ PY = str(VENV_PY) if VENV_PY.exists() else sys.executable
 RESULTS = HERE / "results" / "foundation.json"
 
 WRITE_S = 2.0  # one write-loop run
+QUEUE_ROOM = 15_000  # its writes at most: an agent's queue takes 20,000 of the operator's
 WRITE_REPEATS = 5
 WAKE_ROUNDS, WAKE_PER_ROUND = 5, 150  # samples per kind = rounds * per round
 TRIP_ROUNDS, TRIP_PER_ROUND = 5, 80
@@ -141,8 +143,9 @@ def pct(samples: list[float], p: float) -> float:
     return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
 
 
-def write_rate(path: Path, seconds: float) -> float:
-    """Writes/s of one process holding path open and writing `run x\\n` in a loop."""
+def write_rate(path: Path, seconds: float, most: int = QUEUE_ROOM) -> float:
+    """Writes/s of one process holding path open and writing `run x\\n` in a loop, for
+    `seconds` or `most` writes, whichever ends first."""
     fd = os.open(path, os.O_WRONLY)
     try:
         n = 0
@@ -151,7 +154,7 @@ def write_rate(path: Path, seconds: float) -> float:
         while True:
             os.write(fd, RUN)
             n += 1
-            if time.perf_counter() >= end:
+            if n >= most or time.perf_counter() >= end:
                 break
         return n / (time.perf_counter() - start)
     finally:
@@ -266,13 +269,20 @@ def direct_round_trip() -> float:
 # --- the figures ----------------------------------------------------------------------
 
 def figure_writes(fs: Fs9Mount, bare: BareMount) -> dict:
-    fs.ctl("ctl", "spawn wx cmd=cat unconfined=true\n")
-    fs.ctl("agents/wx/ctl", "stop\n")
-    target, sink = fs.path / "agents" / "wx" / "ctl", bare.path / "sink"
-    write_rate(target, 0.2), write_rate(sink, 0.2)  # warm up
+    runs = iter(range(1 << 30))
+
+    def stopped() -> Path:
+        """A stopped agent's ctl (queued tasks start nothing), one for each run: the
+        queue it fills has room for the run (QUEUE_ROOM)."""
+        name = f"wx{next(runs)}"
+        fs.ctl("ctl", f"spawn {name} cmd=cat unconfined=true\n")
+        fs.ctl(f"agents/{name}/ctl", "stop\n")
+        return fs.path / "agents" / name / "ctl"
+    sink = bare.path / "sink"
+    write_rate(stopped(), 0.2), write_rate(sink, 0.2)  # warm up
     fs9_rates, bare_rates = [], []
     for i in range(WRITE_REPEATS):
-        pair = [(fs9_rates, target), (bare_rates, sink)]
+        pair = [(fs9_rates, stopped()), (bare_rates, sink)]
         for rates, path in (pair if i % 2 == 0 else pair[::-1]):
             rates.append(write_rate(path, WRITE_S))
     return {"fs9_per_s": fs9_rates, "bare_pyfuse3_per_s": bare_rates,
