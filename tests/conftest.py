@@ -33,6 +33,24 @@ READ_SYSCALL = {"x86_64": 0, "aarch64": 63, "riscv64": 63, "i686": 3, "armv7l": 
     os.uname().machine)
 
 
+STATES: set[str] = set()  # every Mount's state directory this session (no_scratch_left)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_scratch_left():
+    """At the session's end, the scratch roots of every Mount's state (a server killed
+    -9 removes nothing; only its state's next mount would): /tmp is the machine's."""
+    yield
+    import zlib
+    prefixes = tuple(f"fs9-scratch-{zlib.crc32(os.path.abspath(s).encode()):08x}-"
+                     for s in STATES)
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        if name.startswith(prefixes) and os.lstat(path).st_uid == 0:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def fuse_unavailable() -> str | None:
     if not os.path.exists("/dev/fuse"):
         return "no /dev/fuse on this machine"
@@ -214,6 +232,7 @@ class Mount:
     # --- lifetime ----------------------------------------------------------
     def mount(self, *extra: str) -> "Mount":
         """Start the server (extra: more `fs9 mount` options, e.g. --durability power)."""
+        STATES.add(str(self.state))
         r = fs9("mount", str(self.path), "--state", str(self.state), "--agents",
                 str(self.agents), "--vault", str(self.vault), "--background", *extra)
         assert r.returncode == 0, r.stderr

@@ -27,6 +27,7 @@ from . import event_retention, replay, retention, snapshot, traces
 from .agents.breaker import AgentBreakers, check_new
 from .approvals import Approvals
 from .agents import endings, escapes, spawn, starts, uidreserve
+from .agents import sandbox as sandboxes
 from .agents.agent import Agent
 from .agents.ondemand import MAX_AWAKE, Wakes
 from .agents.memory import Memory
@@ -188,9 +189,9 @@ class Kernel(Lifecycles, RootCtl):
         gc.freeze()
         try:
             await self._serve(task_status)
-        finally:  # the agents' loops have ended (their groups with them): their folders go
-            if self.scratch_dir:
-                endings.remove_scratch_root(self.scratch_dir)
+        finally:  # the agents' loops have ended (their groups with them): their folders
+            # go, and any a killed server of this state left, sandbox or not this time
+            endings.remove_scratch_roots(sandboxes.scratch_prefix(self))
 
     async def _serve(self, task_status) -> None:
         async with trio.open_nursery() as nursery:

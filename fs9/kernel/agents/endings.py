@@ -7,6 +7,8 @@ with `discard` waits for the disk (about 2 ms each here).
 """
 import os
 import shutil
+import stat
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import trio
@@ -50,6 +52,21 @@ class EmptyGroups:
                 self._waiting = []
         await entry[1].wait()
         return entry[2][0]
+
+
+def remove_scratch_roots(prefix: str) -> None:
+    """Remove /tmp's folders named prefix* that root owns, each as below (only fs9 makes
+    those: anyone may make a name in /tmp, nobody but root a folder of root's): this
+    state's scratch root, and any a server of it killed -9 left (it removed nothing)."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if name.startswith(prefix) and stat.S_ISDIR(st.st_mode) and st.st_uid == 0:
+            remove_scratch_root(path)
 
 
 def remove_scratch_root(root: str) -> None:

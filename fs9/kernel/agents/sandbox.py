@@ -6,8 +6,6 @@ agent's data; the sandbox itself is drivers/confine.py's.
 """
 import errno
 import os
-import shutil
-import stat
 import tempfile
 
 import trio
@@ -15,7 +13,7 @@ import trio
 from ...drivers import cgroups, confine, migrations, uidslots
 from ...errors import Fs9Error
 from .. import approvals, labels
-from . import limits
+from . import endings, limits
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -61,27 +59,17 @@ class UidPicker:
 def scratch_root(kernel: "Kernel") -> str:
     """Where agents' scratch folders are: a folder of fs9's own (root's, 0711) made
     afresh in /tmp on first use, so no other user can plant a name in it. One that a
-    server of this state left (killed, it removed nothing) goes then."""
+    server of this state left (killed, it removed nothing) goes then, or at unmount."""
     if not kernel.scratch_dir:
-        prefix = f"fs9-scratch-{kernel.instance}-"
-        _remove_stale(tempfile.gettempdir(), prefix)
+        prefix = scratch_prefix(kernel)
+        endings.remove_scratch_roots(prefix)
         kernel.scratch_dir = tempfile.mkdtemp(prefix=prefix)
         os.chmod(kernel.scratch_dir, 0o711)
     return kernel.scratch_dir
 
 
-def _remove_stale(tmp: str, prefix: str) -> None:
-    """Remove tmp's folders named prefix* that root owns (only fs9 makes those: anyone
-    may make a name in /tmp, nobody but root a folder of root's). rmtree neither
-    follows a link nor removes one."""
-    for name in os.listdir(tmp):
-        path = os.path.join(tmp, name)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if name.startswith(prefix) and stat.S_ISDIR(st.st_mode) and st.st_uid == 0:
-            shutil.rmtree(path, ignore_errors=True)
+def scratch_prefix(kernel: "Kernel") -> str:
+    return f"fs9-scratch-{kernel.instance}-"
 
 
 def make_scratch(agent) -> None:
