@@ -290,6 +290,10 @@ class StreamHandle(Handle):
     def ready(self) -> bool:
         return self.cursor.readable()  # (read then takes from the cursor, no await)
 
+    def held(self) -> bool:
+        held = getattr(self.cursor, "held", None)  # (a topic's)
+        return held is not None and held()
+
     async def wait_readable(self) -> None:
         await self.cursor.wait_readable()
 

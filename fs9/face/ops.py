@@ -294,13 +294,17 @@ class Operations(Changes, pyfuse3.Operations):
         handle = self._handle(fh)
         if self.closing:
             return b""
+        if handle.ready():  # no wait, so no cancel scope: a third of a subscriber's read
+            return await handle.read(off, size)
+        if handle.held():  # (a topic's events, held for a batch: they come within a
+            # fraction of a millisecond, and its timer fires at unmount too: no scope)
+            await handle.wait_readable()
+            return await handle.read(off, size)
         if not handle.readable() and self._nonblocking(handle):
             # a pipe's answer to a non-blocking reader; one that polls with edge-triggered
             # epoll (Go's poller) is woken only by a notification after this EAGAIN
             self._notify_when_readable(handle)
             raise Fs9Error(errno.EAGAIN, "nothing to read yet (O_NONBLOCK)")
-        if handle.ready():  # no wait, so no cancel scope: a third of a subscriber's read
-            return await handle.read(off, size)
         # A read that will wait holds one of pyfuse3's MAX_TASKS workers: an agent may
         # hold at most BLOCKED_PER_AGENT of them, and all agents together leave
         # OPERATOR_RESERVE for the operator (else EAGAIN: try again, as a pipe would).

@@ -19,7 +19,11 @@ before it rose is not shown the events above its clearance (bus.py).
 import collections
 import errno
 import itertools
+import math
+import time
 import tomllib
+
+import trio
 
 from ...errors import Fs9Error
 from ..names import NAME_RE
@@ -30,6 +34,12 @@ KEEP_EVENTS = 1024  # events a topic keeps by default: a subscriber's bounded ba
 KEEP_BYTES = 4 << 20  # ...and its bytes: 1,024 events of 64 KiB would be 64 MiB a topic
 MAX_EVENT = 64 << 10  # bytes in one event
 BOUNDS = {"keep_events": (1, 1_000_000), "keep_bytes": (MAX_EVENT, 1 << 30)}
+# While events stream in, a topic wakes its readers at most this often (the first event
+# after a quiet spell wakes them at once): a woken reader's read then carries every event
+# published meanwhile. Woken for each event, each subscriber made a FUSE read per publish,
+# most of a fan-out's cost (docs/benchmarks.md).
+HOLD_S = 0.0005
+QUIET_S = 0.002
 
 
 class Retention:
@@ -95,7 +105,10 @@ class Topic:
             maxlen=keep_events)
         self.label = CLASSIFICATIONS[0]  # the highest clearance that published here
         self.bytes = 0  # of the events kept
-        self.changes = Changes()
+        self.changes = Changes()  # bumped when readers are woken (_wake)
+        self.shown = 0  # the events readers have been woken for (count, or behind: held)
+        self.last = -math.inf  # when the latest event was published (time.monotonic)
+        self.held = False  # a timer will wake them (it carries every event until then)
 
     @property
     def oldest_seq(self) -> int:
@@ -109,6 +122,7 @@ class Topic:
         if not clearance_allows(self.label, label):
             self.label = label
         if data is None:
+            self.shown = self.count  # (replay: nobody reads yet)
             return self.count
         if len(self.events) == self.events.maxlen:
             self.bytes -= len(self.events[0][2])  # the deque drops it on append
@@ -116,8 +130,36 @@ class Topic:
         self.bytes += len(data)
         while self.bytes > self.keep_bytes and len(self.events) > 1:
             self.bytes -= len(self.events.popleft()[2])
-        self.changes.bump()
+        self._wake()
         return self.count
+
+    def _wake(self) -> None:
+        """Wake the readers for what is published so far: now, if the topic was quiet
+        (no event in the QUIET_S before this one); else HOLD_S from now (one timer a
+        topic, carrying every event published until it fires)."""
+        now = time.monotonic()
+        streaming, self.last = now - self.last < QUIET_S, now
+        if self.held:
+            return
+        if streaming:
+            try:
+                trio.lowlevel.spawn_system_task(self._wake_after, HOLD_S, name="topic wake")
+                self.held = True
+                return
+            except RuntimeError:  # not in trio's thread: no timer, so at once
+                pass
+        self._woken()
+
+    async def _wake_after(self, wait: float) -> None:
+        try:
+            await trio.sleep(wait)
+        finally:  # (cancelled: the server stops; nothing to wait for)
+            self.held = False
+            self._woken()
+
+    def _woken(self) -> None:
+        self.shown = self.count
+        self.changes.bump()
 
     def since(self, n: int, clearance: str) -> tuple[int, int, list[bytes]]:
         """(how many events after n were dropped, how many were withheld as above
