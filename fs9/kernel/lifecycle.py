@@ -32,15 +32,17 @@ class Unappliable(Exception):
 class Lifecycles:
     """Kernel's recording and applying of agent and task events (a mixin of Kernel)."""
 
-    def record(self, kind: str, **fields) -> Event:
+    def record(self, kind: str, trim_below: int | None = None, **fields) -> Event:
         """Log one state change, then apply it. Refused (the Fs9Error `refusal` gives;
         nothing logged) when the state cannot take it now, so the log never holds an event
         its replay would refuse: whatever a race between commands and an agent's loop
-        asks for is either a legal change or a refused one."""
+        asks for is either a legal change or a refused one. trim_below: the blobs kept in
+        the event's `keep` stream below it go in the same commit (a topic's publish)."""
         refused = self.refusal(kind, fields.get("agent"), fields.get("task"))
         if refused is not None:
             raise refused
-        event = self.log.append(kind, **fields)
+        event = self.log.append(kind, **fields) if trim_below is None else \
+            self.log.append_trimming(kind, below=trim_below, **fields)
         self._fresh_blob = (event.seq, fields.get("blob"))  # so apply need not read it back
         self.apply(event)
         if kind in ("task_done", "task_failed"):  # an agent's breaker decides (live only)

@@ -3,9 +3,9 @@
 A topic keeps its newest events, at most `keep_events` of them and `keep_bytes` bytes
 (Retention: STATE/topics.toml, per topic or for all; the newest event is always kept),
 numbered from 1, in memory and on disk alike: each event's body is kept in the log
-beside its `published` event (EventLog.append keep=), and the bus trims the log to what
-the topic keeps after each publish (EventLog.trim). So a burst of events costs at most
-the retention, in memory and on disk; replay rebuilds the same tail (an event whose body
+beside its `published` event (EventLog.append keep=), and each publish's commit also
+cuts from the log what the topic keeps no longer (EventLog.append_trimming). So a burst
+of events costs at most the retention, in memory and on disk; replay rebuilds the same tail (an event whose body
 was trimmed is counted, not kept). The `published` events themselves (topic, sender,
 label, size) stay in the log for audit. A subscriber holds only its position, so a slow
 one never stalls the publisher or the other subscribers; one that falls behind what is
@@ -114,6 +114,16 @@ class Topic:
     def oldest_seq(self) -> int:
         """The log seq of the oldest event kept (0: none): the log keeps no body below."""
         return self.events[0][0] if self.events else 0
+
+    def oldest_after(self, size: int) -> int:
+        """The log seq of the oldest event kept once one of `size` bytes is published
+        (0: that one alone): the log keeps no body below it."""
+        drop = int(len(self.events) == self.events.maxlen)
+        total = self.bytes + size - (len(self.events[0][2]) if drop else 0)
+        while total > self.keep_bytes and drop < len(self.events):
+            total -= len(self.events[drop][2])
+            drop += 1
+        return self.events[drop][0] if drop < len(self.events) else 0
 
     def publish(self, data: bytes | None, label: str = "internal", seq: int = 0) -> int:
         """One more event (seq: its `published` event's). data None: its body was
