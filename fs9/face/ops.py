@@ -339,7 +339,8 @@ class Operations(Changes, pyfuse3.Operations):
     @boundary
     async def write(self, fh, off, buf):
         n = await self._handle(fh).write(off, bytes(buf))
-        await self._invalidate_killed()
+        if self._seen_kills < len(self.kernel.killed):
+            await self._invalidate_killed()
         return n
 
     async def _invalidate_killed(self) -> None:

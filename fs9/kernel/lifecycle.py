@@ -44,7 +44,7 @@ class Lifecycles:
         event = self.log.append(kind, **fields) if trim_below is None else \
             self.log.append_trimming(kind, below=trim_below, **fields)
         self._fresh_blob = (event.seq, fields.get("blob"))  # so apply need not read it back
-        self.apply(event)
+        self.apply(event, checked=True)
         if kind in ("task_done", "task_failed"):  # an agent's breaker decides (live only)
             breakers.ended(self, event)
         return event
@@ -68,14 +68,15 @@ class Lifecycles:
         seq, blob = self._fresh_blob
         return blob if seq == e.seq and blob is not None else self.log.blob(e.seq)
 
-    def apply(self, e: Event) -> None:
+    def apply(self, e: Event, checked: bool = False) -> None:
         """Apply a logged event to the state; Unappliable when the state cannot take it
-        (never an event record() let through: only a damaged or a defect's, at replay)."""
+        (never an event record() let through: only a damaged or a defect's, at replay).
+        checked: record() has just asked `refusal` of this state."""
         handler = self.handlers.get(e.kind)
         if handler is None:
             return  # AUDIT_ONLY: for the record (and not replayed from a snapshot)
         self.plan.keep(e.seq)  # (one set aside stays in the plan: re-examined, reported)
-        refused = self.refusal(e.kind, e.agent, e.task)
+        refused = None if checked else self.refusal(e.kind, e.agent, e.task)
         if refused is not None:
             raise Unappliable(refused.text)
         if e.kind in MOVES:
