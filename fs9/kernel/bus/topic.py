@@ -26,6 +26,7 @@ import tomllib
 import trio
 
 from ...errors import Fs9Error
+from .. import timer
 from ..names import NAME_RE
 from ..stream import Changes
 from .message import CLASSIFICATIONS, clearance_allows
@@ -163,7 +164,7 @@ class Topic:
 
     async def _wake_after(self, wait: float) -> None:
         try:
-            await trio.sleep(wait)
+            await timer.sleep(wait)
         finally:  # (cancelled: the server stops; nothing to wait for)
             self.held = False
             self._woken()
