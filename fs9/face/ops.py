@@ -296,11 +296,10 @@ class Operations(Changes, pyfuse3.Operations):
             return b""
         if handle.ready():  # no wait, so no cancel scope: a third of a subscriber's read
             return await handle.read(off, size)
-        if handle.held():  # (a topic's events, held for a batch: they come within a
-            # fraction of a millisecond, and its timer fires at unmount too: no scope)
-            await handle.wait_readable()
-            return await handle.read(off, size)
-        if not handle.readable() and self._nonblocking(handle):
+        # (a topic's events held for a batch come within a fraction of a millisecond,
+        # O_NONBLOCK or not, and the hold's timer ends at unmount too: no cancel scope)
+        held = handle.held()
+        if not held and not handle.readable() and self._nonblocking(handle):
             # a pipe's answer to a non-blocking reader; one that polls with edge-triggered
             # epoll (Go's poller) is woken only by a notification after this EAGAIN
             self._notify_when_readable(handle)
@@ -317,17 +316,22 @@ class Operations(Changes, pyfuse3.Operations):
                                              "waiting already")
             self.blocked[waiter] = self.blocked.get(waiter, 0) + 1
             self.blocked_total += 1
-        with trio.CancelScope() as scope:
-            self.reading.add(scope)
-            try:
+        try:
+            if held:
+                await handle.wait_readable()
                 return await handle.read(off, size)
-            finally:
-                self.reading.discard(scope)
-                if waiter is not None:
-                    self.blocked[waiter] -= 1
-                    self.blocked_total -= 1
-                    if not self.blocked[waiter]:
-                        del self.blocked[waiter]
+            with trio.CancelScope() as scope:
+                self.reading.add(scope)
+                try:
+                    return await handle.read(off, size)
+                finally:
+                    self.reading.discard(scope)
+        finally:
+            if waiter is not None:
+                self.blocked[waiter] -= 1
+                self.blocked_total -= 1
+                if not self.blocked[waiter]:
+                    del self.blocked[waiter]
         return b""  # cancelled by end_reads: the reader sees EOF
 
     def end_reads(self) -> None:
