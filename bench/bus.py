@@ -5,6 +5,8 @@
     .venv/bin/python bench/bus.py --strict  (exit 1 when a target is missed)
     .venv/bin/python bench/bus.py --mail    (figure 1 only)
     .venv/bin/python bench/bus.py --fanout  (figure 2 only: fan-out and topic delivery)
+    .venv/bin/python bench/bus.py --fanout --vs TREE  (and TREE's fs9 in the same runs:
+        a worktree, or `git archive` of a commit; without a .venv, this one's python)
 
 Mounts fs9 for real (bench/foundation.py's Fs9Mount: a temporary directory, the
 mount point beside the state directory, never inside it) and measures:
@@ -86,6 +88,7 @@ FAN_TARGET = 30_000  # events/s delivered in total to 10 subscribers (issue 17)
 # topic delivery latency: events this far apart (a quiet topic wakes its reader at once;
 # events closer than topic.py's QUIET_S are held for a batch, HOLD_S at most)
 LAT_GAPS = {"quiet": 0.01, "stream": 0.001}
+VS = ""  # --fanout --vs TREE: the other tree's name, in the rows
 LOG_SMALL, LOG_BIG, LOG_REPEATS = 1_000, 1_000_000, 4
 LOG_FILLS = ("tasks", "events")  # what fills a big log (see fill())
 PROBE_S = 0.01  # figure 3: a ctl read this often during each run, to see the server stall
@@ -451,33 +454,47 @@ def topic_latency(topic: Path | None, n: int, gap_s: float) -> list[float]:
     return [(b - a) / 1e6 for a, b in zip(sent, got)]
 
 
-def figure_topic_latency(fs: Fs9Mount) -> dict:
+def rotated(kinds: list, r: int) -> list:
+    """kinds in turn, starting one further each round (each meets the same drift)."""
+    return kinds[r % len(kinds):] + kinds[:r % len(kinds)]
+
+
+def figure_topic_latency(fs: Fs9Mount, vs: Fs9Mount | None = None) -> dict:
     """One subscriber, events one at a time: LAT_GAPS apart (a quiet topic: each wakes it
-    at once; a stream: each held for a batch, topic.py's HOLD_S). Median of rounds' p50."""
-    topic = fs.path / "topics" / "lat"
-    topic.touch()
+    at once; a stream: each held for a batch, topic.py's HOLD_S); vs: another tree's fs9
+    in the same rounds."""
+    kinds = [("fs9", fs.path / "topics" / "lat"), ("pipe", None)]
+    if vs is not None:
+        kinds.insert(1, ("vs", vs.path / "topics" / "lat"))
+    for _, topic in kinds:
+        if topic is not None:
+            topic.touch()
     out = {}
     for name, gap in LAT_GAPS.items():
-        runs = {"fs9": [], "pipe": []}
+        runs = {kind: [] for kind, _ in kinds}
         for r in range(LAT_ROUNDS):
-            pair = [("fs9", topic), ("pipe", None)]
-            for kind, t in (pair if r % 2 == 0 else pair[::-1]):
+            for kind, t in rotated(kinds, r):
                 runs[kind] += topic_latency(t, LAT_PER_ROUND, gap)
         out[name] = {kind: {"p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99), "n": len(ms)}
                      for kind, ms in runs.items()}
     return out
 
 
-def figure_fanout(fs: Fs9Mount) -> dict:
-    topic = fs.path / "topics" / "fan"
-    topic.touch()
-    fanout_run(1, topic, 0.2), fanout_run(1, None, 0.2)  # warm up
-    out = {"latency": figure_topic_latency(fs)}
+def figure_fanout(fs: Fs9Mount, vs: Fs9Mount | None = None) -> dict:
+    """vs: another tree's fs9 (--vs TREE), a run of it beside each of this tree's."""
+    kinds = [("fs9", fs.path / "topics" / "fan"), ("pipes", None)]
+    if vs is not None:
+        kinds.insert(1, ("vs", vs.path / "topics" / "fan"))
+    for _, topic in kinds:
+        if topic is not None:
+            topic.touch()
+            fanout_run(1, topic, 0.2)  # warm up
+    fanout_run(1, None, 0.2)
+    out = {"latency": figure_topic_latency(fs, vs)}
     for k in FAN_SUBS:
-        runs = {"fs9": [], "pipes": []}
+        runs = {kind: [] for kind, _ in kinds}
         for r in range(FAN_REPEATS):
-            pair = [("fs9", topic), ("pipes", None)]
-            for name, t in (pair if r % 2 == 0 else pair[::-1]):
+            for name, t in rotated(kinds, r):
                 runs[name].append(fanout_run(k, t, FAN_S))
         out[k] = {name: {"per_s": statistics.median(x["per_s"] for x in rs),
                          "per_sub_per_s": statistics.median(x["per_sub_per_s"] for x in rs),
@@ -737,11 +754,18 @@ def fan_rows(fan: dict) -> list[dict]:
                         fmt="{:.0f}"))
         rows.append(row(f"   per subscriber, {k} subs (vs pipes)", a["per_sub_per_s"],
                         b["per_sub_per_s"], "/s", fmt="{:.0f}"))
+        if "vs" in fan[k]:
+            rows.append(row(f"   topic events/s delivered, {k} subs (vs {VS}'s fs9)", a["per_s"],
+                            fan[k]["vs"]["per_s"], "/s", fmt="{:.0f}"))
     for name, gap in LAT_GAPS.items():
         f, p = fan["latency"][name]["fs9"], fan["latency"][name]["pipe"]
         for q in ("p50", "p99"):
             rows.append(row(f"   topic delivery {q}, events {gap * 1000:g} ms apart (vs pipe)",
                             f[f"{q}_ms"], p[f"{q}_ms"], "ms"))
+            if "vs" in fan["latency"][name]:
+                rows.append(row(f"   topic delivery {q}, events {gap * 1000:g} ms apart (vs "
+                                f"{VS}'s fs9)", f[f"{q}_ms"], fan["latency"][name]["vs"][f"{q}_ms"],
+                                "ms"))
     return rows
 
 
@@ -773,6 +797,8 @@ def fan_notes(fan: dict) -> list[str]:
                     f" vs {statistics.median(x['publish_per_s'] for x in fan[k]['pipes']['runs']):.0f}"
                     for k in FAN_SUBS)
     runs = ", ".join(f"{x['per_s']:.0f}" for x in fan[10]["fs9"]["runs"]) if 10 in fan else ""
+    if 10 in fan and "vs" in fan[10]:
+        runs += f" ({VS}'s: " + ", ".join(f"{x['per_s']:.0f}" for x in fan[10]["vs"]["runs"]) + ")"
     return [f"topic events dropped by fs9 (subscribers over the ring behind): {drops}; "
             "the pipes drop none (a full pipe blocks the publisher)",
             f"topic events/s published (fs9 vs pipes): {pub}; 10 subs, each run: {runs}",
@@ -872,9 +898,18 @@ def main() -> int:
         fs = new_mount("main")
         fs.mount()
         if fan_only:
-            signal.alarm(WATCHDOG_S)
+            vs = None
+            if "--vs" in sys.argv:  # another tree's fs9 (an archive of a commit, say)
+                global VS
+                tree = Path(sys.argv[sys.argv.index("--vs") + 1]).resolve()
+                VS = tree.name
+                vs = new_mount("vs")
+                py = tree / ".venv" / "bin" / "python"
+                vs.py, vs.repo = str(py) if py.exists() else vs.py, tree
+                vs.mount()
+            signal.alarm(WATCHDOG_S * (2 if vs else 1))
             print("2/3 topic fan-out ...", file=sys.stderr, flush=True)
-            fan = figure_fanout(fs)
+            fan = figure_fanout(fs, vs)
             raise FanOnly
         peers += [Fifo(tmp), Maildir()]
         for peer in (NatsPeer, RedisPeer):
