@@ -5,8 +5,8 @@ A topic keeps its newest events, at most `keep_events` of them and `keep_bytes` 
 numbered from 1, in memory and on disk alike: each event's body is kept in the log
 beside its `published` event (EventLog.append keep=), and each publish's commit also
 cuts from the log what the topic keeps no longer (EventLog.append_trimming). So a burst
-of events costs at most the retention, in memory and on disk; replay rebuilds the same tail (an event whose body
-was trimmed is counted, not kept). The `published` events themselves (topic, sender,
+of events costs at most the retention, in memory and on disk; replay rebuilds the same
+tail (an event whose body was trimmed is counted, not kept). The `published` events themselves (topic, sender,
 label, size) stay in the log for audit. A subscriber holds only its position, so a slow
 one never stalls the publisher or the other subscribers; one that falls behind what is
 kept is told how many it missed (an `fs9: overflow` line) and goes on from the oldest
@@ -35,10 +35,10 @@ KEEP_EVENTS = 1024  # events a topic keeps by default: a subscriber's bounded ba
 KEEP_BYTES = 4 << 20  # ...and its bytes: 1,024 events of 64 KiB would be 64 MiB a topic
 MAX_EVENT = 64 << 10  # bytes in one event
 BOUNDS = {"keep_events": (1, 1_000_000), "keep_bytes": (MAX_EVENT, 1 << 30)}
-# While events stream in, a topic wakes its readers at most this often (the first event
-# after a quiet spell wakes them at once): a woken reader's read then carries every event
-# published meanwhile. Woken for each event, each subscriber made a FUSE read per publish,
-# most of a fan-out's cost (docs/benchmarks.md).
+# An event published within QUIET_S of the one before is held for HOLD_S at most (one
+# that comes after a quiet spell wakes the readers at once): a woken reader's read then
+# carries every event published meanwhile. Woken for each event, each subscriber made a
+# FUSE read per publish, most of a fan-out's cost (docs/benchmarks.md).
 HOLD_S = 0.0005
 QUIET_S = 0.002
 
