@@ -8,8 +8,8 @@
         of this tree's fs9 and of another tree's, with its own .venv, round by round)
 
 Needs root (confined agents). Mounts fs9 for real (bench/foundation.py's Fs9Mount) in a
-temporary directory made traversable (0711), defines D (`cmd = ["cat"]`), then times, for
-a fresh agent each time: the `spawn NAME def=D` write to the root ctl, `run x` to its ctl,
+temporary directory agents' uids can walk (foundation.traversable), defines D (`cmd =
+["cat"]`), then times, for a fresh agent each time: the `spawn NAME def=D` write to the root ctl, `run x` to its ctl,
 and its `out` opened and read to EOF (b"x\\n"). Three kinds, interleaved round by round:
 
   confined    D as defined: its own mount namespace and view, uid, Landlock, seccomp,
@@ -31,13 +31,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import (Fs9Mount, cannot_run, finish, guard_signals, pct,  # noqa: E402
-                        read_to_eof, row, table, unmount_all)
+                        read_to_eof, row, table, traversable, unmount_all)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "spawnspeed.json"
@@ -200,13 +199,10 @@ def versus(other: Path, rounds: int, per_round: int) -> int:
     """Confined spawn-to-output of this tree's fs9 and of `other`'s (a git worktree with
     its own .venv: main's, say), both mounted, a round of each in turn, so that both
     meet the same load. Prints p50/p99 of each and their ratio."""
-    tmp = Path(tempfile.mkdtemp(prefix="fs9-spawnspeed-vs-"))
-    tmp.chmod(0o711)
-    mounts = {}
+    mounts, tmps = {}, []
     for label, tree in (("this tree", None), (str(other), other)):
-        (tmp / str(len(mounts))).mkdir(mode=0o711)
-        fs = Fs9Mount(tmp / str(len(mounts)))
-        fs.agents.chmod(0o755)
+        tmp, fs = traversable("fs9-spawnspeed-vs-")
+        tmps.append(tmp)
         if tree is not None:
             fs.py, fs.repo = str(tree / ".venv" / "bin" / "python"), tree
         mounts[label] = fs
@@ -222,7 +218,8 @@ def versus(other: Path, rounds: int, per_round: int) -> int:
                 ms[label] += s["confined"]
         signal.alarm(0)
     finally:
-        unmount_all(tmp, list(mounts.values()), "spawnspeed")
+        for tmp, fs in zip(tmps, mounts.values()):
+            unmount_all(tmp, [fs], "spawnspeed")
     (a, b) = mounts
     pa, pb = statistics.median(ms[a]), statistics.median(ms[b])
     print(f"confined spawn to output, {len(ms[a])} spawns each, rounds of {per_round} "
@@ -246,10 +243,7 @@ def main() -> int:
                       rounds=4 if quick else 10, per_round=5 if quick else 10)
     guard_signals(WATCHDOG_S)
     started = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="fs9-spawnspeed-"))
-    tmp.chmod(0o711)  # agents' uids must reach the mount point and the definition
-    fs = Fs9Mount(tmp)
-    fs.agents.chmod(0o755)
+    tmp, fs = traversable("fs9-spawnspeed-")  # agents' uids must reach it
     try:
         fs.mount()
         signal.alarm(WATCHDOG_S)
