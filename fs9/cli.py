@@ -11,7 +11,7 @@ import time
 
 from . import __version__, service
 from .drivers.uidslots import SLOT_SIZE as MAX_AGENTS  # (kernel/agents/spawn.py: one uid each)
-from .kernel.agents.limits import MAX_AWAKE
+from .kernel.agents.limits import MAX_AWAKE, POOL_MAX
 from .errors import StateError
 
 STATE_DEFAULT = os.path.join(os.environ.get("XDG_STATE_HOME", os.path.expanduser("~/.local/state")), "fs9")
@@ -51,6 +51,11 @@ def main(argv=None) -> int:
     m.add_argument("--max-awake", metavar="N", type=_agent_count, default=MAX_AWAKE,
                    help=f"on-demand agents awake at once, 1 to {MAX_AGENTS} (default "
                         f"{MAX_AWAKE}); past it a wake waits for room")
+    m.add_argument("--sandbox-pool", metavar="N", type=_pool_size, default=0,
+                   help=f"confined agents' sandboxes made ahead of their spawns, 0 (the "
+                        f"default: none) to {POOL_MAX}: a spawn that takes one starts in "
+                        "milliseconds; each unused holds two processes, a uid and a "
+                        "control group (docs/benchmarks.md)")
     m.add_argument("--cluster", metavar="URLS", default="",
                    help="join the NATS JetStream cluster at these nats:// URLs (comma-separated) "
                         "as one node of one fs9 (docs/cluster.md); @FILE: the URLs are in FILE "
@@ -148,6 +153,12 @@ def _agent_count(word: str) -> int:
     return int(word)
 
 
+def _pool_size(word: str) -> int:
+    if not (word.isascii() and word.isdigit() and 0 <= int(word) <= POOL_MAX):
+        raise argparse.ArgumentTypeError(f"not a number from 0 to {POOL_MAX}: {word!r}")
+    return int(word)
+
+
 def _snapshot_every(word: str) -> int:
     if not (word.isascii() and word.isdigit() and 1 <= int(word) <= 10**9):
         raise argparse.ArgumentTypeError(f"not a number of events from 1 to 10^9: {word!r}")
@@ -169,6 +180,8 @@ def mount(args) -> int:
         raise UsageError(f"max_agents is from 1 to {MAX_AGENTS}, not {args.max_agents}")
     if not 1 <= args.max_awake <= MAX_AGENTS:  # (from a configuration file)
         raise UsageError(f"max_awake is from 1 to {MAX_AGENTS}, not {args.max_awake}")
+    if not 0 <= args.sandbox_pool <= POOL_MAX:  # (from a configuration file)
+        raise UsageError(f"sandbox_pool is from 0 to {POOL_MAX}, not {args.sandbox_pool}")
     if args.cluster and args.node and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.node):
         raise UsageError(f"not a node name: {args.node!r} (letters, digits, _ and -)")
     cluster_urls(args.cluster)  # (a file that will not do is said before any mount)
@@ -212,7 +225,7 @@ def mount(args) -> int:
         trio.run(serve, mnt, state, agents, vault, ready, args.audit, args.durability,
                  metrics_at, args.share_vault, args.otlp or "", args.max_agents,
                  cluster_urls(args.cluster), args.node, args.full_replay,
-                 args.snapshot_every, args.max_awake)
+                 args.snapshot_every, args.max_awake, args.sandbox_pool)
     except* StateError as group:  # (raised inside a nursery, it comes in a group)
         ready(f"refused {group.exceptions[0]}")
         raise group.exceptions[0] from None
@@ -295,7 +308,8 @@ def _background(args, mnt: str, state: str) -> int:
         + (["--metrics", args.metrics] if args.metrics else []) \
         + (["--share-vault"] if args.share_vault else []) \
         + (["--full-replay"] if args.full_replay else []) \
-        + ["--snapshot-every", str(args.snapshot_every), "--max-awake", str(args.max_awake)] \
+        + ["--snapshot-every", str(args.snapshot_every), "--max-awake", str(args.max_awake),
+           "--sandbox-pool", str(args.sandbox_pool)] \
         + (["--otlp", args.otlp] if args.otlp else []) \
         + (["--cluster", args.cluster, "--node", args.node] if args.cluster else [])
     logpath = os.path.join(state, "fs9.log")

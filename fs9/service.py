@@ -10,7 +10,8 @@ import tomllib
 # type each takes. The mount point stays on the command line: it names the instance.
 CONFIG_KEYS = {"vault": str, "state": str, "agents": str, "durability": str,
                "metrics": str, "debug": bool, "kernel_audit": bool, "share_vault": bool,
-               "otlp": str, "max_agents": int, "max_awake": int}
+               "otlp": str, "max_agents": int, "max_awake": int,
+               "sandbox_pool": int}
 LOG_BYTES = 10 << 20  # fs9.log rotates past 10 MiB, keeping LOG_KEPT old files
 LOG_KEPT = 3
 

@@ -12,6 +12,7 @@ import errno
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -183,21 +184,14 @@ class Sandbox:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, spec: dict, on_attempt: Callable[[dict], None], server: ForkServer):
-        """Start the agent's sandbox (forked by `server`) and wait until its namespace
-        is set up."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:  # (a socket's default packet, ~200 KB, is less than a start may carry)
-            ours.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SPAWN_MAX + 4096)
-        except OSError:
-            pass  # not root: a start past the default is refused (Message too long)
-        try:
-            pidfd = await server.fork(spec, theirs)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+    async def open(cls, spec: dict, on_attempt: Callable[[dict], None], server: ForkServer,
+                   pooled: "Pooled | None" = None):
+        """Start the agent's sandbox (forked by `server`, or, given `pooled`, made
+        ahead for its uid and taken now) and wait until its namespace is set up."""
+        if pooled is not None:
+            ours, pidfd = pooled.take(spec)
+        else:
+            ours, pidfd = await cls._fork(spec, server)
         sandbox = cls(trio.socket.from_stdlib_socket(ours), pidfd, on_attempt)
         failed = ""
         try:
@@ -219,6 +213,17 @@ class Sandbox:
             sandbox._sock.close()
             with trio.CancelScope(shield=True):
                 await _end(pidfd)
+
+    @staticmethod
+    async def _fork(spec: dict, server: ForkServer) -> tuple[socket.socket, int]:
+        ours, theirs = _socketpair()
+        try:
+            return ours, await server.fork(spec, theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
 
     async def _wait_change(self) -> None:
         await self._changed.wait()
@@ -291,6 +296,73 @@ class Sandbox:
                 return 128 + 9
             await self._wait_change()
         return self._exits.pop(pid)
+
+
+class Pooled:
+    """A sandbox made ahead for one uid (pooled.py), not yet any agent's: `make` it,
+    hand it to its agent's Sandbox.open, or `close` it."""
+
+    def __init__(self, sock: socket.socket, pidfd: int) -> None:
+        self._sock, self._pidfd = sock, pidfd
+
+    @classmethod
+    async def make(cls, server: ForkServer, uid: int, cgroups: list[str],
+                   audit: bool) -> "Pooled":
+        """Fork it and wait until it is ready; SandboxError if it is not."""
+        spec = dict(pooled=True, uid=uid, cgroups=cgroups, audit=audit)
+        ours, pidfd = await Sandbox._fork(spec, server)
+        pooled = cls(ours, pidfd)
+        reply = b""
+        try:
+            with trio.move_on_after(START_S):
+                await trio.lowlevel.wait_readable(ours)
+                reply = ours.recv(1 << 16)
+        except OSError:
+            pass
+        finally:
+            if reply != b'{"op": "pooled"}':
+                await pooled.close()
+        if reply != b'{"op": "pooled"}':
+            raise SandboxError(f"a pooled sandbox did not start: {reply[:200]!r}")
+        return pooled
+
+    def alive(self) -> bool:
+        """It is still there (its pidfd is readable once it has exited)."""
+        return self._sock is not None and not select.select([self._pidfd], [], [], 0)[0]
+
+    def take(self, spec: dict) -> tuple[socket.socket, int]:
+        """Hand it its agent's spec: its socket and pidfd, now the caller's to close;
+        SandboxError if it cannot be handed over (then it is closed here)."""
+        sock, pidfd, self._sock = self._sock, self._pidfd, None
+        request = json.dumps({"op": "take", "spec": spec}).encode()
+        try:
+            if len(request) > MAX_REQUEST:
+                raise OSError(errno.EMSGSIZE, f"its sandbox's description is {len(request)} "
+                                              f"bytes, over the {MAX_REQUEST} it may be")
+            sock.send(request)
+        except OSError as e:
+            sock.close()
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+            raise SandboxError(f"cannot start the sandbox: {e.strerror or e}") from None
+        return sock, pidfd
+
+    async def close(self) -> None:
+        """End it unused (it exits at EOF, having run nothing of anyone's)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with trio.CancelScope(shield=True):
+                await _end(self._pidfd)
+
+
+def _socketpair() -> tuple[socket.socket, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:  # (a socket's default packet, ~200 KB, is less than a start may carry)
+        ours.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SPAWN_MAX + 4096)
+    except OSError:
+        pass  # not root: a start past the default is refused (Message too long)
+    return ours, theirs
 
 
 async def _end(pidfd: int) -> None:

@@ -28,7 +28,7 @@ import signal
 import socket
 import sys
 
-from fs9.drivers import zygote
+from fs9.drivers import pooled, zygote
 
 FDS = socket.CMSG_LEN(4)  # one fd per request
 
@@ -56,7 +56,9 @@ def _fork(sock: socket.socket, wake: tuple[int, int], spec: dict, theirs: int,
                 os.close(fd)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            zygote.run(spec, socket.socket(fileno=theirs), flt)
+            # (a pooled sandbox is made ahead of its agent: pooled.py)
+            life = pooled.run if spec.get("pooled") else zygote.run
+            life(spec, socket.socket(fileno=theirs), flt)
         finally:
             os._exit(0)
     return pid

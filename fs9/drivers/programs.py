@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 
+import pyseccomp
 from landlock.plumbing import get_restrict_self
 
 from fs9.drivers.confinable import landlock_call
@@ -42,15 +43,15 @@ def _join_groups(spec: dict) -> None:
             f.write("0")
 
 
-def _confine(spec: dict, ruleset, net_fd) -> None:
+def _confine(spec: dict, layers) -> None:
     """This process, forked from the sandbox and in the agent's control groups: its
-    uid, no capabilities, no_new_privs and the Landlock layers."""
+    uid, no capabilities, no_new_privs and the Landlock layers (fds of rulesets)."""
     uid = spec["uid"]
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # Landlock's precondition
-    for layer in (ruleset._fd, net_fd):
+    for layer in layers:
         if layer is None:
             continue
         try:
@@ -86,7 +87,7 @@ def start_program(msg: dict, fds: list[int], spec: dict, ruleset, net_fd=None) -
             except OSError:
                 pass
             _join_groups(spec)
-            _confine(spec, ruleset, net_fd)
+            _confine(spec, (ruleset._fd, net_fd))
             _exec(msg, report_w)
         except BaseException as e:
             os.write(report_w, _why(msg, e))
@@ -101,11 +102,15 @@ def start_program(msg: dict, fds: list[int], spec: dict, ruleset, net_fd=None) -
 
 
 class Prepared:
-    """The agent's first program, confined ahead and waiting for its start request."""
+    """The agent's first program, confined ahead and waiting for its start request.
+    A pooled sandbox's (pooled.py) is forked before the sandbox has its agent: it
+    loads the seccomp filter itself and hands its listener over (`listener`), and
+    takes its uid and Landlock layers, which are the agent's, with its start."""
 
-    def __init__(self, spec: dict, ruleset, net_fd) -> None:
+    def __init__(self, spec: dict, ruleset, net_fd, flt=None) -> None:
         """Fork it (called by the sandbox once its namespace is made, its seccomp filter
-        loaded and its Landlock layers made)."""
+        loaded and its Landlock layers made; or, with flt, a pooled sandbox's, once its
+        namespaces are made: the process loads flt itself). OSError if it failed."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:  # (a start may carry up to SPAWN_MAX in one packet; we are root)
             ours.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SPAWN_MAX + 4096)
@@ -115,14 +120,20 @@ class Prepared:
         pid = os.fork()
         if pid == 0:
             ours.close()
-            _wait_and_exec(theirs, parent, spec, ruleset, net_fd)  # never returns
+            layers = None if flt is not None else (ruleset._fd, net_fd)
+            _wait_and_exec(theirs, parent, spec, layers, flt)  # never returns
         theirs.close()
         self.pid, self._sock = pid, ours
         self.used = False
+        self._late = flt is not None  # its layers come with its start
+        self.listener = _listener_of(ours, pid) if flt is not None else None
 
-    def start(self, msg: dict, fds: list[int]) -> int:
-        """Hand it msg's program and fds (stdin, stdout, stderr): its pid once exec'd,
-        or OSError (EACCES) with the reason it was not."""
+    def start(self, msg: dict, fds: list[int], layers=()) -> int:
+        """Hand it msg's program and fds (stdin, stdout, stderr), and the Landlock
+        layers (fds) if it takes them now: its pid once exec'd, or OSError (EACCES)
+        with the reason it was not."""
+        if self._late:
+            fds = fds + [layer for layer in layers if layer is not None]
         self.used = True
         try:
             try:  # (raised as the sandbox may: the program's own start cannot, as root)
@@ -150,7 +161,42 @@ class Prepared:
         return self.pid
 
 
-def _wait_and_exec(sock: socket.socket, parent: int, spec: dict, ruleset, net_fd) -> None:
+def _listener_of(sock: socket.socket, pid: int) -> int:
+    """The seccomp listener a pooled first program sends once it loaded its filter."""
+    fds = array.array("i")
+    data, ancdata, _, _ = sock.recvmsg(64, socket.CMSG_LEN(fds.itemsize))
+    for level, kind, raw in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+    if data != b"listener" or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise OSError(errno.EPERM, f"its first program could not load the seccomp filter: "
+                                   f"{data.decode(errors='replace')}")
+    return fds[0]
+
+
+def _load_filter(sock: socket.socket, flt) -> None:
+    """Load the seccomp filter in this process and send its listener to the sandbox,
+    which answers its notifications (a process does not inherit a filter loaded after
+    its fork). Our own copy of the listener is closed: what we exec never holds it."""
+    flt.load()
+    listener = flt_listener(flt)
+    try:
+        sock.sendmsg([b"listener"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [listener]))])
+    finally:
+        os.close(listener)
+
+
+def flt_listener(flt) -> int:
+    """The listener fd of a loaded filter (pyseccomp has no public accessor)."""
+    return pyseccomp._libseccomp.seccomp_notify_fd(flt._filter)
+
+
+def _wait_and_exec(sock: socket.socket, parent: int, spec: dict, layers, flt) -> None:
     msg = {"argv": ["?"]}
     try:
         # nothing of the sandbox's signal handling stays with it
@@ -163,10 +209,13 @@ def _wait_and_exec(sock: socket.socket, parent: int, spec: dict, ruleset, net_fd
             os._exit(0)  # the sandbox ended before that was armed
         os.setsid()
         _join_groups(spec)
-        _confine(spec, ruleset, net_fd)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(0)
+        if flt is not None:
+            _load_filter(sock, flt)
+        if layers is not None:
+            _confine(spec, layers)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(0)
         os.closerange(3, sock.fileno())  # the sandbox's fds: none is kept while it waits
         os.closerange(sock.fileno() + 1, 65536)
         fds = array.array("i")
@@ -177,7 +226,12 @@ def _wait_and_exec(sock: socket.socket, parent: int, spec: dict, ruleset, net_fd
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
         msg = json.loads(data)
-        for target, fd in enumerate(fds):
+        if layers is None:  # (a pooled sandbox's: its agent's layers came with the start)
+            _confine(spec, fds[3:])
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(0)
+        for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target, inheritable=True)
         _exec(msg, sock.fileno())
     except BaseException as e:

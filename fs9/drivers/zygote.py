@@ -53,7 +53,7 @@ import landlock
 import pyseccomp
 
 from fs9 import resolve
-from fs9.drivers import netrules, programs
+from fs9.drivers import netrules, notices, programs
 from fs9.drivers.confinable import landlock_call
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x10000000, 0x08000000, \
@@ -102,10 +102,22 @@ def _mount(source, target, fstype, flags, data=None) -> None:
 def enter_namespace(spec: dict) -> None:
     """The agent's private namespaces: its view over MNT, secrets covered, its own IPC,
     its own (empty) network unless it pledged inet, and a /proc showing only its own."""
+    own_namespaces(spec)
+    show_view(spec)
+
+
+def own_namespaces(spec: dict) -> None:
+    """What is the same for every agent (a pooled sandbox makes it ahead: pooled.py):
+    its own mount, IPC and (unless it pledged inet) network namespaces, and /proc."""
     flags = CLONE_NEWNS | CLONE_NEWIPC | (0 if spec.get("net", {}).get("inet") else CLONE_NEWNET)
     _check(libc.unshare(flags), "unshare")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do leaks back out
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
+
+
+def show_view(spec: dict) -> None:
+    """What is the agent's own: its view over MNT, its vault binds, its scratch tmpfs;
+    then the state and vault folders covered."""
     _mount(spec["view"], spec["mnt"], None, MS_BIND)
     _mount(None, spec["mnt"], None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV)
     _bind_vault(spec)
@@ -271,18 +283,25 @@ def kill_all(uid: int) -> None:
     os.waitpid(pid, 0)
 
 
-def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter) -> None:
+def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
+          first: "programs.Prepared | None" = None) -> None:
+    """Load the filter, make the Landlock layers, say ready, then start programs and
+    answer the filters' notifications until fs9 closes the socket or goes. `first`: a
+    pooled sandbox's first program, forked ahead (under a filter of its own, whose
+    listener it handed us; it takes the layers with its start)."""
     flt.load()
     ruleset, net_fd = landlock_ruleset(spec), net_ruleset(spec)
     # its first program, forked now (under the filter, with the layers), so that its
     # move into the control groups overlaps the rest of our set-up and fs9's first
     # start (programs.py); never used, it ends with us (parent-death signal, kill_all)
-    try:
-        first = programs.Prepared(spec, ruleset, net_fd)
-    except OSError:
-        first = None  # (then it starts as the rest do)
-    # pyseccomp has no public accessor for the listener fd; select needs it
-    notify_fd = pyseccomp._libseccomp.seccomp_notify_fd(flt._filter)
+    if first is None:
+        try:
+            first = programs.Prepared(spec, ruleset, net_fd)
+        except OSError:
+            pass  # (then it starts as the rest do)
+    listeners = [programs.flt_listener(flt)]
+    if first is not None and first.listener is not None:
+        listeners.append(first.listener)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -291,7 +310,7 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter) -> None
     started: set[int] = set()
     send(op="ready")
     while True:
-        ready, _, _ = select.select([sock, notify_fd, wake_r], [], [])
+        ready, _, _ = select.select([sock, wake_r, *listeners], [], [])
         if wake_r in ready:
             signals = os.read(wake_r, 512)
             if signal.SIGTERM in signals:
@@ -307,12 +326,14 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter) -> None
                     started.discard(pid)
                     code = os.waitstatus_to_exitcode(status)
                     send(op="exit", pid=pid, status=128 - code if code < 0 else code)
-        if notify_fd in ready:
-            try:
-                note = flt.receive_notify()
-            except OSError:
+        for listener in [fd for fd in listeners if fd in ready]:
+            if listener != listeners[0] and notices.hung_up(listener):
+                listeners.remove(listener)  # its first program's filter: nothing is left
+                os.close(listener)  # under it (a read would wait for ever)
+                continue
+            note = notices.refuse_next(listener)
+            if note is None:
                 continue  # the caller died while we looked
-            flt.respond_notify(pyseccomp.NotificationResponse(-errno.EPERM, 0, note.id, 0))
             name = pyseccomp.resolve_syscall(note.syscall_arch, note.syscall).decode()
             try:  # (bytes the program chose: read as bytes, decoded without fail, since
                 # a decoding error here would end the sandbox and every process of it)
@@ -332,7 +353,7 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter) -> None
             msg = json.loads(data)
             try:
                 if first is not None and not first.used:
-                    pid = first.start(msg, list(fds))
+                    pid = first.start(msg, list(fds), (ruleset._fd, net_fd))
                 else:
                     pid = programs.start_program(msg, list(fds), spec, ruleset, net_fd)
                 started.add(pid)
@@ -361,16 +382,22 @@ def set_loginuid(spec: dict) -> None:
               "its programs' refused syscalls are not audited", file=sys.stderr)
 
 
+def arm(spec: dict) -> bool:
+    """A sandbox's first steps: it dies with the fork server, is its programs' subreaper
+    and is not dumpable; whether the fork server (spec["parent"]) is still there."""
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no one may read our memory through /proc
+    return os.getppid() == spec["parent"]
+
+
 def run(spec: dict, sock: socket.socket, flt: pyseccomp.SyscallFilter) -> None:
     """The sandbox's life, in a process the fork server has just forked for this agent
     (spec["parent"]: the fork server's pid): set up, serve until fs9 closes the socket
     or goes, then end every process of the agent's uid. `flt`: the seccomp filter,
     built ahead by the fork server (the same for every agent), loaded here."""
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no one may read our memory through /proc
     try:
-        if os.getppid() != spec["parent"]:
+        if not arm(spec):
             return  # the fork server died before PDEATHSIG was armed
         if spec.get("audit", True):
             set_loginuid(spec)

@@ -29,12 +29,14 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
                 metrics_at: tuple[str, int] | None = None, share_vault: bool = False,
                 otlp: str = "", max_agents: int = spawn.MAX_AGENTS, cluster: str = "",
                 node: str = "", full_replay: bool = False,
-                snapshot_every: int = 100_000, max_awake: int = MAX_AWAKE) -> None:
+                snapshot_every: int = 100_000, max_awake: int = MAX_AWAKE,
+                sandbox_pool: int = 0) -> None:
     """Mount, call ready() once requests can be served, serve until told to stop."""
     kernel = Kernel(state_dir, agents_dir, mount_path=mountpoint, vault_dir=vault_dir,
                     audit=audit, durability=durability, otlp=otlp, max_agents=max_agents,
                     cluster=cluster, node=node, full_replay=full_replay,
-                    snapshot_every=snapshot_every, max_awake=max_awake)
+                    snapshot_every=snapshot_every, max_awake=max_awake,
+                    sandbox_pool=sandbox_pool)
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(kernel.serve)

@@ -26,7 +26,7 @@ from ..errors import NO_AGENT, Fs9Error
 from . import event_retention, replay, retention, snapshot, traces
 from .agents.breaker import AgentBreakers, check_new
 from .approvals import Approvals
-from .agents import endings, escapes, spawn, starts, uidreserve
+from .agents import endings, escapes, pool, spawn, starts, uidreserve
 from .agents import sandbox as sandboxes
 from .agents.agent import Agent
 from .agents.ondemand import MAX_AWAKE, Wakes
@@ -99,7 +99,7 @@ class Kernel(Lifecycles, RootCtl):
                  otlp: str = "", max_agents: int = spawn.MAX_AGENTS, cluster: str = "",
                  node: str = "", full_replay: bool = False,
                  snapshot_every: int = snapshot.SNAPSHOT_EVERY,
-                 max_awake: int = MAX_AWAKE) -> None:
+                 max_awake: int = MAX_AWAKE, sandbox_pool: int = 0) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.max_agents = max_agents  # live agents at once (agents/spawn.py: check_room)
         self.agents_dir = os.path.abspath(agents_dir)
@@ -133,6 +133,8 @@ class Kernel(Lifecycles, RootCtl):
         # control group named by it. A spawn gets none of them (agents/sandbox.py).
         self.uids_ending: set[int] = set()
         self.uid_reserve = uidreserve.UidReserve()  # free uids vetted ahead of spawns
+        self.sandbox_pool = pool.SandboxPool(sandbox_pool)  # sandboxes made ahead of spawns
+        self.uids_pooled: set[int] = set()  # uids set aside for them: no spawn's else
         self.owners: dict[tuple[str, ...], str] = {}  # owned vault subtree -> its agent
         self.owned_depth = 0  # names in the longest claim ever made: owner_of looks no deeper
         self.tasks: dict[int, Task] = {}  # in memory: live ones, the latest finished
@@ -203,6 +205,7 @@ class Kernel(Lifecycles, RootCtl):
                 nursery.start_soon(self._service, self._witness_denials)
             if self.mount_path and confine.unavailable() is None:  # sandboxes fork from it
                 nursery.start_soon(self.forkserver.serve)
+                nursery.start_soon(self.sandbox_pool.keep, self)
             for agent in self.agents.values():
                 if agent.on_demand:
                     agent.wake()  # (one with no work sleeps on)

@@ -128,6 +128,8 @@ class Lifecycles:
         agent = Agent(self, e.agent, e.data["manifest"], e.data["home"],
                       uidslots.uid_base(self.uid_slot) + self.uid_offset)
         agent.spawn_seq = e.seq
+        if not self._replaying:  # a sandbox made ahead for its uid, if the spawn took one
+            agent.pooled = self.sandbox_pool.hand(agent.uid)
         agent.spawned_by = e.data.get("by")
         agent.supervisor = e.data.get("supervisor")  # (kernel/supervision.py)
         self.agents[agent.name] = agent

@@ -101,7 +101,7 @@ class RootCtl:
         for each, manifest, home, sup in supervision.plan(self, name, *overrides, by=by):
             os.makedirs(home, exist_ok=True)
             self.record("spawn", agent=each, manifest=manifest, home=home,
-                        uid_offset=uids.next(), **({"by": by} if by else {}),
+                        uid_offset=uids.next(each, manifest), **({"by": by} if by else {}),
                         **({"supervisor": sup} if sup else {}))
         return self.agents[name]
 

@@ -33,6 +33,7 @@ from .run import Runs
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from . import pool
     from ..kernel import Kernel
 
 CORRS_KEPT = 10_000  # correlation ids an agent may carry on: its latest tasks' and mail's
@@ -97,6 +98,7 @@ class Agent(Runs, OnDemand, Shown):
         self._no_sandbox = ""  # why its sandbox did not start, for the run that needed it
         self.window = self.new_window()  # daemon restarts, for the supervisor's intensity
         self._sandbox: confine.Sandbox | None = None
+        self.pooled: "pool.Entry | None" = None  # its sandbox made ahead, until started
         self._daemon_run: Task | None = None  # a daemon's latest run
         self._resources: contextlib.AsyncExitStack | None = None  # the sandbox's lifetime
         self.group: cgroups.Group | None = None  # its programs' control group, while confined
@@ -240,6 +242,11 @@ class Agent(Runs, OnDemand, Shown):
                     finally:
                         self._sandbox = None
             finally:  # its sandbox has ended (its end kills every process of its uid)
+                if self.pooled is not None:  # made ahead, never started: closed unused
+                    entry, self.pooled = self.pooled, None
+                    self.group = self.group or entry.group
+                    with trio.CancelScope(shield=True):
+                        await self.kernel.sandbox_pool.drop(entry)
                 if self.group is not None:  # then its control group goes, emptied
                     group, self.group = self.group, None
                     with trio.CancelScope(shield=True):  # (most often empty by now;
@@ -285,19 +292,26 @@ class Agent(Runs, OnDemand, Shown):
                         f"its uid cannot reach {path}: {blocked} is closed to other users "
                         f"(chmod o+x {blocked}, or mount and keep agents elsewhere)")
             await self.kernel.mounted.wait()
-            sandboxes.begin_group_moves(self.kernel)
+            entry, self.pooled = self.pooled, None  # its sandbox made ahead (pool.py)
+            pooled = self.kernel.sandbox_pool.started(entry) if entry is not None else None
+            if pooled is None:  # (one made ahead has its first program in its group)
+                sandboxes.begin_group_moves(self.kernel)
             sandboxes.make_scratch(self)
-            if self.group is None:
-                self.group = sandboxes.make_group(self)
-            # (a few at a time, room kept for the operator's: starts.py)
-            async with self.kernel.sandbox_starts.place(self.spawned_by is not None):
+            if self.group is None or entry is not None:
+                self.group = sandboxes.make_group(self, entry and entry.group)
+            # (a few at a time, room kept for the operator's: starts.py; one made ahead
+            # was made in such a place)
+            async with self.kernel.sandbox_starts.place(self.spawned_by is not None) \
+                    if pooled is None else contextlib.nullcontext():
                 if self.killed:  # while it waited its turn: no start for a dead agent
+                    if pooled is not None:
+                        await pooled.close()
                     raise confine.SandboxError("the agent was killed")
                 self._sandbox = await self._resources.enter_async_context(
                     confine.Sandbox.open(sandboxes.spec(self.kernel, self),
                                          lambda report: escapes.attempt(self.kernel, self,
                                                                         report),
-                                         self.kernel.forkserver))
+                                         self.kernel.forkserver, pooled))
         return self._sandbox
 
     async def _loop(self) -> None:

@@ -20,6 +20,7 @@ from ...errors import Fs9Error
 # fs9-wide: on-demand agents awake at once (agents/ondemand.py says why; here, with no
 # event loop imported, for `fs9 mount`'s options)
 MAX_AWAKE = 256
+POOL_MAX = 16  # confined sandboxes made ahead (`fs9 mount --sandbox-pool`, agents/pool.py)
 DEFAULTS = {"memory_mb": 1024, "processes": 256, "output_mb": 64, "scratch_mb": 256}
 MINIMUM = {"memory_mb": 16, "processes": 8, "output_mb": 1, "scratch_mb": 1}
 # what the kernel's controls take (a larger value fails every start with ERANGE):

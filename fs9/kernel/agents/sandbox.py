@@ -13,7 +13,7 @@ import trio
 from ...drivers import cgroups, confine, migrations, uidslots
 from ...errors import Fs9Error
 from .. import approvals, labels
-from . import endings, limits
+from . import endings, limits, view as views
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,21 +33,27 @@ def free_uid_offset(kernel: "Kernel", running: set[int]) -> int:
     base = uidslots.uid_base(kernel.uid_slot)
     for i in range(1, uidslots.SLOT_SIZE + 1):
         offset = (kernel.uid_offset + i) % uidslots.SLOT_SIZE
-        if base + offset not in kernel.uids and base + offset not in running and \
-                base + offset not in kernel.uids_ending:
+        uid = base + offset
+        if uid not in kernel.uids and uid not in running and uid not in kernel.uids_ending \
+                and uid not in kernel.uids_pooled:
             return offset
     raise Fs9Error(errno.EAGAIN, f"all {uidslots.SLOT_SIZE} agent uids of this fs9 are in use")
 
 
 class UidPicker:
-    """Free uids for the spawns of one write: each vetted ahead (uidreserve.py), or,
-    when none is left, found with one walk of /proc for the whole write."""
+    """Free uids for the spawns of one write: a sandbox's made ahead for it (pool.py),
+    or each vetted ahead (uidreserve.py), or, when none is left, found with one walk of
+    /proc for the whole write."""
 
     def __init__(self, kernel: "Kernel") -> None:
         self._kernel = kernel
         self._running: set[int] | None = None
 
-    def next(self) -> int:
+    def next(self, name: str, manifest: dict) -> int:
+        offset = self._kernel.sandbox_pool.take(self._kernel, manifest,
+                                                views.parse(name, manifest))
+        if offset is not None:
+            return offset
         offset = self._kernel.uid_reserve.take(self._kernel)
         if offset is not None:
             return offset
@@ -111,10 +117,11 @@ async def _begin_grace_period() -> None:
         _MOVES.release()
 
 
-def make_group(agent) -> cgroups.Group:
-    """Its control group, with its limits (drivers/cgroups.py). A controller the host
-    lacks is said once, in an event."""
-    group = cgroups.Group(agent.kernel.instance, str(agent.uid))
+def make_group(agent, group: cgroups.Group | None = None) -> cgroups.Group:
+    """Its control group, with its limits (drivers/cgroups.py); `group`: the one made
+    ahead with its sandbox (pool.py), whose limits are the agent's from now. A
+    controller the host lacks is said once, in an event."""
+    group = group or cgroups.Group(agent.kernel.instance, str(agent.uid))
     group.create(agent.limits["memory_mb"] << 20, agent.limits["processes"],
                  limits.CPU_WEIGHT[agent.priority])
     if group.missing:

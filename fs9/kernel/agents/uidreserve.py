@@ -33,7 +33,9 @@ class UidReserve:
         base = uidslots.uid_base(kernel.uid_slot)
         while self._free:
             offset = self._free.pop(0)
-            if base + offset not in kernel.uids and base + offset not in kernel.uids_ending:
+            uid = base + offset
+            if uid not in kernel.uids and uid not in kernel.uids_ending and \
+                    uid not in kernel.uids_pooled:
                 self._want_more()
                 return offset
         self._want_more()
@@ -68,6 +70,6 @@ class UidReserve:
                 offset = (kernel.uid_offset + i) % uidslots.SLOT_SIZE
                 uid = base + offset
                 if offset not in held and uid not in running and uid not in kernel.uids \
-                        and uid not in kernel.uids_ending:
+                        and uid not in kernel.uids_ending and uid not in kernel.uids_pooled:
                     fresh.append(offset)
             self._free += fresh
