@@ -24,6 +24,23 @@ def test_out_streams_while_the_task_runs(mount):
     assert time.monotonic() - start > 1.9  # the rest came as it was written, not at once
 
 
+def test_a_tasks_input_past_what_a_pipe_holds_reaches_its_program_whole(mount):
+    """A task's input goes into its program's stdin pipe before the program starts
+    (what fits: a pipe holds 64 KiB), the rest once it runs. Confined and unconfined,
+    whole either way."""
+    mount.define("count", 'cmd = ["sh", "-c", "wc -c"]\n')
+    (mount.agents / "count").chmod(0o755)
+    spawn(mount, "spawn c1 def=count")
+    spawn(mount, "spawn c2 def=count unconfined=true")
+    data = bytes(range(256)) * 1200  # 307,200 bytes
+    for name in ("c1", "c2"):
+        for size in (len(data), 65536, 1):
+            with open(mount.path / "agents" / name / "in", "wb") as f:
+                f.write(data[:size])
+            with open(mount.path / "agents" / name / "out") as f:
+                assert f.read().split() == [str(size)], (name, size)
+
+
 def test_tasks_queue_in_order_and_agents_run_concurrently(mount):
     # unconfined: it keeps its own record on disk, outside any view
     sleeper = ('cmd = ["sh", "-c", "read x; s=$(date +%s.%N); sleep 1; echo $x; '

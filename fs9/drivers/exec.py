@@ -80,6 +80,15 @@ async def _start(job: Job, fds: tuple[int, int, int]) -> _Program:
 
 async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
     in_r, in_w = os.pipe() if job.stdin is not None else (os.open(os.devnull, os.O_RDONLY), None)
+    rest = b""
+    if in_w is not None:
+        # what fits in the pipe goes in now: the program reads its input as it starts,
+        # not after a round trip through us (a confined one's start is heard from its
+        # sandbox); the rest is fed once it runs
+        rest = _prefill(in_w, job.stdin)
+        if not rest:
+            os.close(in_w)
+            in_w = None
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
@@ -103,7 +112,7 @@ async def run(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
     try:
         async with trio.open_nursery() as nursery:
             if stdin is not None:
-                nursery.start_soon(_feed, stdin, job.stdin)
+                nursery.start_soon(_feed, stdin, rest)
             drained = [trio.Event(), trio.Event()]
             nursery.start_soon(_pump, stdout, 1, job.emit, drained[0])
             nursery.start_soon(_pump, stderr, 2, job.emit, drained[1])
@@ -136,6 +145,15 @@ def _take_buffered(pipe: int, fd: int, emit, chunks: int = 1024) -> None:
         if not chunk:
             return
         emit(fd, chunk)
+
+
+def _prefill(pipe: int, data: bytes) -> bytes:
+    """Write what of data fits in the pipe now, without waiting: what is left."""
+    os.set_blocking(pipe, False)
+    try:
+        return data[os.write(pipe, data):] if data else b""
+    except BlockingIOError:
+        return data
 
 
 async def _feed(pipe: trio.lowlevel.FdStream, data: bytes) -> None:
