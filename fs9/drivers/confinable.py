@@ -5,6 +5,10 @@ sandbox's code and its event loop to ask). drivers/confine.py re-exports both.
 import ctypes
 import os
 
+# what every confined program may read (its Landlock layer), and the devices it may use
+SYSTEM_READ = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+
 
 def landlock_call(call, *args, **kwargs):
     """call(...) of the `landlock` package, which takes ctypes' thread-wide errno for the

@@ -22,10 +22,7 @@ from typing import Callable
 
 import trio
 
-from .confinable import unavailable, unreachable  # noqa: F401 (theirs: re-exported)
-
-SYSTEM_READ = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc")
-DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+from .confinable import DEVICES, SYSTEM_READ, unavailable, unreachable  # noqa: F401 (theirs)
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
 START_S = 10.0
 # The most one fork request may be (the fork server reads a packet of at most this), and

@@ -28,6 +28,7 @@ import json
 import socket
 
 from fs9.drivers import programs, zygote
+from fs9.drivers.confinable import DEVICES, SYSTEM_READ
 
 TAKE_MAX = 2 << 20  # bytes of the take request (a spec, at most confine.MAX_REQUEST)
 
@@ -43,6 +44,10 @@ def run(spec: dict, sock: socket.socket, flt) -> None:
         if spec.get("audit", True):
             zygote.set_loginuid(spec)
         zygote.own_namespaces({})  # (no inet: its own, empty network namespace)
+        # the Landlock rules every agent has (the system's folders, the devices), and
+        # the network layer of an agent without inet, made now
+        common = {"read": list(SYSTEM_READ), "devices": list(DEVICES)}
+        begun = ((zygote.landlock_ruleset(common), common), zygote.net_ruleset({}))
         first = programs.Prepared(spec, None, None, flt)
         sock.send(json.dumps({"op": "pooled"}).encode())
         data = sock.recv(TAKE_MAX)
@@ -53,7 +58,7 @@ def run(spec: dict, sock: socket.socket, flt) -> None:
             raise OSError(errno.EINVAL, "a pooled sandbox serves only the uid it was made "
                                         "for, without inet")
         zygote.show_view(taken)
-        zygote.serve(sock, taken, flt, first)
+        zygote.serve(sock, taken, flt, first, begun)
     except (OSError, ValueError, KeyError) as e:
         try:
             sock.send(json.dumps({"op": "failed", "text": str(e)}).encode())

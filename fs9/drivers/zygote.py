@@ -216,17 +216,22 @@ def _syscall(number: int, *args) -> int:
     return result
 
 
-def landlock_ruleset(spec: dict) -> landlock.Ruleset:
+def landlock_ruleset(spec: dict, begun: tuple | None = None) -> landlock.Ruleset:
+    """The agent's file-system Landlock layer: spec's read, devices and write paths.
+    `begun`: (a ruleset, the part of a spec its rules were made for) made ahead by a
+    pooled sandbox (pooled.py): the rules of spec's paths not in that part are added.
+    (A rule holds the inode its path shows when it is made: the write paths, MNT
+    among them, only once the view is bound over it.)"""
     access = landlock.FSAccess
-    ruleset = landlock_call(landlock.Ruleset)
+    ruleset, done = begun or (landlock_call(landlock.Ruleset), {})
     read = access.READ_FILE | access.READ_DIR | access.EXECUTE
-    for path in spec["read"]:
-        if os.path.isdir(path):
+    for path in spec.get("read", ()):
+        if path not in done.get("read", ()) and os.path.isdir(path):
             landlock_call(ruleset.allow, path, rules=read)
-    for path in spec["devices"]:
-        if os.path.exists(path):
+    for path in spec.get("devices", ()):
+        if path not in done.get("devices", ()) and os.path.exists(path):
             landlock_call(ruleset.allow, path, rules=access.READ_FILE | access.WRITE_FILE)
-    for path in spec["write"]:
+    for path in spec.get("write", ()):
         landlock_call(ruleset.allow, path, rules=access.all())
     return ruleset
 
@@ -284,13 +289,18 @@ def kill_all(uid: int) -> None:
 
 
 def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
-          first: "programs.Prepared | None" = None) -> None:
+          first: "programs.Prepared | None" = None, begun: tuple | None = None) -> None:
     """Load the filter, make the Landlock layers, say ready, then start programs and
-    answer the filters' notifications until fs9 closes the socket or goes. `first`: a
-    pooled sandbox's first program, forked ahead (under a filter of its own, whose
-    listener it handed us; it takes the layers with its start)."""
+    answer the filters' notifications until fs9 closes the socket or goes. A pooled
+    sandbox's (pooled.py): `first`, its first program, forked ahead (under a filter of
+    its own, whose listener it handed us; it takes the layers with its start), and
+    `begun`, (its Landlock layer begun ahead, as landlock_ruleset takes it, and its
+    network layer)."""
     flt.load()
-    ruleset, net_fd = landlock_ruleset(spec), net_ruleset(spec)
+    if begun is not None:
+        ruleset, net_fd = landlock_ruleset(spec, begun[0]), begun[1]
+    else:
+        ruleset, net_fd = landlock_ruleset(spec), net_ruleset(spec)
     # its first program, forked now (under the filter, with the layers), so that its
     # move into the control groups overlaps the rest of our set-up and fs9's first
     # start (programs.py); never used, it ends with us (parent-death signal, kill_all)
