@@ -28,7 +28,7 @@ import signal
 import socket
 import sys
 
-from fs9.drivers import pooled, zygote
+from fs9.drivers import notices, pooled, zygote
 
 FDS = socket.CMSG_LEN(4)  # one fd per request
 
@@ -65,7 +65,7 @@ def _fork(sock: socket.socket, wake: tuple[int, int], spec: dict, theirs: int,
 
 
 def serve(sock: socket.socket) -> None:
-    flt = zygote.seccomp_filter()  # the same for every agent: compiled once, loaded by each
+    flt = notices.seccomp_filter()  # the same for every agent: compiled once, loaded by each
     # what is imported stays out of the collector's walks: a sandbox copies (on write)
     # fewer of our pages
     gc.freeze()

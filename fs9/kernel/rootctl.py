@@ -100,9 +100,14 @@ class RootCtl:
         uids = sandboxes.UidPicker(self) if uids is None else uids
         for each, manifest, home, sup in supervision.plan(self, name, *overrides, by=by):
             os.makedirs(home, exist_ok=True)
-            self.record("spawn", agent=each, manifest=manifest, home=home,
-                        uid_offset=uids.next(each, manifest), **({"by": by} if by else {}),
-                        **({"supervisor": sup} if sup else {}))
+            offset = uids.next(each, manifest)
+            try:
+                self.record("spawn", agent=each, manifest=manifest, home=home,
+                            uid_offset=offset, **({"by": by} if by else {}),
+                            **({"supervisor": sup} if sup else {}))
+            except BaseException:  # (the log refused it: a sandbox made ahead for that
+                self.sandbox_pool.untake(self, offset)  # uid goes back to the pool)
+                raise
         return self.agents[name]
 
     def kill(self, name: str) -> None:

@@ -67,6 +67,15 @@ class SandboxPool:
         kernel.uid_reserve.given(entry.offset)
         return entry.offset
 
+    def untake(self, kernel, offset: int) -> None:
+        """The spawn that took offset's sandbox was not recorded: it is the pool's again."""
+        uid = uidslots.uid_base(kernel.uid_slot) + offset
+        entry = self._out.get(uid)
+        if entry is not None and uid not in kernel.uids:
+            del self._out[uid]
+            kernel.uids_pooled.add(uid)
+            self._ready.insert(0, entry)
+
     def hand(self, uid: int) -> Entry | None:
         """The sandbox made ahead for the agent just spawned with this uid, if any."""
         return self._out.get(uid)
