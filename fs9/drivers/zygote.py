@@ -28,7 +28,9 @@ group, not to one program; Android's zygote: pay the setup once):
     its manifest allows (none without `inet`) and scopes abstract unix sockets and
     signals to the agent's own programs.
 
-Everything inherits: children, double-forks, setsid, exec'd shells.
+Everything inherits: children, double-forks, setsid, exec'd shells. A sandbox made
+ahead of its agent (pooled.py) runs the same steps in two halves: what every agent has
+(own_namespaces) before its agent is known, the rest (show_view, serve) once taken.
 This process is a child subreaper, so escaped descendants stay ours; when fs9
 closes the socket or dies (PDEATHSIG), every process of the agent's uid is killed.
 
