@@ -53,6 +53,8 @@ class SandboxPool:
     def take(self, kernel, manifest: dict, view) -> int | None:
         """At a spawn (the write's): the uid offset of a sandbox made ahead, set aside
         for this agent (`hand` gives it to it), or None to pick a uid as usual."""
+        if len(self._ready) < self.size:
+            self._wanted.set()  # (a pool short since a halt is made again from now)
         if not self._ready or kernel.halted or manifest["unconfined"] or \
                 manifest["mode"] == "supervisor" or manifest["start"] == "on-demand" or \
                 "inet" in view.pledges:
@@ -104,13 +106,17 @@ class SandboxPool:
             retry = RETRY_S[0]
             while True:
                 while self._dead:
-                    await self._discard(kernel, self._dead.pop())
+                    with trio.CancelScope(shield=True):  # (seen through, as at the end)
+                        await self._discard(kernel, self._dead.pop())
                 if len(self._ready) >= self.size or kernel.halted:
                     await self._wanted.wait()
                     self._wanted = trio.Event()
                     await trio.sleep(AFTER_TAKE_S)
                     continue
-                entry = await self._make(kernel)
+                try:
+                    entry = await self._make(kernel)
+                except OSError:  # (the fork server down or stopping, a group refused)
+                    entry = None
                 if entry is not None:
                     self._ready.append(entry)
                     retry = RETRY_S[0]
@@ -127,6 +133,8 @@ class SandboxPool:
                     await self._discard(kernel, entry)
 
     async def _make(self, kernel) -> Entry | None:
+        """One made, or None if no vetted uid is free now; OSError if it failed (what
+        it made is gone)."""
         offset = kernel.uid_reserve.take(kernel)
         if offset is None:
             return None
@@ -141,10 +149,6 @@ class SandboxPool:
                 entry.sandbox = await confine.Pooled.make(
                     kernel.forkserver, uid, entry.group.join_files(), kernel.audit)
             return entry
-        except OSError:
-            with trio.CancelScope(shield=True):
-                await self._discard(kernel, entry)
-            return None
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._discard(kernel, entry)
