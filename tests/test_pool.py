@@ -199,3 +199,28 @@ def mounted_procs(pids) -> list[int]:
         except OSError:
             pass
     return alive
+
+
+def test_agents_with_inet_or_on_demand_start_as_before_and_leave_the_pool_alone(pooled):
+    """An agent with `inet` (its sandbox shares the host's network) and an on-demand one
+    (asleep, it would hold a sandbox made ahead) take none: the pool's sandboxes and
+    their uids stay as they were."""
+    mount = pooled
+    mount.define("online", 'cmd = ["sh", "-c", "cat; id -u; cat /proc/net/dev | grep -c :"]\n'
+                           'pledge = ["inet"]\n')
+    mount.define("lazy", 'cmd = ["sh", "-c", "cat; id -u"]\nstart = "on-demand"\n')
+    for d in ("online", "lazy"):
+        (mount.agents / d).chmod(0o755)
+    server = pool_full(mount)
+    before = firsts_of(server)
+    mount.write("ctl", "spawn n1 def=online\nspawn d1 def=lazy\n")
+    outs = {}
+    for name in ("n1", "d1"):
+        mount.write(f"agents/{name}/ctl", "run x\n")
+        outs[name] = read_to_eof(mount.path / "agents" / name / "out").split()
+    assert outs["n1"][0] == "x" and int(outs["n1"][2]) > 1, outs  # the host's interfaces
+    assert outs["d1"][0] == "x", outs
+    assert not {int(outs["n1"][1]), int(outs["d1"][1])} & set(before.values()), (outs, before)
+    assert firsts_of(server) == before
+    mount.write("ctl", "kill n1\nkill d1\n")
+    nothing_left(mount, [int(outs["n1"][1]), int(outs["d1"][1])])

@@ -22,7 +22,7 @@ is closed, its control group removed and its uid let go: nothing is left.
 import trio
 
 from ...drivers import cgroups, confine, uidslots
-from . import limits
+from . import limits, view as views
 
 RETRY_S = (0.5, 30.0)  # after a failed making, waits doubling from, up to
 # A take's replacement is begun this long after it: making one (a fork, a network
@@ -50,20 +50,20 @@ class SandboxPool:
     def __len__(self) -> int:
         return len(self._ready)
 
-    def take(self, kernel, manifest: dict, view) -> int | None:
+    def take(self, kernel, name: str, manifest: dict) -> int | None:
         """At a spawn (the write's): the uid offset of a sandbox made ahead, set aside
         for this agent (`hand` gives it to it), or None to pick a uid as usual."""
         if len(self._ready) < self.size:
             self._wanted.set()  # (a pool short since a halt is made again from now)
         if not self._ready or kernel.halted or manifest["unconfined"] or \
                 manifest["mode"] == "supervisor" or manifest["start"] == "on-demand" or \
-                "inet" in view.pledges:
+                "inet" in views.parse(name, manifest).pledges:
             return None
         entry = self._ready.pop(0)
         self._wanted.set()
         if not entry.sandbox.alive():  # (closed by keep, which makes another)
             self._dead.append(entry)
-            return self.take(kernel, manifest, view)
+            return self.take(kernel, name, manifest)
         self._out[entry.uid] = entry
         kernel.uids_pooled.discard(entry.uid)  # (the spawn's now: kernel.uids has it)
         kernel.uid_reserve.given(entry.offset)

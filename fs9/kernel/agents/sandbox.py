@@ -13,7 +13,7 @@ import trio
 from ...drivers import cgroups, confine, migrations, uidslots
 from ...errors import Fs9Error
 from .. import approvals, labels
-from . import endings, limits, view as views
+from . import endings, limits
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -50,8 +50,7 @@ class UidPicker:
         self._running: set[int] | None = None
 
     def next(self, name: str, manifest: dict) -> int:
-        offset = self._kernel.sandbox_pool.take(self._kernel, manifest,
-                                                views.parse(name, manifest))
+        offset = self._kernel.sandbox_pool.take(self._kernel, name, manifest)
         if offset is not None:
             return offset
         offset = self._kernel.uid_reserve.take(self._kernel)
