@@ -324,8 +324,13 @@ class Pooled:
         return pooled
 
     def alive(self) -> bool:
-        """It is still there (its pidfd is readable once it has exited)."""
-        return self._sock is not None and not select.select([self._pidfd], [], [], 0)[0]
+        """It is still there (its pidfd is readable once it has exited; poll, not
+        select: fs9 holds fds past select's 1024 with many agents)."""
+        if self._sock is None:
+            return False
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def take(self, spec: dict) -> tuple[socket.socket, int]:
         """Hand it its agent's spec: its socket and pidfd, now the caller's to close;
@@ -339,7 +344,10 @@ class Pooled:
             sock.send(request)
         except OSError as e:
             sock.close()
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                pass  # (it has ended)
             os.close(pidfd)
             raise SandboxError(f"cannot start the sandbox: {e.strerror or e}") from None
         return sock, pidfd

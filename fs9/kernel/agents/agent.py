@@ -296,22 +296,25 @@ class Agent(Runs, OnDemand, Shown):
             pooled = self.kernel.sandbox_pool.started(entry) if entry is not None else None
             if pooled is None:  # (one made ahead has its first program in its group)
                 sandboxes.begin_group_moves(self.kernel)
-            sandboxes.make_scratch(self)
-            if self.group is None or entry is not None:
-                self.group = sandboxes.make_group(self, entry and entry.group)
-            # (a few at a time, room kept for the operator's: starts.py; one made ahead
-            # was made in such a place)
-            async with self.kernel.sandbox_starts.place(self.spawned_by is not None) \
-                    if pooled is None else contextlib.nullcontext():
-                if self.killed:  # while it waited its turn: no start for a dead agent
-                    if pooled is not None:
-                        await pooled.close()
-                    raise confine.SandboxError("the agent was killed")
-                self._sandbox = await self._resources.enter_async_context(
-                    confine.Sandbox.open(sandboxes.spec(self.kernel, self),
-                                         lambda report: escapes.attempt(self.kernel, self,
-                                                                        report),
-                                         self.kernel.forkserver, pooled))
+            try:
+                sandboxes.make_scratch(self)
+                if self.group is None or entry is not None:
+                    self.group = sandboxes.make_group(self, entry and entry.group)
+                # (a few at a time, room kept for the operator's: starts.py; one made
+                # ahead was made in such a place)
+                async with self.kernel.sandbox_starts.place(self.spawned_by is not None) \
+                        if pooled is None else contextlib.nullcontext():
+                    if self.killed:  # while it waited its turn: no start for a dead agent
+                        raise confine.SandboxError("the agent was killed")
+                    self._sandbox = await self._resources.enter_async_context(
+                        confine.Sandbox.open(sandboxes.spec(self.kernel, self),
+                                             lambda report: escapes.attempt(self.kernel,
+                                                                            self, report),
+                                             self.kernel.forkserver, pooled))
+            except BaseException:
+                if pooled is not None:  # (not handed over: closed unused; else a no-op)
+                    await pooled.close()
+                raise
         return self._sandbox
 
     async def _loop(self) -> None:
