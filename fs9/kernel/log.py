@@ -229,8 +229,10 @@ class EventLog(Records):
                                     None if keep else blob)
                                    for seq, kind, agent, task, corr, blob, keep, data in rows],
                     many=True)
-        self._write(INSERT_KEPT, [(seq, keep, blob or b"") for seq, _, _, _, _, blob, keep, _
-                                  in rows if keep is not None], many=True)
+        kept = [(seq, keep, blob or b"") for seq, _, _, _, _, blob, keep, _ in rows
+                if keep is not None]
+        if kept:  # (a statement costs, even with no rows)
+            self._write(INSERT_KEPT, kept, many=True)
         self._write("COMMIT", ())
         return [self._logged(Event(seq, now, kind, agent, task, corr, data))
                 for seq, kind, agent, task, corr, _, _, data in rows]

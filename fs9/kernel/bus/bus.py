@@ -85,6 +85,9 @@ class Bus(Publishing):
         self.deadlines: list[tuple[float, str, str]] = []  # heap of (deadline, agent, name)
         self.changes = Changes()  # a new deadline
         self.withheld = Burst(50)  # delivery_refused events logged per recipient and second
+        # id -> a message being logged by mail/batch, as it was checked and rendered: its
+        # mail_sent applied takes it (batch.send empties it, logged or not)
+        self.sending: dict[str, Message] = {}
 
     def owner(self, name: str | None):
         """Whose mailbox `name` is: an agent, the operator, or None."""
@@ -138,7 +141,7 @@ class Bus(Publishing):
 
     @staticmethod
     def new_id() -> str:
-        return os.urandom(8).hex()
+        return message.new_id()
 
     @staticmethod
     def declassifies(level: str, floor: str) -> bool:
@@ -366,10 +369,14 @@ class Bus(Publishing):
         agent = self.owner(e.agent)
         if agent is None:
             return  # mail for an agent killed since: gone with it
-        blob = self.kernel.blob(e)
-        if not blob:
-            return  # a topic event, acknowledged and forgotten since (`forget`)
-        msg = message.load(blob, e.seq)
+        msg = self.sending.pop(e.data["id"], None)  # as checked: not parsed again
+        if msg is not None:
+            msg.seq = e.seq
+        else:
+            blob = self.kernel.blob(e)
+            if not blob:
+                return  # a topic event, acknowledged and forgotten since (`forget`)
+            msg = message.load(blob, e.seq)
         msg.fed = "fed" in e.data
         agent.mailbox.put(msg)
         if agent is not self.operator:
