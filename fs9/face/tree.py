@@ -31,7 +31,7 @@ from ..kernel.bus import batch
 from ..kernel.bus.mailstream import MailStream
 from .cursors import (AuditCursor, BatchCursor, Chain, EventCursor, NextCursor, ReplyCursor,
                       StreamCursor, TaskCursor, TopicCursor)
-from .kinds import Batch, Clone, Ctl, Dir, Status, StreamNode
+from .kinds import Batch, Clone, Ctl, Dir, Status, StreamNode, readers_first
 from .node import Node
 from . import remote, remoteview
 from .vault import VaultNode
@@ -56,8 +56,11 @@ def _mail_new(k, agent, me=None):
     whoever asks (the operator, or the agent whose view this is). A refusal is said
     to the sender (in its err), or, the operator's, in the recipient's."""
     said = dict(agent=me or agent.name, file=f"agents/{agent.name}/mail/new")
-    return Ctl(lambda data: k.guarded(k.bus.send, agent, data, me or OPERATOR, **said),
-               whole=True, refused=lambda e: k.refused(e, **said),
+
+    def send(data: bytes):
+        k.guarded(k.bus.send, agent, data, me or OPERATOR, **said)
+        return readers_first()  # (awaited by close(2): kinds.CtlHandle.flush)
+    return Ctl(send, whole=True, refused=lambda e: k.refused(e, **said),
                early=lambda data: k.guarded(k.bus.precheck, agent, data, me or OPERATOR,
                                             **said), early_until=b"\n\n")
 

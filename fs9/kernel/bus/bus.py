@@ -85,8 +85,8 @@ class Bus(Publishing):
         self.deadlines: list[tuple[float, str, str]] = []  # heap of (deadline, agent, name)
         self.changes = Changes()  # a new deadline
         self.withheld = Burst(50)  # delivery_refused events logged per recipient and second
-        # id -> a message being logged by mail/batch, as it was checked and rendered: its
-        # mail_sent applied takes it (batch.send empties it, logged or not)
+        # id -> a message being logged by send or mail/batch, as checked and rendered:
+        # its mail_sent applied takes it (they empty it, logged or not)
         self.sending: dict[str, Message] = {}
 
     def owner(self, name: str | None):
@@ -124,9 +124,13 @@ class Bus(Publishing):
             self.kernel.log.append("declassified", agent=sender, corr=corr, id=msg.id,
                                    to=agent.name, **{"from": floor, "to_label": level})
         h = msg.headers
-        self.kernel.record("mail_sent", agent=agent.name, corr=corr, blob=msg.render(),
-                           id=msg.id, sender=sender, type=h["type"], priority=h["priority"],
-                           classification=level)
+        self.sending[msg.id] = msg
+        try:
+            self.kernel.record("mail_sent", agent=agent.name, corr=corr, blob=msg.render(),
+                               id=msg.id, sender=sender, type=h["type"],
+                               priority=h["priority"], classification=level)
+        finally:
+            self.sending.clear()
         stored = agent.mailbox.get(msg.id)
         handing = self.kernel.agents.get(sender) if checked is None else None
         if h["type"] == "handoff" and handing is not None and handing.current is not None:
