@@ -156,7 +156,10 @@ class Fs9Held:
         os.write(self.fd, body(i))  # one line, one message
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the sender's file (before its mount goes: once only)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def receiver(self, n: int, each: bool) -> Child:
         box = self.dir
@@ -853,6 +856,7 @@ def main() -> int:
               file=sys.stderr, flush=True)
         redis = [RedisBatch(p) for p in peers if isinstance(p, RedisPeer)]
         rate["batch"] = figure_batch_rate([Fs9Batch(fs), *redis])
+        held.close()  # (the mount goes before figure 3)
         if not mail_only:
             signal.alarm(WATCHDOG_S)
             print(f"2/3 topic fan-out ... ({time.monotonic() - started:.0f} s)",
