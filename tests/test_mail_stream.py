@@ -151,6 +151,32 @@ def test_another_agents_stream_is_its_views_to_read(mount):
     assert "stream" not in os.listdir(mount.path / "agents/echo/mail")  # unlisted
 
 
+def test_the_operators_results_received_held_open(mount):
+    mount.sh("echo 'spawn upper' > ctl", check=True)
+    stream = os.open(mount.path / "mail/stream", os.O_RDONLY)
+    ack = os.open(mount.path / "mail/ack", os.O_WRONLY)
+    try:
+        got = []
+        for word in ("one", "two"):  # each result wakes the held-open read
+            mount.write("agents/upper/mail/new", f"type: work_request\n\n{word}\n")
+            (row,) = read_lines(stream, 1)
+            msg_id, sender, body = row.split(b"\t", 2)
+            assert sender == b"upper"
+            got.append(body)
+            os.write(ack, msg_id)
+        assert got == [b"ONE", b"TWO"]
+    finally:
+        os.close(stream)
+        os.close(ack)
+    assert [n for n in os.listdir(mount.path / "mail") if n not in ("dead", "next")] == []
+    # an agent's view never acknowledges the operator's mail, held open or not
+    mount.define("peer", 'cmd = ["sleep", "600"]\n[unveil]\n"mail" = "w"\n')
+    mount.sh("echo 'spawn peer' > ctl", check=True)
+    with pytest.raises(OSError) as e:
+        open(mount.path / "agents/peer/view/mail/ack", "w").close()
+    assert e.value.errno == errno.EACCES
+
+
 SENDER = """
 import os, sys
 fd = os.open(sys.argv[1] + "/batch", os.O_WRONLY)
