@@ -59,7 +59,7 @@ def _mail_new(k, agent, me=None):
 
     def send(data: bytes):
         k.guarded(k.bus.send, agent, data, me or OPERATOR, **said)
-        return readers_first()  # (awaited by close(2): kinds.CtlHandle.flush)
+        return readers_first(agent.mailbox)  # (awaited by close(2): CtlHandle.flush)
     return Ctl(send, whole=True, refused=lambda e: k.refused(e, **said),
                early=lambda data: k.guarded(k.bus.precheck, agent, data, me or OPERATOR,
                                             **said), early_until=b"\n\n")
@@ -68,8 +68,11 @@ def _mail_new(k, agent, me=None):
 def _mail_batch(k, agent, me=None):
     """Many messages a write, many a read (kernel/bus/batch.py), from whoever asks."""
     said = dict(agent=me or agent.name, file=f"agents/{agent.name}/mail/batch")
-    return Batch(lambda: BatchCursor(k, agent), lambda head, lines: k.guarded(
-        batch.send, k.bus, agent, head, lines, me or OPERATOR, **said))
+
+    def send(head: bytes, lines: list[bytes]):
+        k.guarded(batch.send, k.bus, agent, head, lines, me or OPERATOR, **said)
+        return readers_first(agent.mailbox)  # (awaited by the write: BatchHandle)
+    return Batch(lambda: BatchCursor(k, agent), send)
 
 
 def _mail_ack(k, agent, me=None):

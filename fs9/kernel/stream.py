@@ -21,12 +21,14 @@ class Changes:
         # waits for (every one at replay, most of a million tasks') makes no Event
         self._event: trio.Event | None = None
 
-    def bump(self) -> None:
+    def bump(self) -> bool:
+        """A change; True if a task was waiting for one (it is woken)."""
         self.version += 1
         self.at_ns = time.time_ns()
         event, self._event = self._event, None
         if event is not None:
             event.set()
+        return event is not None
 
     async def wait_past(self, version: int) -> None:
         """Block until the version differs from `version`."""

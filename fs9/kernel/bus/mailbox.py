@@ -34,6 +34,7 @@ class Mailbox:
         self.dead_bytes = 0  # of dead letters' bodies
         self.changes = Changes()
         self.on_put = None  # called at each delivery: an asleep agent wakes (agent.py)
+        self.woke = False  # a delivery woke a reader since the sender last looked
         self.removals = 0  # messages taken since this mailbox was made
         self.removed: collections.deque[str] = collections.deque(maxlen=RECENT_REMOVALS)
 
@@ -54,7 +55,8 @@ class Mailbox:
         self.ids[msg.id] = msg.name
         self.bytes += len(msg.body)
         bisect.insort(self.order, msg.name)
-        self.changes.bump()
+        if self.changes.bump():
+            self.woke = True  # a reader waited for this (face/kinds.py readers_first)
         if self.on_put is not None:
             self.on_put()
 
