@@ -2,16 +2,21 @@
 
     python bench/bare_pyfuse3.py MOUNTPOINT
 
-Serves two files: `sink`, which accepts writes and discards them (opened
-direct_io, like fs9's files), and `pipe`, whose reads block until the next write
-to `sink` (for a bare FUSE wake-up baseline). Prints "ready" on stdout once
-mounted; serves until SIGTERM/SIGINT, then unmounts.
+Serves three files: `sink`, which accepts writes and discards them (opened
+direct_io, like fs9's files); `logged`, whose every write is one row INSERTed and
+committed into a SQLite log (WAL, synchronous=NORMAL, as fs9's event log) before it is
+answered: the floor of a server that logs each command before it answers; and `pipe`,
+whose reads block until the next write to `sink` (for a bare FUSE wake-up baseline).
+Prints "ready" on stdout once mounted; serves until SIGTERM/SIGINT, then unmounts (the
+log is a temporary file, removed).
 """
 import errno
 import os
 import signal
+import sqlite3
 import stat
 import sys
+import tempfile
 import time
 
 import pyfuse3
@@ -19,7 +24,8 @@ import trio
 
 SINK_INO = pyfuse3.ROOT_INODE + 1
 PIPE_INO = pyfuse3.ROOT_INODE + 2
-NAMES = {b"sink": SINK_INO, b"pipe": PIPE_INO}
+LOGGED_INO = pyfuse3.ROOT_INODE + 3
+NAMES = {b"sink": SINK_INO, b"pipe": PIPE_INO, b"logged": LOGGED_INO}
 
 
 class Sink(pyfuse3.Operations):
@@ -29,6 +35,12 @@ class Sink(pyfuse3.Operations):
         self.now = time.time_ns()
         self.written = 0
         self.wake = trio.Event()
+        self.dir = tempfile.mkdtemp(prefix="bare-log-")
+        self.db = sqlite3.connect(os.path.join(self.dir, "log.sqlite"), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, ts REAL, data BLOB)")
+        self.seq = 0
 
     def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -64,7 +76,7 @@ class Sink(pyfuse3.Operations):
                 break
 
     async def open(self, ino, flags, ctx):
-        if ino not in (SINK_INO, PIPE_INO):
+        if ino not in (SINK_INO, PIPE_INO, LOGGED_INO):
             raise pyfuse3.FUSEError(errno.EISDIR)
         return pyfuse3.FileInfo(fh=ino, direct_io=True, keep_cache=False,
                                 nonseekable=ino == PIPE_INO)
@@ -79,6 +91,9 @@ class Sink(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         self.written += len(buf)
+        if fh == LOGGED_INO:
+            self.seq += 1
+            self.db.execute("INSERT INTO events VALUES (?,?,?)", (self.seq, time.time(), buf))
         self.wake.set()
         return len(buf)
 
@@ -107,6 +122,10 @@ async def main(mountpoint: str) -> None:
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
+        ops.db.close()
+        for name in os.listdir(ops.dir):
+            os.remove(os.path.join(ops.dir, name))
+        os.rmdir(ops.dir)
 
 
 if __name__ == "__main__":

@@ -29,54 +29,17 @@ import statistics
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
+from agentprocs import (ECHO, blocked_on_mail, left_behind, ours, rss_mib,  # noqa: E402
+                        scratch_of)
 from foundation import (Fs9Mount, cannot_run, finish, guard_signals, pct,  # noqa: E402
                         read_to_eof, row, table, unmount_all)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scale.json"
-READ_SYSCALL = {"x86_64": 0, "aarch64": 63, "riscv64": 63}.get(os.uname().machine, 0)
-ECHO = r'''M="$FS9_AGENT_DIR/mail"
-while :; do
-  m=$(cat "$M/next") || exit 1
-  id=$(printf '%s\n' "$m" | sed -n 's/^id: //p' | head -n 1)
-  printf '%s\n' "$m" | sed '1,/^$/d'
-  rm "$M/$id"
-done
-'''
-
-
-# --- what runs, and what is left -------------------------------------------------------
-
-def ours(fs: Fs9Mount, programs_only: bool = False) -> dict[int, int]:
-    """pid -> uid of what this mount's agents run: programs (FS9_MNT in their
-    environment) and, unless programs_only, the sandboxes (forked from the fork server,
-    whose command line ends with the server's pid), and the fork server once the server
-    is gone. A zombie waiting for its reaper holds nothing (no memory, fd, mount or
-    namespace): not counted."""
-    found, mark = {}, str(fs.path).encode()
-    server = b"fs9.drivers.forkserver\0"
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in (fs.pid, os.getpid()):
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            uid = os.stat(f"/proc/{entry}").st_uid
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
-        except (OSError, ValueError):
-            continue
-        if state != b"Z" and (b"FS9_MNT=" + mark + b"\0" in env or (
-                not programs_only and server in cmdline and int(ppid) != fs.pid
-                and cmdline.split(b"\0")[-2:-1] == [str(fs.pid).encode()])):
-            found[int(entry)] = uid
-    return found
 
 
 def zombie(pid: int) -> bool:
@@ -87,64 +50,7 @@ def zombie(pid: int) -> bool:
         return True
 
 
-def blocked(pids) -> int:
-    """How many of pids are `cat` asleep in read(2) (on its mail/next)."""
-    n = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != "cat":
-                    continue
-            with open(f"/proc/{pid}/syscall") as f:
-                n += f.read().split()[0] == str(READ_SYSCALL)
-        except (OSError, IndexError):
-            pass
-    return n
-
-
-def leftovers(fs: Fs9Mount, uids: set[int], scratch: set[str]) -> list[str]:
-    """What an unmounted fs9 left behind (nothing, it should be)."""
-    left = []
-    if ours(fs):
-        left.append(f"{len(ours(fs))} processes")
-    running = set()
-    for entry in os.listdir("/proc"):
-        try:
-            running.add(os.stat(f"/proc/{entry}").st_uid) if entry.isdigit() else None
-        except OSError:
-            pass
-    if running & uids:
-        left.append(f"processes as {len(running & uids)} agent uids")
-    with open("/proc/self/mountinfo") as f:
-        if str(fs.root) in f.read():
-            left.append("mounts")
-    left += [f"scratch {d}" for d in scratch if os.path.exists(d)]
-    parent = f"fs9-{zlib.crc32(str(fs.state).encode()):08x}"
-    for root, dirs, _ in os.walk("/sys/fs/cgroup"):
-        if os.path.basename(root) == parent:
-            left += [f"cgroup {root}/{d}" for d in dirs]
-            dirs.clear()
-    return left
-
-
-def scratch_of(pids) -> set[str]:
-    roots = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
-            roots.add(os.path.dirname(os.fsdecode(env[b"HOME"])))
-        except (OSError, KeyError):
-            pass
-    return roots
-
-
 # --- measuring ---------------------------------------------------------------------
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
 
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -175,7 +81,7 @@ def all_blocked(fs: Fs9Mount, names: list[str], timeout: float = 900) -> float:
     """Spawn names (echo daemons); seconds until all are blocked on their mail."""
     t = time.monotonic()
     spawn(fs, names, "echo")
-    wait(lambda: blocked(ours(fs, programs_only=True)) >= len(names), timeout,
+    wait(lambda: blocked_on_mail(ours(fs, programs_only=True)) >= len(names), timeout,
          f"{len(names)} daemons blocked on mail", every=0.5)  # (a look reads all of /proc)
     return time.monotonic() - t
 
@@ -269,7 +175,7 @@ def figure_live(tmp: Path, n: int, mounts: list) -> dict:
          every=0.25)  # (umount_s: a look reads all of /proc)
     r["halt_s"] = time.monotonic() - t
     r["umount_s"] = umount_s(fs)
-    r["left"] = leftovers(fs, set(procs.values()) - {0}, scratch_of(procs))
+    r["left"] = left_behind(fs, set(procs.values()) - {0}, scratch_of(procs))
     return r
 
 

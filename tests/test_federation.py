@@ -518,3 +518,32 @@ def test_a_peers_trace_parts_are_bounded(nats, members):
     assert sum("taken from beta already" in r for r in reasons) == 20 + 1 - \
         trace.MAX_PARTS_PEER
     assert a.read("log/trace/tr-1").count('"member":"beta"') >= trace.MAX_HELD
+
+
+def test_a_result_for_a_killed_requester_never_reaches_the_next_holder_of_its_name(
+        nats, members):
+    # asker@alpha asks slow@beta for work; while slow waits for a mail, alpha kills
+    # asker and spawns a new agent under its name. The result was the first asker's:
+    # it is refused on alpha ("no such agent"), never put in the new asker's mailbox.
+    a, b = members
+    nats.start()
+    b.define("slow", 'cmd = ["sh", "work.sh"]\n', {"work.sh": (
+        'cat >/dev/null\ncat "$FS9_AGENT_DIR/mail/next" >/dev/null\necho done\n')})
+    b.sh("echo 'spawn slow' > ctl", check=True)
+    a.define("asker", 'cmd = ["sh", "-c", "printf \'type: work_request\\\\nclassification: '
+             'public\\\\n\\\\nx\\\\n\' > \\"$FS9_OUTBOX/slow@beta\\""]\n'
+             'pledge = ["send", "federate"]\nclearance = "public"\n')
+    join(a, nats.url, "alpha", "beta")
+    join(b, nats.url, "beta", "alpha")
+    connected(a, b)
+    a.sh("echo 'spawn asker' > ctl && echo 'run go' > agents/asker/ctl", check=True)
+    task = wait_for(lambda: os.listdir(b.path / "agents/slow/tasks"), timeout=LONG_S,
+                    what="the request a task on beta")[0]
+    a.sh("echo 'kill asker' > ctl && echo 'spawn asker' > ctl", check=True)
+    b.write("agents/slow/mail/new", "finish\n")
+    wait_for(lambda: "state=done" in b.read(f"agents/slow/tasks/{task}/status"),
+             what="slow's task done")
+    wait_for(lambda: log_rows(a, "fed_rejected"), timeout=LONG_S, what="alpha's refusal")
+    [rej] = log_rows(a, "fed_rejected")
+    assert rej["origin"] == "beta" and "no such agent: asker@alpha" in rej["reason"], rej
+    assert mails(a, "agents/asker/mail") == [], "the new asker got the first one's result"

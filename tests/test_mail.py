@@ -186,6 +186,29 @@ def test_progress_reports_reach_the_requester_as_status_updates(mount):
     assert update.endswith("\n\nhalf way\n") and headers(update)["from"] == "slowpoke"
 
 
+def test_work_for_a_killed_requester_never_reaches_the_next_holder_of_its_name(mount):
+    # slowpoke reports progress, then waits for a mail before it finishes: meanwhile the
+    # asker is killed and a new agent takes its name. The work was the first asker's:
+    # neither the result nor a later status update goes to the second.
+    mount.define("slowpoke", 'mode = "task"\ncmd = ["sh", "work.sh"]\n', {"work.sh": (
+        'cat >/dev/null\necho "half way" > "$FS9_PROGRESS"\n'
+        'cat "$FS9_AGENT_DIR/mail/next" >/dev/null\necho "late" > "$FS9_PROGRESS"\n'
+        'echo done\n')})
+    mount.define("asker", 'cmd = ["sh", "ask.sh"]\n[unveil]\n"agents/slowpoke/mail" = "w"\n',
+                 {"ask.sh": 'printf "type: work_request\\n\\nx\\n" > "$FS9_OUTBOX/slowpoke"\n'})
+    mount.sh("echo 'spawn slowpoke' > ctl && echo 'spawn asker' > ctl"
+             " && echo 'run go' > agents/asker/ctl", check=True)
+    (update,) = mount.wait_for(lambda: pending(mount, "asker"), what="the status update")
+    assert "type: status_update" in mount.read(f"agents/asker/mail/{update}")
+    mount.sh("echo 'kill asker' > ctl && echo 'spawn asker' > ctl", check=True)
+    mount.write("agents/slowpoke/mail/new", "finish\n")
+    (task,) = os.listdir(mount.path / "agents/slowpoke/tasks")
+    mount.wait_for(lambda: "state=done" in mount.read(f"agents/slowpoke/tasks/{task}/status"),
+                   what="slowpoke's task done")
+    assert pending(mount, "asker") == [], "the new asker got the first one's work"
+    assert mount.read(f"agents/slowpoke/tasks/{task}/out") == "done\n"  # kept there
+
+
 def test_outbox_to_an_unknown_agent_is_enoent(mount):
     mount.sh("echo 'spawn echo' > ctl", check=True)
     with pytest.raises(FileNotFoundError):

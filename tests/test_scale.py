@@ -5,23 +5,14 @@ generous bounds (the full-size ones are bench/scale.py's); what must hold exactl
 that nothing is left behind: processes, uids, mounts, scratch folders, control groups."""
 import os
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 
-from conftest import READ_SYSCALL, cannot_confine_c, mounted
+from agentprocs import ECHO, blocked_on_mail, groups_left, left_behind, ours, rss_mib, scratch_of
+from conftest import cannot_confine_c, mounted
 
 LIVE = 200  # confined daemons in the many-agents test (bench/scale.py: 1,000)
-# each mail's body to out, then the mail removed: blocked on mail/next between mails
-ECHO = r'''M="$FS9_AGENT_DIR/mail"
-while :; do
-  m=$(cat "$M/next") || exit 1
-  id=$(printf '%s\n' "$m" | sed -n 's/^id: //p' | head -n 1)
-  printf '%s\n' "$m" | sed '1,/^$/d'
-  rm "$M/$id"
-done
-'''
 # each mail's body kept as the note memory/last, then the mail removed
 NOTE = r'''M="$FS9_AGENT_DIR/mail"
 while :; do
@@ -38,93 +29,6 @@ def confined_or_skip():
         "confined agents need root (a uid and a mount namespace each)"
     if why and "gcc" not in why:
         pytest.skip(why)
-
-
-def ours(mount, programs_only: bool = False) -> dict[int, int]:
-    """The processes this mount's agents run (their sandboxes' too, unless
-    programs_only): pid -> uid. An agent's program has FS9_MNT=<the mount> in its
-    environment; its sandbox is forked from the mount's fork server, whose command line
-    ends with the server's pid. Not counted: the server, its fork server while it is
-    the server's child (once the server is gone, a fork server left is), a zombie
-    waiting for its reaper (it holds nothing: no memory, fd, mount, namespace)."""
-    found, mark = {}, str(mount.path).encode()
-    server = [b"fs9.drivers.forkserver", str(mount.pid).encode()]
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in (mount.pid, os.getpid()):
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
-            uid = os.stat(f"/proc/{entry}").st_uid
-        except (OSError, ValueError):
-            continue
-        if state != b"Z" and (b"FS9_MNT=" + mark + b"\0" in env or (
-                not programs_only and cmdline[2:3] + cmdline[-2:-1] == server
-                and int(ppid) != mount.pid)):
-            found[int(entry)] = uid
-    return found
-
-
-def blocked_on_mail(pids) -> int:
-    """How many of pids are `cat` processes asleep in read(2) (on their mail/next)."""
-    n = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != "cat":
-                    continue
-            with open(f"/proc/{pid}/syscall") as f:
-                n += f.read().split()[0] == str(READ_SYSCALL)
-        except (OSError, IndexError):
-            pass
-    return n
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-def groups_left(mount) -> list[str]:
-    """The agents' control groups this instance left (its parent group may stay)."""
-    parent = f"fs9-{zlib.crc32(str(mount.state).encode()):08x}"
-    left = []
-    for root, dirs, _ in os.walk("/sys/fs/cgroup"):
-        if os.path.basename(root) == parent:
-            left += [os.path.join(root, d) for d in dirs]
-            dirs.clear()
-    return left
-
-
-def scratch_of(pids) -> set[str]:
-    """The scratch roots (HOME's parent) of these agents' programs."""
-    roots = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
-        except OSError:
-            continue
-        if b"HOME" in env:
-            roots.add(os.path.dirname(os.fsdecode(env[b"HOME"])))
-    return roots
-
-
-def uid_in_use(uids) -> list[int]:
-    """Processes on the host running as any of uids."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid in uids:
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
 
 
 def timed(fn) -> float:
@@ -182,11 +86,8 @@ def test_hundreds_of_confined_daemons_blocked_on_mail_then_nothing_left(mount):
     # (bench/scale.py: <= 5 s each with 1,000; 25.5 s was an unmount's with 1,000, each
     # sandbox walking all of /proc at its end; generous here, for a loaded machine)
     assert halt_s < 30 and umount_s < 30, (halt_s, umount_s)
-    assert not uid_in_use(uids - {0}), "a process still runs as an agent's uid"
-    with open("/proc/self/mountinfo") as f:
-        assert str(mount.root) not in f.read(), "a mount is left"
-    assert not [d for d in scratch if os.path.exists(d)], "a scratch folder is left"
-    assert not groups_left(mount), "a control group is left"
+    left = left_behind(mount, uids - {0}, scratch)
+    assert not left, f"left behind: {left}"
     print(f"{LIVE} daemons blocked on mail in {spawned_s:.1f} s; fs9 +{grown:.1f} MiB; "
           f"ls agents/ {listing * 1000:.1f} ms; status {status * 1000:.1f} ms; "
           f"halt {halt_s:.1f} s; unmount {umount_s:.1f} s")

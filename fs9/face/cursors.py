@@ -164,7 +164,13 @@ class TopicCursor(BufferedCursor):
         self.topic, self.seen, self.clearance = topic, topic.count, clearance
 
     def readable(self) -> bool:
-        return bool(self.buf) or self.topic.count > self.seen
+        # (shown: events still held for a batch are not yet readable; the read that
+        # follows takes every one published by then)
+        return bool(self.buf) or self.topic.shown > self.seen
+
+    def held(self) -> bool:
+        """Events came that the topic holds for a batch: readable within HOLD_S."""
+        return self.topic.held and not self.buf and self.topic.count > self.seen
 
     async def wait_readable(self) -> None:
         while not self.readable():

@@ -191,8 +191,8 @@ class CtlHandle(SnapshotHandle):
             if off != 0 or self.node.render is None or self.node.prepare is not None or \
                     not echoes_state(data, self.node.render()):
                 done = self.node.apply(data)
-                if inspect.isawaitable(done):  # a request to another node (face/remote.py)
-                    await done
+                if done is not None and inspect.isawaitable(done):  # a request to another
+                    await done  # node (face/remote.py)
             return len(data)
         if self.refused is not None:
             raise self.refused
@@ -289,6 +289,10 @@ class StreamHandle(Handle):
 
     def ready(self) -> bool:
         return self.cursor.readable()  # (read then takes from the cursor, no await)
+
+    def held(self) -> bool:
+        held = getattr(self.cursor, "held", None)  # (a topic's)
+        return held is not None and held()
 
     async def wait_readable(self) -> None:
         await self.cursor.wait_readable()

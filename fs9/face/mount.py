@@ -21,6 +21,7 @@ log = logging.getLogger("fs9")
 # requests, each a trip through Python and a worker thread; 1 MiB (the most one FUSE
 # request carries) reads a vault file cold at ~0.8x native instead of ~0.3x.
 READ_AHEAD_KB = 1024
+IDLE_WORKERS = 16  # pyfuse3's workers kept waiting for the next request (serve)
 
 
 async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str = "",
@@ -67,7 +68,11 @@ async def serve(mountpoint: str, state_dir: str, agents_dir: str, vault_dir: str
             nursery.start_soon(_stop_on_signal, ops, kernel)
             nursery.start_soon(_settle, mountpoint, ready)
             log.info("fs9 serving at %s (state %s, agents %s)", mountpoint, state_dir, agents_dir)
-            await pyfuse3.main(max_tasks=MAX_TASKS)
+            # min_tasks: workers kept waiting for requests. With one, each read that
+            # waits (a subscriber's, a blocked `mail/next`) made pyfuse3 start a worker
+            # for the next request and end one after it: a trio task made and ended
+            # per wait, most of a topic fan-out's cost once reads come in batches
+            await pyfuse3.main(min_tasks=IDLE_WORKERS, max_tasks=MAX_TASKS)
         finally:
             pyfuse3.close(unmount=True)
             try:

@@ -218,5 +218,10 @@ class Handle:
         """A read now returns without waiting for anything (nothing need cancel it)."""
         return False
 
+    def held(self) -> bool:
+        """Data has come that a read gets within a moment (a topic's events held for a
+        batch, kernel/bus/topic.py): the read waits for it, O_NONBLOCK or not."""
+        return False
+
     async def wait_readable(self) -> None:
         pass

@@ -294,13 +294,16 @@ class Operations(Changes, pyfuse3.Operations):
         handle = self._handle(fh)
         if self.closing:
             return b""
-        if not handle.readable() and self._nonblocking(handle):
+        if handle.ready():  # no wait, so no cancel scope: a third of a subscriber's read
+            return await handle.read(off, size)
+        # (a topic's events held for a batch come within a fraction of a millisecond,
+        # O_NONBLOCK or not, and the hold's timer ends at unmount too: no cancel scope)
+        held = handle.held()
+        if not held and not handle.readable() and self._nonblocking(handle):
             # a pipe's answer to a non-blocking reader; one that polls with edge-triggered
             # epoll (Go's poller) is woken only by a notification after this EAGAIN
             self._notify_when_readable(handle)
             raise Fs9Error(errno.EAGAIN, "nothing to read yet (O_NONBLOCK)")
-        if handle.ready():  # no wait, so no cancel scope: a third of a subscriber's read
-            return await handle.read(off, size)
         # A read that will wait holds one of pyfuse3's MAX_TASKS workers: an agent may
         # hold at most BLOCKED_PER_AGENT of them, and all agents together leave
         # OPERATOR_RESERVE for the operator (else EAGAIN: try again, as a pipe would).
@@ -313,17 +316,22 @@ class Operations(Changes, pyfuse3.Operations):
                                              "waiting already")
             self.blocked[waiter] = self.blocked.get(waiter, 0) + 1
             self.blocked_total += 1
-        with trio.CancelScope() as scope:
-            self.reading.add(scope)
-            try:
+        try:
+            if held:
+                await handle.wait_readable()
                 return await handle.read(off, size)
-            finally:
-                self.reading.discard(scope)
-                if waiter is not None:
-                    self.blocked[waiter] -= 1
-                    self.blocked_total -= 1
-                    if not self.blocked[waiter]:
-                        del self.blocked[waiter]
+            with trio.CancelScope() as scope:
+                self.reading.add(scope)
+                try:
+                    return await handle.read(off, size)
+                finally:
+                    self.reading.discard(scope)
+        finally:
+            if waiter is not None:
+                self.blocked[waiter] -= 1
+                self.blocked_total -= 1
+                if not self.blocked[waiter]:
+                    del self.blocked[waiter]
         return b""  # cancelled by end_reads: the reader sees EOF
 
     def end_reads(self) -> None:
@@ -335,7 +343,8 @@ class Operations(Changes, pyfuse3.Operations):
     @boundary
     async def write(self, fh, off, buf):
         n = await self._handle(fh).write(off, bytes(buf))
-        await self._invalidate_killed()
+        if self._seen_kills < len(self.kernel.killed):
+            await self._invalidate_killed()
         return n
 
     async def _invalidate_killed(self) -> None:

@@ -49,18 +49,31 @@ def parse(table: tuple[Cmd, ...], data: bytes) -> list[Parsed]:
     return parsed
 
 
+_by_verb: dict[int, tuple[tuple, dict]] = {}  # id(table) -> (table, its verbs)
+
+
+def _verbs(table: tuple[Cmd, ...]) -> dict[str, Cmd]:
+    """A table by verb (tables are modules' constants: a handful; keyed by identity, as
+    hashing a table hashes every Cmd in it)."""
+    known = _by_verb.get(id(table))
+    if known is None or known[0] is not table:
+        known = _by_verb[id(table)] = (table, {c.verb: c for c in table})
+    return known[1]
+
+
 def _parse_line(table: tuple[Cmd, ...], line: str) -> Parsed:
     bad = CONTROL.search(line)
     if bad:
         raise Fs9Error(errno.EINVAL, f"control character U+{ord(bad.group()):04X} in "
                                      f"{line[:200]!r}")
     verb, _, rest = line.partition(" ")
-    cmd = next((c for c in table if c.verb == verb), None)
+    cmd = _verbs(table).get(verb)
     if cmd is None:
         verbs = ", ".join(c.verb for c in table)
         raise Fs9Error(errno.EINVAL, f"{UNKNOWN_VERB} {line!r} (verbs: {verbs})")
     if cmd.rest:
-        args = [rest.strip()] if rest.strip() else []
+        rest = rest.strip()
+        args = [rest] if rest else []
     else:
         try:
             args = shlex.split(rest)

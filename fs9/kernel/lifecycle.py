@@ -32,17 +32,19 @@ class Unappliable(Exception):
 class Lifecycles:
     """Kernel's recording and applying of agent and task events (a mixin of Kernel)."""
 
-    def record(self, kind: str, **fields) -> Event:
+    def record(self, kind: str, trim_below: int | None = None, **fields) -> Event:
         """Log one state change, then apply it. Refused (the Fs9Error `refusal` gives;
         nothing logged) when the state cannot take it now, so the log never holds an event
         its replay would refuse: whatever a race between commands and an agent's loop
-        asks for is either a legal change or a refused one."""
+        asks for is either a legal change or a refused one. trim_below: the blobs kept in
+        the event's `keep` stream below it go in the same commit (a topic's publish)."""
         refused = self.refusal(kind, fields.get("agent"), fields.get("task"))
         if refused is not None:
             raise refused
-        event = self.log.append(kind, **fields)
+        event = self.log.append(kind, **fields) if trim_below is None else \
+            self.log.append_trimming(kind, below=trim_below, **fields)
         self._fresh_blob = (event.seq, fields.get("blob"))  # so apply need not read it back
-        self.apply(event)
+        self.apply(event, checked=True)
         if kind in ("task_done", "task_failed"):  # an agent's breaker decides (live only)
             breakers.ended(self, event)
         return event
@@ -66,14 +68,15 @@ class Lifecycles:
         seq, blob = self._fresh_blob
         return blob if seq == e.seq and blob is not None else self.log.blob(e.seq)
 
-    def apply(self, e: Event) -> None:
+    def apply(self, e: Event, checked: bool = False) -> None:
         """Apply a logged event to the state; Unappliable when the state cannot take it
-        (never an event record() let through: only a damaged or a defect's, at replay)."""
+        (never an event record() let through: only a damaged or a defect's, at replay).
+        checked: record() has just asked `refusal` of this state."""
         handler = self.handlers.get(e.kind)
         if handler is None:
             return  # AUDIT_ONLY: for the record (and not replayed from a snapshot)
         self.plan.keep(e.seq)  # (one set aside stays in the plan: re-examined, reported)
-        refused = self.refusal(e.kind, e.agent, e.task)
+        refused = None if checked else self.refusal(e.kind, e.agent, e.task)
         if refused is not None:
             raise Unappliable(refused.text)
         if e.kind in MOVES:

@@ -367,6 +367,23 @@ class EventLog(Records):
         except sqlite3.Error as e:
             log.warning("trimming %s: %s", stream, e)
 
+    def append_trimming(self, kind: str, *, keep: str, below: int, blob: bytes,
+                        **data) -> Event:
+        """append(kind, keep=keep, blob=blob, **data) and trim(keep, below) in one
+        transaction: a topic's publish is one commit, not two. All or nothing (Fs9Error:
+        ENOSPC, EIO); with records waiting (deferred, a trouble to report) or a fault,
+        append's own path, then trim."""
+        if self.deferred or self.trouble is not None or self.sync.fault is not None:
+            event = self.append(kind, keep=keep, blob=blob, **data)
+            self.trim(keep, below)
+            return event
+        ts, seq = time.time(), self.next_seq
+        self._write("BEGIN", ())
+        self._store(seq, ts, kind, None, None, None, blob, data, keep)
+        self._write("DELETE FROM kept WHERE stream=? AND seq<?", (keep, below))
+        self._write("COMMIT", ())
+        return self._logged(Event(seq, ts, kind, None, None, None, data))
+
     def forget(self, stream: str, seqs: list[int]) -> None:
         """Delete the blobs kept in stream for these events (any order: acknowledged
         mail), as trim() does (a failing disk: they stay)."""

@@ -159,8 +159,9 @@ async def keep(k, last: int) -> None:
     none: a big log replayed whole gets one at once)."""
     every = k.snapshot_every
     while True:
-        if k.log.last_seq - last < every:
-            await k.log.wait_after(last + every - 1)
+        while k.log.last_seq - last < every:  # (each event bumps the log's changes once)
+            await k.log.changes.wait_until(k.log.changes.version + last + every -
+                                           k.log.last_seq)
         s = k.log.last_seq
         try:
             s, kept, residue, said = capture(k)

@@ -67,6 +67,7 @@ class Operator:
     requests it sends, but runs nothing."""
     name = OPERATOR
     killed = daemon = False
+    spawn_seq = 0  # there before any request
 
     def __init__(self) -> None:
         self.mailbox = Mailbox()
@@ -273,10 +274,19 @@ class Bus(Publishing):
         """name is an agent placed in the cluster (kernel/cluster/forward.py)."""
         return self.kernel.cluster is not None and self.kernel.cluster.placed(name) is not None
 
+    def _asked(self, task) -> bool:
+        """Whether task.reply_to still names whoever asked for the work. A name killed and
+        spawned again since the request (its spawn numbered above the task) is another
+        agent: it gets nothing of the first holder's work (the task's files keep it). A
+        peer OS's or another node's agent is that side's to check."""
+        if "@" in task.reply_to or self._clustered(task.reply_to):
+            return True
+        holder = self.owner(task.reply_to)
+        return holder is not None and holder.spawn_seq < task.id
+
     def send_result(self, agent, task) -> None:
         """The `result` of a task made from a work_request, to its requester's mailbox."""
-        if self.owner(task.reply_to) is None and "@" not in task.reply_to \
-                and not self._clustered(task.reply_to):
+        if not self._asked(task):
             return  # an agent since killed: the task's files keep the output
         out = bytes(self.kernel.stream(task, 1).data)
         self.deliver(self.compose(task.reply_to, agent.name, out, type="result",
@@ -292,8 +302,7 @@ class Bus(Publishing):
         self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
                                corr=task.corr, text=text)
         task.progress = one_line(text)
-        if self.owner(task.reply_to) is not None or "@" in task.reply_to \
-                or self._clustered(task.reply_to):
+        if self._asked(task):
             self.deliver(self.compose(task.reply_to, agent.name, (text + "\n").encode(),
                                    type="status_update", **{"correlation-id": task.corr,
                                                             "x-task": str(task.id)}))

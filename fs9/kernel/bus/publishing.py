@@ -64,11 +64,12 @@ class Publishing:
             raise Fs9Error(errno.EPERM, f"an event from {sender} is {label}: it needs the "
                                         "operator's yes (approval.mail_above), one message "
                                         "at a time: send it through mail/new")
+        # what the topic keeps no longer once this event is in leaves the log in the
+        # same commit
+        log = self.kernel.log
         self.kernel.record("published", topic=topic.name, sender=sender, label=label,
-                           size=len(data), blob=data, keep=f"topic:{topic.name}")
-        # what the topic no longer keeps leaves the log too (a crash just before this
-        # leaves it until the topic's next publish)
-        self.kernel.log.trim(f"topic:{topic.name}", topic.oldest_seq)
+                           size=len(data), blob=data, keep=f"topic:{topic.name}",
+                           trim_below=topic.oldest_after(len(data)) or log.next_seq)
         for agent in list(self.kernel.agents.values()):
             if topic.name in agent.manifest.get("subscribe", ()):
                 self.deliver_event(agent, topic.name, data, sender)

@@ -3,10 +3,10 @@
 A topic keeps its newest events, at most `keep_events` of them and `keep_bytes` bytes
 (Retention: STATE/topics.toml, per topic or for all; the newest event is always kept),
 numbered from 1, in memory and on disk alike: each event's body is kept in the log
-beside its `published` event (EventLog.append keep=), and the bus trims the log to what
-the topic keeps after each publish (EventLog.trim). So a burst of events costs at most
-the retention, in memory and on disk; replay rebuilds the same tail (an event whose body
-was trimmed is counted, not kept). The `published` events themselves (topic, sender,
+beside its `published` event (EventLog.append keep=), and each publish's commit also
+cuts from the log what the topic keeps no longer (EventLog.append_trimming). So a burst
+of events costs at most the retention, in memory and on disk; replay rebuilds the same
+tail (an event whose body was trimmed is counted, not kept). The `published` events themselves (topic, sender,
 label, size) stay in the log for audit. A subscriber holds only its position, so a slow
 one never stalls the publisher or the other subscribers; one that falls behind what is
 kept is told how many it missed (an `fs9: overflow` line) and goes on from the oldest
@@ -19,9 +19,14 @@ before it rose is not shown the events above its clearance (bus.py).
 import collections
 import errno
 import itertools
+import math
+import time
 import tomllib
 
+import trio
+
 from ...errors import Fs9Error
+from .. import timer
 from ..names import NAME_RE
 from ..stream import Changes
 from .message import CLASSIFICATIONS, clearance_allows
@@ -30,6 +35,12 @@ KEEP_EVENTS = 1024  # events a topic keeps by default: a subscriber's bounded ba
 KEEP_BYTES = 4 << 20  # ...and its bytes: 1,024 events of 64 KiB would be 64 MiB a topic
 MAX_EVENT = 64 << 10  # bytes in one event
 BOUNDS = {"keep_events": (1, 1_000_000), "keep_bytes": (MAX_EVENT, 1 << 30)}
+# An event published within QUIET_S of the one before is held for HOLD_S at most (one
+# that comes after a quiet spell wakes the readers at once): a woken reader's read then
+# carries every event published meanwhile. Woken for each event, each subscriber made a
+# FUSE read per publish, most of a fan-out's cost (docs/benchmarks.md).
+HOLD_S = 0.0005
+QUIET_S = 0.002
 
 
 class Retention:
@@ -95,12 +106,26 @@ class Topic:
             maxlen=keep_events)
         self.label = CLASSIFICATIONS[0]  # the highest clearance that published here
         self.bytes = 0  # of the events kept
-        self.changes = Changes()
+        self.changes = Changes()  # bumped when readers are woken (_wake)
+        self.shown = 0  # the events readers have been woken for (count, or behind: held)
+        self.last = -math.inf  # when the latest event was published (by clock)
+        self.held = False  # a timer will wake them (it carries every event until then)
+        self.clock = time.monotonic  # (a test's own: what "quiet" means, exactly)
 
     @property
     def oldest_seq(self) -> int:
         """The log seq of the oldest event kept (0: none): the log keeps no body below."""
         return self.events[0][0] if self.events else 0
+
+    def oldest_after(self, size: int) -> int:
+        """The log seq of the oldest event kept once one of `size` bytes is published
+        (0: that one alone): the log keeps no body below it."""
+        drop = int(len(self.events) == self.events.maxlen)
+        total = self.bytes + size - (len(self.events[0][2]) if drop else 0)
+        while total > self.keep_bytes and drop < len(self.events):
+            total -= len(self.events[drop][2])
+            drop += 1
+        return self.events[drop][0] if drop < len(self.events) else 0
 
     def publish(self, data: bytes | None, label: str = "internal", seq: int = 0) -> int:
         """One more event (seq: its `published` event's). data None: its body was
@@ -109,6 +134,7 @@ class Topic:
         if not clearance_allows(self.label, label):
             self.label = label
         if data is None:
+            self.shown = self.count  # (replay: nobody reads yet)
             return self.count
         if len(self.events) == self.events.maxlen:
             self.bytes -= len(self.events[0][2])  # the deque drops it on append
@@ -116,8 +142,36 @@ class Topic:
         self.bytes += len(data)
         while self.bytes > self.keep_bytes and len(self.events) > 1:
             self.bytes -= len(self.events.popleft()[2])
-        self.changes.bump()
+        self._wake()
         return self.count
+
+    def _wake(self) -> None:
+        """Wake the readers for what is published so far: now, if the topic was quiet
+        (no event in the QUIET_S before this one); else HOLD_S from now (one timer a
+        topic, carrying every event published until it fires)."""
+        now = self.clock()
+        streaming, self.last = now - self.last < QUIET_S, now
+        if self.held:
+            return
+        if streaming:
+            try:
+                trio.lowlevel.spawn_system_task(self._wake_after, HOLD_S, name="topic wake")
+                self.held = True
+                return
+            except RuntimeError:  # not in trio's thread: no timer, so at once
+                pass
+        self._woken()
+
+    async def _wake_after(self, wait: float) -> None:
+        try:
+            await timer.sleep(wait)
+        finally:  # (cancelled: the server stops; nothing to wait for)
+            self.held = False
+            self._woken()
+
+    def _woken(self) -> None:
+        self.shown = self.count
+        self.changes.bump()
 
     def since(self, n: int, clearance: str) -> tuple[int, int, list[bytes]]:
         """(how many events after n were dropped, how many were withheld as above

@@ -189,7 +189,10 @@ class Inbox:
                                           req=req, reason=stale)
             answer = dict(req=req, state=state, seq=seq)
         recipient = self.kernel.bus.owner(to)
-        if recipient is None or getattr(recipient, "killed", False):
+        if recipient is None or getattr(recipient, "killed", False) or (
+                request is not None and recipient.spawn_seq > request.asked):
+            # (an answer for an agent killed since it asked goes nowhere, even once its
+            # name is spawned again: the new holder is another agent)
             return self.reject(origin, msg_id, f"no such agent: {to}@{self.fed.me}",
                                reply_to, corr)
         if not message.clearance_allows(recipient.manifest["clearance"], level):

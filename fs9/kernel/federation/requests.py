@@ -46,6 +46,7 @@ class Request:
     updates: int = 0
     stale: int = 0
     last: str = ""  # the latest status text (its first line)
+    asked: int = 0  # its fed_queued's seq: an agent spawned after it is not who asked
 
     def line(self) -> str:
         return (f"to={self.to} sender={self.sender} state={self.state} updates={self.updates} "
@@ -117,7 +118,7 @@ class Requests:
         if d.get("type") != "work_request":
             return
         r = Request(d["id"], e.corr, d["to"], e.agent or OPERATOR,
-                    d.get("on_status", ""), d.get("on_completion", ""))
+                    d.get("on_status", ""), d.get("on_completion", ""), asked=e.seq)
         self.by_corr.setdefault(e.corr, {})[r.to] = r
         self.by_corr.move_to_end(e.corr)
         self.by_id[d["id"]] = r
