@@ -28,9 +28,10 @@ from ..kernel.bus.message import CLASSIFICATIONS
 from ..kernel.names import OPERATOR
 from ..kernel.stream import Stream
 from ..kernel.bus import batch
+from ..kernel.bus.mailstream import MailStream
 from .cursors import (AuditCursor, BatchCursor, Chain, EventCursor, NextCursor, ReplyCursor,
                       StreamCursor, TaskCursor, TopicCursor)
-from .kinds import Batch, Clone, Ctl, Dir, Status, StreamNode
+from .kinds import Batch, Clone, Ctl, Dir, Status, StreamNode, readers_first
 from .node import Node
 from . import remote, remoteview
 from .vault import VaultNode
@@ -55,8 +56,11 @@ def _mail_new(k, agent, me=None):
     whoever asks (the operator, or the agent whose view this is). A refusal is said
     to the sender (in its err), or, the operator's, in the recipient's."""
     said = dict(agent=me or agent.name, file=f"agents/{agent.name}/mail/new")
-    return Ctl(lambda data: k.guarded(k.bus.send, agent, data, me or OPERATOR, **said),
-               whole=True, refused=lambda e: k.refused(e, **said),
+
+    def send(data: bytes):
+        k.guarded(k.bus.send, agent, data, me or OPERATOR, **said)
+        return readers_first(agent.mailbox)  # (awaited by close(2): CtlHandle.flush)
+    return Ctl(send, whole=True, refused=lambda e: k.refused(e, **said),
                early=lambda data: k.guarded(k.bus.precheck, agent, data, me or OPERATOR,
                                             **said), early_until=b"\n\n")
 
@@ -64,8 +68,11 @@ def _mail_new(k, agent, me=None):
 def _mail_batch(k, agent, me=None):
     """Many messages a write, many a read (kernel/bus/batch.py), from whoever asks."""
     said = dict(agent=me or agent.name, file=f"agents/{agent.name}/mail/batch")
-    return Batch(lambda: BatchCursor(k, agent), lambda head, lines: k.guarded(
-        batch.send, k.bus, agent, head, lines, me or OPERATOR, **said))
+
+    def send(head: bytes, lines: list[bytes]):
+        k.guarded(batch.send, k.bus, agent, head, lines, me or OPERATOR, **said)
+        return readers_first(agent.mailbox)  # (awaited by the write: BatchHandle)
+    return Batch(lambda: BatchCursor(k, agent), send)
 
 
 def _mail_ack(k, agent, me=None):
@@ -232,6 +239,9 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/mail/new": _mail_new,
     "agents/{agent}/mail/batch": _mail_batch,  # (unlisted, as ack: see UNLISTED)
     "agents/{agent}/mail/ack": _mail_ack,
+    # held open: one message a read, never EOF (kernel/bus/mailstream.py; unlisted)
+    "agents/{agent}/mail/stream": lambda k, agent: StreamNode(
+        lambda: MailStream(k.bus, agent)),
     "agents/{agent}/outbox": lambda k, agent, me=None: Dir(
         create=lambda name: _outbox(k, agent, name, me)),
     "agents/{agent}/mail/next": lambda k, agent: StreamNode(lambda: NextCursor(k, agent)),
@@ -247,6 +257,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "mail": None,  # the operator's mailbox: results of the requests it sent
     "mail/next": lambda k: StreamNode(lambda: NextCursor(k, k.bus.operator)),
     "mail/batch": lambda k: StreamNode(lambda: BatchCursor(k, k.bus.operator)),
+    "mail/stream": lambda k: StreamNode(lambda: MailStream(k.bus, k.bus.operator)),
     "mail/ack": lambda k, me=None: _operator_only(me, "mail/ack") or Ctl(
         lambda data: k.guarded(batch.ack, k.bus, k.bus.operator, data, file="mail/ack")),
     "mail/dead": None,
@@ -393,8 +404,8 @@ VARS = {
 }
 # Served but not listed: a mailbox lists its messages and new, next and dead, and
 # programs count any other name there as a message
-UNLISTED = {"agents/{agent}/mail/batch", "agents/{agent}/mail/ack", "mail/batch",
-            "mail/ack"}
+UNLISTED = {"agents/{agent}/mail/batch", "agents/{agent}/mail/ack",
+            "agents/{agent}/mail/stream", "mail/batch", "mail/ack", "mail/stream"}
 _ASKS = {var for var, fns in VARS.items()
          if any("me" in inspect.signature(f).parameters for f in fns)}
 

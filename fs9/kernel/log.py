@@ -94,6 +94,9 @@ SCHEMA += NO_DELETE
 INSERT_EVENT = ("INSERT INTO events (seq, ts, kind, agent, task, corr, data, blob)"
                 " VALUES (?,?,?,?,?,?,?,?)")
 INSERT_KEPT = "INSERT INTO kept (seq, stream, data) VALUES (?,?,?)"
+ONE_STATEMENT = 8  # events a commit inserts with one statement (more: a transaction)
+INSERT_ROWS = {n: INSERT_EVENT + ",(?,?,?,?,?,?,?,?)" * (n - 1)
+               for n in range(1, ONE_STATEMENT + 1)}
 class EventLog(Records):
     RECENT = 4096  # events kept in memory for stream readers; older ones come from disk
     DEFER_S = 0.1  # the longest a deferred record waits for a commit to ride with (a
@@ -224,14 +227,21 @@ class EventLog(Records):
             data = dict(fields)
             head = [data.pop(k, None) for k in ("agent", "task", "corr", "blob", "keep")]
             rows.append((self.next_seq + n, kind, *head, data))
-        self._write("BEGIN", ())  # (one statement refused: _write rolls it all back)
-        self._write(INSERT_EVENT, [(seq, now, kind, agent, task, corr, _json(data),
-                                    None if keep else blob)
-                                   for seq, kind, agent, task, corr, blob, keep, data in rows],
-                    many=True)
-        self._write(INSERT_KEPT, [(seq, keep, blob or b"") for seq, _, _, _, _, blob, keep, _
-                                  in rows if keep is not None], many=True)
-        self._write("COMMIT", ())
+        values = [(seq, now, kind, agent, task, corr, _json(data), None if keep else blob)
+                  for seq, kind, agent, task, corr, blob, keep, data in rows]
+        kept = [(seq, keep, blob or b"") for seq, _, _, _, _, blob, keep, _ in rows
+                if keep is not None]
+        if not kept and len(values) <= ONE_STATEMENT:
+            # one statement, its own transaction: all its rows or none (a send and its
+            # records, an acknowledgement and the deliveries riding with it), at the
+            # cost of one commit and no BEGIN, COMMIT or executemany around it
+            self._write(INSERT_ROWS[len(values)], [v for row in values for v in row])
+        else:
+            self._write("BEGIN", ())  # (one statement refused: _write rolls it all back)
+            self._write(INSERT_EVENT, values, many=True)
+            if kept:
+                self._write(INSERT_KEPT, kept, many=True)
+            self._write("COMMIT", ())
         return [self._logged(Event(seq, now, kind, agent, task, corr, data))
                 for seq, kind, agent, task, corr, _, _, data in rows]
 

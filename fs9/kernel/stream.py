@@ -26,7 +26,8 @@ class Changes:
     # first; a class-wide empty tuple until the first such waiter
     _until: list | tuple = ()
 
-    def bump(self) -> None:
+    def bump(self) -> bool:
+        """A change; True if a task was waiting for the next one (wait_past: it is woken)."""
         self.version += 1
         self.at_ns = time.time_ns()
         event, self._event = self._event, None
@@ -34,6 +35,7 @@ class Changes:
             event.set()
         while self._until and self._until[0][0] <= self.version:
             heapq.heappop(self._until)[2].set()
+        return event is not None
 
     async def wait_until(self, version: int) -> None:
         """Block until the version reaches `version`: woken once, not at each bump before

@@ -43,6 +43,16 @@ def send(bus, agent, head: bytes, lines: list[bytes], sender: str = OPERATOR,
     if len(lines) > room:
         raise Fs9Error(errno.EDQUOT, f"{agent.name}: room for {room} more messages, "
                                      f"{len(lines)} sent at once")
+    try:
+        bus.kernel.record_many(_checked(bus, agent, head, lines, sender, checked))
+    finally:
+        bus.sending.clear()
+
+
+def _checked(bus, agent, head: bytes, lines: list[bytes], sender: str,
+             checked: str | None) -> list[tuple[str, dict]]:
+    """The events that send each line (Fs9Error naming the first refused), each message
+    left in bus.sending for its mail_sent to take."""
     items = []
     for line in lines:
         if checked is None and sender != OPERATOR and bus.owner(sender) is not None:
@@ -68,7 +78,8 @@ def send(bus, agent, head: bytes, lines: list[bytes], sender: str = OPERATOR,
                                         id=msg.id, sender=sender, type=h["type"],
                                         priority=h["priority"],
                                         classification=h["classification"])))
-    bus.kernel.record_many(items)
+        bus.sending[msg.id] = msg
+    return items
 
 
 def take(bus, agent) -> bytes:

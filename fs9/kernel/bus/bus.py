@@ -86,6 +86,9 @@ class Bus(Publishing):
         self.deadlines: list[tuple[float, str, str]] = []  # heap of (deadline, agent, name)
         self.changes = Changes()  # a new deadline
         self.withheld = Burst(50)  # delivery_refused events logged per recipient and second
+        # id -> a message being logged by send or mail/batch, as checked and rendered:
+        # its mail_sent applied takes it (they empty it, logged or not)
+        self.sending: dict[str, Message] = {}
 
     def owner(self, name: str | None):
         """Whose mailbox `name` is: an agent, the operator, or None."""
@@ -122,9 +125,13 @@ class Bus(Publishing):
             self.kernel.log.append("declassified", agent=sender, corr=corr, id=msg.id,
                                    to=agent.name, **{"from": floor, "to_label": level})
         h = msg.headers
-        self.kernel.record("mail_sent", agent=agent.name, corr=corr, blob=msg.render(),
-                           id=msg.id, sender=sender, type=h["type"], priority=h["priority"],
-                           classification=level)
+        self.sending[msg.id] = msg
+        try:
+            self.kernel.record("mail_sent", agent=agent.name, corr=corr, blob=msg.render(),
+                               id=msg.id, sender=sender, type=h["type"],
+                               priority=h["priority"], classification=level)
+        finally:
+            self.sending.clear()
         stored = agent.mailbox.get(msg.id)
         handing = self.kernel.agents.get(sender) if checked is None else None
         if h["type"] == "handoff" and handing is not None and handing.current is not None:
@@ -139,7 +146,7 @@ class Bus(Publishing):
 
     @staticmethod
     def new_id() -> str:
-        return os.urandom(8).hex()
+        return message.new_id()
 
     @staticmethod
     def declassifies(level: str, floor: str) -> bool:
@@ -375,10 +382,14 @@ class Bus(Publishing):
         agent = self.owner(e.agent)
         if agent is None:
             return  # mail for an agent killed since: gone with it
-        blob = self.kernel.blob(e)
-        if not blob:
-            return  # a topic event, acknowledged and forgotten since (`forget`)
-        msg = message.load(blob, e.seq)
+        msg = self.sending.pop(e.data["id"], None)  # as checked: not parsed again
+        if msg is not None:
+            msg.seq = e.seq
+        else:
+            blob = self.kernel.blob(e)
+            if not blob:
+                return  # a topic event, acknowledged and forgotten since (`forget`)
+            msg = message.load(blob, e.seq)
         msg.fed = "fed" in e.data
         agent.mailbox.put(msg)
         if agent is not self.operator:

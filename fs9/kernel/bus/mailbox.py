@@ -5,6 +5,7 @@ delivery falls out of that, since a message leaves `pending` only when it is
 acknowledged (`rm`) or expires, never when it is read.
 """
 import bisect
+import collections
 
 from .message import Message
 from ..stream import Changes
@@ -17,6 +18,10 @@ MAX_PENDING, MAX_BYTES, OPERATOR_ROOM = 10_000, 64 << 20, 2
 # Dead letters (expired mail, for inspection: nobody removes them) kept per mailbox, the
 # latest: mail a sender lets expire at once would otherwise pile up for good.
 MAX_DEAD, MAX_DEAD_BYTES = 1000, 16 << 20
+# The latest removals remembered, so a held-open reader of mail/stream catches up on
+# what left since it looked at the cost of what left, not of all it was given
+# (mailstream.py); one further behind looks at all it was given.
+RECENT_REMOVALS = 1024
 
 
 class Mailbox:
@@ -29,6 +34,9 @@ class Mailbox:
         self.dead_bytes = 0  # of dead letters' bodies
         self.changes = Changes()
         self.on_put = None  # called at each delivery: an asleep agent wakes (agent.py)
+        self.woke = False  # a delivery woke a reader since the sender last looked
+        self.removals = 0  # messages taken since this mailbox was made
+        self.removed: collections.deque[str] = collections.deque(maxlen=RECENT_REMOVALS)
 
     def full(self, operator: bool = False) -> str | None:
         """Why one more message does not fit (None: it does)."""
@@ -47,7 +55,8 @@ class Mailbox:
         self.ids[msg.id] = msg.name
         self.bytes += len(msg.body)
         bisect.insort(self.order, msg.name)
-        self.changes.bump()
+        if self.changes.bump():
+            self.woke = True  # a reader waited for this (face/kinds.py readers_first)
         if self.on_put is not None:
             self.on_put()
 
@@ -58,6 +67,8 @@ class Mailbox:
             self.bytes -= len(msg.body)
             del self.order[bisect.bisect_left(self.order, name)]
             del self.ids[msg.id]
+            self.removals += 1
+            self.removed.append(name)
             self.changes.bump()
         return msg
 

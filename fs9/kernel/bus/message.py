@@ -15,6 +15,7 @@ body is bytes, as the sender wrote them (at most MAX_MESSAGE with the headers).
 """
 import errno
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -137,6 +138,21 @@ def parse(data: bytes, *, to: str, sender: str, now: float | None = None,
     return Message(to=to, body=body, headers=headers)
 
 
+def new_id() -> str:
+    """A message's id: 16 hex digits from the OS's random source, drawn ID_DRAW at a time
+    (a getrandom call a message was a noticeable part of a send)."""
+    try:
+        return _ids.pop()
+    except IndexError:
+        raw = os.urandom(8 * ID_DRAW)
+        _ids.extend(raw[i:i + 8].hex() for i in range(0, len(raw), 8))
+        return _ids.pop()
+
+
+ID_DRAW = 512
+_ids: list[str] = []  # drawn, not yet given (list.pop: one step, whatever thread asks)
+
+
 def parse_time(value: str, now: float | None = None) -> float | None:
     """`+SECONDS` (from now) or an ISO 8601 time (UTC unless it says) as epoch seconds;
     None if it is neither, or not a finite number (+inf, +nan)."""
@@ -155,8 +171,22 @@ def parse_time(value: str, now: float | None = None) -> float | None:
 
 
 def format_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    """ts as ISO 8601 in UTC, to the millisecond (`2026-12-07T21:45:21.123Z`). The part
+    up to the second is kept for the next call (the messages of a second share it)."""
+    global _second
+    second = math.floor(ts)
+    us = round((ts - second) * 1e6)  # (as datetime rounds a timestamp)
+    if us >= 1_000_000:
+        second, us = second + 1, us - 1_000_000
+    ms = us // 1000
+    known = _second  # (one read: another thread may replace it meanwhile)
+    if known[0] != second:
+        known = _second = (second, datetime.fromtimestamp(second, timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%S"))
+    return f"{known[1]}.{ms:03d}Z"
+
+
+_second: tuple = (None, "")  # format_time's last second and its text
 
 
 def clearance_allows(clearance: str, classification: str) -> bool:
