@@ -112,7 +112,7 @@ def test_a_flood_of_refusals_is_counted_not_logged_one_by_one(mount):
 def test_an_agent_cannot_hold_every_reader_slot(mount):
     """Each blocked read holds one of fs9's request workers: one agent may hold 256;
     past that its reads that would wait are EAGAIN, and the operator still answers."""
-    from fs9.face.ops import BLOCKED_PER_AGENT
+    from fs9.face.reads import BLOCKED_PER_AGENT
     mount.define("waiter", 'cmd = ["cat"]\nunconfined = true\n')
     mount.sh("echo 'spawn waiter' > ctl", check=True)
     path = mount.path / "agents/waiter/view/agents/waiter/mail/next"
@@ -179,6 +179,47 @@ def test_an_agents_open_files_hold_a_bounded_number_of_bytes(mount):
     # what the closed files held is released: the agent may write again
     mount.write("agents/hoarder/view/agents/hoarder/memory/small", "ok\n")
     assert mount.read("agents/hoarder/memory/small") == "ok\n"
+
+
+def test_an_agents_open_files_hold_a_bounded_number_of_bytes_read(mount):
+    """Each open of mail/next holds its own copy of the message it read from (1 MiB
+    here), as a status file holds its text and a listing its entries: one agent's opens
+    together hold at most 64 MiB; past it a read (or a listing) is EDQUOT until it closes
+    some. The operator's opens are not counted."""
+    from fs9.face.held import BYTES_PER_AGENT
+    from fs9.kernel.bus.message import MAX_MESSAGE
+    mount.define("hoarder", 'cmd = ["cat"]\nunconfined = true\n')
+    mount.sh("echo 'spawn hoarder' > ctl", check=True)
+    mount.write("agents/hoarder/mail/new", "x" * (MAX_MESSAGE - 4096) + "\n")
+    mine = mount.path / "agents/hoarder/view/agents/hoarder/mail"
+    fds, refused = [], None
+    try:
+        for _ in range(2 * BYTES_PER_AGENT // MAX_MESSAGE):  # never more than twice the cap
+            fd = os.open(mine / "next", os.O_RDONLY)
+            fds.append(fd)
+            try:
+                assert os.read(fd, 1) == b"i"  # ("id: ...": the whole message is held)
+            except OSError as e:
+                refused = e.errno
+                break
+        assert refused == errno.EDQUOT, refused
+        assert len(fds) > BYTES_PER_AGENT // MAX_MESSAGE  # refused at the cap, not before
+        with pytest.raises(OSError) as listing:
+            os.listdir(mine)
+        assert listing.value.errno == errno.EDQUOT
+        assert "close some first" in mount.read("agents/hoarder/err")  # the reason, in words
+        assert responsive(mount) < 1.0
+        with open(mount.path / "agents/hoarder/mail/next", "rb") as f:  # the operator's
+            assert f.read().endswith(b"x\n")
+    finally:
+        for fd in fds[1:]:
+            os.close(fd)
+        fds = fds[:1]
+    # what the closed files held is released: the agent reads and lists again
+    with open(mine / "next", "rb") as f:
+        assert f.read().endswith(b"x\n")
+    assert len([n for n in os.listdir(mine) if n[0].isdigit()]) == 1
+    os.close(fds[0])
 
 
 def test_a_flood_of_escape_attempts_is_counted_not_logged_one_by_one(mount):

@@ -290,9 +290,9 @@ def test_a_node_program_reads_events_in_its_event_loop(mount, tmp_path):
 
 
 def test_nonblocking_reads_take_no_slot_of_the_blocked_read_cap(mount, tmp_path):
-    """An agent's reads that wait are capped (ops.BLOCKED_PER_AGENT); its EAGAINs wait for
+    """An agent's reads that wait are capped (reads.BLOCKED_PER_AGENT); its EAGAINs wait for
     nothing and hold nothing: after more of them than the cap, a blocking read still waits."""
-    from fs9.face.ops import BLOCKED_PER_AGENT
+    from fs9.face.reads import BLOCKED_PER_AGENT
     rel, make_data, expected = in_a_view(mount, tmp_path)
     for _ in range(BLOCKED_PER_AGENT + 50):
         fd = os.open(mount.path / rel, NONBLOCK)

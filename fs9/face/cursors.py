@@ -99,6 +99,9 @@ class Chain:
     def take(self, size: int) -> bytes:
         return self._head().take(size)
 
+    def kept(self) -> int:
+        return sum(c.kept() for c in self.cursors if hasattr(c, "kept"))
+
 
 class NextCursor(StreamCursor):
     """`mail/next`: waits for a pending message, then reads the head of the queue."""
@@ -122,6 +125,9 @@ class NextCursor(StreamCursor):
             self.stream = Stream(msg.render(), ended=True)
             self.kernel.bus.delivered(self.agent, msg)
         return super().take(size)
+
+    def kept(self) -> int:
+        return len(self.stream.data) if self.stream is not None else 0  # (this open's own)
 
 
 class BatchCursor(NextCursor):
@@ -147,6 +153,9 @@ class BufferedCursor:
 
     def readable(self) -> bool:
         return bool(self.buf)
+
+    def kept(self) -> int:
+        return len(self.buf)
 
     def take(self, size: int) -> bytes:
         if not self.buf:

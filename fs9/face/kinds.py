@@ -111,6 +111,9 @@ class SnapshotHandle(Handle):
             self.text = _encode(self.render())
         return self.text[off:off + size]
 
+    def kept(self) -> int:
+        return len(self.text) if self.text is not None else 0
+
 
 class Clone(Node):
     """Plan 9's clone file: each open makes a new object (a conversation) and reads
@@ -293,6 +296,10 @@ class StreamHandle(Handle):
     def held(self) -> bool:
         held = getattr(self.cursor, "held", None)  # (a topic's)
         return held is not None and held()
+
+    def kept(self) -> int:
+        kept = getattr(self.cursor, "kept", None)  # (a shared stream's cursor keeps none)
+        return kept() if kept is not None else 0
 
     async def wait_readable(self) -> None:
         await self.cursor.wait_readable()

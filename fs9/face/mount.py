@@ -14,7 +14,8 @@ from ..kernel.agents.ondemand import MAX_AWAKE
 from ..kernel.kernel import Kernel
 from ..kernel.state import StateError
 from .device import fuse_problem
-from .ops import MAX_TASKS, Operations
+from .ops import Operations
+from .reads import MAX_TASKS
 
 log = logging.getLogger("fs9")
 # FUSE reads ahead 128 KiB by default, so a cold sequential read is served in 128 KiB

@@ -214,6 +214,10 @@ class Handle:
     def readable(self) -> bool:
         return True
 
+    def kept(self) -> int:
+        """Bytes this open holds for its reads alone (held.py counts them)."""
+        return 0
+
     def ready(self) -> bool:
         """A read now returns without waiting for anything (nothing need cancel it)."""
         return False

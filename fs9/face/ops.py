@@ -11,7 +11,6 @@ types. Who may do what is access.py; every handler goes through `boundary`
 import errno
 import logging
 import os
-import select
 import time
 
 import pyfuse3
@@ -24,9 +23,10 @@ from .boundary import boundary, file_name
 from .changes import Changes
 from .desktop import is_desktop_program
 from .fdflags import FdFlags
-from .held import Held
+from .held import ENTRY_BYTES, Held
 from .inodes import Inodes
 from .node import Handle, Node
+from .reads import Reads
 from .walk import Tree
 from typing import TYPE_CHECKING
 
@@ -35,14 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fs9.face")
 CACHE_S = 1.0
-MAX_TASKS = 8192  # pyfuse3's workers (mount.py): each blocked reader holds one
-BLOCKED_PER_AGENT = 256  # reads one agent may have waiting at once
-OPERATOR_RESERVE = 1024  # workers agents' blocked reads never take
 
 
-class Operations(Changes, pyfuse3.Operations):
+class Operations(Changes, Reads, pyfuse3.Operations):
     """The handlers; those that make, move and remove names and change attributes are
-    changes.py's (Changes)."""
+    changes.py's (Changes), reads and polls reads.py's (Reads)."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -215,11 +212,17 @@ class Operations(Changes, pyfuse3.Operations):
         self.gate.check_listing(path)
         self.gate.may(node, os.R_OK, ctx, "list a directory")
         self.held.check(split_view(path)[0], path)
-        # a snapshot at open, so paging is consistent
-        entries = await node.listing(lambda name: self._resolve(path + (name,)))
         fh = self._fh()
-        self.dirs[fh] = node, [(name, child, path + (name,)) for name, child in entries]
         self.held.add(fh, split_view(path)[0])
+        try:
+            self.held.room(fh, 0, path)
+            # a snapshot at open, so paging is consistent
+            entries = await node.listing(lambda name: self._resolve(path + (name,)))
+        except BaseException:
+            self.held.drop(fh)
+            raise
+        self.held.keep(fh, len(entries) * ENTRY_BYTES)
+        self.dirs[fh] = node, [(name, child, path + (name,)) for name, child in entries]
         return fh
 
     @boundary
@@ -264,13 +267,6 @@ class Operations(Changes, pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=self._opened(ino, handle), direct_io=handle.direct_io,
                                 keep_cache=self._unchanged(ino, handle), nonseekable=node.stream)
 
-    def _nonblocking(self, handle: Handle) -> bool:
-        """The reader's descriptor is non-blocking: now, as /proc shows it (set or cleared
-        by fcntl after open), else as it was at open (fdflags.py). Asked only of a read
-        with nothing to read (a stream's)."""
-        now = self.fdflags.nonblocking_now(handle)
-        return handle.nonblocking if now is None else now
-
     def _opened(self, ino: int, handle: Handle) -> int:
         fh = self._fh()
         handle.ino = ino
@@ -288,57 +284,6 @@ class Operations(Changes, pyfuse3.Operations):
         same = self.cache_keys.get(ino) == handle.cache_key
         self.cache_keys[ino] = handle.cache_key
         return same
-
-    @boundary
-    async def read(self, fh, off, size):
-        handle = self._handle(fh)
-        if self.closing:
-            return b""
-        if handle.ready():  # no wait, so no cancel scope: a third of a subscriber's read
-            return await handle.read(off, size)
-        # (a topic's events held for a batch come within a fraction of a millisecond,
-        # O_NONBLOCK or not, and the hold's timer ends at unmount too: no cancel scope)
-        held = handle.held()
-        if not held and not handle.readable() and self._nonblocking(handle):
-            # a pipe's answer to a non-blocking reader; one that polls with edge-triggered
-            # epoll (Go's poller) is woken only by a notification after this EAGAIN
-            self._notify_when_readable(handle)
-            raise Fs9Error(errno.EAGAIN, "nothing to read yet (O_NONBLOCK)")
-        # A read that will wait holds one of pyfuse3's MAX_TASKS workers: an agent may
-        # hold at most BLOCKED_PER_AGENT of them, and all agents together leave
-        # OPERATOR_RESERVE for the operator (else EAGAIN: try again, as a pipe would).
-        waiter = handle.opener if handle.opener is not None and not handle.readable() \
-            else None
-        if waiter is not None:
-            if self.blocked.get(waiter, 0) >= BLOCKED_PER_AGENT or \
-                    self.blocked_total >= MAX_TASKS - OPERATOR_RESERVE:
-                raise Fs9Error(errno.EAGAIN, f"agent {waiter} has {BLOCKED_PER_AGENT} reads "
-                                             "waiting already")
-            self.blocked[waiter] = self.blocked.get(waiter, 0) + 1
-            self.blocked_total += 1
-        try:
-            if held:
-                await handle.wait_readable()
-                return await handle.read(off, size)
-            with trio.CancelScope() as scope:
-                self.reading.add(scope)
-                try:
-                    return await handle.read(off, size)
-                finally:
-                    self.reading.discard(scope)
-        finally:
-            if waiter is not None:
-                self.blocked[waiter] -= 1
-                self.blocked_total -= 1
-                if not self.blocked[waiter]:
-                    del self.blocked[waiter]
-        return b""  # cancelled by end_reads: the reader sees EOF
-
-    def end_reads(self) -> None:
-        """Unmounting: every blocked reader gets EOF, so pyfuse3's workers can finish."""
-        self.closing = True
-        for scope in list(self.reading):
-            scope.cancel()
 
     @boundary
     async def write(self, fh, off, buf):
@@ -388,34 +333,6 @@ class Operations(Changes, pyfuse3.Operations):
     @boundary
     async def fsync(self, fh, datasync):
         await self._handle(fh).fsync(bool(datasync))
-
-    @boundary
-    async def poll(self, ino, fh, poll_handle, ctx):
-        handle = self._handle(fh)
-        if poll_handle is not None:
-            handle.poll_handle = poll_handle  # a fresh handle replaces the old one
-        if handle.readable():
-            return select.POLLIN | select.POLLRDNORM | select.POLLOUT | select.POLLWRNORM
-        self._notify_when_readable(handle)
-        return select.POLLOUT | select.POLLWRNORM
-
-    def _notify_when_readable(self, handle: Handle) -> None:
-        """Wake the kernel's pollers of handle (through its latest poll handle) once it is
-        readable; one notifier per handle at a time."""
-        if handle.poll_handle is None or handle.poll_scope is not None:
-            return
-        handle.poll_scope = trio.CancelScope()  # release cancels it, even before it starts
-        self.nursery.start_soon(self._notifier, handle, handle.poll_scope)
-
-    async def _notifier(self, handle: Handle, scope: trio.CancelScope) -> None:
-        with scope:
-            try:
-                await handle.wait_readable()
-                handle.poll_handle.notify()
-            except Exception:
-                log.exception("poll notify")
-        if handle.poll_scope is scope:
-            handle.poll_scope = None
 
     def _handle(self, fh: int) -> Handle:
         try:

@@ -191,6 +191,9 @@ class Buffered:
     def at_end(self) -> bool:
         return self.ended and not self.buf
 
+    def kept(self) -> int:
+        return len(self.buf)
+
     def take(self, size: int) -> bytes:
         data, self.buf = self.buf[:size], self.buf[size:]
         return data

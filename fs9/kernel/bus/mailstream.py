@@ -43,6 +43,9 @@ class MailStream:
                 self.given = {n: None for n in self.given if n in box.pending}
         self.removals = box.removals
 
+    def kept(self) -> int:
+        return len(self.piece)
+
     def readable(self) -> bool:
         """A read would not wait: a piece of a line is left, or a message this open was
         not given is pending and the open has room for one more unacknowledged."""
