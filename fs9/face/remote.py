@@ -18,7 +18,8 @@ import trio
 
 from ..errors import Fs9Error
 from ..kernel.names import NAME_RE, OPERATOR
-from .kinds import Batch, Ctl, Dir, Status, StreamNode
+from .batchfile import Batch
+from .kinds import Ctl, Dir, Status, StreamNode
 
 FILES = ("ctl", "err", "in", "mail", "manifest", "out", "outbox", "status", "tasks")
 TASK_FILES = ("err", "input", "out", "status")

@@ -15,7 +15,8 @@ import errno
 
 from ..errors import Fs9Error
 from .cursors import BatchCursor
-from .kinds import Batch, Ctl, Dir, StreamNode
+from .batchfile import Batch
+from .kinds import Ctl, Dir, StreamNode
 from .remote import (MSG_RE, TASK_FILES, TASK_RE, AskedDir, Asker, RemoteBatch, RemoteNext,
                      RemoteOut, guarded)
 

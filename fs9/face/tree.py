@@ -21,7 +21,7 @@ import inspect
 import os
 from typing import Callable
 
-from ..errors import NO_AGENT, Fs9Error
+from ..errors import Fs9Error
 from ..kernel.agents import manifest as manifests, registry
 from ..kernel import finished, labels, supervision
 from ..kernel.bus.message import CLASSIFICATIONS
@@ -31,14 +31,10 @@ from ..kernel.bus import batch
 from ..kernel.bus.mailstream import MailStream
 from .cursors import (AuditCursor, BatchCursor, Chain, EventCursor, NextCursor, ReplyCursor,
                       StreamCursor, TaskCursor, TopicCursor)
-from .kinds import Batch, Clone, Ctl, Dir, Status, StreamNode, readers_first
+from .kinds import Clone, Ctl, Dir, Status, StreamNode
 from .node import Node
-from . import remote, remoteview
+from . import mailfiles, remote
 from .vault import VaultNode
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ..kernel.kernel import Kernel
 
 
 def _agent_out(k, agent):
@@ -49,78 +45,6 @@ def _agent_err(k, agent):
     """The shown task's stderr, then the agent's notes on refused commands."""
     return StreamNode(lambda: Chain(TaskCursor(k, agent.shown_task(), 2),
                                     StreamCursor(Stream(bytes(agent.notes), ended=True))))
-
-
-def _mail_new(k, agent, me=None):
-    """Everything written between open and close is one message to agent, from
-    whoever asks (the operator, or the agent whose view this is). A refusal is said
-    to the sender (in its err), or, the operator's, in the recipient's."""
-    said = dict(agent=me or agent.name, file=f"agents/{agent.name}/mail/new")
-
-    def send(data: bytes):
-        k.guarded(k.bus.send, agent, data, me or OPERATOR, **said)
-        return readers_first(agent.mailbox)  # (awaited by close(2): CtlHandle.flush)
-    return Ctl(send, whole=True, refused=lambda e: k.refused(e, **said),
-               early=lambda data: k.guarded(k.bus.precheck, agent, data, me or OPERATOR,
-                                            **said), early_until=b"\n\n")
-
-
-def _mail_batch(k, agent, me=None):
-    """Many messages a write, many a read (kernel/bus/batch.py), from whoever asks."""
-    said = dict(agent=me or agent.name, file=f"agents/{agent.name}/mail/batch")
-
-    def send(head: bytes, lines: list[bytes]):
-        k.guarded(batch.send, k.bus, agent, head, lines, me or OPERATOR, **said)
-        return readers_first(agent.mailbox)  # (awaited by the write: BatchHandle)
-    return Batch(lambda: BatchCursor(k, agent), send)
-
-
-def _mail_ack(k, agent, me=None):
-    """Acknowledge many messages a write: the mailbox's owner's (or the operator's) to do,
-    as it reads them (EACCES for anyone else, whose open must not create a message
-    named `ack` either)."""
-    if me is not None and me != agent.name:
-        raise Fs9Error(errno.EACCES, f"only {agent.name} acknowledges its mail")
-    return Ctl(lambda data: k.guarded(batch.ack, k.bus, agent, data, agent=agent.name,
-                                      file="mail/ack"))
-
-
-def _outbox(k, agent, to: str, me=None):
-    """outbox/TO: one message from agent to TO, sent at close. Only the agent itself
-    (or the operator acting for it) may send from its outbox, and the agent only to an
-    agent it knows of (Kernel.knows): any other answers as a name nobody has."""
-    if me is not None and me != agent.name:
-        raise Fs9Error(errno.EACCES, f"{me} may not send as {agent.name}")
-    if "@" in to:  # NAME@OS: an agent of another OS
-        return _federated(k, to, agent.name, dict(agent=agent.name, file="outbox"))
-    if k.cluster is not None and k.cluster.placed(to) is not None:
-        # placed in the cluster (here or on another node): through JetStream, so that the
-        # message outlives either node (kernel/cluster/mail.py)
-        if me is not None and not k.cluster.mail.knows(me, to):
-            k.guarded(_no_agent, to, agent=agent.name, file="outbox")  # (raises)
-        return remoteview.agent_mail(k, to, agent.name, dict(agent=agent.name, file="outbox"))
-    recipient = k.guarded(k.agent, to, me, agent=agent.name, file="outbox")
-    return Ctl(lambda data: k.guarded(k.bus.send, recipient, data, agent.name,
-                                      agent=agent.name, file="outbox"),
-               whole=True, refused=lambda e: k.refused(e, agent=agent.name, file="outbox"),
-               early=lambda data: k.guarded(k.bus.precheck, recipient, data, agent.name,
-                                            agent=agent.name, file="outbox"),
-               early_until=b"\n\n")
-
-
-def _no_agent(name: str):
-    raise Fs9Error(errno.ENOENT, f"{NO_AGENT}: {name}")
-
-
-def _federated(k, to: str, sender: str, said: dict):
-    """One message to NAME@OS through the federation (kernel/federation/), from sender;
-    an address that names no peer's agent is refused at open, as a name nobody has."""
-    fed = k.federation
-    k.guarded(fed.address, to, **said)
-    return Ctl(lambda data: k.guarded(fed.send, to, data, sender, **said), whole=True,
-               refused=lambda e: k.refused(e, **said),
-               early=lambda data: k.guarded(fed.precheck, to, data, sender, **said),
-               early_until=b"\n\n")
 
 
 def _operator_only(me, what: str) -> None:
@@ -235,15 +159,15 @@ ROWS: dict[str, Callable[..., Node | None]] = {
         lambda data: k.guarded(k.bus.progress, agent, task, data, agent=agent.name,
                                file="progress")),
     "agents/{agent}/mail": lambda k, agent, me=None: Dir(
-        create=lambda name: _mail_new(k, agent, me)),
-    "agents/{agent}/mail/new": _mail_new,
-    "agents/{agent}/mail/batch": _mail_batch,  # (unlisted, as ack: see UNLISTED)
-    "agents/{agent}/mail/ack": _mail_ack,
+        create=lambda name: mailfiles.mail_new(k, agent, me)),
+    "agents/{agent}/mail/new": mailfiles.mail_new,
+    "agents/{agent}/mail/batch": mailfiles.mail_batch,  # (unlisted, as ack: see UNLISTED)
+    "agents/{agent}/mail/ack": mailfiles.mail_ack,
     # held open: one message a read, never EOF (kernel/bus/mailstream.py; unlisted)
     "agents/{agent}/mail/stream": lambda k, agent: StreamNode(
         lambda: MailStream(k.bus, agent)),
     "agents/{agent}/outbox": lambda k, agent, me=None: Dir(
-        create=lambda name: _outbox(k, agent, name, me)),
+        create=lambda name: mailfiles.outbox(k, agent, name, me)),
     "agents/{agent}/mail/next": lambda k, agent: StreamNode(lambda: NextCursor(k, agent)),
     "agents/{agent}/mail/dead": None,
     "agents/{agent}/mail/dead/{dead}": lambda k, agent, dead: Status(dead.render),
@@ -279,7 +203,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     # topics offered to peers and peers' topics subscribed to (kernel/federation/topics.py)
     "federation/topics": lambda k: Status(k.federation.topics.text),
     "federation/outbox": lambda k, me=None: _operator_only(me, "federation/outbox") or Dir(
-        create=lambda name: _federated(k, name, OPERATOR, dict(file="federation/outbox"))),
+        create=lambda name: mailfiles.federated(k, name, OPERATOR,
+                                                dict(file="federation/outbox"))),
     "federation/dead": None,  # dead letters: given up before JetStream had them
     "federation/dead/{fdead}": lambda k, fdead: Status(lambda: fdead.data),
     "federation/requests": None,  # the work requests we sent: state, callbacks (requests.py)

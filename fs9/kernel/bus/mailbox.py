@@ -56,7 +56,7 @@ class Mailbox:
         self.bytes += len(msg.body)
         bisect.insort(self.order, msg.name)
         if self.changes.bump():
-            self.woke = True  # a reader waited for this (face/kinds.py readers_first)
+            self.woke = True  # a reader waited for this (face/batchfile.py readers_first)
         if self.on_put is not None:
             self.on_put()
 
