@@ -40,7 +40,7 @@ import trio
 from ..errors import Fs9Error
 from . import snapshot, state
 from .finished import TASK_KINDS
-from .log import NO_DELETE, SCHEMA
+from .schema import NO_DELETE, SCHEMA
 
 log = logging.getLogger("fs9.retention")
 

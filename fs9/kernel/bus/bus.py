@@ -3,7 +3,7 @@ backend.
 
 The narrow interface the rest of fs9 uses (the FUSE face, agents, the kernel):
   send(agent, data, sender) / ack(agent, name) / delivered(agent, msg)
-  send_result(agent, task) / progress(agent, task, data)
+  send_result(agent, task) / progress(agent, task, data)  (replies.py)
   create_topic(name) / publish(topic, data, sender)
 and, to wait and read, each agent's Mailbox and each Topic (`topics`). A backend
 for agents on several machines (NATS JetStream) implements the same calls.
@@ -41,13 +41,14 @@ from ...errors import Fs9Error
 from .. import approvals
 from ..agents.breaker import check_new
 from . import message
-from ..names import OPERATOR, one_line
+from ..names import OPERATOR
 from ..latest import SentKeys
 from ..rate import Burst
 from .mailbox import Mailbox
 from .message import Message
 from ..stream import Changes
 from .publishing import Publishing
+from .replies import Replies
 from .topic import Topic
 
 SUBSCRIPTIONS = "subscriptions"  # the log's stream of topic events delivered as mail
@@ -74,7 +75,7 @@ class Operator:
         self.manifest = {"clearance": "confidential"}
 
 
-class Bus(Publishing):
+class Bus(Publishing, Replies):
     def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel
         self.operator = Operator()
@@ -269,43 +270,6 @@ class Bus(Publishing):
                            blob=msg.render(), id=msg.id, sender=msg.headers["from"],
                            type=msg.headers["type"],
                            keep=SUBSCRIPTIONS if msg.headers["type"] == "event" else None)
-
-    def _clustered(self, name: str) -> bool:
-        """name is an agent placed in the cluster (kernel/cluster/forward.py)."""
-        return self.kernel.cluster is not None and self.kernel.cluster.placed(name) is not None
-
-    def _asked(self, task) -> bool:
-        """Whether task.reply_to still names whoever asked for the work. A name killed and
-        spawned again since the request (its spawn numbered above the task) is another
-        agent: it gets nothing of the first holder's work (the task's files keep it). A
-        peer OS's or another node's agent is that side's to check."""
-        if "@" in task.reply_to or self._clustered(task.reply_to):
-            return True
-        holder = self.owner(task.reply_to)
-        return holder is not None and holder.spawn_seq < task.id
-
-    def send_result(self, agent, task) -> None:
-        """The `result` of a task made from a work_request, to its requester's mailbox."""
-        if not self._asked(task):
-            return  # an agent since killed: the task's files keep the output
-        out = bytes(self.kernel.stream(task, 1).data)
-        self.deliver(self.compose(task.reply_to, agent.name, out, type="result",
-                               **{"correlation-id": task.corr, "x-task": str(task.id),
-                                  "x-status": task.state, "x-exit": str(task.exit)}))
-
-    def progress(self, agent, task, data: bytes) -> None:
-        """A progress report from a running task: an event, and a status_update message
-        to its requester when there is one."""
-        if task.state != "running":
-            raise Fs9Error(errno.EINVAL, f"task {task.id} is {task.state}, not running")
-        text = data.decode(errors="replace").strip()[:4096]
-        self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
-                               corr=task.corr, text=text)
-        task.progress = one_line(text)
-        if self._asked(task):
-            self.deliver(self.compose(task.reply_to, agent.name, (text + "\n").encode(),
-                                   type="status_update", **{"correlation-id": task.corr,
-                                                            "x-task": str(task.id)}))
 
     def deliver_event(self, agent, topic: str, data: bytes, sender: str) -> None:
         """A topic event, as mail to a durable subscriber."""

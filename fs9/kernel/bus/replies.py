@@ -1,0 +1,48 @@
+"""What the kernel sends back for a task made from a work_request (a mixin of Bus):
+its `result` at the end and a `status_update` for each progress report, to the
+requester's mailbox (reply-to), labelled its author's clearance like any delivery.
+Only whoever asked gets them: a name killed and spawned again since is another agent.
+"""
+import errno
+
+from ...errors import Fs9Error
+from ..names import one_line
+
+
+class Replies:
+    def _clustered(self, name: str) -> bool:
+        """name is an agent placed in the cluster (kernel/cluster/forward.py)."""
+        return self.kernel.cluster is not None and self.kernel.cluster.placed(name) is not None
+
+    def _asked(self, task) -> bool:
+        """Whether task.reply_to still names whoever asked for the work. A name killed and
+        spawned again since the request (its spawn numbered above the task) is another
+        agent: it gets nothing of the first holder's work (the task's files keep it). A
+        peer OS's or another node's agent is that side's to check."""
+        if "@" in task.reply_to or self._clustered(task.reply_to):
+            return True
+        holder = self.owner(task.reply_to)
+        return holder is not None and holder.spawn_seq < task.id
+
+    def send_result(self, agent, task) -> None:
+        """The `result` of a task made from a work_request, to its requester's mailbox."""
+        if not self._asked(task):
+            return  # an agent since killed: the task's files keep the output
+        out = bytes(self.kernel.stream(task, 1).data)
+        self.deliver(self.compose(task.reply_to, agent.name, out, type="result",
+                               **{"correlation-id": task.corr, "x-task": str(task.id),
+                                  "x-status": task.state, "x-exit": str(task.exit)}))
+
+    def progress(self, agent, task, data: bytes) -> None:
+        """A progress report from a running task: an event, and a status_update message
+        to its requester when there is one."""
+        if task.state != "running":
+            raise Fs9Error(errno.EINVAL, f"task {task.id} is {task.state}, not running")
+        text = data.decode(errors="replace").strip()[:4096]
+        self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
+                               corr=task.corr, text=text)
+        task.progress = one_line(text)
+        if self._asked(task):
+            self.deliver(self.compose(task.reply_to, agent.name, (text + "\n").encode(),
+                                   type="status_update", **{"correlation-id": task.corr,
+                                                            "x-task": str(task.id)}))
