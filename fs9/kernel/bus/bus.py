@@ -216,8 +216,9 @@ class Bus(Publishing):
                                         "or of mail it received")
         reply_to = h.get("reply-to")
         current = author.current
-        if reply_to is not None and reply_to != name and not (
-                current is not None and reply_to == current.reply_to):
+        if reply_to is not None and reply_to != name and not (  # (a requester killed
+                current is not None and reply_to == current.reply_to  # since: its name
+                and self.asked(current)):  # is another agent's, asked for nothing)
             try:  # (the operator's mailbox is no agent's to write: only its requests'
                 if reply_to == OPERATOR:  # results reach it, as the requester's)
                     raise Fs9Error(errno.EPERM, "the operator's mailbox")
@@ -274,7 +275,7 @@ class Bus(Publishing):
         """name is an agent placed in the cluster (kernel/cluster/forward.py)."""
         return self.kernel.cluster is not None and self.kernel.cluster.placed(name) is not None
 
-    def _asked(self, task) -> bool:
+    def asked(self, task) -> bool:
         """Whether task.reply_to still names whoever asked for the work. A name killed and
         spawned again since the request (its spawn numbered above the task) is another
         agent: it gets nothing of the first holder's work (the task's files keep it). A
@@ -286,7 +287,7 @@ class Bus(Publishing):
 
     def send_result(self, agent, task) -> None:
         """The `result` of a task made from a work_request, to its requester's mailbox."""
-        if not self._asked(task):
+        if not self.asked(task):
             return  # an agent since killed: the task's files keep the output
         out = bytes(self.kernel.stream(task, 1).data)
         self.deliver(self.compose(task.reply_to, agent.name, out, type="result",
@@ -302,7 +303,7 @@ class Bus(Publishing):
         self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
                                corr=task.corr, text=text)
         task.progress = one_line(text)
-        if self._asked(task):
+        if self.asked(task):
             self.deliver(self.compose(task.reply_to, agent.name, (text + "\n").encode(),
                                    type="status_update", **{"correlation-id": task.corr,
                                                             "x-task": str(task.id)}))
