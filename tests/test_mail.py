@@ -209,6 +209,35 @@ def test_work_for_a_killed_requester_never_reaches_the_next_holder_of_its_name(m
     assert mount.read(f"agents/slowpoke/tasks/{task}/out") == "done\n"  # kept there
 
 
+def test_a_killed_requesters_name_gives_its_worker_no_way_to_the_next_holder(mount):
+    # relay takes the asker's work, then waits for a mail; meanwhile the asker is killed
+    # and a new agent takes its name. The asker's work no longer makes the relay its
+    # requester's correspondent: it may not mail the new asker (nor know of it), nor
+    # name it reply-to of work it hands on (whose result would reach the new asker).
+    mount.define("echoer", 'cmd = ["cat"]\n')
+    mount.define("relay", 'cmd = ["sh", "relay.sh"]\n[unveil]\n'
+                 '"agents/echoer/mail" = "w"\n', {"relay.sh": (
+                     'cat >/dev/null\ncat "$FS9_AGENT_DIR/mail/next" >/dev/null\n'
+                     'try() { if "$@"; then echo "$1 sent"; else echo "$1 refused"; fi; }\n'
+                     'direct() { echo hi > "$FS9_OUTBOX/asker"; }\n'
+                     'handed() { printf "type: work_request\\nreply-to: asker\\n\\nsecret\\n"'
+                     ' > "$FS9_OUTBOX/echoer"; }\n'
+                     'try direct 2>/dev/null; try handed 2>/dev/null\n')})
+    mount.define("asker", 'cmd = ["sh", "ask.sh"]\n[unveil]\n"agents/relay/mail" = "w"\n',
+                 {"ask.sh": 'printf "type: work_request\\n\\nx\\n" > "$FS9_OUTBOX/relay"\n'})
+    mount.sh("echo 'spawn echoer' > ctl && echo 'spawn relay' > ctl && echo 'spawn asker' > ctl"
+             " && echo 'run go' > agents/asker/ctl", check=True)
+    (task,) = mount.wait_for(lambda: os.listdir(mount.path / "agents/relay/tasks"),
+                             what="the request a task of relay's")
+    mount.sh("echo 'kill asker' > ctl && echo 'spawn asker' > ctl", check=True)
+    mount.write("agents/relay/mail/new", "go on\n")
+    mount.wait_for(lambda: "state=" in mount.read(f"agents/relay/tasks/{task}/status")
+                   and "state=running" not in mount.read(f"agents/relay/tasks/{task}/status"),
+                   what="relay's task ended")
+    assert mount.read(f"agents/relay/tasks/{task}/out") == "direct refused\nhanded refused\n"
+    assert pending(mount, "asker") == [], "the new asker got mail of the first one's work"
+
+
 def test_outbox_to_an_unknown_agent_is_enoent(mount):
     mount.sh("echo 'spawn echo' > ctl", check=True)
     with pytest.raises(FileNotFoundError):

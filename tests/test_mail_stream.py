@@ -103,6 +103,30 @@ def test_a_read_smaller_than_a_line_gets_it_in_pieces(mount):
         os.close(fd)
 
 
+def test_opens_reading_pieces_of_one_long_line_share_it(mount):
+    """Many opens each begin the same long line (a 1 MiB message of newlines, 2 MiB
+    escaped) with a small read: what the server keeps of it is the line once, not a copy
+    of its rest per open (4096 opens an agent may hold would be 8 GiB); each open gets it
+    whole, piece by piece."""
+    from agentprocs import rss_mib
+    from fs9.kernel.bus.message import MAX_MESSAGE
+    mount.sh("echo 'spawn echo' > ctl", check=True)
+    body = b"\n" * (MAX_MESSAGE - 1024)
+    mount.write("agents/echo/mail/new", body)
+    opens = [os.open(mount.path / "agents/echo/mail/stream", os.O_RDONLY) for _ in range(64)]
+    try:
+        before = rss_mib(mount.pid)
+        heads = [os.read(fd, 64) for fd in opens]
+        grown = rss_mib(mount.pid) - before
+        assert len({h.split(b"\t")[0] for h in heads}) == 1 and all(heads)
+        assert grown < 32, f"the server grew {grown:.0f} MiB for 64 opens' pieces"
+        (row,) = read_lines(opens[-1], 1, size=1 << 17)  # the rest, then the line's end
+        assert (heads[-1] + row).split(b"\t")[2] == b"\\n" * (len(body) - 1)
+    finally:
+        for fd in opens:
+            os.close(fd)
+
+
 def test_two_opens_each_get_every_message_and_a_new_open_what_is_unacknowledged(mount):
     mount.sh("echo 'spawn echo' > ctl", check=True)
     box = mount.path / "agents/echo/mail"

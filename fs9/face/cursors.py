@@ -146,7 +146,8 @@ class BufferedCursor:
     between readers' views of it, only between reads."""
 
     def __init__(self) -> None:
-        self.buf = b""
+        self.buf = b""  # what fill rendered, b"" once all of it is read
+        self.at = 0  # how much of it was read (a read copies its own size, not the rest)
 
     def fill(self) -> bytes:
         raise NotImplementedError
@@ -159,8 +160,11 @@ class BufferedCursor:
 
     def take(self, size: int) -> bytes:
         if not self.buf:
-            self.buf = self.fill()
-        data, self.buf = self.buf[:size], self.buf[size:]
+            self.buf, self.at = self.fill(), 0
+        data = self.buf[self.at:self.at + size]
+        self.at += len(data)
+        if self.at >= len(self.buf):
+            self.buf, self.at = b"", 0
         return data
 
 

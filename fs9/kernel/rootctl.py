@@ -91,7 +91,8 @@ class RootCtl:
         return (name == by or "discover" in view.pledges or target.spawned_by == by
                 or view.access(("agents", name)) is not None
                 or any(view.access(owned) is not None for owned in target.view.owns)
-                or (asker.current is not None and asker.current.reply_to == name))
+                or (asker.current is not None and asker.current.reply_to == name
+                    and self.bus.asked(asker.current)))  # (not the name's next holder)
 
     def spawn(self, name: str, *overrides: str, by: str | None = None,
               uids: "sandboxes.UidPicker | None" = None) -> Agent:

@@ -217,8 +217,9 @@ class Bus(Publishing, Replies):
                                         "or of mail it received")
         reply_to = h.get("reply-to")
         current = author.current
-        if reply_to is not None and reply_to != name and not (
-                current is not None and reply_to == current.reply_to):
+        if reply_to is not None and reply_to != name and not (  # (a requester killed
+                current is not None and reply_to == current.reply_to  # since: its name
+                and self.asked(current)):  # is another agent's, asked for nothing)
             try:  # (the operator's mailbox is no agent's to write: only its requests'
                 if reply_to == OPERATOR:  # results reach it, as the requester's)
                     raise Fs9Error(errno.EPERM, "the operator's mailbox")

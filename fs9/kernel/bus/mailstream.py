@@ -7,7 +7,9 @@ message costs it one read and one write, as a socket's client pays a round trip.
   not given yet, then returns whole lines in mail/batch's format (`ID<TAB>FROM<TAB>BODY`,
   batch.line) in delivery order (priority, then arrival), as many as fit the read's size
   and never more; a line longer than the read comes in pieces over the next reads, before
-  anything else. A read never returns EOF.
+  anything else (the line kept once, with its message, whatever number of opens read
+  it so: an open holds where it is in it, not a copy of the rest). A read never
+  returns EOF.
 - Reading acknowledges nothing: the program writes the ids to `mail/ack`. What it was
   given and did not acknowledge stays pending, and is given again to another open (or
   read through next or batch): at-least-once, as mail/next.
@@ -28,7 +30,8 @@ class MailStream:
         self.bus, self.agent, self.box = bus, agent, agent.mailbox
         self.given: dict[str, None] = {}  # names given to this open, still pending
         self.removals = self.box.removals  # the mailbox's removals `given` accounts for
-        self.piece = b""  # the rest of a line longer than the read that began it
+        self.piece = b""  # a line longer than the read that began it (shared: msg.line)
+        self.at = 0  # and how much of it was read
 
     def _catch_up(self) -> None:
         """Drop from `given` what left the mailbox since the last look: by the recent
@@ -61,7 +64,10 @@ class MailStream:
 
     def take(self, size: int) -> bytes:
         if self.piece:
-            data, self.piece = self.piece[:size], self.piece[size:]
+            data = self.piece[self.at:self.at + size]  # (the read's size, not the rest's)
+            self.at += len(data)
+            if self.at >= len(self.piece):
+                self.piece, self.at = b"", 0
             return data
         self._catch_up()
         box, given, out, room = self.box, self.given, [], size
@@ -71,11 +77,13 @@ class MailStream:
             if name in given:
                 continue
             msg = box.pending[name]
-            text = line(msg)
+            text = msg.line or line(msg)
             if len(text) > room:
                 if out:
                     break  # (the next read begins with it)
-                text, self.piece = text[:size], text[size:]
+                msg.line = self.piece = text
+                self.at = size
+                text = text[:size]
             given[name] = None
             self.bus.delivered(self.agent, msg)
             out.append(text)

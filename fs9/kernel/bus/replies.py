@@ -14,7 +14,7 @@ class Replies:
         """name is an agent placed in the cluster (kernel/cluster/forward.py)."""
         return self.kernel.cluster is not None and self.kernel.cluster.placed(name) is not None
 
-    def _asked(self, task) -> bool:
+    def asked(self, task) -> bool:
         """Whether task.reply_to still names whoever asked for the work. A name killed and
         spawned again since the request (its spawn numbered above the task) is another
         agent: it gets nothing of the first holder's work (the task's files keep it). A
@@ -26,7 +26,7 @@ class Replies:
 
     def send_result(self, agent, task) -> None:
         """The `result` of a task made from a work_request, to its requester's mailbox."""
-        if not self._asked(task):
+        if not self.asked(task):
             return  # an agent since killed: the task's files keep the output
         out = bytes(self.kernel.stream(task, 1).data)
         self.deliver(self.compose(task.reply_to, agent.name, out, type="result",
@@ -42,7 +42,7 @@ class Replies:
         self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
                                corr=task.corr, text=text)
         task.progress = one_line(text)
-        if self._asked(task):
+        if self.asked(task):
             self.deliver(self.compose(task.reply_to, agent.name, (text + "\n").encode(),
                                    type="status_update", **{"correlation-id": task.corr,
                                                             "x-task": str(task.id)}))
