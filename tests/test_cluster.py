@@ -841,9 +841,6 @@ def test_an_agents_work_consumer_lost_is_made_afresh(cluster):
     assert kv(n2.read("agents/c/status"))["done"] == "2"  # each task once
 
 
-@pytest.mark.xfail(strict=True, reason="a known hole (red team): Bus.asked trusts a name "
-                   "placed in the cluster to be its first holder; a fix needs the placement's "
-                   "identity (not gen: moves keep the agent) kept with the task")
 @pytest.mark.timeout(240)
 def test_a_result_for_a_killed_cluster_requester_never_reaches_the_next_holder(cluster):
     """asker (n1) asks waiter (n2) for work; while waiter waits for a mail, asker is

@@ -350,10 +350,12 @@ class Kernel(Lifecycles, RootCtl):
             del self.notes[:self.notes.index(b"\n", len(self.notes) - self.NOTES_MAX) + 1]
 
     def submit(self, agent: Agent, data: bytes | None, *, corr: str | None = None,
-               reply_to: str = "", request: str = "") -> Task:
+               reply_to: str = "", request: str = "", asker: str | None = None) -> Task:
         """Queue a task with input `data` (None: a daemon run). Returns once logged.
         A task made from a work_request carries its correlation id, the requester to
-        send the result to (reply_to) and the request's message id."""
+        send the result to (reply_to), the request's message id, and which holder of
+        reply_to's name asked (asker: as the sender's node stamped it when it sent the
+        work; None: the name's holder now; Replies.asked)."""
         if data is not None and len(data) > MAX_INPUT:
             raise Fs9Error(errno.EFBIG, f"task input over {MAX_INPUT} bytes")
         if agent.killed:  # `in` opened before the kill
@@ -367,6 +369,8 @@ class Kernel(Lifecycles, RootCtl):
             self.check_queue(agent, operator=True)
         tid = self.log.next_seq
         extra = dict(reply_to=reply_to, request=request) if reply_to else {}
+        if reply_to and (asker := self.bus.stamp(reply_to) if asker is None else asker):
+            extra["asker"] = asker
         self.record("task_queued", agent=agent.name, task=tid, corr=corr or os.urandom(8).hex(),
                     blob=data or b"", daemon=data is None, **extra)
         return self.tasks[tid]

@@ -203,6 +203,7 @@ class Lifecycles:
         daemon = e.data.get("daemon", False)
         task = Task(e.task, e.agent, e.corr, daemon=daemon, queued_ts=e.ts,
                     reply_to=e.data.get("reply_to", ""), request=e.data.get("request", ""),
+                    asker=e.data.get("asker", ""),
                     tallies=(self.tally,) if daemon else (self.tally, agent.tally))
         task.seqs.append(e.seq)
         self.tasks[task.id] = task

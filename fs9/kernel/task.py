@@ -45,6 +45,7 @@ class Task:
     daemon: bool = False  # a run of a daemon agent rather than a queued task
     reply_to: str = ""  # made from a work_request: who gets the result message
     request: str = ""  # that request's message id
+    asker: str = ""  # reply_to's spawn id when it asked, if a cluster agent (replies.py)
     handed_off: bool = False  # it handed its work on (with reply_to): no result from it
     queued_ts: float = 0.0
     started_ts: float | None = None

@@ -100,12 +100,13 @@ class Bus(Publishing, Replies):
     # --- requests ----------------------------------------------------------------
 
     def send(self, agent, data: bytes, sender: str = "operator",
-             checked: str | None = None) -> Message | None:
+             checked: str | None = None, asker: str | None = None) -> Message | None:
         """Check, stamp and log one message to `agent`. Returns once it is logged;
         None if it repeats an idempotency key (it is stored once). checked: the
         sender's clearance, when the node the sender runs on checked what it may say
         (its rate, its pledges, its approvals: cluster/mail.py); the sender is then not
-        looked up here (an agent of this name here may be another node's namesake)."""
+        looked up here (an agent of this name here may be another node's namesake);
+        asker: that node's stamp of the reply-to's holder (Kernel.submit)."""
         if agent.killed:
             raise Fs9Error(errno.ENOENT, f"no such agent: {agent.name} (killed)")
         if checked is None and sender != OPERATOR and self.owner(sender) is not None:
@@ -141,7 +142,7 @@ class Bus(Publishing, Replies):
             # request/response: the request becomes a task; its result comes back as mail
             # (a handoff is work with a conversation to continue: its body)
             self.kernel.submit(agent, msg.body, corr=corr, request=msg.id,
-                               reply_to=h.get("reply-to", sender))
+                               reply_to=h.get("reply-to", sender), asker=asker)
             self.ack(agent, stored.name)
         return stored
 
@@ -243,15 +244,17 @@ class Bus(Publishing, Replies):
         msg.headers.setdefault("correlation-id", msg.id)
         return msg
 
-    def deliver(self, msg: Message) -> None:
+    def deliver(self, msg: Message, asker: str = "") -> None:
         """Deliver what the kernel composed, if the recipient is cleared for its label;
         otherwise it is withheld (a `delivery_refused` event), never delivered lower.
-        To AGENT@OS (a request that came from another OS): through the federation."""
+        To AGENT@OS (a request that came from another OS): through the federation; to
+        an agent another node runs, through the cluster (asker: the holder of its name
+        the answer is for, Task.asker, checked there)."""
         if "@" in msg.to:
             return self.kernel.federation.forward(msg)
         recipient = self.owner(msg.to)
         if recipient is None and self._clustered(msg.to):  # run by another node
-            return self.kernel.cluster.forward.forward(msg)
+            return self.kernel.cluster.forward.forward(msg, asker)
         label = msg.headers["classification"]
         why = None
         if recipient is not None and not message.clearance_allows(

@@ -185,7 +185,9 @@ class Cluster:
             seen = self._changed.get(target or "")
             raise Fs9Error(errno.EHOSTUNREACH, f"no such node up: {target}" + (
                 f" (its card last changed {time.monotonic() - seen[1]:.1f} s ago)" if seen else ""))
-        placement = dict(node=target, args=list(overrides), gen=1,
+        # spawn: this holder of the name, kept as it moves (gen counts moves, and starts
+        # again at 1 for the next holder): whose requests' answers are whose (mail.py)
+        placement = dict(node=target, args=list(overrides), gen=1, spawn=os.urandom(8).hex(),
                          restart=plan[0][1]["restart"], by=self.me,
                          **({"nodes": may} if may else {}))
         try:

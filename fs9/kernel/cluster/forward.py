@@ -16,7 +16,7 @@ import collections
 import trio
 
 from ...errors import EngineError
-from .work import MAX_TASK_BYTES
+from .work import MAX_TASK_BYTES, NO_HOLDER
 
 PENDING_MAX = 10_000
 RETRY_S = (0.2, 0.5, 1, 2, 5)
@@ -29,15 +29,16 @@ class Forward:
         # correlation id -> composed messages with it not stored yet
         self.pending: collections.Counter = collections.Counter()
 
-    def forward(self, msg) -> None:
-        """Queue msg (composed here for msg.to, an agent another node runs)."""
+    def forward(self, msg, asker: str) -> None:
+        """Queue msg (composed here for msg.to, an agent another node runs; asker: the
+        holder of its name it is for, checked on delivery there: mail.composed)."""
         h = msg.headers
         why = None
         if len(msg.render()) > MAX_TASK_BYTES:
             why = f"over {MAX_TASK_BYTES} bytes for the cluster (the task's files keep it)"
         else:
             try:
-                self._send.send_nowait(msg)
+                self._send.send_nowait((msg, asker))
                 self.pending[h["correlation-id"]] += 1
             except trio.WouldBlock:
                 why = f"{PENDING_MAX} messages waiting to be stored in the cluster"
@@ -46,13 +47,14 @@ class Forward:
                                    corr=h["correlation-id"], type=h["type"], reason=why)
 
     async def serve(self) -> None:
-        async for msg in self._receive:
+        async for msg, asker in self._receive:
             h = msg.headers
             for attempt in range(10 ** 9):
                 try:
                     await self.engine.queue(msg.to, msg.render(), msg.id, "composed",
                                             **{"Fs9-From": h["from"],
-                                               "Fs9-Label": h["classification"]})
+                                               "Fs9-Label": h["classification"],
+                                               "Fs9-Asker": asker or NO_HOLDER})
                     break
                 except EngineError as e:
                     self.cluster.error = f"a {h['type']} for {msg.to} not stored yet: {e}"

@@ -59,7 +59,8 @@ class Proxy:
             raise Fs9Error(errno.EPERM, f"work from {sender} is {level}: it needs the "
                                         "operator's yes (approval.mail_above); send it as "
                                         "a work_request through mail/new")
-        await self.cluster.work.submit(to, data, kind, sender=sender, label=level)
+        await self.cluster.work.submit(to, data, kind, sender=sender, label=level,
+                                       asker=self.kernel.bus.stamp(sender))
 
     async def ctl(self, sender: str, to: str, data: bytes) -> None:
         """`ctl` of `to` written by agent sender: `run` lines are tasks (as the
@@ -105,10 +106,11 @@ class Proxy:
     # --- on the recipient's node ---------------------------------------------------
 
     def take_task(self, agent, data: bytes, kind: str, sender: str, label: str | None,
-                  corr: str, node: str):
+                  corr: str, node: str, asker: str | None):
         """A task for agent from the work stream: the operator's, or agent sender's
-        (its node, `node`, checked the author; here the recipient's side, as
-        check_input)."""
+        (its node, `node`, checked the author and stamped which holder of its name
+        sent it, `asker`: its result is for that one alone; here the recipient's side,
+        as check_input)."""
         k, reply = self.kernel, ""
         if sender != OPERATOR:
             if not clearance_allows(agent.manifest["clearance"], label):
@@ -124,7 +126,7 @@ class Proxy:
                     placed is not None and (sender not in k.agents or placed.get("node") == me)
                     or placed is None and node == me and sender in k.agents):
                 reply = sender
-        return k.submit(agent, data, corr=corr, reply_to=reply)
+        return k.submit(agent, data, corr=corr, reply_to=reply, asker=asker)
 
     def take_batch(self, agent, data: bytes, sender: str, label: str | None) -> list:
         """A batch for agent from the work stream (Proxy.batch): its messages, all put

@@ -45,6 +45,7 @@ SWEEP_S = 0.1
 TAKEN_S = 5.0  # a write to `in` waits at most this long for the task to be queued
 REFUSALS_KEPT = 1000  # refused mail's reasons kept for its writer to ask about
 DONE_KEPT = 10_000  # ids of work acked here lately: a writer's "taken" may come after
+NO_HOLDER = "-"  # Fs9-Asker of work whose answer is for no cluster agent (never empty)
 
 
 def verbs(data: bytes) -> list[str]:
@@ -81,10 +82,12 @@ class Work:
     # --- `in`, from any node ------------------------------------------------------
 
     async def submit(self, name: str, data: bytes, kind: str = "task",
-                     sender: str = OPERATOR, label: str | None = None) -> None:
+                     sender: str = OPERATOR, label: str | None = None,
+                     asker: str = "") -> None:
         """One task or message (kind) for agent name (placed in the cluster), from the
         operator or (mail) from agent sender, whose node checked it (label: its
-        clearance; mail.py); returns once stored, and once the node running it has
+        clearance; asker: which holder of the name its answer is for, Bus.stamp, as
+        the sender's node saw it when it sent: mail.py, proxy.py); returns once stored, and once the node running it has
         queued it (so `echo x > in; cat out` reads this task, as on one node), or after
         TAKEN_S if it does not say so (it is down: the work, stored, waits for the node
         that takes the agent over)."""
@@ -94,7 +97,8 @@ class Work:
             raise Fs9Error(errno.ENOENT, f"no such agent: {name}")
         corr = os.urandom(8).hex()
         more = {} if sender == OPERATOR else {"Fs9-From": sender, "Fs9-Label": label or "",
-                                              "Fs9-Node": self.cluster.me}
+                                              "Fs9-Node": self.cluster.me,
+                                              "Fs9-Asker": asker or NO_HOLDER}
         try:
             await self.engine.queue(name, data, corr, kind, **more)
         except EngineError as e:
@@ -107,7 +111,8 @@ class Work:
             # run here: taken at once from what was stored, not after the round trip of
             # the agent's consumer (whose delivery of it then only brings the handle to
             # ack it with): a JetStream fetch and two thread hops less a message
-            await self._arrived(agent, corr, kind, data, sender, label, None, self.cluster.me)
+            await self._arrived(agent, corr, kind, data, sender, label, None, self.cluster.me,
+                                None if sender == OPERATOR else asker)
         with trio.move_on_after(TAKEN_S):
             if self.cluster.remote(name) is None:
                 await self.wait_taken(corr)
@@ -246,14 +251,16 @@ class Work:
                     if corr in by_corr and corr not in self.corrs:
                         self.corrs[corr] = by_corr[corr]  # queued here before a restart
                     await self._arrived(agent, corr, headers.get("Fs9-Kind", ""), data,
-                                        sender, label, handle, headers.get("Fs9-Node", ""))
+                                        sender, label, handle, headers.get("Fs9-Node", ""),
+                                        _holder(headers.get("Fs9-Asker")))
 
     async def _arrived(self, agent, corr: str, kind: str, data: bytes, sender: str,
-                       label: str | None, handle, node: str) -> None:
+                       label: str | None, handle, node: str, asker: str | None) -> None:
         """Work for agent, run here: queued (a task) or put in its mailbox (mail), once,
         whether it comes from the agent's consumer (handle: to ack it with) or from a
         write on this node (handle None: its consumer's delivery brings it later); held
-        until it ended, then acked (sweep). node: the writer's (an agent's work)."""
+        until it ended, then acked (sweep). node: the writer's (an agent's work); asker:
+        the holder its answer is for, as that node stamped it (None: the operator's)."""
         name = agent.name
         if corr in self.done:  # (taken, ended and acked before a write's own turn came)
             return
@@ -265,8 +272,9 @@ class Work:
         if key is not None:
             if corr not in self.corrs:
                 try:
-                    self.corrs[corr] = self._mail(agent, corr, data, sender, label) \
-                        if kind == "mail" else composed(self.kernel, agent, data, sender) \
+                    self.corrs[corr] = self._mail(agent, data, sender, label, asker) \
+                        if kind == "mail" else composed(self.kernel, agent, data, sender,
+                                                        asker) \
                         if kind == "composed" else self.kernel.guarded(
                             self.cluster.proxy.take_batch, agent, data, sender, label,
                             agent=name, file=f"agents/{name}/mail/batch (cluster)")
@@ -288,7 +296,7 @@ class Work:
                 try:
                     task = self.corrs[corr] = self.kernel.guarded(
                         self.cluster.proxy.take_task, agent, data, kind, sender, label,
-                        corr, node, agent=name, file=f"agents/{name}/in (cluster)")
+                        corr, node, asker, agent=name, file=f"agents/{name}/in (cluster)")
                 except Fs9Error as e:  # (a daemon, an open breaker...): refused for good,
                     await self._refuse(corr, e, handle)  # said to the writer; never
                     return  # this node's end
@@ -298,13 +306,13 @@ class Work:
         self.held[key] = (name, handle if handle is not None else old and old[1], ended)
         self.taken.bump()
 
-    def _mail(self, agent, corr: str, data: bytes, sender: str, label: str | None):
+    def _mail(self, agent, data: bytes, sender: str, label: str | None, asker: str | None):
         """A message to agent from the work stream into its mailbox: the operator's, or
         agent sender's (its node checked what it may say: mail.py; checked here: what
         the recipient takes)."""
         k = self.kernel
         return k.guarded(k.bus.send, agent, data, sender,
-                         None if sender == OPERATOR else label, agent=agent.name,
+                         None if sender == OPERATOR else label, asker, agent=agent.name,
                          file=f"agents/{agent.name}/mail/new (cluster)")
 
     async def _refuse(self, corr: str, e: Fs9Error, handle) -> None:
@@ -385,3 +393,8 @@ class Work:
         if answer.get("errno"):
             raise Fs9Error(getattr(errno, answer["errno"], errno.EIO), str(answer.get("text")))
         return answer
+
+
+def _holder(header: str | None) -> str | None:
+    """Fs9-Asker as a node wrote it: the spawn id, "" (NO_HOLDER), None (not written)."""
+    return None if header is None else "" if header == NO_HOLDER else header
