@@ -875,3 +875,73 @@ def test_a_result_for_a_killed_cluster_requester_never_reaches_the_next_holder(c
         n1.path / "agents/asker/mail").iterdir() if p.name[0].isdigit())
         if "type: result" in t]
     assert bodies == ["second\n"], bodies
+
+
+@pytest.mark.timeout(240)
+def test_a_result_stamped_for_an_earlier_holder_is_dropped_on_delivery(cluster):
+    """The requester's node checks again what it is handed (mail.composed): a result a
+    worker's node composed for the name's earlier holder (stamped with that holder's
+    spawn id, Fs9-Asker: forward.py), e.g. sent before that node saw the name spawned
+    again, goes nowhere, said in the requester's node's log; one stamped with the
+    holder's own spawn id is delivered. Both are stored here straight into FS9WORK, as a
+    worker's node stores them."""
+    import nats
+
+    nats_, (n1, n2, n3) = cluster
+
+    async def spawn_id() -> str:
+        nc = await nats.connect(servers=nats_.urls.split(","))
+        try:
+            entry = await (await nc.jetstream().key_value("fs9-placement")).get("inbox")
+            return json.loads(entry.value)["spawn"]
+        finally:
+            await nc.close()
+
+    async def result(body: str, asker: str) -> None:
+        msg_id = os.urandom(8).hex()
+        head = {"id": msg_id, "from": "waiter", "to": "inbox", "date": "2026-01-01T00:00:00Z",
+                "priority": "normal", "classification": "internal", "type": "result",
+                "correlation-id": msg_id}
+        data = "".join(f"{k}: {v}\n" for k, v in head.items()) + "\n" + body
+        nc = await nats.connect(servers=nats_.urls.split(","))
+        try:
+            await nc.jetstream().publish(
+                "fs9.work." + "inbox".encode().hex(), data.encode(), headers={
+                    "Nats-Msg-Id": msg_id, "Fs9-Kind": "composed", "Fs9-From": "waiter",
+                    "Fs9-Label": "internal", "Fs9-Asker": asker})
+        finally:
+            await nc.close()
+
+    def bodies() -> list[str]:
+        return sorted(t.partition("\n\n")[2] for t in (p.read_text() for p in (
+            n1.path / "agents/inbox/mail").iterdir() if p.name[0].isdigit())
+            if "type: result" in t)
+
+    n1.write("nodes/ctl", "spawn inbox node=n1\n")
+    wait_for(lambda: "inbox" in n1.read("status").split(), LONG_S, "inbox on n1")
+    first = asyncio.run(spawn_id())
+
+    def killed() -> bool:  # (EAGAIN: NATS did not answer in time, "try again")
+        try:
+            n1.write("nodes/ctl", "kill inbox\n")
+        except BlockingIOError:
+            return False
+        except FileNotFoundError:
+            pass  # (unplaced by a try whose answer came too late)
+        return True
+    wait_for(killed, LONG_S, "the kill")
+    wait_for(lambda: "inbox" not in n1.read("status").split(), LONG_S, "inbox killed")
+    n1.write("nodes/ctl", "spawn inbox node=n1\n")
+    wait_for(lambda: "inbox" in n1.read("status").split(), LONG_S, "inbox again")
+    second = asyncio.run(spawn_id())
+    assert second != first
+    asyncio.run(result("for the first\n", first))
+    asyncio.run(result("for the second\n", second))
+    wait_for(lambda: bodies() == ["for the second\n"], LONG_S, "the second's result")
+    refused = wait_for(lambda: [e for e in map(json.loads, n1.read("log/audit").splitlines())
+                                if e["kind"] == "delivery_refused" and e.get("agent") == "inbox"],
+                       LONG_S, "the first's result refused")
+    assert "earlier holder" in refused[0]["reason"], refused
+    assert bodies() == ["for the second\n"]  # (JetStream keeps the order: the first went)
+    for m in (n1, n2, n3):
+        assert not m.bugs()
