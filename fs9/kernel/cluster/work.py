@@ -87,10 +87,10 @@ class Work:
         """One task or message (kind) for agent name (placed in the cluster), from the
         operator or (mail) from agent sender, whose node checked it (label: its
         clearance; asker: which holder of the name its answer is for, Bus.stamp, as
-        the sender's node saw it when it sent: mail.py, proxy.py); returns once stored, and once the node running it has
-        queued it (so `echo x > in; cat out` reads this task, as on one node), or after
-        TAKEN_S if it does not say so (it is down: the work, stored, waits for the node
-        that takes the agent over)."""
+        the sender's node saw it when it sent: mail.py, proxy.py); returns once stored,
+        and once the node running it has queued it (so `echo x > in; cat out` reads this
+        task, as on one node), or after TAKEN_S if it does not say so (it is down: the
+        work, stored, waits for the node that takes the agent over)."""
         if len(data) > MAX_TASK_BYTES:
             raise Fs9Error(errno.EFBIG, f"a cluster task's input is at most {MAX_TASK_BYTES} bytes")
         if self.cluster.placed(name) is None:
