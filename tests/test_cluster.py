@@ -26,6 +26,20 @@ def kv(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
+def kill_placed(m: Mount, name: str) -> None:
+    """`kill NAME` in m's nodes/ctl, again while it says EAGAIN ("try again": JetStream
+    did not answer in time, as it may not just after the agent's spawn)."""
+    def killed() -> bool:
+        try:
+            m.write("nodes/ctl", f"kill {name}\n")
+        except BlockingIOError:
+            return False
+        except FileNotFoundError:
+            pass  # (unplaced by a try whose answer came too late)
+        return True
+    wait_for(killed, LONG_S, f"the kill of {name}")
+
+
 def ctl_state(m: Mount) -> dict[str, str]:
     words, _, error = m.read("nodes/ctl").rstrip("\n").partition(" error=")  # (words)
     return {**dict(w.split("=", 1) for w in words.split()), "error": error}
@@ -859,7 +873,7 @@ def test_a_result_for_a_killed_cluster_requester_never_reaches_the_next_holder(c
     wait_for(lambda: "asker" in n1.read("status").split(), LONG_S, "asker on n1")
     n1.write("agents/asker/view/agents/waiter/mail/new", "type: work_request\n\nfirst\n")
     wait_for(lambda: os.listdir(n2.path / "agents/waiter/tasks"), LONG_S, "the first task")
-    n1.write("nodes/ctl", "kill asker\n")
+    kill_placed(n1, "asker")
     wait_for(lambda: "asker" not in n1.read("status").split(), LONG_S, "asker killed")
     n1.write("nodes/ctl", "spawn asker node=n1\n")
     wait_for(lambda: "asker" in n1.read("status").split(), LONG_S, "asker again")
@@ -920,16 +934,7 @@ def test_a_result_stamped_for_an_earlier_holder_is_dropped_on_delivery(cluster):
     n1.write("nodes/ctl", "spawn inbox node=n1\n")
     wait_for(lambda: "inbox" in n1.read("status").split(), LONG_S, "inbox on n1")
     first = asyncio.run(spawn_id())
-
-    def killed() -> bool:  # (EAGAIN: NATS did not answer in time, "try again")
-        try:
-            n1.write("nodes/ctl", "kill inbox\n")
-        except BlockingIOError:
-            return False
-        except FileNotFoundError:
-            pass  # (unplaced by a try whose answer came too late)
-        return True
-    wait_for(killed, LONG_S, "the kill")
+    kill_placed(n1, "inbox")
     wait_for(lambda: "inbox" not in n1.read("status").split(), LONG_S, "inbox killed")
     n1.write("nodes/ctl", "spawn inbox node=n1\n")
     wait_for(lambda: "inbox" in n1.read("status").split(), LONG_S, "inbox again")
