@@ -3,10 +3,10 @@ import errno
 import json
 import os
 import subprocess
-import sys
-import threading
 
 import pytest
+
+from midstream import killed_mid_stream
 
 
 def send(mount, agent: str, text: str, name: str = "new") -> None:
@@ -281,29 +281,11 @@ while True:
 def test_kill_9_in_the_middle_of_a_stream_of_sends(mount):
     mount.sh("echo 'spawn echo' > ctl", check=True)
     box = str(mount.path / "agents/echo/mail")
-    sender = subprocess.Popen([sys.executable, "-c", SENDER, box], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, box], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-    said = {sender: [], receiver: []}  # their lines as they come
-
-    def collect(p):
-        for line in p.stdout:
-            said[p].append(line)
-    readers = [threading.Thread(target=collect, args=(p,), daemon=True) for p in said]
-    for t in readers:
-        t.start()
     # kill -9 once the stream is well under way: over 50 sends and 10 receipts acknowledged
-    mount.wait_for(lambda: len(said[sender]) > 50 and
-                   sum(line.startswith("A ") for line in said[receiver]) > 10,
-                   what="50 sends and 10 acknowledged receipts")
-    mount.kill9()
-    sender.wait(timeout=30)  # each stops at its first error (the server is gone)
-    receiver.wait(timeout=30)
-    for t in readers:
-        t.join(timeout=30)
-    sent = [int(line) for line in "".join(said[sender]).split()]
-    log = [line.split() for line in "".join(said[receiver]).splitlines()]
+    said_sender, said_receiver = killed_mid_stream(mount, SENDER, RECEIVER, box, 50, 10,
+                                                   "50 sends and 10 acknowledged receipts")
+    sent = [int(line) for line in "".join(said_sender).split()]
+    log = [line.split() for line in "".join(said_receiver).splitlines()]
     acked = {body for mark, body in log if mark == "A"}
     in_doubt = {body for mark, body in log if mark == "R"} - acked
     assert len(sent) > 50 and len(acked) > 10

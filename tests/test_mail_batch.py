@@ -4,12 +4,11 @@ import errno
 import json
 import os
 import subprocess
-import sys
-import threading
 
 import pytest
 
 from conftest import Mount
+from midstream import killed_mid_stream
 from test_faults import fill, small_disks  # noqa: F401  (a fixture)
 
 
@@ -120,28 +119,10 @@ while True:
 def test_kill_9_in_the_middle_of_a_stream_of_batches(mount):
     mount.sh("echo 'spawn echo' > ctl", check=True)
     box = str(mount.path / "agents/echo/mail")
-    sender = subprocess.Popen([sys.executable, "-c", SENDER, box], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, box], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-    said = {sender: [], receiver: []}
-
-    def collect(p):
-        for line in p.stdout:
-            said[p].append(line)
-    readers = [threading.Thread(target=collect, args=(p,), daemon=True) for p in said]
-    for t in readers:
-        t.start()
-    mount.wait_for(lambda: len(said[sender]) > 20 and
-                   sum(line.startswith("A ") for line in said[receiver]) > 5,
-                   what="20 batches sent and 5 acknowledged")
-    mount.kill9()
-    sender.wait(timeout=30)
-    receiver.wait(timeout=30)
-    for t in readers:
-        t.join(timeout=30)
-    sent = {f"n{i}" for line in said[sender] for i in line.split()}
-    log = [line.split() for line in said[receiver]]
+    said_sender, said_receiver = killed_mid_stream(mount, SENDER, RECEIVER, box, 20, 5,
+                                                   "20 batches sent and 5 acknowledged")
+    sent = {f"n{i}" for line in said_sender for i in line.split()}
+    log = [line.split() for line in said_receiver]
     acked = [body for words in log if words[0] == "A" for body in words[1:]]
     in_doubt = {body for words in log if words[0] == "R" for body in words[1:]} - set(acked)
     assert len(sent) > 400 and len(acked) > 5

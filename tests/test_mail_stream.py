@@ -6,12 +6,11 @@ import json
 import os
 import select
 import subprocess
-import sys
-import threading
 
 import pytest
 
 from conftest import WAIT_S, blocked_reading
+from midstream import killed_mid_stream
 from fs9.kernel.bus.mailstream import MAX_UNACKED
 
 
@@ -243,28 +242,10 @@ while True:
 def test_kill_9_in_the_middle_of_a_held_open_stream(mount):
     mount.sh("echo 'spawn echo' > ctl", check=True)
     box = str(mount.path / "agents/echo/mail")
-    sender = subprocess.Popen([sys.executable, "-c", SENDER, box], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, box], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-    said = {sender: [], receiver: []}
-
-    def collect(p):
-        for line in p.stdout:
-            said[p].append(line)
-    readers = [threading.Thread(target=collect, args=(p,), daemon=True) for p in said]
-    for t in readers:
-        t.start()
-    mount.wait_for(lambda: len(said[sender]) > 300 and
-                   sum(line.startswith("A ") for line in said[receiver]) > 200,
-                   what="300 sent and 200 acknowledged")
-    mount.kill9()
-    sender.wait(timeout=30)
-    receiver.wait(timeout=30)
-    for t in readers:
-        t.join(timeout=30)
-    sent = {f"n{line.strip()}" for line in said[sender]}
-    log = [line.split() for line in said[receiver]]
+    said_sender, said_receiver = killed_mid_stream(mount, SENDER, RECEIVER, box, 300, 200,
+                                                   "300 sent and 200 acknowledged")
+    sent = {f"n{line.strip()}" for line in said_sender}
+    log = [line.split() for line in said_receiver]
     acked = [words[1] for words in log if words[0] == "A"]
     read = [words[1] for words in log if words[0] == "R"]
     in_doubt = set(read) - set(acked)  # read, its acknowledgement cut short by the kill

@@ -46,15 +46,16 @@ class Held:
             self._of[fh] = agent
             self.count[agent] += 1
 
-    def room(self, fh: int, kept: int, path: tuple[str, ...] = ()) -> None:
+    def room(self, fh: int, kept: int, path=lambda: ()) -> None:
         """Fs9Error(EDQUOT) if fh, holding kept bytes now, may not start holding more:
-        it holds nothing yet and its agent's opens hold BYTES_PER_AGENT already."""
+        it holds nothing yet and its agent's opens hold BYTES_PER_AGENT already (path:
+        () -> the file's path, for the refusal's record)."""
         agent = self._of.get(fh)
         if agent is not None and not kept and self.bytes[agent] >= BYTES_PER_AGENT:
             e = Fs9Error(errno.EDQUOT, f"agent {agent}'s open files of fs9 hold "
                                        f"{self.bytes[agent]} bytes read or listed and not "
                                        "yet closed: close some first")
-            self.kernel.refused(e, agent=agent, file="/".join(path[-2:]))
+            self.kernel.refused(e, agent=agent, file="/".join(path()[-2:]))
             raise e
 
     def keep(self, fh: int, n: int) -> None:

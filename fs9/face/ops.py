@@ -215,7 +215,7 @@ class Operations(Changes, Reads, pyfuse3.Operations):
         fh = self._fh()
         self.held.add(fh, split_view(path)[0])
         try:
-            self.held.room(fh, 0, path)
+            self.held.room(fh, 0, lambda: path)
             # a snapshot at open, so paging is consistent
             entries = await node.listing(lambda name: self._resolve(path + (name,)))
         except BaseException:

@@ -29,7 +29,9 @@ class Reads:
         handle = self._handle(fh)
         if self.closing:
             return b""
-        self.held.room(fh, handle.kept(), self.inodes.path(handle.ino) or ())
+        if handle.opener is None:  # (the operator's opens are not counted)
+            return await self._read(handle, off, size)
+        self.held.room(fh, handle.kept(), lambda: self.inodes.path(handle.ino) or ())
         try:
             return await self._read(handle, off, size)
         finally:
