@@ -40,6 +40,15 @@ def kill_placed(m: Mount, name: str) -> None:
     wait_for(killed, LONG_S, f"the kill of {name}")
 
 
+def spawn_again(m: Mount, name: str, node: str) -> None:
+    """`spawn NAME node=NODE` in m's nodes/ctl, once NODE's card no longer lists NAME among
+    its own agents: until NODE's next heartbeat after a kill it still does, and a spawn
+    of the name is EEXIST ("agent exists (on node NODE)")."""
+    wait_for(lambda: name not in kv(m.read(f"nodes/{node}")).get("local", "").split(),
+             LONG_S, f"{node}'s card without {name}")
+    m.write("nodes/ctl", f"spawn {name} node={node}\n")
+
+
 def ctl_state(m: Mount) -> dict[str, str]:
     words, _, error = m.read("nodes/ctl").rstrip("\n").partition(" error=")  # (words)
     return {**dict(w.split("=", 1) for w in words.split()), "error": error}
@@ -174,7 +183,7 @@ def test_an_agent_placed_on_one_node_is_driven_from_every_node(cluster):
         assert errno_of(m.write, where, line) == errno.EINVAL, (m, where)
     assert "nodes/ctl" in n3.read("err")
     assert "w" in n3.read("status").split()
-    n2.write("nodes/ctl", "kill w\n")
+    kill_placed(n2, "w")
     for m in (n1, n2, n3):
         wait_for(lambda: "w" not in [p.name for p in (m.path / "agents").iterdir()]
                  or m is n3 and not (m.path / "agents/w").exists(), what="w gone")
@@ -875,14 +884,14 @@ def test_a_result_for_a_killed_cluster_requester_never_reaches_the_next_holder(c
     wait_for(lambda: os.listdir(n2.path / "agents/waiter/tasks"), LONG_S, "the first task")
     kill_placed(n1, "asker")
     wait_for(lambda: "asker" not in n1.read("status").split(), LONG_S, "asker killed")
-    n1.write("nodes/ctl", "spawn asker node=n1\n")
+    spawn_again(n1, "asker", "n1")
     wait_for(lambda: "asker" in n1.read("status").split(), LONG_S, "asker again")
     n2.write("agents/waiter/mail/new", "go on\n")
     n1.write("agents/asker/view/agents/waiter/mail/new", "type: work_request\n\nsecond\n")
     wait_for(lambda: len(os.listdir(n2.path / "agents/waiter/tasks")) == 2, LONG_S,
              "the second task")
     n2.write("agents/waiter/mail/new", "go on\n")
-    results = wait_for(lambda: [t for t in (p.read_text() for p in (
+    wait_for(lambda: [t for t in (p.read_text() for p in (
         n1.path / "agents/asker/mail").iterdir() if p.name[0].isdigit())
         if "type: result" in t and "second" in t], LONG_S, "the second result")
     bodies = [t.partition("\n\n")[2] for t in (p.read_text() for p in (
@@ -936,7 +945,7 @@ def test_a_result_stamped_for_an_earlier_holder_is_dropped_on_delivery(cluster):
     first = asyncio.run(spawn_id())
     kill_placed(n1, "inbox")
     wait_for(lambda: "inbox" not in n1.read("status").split(), LONG_S, "inbox killed")
-    n1.write("nodes/ctl", "spawn inbox node=n1\n")
+    spawn_again(n1, "inbox", "n1")
     wait_for(lambda: "inbox" in n1.read("status").split(), LONG_S, "inbox again")
     second = asyncio.run(spawn_id())
     assert second != first

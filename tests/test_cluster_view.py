@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from conftest import errno_of, wait_for
-from test_cluster import (LONG_S, cluster, kv, letters, live, mailbox,  # noqa: F401
-                          results)  # (cluster: the fixture)
+from test_cluster import (LONG_S, cluster, kill_placed, kv, letters, live,  # noqa: F401
+                          mailbox, results, spawn_again)  # (cluster: the fixture)
 
 
 def _twins(nodes) -> None:
@@ -113,10 +113,10 @@ def test_an_agent_reads_tasks_manifest_and_mail_of_another_nodes_agent_as_of_a_t
     assert [n for n in os.listdir(n3.path / "agents/worker/mail") if n[0].isdigit()] == [msg]
     # a name spawned again inherits nothing: the killed holder's finished task, still in
     # its node's memory, is no task of the new worker's, through a view or not
-    n1.write("nodes/ctl", "kill worker\n")
+    kill_placed(n1, "worker")
     for m in (n1, n3):
         wait_for(lambda: "worker" not in os.listdir(m.path / "agents"), LONG_S, "worker gone")
-    n1.write("nodes/ctl", "spawn worker node=n3\n")
+    spawn_again(n1, "worker", "n3")
     wait_for(lambda: "worker" in n3.read("status").split(), LONG_S, "worker again")
     for path in (view / "worker/tasks" / task / "status",
                  n1.path / "agents/worker/tasks" / task / "status",
