@@ -117,14 +117,20 @@ class Topic:
         """The log seq of the oldest event kept (0: none): the log keeps no body below."""
         return self.events[0][0] if self.events else 0
 
-    def oldest_after(self, size: int) -> int:
-        """The log seq of the oldest event kept once one of `size` bytes is published
-        (0: that one alone): the log keeps no body below it."""
+    def _drops(self, size: int) -> int:
+        """How many of the kept events (oldest first) a publish of `size` bytes pushes
+        out: one past keep_events, then as many as keep_bytes needs (the new one stays)."""
         drop = int(len(self.events) == self.events.maxlen)
         total = self.bytes + size - (len(self.events[0][2]) if drop else 0)
         while total > self.keep_bytes and drop < len(self.events):
             total -= len(self.events[drop][2])
             drop += 1
+        return drop
+
+    def oldest_after(self, size: int) -> int:
+        """The log seq of the oldest event kept once one of `size` bytes is published
+        (0: that one alone): the log keeps no body below it."""
+        drop = self._drops(size)
         return self.events[drop][0] if drop < len(self.events) else 0
 
     def publish(self, data: bytes | None, label: str = "internal", seq: int = 0) -> int:
@@ -136,12 +142,10 @@ class Topic:
         if data is None:
             self.shown = self.count  # (replay: nobody reads yet)
             return self.count
-        if len(self.events) == self.events.maxlen:
-            self.bytes -= len(self.events[0][2])  # the deque drops it on append
+        for _ in range(self._drops(len(data))):
+            self.bytes -= len(self.events.popleft()[2])
         self.events.append((seq, label, data))
         self.bytes += len(data)
-        while self.bytes > self.keep_bytes and len(self.events) > 1:
-            self.bytes -= len(self.events.popleft()[2])
         self._wake()
         return self.count
 
