@@ -258,8 +258,11 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
     sandbox's (pooled.py): `first`, its first program, forked ahead (under a filter of
     its own, whose listener it handed us; it takes the layers with its start), and
     `begun`, (its Landlock layer begun ahead, as landlock_ruleset takes it, and its
-    network layer)."""
-    flt.load()
+    network layer). A pooled sandbox loads its own filter only before it forks a second
+    program (its first loaded its own): off the way of the first task."""
+    late = first is not None and first.listener is not None
+    if not late:
+        flt.load()  # (before the first program's fork: it inherits it)
     if begun is not None:
         ruleset, net_fd = landlock_ruleset(spec, begun[0]), begun[1]
     else:
@@ -272,9 +275,8 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
             first = programs.Prepared(spec, ruleset, net_fd)
         except OSError:
             pass  # (then it starts as the rest do)
-    listeners = [programs.flt_listener(flt)]
-    if first is not None and first.listener is not None:
-        listeners.append(first.listener)
+    own = None if late else programs.flt_listener(flt)  # our filter's listener
+    listeners = [fd for fd in (own, first and first.listener) if fd is not None]
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -300,7 +302,7 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
                     code = os.waitstatus_to_exitcode(status)
                     send(op="exit", pid=pid, status=128 - code if code < 0 else code)
         for listener in [fd for fd in listeners if fd in ready]:
-            if listener != listeners[0] and notices.hung_up(listener):
+            if listener != own and notices.hung_up(listener):
                 listeners.remove(listener)  # its first program's filter: nothing is left
                 os.close(listener)  # under it (a read would wait for ever)
                 continue
@@ -328,6 +330,7 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
                 if first is not None and not first.used:
                     pid = first.start(msg, list(fds), (ruleset._fd, net_fd))
                 else:
+                    own = own if own is not None else _load(flt, listeners)
                     pid = programs.start_program(msg, list(fds), spec, ruleset, net_fd)
                 started.add(pid)
                 send(op="started", id=msg["id"], pid=pid)
@@ -336,6 +339,14 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
             finally:
                 for fd in fds:
                     os.close(fd)
+
+
+def _load(flt: pyseccomp.SyscallFilter, listeners: list[int]) -> int:
+    """Load the filter in this sandbox (every program it forks from now on inherits
+    it) and listen to it: its listener."""
+    flt.load()
+    listeners.insert(0, programs.flt_listener(flt))
+    return listeners[0]
 
 
 def set_loginuid(spec: dict) -> None:

@@ -324,6 +324,11 @@ class Agent(Runs, OnDemand, Shown):
                     return  # asleep
                 continue
             if not self.runnable() or self.supervises or (not self.daemon and not self.queue):
+                if self.pooled is not None and self.runnable():
+                    # its sandbox made ahead is started now, not at its first task,
+                    # which then finds it ready (its processes are there already)
+                    await self._start_sandbox()
+                    continue
                 await self.changes.wait_past(self.changes.version)
                 continue
             if not self.daemon:
@@ -338,16 +343,13 @@ class Agent(Runs, OnDemand, Shown):
             else:
                 task = self._daemon_run = self.kernel.submit(self, None)
             if self.confined and (self._sandbox is None or self._sandbox.closed):
-                try:  # before the task starts, so a running task always has a pid
-                    self._no_sandbox = ""
-                    await self.sandbox()
+                # before the task starts, so a running task always has a pid
+                if await self._start_sandbox():
                     continue  # look again: much may have happened meanwhile
-                except OSError as e:
-                    self._no_sandbox = str(e)
-                    # execute fails the task with the reason, if it is still to run: a
-                    # kill, stop or halt while the sandbox was starting may have ended it
-                    if task.state != "queued" or not self.runnable():
-                        continue
+                # execute fails the task with the reason, if it is still to run: a
+                # kill, stop or halt while the sandbox was starting may have ended it
+                if task.state != "queued" or not self.runnable():
+                    continue
             if not self.daemon:
                 breakers.starting(self.kernel, self, task)
             status = await self.execute(task)
@@ -356,6 +358,17 @@ class Agent(Runs, OnDemand, Shown):
             if status is None or not self.runnable():
                 continue  # stopped, restarted or halted by a command
             supervision.exited(self.kernel, self, status)  # restarted, or not, as decided
+
+    async def _start_sandbox(self) -> bool:
+        """Start its sandbox; False if it did not start (the reason kept for the run
+        that needs it)."""
+        try:
+            self._no_sandbox = ""
+            await self.sandbox()
+            return True
+        except OSError as e:
+            self._no_sandbox = str(e)
+            return False
 
     def workdir(self) -> str:
         """A confined program starts in its folder, or (ad hoc agents, whose folder is
