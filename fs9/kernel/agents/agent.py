@@ -263,7 +263,7 @@ class Agent(Runs, OnDemand, Shown):
     def scratch(self) -> str:
         """The confined agent's only writable folder on disk (HOME, TMPDIR): in fs9's own
         root-owned folder (agents/sandbox.py), where no other user can plant a link."""
-        return os.path.join(sandboxes.scratch_root(self.kernel), str(self.uid))
+        return sandboxes.scratch_of(self.kernel, self.uid)
 
     def started_sandbox(self) -> "confine.Sandbox | None":
         """The sandbox the loop started for this run (None: unconfined); SandboxError
@@ -297,9 +297,11 @@ class Agent(Runs, OnDemand, Shown):
             if pooled is None:  # (one made ahead has its first program in its group)
                 sandboxes.begin_group_moves(self.kernel)
             try:
-                sandboxes.make_scratch(self)
+                if entry is None:  # (one made ahead made its scratch folder and group)
+                    sandboxes.make_scratch(self.scratch, self.uid)
                 if self.group is None or entry is not None:
-                    self.group = sandboxes.make_group(self, entry and entry.group)
+                    self.group = sandboxes.make_group(self, entry and entry.group,
+                                                      entry and entry.limits)
                 # (a few at a time, room kept for the operator's: starts.py; one made
                 # ahead was made in such a place)
                 async with self.kernel.sandbox_starts.place(self.spawned_by is not None) \

@@ -19,10 +19,12 @@ once (not on-demand: one asleep would hold it), and without `inet`.
 At unmount every one not taken, and every one taken whose agent never started it,
 is closed, its control group removed and its uid let go: nothing is left.
 """
+import shutil
+
 import trio
 
 from ...drivers import cgroups, confine, uidslots
-from . import limits, view as views
+from . import limits, sandbox as sandboxes, view as views
 
 RETRY_S = (0.5, 30.0)  # after a failed making, waits doubling from, up to
 # A take's replacement is begun this long after it: making one (a fork, a network
@@ -32,10 +34,13 @@ AFTER_TAKE_S = 0.05
 
 
 class Entry:
-    """One sandbox made ahead: its uid's offset, control group and sandbox."""
+    """One sandbox made ahead: its uid's offset, control group (and the limits it was
+    made with: the defaults) and sandbox."""
 
     def __init__(self, offset: int, uid: int, group: cgroups.Group) -> None:
         self.offset, self.uid, self.group = offset, uid, group
+        d = limits.DEFAULTS
+        self.limits = (d["memory_mb"] << 20, d["processes"], limits.CPU_WEIGHT["normal"])
         self.sandbox: confine.Pooled | None = None
 
 
@@ -142,9 +147,8 @@ class SandboxPool:
         kernel.uids_pooled.add(uid)
         entry = Entry(offset, uid, cgroups.Group(kernel.instance, str(uid)))
         try:
-            d = limits.DEFAULTS
-            await trio.to_thread.run_sync(entry.group.create, d["memory_mb"] << 20,
-                                          d["processes"], limits.CPU_WEIGHT["normal"])
+            await trio.to_thread.run_sync(entry.group.create, *entry.limits)
+            sandboxes.make_scratch(sandboxes.scratch_of(kernel, uid), uid)
             async with kernel.sandbox_starts.place(True):
                 entry.sandbox = await confine.Pooled.make(
                     kernel.forkserver, uid, entry.group.join_files(), kernel.audit)
@@ -162,4 +166,5 @@ class SandboxPool:
             await sandbox.close()
         if kernel.uids.get(entry.uid) is None and entry.uid not in kernel.uids_ending:
             await trio.to_thread.run_sync(entry.group.remove)
+            shutil.rmtree(sandboxes.scratch_of(kernel, entry.uid), ignore_errors=True)
             kernel.uids_pooled.discard(entry.uid)
