@@ -7,10 +7,11 @@ docs/benchmarks.md). fs9 keeps a few sandboxes made ahead (kernel/agents/pool.py
 for one uid that fs9 has set aside for it (vetted free) and so for the agent that will
 get that uid: its login uid set, its own mount, IPC and network namespaces and /proc
 made, and its first program forked and already in the uid's control group (the grace
-period paid then). The spawn that takes it hands it its agent's spec ("take"); it then
-does the rest as a fresh sandbox does (zygote.py): the view, vault binds, scratch and
-hidden folders, the seccomp filter and Landlock layers, and the limits are written to
-the group by fs9.
+period paid then). The agent of the spawn that takes it hands it its spec ("take") at
+once; it then does the rest as a fresh sandbox does (zygote.py): the view, vault binds,
+scratch and hidden folders, the Landlock layers; fs9 made its scratch folder and group
+ahead, and writes the agent's limits there if they differ. It loads the seccomp filter
+for itself only before it forks a program other than the first (zygote.serve).
 
 Since its first program was forked before the sandbox loads the seccomp filter (the
 sandbox's own mounts come after the fork, and a filter it loaded would hand them to

@@ -1,18 +1,20 @@
 """Sandboxes made ahead of their agents' spawns (drivers/pooled.py says what one is):
-a confined spawn that finds one takes its uid, and its agent's start hands it its
-spec, where a fresh sandbox would be forked, set up and its first program moved into
-its control group then (the move waits for a grace period of the kernel's cgroup
-migration lock: docs/benchmarks.md).
+a confined spawn that finds one takes its uid, and its agent starts it at once (not at
+its first task: agent.py) and hands it its spec, where a fresh sandbox would be forked,
+set up and its first program moved into its control group then (the move waits for a
+grace period of the kernel's cgroup migration lock: docs/benchmarks.md). Its scratch
+folder and control group (default limits) are made with it.
 
 Off unless the operator asks (`fs9 mount --sandbox-pool N`): each unused one holds two
-processes (the sandbox and its first program), a uid and a control group.
+processes (the sandbox and its first program), a uid, a control group and an empty
+scratch folder.
 
 Bounded: at most N made at a time (limits.POOL_MAX at most), one made at a time, each in a sandbox start's
 place (agents/starts.py: the operator's room kept) and from a uid vetted ahead
 (uidreserve.py), never by a walk of /proc; none made while fs9 is halted. Each is for
 one uid, set aside (kernel.uids_pooled: no spawn gets it otherwise) with its control
 group made in that uid's name and default limits, which the agent's start rewrites
-with its own. Used once: a spawn takes it with its uid, or it is closed unused. Which
+with its own if they differ. Used once: a spawn takes it with its uid, or it is closed unused. Which
 spawns take one: confined agents that run a program (not supervisors), started at
 once (not on-demand: one asleep would hold it), and without `inet`.
 
