@@ -16,7 +16,8 @@ for itself only before it forks a program other than the first (zygote.serve).
 Since its first program was forked before the sandbox loads the seccomp filter (the
 sandbox's own mounts come after the fork, and a filter it loaded would hand them to
 itself), that program loads the same filter itself and hands its listener over; it
-takes its uid and Landlock layers with its start. It runs then under exactly what a
+takes its uid and Landlock layers once the sandbox, taken, has made them, before its
+start (as a fresh sandbox's first program waits). It runs then under exactly what a
 fresh sandbox's first program does (tests/test_pool.py compares them).
 
 A pooled sandbox is used once, by the agent of its uid, or never: a sandbox never

@@ -256,10 +256,10 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
     """Load the filter, make the Landlock layers, say ready, then start programs and
     answer the filters' notifications until fs9 closes the socket or goes. A pooled
     sandbox's (pooled.py): `first`, its first program, forked ahead (under a filter of
-    its own, whose listener it handed us; it takes the layers with its start), and
-    `begun`, (its Landlock layer begun ahead, as landlock_ruleset takes it, and its
-    network layer). A pooled sandbox loads its own filter only before it forks a second
-    program (its first loaded its own): off the way of the first task."""
+    its own, whose listener it handed us; it takes its uid and the layers once they
+    are made, before its start), and `begun`, (its Landlock layer begun ahead, as
+    landlock_ruleset takes it, and its network layer). A pooled sandbox loads its own filter only before it forks a
+    second program (its first loaded its own): off the way of the first task."""
     late = first is not None and first.listener is not None
     if not late:
         flt.load()  # (before the first program's fork: it inherits it)
@@ -267,6 +267,11 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
         ruleset, net_fd = landlock_ruleset(spec, begun[0]), begun[1]
     else:
         ruleset, net_fd = landlock_ruleset(spec), net_ruleset(spec)
+    if late:  # its first program, forked ahead, takes its uid and the layers now
+        try:
+            first.confine((ruleset._fd, net_fd))
+        except OSError:
+            first.used = True  # (it has ended: programs start as the rest do)
     # its first program, forked now (under the filter, with the layers), so that its
     # move into the control groups overlaps the rest of our set-up and fs9's first
     # start (programs.py); never used, it ends with us (parent-death signal, kill_all)
@@ -328,7 +333,7 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
             msg = json.loads(data)
             try:
                 if first is not None and not first.used:
-                    pid = first.start(msg, list(fds), (ruleset._fd, net_fd))
+                    pid = first.start(msg, list(fds))
                 else:
                     own = own if own is not None else _load(flt, listeners)
                     pid = programs.start_program(msg, list(fds), spec, ruleset, net_fd)
