@@ -11,6 +11,7 @@ import array
 import errno
 import itertools
 import json
+import math
 import os
 import select
 import signal
@@ -280,16 +281,13 @@ class Sandbox:
         except OSError as e:  # it died a moment ago (its fork server killed, say)
             raise SandboxError(self.closed or f"sandbox connection lost: {e}") from None
         while rid not in self._replies:
-            if self.closed:
+            set_up = "ready" in self._replies  # (not yet: one taken from the pool, open)
+            if not set_up and trio.current_time() >= self._ready_by:
+                self.closed = self.closed or "the sandbox did not start in time"
+            if self.closed:  # (the next run's sandbox is a fresh one)
                 raise SandboxError(self.closed)
-            if "ready" in self._replies:
+            with trio.move_on_at(self._ready_by if not set_up else math.inf):
                 await self._wait_change()
-                continue
-            with trio.move_on_at(self._ready_by):  # (one taken from the pool: open)
-                await self._wait_change()
-            if trio.current_time() >= self._ready_by and "ready" not in self._replies:
-                self.closed = "the sandbox did not start in time"  # (the next run's
-                raise SandboxError(self.closed)  # is a fresh one)
         reply = self._replies.pop(rid)
         if reply["op"] == "error":
             raise SandboxError(reply["text"])

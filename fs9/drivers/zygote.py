@@ -335,7 +335,9 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
                 if first is not None and not first.used:
                     pid = first.start(msg, list(fds))
                 else:
-                    own = own if own is not None else _load(flt, listeners)
+                    if own is None:  # (a pooled sandbox's first loaded its own filter)
+                        flt.load()  # (every program forked from now on inherits it)
+                        listeners.insert(0, own := programs.flt_listener(flt))
                     pid = programs.start_program(msg, list(fds), spec, ruleset, net_fd)
                 started.add(pid)
                 send(op="started", id=msg["id"], pid=pid)
@@ -344,14 +346,6 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
             finally:
                 for fd in fds:
                     os.close(fd)
-
-
-def _load(flt: pyseccomp.SyscallFilter, listeners: list[int]) -> int:
-    """Load the filter in this sandbox (every program it forks from now on inherits
-    it) and listen to it: its listener."""
-    flt.load()
-    listeners.insert(0, programs.flt_listener(flt))
-    return listeners[0]
 
 
 def set_loginuid(spec: dict) -> None:
