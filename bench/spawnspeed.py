@@ -5,7 +5,8 @@
     .venv/bin/python bench/spawnspeed.py --quick    (smoke run, rough figures)
     .venv/bin/python bench/spawnspeed.py --strict   (exit 1 when a target is missed)
     .venv/bin/python bench/spawnspeed.py --vs /work/main   (before/after: confined spawns
-        of this tree's fs9 and of another tree's, with its own .venv, round by round)
+        of this tree's fs9 and of another tree's, with its own .venv, round by round;
+        add --pooled for both mounted with --sandbox-pool 2)
 
 Needs root (confined agents). Mounts fs9 for real (bench/foundation.py's Fs9Mount) in a
 temporary directory agents' uids can walk (foundation.traversable), defines D (`cmd =
@@ -250,16 +251,18 @@ def rows_of(s: dict) -> list[dict]:
     ]
 
 
-def versus(other: Path, rounds: int, per_round: int) -> int:
+def versus(other: Path, rounds: int, per_round: int, pool: int = 0) -> int:
     """Confined spawn-to-output of this tree's fs9 and of `other`'s (a git worktree with
     its own .venv: main's, say), both mounted, a round of each in turn, so that both
-    meet the same load. Prints p50/p99 of each and their ratio."""
+    meet the same load. Prints p50/p99 of each and their ratio. `pool`: both mounted
+    with `--sandbox-pool` that many, each spawn once the pool is full again."""
     mounts, tmps = {}, []
     for label, tree in (("this tree", None), (str(other), other)):
         tmp, fs = traversable("fs9-spawnspeed-vs-")
         tmps.append(tmp)
         if tree is not None:
             fs.py, fs.repo = str(tree / ".venv" / "bin" / "python"), tree
+        fs.mount_args = ["--sandbox-pool", str(pool)]
         mounts[label] = fs
     ms: dict[str, list[float]] = {label: [] for label in mounts}
     try:
@@ -268,16 +271,19 @@ def versus(other: Path, rounds: int, per_round: int) -> int:
         signal.alarm(WATCHDOG_S)
         for i in range(rounds):
             for label in (list(mounts) if i % 2 == 0 else list(mounts)[::-1]):
+                kind = "pooled" if pool else "confined"
                 s = spawn_to_output(mounts[label], rounds=1, per_round=per_round,
-                                    prefix=f"r{i}", kinds=("confined",), raw=True)
-                ms[label] += s["confined"]
+                                    prefix=f"r{i}", kinds=(kind,), raw=True,
+                                    pooled=mounts[label] if pool else None)
+                ms[label] += s[kind]
         signal.alarm(0)
     finally:
         for tmp, fs in zip(tmps, mounts.values()):
             unmount_all(tmp, [fs], "spawnspeed")
     (a, b) = mounts
     pa, pb = statistics.median(ms[a]), statistics.median(ms[b])
-    print(f"confined spawn to output, {len(ms[a])} spawns each, rounds of {per_round} "
+    print(f"confined spawn to output{f', --sandbox-pool {pool}' if pool else ''}, "
+          f"{len(ms[a])} spawns each, rounds of {per_round} "
           f"alternating: {a} p50 {pa:.2f} ms p99 {pct(ms[a], 99):.2f} ms; {b} p50 {pb:.2f} "
           f"ms p99 {pct(ms[b], 99):.2f} ms; p50 ratio {pa / pb:.2f}x, p99 ratio "
           f"{pct(ms[a], 99) / pct(ms[b], 99):.2f}x")
@@ -294,8 +300,9 @@ def main() -> int:
     quick = "--quick" in sys.argv
     if "--vs" in sys.argv:
         guard_signals(WATCHDOG_S)
+        pool = POOL if "--pooled" in sys.argv else 0
         return versus(Path(sys.argv[sys.argv.index("--vs") + 1]).resolve(),
-                      rounds=4 if quick else 10, per_round=5 if quick else 10)
+                      rounds=4 if quick else 10, per_round=5 if quick else 10, pool=pool)
     guard_signals(WATCHDOG_S)
     started = time.monotonic()
     tmp, fs = traversable("fs9-spawnspeed-")  # agents' uids must reach it

@@ -87,7 +87,8 @@ def test_a_pooled_sandbox_runs_its_program_under_what_a_fresh_one_does(pooled):
     ahead, the third a fresh one (the pool refills after the write). Their first
     programs run under the same: uid and groups, no capabilities, no_new_privs, the
     seccomp filter (a refused syscall), namespaces of their own (no network), control
-    groups named by their uid with their own limits, Landlock, login uid, fds, nice."""
+    groups named by their uid with their own limits, Landlock, login uid, fds, nice; and
+    a second program of a pooled one, forked at its start, the same as its first."""
     define_under(mount)
     pool_full(mount)
     mount.write("ctl", "".join(f"spawn u{i} def=under priority=background\n"
@@ -116,6 +117,12 @@ def test_a_pooled_sandbox_runs_its_program_under_what_a_fresh_one_does(pooled):
     assert len(first["fds"].split()) == 5, first
     assert limits_of(mount, int(uids["u1"])) == limits_of(mount, int(uids["u3"])) != {}
     assert limits_of(mount, int(uids["u1"])).get("pids.max", "40") == "40"
+    # its second program, forked by the sandbox, which loaded its own filter only then
+    # (its first loaded one itself): under exactly what the first ran under, its refused
+    # syscall answered through the sandbox's own listener
+    mount.write("agents/u1/ctl", "run y\n")
+    second = fields(read_to_eof(mount.path / "agents" / "u1" / "out"))
+    assert second == first, (first, second)
     mount.write("ctl", "kill u1\nkill u2\nkill u3\n")
     nothing_left(mount, [int(u) for u in uids.values()])
 

@@ -11,6 +11,7 @@ import array
 import errno
 import itertools
 import json
+import math
 import os
 import select
 import signal
@@ -177,6 +178,7 @@ class Sandbox:
         self._exits: dict[int, int] = {}
         self._changed = trio.Event()
         self._hearing = trio.CancelScope(shield=True)  # _listen's
+        self._ready_by = trio.current_time() + START_S  # set up by then, or failed
         self.closed = ""  # why the sandbox ended, once it did
 
     @classmethod
@@ -184,7 +186,10 @@ class Sandbox:
     async def open(cls, spec: dict, on_attempt: Callable[[dict], None], server: ForkServer,
                    pooled: "Pooled | None" = None):
         """Start the agent's sandbox (forked by `server`, or, given `pooled`, made
-        ahead for its uid and taken now) and wait until its namespace is set up."""
+        ahead for its uid and taken now) and wait until its namespace is set up. One
+        taken from the pool is yielded at once: what is asked of it meanwhile waits in
+        its socket until it is set up (it reads nothing before), so its first start
+        is on its way while it sets up (`spawn` waits for it at most START_S)."""
         if pooled is not None:
             ours, pidfd = pooled.take(spec)
         else:
@@ -195,10 +200,11 @@ class Sandbox:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sandbox._listen)
                 try:
-                    with trio.move_on_after(START_S):
-                        while "ready" not in sandbox._replies and not sandbox.closed:
+                    with trio.move_on_at(sandbox._ready_by):
+                        while pooled is None and "ready" not in sandbox._replies \
+                                and not sandbox.closed:
                             await sandbox._wait_change()
-                    if "ready" in sandbox._replies:
+                    if pooled is not None or "ready" in sandbox._replies:
                         yield sandbox
                     else:
                         failed = sandbox.closed or "the sandbox did not start in time"
@@ -275,9 +281,13 @@ class Sandbox:
         except OSError as e:  # it died a moment ago (its fork server killed, say)
             raise SandboxError(self.closed or f"sandbox connection lost: {e}") from None
         while rid not in self._replies:
-            if self.closed:
+            set_up = "ready" in self._replies  # (not yet: one taken from the pool, open)
+            if not set_up and trio.current_time() >= self._ready_by:
+                self.closed = self.closed or "the sandbox did not start in time"
+            if self.closed:  # (the next run's sandbox is a fresh one)
                 raise SandboxError(self.closed)
-            await self._wait_change()
+            with trio.move_on_at(self._ready_by if not set_up else math.inf):
+                await self._wait_change()
         reply = self._replies.pop(rid)
         if reply["op"] == "error":
             raise SandboxError(reply["text"])

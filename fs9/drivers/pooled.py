@@ -7,15 +7,17 @@ docs/benchmarks.md). fs9 keeps a few sandboxes made ahead (kernel/agents/pool.py
 for one uid that fs9 has set aside for it (vetted free) and so for the agent that will
 get that uid: its login uid set, its own mount, IPC and network namespaces and /proc
 made, and its first program forked and already in the uid's control group (the grace
-period paid then). The spawn that takes it hands it its agent's spec ("take"); it then
-does the rest as a fresh sandbox does (zygote.py): the view, vault binds, scratch and
-hidden folders, the seccomp filter and Landlock layers, and the limits are written to
-the group by fs9.
+period paid then). The agent of the spawn that takes it hands it its spec ("take") at
+once; it then does the rest as a fresh sandbox does (zygote.py): the view, vault binds,
+scratch and hidden folders, the Landlock layers; fs9 made its scratch folder and group
+ahead, and writes the agent's limits there if they differ. It loads the seccomp filter
+for itself only before it forks a program other than the first (zygote.serve).
 
 Since its first program was forked before the sandbox loads the seccomp filter (the
 sandbox's own mounts come after the fork, and a filter it loaded would hand them to
 itself), that program loads the same filter itself and hands its listener over; it
-takes its uid and Landlock layers with its start. It runs then under exactly what a
+takes its uid and Landlock layers once the sandbox, taken, has made them, before its
+start (as a fresh sandbox's first program waits). It runs then under exactly what a
 fresh sandbox's first program does (tests/test_pool.py compares them).
 
 A pooled sandbox is used once, by the agent of its uid, or never: a sandbox never

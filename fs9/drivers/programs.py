@@ -105,7 +105,8 @@ class Prepared:
     """The agent's first program, confined ahead and waiting for its start request.
     A pooled sandbox's (pooled.py) is forked before the sandbox has its agent: it
     loads the seccomp filter itself and hands its listener over (`listener`), and
-    takes its uid and Landlock layers, which are the agent's, with its start."""
+    takes its uid and Landlock layers, which are the agent's, once the sandbox has them
+    (`confine`: before its start, as a fresh sandbox's first program has them)."""
 
     def __init__(self, spec: dict, ruleset, net_fd, flt=None) -> None:
         """Fork it (called by the sandbox once its namespace is made, its seccomp filter
@@ -125,15 +126,22 @@ class Prepared:
         theirs.close()
         self.pid, self._sock = pid, ours
         self.used = False
-        self._late = flt is not None  # its layers come with its start
+        self._late = flt is not None  # its layers come later (confine)
         self.listener = _listener_of(ours, pid) if flt is not None else None
 
-    def start(self, msg: dict, fds: list[int], layers=()) -> int:
-        """Hand it msg's program and fds (stdin, stdout, stderr), and the Landlock
-        layers (fds) if it takes them now: its pid once exec'd, or OSError (EACCES)
-        with the reason it was not."""
-        if self._late:
-            fds = fds + [layer for layer in layers if layer is not None]
+    def confine(self, layers) -> None:
+        """A pooled sandbox's, once its agent's Landlock layers (fds, or None) are
+        made: hand them over; it takes its uid and the layers then, and waits for its
+        start as a fresh sandbox's does. OSError if it has ended."""
+        self._late = False
+        self._sock.sendmsg([b"layers"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array(
+            "i", [layer for layer in layers if layer is not None]))])
+
+    def start(self, msg: dict, fds: list[int]) -> int:
+        """Hand it msg's program and fds (stdin, stdout, stderr): its pid once exec'd,
+        or OSError (EACCES) with the reason it was not."""
+        if self._late:  # (its layers were never handed over: it must not run)
+            raise OSError(errno.EPERM, f"{msg['argv'][0]}: not confined")
         self.used = True
         try:
             try:  # (raised as the sandbox may: the program's own start cannot, as root)
@@ -196,6 +204,21 @@ def flt_listener(flt) -> int:
     return pyseccomp._libseccomp.seccomp_notify_fd(flt._filter)
 
 
+def _layers(sock: socket.socket) -> list[int]:
+    """The Landlock layers (fds) a pooled sandbox hands its first program once taken
+    (Prepared.confine); exit if it ended untaken."""
+    fds = array.array("i")
+    data, ancdata, _, _ = sock.recvmsg(64, socket.CMSG_LEN(4 * fds.itemsize))
+    if not data:
+        os._exit(0)
+    for level, kind, raw in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+    if data != b"layers":
+        raise OSError(errno.EPROTO, "its Landlock layers were expected")
+    return list(fds)
+
+
 def _wait_and_exec(sock: socket.socket, parent: int, spec: dict, layers, flt) -> None:
     msg = {"argv": ["?"]}
     try:
@@ -211,11 +234,12 @@ def _wait_and_exec(sock: socket.socket, parent: int, spec: dict, layers, flt) ->
         _join_groups(spec)
         if flt is not None:
             _load_filter(sock, flt)
-        if layers is not None:
-            _confine(spec, layers)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent:
-                os._exit(0)
+        if layers is None:  # (a pooled sandbox's: its agent's, once it is taken)
+            layers = _layers(sock)
+        _confine(spec, layers)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(0)
         os.closerange(3, sock.fileno())  # the sandbox's fds: none is kept while it waits
         os.closerange(sock.fileno() + 1, 65536)
         fds = array.array("i")
@@ -226,11 +250,6 @@ def _wait_and_exec(sock: socket.socket, parent: int, spec: dict, layers, flt) ->
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
         msg = json.loads(data)
-        if layers is None:  # (a pooled sandbox's: its agent's layers came with the start)
-            _confine(spec, fds[3:])
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent:
-                os._exit(0)
         for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target, inheritable=True)
         _exec(msg, sock.fileno())

@@ -256,14 +256,22 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
     """Load the filter, make the Landlock layers, say ready, then start programs and
     answer the filters' notifications until fs9 closes the socket or goes. A pooled
     sandbox's (pooled.py): `first`, its first program, forked ahead (under a filter of
-    its own, whose listener it handed us; it takes the layers with its start), and
-    `begun`, (its Landlock layer begun ahead, as landlock_ruleset takes it, and its
-    network layer)."""
-    flt.load()
+    its own, whose listener it handed us; it takes its uid and the layers once they
+    are made, before its start), and `begun`, (its Landlock layer begun ahead, as
+    landlock_ruleset takes it, and its network layer). A pooled sandbox loads its own filter only before it forks a
+    second program (its first loaded its own): off the way of the first task."""
+    late = first is not None and first.listener is not None
+    if not late:
+        flt.load()  # (before the first program's fork: it inherits it)
     if begun is not None:
         ruleset, net_fd = landlock_ruleset(spec, begun[0]), begun[1]
     else:
         ruleset, net_fd = landlock_ruleset(spec), net_ruleset(spec)
+    if late:  # its first program, forked ahead, takes its uid and the layers now
+        try:
+            first.confine((ruleset._fd, net_fd))
+        except OSError:
+            first.used = True  # (it has ended: programs start as the rest do)
     # its first program, forked now (under the filter, with the layers), so that its
     # move into the control groups overlaps the rest of our set-up and fs9's first
     # start (programs.py); never used, it ends with us (parent-death signal, kill_all)
@@ -272,9 +280,8 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
             first = programs.Prepared(spec, ruleset, net_fd)
         except OSError:
             pass  # (then it starts as the rest do)
-    listeners = [programs.flt_listener(flt)]
-    if first is not None and first.listener is not None:
-        listeners.append(first.listener)
+    own = None if late else programs.flt_listener(flt)  # our filter's listener
+    listeners = [fd for fd in (own, first and first.listener) if fd is not None]
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -300,7 +307,7 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
                     code = os.waitstatus_to_exitcode(status)
                     send(op="exit", pid=pid, status=128 - code if code < 0 else code)
         for listener in [fd for fd in listeners if fd in ready]:
-            if listener != listeners[0] and notices.hung_up(listener):
+            if listener != own and notices.hung_up(listener):
                 listeners.remove(listener)  # its first program's filter: nothing is left
                 os.close(listener)  # under it (a read would wait for ever)
                 continue
@@ -326,8 +333,11 @@ def serve(sock: socket.socket, spec: dict, flt: pyseccomp.SyscallFilter,
             msg = json.loads(data)
             try:
                 if first is not None and not first.used:
-                    pid = first.start(msg, list(fds), (ruleset._fd, net_fd))
+                    pid = first.start(msg, list(fds))
                 else:
+                    if own is None:  # (a pooled sandbox's first loaded its own filter)
+                        flt.load()  # (every program forked from now on inherits it)
+                        listeners.insert(0, own := programs.flt_listener(flt))
                     pid = programs.start_program(msg, list(fds), spec, ruleset, net_fd)
                 started.add(pid)
                 send(op="started", id=msg["id"], pid=pid)

@@ -28,12 +28,13 @@ class RootCtl:
     def ctl(self, data: bytes, by: str | None = None) -> None:
         """The root ctl; `by`: the agent writing it through its view (None: the operator)."""
         parsed = cmd.parse(CMDS, data)
-        names, spawns = set(self.agents), []
+        names, spawns, plans = set(self.agents), [], {}
         for p in parsed:  # every line is checked before any is applied
             if p.cmd.verb == "spawn":
                 if by is not None:
                     spawn.check_words_of_agent(self.agent(by), p.args)
-                tree = supervision.plan(self, *p.args, by=by)  # (a supervisor's subtree)
+                # (a supervisor's subtree)
+                tree = plans[id(p)] = supervision.plan(self, *p.args, by=by)
                 if by is not None and tree[0][1]["unconfined"]:
                     raise Fs9Error(errno.EPERM, f"agent {by} may not start the unconfined "
                                                 f"agent {p.args[0]}")
@@ -66,8 +67,9 @@ class RootCtl:
                 self._set_aside(p.args[0])
         uids = sandboxes.UidPicker(self)  # (vetted ahead, or one walk of /proc a write)
         for p in parsed:
-            if p.cmd.verb == "spawn":
-                self.spawn(*p.args, by=by, uids=uids)
+            if p.cmd.verb == "spawn":  # a line alone: nothing changed since its check
+                self.spawn(*p.args, by=by, uids=uids,
+                           planned=plans[id(p)] if len(parsed) == 1 else None)
             else:
                 getattr(self, p.cmd.method)(*p.args)
 
@@ -95,11 +97,14 @@ class RootCtl:
                     and self.bus.asked(asker.current)))  # (not the name's next holder)
 
     def spawn(self, name: str, *overrides: str, by: str | None = None,
-              uids: "sandboxes.UidPicker | None" = None) -> Agent:
+              uids: "sandboxes.UidPicker | None" = None, planned: list | None = None) -> Agent:
         """Spawn NAME; a supervisor with its subtree, parents first, all checked first.
-        `uids`: the write's picker of free uids, when the caller has one."""
+        `uids`: the write's picker of free uids, when the caller has one; `planned`: its
+        supervision.plan, made by the caller with nothing changed since (else made
+        here: the lines of a write before it may have claimed what it claims)."""
         uids = sandboxes.UidPicker(self) if uids is None else uids
-        for each, manifest, home, sup in supervision.plan(self, name, *overrides, by=by):
+        for each, manifest, home, sup in planned or supervision.plan(self, name, *overrides,
+                                                                     by=by):
             os.makedirs(home, exist_ok=True)
             offset = uids.next(each, manifest)
             try:

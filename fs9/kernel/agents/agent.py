@@ -263,7 +263,7 @@ class Agent(Runs, OnDemand, Shown):
     def scratch(self) -> str:
         """The confined agent's only writable folder on disk (HOME, TMPDIR): in fs9's own
         root-owned folder (agents/sandbox.py), where no other user can plant a link."""
-        return os.path.join(sandboxes.scratch_root(self.kernel), str(self.uid))
+        return sandboxes.scratch_of(self.kernel, self.uid)
 
     def started_sandbox(self) -> "confine.Sandbox | None":
         """The sandbox the loop started for this run (None: unconfined); SandboxError
@@ -297,9 +297,11 @@ class Agent(Runs, OnDemand, Shown):
             if pooled is None:  # (one made ahead has its first program in its group)
                 sandboxes.begin_group_moves(self.kernel)
             try:
-                sandboxes.make_scratch(self)
+                if entry is None:  # (one made ahead made its scratch folder and group)
+                    sandboxes.make_scratch(self.scratch, self.uid)
                 if self.group is None or entry is not None:
-                    self.group = sandboxes.make_group(self, entry and entry.group)
+                    self.group = sandboxes.make_group(self, entry and entry.group,
+                                                      entry and entry.limits)
                 # (a few at a time, room kept for the operator's: starts.py; one made
                 # ahead was made in such a place)
                 async with self.kernel.sandbox_starts.place(self.spawned_by is not None) \
@@ -324,6 +326,11 @@ class Agent(Runs, OnDemand, Shown):
                     return  # asleep
                 continue
             if not self.runnable() or self.supervises or (not self.daemon and not self.queue):
+                if self.pooled is not None and self.runnable():
+                    # its sandbox made ahead is started now, not at its first task,
+                    # which then finds it ready (its processes are there already)
+                    await self._start_sandbox()
+                    continue
                 await self.changes.wait_past(self.changes.version)
                 continue
             if not self.daemon:
@@ -338,16 +345,13 @@ class Agent(Runs, OnDemand, Shown):
             else:
                 task = self._daemon_run = self.kernel.submit(self, None)
             if self.confined and (self._sandbox is None or self._sandbox.closed):
-                try:  # before the task starts, so a running task always has a pid
-                    self._no_sandbox = ""
-                    await self.sandbox()
+                # before the task starts, so a running task always has a pid
+                if await self._start_sandbox():
                     continue  # look again: much may have happened meanwhile
-                except OSError as e:
-                    self._no_sandbox = str(e)
-                    # execute fails the task with the reason, if it is still to run: a
-                    # kill, stop or halt while the sandbox was starting may have ended it
-                    if task.state != "queued" or not self.runnable():
-                        continue
+                # execute fails the task with the reason, if it is still to run: a
+                # kill, stop or halt while the sandbox was starting may have ended it
+                if task.state != "queued" or not self.runnable():
+                    continue
             if not self.daemon:
                 breakers.starting(self.kernel, self, task)
             status = await self.execute(task)
@@ -356,6 +360,17 @@ class Agent(Runs, OnDemand, Shown):
             if status is None or not self.runnable():
                 continue  # stopped, restarted or halted by a command
             supervision.exited(self.kernel, self, status)  # restarted, or not, as decided
+
+    async def _start_sandbox(self) -> bool:
+        """Start its sandbox; False if it did not start (the reason kept for the run
+        that needs it)."""
+        try:
+            self._no_sandbox = ""
+            await self.sandbox()
+            return True
+        except OSError as e:
+            self._no_sandbox = str(e)
+            return False
 
     def workdir(self) -> str:
         """A confined program starts in its folder, or (ad hoc agents, whose folder is

@@ -1,28 +1,32 @@
 """Sandboxes made ahead of their agents' spawns (drivers/pooled.py says what one is):
-a confined spawn that finds one takes its uid, and its agent's start hands it its
-spec, where a fresh sandbox would be forked, set up and its first program moved into
-its control group then (the move waits for a grace period of the kernel's cgroup
-migration lock: docs/benchmarks.md).
+a confined spawn that finds one takes its uid, and its agent starts it at once (not at
+its first task: agent.py) and hands it its spec, where a fresh sandbox would be forked,
+set up and its first program moved into its control group then (the move waits for a
+grace period of the kernel's cgroup migration lock: docs/benchmarks.md). Its scratch
+folder and control group (default limits) are made with it.
 
 Off unless the operator asks (`fs9 mount --sandbox-pool N`): each unused one holds two
-processes (the sandbox and its first program), a uid and a control group.
+processes (the sandbox and its first program), a uid, a control group and an empty
+scratch folder.
 
 Bounded: at most N made at a time (limits.POOL_MAX at most), one made at a time, each in a sandbox start's
 place (agents/starts.py: the operator's room kept) and from a uid vetted ahead
 (uidreserve.py), never by a walk of /proc; none made while fs9 is halted. Each is for
 one uid, set aside (kernel.uids_pooled: no spawn gets it otherwise) with its control
 group made in that uid's name and default limits, which the agent's start rewrites
-with its own. Used once: a spawn takes it with its uid, or it is closed unused. Which
+with its own if they differ. Used once: a spawn takes it with its uid, or it is closed unused. Which
 spawns take one: confined agents that run a program (not supervisors), started at
 once (not on-demand: one asleep would hold it), and without `inet`.
 
 At unmount every one not taken, and every one taken whose agent never started it,
 is closed, its control group removed and its uid let go: nothing is left.
 """
+import shutil
+
 import trio
 
 from ...drivers import cgroups, confine, uidslots
-from . import limits, view as views
+from . import limits, sandbox as sandboxes, view as views
 
 RETRY_S = (0.5, 30.0)  # after a failed making, waits doubling from, up to
 # A take's replacement is begun this long after it: making one (a fork, a network
@@ -32,10 +36,13 @@ AFTER_TAKE_S = 0.05
 
 
 class Entry:
-    """One sandbox made ahead: its uid's offset, control group and sandbox."""
+    """One sandbox made ahead: its uid's offset, control group (and the limits it was
+    made with: the defaults) and sandbox."""
 
     def __init__(self, offset: int, uid: int, group: cgroups.Group) -> None:
         self.offset, self.uid, self.group = offset, uid, group
+        d = limits.DEFAULTS
+        self.limits = (d["memory_mb"] << 20, d["processes"], limits.CPU_WEIGHT["normal"])
         self.sandbox: confine.Pooled | None = None
 
 
@@ -142,9 +149,8 @@ class SandboxPool:
         kernel.uids_pooled.add(uid)
         entry = Entry(offset, uid, cgroups.Group(kernel.instance, str(uid)))
         try:
-            d = limits.DEFAULTS
-            await trio.to_thread.run_sync(entry.group.create, d["memory_mb"] << 20,
-                                          d["processes"], limits.CPU_WEIGHT["normal"])
+            await trio.to_thread.run_sync(entry.group.create, *entry.limits)
+            sandboxes.make_scratch(sandboxes.scratch_of(kernel, uid), uid)
             async with kernel.sandbox_starts.place(True):
                 entry.sandbox = await confine.Pooled.make(
                     kernel.forkserver, uid, entry.group.join_files(), kernel.audit)
@@ -162,4 +168,5 @@ class SandboxPool:
             await sandbox.close()
         if kernel.uids.get(entry.uid) is None and entry.uid not in kernel.uids_ending:
             await trio.to_thread.run_sync(entry.group.remove)
+            shutil.rmtree(sandboxes.scratch_of(kernel, entry.uid), ignore_errors=True)
             kernel.uids_pooled.discard(entry.uid)

@@ -77,16 +77,21 @@ def scratch_prefix(kernel: "Kernel") -> str:
     return f"fs9-scratch-{kernel.instance}-"
 
 
-def make_scratch(agent) -> None:
-    """The agent's scratch folder, made and given to its uid without following anything
+def scratch_of(kernel: "Kernel", uid: int) -> str:
+    """The scratch folder of the agent of this uid."""
+    return os.path.join(scratch_root(kernel), str(uid))
+
+
+def make_scratch(path: str, uid: int) -> None:
+    """An agent's scratch folder, made and given to its uid without following anything
     (its parent is root's, 0711: nobody else can make names in it)."""
     try:
-        os.mkdir(agent.scratch, 0o700)
+        os.mkdir(path, 0o700)
     except FileExistsError:
         pass
-    fd = os.open(agent.scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        os.fchown(fd, agent.uid, agent.uid)
+        os.fchown(fd, uid, uid)
     finally:
         os.close(fd)
 
@@ -116,13 +121,22 @@ async def _begin_grace_period() -> None:
         _MOVES.release()
 
 
-def make_group(agent, group: cgroups.Group | None = None) -> cgroups.Group:
+def group_limits(agent) -> tuple[int, int, int]:
+    """What its control group is made with: (memory bytes, processes, cpu weight)."""
+    return (agent.limits["memory_mb"] << 20, agent.limits["processes"],
+            limits.CPU_WEIGHT[agent.priority])
+
+
+def make_group(agent, group: cgroups.Group | None = None,
+               made: tuple[int, int, int] | None = None) -> cgroups.Group:
     """Its control group, with its limits (drivers/cgroups.py); `group`: the one made
-    ahead with its sandbox (pool.py), whose limits are the agent's from now. A
-    controller the host lacks is said once, in an event."""
-    group = group or cgroups.Group(agent.kernel.instance, str(agent.uid))
-    group.create(agent.limits["memory_mb"] << 20, agent.limits["processes"],
-                 limits.CPU_WEIGHT[agent.priority])
+    ahead with its sandbox (pool.py) with limits `made`, the agent's from now (written
+    again only if the agent's differ). A controller the host lacks is said once, in an
+    event."""
+    wanted = group_limits(agent)
+    if group is None or made != wanted:
+        group = group or cgroups.Group(agent.kernel.instance, str(agent.uid))
+        group.create(*wanted)
     if group.missing:
         agent.kernel.log.append("limits_unavailable", agent=agent.name,
                                 reason=f"this host has no cgroup {', '.join(group.missing)} "
