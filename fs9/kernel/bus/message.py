@@ -50,6 +50,9 @@ class Message:
     # from another OS: its mail_sent also feeds federation's inbox, so a snapshot's
     # replay keeps it once acknowledged (kernel/snapshot.py)
     fed: bool = False
+    # sent by an agent or the operator (Bus.send, mail/batch): its body is in its
+    # mail_sent's row, never kept apart, so its acknowledgement forgets nothing (Bus.forget)
+    in_row: bool = False
     # its mail/stream line, kept once a read took only part of it: every open reading it
     # in pieces shares this one copy (kernel/bus/mailstream.py)
     line: bytes | None = field(default=None, repr=False, compare=False)
