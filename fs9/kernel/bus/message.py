@@ -76,9 +76,11 @@ class Message:
         return parse_time(value) if value else None
 
     def render(self) -> bytes:
-        keys = [k for k in ORDER if k in self.headers] + sorted(
-            k for k in self.headers if k not in ORDER)
-        head = "".join(f"{k}: {self.headers[k]}\n" for k in keys)
+        headers = self.headers
+        keys = [k for k in ORDER if k in headers]
+        if len(keys) < len(headers):  # (extension keys, sorted: most messages have none)
+            keys += sorted(k for k in headers if k not in ORDER)
+        head = "".join([f"{k}: {headers[k]}\n" for k in keys])
         return head.encode() + b"\n" + self.body
 
 
