@@ -34,3 +34,7 @@ UNKNOWN_VERB = "unknown control message"
 BAD_NARG = "bad # args to command"
 NO_AGENT = "no such agent"
 AGENT_EXISTS = "agent already exists"
+
+
+class UsageError(Exception):
+    """A command line fs9 cannot act on: said in one line, exit status 2."""

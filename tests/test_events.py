@@ -4,7 +4,8 @@ kind without a handler (or a handler nobody records) fails here, not in a replay
 import ast
 import pathlib
 
-from fs9.kernel.kernel import AUDIT_ONLY, Kernel
+from fs9.kernel.appliers import AUDIT_ONLY
+from fs9.kernel.kernel import Kernel
 
 FS9 = pathlib.Path(__file__).resolve().parent.parent / "fs9"
 
@@ -92,7 +93,7 @@ def test_every_event_kind_has_one_handler_or_is_audit_only(tmp_path):
 
 
 def test_a_kind_claimed_twice_is_refused(tmp_path):
-    from fs9.kernel.kernel import event_table
+    from fs9.kernel.appliers import event_table
 
     class Twice:
         def appliers(self):

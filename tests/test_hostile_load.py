@@ -149,7 +149,7 @@ def responsive(mount) -> float:
 def test_an_agents_open_files_hold_a_bounded_number_of_bytes(mount):
     """Bytes written to `whole` files and not yet closed (memory notes, mail, `in`) are
     held in fs9's memory: one agent's open files together hold at most 64 MiB."""
-    from fs9.face.kinds import PENDING_PER_AGENT
+    from fs9.face.held import PENDING_PER_AGENT
     mount.define("hoarder", 'cmd = ["cat"]\nunconfined = true\n')
     mount.sh("echo 'spawn hoarder' > ctl", check=True)
     chunk = b"x" * (1 << 20)

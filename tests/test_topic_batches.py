@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from conftest import read_until
-from fs9.kernel.bus.topic import HOLD_S, QUIET_S, Topic
+from fs9.kernel.bus.topic import HOLD_MAX_S, HOLD_PER_READER_S, HOLD_S, QUIET_S, Topic
 from fs9.kernel.stream import Changes
 
 
@@ -68,6 +68,52 @@ def test_an_event_after_a_quiet_spell_wakes_readers_at_once_and_a_stream_in_batc
             topic.publish(b"e5\n")
             assert (topic.shown, topic.held) == (5, False)
         assert [count for _, count in woken] == [1, 4, 5]
+
+    trio.run(main)
+
+
+class Subscription:
+    """Stands for an open subscription (a face cursor): the topic counts them weakly."""
+
+
+def test_the_hold_and_the_quiet_spell_grow_with_the_readers_and_are_bounded():
+    """Each wake-up costs a read per subscriber: with 20 open subscriptions a stream's
+    events are held 20 x HOLD_PER_READER_S, and events 4 quiet spells of a lone reader
+    apart still count as a stream; at most HOLD_MAX_S however many; a closed
+    subscription stops counting."""
+    clock = Clock()
+
+    async def main():
+        topic = Topic("wide")
+        topic.clock = clock
+        subs = [Subscription() for _ in range(20)]
+        topic.readers.update(subs)
+        hold = 20 * HOLD_PER_READER_S
+        assert HOLD_S < hold < HOLD_MAX_S
+        topic.publish(b"e1\n")  # quiet before: at once
+        assert (topic.shown, topic.held) == (1, False)
+        clock.now += 4 * QUIET_S  # a quiet spell for one reader, not for twenty
+        held_at = time.monotonic()
+        topic.publish(b"e2\n")
+        assert (topic.shown, topic.held) == (1, True)
+        with trio.fail_after(30):
+            while topic.shown < 2:
+                await topic.changes.wait_past(topic.changes.version)
+        assert time.monotonic() - held_at >= hold * 0.9
+        subs[5:] = []  # closed: 5 left, a lone reader's hold
+        clock.now += 4 * QUIET_S
+        topic.publish(b"e3\n")
+        assert (len(topic.readers), topic.shown, topic.held) == (5, 3, False)
+        subs += [Subscription() for _ in range(1000)]
+        topic.readers.update(subs)
+        clock.now += 5 * QUIET_S
+        topic.publish(b"e4\n")
+        started = time.monotonic()
+        assert topic.held
+        with trio.fail_after(30):
+            while topic.shown < 4:
+                await topic.changes.wait_past(topic.changes.version)
+        assert HOLD_MAX_S * 0.9 <= time.monotonic() - started
 
     trio.run(main)
 

@@ -75,6 +75,25 @@ def test_durable_subscription_gets_events_as_mail_even_across_a_crash(mount):
     assert mount.sh("cat log/audit | grep -c '\"kind\":\"published\"'").stdout.strip() == "2"
 
 
+def test_a_killed_durable_subscriber_gets_no_more_and_its_name_spawned_again_does(mount):
+    """Durable subscribers are the agents spawned with `subscribe` and not killed since:
+    a kill stops their mail (its mailbox went with it), a spawn of the name starts it
+    again, an agent without the topic in its manifest never gets it."""
+    def bodies(name):
+        mail = mount.path / "agents" / name / "mail"
+        return sorted(mount.read(f"agents/{name}/mail/{n}").split("\n\n", 1)[1]
+                      for n in os.listdir(mail) if n not in ("new", "next", "dead"))
+    spawn = "echo \"spawn {} def=echo subscribe='[\\\"alerts\\\"]'\" > ctl"
+    mount.sh("touch topics/alerts && " + spawn.format("watcher") + " && " + spawn.format("other")
+             + " && echo 'spawn bystander def=echo' > ctl", check=True)
+    mount.sh("echo one > topics/alerts && echo 'kill watcher' > ctl && "
+             "echo two > topics/alerts", check=True)
+    assert bodies("other") == ["one\n", "two\n"] and bodies("bystander") == []
+    mount.sh(spawn.format("watcher") + " && echo three > topics/alerts", check=True)
+    assert bodies("watcher") == ["three\n"]
+    assert bodies("other") == ["one\n", "three\n", "two\n"]
+
+
 def test_subscribers_join_and_leave_while_a_publisher_runs(mount):
     mount.sh("touch topics/busy", check=True)
     publisher = subprocess.Popen(

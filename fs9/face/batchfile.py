@@ -12,7 +12,8 @@ import trio
 from ..errors import Fs9Error
 from ..kernel.bus.batch import may_be_head, split_head
 from ..kernel.bus.message import MAX_MESSAGE
-from .kinds import PENDING_PER_AGENT, StreamHandle, StreamNode, pending_by_agent
+from .held import written, written_room
+from .kinds import StreamHandle, StreamNode
 from .node import Handle
 
 
@@ -47,7 +48,7 @@ class BatchHandle(StreamHandle):
         cut = body.rfind(b"\n") + 1
         if len(body) - cut > MAX_MESSAGE:
             raise Fs9Error(errno.EFBIG, f"a line over {MAX_MESSAGE} bytes")
-        self._room(len(body) - cut - len(self.rest))
+        written_room(self.opener, len(body) - cut - len(self.rest))
         lines = [line + b"\n" for line in body[:cut - 1].split(b"\n")] if cut else []
         done = self.send(head, lines)  # refused: nothing of this write was sent
         if inspect.isawaitable(done):  # (another node's agent; readers_first)
@@ -71,23 +72,10 @@ class BatchHandle(StreamHandle):
         self._keep(b"")  # (never flushed: its process died)
         super().close(path)
 
-    def _room(self, grow: int) -> None:
-        """EDQUOT if an agent's open files would hold more than PENDING_PER_AGENT bytes
-        written and not yet sent (a line begun: as a ctl's `whole` input, counted)."""
-        held = pending_by_agent.get(self.opener, 0) if self.opener is not None else 0
-        if grow > 0 and held + grow > PENDING_PER_AGENT:
-            raise Fs9Error(errno.EDQUOT, f"agent {self.opener} has {held} bytes written "
-                                         "and not yet closed in its open files; close some")
-
     def _keep(self, rest: bytes) -> None:
-        """rest is what this open holds now, counted against its opener."""
-        self._room(len(rest) - len(self.rest))
-        if self.opener is not None:
-            held = pending_by_agent.get(self.opener, 0) + len(rest) - len(self.rest)
-            if held > 0:
-                pending_by_agent[self.opener] = held
-            else:
-                pending_by_agent.pop(self.opener, None)
+        """rest is what this open holds now (a line begun and not yet ended), counted
+        against its opener."""
+        written(self.opener, len(rest) - len(self.rest))
         self.rest = rest
 
 

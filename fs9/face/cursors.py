@@ -175,6 +175,7 @@ class TopicCursor(BufferedCursor):
     def __init__(self, topic, clearance: str) -> None:
         super().__init__()
         self.topic, self.seen, self.clearance = topic, topic.count, clearance
+        topic.readers.add(self)  # (how long a stream's events are held: topic.py)
 
     def readable(self) -> bool:
         # (shown: events still held for a batch are not yet readable; the read that
@@ -182,7 +183,7 @@ class TopicCursor(BufferedCursor):
         return bool(self.buf) or self.topic.shown > self.seen
 
     def held(self) -> bool:
-        """Events came that the topic holds for a batch: readable within HOLD_S."""
+        """Events came that the topic holds for a batch: readable within its hold."""
         return self.topic.held and not self.buf and self.topic.count > self.seen
 
     async def wait_readable(self) -> None:

@@ -14,6 +14,10 @@ entry). An agent's opens hold at most BYTES_PER_AGENT together: a read (or opend
 that would start holding more when they hold that much already is EDQUOT, with the
 reason, until the agent closes some (one open may go past it by what one read renders,
 a message of at most 1 MiB, a batch's lines, never more).
+
+And bytes written and not yet applied (a `whole` ctl's input: a message, a task's input,
+a note, a model request; a mail/batch line begun): at most PENDING_PER_AGENT an agent
+together, a write past it EDQUOT with the reason (`written`).
 """
 import collections
 import errno
@@ -23,6 +27,27 @@ from ..errors import Fs9Error
 OPEN_PER_AGENT = 4096
 BYTES_PER_AGENT = 64 << 20
 ENTRY_BYTES = 512  # what an entry of a listing copied at opendir costs, about
+PENDING_PER_AGENT = 64 << 20
+_written: collections.Counter[str] = collections.Counter()  # by agent (None: operator)
+
+
+def written_room(agent: str | None, grow: int) -> None:
+    """Fs9Error(EDQUOT) if agent's open files may not hold grow bytes more written and
+    not yet applied."""
+    if agent is not None and grow > 0 and _written[agent] + grow > PENDING_PER_AGENT:
+        raise Fs9Error(errno.EDQUOT, f"agent {agent} has {_written[agent]} bytes written "
+                                     "and not yet closed in its open files; close some")
+
+
+def written(agent: str | None, grow: int) -> None:
+    """agent's open files hold grow bytes more (fewer if negative) written and not yet
+    applied; Fs9Error(EDQUOT), nothing counted, if that is past PENDING_PER_AGENT."""
+    written_room(agent, grow)
+    if agent is not None and grow:
+        if _written[agent] + grow > 0:
+            _written[agent] += grow
+        else:
+            _written.pop(agent, None)
 
 
 class Held:

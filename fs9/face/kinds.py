@@ -25,6 +25,7 @@ import trio
 from ..errors import Fs9Error
 from ..kernel.kernel import MAX_INPUT
 from .desktop import echoes_state
+from .held import written
 from .node import READONLY_NS, Attrs, Handle, Node
 
 SLICE_S = 0.2  # a blocked reader checks for a pending signal this often,
@@ -160,14 +161,9 @@ class Ctl(Node):
         return CtlHandle(pid, self)
 
 
-# Bytes written to `whole` files (a message, a task's input, a note, a model request)
-# and not yet applied, by the agent that opened them: what one agent's open files may
-# hold in fs9's memory together (EDQUOT past it). The operator is not counted.
-PENDING_PER_AGENT = 64 << 20
 # The first bytes of a `whole` input that `early_until` checks may look at again at each
 # write: a message's headers (RFC 5322 lines of at most 998 characters) come well within.
 EARLY_BYTES = 64 << 10
-pending_by_agent: dict[str, int] = {}
 
 
 class CtlHandle(SnapshotHandle):
@@ -206,12 +202,7 @@ class CtlHandle(SnapshotHandle):
             self.refused = Fs9Error(errno.EFBIG, f"task input over {MAX_INPUT} bytes")
             self.node.refused(self.refused)
             raise self.refused
-        if self.opener is not None:
-            held = pending_by_agent.get(self.opener, 0)
-            if held + len(data) > PENDING_PER_AGENT:
-                raise Fs9Error(errno.EDQUOT, f"agent {self.opener} has {held} bytes written "
-                                             "and not yet closed in its open files; close some")
-            pending_by_agent[self.opener] = held + len(data)
+        written(self.opener, len(data))  # (EDQUOT past an agent's share)
         self.pending += data
         if self.undecided and self.node.early is not None:
             until = self.node.early_until
@@ -243,10 +234,7 @@ class CtlHandle(SnapshotHandle):
         super().close(path)
 
     def _unheld(self, size: int) -> None:
-        if self.opener is not None and self.opener in pending_by_agent:
-            pending_by_agent[self.opener] -= size
-            if pending_by_agent[self.opener] <= 0:
-                del pending_by_agent[self.opener]
+        written(self.opener, -size)
 
 
 # --- Stream ----------------------------------------------------------------------

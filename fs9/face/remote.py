@@ -181,10 +181,12 @@ async def guarded(k, request, said: dict):
 
 
 class Buffered:
-    """What a remote stream's reader has fetched and not yet handed on (`buf`), and
-    whether its source has ended; the face reads it as it reads a local stream."""
+    """What a remote stream's reader has fetched and not yet handed on (`buf` from
+    `at`), and whether its source has ended; the face reads it as it reads a local
+    stream. Filled only when all of it was handed on."""
     buf: bytes
     ended: bool
+    at = 0  # how much of buf was handed on (a read copies its own size, not the rest)
 
     def readable(self) -> bool:
         return bool(self.buf) or self.ended
@@ -196,7 +198,10 @@ class Buffered:
         return len(self.buf)
 
     def take(self, size: int) -> bytes:
-        data, self.buf = self.buf[:size], self.buf[size:]
+        data = self.buf[self.at:self.at + size]
+        self.at += len(data)
+        if self.at >= len(self.buf):
+            self.buf, self.at = b"", 0
         return data
 
 

@@ -17,8 +17,6 @@ import logging
 import os
 import re
 import zlib
-from typing import Callable
-
 import trio
 
 from ..drivers import confine, uidslots
@@ -38,7 +36,8 @@ from .federation.federation import Federation
 from .cluster.cluster import Cluster
 from .lifecycle import Lifecycles
 from .rootctl import RootCtl
-from .log import Event, EventLog
+from .appliers import event_table
+from .log import EventLog
 from .metrics import Metrics
 from .names import one_line
 from .rate import Burst, Rates
@@ -53,22 +52,6 @@ MAX_INPUT = 16 << 20  # bytes of one task's input
 # flood of work costs a bounded memory (a queued task is held until it runs).
 MAX_QUEUED = 10_000
 REFUSALS_PER_S = 50  # an agent's refusals logged one by one per second (then counted)
-# Events logged for the record only: no state is rebuilt from them (the rest each have
-# exactly one handler in a state holder's `appliers`; tests/test_units.py checks both).
-AUDIT_ONLY = frozenset({
-    "agent_step", "agent_unconfined", "audit_enabled", "audit_unavailable", "bug",
-    "cluster_fenced", "cluster_takeover", "cluster_unfenced", "conversation_closed", "conversation_compacted", "conversation_opened", "declassified",
-    "delivery_refused", "escalated",
-    "escape_attempt", "escape_denied", "injection_suspected", "log_fault", "log_recovered",
-    "mail_delivered", "mount",
-    "mail_duplicate", "model_config_error", "outputs_retired", "retention_config_error",
-    "model_retry", "model_throttled",
-    "model_unreachable", "refused", "replay_set_aside", "search_fallback",
-    "search_index_damaged", "search_semantic", "set_aside_dismissed", "supervisor_restart",
-    "task_progress", "topics_config_error", "limit_exceeded", "limits_unavailable",
-    "unclean_stop", "unmount", "unveil_denied", "vault_changed", "watch_capped",
-    "watch_restored", "watch_unavailable"})
-Applier = Callable[[Event, "Agent | None", "Task | None"], None]
 log = logging.getLogger("fs9.kernel")
 
 
@@ -77,18 +60,6 @@ def _first(group: BaseExceptionGroup) -> BaseException:
     while isinstance(group, BaseExceptionGroup):
         group = group.exceptions[0]
     return group
-
-
-def event_table(*holders) -> dict[str, Applier]:
-    """One table from event kind to the handler that applies it, merged from each
-    state holder's `appliers()`; a kind claimed twice is a defect."""
-    table: dict[str, Applier] = {}
-    for holder in holders:
-        for kind, handler in holder.appliers().items():
-            if kind in table or kind in AUDIT_ONLY:
-                raise AssertionError(f"event {kind} has two handlers")
-            table[kind] = handler
-    return table
 
 
 class Kernel(Lifecycles, RootCtl):

@@ -138,6 +138,7 @@ class Lifecycles:
         if agent.spawned_by is not None:
             self.spawned_by[agent.spawned_by] += 1
         self.memory.spawned(agent)
+        self.bus.subscribed(agent)
         self.owners.update(dict.fromkeys(agent.view.owns, agent.name))
         self.owned_depth = max([self.owned_depth, *map(len, agent.view.owns)])
         if not agent.on_demand:  # (an on-demand one sleeps until work comes)
@@ -149,6 +150,7 @@ class Lifecycles:
             self._end(queued, "cancelled", reason="agent killed")
         del self.agents[agent.name]
         finished.killed(self, agent)
+        self.bus.unsubscribed(agent)
         _drop(self.of_home, agent.home)
         if self.uids.get(agent.uid) is agent:
             del self.uids[agent.uid]

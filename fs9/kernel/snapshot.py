@@ -7,7 +7,7 @@ A snapshot at event S is a *replay plan* plus a *residue*, one row of log.sqlite
            (Kernel.apply), less those whose whole effect is gone from the state or
            summed in the residue: the lifecycle events of retired tasks (finished.py)
            and the `mail_sent` and `mail_acked` of acknowledged mail (not federated).
-           Events for the record only (AUDIT_ONLY) have no effect and are never kept.
+           Events for the record only (AUDIT_ONLY, appliers.py) have no effect and are never kept.
   residue  the state those left-out events did change, as it was at S: the kernel's
            and each agent's task tallies, each agent's correlation ids and breaker
            failures, the idempotency keys, the metrics' counts and task durations.

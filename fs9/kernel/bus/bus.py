@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..kernel import Kernel
+    from ..agents.agent import Agent
 
 
 
@@ -81,6 +82,10 @@ class Bus(Publishing, Replies):
         self.operator = Operator()
         self.topics: dict[str, Topic] = {}
         self.topics_by: collections.Counter[str] = collections.Counter()  # agent -> made
+        # topic -> the agents whose manifest subscribes to it (a manifest is fixed at
+        # spawn: kept at spawn and kill, so a publish walks its subscribers, not every
+        # agent of a mount that may hold thousands)
+        self.subscribers: dict[str, dict[str, "Agent"]] = {}
         self.retention = self._retention()
         # from -> its latest idempotency keys -> the id of the message stored for each
         self.sent_keys = SentKeys(KEYS_PER_SENDER, KEYS_SENDERS, KEYS_TOTAL)

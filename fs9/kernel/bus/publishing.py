@@ -70,11 +70,24 @@ class Publishing:
         self.kernel.record("published", topic=topic.name, sender=sender, label=label,
                            size=len(data), blob=data, keep=f"topic:{topic.name}",
                            trim_below=topic.oldest_after(len(data)) or log.next_seq)
-        for agent in list(self.kernel.agents.values()):
-            if topic.name in agent.manifest.get("subscribe", ()):
-                self.deliver_event(agent, topic.name, data, sender)
+        for agent in list(self.subscribers.get(topic.name, {}).values()):
+            self.deliver_event(agent, topic.name, data, sender)
         # peers subscribed to it, if it is exported (kernel/federation/topics.py)
         self.kernel.federation.topics.fan_out(topic.name, data, sender, label)
+
+    def subscribed(self, agent) -> None:
+        """agent is spawned: its manifest's `subscribe` topics deliver to it as mail."""
+        for name in agent.manifest.get("subscribe", ()):
+            self.subscribers.setdefault(name, {})[agent.name] = agent
+
+    def unsubscribed(self, agent) -> None:
+        """agent is killed."""
+        for name in agent.manifest.get("subscribe", ()):
+            subscribers = self.subscribers.get(name, {})
+            if subscribers.get(agent.name) is agent:
+                del subscribers[agent.name]
+                if not subscribers:
+                    del self.subscribers[name]
 
     def _topic(self, name: str) -> Topic:
         if name not in self.topics:

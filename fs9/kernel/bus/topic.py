@@ -22,6 +22,7 @@ import itertools
 import math
 import time
 import tomllib
+import weakref
 
 import trio
 
@@ -38,9 +39,15 @@ BOUNDS = {"keep_events": (1, 1_000_000), "keep_bytes": (MAX_EVENT, 1 << 30)}
 # An event published within QUIET_S of the one before is held for HOLD_S at most (one
 # that comes after a quiet spell wakes the readers at once): a woken reader's read then
 # carries every event published meanwhile. Woken for each event, each subscriber made a
-# FUSE read per publish, most of a fan-out's cost (docs/benchmarks.md).
+# FUSE read per publish, most of a fan-out's cost (docs/benchmarks.md). The hold (and
+# the quiet spell with it) grows with the topic's readers (open subscriptions),
+# HOLD_PER_READER_S each, up to HOLD_MAX_S: a woken read costs the server about 50 us,
+# so a stream's wake-ups take at most about a third of its time however many subscribe
+# and the publisher keeps its pace (10 subscribers: 2x the events delivered a second).
 HOLD_S = 0.0005
-QUIET_S = 0.002
+HOLD_PER_READER_S = 0.00015
+HOLD_MAX_S = 0.005
+QUIET_S = 0.002  # (QUIET_S / HOLD_S: how many holds long a quiet spell is)
 
 
 class Retention:
@@ -107,6 +114,7 @@ class Topic:
         self.label = CLASSIFICATIONS[0]  # the highest clearance that published here
         self.bytes = 0  # of the events kept
         self.changes = Changes()  # bumped when readers are woken (_wake)
+        self.readers: weakref.WeakSet = weakref.WeakSet()  # open subscriptions (cursors)
         self.shown = 0  # the events readers have been woken for (count, or behind: held)
         self.last = -math.inf  # when the latest event was published (by clock)
         self.held = False  # a timer will wake them (it carries every event until then)
@@ -117,14 +125,20 @@ class Topic:
         """The log seq of the oldest event kept (0: none): the log keeps no body below."""
         return self.events[0][0] if self.events else 0
 
-    def oldest_after(self, size: int) -> int:
-        """The log seq of the oldest event kept once one of `size` bytes is published
-        (0: that one alone): the log keeps no body below it."""
+    def _drops(self, size: int) -> int:
+        """How many of the kept events (oldest first) a publish of `size` bytes pushes
+        out: one past keep_events, then as many as keep_bytes needs (the new one stays)."""
         drop = int(len(self.events) == self.events.maxlen)
         total = self.bytes + size - (len(self.events[0][2]) if drop else 0)
         while total > self.keep_bytes and drop < len(self.events):
             total -= len(self.events[drop][2])
             drop += 1
+        return drop
+
+    def oldest_after(self, size: int) -> int:
+        """The log seq of the oldest event kept once one of `size` bytes is published
+        (0: that one alone): the log keeps no body below it."""
+        drop = self._drops(size)
         return self.events[drop][0] if drop < len(self.events) else 0
 
     def publish(self, data: bytes | None, label: str = "internal", seq: int = 0) -> int:
@@ -136,26 +150,25 @@ class Topic:
         if data is None:
             self.shown = self.count  # (replay: nobody reads yet)
             return self.count
-        if len(self.events) == self.events.maxlen:
-            self.bytes -= len(self.events[0][2])  # the deque drops it on append
+        for _ in range(self._drops(len(data))):
+            self.bytes -= len(self.events.popleft()[2])
         self.events.append((seq, label, data))
         self.bytes += len(data)
-        while self.bytes > self.keep_bytes and len(self.events) > 1:
-            self.bytes -= len(self.events.popleft()[2])
         self._wake()
         return self.count
 
     def _wake(self) -> None:
         """Wake the readers for what is published so far: now, if the topic was quiet
-        (no event in the QUIET_S before this one); else HOLD_S from now (one timer a
-        topic, carrying every event published until it fires)."""
+        (no event in the quiet spell before this one); else after a hold from now (one
+        timer a topic, carrying every event published until it fires)."""
         now = self.clock()
-        streaming, self.last = now - self.last < QUIET_S, now
+        hold = min(HOLD_MAX_S, max(HOLD_S, HOLD_PER_READER_S * len(self.readers)))
+        streaming, self.last = now - self.last < hold * (QUIET_S / HOLD_S), now
         if self.held:
             return
         if streaming:
             try:
-                trio.lowlevel.spawn_system_task(self._wake_after, HOLD_S, name="topic wake")
+                trio.lowlevel.spawn_system_task(self._wake_after, hold, name="topic wake")
                 self.held = True
                 return
             except RuntimeError:  # not in trio's thread: no timer, so at once

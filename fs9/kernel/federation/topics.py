@@ -224,8 +224,8 @@ class Topics:
                                     blob=body, keep=f"topic:{name}", fed=f"{origin}/{msg_id}"))]
         refused = []
         bus = self.kernel.bus
-        for agent in list(self.kernel.agents.values()):  # its durable subscribers
-            if name not in agent.manifest.get("subscribe", ()) or agent.killed:
+        for agent in list(bus.subscribers.get(name, {}).values()):  # durable subscribers
+            if agent.killed:
                 continue
             if not message.clearance_allows(agent.manifest["clearance"], level):
                 refused.append((agent.name, f"{agent.name} is cleared for "
