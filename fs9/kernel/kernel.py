@@ -29,6 +29,7 @@ from .agents import sandbox as sandboxes
 from .agents.agent import Agent
 from .agents.ondemand import MAX_AWAKE, Wakes
 from .agents.memory import Memory
+from .bus import message
 from .bus.bus import Bus
 from .federation import link
 from .federation.federation import Federation
@@ -342,7 +343,7 @@ class Kernel(Lifecycles, RootCtl):
         extra = dict(reply_to=reply_to, request=request) if reply_to else {}
         if reply_to and (asker := self.bus.stamp(reply_to) if asker is None else asker):
             extra["asker"] = asker
-        self.record("task_queued", agent=agent.name, task=tid, corr=corr or os.urandom(8).hex(),
+        self.record("task_queued", agent=agent.name, task=tid, corr=corr or message.new_id(),
                     blob=data or b"", daemon=data is None, **extra)
         return self.tasks[tid]
 

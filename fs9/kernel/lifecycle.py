@@ -60,7 +60,7 @@ class Lifecycles:
         events = self.log.append_many(items)
         for event, (_, fields) in zip(events, items):
             self._fresh_blob = (event.seq, fields.get("blob"))
-            self.apply(event)
+            self.apply(event, checked=True)
         return events
 
     def blob(self, e: Event) -> bytes:

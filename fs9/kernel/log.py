@@ -175,15 +175,19 @@ class EventLog(Records):
         return events[len(deferred):]
 
     def _append_many(self, items: list[tuple[str, dict]]) -> list[Event]:
-        now, rows = time.time(), []
-        for n, (kind, fields) in enumerate(items):
+        now, seq = time.time(), self.last_seq
+        events, values, kept = [], [], []
+        for kind, fields in items:
+            seq += 1
             data = dict(fields)
-            head = [data.pop(k, None) for k in ("agent", "task", "corr", "blob", "keep")]
-            rows.append((self.next_seq + n, kind, *head, data))
-        values = [(seq, now, kind, agent, task, corr, _json(data), None if keep else blob)
-                  for seq, kind, agent, task, corr, blob, keep, data in rows]
-        kept = [(seq, keep, blob or b"") for seq, _, _, _, _, blob, keep, _ in rows
-                if keep is not None]
+            agent, task, corr = data.pop("agent", None), data.pop("task", None), \
+                data.pop("corr", None)
+            blob, keep = data.pop("blob", None), data.pop("keep", None)
+            values.append((seq, now, kind, agent, task, corr, _json(data),
+                           None if keep else blob))
+            if keep is not None:
+                kept.append((seq, keep, blob or b""))
+            events.append(Event(seq, now, kind, agent, task, corr, data))
         if not kept and len(values) <= ONE_STATEMENT:
             # one statement, its own transaction: all its rows or none (a send and its
             # records, an acknowledgement and the deliveries riding with it), at the
@@ -195,8 +199,9 @@ class EventLog(Records):
             if kept:
                 self._write(INSERT_KEPT, kept, many=True)
             self._write("COMMIT", ())
-        return [self._logged(Event(seq, now, kind, agent, task, corr, data))
-                for seq, kind, agent, task, corr, _, _, data in rows]
+        for event in events:
+            self._logged(event)
+        return events
 
     def _recovered(self) -> None:
         if self.trouble is not None:  # the writes refused before this one, on the record

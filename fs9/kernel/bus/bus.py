@@ -297,7 +297,7 @@ class Bus(Publishing, Replies):
         acknowledged (a topic keeps its own events only within its retention: topic.py),
         so a flood that a subscriber keeps reading does not grow the disk; the
         `mail_sent` and `mail_acked` events stay, for the audit."""
-        seqs = [m.seq for m in acked if m.headers.get("type") == "event"]
+        seqs = [m.seq for m in acked if not m.in_row and m.headers.get("type") == "event"]
         if seqs:
             self.kernel.log.forget(SUBSCRIPTIONS, seqs)
 
@@ -357,7 +357,7 @@ class Bus(Publishing, Replies):
             return  # mail for an agent killed since: gone with it
         msg = self.sending.pop(e.data["id"], None)  # as checked: not parsed again
         if msg is not None:
-            msg.seq = e.seq
+            msg.seq, msg.in_row = e.seq, True
         else:
             blob = self.kernel.blob(e)
             if not blob:

@@ -40,8 +40,9 @@ class MailStream:
         behind = box.removals - self.removals
         if behind and self.given:
             if behind <= len(box.removed):
-                for name in list(box.removed)[-behind:]:
-                    self.given.pop(name, None)
+                removed = box.removed  # (the latest `behind`, not a copy of them all)
+                for n in range(1, behind + 1):
+                    self.given.pop(removed[-n], None)
             else:
                 self.given = {n: None for n in self.given if n in box.pending}
         self.removals = box.removals

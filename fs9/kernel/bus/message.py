@@ -50,6 +50,9 @@ class Message:
     # from another OS: its mail_sent also feeds federation's inbox, so a snapshot's
     # replay keeps it once acknowledged (kernel/snapshot.py)
     fed: bool = False
+    # sent by an agent or the operator (Bus.send, mail/batch): its body is in its
+    # mail_sent's row, never kept apart, so its acknowledgement forgets nothing (Bus.forget)
+    in_row: bool = False
     # its mail/stream line, kept once a read took only part of it: every open reading it
     # in pieces shares this one copy (kernel/bus/mailstream.py)
     line: bytes | None = field(default=None, repr=False, compare=False)
@@ -73,9 +76,11 @@ class Message:
         return parse_time(value) if value else None
 
     def render(self) -> bytes:
-        keys = [k for k in ORDER if k in self.headers] + sorted(
-            k for k in self.headers if k not in ORDER)
-        head = "".join(f"{k}: {self.headers[k]}\n" for k in keys)
+        headers = self.headers
+        keys = [k for k in ORDER if k in headers]
+        if len(keys) < len(headers):  # (extension keys, sorted: most messages have none)
+            keys += sorted(k for k in headers if k not in ORDER)
+        head = "".join([f"{k}: {headers[k]}\n" for k in keys])
         return head.encode() + b"\n" + self.body
 
 
