@@ -129,7 +129,11 @@ def _snapshot(mount) -> dict:
 
 def _quiet(mount) -> bool:
     """Every agent in the tree is idle with nothing queued, and every task has ended (an
-    agent whose sandbox is starting with a task in hand still reads idle, queued=0)."""
+    agent whose sandbox is starting with a task in hand still reads idle, queued=0), a
+    killed agent's too: its loop ends its running task in its own time after the kill,
+    and until then the kernel counts it running (a remount would count it interrupted)."""
+    if "queued=0 running=0" not in mount.read("ctl"):
+        return False
     for a in os.listdir(mount.path / "agents"):
         if mount.status(a)["state"] != "idle" or mount.status(a)["queued"] != "0":
             return False
