@@ -172,18 +172,21 @@ def logged(mount: Mount, kind: str) -> int:
         db.close()
 
 
-@pytest.mark.xfail(strict=True, reason="steps counted per write, not per line")
 def test_a_write_of_many_short_steps_is_held_to_the_steps_rate(mount):
     """`steps` allows an agent 200 events a second (a burst of 1,000): counted per
     write, a write of 60,000 one-byte lines was 60,000 agent_step events at once (fs9's
-    loop busy writing them, every agent and the operator waiting)."""
-    got = flood(mount, "stepper", "steps", "x\\n", "60000", "4")
+    loop busy writing them, every agent and the operator waiting: 4 such writes, 240,000
+    events, 11 s)."""
+    got = flood(mount, "stepper", "steps", "x\\n", "600", "40")
     steps = logged(mount, "agent_step")
     assert steps <= 1000 + 200 * (got["elapsed"] + 2), f"{steps} agent_step events: {got}"
     assert got["codes"].get("EAGAIN"), got
+    # more lines in one write than the burst could never pass: EFBIG, nothing logged
+    assert errno_of(mount.write, "agents/stepper/steps", "x\n" * 60000) == errno.EFBIG
+    assert logged(mount, "agent_step") == steps
+    assert "60000 steps in one write: at most 1000" in mount.read("agents/stepper/err")
 
 
-@pytest.mark.xfail(strict=True, reason="progress has no rate")
 def test_progress_reports_are_held_to_the_steps_rate(mount):
     """Each write to tasks/ID/progress is a task_progress event (up to 4 KiB of text)
     and a status_update message: without a rate an agent wrote them as fast as fs9

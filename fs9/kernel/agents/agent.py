@@ -200,10 +200,11 @@ class Agent(Runs, OnDemand, Shown):
         ids = dict(agent=self.name, task=task.id if task else None,
                    corr=task.corr if task else None)
         log = self.kernel.log
-        self.kernel.rates.take(self.name, "steps", len(data), time.monotonic())
-        for line in data.decode(errors="replace").split("\n"):
-            if not line.strip():
-                continue
+        lines = [line for line in data.decode(errors="replace").split("\n") if line.strip()]
+        # each line is an event: a write of many short lines is held to the rate as many
+        self.kernel.rates.take(self.name, "steps", len(data), time.monotonic(),
+                               count=len(lines))
+        for line in lines:
             try:  # (NaN and Infinity are not JSON to the log's readers: a note)
                 step = json.loads(line, parse_constant=_not_json)
             except (ValueError, RecursionError):  # (too deeply nested: RecursionError)
