@@ -195,3 +195,35 @@ def test_progress_reports_are_held_to_the_steps_rate(mount):
     reports = logged(mount, "task_progress")
     assert reports <= 1000 + 200 * (got["elapsed"] + 2), f"{reports} task_progress: {got}"
     assert got["codes"].get("EAGAIN"), got
+
+
+# --- an agent's spawn words narrow a definition, never widen it ----------------------
+
+BOSS = ('cmd = ["cat"]\nunconfined = true\npledge = ["read", "write", "send", "spawn"]\n'
+        'spawns = ["worker", "flaky"]\n[unveil]\n"ctl" = "w"\n')
+
+
+@pytest.mark.xfail(strict=True, reason="an agent's spawn words widen the definition")
+def test_an_agents_spawn_never_widens_the_definition(mount):
+    """An agent with the spawn pledge may set priority, timeout_s, max_restarts,
+    within_s and restart of the definitions it may start: only to narrow them. It set a
+    child interactive (above the definition's and its own), without a time limit
+    (timeout_s=0), and a daemon whose definition gives up after 3 restarts a minute to
+    restart for ever (455 confined sandboxes started in 5 s)."""
+    mount.define("boss", BOSS)
+    mount.define("worker", 'cmd = ["cat"]\ntimeout_s = 60\n')
+    mount.define("flaky", 'cmd = ["sh", "-c", "exit 1"]\nmode = "daemon"\n'
+                 'restart = "transient"\nmax_restarts = 3\nwithin_s = 60\n')
+    mount.sh("echo 'spawn boss' > ctl", check=True)
+    ctl = "agents/boss/view/ctl"
+    for words in ("w1 def=worker priority=interactive", "w2 def=worker timeout_s=0",
+                  "w3 def=worker timeout_s=61", "f1 def=flaky max_restarts=1000000000",
+                  "f2 def=flaky within_s=0.001", "f3 def=flaky restart=permanent"):
+        assert errno_of(mount.write, ctl, f"spawn {words}\n") == errno.EPERM, words
+        assert words.split()[0] not in os.listdir(mount.path / "agents"), words
+    assert "may not widen definition worker: priority=interactive" in mount.read("agents/boss/err")
+    # narrowing is fine
+    mount.write(ctl, "spawn w4 def=worker priority=background timeout_s=5\n")
+    assert mount.status("w4")["priority"] == "background"
+    mount.write(ctl, "spawn f4 def=flaky max_restarts=1 within_s=120 restart=temporary\n")
+    assert 'restart = "temporary"' in mount.read("agents/f4/manifest")
