@@ -203,7 +203,6 @@ BOSS = ('cmd = ["cat"]\nunconfined = true\npledge = ["read", "write", "send", "s
         'spawns = ["worker", "flaky"]\n[unveil]\n"ctl" = "w"\n')
 
 
-@pytest.mark.xfail(strict=True, reason="an agent's spawn words widen the definition")
 def test_an_agents_spawn_never_widens_the_definition(mount):
     """An agent with the spawn pledge may set priority, timeout_s, max_restarts,
     within_s and restart of the definitions it may start: only to narrow them. It set a
