@@ -130,8 +130,10 @@ timeout_s = 120
 
 FLOOD_PY = r"""
 import errno, json, os, sys, time
-target = os.environ[sys.argv[1]] if sys.argv[1] != "steps" else \
-    os.path.join(os.environ["FS9_AGENT_DIR"], "steps")
+target = sys.argv[1]  # its own steps, a file of the mount (mnt:PATH), or $NAME
+target = os.path.join(os.environ["FS9_AGENT_DIR"], "steps") if target == "steps" else \
+    os.path.join(os.environ["FS9_MNT"], target[4:]) if target.startswith("mnt:") else \
+    os.environ[target]
 payload = sys.argv[2].encode().decode("unicode_escape").encode() * int(sys.argv[3])
 writes = int(sys.argv[4])
 codes = {}
@@ -150,11 +152,11 @@ print(json.dumps({"codes": codes, "elapsed": time.monotonic() - started}))
 """
 
 
-def flood(mount: Mount, name: str, *args: str) -> dict:
+def flood(mount: Mount, name: str, *args: str, unveil: str = "") -> dict:
     """A confined agent name running flood.py ARGS (what to write: the file, a text
     repeated so many times, so many times) once: what its writes got."""
     toml = FLOODER.replace('"flood.py"]', '"flood.py", ' + ", ".join(json.dumps(a) for a in args) + "]")
-    mount.define(name, toml, {"flood.py": FLOOD_PY})
+    mount.define(name, toml + (f"[unveil]\n{unveil}" if unveil else ""), {"flood.py": FLOOD_PY})
     mount.sh(f"echo 'spawn {name}' > ctl", check=True)
     mount.write(f"agents/{name}/in", "go\n")
     from conftest import wait_task
@@ -226,3 +228,22 @@ def test_an_agents_spawn_never_widens_the_definition(mount):
     assert mount.status("w4")["priority"] == "background"
     mount.write(ctl, "spawn f4 def=flaky max_restarts=1 within_s=120 restart=temporary\n")
     assert 'restart = "temporary"' in mount.read("agents/f4/manifest")
+
+
+# --- work handed on through `in` is held to the writer's mail rate --------------------
+
+@pytest.mark.xfail(strict=True, reason="`in` has no rate: work handed on by an agent")
+def test_work_an_agent_hands_on_through_in_is_held_to_its_mail_rate(mount):
+    """An agent's `in` write is a task whose input (up to 16 MiB) the log keeps, as a
+    message's body: a cluster node already charged it to the writer's mail rate
+    (4 MiB/s, a burst of 16 MiB), one node did not. 40 writes of 1 MiB to a worker's
+    `in` all passed at once: the log grew at the disk's speed, not the rate's."""
+    mount.define("worker", 'cmd = ["true"]\nunconfined = true\n')
+    mount.sh("echo 'spawn worker' > ctl", check=True)
+    got = flood(mount, "hander", "mnt:agents/worker/in", "z", str(1 << 20), "40",
+                unveil='"agents/worker/in" = "w"\n')
+    queued = logged(mount, "task_queued") - 1  # (the flood's own task)
+    assert got["codes"].get("EAGAIN"), got
+    allowed_mib = 16 + 4 * (got["elapsed"] + 2)
+    assert queued <= allowed_mib, f"{queued} tasks of 1 MiB in {got['elapsed']:.1f} s: {got}"
+    assert "over its rate for mail" in mount.read("agents/hander/err")
