@@ -127,7 +127,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/ctl": lambda k, agent, me=None: Ctl(
         lambda d: k.guarded(agent.ctl, d, me, agent=agent.name), agent.status_line),
     "agents/{agent}/in": lambda k, agent, me=None: Ctl(
-        lambda d: k.guarded(lambda: k.bus.check_input(agent, me) or k.submit(
+        lambda d: k.guarded(lambda: k.bus.check_input(agent, me, len(d)) or k.submit(
             agent, d, reply_to=me if me != agent.name else ""), agent=agent.name,
                             file="in"), whole=True,
         refused=lambda e: k.refused(e, agent=agent.name, file="in")),

@@ -133,7 +133,7 @@ class Agent(Runs, OnDemand, Shown):
         for p in parsed:  # every line is checked before any is applied
             self.check(p, last=p is parsed[-1])
             if by is not None and p.cmd.verb == "run":  # work handed on, as by `in`
-                self.kernel.bus.check_input(self, by)
+                self.kernel.bus.check_input(self, by, len(p.args[0].encode()))
             if by is not None and p.cmd.verb == "reset":
                 raise Fs9Error(errno.EPERM, f"only the operator resets {self.name}'s "
                                             f"circuit breaker, not agent {by}")
