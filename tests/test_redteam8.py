@@ -246,3 +246,23 @@ def test_work_an_agent_hands_on_through_in_is_held_to_its_mail_rate(mount):
     allowed_mib = 16 + 4 * (got["elapsed"] + 2)
     assert queued <= allowed_mib, f"{queued} tasks of 1 MiB in {got['elapsed']:.1f} s: {got}"
     assert "agent hander is over its rate for mail" in mount.read("log/audit")
+
+
+# --- the kill switch is the operator's ---------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="an agent with spawn halts fs9 and resumes the operator's halt")
+def test_only_the_operator_halts_and_resumes(mount):
+    """`halt` stops every agent's work and `resume` undoes it: the kill switch. An agent
+    with the spawn pledge (it may write the root ctl to start its definitions) halted
+    every agent, and resumed fs9 after the operator had halted it."""
+    mount.define("boss", BOSS)
+    mount.sh("echo 'spawn boss' > ctl", check=True)
+    ctl = "agents/boss/view/ctl"
+    assert errno_of(mount.write, ctl, "halt\n") == errno.EPERM
+    assert mount.read("ctl").startswith("state=running")
+    mount.write("ctl", "halt\n")  # the operator pulls the switch
+    assert errno_of(mount.write, ctl, "resume\n") == errno.EPERM
+    assert mount.read("ctl").startswith("state=halted")
+    assert "only the operator halts or resumes fs9, not agent boss" in mount.read("agents/boss/err")
+    mount.write("ctl", "resume\n")
+    assert mount.read("ctl").startswith("state=running")
