@@ -250,7 +250,6 @@ def test_work_an_agent_hands_on_through_in_is_held_to_its_mail_rate(mount):
 
 # --- the kill switch is the operator's ---------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="an agent with spawn halts fs9 and resumes the operator's halt")
 def test_only_the_operator_halts_and_resumes(mount):
     """`halt` stops every agent's work and `resume` undoes it: the kill switch. An agent
     with the spawn pledge (it may write the root ctl to start its definitions) halted

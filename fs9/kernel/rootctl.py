@@ -59,6 +59,11 @@ class RootCtl:
                                                 f"{p.args[0]}: supervision trees are the operator's")
                 names -= {a.name for a in supervision.subtree(self, self.agents[p.args[0]])} \
                     if p.args[0] in self.agents else {p.args[0]}
+            elif p.cmd.verb in ("halt", "resume"):
+                if by is not None:  # the kill switch: an agent (its spawn pledge lets it
+                    # write here) would stop everyone's work, or undo the operator's halt
+                    raise Fs9Error(errno.EPERM, f"only the operator halts or resumes fs9, "
+                                                f"not agent {by}")
             elif p.cmd.verb == "dismiss":
                 if by is not None:
                     raise Fs9Error(errno.EPERM, f"only the operator dismisses set-aside "
