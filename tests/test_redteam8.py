@@ -265,3 +265,25 @@ def test_only_the_operator_halts_and_resumes(mount):
     assert "only the operator halts or resumes fs9, not agent boss" in mount.read("agents/boss/err")
     mount.write("ctl", "resume\n")
     assert mount.read("ctl").startswith("state=running")
+
+
+@pytest.mark.xfail(strict=True, reason="an agent's ctl lines have no rate")
+def test_an_agents_commands_are_held_to_a_rate(mount):
+    """Each line of a ctl write is a command and an event (`priority`, `agent_stop`...),
+    and an agent may always write its own ctl: 10 writes of 5,000 `priority background`
+    lines were 50,000 events in 3 s. An agent's commands have a rate, line by line (100
+    a second, a burst of 500: EAGAIN past it; more lines in one write, EFBIG), on its
+    own ctl, another's and the root's alike."""
+    mount.define("a", 'cmd = ["cat"]\nunconfined = true\npriority = "background"\n')
+    mount.sh("echo 'spawn a' > ctl", check=True)
+    own = "agents/a/view/agents/a/ctl"
+    assert errno_of(mount.write, own, "priority background\n" * 5000) == errno.EFBIG
+    started, codes = time.monotonic(), []
+    for _ in range(40):
+        codes.append(errno_of(mount.write, own, "priority background\n" * 100))
+    elapsed = time.monotonic() - started
+    assert errno.EAGAIN in codes, codes
+    said = logged(mount, "priority")
+    assert said <= 500 + 100 * (elapsed + 2), f"{said} priority events in {elapsed:.1f} s"
+    mount.write("agents/a/ctl", "priority normal\n" * 2000)  # the operator is not limited
+    assert logged(mount, "priority") == said + 2000
