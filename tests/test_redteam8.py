@@ -267,7 +267,6 @@ def test_only_the_operator_halts_and_resumes(mount):
     assert mount.read("ctl").startswith("state=running")
 
 
-@pytest.mark.xfail(strict=True, reason="an agent's ctl lines have no rate")
 def test_an_agents_commands_are_held_to_a_rate(mount):
     """Each line of a ctl write is a command and an event (`priority`, `agent_stop`...),
     and an agent may always write its own ctl: 10 writes of 5,000 `priority background`

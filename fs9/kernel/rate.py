@@ -1,5 +1,6 @@
 """Per-agent rate limits: how fast one agent may add to what fs9 keeps (mail, topic
-events, steps, memory notes), so that no agent can bloat the log or the memory for everyone.
+events, steps, memory notes, commands), so that no agent can bloat the log or the memory
+for everyone.
 
 A token bucket per (agent, kind): RATES[kind] = (per second, burst). Counted in
 events and, separately, in bytes. Beyond it a request is refused with EAGAIN (try
@@ -16,6 +17,7 @@ RATES = {
     "publish": (500.0, 2000, 4 << 20, 16 << 20),
     "steps": (200.0, 1000, 1 << 20, 4 << 20),
     "memory": (50.0, 256, 1 << 20, 4 << 20),  # notes, each write logged whole (memory.py)
+    "commands": (100.0, 500, 1 << 20, 4 << 20),  # ctl lines: each applied is an event
 }
 
 

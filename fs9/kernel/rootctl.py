@@ -6,6 +6,7 @@ applied (lib9p's rule: a whole write or nothing), then each is recorded as event
 """
 import errno
 import os
+import time
 
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd, supervision
@@ -69,6 +70,8 @@ class RootCtl:
                     raise Fs9Error(errno.EPERM, f"only the operator dismisses set-aside "
                                                 f"events, not agent {by}")
                 self._set_aside(p.args[0])
+        if by is not None:  # each line an event (a spawn, a kill): an agent's at a rate
+            self.rates.take(by, "commands", len(data), time.monotonic(), count=len(parsed))
         uids = sandboxes.UidPicker(self)  # (vetted ahead, or one walk of /proc a write)
         for p in parsed:
             if p.cmd.verb == "spawn":

@@ -141,6 +141,9 @@ class Agent(Runs, OnDemand, Shown):
                     RANKS.index(p.args[0]) > RANKS.index(self.priority):
                 raise Fs9Error(errno.EPERM, f"agent {by} may lower {self.name}'s priority, "
                                             f"not raise it ({self.priority} -> {p.args[0]})")
+        if by is not None:  # each line an event: an agent's, its own ctl too, at a rate
+            self.kernel.rates.take(by, "commands", len(data), time.monotonic(),
+                                   count=len(parsed))
         for p in parsed:
             getattr(self, p.cmd.method)(*p.args)
 
