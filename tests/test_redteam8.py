@@ -290,7 +290,6 @@ def test_an_agents_commands_are_held_to_a_rate(mount):
 
 # --- conversations with models are capped per agent -------------------------------
 
-@pytest.mark.xfail(strict=True, reason="conversations have no per-agent cap")
 def test_an_agent_holds_a_bounded_number_of_conversations(mount):
     """Each open of models/M/clone is a conversation, kept in fs9's memory for an hour
     unused (and a log event): an agent opening it in a loop held them without bound.

@@ -265,7 +265,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "models/{model}": None,
     "models/{model}/info": lambda k, model: Status(model.info),
     "models/{model}/clone": lambda k, model, me=None: Clone(
-        lambda: k.models.clone(model, me).id),
+        lambda: k.guarded(k.models.clone, model, me, agent=me, file="clone").id),
     "models/{model}/{conv}": None,
     "models/{model}/{conv}/request": lambda k, model, conv: _conv_request(k, conv),
     "models/{model}/{conv}/reply": lambda k, model, conv: StreamNode(
