@@ -309,3 +309,25 @@ def test_an_agent_holds_a_bounded_number_of_conversations(mount):
     mount.write(f"agents/talker/view/models/scripted/{opened[0]}/ctl", "close\n")
     assert clone.read_text().strip()  # room again
     assert (mount.path / "models/scripted/clone").read_text().strip()  # the operator's
+
+
+# --- rereading pending mail does not grow the log ---------------------------------
+
+@pytest.mark.xfail(strict=True, reason="each read of pending mail is a mail_delivered row")
+def test_rereading_pending_mail_is_logged_once_a_message(mount):
+    """A read of a pending message (its file, next, batch, stream) is a mail_delivered
+    record: rereading the same pending messages wrote one row each time, without a rate
+    (a mail/batch read of 1,000 pending messages: 1,000 rows; 20 of them, 20,000). A
+    message's delivery is now on the record once a mount (a remount delivers again)."""
+    mount.define("a", 'cmd = ["cat"]\nunconfined = true\n')
+    mount.sh("echo 'spawn a' > ctl", check=True)
+    mount.write("agents/a/mail/batch", "".join(f"m{i}\n" for i in range(1000)))
+    box = mount.path / "agents/a/view/agents/a/mail"
+    for _ in range(20):
+        assert (box / "batch").read_bytes().count(b"\n") == 1000
+    first = sorted(n for n in os.listdir(box) if n[0].isdigit())[0]
+    for _ in range(200):
+        assert (box / first).read_bytes().endswith(b"m0\n")
+        assert (box / "next").read_bytes().endswith(b"m0\n")
+    mount.write("agents/a/mail/ack", first)  # (an ack commits the deferred records)
+    assert logged(mount, "mail_delivered") == 1000
