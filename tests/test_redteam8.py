@@ -313,7 +313,6 @@ def test_an_agent_holds_a_bounded_number_of_conversations(mount):
 
 # --- rereading pending mail does not grow the log ---------------------------------
 
-@pytest.mark.xfail(strict=True, reason="each read of pending mail is a mail_delivered row")
 def test_rereading_pending_mail_is_logged_once_a_message(mount):
     """A read of a pending message (its file, next, batch, stream) is a mail_delivered
     record: rereading the same pending messages wrote one row each time, without a rate

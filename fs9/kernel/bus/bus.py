@@ -303,7 +303,10 @@ class Bus(Publishing, Replies):
 
     def delivered(self, agent, msg: Message) -> None:
         """A read of msg, on the record with the next commit (its acknowledgement's, as a
-        rule: EventLog.defer)."""
+        rule: EventLog.defer); its first this mount only (Message.logged)."""
+        if msg.logged:
+            return
+        msg.logged = True
         self.kernel.log.defer("mail_delivered", agent=agent.name,
                               corr=msg.headers["correlation-id"], id=msg.id, name=msg.name)
 
