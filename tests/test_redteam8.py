@@ -339,7 +339,6 @@ def rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-@pytest.mark.xfail(strict=True, reason="an entry per vault inode opened, kept for ever")
 def test_files_made_and_removed_leave_nothing_in_fs9s_memory(mount):
     """At each open of a vault file fs9 notes its mtime and size under its inode number
     (close-to-open consistency of the page cache); inode numbers are never reused and

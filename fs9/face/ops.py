@@ -167,6 +167,8 @@ class Operations(Changes, Reads, pyfuse3.Operations):
         for ino, n in inode_list:
             try:
                 self.inodes.forget(ino, n)
+                if self.inodes.path(ino) is None:  # gone from the kernel, its pages too:
+                    self.cache_keys.pop(ino, None)  # (else one entry a file, for ever)
             except Exception:  # forget must never raise
                 log.exception("forget")
 
