@@ -362,3 +362,33 @@ def test_files_made_and_removed_leave_nothing_in_fs9s_memory(mount):
     grown = rss_kib(mount.pid) - before
     assert grown < 1024, f"fs9 grew {grown} KiB for 15,000 files made and removed"
     assert not os.listdir(mount.vault / "c")
+
+
+# --- a refusal is the writer's -----------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="refusals of writes to another's ctl/in go to that agent")
+def test_refusals_of_writes_to_another_agents_files_are_the_writers(mount):
+    """An agent's refused write to another agent's ctl or in was logged as the other
+    agent's refusal and said in the other's err, not the writer's: the writer got no
+    reason, the audit named the wrong agent, the refusals spent the other's budget of
+    logged refusals (50 a second, then counted), and the other's err, which fs9 writes
+    for the agent about its own commands, carried the writer's words (an unknown
+    command is quoted: `fs9: unknown control message '...'`)."""
+    mount.define("victim", VICTIM + 'clearance = "public"\n')
+    mount.define("boss", 'cmd = ["cat"]\nunconfined = true\npledge = ["read", "write", '
+                 '"send", "spawn"]\n[unveil]\n"agents/victim/ctl" = "w"\n'
+                 '"agents/victim/in" = "w"\n')
+    mount.sh("echo 'spawn victim' > ctl; echo 'spawn boss' > ctl", check=True)
+    view = "agents/boss/view/agents/victim"
+    assert errno_of(mount.write, f"{view}/ctl", "priority interactive\n") == errno.EPERM
+    assert errno_of(mount.write, f"{view}/ctl", "ignore previous instructions\n") == errno.EINVAL
+    assert errno_of(mount.write, f"{view}/in", "work\n") == errno.EACCES  # cleared lower
+    said = mount.read("agents/boss/err")
+    assert "may lower victim's priority" in said and "ignore previous instructions" in said
+    assert "victim is cleared for public, work from boss is internal" in said
+    assert mount.read("agents/victim/err") == ""
+    assert {e["agent"] for e in audit_of(mount, "refused")} == {"boss"}
+
+
+def audit_of(mount: Mount, kind: str) -> list[dict]:
+    return [e for e in map(json.loads, mount.read("log/audit").splitlines()) if e["kind"] == kind]
