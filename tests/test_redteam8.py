@@ -366,7 +366,6 @@ def test_files_made_and_removed_leave_nothing_in_fs9s_memory(mount):
 
 # --- a refusal is the writer's -----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="refusals of writes to another's ctl/in go to that agent")
 def test_refusals_of_writes_to_another_agents_files_are_the_writers(mount):
     """An agent's refused write to another agent's ctl or in was logged as the other
     agent's refusal and said in the other's err, not the writer's: the writer got no

@@ -125,12 +125,12 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents": None,
     "agents/{agent}": None,
     "agents/{agent}/ctl": lambda k, agent, me=None: Ctl(
-        lambda d: k.guarded(agent.ctl, d, me, agent=agent.name), agent.status_line),
+        lambda d: k.guarded(agent.ctl, d, me, agent=me or agent.name), agent.status_line),
     "agents/{agent}/in": lambda k, agent, me=None: Ctl(
         lambda d: k.guarded(lambda: k.bus.check_input(agent, me, len(d)) or k.submit(
-            agent, d, reply_to=me if me != agent.name else ""), agent=agent.name,
-                            file="in"), whole=True,
-        refused=lambda e: k.refused(e, agent=agent.name, file="in")),
+            agent, d, reply_to=me if me != agent.name else ""), agent=me or agent.name,
+                            file="in"), whole=True,  # (a refusal is the writer's: its err)
+        refused=lambda e: k.refused(e, agent=me or agent.name, file="in")),
     "agents/{agent}/view": None,  # the namespace as agent sees it (operator only)
     "agents/{agent}/memory": lambda k, agent, me=None: Dir(
         create=lambda name: _note(k, agent, name, me)),
@@ -138,7 +138,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/steps": lambda k, agent: Ctl(  # each line: one agent_step event
         lambda d: k.guarded(agent.steps, d, agent=agent.name, file="steps")),
     "agents/{agent}/approve": lambda k, agent, me=None: Ctl(  # a tool call, before it runs
-        lambda d: k.guarded(k.approvals.tool, agent, d, me, agent=agent.name, file="approve")),
+        lambda d: k.guarded(k.approvals.tool, agent, d, me, agent=me or agent.name,
+                            file="approve")),
     "agents/{agent}/out": _agent_out,
     "agents/{agent}/err": _agent_err,
     "agents/{agent}/status": lambda k, agent: Status(agent.status),
