@@ -1,14 +1,21 @@
 """Red team 8: holes found by attacking fs9 as a confined agent would, each proved on a
 real mount (the view is the identity: requests through `agents/NAME/view/...` are that
-agent's, exactly the directory its sandbox binds over the mount; a shared vault's other
-users are throwaway uids, as in tests/test_shared_vault.py).
+agent's, exactly the directory its sandbox binds over the mount; agents that must run
+code are confined python programs; a shared vault's other users are throwaway uids, as
+in tests/test_shared_vault.py).
 
-  flood      a lookup of a hidden name that exists is an `unveil_denied` event: a loop
-             of them wrote one row of the log each, without bound (the refusals beside
-             them are counted past 50 a second)
-  trusted    extended attributes outside user.* are read by fs9 as root: `trusted.*`
-             (root's own, CAP_SYS_ADMIN's on Linux) reached agents and a shared vault's
-             users
+  log growth  events an agent made fs9 write without a rate: lookups of hidden names
+              (unveil_denied), steps counted per write not per line, progress reports,
+              ctl lines (its own ctl too), work handed on through `in`, rereads of
+              pending mail (mail_delivered)
+  trusted.*   extended attributes Linux shows only to CAP_SYS_ADMIN, read by fs9 (root)
+              for agents and a shared vault's users
+  authority   an agent's spawn words widened the definition (priority, time limit,
+              restarts); an agent with the spawn pledge halted fs9 and resumed it
+  memory      conversations with models without a per-agent cap; a page-cache key per
+              vault inode kept for ever
+  audit       an agent's refused writes to another agent's ctl and in were logged as,
+              and said to, that other agent
 """
 import errno
 import json
@@ -18,7 +25,7 @@ import time
 
 import pytest
 
-from conftest import Mount, errno_of, fuse_unavailable
+from conftest import Mount, errno_of, fuse_unavailable, wait_task
 
 SPY = ('cmd = ["cat"]\nunconfined = true\npledge = ["read", "write", "send"]\n'
        '[unveil]\n"ctl" = "w"\n"vault" = "r"\n')
@@ -155,11 +162,11 @@ print(json.dumps({"codes": codes, "elapsed": time.monotonic() - started}))
 def flood(mount: Mount, name: str, *args: str, unveil: str = "") -> dict:
     """A confined agent name running flood.py ARGS (what to write: the file, a text
     repeated so many times, so many times) once: what its writes got."""
-    toml = FLOODER.replace('"flood.py"]', '"flood.py", ' + ", ".join(json.dumps(a) for a in args) + "]")
+    words = ", ".join(json.dumps(a) for a in args)
+    toml = FLOODER.replace('"flood.py"]', f'"flood.py", {words}]')
     mount.define(name, toml + (f"[unveil]\n{unveil}" if unveil else ""), {"flood.py": FLOOD_PY})
     mount.sh(f"echo 'spawn {name}' > ctl", check=True)
     mount.write(f"agents/{name}/in", "go\n")
-    from conftest import wait_task
     out, err = wait_task(mount, name, timeout=120)
     assert out.strip(), err
     return json.loads(out.strip().splitlines()[-1])
@@ -386,8 +393,5 @@ def test_refusals_of_writes_to_another_agents_files_are_the_writers(mount):
     assert "may lower victim's priority" in said and "ignore previous instructions" in said
     assert "victim is cleared for public, work from boss is internal" in said
     assert mount.read("agents/victim/err") == ""
-    assert {e["agent"] for e in audit_of(mount, "refused")} == {"boss"}
-
-
-def audit_of(mount: Mount, kind: str) -> list[dict]:
-    return [e for e in map(json.loads, mount.read("log/audit").splitlines()) if e["kind"] == kind]
+    assert {e.get("agent") for e in map(json.loads, mount.read("log/audit").splitlines())
+            if e["kind"] == "refused"} == {"boss"}
