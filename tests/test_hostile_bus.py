@@ -147,7 +147,9 @@ def test_work_written_to_another_agents_in_keeps_the_label_rules(two):
     done = two.status("pub")["done"]
     assert errno_of(two.write, "agents/conf/view/agents/pub/in", "the plans\n") == errno.EACCES
     assert two.status("pub")["done"] == done and two.status("pub")["queued"] == "0"
-    assert "work from conf is confidential" in two.read("agents/pub/err")
+    # the refusal is the writer's: said to conf, not written down into pub's err
+    assert "work from conf is confidential" in two.read("agents/conf/err")
+    assert "work from conf" not in two.read("agents/pub/err")
     two.write("agents/pub/view/agents/conf/in", "the weather\n")
     two.wait_for(lambda: "the weather" in two.read("agents/conf/out"), what="conf's task")
 

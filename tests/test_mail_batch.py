@@ -42,7 +42,8 @@ def test_a_batch_from_the_shell_sent_read_and_acknowledged(mount):
     audit = [json.loads(line) for line in mount.read("log/audit").splitlines()]
     kinds = [e["kind"] for e in audit]
     assert kinds.count("mail_sent") == 5 and kinds.count("mail_acked") == 2
-    assert kinds.count("mail_delivered") == 6 and "refused" in kinds  # 5 in the batch, 1 file
+    # 5 in the batch; the file read after it rereads one of them: on the record already
+    assert kinds.count("mail_delivered") == 5 and "refused" in kinds
 
 
 def test_a_bad_line_refuses_its_write_and_sends_none_of_it(mount):

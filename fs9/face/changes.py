@@ -174,14 +174,14 @@ class Changes:
         self.gate.admit(path, ctx)
         if name.startswith(b"user."):
             self.gate.may(node, os.R_OK, ctx, "read an extended attribute")
-        return await node.getxattr(os.fsdecode(name))
+        return await node.getxattr(os.fsdecode(name), ctx)
 
     @boundary
     async def listxattr(self, ino, ctx):
         path, node = await self._node_or_file(ino)
         if path is not None:
             self.gate.admit(path, ctx)
-        return [os.fsencode(n) for n in await node.listxattr()]
+        return [os.fsencode(n) for n in await node.listxattr(ctx)]
 
     @boundary
     async def setxattr(self, ino, name, value, ctx):

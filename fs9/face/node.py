@@ -150,10 +150,10 @@ class Node:
         raise Fs9Error(errno.EINVAL, "not a symbolic link")
 
     # extended attributes: the namespace has none, and says so at once
-    async def getxattr(self, name: str) -> bytes:
+    async def getxattr(self, name: str, ctx) -> bytes:
         raise Fs9Error(*REFUSALS["getxattr"])
 
-    async def listxattr(self) -> list[str]:
+    async def listxattr(self, ctx) -> list[str]:
         return []
 
     async def setxattr(self, name: str, value: bytes, ctx) -> None:

@@ -17,7 +17,9 @@ import pyfuse3
 import trio
 
 from ..errors import Fs9Error
+from ..kernel.kernel import REFUSALS_PER_S
 from ..kernel.names import shown_path, split_view
+from ..kernel.rate import Burst
 from .access import Gate
 from .boundary import boundary, file_name
 from .changes import Changes
@@ -69,6 +71,7 @@ class Operations(Changes, Reads, pyfuse3.Operations):
         self.cache_keys: dict[int, tuple[int, int]] = {}  # inode -> Handle.cache_key at open
         self._next_fh = 1
         self.mtime_ns = time.time_ns()
+        self._hidden_lookups = Burst(REFUSALS_PER_S)  # unveil_denied events, per agent
 
     # --- helpers ---------------------------------------------------------------
 
@@ -149,8 +152,14 @@ class Operations(Changes, Reads, pyfuse3.Operations):
         except Fs9Error:
             if self.tree.hidden(path):  # an agent reaching for what its view hides
                 viewer, inner = split_view(path)
-                self.kernel.log.append("unveil_denied", agent=viewer, path=shown_path(inner),
-                                       reason="hidden by the agent's view: ENOENT")
+                # a lookup in a loop must not write a row each (ENOENT is not cached):
+                # past the refusals' rate they are counted, the next row says how many
+                extra = self._hidden_lookups.admit(viewer, int(trio.current_time()))
+                if extra is not None:
+                    self.kernel.log.append("unveil_denied", agent=viewer,
+                                           path=shown_path(inner),
+                                           reason="hidden by the agent's view: ENOENT",
+                                           **extra)
             raise
         return self._entry(path, node)
 
@@ -158,6 +167,8 @@ class Operations(Changes, Reads, pyfuse3.Operations):
         for ino, n in inode_list:
             try:
                 self.inodes.forget(ino, n)
+                if self.inodes.path(ino) is None:  # gone from the kernel, its pages too:
+                    self.cache_keys.pop(ino, None)  # (else one entry a file, for ever)
             except Exception:  # forget must never raise
                 log.exception("forget")
 

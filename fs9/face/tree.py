@@ -125,12 +125,12 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents": None,
     "agents/{agent}": None,
     "agents/{agent}/ctl": lambda k, agent, me=None: Ctl(
-        lambda d: k.guarded(agent.ctl, d, me, agent=agent.name), agent.status_line),
+        lambda d: k.guarded(agent.ctl, d, me, agent=me or agent.name), agent.status_line),
     "agents/{agent}/in": lambda k, agent, me=None: Ctl(
-        lambda d: k.guarded(lambda: k.bus.check_input(agent, me) or k.submit(
-            agent, d, reply_to=me if me != agent.name else ""), agent=agent.name,
-                            file="in"), whole=True,
-        refused=lambda e: k.refused(e, agent=agent.name, file="in")),
+        lambda d: k.guarded(lambda: k.bus.check_input(agent, me, len(d)) or k.submit(
+            agent, d, reply_to=me if me != agent.name else ""), agent=me or agent.name,
+                            file="in"), whole=True,  # (a refusal is the writer's: its err)
+        refused=lambda e: k.refused(e, agent=me or agent.name, file="in")),
     "agents/{agent}/view": None,  # the namespace as agent sees it (operator only)
     "agents/{agent}/memory": lambda k, agent, me=None: Dir(
         create=lambda name: _note(k, agent, name, me)),
@@ -138,7 +138,8 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "agents/{agent}/steps": lambda k, agent: Ctl(  # each line: one agent_step event
         lambda d: k.guarded(agent.steps, d, agent=agent.name, file="steps")),
     "agents/{agent}/approve": lambda k, agent, me=None: Ctl(  # a tool call, before it runs
-        lambda d: k.guarded(k.approvals.tool, agent, d, me, agent=agent.name, file="approve")),
+        lambda d: k.guarded(k.approvals.tool, agent, d, me, agent=me or agent.name,
+                            file="approve")),
     "agents/{agent}/out": _agent_out,
     "agents/{agent}/err": _agent_err,
     "agents/{agent}/status": lambda k, agent: Status(agent.status),
@@ -265,7 +266,7 @@ ROWS: dict[str, Callable[..., Node | None]] = {
     "models/{model}": None,
     "models/{model}/info": lambda k, model: Status(model.info),
     "models/{model}/clone": lambda k, model, me=None: Clone(
-        lambda: k.models.clone(model, me).id),
+        lambda: k.guarded(k.models.clone, model, me, agent=me, file="clone").id),
     "models/{model}/{conv}": None,
     "models/{model}/{conv}/request": lambda k, model, conv: _conv_request(k, conv),
     "models/{model}/{conv}/reply": lambda k, model, conv: StreamNode(

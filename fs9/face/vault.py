@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
 
 OWNER_XATTR, CLASS_XATTR = "user.fs9.owner", "user.fs9.classification"
+TRUSTED = "trusted."  # attributes Linux shows only to CAP_SYS_ADMIN
 
 
 class VaultNode(Node):
@@ -262,14 +263,24 @@ class VaultNode(Node):
         return {OWNER_XATTR: (label.agent if label else "").encode(),
                 CLASS_XATTR: (label.level if label else "").encode()}
 
-    async def getxattr(self, name: str) -> bytes:
+    def _root_asks(self, ctx) -> bool:
+        """ctx is root itself, not through an agent's view: fs9 reads the file as root,
+        so what Linux shows only to CAP_SYS_ADMIN (trusted.*) is shown only to root."""
+        return ctx is not None and ctx.uid == 0 and split_view(self.path)[0] is None
+
+    async def getxattr(self, name: str, ctx) -> bytes:
         virtual = self._virtual()
         if name in virtual:
             return virtual[name]
+        if name.startswith(TRUSTED) and not self._root_asks(ctx):
+            raise Fs9Error(errno.ENODATA, "trusted.* attributes are root's")  # (as Linux)
         return await in_thread(self.root.getxattr, self.rel, name)
 
-    async def listxattr(self) -> list[str]:
-        return await in_thread(self.root.listxattr, self.rel) + list(self._virtual())
+    async def listxattr(self, ctx) -> list[str]:
+        names = await in_thread(self.root.listxattr, self.rel)
+        if not self._root_asks(ctx):
+            names = [n for n in names if not n.startswith(TRUSTED)]
+        return names + list(self._virtual())
 
     def _may_change_xattr(self, name: str, ctx) -> None:
         with refusals_logged(self.kernel, self.path):

@@ -1,5 +1,6 @@
 """Per-agent rate limits: how fast one agent may add to what fs9 keeps (mail, topic
-events, steps, memory notes), so that no agent can bloat the log or the memory for everyone.
+events, steps, memory notes, commands), so that no agent can bloat the log or the memory
+for everyone.
 
 A token bucket per (agent, kind): RATES[kind] = (per second, burst). Counted in
 events and, separately, in bytes. Beyond it a request is refused with EAGAIN (try
@@ -16,6 +17,7 @@ RATES = {
     "publish": (500.0, 2000, 4 << 20, 16 << 20),
     "steps": (200.0, 1000, 1 << 20, 4 << 20),
     "memory": (50.0, 256, 1 << 20, 4 << 20),  # notes, each write logged whole (memory.py)
+    "commands": (100.0, 500, 1 << 20, 4 << 20),  # ctl lines: each applied is an event
 }
 
 
@@ -38,16 +40,19 @@ class Rates:
     def __init__(self) -> None:
         self._buckets: dict[tuple[str, str], tuple[Bucket, Bucket]] = {}
 
-    def take(self, agent: str, kind: str, size: int, now: float) -> None:
-        """Count one `kind` of `size` bytes by agent; Fs9Error(EAGAIN) past its rate."""
+    def take(self, agent: str, kind: str, size: int, now: float, count: int = 1) -> None:
+        """Count `count` of `kind` (one write's: each line of `steps` is an event of its
+        own) of `size` bytes by agent; Fs9Error(EAGAIN) past its rate, EFBIG for more
+        in one write than its burst (it could never pass)."""
+        per_s, burst, bytes_s, bytes_burst = RATES[kind]
+        if count > burst:
+            raise Fs9Error(errno.EFBIG, f"{count} {kind} in one write: at most {burst}")
         pair = self._buckets.get((agent, kind))
         if pair is None:
-            per_s, burst, bytes_s, bytes_burst = RATES[kind]
             pair = self._buckets[agent, kind] = (Bucket(per_s, burst, now),
                                                  Bucket(bytes_s, bytes_burst, now))
         events, volume = pair
-        if not events.take(1, now) or not volume.take(min(size, volume.burst), now):
-            per_s, _, bytes_s, _ = RATES[kind]
+        if not events.take(count, now) or not volume.take(min(size, volume.burst), now):
             raise Fs9Error(errno.EAGAIN, f"agent {agent} is over its rate for {kind} "
                                          f"({per_s:.0f}/s, {bytes_s >> 20} MiB/s): try later")
 

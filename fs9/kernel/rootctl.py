@@ -6,6 +6,7 @@ applied (lib9p's rule: a whole write or nothing), then each is recorded as event
 """
 import errno
 import os
+import time
 
 from ..errors import AGENT_EXISTS, NO_AGENT, Fs9Error
 from . import cmd, supervision
@@ -60,11 +61,18 @@ class RootCtl:
                                                 f"{p.args[0]}: supervision trees are the operator's")
                 names -= {a.name for a in supervision.subtree(self, self.agents[p.args[0]])} \
                     if p.args[0] in self.agents else {p.args[0]}
+            elif p.cmd.verb in ("halt", "resume"):
+                if by is not None:  # the kill switch: an agent (its spawn pledge lets it
+                    # write here) would stop everyone's work, or undo the operator's halt
+                    raise Fs9Error(errno.EPERM, f"only the operator halts or resumes fs9, "
+                                                f"not agent {by}")
             elif p.cmd.verb == "dismiss":
                 if by is not None:
                     raise Fs9Error(errno.EPERM, f"only the operator dismisses set-aside "
                                                 f"events, not agent {by}")
                 self._set_aside(p.args[0])
+        if by is not None:  # each line an event (a spawn, a kill): an agent's at a rate
+            self.rates.take(by, "commands", len(data), time.monotonic(), count=len(parsed))
         uids = sandboxes.UidPicker(self)  # (vetted ahead, or one walk of /proc a write)
         for p in parsed:
             if p.cmd.verb == "spawn":  # a line alone: nothing changed since its check

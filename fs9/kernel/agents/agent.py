@@ -133,7 +133,7 @@ class Agent(Runs, OnDemand, Shown):
         for p in parsed:  # every line is checked before any is applied
             self.check(p, last=p is parsed[-1])
             if by is not None and p.cmd.verb == "run":  # work handed on, as by `in`
-                self.kernel.bus.check_input(self, by)
+                self.kernel.bus.check_input(self, by, len(p.args[0].encode()))
             if by is not None and p.cmd.verb == "reset":
                 raise Fs9Error(errno.EPERM, f"only the operator resets {self.name}'s "
                                             f"circuit breaker, not agent {by}")
@@ -141,6 +141,9 @@ class Agent(Runs, OnDemand, Shown):
                     RANKS.index(p.args[0]) > RANKS.index(self.priority):
                 raise Fs9Error(errno.EPERM, f"agent {by} may lower {self.name}'s priority, "
                                             f"not raise it ({self.priority} -> {p.args[0]})")
+        if by is not None:  # each line an event: an agent's, its own ctl too, at a rate
+            self.kernel.rates.take(by, "commands", len(data), time.monotonic(),
+                                   count=len(parsed))
         for p in parsed:
             getattr(self, p.cmd.method)(*p.args)
 
@@ -200,10 +203,11 @@ class Agent(Runs, OnDemand, Shown):
         ids = dict(agent=self.name, task=task.id if task else None,
                    corr=task.corr if task else None)
         log = self.kernel.log
-        self.kernel.rates.take(self.name, "steps", len(data), time.monotonic())
-        for line in data.decode(errors="replace").split("\n"):
-            if not line.strip():
-                continue
+        lines = [line for line in data.decode(errors="replace").split("\n") if line.strip()]
+        # each line is an event: a write of many short lines is held to the rate as many
+        self.kernel.rates.take(self.name, "steps", len(data), time.monotonic(),
+                               count=len(lines))
+        for line in lines:
             try:  # (NaN and Infinity are not JSON to the log's readers: a note)
                 step = json.loads(line, parse_constant=_not_json)
             except (ValueError, RecursionError):  # (too deeply nested: RecursionError)

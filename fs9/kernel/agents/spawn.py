@@ -33,6 +33,9 @@ PER_DEFINITION = 1000  # live agents of one definition, when agents spawn it (fo
 # operator: the definition's own `max_instances`, if it says)
 # what an agent with the spawn pledge may set: never what decides access
 AGENT_SPAWN_KEYS = {"def", "priority", "timeout_s", "max_restarts", "within_s", "restart"}
+# ...and only to narrow the definition (check_narrower): the higher, the wider
+PRIORITY_RANK = {p: -i for i, p in enumerate(manifests.PRIORITIES)}  # interactive highest
+RESTART_RANK = {r: -i for i, r in enumerate(manifests.RESTARTS)}  # permanent restarts most
 
 
 def prepare(kernel: "Kernel", name: str, *overrides: str,
@@ -59,6 +62,8 @@ def prepare(kernel: "Kernel", name: str, *overrides: str,
             raise Fs9Error(errno.EINVAL, e.text) from None  # ENOENT reads "no such file"
         raw, home, origin = {}, os.path.join(kernel.state_dir, "work", name), f"spawn {name}"
     manifest = manifests.check({**raw, **kv}, origin)
+    if by is not None and kv:
+        check_narrower(by, definition or name, manifests.check(dict(raw), origin), manifest)
     supervises = manifest["mode"] == "supervisor"  # runs no program: nothing to confine
     if not supervises:
         check_program(name, manifest, home)
@@ -145,6 +150,28 @@ def check_words_of_agent(by, args: tuple[str, ...]) -> None:
         raise Fs9Error(errno.EPERM, f"agent {by.name} may not start definition "
                                     f"{definition!r}: its manifest's spawns lists "
                                     f"{by.manifest.get('spawns', [])}")
+
+
+def check_narrower(by: str, definition: str, defined: dict, asked: dict) -> None:
+    """An agent's spawn words (AGENT_SPAWN_KEYS) may narrow what the operator defined,
+    never widen it (EPERM): no priority above the definition's, a time limit where it
+    has one (timeout_s 0 is none), restarts neither more (max_restarts) nor sooner
+    (within_s), nor for more kinds of end (restart). Else an agent made a child
+    interactive, unlimited in time, or a daemon restarting for ever (a sandbox each)."""
+    wider = []
+    if PRIORITY_RANK[asked["priority"]] > PRIORITY_RANK[defined["priority"]]:
+        wider.append(f"priority={asked['priority']} (defined {defined['priority']})")
+    if defined["timeout_s"] and not 0 < asked["timeout_s"] <= defined["timeout_s"]:
+        wider.append(f"timeout_s={asked['timeout_s']} (defined {defined['timeout_s']})")
+    if asked["max_restarts"] > defined["max_restarts"]:
+        wider.append(f"max_restarts={asked['max_restarts']} (defined {defined['max_restarts']})")
+    if asked["within_s"] < defined["within_s"]:
+        wider.append(f"within_s={asked['within_s']} (defined {defined['within_s']})")
+    if RESTART_RANK[asked["restart"]] > RESTART_RANK[defined["restart"]]:
+        wider.append(f"restart={asked['restart']} (defined {defined['restart']})")
+    if wider:
+        raise Fs9Error(errno.EPERM, f"agent {by} may not widen definition {definition}: "
+                                    f"{', '.join(wider)}; only narrow it")
 
 
 def check_program(name: str, manifest: dict, home: str) -> None:

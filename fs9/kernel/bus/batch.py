@@ -94,9 +94,13 @@ def take(bus, agent) -> bytes:
             break
     if not batch:
         return b""
-    bus.kernel.log.append_many([("mail_delivered", dict(
-        agent=agent.name, corr=m.headers["correlation-id"], id=m.id, name=m.name))
-        for m in batch])
+    first = [m for m in batch if not m.logged]  # (a reread is on the record already)
+    if first:
+        bus.kernel.log.append_many([("mail_delivered", dict(
+            agent=agent.name, corr=m.headers["correlation-id"], id=m.id, name=m.name))
+            for m in first])
+        for m in first:
+            m.logged = True
     return b"".join(line(m) for m in batch)
 
 

@@ -303,7 +303,10 @@ class Bus(Publishing, Replies):
 
     def delivered(self, agent, msg: Message) -> None:
         """A read of msg, on the record with the next commit (its acknowledgement's, as a
-        rule: EventLog.defer)."""
+        rule: EventLog.defer); its first this mount only (Message.logged)."""
+        if msg.logged:
+            return
+        msg.logged = True
         self.kernel.log.defer("mail_delivered", agent=agent.name,
                               corr=msg.headers["correlation-id"], id=msg.id, name=msg.name)
 
@@ -323,15 +326,22 @@ class Bus(Publishing, Replies):
             with trio.move_on_after(wait):
                 await self.changes.wait_past(self.changes.version)
 
-    def check_input(self, agent, sender: str | None) -> None:
+    def check_input(self, agent, sender: str | None, size: int) -> None:
         """An agent writing another agent's `in` hands it work as a message would, at
         its own clearance: the recipient must be cleared for that (EACCES), and what
         needs the operator's yes as mail (approval.mail_above) goes as mail (EPERM).
-        Anyone's work needs room in its queue (EDQUOT: Kernel.check_queue)."""
+        Anyone's work needs room in its queue (EDQUOT: Kernel.check_queue). An agent's
+        work, its own `in` too, is `size` bytes the log keeps, as a message's body: it
+        is taken at its mail rate (EAGAIN), as a cluster node takes it (cluster/proxy.py)."""
         author = self.kernel.agents.get(sender) if sender is not None else None
         self.kernel.check_queue(agent, operator=author is None)
-        if author is None or author is agent:
+        if author is None:
             return
+        if author is not agent:
+            self._check_work_from(agent, author, sender)
+        self.kernel.rates.take(sender, "mail", size, time.monotonic())
+
+    def _check_work_from(self, agent, author, sender: str) -> None:
         level = author.manifest["clearance"]
         if not message.clearance_allows(agent.manifest["clearance"], level):
             raise Fs9Error(errno.EACCES, f"{agent.name} is cleared for "

@@ -16,7 +16,8 @@ message costs it one read and one write, as a socket's client pays a round trip.
 - An open holds at most MAX_UNACKED messages given and not acknowledged; past that its
   reads wait for acknowledgements (NATS's max_ack_pending), so what one open remembers
   is bounded whatever its reader does. Each message given is a `mail_delivered` record
-  riding with the next commit, as a rule its acknowledgement's (EventLog.defer).
+  (once a mount: Message.logged) riding with the next commit, as a rule its
+  acknowledgement's (EventLog.defer).
 """
 from .batch import line
 

@@ -56,6 +56,9 @@ class Message:
     # its mail/stream line, kept once a read took only part of it: every open reading it
     # in pieces shares this one copy (kernel/bus/mailstream.py)
     line: bytes | None = field(default=None, repr=False, compare=False)
+    # its delivery is on the record (mail_delivered) this mount: a reread logs nothing
+    # more, else rereading pending mail grew the log without bound (a remount: again)
+    logged: bool = field(default=False, repr=False, compare=False)
 
     @property
     def id(self) -> str:

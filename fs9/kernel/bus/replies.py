@@ -5,6 +5,7 @@ Only whoever asked gets them: a name killed and spawned again since is another a
 (in a cluster, told apart by its placement's spawn id, kept across moves: `stamp`).
 """
 import errno
+import time
 
 from ...errors import Fs9Error
 from ..names import one_line
@@ -51,6 +52,8 @@ class Replies:
         to its requester when there is one."""
         if task.state != "running":
             raise Fs9Error(errno.EINVAL, f"task {task.id} is {task.state}, not running")
+        # each report is an event and a message: held to the rate of the agent's steps
+        self.kernel.rates.take(agent.name, "steps", len(data), time.monotonic())
         text = data.decode(errors="replace").strip()[:4096]
         self.kernel.log.append("task_progress", agent=agent.name, task=task.id,
                                corr=task.corr, text=text)

@@ -36,7 +36,7 @@ always there unless the file defines that name.
 
 A conversation (models/NAME/clone) belongs to whoever opened it: an agent (through
 its view) or the operator. It lives while fs9 runs (`close` in its ctl ends it;
-unused for IDLE_S it ends by itself).
+unused for IDLE_S it ends by itself); an agent holds CONVERSATIONS_PER_AGENT at most.
 """
 import errno
 import os
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from ..kernel import Kernel
 
 IDLE_S = 3600.0
+CONVERSATIONS_PER_AGENT = 64  # open at once, over all models (clone: EDQUOT past it)
 MODEL_KEYS = {"provider", "model", "api_base", "api_key", "api_key_env", "context_window",
               "max_tokens", "max_concurrent", "requests_per_minute", "timeout_s", "script",
               "token_delay_s", "label", "retries", "retry_wait_s",
@@ -140,6 +141,7 @@ class Models(Calls):
         self.limits = Limits()
         self.problem = ""  # what is wrong with the configuration, shown in models/usage
         self._next_id = 1
+        self.open_by: dict[str, int] = {}  # agent -> its conversations open (all models)
         self._nursery: trio.Nursery | None = None
         self.config_path = os.environ.get("FS9_MODELS") or \
             os.path.join(kernel.state_dir, "models.toml")
@@ -311,6 +313,15 @@ class Models(Calls):
         return self.models.get(name)
 
     def clone(self, model: Model, owner: str | None) -> Conversation:
+        """A new conversation of owner's (None: the operator's, not counted). An agent
+        holds at most CONVERSATIONS_PER_AGENT at once: each is fs9's memory until
+        closed or IDLE_S unused, and a clone in a loop made them without end."""
+        if owner is not None:
+            if self.open_by.get(owner, 0) >= CONVERSATIONS_PER_AGENT:
+                raise Fs9Error(errno.EDQUOT, f"agent {owner} has {CONVERSATIONS_PER_AGENT} "
+                                             "conversations open: close one (`close` in "
+                                             "its ctl) before opening another")
+            self.open_by[owner] = self.open_by.get(owner, 0) + 1
         conv = Conversation(str(self._next_id), model, owner)
         self._next_id += 1
         model.conversations[conv.id] = conv
@@ -337,7 +348,10 @@ class Models(Calls):
     def close(self, conv: Conversation, why: str) -> None:
         if conv.turn.scope is not None:
             conv.turn.scope.cancel()
-        conv.model.conversations.pop(conv.id, None)
+        if conv.model.conversations.pop(conv.id, None) is not None and conv.owner is not None:
+            left = self.open_by.pop(conv.owner) - 1
+            if left:
+                self.open_by[conv.owner] = left
         self.kernel.log.append("conversation_closed", agent=conv.owner, model=conv.model.name,
                                conv=conv.id, corr=conv.corr, reason=why)
 
