@@ -59,7 +59,6 @@ class Operations(Changes, Reads, pyfuse3.Operations):
         self.held = Held(kernel)  # what each agent holds open (held.py)
         self.nursery = nursery  # for poll notifiers
         self.handles: dict[int, Handle] = {}
-        self._seen_kills = len(kernel.killed)
         self.reading: set[trio.CancelScope] = set()  # blocked reads, ended at unmount
         self.blocked: dict[str, int] = {}  # agent -> its reads waiting now (see read)
         self.blocked_total = 0  # their sum (kept, not summed at each read)
@@ -299,7 +298,7 @@ class Operations(Changes, Reads, pyfuse3.Operations):
     @boundary
     async def write(self, fh, off, buf):
         n = await self._handle(fh).write(off, bytes(buf))
-        if self._seen_kills < len(self.kernel.killed):
+        if self.kernel.killed:
             await self._invalidate_killed()
         return n
 
@@ -310,9 +309,8 @@ class Operations(Changes, Reads, pyfuse3.Operations):
         fails at once. Synchronous invalidation must not run on the trio thread
         (the kernel may wait on a request we serve), hence the worker thread."""
         kills = self.kernel.killed
-        while self._seen_kills < len(kills):
-            name = kills[self._seen_kills]
-            self._seen_kills += 1
+        while kills:
+            name = kills.popleft()
             parent = self.inodes.known(("agents",))
             if parent is not None and self.inodes.known(("agents", name)) is not None:
                 try:

@@ -120,7 +120,9 @@ class Kernel(Lifecycles, RootCtl):
         self.bus = Bus(self)
         self.rates = Rates()  # per-agent rate limits (rate.py)
         self._refusals = Burst(REFUSALS_PER_S)  # an agent's refusals, counted per second
-        self.killed: list[str] = []  # names of agents killed while mounted, in order
+        # names of agents killed while mounted, in order, until the face has dropped its
+        # cached entries of them (face/ops.py takes them: it never grows past a burst)
+        self.killed: collections.deque[str] = collections.deque()
         # agent -> the vault subtrees its sandbox binds read-only from disk, where fs9
         # cannot filter reads by label (labels.check_claim); kept until every process of
         # that sandbox has ended (Agent.serve), a killed agent's too
