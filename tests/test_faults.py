@@ -233,6 +233,11 @@ def small_disks(tmp_path):
             subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
+def _free(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
 def fill(folder: Path) -> Path:
     """Take every free byte of folder's file system; the file to remove to give it back.
     (Unbuffered: a buffer left to flush at close would meet the full disk there.)"""
@@ -325,7 +330,11 @@ def test_a_full_vault_disk_is_enospc_for_the_writer(small_disks, tmp_path):
         assert r.returncode != 0 and "No space left on device" in r.stderr, r.stderr
         assert (m.vault / "big").stat().st_size <= 4 << 20  # what fitted
         assert m.alive()
-        m.sh("rm vault/big && echo fits > vault/small", check=True)
+        m.sh("rm vault/big", check=True)
+        # dd's close reaches fs9 as FUSE's RELEASE, which the kernel sends without
+        # waiting: until fs9 has closed its descriptor, the removed file keeps its space
+        m.wait_for(lambda: _free(vaultfs) >= 3 << 20, what="the removed file's space back")
+        m.sh("echo fits > vault/small", check=True)
         assert (m.vault / "small").read_text() == "fits\n"
     finally:
         m.umount()
