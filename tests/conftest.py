@@ -3,6 +3,7 @@
 Tests drive it the way people and programs do: `sh -c` with echo/cat/ls, and
 plain file I/O. Where this machine cannot mount FUSE, mount tests skip and say why.
 """
+import contextlib
 import errno
 import os
 import re
@@ -448,3 +449,24 @@ def fork_server(mount) -> int:
                 pass
         return None
     return mount.wait_for(find, what="the fork server")
+
+
+@contextlib.contextmanager
+def shared_vault(tmp_path, top_mode: int):
+    """fs9 mounted with --share-vault (other local users reach the vault through it),
+    the vault's top given top_mode; skips where that cannot be; no bug event at the end."""
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(f"cannot mount FUSE here: {reason}")
+    if os.geteuid() != 0:
+        pytest.skip("other users reach a FUSE mount only through allow_other, which fs9 "
+                    "sets when mounted as root")
+    m = Mount(tmp_path)
+    m.mount("--share-vault")
+    try:
+        os.chmod(m.path / "vault", top_mode)
+        yield m
+    finally:
+        m.umount()
+    bugs = m.bugs()
+    assert not bugs, "a handler hit an unexpected exception:\n" + "\n".join(bugs)

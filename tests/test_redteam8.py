@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from conftest import Mount, errno_of, fuse_unavailable, wait_task
+from conftest import Mount, errno_of, shared_vault, wait_task
 
 SPY = ('cmd = ["cat"]\nunconfined = true\npledge = ["read", "write", "send"]\n'
        '[unveil]\n"ctl" = "w"\n"vault" = "r"\n')
@@ -95,19 +95,8 @@ def test_an_agent_reads_no_trusted_attribute(mount):
 
 @pytest.fixture
 def shared(tmp_path):
-    reason = fuse_unavailable()
-    if reason:
-        pytest.skip(f"cannot mount FUSE here: {reason}")
-    if os.geteuid() != 0:
-        pytest.skip("other users reach a FUSE mount only through allow_other (root)")
-    m = Mount(tmp_path)
-    m.mount("--share-vault")
-    try:
-        os.chmod(m.vault, 0o755)
+    with shared_vault(tmp_path, 0o755) as m:
         yield m
-    finally:
-        m.umount()
-    assert not m.bugs()
 
 
 def test_a_shared_vault_user_reads_no_trusted_attribute(shared):

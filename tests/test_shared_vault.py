@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mount, fuse_unavailable
+from conftest import Mount, shared_vault
 
 ALICE, BOB, CAROL = 61001, 61002, 61003
 TEAM = 61100  # a group alice and bob are in (supplementary), carol not
@@ -20,21 +20,8 @@ TEAM = 61100  # a group alice and bob are in (supplementary), carol not
 
 @pytest.fixture
 def shared(tmp_path):
-    reason = fuse_unavailable()
-    if reason:
-        pytest.skip(f"cannot mount FUSE here: {reason}")
-    if os.geteuid() != 0:
-        pytest.skip("other users reach a FUSE mount only through allow_other, which fs9 "
-                    "sets when mounted as root")
-    m = Mount(tmp_path)
-    m.mount("--share-vault")
-    try:
-        os.chmod(m.path / "vault", 0o1777)  # a /tmp-like top: anyone makes, sticky
+    with shared_vault(tmp_path, 0o1777) as m:  # a /tmp-like top: anyone makes, sticky
         yield m
-    finally:
-        m.umount()
-    bugs = m.bugs()
-    assert not bugs, "a handler hit an unexpected exception:\n" + "\n".join(bugs)
 
 
 def as_user(mount: Mount, uid: int, cmd: str, groups=(), gid=None) -> subprocess.CompletedProcess:
